@@ -1,0 +1,366 @@
+// ffablate::goodness_norm: op schema, input validation and the CPU kernels.
+//
+// Forward, per sample n with D elements (C channels of HW):
+//   sumsq[n] = sum h^2, sumabs[n] = sum |h|, r = rsqrt(sumsq/D + eps),
+//   out = h * r, readout[n, c] = r * mean_hw h[n, c]  (4-D only).
+// Backward, with g = grad_out + grad_readout[c] / HW (the readout is a linear function of out):
+//   dot = sum g * h
+//   dh  = r * g + h * (2 * grad_sumsq - r^3 * dot / D) + grad_sumabs * sign(h)
+// so each direction needs one reduction per sample and one elementwise sweep. On the CPU a sample is
+// small enough (<= a few MB) that the second sweep re-reads it from cache.
+#include <torch/extension.h>
+
+#include <ATen/Parallel.h>
+
+#include <cmath>
+#include <cstring>
+
+#include "ops.h"
+
+namespace ffablate {
+
+Geometry check_input(const at::Tensor& h, const char* op) {
+  TORCH_CHECK(h.defined(), op, ": h is undefined");
+  TORCH_CHECK(h.dim() == 2 || h.dim() == 4, op, ": h must be 2-D (N, D) or 4-D (N, C, H, W), got ",
+              h.dim(), "-D with shape ", h.sizes());
+  TORCH_CHECK(at::isFloatingType(h.scalar_type()), op, ": h must be a floating-point tensor, got ",
+              h.scalar_type());
+  Geometry g;
+  g.N = h.size(0);
+  g.D = h.numel() / std::max<int64_t>(g.N, 1);
+  if (h.dim() == 4) {
+    g.C = h.size(1);
+    g.HW = h.size(2) * h.size(3);
+    g.readout = true;
+  } else {
+    g.C = 1;
+    g.HW = h.size(1);
+  }
+  if (g.N == 0) g.D = 1;  // nothing is computed; keeps divisions well-defined
+  TORCH_CHECK(g.N == 0 || g.D > 0, op, ": each sample must have at least one element, got shape ",
+              h.sizes());
+  return g;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> alloc_forward(const at::Tensor& h,
+                                                                           const Geometry& g) {
+  auto st = h.options().dtype(stat_dtype(h.scalar_type()));
+  return {at::empty({g.N}, st), at::empty({g.N}, st), at::empty_like(h, at::MemoryFormat::Contiguous),
+          at::empty({g.N, g.readout ? g.C : 0}, h.options())};
+}
+
+namespace {
+
+std::optional<at::Tensor> check_grad(const std::optional<at::Tensor>& t, const char* name,
+                                     at::IntArrayRef shape, const at::Tensor& h, at::ScalarType dtype) {
+  if (!t.has_value() || !t->defined()) return std::nullopt;
+  TORCH_CHECK(t->device() == h.device(), "goodness_norm_backward: ", name, " is on ", t->device(),
+              " but h is on ", h.device());
+  TORCH_CHECK(at::isFloatingType(t->scalar_type()), "goodness_norm_backward: ", name,
+              " must be floating point, got ", t->scalar_type());
+  TORCH_CHECK(t->sizes() == shape, "goodness_norm_backward: ", name, " has shape ", t->sizes(),
+              ", expected ", shape);
+  return t->to(dtype).contiguous();
+}
+
+}  // namespace
+
+BackwardArgs check_backward(const std::optional<at::Tensor>& grad_sumsq,
+                            const std::optional<at::Tensor>& grad_sumabs,
+                            const std::optional<at::Tensor>& grad_out,
+                            const std::optional<at::Tensor>& grad_readout, const at::Tensor& h,
+                            const at::Tensor& sumsq) {
+  BackwardArgs a;
+  a.g = check_input(h, "goodness_norm_backward");
+  const auto st = stat_dtype(h.scalar_type());
+  const std::vector<int64_t> n_shape{a.g.N};
+  TORCH_CHECK(sumsq.defined(), "goodness_norm_backward: sumsq is undefined");
+  a.sumsq = *check_grad(sumsq, "sumsq", n_shape, h, st);
+  a.grad_sumsq = check_grad(grad_sumsq, "grad_sumsq", n_shape, h, st);
+  a.grad_sumabs = check_grad(grad_sumabs, "grad_sumabs", n_shape, h, st);
+  a.grad_out = check_grad(grad_out, "grad_out", h.sizes(), h, h.scalar_type());
+  const std::vector<int64_t> r_shape{a.g.N, a.g.readout ? a.g.C : 0};
+  a.grad_readout = check_grad(grad_readout, "grad_readout", r_shape, h, h.scalar_type());
+  if (!a.g.readout) a.grad_readout = std::nullopt;  // (N, 0): nothing flows back
+  a.h = h.contiguous();
+  return a;
+}
+
+namespace {
+
+// Explicit SIMD through GCC/Clang vector extensions: 32-byte vectors compile to SSE2 pairs on the
+// x86-64 baseline (no -march, the binary must run anywhere), to NEON on ARM, and need no
+// -ffast-math because every reduction keeps its own fixed lanes.
+template <typename T>
+struct Simd;
+template <>
+struct Simd<float> {
+  typedef float V __attribute__((vector_size(32)));
+  typedef int32_t I __attribute__((vector_size(32)));
+  static constexpr int W = 8;
+};
+template <>
+struct Simd<double> {
+  typedef double V __attribute__((vector_size(32)));
+  typedef int64_t I __attribute__((vector_size(32)));
+  static constexpr int W = 4;
+};
+
+template <typename T>
+using V = typename Simd<T>::V;
+template <typename T>
+using I = typename Simd<T>::I;
+
+template <typename T>
+inline V<T> load(const T* p) {
+  V<T> v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+template <typename T>
+inline void store(T* p, V<T> v) {
+  std::memcpy(p, &v, sizeof(v));
+}
+template <typename T>
+inline V<T> splat(T x) {
+  V<T> v;  // not `V<T>{} + x`: 0.0 + -0.0 is +0.0, which would lose the sign-bit mask
+  for (int l = 0; l < Simd<T>::W; ++l) v[l] = x;
+  return v;
+}
+template <typename T>
+inline I<T> sign_bits() {
+  return (I<T>)splat<T>(T(-0.0));
+}
+template <typename T>
+inline V<T> vabs(V<T> v) {
+  return (V<T>)((I<T>)v & ~sign_bits<T>());
+}
+// sign(v) with sign(0) = 0, matching torch.abs's gradient.
+template <typename T>
+inline V<T> vsign(V<T> v) {
+  const I<T> one = (I<T>)splat<T>(T(1));
+  return (V<T>)((one | ((I<T>)v & sign_bits<T>())) & (I<T>)(v != splat<T>(T(0))));
+}
+template <typename T>
+inline T hsum(V<T> v) {
+  T s = 0;
+  for (int l = 0; l < Simd<T>::W; ++l) s += v[l];
+  return s;
+}
+template <typename T>
+inline T sgn(T v) {
+  return T(v > T(0)) - T(v < T(0));
+}
+
+template <typename T, bool READOUT>
+void forward_sample(const T* x, T* out, T* readout, T* sumsq, T* sumabs, const Geometry& g, double eps) {
+  constexpr int W = Simd<T>::W;
+  // Without a readout the channel split is irrelevant: reduce the sample as one long row.
+  const int64_t C = READOUT ? g.C : 1;
+  const int64_t HW = READOUT ? g.HW : g.D;
+  T sq = 0, ab = 0;
+  for (int64_t c = 0; c < C; ++c) {
+    const T* p = x + c * HW;
+    V<T> s0{}, s1{}, q0{}, q1{}, a0{}, a1{};  // two chains each to hide add latency
+    int64_t i = 0;
+    for (; i + 2 * W <= HW; i += 2 * W) {
+      const V<T> u = load(p + i), v = load(p + i + W);
+      if constexpr (READOUT) s0 += u, s1 += v;
+      q0 += u * u, q1 += v * v;
+      a0 += vabs<T>(u), a1 += vabs<T>(v);
+    }
+    T s = 0, q = 0, a = 0;
+    for (; i < HW; ++i) {
+      const T v = p[i];
+      if constexpr (READOUT) s += v;
+      q += v * v;
+      a += std::abs(v);
+    }
+    if constexpr (READOUT) readout[c] = hsum<T>(s0 + s1) + s;
+    sq += hsum<T>(q0 + q1) + q;
+    ab += hsum<T>(a0 + a1) + a;
+  }
+  *sumsq = sq;
+  *sumabs = ab;
+  const T r = T(1) / std::sqrt(sq / T(g.D) + T(eps));
+  const V<T> rv = splat<T>(r);
+  int64_t i = 0;
+  for (; i + W <= g.D; i += W) store(out + i, load(x + i) * rv);
+  for (; i < g.D; ++i) out[i] = x[i] * r;
+  if constexpr (READOUT) {
+    const T rc = r / T(g.HW);
+    for (int64_t c = 0; c < g.C; ++c) readout[c] *= rc;
+  }
+}
+
+template <typename T>
+void forward_cpu(const at::Tensor& h, const Geometry& g, double eps, at::Tensor& sumsq, at::Tensor& sumabs,
+                 at::Tensor& out, at::Tensor& readout) {
+  const T* x = h.const_data_ptr<T>();
+  T* o = out.mutable_data_ptr<T>();
+  T* ro = g.readout ? readout.mutable_data_ptr<T>() : nullptr;
+  T* sq = sumsq.mutable_data_ptr<T>();
+  T* sa = sumabs.mutable_data_ptr<T>();
+  const int64_t grain = std::max<int64_t>(1, 32768 / g.D);
+  at::parallel_for(0, g.N, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t n = begin; n < end; ++n) {
+      if (g.readout)
+        forward_sample<T, true>(x + n * g.D, o + n * g.D, ro + n * g.C, sq + n, sa + n, g, eps);
+      else
+        forward_sample<T, false>(x + n * g.D, o + n * g.D, nullptr, sq + n, sa + n, g, eps);
+    }
+  });
+}
+
+template <typename T, bool GO, bool GR, bool GA>
+void backward_sample(const T* x, const T* go, const T* gr, T gs, T ga, T sumsq, T* dh, const Geometry& g,
+                     double eps) {
+  constexpr int W = Simd<T>::W;
+  const int64_t C = GR ? g.C : 1;
+  const int64_t HW = GR ? g.HW : g.D;
+  const T r = T(1) / std::sqrt(sumsq / T(g.D) + T(eps));
+  const T inv_hw = T(1) / T(g.HW);
+  T dot = 0;
+  if constexpr (GO || GR) {
+    for (int64_t c = 0; c < C; ++c) {
+      const T* p = x + c * HW;
+      const T* q = GO ? go + c * HW : nullptr;
+      V<T> s0{}, s1{}, d0{}, d1{};
+      int64_t i = 0;
+      for (; i + 2 * W <= HW; i += 2 * W) {
+        const V<T> u = load(p + i), v = load(p + i + W);
+        if constexpr (GR) s0 += u, s1 += v;
+        if constexpr (GO) d0 += u * load(q + i), d1 += v * load(q + i + W);
+      }
+      T s = 0, d = 0;
+      for (; i < HW; ++i) {
+        if constexpr (GR) s += p[i];
+        if constexpr (GO) d += q[i] * p[i];
+      }
+      if constexpr (GO) dot += hsum<T>(d0 + d1) + d;
+      if constexpr (GR) dot += gr[c] * inv_hw * (hsum<T>(s0 + s1) + s);
+    }
+  }
+  const T coef = T(2) * gs - r * r * r * dot / T(g.D);
+  const V<T> coefv = splat<T>(coef), rv = splat<T>(r), gav = splat<T>(ga);
+  for (int64_t c = 0; c < C; ++c) {
+    const T* p = x + c * HW;
+    T* o = dh + c * HW;
+    const T* q = GO ? go + c * HW : nullptr;
+    const T shift = GR ? r * gr[c] * inv_hw : T(0);
+    const V<T> shiftv = splat<T>(shift);
+    int64_t i = 0;
+    for (; i + W <= HW; i += W) {
+      const V<T> v = load(p + i);
+      V<T> res = v * coefv + shiftv;
+      if constexpr (GO) res += rv * load(q + i);
+      if constexpr (GA) res += gav * vsign<T>(v);
+      store(o + i, res);
+    }
+    for (; i < HW; ++i) {
+      const T v = p[i];
+      T res = v * coef + shift;
+      if constexpr (GO) res += r * q[i];
+      if constexpr (GA) res += ga * sgn(v);
+      o[i] = res;
+    }
+  }
+}
+
+template <typename T, bool GO, bool GR, bool GA>
+void backward_cpu_impl(const BackwardArgs& a, double eps, at::Tensor& dh) {
+  const Geometry& g = a.g;
+  const T* x = a.h.const_data_ptr<T>();
+  const T* go = GO ? a.grad_out->const_data_ptr<T>() : nullptr;
+  const T* gr = GR ? a.grad_readout->const_data_ptr<T>() : nullptr;
+  const T* gs = a.grad_sumsq ? a.grad_sumsq->const_data_ptr<T>() : nullptr;
+  const T* ga = GA ? a.grad_sumabs->const_data_ptr<T>() : nullptr;
+  const T* sq = a.sumsq.const_data_ptr<T>();
+  T* o = dh.mutable_data_ptr<T>();
+  const int64_t grain = std::max<int64_t>(1, 32768 / g.D);
+  at::parallel_for(0, g.N, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t n = begin; n < end; ++n) {
+      backward_sample<T, GO, GR, GA>(x + n * g.D, GO ? go + n * g.D : nullptr, GR ? gr + n * g.C : nullptr,
+                                     gs ? gs[n] : T(0), GA ? ga[n] : T(0), sq[n], o + n * g.D, g, eps);
+    }
+  });
+}
+
+template <typename T>
+void backward_cpu(const BackwardArgs& a, double eps, at::Tensor& dh) {
+  const int key = (a.grad_out ? 4 : 0) | (a.grad_readout ? 2 : 0) | (a.grad_sumabs ? 1 : 0);
+  switch (key) {
+    case 0: return backward_cpu_impl<T, false, false, false>(a, eps, dh);
+    case 1: return backward_cpu_impl<T, false, false, true>(a, eps, dh);
+    case 2: return backward_cpu_impl<T, false, true, false>(a, eps, dh);
+    case 3: return backward_cpu_impl<T, false, true, true>(a, eps, dh);
+    case 4: return backward_cpu_impl<T, true, false, false>(a, eps, dh);
+    case 5: return backward_cpu_impl<T, true, false, true>(a, eps, dh);
+    case 6: return backward_cpu_impl<T, true, true, false>(a, eps, dh);
+    default: return backward_cpu_impl<T, true, true, true>(a, eps, dh);
+  }
+}
+
+void check_cpu_dtype(const at::Tensor& h, const char* op) {
+  TORCH_CHECK(h.scalar_type() == at::kFloat || h.scalar_type() == at::kDouble, op,
+              ": the CPU kernel supports float32 and float64, got ", h.scalar_type(),
+              " (ffablate.ops.goodness_norm falls back to the reference for other dtypes)");
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> goodness_norm_cpu(const at::Tensor& h_in,
+                                                                               double eps) {
+  const Geometry g = check_input(h_in, "goodness_norm");
+  check_cpu_dtype(h_in, "goodness_norm");
+  TORCH_CHECK(h_in.device().is_cpu(), "goodness_norm: CPU kernel got a tensor on ", h_in.device());
+  TORCH_CHECK(eps >= 0, "goodness_norm: eps must be >= 0, got ", eps);
+  const at::Tensor h = h_in.contiguous();
+  auto [sumsq, sumabs, out, readout] = alloc_forward(h, g);
+  if (g.N == 0) return {sumsq, sumabs, out, readout};
+  if (h.scalar_type() == at::kFloat)
+    forward_cpu<float>(h, g, eps, sumsq, sumabs, out, readout);
+  else
+    forward_cpu<double>(h, g, eps, sumsq, sumabs, out, readout);
+  return {sumsq, sumabs, out, readout};
+}
+
+at::Tensor goodness_norm_backward_cpu(const std::optional<at::Tensor>& grad_sumsq,
+                                      const std::optional<at::Tensor>& grad_sumabs,
+                                      const std::optional<at::Tensor>& grad_out,
+                                      const std::optional<at::Tensor>& grad_readout, const at::Tensor& h,
+                                      const at::Tensor& sumsq, double eps) {
+  check_cpu_dtype(h, "goodness_norm_backward");
+  TORCH_CHECK(h.device().is_cpu(), "goodness_norm_backward: CPU kernel got h on ", h.device());
+  const BackwardArgs a = check_backward(grad_sumsq, grad_sumabs, grad_out, grad_readout, h, sumsq);
+  at::Tensor dh = at::empty_like(a.h, at::MemoryFormat::Contiguous);
+  if (a.g.N == 0) return dh;
+  if (h.scalar_type() == at::kFloat)
+    backward_cpu<float>(a, eps, dh);
+  else
+    backward_cpu<double>(a, eps, dh);
+  return dh;
+}
+
+}  // namespace
+
+TORCH_LIBRARY(ffablate, m) {
+  m.def("goodness_norm(Tensor h, float eps) -> (Tensor sumsq, Tensor sumabs, Tensor out, Tensor readout)");
+  m.def(
+      "goodness_norm_backward(Tensor? grad_sumsq, Tensor? grad_sumabs, Tensor? grad_out, "
+      "Tensor? grad_readout, Tensor h, Tensor sumsq, float eps) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(ffablate, CPU, m) {
+  m.impl("goodness_norm", &goodness_norm_cpu);
+  m.impl("goodness_norm_backward", &goodness_norm_backward_cpu);
+}
+
+}  // namespace ffablate
+
+// Importing ffablate._C runs the static registrations above; the module itself only reports the build.
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+#ifdef WITH_CUDA
+  m.attr("WITH_CUDA") = true;
+#else
+  m.attr("WITH_CUDA") = false;
+#endif
+}

@@ -1,0 +1,221 @@
+"""Kernel benchmark: fused goodness_norm vs the eager and compiled reference, forward + backward.
+
+Every timed call is one training-style step: run the op on ``h`` (requires grad) and back-propagate
+random gradients into all of its outputs. The fused time is also expressed as bandwidth over the
+minimal bytes such a step must move, next to a plain ``dst.copy_(src)`` of h measured in the same run
+as the practical ceiling.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ffablate import ops
+
+__all__ = ["DEFAULT_SHAPES", "kernel_bench", "render_table"]
+
+# (name, shape): activity of a 28x28 CNN block (batch 256), a 224x224 network's first stage after a
+# stride-4 stem (56x56, batch 64) and a wide MLP layer. The two conv shapes hold 12.8M elements each.
+DEFAULT_SHAPES: list[tuple[str, tuple[int, ...]]] = [
+    ("cnn28", (256, 64, 28, 28)),
+    ("cnn224", (64, 64, 56, 56)),
+    ("mlp", (1024, 4096)),
+]
+
+_DTYPES = {
+    "float32": torch.float32,
+    "float64": torch.float64,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+}
+
+Step = Callable[[Tensor], tuple[Tensor, ...]]
+
+
+def _outputs(res: tuple[Tensor, Tensor, Tensor, Tensor], four_d: bool) -> tuple[Tensor, ...]:
+    # For 2-D input readout *is* out; back-propagating into it twice would double-count.
+    return res if four_d else res[:3]
+
+
+def _step(fn: Step, h: Tensor, grads: Sequence[Tensor]) -> tuple[tuple[Tensor, ...], Tensor]:
+    outs = fn(h)
+    (dh,) = torch.autograd.grad(outs, h, grads)
+    return outs, dh
+
+
+def _timer(device: torch.device) -> Callable[[Callable[[], Any], int, int], float]:
+    def run(fn: Callable[[], Any], warmup: int, repeats: int) -> float:
+        for _ in range(warmup):
+            fn()
+        times = []
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+            for _ in range(repeats):
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                fn()
+                end.record()
+                end.synchronize()
+                times.append(start.elapsed_time(end))
+        else:
+            for _ in range(repeats):
+                t0 = time.perf_counter()
+                fn()
+                times.append((time.perf_counter() - t0) * 1e3)
+        return statistics.median(times)
+
+    return run
+
+
+def _minimal_bytes(shape: tuple[int, ...], dtype: torch.dtype) -> int:
+    n = shape[0]
+    el = math.prod(shape)
+    esize = torch.empty((), dtype=dtype).element_size()
+    ssize = 4 if dtype in (torch.float16, torch.bfloat16) else esize
+    readout = n * shape[1] if len(shape) == 4 else 0
+    fwd = el * esize * 2 + readout * esize + 2 * n * ssize  # read h; write out, readout, sumsq, sumabs
+    bwd = (
+        el * esize * 3 + readout * esize + 3 * n * ssize
+    )  # read h, grad_out, grad_readout, 3 stats; write dh
+    return fwd + bwd
+
+
+def kernel_bench(
+    device: str = "cpu",
+    dtypes: list[str] | None = None,
+    quick: bool = False,
+    shapes: Sequence[tuple[str, tuple[int, ...]]] | None = None,
+    compile_reference: bool = True,
+) -> list[dict[str, Any]]:
+    """Time forward+backward of eager reference, compiled reference and fused op; one row per case.
+
+    ``quick`` cuts repeats (for tests); ``shapes`` and ``compile_reference`` exist for tests too.
+    Times are medians in milliseconds (CUDA events on GPU).
+    """
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("kernel_bench: device 'cuda' requested but CUDA is not available")
+    if dtypes is None:
+        dtypes = ["float32", "bfloat16"] if dev.type == "cuda" else ["float32"]
+    unknown = [d for d in dtypes if d not in _DTYPES]
+    if unknown:
+        raise ValueError(f"kernel_bench: unknown dtype(s) {unknown}; choose from {sorted(_DTYPES)}")
+    shapes = list(shapes) if shapes is not None else DEFAULT_SHAPES
+    timer = _timer(dev)
+    if dev.type == "cuda":
+        warmup, repeats = (2, 5) if quick else (10, 50)
+    else:
+        warmup, repeats = (1, 3) if quick else (3, 15)
+    compiled_ref = torch.compile(ops.reference_goodness_norm, dynamic=False) if compile_reference else None
+    fused_backend = ops.backend()
+
+    rows: list[dict[str, Any]] = []
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    for name, shape in shapes:
+        for dname in dtypes:
+            dtype = _DTYPES[dname]
+            four_d = len(shape) == 4
+            h = torch.randn(shape, generator=gen, dtype=torch.float32).to(dev, dtype).requires_grad_()
+            ref_out = _outputs(ops.reference_goodness_norm(h), four_d)
+            grads = [torch.randn(t.shape, generator=gen).to(dev, t.dtype) for t in ref_out]
+
+            def eager(h: Tensor = h) -> tuple[Tensor, ...]:
+                return _outputs(ops.reference_goodness_norm(h), four_d)
+
+            def fused(h: Tensor = h) -> tuple[Tensor, ...]:
+                return _outputs(ops.goodness_norm(h), four_d)
+
+            eager_ms = timer(lambda f=eager, h=h, g=grads: _step(f, h, g), warmup, repeats)
+            compiled_ms = None
+            if compiled_ref is not None:
+
+                def comp(h: Tensor = h) -> tuple[Tensor, ...]:
+                    return _outputs(compiled_ref(h), four_d)
+
+                compiled_ms = timer(lambda f=comp, h=h, g=grads: _step(f, h, g), warmup, repeats)
+            fused_ms = timer(lambda f=fused, h=h, g=grads: _step(f, h, g), warmup, repeats)
+            src = h.detach()
+            dst = torch.empty_like(src)
+            copy_ms = timer(lambda d=dst, s=src: d.copy_(s), warmup, repeats)
+
+            (r_out, r_dh), (f_out, f_dh) = _step(eager, h, grads), _step(fused, h, grads)
+            err_out = (f_out[2].float() - r_out[2].float()).abs().max().item()
+            err_dh = (f_dh.float() - r_dh.float()).abs().max().item()
+            nbytes = _minimal_bytes(shape, dtype)
+            copy_bytes = 2 * src.numel() * src.element_size()
+            fused_gbps = nbytes / (fused_ms * 1e-3) / 1e9
+            copy_gbps = copy_bytes / (copy_ms * 1e-3) / 1e9
+            rows.append(
+                {
+                    "name": name,
+                    "shape": list(shape),
+                    "dtype": dname,
+                    "device": dev.type,
+                    "backend": fused_backend if ops._fused_supported(h) else "reference",
+                    "eager_ms": eager_ms,
+                    "compiled_ms": compiled_ms,
+                    "fused_ms": fused_ms,
+                    "copy_ms": copy_ms,
+                    "bytes": nbytes,
+                    "fused_gbps": fused_gbps,
+                    "copy_gbps": copy_gbps,
+                    "max_abs_err": max(err_out, err_dh),
+                    "max_abs_err_out": err_out,
+                    "max_abs_err_dh": err_dh,
+                    "speedup_vs_eager": eager_ms / fused_ms,
+                    "speedup_vs_compiled": None if compiled_ms is None else compiled_ms / fused_ms,
+                    "pct_of_copy": 100.0 * fused_gbps / copy_gbps,
+                }
+            )
+            del h, grads, src, dst, ref_out
+    return rows
+
+
+def render_table(rows: list[dict[str, Any]]):  # -> rich.table.Table (rich is imported lazily)
+    """The bench rows as a rich table."""
+    from rich.table import Table
+
+    def f(v: Any, fmt: str) -> str:
+        return "-" if v is None else format(v, fmt)
+
+    table = Table(title="ffablate kernels: goodness_norm forward+backward")
+    for col in (
+        "case",
+        "shape",
+        "dtype",
+        "dev",
+        "eager ms",
+        "compiled ms",
+        "fused ms",
+        "fused GB/s",
+        "copy GB/s",
+        "% copy",
+        "x eager",
+        "x compiled",
+        "max err",
+    ):
+        table.add_column(col, justify="left" if col in ("case", "shape", "dtype", "dev") else "right")
+    for r in rows:
+        table.add_row(
+            r["name"],
+            "x".join(map(str, r["shape"])),
+            r["dtype"],
+            r["device"],
+            f(r["eager_ms"], ".2f"),
+            f(r["compiled_ms"], ".2f"),
+            f(r["fused_ms"], ".2f"),
+            f(r["fused_gbps"], ".1f"),
+            f(r["copy_gbps"], ".1f"),
+            f(r["pct_of_copy"], ".0f"),
+            f(r["speedup_vs_eager"], ".2f"),
+            f(r["speedup_vs_compiled"], ".2f"),
+            f(r["max_abs_err"], ".1e"),
+        )
+    return table

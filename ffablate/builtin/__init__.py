@@ -1,0 +1,1 @@
+"""The built-in plugins, one module per kind, registered exactly like third-party plugins."""

@@ -1,0 +1,512 @@
+"""Built-in datasets: where each one's bytes come from and how they become uint8 (N, C, H, W) tensors.
+
+Every factory is ``factory(roots, download, **params) -> ImageDataset`` (see ``ffablate.hookspecs``).
+It looks in ``roots`` (the user's data root, torchvision layouts), then in the installed offline packages,
+then downloads with torchvision when ``download`` is set, and otherwise raises ``DataNotFound`` naming all
+the ways to get the data. Each factory also carries ``factory.locate(roots) -> (where_found | None, how)``
+for ``ffablate data list``.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import pickle
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ffablate import hookimpl
+from ffablate.data import (
+    FASHION_MNIST_CLASSES,
+    FASHION_MNIST_COARSE,
+    FASHION_MNIST_FINE_TO_COARSE,
+    IDX_FILES,
+    ImageDataset,
+    MalformedFile,
+    idx_folder_complete,
+    load_idx_split,
+    missing_message,
+    offline_dirs,
+    offline_hint,
+    teacher_student,
+    with_hierarchy,
+)
+from ffablate.errors import ConfigError, DataNotFound
+
+Locate = Callable[[list[Path]], tuple[str | None, str]]
+DIGIT_NAMES = [str(d) for d in range(10)]
+
+
+def _with_locator(locate: Locate) -> Callable[[Callable[..., ImageDataset]], Callable[..., ImageDataset]]:
+    def attach(factory: Callable[..., ImageDataset]) -> Callable[..., ImageDataset]:
+        factory.locate = locate  # type: ignore[attr-defined]
+        return factory
+
+    return attach
+
+
+def _dataset(
+    name: str, arrays: dict[str, np.ndarray], class_names: list[str], flips: bool, source: str
+) -> ImageDataset:
+    """Wrap numpy arrays (images already (N, C, H, W) uint8) as an ImageDataset of torch tensors."""
+    return ImageDataset(
+        name=name,
+        train_x=torch.from_numpy(np.ascontiguousarray(arrays["train_x"], dtype=np.uint8)),
+        train_y=torch.from_numpy(np.asarray(arrays["train_y"]).astype(np.int64)),
+        test_x=torch.from_numpy(np.ascontiguousarray(arrays["test_x"], dtype=np.uint8)),
+        test_y=torch.from_numpy(np.asarray(arrays["test_y"]).astype(np.int64)),
+        num_classes=len(class_names),
+        class_names=class_names,
+        flips=flips,
+        source=source,
+    )
+
+
+def _download(name: str, fetch: Callable[[Path], None], root: Path) -> None:
+    """Run a torchvision download into ``root``; a network failure becomes one line."""
+    root.mkdir(parents=True, exist_ok=True)
+    try:
+        fetch(root)
+    except Exception as exc:  # torchvision raises URLError, RuntimeError, OSError... depending on the failure
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise DataNotFound(
+            f"downloading {name!r} into {root} failed ({first}); put the files there by hand"
+        ) from None
+
+
+# ----------------------------------------------------------------------------------------------------
+# MNIST family (IDX files)
+
+_IDX_LIST = ", ".join(f"{stem}[.gz]" for stem in IDX_FILES.values())
+
+
+def _idx_candidates(roots: list[Path], folder: str) -> list[Path]:
+    # torchvision's layout first (<root>/MNIST/raw), then the files directly in <root>/MNIST.
+    return [c for root in roots for c in (root / folder / "raw", root / folder)]
+
+
+def _find_idx(name: str, roots: list[Path], folder: str) -> Path | None:
+    for candidate in [*_idx_candidates(roots, folder), *offline_dirs(name)]:
+        if idx_folder_complete(candidate):
+            return candidate
+    return None
+
+
+def _idx_locator(name: str, folder: str) -> Locate:
+    def locate(roots: list[Path]) -> tuple[str | None, str]:
+        found = _find_idx(name, roots, folder)
+        how = missing_message(name, f"{_IDX_LIST} under {roots[0] / folder / 'raw'}", offline_hint(name))
+        return (str(found) if found else None), how
+
+    return locate
+
+
+def _load_idx_dataset(
+    name: str,
+    folder: str,
+    tv_class: str,
+    roots: list[Path],
+    download: bool,
+    class_names: list[str],
+    flips: bool,
+) -> ImageDataset:
+    found = _find_idx(name, roots, folder)
+    if found is None and download:
+
+        def fetch(root: Path) -> None:
+            import torchvision.datasets as tvd
+
+            for train in (True, False):
+                getattr(tvd, tv_class)(str(root), train=train, download=True)
+
+        _download(name, fetch, roots[0])
+        found = _find_idx(name, roots, folder)
+    if found is None:
+        raise DataNotFound(_idx_locator(name, folder)(roots)[1])
+    arrays = load_idx_split(found, name)
+    for key in ("train_x", "test_x"):
+        arrays[key] = arrays[key][:, None]  # (N, H, W) -> (N, 1, H, W)
+    return _dataset(name, arrays, class_names, flips, str(found))
+
+
+@_with_locator(_idx_locator("fashion-mnist", "FashionMNIST"))
+def load_fashion_mnist(roots: list[Path], download: bool) -> ImageDataset:
+    """Fashion-MNIST (Xiao et al. 2017): 60k/10k 28x28 grey clothes; coarse labels tops/footwear/other."""
+    ds = _load_idx_dataset(
+        "fashion-mnist", "FashionMNIST", "FashionMNIST", roots, download, FASHION_MNIST_CLASSES, True
+    )
+    return with_hierarchy(ds, FASHION_MNIST_FINE_TO_COARSE, FASHION_MNIST_COARSE)
+
+
+@_with_locator(_idx_locator("mnist", "MNIST"))
+def load_mnist(roots: list[Path], download: bool) -> ImageDataset:
+    """MNIST (LeCun et al. 1998): 60k/10k 28x28 handwritten digits. Flips change digits, so none."""
+    return _load_idx_dataset("mnist", "MNIST", "MNIST", roots, download, DIGIT_NAMES, False)
+
+
+# ----------------------------------------------------------------------------------------------------
+# scikit-learn's 8x8 digits
+
+
+def _locate_digits(roots: list[Path]) -> tuple[str | None, str]:
+    spec = importlib.util.find_spec("sklearn")
+    how = "pip install scikit-learn (the digits ship inside it)"
+    if spec is None or not spec.submodule_search_locations:
+        return None, how
+    return str(Path(next(iter(spec.submodule_search_locations))) / "datasets" / "data" / "digits.csv.gz"), how
+
+
+@_with_locator(_locate_digits)
+def load_digits(roots: list[Path], download: bool, n_test: int = 360, split_seed: int = 0) -> ImageDataset:
+    """scikit-learn's 1,797 8x8 digits (UCI optdigits), split by a seeded permutation (1,437 / 360)."""
+    try:
+        from sklearn.datasets import load_digits as sk_load_digits
+    except ImportError:
+        raise DataNotFound("dataset 'digits' needs scikit-learn: pip install scikit-learn") from None
+    bunch = sk_load_digits()
+    if not 0 < n_test < len(bunch.target):
+        raise ConfigError(f"digits: n_test={n_test} must be between 1 and {len(bunch.target) - 1}")
+    # Pixel values are counts 0..16; scale to the 0..255 range every other dataset uses.
+    images = np.rint(bunch.images * (255.0 / 16.0)).astype(np.uint8)[:, None]
+    perm = torch.randperm(len(images), generator=torch.Generator().manual_seed(split_seed)).numpy()
+    test, train = np.sort(perm[:n_test]), np.sort(perm[n_test:])
+    arrays = {
+        "train_x": images[train],
+        "train_y": bunch.target[train],
+        "test_x": images[test],
+        "test_y": bunch.target[test],
+    }
+    return _dataset("digits", arrays, DIGIT_NAMES, False, _locate_digits(roots)[0] or "scikit-learn")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Teacher-student
+
+
+@_with_locator(lambda roots: ("generated", "generated on the fly"))
+def load_teacher_student(
+    roots: list[Path],
+    download: bool,
+    k: int = 10,
+    n_train: int = 10000,
+    n_test: int = 2000,
+    size: int = 16,
+    channels: int = 1,
+    teacher_seed: int = 0,
+) -> ImageDataset:
+    """Synthetic images labelled by a fixed random conv teacher into k balanced classes.
+
+    ``load_dataset(classes=K)`` sets k. Deterministic per teacher_seed (teacher weights and images).
+    """
+    return teacher_student(k, n_train, n_test, size, channels, teacher_seed)
+
+
+# ----------------------------------------------------------------------------------------------------
+# CIFAR-10 / CIFAR-100 (python pickles)
+
+
+def _unpickle(path: Path) -> dict[str, Any]:
+    # The same trust model as torchvision: files in the user's own data root are unpickled.
+    try:
+        with open(path, "rb") as f:
+            return pickle.load(f, encoding="latin1")
+    except (pickle.UnpicklingError, EOFError, ValueError) as exc:
+        raise MalformedFile(f"{path}: not a CIFAR pickle ({exc}); delete it and fetch it again") from None
+
+
+def _cifar_images(batch: dict[str, Any], path: Path) -> np.ndarray:
+    data = np.asarray(batch.get("data"), dtype=np.uint8)
+    if data.ndim != 2 or data.shape[1] != 3 * 32 * 32:
+        raise MalformedFile(f"{path}: expected 'data' of shape (N, 3072), got {data.shape}; fetch it again")
+    return data.reshape(-1, 3, 32, 32)
+
+
+def _folder_locator(name: str, rel: str, what: str, offline: str | None = None) -> Locate:
+    def locate(roots: list[Path]) -> tuple[str | None, str]:
+        found = next((root / rel for root in roots if (root / rel).is_dir()), None)
+        return (str(found) if found else None), missing_message(
+            name, f"{what} under {roots[0] / rel}", offline
+        )
+
+    return locate
+
+
+_CIFAR10_FILES = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch", "batches.meta"]
+_CIFAR100_FILES = ["train", "test", "meta"]
+
+
+def _resolve_folder(
+    name: str, locate: Locate, roots: list[Path], download: bool, fetch: Callable[[Path], None]
+) -> Path:
+    found, how = locate(roots)
+    if found is None and download:
+        _download(name, fetch, roots[0])
+        found, how = locate(roots)
+    if found is None:
+        raise DataNotFound(how)
+    return Path(found)
+
+
+def _require(folder: Path, files: list[str], name: str) -> None:
+    missing = [f for f in files if not (folder / f).is_file()]
+    if missing:
+        raise DataNotFound(
+            f"dataset {name!r}: {folder} lacks {', '.join(missing)}; fetch it again (e.g. --download)"
+        )
+
+
+def _tv_fetch(cls: str, **splits: Any) -> Callable[[Path], None]:
+    def fetch(root: Path) -> None:
+        import torchvision.datasets as tvd
+
+        for kwargs in splits.values():
+            getattr(tvd, cls)(str(root), download=True, **kwargs)
+
+    return fetch
+
+
+_locate_cifar10 = _folder_locator(
+    "cifar10", "cifar-10-batches-py", "data_batch_1..5, test_batch, batches.meta"
+)
+
+
+@_with_locator(_locate_cifar10)
+def load_cifar10(roots: list[Path], download: bool) -> ImageDataset:
+    """CIFAR-10 (Krizhevsky 2009): 50k/10k 32x32 colour images, 10 classes."""
+    fetch = _tv_fetch("CIFAR10", train={"train": True}, test={"train": False})
+    folder = _resolve_folder("cifar10", _locate_cifar10, roots, download, fetch)
+    _require(folder, _CIFAR10_FILES, "cifar10")
+    train = [_unpickle(folder / f"data_batch_{i}") for i in range(1, 6)]
+    test = _unpickle(folder / "test_batch")
+    arrays = {
+        "train_x": np.concatenate([_cifar_images(b, folder) for b in train]),
+        "train_y": np.concatenate([np.asarray(b["labels"]) for b in train]),
+        "test_x": _cifar_images(test, folder / "test_batch"),
+        "test_y": np.asarray(test["labels"]),
+    }
+    names = list(_unpickle(folder / "batches.meta")["label_names"])
+    return _dataset("cifar10", arrays, names, True, str(folder))
+
+
+_locate_cifar100 = _folder_locator("cifar100", "cifar-100-python", "train, test, meta")
+
+
+@_with_locator(_locate_cifar100)
+def load_cifar100(roots: list[Path], download: bool) -> ImageDataset:
+    """CIFAR-100 (Krizhevsky 2009): 50k/10k 32x32 colour images, 100 fine classes in 20 superclasses."""
+    fetch = _tv_fetch("CIFAR100", train={"train": True}, test={"train": False})
+    folder = _resolve_folder("cifar100", _locate_cifar100, roots, download, fetch)
+    _require(folder, _CIFAR100_FILES, "cifar100")
+    train, test, meta = (_unpickle(folder / f) for f in _CIFAR100_FILES)
+    arrays = {
+        "train_x": _cifar_images(train, folder / "train"),
+        "train_y": np.asarray(train["fine_labels"]),
+        "test_x": _cifar_images(test, folder / "test"),
+        "test_y": np.asarray(test["fine_labels"]),
+    }
+    ds = _dataset("cifar100", arrays, list(meta["fine_label_names"]), True, str(folder))
+    ds.coarse_train_y = torch.as_tensor(np.asarray(train["coarse_labels"]), dtype=torch.int64)
+    ds.coarse_test_y = torch.as_tensor(np.asarray(test["coarse_labels"]), dtype=torch.int64)
+    ds.coarse_names = list(meta["coarse_label_names"])
+    return ds
+
+
+# ----------------------------------------------------------------------------------------------------
+# SVHN (MATLAB files)
+
+
+def _svhn_folder(roots: list[Path]) -> Path | None:
+    # torchvision puts the .mat files directly in the root; a root/svhn folder is accepted as well.
+    for root in roots:
+        for folder in (root, root / "svhn"):
+            if (folder / "train_32x32.mat").is_file() and (folder / "test_32x32.mat").is_file():
+                return folder
+    return None
+
+
+def _locate_svhn(roots: list[Path]) -> tuple[str | None, str]:
+    found = _svhn_folder(roots)
+    return (str(found) if found else None), missing_message(
+        "svhn", f"train_32x32.mat and test_32x32.mat in {roots[0]}", None
+    )
+
+
+def _read_svhn(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    try:
+        from scipy.io import loadmat
+    except ImportError:
+        raise DataNotFound("dataset 'svhn' reads MATLAB files with scipy: pip install scipy") from None
+    try:
+        mat = loadmat(str(path))
+        x, y = np.asarray(mat["X"]), np.asarray(mat["y"]).reshape(-1).astype(np.int64)
+    except (ValueError, KeyError, OSError) as exc:
+        raise MalformedFile(f"{path}: not an SVHN .mat file ({exc}); delete it and fetch it again") from None
+    if x.ndim != 4 or x.shape[:3] != (32, 32, 3) or x.shape[3] != len(y):
+        raise MalformedFile(f"{path}: X has shape {x.shape}, expected (32, 32, 3, N); fetch it again")
+    y[y == 10] = 0  # SVHN labels the digit 0 as 10
+    return np.transpose(x, (3, 2, 0, 1)), y  # (H, W, C, N) -> (N, C, H, W)
+
+
+@_with_locator(_locate_svhn)
+def load_svhn(roots: list[Path], download: bool) -> ImageDataset:
+    """SVHN (Netzer et al. 2011): 73,257/26,032 32x32 house-number digits (the 'extra' split is not used)."""
+    found = _svhn_folder(roots)
+    if found is None and download:
+        _download("svhn", _tv_fetch("SVHN", train={"split": "train"}, test={"split": "test"}), roots[0])
+        found = _svhn_folder(roots)
+    if found is None:
+        raise DataNotFound(_locate_svhn(roots)[1])
+    train_x, train_y = _read_svhn(found / "train_32x32.mat")
+    test_x, test_y = _read_svhn(found / "test_32x32.mat")
+    arrays = {"train_x": train_x, "train_y": train_y, "test_x": test_x, "test_y": test_y}
+    return _dataset("svhn", arrays, DIGIT_NAMES, False, str(found))
+
+
+# ----------------------------------------------------------------------------------------------------
+# STL-10 (raw binary)
+
+_STL_FILES = ["train_X.bin", "train_y.bin", "test_X.bin", "test_y.bin"]
+_STL_CLASSES = ["airplane", "bird", "car", "cat", "deer", "dog", "horse", "monkey", "ship", "truck"]
+_locate_stl10 = _folder_locator("stl10", "stl10_binary", "train_X.bin, train_y.bin, test_X.bin, test_y.bin")
+
+
+def _read_stl(folder: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
+    x = np.fromfile(folder / f"{split}_X.bin", dtype=np.uint8)
+    y = np.fromfile(folder / f"{split}_y.bin", dtype=np.uint8).astype(np.int64) - 1  # labels are 1..10
+    if x.size != len(y) * 3 * 96 * 96:
+        raise MalformedFile(
+            f"{folder}/{split}_X.bin holds {x.size} bytes, not {len(y)} 3x96x96 images; fetch again"
+        )
+    # Stored column-major per channel: transpose to (N, C, H, W) rows-first.
+    return x.reshape(-1, 3, 96, 96).transpose(0, 1, 3, 2), y
+
+
+def resize_uint8(x: torch.Tensor, size: int) -> torch.Tensor:
+    """Antialiased bilinear resize of uint8 (N, C, H, W) images to size x size, back to uint8."""
+    out = torch.nn.functional.interpolate(x.float(), size=(size, size), mode="bilinear", antialias=True)
+    return out.round().clamp(0, 255).to(torch.uint8)
+
+
+@_with_locator(_locate_stl10)
+def load_stl10(roots: list[Path], download: bool, size: int = 96) -> ImageDataset:
+    """STL-10 (Coates et al. 2011): the 5k/8k labelled 96x96 images, 10 classes; ``size`` resizes."""
+    fetch = _tv_fetch("STL10", train={"split": "train"}, test={"split": "test"})
+    folder = _resolve_folder("stl10", _locate_stl10, roots, download, fetch)
+    _require(folder, _STL_FILES, "stl10")
+    (train_x, train_y), (test_x, test_y) = _read_stl(folder, "train"), _read_stl(folder, "test")
+    names_file = folder / "class_names.txt"
+    names = names_file.read_text().split() if names_file.is_file() else _STL_CLASSES
+    ds = _dataset(
+        "stl10",
+        {"train_x": train_x, "train_y": train_y, "test_x": test_x, "test_y": test_y},
+        names,
+        True,
+        str(folder),
+    )
+    if size != 96:
+        ds.train_x, ds.test_x = resize_uint8(ds.train_x, size), resize_uint8(ds.test_x, size)
+    return ds
+
+
+# ----------------------------------------------------------------------------------------------------
+# Image folders
+
+_IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".ppm", ".pgm"}
+
+
+def _imagefolder_dir(roots: list[Path], path: str) -> Path | None:
+    candidates = [Path(path).expanduser()] if Path(path).is_absolute() else [root / path for root in roots]
+    return next((c for c in candidates if (c / "train").is_dir() and (c / "test").is_dir()), None)
+
+
+def _imagefolder_locator(path: str) -> Locate:
+    def locate(roots: list[Path]) -> tuple[str | None, str]:
+        if not path:
+            return (
+                None,
+                "set its path: --set dataset.path=DIR (DIR/train/<class>/*.png, DIR/test/<class>/*.png)",
+            )
+        found = _imagefolder_dir(roots, path)
+        how = missing_message(
+            "imagefolder",
+            f"train/<class>/*.png and test/<class>/*.png under {roots[0] / path}",
+            None,
+            download=False,
+        )
+        return (str(found) if found else None), how
+
+    return locate
+
+
+def _read_image(file: Path, mode: str, size: int) -> np.ndarray:
+    from PIL import Image
+
+    try:
+        with Image.open(file) as img:
+            img = img.convert(mode)
+            if size:
+                img = img.resize((size, size), Image.Resampling.BILINEAR)
+            arr = np.asarray(img, dtype=np.uint8)
+    except OSError as exc:
+        raise MalformedFile(f"{file}: cannot read the image ({exc}); remove or replace it") from None
+    return arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
+
+
+def _read_split(folder: Path, classes: list[str], mode: str, size: int) -> tuple[np.ndarray, np.ndarray]:
+    images, labels = [], []
+    for label, cls in enumerate(classes):
+        files = sorted(f for f in (folder / cls).glob("*") if f.suffix.lower() in _IMAGE_SUFFIXES)
+        images += [_read_image(f, mode, size) for f in files]
+        labels += [label] * len(files)
+    if not images:
+        raise DataNotFound(f"dataset 'imagefolder': no images under {folder}/<class>/ (png, jpg, bmp)")
+    shapes = {im.shape for im in images}
+    if len(shapes) > 1:
+        raise ConfigError(
+            f"imagefolder: images under {folder} differ in size {sorted(shapes)[:3]}; set dataset.size=N"
+        )
+    return np.stack(images), np.asarray(labels)
+
+
+def load_imagefolder(
+    roots: list[Path], download: bool, path: str = "", size: int = 0, channels: int = 3
+) -> ImageDataset:
+    """Your own images: <data root>/<path>/{train,test}/<class>/*.png|jpg, classes in sorted order; ``size``
+    resizes to size x size, ``channels`` is 1 (grey) or 3 (RGB). Flips are assumed label-preserving."""
+    if channels not in (1, 3):
+        raise ConfigError(f"imagefolder: channels={channels}; use 1 (grey) or 3 (RGB)")
+    found, how = _imagefolder_locator(path)(roots)
+    if found is None:
+        raise DataNotFound(how if path else f"dataset 'imagefolder': {how}")
+    folder = Path(found)
+    classes = sorted(d.name for d in (folder / "train").iterdir() if d.is_dir())
+    mode = "L" if channels == 1 else "RGB"
+    train_x, train_y = _read_split(folder / "train", classes, mode, size)
+    test_x, test_y = _read_split(folder / "test", classes, mode, size)
+    arrays = {"train_x": train_x, "train_y": train_y, "test_x": test_x, "test_y": test_y}
+    return _dataset("imagefolder", arrays, classes, True, str(folder))
+
+
+load_imagefolder.locate = lambda roots: _imagefolder_locator("")(roots)  # type: ignore[attr-defined]
+
+
+@hookimpl
+def ffablate_register_datasets(register: Callable[..., None]) -> None:
+    register("fashion-mnist", load_fashion_mnist, "Zalando's 28x28 clothing images, 10 classes (coarse: 3)")
+    register("mnist", load_mnist, "LeCun's 28x28 handwritten digits, 10 classes")
+    register("digits", load_digits, "scikit-learn's 1,797 8x8 digits, 10 classes (1,437/360 split)")
+    register(
+        "teacher-student",
+        load_teacher_student,
+        "synthetic images labelled by a fixed random conv teacher into k balanced classes",
+    )
+    register("cifar10", load_cifar10, "32x32 colour images, 10 classes (torchvision layout)")
+    register(
+        "cifar100", load_cifar100, "32x32 colour images, 100 fine / 20 coarse classes (torchvision layout)"
+    )
+    register("svhn", load_svhn, "32x32 street-view house-number digits, 10 classes (.mat files)")
+    register("stl10", load_stl10, "96x96 colour images, 10 classes, labelled splits (stl10_binary)")
+    register("imagefolder", load_imagefolder, "your images: <path>/{train,test}/<class>/*.png|jpg")

@@ -1,0 +1,182 @@
+"""The ``ffablate`` command. Every user mistake ends with one line on stderr and exit code 2."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any, NoReturn
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from ffablate.config import METHODS, RunConfig, parse_sets
+from ffablate.errors import FFablateError
+
+stdout = Console()
+stderr = Console(stderr=True)
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        # argparse prints the whole usage; one line that points at --help is easier to act on.
+        self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
+
+
+def add_data_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data-root", help="where datasets live (default: $FFABLATE_DATA or ~/.cache/ffablate/data)")
+    p.add_argument("--download", action="store_true", help="download a dataset that is found nowhere else")
+
+
+def build_parser() -> Parser:
+    parser = Parser(prog="ffablate", description="Ablate Forward-Forward against backpropagation.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
+
+    train = sub.add_parser("train", help="train one FF or BP network and report its test accuracy")
+    train.add_argument("--method", choices=METHODS, default="ff")
+    train.add_argument("--dataset", default=None, help="dataset plugin name (see `ffablate data list`)")
+    train.add_argument("--epochs", type=int)
+    train.add_argument("--seed", type=int)
+    train.add_argument("--device", choices=["cpu", "cuda"])
+    train.add_argument("--limit-train", type=int, help="use only N training images")
+    train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                       help="any config key (lr, channels, goodness, ...) or plugin parameter (temperature.t=0.5)")
+    train.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    add_data_args(train)
+    train.set_defaults(func=cmd_train)
+
+    plugins = sub.add_parser("plugins", help="list the installed plugins")
+    plugins.add_argument("kind", nargs="?", help="only this kind")
+    plugins.add_argument("--json", action="store_true")
+    plugins.set_defaults(func=cmd_plugins)
+
+    data = sub.add_parser("data", help="datasets")
+    data_sub = data.add_subparsers(dest="data_command", required=True, parser_class=Parser)
+    data_list = data_sub.add_parser("list", help="which datasets are available and from where")
+    data_list.add_argument("--data-root")
+    data_list.add_argument("--json", action="store_true")
+    data_list.set_defaults(func=cmd_data_list)
+
+    bench = sub.add_parser("bench", help="benchmarks")
+    bench_sub = bench.add_subparsers(dest="bench_command", required=True, parser_class=Parser)
+    kernels = bench_sub.add_parser("kernels", help="fused kernels vs eager and torch.compile reference")
+    kernels.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    kernels.add_argument("--quick", action="store_true", help="fewer repeats")
+    kernels.add_argument("--json", action="store_true")
+    kernels.set_defaults(func=cmd_bench_kernels)
+    return parser
+
+
+def run_config_from_args(args: argparse.Namespace) -> RunConfig:
+    updates: dict[str, Any] = {"method": args.method}
+    for key in ("dataset", "epochs", "seed", "device", "limit_train"):
+        value = getattr(args, key)
+        if value is not None:
+            updates[key] = value
+    updates.update(parse_sets(args.set))
+    return RunConfig().with_updates(updates)
+
+
+@contextmanager
+def progress_bar(label: str, enabled: bool = True) -> Iterator[Callable[[int, int, dict[str, float]], None]]:
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+               TextColumn("{task.fields[info]}"))
+    with Progress(*columns, console=stderr, transient=True, disable=not enabled) as bar:
+        task = bar.add_task(label, total=None, info="")
+
+        def update(done: int, total: int, info: dict[str, float]) -> None:
+            text = " ".join(f"{k} {v:.4g}" for k, v in info.items())
+            bar.update(task, completed=done, total=total, info=text)
+
+        yield update
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from ffablate.train import run
+
+    config = run_config_from_args(args)
+    with progress_bar(f"{config.method} on {config.dataset}", enabled=stderr.is_terminal) as update:
+        result = run(config, data_root=args.data_root, download=args.download, progress=update)
+    if args.json:
+        print(json.dumps(result.to_dict(), default=str))
+        return 0
+    table = Table(title=f"{config.method} on {config.dataset} (seed {config.seed}, {config.epochs} epochs)")
+    for column in ("test accuracy", "per-layer accuracy", "train s", "images/s", "peak memory MB", "kernels"):
+        table.add_column(column)
+    table.add_row(
+        f"{result.test_accuracy:.4f}",
+        " ".join(f"{a:.3f}" for a in result.per_layer_accuracy),
+        f"{result.train_seconds:.1f}",
+        f"{result.images_per_second:.0f}",
+        f"{result.peak_memory_bytes / 2**20:.0f}",
+        result.kernel_backend,
+    )
+    stdout.print(table)
+    return 0
+
+
+def cmd_plugins(args: argparse.Namespace) -> int:
+    from ffablate.plugins import registry
+
+    plugins = registry().all(args.kind)
+    rows = [{"kind": p.kind, "name": p.name, "source": p.source, "description": p.description,
+             "params": p.params, "space": p.space} for p in plugins]
+    if args.json:
+        print(json.dumps(rows, default=str))
+        return 0
+    table = Table(title="ffablate plugins")
+    for column in ("kind", "name", "source", "params", "description"):
+        table.add_column(column)
+    for row in rows:
+        params = ", ".join(f"{k}={v}" for k, v in row["params"].items())
+        table.add_row(row["kind"], row["name"], row["source"], params, row["description"])
+    stdout.print(table)
+    return 0
+
+
+def cmd_data_list(args: argparse.Namespace) -> int:
+    from ffablate.data import list_datasets
+
+    rows = list_datasets(args.data_root)
+    if args.json:
+        print(json.dumps(rows, default=str))
+        return 0
+    table = Table(title="datasets")
+    for column in ("name", "available", "where"):
+        table.add_column(column)
+    for row in rows:
+        table.add_row(row["name"], "yes" if row["available"] else "no", str(row["where"]))
+    stdout.print(table)
+    return 0
+
+
+def cmd_bench_kernels(args: argparse.Namespace) -> int:
+    from ffablate.bench import kernel_bench, render_table
+    from ffablate.train.common import resolve_device
+
+    resolve_device(args.device)
+    rows = kernel_bench(device=args.device, quick=args.quick)
+    if args.json:
+        print(json.dumps(rows))
+    else:
+        stdout.print(render_table(rows))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except FFablateError as exc:
+        stderr.print(f"ffablate: error: {exc}", markup=False, highlight=False, soft_wrap=True)
+        return 2
+    except KeyboardInterrupt:
+        stderr.print("ffablate: interrupted", markup=False)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

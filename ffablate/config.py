@@ -1,0 +1,153 @@
+"""One run's fully resolved configuration, and ``--set KEY=VALUE`` parsing with errors that say what to do."""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from dataclasses import dataclass, field
+from typing import Any
+
+from ffablate.errors import ConfigError
+
+METHODS = ("ff", "bp", "bp-deepsup", "bp-ga", "bp-ckpt")
+PLUGIN_KINDS = ("goodness", "temperature", "norm", "loss", "negatives", "fusion", "datasets")
+
+
+@dataclass
+class RunConfig:
+    method: str = "ff"
+    dataset: str = "fashion-mnist"
+    classes: int = 0  # 0 = all classes, else the first K
+    labels: str = "fine"  # "coarse" maps to the dataset's label hierarchy
+    limit_train: int = 0  # 0 = the whole training split
+    backbone: str = "cnn"  # "cnn" (conv blocks) or "mlp" (Hinton's fully connected setting)
+    channels: str = "64,128,256"  # per-block widths; its length is the depth
+    strides: str = "1,2,2"  # per-block: 2 downsamples with a max-pool after the conv
+    epochs: int = 8
+    batch_size: int = 128
+    lr: float = 2e-3
+    weight_decay: float = 0.0
+    seed: int = 0
+    device: str = "cpu"
+    augment: bool = True
+    threshold: float = 2.0  # goodness threshold theta of the threshold losses
+    schedule: str = "simultaneous"  # FF layer schedule: "simultaneous" or "greedy"
+    micro_batch: int = 32  # bp-ga: micro-batch size accumulated up to batch_size
+    goodness: str = "classwise"
+    temperature: str = "constant"
+    norm: str = "decoupled"
+    loss: str = "classwise-ce"
+    negatives: str = "none"
+    fusion: str = "readout"
+    plugin_params: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    @property
+    def widths(self) -> list[int]:
+        return _int_list(self.channels, "channels")
+
+    @property
+    def stride_list(self) -> list[int]:
+        strides = _int_list(self.strides, "strides")
+        if len(strides) == 1:
+            strides = strides * len(self.widths)
+        if len(strides) != len(self.widths):
+            raise ConfigError(
+                f"strides has {len(strides)} entries but channels has {len(self.widths)}; give one per block"
+            )
+        return strides
+
+    def params_of(self, kind: str) -> dict[str, Any]:
+        return dict(self.plugin_params.get(kind, {}))
+
+    def to_dict(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        flat = out.pop("plugin_params")
+        for kind, params in sorted(flat.items()):
+            for key, value in sorted(params.items()):
+                out[f"{kind}.{key}"] = value
+        return out
+
+    def with_updates(self, updates: dict[str, Any]) -> RunConfig:
+        new = dataclasses.replace(self, plugin_params={k: dict(v) for k, v in self.plugin_params.items()})
+        for key, value in updates.items():
+            new._set(key, value)
+        new.validate()
+        return new
+
+    def _set(self, key: str, value: Any) -> None:
+        if "." in key:
+            kind, param = key.split(".", 1)
+            if kind not in PLUGIN_KINDS:
+                raise ConfigError(f"--set {key}: {kind!r} is not a plugin kind; kinds: {', '.join(PLUGIN_KINDS)}")
+            self.plugin_params.setdefault(kind, {})[param] = _parse_scalar(value)
+            return
+        fields = {f.name: f for f in dataclasses.fields(self) if f.name != "plugin_params"}
+        if key not in fields:
+            close = difflib.get_close_matches(key, fields, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ConfigError(f"--set {key}: unknown key{hint}; see `ffablate train --help` for the keys")
+        setattr(self, key, _coerce(key, value, type(fields[key].default)))
+
+    def validate(self) -> None:
+        if self.method not in METHODS:
+            raise ConfigError(f"unknown method {self.method!r}; methods: {', '.join(METHODS)}")
+        if self.backbone not in ("cnn", "mlp"):
+            raise ConfigError(f"unknown backbone {self.backbone!r}; use cnn or mlp")
+        if self.labels not in ("fine", "coarse"):
+            raise ConfigError(f"labels must be fine or coarse, not {self.labels!r}")
+        if self.schedule not in ("simultaneous", "greedy"):
+            raise ConfigError(f"schedule must be simultaneous or greedy, not {self.schedule!r}")
+        for key in ("epochs", "batch_size", "micro_batch"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"{key} must be at least 1, got {getattr(self, key)}")
+        if self.batch_size % self.micro_batch and self.method == "bp-ga":
+            raise ConfigError(f"batch_size {self.batch_size} must be a multiple of micro_batch {self.micro_batch}")
+        if not self.lr > 0:
+            raise ConfigError(f"lr must be positive, got {self.lr}")
+        _ = self.widths, self.stride_list
+
+
+def parse_sets(items: list[str]) -> dict[str, Any]:
+    """``["lr=0.01", "temperature.start=2"]`` -> dict; a malformed item is a ConfigError."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--set expects KEY=VALUE, got {item!r} (e.g. --set lr=0.01)")
+        out[key.strip()] = value.strip()
+    return out
+
+
+def _int_list(text: str, key: str) -> list[int]:
+    try:
+        values = [int(v) for v in str(text).split(",") if v.strip()]
+    except ValueError:
+        raise ConfigError(f"{key} must be comma-separated integers, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise ConfigError(f"{key} must be comma-separated positive integers, got {text!r}")
+    return values
+
+
+def _coerce(key: str, value: Any, kind: type) -> Any:
+    if not isinstance(value, str):
+        return kind(value)
+    try:
+        if kind is bool:
+            lowered = value.lower()
+            if lowered not in ("true", "false", "1", "0", "yes", "no"):
+                raise ValueError
+            return lowered in ("true", "1", "yes")
+        return kind(value)
+    except ValueError:
+        raise ConfigError(f"--set {key}={value}: expected {kind.__name__}") from None
+
+
+def _parse_scalar(value: Any) -> Any:
+    if not isinstance(value, str):
+        return value
+    for cast in (int, float):
+        try:
+            return cast(value)
+        except ValueError:
+            pass
+    return {"true": True, "false": False}.get(value.lower(), value)

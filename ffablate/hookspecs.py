@@ -1,0 +1,110 @@
+"""The ffablate plugin contract: every hook a plugin may implement, in one file.
+
+Each hook receives a ``register`` callback (simonw/llm style). A plugin module implements, say::
+
+    from ffablate import hookimpl
+
+    @hookimpl
+    def ffablate_register_goodness(register):
+        register("cubic", Cubic, "mean of |h|^3 per sample", space={"p": {"type": "float", "low": 1, "high": 4}})
+
+``register(name, factory, description, space=None)`` records one plugin of that hook's kind:
+
+- ``name``: what users type (``--set goodness=cubic``); unique within its kind across all installed plugins.
+- ``factory``: a callable. Its keyword arguments with defaults are the plugin's parameters, settable with
+  ``--set goodness.p=3``; the trainer passes the context arguments listed per kind below by keyword.
+- ``description``: one line for ``ffablate plugins``.
+- ``space``: the plugin's own Optuna search space, ``{param: spec}`` where spec is one of
+  ``{"type": "float", "low": a, "high": b, "log": bool}``, ``{"type": "int", "low": a, "high": b}``,
+  ``{"type": "categorical", "choices": [...]}``. Studies may search it without the core knowing the knobs.
+
+What each kind's factory receives and must return is documented on its hook below; the reference
+implementations live in ``ffablate/builtin/``, which registers through these same hooks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import pluggy
+
+hookspec = pluggy.HookspecMarker("ffablate")
+hookimpl = pluggy.HookimplMarker("ffablate")
+
+Register = Callable[..., None]
+FactoryContext = dict[str, Any]
+
+
+@hookspec
+def ffablate_register_goodness(register: Register) -> None:
+    """Register goodness functions.
+
+    Factory: ``factory(**params) -> Goodness``. A Goodness has ``per_class: bool`` and is called as
+    ``goodness(paths: NormPaths, num_classes: int) -> Tensor``: shape (N,) for scalar goodness, (N, K) for
+    per-class goodness (``per_class=True``; such plugins need no negative data). ``paths.goodness_input`` is the
+    tensor the norm plugin routes to goodness; ``paths.sumsq()`` / ``paths.sumabs()`` give per-sample sums that a
+    fused norm kernel may already have computed.
+    """
+
+
+@hookspec
+def ffablate_register_temperature(register: Register) -> None:
+    """Register temperature schedules.
+
+    Factory: ``factory(**params) -> torch.nn.Module``; one instance per block. Called as
+    ``schedule(progress: float, goodness: Tensor) -> Tensor`` (a scalar) with training progress in [0, 1] and the
+    detached goodness of the current batch. Parameters of the module are trained by the block's optimizer.
+    """
+
+
+@hookspec
+def ffablate_register_norm(register: Register) -> None:
+    """Register normalization modes (the three paths from a block's activity h).
+
+    Factory: ``factory(num_features: int, **params) -> torch.nn.Module``; one instance per block, called as
+    ``norm(h) -> NormPaths`` holding the goodness input, the forward output (to the next block, detached by the
+    trainer) and the readout features (N, F).
+    """
+
+
+@hookspec
+def ffablate_register_loss(register: Register) -> None:
+    """Register layer losses.
+
+    Factory: ``factory(**params) -> Callable``; called as
+    ``loss(g_pos, g_neg, labels, threshold, temperature) -> Tensor`` (a scalar). For per-class goodness ``g_pos``
+    is (N, K) and ``g_neg`` is None.
+    """
+
+
+@hookspec
+def ffablate_register_negatives(register: Register) -> None:
+    """Register label-embedding / negative-sampling strategies.
+
+    Factory: ``factory(**params) -> Negatives`` with ``embeds_label: bool``, ``extra_channels: int`` (input
+    channels the label embedding adds), ``embed(x, labels, num_classes) -> x'`` (labels may be None for a neutral
+    embedding), and ``wrong_labels(labels, num_classes, scores) -> labels'`` where ``scores`` is (N, K) class
+    scores from the current network, or None.
+    """
+
+
+@hookspec
+def ffablate_register_fusion(register: Register) -> None:
+    """Register inference-time fusions of layers.
+
+    Factory: ``factory(num_layers: int, num_classes: int, feature_dims: list[int], **params) -> torch.nn.Module``.
+    Called as ``fusion(scores, features) -> logits`` with per-layer class scores (list of (N, K)) and per-layer
+    readout features (list of (N, F), detached). ``fusion.trainable`` says whether the trainer fits it (on detached
+    inputs only, with its own optimizer, via ``fusion.loss(scores, features, labels)``).
+    """
+
+
+@hookspec
+def ffablate_register_datasets(register: Register) -> None:
+    """Register datasets.
+
+    Factory: ``factory(roots: list[Path], download: bool, **params) -> ImageDataset`` (see ``ffablate.data``):
+    full train and test splits as uint8 (N, C, H, W) tensors, int64 labels, class names, and whether horizontal
+    flips preserve labels. Raises ``DataNotFound`` naming the ways to obtain the bytes.
+    """

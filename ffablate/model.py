@@ -1,0 +1,66 @@
+"""Blocks and backbones shared by FF and BP: both methods train the very same modules, so they are
+architecture-matched by construction. Only the objective differs (local goodness vs end-to-end cross-entropy).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from torch import Tensor, nn
+
+from ffablate.config import RunConfig
+from ffablate.paths import NormPaths
+
+NormFactory = Callable[[int], nn.Module]
+
+
+def conv_block(in_channels: int, out_channels: int, stride: int) -> nn.Sequential:
+    """3x3 conv + ReLU, then a 2x2 max-pool when the block downsamples (stride 2)."""
+    layers: list[nn.Module] = [nn.Conv2d(in_channels, out_channels, 3, padding=1), nn.ReLU(inplace=True)]
+    if stride == 2:
+        layers.append(nn.MaxPool2d(2))
+    elif stride != 1:
+        raise ValueError(f"block stride must be 1 or 2, got {stride}")
+    return nn.Sequential(*layers)
+
+
+def dense_block(in_features: int, out_features: int) -> nn.Sequential:
+    return nn.Sequential(nn.Linear(in_features, out_features), nn.ReLU(inplace=True))
+
+
+class Backbone(nn.Module):
+    """``depth`` blocks, each followed by its norm module (the three paths). The forward path of block l's norm
+    feeds block l+1; the readout path gives block l's features (N, F_l).
+    """
+
+    def __init__(self, config: RunConfig, in_shape: tuple[int, int, int], make_norm: NormFactory):
+        super().__init__()
+        widths = config.widths
+        self.flatten_input = config.backbone == "mlp"
+        if self.flatten_input:
+            c, h, w = in_shape
+            dims = [c * h * w, *widths]
+            self.blocks = nn.ModuleList(dense_block(a, b) for a, b in zip(dims, dims[1:], strict=False))
+        else:
+            chans = [in_shape[0], *widths]
+            self.blocks = nn.ModuleList(
+                conv_block(a, b, s) for a, b, s in zip(chans, chans[1:], config.stride_list, strict=False)
+            )
+        self.norms = nn.ModuleList(make_norm(w) for w in widths)
+        self.feature_dims = list(widths)
+
+    def prepare(self, x: Tensor) -> Tensor:
+        return x.flatten(1) if self.flatten_input else x
+
+    def block_paths(self, index: int, x: Tensor) -> NormPaths:
+        return self.norms[index](self.blocks[index](x))
+
+    def forward(self, x: Tensor) -> list[Tensor]:
+        """End-to-end pass (BP): every block's readout features, gradients flowing through the forward path."""
+        x = self.prepare(x)
+        features = []
+        for index in range(len(self.blocks)):
+            paths = self.block_paths(index, x)
+            features.append(paths.readout)
+            x = paths.forward
+        return features

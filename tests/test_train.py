@@ -1,0 +1,102 @@
+import dataclasses
+
+import pytest
+import torch
+
+from ffablate.config import RunConfig
+from ffablate.train import build_trainer, run
+from ffablate.train.common import TrainingDiverged
+
+
+def test_same_seed_same_accuracy(tiny_config):
+    first = run(tiny_config)
+    second = run(tiny_config)
+    assert first.test_accuracy == second.test_accuracy
+    assert first.per_layer_accuracy == second.per_layer_accuracy
+    assert first.test_accuracy > 0.3  # 1,000 images, one epoch: well above the 0.1 of chance
+
+
+def test_detach_boundary_each_block_backpropagates_only_its_own_loss(tiny_config):
+    trainer = build_trainer(tiny_config)
+    calls = [0] * trainer.net.depth
+    for index, block in enumerate(trainer.net.backbone.blocks):
+        block.register_full_backward_hook(lambda *a, i=index: calls.__setitem__(i, calls[i] + 1))
+    x, y = next(iter(trainer.data.train))
+    trainer.train_step(x, y, 0.0, range(trainer.net.depth), fit_fusion=True)
+    # Without the detach, block 1's loss would backpropagate through block 0 as well.
+    assert calls == [1] * trainer.net.depth
+
+
+def test_greedy_phase_leaves_earlier_blocks_untouched(tiny_config):
+    trainer = build_trainer(dataclasses.replace(tiny_config, schedule="greedy"))
+    before = [p.detach().clone() for p in trainer.net.backbone.blocks[0].parameters()]
+    later = [p.detach().clone() for p in trainer.net.backbone.blocks[1].parameters()]
+    x, y = next(iter(trainer.data.train))
+    trainer.train_step(x, y, 0.0, range(1, 2), fit_fusion=False)
+    assert all(p.grad is None for p in trainer.net.backbone.blocks[0].parameters())
+    assert all(torch.equal(a, b) for a, b in zip(before, trainer.net.backbone.blocks[0].parameters(), strict=True))
+    assert not all(torch.equal(a, b) for a, b in zip(later, trainer.net.backbone.blocks[1].parameters(), strict=True))
+
+
+def _grads_after_one_step(config: RunConfig) -> tuple[float, list[torch.Tensor]]:
+    trainer = build_trainer(config)
+    trainer.optimizer.step = lambda: None  # keep the gradients of exactly one batch
+    x, y = next(iter(trainer.data.train))
+    loss = trainer.train_step(x, y)
+    return loss, [p.grad.clone() for p in trainer.net.parameters()]
+
+
+@pytest.mark.parametrize("norm", ["decoupled", "coupled-ln"])
+def test_bp_ga_gradients_match_bp_for_the_same_effective_batch(tiny_config, norm):
+    base = dataclasses.replace(tiny_config, norm=norm)
+    loss_full, full = _grads_after_one_step(dataclasses.replace(base, method="bp-deepsup"))
+    loss_ga, accumulated = _grads_after_one_step(dataclasses.replace(base, method="bp-ga", micro_batch=25))
+    assert loss_ga == pytest.approx(loss_full, rel=1e-5)
+    for a, b in zip(full, accumulated, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_bp_ckpt_matches_bp_loss_and_gradients(tiny_config):
+    loss_plain, plain = _grads_after_one_step(dataclasses.replace(tiny_config, method="bp-deepsup"))
+    loss_ckpt, ckpt = _grads_after_one_step(dataclasses.replace(tiny_config, method="bp-ckpt"))
+    assert loss_ckpt == loss_plain
+    for a, b in zip(plain, ckpt, strict=True):
+        torch.testing.assert_close(a, b)
+
+
+def test_bp_only_has_a_head_on_the_last_block(tiny_config):
+    trainer = build_trainer(dataclasses.replace(tiny_config, method="bp"))
+    assert len(trainer.net.heads) == 1
+    deep = build_trainer(dataclasses.replace(tiny_config, method="bp-deepsup"))
+    assert len(deep.net.heads) == deep.net.backbone.blocks.__len__()
+
+
+@pytest.mark.parametrize("method", ["bp", "bp-deepsup", "bp-ga", "bp-ckpt"])
+def test_bp_methods_learn(tiny_config, method):
+    result = run(dataclasses.replace(tiny_config, method=method))
+    assert result.test_accuracy > 0.3
+    assert result.images_per_second > 0 and result.peak_memory_bytes > 0
+
+
+@pytest.mark.parametrize(
+    "updates",
+    [
+        {"goodness": "meansq", "negatives": "random-label", "loss": "softplus-threshold", "fusion": "sum"},
+        {"goodness": "l1", "negatives": "hardest-label", "loss": "symba", "fusion": "learned-weights",
+         "temperature": "learned"},
+        {"goodness": "sumsq", "negatives": "random-label", "loss": "bce", "fusion": "sum-from-k", "norm": "none",
+         "temperature": "cosine"},
+        {"goodness": "logsumexp", "negatives": "random-label", "loss": "softplus-threshold", "fusion": "readout",
+         "norm": "coupled-bn", "temperature": "linear"},
+        {"norm": "coupled-ln", "temperature": "adaptive", "fusion": "last", "backbone": "mlp"},
+    ],
+)
+def test_plugin_combinations_train(tiny_config, updates):
+    result = run(tiny_config.with_updates({**updates, "limit_train": 300}))
+    assert 0.0 <= result.test_accuracy <= 1.0
+    assert len(result.per_layer_accuracy) == 2
+
+
+def test_divergence_raises_training_diverged(tiny_config):
+    with pytest.raises(TrainingDiverged, match="lower lr"):
+        run(tiny_config.with_updates({"lr": 1e30, "limit_train": 200}))
