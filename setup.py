@@ -52,8 +52,11 @@ def _extensions() -> list:
     from torch.utils.cpp_extension import CppExtension, CUDAExtension
 
     sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")))
-    cxx = ["-O3", "-fno-math-errno"]
-    link: list[str] = []
+    from torch.utils.cpp_extension import library_paths
+
+    cxx = ["-O3", "-fno-math-errno", "-Wno-psabi"]
+    # rpath to torch's libs so `import ffablate._C` works even before `import torch`.
+    link: list[str] = [f"-Wl,-rpath,{p}" for p in library_paths()[:1]]
     if sys.platform.startswith("linux"):
         # at::parallel_for is an inline OpenMP region: without -fopenmp it silently runs on one thread.
         cxx.append("-fopenmp")
@@ -62,7 +65,7 @@ def _extensions() -> list:
         print("ffablate: building the CPU-only extension", file=sys.stderr)
         return [CppExtension("ffablate._C", sources, extra_compile_args={"cxx": cxx}, extra_link_args=link)]
     sources += sorted(glob.glob(os.path.join("csrc", "*.cu")))
-    nvcc = ["-O3", "--expt-relaxed-constexpr", "-lineinfo"]
+    nvcc = ["-O3", "--expt-relaxed-constexpr", "-lineinfo", "--threads=0"]
     if not os.environ.get("TORCH_CUDA_ARCH_LIST"):
         # Explicit -gencode flags stop torch from adding its own arch list; compute_90 PTX keeps newer
         # GPUs working through the driver JIT.

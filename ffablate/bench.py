@@ -93,11 +93,15 @@ def kernel_bench(
     quick: bool = False,
     shapes: Sequence[tuple[str, tuple[int, ...]]] | None = None,
     compile_reference: bool = True,
+    retain_memory: bool | None = None,
 ) -> list[dict[str, Any]]:
     """Time forward+backward of eager reference, compiled reference and fused op; one row per case.
 
     ``quick`` cuts repeats (for tests); ``shapes`` and ``compile_reference`` exist for tests too.
-    Times are medians in milliseconds (CUDA events on GPU).
+    ``retain_memory`` (default: on for CPU) calls :func:`ffablate.ops.retain_cpu_memory` first, so that
+    the page faults of fresh large allocations, paid alike by all three variants, do not drown the
+    kernels; rows say which allocator setting was in force. Times are medians in milliseconds (CUDA
+    events on GPU).
     """
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
@@ -108,6 +112,10 @@ def kernel_bench(
     if unknown:
         raise ValueError(f"kernel_bench: unknown dtype(s) {unknown}; choose from {sorted(_DTYPES)}")
     shapes = list(shapes) if shapes is not None else DEFAULT_SHAPES
+    if retain_memory is None:
+        retain_memory = dev.type == "cpu"
+    retained = ops.retain_cpu_memory() if retain_memory else ops._retained
+    allocator = "glibc-retain" if retained else "default"
     timer = _timer(dev)
     if dev.type == "cuda":
         warmup, repeats = (2, 5) if quick else (10, 50)
@@ -126,17 +134,17 @@ def kernel_bench(
             ref_out = _outputs(ops.reference_goodness_norm(h), four_d)
             grads = [torch.randn(t.shape, generator=gen).to(dev, t.dtype) for t in ref_out]
 
-            def eager(h: Tensor = h) -> tuple[Tensor, ...]:
+            def eager(h: Tensor = h, four_d: bool = four_d) -> tuple[Tensor, ...]:
                 return _outputs(ops.reference_goodness_norm(h), four_d)
 
-            def fused(h: Tensor = h) -> tuple[Tensor, ...]:
+            def fused(h: Tensor = h, four_d: bool = four_d) -> tuple[Tensor, ...]:
                 return _outputs(ops.goodness_norm(h), four_d)
 
             eager_ms = timer(lambda f=eager, h=h, g=grads: _step(f, h, g), warmup, repeats)
             compiled_ms = None
             if compiled_ref is not None:
 
-                def comp(h: Tensor = h) -> tuple[Tensor, ...]:
+                def comp(h: Tensor = h, four_d: bool = four_d) -> tuple[Tensor, ...]:
                     return _outputs(compiled_ref(h), four_d)
 
                 compiled_ms = timer(lambda f=comp, h=h, g=grads: _step(f, h, g), warmup, repeats)
@@ -159,6 +167,7 @@ def kernel_bench(
                     "dtype": dname,
                     "device": dev.type,
                     "backend": fused_backend if ops._fused_supported(h) else "reference",
+                    "cpu_allocator": allocator if dev.type == "cpu" else None,
                     "eager_ms": eager_ms,
                     "compiled_ms": compiled_ms,
                     "fused_ms": fused_ms,

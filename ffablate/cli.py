@@ -67,6 +67,30 @@ def build_parser() -> Parser:
     kernels.add_argument("--quick", action="store_true", help="fewer repeats")
     kernels.add_argument("--json", action="store_true")
     kernels.set_defaults(func=cmd_bench_kernels)
+
+    study = sub.add_parser("study", help="run or resume an ablation study (Optuna trials + BP baselines)")
+    study.add_argument("name", metavar="NAME|PATH", help="a study in studies/ or a .toml file")
+    study.add_argument("--budget", choices=["smoke", "quick", "full"], default="quick")
+    study.add_argument("--storage", help="Optuna RDB URL (default: sqlite:///ffablate.db in this directory)")
+    study.add_argument("--study-name", help="Optuna study name (default: NAME-BUDGET)")
+    study.add_argument("--n-trials", type=int, help="run at most N trials now (the rest on the next run)")
+    study.add_argument("--timeout", type=float, metavar="SEC", help="start no new trial after SEC seconds")
+    study.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    study.add_argument("--data-root", help="where datasets live (default: $FFABLATE_DATA)")
+    study.add_argument("--json", action="store_true", help="print the results as one JSON object")
+    study.set_defaults(func=cmd_study)
+
+    report = sub.add_parser("report", help="write report.md and plots of a stored study (trains nothing)")
+    report.add_argument("name", metavar="NAME", help="study name (NAME-quick is found from NAME)")
+    report.add_argument("--storage", help="Optuna RDB URL (default: sqlite:///ffablate.db in this directory)")
+    report.add_argument("--out", help="output folder (default: reports/STUDY-NAME)")
+    report.set_defaults(func=cmd_report)
+
+    audit = sub.add_parser("audit", help="peak memory and images/s of FF vs the BP variants, by depth")
+    from ffablate.audit import add_arguments as add_audit_arguments
+
+    add_audit_arguments(audit)
+    audit.set_defaults(func=cmd_audit)
     return parser
 
 
@@ -163,6 +187,80 @@ def cmd_bench_kernels(args: argparse.Namespace) -> int:
         print(json.dumps(rows))
     else:
         stdout.print(render_table(rows))
+    return 0
+
+
+def cmd_study(args: argparse.Namespace) -> int:
+    from ffablate import results, spec, study
+
+    plan = spec.load(args.name).plan(args.budget, study.available_datasets(args.data_root))
+    name = args.study_name or study.default_study_name(plan.spec, args.budget)
+    if args.n_trials is not None and args.n_trials < 1:
+        raise FFablateError(f"--n-trials must be at least 1, got {args.n_trials}")
+    size = (f"TPE, {plan.budget.n_trials} trials" if plan.spec.sampler == "tpe"
+            else f"{len(plan.cells)} configurations x {len(plan.budget.seeds)} seeds")
+    where = study.describe_storage(args.storage)
+    stderr.print(f"study {name} ({size}) in {where}", markup=False, highlight=False)
+    for note in plan.notes:
+        stderr.print(f"note: {note}", markup=False, highlight=False)
+    with study.StudyProgress(stderr, enabled=stderr.is_terminal) as bars:
+        done = study.run_study(plan, storage_url=args.storage, study_name=name, n_trials=args.n_trials,
+                               timeout=args.timeout, device=args.device, data_root=args.data_root,
+                               progress=bars, log=lambda m: stderr.print(m, markup=False, highlight=False))
+    summary = results.summarize(done.study)
+    if args.json:
+        print(results.to_json(summary))
+        return 0
+    table = Table(title=f"{name}: {plan.spec.question}", title_justify="left")
+    for column in results.TABLE_COLUMNS:
+        table.add_column(column)
+    for row in results.table_rows(summary, top=15):
+        table.add_row(*row)
+    # A table piped to a file or CI log would wrap at rich's default 80 columns; give it room.
+    wide = stdout if stdout.is_terminal else Console(width=160)
+    wide.print(table)
+    wide.print(results.answer(summary), markup=False, highlight=False)
+    left = study.remaining(done.study, plan)
+    if left:
+        stdout.print(f"{left} trial(s) left; rerun the same command to resume", markup=False)
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from ffablate.report import write_report
+    from ffablate.study import load_study
+
+    found = load_study(args.storage, args.name)
+    out = Path(args.out or Path("reports") / found.study_name)
+    path = write_report(found, out)
+    stdout.print(f"wrote {path} and its plots", markup=False, highlight=False)
+    return 0
+
+
+def cmd_audit(args: argparse.Namespace) -> int:
+    from ffablate import audit
+
+    specs = audit.specs_from_args(args)
+    with progress_bar("audit", enabled=stderr.is_terminal) as update:
+        def tick(done: int, total: int, spec: audit.AuditSpec) -> None:
+            update(done, total, {f"{spec.method} {spec.resolution}px depth": spec.depth})
+
+        rows = audit.run_audit(specs, progress=tick, timeout=args.timeout, budget=args.budget)
+    if args.output:
+        audit.write_output(args.output, rows, {k: v for k, v in vars(args).items() if k != "func"})
+    if args.plot_dir:
+        for path in audit.plot(rows, args.plot_dir, prefix=args.plot_prefix):
+            stderr.print(f"wrote {path}", markup=False, highlight=False)
+    if args.json:
+        print(json.dumps(rows))
+        return 0
+    # Piped to a file or CI log, rich would wrap at 80 columns; give the tables room.
+    wide = stdout if stdout.is_terminal else Console(width=160)
+    wide.print(audit.render_table(rows, title=f"ffablate audit on {args.device}"))
+    for table in audit.render_summary(audit.summarize(rows)):
+        wide.print(table)
     return 0
 
 

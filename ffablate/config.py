@@ -20,6 +20,7 @@ class RunConfig:
     classes: int = 0  # 0 = all classes, else the first K
     labels: str = "fine"  # "coarse" maps to the dataset's label hierarchy
     limit_train: int = 0  # 0 = the whole training split
+    limit_test: int = 0  # 0 = the whole test split, else a fixed stratified subset (quick study budgets)
     backbone: str = "cnn"  # "cnn" (conv blocks) or "mlp" (Hinton's fully connected setting)
     channels: str = "64,128,256"  # per-block widths; its length is the depth
     strides: str = "1,2,2"  # per-block: 2 downsamples with a max-pool after the conv

@@ -6,8 +6,8 @@ from ffablate.config import RunConfig
 TINY = {
     "dataset": "fashion-mnist",
     "limit_train": 1000,
-    "epochs": 1,
-    "batch_size": 100,
+    "epochs": 2,
+    "batch_size": 50,
     "channels": "20,20",
     "strides": "2,2",
 }

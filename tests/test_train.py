@@ -13,7 +13,7 @@ def test_same_seed_same_accuracy(tiny_config):
     second = run(tiny_config)
     assert first.test_accuracy == second.test_accuracy
     assert first.per_layer_accuracy == second.per_layer_accuracy
-    assert first.test_accuracy > 0.3  # 1,000 images, one epoch: well above the 0.1 of chance
+    assert first.test_accuracy > 0.3  # 1,000 images, two epochs: well above the 0.1 of chance
 
 
 def test_detach_boundary_each_block_backpropagates_only_its_own_loss(tiny_config):
@@ -50,7 +50,7 @@ def _grads_after_one_step(config: RunConfig) -> tuple[float, list[torch.Tensor]]
 def test_bp_ga_gradients_match_bp_for_the_same_effective_batch(tiny_config, norm):
     base = dataclasses.replace(tiny_config, norm=norm)
     loss_full, full = _grads_after_one_step(dataclasses.replace(base, method="bp-deepsup"))
-    loss_ga, accumulated = _grads_after_one_step(dataclasses.replace(base, method="bp-ga", micro_batch=25))
+    loss_ga, accumulated = _grads_after_one_step(dataclasses.replace(base, method="bp-ga", micro_batch=10))
     assert loss_ga == pytest.approx(loss_full, rel=1e-5)
     for a, b in zip(full, accumulated, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)

@@ -65,18 +65,21 @@ class LearnedWeights(_Fusion):
 
 
 class Readout(_Fusion):
-    """A linear classifier on the concatenated readout features of all blocks, trained on detached features
-    (a linear probe, as in SCFF); it never sends gradients into the blocks.
+    """A linear classifier on the concatenated readout features and class scores of all blocks, trained on
+    detached inputs (a linear probe, as in SCFF); it never sends gradients into the blocks.
+
+    The scores are part of its input because pooled features are linear in the activity while goodness is
+    quadratic: a probe on features alone cannot recover what each block's goodness already knows.
     """
 
     trainable = True
 
     def __init__(self, num_layers: int, num_classes: int, feature_dims: list[int]):
         super().__init__(num_layers, num_classes, feature_dims)
-        self.linear = nn.Linear(sum(feature_dims), num_classes)
+        self.linear = nn.Linear(sum(feature_dims) + num_layers * num_classes, num_classes)
 
     def forward(self, scores: list[Tensor], features: list[Tensor]) -> Tensor:
-        return self.linear(torch.cat([f.float() for f in features], dim=1))
+        return self.linear(torch.cat([f.float() for f in features] + [s.float() for s in scores], dim=1))
 
 
 @hookimpl

@@ -87,6 +87,13 @@ class FFNet(nn.Module):
         return self.fusion(scores, features), scores
 
 
+def _cat_chunks(chunks: list[list[Tensor]]) -> list[Tensor]:
+    """Per-chunk lists of per-block tensors -> per-block tensors over the whole batch."""
+    if len(chunks) == 1:
+        return chunks[0]
+    return [torch.cat(parts) for parts in zip(*chunks, strict=True)]
+
+
 def _check_compatible(config: RunConfig, per_class: bool, embeds_label: bool) -> None:
     if per_class and embeds_label:
         raise ConfigError(
@@ -111,16 +118,48 @@ class FFTrainer:
         self.optimizers = [common.make_optimizer(self.net.block_parameters(i), config) for i in range(self.net.depth)]
         fusion_params = list(self.net.fusion.parameters())
         self.fusion_optimizer = common.make_optimizer(fusion_params, config) if fusion_params else None
+        # None: the whole batch in one pass per block. An int splits the batch into chunks that each go
+        # through every block before the next chunk starts; gradients accumulate and each active block steps
+        # once at the end. The update is the same (block l's input comes from block l-1's pre-step weights
+        # either way), but only one chunk's activations of one block are ever alive: FF's twin of bp-ga.
+        self.micro_batch: int | None = None
 
     def train_step(self, x: Tensor, y: Tensor, progress: float, active: range, fit_fusion: bool) -> float:
-        """One batch through blocks 0..max(active); only ``active`` blocks learn. Returns the last active loss."""
-        net, cfg, k = self.net, self.config, self.net.num_classes
+        """One batch through blocks 0..max(active); only ``active`` blocks learn. Returns the last active
+        block's loss."""
+        for index in active:
+            self.optimizers[index].zero_grad(set_to_none=True)
+        size = self.micro_batch or x.shape[0]
+        scores, features, last_loss = [], [], 0.0
+        for xc, yc in zip(x.split(size), y.split(size), strict=True):
+            share = yc.numel() / y.numel()
+            chunk_scores, chunk_features, loss = self._chunk_backward(xc, yc, progress, active, share)
+            scores.append(chunk_scores)
+            features.append(chunk_features)
+            last_loss += loss
+        for index in active:
+            self.optimizers[index].step()
+        if fit_fusion and self.fusion_optimizer is not None:
+            self._fit_fusion(x, y, _cat_chunks(scores), _cat_chunks(features))
+        return last_loss
+
+    def _chunk_backward(self, x: Tensor, y: Tensor, progress: float, active: range, weight: float
+                        ) -> tuple[list[Tensor], list[Tensor], float]:
+        """Every block's forward, local loss and backward on one chunk (the loss scaled by the chunk's share
+        of the batch, so accumulated gradients are the batch mean). Returns per-block detached scores and
+        pooled features, and the last active block's weighted loss.
+        """
+        net, k = self.net, self.net.num_classes
         if net.goodness.per_class:
             h, split = net.backbone.prepare(x), None
         else:
-            wrong = net.negatives.wrong_labels(y, k, lambda: torch.stack(net.scores_and_features(x)[0]).sum(0))
+            wrong = net.negatives.wrong_labels(
+                y, k, lambda: torch.stack(net.scores_and_features(x)[0]).sum(0))
+            # Positives and negatives share one pass of a doubled batch (two passes' worth of activations).
             pos, neg = net.negatives.embed(x, y, k), net.negatives.embed(x, wrong, k)
-            h, split = net.backbone.prepare(torch.cat([pos, neg])), x.shape[0]
+            h = net.backbone.prepare(torch.cat([pos, neg]))
+            del pos, neg
+            split = x.shape[0]
         scores, features, last_loss = [], [], 0.0
         for index in range(active.stop):
             learning = index in active
@@ -132,18 +171,13 @@ class FFTrainer:
                 temperature = net.temperatures[index](progress, g.detach())
                 loss = net.loss_fn(g_pos, g_neg, y, net.threshold, temperature)
                 common.check_finite(loss, f"block {index}")
-                opt = self.optimizers[index]
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                last_loss = loss.item()
+                (loss * weight).backward()
+                last_loss = loss.item() * weight
             # The detach boundary: block ``index``'s graph dies here.
             h = forward.detach()
             scores.append(g_pos.detach())
             features.append(readout.detach()[: split or None].float())
-        if fit_fusion and self.fusion_optimizer is not None:
-            self._fit_fusion(x, y, scores, features)
-        return last_loss
+        return scores, features, last_loss
 
     def _fit_fusion(self, x: Tensor, y: Tensor, scores: list[Tensor], features: list[Tensor]) -> None:
         net = self.net

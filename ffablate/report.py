@@ -1,0 +1,284 @@
+"""``ffablate report``: report.md and PNG plots for a study already in a storage. Nothing is trained here."""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only: no display on the machines studies run on
+
+import matplotlib.pyplot as plt  # noqa: E402
+import optuna  # noqa: E402
+
+from ffablate import results  # noqa: E402
+from ffablate.stats import fmt  # noqa: E402
+
+
+def write_report(study: optuna.Study, out: Path) -> Path:
+    """Write ``out/report.md`` and its plots; returns the report's path."""
+    out.mkdir(parents=True, exist_ok=True)
+    summary = results.summarize(study)
+    plots: list[tuple[str, str]] = []
+    for make in (_heatmap, _k_sweep, _hierarchy, _bp_gap_bars, _learning_curves):
+        try:
+            made = make(summary, out)
+        except Exception as exc:  # one broken plot must not cost the whole report
+            made = None
+            plots.append(("", f"({make.__name__.strip('_')} plot failed: {type(exc).__name__}: {exc})"))
+        if made:
+            plots.append(made)
+    importance_note = _importance(study, summary, out, plots)
+    (out / "report.md").write_text(_markdown(summary, plots, importance_note))
+    return out / "report.md"
+
+
+def _markdown(summary: results.Summary, plots: list[tuple[str, str]], importance_note: str) -> str:
+    meta = summary.meta
+    lines = [f"# Study `{summary.name}`", ""]
+    lines += [f"**Question.** {meta.get('question', '(no question recorded)')}", ""]
+    lines += [f"**Answer.** {results.answer(summary)}", ""]
+    lines += [
+        f"Spec `{meta.get('ffablate_spec', '?')}` at budget `{meta.get('budget', '?')}`, "
+        f"sampler {meta.get('sampler', '?')}, seeds {meta.get('seeds', '?')}; "
+        f"{summary.n_trials} trials ({_states(summary)})."
+    ]
+    base = meta.get("base", {})
+    if base:
+        lines += ["", "Shared settings: " + ", ".join(f"`{k}={v}`" for k, v in base.items()) + "."]
+    for note in meta.get("notes", []):
+        lines += ["", f"> Note: {note}"]
+    lines += [
+        "",
+        "## Results",
+        "",
+        "Mean test accuracy over seeds with its 95% t-interval; the gap is FF minus its matched BP baseline "
+        "in "
+        'percentage points with a 95% Welch interval ("± –" when a side has fewer than two seeds).',
+        "",
+    ]
+    lines += _md_table(results.TABLE_COLUMNS, results.table_rows(summary, top=15))
+    failed = [(r.label, f) for r in summary.rows for f in r.failed]
+    if failed:
+        lines += ["", "## Failed trials", ""] + [f"- {label}: {reason}" for label, reason in failed]
+    lines += ["", "## Plots", ""]
+    for path, caption in plots:
+        lines += [f"![{caption}]({path})" if path else caption, ""]
+    lines += ["## Parameter importance", "", importance_note, ""]
+    return "\n".join(lines) + "\n"
+
+
+def _states(summary: results.Summary) -> str:
+    return ", ".join(f"{k.lower()} {v}" for k, v in sorted(summary.states.items()))
+
+
+def _md_table(columns: list[str], rows: list[list[str]]) -> list[str]:
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(c.replace("|", "/") for c in row) + " |" for row in rows]
+    return lines
+
+
+def _save(fig: Any, out: Path, name: str) -> str:
+    fig.tight_layout()
+    fig.savefig(out / name, dpi=110)
+    plt.close(fig)
+    return name
+
+
+def _heatmap(summary: results.Summary, out: Path) -> tuple[str, str] | None:
+    """Two-axis ablations: mean FF accuracy per cell, annotated with mean ± CI."""
+    axes = [(a, v) for a, v in summary.meta.get("axes", {}).items() if len(v) > 1]
+    if len(axes) != 2 or summary.meta.get("sampler") != "grid":
+        return None
+    (ya, yv), (xa, xv) = axes
+    grid = [[math.nan] * len(xv) for _ in yv]
+    text = [[""] * len(xv) for _ in yv]
+    for r in summary.ff:
+        if r.n and r.overrides.get(ya) in yv and r.overrides.get(xa) in xv:
+            i, j = yv.index(r.overrides[ya]), xv.index(r.overrides[xa])
+            grid[i][j] = r.accuracy.mean * 100
+            text[i][j] = fmt(r.accuracy).replace(" ± ", "\n±")
+    fig, ax = plt.subplots(figsize=(1.6 * len(xv) + 2, 0.8 * len(yv) + 1.8))
+    image = ax.imshow(grid, cmap="viridis", aspect="auto")
+    ax.set_xticks(range(len(xv)), [str(v) for v in xv], rotation=30, ha="right")
+    ax.set_yticks(range(len(yv)), [str(v) for v in yv])
+    ax.set_xlabel(xa)
+    ax.set_ylabel(ya)
+    for i in range(len(yv)):
+        for j in range(len(xv)):
+            ax.text(j, i, text[i][j], ha="center", va="center", color="white", fontsize=8)
+    fig.colorbar(image, ax=ax, label="FF test accuracy %")
+    base = [b for b in summary.baselines if b.n]
+    title = f"{summary.name}: FF accuracy"
+    if base:
+        title += f" (BP {base[0].method}: {fmt(base[0].accuracy)}%)"
+    ax.set_title(title, fontsize=9)
+    return _save(fig, out, "heatmap.png"), f"{ya} × {xa} heatmap of FF test accuracy"
+
+
+def _k_sweep(summary: results.Summary, out: Path) -> tuple[str, str] | None:
+    series = results.k_sweep_series(summary)
+    if summary.meta.get("analysis") != "k-sweep" or not series:
+        return None
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    for group, points in series.items():
+        pts = [(k, r.gap) for k, r in points if math.isfinite(r.gap.mean)]
+        if not pts:
+            continue
+        ks = [k for k, _ in pts]
+        means = [g.mean * 100 for _, g in pts]
+        errs = [g.half_width * 100 if g.has_ci else 0 for _, g in pts]
+        style = "-o" if "synth" in group or "teacher" in group else "--s"
+        ax.errorbar(ks, means, yerr=errs, fmt=style, capsize=3, label=group)
+    ax.axhline(0, color="grey", lw=0.8)
+    ax.set_xscale("log")
+    ax.set_xlabel("number of classes K")
+    ax.set_ylabel("FF − BP-DeepSup test accuracy (pp, 95% CI)")
+    ax.set_title("FF–BP gap against K: synthetic vs real")
+    ax.legend(fontsize=8)
+    return _save(fig, out, "k_sweep_gap.png"), "FF−BP gap against K, synthetic and real data on one chart"
+
+
+def _hierarchy(summary: results.Summary, out: Path) -> tuple[str, str] | None:
+    if summary.meta.get("analysis") != "label-hierarchy":
+        return None
+    by_group: dict[str, dict[str, dict[str, results.Row]]] = defaultdict(lambda: defaultdict(dict))
+    for r in summary.rows:
+        if r.n and "labels" in r.overrides:
+            group = r.group or str(r.overrides.get("dataset", ""))
+            by_group[group][str(r.overrides["labels"])][r.role] = r
+    if not by_group:
+        return None
+    fig, axes = plt.subplots(1, len(by_group), figsize=(4.5 * len(by_group), 3.8), squeeze=False)
+    for ax, (group, levels) in zip(axes[0], by_group.items(), strict=True):
+        names = sorted(levels)
+        for offset, role, colour in ((-0.2, "ff", "tab:blue"), (0.2, "baseline", "tab:orange")):
+            rows = [levels[n].get(role) for n in names]
+            ax.bar(
+                [i + offset for i in range(len(names))],
+                [r.accuracy.mean * 100 if r else 0 for r in rows],
+                width=0.4,
+                color=colour,
+                label="FF" if role == "ff" else "BP-DeepSup",
+                yerr=[r.accuracy.half_width * 100 if r and r.accuracy.has_ci else 0 for r in rows],
+                capsize=3,
+            )
+        ax.set_xticks(range(len(names)), [f"{n}" for n in names])
+        ax.set_ylabel("test accuracy % (95% CI)")
+        ax.set_title(group)
+        ax.legend(fontsize=8)
+    return _save(fig, out, "coarse_vs_fine.png"), "coarse vs fine labels: FF and BP-DeepSup accuracy"
+
+
+def _bp_gap_bars(summary: results.Summary, out: Path) -> tuple[str, str] | None:
+    if summary.meta.get("analysis") != "bp-gap":
+        return None
+    rows = [r for r in summary.ff if r.n and math.isfinite(r.gap.mean)]
+    if not rows:
+        return None
+    fig, ax = plt.subplots(figsize=(1.3 * len(rows) + 2, 3.6))
+    ax.bar(
+        range(len(rows)),
+        [r.gap.mean * 100 for r in rows],
+        yerr=[r.gap.half_width * 100 if r.gap.has_ci else 0 for r in rows],
+        capsize=3,
+    )
+    ax.set_xticks(range(len(rows)), [r.group or r.label for r in rows], rotation=20)
+    ax.axhline(0, color="grey", lw=0.8)
+    ax.set_ylabel("FF − BP-DeepSup (pp, 95% CI)")
+    return _save(fig, out, "bp_gap.png"), "FF−BP gap per dataset"
+
+
+def _learning_curves(summary: results.Summary, out: Path) -> tuple[str, str] | None:
+    rows = [r for r in summary.rows if r.n and any(r.histories)]
+    if summary.meta.get("sampler") == "tpe":
+        best = sorted((r for r in rows if r.role == "ff"), key=lambda r: -r.accuracy.mean)[:8]
+        rows = [r for r in rows if r.role == "baseline"] + best
+    if not rows:
+        return None
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for r in rows[:24]:
+        by_epoch: dict[int, list[float]] = defaultdict(list)
+        for history in r.histories:
+            for record in history:
+                by_epoch[int(record["epoch"])].append(record["test_accuracy"] * 100)
+        epochs = sorted(by_epoch)
+        means = [sum(by_epoch[e]) / len(by_epoch[e]) for e in epochs]
+        style = dict(ls="--", lw=2, color="black") if r.role == "baseline" else dict(lw=1, alpha=0.8)
+        ax.plot([e + 1 for e in epochs], means, marker="o", ms=3, label=r.label, **style)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("test accuracy % (mean over seeds)")
+    ax.set_title("learning curves (dashed: BP baseline)")
+    if len(rows) <= 12:
+        ax.legend(fontsize=6)
+    return _save(fig, out, "learning_curves.png"), "per-epoch test accuracy"
+
+
+# ----------------------------------------------------------------------------------------------------
+# Parameter importance
+
+
+def importance_evaluator() -> tuple[Any, str]:
+    """fANOVA when scikit-learn is installed (Optuna's fANOVA fits its forest with sklearn), else PED-ANOVA,
+    which needs nothing beyond Optuna."""
+    try:
+        import sklearn  # noqa: F401
+
+        return optuna.importance.FanovaImportanceEvaluator(
+            seed=0
+        ), "fANOVA (optuna.importance.FanovaImportanceEvaluator)"
+    except ImportError:
+        return (
+            optuna.importance.PedAnovaImportanceEvaluator(),
+            "PED-ANOVA (optuna.importance.PedAnovaImportanceEvaluator)",
+        )
+
+
+def _axis_study(study: optuna.Study, summary: results.Summary) -> optuna.Study | None:
+    """An in-memory study whose params are the FF axes (or searched params), one trial per completed FF trial.
+
+    A grid study's own params are ("cell", "seed"); importance over those would say nothing about the axes.
+    """
+    axes = [a for a, v in summary.meta.get("axes", {}).items() if len(v) > 1]
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    copy = optuna.create_study(direction="maximize")
+    for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
+        if t.user_attrs.get("role") != "ff":
+            continue
+        if summary.meta.get("sampler") == "tpe":
+            params, dists = dict(t.params), dict(t.distributions)
+        else:
+            overrides = t.user_attrs.get("overrides", {})
+            params = {a: str(overrides[a]) for a in axes if a in overrides}
+            dists = {
+                a: optuna.distributions.CategoricalDistribution([str(v) for v in summary.meta["axes"][a]])
+                for a in params
+            }
+        if params:
+            copy.add_trial(optuna.trial.create_trial(params=params, distributions=dists, value=t.value))
+    return copy if len(copy.trials) >= 4 else None
+
+
+def _importance(
+    study: optuna.Study, summary: results.Summary, out: Path, plots: list[tuple[str, str]]
+) -> str:
+    try:
+        copy = _axis_study(study, summary)
+        if copy is None:
+            return "Not computed: fewer than four completed FF trials with varying parameters."
+        evaluator, name = importance_evaluator()
+        importances = optuna.importance.get_param_importances(copy, evaluator=evaluator)
+    except Exception as exc:  # importance is optional; its failure is reported, not raised
+        return f"Not computed ({type(exc).__name__}: {exc})."
+    if not importances:
+        return "Not computed: no parameter varies."
+    fig, ax = plt.subplots(figsize=(6, 0.45 * len(importances) + 1.5))
+    names = list(importances)[::-1]
+    ax.barh(names, [importances[n] for n in names])
+    ax.set_xlabel(f"importance ({name.split(' ')[0]})")
+    plots.append((_save(fig, out, "importance.png"), "parameter importance"))
+    listing = ", ".join(f"{k} {v:.2f}" for k, v in importances.items())
+    return f"Evaluator: {name}, over the completed FF trials' values. Importances: {listing}."

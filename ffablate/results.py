@@ -1,0 +1,297 @@
+"""From a study's trials to per-configuration rows (mean ± CI over seeds, gap to the BP baseline ± Welch CI)
+and to the one-sentence answer of the study's question. Used by the closing table of ``ffablate study`` and by
+``ffablate report``; it only reads the storage.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Any
+
+import optuna
+from optuna.trial import FrozenTrial, TrialState
+
+from ffablate.stats import Estimate, fmt, mean_ci, welch_ci
+
+
+@dataclass
+class Row:
+    label: str
+    role: str
+    group: str
+    method: str
+    overrides: dict[str, Any]
+    match: str
+    accuracies: list[float] = field(default_factory=list)
+    seeds: list[int] = field(default_factory=list)
+    train_seconds: list[float] = field(default_factory=list)
+    images_per_second: list[float] = field(default_factory=list)
+    peak_memory: list[float] = field(default_factory=list)
+    histories: list[list[dict[str, float]]] = field(default_factory=list)
+    per_layer: list[list[float]] = field(default_factory=list)
+    pruned: int = 0
+    failed: list[str] = field(default_factory=list)
+    accuracy: Estimate = Estimate(math.nan, math.nan, 0)
+    gap: Estimate = Estimate(math.nan, math.nan, 0)
+    baseline: str = ""
+
+    @property
+    def n(self) -> int:
+        return len(self.accuracies)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "label": self.label,
+            "role": self.role,
+            "group": self.group,
+            "method": self.method,
+            "overrides": self.overrides,
+            "n": self.n,
+            "seeds": self.seeds,
+            "accuracy_mean": self.accuracy.mean,
+            "accuracy_ci95": self.accuracy.half_width,
+            "gap_mean": self.gap.mean,
+            "gap_ci95": self.gap.half_width,
+            "baseline": self.baseline,
+            "pruned": self.pruned,
+            "failed": self.failed,
+            "train_seconds_mean": _mean(self.train_seconds),
+            "images_per_second_mean": _mean(self.images_per_second),
+            "peak_memory_mb_mean": _mean(self.peak_memory) / 2**20,
+        }
+
+
+@dataclass
+class Summary:
+    name: str
+    meta: dict[str, Any]
+    rows: list[Row]
+    n_trials: int
+    states: dict[str, int]
+
+    @property
+    def ff(self) -> list[Row]:
+        return [r for r in self.rows if r.role == "ff"]
+
+    @property
+    def baselines(self) -> list[Row]:
+        return [r for r in self.rows if r.role == "baseline"]
+
+    def best(self) -> Row | None:
+        scored = [r for r in self.ff if r.n]
+        return max(scored, key=lambda r: r.accuracy.mean) if scored else None
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values) if values else math.nan
+
+
+def summarize(study: optuna.Study) -> Summary:
+    """Group the study's trials by configuration; failed and pruned trials are counted, not averaged."""
+    rows: dict[str, Row] = {}
+    order = list(study.user_attrs.get("cells", []))
+    trials = study.get_trials(deepcopy=False)
+    states: dict[str, int] = defaultdict(int)
+    for t in trials:
+        states[t.state.name] += 1
+        label = t.user_attrs.get("cell")
+        if label is None:
+            continue
+        row = rows.get(label)
+        if row is None:
+            overrides = dict(t.user_attrs.get("overrides", {}))
+            row = rows[label] = Row(
+                label,
+                t.user_attrs.get("role", "ff"),
+                t.user_attrs.get("group", ""),
+                str(overrides.get("method", "ff")),
+                overrides,
+                t.user_attrs.get("match", "{}"),
+            )
+        _add(row, t)
+    ordered = sorted(
+        rows.values(),
+        key=lambda r: (
+            r.role != "baseline",
+            order.index(r.label) if r.label in order else len(order),
+            r.label,
+        ),
+    )
+    for row in ordered:
+        row.accuracy = mean_ci(row.accuracies)
+    methods = study.user_attrs.get("baseline_methods", ["bp-deepsup"])
+    by_match = {(r.match, r.method): r for r in ordered if r.role == "baseline"}
+    for row in ordered:
+        if row.role != "ff":
+            continue
+        base = by_match.get((row.match, methods[0] if methods else "bp-deepsup"))
+        if base is not None and base.n and row.n:
+            row.gap, row.baseline = welch_ci(row.accuracies, base.accuracies), base.label
+    return Summary(study.study_name, dict(study.user_attrs), ordered, len(trials), dict(states))
+
+
+def _add(row: Row, t: FrozenTrial) -> None:
+    if t.state == TrialState.COMPLETE:
+        metrics = t.user_attrs.get("metrics", {})
+        row.accuracies.append(float(t.value))
+        row.seeds.append(int(t.user_attrs.get("seed", -1)))
+        row.train_seconds.append(float(metrics.get("train_seconds", math.nan)))
+        row.images_per_second.append(float(metrics.get("images_per_second", math.nan)))
+        row.peak_memory.append(float(metrics.get("peak_memory_bytes", math.nan)))
+        row.per_layer.append(list(metrics.get("per_layer_accuracy", [])))
+        row.histories.append(list(t.user_attrs.get("history", [])))
+    elif t.state == TrialState.PRUNED:
+        row.pruned += 1
+    elif t.state == TrialState.FAIL and t.user_attrs.get("fail_permanent"):
+        row.failed.append(str(t.user_attrs.get("fail_reason", "failed")))
+
+
+def table_rows(summary: Summary, top: int | None = None) -> list[list[str]]:
+    """The closing table: configuration, n, accuracy % mean ± 95% CI, gap to BP pp ± 95% Welch CI, notes."""
+    rows = summary.rows
+    if summary.meta.get("sampler") == "tpe" and top:
+        ff = sorted((r for r in summary.ff if r.n), key=lambda r: -r.accuracy.mean)[:top]
+        rows = summary.baselines + ff
+    out = []
+    for r in rows:
+        notes = []
+        if r.pruned:
+            notes.append(f"{r.pruned} pruned")
+        if r.failed:
+            notes.append(f"{len(r.failed)} failed: {r.failed[0][:60]}")
+        gap = fmt(r.gap, signed=True) if r.role == "ff" else "(baseline)"
+        out.append(
+            [r.label, str(r.n), fmt(r.accuracy), gap, f"{_mean(r.train_seconds):.1f}", "; ".join(notes)]
+        )
+    return out
+
+
+TABLE_COLUMNS = ["configuration", "n", "test acc % (95% CI)", "gap to BP pp (95% CI)", "train s", "notes"]
+
+
+# ----------------------------------------------------------------------------------------------------
+# Answers: one sentence computed from the numbers
+
+
+def _pp(e: Estimate) -> str:
+    return fmt(e, signed=True) + " pp"
+
+
+def _direction(e: Estimate) -> str:
+    if e.mean == 0:
+        return "level with"
+    if not e.has_ci:
+        return "ahead of" if e.mean > 0 else "behind"
+    if e.excludes_zero():
+        return "ahead of" if e.mean > 0 else "behind"
+    return "not distinguishable from"
+
+
+def answer(summary: Summary) -> str:
+    analysis = summary.meta.get("analysis", "ablation")
+    if not any(r.n for r in summary.ff):
+        return "No FF configuration has a completed trial yet, so the question has no answer from this study."
+    try:
+        return {
+            "k-sweep": _answer_k_sweep,
+            "label-hierarchy": _answer_hierarchy,
+            "bp-gap": _answer_bp_gap,
+        }.get(analysis, _answer_ablation)(summary)
+    except Exception as exc:  # an answer must never break a report; say what is missing instead
+        return f"No one-sentence answer could be computed ({type(exc).__name__}: {exc})."
+
+
+def _answer_ablation(summary: Summary) -> str:
+    best = summary.best()
+    assert best is not None
+    ranked = sorted((r for r in summary.ff if r.n), key=lambda r: -r.accuracy.mean)
+    worst = ranked[-1]
+    text = (
+        f"Best FF configuration is {best.label} at {fmt(best.accuracy)}% (n={best.n}), "
+        f"{fmt(welch_ci(best.accuracies, worst.accuracies), signed=True)} pp over the worst ({worst.label})"
+    )
+    axis = most_influential_axis(summary)
+    if axis:
+        text += f"; the {axis[0]} axis moves mean accuracy most ({axis[1] * 100:.1f} pp between its levels)"
+    if best.baseline:
+        text += f"; it is {_direction(best.gap)} {best.baseline} (FF−BP {_pp(best.gap)})"
+    return text + "."
+
+
+def most_influential_axis(summary: Summary) -> tuple[str, float] | None:
+    """The axis whose level means (averaged over the other axes) span the widest range."""
+    axes = [a for a, values in summary.meta.get("axes", {}).items() if len(values) > 1]
+    spans = []
+    for axis in axes:
+        levels: dict[str, list[float]] = defaultdict(list)
+        for r in summary.ff:
+            if r.n and axis in r.overrides:
+                levels[str(r.overrides[axis])].append(r.accuracy.mean)
+        means = [sum(v) / len(v) for v in levels.values()]
+        if len(means) > 1:
+            spans.append((axis, max(means) - min(means)))
+    return max(spans, key=lambda s: s[1]) if spans else None
+
+
+def k_sweep_series(summary: Summary) -> dict[str, list[tuple[int, Row]]]:
+    """Per group (synthetic, each real dataset): (K, FF row) sorted by K; the row carries the gap to BP."""
+    series: dict[str, list[tuple[int, Row]]] = defaultdict(list)
+    for r in summary.ff:
+        if r.n and "classes" in r.overrides:
+            series[r.group or str(r.overrides.get("dataset", ""))].append((int(r.overrides["classes"]), r))
+    return {g: sorted(v, key=lambda kv: kv[0]) for g, v in series.items()}
+
+
+def _answer_k_sweep(summary: Summary) -> str:
+    parts = []
+    for group, points in k_sweep_series(summary).items():
+        gaps = [(k, r.gap) for k, r in points if math.isfinite(r.gap.mean)]
+        if not gaps:
+            continue
+        (k0, g0), (k1, g1) = gaps[0], gaps[-1]
+        trend = "widens" if abs(g1.mean) > abs(g0.mean) else "narrows"
+        sign = "FF ahead" if g1.mean > 0 else "FF behind"
+        parts.append(f"{group}: FF−BP gap {_pp(g0)} at K={k0} → {_pp(g1)} at K={k1} ({sign}, {trend} with K)")
+    if not parts:
+        return "No K has both FF and BP results yet."
+    return "; ".join(parts) + "."
+
+
+def _answer_hierarchy(summary: Summary) -> str:
+    parts = []
+    by_group: dict[str, dict[str, Row]] = defaultdict(dict)
+    for r in summary.ff:
+        if r.n:
+            by_group[r.group or str(r.overrides.get("dataset", ""))][
+                str(r.overrides.get("labels", "fine"))
+            ] = r
+    for group, rows in by_group.items():
+        items = [f"{lab} labels {_pp(r.gap)} (FF {fmt(r.accuracy)}%)" for lab, r in sorted(rows.items())]
+        parts.append(f"{group}: FF−BP gap with " + ", with ".join(items))
+    notes = summary.meta.get("notes", [])
+    return "; ".join(parts) + (f" ({'; '.join(notes)})" if notes else "") + "."
+
+
+def _answer_bp_gap(summary: Summary) -> str:
+    rows = [r for r in summary.ff if r.n and math.isfinite(r.gap.mean)]
+    if not rows:
+        return "No dataset has both FF and BP results yet."
+    behind = sum(r.gap.mean < 0 for r in rows)
+    items = ", ".join(f"{r.group or r.overrides.get('dataset', r.label)} {_pp(r.gap)}" for r in rows)
+    return f"FF trails BP-DeepSup on {behind} of {len(rows)} datasets (FF−BP: {items})."
+
+
+def to_json(summary: Summary) -> str:
+    return json.dumps(
+        {
+            "study": summary.name,
+            "meta": summary.meta,
+            "answer": answer(summary),
+            "states": summary.states,
+            "rows": [r.to_dict() for r in summary.rows],
+        },
+        default=str,
+    )

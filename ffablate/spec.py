@@ -1,0 +1,544 @@
+"""Study specs: the TOML files in ``studies/``, validated into a ``Spec``, planned per budget.
+
+Every mistake in a spec is a ``SpecError`` whose one line names the file and the key path
+(``studies/x.toml: budgets.quick.epochs must be an int``), so the CLI can print it and exit 2.
+The format is documented in docs/studies.md.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import tomllib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ffablate.config import PLUGIN_KINDS, RunConfig
+from ffablate.errors import ConfigError, FFablateError
+
+ANALYSES = ("ablation", "k-sweep", "label-hierarchy", "bp-gap", "search")
+SAMPLERS = ("grid", "tpe")
+PRUNERS = ("median", "none")
+BUDGETS = ("smoke", "quick", "full")
+# Keys that only shape the FF recipe: a BP baseline ignores them, so FF cells that differ only in these share
+# one baseline. Everything else (dataset, classes, labels, widths, epochs, ...) is matched between FF and its
+# baseline.
+FF_ONLY = frozenset(
+    {"goodness", "temperature", "norm", "loss", "negatives", "fusion", "schedule", "threshold"}
+)
+FF_ONLY_PLUGIN_KINDS = frozenset(PLUGIN_KINDS) - {"datasets"}
+STUDY_KEYS = {"seeds", "n_trials", "axes"}  # budget keys that are not RunConfig keys
+SPACE_TYPES = ("float", "int", "categorical")
+STUDIES_DIR = Path(__file__).resolve().parent.parent / "studies"
+
+
+class SpecError(ConfigError):
+    """A study spec is malformed; the message starts with the file and names the key path."""
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One grid configuration: FF with some overrides, or a baseline method matched to FF cells."""
+
+    label: str
+    role: str  # "ff" or "baseline"
+    group: str
+    overrides: dict[str, Any]
+    match: str  # JSON of the overrides a baseline must share with the FF cell it is compared to
+
+    @property
+    def method(self) -> str:
+        return str(self.overrides.get("method", "ff"))
+
+
+@dataclass
+class Group:
+    label: str
+    set: dict[str, Any]
+    axes: dict[str, list[Any]]
+    budgets: dict[str, dict[str, Any]]
+
+
+@dataclass
+class Budget:
+    name: str
+    settings: dict[str, Any]
+    seeds: list[int]
+    n_trials: int
+    axes: dict[str, list[Any]]
+
+
+@dataclass
+class Spec:
+    name: str
+    path: Path
+    question: str
+    analysis: str
+    sampler: str
+    base: dict[str, Any]
+    budgets: dict[str, Budget]
+    groups: list[Group]
+    space: dict[str, dict[str, Any]]
+    space_plugins: list[str]
+    baseline_methods: list[str]
+    baseline_match: list[str] | None
+    pruner: dict[str, Any]
+
+    def plan(self, budget: str, available: Callable[[str], bool] | None = None) -> Plan:
+        return _plan(self, budget, available or (lambda name: True))
+
+
+@dataclass
+class Plan:
+    """A spec resolved for one budget: the shared settings, the cells, the seeds and what was skipped."""
+
+    spec: Spec
+    budget: Budget
+    base: dict[str, Any]
+    cells: list[Cell]
+    notes: list[str] = field(default_factory=list)
+
+    def cell(self, label: str) -> Cell:
+        for cell in self.cells:
+            if cell.label == label:
+                return cell
+        raise FFablateError(f"the study has no configuration {label!r}; was it made from another spec?")
+
+    def config(self, overrides: dict[str, Any], seed: int, device: str = "cpu") -> RunConfig:
+        return RunConfig().with_updates({**self.base, **overrides, "seed": seed, "device": device})
+
+    def fingerprint(self) -> str:
+        """Identifies what the trials mean; resuming a study made from a different plan would mix results."""
+        payload = {
+            "base": self.base,
+            "cells": [(c.label, c.overrides) for c in self.cells],
+            "seeds": self.budget.seeds,
+            "space": self.spec.space,
+            "plugins": self.spec.space_plugins,
+        }
+        return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+# ----------------------------------------------------------------------------------------------------
+# Loading
+
+
+def resolve(name_or_path: str) -> Path:
+    """A path to a .toml file, or a study name looked up in ./studies and then in the project's studies/."""
+    path = Path(name_or_path)
+    if path.suffix == ".toml" or path.is_file():
+        if not path.is_file():
+            raise SpecError(f"{path}: no such study spec file")
+        return path
+    for folder in (Path.cwd() / "studies", STUDIES_DIR):
+        candidate = folder / f"{name_or_path}.toml"
+        if candidate.is_file():
+            return candidate
+    known = ", ".join(available_names()) or "none"
+    raise SpecError(
+        f"unknown study {name_or_path!r}; known studies: {known} (or give a path to a .toml spec)"
+    )
+
+
+def available_names() -> list[str]:
+    names = set()
+    for folder in (Path.cwd() / "studies", STUDIES_DIR):
+        if folder.is_dir():
+            names.update(p.stem for p in folder.glob("*.toml"))
+    return sorted(names)
+
+
+def load(name_or_path: str) -> Spec:
+    path = resolve(name_or_path)
+    try:
+        raw = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as exc:
+        raise SpecError(f"{path}: not valid TOML: {exc}") from None
+    return parse(raw, path)
+
+
+def parse(raw: dict[str, Any], path: Path) -> Spec:
+    v = _Validator(path)
+    known = {
+        "question",
+        "analysis",
+        "sampler",
+        "base",
+        "budgets",
+        "axes",
+        "groups",
+        "space",
+        "baseline",
+        "pruner",
+        "name",
+    }
+    v.no_unknown(raw, known, "")
+    question = v.get(raw, "question", str, required=True)
+    analysis = v.choice(raw, "analysis", ANALYSES, "ablation")
+    sampler = v.choice(raw, "sampler", SAMPLERS, "grid")
+    base = v.settings(v.get(raw, "base", dict, default={}), "base")
+
+    budgets_raw = v.get(raw, "budgets", dict, required=True)
+    v.no_unknown(budgets_raw, set(BUDGETS), "budgets")
+    for name in BUDGETS:
+        if name not in budgets_raw:
+            v.fail(f"budgets.{name}", "is missing; every spec defines smoke, quick and full")
+    budgets = {name: v.budget(budgets_raw[name], f"budgets.{name}", name, sampler) for name in BUDGETS}
+
+    groups = []
+    top_axes = v.axes(v.get(raw, "axes", dict, default={}), "axes")
+    groups_raw = v.get(raw, "groups", list, default=[])
+    if groups_raw and top_axes:
+        v.fail("axes", "cannot be combined with [[groups]]; give each group its own axes")
+    for i, g in enumerate(groups_raw):
+        key = f"groups[{i}]"
+        if not isinstance(g, dict):
+            v.fail(key, "must be a table")
+        v.no_unknown(g, {"label", "set", "axes", "budgets"}, key)
+        g_budgets = v.get(g, "budgets", dict, default={}, key=key)
+        v.no_unknown(g_budgets, set(BUDGETS), f"{key}.budgets")
+        groups.append(
+            Group(
+                label=v.get(g, "label", str, required=True, key=key),
+                set=v.settings(v.get(g, "set", dict, default={}, key=key), f"{key}.set"),
+                axes=v.axes(v.get(g, "axes", dict, default={}, key=key), f"{key}.axes"),
+                budgets={b: v.settings(s, f"{key}.budgets.{b}") for b, s in g_budgets.items()},
+            )
+        )
+    axis_names = set(top_axes) | {k for g in groups for k in g.axes}
+    for b in budgets.values():
+        for k in b.axes:
+            if k not in axis_names:
+                v.fail(f"budgets.{b.name}.axes.{k}", "restricts no axis of the spec")
+            levels = {str(x) for g in groups for x in g.axes.get(k, [])} | {
+                str(x) for x in top_axes.get(k, [])
+            }
+            for x in b.axes[k]:
+                if str(x) not in levels:
+                    v.fail(f"budgets.{b.name}.axes.{k}", f"lists {x!r}, which is not a level of the axis")
+    labels = [g.label for g in groups]
+    if len(set(labels)) != len(labels):
+        v.fail("groups", "labels must be unique")
+    if not groups:
+        groups = [Group("", {}, top_axes, {})]
+
+    space_raw = v.get(raw, "space", dict, default={})
+    space_plugins = v.get(space_raw, "plugins", list, default=[], key="space")
+    for i, kind in enumerate(space_plugins):
+        if kind not in FF_ONLY_PLUGIN_KINDS:
+            v.fail(
+                f"space.plugins[{i}]", f"must be a plugin kind ({', '.join(sorted(FF_ONLY_PLUGIN_KINDS))})"
+            )
+    space = {k: v.distribution(d, f"space.{k}") for k, d in space_raw.items() if k != "plugins"}
+    for k in space:
+        v.setting_key(k, f"space.{k}")
+    if sampler == "grid" and (space or space_plugins):
+        v.fail("space", 'needs sampler = "tpe": a grid only walks the categorical axes')
+
+    baseline = v.get(raw, "baseline", dict, default={})
+    v.no_unknown(baseline, {"methods", "match"}, "baseline")
+    methods = v.get(baseline, "methods", list, default=["bp-deepsup"], key="baseline")
+    for i, m in enumerate(methods):
+        if m not in ("bp", "bp-deepsup", "bp-ga", "bp-ckpt"):
+            v.fail(f"baseline.methods[{i}]", "must be one of bp, bp-deepsup, bp-ga, bp-ckpt")
+    match = v.get(baseline, "match", list, default=None, key="baseline")
+
+    pruner = v.get(raw, "pruner", dict, default={"type": "none"})
+    v.no_unknown(pruner, {"type", "n_startup_trials", "n_warmup_steps"}, "pruner")
+    v.choice(pruner, "type", PRUNERS, "none", key="pruner")
+    for k in ("n_startup_trials", "n_warmup_steps"):
+        v.get(pruner, k, int, default=0, key="pruner")
+    name = v.get(raw, "name", str, default=path.stem)
+    spec = Spec(
+        name,
+        path,
+        question,
+        analysis,
+        sampler,
+        base,
+        budgets,
+        groups,
+        space,
+        space_plugins,
+        methods,
+        match,
+        pruner,
+    )
+    for b in BUDGETS:  # resolving every budget catches bad values in any of them now, not mid-study
+        _plan(spec, b, lambda name: True)
+    return spec
+
+
+class _Validator:
+    def __init__(self, path: Path):
+        self.path = path
+
+    def fail(self, key: str, message: str) -> None:
+        where = f"{key} " if key else ""
+        raise SpecError(f"{self.path}: {where}{message}")
+
+    def no_unknown(self, table: dict[str, Any], known: set[str], key: str) -> None:
+        for k in table:
+            if k not in known:
+                self.fail(_join(key, k), f"is not a known key; known: {', '.join(sorted(known))}")
+
+    def get(
+        self,
+        table: dict[str, Any],
+        k: str,
+        kind: type,
+        *,
+        required: bool = False,
+        default: Any = None,
+        key: str = "",
+    ) -> Any:
+        path = _join(key, k)
+        if k not in table:
+            if required:
+                self.fail(path, "is required")
+            return default
+        value = table[k]
+        if not _is(value, kind):
+            self.fail(path, f"must be {_a(kind)}")
+        return value
+
+    def choice(
+        self, table: dict[str, Any], k: str, choices: tuple[str, ...], default: str, key: str = ""
+    ) -> str:
+        value = self.get(table, k, str, default=default, key=key)
+        if value not in choices:
+            self.fail(_join(key, k), f"must be one of {', '.join(choices)}, not {value!r}")
+        return value
+
+    def setting_key(self, k: str, path: str) -> None:
+        fields = {f.name: f for f in dataclasses.fields(RunConfig) if f.name != "plugin_params"}
+        if "." in k:
+            if k.split(".", 1)[0] not in PLUGIN_KINDS:
+                self.fail(path, f"names no plugin kind; kinds: {', '.join(PLUGIN_KINDS)}")
+        elif k not in fields:
+            self.fail(path, "is not a run setting (see `ffablate train --help` for the keys)")
+
+    def settings(self, table: dict[str, Any], key: str, extra: set[str] = frozenset()) -> dict[str, Any]:
+        """RunConfig keys with values of the field's type, or plugin parameters "kind.param"."""
+        if not isinstance(table, dict):
+            self.fail(key, "must be a table")
+        defaults = RunConfig()
+        out = {}
+        for k, value in table.items():
+            path = _join(key, k)
+            if k in extra:
+                continue
+            self.setting_key(k, path)
+            if "." not in k:
+                want = type(getattr(defaults, k))
+                if not _is(value, want):
+                    self.fail(path, f"must be {_a(want)}")
+                self._check_value(k, value, path)
+            elif not isinstance(value, (str, int, float, bool)):
+                self.fail(path, "must be a number, string or boolean")
+            out[k] = value
+        return out
+
+    def _check_value(self, k: str, value: Any, path: str) -> None:
+        if k in PLUGIN_KINDS and k != "datasets":
+            from ffablate.plugins import registry
+
+            if value not in registry().names(k):
+                self.fail(path, f"names no {k} plugin; known: {', '.join(registry().names(k))}")
+        if k == "dataset":
+            from ffablate.plugins import registry
+
+            if value not in registry().names("datasets"):
+                self.fail(path, f"names no dataset; known: {', '.join(registry().names('datasets'))}")
+
+    def axes(self, table: dict[str, Any], key: str) -> dict[str, list[Any]]:
+        out = {}
+        for k, values in table.items():
+            path = _join(key, k)
+            self.setting_key(k, path)
+            if values == "*":
+                if k not in FF_ONLY_PLUGIN_KINDS:
+                    self.fail(path, '= "*" (every registered plugin) only works for a plugin kind')
+                from ffablate.plugins import registry
+
+                values = registry().names(k)
+            if not isinstance(values, list) or not values:
+                self.fail(path, 'must be a non-empty list of values (or "*" for every plugin of a kind)')
+            for i, value in enumerate(values):
+                self.settings({k: value}, key) if "." not in k else None
+                if not isinstance(value, (str, int, float, bool)):
+                    self.fail(f"{path}[{i}]", "must be a number, string or boolean")
+            if len(set(map(str, values))) != len(values):
+                self.fail(path, "has a repeated value")
+            out[k] = list(values)
+        return out
+
+    def budget(self, table: Any, key: str, name: str, sampler: str) -> Budget:
+        if not isinstance(table, dict):
+            self.fail(key, "must be a table")
+        settings = self.settings(table, key, extra=STUDY_KEYS)
+        seeds = table.get("seeds", 1)
+        if isinstance(seeds, bool) or not isinstance(seeds, (int, list)):
+            self.fail(f"{key}.seeds", "must be an int (how many seeds) or a list of ints")
+        if isinstance(seeds, int):
+            if seeds < 1:
+                self.fail(f"{key}.seeds", "must be at least 1")
+            seeds = list(range(seeds))
+        if not seeds or not all(_is(s, int) for s in seeds) or len(set(seeds)) != len(seeds):
+            self.fail(f"{key}.seeds", "must be a non-empty list of distinct ints")
+        n_trials = table.get("n_trials", 0)
+        if not _is(n_trials, int) or n_trials < 0:
+            self.fail(f"{key}.n_trials", "must be a non-negative int")
+        if sampler == "tpe" and n_trials < 1:
+            self.fail(f"{key}.n_trials", 'is required (≥ 1) for sampler = "tpe"')
+        axes = (
+            self.axes(table.get("axes", {}), f"{key}.axes")
+            if isinstance(table.get("axes", {}), dict)
+            else self.fail(f"{key}.axes", "must be a table")
+        )
+        return Budget(name, settings, list(seeds), n_trials, axes)
+
+    def distribution(self, d: Any, key: str) -> dict[str, Any]:
+        if not isinstance(d, dict):
+            self.fail(key, 'must be a table like {type = "float", low = 1e-4, high = 1e-2, log = true}')
+        self.no_unknown(d, {"type", "low", "high", "log", "choices", "step"}, key)
+        kind = self.choice(d, "type", SPACE_TYPES, "", key=key)
+        if kind == "categorical":
+            choices = self.get(d, "choices", list, required=True, key=key)
+            if not choices:
+                self.fail(f"{key}.choices", "must not be empty")
+        else:
+            num = float if kind == "float" else int
+            low = self.get(d, "low", num, required=True, key=key)
+            high = self.get(d, "high", num, required=True, key=key)
+            if not low < high:
+                self.fail(key, f"needs low < high, got {low} and {high}")
+            if self.get(d, "log", bool, default=False, key=key) and low <= 0:
+                self.fail(f"{key}.low", "must be positive when log = true")
+        return dict(d)
+
+
+def _join(key: str, k: str) -> str:
+    return f"{key}.{k}" if key else k
+
+
+def _is(value: Any, kind: type) -> bool:
+    if kind is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if kind is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, kind)
+
+
+def _a(kind: type) -> str:
+    return {
+        int: "an int",
+        float: "a number",
+        str: "a string",
+        bool: "a boolean (true/false)",
+        list: "a list",
+        dict: "a table",
+    }.get(kind, kind.__name__)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Resolving a budget into cells
+
+
+def _is_ff_only(key: str) -> bool:
+    return key in FF_ONLY or ("." in key and key.split(".", 1)[0] in FF_ONLY_PLUGIN_KINDS)
+
+
+def _label(items: dict[str, Any]) -> str:
+    return " ".join(f"{k}={v}" for k, v in items.items())
+
+
+def _plan(spec: Spec, budget_name: str, available: Callable[[str], bool]) -> Plan:
+    if budget_name not in spec.budgets:
+        raise SpecError(f"{spec.path}: no budget {budget_name!r}; budgets: {', '.join(BUDGETS)}")
+    budget = spec.budgets[budget_name]
+    base = {**spec.base, **budget.settings}
+    ff_cells: list[Cell] = []
+    baselines: dict[str, Cell] = {}
+    notes: list[str] = []
+    for g in spec.groups:
+        group_set = {**g.set, **g.budgets.get(budget_name, {})}
+        dataset = group_set.get("dataset", base.get("dataset", RunConfig.dataset))
+        if not available(dataset):
+            notes.append(
+                f"skipped {g.label or 'the study'}: dataset {dataset!r} is not available here "
+                f"(see `ffablate data list`)"
+            )
+            continue
+        # A budget's axes pick a subset of each group's levels (e.g. fewer K for smoke), never add new ones.
+        axes = {
+            k: [x for x in values if k not in budget.axes or x in budget.axes[k]]
+            for k, values in g.axes.items()
+        }
+        if "dataset" in axes:  # an axis over datasets keeps those the user has, and says which it dropped
+            missing = [d for d in axes["dataset"] if not available(d)]
+            if missing:
+                notes.append(
+                    f"skipped dataset(s) {', '.join(missing)}: not available here (see `ffablate data list`)"
+                )
+            axes["dataset"] = [d for d in axes["dataset"] if available(d)]
+        for combo in _product(axes):
+            overrides = {**group_set, **combo}
+            match_keys = spec.baseline_match
+            if match_keys is None:
+                match = {k: v for k, v in overrides.items() if not _is_ff_only(k)}
+            else:
+                match = {k: v for k, v in overrides.items() if k in match_keys}
+            shown = {k: v for k, v in combo.items()}
+            label = " ".join(x for x in (g.label, _label(shown)) if x) or "ff"
+            match_json = json.dumps(match, sort_keys=True)
+            ff_cells.append(Cell(label, "ff", g.label, {**overrides, "method": "ff"}, match_json))
+            for method in spec.baseline_methods:
+                shared = {k: v for k, v in combo.items() if k in match}
+                b_label = " ".join(
+                    x for x in (method, g.label if _group_is_data(g) else "", _label(shared)) if x
+                )
+                key = f"{method}|{match_json}"
+                if key not in baselines:
+                    baselines[key] = Cell(
+                        b_label,
+                        "baseline",
+                        g.label if _group_is_data(g) else "",
+                        {**match, "method": method},
+                        match_json,
+                    )
+    cells = list(baselines.values()) + ff_cells
+    seen: set[str] = set()
+    for cell in cells:
+        if cell.label in seen:
+            raise SpecError(
+                f"{spec.path}: two configurations are both labelled {cell.label!r}; "
+                "give the groups distinct labels"
+            )
+        seen.add(cell.label)
+        try:  # every cell must make a valid RunConfig before any training starts
+            RunConfig().with_updates({**base, **cell.overrides})
+        except FFablateError as exc:
+            raise SpecError(
+                f"{spec.path}: budgets.{budget_name} configuration {cell.label!r}: {exc}"
+            ) from None
+    if not ff_cells and spec.sampler == "grid":
+        raise SpecError(
+            f"{spec.path}: nothing to run at budget {budget_name}: " + "; ".join(notes or ["no axes"])
+        )
+    return Plan(spec, budget, base, cells, notes)
+
+
+def _group_is_data(g: Group) -> bool:
+    """A group whose fixed settings change the data or backbone gets its own baseline label."""
+    return any(not _is_ff_only(k) for k in g.set)
+
+
+def _product(axes: dict[str, list[Any]]) -> list[dict[str, Any]]:
+    combos: list[dict[str, Any]] = [{}]
+    for k, values in axes.items():
+        combos = [{**c, k: v} for c in combos for v in values]
+    return combos

@@ -1,0 +1,564 @@
+"""Running a study: the Optuna study in an RDB storage, one trial per (configuration, seed), resumable.
+
+Resumption rules (the reason this module exists instead of a bare ``study.optimize``):
+- a grid point is *done* once a trial for it is COMPLETE, PRUNED, or FAILED for a reason that would repeat
+  (divergence, a configuration error); ``ResumableGridSampler`` never hands a done point out again;
+- a RUNNING trial whose process is gone (killed on this host, or its heartbeat went stale on another one) is
+  marked FAILED as stale, and its point is run again;
+- baselines are trials too (``role`` attr), so they resume the same way; under TPE they are enqueued trials.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import time
+import warnings
+from collections import OrderedDict
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import optuna
+from optuna.samplers import GridSampler, TPESampler
+from optuna.trial import FrozenTrial, Trial, TrialState
+
+from ffablate import spec as specs
+from ffablate.config import RunConfig
+from ffablate.errors import FFablateError
+
+DEFAULT_STORAGE = "sqlite:///ffablate.db"
+HEARTBEAT_S, GRACE_S = 20, 120
+# User attrs every trial carries; reports read only these (and the study's own user attrs).
+ROLE, CELL, SEED, FAIL_REASON, PERMANENT = "role", "cell", "seed", "fail_reason", "fail_permanent"
+
+
+@dataclass
+class StudyRun:
+    study: optuna.Study
+    plan: specs.Plan
+    storage_url: str
+    ran: int
+    skipped: int
+
+
+def storage_for(url: str | None) -> optuna.storages.RDBStorage:
+    """An RDB storage with heartbeats, so a trial whose worker died is noticed by the next worker."""
+    url = url or DEFAULT_STORAGE
+    if "://" not in url:
+        raise FFablateError(
+            f"--storage {url!r} is not a database URL; e.g. sqlite:///ffablate.db or "
+            "postgresql://user@host/db"
+        )
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter(
+                "ignore", optuna.exceptions.ExperimentalWarning
+            )  # heartbeats are "experimental"
+            return optuna.storages.RDBStorage(url, heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S)
+    except Exception as exc:  # SQLAlchemy raises many types for a bad URL or an unreachable server
+        raise FFablateError(f"cannot open storage {url}: {str(exc).splitlines()[0]}") from None
+
+
+def describe_storage(url: str | None) -> str:
+    url = url or DEFAULT_STORAGE
+    if url.startswith("sqlite:///") and not url.startswith("sqlite:////"):
+        return f"{url} ({Path(url.removeprefix('sqlite:///')).resolve()})"
+    return url
+
+
+def default_study_name(spec: specs.Spec, budget: str) -> str:
+    # One study per budget: a smoke study's trials must never be averaged with a quick study's.
+    return f"{spec.name}-{budget}"
+
+
+# ----------------------------------------------------------------------------------------------------
+# Which trials count as done
+
+
+def point_of(trial: FrozenTrial) -> tuple[str, int] | None:
+    attrs = trial.user_attrs
+    if CELL in attrs and SEED in attrs:
+        return str(attrs[CELL]), int(attrs[SEED])
+    if "cell" in trial.params and "seed" in trial.params:
+        return str(trial.params["cell"]), int(trial.params["seed"])
+    return None
+
+
+def is_done(trial: FrozenTrial) -> bool:
+    """Finished for good: completed, pruned, or failed for a reason a rerun would repeat."""
+    if trial.state in (TrialState.COMPLETE, TrialState.PRUNED):
+        return True
+    return trial.state == TrialState.FAIL and bool(trial.user_attrs.get(PERMANENT))
+
+
+class ResumableGridSampler(GridSampler):
+    """GridSampler over {"cell", "seed"} that hands out only points without a done or running trial.
+
+    Optuna's GridSampler counts any finished trial (including one failed because its process was killed) as
+    visited, and gives trial number i grid point i whatever was run before; both break resumption.
+    Points go out in seed-major order (each configuration's first seed, baselines first, then the second
+    seed), so a study cut short still has one result per configuration.
+    """
+
+    def __init__(self, cells: list[str], seeds: list[int]):
+        super().__init__({"cell": cells, "seed": seeds}, seed=0)
+        rank = {(c, s): (si, ci) for si, s in enumerate(seeds) for ci, c in enumerate(cells)}
+        names = self._param_names  # sorted: ["cell", "seed"]
+        self._order = sorted(
+            range(len(self._all_grids)),
+            key=lambda g: rank[tuple(self._all_grids[g][names.index(k)] for k in ("cell", "seed"))],
+        )
+
+    def _point(self, grid_id: int) -> tuple[str, int]:
+        values = self._all_grids[grid_id]
+        return values[self._param_names.index("cell")], values[self._param_names.index("seed")]
+
+    def _get_unvisited_grid_ids(self, study: optuna.Study) -> list[int]:
+        taken = set()
+        for t in study._storage.get_all_trials(study._study_id, deepcopy=False):
+            point = point_of(t) or (
+                self._point(t.system_attrs["grid_id"]) if "grid_id" in t.system_attrs else None
+            )
+            if point is not None and (is_done(t) or t.state == TrialState.RUNNING):
+                taken.add(point)
+        return [g for g in self._order if self._point(g) not in taken]
+
+    def before_trial(self, study: optuna.Study, trial: FrozenTrial) -> None:
+        if "grid_id" in trial.system_attrs or "fixed_params" in trial.system_attrs:
+            return
+        free = self._get_unvisited_grid_ids(study)
+        # Only an empty grid (another worker took the last point meanwhile) repeats a point.
+        grid_id = free[0] if free else self._order[-1]
+        study._storage.set_trial_system_attr(trial._trial_id, "search_space", self._search_space)
+        study._storage.set_trial_system_attr(trial._trial_id, "grid_id", grid_id)
+
+
+def fail_dead_trials(study: optuna.Study) -> list[int]:
+    """Mark RUNNING trials FAILED (stale) when their process on this host no longer exists.
+
+    Trials of other hosts are left to Optuna's heartbeat (they may still be running there).
+    """
+    host, failed = socket.gethostname(), []
+    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        worker = t.user_attrs.get("worker", {})
+        if worker.get("host") != host or _alive(int(worker.get("pid", -1))):
+            continue
+        study._storage.set_trial_user_attr(t._trial_id, FAIL_REASON, "stale: its process died; rerun")
+        study._storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
+        failed.append(t.number)
+    return failed
+
+
+def _alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+# ----------------------------------------------------------------------------------------------------
+# Data reuse
+
+
+class DataCache:
+    """Loaded datasets keyed by everything that shapes them, so 40 trials on one dataset load it twice."""
+
+    def __init__(self, data_root: str | None, size: int = 3):
+        self.data_root, self.size = data_root, size
+        self._items: OrderedDict[str, Any] = OrderedDict()
+
+    def get(self, config: RunConfig) -> Any:
+        from ffablate.train.common import prepare_data, resolve_device
+
+        key = json.dumps(
+            [
+                config.dataset,
+                config.classes,
+                config.labels,
+                config.limit_train,
+                config.limit_test,
+                config.seed,
+                config.batch_size,
+                config.augment,
+                config.device,
+                config.params_of("datasets"),
+            ],
+            sort_keys=True,
+            default=str,
+        )
+        if key not in self._items:
+            self._items[key] = prepare_data(config, resolve_device(config.device), self.data_root, False)
+            while len(self._items) > self.size:
+                self._items.popitem(last=False)
+        self._items.move_to_end(key)
+        return self._items[key]
+
+
+# ----------------------------------------------------------------------------------------------------
+# The objective
+
+
+class Objective:
+    def __init__(
+        self, plan: specs.Plan, device: str, data: DataCache, on_epoch_progress: Callable | None = None
+    ):
+        self.plan, self.device, self.data = plan, device, data
+        self.progress = on_epoch_progress
+        self.announce: Callable[[int, str, int], None] | None = None
+        self.cells = [c.label for c in plan.cells]
+
+    def __call__(self, trial: Trial) -> float:
+        trial.set_user_attr("worker", {"host": socket.gethostname(), "pid": os.getpid()})
+        role, label, overrides, seed, match, group = self._choose(trial)
+        for key, value in (
+            (ROLE, role),
+            (CELL, label),
+            (SEED, seed),
+            ("match", match),
+            ("group", group),
+            ("overrides", overrides),
+        ):
+            trial.set_user_attr(key, value)
+        if self.announce is not None:
+            self.announce(trial.number, label, seed)
+        try:
+            config = self.plan.config(overrides, seed, self.device)
+            trial.set_user_attr("config", config.to_dict())
+            result = self._train(trial, config, role)
+        except optuna.TrialPruned:
+            raise
+        except FFablateError as exc:
+            # Divergence (NaN) and configuration clashes would happen again on a rerun: record and move on.
+            trial.set_user_attr(FAIL_REASON, f"{type(exc).__name__}: {exc}")
+            trial.set_user_attr(PERMANENT, True)
+            raise
+        metrics = {
+            "test_accuracy": result.test_accuracy,
+            "per_layer_accuracy": result.per_layer_accuracy,
+            "train_seconds": result.train_seconds,
+            "images_per_second": result.images_per_second,
+            "peak_memory_bytes": result.peak_memory_bytes,
+        }
+        trial.set_user_attr("metrics", metrics)
+        # A one-epoch trial skips the per-epoch evaluation; its final accuracy is its one-point curve.
+        history = result.history or [{"epoch": config.epochs - 1, "test_accuracy": result.test_accuracy}]
+        trial.set_user_attr("history", history)
+        trial.set_user_attr("kernel_backend", result.kernel_backend)
+        trial.set_user_attr("versions", result.versions)
+        return result.test_accuracy
+
+    def _choose(self, trial: Trial) -> tuple[str, str, dict[str, Any], int, str, str]:
+        attrs = trial.user_attrs
+        if attrs.get(ROLE) == "baseline":  # an enqueued baseline (TPE studies)
+            cell = self.plan.cell(attrs[CELL])
+            return "baseline", cell.label, cell.overrides, int(attrs[SEED]), cell.match, cell.group
+        if self.plan.spec.sampler == "grid":
+            cell = self.plan.cell(trial.suggest_categorical("cell", self.cells))
+            seed = int(trial.suggest_categorical("seed", self.plan.budget.seeds))
+            return cell.role, cell.label, cell.overrides, seed, cell.match, cell.group
+        return self._sample(trial)
+
+    def _sample(self, trial: Trial) -> tuple[str, str, dict[str, Any], int, str, str]:
+        """A TPE trial: the categorical axes, the spec's numeric space, then the chosen plugins' spaces."""
+        from ffablate.plugins import registry
+
+        plan = self.plan
+        cells = [c for c in plan.cells if c.role == "ff"]
+        overrides: dict[str, Any] = dict(cells[0].overrides)
+        axes = plan.spec.groups[0].axes
+        for key, values in axes.items():
+            overrides[key] = trial.suggest_categorical(key, values)
+        for key, dist in plan.spec.space.items():
+            overrides[key] = suggest(trial, key, dist)
+        for kind in plan.spec.space_plugins:
+            name = overrides.get(kind) or plan.base.get(kind) or getattr(RunConfig(), kind)
+            for param, dist in registry().get(kind, name).space.items():
+                overrides[f"{kind}.{param}"] = suggest(trial, f"{kind}:{name}.{param}", dist)
+        sampled = " ".join(
+            f"{k}={_short(v)}"
+            for k, v in overrides.items()
+            if k in trial.params
+            or any(
+                p.startswith(f"{k.split('.')[0]}:") and p.endswith(f".{k.split('.', 1)[-1]}")
+                for p in trial.params
+            )
+        )
+        label = f"#{trial.number} {sampled}".strip()
+        return "ff", label, overrides, plan.budget.seeds[0], cells[0].match, cells[0].group
+
+    def _train(self, trial: Trial, config: RunConfig, role: str) -> Any:
+        from ffablate.train import run
+
+        def on_epoch(epoch: int, record: dict[str, float]) -> None:
+            # Baselines report nothing: their accuracy must not move the median FF trials are pruned against.
+            if role != "ff":
+                return
+            trial.report(record["test_accuracy"], epoch)
+            if trial.should_prune():
+                trial.set_user_attr("history_at_prune", [record])
+                raise optuna.TrialPruned(
+                    f"pruned at epoch {epoch} with accuracy {record['test_accuracy']:.4f}"
+                )
+
+        data = self.data.get(config)
+        # One epoch has no curve to prune on: skipping the per-epoch evaluation saves a test pass per trial.
+        epoch_hook = on_epoch if config.epochs > 1 else None
+        return run(config, data=data, progress=self.progress, on_epoch=epoch_hook)
+
+
+def _short(value: Any) -> str:
+    return f"{value:.3g}" if isinstance(value, float) else str(value)
+
+
+def suggest(trial: Trial, name: str, dist: dict[str, Any]) -> Any:
+    if dist["type"] == "categorical":
+        return trial.suggest_categorical(name, dist["choices"])
+    if dist["type"] == "int":
+        return trial.suggest_int(name, dist["low"], dist["high"], log=dist.get("log", False))
+    return trial.suggest_float(name, dist["low"], dist["high"], log=dist.get("log", False))
+
+
+def make_pruner(spec: specs.Spec) -> optuna.pruners.BasePruner:
+    p = spec.pruner
+    if p.get("type", "none") == "none":
+        return optuna.pruners.NopPruner()
+    return optuna.pruners.MedianPruner(
+        n_startup_trials=p.get("n_startup_trials", 5), n_warmup_steps=p.get("n_warmup_steps", 0)
+    )
+
+
+# ----------------------------------------------------------------------------------------------------
+# Creating / resuming and running
+
+
+def available_datasets(data_root: str | None) -> Callable[[str], bool]:
+    from ffablate.data import list_datasets
+
+    rows = {r["name"]: r["available"] for r in list_datasets(data_root)}
+    return lambda name: rows.get(name, False)
+
+
+def open_study(plan: specs.Plan, storage: optuna.storages.BaseStorage, name: str) -> optuna.Study:
+    spec = plan.spec
+    sampler = (
+        ResumableGridSampler([c.label for c in plan.cells], plan.budget.seeds)
+        if spec.sampler == "grid"
+        else TPESampler(seed=0, n_startup_trials=max(2, plan.budget.n_trials // 4))
+    )
+    study = optuna.create_study(
+        storage=storage,
+        study_name=name,
+        direction="maximize",
+        sampler=sampler,
+        pruner=make_pruner(spec),
+        load_if_exists=True,
+    )
+    attrs = study.user_attrs
+    fingerprint = plan.fingerprint()
+    if "fingerprint" in attrs and attrs["fingerprint"] != fingerprint:
+        raise FFablateError(
+            f"study {name!r} in this storage was made from a different spec or budget; rerun with "
+            f"--study-name NEW to start a fresh one (or restore the spec it was made from)"
+        )
+    if "fingerprint" not in attrs:
+        meta = {
+            "ffablate_spec": spec.name,
+            "question": spec.question,
+            "analysis": spec.analysis,
+            "sampler": spec.sampler,
+            "budget": plan.budget.name,
+            "seeds": plan.budget.seeds,
+            "base": plan.base,
+            "baseline_methods": spec.baseline_methods,
+            "notes": plan.notes,
+            "axes": {k: v for g in spec.groups for k, v in g.axes.items()},
+            "groups": [g.label for g in spec.groups],
+            "cells": [c.label for c in plan.cells],
+            "spec_path": str(spec.path),
+            "fingerprint": fingerprint,
+        }
+        for key, value in meta.items():
+            study.set_user_attr(key, value)
+    return study
+
+
+def enqueue_baselines(study: optuna.Study, plan: specs.Plan) -> int:
+    """Under TPE, baselines are enqueued fixed trials; enqueue those not done, running or already waiting."""
+    have = {
+        point_of(t)
+        for t in study.get_trials(deepcopy=False)
+        if is_done(t) or t.state in (TrialState.RUNNING, TrialState.WAITING)
+    }
+    added = 0
+    for seed in plan.budget.seeds:
+        for cell in plan.cells:
+            if cell.role == "baseline" and (cell.label, seed) not in have:
+                study.enqueue_trial({}, user_attrs={ROLE: "baseline", CELL: cell.label, SEED: seed})
+                added += 1
+    return added
+
+
+def remaining(study: optuna.Study, plan: specs.Plan) -> int:
+    """How many trials this study still needs to finish its grid (or its TPE budget)."""
+    trials = study.get_trials(deepcopy=False)
+    if plan.spec.sampler == "grid":
+        done = {point_of(t) for t in trials if is_done(t)}
+        return sum((c.label, s) not in done for c in plan.cells for s in plan.budget.seeds)
+    waiting = sum(t.state == TrialState.WAITING for t in trials)
+    ff_done = sum(is_done(t) and t.user_attrs.get(ROLE) == "ff" for t in trials)
+    return waiting + max(0, plan.budget.n_trials - ff_done)
+
+
+@contextmanager
+def _quiet_optuna() -> Iterator[None]:
+    """Optuna logs each caught failure with a traceback; the study prints its own one-line reasons."""
+    level = optuna.logging.get_verbosity()
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            yield
+    finally:
+        optuna.logging.set_verbosity(level)
+
+
+def run_study(
+    plan: specs.Plan,
+    *,
+    storage_url: str | None = None,
+    study_name: str | None = None,
+    n_trials: int | None = None,
+    timeout: float | None = None,
+    device: str = "cpu",
+    data_root: str | None = None,
+    progress: Any = None,
+    log: Callable[[str], None] = lambda message: None,
+) -> StudyRun:
+    """Create or resume the study and run what is left (at most ``n_trials`` trials / ``timeout`` seconds).
+
+    ``progress`` is an optional object with ``trial_started(label, seed)``, ``steps(done, total, info)`` and
+    ``trial_finished(state, value)`` methods (the CLI's rich bars).
+    """
+    from ffablate.train.common import resolve_device
+
+    resolve_device(device)
+    storage = storage_for(storage_url)
+    name = study_name or default_study_name(plan.spec, plan.budget.name)
+    with _quiet_optuna():
+        study = open_study(plan, storage, name)
+        stale = fail_dead_trials(study)
+        if stale:
+            log(
+                f"marked {len(stale)} trial(s) of a dead process as failed (stale); their points run again: "
+                f"{', '.join(map(str, stale))}"
+            )
+        if plan.spec.sampler == "tpe":
+            enqueue_baselines(study, plan)
+        todo = remaining(study, plan)
+        limit = todo if n_trials is None else min(n_trials, todo)
+        before = len(study.trials)
+        if limit > 0:
+            objective = Objective(
+                plan, device, DataCache(data_root), progress.steps if progress is not None else None
+            )
+            callbacks = [lambda s, t: _log_failure(t, log)]
+            if progress is not None:
+                progress.start(limit)
+                objective.announce = progress.trial_started
+                callbacks.append(lambda s, t: progress.trial_finished(t))
+            start = time.perf_counter()
+            study.optimize(
+                objective,
+                n_trials=limit,
+                timeout=timeout,
+                catch=(FFablateError,),
+                callbacks=callbacks,
+                gc_after_trial=False,
+            )
+            study.set_user_attr(f"wall_seconds_{before}", time.perf_counter() - start)
+    return StudyRun(study, plan, storage_url or DEFAULT_STORAGE, len(study.trials) - before, todo - limit)
+
+
+def _log_failure(trial: FrozenTrial, log: Callable[[str], None]) -> None:
+    if trial.state == TrialState.FAIL:
+        reason = trial.user_attrs.get(FAIL_REASON, "see the trial's attributes")
+        log(
+            f"trial {trial.number} ({trial.user_attrs.get(CELL, '?')}, "
+            f"seed {trial.user_attrs.get(SEED, '?')}) "
+            f"failed: {reason}"
+        )
+
+
+def load_study(storage_url: str | None, name: str) -> optuna.Study:
+    """An existing study, read-only in spirit: nothing is run. ``name`` may omit the budget suffix."""
+    storage = storage_for(storage_url)
+    names = [s.study_name for s in optuna.get_all_study_summaries(storage, include_best_trial=False)]
+    if name not in names:
+        matches = [n for n in names if n.startswith(f"{name}-")]
+        preferred = [n for n in matches if n == f"{name}-quick"]
+        if len(matches) == 1 or preferred:
+            name = (preferred or matches)[0]
+        else:
+            known = ", ".join(names) or "none"
+            hint = f"; several match: {', '.join(matches)}" if matches else ""
+            raise FFablateError(
+                f"no study {name!r} in {storage_url or DEFAULT_STORAGE}{hint}; studies there: {known}"
+            )
+    with _quiet_optuna():
+        return optuna.load_study(study_name=name, storage=storage)
+
+
+class StudyProgress:
+    """Two rich bars: trials of this run, and the steps of the trial in flight."""
+
+    def __init__(self, console: Any, enabled: bool = True):
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        columns = (
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            TextColumn("{task.fields[info]}"),
+        )
+        self.bar = Progress(*columns, console=console, transient=True, disable=not enabled)
+        self.trials = self.steps_task = None
+
+    def __enter__(self) -> StudyProgress:
+        self.bar.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.bar.__exit__(*exc)
+
+    def start(self, total: int) -> None:
+        self.trials = self.bar.add_task("trials", total=total, info="")
+        self.steps_task = self.bar.add_task("  steps", total=None, info="")
+
+    def trial_started(self, number: int, label: str, seed: int) -> None:
+        self.bar.update(
+            self.steps_task, completed=0, total=None, description=f"  #{number} {label} s{seed}"[:60]
+        )
+
+    def steps(self, done: int, total: int, info: dict[str, float]) -> None:
+        self.bar.update(
+            self.steps_task,
+            completed=done,
+            total=total,
+            info=" ".join(f"{k} {v:.3g}" for k, v in info.items()),
+        )
+
+    def trial_finished(self, trial: FrozenTrial) -> None:
+        value = f"last {trial.value:.4f}" if trial.value is not None else f"last {trial.state.name.lower()}"
+        self.bar.update(self.trials, advance=1, info=value)

@@ -1,0 +1,115 @@
+#!/usr/bin/env bash
+# GPU check for ffablate on an offline CUDA machine: build the extension against the torch there, run the
+# op tests (CUDA and CPU), run the CUDA kernel benchmark. Every section runs under its own timeout and
+# the script keeps going when one fails; each section's rc and wall time land in $OUT/summary.json.
+#
+#   scripts/device-check.sh OUT_DIR
+#
+# Files written (few on purpose: the device runner returns at most 8):
+#   device-check.log    all section logs, one after another
+#   junit_ops.xml       pytest results of tests/test_ops.py
+#   bench_kernels.json  ffablate.bench.kernel_bench("cuda") rows
+#   summary.json        {"sections": [{"name", "rc", "seconds"}], ...}
+# Budget: about 6 minutes in all (build ~1-2 min on 16 cores, tests ~1 min, bench ~2 min).
+set -u
+
+OUT=${1:?usage: scripts/device-check.sh OUT_DIR}
+mkdir -p "$OUT"
+OUT=$(cd "$OUT" && pwd)
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda}
+export MAX_JOBS=${MAX_JOBS:-8}
+LOG="$OUT/device-check.log"
+: >"$LOG"
+SECTIONS=()
+
+# run_section NAME TIMEOUT_S CMD...: runs CMD with its output appended to the log, records rc and time.
+run_section() {
+    local name=$1 limit=$2
+    shift 2
+    local t0 t1 rc
+    t0=$(date +%s.%N)
+    printf '\n===== %s (limit %ss): %s\n' "$name" "$limit" "$*" >>"$LOG"
+    timeout --kill-after=15 "$limit" "$@" >>"$LOG" 2>&1
+    rc=$?
+    t1=$(date +%s.%N)
+    local secs
+    secs=$(awk -v a="$t0" -v b="$t1" 'BEGIN{printf "%.1f", b-a}')
+    printf '===== %s: rc=%s in %ss\n' "$name" "$rc" "$secs" >>"$LOG"
+    printf '%-10s rc=%-4s %7ss\n' "$name" "$rc" "$secs"
+    SECTIONS+=("$name $rc $secs")
+    return 0
+}
+
+run_section env 60 bash -c "nvidia-smi; nvcc --version; $PY - <<'EOF'
+import sys, torch
+print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda,
+      'device', torch.cuda.get_device_name(0) if torch.cuda.is_available() else None)
+import ffablate.bench, ffablate.ops  # noqa: F401  (must not need optuna)
+assert 'optuna' not in sys.modules, 'ffablate.ops/bench imported optuna'
+EOF"
+
+# In-place build: ffablate/_C*.so next to ops.py, exactly what an editable install produces.
+run_section build 420 env FFABLATE_BUILD=cuda "$PY" setup.py build_ext --inplace
+
+run_section tests 240 "$PY" -m pytest tests/test_ops.py -q -rs -p no:cacheprovider
+
+
+run_section bench 300 "$PY" - "$OUT/bench_kernels.json" <<'EOF'
+import json, sys
+from rich.console import Console
+from ffablate import ops
+from ffablate.bench import kernel_bench, render_table
+assert ops.backend() == "fused", ops.backend()
+rows = kernel_bench("cuda", dtypes=["float32", "bfloat16", "float16"])
+with open(sys.argv[1], "w") as f:
+    json.dump(rows, f, indent=1)
+Console(width=200).print(render_table(rows))
+EOF
+
+# FF (fused and reference kernels) and BP-DeepSup on the full Fashion-MNIST carried in .data/ (the same seed,
+# backbone and epochs): accuracy, images/s and peak memory on the GPU, and the fused/reference step-time ratio.
+run_section train 300 "$PY" - "$OUT/train_gpu.json" <<'EOF'
+import json, os, sys
+from ffablate.config import RunConfig
+from ffablate.train import run
+rows = []
+for method, kernels in [("ff", "fused"), ("ff", "reference"), ("bp-deepsup", "fused")]:
+    os.environ["FFABLATE_KERNELS"] = kernels
+    config = RunConfig().with_updates({"method": method, "device": "cuda", "epochs": 3})
+    r = run(config, data_root=".data")
+    row = {"method": method, "kernels": r.kernel_backend, "test_accuracy": r.test_accuracy,
+           "per_layer_accuracy": r.per_layer_accuracy, "train_seconds": r.train_seconds,
+           "images_per_second": r.images_per_second, "peak_memory_bytes": r.peak_memory_bytes,
+           "config": r.config, "versions": r.versions}
+    rows.append(row)
+    print(json.dumps({k: v for k, v in row.items() if k != "config"}), flush=True)
+with open(sys.argv[1], "w") as f:
+    json.dump(rows, f, indent=1)
+EOF
+
+run_section loader 120 "$PY" -m pytest tests/test_data.py -q -rs -p no:cacheprovider -m cuda
+
+run_section audit 200 bash scripts/device-audit.sh "$OUT/audit"
+
+"$PY" - "$OUT/summary.json" "${SECTIONS[@]}" <<'EOF'
+import json, sys
+path, *secs = sys.argv[1:]
+rows = [dict(zip(("name", "rc", "seconds"), s.split())) for s in secs]
+for r in rows:
+    r["rc"], r["seconds"] = int(r["rc"]), float(r["seconds"])
+with open(path, "w") as f:
+    json.dump({"sections": rows, "ok": all(r["rc"] == 0 for r in rows)}, f, indent=1)
+print("\nsection    rc     seconds")
+for r in rows:
+    print(f"{r['name']:<10} {r['rc']:<6} {r['seconds']:>7.1f}")
+bench = path.replace("summary.json", "bench_kernels.json")
+try:
+    for b in json.load(open(bench)):
+        print(f"{b['name']:<7} {b['dtype']:<9} fused {b['fused_ms']:.3f} ms  {b['pct_of_copy']:.0f}% of copy  "
+              f"x{b['speedup_vs_eager']:.2f} eager  x{(b['speedup_vs_compiled'] or 0):.2f} compiled  "
+              f"err {b['max_abs_err']:.1e}")
+except (OSError, ValueError, KeyError) as exc:
+    print("no bench rows:", exc)
+EOF

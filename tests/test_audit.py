@@ -1,0 +1,87 @@
+"""The systems audit in a smoke configuration: tiny images, shallow nets, two steps, one worker per row."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+from pathlib import Path
+
+import pytest
+
+from ffablate import audit
+from ffablate.cli import main
+
+SMOKE = {"batch": 8, "micro_batch": 4, "width": 12, "classes": 4, "steps": 2, "warmup": 1}
+SMOKE_ARGS = ["--resolution", "16", "--batch", "8", "--micro-batch", "4", "--width", "12", "--classes", "4",
+              "--steps", "2"]
+
+
+METHODS = ["ff", "bp", "bp-ga", "bp-ckpt"]
+
+
+@pytest.fixture(scope="module")
+def cli_rows(tmp_path_factory) -> tuple[list[dict], Path]:
+    """One CLI smoke run shared by the tests below: every worker costs a fresh interpreter (a few seconds)."""
+    plots = tmp_path_factory.mktemp("plots")
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        code = main(["audit", "--methods", ",".join(METHODS), "--depths", "2", *SMOKE_ARGS, "--json",
+                     "--plot-dir", str(plots)])
+    assert code == 0
+    return json.loads(out.getvalue()), plots
+
+
+def test_cli_json_smoke_gives_one_ok_row_per_method(cli_rows):
+    rows, plots = cli_rows
+    assert [r["method"] for r in rows] == METHODS
+    for row in rows:
+        assert set(audit.ROW_FIELDS) <= set(row)
+        assert row["status"] == "ok", row
+        assert row["peak_memory_bytes"] >= row["activation_memory_bytes"] > 0
+        assert row["param_state_bytes"] > 0 and row["images_per_second"] > 0
+    assert {r["micro_batch"] for r in rows if r["method"] == "bp-ga"} == {4}
+    assert (plots / "audit_memory.png").stat().st_size > 0
+    assert (plots / "audit_throughput.png").stat().st_size > 0
+
+
+def test_bp_memory_grows_with_depth_and_over_cap_is_a_row(cli_rows):
+    shallow = next(r for r in cli_rows[0] if r["method"] == "bp")
+    # Blocks after the two downsampling ones have 1/16 of the stem's area: it takes depth to outgrow the
+    # stem's backward, which sets BP's peak in shallow nets.
+    deep_spec = audit.plan(["bp"], [16], [16], **SMOKE)[0]
+    capped_spec = audit.plan(["bp"], [2], [16], memory_cap_bytes=1024, **SMOKE)[0]
+    deep, capped = audit.run_audit([deep_spec, capped_spec])
+    assert deep["status"] == "ok"
+    assert deep["activation_memory_bytes"] > shallow["activation_memory_bytes"]
+    assert deep["peak_memory_bytes"] > shallow["peak_memory_bytes"]
+    # A tiny cap: a status row with the measured peak, no exception and no throughput.
+    assert capped["status"] == "over-cap"
+    assert capped["peak_memory_bytes"] == pytest.approx(shallow["peak_memory_bytes"], rel=0.01)
+    assert capped["images_per_second"] is None
+
+
+def test_bad_methods_value_exits_2_with_one_line(capsys):
+    assert main(["audit", "--methods", "ff,backprop"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "backprop" in err and "bp-ga" in err
+
+
+def test_backbone_downsamples_twice_then_keeps_resolution():
+    assert audit.backbone_updates(4, 32) == {"channels": "32,32,32,32", "strides": "2,2,1,1"}
+
+
+def test_summary_ratios_compare_ff_to_the_leanest_bp():
+    def row(method, depth, peak, act, ips):
+        return {"method": method, "depth": depth, "resolution": 32, "peak_memory_bytes": peak,
+                "activation_memory_bytes": act, "images_per_second": ips, "status": "ok"}
+
+    rows = [row("ff", 4, 50, 40, 90), row("bp", 4, 200, 190, 120), row("bp-ga", 4, 100, 90, 100),
+            row("ff", 8, 50, 41, 90), row("bp", 8, 300, 290, 120), row("bp-ga", 8, 150, 140, 100)]
+    summary = audit.summarize(rows)
+    ratio = next(s for s in summary if s["kind"] == "ratio" and s["depth"] == 4)
+    assert ratio["best_bp"] == "bp-ga"
+    assert ratio["memory_ratio"] == pytest.approx(0.5)
+    assert ratio["throughput_ratio_vs_bp_ga"] == pytest.approx(0.9)
+    growth = {s["method"]: s["activation_growth"] for s in summary if s["kind"] == "depth-growth"}
+    assert growth["ff"] == pytest.approx(41 / 40) and growth["bp"] == pytest.approx(290 / 190)

@@ -1,0 +1,345 @@
+"""ffablate.ops: the fused goodness_norm kernels against their pure-PyTorch reference twin."""
+
+from __future__ import annotations
+
+import itertools
+import random
+import warnings
+
+import pytest
+import torch
+
+from ffablate import ops
+from ffablate.bench import kernel_bench, render_table
+
+OUTS = ("sumsq", "sumabs", "out", "readout")
+HAS_CUDA = (
+    ops.extension_available() and bool(getattr(ops._C, "WITH_CUDA", False)) and torch.cuda.is_available()
+)
+cuda_only = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device and a CUDA build of ffablate._C")
+
+
+@pytest.fixture(autouse=True)
+def _default_backend(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("FFABLATE_KERNELS", raising=False)
+    monkeypatch.delenv("FFABLATE_CUDA_SINGLE_PASS", raising=False)
+
+
+def _random_shapes(seed: int, count: int, big: bool = False) -> list[tuple[int, ...]]:
+    rng = random.Random(seed)
+    shapes: list[tuple[int, ...]] = [(0, 5), (0, 3, 2, 2), (1, 1), (3, 1, 1, 1), (2, 4096), (2, 4097)]
+    for _ in range(count):
+        if rng.random() < 0.4:
+            shapes.append((rng.randint(1, 6), rng.randint(1, 9000 if big else 700)))
+        else:
+            hw = rng.choice([1, 2, 3, 7, 8, 28, 33, 64] + ([65, 70] if big else []))
+            shapes.append((rng.randint(1, 5), rng.randint(1, 40), hw, rng.choice([1, hw, 5])))
+    return shapes
+
+
+def _make(shape: tuple[int, ...], dtype: torch.dtype, device: str, seed: int) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    return (torch.randn(shape, generator=gen, dtype=torch.float64) * 2 + 0.3).to(device, dtype)
+
+
+def _fwd_bwd(fn, h: torch.Tensor, which: tuple[bool, ...], seed: int):  # noqa: ANN001, ANN202
+    """Outputs of fn(h) and dh for a loss over the selected outputs (unselected get no gradient)."""
+    h = h.detach().clone().requires_grad_()
+    res = fn(h)
+    gen = torch.Generator().manual_seed(seed)
+    loss = h.new_zeros((), dtype=torch.float64)
+    for used, t in zip(which, res, strict=True):
+        if used and t.numel():
+            w = torch.randn(t.shape, generator=gen, dtype=torch.float64).to(t.device)
+            loss = loss + (t.double() * w).sum()
+    if not loss.requires_grad:
+        return res, torch.zeros_like(h)
+    (dh,) = torch.autograd.grad(loss, h)
+    return [t.detach() for t in res], dh
+
+
+def _check_against_reference(h: torch.Tensor, seed: int, atol: float, rtol: float, subsets: int = 2) -> None:
+    # fp16/bf16 are judged against the reference evaluated on the same values in fp32.
+    ref_h = h.float() if h.dtype in (torch.float16, torch.bfloat16) else h
+    which_all = list(itertools.product([True, False], repeat=4))
+    for which in [which_all[0], *random.Random(seed).sample(which_all[1:], subsets)]:
+        got, dh = _fwd_bwd(ops.goodness_norm, h, which, seed)
+        want, dh_ref = _fwd_bwd(ops.reference_goodness_norm, ref_h, which, seed)
+        for name, a, b in zip(OUTS, got, want, strict=True):
+            assert a.shape == b.shape, (name, h.shape)
+            torch.testing.assert_close(
+                a.double(), b.double(), atol=atol, rtol=rtol, msg=lambda m, n=name: f"{n} {h.shape}: {m}"
+            )
+        torch.testing.assert_close(
+            dh.double(),
+            dh_ref.double(),
+            atol=atol,
+            rtol=rtol,
+            msg=lambda m, w=which: f"dh {h.shape} {w}: {m}",
+        )
+
+
+def test_extension_is_built_and_used(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The whole comparison suite is meaningless if goodness_norm silently ran the reference.
+    assert ops.extension_available(), "ffablate._C is not built: run `pip install -e . --no-build-isolation`"
+    assert ops.backend() == "fused"
+
+    def boom(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        raise AssertionError("reference called although the fused op supports this input")
+
+    monkeypatch.setattr(ops, "reference_goodness_norm", boom)
+    for shape in [(3, 17), (2, 3, 4, 4)]:
+        for dtype in (torch.float32, torch.float64):
+            ops.goodness_norm(torch.randn(shape, dtype=dtype))
+
+
+def test_output_contract() -> None:
+    h = torch.randn(4, 3, 5, 5)
+    sq, sa, out, ro = ops.goodness_norm(h)
+    assert sq.shape == sa.shape == (4,) and out.shape == h.shape and ro.shape == (4, 3)
+    h2 = torch.randn(4, 10, dtype=torch.float64)
+    sq, sa, out, ro = ops.goodness_norm(h2)
+    assert ro is out and sq.dtype == torch.float64
+    raw = torch.ops.ffablate.goodness_norm.default(h2, 1e-6)
+    assert raw[3].shape == (4, 0)
+    assert ops.goodness_norm(torch.randn(2, 5, dtype=torch.bfloat16))[0].dtype == torch.float32
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_cpu_matches_reference_random_shapes(dtype: torch.dtype) -> None:
+    tol = 1e-5 if dtype == torch.float32 else 1e-10
+    for i, shape in enumerate(_random_shapes(seed=1, count=30)):
+        _check_against_reference(_make(shape, dtype, "cpu", i), seed=i, atol=tol, rtol=tol)
+
+
+def test_cpu_large_streaming_path() -> None:
+    # > 16 MB of output switches the CPU kernel to streaming stores.
+    h = _make((16, 64, 64, 64), torch.float32, "cpu", 0)
+    _check_against_reference(h, seed=0, atol=1e-5, rtol=1e-5, subsets=0)
+
+
+def test_non_contiguous_inputs() -> None:
+    base = _make((3, 8, 6, 5), torch.float32, "cpu", 3)
+    for h in (
+        base.transpose(2, 3),
+        base.to(memory_format=torch.channels_last),
+        base[:, ::2],
+        base.flatten(1)[:, ::3],
+    ):
+        assert not h.is_contiguous()
+        _check_against_reference(h, seed=5, atol=1e-5, rtol=1e-5)
+    # Non-contiguous incoming gradients as well.
+    h = base.clone().requires_grad_()
+    g_out = torch.randn(3, 8, 5, 6).transpose(2, 3)
+    (dh,) = torch.autograd.grad(ops.goodness_norm(h)[2], h, g_out)
+    (dh_ref,) = torch.autograd.grad(ops.reference_goodness_norm(h)[2], h, g_out)
+    torch.testing.assert_close(dh, dh_ref)
+
+
+@pytest.mark.parametrize("shape", [(3, 7), (2, 3, 4, 5), (2, 2, 1, 1), (1, 40)])
+def test_gradcheck_fp64(shape: tuple[int, ...]) -> None:
+    h = _make(shape, torch.float64, "cpu", 11).requires_grad_()
+    assert torch.autograd.gradcheck(lambda x: ops.goodness_norm(x, 1e-3), (h,))
+    # Each output alone, so the kernel's "gradient absent" branches are checked too.
+    for k in range(4):
+        assert torch.autograd.gradcheck(lambda x, k=k: ops.goodness_norm(x, 1e-3)[k], (h,))
+
+
+def test_opcheck() -> None:
+    for shape in [(3, 9), (2, 3, 4, 4)]:
+        h = _make(shape, torch.float32, "cpu", 2)
+        torch.library.opcheck(torch.ops.ffablate.goodness_norm.default, (h.requires_grad_(), 1e-6))
+        h = h.detach()
+        n = h.shape[0]
+        sq = h.flatten(1).square().sum(1)
+        c = h.shape[1] if h.dim() == 4 else 0
+        full = (torch.randn(n), torch.randn(n), torch.randn_like(h), torch.randn(n, c), h, sq, 1e-6)
+        torch.library.opcheck(torch.ops.ffablate.goodness_norm_backward.default, full)
+        torch.library.opcheck(
+            torch.ops.ffablate.goodness_norm_backward.default, (None, torch.randn(n), None, None, h, sq, 1e-6)
+        )
+
+
+def test_torch_compile_fullgraph() -> None:
+    def step(h: torch.Tensor) -> torch.Tensor:
+        sq, sa, out, ro = ops.goodness_norm(h)
+        return torch.nn.functional.softplus(sq - 2.0).mean() + sa.mean() * 1e-3 + (ro * ro).sum() + out.sum()
+
+    compiled = torch.compile(step, fullgraph=True)
+    h = _make((4, 3, 5, 5), torch.float32, "cpu", 9).requires_grad_()
+    (g_c,) = torch.autograd.grad(compiled(h), h)
+    (g_e,) = torch.autograd.grad(step(h), h)
+    torch.testing.assert_close(g_c, g_e)
+
+
+BAD_FORWARD = [
+    (lambda: torch.randn(2, 3, 4), "2-D"),
+    (lambda: torch.randn(2, 3, 4, 5, 6), "2-D"),
+    (lambda: torch.ones(2, 3, dtype=torch.int64), "floating"),
+    (lambda: torch.randn(2, 3, dtype=torch.float16), "float32 and float64"),
+    (lambda: torch.randn(2, 0), "at least one element"),
+]
+
+
+@pytest.mark.parametrize(("make", "msg"), BAD_FORWARD)
+def test_bad_forward_inputs_raise(make, msg: str) -> None:  # noqa: ANN001
+    with pytest.raises(RuntimeError, match=msg):
+        torch.ops.ffablate.goodness_norm.default(make(), 1e-6)
+
+
+def test_bad_eps_and_wrapper_errors() -> None:
+    with pytest.raises(RuntimeError, match="eps"):
+        torch.ops.ffablate.goodness_norm.default(torch.randn(2, 3), -1.0)
+    with pytest.raises(RuntimeError, match="2-D"):
+        ops.goodness_norm(torch.randn(3))
+    with pytest.raises(RuntimeError, match="floating"):
+        ops.goodness_norm(torch.ones(2, 3, dtype=torch.int32))
+
+
+def test_bad_backward_inputs_raise() -> None:
+    h = torch.randn(2, 3, 4, 4)
+    sq = h.flatten(1).square().sum(1)
+    bwd = torch.ops.ffablate.goodness_norm_backward.default
+    cases = [
+        ((torch.randn(3), None, None, None, h, sq, 1e-6), "grad_sumsq has shape"),
+        ((None, torch.randn(2, 1), None, None, h, sq, 1e-6), "grad_sumabs has shape"),
+        ((None, None, torch.randn(2, 3, 4, 5), None, h, sq, 1e-6), "grad_out has shape"),
+        ((None, None, None, torch.randn(2, 4), h, sq, 1e-6), "grad_readout has shape"),
+        ((None, None, None, None, h, torch.randn(3), 1e-6), "sumsq has shape"),
+        ((None, None, torch.ones(2, 3, 4, 4, dtype=torch.int32), None, h, sq, 1e-6), "floating"),
+        ((None, None, None, None, torch.randn(2, 3, 4), sq, 1e-6), "2-D"),
+    ]
+    for args, msg in cases:
+        with pytest.raises(RuntimeError, match=msg):
+            bwd(*args)
+
+
+def test_reference_backend_is_honoured(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = []
+    real = ops.reference_goodness_norm
+
+    def spy(h: torch.Tensor, eps: float = 1e-6):  # noqa: ANN202
+        calls.append(h.shape)
+        return real(h, eps)
+
+    monkeypatch.setattr(ops, "reference_goodness_norm", spy)
+    monkeypatch.setenv("FFABLATE_KERNELS", "reference")
+    assert ops.backend() == "reference"
+    ops.goodness_norm(torch.randn(2, 3))
+    assert calls == [(2, 3)]
+    monkeypatch.setenv("FFABLATE_KERNELS", "fused")
+    ops.goodness_norm(torch.randn(2, 3))
+    assert calls == [(2, 3)]
+    monkeypatch.setenv("FFABLATE_KERNELS", "bogus")
+    with pytest.raises(ValueError, match="FFABLATE_KERNELS"):
+        ops.backend()
+
+
+def test_missing_extension_falls_back_with_one_warning(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(ops, "_EXT_ERROR", "simulated: no module named ffablate._C")
+    monkeypatch.setattr(ops, "_warned", False)
+    with pytest.warns(RuntimeWarning, match="reference"):
+        assert ops.backend() == "reference"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        h = torch.randn(2, 3, 4, 4)
+        torch.testing.assert_close(ops.goodness_norm(h)[2], ops.reference_goodness_norm(h)[2])
+    monkeypatch.setenv("FFABLATE_KERNELS", "fused")
+    with pytest.raises(RuntimeError, match="FFABLATE_KERNELS=fused"):
+        ops.backend()
+
+
+def test_unsupported_dtype_falls_back_silently() -> None:
+    h = _make((3, 4, 5, 5), torch.bfloat16, "cpu", 4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        got = ops.goodness_norm(h)
+    for a, b in zip(got, ops.reference_goodness_norm(h), strict=True):
+        torch.testing.assert_close(a, b)
+
+
+def test_kernel_bench_quick() -> None:
+    rows = kernel_bench(
+        "cpu", quick=True, shapes=[("conv", (8, 4, 6, 6)), ("mlp", (8, 64))], compile_reference=False
+    )
+    assert [r["name"] for r in rows] == ["conv", "mlp"]
+    for r in rows:
+        assert r["backend"] == "fused"
+        assert r["max_abs_err"] < 1e-4
+        assert r["fused_ms"] > 0 and r["copy_gbps"] > 0 and r["compiled_ms"] is None
+        for key in ("shape", "dtype", "device", "eager_ms", "fused_gbps", "speedup_vs_eager", "pct_of_copy"):
+            assert key in r
+    assert render_table(rows).row_count == 2
+
+
+# ----------------------------------------------------------------------------------------------- CUDA
+
+
+@pytest.mark.cuda
+@cuda_only
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("single_pass", ["1", "0"])
+def test_cuda_matches_reference(
+    dtype: torch.dtype, single_pass: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("FFABLATE_CUDA_SINGLE_PASS", single_pass)
+    tol = {torch.float32: 2e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2}[dtype]
+    for i, shape in enumerate(
+        _random_shapes(seed=7, count=30, big=True) + [(3, 2, 100, 100), (2, 5, 3, 3000)]
+    ):
+        _check_against_reference(_make(shape, dtype, "cuda", i), seed=i, atol=tol, rtol=tol)
+
+
+@pytest.mark.cuda
+@cuda_only
+def test_cuda_deterministic_and_paths_agree(monkeypatch: pytest.MonkeyPatch) -> None:
+    h = _make((16, 64, 28, 28), torch.float32, "cuda", 1)
+    runs = []
+    for single_pass in ("1", "1", "0"):
+        monkeypatch.setenv("FFABLATE_CUDA_SINGLE_PASS", single_pass)
+        runs.append(_fwd_bwd(ops.goodness_norm, h, (True, True, True, True), seed=3))
+    for res, dh in runs[1:]:
+        for a, b in zip(res, runs[0][0], strict=True):
+            assert torch.equal(a, b)
+        assert torch.equal(dh, runs[0][1])
+
+
+@pytest.mark.cuda
+@cuda_only
+def test_cuda_huge_sample_uses_two_pass_fallback() -> None:
+    # One sample with more chunks than can be resident at once: must not deadlock, must be right.
+    h = _make((2, 4_000_000), torch.float32, "cuda", 2)
+    _check_against_reference(h, seed=2, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.cuda
+@cuda_only
+def test_cuda_opcheck_compile_and_errors() -> None:
+    h = _make((3, 4, 5, 5), torch.bfloat16, "cuda", 4)
+    torch.library.opcheck(torch.ops.ffablate.goodness_norm.default, (h, 1e-6))
+    sq = h.float().flatten(1).square().sum(1)
+    args = (
+        torch.randn(3, device="cuda"),
+        None,
+        torch.randn_like(h),
+        torch.randn(3, 4, device="cuda", dtype=h.dtype),
+    )
+    torch.library.opcheck(torch.ops.ffablate.goodness_norm_backward.default, (*args, h, sq, 1e-6))
+    compiled = torch.compile(lambda x: ops.goodness_norm(x)[0].sum(), fullgraph=True)
+    hr = h.float().requires_grad_()
+    (g,) = torch.autograd.grad(compiled(hr), hr)
+    torch.testing.assert_close(g, 2 * hr.detach())
+    with pytest.raises(RuntimeError, match="float32, float16 and bfloat16"):
+        torch.ops.ffablate.goodness_norm.default(h.double(), 1e-6)
+    with pytest.raises(RuntimeError):
+        torch.ops.ffablate.goodness_norm_backward.default(
+            None, None, torch.randn(3, 4, 5, 5), None, h, sq, 1e-6
+        )
+
+
+@pytest.mark.cuda
+@cuda_only
+def test_cuda_bench_quick() -> None:
+    rows = kernel_bench("cuda", quick=True, shapes=[("conv", (32, 16, 28, 28))], compile_reference=False)
+    assert {r["dtype"] for r in rows} == {"float32", "bfloat16"}
+    assert all(r["backend"] == "fused" and r["max_abs_err"] < 5e-2 for r in rows)

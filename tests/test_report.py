@@ -1,0 +1,208 @@
+"""Reports from storages filled with hand-made trials: every plot kind, the numbers in report.md, the answers.
+
+No training runs here: trials are created with known accuracies so the expected means and gaps are exact.
+"""
+
+from __future__ import annotations
+
+import json
+
+import optuna
+import pytest
+from optuna.distributions import CategoricalDistribution
+from optuna.trial import TrialState, create_trial
+
+from ffablate import results
+from ffablate.cli import main
+from ffablate.report import write_report
+
+
+def make_study(url: str, name: str, meta: dict, trials: list[dict]) -> optuna.Study:
+    """``trials``: dicts with cell, role, overrides, seed, value (None = failed), optional group/history."""
+    study = optuna.create_study(storage=url, study_name=name, direction="maximize")
+    for key, value in {
+        "baseline_methods": ["bp-deepsup"],
+        "sampler": "grid",
+        "budget": "quick",
+        "ffablate_spec": name,
+        **meta,
+    }.items():
+        study.set_user_attr(key, value)
+    for t in trials:
+        match = {k: v for k, v in t["overrides"].items() if k in ("dataset", "classes", "labels")}
+        attrs = {
+            "cell": t["cell"],
+            "role": t["role"],
+            "seed": t["seed"],
+            "group": t.get("group", ""),
+            "overrides": {**t["overrides"], "method": "bp-deepsup" if t["role"] == "baseline" else "ff"},
+            "match": json.dumps(match, sort_keys=True),
+            "history": t.get("history", [{"epoch": 0, "loss": 1.0, "test_accuracy": t["value"] or 0.1}]),
+            "metrics": {
+                "test_accuracy": t["value"],
+                "train_seconds": 1.0,
+                "images_per_second": 100.0,
+                "peak_memory_bytes": 2**20,
+            },
+        }
+        params = {"cell": t["cell"], "seed": t["seed"]}
+        dists = {
+            "cell": CategoricalDistribution(sorted({x["cell"] for x in trials})),
+            "seed": CategoricalDistribution([0, 1, 2]),
+        }
+        if t["value"] is None:
+            attrs.update(fail_reason="TrainingDiverged: loss became nan", fail_permanent=True)
+            frozen = create_trial(state=TrialState.FAIL, params=params, distributions=dists, user_attrs=attrs)
+        else:
+            frozen = create_trial(value=t["value"], params=params, distributions=dists, user_attrs=attrs)
+        study.add_trial(frozen)
+    return study
+
+
+@pytest.fixture
+def url(tmp_path):
+    return f"sqlite:///{tmp_path / 'r.db'}"
+
+
+def test_two_axis_ablation_report_holds_the_numbers(tmp_path, url):
+    axes = {"temperature": ["constant", "cosine"], "norm": ["decoupled", "none"]}
+    trials = []
+    accs = {
+        ("constant", "decoupled"): [0.80, 0.82],
+        ("constant", "none"): [0.70, 0.72],
+        ("cosine", "decoupled"): [0.84, 0.86],
+        ("cosine", "none"): [0.60, 0.62],
+    }
+    for (temp, norm), values in accs.items():
+        for seed, v in enumerate(values):
+            trials.append(
+                {
+                    "cell": f"temperature={temp} norm={norm}",
+                    "role": "ff",
+                    "seed": seed,
+                    "value": v,
+                    "overrides": {"temperature": temp, "norm": norm},
+                }
+            )
+    trials += [
+        {"cell": "bp-deepsup", "role": "baseline", "seed": s, "value": v, "overrides": {}}
+        for s, v in enumerate([0.90, 0.92])
+    ]
+    trials.append(
+        {
+            "cell": "temperature=cosine norm=none",
+            "role": "ff",
+            "seed": 2,
+            "value": None,
+            "overrides": {"temperature": "cosine", "norm": "none"},
+        }
+    )
+    study = make_study(
+        url, "tvn-quick", {"analysis": "ablation", "axes": axes, "question": "Which is best?"}, trials
+    )
+    report = write_report(study, tmp_path / "out")
+    text = report.read_text()
+    assert "**Question.** Which is best?" in text
+    assert "temperature=cosine norm=decoupled at 85.0 ± " in text  # the best, computed
+    assert "| temperature=cosine norm=decoupled | 2 | 85.0 ± 12.7 | -6.0 ± " in text
+    assert "TrainingDiverged" in text and "1 failed" in text
+    assert "the norm axis moves mean accuracy most" in text
+    for png in ("heatmap.png", "learning_curves.png", "importance.png"):
+        assert (tmp_path / "out" / png).stat().st_size > 1000, png
+    assert "Evaluator:" in text
+
+
+def test_k_sweep_report_draws_both_gap_curves_and_states_the_trend(tmp_path, url):
+    trials = []
+    for group, dataset, gaps in (
+        ("synthetic", "teacher-student", {2: 0.01, 10: 0.03, 100: 0.08}),
+        ("fashion-mnist", "fashion-mnist", {2: -0.01, 10: -0.05}),
+    ):
+        for k, gap in gaps.items():
+            over = {"dataset": dataset, "classes": k}
+            for seed in (0, 1):
+                bp = 0.7 + 0.01 * seed
+                trials.append(
+                    {
+                        "cell": f"{group} classes={k}",
+                        "role": "ff",
+                        "group": group,
+                        "seed": seed,
+                        "value": bp + gap,
+                        "overrides": over,
+                    }
+                )
+                trials.append(
+                    {
+                        "cell": f"bp-deepsup {group} classes={k}",
+                        "role": "baseline",
+                        "group": group,
+                        "seed": seed,
+                        "value": bp,
+                        "overrides": over,
+                    }
+                )
+    study = make_study(
+        url,
+        "k-sweep-quick",
+        {"analysis": "k-sweep", "axes": {"classes": [2, 10, 100]}, "question": "Gap vs K?"},
+        trials,
+    )
+    text = write_report(study, tmp_path / "out").read_text()
+    assert (tmp_path / "out" / "k_sweep_gap.png").stat().st_size > 1000
+    answer = results.answer(results.summarize(study))
+    assert "synthetic: FF−BP gap +1.0" in answer and "+8.0" in answer and "widens with K" in answer
+    assert "fashion-mnist: FF−BP gap -1.0" in answer and "FF behind" in answer
+    assert answer in text
+
+
+def test_label_hierarchy_report_has_coarse_vs_fine_bars_and_notes(tmp_path, url):
+    trials = []
+    for labels, ff, bp in (("fine", 0.70, 0.80), ("coarse", 0.90, 0.92)):
+        over = {"dataset": "fashion-mnist", "labels": labels}
+        for seed in (0, 1):
+            trials.append(
+                {
+                    "cell": f"fashion-mnist labels={labels}",
+                    "role": "ff",
+                    "group": "fashion-mnist",
+                    "seed": seed,
+                    "value": ff + 0.01 * seed,
+                    "overrides": over,
+                }
+            )
+            trials.append(
+                {
+                    "cell": f"bp-deepsup fashion-mnist labels={labels}",
+                    "role": "baseline",
+                    "group": "fashion-mnist",
+                    "seed": seed,
+                    "value": bp + 0.01 * seed,
+                    "overrides": over,
+                }
+            )
+    note = "skipped cifar100: dataset 'cifar100' is not available here"
+    study = make_study(
+        url,
+        "label-hierarchy-quick",
+        {"analysis": "label-hierarchy", "notes": [note], "axes": {"labels": ["fine", "coarse"]}},
+        trials,
+    )
+    text = write_report(study, tmp_path / "out").read_text()
+    assert (tmp_path / "out" / "coarse_vs_fine.png").stat().st_size > 1000
+    assert "fine labels -10.0 ± 3.0 pp" in text and "coarse labels -2.0 ± 3.0 pp" in text
+    assert note in text
+
+
+def test_report_cli_finds_the_study_and_fails_in_one_line_when_missing(tmp_path, url, capsys):
+    make_study(
+        url,
+        "fusion-quick",
+        {"analysis": "ablation", "axes": {"fusion": ["last", "sum"]}},
+        [{"cell": "fusion=last", "role": "ff", "seed": 0, "value": 0.5, "overrides": {"fusion": "last"}}],
+    )
+    assert main(["report", "fusion", "--storage", url, "--out", str(tmp_path / "o")]) == 0
+    assert (tmp_path / "o" / "report.md").exists()
+    assert main(["report", "nothing-here", "--storage", url]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "fusion-quick" in err

@@ -1,0 +1,299 @@
+"""Studies end to end on tiny data with a real SQLite Optuna storage: trials, baselines, resumption."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+from optuna.trial import TrialState
+
+from ffablate import spec as specs
+from ffablate import study as studies
+from ffablate.cli import main
+from ffablate.stats import _t_quantile_series, mean_ci, t_quantile, welch_ci
+
+ROOT = Path(__file__).resolve().parent.parent
+
+TINY_BUDGET = """
+[budgets.smoke]
+limit_train = 300
+limit_test = 300
+epochs = 1
+batch_size = 50
+channels = "10,10"
+strides = "2,2"
+seeds = {seeds}
+[budgets.quick]
+epochs = 1
+[budgets.full]
+epochs = 1
+"""
+
+
+def write_spec(tmp_path: Path, body: str, seeds: int = 2, name: str = "tiny") -> Path:
+    path = tmp_path / f"{name}.toml"
+    path.write_text(body + TINY_BUDGET.format(seeds=seeds))
+    return path
+
+
+GRID = """
+question = "Does the temperature schedule matter on a tiny Fashion-MNIST subset?"
+[base]
+dataset = "fashion-mnist"
+[axes]
+temperature = ["constant", "cosine"]
+"""
+
+
+def storage_url(tmp_path: Path) -> str:
+    return f"sqlite:///{tmp_path / 'studies.db'}"
+
+
+def trials_of(url: str, name: str) -> list[optuna.trial.FrozenTrial]:
+    return optuna.load_study(study_name=name, storage=url).get_trials(deepcopy=False)
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    """One smoke study run to completion through the CLI: 2 FF configurations + 1 baseline, 2 seeds each."""
+    tmp_path = tmp_path_factory.mktemp("study")
+    path = write_spec(tmp_path, GRID)
+    url = storage_url(tmp_path)
+    rc = main(["study", str(path), "--budget", "smoke", "--storage", url])
+    assert rc == 0
+    return tmp_path, url, "tiny-smoke"
+
+
+def test_smoke_study_runs_every_grid_point_and_baseline_once(finished):
+    _, url, name = finished
+    trials = trials_of(url, name)
+    points = [studies.point_of(t) for t in trials]
+    assert len(points) == len(set(points)) == 6  # (2 FF + 1 BP) x 2 seeds
+    assert all(t.state == TrialState.COMPLETE for t in trials)
+    roles = sorted(t.user_attrs["role"] for t in trials)
+    assert roles == ["baseline"] * 2 + ["ff"] * 4
+    t = trials[0]
+    for key in ("config", "seed", "metrics", "history", "kernel_backend", "versions"):
+        assert key in t.user_attrs
+    for key in (
+        "test_accuracy",
+        "per_layer_accuracy",
+        "train_seconds",
+        "images_per_second",
+        "peak_memory_bytes",
+    ):
+        assert key in t.user_attrs["metrics"]
+    assert t.user_attrs["config"]["seed"] == t.user_attrs["seed"]
+    assert all(
+        t.user_attrs["config"]["method"] == "bp-deepsup" for t in trials if t.user_attrs["role"] == "baseline"
+    )
+
+
+def test_rerunning_a_finished_study_runs_nothing(finished, capsys):
+    tmp_path, url, name = finished
+    before = [(t.number, t.value) for t in trials_of(url, name)]
+    assert main(["study", str(tmp_path / "tiny.toml"), "--budget", "smoke", "--storage", url, "--json"]) == 0
+    assert [(t.number, t.value) for t in trials_of(url, name)] == before
+    out = json.loads(capsys.readouterr().out)
+    rows = {r["label"]: r for r in out["rows"]}
+    assert rows["temperature=constant"]["n"] == 2
+    assert (
+        rows["temperature=constant"]["gap_ci95"] == rows["temperature=constant"]["gap_ci95"]
+    )  # a number, not nan
+
+
+def test_report_from_existing_storage_runs_no_training(finished, monkeypatch):
+    tmp_path, url, name = finished
+    import ffablate.train
+
+    monkeypatch.setattr(ffablate.train, "run", lambda *a, **k: pytest.fail("report must not train"))
+    before = len(trials_of(url, name))
+    out = tmp_path / "report"
+    assert main(["report", "tiny", "--storage", url, "--out", str(out)]) == 0  # "tiny" finds tiny-smoke
+    assert len(trials_of(url, name)) == before
+    text = (out / "report.md").read_text()
+    assert "Does the temperature schedule matter" in text and "**Answer.**" in text
+    for png in ("heatmap.png", "learning_curves.png"):
+        assert not (out / png).exists() or (out / png).stat().st_size > 0
+    assert (out / "learning_curves.png").stat().st_size > 1000
+    # the table holds the numbers the storage holds
+    study = optuna.load_study(study_name=name, storage=url)
+    accs = [t.value for t in study.trials if t.user_attrs["cell"] == "temperature=cosine"]
+    assert f"{100 * sum(accs) / len(accs):.1f} ± " in text
+    assert "bp-deepsup" in text
+
+
+def test_nan_trial_is_recorded_failed_and_the_study_goes_on(tmp_path):
+    path = write_spec(
+        tmp_path,
+        """
+question = "Does a huge learning rate diverge?"
+[base]
+dataset = "fashion-mnist"
+[axes]
+lr = [1e30, 0.002]
+[baseline]
+match = []
+""",
+        seeds=1,
+    )
+    url = storage_url(tmp_path)
+    assert main(["study", str(path), "--budget", "smoke", "--storage", url]) == 0
+    trials = trials_of(url, "tiny-smoke")
+    failed = [t for t in trials if t.state == TrialState.FAIL]
+    assert len(failed) == 1 and failed[0].user_attrs["overrides"]["lr"] == 1e30
+    assert "TrainingDiverged" in failed[0].user_attrs["fail_reason"]
+    assert sum(t.state == TrialState.COMPLETE for t in trials) == 2  # the other lr and the baseline
+    # a diverged point is done: rerunning does not try it again
+    assert main(["study", str(path), "--budget", "smoke", "--storage", url]) == 0
+    assert len(trials_of(url, "tiny-smoke")) == 3
+
+
+def test_killed_study_resumes_without_losing_or_repeating_trials(tmp_path):
+    path = write_spec(tmp_path, GRID.replace('["constant", "cosine"]', '["constant", "cosine", "linear"]'))
+    url = storage_url(tmp_path)
+    cmd = [sys.executable, "-m", "ffablate.cli", "study", str(path), "--budget", "smoke", "--storage", url]
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(ROOT),
+        "FFABLATE_KERNELS": os.environ.get("FFABLATE_KERNELS", "reference"),
+    }
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline, completed = time.time() + 90, []
+    try:
+        while time.time() < deadline:
+            time.sleep(0.3)
+            try:
+                trials = trials_of(url, "tiny-smoke")
+            except Exception:  # the study does not exist yet
+                continue
+            completed = [t for t in trials if t.state == TrialState.COMPLETE]
+            if completed and any(t.state == TrialState.RUNNING and "cell" in t.user_attrs for t in trials):
+                break
+        assert completed, "no trial completed before the deadline"
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    kept = {
+        t.number: (studies.point_of(t), t.value)
+        for t in trials_of(url, "tiny-smoke")
+        if t.state == TrialState.COMPLETE
+    }
+    assert any(t.state == TrialState.RUNNING for t in trials_of(url, "tiny-smoke"))
+
+    assert main(["study", str(path), "--budget", "smoke", "--storage", url]) == 0
+    trials = trials_of(url, "tiny-smoke")
+    for number, (point, value) in kept.items():  # completed trials kept as they were
+        assert studies.point_of(trials[number]) == point and trials[number].value == value
+    complete = [studies.point_of(t) for t in trials if t.state == TrialState.COMPLETE]
+    assert len(complete) == len(set(complete)) == 8  # (3 FF + 1 BP) x 2 seeds, none twice
+    stale = [t for t in trials if t.state == TrialState.FAIL]
+    assert stale and all(t.user_attrs["fail_reason"].startswith("stale") for t in stale)
+    assert not any(t.state == TrialState.RUNNING for t in trials)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Spec validation: one line, the key path, exit 2
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        (GRID.replace("[base]", '[base]\nepochs = "two"'), "base.epochs must be an int"),
+        (GRID + '[pruner]\ntype = "hyperband"\n', "pruner.type must be one of median, none"),
+        (
+            GRID.replace('["constant", "cosine"]', '["constant", "warm"]'),
+            "axes.temperature names no temperature plugin",
+        ),
+        (GRID.replace("question", "questoin"), "questoin is not a known key"),
+        (
+            GRID.replace('dataset = "fashion-mnist"', 'dataset = "imagenet-9000"'),
+            "base.dataset names no dataset",
+        ),
+        (GRID + '[baseline]\nmethods = ["sgd"]\n', "baseline.methods[0] must be one of"),
+    ],
+)
+def test_spec_errors_name_the_key_path(tmp_path, capsys, body, message):
+    path = write_spec(tmp_path, body)
+    assert main(["study", str(path), "--budget", "smoke", "--storage", storage_url(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    assert f"{path}: " in err and message in err
+
+
+def test_budget_value_of_the_wrong_type(tmp_path, capsys):
+    path = tmp_path / "bad.toml"
+    path.write_text(
+        GRID
+        + TINY_BUDGET.format(seeds=1).replace("[budgets.quick]\nepochs = 1", "[budgets.quick]\nepochs = 1.5")
+    )
+    assert main(["study", str(path), "--storage", storage_url(tmp_path)]) == 2
+    assert "budgets.quick.epochs must be an int" in capsys.readouterr().err
+
+
+def test_unknown_study_name_lists_the_known_ones(capsys):
+    assert main(["study", "no-such-study"]) == 2
+    err = capsys.readouterr().err
+    assert "temperature-vs-norm" in err and len(err.strip().splitlines()) == 1
+
+
+def test_changed_spec_refuses_to_mix_into_an_old_study(finished, capsys):
+    tmp_path, url, _ = finished
+    changed = write_spec(
+        tmp_path, GRID.replace('["constant", "cosine"]', '["constant", "linear"]'), name="tiny2"
+    )
+    assert (
+        main(["study", str(changed), "--budget", "smoke", "--storage", url, "--study-name", "tiny-smoke"])
+        == 2
+    )
+    assert "different spec" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", specs.available_names())
+def test_every_shipped_spec_resolves_at_every_budget(name):
+    spec = specs.load(name)
+    for budget in specs.BUDGETS:
+        plan = spec.plan(budget)
+        assert plan.cells and plan.budget.seeds
+        assert any(c.role == "baseline" for c in plan.cells)
+
+
+def test_temperature_vs_norm_is_the_full_grid_with_a_baseline():
+    plan = specs.load("temperature-vs-norm").plan("quick")
+    ff = [c for c in plan.cells if c.role == "ff"]
+    assert len(ff) == 20 and [c.label for c in plan.cells if c.role == "baseline"] == ["bp-deepsup"]
+    assert len(plan.budget.seeds) >= 2
+
+
+def test_missing_dataset_is_skipped_with_a_note():
+    plan = specs.load("label-hierarchy").plan("quick", available=lambda name: name != "cifar100")
+    assert any("cifar100" in note for note in plan.notes)
+    assert all(c.overrides.get("dataset") != "cifar100" for c in plan.cells)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Statistics
+
+
+def test_t_interval_matches_scipy_and_the_fallback_is_close():
+    pytest.importorskip("scipy")
+    for df in (1, 2, 3, 4.5, 9, 30):
+        assert abs(_t_quantile_series(0.975, df) - t_quantile(0.975, df)) < 2e-3 * t_quantile(0.975, df)
+    est = mean_ci([0.80, 0.82, 0.84])
+    assert est.mean == pytest.approx(0.82) and est.half_width == pytest.approx(
+        4.302653 * 0.02 / 3**0.5, rel=1e-5
+    )
+
+
+def test_welch_interval_and_degenerate_cases():
+    diff = welch_ci([0.9, 0.92, 0.94], [0.8, 0.8, 0.86])
+    assert diff.mean == pytest.approx(0.1) and diff.excludes_zero() is False or diff.half_width > 0
+    assert not mean_ci([0.5]).has_ci and not welch_ci([0.5], [0.4, 0.6]).has_ci
+    assert welch_ci([0.5, 0.5], [0.4, 0.4]).half_width == 0
