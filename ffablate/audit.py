@@ -493,7 +493,7 @@ def plot(rows: list[dict[str, Any]], out_dir: str | Path, prefix: str = "audit")
                     ax.plot(xs, ys, marker="o", label=method)
             ax.set(title=f"{res}x{res}", xlabel="depth (blocks)", ylabel=label)
             ax.grid(alpha=0.3)
-            ax.legend()
+            ax.legend(fontsize="small")
         fig.tight_layout()
         path = out / f"{prefix}_{name}.png"
         fig.savefig(path, dpi=120)

@@ -22,11 +22,11 @@ class RunConfig:
     limit_train: int = 0  # 0 = the whole training split
     limit_test: int = 0  # 0 = the whole test split, else a fixed stratified subset (quick study budgets)
     backbone: str = "cnn"  # "cnn" (conv blocks) or "mlp" (Hinton's fully connected setting)
-    channels: str = "64,128,256"  # per-block widths; its length is the depth
-    strides: str = "1,2,2"  # per-block: 2 downsamples with a max-pool after the conv
-    epochs: int = 8
+    channels: str = "32,64,128"  # per-block widths; its length is the depth
+    strides: str = "2,2,2"  # per-block: 2 downsamples with a max-pool after the conv
+    epochs: int = 16
     batch_size: int = 128
-    lr: float = 2e-3
+    lr: float = 3e-3
     weight_decay: float = 0.0
     seed: int = 0
     device: str = "cpu"
@@ -36,10 +36,10 @@ class RunConfig:
     micro_batch: int = 32  # bp-ga: micro-batch size accumulated up to batch_size
     goodness: str = "classwise"
     temperature: str = "constant"
-    norm: str = "decoupled"
+    norm: str = "coupled-bn"
     loss: str = "classwise-ce"
     negatives: str = "none"
-    fusion: str = "readout"
+    fusion: str = "last"
     plugin_params: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     @property

@@ -51,7 +51,8 @@ def resolve_device(name: str) -> torch.device:
         raise ConfigError("--device cuda: no CUDA device is visible here; use --device cpu")
     if name not in ("cpu", "cuda"):
         raise ConfigError(f"unknown device {name!r}; use cpu or cuda")
-    return torch.device(name)
+    # An indexed device: some CUDA calls (e.g. set_per_process_memory_fraction) refuse a bare "cuda".
+    return torch.device("cuda", torch.cuda.current_device()) if name == "cuda" else torch.device(name)
 
 
 def seed_everything(seed: int) -> None:
