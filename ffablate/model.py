@@ -10,6 +10,7 @@ from torch import Tensor, nn
 
 from ffablate.config import RunConfig
 from ffablate.paths import NormPaths
+from ffablate.plugins import Registry, registry
 
 NormFactory = Callable[[int], nn.Module]
 
@@ -64,3 +65,13 @@ class Backbone(nn.Module):
             features.append(paths.readout)
             x = paths.forward
         return features
+
+
+def build_backbone(config: RunConfig, in_shape: tuple[int, int, int], plugins: Registry | None = None) -> Backbone:
+    """The backbone of ``config`` with its norm plugin after every block: the one constructor FF and BP share."""
+    reg = plugins or registry()
+
+    def make_norm(width: int) -> nn.Module:
+        return reg.create("norm", config.norm, config.params_of("norm"), num_features=width)
+
+    return Backbone(config, in_shape, make_norm)

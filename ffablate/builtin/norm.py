@@ -33,6 +33,7 @@ class CoupledBatchNorm(nn.Module):
 
     def __init__(self, num_features: int, momentum: float = 0.1):
         super().__init__()
+        # The factory is not told whether the block is conv or dense; the layer matching h's rank is used.
         self.bn2d = nn.BatchNorm2d(num_features, affine=False, momentum=momentum)
         self.bn1d = nn.BatchNorm1d(num_features, affine=False, momentum=momentum)
 

@@ -16,8 +16,8 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from ffablate.config import RunConfig
-from ffablate.model import Backbone
-from ffablate.plugins import Registry, registry
+from ffablate.model import build_backbone
+from ffablate.plugins import Registry
 from ffablate.train import common
 
 
@@ -25,10 +25,7 @@ class BPNet(nn.Module):
     def __init__(self, config: RunConfig, in_shape: tuple[int, int, int], num_classes: int,
                  plugins: Registry | None = None):
         super().__init__()
-        reg = plugins or registry()
-        self.backbone = Backbone(
-            config, in_shape, lambda width: reg.create("norm", config.norm, config.params_of("norm"), num_features=width)
-        )
+        self.backbone = build_backbone(config, in_shape, plugins)
         dims = self.backbone.feature_dims
         self.deep_supervision = config.method != "bp"
         self.heads = nn.ModuleList(nn.Linear(d, num_classes) for d in (dims if self.deep_supervision else dims[-1:]))

@@ -12,7 +12,7 @@ from torch import Tensor, nn
 
 from ffablate.config import RunConfig
 from ffablate.errors import ConfigError
-from ffablate.model import Backbone
+from ffablate.model import build_backbone
 from ffablate.plugins import Registry, registry
 from ffablate.train import common
 
@@ -25,9 +25,7 @@ class FFNet(nn.Module):
         super().__init__()
         reg = plugins or registry()
         self.num_classes, self.threshold = num_classes, config.threshold
-        self.backbone = Backbone(
-            config, in_shape, lambda width: reg.create("norm", config.norm, config.params_of("norm"), num_features=width)
-        )
+        self.backbone = build_backbone(config, in_shape, reg)
         depth = len(self.backbone.blocks)
         self.goodness = reg.create("goodness", config.goodness, config.params_of("goodness"))
         self.temperatures = nn.ModuleList(
