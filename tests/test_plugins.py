@@ -139,3 +139,22 @@ def test_goodness_plugins_agree_with_their_definitions():
     per_class = reg.create("goodness", "classwise")(paths, 5)
     assert per_class.shape == (4, 5)
     assert torch.allclose(per_class[:, 1], h[:, 2:4].square().mean((1, 2, 3)))
+
+
+def test_losses_agree_with_their_definitions():
+    reg = registry()
+    g_pos, g_neg, t, theta = torch.tensor([0.0, 1.0, 3.0]), torch.tensor([0.5, 2.0, 4.0]), torch.tensor(2.0), 2.0
+    softplus = torch.nn.functional.softplus
+    expected = (softplus(-(g_pos - theta) / t) + softplus((g_neg - theta) / t)).mean()
+    torch.testing.assert_close(reg.create("loss", "softplus-threshold")(g_pos, g_neg, None, theta, t), expected)
+    torch.testing.assert_close(reg.create("loss", "symba", {"alpha": 3.0})(g_pos, g_neg, None, theta, t),
+                               softplus(-3.0 * (g_pos - g_neg) / t).mean())
+    p_pos = (1 - torch.exp(-g_pos / t)).clamp_min(1e-6)
+    expected_bce = -(p_pos.log().mean() + (-g_neg / t).mean())
+    got = reg.create("loss", "bce")(g_pos, g_neg, None, theta, t)
+    assert torch.isfinite(got)
+    torch.testing.assert_close(got, expected_bce)
+    logits = torch.randn(4, 3)
+    labels = torch.tensor([0, 2, 1, 0])
+    torch.testing.assert_close(reg.create("loss", "classwise-ce")(logits, None, labels, theta, t),
+                               torch.nn.functional.cross_entropy(logits / t, labels))

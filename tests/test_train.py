@@ -73,7 +73,7 @@ def test_bp_only_has_a_head_on_the_last_block(tiny_config):
 
 @pytest.mark.parametrize("method", ["bp", "bp-deepsup", "bp-ga", "bp-ckpt"])
 def test_bp_methods_learn(tiny_config, method):
-    result = run(dataclasses.replace(tiny_config, method=method))
+    result = run(dataclasses.replace(tiny_config, method=method, micro_batch=10))
     assert result.test_accuracy > 0.3
     assert result.images_per_second > 0 and result.peak_memory_bytes > 0
 
@@ -84,8 +84,10 @@ def test_bp_methods_learn(tiny_config, method):
         {"goodness": "meansq", "negatives": "random-label", "loss": "softplus-threshold", "fusion": "sum"},
         {"goodness": "l1", "negatives": "hardest-label", "loss": "symba", "fusion": "learned-weights",
          "temperature": "learned"},
-        {"goodness": "sumsq", "negatives": "random-label", "loss": "bce", "fusion": "sum-from-k", "norm": "none",
-         "temperature": "cosine"},
+        {"goodness": "sumsq", "negatives": "random-label", "loss": "bce", "fusion": "sum-from-k",
+         "norm": "decoupled", "temperature": "cosine"},
+        {"goodness": "meansq", "negatives": "random-label", "loss": "softplus-threshold", "fusion": "sum",
+         "norm": "none"},
         {"goodness": "logsumexp", "negatives": "random-label", "loss": "softplus-threshold", "fusion": "readout",
          "norm": "coupled-bn", "temperature": "linear"},
         {"norm": "coupled-ln", "temperature": "adaptive", "fusion": "last", "backbone": "mlp"},

@@ -47,7 +47,7 @@ class BCE:
     def __call__(self, g_pos, g_neg, labels, threshold, temperature) -> Tensor:
         g_neg = _needs_negatives("bce", g_neg)
         # log(1 - exp(-x)) via log(-expm1(-x)) stays finite for small x.
-        log_p_pos = torch.log(-torch.expm1(-(g_pos.clamp_min(0) / temperature)).clamp_min(self.eps))
+        log_p_pos = torch.log((-torch.expm1(-g_pos.clamp_min(0) / temperature)).clamp_min(self.eps))
         log_p_neg_is_neg = -(g_neg.clamp_min(0) / temperature)
         return -(log_p_pos.mean() + log_p_neg_is_neg.mean())
 
