@@ -1,32 +1,10 @@
 """Dataset resolution, device-resident loading and synthetic data.
 
-INTERFACE (filled in by the data work; other modules rely on exactly these names):
-
-@dataclass
-class ImageDataset:
-    name: str
-    train_x: Tensor  # uint8 (N, C, H, W)
-    train_y: Tensor  # int64 (N,)
-    test_x: Tensor
-    test_y: Tensor
-    num_classes: int
-    class_names: list[str]
-    flips: bool      # horizontal flips preserve labels (False for digits, True for Fashion-MNIST/CIFAR)
-    source: str      # where the bytes came from (path or "generated")
-
-def load_dataset(name: str, *, data_root: str | Path | None = None, download: bool = False,
-                 classes: int = 0, labels: str = "fine", limit_train: int = 0, seed: int = 0) -> ImageDataset
-
-class DeviceLoader:  # iterates (x float32 normalized (B,C,H,W), y int64) on `device`
-    def __init__(self, x_uint8, y, *, batch_size, device, shuffle, seed, augment, flips, mean, std,
-                 drop_last=False)
-    def __iter__(self); def __len__(self)  # number of batches
-    def set_epoch(self, epoch: int)  # reseeds the permutation deterministically: seed + epoch
-
-Also here: ``dataset_stats``, ``list_datasets``, ``default_data_root``, the IDX reader and checksum tables
-used by the MNIST-family loaders, the offline-source table (``OFFLINE_SOURCES``, overridable), label
-hierarchies and the teacher-student generator. The loaders themselves are plugins in
-``ffablate/builtin/datasets.py``.
+``load_dataset`` resolves a name through the dataset plugins (``ffablate/builtin/datasets.py``) and applies the
+options every dataset has (coarse labels, first-K classes, a train limit); ``DeviceLoader`` batches a uint8 dataset
+that lives on the training device, with augmentation there. Also here: ``dataset_stats``, ``list_datasets``,
+``default_data_root``, the IDX reader and checksum tables used by the MNIST-family loaders, the offline-source table
+(``OFFLINE_SOURCES``, overridable), label hierarchies and the teacher-student generator.
 """
 
 from __future__ import annotations
