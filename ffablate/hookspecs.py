@@ -84,8 +84,8 @@ def ffablate_register_negatives(register: Register) -> None:
 
     Factory: ``factory(**params) -> Negatives`` with ``embeds_label: bool``, ``extra_channels: int`` (input
     channels the label embedding adds), ``embed(x, labels, num_classes) -> x'`` (labels may be None for a neutral
-    embedding), and ``wrong_labels(labels, num_classes, scores) -> labels'`` where ``scores`` is (N, K) class
-    scores from the current network, or None.
+    embedding), and ``wrong_labels(labels, num_classes, scores) -> labels'`` where ``scores()`` returns (N, K)
+    class scores of the current network (K no-grad passes: call it only when the strategy needs them).
     """
 
 
