@@ -20,6 +20,11 @@ stdout = Console()
 stderr = Console(stderr=True)
 
 
+def wide_console() -> Console:
+    """stdout, or, when piped to a file or CI log, a console wide enough that tables do not wrap at 80 columns."""
+    return stdout if stdout.is_terminal else Console(width=160)
+
+
 class Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
         # argparse prints the whole usage; one line that points at --help is easier to act on.
@@ -216,8 +221,7 @@ def cmd_study(args: argparse.Namespace) -> int:
         table.add_column(column)
     for row in results.table_rows(summary, top=15):
         table.add_row(*row)
-    # A table piped to a file or CI log would wrap at rich's default 80 columns; give it room.
-    wide = stdout if stdout.is_terminal else Console(width=160)
+    wide = wide_console()
     wide.print(table)
     wide.print(results.answer(summary), markup=False, highlight=False)
     left = study.remaining(done.study, plan)
@@ -256,8 +260,7 @@ def cmd_audit(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(rows))
         return 0
-    # Piped to a file or CI log, rich would wrap at 80 columns; give the tables room.
-    wide = stdout if stdout.is_terminal else Console(width=160)
+    wide = wide_console()
     wide.print(audit.render_table(rows, title=f"ffablate audit on {args.device}"))
     for table in audit.render_summary(audit.summarize(rows)):
         wide.print(table)
