@@ -6,9 +6,13 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from ffablate.cli import main
 from tests.conftest import tiny_args
+
+# Asking for CUDA is a mistake only where there is none; an unknown device is one everywhere.
+BAD_DEVICE = ["train", "--device", "cuda"] if not torch.cuda.is_available() else ["train", "--set", "device=tpu"]
 
 
 def one_line_error(capsys) -> str:
@@ -26,9 +30,7 @@ def one_line_error(capsys) -> str:
         (["train", "--set", "lrr=0.1"], "did you mean 'lr'"),
         (["train", "--set", "epochs=many"], "expected int"),
         (["train", "--set", "temperature.tt=1"], "no parameter 'tt'"),
-        (["train", "--device", "cuda"] if not __import__("torch").cuda.is_available() else ["train", "--set",
-                                                                                           "device=tpu"],
-         "device"),
+        (BAD_DEVICE, "device"),
         (["train", "--set", "goodness=meansq"], "negatives=random-label"),
         (["train", "--method", "rnn"], "invalid choice"),
         (["plugins", "colour"], "unknown plugin kind"),
