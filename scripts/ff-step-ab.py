@@ -5,9 +5,13 @@
 Prints ms per step over 100 steps after 10 warm-up steps; with a second argument, a torch.profiler table.
 Run the two backends alternately several times: single runs on a shared 2-core machine differ by 20%.
 """
-import os, sys, time, torch
+import os
+import sys
+import time
+
 from ffablate.config import RunConfig
 from ffablate.train import build_trainer
+
 os.environ["FFABLATE_KERNELS"] = sys.argv[1]
 t = build_trainer(RunConfig().with_updates({"norm": "decoupled", "limit_train": 12800}))
 batches = list(t.data.train)
