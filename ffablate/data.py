@@ -363,16 +363,19 @@ def stratified_indices(labels: Tensor, n: int, seed: int) -> Tensor:
     return torch.sort(chosen).values
 
 
-def limit_train_split(ds: ImageDataset, n: int, seed: int) -> ImageDataset:
+def limit_split(ds: ImageDataset, split: str, n: int, seed: int) -> ImageDataset:
+    """A seeded, class-stratified subset of ``n`` images of ``split`` ("train" or "test"); 0 keeps them all."""
     if n < 0:
-        raise ConfigError(f"limit_train={n}: give a positive number of training images (0 keeps them all)")
-    if n == 0 or n >= len(ds.train_y):
+        raise ConfigError(f"limit_{split}={n}: give a positive number of {split} images (0 keeps them all)")
+    labels = getattr(ds, f"{split}_y")
+    if n == 0 or n >= len(labels):
         return ds
-    idx = stratified_indices(ds.train_y, n, seed)
-    coarse = {}
-    if ds.coarse_train_y is not None:
-        coarse = {"coarse_train_y": ds.coarse_train_y[idx]}
-    return replace(ds, train_x=ds.train_x[idx], train_y=ds.train_y[idx], **coarse)
+    idx = stratified_indices(labels, n, seed)
+    subset = {f"{split}_x": getattr(ds, f"{split}_x")[idx], f"{split}_y": labels[idx]}
+    coarse = getattr(ds, f"coarse_{split}_y")
+    if coarse is not None:
+        subset[f"coarse_{split}_y"] = coarse[idx]
+    return replace(ds, **subset)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -419,7 +422,7 @@ def load_dataset(
         ds = use_coarse_labels(ds)
     if classes and not makes_own_classes:
         ds = first_classes(ds, classes)
-    return limit_train_split(ds, limit_train, seed)
+    return limit_split(ds, "train", limit_train, seed)
 
 
 def list_datasets(data_root: str | Path | None = None) -> list[dict[str, Any]]:

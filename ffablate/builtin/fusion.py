@@ -89,4 +89,4 @@ def ffablate_register_fusion(register):
     register("sum-from-k", SumFromK, "sum of blocks k.. (DeeperForward)",
              space={"k": {"type": "int", "low": 0, "high": 2}})
     register("learned-weights", LearnedWeights, "softmax-weighted standardized scores, fit on detached scores")
-    register("readout", Readout, "linear probe on detached readout features of all blocks")
+    register("readout", Readout, "linear probe on detached readout features and scores of all blocks")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import platform
 import random
@@ -19,7 +18,7 @@ from torch import nn
 
 from ffablate import __version__, ops
 from ffablate.config import RunConfig
-from ffablate.data import DeviceLoader, ImageDataset, dataset_stats, load_dataset, stratified_indices
+from ffablate.data import DeviceLoader, ImageDataset, dataset_stats, limit_split, load_dataset
 from ffablate.errors import ConfigError, FFablateError
 
 Progress = Callable[[int, int, dict[str, float]], None]
@@ -84,8 +83,9 @@ def prepare_data(config: RunConfig, device: torch.device, data_root: str | None,
         seed=config.seed,
         params=config.params_of("datasets"),
     )
-    if config.limit_test:
-        ds = limit_test_split(ds, config.limit_test)
+    # The test subset's seed is fixed, not the run's: every run of a study, whatever its seed, is scored on the
+    # same images, so FF and BP accuracies stay comparable.
+    ds = limit_split(ds, "test", config.limit_test, seed=0)
     mean, std = dataset_stats(ds)
     common = {"device": device, "mean": mean, "std": std, "flips": ds.flips}
     train = DeviceLoader(ds.train_x, ds.train_y, batch_size=config.batch_size, shuffle=True, seed=config.seed,
@@ -97,18 +97,6 @@ def prepare_data(config: RunConfig, device: torch.device, data_root: str | None,
             f"{len(ds.train_y)} training images make no full batch of {config.batch_size}; lower batch_size"
         )
     return RunData(ds, train, test)
-
-
-def limit_test_split(ds: ImageDataset, n: int) -> ImageDataset:
-    """A stratified subset of ``n`` test images. Its seed is fixed (not the run's seed) so that every run of a
-    study, whatever its seed, is scored on the same images and FF/BP accuracies stay comparable."""
-    if n < 0:
-        raise ConfigError(f"limit_test={n}: give a positive number of test images (0 keeps them all)")
-    if n >= len(ds.test_y):
-        return ds
-    idx = stratified_indices(ds.test_y, n, seed=0)
-    coarse = {} if ds.coarse_test_y is None else {"coarse_test_y": ds.coarse_test_y[idx]}
-    return dataclasses.replace(ds, test_x=ds.test_x[idx], test_y=ds.test_y[idx], **coarse)
 
 
 def make_optimizer(params: Iterator[nn.Parameter] | list[nn.Parameter], config: RunConfig) -> torch.optim.Optimizer:
