@@ -21,6 +21,7 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include <atomic>
 #include <cstdlib>
 
 #include "ops.h"
@@ -334,16 +335,38 @@ bool single_pass_allowed() {
   return env == nullptr || env[0] != '0';
 }
 
+// Resident blocks per SM times SMs, cached per kernel and device: the occupancy query costs several
+// microseconds, as much as a small launch, and its answer never changes.
+template <typename Kernel>
+int64_t resident_blocks(Kernel kernel) {
+  constexpr int kMaxDevices = 64;
+  static std::atomic<int64_t> cache[kMaxDevices];  // zero-initialized: static storage
+  int dev = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&dev));
+  if (dev < kMaxDevices) {
+    const int64_t known = cache[dev].load(std::memory_order_relaxed);
+    if (known > 0) return known;
+  }
+  int per_sm = 0, sms = 0;
+  C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, 0));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
+  const int64_t blocks = static_cast<int64_t>(per_sm) * sms;
+  if (dev < kMaxDevices) cache[dev].store(blocks, std::memory_order_relaxed);
+  return blocks;
+}
+
 // The single-pass rendezvous is deadlock-free only if a whole sample's G blocks can be resident at once.
 template <typename Kernel>
 int pick_mode(Kernel kernel, const Plan& p) {
   if (!single_pass_allowed()) return kStatsOnly;
-  int per_sm = 0;
-  C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, 0));
-  int dev = 0, sms = 0;
-  C10_CUDA_CHECK(cudaGetDevice(&dev));
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
-  return static_cast<int64_t>(p.G) <= static_cast<int64_t>(per_sm) * sms ? kSinglePass : kStatsOnly;
+  return static_cast<int64_t>(p.G) <= resident_blocks(kernel) ? kSinglePass : kStatsOnly;
+}
+
+// Zeroed ticket and arrival counters: a memset node rather than a fill kernel (cheaper to launch).
+at::Tensor zeroed_counters(int64_t n, const at::Tensor& like, cudaStream_t stream) {
+  at::Tensor sync = at::empty({n}, like.options().dtype(at::kInt));
+  C10_CUDA_CHECK(cudaMemsetAsync(sync.data_ptr<int>(), 0, n * sizeof(int), stream));
+  return sync;
 }
 
 void check_cuda_dtype(const at::Tensor& h, const char* op) {
@@ -362,7 +385,7 @@ void launch_forward(const at::Tensor& h, const Plan& p, at::Tensor& sumsq, at::T
   auto kernel = forward_kernel<T, VEC>;
   const int mode = pick_mode(kernel, p);
   at::Tensor sync;
-  if (mode == kSinglePass) sync = at::zeros({p.N + 1}, h.options().dtype(at::kInt));
+  if (mode == kSinglePass) sync = zeroed_counters(p.N + 1, h, stream);
   int* sp = mode == kSinglePass ? sync.data_ptr<int>() : nullptr;
   T* ro = p.readout ? readout.data_ptr<T>() : nullptr;
   const T* x = reinterpret_cast<const T*>(h.const_data_ptr());
@@ -416,7 +439,7 @@ void launch_backward(const BackwardArgs& a, const Plan& p, at::Tensor& dh) {
   const int mode = need_dot ? pick_mode(kernel, p) : kApply;
   at::Tensor ws, sync;
   if (need_dot) ws = at::empty({p.N * p.G}, a.h.options().dtype(at::kFloat));
-  if (mode == kSinglePass) sync = at::zeros({p.N + 1}, a.h.options().dtype(at::kInt));
+  if (mode == kSinglePass) sync = zeroed_counters(p.N + 1, a.h, stream);
   BwdPtrs bp{a.grad_sumsq ? a.grad_sumsq->const_data_ptr<float>() : nullptr,
              a.grad_sumabs ? a.grad_sumabs->const_data_ptr<float>() : nullptr, a.sumsq.const_data_ptr<float>()};
   const T* x = reinterpret_cast<const T*>(a.h.const_data_ptr());

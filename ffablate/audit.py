@@ -40,9 +40,9 @@ FF_NEGATIVES = {
 }
 METHODS: dict[str, tuple[str, dict[str, str], bool]] = {
     "ff": ("ff", {}, False),
-    "ff-ga": ("ff", {}, True),
+    "ff-ga": ("ff-ga", {}, True),
     "ff-neg": ("ff", FF_NEGATIVES, False),
-    "ff-neg-ga": ("ff", FF_NEGATIVES, True),
+    "ff-neg-ga": ("ff-ga", FF_NEGATIVES, True),
     "bp": ("bp", {}, False),
     "bp-deepsup": ("bp-deepsup", {}, False),
     "bp-ga": ("bp-ga", {}, True),
@@ -156,6 +156,7 @@ def build_step(spec: AuditSpec, device) -> tuple[Any, Callable[[], None]]:
     """(trainer, one training step on a fixed device-resident batch)."""
     import torch
 
+    from ffablate.config import FF_METHODS
     from ffablate.train import build_trainer
 
     config = run_config(spec)
@@ -163,11 +164,7 @@ def build_step(spec: AuditSpec, device) -> tuple[Any, Callable[[], None]]:
     gen = torch.Generator().manual_seed(spec.seed)
     x = torch.randn(spec.batch, 3, spec.resolution, spec.resolution, generator=gen).to(device)
     y = (torch.arange(spec.batch) % spec.classes).to(device)
-    if config.method == "ff":
-        if METHODS[spec.method][2]:
-            if not hasattr(trainer, "micro_batch"):
-                raise ConfigError("this FFTrainer has no micro_batch support; ff-ga cannot be measured")
-            trainer.micro_batch = spec.micro_batch
+    if config.method in FF_METHODS:
         depth = trainer.net.depth
 
         def step() -> None:

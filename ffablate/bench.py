@@ -50,30 +50,96 @@ def _step(fn: Step, h: Tensor, grads: Sequence[Tensor]) -> tuple[tuple[Tensor, .
     return outs, dh
 
 
-def _timer(device: torch.device) -> Callable[[Callable[[], Any], int, int], tuple[float, float]]:
-    """(median, min) milliseconds; the min is a guide on hosts shared with other jobs."""
+class _Timer:
+    """Median and min milliseconds of ``fn`` after warm-up.
 
-    def run(fn: Callable[[], Any], warmup: int, repeats: int) -> tuple[float, float]:
+    CPU: wall time per call. CUDA: two clocks. ``device`` is the GPU time of the call's work alone: before each
+    timed call a 256 MB write evicts L2 (every variant starts cold, as the copy does) and a sleep kernel gives
+    the host a head start, so the host has enqueued the whole call before the GPU reaches it and the CUDA
+    events bracket kernel time, not launch overhead. ``call`` is one call issued on an idle GPU and waited for:
+    what a lone eager call costs end to end, host dispatch included. A step that spends more host time than
+    the head start would leak host time into ``device``; ``host_ms`` (the enqueue time of the step) is
+    reported so that can be checked.
+    """
+
+    _HEAD_START_MS = 2.0
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        if device.type == "cuda":
+            self._flush = torch.empty(64 * 2**20, dtype=torch.int32, device=device)
+            self._sleep_cycles = self._calibrate_sleep()
+
+    def _calibrate_sleep(self) -> int:
+        probe = 1_000_000
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        torch.cuda._sleep(probe)  # first launch loads the kernel
+        start.record()
+        torch.cuda._sleep(probe)
+        end.record()
+        end.synchronize()
+        return int(probe * self._HEAD_START_MS / max(start.elapsed_time(end), 1e-3))
+
+    def wall(self, fn: Callable[[], Any], warmup: int, repeats: int) -> tuple[float, float]:
         for _ in range(warmup):
             fn()
         times = []
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-            for _ in range(repeats):
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-                fn()
-                end.record()
-                end.synchronize()
-                times.append(start.elapsed_time(end))
-        else:
-            for _ in range(repeats):
-                t0 = time.perf_counter()
-                fn()
-                times.append((time.perf_counter() - t0) * 1e3)
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
         return statistics.median(times), min(times)
 
-    return run
+    def host(self, fn: Callable[[], Any], repeats: int) -> float:
+        """Median host milliseconds to enqueue ``fn`` on a GPU kept busy (CUDA only)."""
+        times = []
+        for _ in range(repeats):
+            torch.cuda._sleep(self._sleep_cycles)
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+            torch.cuda.synchronize(self.device)
+        return statistics.median(times)
+
+    def device_time(self, fn: Callable[[], Any], warmup: int, repeats: int) -> tuple[float, float]:
+        for _ in range(warmup):
+            fn()
+        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(repeats)]
+        torch.cuda.synchronize(self.device)
+        for start, end in events:
+            self._flush.zero_()
+            torch.cuda._sleep(self._sleep_cycles)
+            start.record()
+            fn()
+            end.record()
+        torch.cuda.synchronize(self.device)
+        times = [start.elapsed_time(end) for start, end in events]
+        return statistics.median(times), min(times)
+
+    def call(self, fn: Callable[[], Any], repeats: int) -> float:
+        """Median milliseconds of one call on an idle GPU, waited for (CUDA events)."""
+        times = []
+        torch.cuda.synchronize(self.device)
+        for _ in range(repeats):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        return statistics.median(times)
+
+    def measure(self, fn: Callable[[], Any], warmup: int, repeats: int) -> dict[str, float | None]:
+        if self.device.type != "cuda":
+            median, low = self.wall(fn, warmup, repeats)
+            return {"ms": median, "min": low, "call_ms": None, "host_ms": None}
+        median, low = self.device_time(fn, warmup, repeats)
+        return {
+            "ms": median,
+            "min": low,
+            "call_ms": self.call(fn, repeats),
+            "host_ms": self.host(fn, max(3, repeats // 5)),
+        }
 
 
 def _minimal_bytes(shape: tuple[int, ...], dtype: torch.dtype) -> int:
@@ -83,9 +149,7 @@ def _minimal_bytes(shape: tuple[int, ...], dtype: torch.dtype) -> int:
     ssize = 4 if dtype in (torch.float16, torch.bfloat16) else esize
     readout = n * shape[1] if len(shape) == 4 else 0
     fwd = el * esize * 2 + readout * esize + 2 * n * ssize  # read h; write out, readout, sumsq, sumabs
-    bwd = (
-        el * esize * 3 + readout * esize + 3 * n * ssize
-    )  # read h, grad_out, grad_readout, 3 stats; write dh
+    bwd = el * esize * 3 + readout * esize + 3 * n * ssize  # read h, grad_out, grad_readout, 3 stats; write dh
     return fwd + bwd
 
 
@@ -102,8 +166,9 @@ def kernel_bench(
     ``quick`` cuts repeats (for tests); ``shapes`` and ``compile_reference`` exist for tests too.
     ``retain_memory`` (default: on for CPU) calls :func:`ffablate.ops.retain_cpu_memory` first, so that
     the page faults of fresh large allocations, paid alike by all three variants, do not drown the
-    kernels; rows say which allocator setting was in force. Times are medians in milliseconds (CUDA
-    events on GPU).
+    kernels; rows say which allocator setting was in force. Times are medians in milliseconds: wall time on
+    CPU; on GPU the device time of the work (see :class:`_Timer`), with the synchronous per-call time and the
+    host enqueue time beside it in ``call_ms`` and ``host_ms``.
     """
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
@@ -118,7 +183,7 @@ def kernel_bench(
         retain_memory = dev.type == "cpu"
     retained = ops.retain_cpu_memory() if retain_memory else ops._retained
     allocator = "glibc-retain" if retained else "default"
-    timer = _timer(dev)
+    timer = _Timer(dev)
     if dev.type == "cuda":
         warmup, repeats = (2, 5) if quick else (10, 50)
     else:
@@ -142,20 +207,20 @@ def kernel_bench(
             def fused(h: Tensor = h, four_d: bool = four_d) -> tuple[Tensor, ...]:
                 return _outputs(ops.goodness_norm(h), four_d)
 
-            eager_ms, eager_min = timer(lambda f=eager, h=h, g=grads: _step(f, h, g), warmup, repeats)
-            compiled_ms = compiled_min = None
+            steps: dict[str, Callable[[], Any]] = {"eager": lambda f=eager, h=h, g=grads: _step(f, h, g)}
             if compiled_ref is not None:
 
                 def comp(h: Tensor = h, four_d: bool = four_d) -> tuple[Tensor, ...]:
                     return _outputs(compiled_ref(h), four_d)
 
-                compiled_ms, compiled_min = timer(
-                    lambda f=comp, h=h, g=grads: _step(f, h, g), warmup, repeats
-                )
-            fused_ms, fused_min = timer(lambda f=fused, h=h, g=grads: _step(f, h, g), warmup, repeats)
+                steps["compiled"] = lambda f=comp, h=h, g=grads: _step(f, h, g)
+            steps["fused"] = lambda f=fused, h=h, g=grads: _step(f, h, g)
             src = h.detach()
             dst = torch.empty_like(src)
-            copy_ms, copy_min = timer(lambda d=dst, s=src: d.copy_(s), warmup, repeats)
+            steps["copy"] = lambda d=dst, s=src: d.copy_(s)
+            t = {k: timer.measure(fn, warmup, repeats) for k, fn in steps.items()}
+            t.setdefault("compiled", {"ms": None, "min": None, "call_ms": None, "host_ms": None})
+            eager_ms, compiled_ms, fused_ms, copy_ms = (t[k]["ms"] for k in ("eager", "compiled", "fused", "copy"))
 
             (r_out, r_dh), (f_out, f_dh) = _step(eager, h, grads), _step(fused, h, grads)
             err_out = (f_out[2].float() - r_out[2].float()).abs().max().item()
@@ -176,12 +241,10 @@ def kernel_bench(
                     "compiled_ms": compiled_ms,
                     "fused_ms": fused_ms,
                     "copy_ms": copy_ms,
-                    "min_ms": {
-                        "eager": eager_min,
-                        "compiled": compiled_min,
-                        "fused": fused_min,
-                        "copy": copy_min,
-                    },
+                    "min_ms": {k: v["min"] for k, v in t.items()},
+                    "call_ms": {k: v["call_ms"] for k, v in t.items()} if dev.type == "cuda" else None,
+                    "host_ms": {k: v["host_ms"] for k, v in t.items()} if dev.type == "cuda" else None,
+                    "timing": "cuda-device" if dev.type == "cuda" else "wall",
                     "bytes": nbytes,
                     "fused_gbps": fused_gbps,
                     "copy_gbps": copy_gbps,
@@ -204,37 +267,33 @@ def render_table(rows: list[dict[str, Any]]):  # -> rich.table.Table (rich is im
     def f(v: Any, fmt: str) -> str:
         return "-" if v is None else format(v, fmt)
 
+    on_cuda = any(r.get("call_ms") for r in rows)
     table = Table(title="ffablate kernels: goodness_norm forward+backward")
-    for col in (
-        "case",
-        "shape",
-        "dtype",
-        "dev",
-        "eager ms",
-        "compiled ms",
-        "fused ms",
-        "fused GB/s",
-        "copy GB/s",
-        "% copy",
-        "x eager",
-        "x compiled",
-        "max err",
-    ):
+    columns = ["case", "shape", "dtype", "dev", "eager ms", "compiled ms", "fused ms"]
+    if on_cuda:  # device time above; a lone synchronous call and its host enqueue time here
+        columns += ["fused call ms", "fused host ms"]
+    columns += ["fused GB/s", "copy GB/s", "% copy", "x eager", "x compiled", "max err"]
+    for col in columns:
         table.add_column(col, justify="left" if col in ("case", "shape", "dtype", "dev") else "right")
     for r in rows:
-        table.add_row(
+        cells = [
             r["name"],
             "x".join(map(str, r["shape"])),
             r["dtype"],
             r["device"],
-            f(r["eager_ms"], ".2f"),
-            f(r["compiled_ms"], ".2f"),
-            f(r["fused_ms"], ".2f"),
+            f(r["eager_ms"], ".3f"),
+            f(r["compiled_ms"], ".3f"),
+            f(r["fused_ms"], ".3f"),
+        ]
+        if on_cuda:
+            cells += [f((r.get("call_ms") or {}).get("fused"), ".3f"), f((r.get("host_ms") or {}).get("fused"), ".3f")]
+        cells += [
             f(r["fused_gbps"], ".1f"),
             f(r["copy_gbps"], ".1f"),
             f(r["pct_of_copy"], ".0f"),
             f(r["speedup_vs_eager"], ".2f"),
             f(r["speedup_vs_compiled"], ".2f"),
             f(r["max_abs_err"], ".1e"),
-        )
+        ]
+        table.add_row(*cells)
     return table

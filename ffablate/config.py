@@ -9,7 +9,8 @@ from typing import Any
 
 from ffablate.errors import ConfigError
 
-METHODS = ("ff", "bp", "bp-deepsup", "bp-ga", "bp-ckpt")
+METHODS = ("ff", "ff-ga", "bp", "bp-deepsup", "bp-ga", "bp-ckpt")
+FF_METHODS = ("ff", "ff-ga")
 PLUGIN_KINDS = ("goodness", "temperature", "norm", "loss", "negatives", "fusion", "datasets")
 
 
@@ -33,7 +34,7 @@ class RunConfig:
     augment: bool = True
     threshold: float = 2.0  # goodness threshold theta of the threshold losses
     schedule: str = "simultaneous"  # FF layer schedule: "simultaneous" or "greedy"
-    micro_batch: int = 32  # bp-ga: micro-batch size accumulated up to batch_size
+    micro_batch: int = 32  # ff-ga and bp-ga: micro-batch size accumulated up to batch_size
     goodness: str = "classwise"
     temperature: str = "constant"
     norm: str = "coupled-bn"
@@ -101,7 +102,7 @@ class RunConfig:
         for key in ("epochs", "batch_size", "micro_batch"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"{key} must be at least 1, got {getattr(self, key)}")
-        if self.batch_size % self.micro_batch and self.method == "bp-ga":
+        if self.batch_size % self.micro_batch and self.method in ("ff-ga", "bp-ga"):
             raise ConfigError(f"batch_size {self.batch_size} must be a multiple of micro_batch {self.micro_batch}")
         if not self.lr > 0:
             raise ConfigError(f"lr must be positive, got {self.lr}")

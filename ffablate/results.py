@@ -33,6 +33,7 @@ class Row:
     histories: list[list[dict[str, float]]] = field(default_factory=list)
     per_layer: list[list[float]] = field(default_factory=list)
     pruned: int = 0
+    duplicates: int = 0  # completed reruns of a (configuration, seed) already counted
     failed: list[str] = field(default_factory=list)
     accuracy: Estimate = Estimate(math.nan, math.nan, 0)
     gap: Estimate = Estimate(math.nan, math.nan, 0)
@@ -57,6 +58,7 @@ class Row:
             "gap_ci95": self.gap.half_width,
             "baseline": self.baseline,
             "pruned": self.pruned,
+            "duplicates": self.duplicates,
             "failed": self.failed,
             "train_seconds_mean": _mean(self.train_seconds),
             "images_per_second_mean": _mean(self.images_per_second),
@@ -135,9 +137,16 @@ def summarize(study: optuna.Study) -> Summary:
 
 def _add(row: Row, t: FrozenTrial) -> None:
     if t.state == TrialState.COMPLETE:
+        seed = int(t.user_attrs.get("seed", -1))
+        if seed in row.seeds:
+            # Two hosts sharing a storage can both take the last free grid point; a seed counted twice would
+            # narrow the CI with a repeated, not an independent, measurement. Trials arrive in number order,
+            # so the first completed run is the one kept.
+            row.duplicates += 1
+            return
         metrics = t.user_attrs.get("metrics", {})
         row.accuracies.append(float(t.value))
-        row.seeds.append(int(t.user_attrs.get("seed", -1)))
+        row.seeds.append(seed)
         row.train_seconds.append(float(metrics.get("train_seconds", math.nan)))
         row.images_per_second.append(float(metrics.get("images_per_second", math.nan)))
         row.peak_memory.append(float(metrics.get("peak_memory_bytes", math.nan)))
@@ -160,6 +169,8 @@ def table_rows(summary: Summary, top: int | None = None) -> list[list[str]]:
         notes = []
         if r.pruned:
             notes.append(f"{r.pruned} pruned")
+        if r.duplicates:
+            notes.append(f"{r.duplicates} duplicate seed run(s) not counted")
         if r.failed:
             notes.append(f"{len(r.failed)} failed: {r.failed[0][:60]}")
         gap = fmt(r.gap, signed=True) if r.role == "ff" else "(baseline)"

@@ -267,6 +267,7 @@ def test_kernel_bench_quick() -> None:
         assert r["backend"] == "fused"
         assert r["max_abs_err"] < 1e-4
         assert r["fused_ms"] > 0 and r["copy_gbps"] > 0 and r["compiled_ms"] is None
+        assert r["timing"] == "wall" and r["call_ms"] is None
         for key in ("shape", "dtype", "device", "eager_ms", "fused_gbps", "speedup_vs_eager", "pct_of_copy"):
             assert key in r
     assert render_table(rows).row_count == 2
@@ -343,3 +344,6 @@ def test_cuda_bench_quick() -> None:
     rows = kernel_bench("cuda", quick=True, shapes=[("conv", (32, 16, 28, 28))], compile_reference=False)
     assert {r["dtype"] for r in rows} == {"float32", "bfloat16"}
     assert all(r["backend"] == "fused" and r["max_abs_err"] < 5e-2 for r in rows)
+    for r in rows:  # device time excludes the host launch cost that a lone synchronous call pays
+        assert r["timing"] == "cuda-device" and 0 < r["fused_ms"] and r["call_ms"]["fused"] > 0
+        assert r["host_ms"]["fused"] > 0

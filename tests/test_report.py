@@ -206,3 +206,21 @@ def test_report_cli_finds_the_study_and_fails_in_one_line_when_missing(tmp_path,
     assert main(["report", "nothing-here", "--storage", url]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "fusion-quick" in err
+
+
+def test_a_seed_run_twice_is_counted_once(url):
+    # Two hosts sharing one storage can both take the last free grid point.
+    ff = {"role": "ff", "overrides": {"fusion": "last"}, "cell": "fusion=last"}
+    bp = {"role": "baseline", "overrides": {}, "cell": "bp-deepsup"}
+    study = make_study(
+        url,
+        "fusion-quick",
+        {"analysis": "ablation", "axes": {"fusion": ["last"]}},
+        [{**bp, "seed": 0, "value": 0.5}, {**bp, "seed": 1, "value": 0.6}]
+        + [{**ff, "seed": 0, "value": 0.7}, {**ff, "seed": 1, "value": 0.8}, {**ff, "seed": 1, "value": 0.9}],
+    )
+    summary = results.summarize(study)
+    (row,) = summary.ff
+    assert row.n == 2 and row.seeds == [0, 1] and row.duplicates == 1
+    assert row.accuracy.mean == pytest.approx(0.75)  # the first run of seed 1 is kept
+    assert "1 duplicate seed run(s) not counted" in results.table_rows(summary)[-1][-1]

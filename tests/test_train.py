@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from ffablate.config import RunConfig
+from ffablate.errors import ConfigError
 from ffablate.train import build_trainer, run
 from ffablate.train.common import TrainingDiverged
 
@@ -54,6 +55,29 @@ def test_bp_ga_gradients_match_bp_for_the_same_effective_batch(tiny_config, norm
     assert loss_ga == pytest.approx(loss_full, rel=1e-5)
     for a, b in zip(full, accumulated, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("norm", ["decoupled", "coupled-ln"])
+def test_ff_ga_gradients_match_ff_for_the_same_effective_batch(tiny_config, norm):
+    def grads(config: RunConfig) -> tuple[float, list[torch.Tensor]]:
+        trainer = build_trainer(config)
+        for opt in trainer.optimizers:
+            opt.step = lambda: None  # keep the gradients of exactly one batch
+        x, y = next(iter(trainer.data.train))
+        loss = trainer.train_step(x, y, 0.5, range(trainer.net.depth), fit_fusion=False)
+        return loss, [p.grad.clone() for p in trainer.net.backbone.parameters()]
+
+    base = dataclasses.replace(tiny_config, norm=norm)
+    loss_full, full = grads(base)
+    loss_ga, accumulated = grads(dataclasses.replace(base, method="ff-ga", micro_batch=10))
+    assert loss_ga == pytest.approx(loss_full, rel=1e-5)
+    for a, b in zip(full, accumulated, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_ga_micro_batch_must_divide_the_batch(tiny_config):
+    with pytest.raises(ConfigError, match="multiple of micro_batch"):
+        build_trainer(dataclasses.replace(tiny_config, method="ff-ga", micro_batch=7))
 
 
 def test_bp_ckpt_matches_bp_loss_and_gradients(tiny_config):

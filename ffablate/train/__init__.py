@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ffablate.config import RunConfig
+from ffablate.config import FF_METHODS, RunConfig
 from ffablate.plugins import Registry
 from ffablate.train import common
 from ffablate.train.common import RunResult, TrainingDiverged
@@ -20,7 +20,7 @@ def build_trainer(config: RunConfig, *, data_root: str | None = None, download: 
     device = common.resolve_device(config.device)
     common.seed_everything(config.seed)
     data = data or common.prepare_data(config, device, data_root, download)
-    trainer_cls = FFTrainer if config.method == "ff" else BPTrainer
+    trainer_cls = FFTrainer if config.method in FF_METHODS else BPTrainer
     return trainer_cls(config, data, device, plugins)
 
 

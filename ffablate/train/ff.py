@@ -116,11 +116,11 @@ class FFTrainer:
         self.optimizers = [common.make_optimizer(self.net.block_parameters(i), config) for i in range(self.net.depth)]
         fusion_params = list(self.net.fusion.parameters())
         self.fusion_optimizer = common.make_optimizer(fusion_params, config) if fusion_params else None
-        # None: the whole batch in one pass per block. An int splits the batch into chunks that each go
-        # through every block before the next chunk starts; gradients accumulate and each active block steps
+        # ff: the whole batch in one pass per block. ff-ga splits the batch into micro-batches that each go
+        # through every block before the next one starts; gradients accumulate and each active block steps
         # once at the end. The update is the same (block l's input comes from block l-1's pre-step weights
-        # either way), but only one chunk's activations of one block are ever alive: FF's twin of bp-ga.
-        self.micro_batch: int | None = None
+        # either way), but only one micro-batch's activations of one block are ever alive: FF's twin of bp-ga.
+        self.micro_batch: int | None = config.micro_batch if config.method == "ff-ga" else None
 
     def train_step(self, x: Tensor, y: Tensor, progress: float, active: range, fit_fusion: bool) -> float:
         """One batch through blocks 0..max(active); only ``active`` blocks learn. Returns the last active
