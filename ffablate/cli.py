@@ -83,6 +83,8 @@ def build_parser() -> Parser:
     study.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     study.add_argument("--data-root", help="where datasets live (default: $FFABLATE_DATA)")
     study.add_argument("--json", action="store_true", help="print the results as one JSON object")
+    study.add_argument("--recipe-from", metavar="STUDY",
+                       help="run FF with the best configuration of a stored study (e.g. temperature-vs-norm)")
     study.set_defaults(func=cmd_study)
 
     report = sub.add_parser("report", help="write report.md and plots of a stored study (trains nothing)")
@@ -199,7 +201,11 @@ def cmd_study(args: argparse.Namespace) -> int:
     from ffablate import results, spec, study
 
     plan = spec.load(args.name).plan(args.budget, study.available_datasets(args.data_root))
-    name = args.study_name or study.default_study_name(plan.spec, args.budget)
+    source = None
+    if args.recipe_from:
+        recipe, source = study.winning_recipe(args.storage, args.recipe_from)
+        plan = plan.with_recipe(recipe, source)
+    name = args.study_name or study.default_study_name(plan.spec, args.budget, source)
     if args.n_trials is not None and args.n_trials < 1:
         raise FFablateError(f"--n-trials must be at least 1, got {args.n_trials}")
     size = (f"TPE, {plan.budget.n_trials} trials" if plan.spec.sampler == "tpe"

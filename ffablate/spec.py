@@ -107,6 +107,11 @@ class Plan:
                 return cell
         raise FFablateError(f"the study has no configuration {label!r}; was it made from another spec?")
 
+    def with_recipe(self, recipe: dict[str, Any], source: str) -> Plan:
+        """This plan with an FF recipe (e.g. another study's winner) laid over its base settings."""
+        note = f"FF recipe from study {source}: {_label(recipe) or 'the defaults'}"
+        return dataclasses.replace(self, base={**self.base, **recipe}, notes=[*self.notes, note])
+
     def config(self, overrides: dict[str, Any], seed: int, device: str = "cpu") -> RunConfig:
         return RunConfig().with_updates({**self.base, **overrides, "seed": seed, "device": device})
 

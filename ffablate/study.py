@@ -26,6 +26,7 @@ import optuna
 from optuna.samplers import GridSampler, TPESampler
 from optuna.trial import FrozenTrial, Trial, TrialState
 
+from ffablate import results
 from ffablate import spec as specs
 from ffablate.config import RunConfig
 from ffablate.errors import FFablateError
@@ -70,9 +71,29 @@ def describe_storage(url: str | None) -> str:
     return url
 
 
-def default_study_name(spec: specs.Spec, budget: str) -> str:
-    # One study per budget: a smoke study's trials must never be averaged with a quick study's.
-    return f"{spec.name}-{budget}"
+def default_study_name(spec: specs.Spec, budget: str, recipe_from: str | None = None) -> str:
+    # One study per budget: a smoke study's trials must never be averaged with a quick study's. A study run
+    # on another study's winning recipe is another study too.
+    name = f"{spec.name}-{budget}"
+    return f"{name}@{recipe_from}" if recipe_from else name
+
+
+def winning_recipe(storage_url: str | None, name: str) -> tuple[dict[str, Any], str]:
+    """The FF recipe keys (plugins, their parameters, schedule, threshold) of the best-scoring FF configuration
+    of a stored study, and the study's full name."""
+    study = load_study(storage_url, name)
+    best = results.summarize(study).best()
+    if best is None:
+        raise FFablateError(
+            f"study {study.study_name} has no completed FF trial to take a recipe from; run it first "
+            f"(`ffablate study {study.user_attrs.get('ffablate_spec', name)}`)"
+        )
+    recipe = {
+        k: v
+        for k, v in best.overrides.items()
+        if k in specs.FF_ONLY or k.split(".")[0] in specs.FF_ONLY_PLUGIN_KINDS
+    }
+    return recipe, study.study_name
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -14,6 +14,7 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
+from ffablate import results
 from ffablate import spec as specs
 from ffablate import study as studies
 from ffablate.cli import main
@@ -107,6 +108,31 @@ def test_rerunning_a_finished_study_runs_nothing(finished, capsys):
     assert (
         rows["temperature=constant"]["gap_ci95"] == rows["temperature=constant"]["gap_ci95"]
     )  # a number, not nan
+
+
+GAP = """
+question = "How far is the recipe from BP-DeepSup?"
+analysis = "bp-gap"
+[base]
+dataset = "fashion-mnist"
+"""
+
+
+def test_recipe_from_a_stored_study_runs_its_winner(finished, capsys):
+    tmp_path, url, name = finished
+    best = results.summarize(optuna.load_study(study_name=name, storage=url)).best()
+    gap = write_spec(tmp_path, GAP, seeds=1, name="gap")
+    assert main(["study", str(gap), "--budget", "smoke", "--storage", url, "--recipe-from", "tiny"]) == 0
+    study = optuna.load_study(study_name="gap-smoke@tiny-smoke", storage=url)
+    configs = {t.user_attrs["role"]: t.user_attrs["config"] for t in study.trials}
+    assert set(configs) == {"ff", "baseline"}
+    # The winner's FF keys reach FF and the baseline alike (the baseline shares the backbone and its norm).
+    assert configs["ff"]["temperature"] == best.overrides["temperature"]
+    assert f"FF recipe from study tiny-smoke: temperature={best.overrides['temperature']}" in study.user_attrs["notes"]
+    capsys.readouterr()
+    assert main(["study", str(gap), "--budget", "smoke", "--storage", url, "--recipe-from", "nothing"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no study 'nothing'" in err[0]
 
 
 def test_report_from_existing_storage_runs_no_training(finished, monkeypatch):
