@@ -112,9 +112,11 @@ for r in rows:
 bench = path.replace("summary.json", "bench_kernels.json")
 try:
     for b in json.load(open(bench)):
+        call, host = b.get("call_ms") or {}, b.get("host_ms") or {}
         print(f"{b['name']:<7} {b['dtype']:<9} fused {b['fused_ms']:.3f} ms  {b['pct_of_copy']:.0f}% of copy  "
               f"x{b['speedup_vs_eager']:.2f} eager  x{(b['speedup_vs_compiled'] or 0):.2f} compiled  "
-              f"err {b['max_abs_err']:.1e}")
+              f"err {b['max_abs_err']:.1e}  call {call.get('fused') or 0:.3f} ms (eager "
+              f"{call.get('eager') or 0:.3f})  host {host.get('fused') or 0:.3f} ms")
 except (OSError, ValueError, KeyError) as exc:
     print("no bench rows:", exc)
 EOF
