@@ -51,15 +51,15 @@ def _step(fn: Step, h: Tensor, grads: Sequence[Tensor]) -> tuple[tuple[Tensor, .
 
 
 class _Timer:
-    """Median and min milliseconds of ``fn`` after warm-up.
+    """Median and min milliseconds of each variant after warm-up.
 
-    CPU: wall time per call. CUDA: two clocks. ``device`` is the GPU time of the call's work alone: before each
-    timed call a 256 MB write evicts L2 (every variant starts cold, as the copy does) and a sleep kernel gives
-    the host a head start, so the host has enqueued the whole call before the GPU reaches it and the CUDA
-    events bracket kernel time, not launch overhead. ``call`` is one call issued on an idle GPU and waited for:
-    what a lone eager call costs end to end, host dispatch included. A step that spends more host time than
-    the head start would leak host time into ``device``; ``host_ms`` (the enqueue time of the step) is
-    reported so that can be checked.
+    CPU: wall time per call, the variants interleaved. CUDA: two clocks. ``device`` is the GPU time of the
+    call's work alone: before each timed call a 256 MB write evicts L2 (every variant starts cold, as the copy
+    does) and a sleep kernel gives the host a head start, so the host has enqueued the whole call before the
+    GPU reaches it and the CUDA events bracket kernel time, not launch overhead. ``call`` is one call issued
+    on an idle GPU and waited for: what a lone eager call costs end to end, host dispatch included. A step
+    that spends more host time than the head start would leak host time into ``device``; ``host_ms`` (the
+    enqueue time of the step) is reported so that can be checked.
     """
 
     _HEAD_START_MS = 2.0
@@ -80,15 +80,20 @@ class _Timer:
         end.synchronize()
         return int(probe * self._HEAD_START_MS / max(start.elapsed_time(end), 1e-3))
 
-    def wall(self, fn: Callable[[], Any], warmup: int, repeats: int) -> tuple[float, float]:
-        for _ in range(warmup):
-            fn()
-        times = []
+    @staticmethod
+    def wall(steps: dict[str, Callable[[], Any]], warmup: int, repeats: int) -> dict[str, list[float]]:
+        """Wall milliseconds per call, the variants interleaved round by round: a noisy neighbour that slows
+        the host for a while then slows every variant alike, which keeps same-run ratios honest."""
+        for fn in steps.values():
+            for _ in range(warmup):
+                fn()
+        times: dict[str, list[float]] = {name: [] for name in steps}
         for _ in range(repeats):
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
-        return statistics.median(times), min(times)
+            for name, fn in steps.items():
+                t0 = time.perf_counter()
+                fn()
+                times[name].append((time.perf_counter() - t0) * 1e3)
+        return times
 
     def host(self, fn: Callable[[], Any], repeats: int) -> float:
         """Median host milliseconds to enqueue ``fn`` on a GPU kept busy (CUDA only)."""
@@ -129,17 +134,25 @@ class _Timer:
             times.append(start.elapsed_time(end))
         return statistics.median(times)
 
-    def measure(self, fn: Callable[[], Any], warmup: int, repeats: int) -> dict[str, float | None]:
+    def measure(
+        self, steps: dict[str, Callable[[], Any]], warmup: int, repeats: int
+    ) -> dict[str, dict[str, float | None]]:
+        """Per variant: ``ms`` (median), ``min``, and on CUDA ``call_ms`` and ``host_ms``."""
         if self.device.type != "cuda":
-            median, low = self.wall(fn, warmup, repeats)
-            return {"ms": median, "min": low, "call_ms": None, "host_ms": None}
-        median, low = self.device_time(fn, warmup, repeats)
-        return {
-            "ms": median,
-            "min": low,
-            "call_ms": self.call(fn, repeats),
-            "host_ms": self.host(fn, max(3, repeats // 5)),
-        }
+            return {
+                name: {"ms": statistics.median(t), "min": min(t), "call_ms": None, "host_ms": None}
+                for name, t in self.wall(steps, warmup, repeats).items()
+            }
+        out: dict[str, dict[str, float | None]] = {}
+        for name, fn in steps.items():
+            median, low = self.device_time(fn, warmup, repeats)
+            out[name] = {
+                "ms": median,
+                "min": low,
+                "call_ms": self.call(fn, repeats),
+                "host_ms": self.host(fn, max(3, repeats // 5)),
+            }
+        return out
 
 
 def _minimal_bytes(shape: tuple[int, ...], dtype: torch.dtype) -> int:
@@ -218,7 +231,7 @@ def kernel_bench(
             src = h.detach()
             dst = torch.empty_like(src)
             steps["copy"] = lambda d=dst, s=src: d.copy_(s)
-            t = {k: timer.measure(fn, warmup, repeats) for k, fn in steps.items()}
+            t = timer.measure(steps, warmup, repeats)
             t.setdefault("compiled", {"ms": None, "min": None, "call_ms": None, "host_ms": None})
             eager_ms, compiled_ms, fused_ms, copy_ms = (t[k]["ms"] for k in ("eager", "compiled", "fused", "copy"))
 
