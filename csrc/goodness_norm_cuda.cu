@@ -2,9 +2,10 @@
 //
 // Work split: a sample's D elements are cut into G chunks of at most kChunk elements. A chunk is either
 // K whole channels (HW <= kChunk) or 1/S of one channel (HW > kChunk), so per-channel readout sums
-// never straddle blocks except through the S published sub-sums. One block stages one chunk in shared
-// memory as fp32 (16-byte vector loads when aligned), reduces it, and then writes its outputs from the
-// staged copy, so h (and grad_out) are read from DRAM exactly once.
+// never straddle blocks except through the S published sub-sums. One block holds one chunk in
+// registers (16-byte vector loads when aligned, all issued before any is used), reduces it, and then
+// writes its outputs from the registers, so h (and grad_out) are read from DRAM exactly once. The forward
+// also stages the chunk in shared memory as fp32 when it needs per-channel readout sums.
 //
 // The per-sample reduction across the G blocks of a sample needs a rendezvous:
 //  * single-pass (default): blocks take a ticket from a global counter (so a block only ever waits on
@@ -101,6 +102,19 @@ struct alignas(sizeof(T) * VEC) Pack {
   T v[VEC];
 };
 
+// A chunk is at most kChunk elements, so a thread owns at most kIters vectors of it: element offsets
+// (it * kThreads + threadIdx.x) * VEC. Each thread issues all its loads before using any of them (the
+// loops over `it` are unrolled and the values stay in registers), which keeps kIters loads in flight per
+// thread instead of one: the kernels are bound by DRAM latency times bytes in flight.
+template <int VEC>
+struct Iters {
+  static constexpr int kIters = kChunk / (kThreads * VEC);
+  static_assert(kIters * kThreads * VEC == kChunk, "kChunk must be a multiple of kThreads * VEC");
+  __device__ static __forceinline__ int64_t offset(int it) {
+    return (static_cast<int64_t>(it) * kThreads + threadIdx.x) * VEC;
+  }
+};
+
 __device__ __forceinline__ float warp_sum(float v) {
   for (int o = 16; o > 0; o >>= 1) v += __shfl_down_sync(0xffffffffu, v, o);
   return v;  // valid in lane 0
@@ -179,7 +193,8 @@ __global__ void __launch_bounds__(kThreads)
     forward_kernel(const T* __restrict__ h, T* __restrict__ out, T* __restrict__ readout,
                    float* __restrict__ sumsq, float* __restrict__ sumabs, float* ws, int* sync, Plan p,
                    int mode) {
-  __shared__ __align__(16) float buf[kChunk];
+  using It = Iters<VEC>;
+  __shared__ __align__(16) float buf[kChunk];  // the chunk as fp32, for the per-channel readout sums
   __shared__ float chs[kChunk];
   __shared__ float red[3][kWarps];
   __shared__ float bcast[2];
@@ -190,14 +205,23 @@ __global__ void __launch_bounds__(kThreads)
   const int g = static_cast<int>(bid % p.G);
   const Chunk ch = chunk_of(p, g);
   const T* x = h + n * p.D + ch.off;
+  const bool per_channel = p.readout && p.K > 0 && mode != kStatsOnly;
 
+  Pack<T, VEC> pk[It::kIters];
+#pragma unroll
+  for (int it = 0; it < It::kIters; ++it) {
+    const int64_t i = It::offset(it);
+    if (i < ch.len) pk[it] = *reinterpret_cast<const Pack<T, VEC>*>(x + i);
+  }
   float v3[3] = {0.f, 0.f, 0.f};  // sumsq, sumabs, sum (split-mode channel part)
-  for (int64_t i = threadIdx.x * VEC; i < ch.len; i += kThreads * VEC) {
-    const Pack<T, VEC> pk = *reinterpret_cast<const Pack<T, VEC>*>(x + i);
+#pragma unroll
+  for (int it = 0; it < It::kIters; ++it) {
+    const int64_t i = It::offset(it);
+    if (i >= ch.len) continue;
 #pragma unroll
     for (int j = 0; j < VEC; ++j) {
-      const float f = static_cast<float>(pk.v[j]);
-      buf[i + j] = f;
+      const float f = static_cast<float>(pk[it].v[j]);
+      if (per_channel) buf[i + j] = f;
       v3[0] += f * f;
       v3[1] += fabsf(f);
       v3[2] += f;
@@ -205,7 +229,6 @@ __global__ void __launch_bounds__(kThreads)
   }
   block_sum<3>(v3, red);  // also makes buf visible block-wide
 
-  const bool per_channel = p.readout && p.K > 0 && mode != kStatsOnly;
   if (per_channel) {
     if (p.HW >= 32) {
       const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -237,11 +260,14 @@ __global__ void __launch_bounds__(kThreads)
   }
 
   T* o = out + n * p.D + ch.off;
-  for (int64_t i = threadIdx.x * VEC; i < ch.len; i += kThreads * VEC) {
-    Pack<T, VEC> pk;
 #pragma unroll
-    for (int j = 0; j < VEC; ++j) pk.v[j] = static_cast<T>(buf[i + j] * r);
-    *reinterpret_cast<Pack<T, VEC>*>(o + i) = pk;
+  for (int it = 0; it < It::kIters; ++it) {
+    const int64_t i = It::offset(it);
+    if (i >= ch.len) continue;
+    Pack<T, VEC> po;
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) po.v[j] = static_cast<T>(static_cast<float>(pk[it].v[j]) * r);
+    *reinterpret_cast<Pack<T, VEC>*>(o + i) = po;
   }
   if (p.readout) {
     T* ro = readout + n * p.C;
@@ -266,8 +292,7 @@ template <typename T, int VEC>
 __global__ void __launch_bounds__(kThreads)
     backward_kernel(const T* __restrict__ h, const T* __restrict__ go, const T* __restrict__ gr,
                     BwdPtrs bp, T* __restrict__ dh, float* ws, int* sync, Plan p, int mode, bool need_dot) {
-  __shared__ __align__(16) float bufh[kChunk];
-  __shared__ __align__(16) float bufg[kChunk];
+  using It = Iters<VEC>;
   __shared__ float red[1][kWarps];
   __shared__ float bcast[1];
   __shared__ int s_bid;
@@ -280,21 +305,28 @@ __global__ void __launch_bounds__(kThreads)
   const T* q = go ? go + n * p.D + ch.off : nullptr;
   const T* grn = gr ? gr + n * p.C : nullptr;
 
+  Pack<T, VEC> ph[It::kIters], pg[It::kIters];
+#pragma unroll
+  for (int it = 0; it < It::kIters; ++it) {
+    const int64_t i = It::offset(it);
+    if (i < ch.len) {
+      ph[it] = *reinterpret_cast<const Pack<T, VEC>*>(x + i);
+      if (q) pg[it] = *reinterpret_cast<const Pack<T, VEC>*>(q + i);
+    }
+  }
+  // e = the effective output gradient: the readout is linear in out, so its gradient folds into grad_out;
+  // a vector never straddles a channel (vector loads require HW % VEC == 0).
+  float e[It::kIters][VEC];
   float dot[1] = {0.f};
-  for (int64_t i = threadIdx.x * VEC; i < ch.len; i += kThreads * VEC) {
-    const Pack<T, VEC> ph = *reinterpret_cast<const Pack<T, VEC>*>(x + i);
-    Pack<T, VEC> pg;
-    if (q) pg = *reinterpret_cast<const Pack<T, VEC>*>(q + i);
-    // The readout is linear in out, so its gradient folds into an effective grad_out; a vector never
-    // straddles a channel (vector loads require HW % VEC == 0).
+#pragma unroll
+  for (int it = 0; it < It::kIters; ++it) {
+    const int64_t i = It::offset(it);
+    if (i >= ch.len) continue;
     const float gshift = grn ? static_cast<float>(grn[ch.c0 + (p.K > 0 ? i / p.HW : 0)]) * p.inv_hw : 0.f;
 #pragma unroll
     for (int j = 0; j < VEC; ++j) {
-      const float f = static_cast<float>(ph.v[j]);
-      const float e = (q ? static_cast<float>(pg.v[j]) : 0.f) + gshift;
-      bufh[i + j] = f;
-      bufg[i + j] = e;
-      dot[0] += e * f;
+      e[it][j] = (q ? static_cast<float>(pg[it].v[j]) : 0.f) + gshift;
+      dot[0] += e[it][j] * static_cast<float>(ph[it].v[j]);
     }
   }
   float total_dot = 0.f;
@@ -307,8 +339,6 @@ __global__ void __launch_bounds__(kThreads)
     float tot[1];
     gather_totals<1, 1>(ws, n, p.G, tot, bcast);
     total_dot = tot[0];
-  } else {
-    __syncthreads();
   }
 
   const float r = rsqrtf(bp.sumsq[n] * p.inv_d + p.eps);
@@ -316,15 +346,18 @@ __global__ void __launch_bounds__(kThreads)
   const float ga = bp.grad_sumabs ? bp.grad_sumabs[n] : 0.f;
   const float coef = 2.f * gs - r * r * r * total_dot * p.inv_d;
   T* o = dh + n * p.D + ch.off;
-  for (int64_t i = threadIdx.x * VEC; i < ch.len; i += kThreads * VEC) {
-    Pack<T, VEC> pk;
+#pragma unroll
+  for (int it = 0; it < It::kIters; ++it) {
+    const int64_t i = It::offset(it);
+    if (i >= ch.len) continue;
+    Pack<T, VEC> pd;
 #pragma unroll
     for (int j = 0; j < VEC; ++j) {
-      const float f = bufh[i + j];
+      const float f = static_cast<float>(ph[it].v[j]);
       const float sgn = f > 0.f ? 1.f : (f < 0.f ? -1.f : 0.f);
-      pk.v[j] = static_cast<T>(r * bufg[i + j] + f * coef + ga * sgn);
+      pd.v[j] = static_cast<T>(r * e[it][j] + f * coef + ga * sgn);
     }
-    *reinterpret_cast<Pack<T, VEC>*>(o + i) = pk;
+    *reinterpret_cast<Pack<T, VEC>*>(o + i) = pd;
   }
 }
 
