@@ -60,19 +60,19 @@ run_section build 150 env FFABLATE_BUILD=cuda TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_
 run_section tests 45 "$PY" -m pytest tests/test_ops.py tests/test_data.py -m cuda -q -rs -p no:cacheprovider
 
 
-run_section bench 60 "$PY" - "$OUT/bench_kernels.json" <<'EOF'
+run_section bench 120 "$PY" - "$OUT/bench_kernels.json" <<'EOF'
 import json, sys
 from rich.console import Console
 from ffablate import ops
 from ffablate.bench import kernel_bench, render_table
 assert ops.backend() == "fused", ops.backend()
-rows = kernel_bench("cuda", dtypes=["float32", "bfloat16"], quick=True)
+rows = kernel_bench("cuda", dtypes=["float32", "bfloat16"])
 with open(sys.argv[1], "w") as f:
     json.dump(rows, f, indent=1)
 Console(width=200).print(render_table(rows))
 EOF
 
-run_section audit 60 bash scripts/device-audit.sh "$OUT/audit" --methods ff,bp,bp-ga,bp-ckpt --depths 4,16 --budget 45 --timeout 20
+run_section audit 90 bash scripts/device-audit.sh "$OUT/audit" --methods ff,ff-ga,bp,bp-ga,bp-ckpt --depths 4,16 --budget 75 --timeout 20
 
 # FF (fused and reference kernels) and BP-DeepSup on the full Fashion-MNIST carried in .data/ (the same seed,
 # backbone and epochs): accuracy, images/s and peak memory on the GPU, and the fused/reference step-time ratio.
