@@ -54,12 +54,13 @@ class _Timer:
     """Median and min milliseconds of each variant after warm-up.
 
     CPU: wall time per call, the variants interleaved. CUDA: two clocks. ``device`` is the GPU time of the
-    call's work alone: before each timed call a 256 MB write evicts L2 (every variant starts cold, as the copy
-    does) and a sleep kernel gives the host a head start, so the host has enqueued the whole call before the
-    GPU reaches it and the CUDA events bracket kernel time, not launch overhead. ``call`` is one call issued
-    on an idle GPU and waited for: what a lone eager call costs end to end, host dispatch included. A step
-    that spends more host time than the head start would leak host time into ``device``; ``host_ms`` (the
-    enqueue time of the step) is reported so that can be checked.
+    call's work alone: before each timed call a 256 MB read evicts L2 (every variant starts cold, the copy
+    too; a read, not a write, so the timed work finds no dirty lines to write back) and a sleep kernel gives
+    the host a head start, so the host has enqueued the whole call before the GPU reaches it and the CUDA
+    events bracket kernel time, not launch overhead. ``call`` is one call issued on an idle GPU and waited
+    for: what a lone eager call costs end to end, host dispatch included. A step that spends more host time
+    than the head start would leak host time into ``device``; ``host_ms`` (the enqueue time of the step) is
+    reported so that can be checked.
     """
 
     _HEAD_START_MS = 2.0
@@ -67,7 +68,7 @@ class _Timer:
     def __init__(self, device: torch.device):
         self.device = device
         if device.type == "cuda":
-            self._flush = torch.empty(64 * 2**20, dtype=torch.int32, device=device)
+            self._flush = torch.zeros(64 * 2**20, dtype=torch.int32, device=device)
             self._sleep_cycles = self._calibrate_sleep()
 
     def _calibrate_sleep(self) -> int:
@@ -112,7 +113,7 @@ class _Timer:
         events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(repeats)]
         torch.cuda.synchronize(self.device)
         for start, end in events:
-            self._flush.zero_()
+            self._flush.max()
             torch.cuda._sleep(self._sleep_cycles)
             start.record()
             fn()
