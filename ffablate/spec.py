@@ -110,7 +110,9 @@ class Plan:
     def with_recipe(self, recipe: dict[str, Any], source: str) -> Plan:
         """This plan with an FF recipe (e.g. another study's winner) laid over its base settings."""
         note = f"FF recipe from study {source}: {_label(recipe) or 'the defaults'}"
-        return dataclasses.replace(self, base={**self.base, **recipe}, notes=[*self.notes, note])
+        base = {**self.base, **recipe}
+        _check_configs(self.spec.path, self.budget.name, base, self.cells)
+        return dataclasses.replace(self, base=base, notes=[*self.notes, note])
 
     def config(self, overrides: dict[str, Any], seed: int, device: str = "cpu") -> RunConfig:
         return RunConfig().with_updates({**self.base, **overrides, "seed": seed, "device": device})
@@ -524,17 +526,21 @@ def _plan(spec: Spec, budget_name: str, available: Callable[[str], bool]) -> Pla
                 "give the groups distinct labels"
             )
         seen.add(cell.label)
-        try:  # every cell must make a valid RunConfig before any training starts
-            RunConfig().with_updates({**base, **cell.overrides})
-        except FFablateError as exc:
-            raise SpecError(
-                f"{spec.path}: budgets.{budget_name} configuration {cell.label!r}: {exc}"
-            ) from None
+    _check_configs(spec.path, budget_name, base, cells)
     if not ff_cells and spec.sampler == "grid":
         raise SpecError(
             f"{spec.path}: nothing to run at budget {budget_name}: " + "; ".join(notes or ["no axes"])
         )
     return Plan(spec, budget, base, cells, notes)
+
+
+def _check_configs(path: Path, budget_name: str, base: dict[str, Any], cells: list[Cell]) -> None:
+    """Every cell must make a valid RunConfig before any training starts."""
+    for cell in cells:
+        try:
+            RunConfig().with_updates({**base, **cell.overrides})
+        except FFablateError as exc:
+            raise SpecError(f"{path}: budgets.{budget_name} configuration {cell.label!r}: {exc}") from None
 
 
 def _group_is_data(g: Group) -> bool:

@@ -88,11 +88,9 @@ def winning_recipe(storage_url: str | None, name: str) -> tuple[dict[str, Any], 
             f"study {study.study_name} has no completed FF trial to take a recipe from; run it first "
             f"(`ffablate study {study.user_attrs.get('ffablate_spec', name)}`)"
         )
-    recipe = {
-        k: v
-        for k, v in best.overrides.items()
-        if k in specs.FF_ONLY or k.split(".")[0] in specs.FF_ONLY_PLUGIN_KINDS
-    }
+    # The winner's recipe is the source's shared settings plus its own overrides, FF keys only.
+    settings = {**study.user_attrs.get("base", {}), **best.overrides}
+    recipe = {k: v for k, v in settings.items() if k in specs.FF_ONLY or k.split(".")[0] in specs.FF_ONLY_PLUGIN_KINDS}
     return recipe, study.study_name
 
 

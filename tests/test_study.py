@@ -12,7 +12,7 @@ from pathlib import Path
 
 import optuna
 import pytest
-from optuna.trial import TrialState
+from optuna.trial import TrialState, create_trial
 
 from ffablate import results
 from ffablate import spec as specs
@@ -133,6 +133,21 @@ def test_recipe_from_a_stored_study_runs_its_winner(finished, capsys):
     assert main(["study", str(gap), "--budget", "smoke", "--storage", url, "--recipe-from", "nothing"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "no study 'nothing'" in err[0]
+
+
+def test_recipe_is_the_sources_shared_ff_settings_plus_the_winners_own(tmp_path):
+    url = storage_url(tmp_path)
+    source = optuna.create_study(storage=url, study_name="src-quick", direction="maximize")
+    shared = {"negatives": "random-label", "loss": "softplus-threshold", "dataset": "mnist", "limit_train": 100}
+    source.set_user_attr("base", shared)
+    for goodness, value in (("meansq", 0.7), ("sumsq", 0.6)):
+        attrs = {"cell": f"goodness={goodness}", "role": "ff", "seed": 0,
+                 "overrides": {"goodness": goodness, "method": "ff"}}
+        source.add_trial(create_trial(value=value, params={}, distributions={}, user_attrs=attrs))
+    recipe, name = studies.winning_recipe(url, "src")
+    assert name == "src-quick"
+    # Data and budget keys stay the target spec's own.
+    assert recipe == {"negatives": "random-label", "loss": "softplus-threshold", "goodness": "meansq"}
 
 
 def test_report_from_existing_storage_runs_no_training(finished, monkeypatch):
