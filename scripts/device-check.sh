@@ -7,10 +7,14 @@
 #
 #   scripts/device-check.sh OUT_DIR
 #
+# Through the device tool: command `bash scripts/device-check.sh $OUT`, carry [".data", ".whl"] (Fashion-MNIST's
+# four .gz files in .data/FashionMNIST/raw, ~30 MB; .whl/ holds wheels the offline image lacks, e.g. expecttest
+# for torch.library.opcheck, installed below with --no-index when missing).
+#
 # Files written (few on purpose: the device runner returns at most 8):
 #   device-check.log    all section logs, one after another
 #   bench_kernels.json  ffablate.bench.kernel_bench("cuda") rows
-#   train_gpu.json      the three training runs
+#   train_gpu.json      the training runs (a warm-up, fused/reference alternating, coupled-bn FF, BP-DeepSup)
 #   audit/audit_gpu.json, audit/audit_gpu.txt and the audit's PNG curves
 #   summary.json        {"sections": [{"name", "rc", "seconds"}], ...}
 # Budget: about 5 minutes in all (a session's whole GPU lease is 15 minutes, machine start included).
@@ -44,6 +48,11 @@ run_section() {
     SECTIONS+=("$name $rc $secs")
     return 0
 }
+
+if ! "$PY" -c "import expecttest" 2>/dev/null && compgen -G ".whl/*.whl" >/dev/null; then
+    "$PY" -m pip install --no-index --no-deps --quiet .whl/*.whl >>"$LOG" 2>&1 ||
+        "$PY" -m pip install --no-index --no-deps --quiet --break-system-packages .whl/*.whl >>"$LOG" 2>&1
+fi
 
 run_section env 60 bash -c "nvidia-smi; nvcc --version; $PY - <<'EOF'
 import sys, torch
