@@ -110,8 +110,14 @@ template <int VEC>
 struct Iters {
   static constexpr int kIters = kChunk / (kThreads * VEC);
   static_assert(kIters * kThreads * VEC == kChunk, "kChunk must be a multiple of kThreads * VEC");
-  __device__ static __forceinline__ int64_t offset(int it) {
-    return (static_cast<int64_t>(it) * kThreads + threadIdx.x) * VEC;
+  // Calls f(it, i) for each of this thread's vectors that starts inside a chunk of len elements.
+  template <typename F>
+  __device__ static __forceinline__ void each(int64_t len, F&& f) {
+#pragma unroll
+    for (int it = 0; it < kIters; ++it) {
+      const int64_t i = (static_cast<int64_t>(it) * kThreads + threadIdx.x) * VEC;
+      if (i < len) f(it, i);
+    }
   }
 };
 
@@ -208,16 +214,9 @@ __global__ void __launch_bounds__(kThreads)
   const bool per_channel = p.readout && p.K > 0 && mode != kStatsOnly;
 
   Pack<T, VEC> pk[It::kIters];
-#pragma unroll
-  for (int it = 0; it < It::kIters; ++it) {
-    const int64_t i = It::offset(it);
-    if (i < ch.len) pk[it] = *reinterpret_cast<const Pack<T, VEC>*>(x + i);
-  }
+  It::each(ch.len, [&](int it, int64_t i) { pk[it] = *reinterpret_cast<const Pack<T, VEC>*>(x + i); });
   float v3[3] = {0.f, 0.f, 0.f};  // sumsq, sumabs, sum (split-mode channel part)
-#pragma unroll
-  for (int it = 0; it < It::kIters; ++it) {
-    const int64_t i = It::offset(it);
-    if (i >= ch.len) continue;
+  It::each(ch.len, [&](int it, int64_t i) {
 #pragma unroll
     for (int j = 0; j < VEC; ++j) {
       const float f = static_cast<float>(pk[it].v[j]);
@@ -226,7 +225,7 @@ __global__ void __launch_bounds__(kThreads)
       v3[1] += fabsf(f);
       v3[2] += f;
     }
-  }
+  });
   block_sum<3>(v3, red);  // also makes buf visible block-wide
 
   if (per_channel) {
@@ -260,15 +259,12 @@ __global__ void __launch_bounds__(kThreads)
   }
 
   T* o = out + n * p.D + ch.off;
-#pragma unroll
-  for (int it = 0; it < It::kIters; ++it) {
-    const int64_t i = It::offset(it);
-    if (i >= ch.len) continue;
+  It::each(ch.len, [&](int it, int64_t i) {
     Pack<T, VEC> po;
 #pragma unroll
     for (int j = 0; j < VEC; ++j) po.v[j] = static_cast<T>(static_cast<float>(pk[it].v[j]) * r);
     *reinterpret_cast<Pack<T, VEC>*>(o + i) = po;
-  }
+  });
   if (p.readout) {
     T* ro = readout + n * p.C;
     const float scale = r * p.inv_hw;
@@ -306,29 +302,22 @@ __global__ void __launch_bounds__(kThreads)
   const T* grn = gr ? gr + n * p.C : nullptr;
 
   Pack<T, VEC> ph[It::kIters], pg[It::kIters];
-#pragma unroll
-  for (int it = 0; it < It::kIters; ++it) {
-    const int64_t i = It::offset(it);
-    if (i < ch.len) {
-      ph[it] = *reinterpret_cast<const Pack<T, VEC>*>(x + i);
-      if (q) pg[it] = *reinterpret_cast<const Pack<T, VEC>*>(q + i);
-    }
-  }
+  It::each(ch.len, [&](int it, int64_t i) {
+    ph[it] = *reinterpret_cast<const Pack<T, VEC>*>(x + i);
+    if (q) pg[it] = *reinterpret_cast<const Pack<T, VEC>*>(q + i);
+  });
   // e = the effective output gradient: the readout is linear in out, so its gradient folds into grad_out;
   // a vector never straddles a channel (vector loads require HW % VEC == 0).
   float e[It::kIters][VEC];
   float dot[1] = {0.f};
-#pragma unroll
-  for (int it = 0; it < It::kIters; ++it) {
-    const int64_t i = It::offset(it);
-    if (i >= ch.len) continue;
+  It::each(ch.len, [&](int it, int64_t i) {
     const float gshift = grn ? static_cast<float>(grn[ch.c0 + (p.K > 0 ? i / p.HW : 0)]) * p.inv_hw : 0.f;
 #pragma unroll
     for (int j = 0; j < VEC; ++j) {
       e[it][j] = (q ? static_cast<float>(pg[it].v[j]) : 0.f) + gshift;
       dot[0] += e[it][j] * static_cast<float>(ph[it].v[j]);
     }
-  }
+  });
   float total_dot = 0.f;
   if (need_dot) {
     block_sum<1>(dot, red);
@@ -346,10 +335,7 @@ __global__ void __launch_bounds__(kThreads)
   const float ga = bp.grad_sumabs ? bp.grad_sumabs[n] : 0.f;
   const float coef = 2.f * gs - r * r * r * total_dot * p.inv_d;
   T* o = dh + n * p.D + ch.off;
-#pragma unroll
-  for (int it = 0; it < It::kIters; ++it) {
-    const int64_t i = It::offset(it);
-    if (i >= ch.len) continue;
+  It::each(ch.len, [&](int it, int64_t i) {
     Pack<T, VEC> pd;
 #pragma unroll
     for (int j = 0; j < VEC; ++j) {
@@ -358,7 +344,7 @@ __global__ void __launch_bounds__(kThreads)
       pd.v[j] = static_cast<T>(r * e[it][j] + f * coef + ga * sgn);
     }
     *reinterpret_cast<Pack<T, VEC>*>(o + i) = pd;
-  }
+  });
 }
 
 bool aligned16(const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; }
