@@ -102,6 +102,19 @@ struct alignas(sizeof(T) * VEC) Pack {
   T v[VEC];
 };
 
+// Stores one pack with a single 16-byte instruction when it is 16 bytes. Storing the struct itself leaves
+// NVVM free to split it into per-element stores, which it does for some unrolled iterations.
+template <typename T, int VEC>
+__device__ __forceinline__ void store_pack(T* dst, const Pack<T, VEC>& v) {
+  if constexpr (sizeof(Pack<T, VEC>) == sizeof(uint4)) {
+    uint4 bits;
+    memcpy(&bits, &v, sizeof(bits));
+    __stwb(reinterpret_cast<uint4*>(dst), bits);
+  } else {
+    *reinterpret_cast<Pack<T, VEC>*>(dst) = v;
+  }
+}
+
 // A chunk is at most kChunk elements, so a thread owns at most kIters vectors of it: element offsets
 // (it * kThreads + threadIdx.x) * VEC. Each thread issues all its loads before using any of them (the
 // loops over `it` are unrolled and the values stay in registers), which keeps kIters loads in flight per
@@ -263,7 +276,7 @@ __global__ void __launch_bounds__(kThreads)
     Pack<T, VEC> po;
 #pragma unroll
     for (int j = 0; j < VEC; ++j) po.v[j] = static_cast<T>(static_cast<float>(pk[it].v[j]) * r);
-    *reinterpret_cast<Pack<T, VEC>*>(o + i) = po;
+    store_pack<T, VEC>(o + i, po);
   });
   if (p.readout) {
     T* ro = readout + n * p.C;
@@ -343,7 +356,7 @@ __global__ void __launch_bounds__(kThreads)
       const float sgn = f > 0.f ? 1.f : (f < 0.f ? -1.f : 0.f);
       pd.v[j] = static_cast<T>(r * e[it][j] + f * coef + ga * sgn);
     }
-    *reinterpret_cast<Pack<T, VEC>*>(o + i) = pd;
+    store_pack<T, VEC>(o + i, pd);
   });
 }
 

@@ -274,15 +274,15 @@ def kernel_bench(
     return rows
 
 
-def render_table(rows: list[dict[str, Any]]):  # -> rich.table.Table (rich is imported lazily)
-    """The bench rows as a rich table."""
+def render_table(rows: list[dict[str, Any]], title: str = "goodness_norm forward+backward"):
+    """The bench rows as a rich table (rich is imported lazily)."""
     from rich.table import Table
 
     def f(v: Any, fmt: str) -> str:
         return "-" if v is None else format(v, fmt)
 
     on_cuda = any(r.get("call_ms") for r in rows)
-    table = Table(title="ffablate kernels: goodness_norm forward+backward")
+    table = Table(title=f"ffablate kernels: {title}")
     columns = ["case", "shape", "dtype", "dev", "eager ms", "compiled ms", "fused ms"]
     if on_cuda:  # device time above; a lone synchronous call and its host enqueue time here
         columns += ["fused call ms", "fused host ms"]

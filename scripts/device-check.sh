@@ -66,19 +66,29 @@ EOF"
 run_section build 150 env FFABLATE_BUILD=cuda TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=16 \
     "$PY" setup.py build_ext --inplace
 
-run_section tests 45 "$PY" -m pytest tests/test_ops.py tests/test_data.py -m cuda -q -rs -p no:cacheprovider
+# The CUDA-marked tests, then the static machine-code checks on the kernels just built for this GPU.
+run_section tests 60 bash -c "'$PY' -m pytest tests/test_ops.py tests/test_data.py -m cuda -q -rs -p no:cacheprovider;
+    rc=\$?; '$PY' -m pytest tests/test_cuda_machine_code.py -q -rs -p no:cacheprovider || rc=1; exit \$rc"
 
 
-run_section bench 120 "$PY" - "$OUT/bench_kernels.json" <<'EOF'
-import json, sys
+# The default (single-pass rendezvous) rows, then the fused op forced to two passes (FFABLATE_CUDA_SINGLE_PASS=0,
+# no compiled variant): what the in-kernel rendezvous saves or costs, from the same lease.
+run_section bench 150 "$PY" - "$OUT/bench_kernels.json" <<'EOF'
+import json, os, sys
 from rich.console import Console
 from ffablate import ops
 from ffablate.bench import kernel_bench, render_table
 assert ops.backend() == "fused", ops.backend()
-rows = kernel_bench("cuda", dtypes=["float32", "bfloat16"])
+rows = [dict(r, rendezvous="single-pass") for r in kernel_bench("cuda", dtypes=["float32", "bfloat16"])]
 with open(sys.argv[1], "w") as f:
     json.dump(rows, f, indent=1)
 Console(width=200).print(render_table(rows))
+os.environ["FFABLATE_CUDA_SINGLE_PASS"] = "0"
+two = kernel_bench("cuda", dtypes=["float32", "bfloat16"], compile_reference=False)
+rows += [dict(r, rendezvous="two-pass") for r in two]
+with open(sys.argv[1], "w") as f:
+    json.dump(rows, f, indent=1)
+Console(width=200).print(render_table(two, title="two-pass (FFABLATE_CUDA_SINGLE_PASS=0)"))
 EOF
 
 run_section audit 90 bash scripts/device-audit.sh "$OUT/audit" --methods ff,ff-ga,bp,bp-ga,bp-ckpt --depths 4,16 --budget 75 --timeout 20
@@ -125,7 +135,7 @@ bench = path.replace("summary.json", "bench_kernels.json")
 try:
     for b in json.load(open(bench)):
         call, host = b.get("call_ms") or {}, b.get("host_ms") or {}
-        print(f"{b['name']:<7} {b['dtype']:<9} fused {b['fused_ms']:.3f} ms  {b['pct_of_copy']:.0f}% of copy  "
+        print(f"{b['name']:<7} {b['dtype']:<9} {b.get('rendezvous', ''):<11} fused {b['fused_ms']:.3f} ms  {b['pct_of_copy']:.0f}% of copy  "
               f"x{b['speedup_vs_eager']:.2f} eager  x{(b['speedup_vs_compiled'] or 0):.2f} compiled  "
               f"err {b['max_abs_err']:.1e}  call {call.get('fused') or 0:.3f} ms (eager "
               f"{call.get('eager') or 0:.3f})  host {host.get('fused') or 0:.3f} ms")

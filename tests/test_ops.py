@@ -128,6 +128,10 @@ def test_non_contiguous_inputs() -> None:
     ):
         assert not h.is_contiguous()
         _check_against_reference(h, seed=5, atol=1e-5, rtol=1e-5)
+    # Contiguous, but one element into its storage: data pointers off vector alignment.
+    shifted = _make((base.numel() + 1,), torch.float32, "cpu", 4)[1:].view(base.shape)
+    assert shifted.is_contiguous() and shifted.data_ptr() % 16
+    _check_against_reference(shifted, seed=5, atol=1e-5, rtol=1e-5)
     # Non-contiguous incoming gradients as well.
     h = base.clone().requires_grad_()
     g_out = torch.randn(3, 8, 5, 6).transpose(2, 3)
@@ -289,6 +293,26 @@ def test_cuda_matches_reference(
         _random_shapes(seed=7, count=30, big=True) + [(3, 2, 100, 100), (2, 5, 3, 3000)]
     ):
         _check_against_reference(_make(shape, dtype, "cuda", i), seed=i, atol=tol, rtol=tol)
+
+
+@pytest.mark.cuda
+@cuda_only
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_misaligned_contiguous_inputs(dtype: torch.dtype) -> None:
+    # Contiguous views one element into their storage: HW is a multiple of the vector width, but the data
+    # pointers are not 16-byte aligned, so the kernels must take their scalar path for h and for grad_out.
+    shape = (3, 4, 8, 8)
+    numel = 3 * 4 * 8 * 8
+    h = _make((numel + 1,), dtype, "cuda", 6)[1:].view(shape)
+    assert h.is_contiguous() and h.data_ptr() % 16
+    tol = 2e-5 if dtype == torch.float32 else 3e-2
+    _check_against_reference(h, seed=6, atol=tol, rtol=tol)
+    g_out = _make((numel + 1,), dtype, "cuda", 7)[1:].view(shape)
+    hr = h.detach().clone().requires_grad_()
+    (dh,) = torch.autograd.grad(ops.goodness_norm(hr)[2], hr, g_out)
+    href = h.detach().float().requires_grad_()
+    (dh_ref,) = torch.autograd.grad(ops.reference_goodness_norm(href)[2], href, g_out.float())
+    torch.testing.assert_close(dh.float(), dh_ref, atol=tol, rtol=tol)
 
 
 @pytest.mark.cuda

@@ -1,0 +1,67 @@
+"""Static checks of the compiled CUDA kernels' machine code (SASS): they need the CUDA build, not a GPU.
+
+The kernels are bandwidth-bound, so much of what matters is visible without running them: the 16-byte path must
+load its inputs and store every output vector with 16-byte instructions, and no per-thread array may spill to
+local memory. NVVM once split
+the first of the unrolled output stores into per-element stores (2-byte ones for bf16); this catches that.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from ffablate import ops
+
+CHUNK, THREADS = 4096, 256  # kChunk and kThreads in csrc/goodness_norm_cuda.cu
+
+
+def _cuobjdump() -> str | None:
+    cuda_home = Path(os.environ.get("CUDA_HOME", "/usr/local/cuda"))
+    found = shutil.which("cuobjdump") or shutil.which("cuobjdump", path=str(cuda_home / "bin"))
+    if found:
+        return found
+    try:  # the CUDA build of torch brings triton, which ships the CUDA binary utilities
+        import triton
+    except ImportError:
+        return None
+    bundled = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    return str(bundled) if bundled.exists() else None
+
+
+def _kernels() -> list[tuple[tuple[str, str, int], list[str]]]:
+    """((forward|backward, element type, VEC), SASS instructions) for each kernel in each embedded cubin."""
+    if not (ops.extension_available() and getattr(ops._C, "WITH_CUDA", False)):
+        pytest.skip("ffablate._C was built without CUDA")
+    tool = _cuobjdump()
+    if tool is None:
+        pytest.skip("no cuobjdump (not on PATH, in $CUDA_HOME/bin or bundled with triton)")
+    sass = subprocess.run([tool, "-sass", ops._C.__file__], capture_output=True, text=True, check=True).stdout
+    kernels = []
+    for name, body in re.findall(r"Function : (\S+)\n(.*?)(?=\n\s*\.{10,}|\Z)", sass, flags=re.S):
+        match = re.search(r"(forward|backward)_kernelI(f|N3c104HalfE|N3c108BFloat16E)Li(\d+)E", name)
+        if match:
+            kind = {"f": "float", "N3c104HalfE": "half", "N3c108BFloat16E": "bfloat16"}[match[2]]
+            code = re.findall(r"/\*[0-9a-f]{4}\*/\s+([^;]*);", body)
+            kernels.append(((match[1], kind, int(match[3])), code))
+    return kernels
+
+
+def test_vector_kernels_store_whole_vectors_and_never_spill() -> None:
+    vector_paths = [(key, code) for key, code in _kernels() if key[2] > 1]
+    assert {(d, t) for (d, t, _), _ in vector_paths} == {
+        (d, t) for d in ("forward", "backward") for t in ("float", "half", "bfloat16")
+    }
+    for (direction, dtype, vec), code in vector_paths:
+        vectors_per_thread = CHUNK // (THREADS * vec)
+        wide_loads = sum(bool(re.search(r"\bLDG\.E\.128\b", op)) for op in code)
+        wide_stores = sum(bool(re.search(r"\bSTG\.E\.128\b", op)) for op in code)
+        # The forward reads h; the backward reads h and grad_out (the latter in two code paths).
+        assert wide_loads >= vectors_per_thread * (1 if direction == "forward" else 2), (direction, dtype, vec)
+        assert wide_stores == vectors_per_thread, (direction, dtype, vec, wide_stores)
+        assert not any(re.search(r"\b(LDL|STL)\b", op) for op in code), (direction, dtype, vec, "local memory")
