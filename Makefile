@@ -34,6 +34,7 @@ study: setup
 
 lint: setup
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 
 clean:
 	rm -rf build *.egg-info ffablate/_C*.so

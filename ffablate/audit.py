@@ -36,7 +36,10 @@ from ffablate.errors import ConfigError
 # goodness, one pass per block); "ff-neg" is the paper's setting (label negatives: two passes per block).
 # The "-ga" twins split the batch into micro-batches that accumulate gradients, as bp-ga does.
 FF_NEGATIVES = {
-    "goodness": "meansq", "negatives": "random-label", "loss": "softplus-threshold", "fusion": "sum",
+    "goodness": "meansq",
+    "negatives": "random-label",
+    "loss": "softplus-threshold",
+    "fusion": "sum",
 }
 METHODS: dict[str, tuple[str, dict[str, str], bool]] = {
     "ff": ("ff", {}, False),
@@ -50,8 +53,16 @@ METHODS: dict[str, tuple[str, dict[str, str], bool]] = {
 }
 DEFAULT_METHODS = "ff,ff-ga,bp,bp-ga,bp-ckpt"
 ROW_FIELDS = (
-    "method", "depth", "resolution", "batch", "micro_batch", "peak_memory_bytes", "activation_memory_bytes",
-    "param_state_bytes", "images_per_second", "status",
+    "method",
+    "depth",
+    "resolution",
+    "batch",
+    "micro_batch",
+    "peak_memory_bytes",
+    "activation_memory_bytes",
+    "param_state_bytes",
+    "images_per_second",
+    "status",
 )
 STEP_MARK = "ffablate_audit_step"
 DOWNSAMPLING_BLOCKS = 2  # 224 -> 56 and 32 -> 8, then every further block keeps the resolution
@@ -101,14 +112,25 @@ def parse_ints(text: str, flag: str, minimum: int = 1) -> list[int]:
     return values
 
 
-def plan(methods: Iterable[str], depths: Iterable[int], resolutions: Iterable[int], *, batch: int,
-         micro_batch: int = 0, **common: Any) -> list[AuditSpec]:
+def plan(
+    methods: Iterable[str],
+    depths: Iterable[int],
+    resolutions: Iterable[int],
+    *,
+    batch: int,
+    micro_batch: int = 0,
+    **common: Any,
+) -> list[AuditSpec]:
     """The grid of configurations, resolution-major so each resolution's rows sit together."""
     micro = micro_batch or max(1, batch // 4)
     if batch % micro:
         raise ConfigError(f"--batch {batch} must be a multiple of --micro-batch {micro}")
-    return [AuditSpec(method=m, depth=d, resolution=r, batch=batch, micro_batch=micro, **common)
-            for r in resolutions for d in depths for m in methods]
+    return [
+        AuditSpec(method=m, depth=d, resolution=r, batch=batch, micro_batch=micro, **common)
+        for r in resolutions
+        for d in depths
+        for m in methods
+    ]
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -130,8 +152,14 @@ def run_config(spec: AuditSpec):
 
     method, overrides, _ = METHODS[spec.method]
     updates: dict[str, Any] = {
-        "method": method, "batch_size": spec.batch, "micro_batch": spec.micro_batch, "device": spec.device,
-        "seed": spec.seed, "augment": False, **backbone_updates(spec.depth, spec.width), **overrides,
+        "method": method,
+        "batch_size": spec.batch,
+        "micro_batch": spec.micro_batch,
+        "device": spec.device,
+        "seed": spec.seed,
+        "augment": False,
+        **backbone_updates(spec.depth, spec.width),
+        **overrides,
     }
     return RunConfig().with_updates(updates)
 
@@ -145,9 +173,17 @@ def synthetic_data(spec: AuditSpec, device):
 
     image = torch.zeros(1, 3, spec.resolution, spec.resolution, dtype=torch.uint8)
     label = torch.zeros(1, dtype=torch.long)
-    ds = ImageDataset(name="audit-synthetic", train_x=image, train_y=label, test_x=image, test_y=label,
-                      num_classes=spec.classes, class_names=[str(k) for k in range(spec.classes)],
-                      flips=False, source="generated")
+    ds = ImageDataset(
+        name="audit-synthetic",
+        train_x=image,
+        train_y=label,
+        test_x=image,
+        test_y=label,
+        num_classes=spec.classes,
+        class_names=[str(k) for k in range(spec.classes)],
+        flips=False,
+        source="generated",
+    )
     loader = DeviceLoader(image, label, batch_size=1, device=device, shuffle=False)
     return RunData(ds, loader, loader)
 
@@ -170,8 +206,10 @@ def build_step(spec: AuditSpec, device) -> tuple[Any, Callable[[], None]]:
         def step() -> None:
             trainer.train_step(x, y, 0.5, range(depth), True)
     else:
+
         def step() -> None:
             trainer.train_step(x, y)
+
     return trainer, step
 
 
@@ -179,13 +217,16 @@ def param_state_bytes(trainer: Any) -> int:
     """Parameters + gradients + optimizer state, each storage counted once."""
     import torch
 
-    optimizers = [getattr(trainer, "optimizer", None), getattr(trainer, "fusion_optimizer", None),
-                  *getattr(trainer, "optimizers", [])]
+    optimizers = [
+        getattr(trainer, "optimizer", None),
+        getattr(trainer, "fusion_optimizer", None),
+        *getattr(trainer, "optimizers", []),
+    ]
     tensors: list[torch.Tensor] = []
     for p in trainer.net.parameters():
         tensors += [p] + ([p.grad] if p.grad is not None else [])
     for opt in optimizers:
-        for state in (opt.state.values() if opt is not None else []):
+        for state in opt.state.values() if opt is not None else []:
             tensors += [v for v in state.values() if isinstance(v, torch.Tensor)]
     storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}
     return int(sum(storages.values()))
@@ -204,8 +245,9 @@ def timed_steps(step: Callable[[], None], steps: int, device) -> tuple[float, fl
     return time.perf_counter() - start, time.process_time() - cpu_start
 
 
-def profiled_cpu_peak(build: Callable[[], tuple[Any, Callable[[], None]]], warmup: int
-                      ) -> tuple[Any, Callable[[], None], int]:
+def profiled_cpu_peak(
+    build: Callable[[], tuple[Any, Callable[[], None]]], warmup: int
+) -> tuple[Any, Callable[[], None], int]:
     """Build under the profiler, warm up, then return the peak live CPU-allocator bytes of one marked step."""
     from torch.profiler import ProfilerActivity, profile, record_function
 
@@ -225,8 +267,9 @@ def peak_in_window(events: list[Any], mark: str) -> int:
     """
     window = next(e for e in events if e.name() == mark)
     start, end = window.start_ns(), window.end_ns()
-    memory = sorted((e.start_ns(), e.nbytes()) for e in events
-                    if e.name() == "[memory]" and e.device_type().name == "CPU")
+    memory = sorted(
+        (e.start_ns(), e.nbytes()) for e in events if e.name() == "[memory]" and e.device_type().name == "CPU"
+    )
     level, peak = 0, None
     for t, nbytes in memory:
         if t > end:
@@ -283,8 +326,12 @@ def _measure_cpu(spec: AuditSpec, device, row: dict[str, Any]) -> dict[str, Any]
         return row
     seconds, cpu_seconds = timed_steps(step, spec.steps, device)
     # On a shared CPU, wall time depends on the neighbours' load; CPU time per image is a steadier check.
-    row.update(images_per_second=spec.batch * spec.steps / seconds, status="ok",
-               images_per_cpu_second=spec.batch * spec.steps / cpu_seconds, threads=torch.get_num_threads())
+    row.update(
+        images_per_second=spec.batch * spec.steps / seconds,
+        status="ok",
+        images_per_cpu_second=spec.batch * spec.steps / cpu_seconds,
+        threads=torch.get_num_threads(),
+    )
     return row
 
 
@@ -301,22 +348,33 @@ def _measure_cuda(spec: AuditSpec, device, row: dict[str, Any]) -> dict[str, Any
     torch.cuda.reset_peak_memory_stats(device)
     seconds, _ = timed_steps(step, spec.steps, device)
     fill_memory(row, int(torch.cuda.max_memory_allocated(device)), param_state_bytes(trainer))
-    row.update(images_per_second=spec.batch * spec.steps / seconds, status="ok",
-               peak_reserved_bytes=int(torch.cuda.max_memory_reserved(device)),
-               device_name=torch.cuda.get_device_name(device))
+    row.update(
+        images_per_second=spec.batch * spec.steps / seconds,
+        status="ok",
+        peak_reserved_bytes=int(torch.cuda.max_memory_reserved(device)),
+        device_name=torch.cuda.get_device_name(device),
+    )
     return row
 
 
 def fill_memory(row: dict[str, Any], peak: int, params: int) -> None:
-    row.update(peak_memory_bytes=peak, param_state_bytes=params,
-               activation_memory_bytes=max(0, peak - params))
+    row.update(peak_memory_bytes=peak, param_state_bytes=params, activation_memory_bytes=max(0, peak - params))
 
 
 def base_row(spec: AuditSpec) -> dict[str, Any]:
     row: dict[str, Any] = {key: None for key in ROW_FIELDS}
-    row.update(method=spec.method, depth=spec.depth, resolution=spec.resolution, batch=spec.batch,
-               micro_batch=spec.chunk, status="error", device=spec.device, width=spec.width,
-               classes=spec.classes, steps=spec.steps)
+    row.update(
+        method=spec.method,
+        depth=spec.depth,
+        resolution=spec.resolution,
+        batch=spec.batch,
+        micro_batch=spec.chunk,
+        status="error",
+        device=spec.device,
+        width=spec.width,
+        classes=spec.classes,
+        steps=spec.steps,
+    )
     return row
 
 
@@ -364,8 +422,12 @@ def run_worker(spec: AuditSpec, timeout: float = 900.0) -> dict[str, Any]:
     return {**base_row(spec), "status": status, "error": f"worker exit {proc.returncode}: {tail}"[:300]}
 
 
-def run_audit(specs: list[AuditSpec], progress: Callable[[int, int, AuditSpec], None] | None = None,
-              timeout: float = 900.0, budget: float | None = None) -> list[dict[str, Any]]:
+def run_audit(
+    specs: list[AuditSpec],
+    progress: Callable[[int, int, AuditSpec], None] | None = None,
+    timeout: float = 900.0,
+    budget: float | None = None,
+) -> list[dict[str, Any]]:
     """Rows for ``specs``, one fresh worker each, run one after another so timings never overlap. Past
     ``budget`` seconds no new worker starts and the rest become "skipped" rows (a device lease is finite).
     """
@@ -398,20 +460,33 @@ def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         ga = next((r for r in bps if r["method"] == "bp-ga"), None)
         best = min(bps, key=lambda r: r["peak_memory_bytes"], default=None)
         for ff in (r for r in here if r["method"].startswith("ff")):
-            out.append({
-                "kind": "ratio", "resolution": res, "depth": depth, "method": ff["method"],
-                "best_bp": best and best["method"],
-                "memory_ratio": best and ff["peak_memory_bytes"] / best["peak_memory_bytes"],
-                "throughput_ratio_vs_bp_ga": ga and ff["images_per_second"] / ga["images_per_second"],
-                "cpu_throughput_ratio_vs_bp_ga": _ratio(ff, ga, "images_per_cpu_second"),
-            })
+            out.append(
+                {
+                    "kind": "ratio",
+                    "resolution": res,
+                    "depth": depth,
+                    "method": ff["method"],
+                    "best_bp": best and best["method"],
+                    "memory_ratio": best and ff["peak_memory_bytes"] / best["peak_memory_bytes"],
+                    "throughput_ratio_vs_bp_ga": ga and ff["images_per_second"] / ga["images_per_second"],
+                    "cpu_throughput_ratio_vs_bp_ga": _ratio(ff, ga, "images_per_cpu_second"),
+                }
+            )
     for res, method in sorted({(r["resolution"], r["method"]) for r in ok}):
-        by_depth = sorted((r["depth"], r["activation_memory_bytes"]) for r in ok
-                          if (r["resolution"], r["method"]) == (res, method))
+        by_depth = sorted(
+            (r["depth"], r["activation_memory_bytes"]) for r in ok if (r["resolution"], r["method"]) == (res, method)
+        )
         if len(by_depth) >= 2 and by_depth[0][1]:
-            out.append({"kind": "depth-growth", "resolution": res, "method": method,
-                        "from_depth": by_depth[0][0], "to_depth": by_depth[-1][0],
-                        "activation_growth": by_depth[-1][1] / by_depth[0][1]})
+            out.append(
+                {
+                    "kind": "depth-growth",
+                    "resolution": res,
+                    "method": method,
+                    "from_depth": by_depth[0][0],
+                    "to_depth": by_depth[-1][0],
+                    "activation_growth": by_depth[-1][1] / by_depth[0][1],
+                }
+            )
     return out
 
 
@@ -433,14 +508,33 @@ def render_table(rows: list[dict[str, Any]], title: str = "ffablate audit"):
     from rich.table import Table
 
     table = Table(title=title)
-    for column in ("method", "depth", "res", "batch", "micro", "peak MB", "activations MB", "params+state MB",
-                   "images/s", "status"):
+    for column in (
+        "method",
+        "depth",
+        "res",
+        "batch",
+        "micro",
+        "peak MB",
+        "activations MB",
+        "params+state MB",
+        "images/s",
+        "status",
+    ):
         table.add_column(column, justify="left" if column in ("method", "status") else "right")
     for r in rows:
         ips = r["images_per_second"]
-        table.add_row(r["method"], str(r["depth"]), str(r["resolution"]), str(r["batch"]),
-                      str(r["micro_batch"]), _mb(r["peak_memory_bytes"]), _mb(r["activation_memory_bytes"]),
-                      _mb(r["param_state_bytes"]), "-" if ips is None else f"{ips:.1f}", r["status"])
+        table.add_row(
+            r["method"],
+            str(r["depth"]),
+            str(r["resolution"]),
+            str(r["batch"]),
+            str(r["micro_batch"]),
+            _mb(r["peak_memory_bytes"]),
+            _mb(r["activation_memory_bytes"]),
+            _mb(r["param_state_bytes"]),
+            "-" if ips is None else f"{ips:.1f}",
+            r["status"],
+        )
     return table
 
 
@@ -448,19 +542,34 @@ def render_summary(summary: list[dict[str, Any]]) -> list[Any]:
     from rich.table import Table
 
     table = Table(title="FF vs BP (same effective batch)")
-    for column in ("res", "depth", "FF variant", "best BP", "FF / best-BP memory", "FF / BP-GA images/s",
-                   "same, per CPU-second"):
+    for column in (
+        "res",
+        "depth",
+        "FF variant",
+        "best BP",
+        "FF / best-BP memory",
+        "FF / BP-GA images/s",
+        "same, per CPU-second",
+    ):
         table.add_column(column)
     for s in (s for s in summary if s["kind"] == "ratio"):
-        table.add_row(str(s["resolution"]), str(s["depth"]), s["method"], s["best_bp"] or "-",
-                      *(_fmt(s.get(key)) for key in ("memory_ratio", "throughput_ratio_vs_bp_ga",
-                                                     "cpu_throughput_ratio_vs_bp_ga")))
+        table.add_row(
+            str(s["resolution"]),
+            str(s["depth"]),
+            s["method"],
+            s["best_bp"] or "-",
+            *(
+                _fmt(s.get(key))
+                for key in ("memory_ratio", "throughput_ratio_vs_bp_ga", "cpu_throughput_ratio_vs_bp_ga")
+            ),
+        )
     growth = Table(title="activation memory, deepest / shallowest depth")
     for column in ("res", "method", "depths", "growth"):
         growth.add_column(column)
     for s in (s for s in summary if s["kind"] == "depth-growth"):
-        growth.add_row(str(s["resolution"]), s["method"], f"{s['from_depth']}->{s['to_depth']}",
-                       f"{s['activation_growth']:.2f}x")
+        growth.add_row(
+            str(s["resolution"]), s["method"], f"{s['from_depth']}->{s['to_depth']}", f"{s['activation_growth']:.2f}x"
+        )
     return [t for t in (table, growth) if t.row_count]
 
 
@@ -476,14 +585,14 @@ def plot(rows: list[dict[str, Any]], out_dir: str | Path, prefix: str = "audit")
     ok = _ok(rows)
     resolutions = sorted({r["resolution"] for r in ok})
     paths = []
-    for key, label, name in (("peak_memory_bytes", "peak memory (MiB)", "memory"),
-                             ("images_per_second", "training images/s", "throughput")):
-        fig, axes = plt.subplots(1, max(1, len(resolutions)), figsize=(5 * max(1, len(resolutions)), 4),
-                                 squeeze=False)
+    for key, label, name in (
+        ("peak_memory_bytes", "peak memory (MiB)", "memory"),
+        ("images_per_second", "training images/s", "throughput"),
+    ):
+        fig, axes = plt.subplots(1, max(1, len(resolutions)), figsize=(5 * max(1, len(resolutions)), 4), squeeze=False)
         for ax, res in zip(axes[0], resolutions, strict=False):
             for method in dict.fromkeys(r["method"] for r in ok):
-                points = sorted((r["depth"], r[key]) for r in ok
-                                if r["resolution"] == res and r["method"] == method)
+                points = sorted((r["depth"], r[key]) for r in ok if r["resolution"] == res and r["method"] == method)
                 if points:
                     xs, ys = zip(*points, strict=True)
                     ys = [y / 2**20 for y in ys] if key == "peak_memory_bytes" else ys
@@ -512,15 +621,32 @@ def specs_from_args(args: argparse.Namespace) -> list[AuditSpec]:
     from ffablate.train.common import resolve_device
 
     resolve_device(args.device)
-    common = {"width": args.width, "classes": args.classes, "steps": args.steps, "warmup": args.warmup,
-              "device": args.device, "memory_cap_bytes": cap_bytes(args.memory_cap), "threads": args.threads}
-    for key, value in (("width", args.width), ("classes", args.classes), ("steps", args.steps),
-                       ("batch", args.batch), ("micro-batch", args.micro_batch + 1)):
+    common = {
+        "width": args.width,
+        "classes": args.classes,
+        "steps": args.steps,
+        "warmup": args.warmup,
+        "device": args.device,
+        "memory_cap_bytes": cap_bytes(args.memory_cap),
+        "threads": args.threads,
+    }
+    for key, value in (
+        ("width", args.width),
+        ("classes", args.classes),
+        ("steps", args.steps),
+        ("batch", args.batch),
+        ("micro-batch", args.micro_batch + 1),
+    ):
         if value < 1:
             raise ConfigError(f"--{key} must be at least 1, got {value}")
-    return plan(parse_methods(args.methods), parse_ints(args.depths, "--depths", 2),
-                parse_ints(args.resolution, "--resolution", 8), batch=args.batch,
-                micro_batch=args.micro_batch, **common)
+    return plan(
+        parse_methods(args.methods),
+        parse_ints(args.depths, "--depths", 2),
+        parse_ints(args.resolution, "--resolution", 8),
+        batch=args.batch,
+        micro_batch=args.micro_batch,
+        **common,
+    )
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -550,8 +676,14 @@ def write_output(path: str | Path, rows: list[dict[str, Any]], argv: dict[str, A
 
     import torch
 
-    meta = {"args": argv, "torch": torch.__version__, "python": platform.python_version(),
-            "machine": platform.machine(), "cpu_count": os.cpu_count(), "date": time.strftime("%Y-%m-%d")}
+    meta = {
+        "args": argv,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "machine": platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "date": time.strftime("%Y-%m-%d"),
+    }
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     Path(path).write_text(json.dumps({"meta": meta, "rows": rows, "summary": summarize(rows)}, indent=1))
 

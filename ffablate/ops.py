@@ -164,9 +164,7 @@ def _register() -> None:
 
     @torch.library.register_fake("ffablate::goodness_norm_backward")
     def _(grad_sumsq, grad_sumabs, grad_out, grad_readout, h, sumsq, eps):
-        torch._check(
-            h.dim() in (2, 4), lambda: f"goodness_norm_backward: h must be 2-D or 4-D, got {h.dim()}-D"
-        )
+        torch._check(h.dim() in (2, 4), lambda: f"goodness_norm_backward: h must be 2-D or 4-D, got {h.dim()}-D")
         return torch.empty_like(h, memory_format=torch.contiguous_format)
 
     def setup_context(ctx, inputs, output) -> None:

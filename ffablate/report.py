@@ -262,9 +262,7 @@ def _axis_study(study: optuna.Study, summary: results.Summary) -> optuna.Study |
     return copy if len(copy.trials) >= 4 else None
 
 
-def _importance(
-    study: optuna.Study, summary: results.Summary, out: Path, plots: list[tuple[str, str]]
-) -> str:
+def _importance(study: optuna.Study, summary: results.Summary, out: Path, plots: list[tuple[str, str]]) -> str:
     try:
         copy = _axis_study(study, summary)
         if copy is None:

@@ -174,9 +174,7 @@ def table_rows(summary: Summary, top: int | None = None) -> list[list[str]]:
         if r.failed:
             notes.append(f"{len(r.failed)} failed: {r.failed[0][:60]}")
         gap = fmt(r.gap, signed=True) if r.role == "ff" else "(baseline)"
-        out.append(
-            [r.label, str(r.n), fmt(r.accuracy), gap, f"{_mean(r.train_seconds):.1f}", "; ".join(notes)]
-        )
+        out.append([r.label, str(r.n), fmt(r.accuracy), gap, f"{_mean(r.train_seconds):.1f}", "; ".join(notes)])
     return out
 
 
@@ -276,9 +274,7 @@ def _answer_hierarchy(summary: Summary) -> str:
     by_group: dict[str, dict[str, Row]] = defaultdict(dict)
     for r in summary.ff:
         if r.n:
-            by_group[r.group or str(r.overrides.get("dataset", ""))][
-                str(r.overrides.get("labels", "fine"))
-            ] = r
+            by_group[r.group or str(r.overrides.get("dataset", ""))][str(r.overrides.get("labels", "fine"))] = r
     for group, rows in by_group.items():
         items = [f"{lab} labels {_pp(r.gap)} (FF {fmt(r.accuracy)}%)" for lab, r in sorted(rows.items())]
         parts.append(f"{group}: FF−BP gap with " + ", with ".join(items))

@@ -26,9 +26,7 @@ BUDGETS = ("smoke", "quick", "full")
 # Keys that only shape the FF recipe: a BP baseline ignores them, so FF cells that differ only in these share
 # one baseline. Everything else (dataset, classes, labels, widths, epochs, ...) is matched between FF and its
 # baseline.
-FF_ONLY = frozenset(
-    {"goodness", "temperature", "norm", "loss", "negatives", "fusion", "schedule", "threshold"}
-)
+FF_ONLY = frozenset({"goodness", "temperature", "norm", "loss", "negatives", "fusion", "schedule", "threshold"})
 FF_ONLY_PLUGIN_KINDS = frozenset(PLUGIN_KINDS) - {"datasets"}
 STUDY_KEYS = {"seeds", "n_trials", "axes"}  # budget keys that are not RunConfig keys
 SPACE_TYPES = ("float", "int", "categorical")
@@ -145,9 +143,7 @@ def resolve(name_or_path: str) -> Path:
         if candidate.is_file():
             return candidate
     known = ", ".join(available_names()) or "none"
-    raise SpecError(
-        f"unknown study {name_or_path!r}; known studies: {known} (or give a path to a .toml spec)"
-    )
+    raise SpecError(f"unknown study {name_or_path!r}; known studies: {known} (or give a path to a .toml spec)")
 
 
 def available_names() -> list[str]:
@@ -220,9 +216,7 @@ def parse(raw: dict[str, Any], path: Path) -> Spec:
         for k in b.axes:
             if k not in axis_names:
                 v.fail(f"budgets.{b.name}.axes.{k}", "restricts no axis of the spec")
-            levels = {str(x) for g in groups for x in g.axes.get(k, [])} | {
-                str(x) for x in top_axes.get(k, [])
-            }
+            levels = {str(x) for g in groups for x in g.axes.get(k, [])} | {str(x) for x in top_axes.get(k, [])}
             for x in b.axes[k]:
                 if str(x) not in levels:
                     v.fail(f"budgets.{b.name}.axes.{k}", f"lists {x!r}, which is not a level of the axis")
@@ -236,9 +230,7 @@ def parse(raw: dict[str, Any], path: Path) -> Spec:
     space_plugins = v.get(space_raw, "plugins", list, default=[], key="space")
     for i, kind in enumerate(space_plugins):
         if kind not in FF_ONLY_PLUGIN_KINDS:
-            v.fail(
-                f"space.plugins[{i}]", f"must be a plugin kind ({', '.join(sorted(FF_ONLY_PLUGIN_KINDS))})"
-            )
+            v.fail(f"space.plugins[{i}]", f"must be a plugin kind ({', '.join(sorted(FF_ONLY_PLUGIN_KINDS))})")
     space = {k: v.distribution(d, f"space.{k}") for k, d in space_raw.items() if k != "plugins"}
     for k in space:
         v.setting_key(k, f"space.{k}")
@@ -312,9 +304,7 @@ class _Validator:
             self.fail(path, f"must be {_a(kind)}")
         return value
 
-    def choice(
-        self, table: dict[str, Any], k: str, choices: tuple[str, ...], default: str, key: str = ""
-    ) -> str:
+    def choice(self, table: dict[str, Any], k: str, choices: tuple[str, ...], default: str, key: str = "") -> str:
         value = self.get(table, k, str, default=default, key=key)
         if value not in choices:
             self.fail(_join(key, k), f"must be one of {', '.join(choices)}, not {value!r}")
@@ -481,16 +471,11 @@ def _plan(spec: Spec, budget_name: str, available: Callable[[str], bool]) -> Pla
             )
             continue
         # A budget's axes pick a subset of each group's levels (e.g. fewer K for smoke), never add new ones.
-        axes = {
-            k: [x for x in values if k not in budget.axes or x in budget.axes[k]]
-            for k, values in g.axes.items()
-        }
+        axes = {k: [x for x in values if k not in budget.axes or x in budget.axes[k]] for k, values in g.axes.items()}
         if "dataset" in axes:  # an axis over datasets keeps those the user has, and says which it dropped
             missing = [d for d in axes["dataset"] if not available(d)]
             if missing:
-                notes.append(
-                    f"skipped dataset(s) {', '.join(missing)}: not available here (see `ffablate data list`)"
-                )
+                notes.append(f"skipped dataset(s) {', '.join(missing)}: not available here (see `ffablate data list`)")
             axes["dataset"] = [d for d in axes["dataset"] if available(d)]
         for combo in _product(axes):
             overrides = {**group_set, **combo}
@@ -505,9 +490,7 @@ def _plan(spec: Spec, budget_name: str, available: Callable[[str], bool]) -> Pla
             ff_cells.append(Cell(label, "ff", g.label, {**overrides, "method": "ff"}, match_json))
             for method in spec.baseline_methods:
                 shared = {k: v for k, v in combo.items() if k in match}
-                b_label = " ".join(
-                    x for x in (method, g.label if _group_is_data(g) else "", _label(shared)) if x
-                )
+                b_label = " ".join(x for x in (method, g.label if _group_is_data(g) else "", _label(shared)) if x)
                 key = f"{method}|{match_json}"
                 if key not in baselines:
                     baselines[key] = Cell(
@@ -522,15 +505,12 @@ def _plan(spec: Spec, budget_name: str, available: Callable[[str], bool]) -> Pla
     for cell in cells:
         if cell.label in seen:
             raise SpecError(
-                f"{spec.path}: two configurations are both labelled {cell.label!r}; "
-                "give the groups distinct labels"
+                f"{spec.path}: two configurations are both labelled {cell.label!r}; give the groups distinct labels"
             )
         seen.add(cell.label)
     _check_configs(spec.path, budget_name, base, cells)
     if not ff_cells and spec.sampler == "grid":
-        raise SpecError(
-            f"{spec.path}: nothing to run at budget {budget_name}: " + "; ".join(notes or ["no axes"])
-        )
+        raise SpecError(f"{spec.path}: nothing to run at budget {budget_name}: " + "; ".join(notes or ["no axes"]))
     return Plan(spec, budget, base, cells, notes)
 
 

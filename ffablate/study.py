@@ -51,14 +51,11 @@ def storage_for(url: str | None) -> optuna.storages.RDBStorage:
     url = url or DEFAULT_STORAGE
     if "://" not in url:
         raise FFablateError(
-            f"--storage {url!r} is not a database URL; e.g. sqlite:///ffablate.db or "
-            "postgresql://user@host/db"
+            f"--storage {url!r} is not a database URL; e.g. sqlite:///ffablate.db or postgresql://user@host/db"
         )
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter(
-                "ignore", optuna.exceptions.ExperimentalWarning
-            )  # heartbeats are "experimental"
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # heartbeats are "experimental"
             return optuna.storages.RDBStorage(url, heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S)
     except Exception as exc:  # SQLAlchemy raises many types for a bad URL or an unreachable server
         raise FFablateError(f"cannot open storage {url}: {str(exc).splitlines()[0]}") from None
@@ -139,9 +136,7 @@ class ResumableGridSampler(GridSampler):
     def _get_unvisited_grid_ids(self, study: optuna.Study) -> list[int]:
         taken = set()
         for t in study._storage.get_all_trials(study._study_id, deepcopy=False):
-            point = point_of(t) or (
-                self._point(t.system_attrs["grid_id"]) if "grid_id" in t.system_attrs else None
-            )
+            point = point_of(t) or (self._point(t.system_attrs["grid_id"]) if "grid_id" in t.system_attrs else None)
             if point is not None and (is_done(t) or t.state == TrialState.RUNNING):
                 taken.add(point)
         return [g for g in self._order if self._point(g) not in taken]
@@ -229,9 +224,7 @@ class DataCache:
 
 
 class Objective:
-    def __init__(
-        self, plan: specs.Plan, device: str, data: DataCache, on_epoch_progress: Callable | None = None
-    ):
+    def __init__(self, plan: specs.Plan, device: str, data: DataCache, on_epoch_progress: Callable | None = None):
         self.plan, self.device, self.data = plan, device, data
         self.progress = on_epoch_progress
         self.announce: Callable[[int, str, int], None] | None = None
@@ -308,10 +301,7 @@ class Objective:
             f"{k}={_short(v)}"
             for k, v in overrides.items()
             if k in trial.params
-            or any(
-                p.startswith(f"{k.split('.')[0]}:") and p.endswith(f".{k.split('.', 1)[-1]}")
-                for p in trial.params
-            )
+            or any(p.startswith(f"{k.split('.')[0]}:") and p.endswith(f".{k.split('.', 1)[-1]}") for p in trial.params)
         )
         label = f"#{trial.number} {sampled}".strip()
         return "ff", label, overrides, plan.budget.seeds[0], cells[0].match, cells[0].group
@@ -326,9 +316,7 @@ class Objective:
             trial.report(record["test_accuracy"], epoch)
             if trial.should_prune():
                 trial.set_user_attr("history_at_prune", [record])
-                raise optuna.TrialPruned(
-                    f"pruned at epoch {epoch} with accuracy {record['test_accuracy']:.4f}"
-                )
+                raise optuna.TrialPruned(f"pruned at epoch {epoch} with accuracy {record['test_accuracy']:.4f}")
 
         data = self.data.get(config)
         # One epoch has no curve to prune on: skipping the per-epoch evaluation saves a test pass per trial.
@@ -488,9 +476,7 @@ def run_study(
         limit = todo if n_trials is None else min(n_trials, todo)
         before = len(study.trials)
         if limit > 0:
-            objective = Objective(
-                plan, device, DataCache(data_root), progress.steps if progress is not None else None
-            )
+            objective = Objective(plan, device, DataCache(data_root), progress.steps if progress is not None else None)
             callbacks = [lambda s, t: _log_failure(t, log)]
             if progress is not None:
                 progress.start(limit)
@@ -531,9 +517,7 @@ def load_study(storage_url: str | None, name: str) -> optuna.Study:
         else:
             known = ", ".join(names) or "none"
             hint = f"; several match: {', '.join(matches)}" if matches else ""
-            raise FFablateError(
-                f"no study {name!r} in {storage_url or DEFAULT_STORAGE}{hint}; studies there: {known}"
-            )
+            raise FFablateError(f"no study {name!r} in {storage_url or DEFAULT_STORAGE}{hint}; studies there: {known}")
     with _quiet_optuna():
         return optuna.load_study(study_name=name, storage=storage)
 
@@ -566,9 +550,7 @@ class StudyProgress:
         self.steps_task = self.bar.add_task("  steps", total=None, info="")
 
     def trial_started(self, number: int, label: str, seed: int) -> None:
-        self.bar.update(
-            self.steps_task, completed=0, total=None, description=f"  #{number} {label} s{seed}"[:60]
-        )
+        self.bar.update(self.steps_task, completed=0, total=None, description=f"  #{number} {label} s{seed}"[:60])
 
     def steps(self, done: int, total: int, info: dict[str, float]) -> None:
         self.bar.update(

@@ -5,6 +5,7 @@
 Prints ms per step over 100 steps after 10 warm-up steps; with a second argument, a torch.profiler table.
 Run the two backends alternately several times: single runs on a shared 2-core machine differ by 20%.
 """
+
 import os
 import sys
 import time
@@ -23,6 +24,7 @@ for x, y in batches[:100]:
 print(sys.argv[1], "ms/step %.2f" % ((time.perf_counter() - start) / 100 * 1e3))
 if len(sys.argv) > 2:
     from torch.profiler import profile
+
     with profile() as prof:
         for x, y in batches[:20]:
             t.train_step(x, y, 0.0, range(3), True)

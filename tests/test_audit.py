@@ -13,8 +13,20 @@ from ffablate import audit
 from ffablate.cli import main
 
 SMOKE = {"batch": 8, "micro_batch": 4, "width": 12, "classes": 4, "steps": 2, "warmup": 1}
-SMOKE_ARGS = ["--resolution", "16", "--batch", "8", "--micro-batch", "4", "--width", "12", "--classes", "4",
-              "--steps", "2"]
+SMOKE_ARGS = [
+    "--resolution",
+    "16",
+    "--batch",
+    "8",
+    "--micro-batch",
+    "4",
+    "--width",
+    "12",
+    "--classes",
+    "4",
+    "--steps",
+    "2",
+]
 
 
 METHODS = ["ff", "bp", "bp-ga", "bp-ckpt"]
@@ -26,8 +38,9 @@ def cli_rows(tmp_path_factory) -> tuple[list[dict], Path]:
     plots = tmp_path_factory.mktemp("plots")
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
-        code = main(["audit", "--methods", ",".join(METHODS), "--depths", "2", *SMOKE_ARGS, "--json",
-                     "--plot-dir", str(plots)])
+        code = main(
+            ["audit", "--methods", ",".join(METHODS), "--depths", "2", *SMOKE_ARGS, "--json", "--plot-dir", str(plots)]
+        )
     assert code == 0
     return json.loads(out.getvalue()), plots
 
@@ -73,11 +86,24 @@ def test_backbone_downsamples_twice_then_keeps_resolution():
 
 def test_summary_ratios_compare_ff_to_the_leanest_bp():
     def row(method, depth, peak, act, ips):
-        return {"method": method, "depth": depth, "resolution": 32, "peak_memory_bytes": peak,
-                "activation_memory_bytes": act, "images_per_second": ips, "status": "ok"}
+        return {
+            "method": method,
+            "depth": depth,
+            "resolution": 32,
+            "peak_memory_bytes": peak,
+            "activation_memory_bytes": act,
+            "images_per_second": ips,
+            "status": "ok",
+        }
 
-    rows = [row("ff", 4, 50, 40, 90), row("bp", 4, 200, 190, 120), row("bp-ga", 4, 100, 90, 100),
-            row("ff", 8, 50, 41, 90), row("bp", 8, 300, 290, 120), row("bp-ga", 8, 150, 140, 100)]
+    rows = [
+        row("ff", 4, 50, 40, 90),
+        row("bp", 4, 200, 190, 120),
+        row("bp-ga", 4, 100, 90, 100),
+        row("ff", 8, 50, 41, 90),
+        row("bp", 8, 300, 290, 120),
+        row("bp-ga", 8, 150, 140, 100),
+    ]
     summary = audit.summarize(rows)
     ratio = next(s for s in summary if s["kind"] == "ratio" and s["depth"] == 4)
     assert ratio["best_bp"] == "bp-ga"

@@ -68,8 +68,9 @@ def test_data_list_reports_the_offline_datasets(capsys):
 
 
 def test_the_installed_command_prints_no_traceback():
-    proc = subprocess.run([sys.executable, "-m", "ffablate.cli", "train", "--set", "norm=batchnorm"],
-                          capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, "-m", "ffablate.cli", "train", "--set", "norm=batchnorm"], capture_output=True, text=True
+    )
     assert proc.returncode == 2
     assert proc.stderr.count("\n") == 1 and "unknown norm plugin 'batchnorm'" in proc.stderr
     assert "Traceback" not in proc.stderr

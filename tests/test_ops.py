@@ -13,9 +13,7 @@ from ffablate import ops
 from ffablate.bench import kernel_bench, render_table
 
 OUTS = ("sumsq", "sumabs", "out", "readout")
-HAS_CUDA = (
-    ops.extension_available() and bool(getattr(ops._C, "WITH_CUDA", False)) and torch.cuda.is_available()
-)
+HAS_CUDA = ops.extension_available() and bool(getattr(ops._C, "WITH_CUDA", False)) and torch.cuda.is_available()
 cuda_only = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device and a CUDA build of ffablate._C")
 
 
@@ -263,9 +261,7 @@ def test_unsupported_dtype_falls_back_silently() -> None:
 
 
 def test_kernel_bench_quick() -> None:
-    rows = kernel_bench(
-        "cpu", quick=True, shapes=[("conv", (8, 4, 6, 6)), ("mlp", (8, 64))], compile_reference=False
-    )
+    rows = kernel_bench("cpu", quick=True, shapes=[("conv", (8, 4, 6, 6)), ("mlp", (8, 64))], compile_reference=False)
     assert [r["name"] for r in rows] == ["conv", "mlp"]
     for r in rows:
         assert r["backend"] == "fused"
@@ -284,14 +280,10 @@ def test_kernel_bench_quick() -> None:
 @cuda_only
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("single_pass", ["1", "0"])
-def test_cuda_matches_reference(
-    dtype: torch.dtype, single_pass: str, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_cuda_matches_reference(dtype: torch.dtype, single_pass: str, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("FFABLATE_CUDA_SINGLE_PASS", single_pass)
     tol = {torch.float32: 2e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2}[dtype]
-    for i, shape in enumerate(
-        _random_shapes(seed=7, count=30, big=True) + [(3, 2, 100, 100), (2, 5, 3, 3000)]
-    ):
+    for i, shape in enumerate(_random_shapes(seed=7, count=30, big=True) + [(3, 2, 100, 100), (2, 5, 3, 3000)]):
         _check_against_reference(_make(shape, dtype, "cuda", i), seed=i, atol=tol, rtol=tol)
 
 
@@ -357,9 +349,7 @@ def test_cuda_opcheck_compile_and_errors() -> None:
     with pytest.raises(RuntimeError, match="float32, float16 and bfloat16"):
         torch.ops.ffablate.goodness_norm.default(h.double(), 1e-6)
     with pytest.raises(RuntimeError):
-        torch.ops.ffablate.goodness_norm_backward.default(
-            None, None, torch.randn(3, 4, 5, 5), None, h, sq, 1e-6
-        )
+        torch.ops.ffablate.goodness_norm_backward.default(None, None, torch.randn(3, 4, 5, 5), None, h, sq, 1e-6)
 
 
 @pytest.mark.cuda

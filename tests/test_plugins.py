@@ -19,8 +19,17 @@ EXPECTED_BUILTINS = {
     "loss": {"softplus-threshold", "symba", "bce", "classwise-ce"},
     "negatives": {"random-label", "hardest-label", "none"},
     "fusion": {"last", "sum", "sum-from-k", "learned-weights", "readout"},
-    "datasets": {"fashion-mnist", "mnist", "digits", "teacher-student", "cifar10", "cifar100", "svhn", "stl10",
-                 "imagefolder"},
+    "datasets": {
+        "fashion-mnist",
+        "mnist",
+        "digits",
+        "teacher-student",
+        "cifar10",
+        "cifar100",
+        "svhn",
+        "stl10",
+        "imagefolder",
+    },
 }
 
 
@@ -57,8 +66,9 @@ class CubePlugin:
 
     @hookimpl
     def ffablate_register_goodness(self, register):
-        register("cube", self.make, "mean |h|^3 (test plugin)", space={"scale": {"type": "float", "low": 0.5,
-                                                                                    "high": 2.0}})
+        register(
+            "cube", self.make, "mean |h|^3 (test plugin)", space={"scale": {"type": "float", "low": 0.5, "high": 2.0}}
+        )
 
     def make(self, scale: float = 1.0):
         CubePlugin.calls += 1
@@ -69,8 +79,19 @@ def test_in_test_plugin_is_used_by_ffablate_train(capsys):
     plugin = CubePlugin()
     add_plugin(plugin)
     try:
-        args = tiny_args("--set", "goodness=cube", "--set", "goodness.scale=2", "--set", "negatives=random-label",
-                         "--set", "loss=softplus-threshold", "--set", "fusion=sum", "--json")
+        args = tiny_args(
+            "--set",
+            "goodness=cube",
+            "--set",
+            "goodness.scale=2",
+            "--set",
+            "negatives=random-label",
+            "--set",
+            "loss=softplus-threshold",
+            "--set",
+            "fusion=sum",
+            "--json",
+        )
         assert main(["train", *args]) == 0
         result = json.loads(capsys.readouterr().out)
         assert result["config"]["goodness"] == "cube"
@@ -112,14 +133,27 @@ def test_example_package_is_found_through_its_entry_point(tmp_path: Path):
     package = Path(__file__).parents[1] / "plugins" / "ffablate-power"
     target = tmp_path / "site"
     subprocess.run(
-        [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", "--target", str(target),
-         str(package)],
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "-q",
+            "--no-deps",
+            "--no-build-isolation",
+            "--target",
+            str(target),
+            str(package),
+        ],
         check=True,
     )
     env_path = f"{target}:{Path(__file__).parents[1]}"
     out = subprocess.run(
         [sys.executable, "-m", "ffablate.cli", "plugins", "goodness", "--json"],
-        check=True, capture_output=True, text=True, env={"PYTHONPATH": env_path, "PATH": "/usr/bin:/bin"},
+        check=True,
+        capture_output=True,
+        text=True,
+        env={"PYTHONPATH": env_path, "PATH": "/usr/bin:/bin"},
     ).stdout
     rows = {row["name"]: row for row in json.loads(out)}
     assert rows["power"]["source"] == "ffablate-power"
@@ -147,8 +181,10 @@ def test_losses_agree_with_their_definitions():
     softplus = torch.nn.functional.softplus
     expected = (softplus(-(g_pos - theta) / t) + softplus((g_neg - theta) / t)).mean()
     torch.testing.assert_close(reg.create("loss", "softplus-threshold")(g_pos, g_neg, None, theta, t), expected)
-    torch.testing.assert_close(reg.create("loss", "symba", {"alpha": 3.0})(g_pos, g_neg, None, theta, t),
-                               softplus(-3.0 * (g_pos - g_neg) / t).mean())
+    torch.testing.assert_close(
+        reg.create("loss", "symba", {"alpha": 3.0})(g_pos, g_neg, None, theta, t),
+        softplus(-3.0 * (g_pos - g_neg) / t).mean(),
+    )
     p_pos = (1 - torch.exp(-g_pos / t)).clamp_min(1e-6)
     expected_bce = -(p_pos.log().mean() + (-g_neg / t).mean())
     got = reg.create("loss", "bce")(g_pos, g_neg, None, theta, t)
@@ -156,5 +192,7 @@ def test_losses_agree_with_their_definitions():
     torch.testing.assert_close(got, expected_bce)
     logits = torch.randn(4, 3)
     labels = torch.tensor([0, 2, 1, 0])
-    torch.testing.assert_close(reg.create("loss", "classwise-ce")(logits, None, labels, theta, t),
-                               torch.nn.functional.cross_entropy(logits / t, labels))
+    torch.testing.assert_close(
+        reg.create("loss", "classwise-ce")(logits, None, labels, theta, t),
+        torch.nn.functional.cross_entropy(logits / t, labels),
+    )

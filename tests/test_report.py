@@ -97,9 +97,7 @@ def test_two_axis_ablation_report_holds_the_numbers(tmp_path, url):
             "overrides": {"temperature": "cosine", "norm": "none"},
         }
     )
-    study = make_study(
-        url, "tvn-quick", {"analysis": "ablation", "axes": axes, "question": "Which is best?"}, trials
-    )
+    study = make_study(url, "tvn-quick", {"analysis": "ablation", "axes": axes, "question": "Which is best?"}, trials)
     report = write_report(study, tmp_path / "out")
     text = report.read_text()
     assert "**Question.** Which is best?" in text

@@ -92,9 +92,7 @@ def test_smoke_study_runs_every_grid_point_and_baseline_once(finished):
     ):
         assert key in t.user_attrs["metrics"]
     assert t.user_attrs["config"]["seed"] == t.user_attrs["seed"]
-    assert all(
-        t.user_attrs["config"]["method"] == "bp-deepsup" for t in trials if t.user_attrs["role"] == "baseline"
-    )
+    assert all(t.user_attrs["config"]["method"] == "bp-deepsup" for t in trials if t.user_attrs["role"] == "baseline")
 
 
 def test_rerunning_a_finished_study_runs_nothing(finished, capsys):
@@ -105,9 +103,7 @@ def test_rerunning_a_finished_study_runs_nothing(finished, capsys):
     out = json.loads(capsys.readouterr().out)
     rows = {r["label"]: r for r in out["rows"]}
     assert rows["temperature=constant"]["n"] == 2
-    assert (
-        rows["temperature=constant"]["gap_ci95"] == rows["temperature=constant"]["gap_ci95"]
-    )  # a number, not nan
+    assert rows["temperature=constant"]["gap_ci95"] == rows["temperature=constant"]["gap_ci95"]  # a number, not nan
 
 
 GAP = """
@@ -141,8 +137,12 @@ def test_recipe_is_the_sources_shared_ff_settings_plus_the_winners_own(tmp_path)
     shared = {"negatives": "random-label", "loss": "softplus-threshold", "dataset": "mnist", "limit_train": 100}
     source.set_user_attr("base", shared)
     for goodness, value in (("meansq", 0.7), ("sumsq", 0.6)):
-        attrs = {"cell": f"goodness={goodness}", "role": "ff", "seed": 0,
-                 "overrides": {"goodness": goodness, "method": "ff"}}
+        attrs = {
+            "cell": f"goodness={goodness}",
+            "role": "ff",
+            "seed": 0,
+            "overrides": {"goodness": goodness, "method": "ff"},
+        }
         source.add_trial(create_trial(value=value, params={}, distributions={}, user_attrs=attrs))
     recipe, name = studies.winning_recipe(url, "src")
     assert name == "src-quick"
@@ -223,9 +223,7 @@ def test_killed_study_resumes_without_losing_or_repeating_trials(tmp_path):
         proc.send_signal(signal.SIGKILL)
         proc.wait()
     kept = {
-        t.number: (studies.point_of(t), t.value)
-        for t in trials_of(url, "tiny-smoke")
-        if t.state == TrialState.COMPLETE
+        t.number: (studies.point_of(t), t.value) for t in trials_of(url, "tiny-smoke") if t.state == TrialState.COMPLETE
     }
     assert any(t.state == TrialState.RUNNING for t in trials_of(url, "tiny-smoke"))
 
@@ -272,8 +270,7 @@ def test_spec_errors_name_the_key_path(tmp_path, capsys, body, message):
 def test_budget_value_of_the_wrong_type(tmp_path, capsys):
     path = tmp_path / "bad.toml"
     path.write_text(
-        GRID
-        + TINY_BUDGET.format(seeds=1).replace("[budgets.quick]\nepochs = 1", "[budgets.quick]\nepochs = 1.5")
+        GRID + TINY_BUDGET.format(seeds=1).replace("[budgets.quick]\nepochs = 1", "[budgets.quick]\nepochs = 1.5")
     )
     assert main(["study", str(path), "--storage", storage_url(tmp_path)]) == 2
     assert "budgets.quick.epochs must be an int" in capsys.readouterr().err
@@ -287,13 +284,8 @@ def test_unknown_study_name_lists_the_known_ones(capsys):
 
 def test_changed_spec_refuses_to_mix_into_an_old_study(finished, capsys):
     tmp_path, url, _ = finished
-    changed = write_spec(
-        tmp_path, GRID.replace('["constant", "cosine"]', '["constant", "linear"]'), name="tiny2"
-    )
-    assert (
-        main(["study", str(changed), "--budget", "smoke", "--storage", url, "--study-name", "tiny-smoke"])
-        == 2
-    )
+    changed = write_spec(tmp_path, GRID.replace('["constant", "cosine"]', '["constant", "linear"]'), name="tiny2")
+    assert main(["study", str(changed), "--budget", "smoke", "--storage", url, "--study-name", "tiny-smoke"]) == 2
     assert "different spec" in capsys.readouterr().err
 
 
@@ -328,9 +320,7 @@ def test_t_interval_matches_scipy_and_the_fallback_is_close():
     for df in (1, 2, 3, 4.5, 9, 30):
         assert abs(_t_quantile_series(0.975, df) - t_quantile(0.975, df)) < 2e-3 * t_quantile(0.975, df)
     est = mean_ci([0.80, 0.82, 0.84])
-    assert est.mean == pytest.approx(0.82) and est.half_width == pytest.approx(
-        4.302653 * 0.02 / 3**0.5, rel=1e-5
-    )
+    assert est.mean == pytest.approx(0.82) and est.half_width == pytest.approx(4.302653 * 0.02 / 3**0.5, rel=1e-5)
 
 
 def test_welch_interval_and_degenerate_cases():

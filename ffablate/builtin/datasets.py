@@ -72,9 +72,7 @@ def _download(name: str, fetch: Callable[[Path], None], root: Path) -> None:
         fetch(root)
     except Exception as exc:  # torchvision raises URLError, RuntimeError, OSError... depending on the failure
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise DataNotFound(
-            f"downloading {name!r} into {root} failed ({first}); put the files there by hand"
-        ) from None
+        raise DataNotFound(f"downloading {name!r} into {root} failed ({first}); put the files there by hand") from None
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -227,9 +225,7 @@ def _cifar_images(batch: dict[str, Any], path: Path) -> np.ndarray:
 def _folder_locator(name: str, rel: str, what: str, offline: str | None = None) -> Locate:
     def locate(roots: list[Path]) -> tuple[str | None, str]:
         found = next((root / rel for root in roots if (root / rel).is_dir()), None)
-        return (str(found) if found else None), missing_message(
-            name, f"{what} under {roots[0] / rel}", offline
-        )
+        return (str(found) if found else None), missing_message(name, f"{what} under {roots[0] / rel}", offline)
 
     return locate
 
@@ -253,9 +249,7 @@ def _resolve_folder(
 def _require(folder: Path, files: list[str], name: str) -> None:
     missing = [f for f in files if not (folder / f).is_file()]
     if missing:
-        raise DataNotFound(
-            f"dataset {name!r}: {folder} lacks {', '.join(missing)}; fetch it again (e.g. --download)"
-        )
+        raise DataNotFound(f"dataset {name!r}: {folder} lacks {', '.join(missing)}; fetch it again (e.g. --download)")
 
 
 def _tv_fetch(cls: str, **splits: Any) -> Callable[[Path], None]:
@@ -268,9 +262,7 @@ def _tv_fetch(cls: str, **splits: Any) -> Callable[[Path], None]:
     return fetch
 
 
-_locate_cifar10 = _folder_locator(
-    "cifar10", "cifar-10-batches-py", "data_batch_1..5, test_batch, batches.meta"
-)
+_locate_cifar10 = _folder_locator("cifar10", "cifar-10-batches-py", "data_batch_1..5, test_batch, batches.meta")
 
 
 @_with_locator(_locate_cifar10)
@@ -377,9 +369,7 @@ def _read_stl(folder: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
     x = np.fromfile(folder / f"{split}_X.bin", dtype=np.uint8)
     y = np.fromfile(folder / f"{split}_y.bin", dtype=np.uint8).astype(np.int64) - 1  # labels are 1..10
     if x.size != len(y) * 3 * 96 * 96:
-        raise MalformedFile(
-            f"{folder}/{split}_X.bin holds {x.size} bytes, not {len(y)} 3x96x96 images; fetch again"
-        )
+        raise MalformedFile(f"{folder}/{split}_X.bin holds {x.size} bytes, not {len(y)} 3x96x96 images; fetch again")
     # Stored column-major per channel: transpose to (N, C, H, W) rows-first.
     return x.reshape(-1, 3, 96, 96).transpose(0, 1, 3, 2), y
 
@@ -465,9 +455,7 @@ def _read_split(folder: Path, classes: list[str], mode: str, size: int) -> tuple
         raise DataNotFound(f"dataset 'imagefolder': no images under {folder}/<class>/ (png, jpg, bmp)")
     shapes = {im.shape for im in images}
     if len(shapes) > 1:
-        raise ConfigError(
-            f"imagefolder: images under {folder} differ in size {sorted(shapes)[:3]}; set dataset.size=N"
-        )
+        raise ConfigError(f"imagefolder: images under {folder} differ in size {sorted(shapes)[:3]}; set dataset.size=N")
     return np.stack(images), np.asarray(labels)
 
 
@@ -504,9 +492,7 @@ def ffablate_register_datasets(register: Callable[..., None]) -> None:
         "synthetic images labelled by a fixed random conv teacher into k balanced classes",
     )
     register("cifar10", load_cifar10, "32x32 colour images, 10 classes (torchvision layout)")
-    register(
-        "cifar100", load_cifar100, "32x32 colour images, 100 fine / 20 coarse classes (torchvision layout)"
-    )
+    register("cifar100", load_cifar100, "32x32 colour images, 100 fine / 20 coarse classes (torchvision layout)")
     register("svhn", load_svhn, "32x32 street-view house-number digits, 10 classes (.mat files)")
     register("stl10", load_stl10, "96x96 colour images, 10 classes, labelled splits (stl10_binary)")
     register("imagefolder", load_imagefolder, "your images: <path>/{train,test}/<class>/*.png|jpg")

@@ -86,7 +86,8 @@ class Readout(_Fusion):
 def ffablate_register_fusion(register):
     register("last", Last, "last block's scores")
     register("sum", Sum, "sum of all blocks' scores (Hinton)")
-    register("sum-from-k", SumFromK, "sum of blocks k.. (DeeperForward)",
-             space={"k": {"type": "int", "low": 0, "high": 2}})
+    register(
+        "sum-from-k", SumFromK, "sum of blocks k.. (DeeperForward)", space={"k": {"type": "int", "low": 0, "high": 2}}
+    )
     register("learned-weights", LearnedWeights, "softmax-weighted standardized scores, fit on detached scores")
     register("readout", Readout, "linear probe on detached readout features and scores of all blocks")

@@ -82,6 +82,10 @@ def ffablate_register_goodness(register):
     register("sumsq", SumSq, "sum of squared activities (Hinton 2022)")
     register("meansq", MeanSq, "mean of squared activities (DeeperForward)")
     register("l1", L1, "mean absolute activity")
-    register("logsumexp", LogSumExp, "smooth max of squared activities (ffablate's own)",
-             space={"tau": {"type": "float", "low": 0.1, "high": 10.0, "log": True}})
+    register(
+        "logsumexp",
+        LogSumExp,
+        "smooth max of squared activities (ffablate's own)",
+        space={"tau": {"type": "float", "low": 0.1, "high": 10.0, "log": True}},
+    )
     register("classwise", ClassWise, "per-class mean square of channel groups (CwComp)")

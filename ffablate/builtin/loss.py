@@ -67,8 +67,16 @@ class ClassWiseCE:
 @hookimpl
 def ffablate_register_loss(register):
     register("softplus-threshold", SoftplusThreshold, "Hinton's thresholded logistic loss")
-    register("symba", SymBa, "SymBa: softplus(-alpha (g+ - g-)/T)",
-             space={"alpha": {"type": "float", "low": 1.0, "high": 16.0, "log": True}})
+    register(
+        "symba",
+        SymBa,
+        "SymBa: softplus(-alpha (g+ - g-)/T)",
+        space={"alpha": {"type": "float", "low": 1.0, "high": 16.0, "log": True}},
+    )
     register("bce", BCE, "BCE with p = 1 - exp(-g/T) (ffablate's own)")
-    register("classwise-ce", ClassWiseCE, "cross-entropy over per-class goodness (CwComp)",
-             space={"label_smoothing": {"type": "float", "low": 0.0, "high": 0.2}})
+    register(
+        "classwise-ce",
+        ClassWiseCE,
+        "cross-entropy over per-class goodness (CwComp)",
+        space={"label_smoothing": {"type": "float", "low": 0.0, "high": 0.2}},
+    )

@@ -88,6 +88,10 @@ class NoNegatives:
 @hookimpl
 def ffablate_register_negatives(register):
     register("random-label", RandomLabel, "label one-hot in the first K pixels; random wrong label")
-    register("hardest-label", HardestLabel, "like random-label, but the highest-scoring wrong label with prob p",
-             space={"p": {"type": "float", "low": 0.0, "high": 1.0}})
+    register(
+        "hardest-label",
+        HardestLabel,
+        "like random-label, but the highest-scoring wrong label with prob p",
+        space={"p": {"type": "float", "low": 0.0, "high": 1.0}},
+    )
     register("none", NoNegatives, "no label embedding, no negatives (class-wise goodness)")

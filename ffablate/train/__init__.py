@@ -10,8 +10,14 @@ from ffablate.train.common import RunResult, TrainingDiverged
 __all__ = ["RunResult", "TrainingDiverged", "build_trainer", "run"]
 
 
-def build_trainer(config: RunConfig, *, data_root: str | None = None, download: bool = False,
-                  plugins: Registry | None = None, data: common.RunData | None = None):
+def build_trainer(
+    config: RunConfig,
+    *,
+    data_root: str | None = None,
+    download: bool = False,
+    plugins: Registry | None = None,
+    data: common.RunData | None = None,
+):
     """The trainer for ``config.method`` with its data on the device (``data`` reuses already-loaded data)."""
     from ffablate.train.bp import BPTrainer
     from ffablate.train.ff import FFTrainer
@@ -24,8 +30,15 @@ def build_trainer(config: RunConfig, *, data_root: str | None = None, download: 
     return trainer_cls(config, data, device, plugins)
 
 
-def run(config: RunConfig, *, data_root: str | None = None, download: bool = False,
-        progress: common.Progress | None = None, on_epoch: common.EpochCallback | None = None,
-        plugins: Registry | None = None, data: common.RunData | None = None) -> RunResult:
+def run(
+    config: RunConfig,
+    *,
+    data_root: str | None = None,
+    download: bool = False,
+    progress: common.Progress | None = None,
+    on_epoch: common.EpochCallback | None = None,
+    plugins: Registry | None = None,
+    data: common.RunData | None = None,
+) -> RunResult:
     trainer = build_trainer(config, data_root=data_root, download=download, plugins=plugins, data=data)
     return trainer.fit(progress=progress, on_epoch=on_epoch)

@@ -22,8 +22,9 @@ from ffablate.train import common
 
 
 class BPNet(nn.Module):
-    def __init__(self, config: RunConfig, in_shape: tuple[int, int, int], num_classes: int,
-                 plugins: Registry | None = None):
+    def __init__(
+        self, config: RunConfig, in_shape: tuple[int, int, int], num_classes: int, plugins: Registry | None = None
+    ):
         super().__init__()
         self.backbone = build_backbone(config, in_shape, plugins)
         dims = self.backbone.feature_dims
@@ -56,8 +57,7 @@ def bp_loss(logits: list[Tensor], y: Tensor) -> Tensor:
 
 
 class BPTrainer:
-    def __init__(self, config: RunConfig, data: common.RunData, device: torch.device,
-                 plugins: Registry | None = None):
+    def __init__(self, config: RunConfig, data: common.RunData, device: torch.device, plugins: Registry | None = None):
         self.config, self.data, self.device = config, data, device
         self.net = BPNet(config, data.in_shape, data.dataset.num_classes, plugins).to(device)
         self.optimizer = common.make_optimizer(self.net.parameters(), config)
@@ -92,8 +92,9 @@ class BPTrainer:
         per_layer = [c / total for c in correct]
         return per_layer[-1], per_layer
 
-    def fit(self, progress: common.Progress | None = None, on_epoch: common.EpochCallback | None = None
-            ) -> common.RunResult:
+    def fit(
+        self, progress: common.Progress | None = None, on_epoch: common.EpochCallback | None = None
+    ) -> common.RunResult:
         cfg, loader = self.config, self.data.train
         memory, watch = common.MemoryMeter(self.device), common.Stopwatch(self.device)
         total_steps, images, history = cfg.epochs * len(loader), 0, []

@@ -88,10 +88,17 @@ def prepare_data(config: RunConfig, device: torch.device, data_root: str | None,
     ds = limit_split(ds, "test", config.limit_test, seed=0)
     mean, std = dataset_stats(ds)
     common = {"device": device, "mean": mean, "std": std, "flips": ds.flips}
-    train = DeviceLoader(ds.train_x, ds.train_y, batch_size=config.batch_size, shuffle=True, seed=config.seed,
-                         augment=config.augment, drop_last=True, **common)
-    test = DeviceLoader(ds.test_x, ds.test_y, batch_size=1000, shuffle=False, seed=config.seed, augment=False,
-                        **common)
+    train = DeviceLoader(
+        ds.train_x,
+        ds.train_y,
+        batch_size=config.batch_size,
+        shuffle=True,
+        seed=config.seed,
+        augment=config.augment,
+        drop_last=True,
+        **common,
+    )
+    test = DeviceLoader(ds.test_x, ds.test_y, batch_size=1000, shuffle=False, seed=config.seed, augment=False, **common)
     if len(train) == 0:
         raise ConfigError(
             f"{len(ds.train_y)} training images make no full batch of {config.batch_size}; lower batch_size"

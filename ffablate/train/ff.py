@@ -20,8 +20,9 @@ from ffablate.train import common
 class FFNet(nn.Module):
     """A backbone plus the plugins that turn its blocks' activity into local losses and a prediction."""
 
-    def __init__(self, config: RunConfig, in_shape: tuple[int, int, int], num_classes: int,
-                 plugins: Registry | None = None):
+    def __init__(
+        self, config: RunConfig, in_shape: tuple[int, int, int], num_classes: int, plugins: Registry | None = None
+    ):
         super().__init__()
         reg = plugins or registry()
         self.num_classes, self.threshold = num_classes, config.threshold
@@ -34,8 +35,12 @@ class FFNet(nn.Module):
         self.loss_fn = reg.create("loss", config.loss, config.params_of("loss"))
         self.negatives = reg.create("negatives", config.negatives, config.params_of("negatives"))
         self.fusion = reg.create(
-            "fusion", config.fusion, config.params_of("fusion"),
-            num_layers=depth, num_classes=num_classes, feature_dims=self.backbone.feature_dims,
+            "fusion",
+            config.fusion,
+            config.params_of("fusion"),
+            num_layers=depth,
+            num_classes=num_classes,
+            feature_dims=self.backbone.feature_dims,
         )
         _check_compatible(config, self.goodness.per_class, self.negatives.embeds_label)
 
@@ -94,23 +99,24 @@ def _cat_chunks(chunks: list[list[Tensor]]) -> list[Tensor]:
 
 def _check_compatible(config: RunConfig, per_class: bool, embeds_label: bool) -> None:
     if per_class and embeds_label:
-        raise ConfigError(
-            f"goodness {config.goodness!r} is per-class and needs no negatives: use --set negatives=none"
-        )
+        raise ConfigError(f"goodness {config.goodness!r} is per-class and needs no negatives: use --set negatives=none")
     if not per_class and not embeds_label:
         raise ConfigError(
             f"goodness {config.goodness!r} needs labelled negatives: use --set negatives=random-label "
             "(or goodness=classwise with loss=classwise-ce)"
         )
-    if per_class != (config.loss == "classwise-ce") and config.loss in ("classwise-ce", "softplus-threshold",
-                                                                         "symba", "bce"):
+    if per_class != (config.loss == "classwise-ce") and config.loss in (
+        "classwise-ce",
+        "softplus-threshold",
+        "symba",
+        "bce",
+    ):
         want = "classwise-ce" if per_class else "softplus-threshold"
         raise ConfigError(f"loss {config.loss!r} does not fit goodness {config.goodness!r}: use --set loss={want}")
 
 
 class FFTrainer:
-    def __init__(self, config: RunConfig, data: common.RunData, device: torch.device,
-                 plugins: Registry | None = None):
+    def __init__(self, config: RunConfig, data: common.RunData, device: torch.device, plugins: Registry | None = None):
         self.config, self.data, self.device = config, data, device
         self.net = FFNet(config, data.in_shape, data.dataset.num_classes, plugins).to(device)
         self.optimizers = [common.make_optimizer(self.net.block_parameters(i), config) for i in range(self.net.depth)]
@@ -141,8 +147,9 @@ class FFTrainer:
             self._fit_fusion(x, y, _cat_chunks(scores), _cat_chunks(features))
         return last_loss
 
-    def _chunk_backward(self, x: Tensor, y: Tensor, progress: float, active: range, weight: float
-                        ) -> tuple[list[Tensor], list[Tensor], float]:
+    def _chunk_backward(
+        self, x: Tensor, y: Tensor, progress: float, active: range, weight: float
+    ) -> tuple[list[Tensor], list[Tensor], float]:
         """Every block's forward, local loss and backward on one chunk (the loss scaled by the chunk's share
         of the batch, so accumulated gradients are the batch mean). Returns per-block detached scores and
         pooled features, and the last active block's weighted loss.
@@ -151,8 +158,7 @@ class FFTrainer:
         if net.goodness.per_class:
             h, split = net.backbone.prepare(x), None
         else:
-            wrong = net.negatives.wrong_labels(
-                y, k, lambda: torch.stack(net.scores_and_features(x)[0]).sum(0))
+            wrong = net.negatives.wrong_labels(y, k, lambda: torch.stack(net.scores_and_features(x)[0]).sum(0))
             # Positives and negatives share one pass of a doubled batch (two passes' worth of activations).
             pos, neg = net.negatives.embed(x, y, k), net.negatives.embed(x, wrong, k)
             h = net.backbone.prepare(torch.cat([pos, neg]))
@@ -209,16 +215,18 @@ class FFTrainer:
             return [(range(depth), True)]
         return [(range(i, i + 1), i == depth - 1) for i in range(depth)]
 
-    def fit(self, progress: common.Progress | None = None, on_epoch: common.EpochCallback | None = None
-            ) -> common.RunResult:
+    def fit(
+        self, progress: common.Progress | None = None, on_epoch: common.EpochCallback | None = None
+    ) -> common.RunResult:
         cfg, loader = self.config, self.data.train
         memory, watch = common.MemoryMeter(self.device), common.Stopwatch(self.device)
         phases = self.phases()
         steps_per_phase = cfg.epochs * len(loader)
         total_steps, done, images, history = steps_per_phase * len(phases), 0, 0, []
         for active, fit_fusion in phases:
-            opts = [self.optimizers[i] for i in active] + ([self.fusion_optimizer] if fit_fusion and
-                                                           self.fusion_optimizer else [])
+            opts = [self.optimizers[i] for i in active] + (
+                [self.fusion_optimizer] if fit_fusion and self.fusion_optimizer else []
+            )
             for epoch in range(cfg.epochs):
                 loader.set_epoch(epoch)
                 with watch:

@@ -21,5 +21,9 @@ class PowerMean:
 
 @hookimpl
 def ffablate_register_goodness(register):
-    register("power", PowerMean, "mean |h|^p per sample (example plugin)",
-             space={"p": {"type": "float", "low": 1.0, "high": 4.0}})
+    register(
+        "power",
+        PowerMean,
+        "mean |h|^p per sample (example plugin)",
+        space={"p": {"type": "float", "low": 1.0, "high": 4.0}},
+    )
