@@ -19,7 +19,7 @@ from torch import Tensor
 
 from ffablate import ops
 
-__all__ = ["DEFAULT_SHAPES", "kernel_bench", "render_table"]
+__all__ = ["DEFAULT_SHAPES", "POOL_SHAPES", "kernel_bench", "pool_bench", "render_pool_table", "render_table"]
 
 # (name, shape): activity of a 28x28 CNN block (batch 256), a 224x224 network's first stage after a
 # stride-4 stem (56x56, batch 64) and a wide MLP layer. The two conv shapes hold 12.8M elements each.
@@ -27,6 +27,13 @@ DEFAULT_SHAPES: list[tuple[str, tuple[int, ...]]] = [
     ("cnn28", (256, 64, 28, 28)),
     ("cnn224", (64, 64, 56, 56)),
     ("mlp", (1024, 4096)),
+]
+
+# The three pools of `ffablate train`'s default CNN (32-64-128 channels on 28x28 input) at batch 256.
+POOL_SHAPES: list[tuple[str, tuple[int, ...]]] = [
+    ("pool28", (256, 32, 28, 28)),
+    ("pool14", (256, 64, 14, 14)),
+    ("pool7", (256, 128, 7, 7)),
 ]
 
 _DTYPES = {
@@ -310,4 +317,62 @@ def render_table(rows: list[dict[str, Any]], title: str = "goodness_norm forward
             f(r["max_abs_err"], ".1e"),
         ]
         table.add_row(*cells)
+    return table
+
+
+def pool_bench(
+    quick: bool = False, shapes: Sequence[tuple[str, tuple[int, ...]]] | None = None
+) -> list[dict[str, Any]]:
+    """CPU forward+backward of ``ops.max_pool2x2`` (fused backend) vs ``F.max_pool2d(x, 2)`` (ATen), interleaved.
+
+    Inputs are ReLU'd noise, like a block's activity. Rows: name, shape, aten_ms, fused_ms, speedup, and whether
+    output and input gradient are bitwise equal. Run under the process's default allocator, as training is.
+    """
+    warmup, repeats = (1, 3) if quick else (3, 15)
+    gen = torch.Generator().manual_seed(0)
+    rows = []
+    for name, shape in shapes if shapes is not None else POOL_SHAPES:
+        x = torch.randn(shape, generator=gen).relu_().requires_grad_()
+        grad = torch.randn(torch.nn.functional.max_pool2d(x.detach(), 2).shape, generator=gen)
+
+        def aten(x: Tensor = x, grad: Tensor = grad) -> tuple[Tensor, Tensor]:
+            return _step(lambda t: (torch.nn.functional.max_pool2d(t, 2),), x, [grad])
+
+        def fused(x: Tensor = x, grad: Tensor = grad) -> tuple[Tensor, Tensor]:
+            return _step(lambda t: (ops.max_pool2x2(t),), x, [grad])
+
+        times = _Timer.wall({"aten": aten, "fused": fused}, warmup, repeats)
+        (want_out,), want_dx = aten()
+        (got_out,), got_dx = fused()
+        aten_ms, fused_ms = statistics.median(times["aten"]), statistics.median(times["fused"])
+        rows.append(
+            {
+                "name": name,
+                "shape": list(shape),
+                "backend": ops.backend(),
+                "aten_ms": aten_ms,
+                "fused_ms": fused_ms,
+                "speedup": aten_ms / fused_ms,
+                "bitwise_equal": torch.equal(got_out, want_out) and torch.equal(got_dx, want_dx),
+            }
+        )
+    return rows
+
+
+def render_pool_table(rows: list[dict[str, Any]]):
+    """The pool bench rows as a rich table."""
+    from rich.table import Table
+
+    table = Table(title="ffablate kernels: 2x2 max pool forward+backward (CPU)")
+    for col in ("case", "shape", "aten ms", "fused ms", "x aten", "bitwise equal"):
+        table.add_column(col, justify="left" if col in ("case", "shape") else "right")
+    for r in rows:
+        table.add_row(
+            r["name"],
+            "x".join(map(str, r["shape"])),
+            f"{r['aten_ms']:.2f}",
+            f"{r['fused_ms']:.2f}",
+            f"{r['speedup']:.2f}",
+            "yes" if r["bitwise_equal"] else "NO",
+        )
     return table

@@ -77,6 +77,10 @@ def build_parser() -> Parser:
     kernels.add_argument("--quick", action="store_true", help="fewer repeats")
     kernels.add_argument("--json", action="store_true")
     kernels.set_defaults(func=cmd_bench_kernels)
+    pool = bench_sub.add_parser("pool", help="the CPU 2x2 max-pool kernel vs ATen's (bitwise equal results)")
+    pool.add_argument("--quick", action="store_true", help="fewer repeats")
+    pool.add_argument("--json", action="store_true")
+    pool.set_defaults(func=cmd_bench_pool)
 
     study = sub.add_parser("study", help="run or resume an ablation study (Optuna trials + BP baselines)")
     study.add_argument("name", metavar="NAME|PATH", help="a study in studies/ or a .toml file")
@@ -216,6 +220,17 @@ def cmd_bench_kernels(args: argparse.Namespace) -> int:
         print(json.dumps(rows))
     else:
         stdout.print(render_table(rows))
+    return 0
+
+
+def cmd_bench_pool(args: argparse.Namespace) -> int:
+    from ffablate.bench import pool_bench, render_pool_table
+
+    rows = pool_bench(quick=args.quick)
+    if args.json:
+        print(json.dumps(rows))
+    else:
+        stdout.print(render_pool_table(rows))
     return 0
 
 

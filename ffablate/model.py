@@ -8,6 +8,7 @@ from collections.abc import Callable
 
 from torch import Tensor, nn
 
+from ffablate import ops
 from ffablate.config import RunConfig
 from ffablate.paths import NormPaths
 from ffablate.plugins import Registry, registry
@@ -15,11 +16,18 @@ from ffablate.plugins import Registry, registry
 NormFactory = Callable[[int], nn.Module]
 
 
+class MaxPool2x2(nn.Module):
+    """``nn.MaxPool2d(2)`` through :func:`ffablate.ops.max_pool2x2`: the same numbers, several times faster on CPU."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return ops.max_pool2x2(x)
+
+
 def conv_block(in_channels: int, out_channels: int, stride: int) -> nn.Sequential:
     """3x3 conv + ReLU, then a 2x2 max-pool when the block downsamples (stride 2)."""
     layers: list[nn.Module] = [nn.Conv2d(in_channels, out_channels, 3, padding=1), nn.ReLU(inplace=True)]
     if stride == 2:
-        layers.append(nn.MaxPool2d(2))
+        layers.append(MaxPool2x2())
     elif stride != 1:
         raise ValueError(f"block stride must be 1 or 2, got {stride}")
     return nn.Sequential(*layers)

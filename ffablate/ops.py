@@ -24,7 +24,14 @@ import warnings
 import torch
 from torch import Tensor
 
-__all__ = ["backend", "extension_available", "goodness_norm", "reference_goodness_norm", "retain_cpu_memory"]
+__all__ = [
+    "backend",
+    "extension_available",
+    "goodness_norm",
+    "max_pool2x2",
+    "reference_goodness_norm",
+    "retain_cpu_memory",
+]
 
 try:  # importing the compiled extension registers torch.ops.ffablate.*
     from ffablate import _C
@@ -147,6 +154,24 @@ def goodness_norm(h: Tensor, eps: float = 1e-6) -> tuple[Tensor, Tensor, Tensor,
     return reference_goodness_norm(h, eps)
 
 
+def max_pool2x2(x: Tensor) -> Tensor:
+    """``F.max_pool2d(x, 2)``: 2x2 windows, stride 2, odd edges dropped; same values and gradients, bit for bit.
+
+    On the CPU (float32/float64, H and W >= 2) the fused backend runs ``ffablate::max_pool2x2``, which saves a
+    one-byte argmax per output for the backward instead of ATen's eight-byte index and is several times faster
+    than ATen's NCHW kernel on a small VM. Everything else calls ``F.max_pool2d``.
+    """
+    if (
+        x.device.type == "cpu"
+        and x.dtype in _CPU_DTYPES
+        and x.dim() == 4
+        and min(x.shape[2:]) >= 2
+        and backend() == "fused"
+    ):
+        return torch.ops.ffablate.max_pool2x2.default(x)[0]
+    return torch.nn.functional.max_pool2d(x, 2)
+
+
 def _register() -> None:
     @torch.library.register_fake("ffablate::goodness_norm")
     def _(h: Tensor, eps: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -185,6 +210,28 @@ def _register() -> None:
         return dh, None
 
     torch.library.register_autograd("ffablate::goodness_norm", backward, setup_context=setup_context)
+
+    @torch.library.register_fake("ffablate::max_pool2x2")
+    def _(x: Tensor) -> tuple[Tensor, Tensor]:
+        torch._check(x.dim() == 4, lambda: f"max_pool2x2: x must be 4-D (N, C, H, W), got {x.dim()}-D")
+        shape = (x.shape[0], x.shape[1], x.shape[2] // 2, x.shape[3] // 2)
+        return x.new_empty(shape), x.new_empty(shape, dtype=torch.uint8)
+
+    @torch.library.register_fake("ffablate::max_pool2x2_backward")
+    def _(grad_out: Tensor, argmax: Tensor, height: int, width: int) -> Tensor:
+        return grad_out.new_empty((grad_out.shape[0], grad_out.shape[1], height, width))
+
+    def pool_setup_context(ctx, inputs, output) -> None:
+        (x,) = inputs
+        ctx.save_for_backward(output[1])
+        ctx.size = (x.shape[2], x.shape[3])
+        ctx.mark_non_differentiable(output[1])
+
+    def pool_backward(ctx, grad_out, _grad_argmax):
+        (argmax,) = ctx.saved_tensors
+        return torch.ops.ffablate.max_pool2x2_backward.default(grad_out, argmax, *ctx.size)
+
+    torch.library.register_autograd("ffablate::max_pool2x2", pool_backward, setup_context=pool_setup_context)
 
 
 if _EXT_ERROR is None:

@@ -1,31 +1,62 @@
-"""A/B of one FF training step with the fused vs reference goodness_norm (norm=decoupled, full default CNN).
+"""A/B of a training step with ffablate's fused kernels vs the reference ones, in one process.
 
-    python scripts/ff-step-ab.py fused|reference [profile]
+    python scripts/ff-step-ab.py [--set KEY=VALUE ...] [--rounds 5] [--steps 50] [--profile]
 
-Prints ms per step over 100 steps after 10 warm-up steps; with a second argument, a torch.profiler table.
-Run the two backends alternately several times: single runs on a shared 2-core machine differ by 20%.
+Builds the trainer of `ffablate train`'s defaults (plus --set overrides, e.g. norm=decoupled or method=bp-deepsup)
+on the first 12,800 training images, then alternates FFABLATE_KERNELS=fused and =reference round by round, each
+round timing --steps steps after 3 warm-up steps. Alternating in one process keeps the ratio honest on a shared
+machine: a slow patch of the host hits both backends. Prints ms/step per round, the medians and their ratio;
+--profile adds a torch.profiler table of 10 fused steps.
 """
 
+import argparse
 import os
-import sys
+import statistics
 import time
 
-from ffablate.config import RunConfig
+from ffablate.config import RunConfig, parse_sets
 from ffablate.train import build_trainer
+from ffablate.train.ff import FFTrainer
 
-os.environ["FFABLATE_KERNELS"] = sys.argv[1]
-t = build_trainer(RunConfig().with_updates({"norm": "decoupled", "limit_train": 12800}))
-batches = list(t.data.train)
-for x, y in batches[:10]:
-    t.train_step(x, y, 0.0, range(3), True)
-start = time.perf_counter()
-for x, y in batches[:100]:
-    t.train_step(x, y, 0.0, range(3), True)
-print(sys.argv[1], "ms/step %.2f" % ((time.perf_counter() - start) / 100 * 1e3))
-if len(sys.argv) > 2:
-    from torch.profiler import profile
 
-    with profile() as prof:
-        for x, y in batches[:20]:
-            t.train_step(x, y, 0.0, range(3), True)
-    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12))
+def time_steps(trainer, batches, steps: int) -> float:
+    """Mean ms per step over the first ``steps`` batches (FF: all blocks learn and the fusion is fit)."""
+    start = time.perf_counter()
+    for x, y in batches[:steps]:
+        if isinstance(trainer, FFTrainer):
+            trainer.train_step(x, y, 0.0, range(trainer.net.depth), True)
+        else:
+            trainer.train_step(x, y)
+    return (time.perf_counter() - start) / steps * 1e3
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument("--profile", action="store_true")
+    args = parser.parse_args()
+    config = RunConfig().with_updates({"limit_train": 12800, **parse_sets(args.set)})
+    trainer = build_trainer(config)
+    batches = list(trainer.data.train)
+    times: dict[str, list[float]] = {"fused": [], "reference": []}
+    for round_ in range(args.rounds):
+        for backend in times:
+            os.environ["FFABLATE_KERNELS"] = backend
+            time_steps(trainer, batches, 3)
+            times[backend].append(time_steps(trainer, batches, args.steps))
+        print(f"round {round_}: " + "  ".join(f"{k} {v[-1]:.1f} ms/step" for k, v in times.items()), flush=True)
+    fused, reference = (statistics.median(times[k]) for k in ("fused", "reference"))
+    print(f"median ms/step: fused {fused:.1f}, reference {reference:.1f}; fused/reference {fused / reference:.3f}")
+    if args.profile:
+        from torch.profiler import profile
+
+        os.environ["FFABLATE_KERNELS"] = "fused"
+        with profile() as prof:
+            time_steps(trainer, batches, 10)
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12))
+
+
+if __name__ == "__main__":
+    main()

@@ -60,6 +60,13 @@ def test_train_json_holds_the_promised_fields(capsys):
     assert result["config"]["goodness"] == "classwise" and result["config"]["limit_train"] == 1000
 
 
+def test_bench_pool_json(capsys):
+    assert main(["bench", "pool", "--quick", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [r["name"] for r in rows] == ["pool28", "pool14", "pool7"]
+    assert all(r["bitwise_equal"] for r in rows)
+
+
 def test_data_list_reports_the_offline_datasets(capsys):
     assert main(["data", "list", "--json"]) == 0
     rows = {row["name"]: row for row in json.loads(capsys.readouterr().out)}

@@ -1,0 +1,159 @@
+"""ffablate::max_pool2x2 against ATen's max pooling: the same bits forward and backward, ties and NaN included."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ffablate import ops
+from ffablate.bench import pool_bench, render_pool_table
+from ffablate.model import MaxPool2x2, conv_block
+
+
+@pytest.fixture(autouse=True)
+def _default_backend(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("FFABLATE_KERNELS", raising=False)
+
+
+def _shapes(seed: int, count: int) -> list[tuple[int, int, int, int]]:
+    rng = random.Random(seed)
+    shapes = [(1, 1, 2, 2), (2, 3, 3, 3), (1, 2, 2, 9), (2, 1, 9, 2), (0, 3, 4, 4), (1, 1, 16, 17)]
+    for _ in range(count):
+        shapes.append((rng.randint(1, 4), rng.randint(1, 6), rng.randint(2, 30), rng.randint(2, 30)))
+    return shapes
+
+
+def _input(shape: tuple[int, ...], dtype: torch.dtype, seed: int) -> torch.Tensor:
+    """ReLU'd noise rounded to a coarse grid: many exact ties, at zero and above, like a block's activity."""
+    gen = torch.Generator().manual_seed(seed)
+    return (torch.randn(shape, generator=gen, dtype=dtype) * 2).round().relu()
+
+
+def _assert_same_as_aten(x: torch.Tensor, seed: int) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    a = x.detach().clone().requires_grad_()
+    b = x.detach().clone().requires_grad_()
+    out_a, out_b = ops.max_pool2x2(a), F.max_pool2d(b, 2)
+    grad = torch.randn(out_b.shape, generator=gen, dtype=x.dtype)
+    if grad.numel():
+        grad.view(-1)[0] = -0.0  # ATen adds into zeros, turning -0 into +0: so must we
+    out_a.backward(grad)
+    out_b.backward(grad)
+    # Bits, not values: NaN == NaN and -0 != +0 here.
+    assert out_a.shape == out_b.shape
+    for got, want in ((out_a.detach(), out_b.detach()), (a.grad, b.grad)):
+        assert got.dtype == want.dtype
+        assert torch.equal(got.contiguous().view(-1).view(torch.uint8), want.contiguous().view(-1).view(torch.uint8))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_matches_aten_bit_for_bit(dtype: torch.dtype) -> None:
+    for i, shape in enumerate(_shapes(seed=3, count=40)):
+        _assert_same_as_aten(_input(shape, dtype, i), seed=i)
+
+
+def test_nan_inf_and_negative_values_follow_atens_rule() -> None:
+    x = _input((2, 3, 10, 11), torch.float32, 0) - 1.0  # negatives, zeros and positives
+    flat = x.view(-1)
+    flat[::7] = float("nan")
+    flat[3::11] = float("inf")
+    flat[5::13] = float("-inf")
+    flat[1::17] = -0.0
+    _assert_same_as_aten(x, seed=1)
+    _assert_same_as_aten(torch.full((1, 2, 4, 6), float("-inf")), seed=2)
+
+
+def test_non_contiguous_inputs() -> None:
+    base = _input((2, 4, 12, 10), torch.float32, 5)
+    for x in (base.transpose(2, 3), base.to(memory_format=torch.channels_last), base[:, ::2]):
+        assert not x.is_contiguous()
+        _assert_same_as_aten(x, seed=6)
+    # Non-contiguous incoming gradient too.
+    x = base.clone().requires_grad_()
+    grad = torch.randn(2, 4, 5, 6).transpose(2, 3)
+    (got,) = torch.autograd.grad(ops.max_pool2x2(x), x, grad)
+    (want,) = torch.autograd.grad(F.max_pool2d(x, 2), x, grad)
+    assert torch.equal(got, want)
+
+
+def test_fused_op_runs_where_it_applies_and_aten_elsewhere(monkeypatch: pytest.MonkeyPatch) -> None:
+    aten_calls = []
+    aten = F.max_pool2d
+
+    def counting(x, *args):  # noqa: ANN001, ANN002, ANN202
+        aten_calls.append((tuple(x.shape), x.dtype))
+        return aten(x, *args)
+
+    monkeypatch.setattr(F, "max_pool2d", counting)
+    ops.max_pool2x2(torch.randn(1, 2, 4, 4))  # the op
+    ops.max_pool2x2(torch.randn(1, 2, 4, 4, dtype=torch.bfloat16))  # no CPU kernel for bf16
+    with pytest.raises(RuntimeError):  # a window larger than the input: ATen's own error
+        ops.max_pool2x2(torch.randn(1, 2, 1, 4))
+    monkeypatch.setenv("FFABLATE_KERNELS", "reference")
+    ops.max_pool2x2(torch.randn(1, 2, 4, 4))
+    assert aten_calls == [
+        ((1, 2, 4, 4), torch.bfloat16),
+        ((1, 2, 1, 4), torch.float32),
+        ((1, 2, 4, 4), torch.float32),
+    ]
+
+
+def test_gradcheck_opcheck_and_compile() -> None:
+    x = torch.randn(2, 3, 5, 6, dtype=torch.float64, requires_grad=True)  # distinct values: no ties
+    assert torch.autograd.gradcheck(ops.max_pool2x2, (x,))
+    torch.library.opcheck(torch.ops.ffablate.max_pool2x2.default, (x.detach().float().requires_grad_(),))
+    out, arg = torch.ops.ffablate.max_pool2x2.default(x.detach())
+    assert arg.dtype == torch.uint8 and arg.shape == out.shape and int(arg.max()) <= 3
+    torch.library.opcheck(torch.ops.ffablate.max_pool2x2_backward.default, (torch.randn_like(out), arg, 5, 6))
+    compiled = torch.compile(lambda t: ops.max_pool2x2(t).square().sum(), fullgraph=True)
+    xf = x.detach().float().requires_grad_()
+    (g_c,) = torch.autograd.grad(compiled(xf), xf)
+    (g_e,) = torch.autograd.grad(F.max_pool2d(xf, 2).square().sum(), xf)
+    assert torch.equal(g_c, g_e)
+
+
+BAD = [
+    (lambda: torch.ops.ffablate.max_pool2x2.default(torch.randn(3, 4, 4)), "4-D"),
+    (lambda: torch.ops.ffablate.max_pool2x2.default(torch.ones(1, 1, 4, 4, dtype=torch.int32)), "float32 and float64"),
+    (lambda: torch.ops.ffablate.max_pool2x2.default(torch.randn(1, 1, 1, 4)), "at least 2"),
+    (
+        lambda: torch.ops.ffablate.max_pool2x2_backward.default(
+            torch.randn(1, 1, 2, 2), torch.zeros(1, 1, 2, 2, dtype=torch.int64), 4, 4
+        ),
+        "uint8",
+    ),
+    (
+        lambda: torch.ops.ffablate.max_pool2x2_backward.default(
+            torch.randn(1, 1, 2, 2), torch.zeros(1, 1, 2, 2, dtype=torch.uint8), 6, 4
+        ),
+        "gives",
+    ),
+    (
+        lambda: torch.ops.ffablate.max_pool2x2_backward.default(
+            torch.randn(1, 1, 2, 2), torch.zeros(1, 1, 2, 3, dtype=torch.uint8), 4, 4
+        ),
+        "argmax has shape",
+    ),
+]
+
+
+@pytest.mark.parametrize(("call", "msg"), BAD)
+def test_bad_inputs_raise(call, msg: str) -> None:  # noqa: ANN001
+    with pytest.raises(RuntimeError, match=msg):
+        call()
+
+
+def test_backbone_blocks_pool_through_the_op() -> None:
+    block = conv_block(3, 8, stride=2)
+    assert isinstance(block[-1], MaxPool2x2)
+    assert not any(isinstance(m, torch.nn.MaxPool2d) for m in block.modules())
+
+
+def test_pool_bench_quick() -> None:
+    rows = pool_bench(quick=True, shapes=[("small", (4, 3, 9, 8))])
+    assert len(rows) == 1 and rows[0]["bitwise_equal"] and rows[0]["backend"] == "fused"
+    assert rows[0]["aten_ms"] > 0 and rows[0]["fused_ms"] > 0
+    assert render_pool_table(rows).row_count == 1
