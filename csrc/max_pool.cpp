@@ -1,17 +1,20 @@
-// ffablate::max_pool2x2: 2x2, stride-2 max pooling on the CPU with a one-byte argmax.
+// ffablate::max_pool2x2: 2x2, stride-2 max pooling on the CPU, optionally fused with the ReLU before it, with a
+// one-byte argmax.
 //
-// Every downsampling block pools after its ReLU. ATen's CPU kernel for contiguous NCHW input with indices
-// spent about 10 ns per output on this project's VM, a quarter of a default FF step; this one reads x once,
-// writes the maxima and a byte per output saying which of the four won, and the backward writes grad_input in
-// one pass. Values and gradients are bitwise those of at::max_pool2d_with_indices (same scan order, same
-// tie and NaN rule, grad added to zero), so switching kernels moves no result. The saved argmax is 1 byte
-// per output instead of ATen's 8.
+// Every downsampling block is conv -> ReLU -> pool. ATen's CPU kernel for contiguous NCHW input with indices spent
+// about 10 ns per output on this project's VM, a quarter of a default FF step, and the ReLU's backward another
+// full pass over the conv output. This reads x once and writes the maxima plus a byte per output: bits 0-1 say
+// which of the four candidates won, bit 2 (ReLU only) that the ReLU zeroed the gradient. The backward writes
+// grad_input in one pass from that byte. Values and gradients are bitwise those of
+// max_pool2d_with_indices(relu_(x)) and their autograd backward: the same scan order, ATen's tie and NaN rule, the
+// gradient added to zero, and threshold_backward's `result <= 0` test. So switching kernels moves no result.
 #include <torch/extension.h>
 
 #include <ATen/Parallel.h>
 
 #include <cmath>
 #include <cstring>
+#include <type_traits>
 
 #if defined(__SSE2__)
 #include <emmintrin.h>
@@ -20,9 +23,17 @@
 namespace ffablate {
 namespace {
 
+constexpr uint8_t kDead = 4;  // argmax bit: the ReLU output at the winner is <= 0, so no gradient flows
+
 void check_pool_dtype(const at::Tensor& t, const char* op) {
   TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble, op,
               ": the CPU kernel supports float32 and float64, got ", t.scalar_type());
+}
+
+// torch.relu: x < 0 ? 0 : x (NaN and -0 pass through unchanged).
+template <typename T>
+inline T relu(T v) {
+  return v < T(0) ? T(0) : v;
 }
 
 // ATen's rule, in its scan order (row by row): a candidate wins if it is greater than the running maximum
@@ -35,16 +46,17 @@ inline void take(T v, uint8_t k, T& m, uint8_t& arg) {
 }
 
 // One output row: o[ow] and a[ow] from input rows r0, r1 (columns 2*ow, 2*ow + 1), for ow in [from, OW).
-template <typename T>
+template <typename T, bool RELU>
 void forward_scalar(const T* r0, const T* r1, T* o, uint8_t* a, int64_t from, int64_t OW) {
+  auto in = [](T v) { return RELU ? relu(v) : v; };
   for (int64_t ow = from; ow < OW; ++ow) {
-    T m = r0[2 * ow];
+    T m = in(r0[2 * ow]);
     uint8_t k = 0;
-    take(r0[2 * ow + 1], 1, m, k);
-    take(r1[2 * ow], 2, m, k);
-    take(r1[2 * ow + 1], 3, m, k);
+    take(in(r0[2 * ow + 1]), 1, m, k);
+    take(in(r1[2 * ow]), 2, m, k);
+    take(in(r1[2 * ow + 1]), 3, m, k);
     o[ow] = m;
-    a[ow] = k;
+    a[ow] = RELU && m <= T(0) ? k | kDead : k;
   }
 }
 
@@ -55,17 +67,9 @@ template <typename T>
 void backward_scalar(const T* g, const uint8_t* a, T* r0, T* r1, int64_t from, int64_t OW, int64_t W) {
   std::fill(r0 + 2 * from, r0 + W, T(0));
   std::fill(r1 + 2 * from, r1 + W, T(0));
-  for (int64_t ow = from; ow < OW; ++ow) (a[ow] & 2 ? r1 : r0)[2 * ow + (a[ow] & 1)] = T(0) + g[ow];
-}
-
-template <typename T>
-void forward_row(const T* r0, const T* r1, T* o, uint8_t* a, int64_t OW) {
-  forward_scalar(r0, r1, o, a, 0, OW);
-}
-
-template <typename T>
-void backward_row(const T* g, const uint8_t* a, T* r0, T* r1, int64_t OW, int64_t W) {
-  backward_scalar(g, a, r0, r1, 0, OW, W);
+  for (int64_t ow = from; ow < OW; ++ow) {
+    if (!(a[ow] & kDead)) (a[ow] & 2 ? r1 : r0)[2 * ow + (a[ow] & 1)] = T(0) + g[ow];
+  }
 }
 
 #if defined(__SSE2__)
@@ -73,11 +77,16 @@ inline __m128 select(__m128 mask, __m128 a, __m128 b) { return _mm_or_ps(_mm_and
 
 // Four outputs from input columns [0, 8) of rows r0 and r1: the even and odd columns of each row are the four
 // window candidates.
+template <bool RELU>
 inline void forward4(const float* r0, const float* r1, float* o, uint8_t* a) {
   const __m128 x0 = _mm_loadu_ps(r0), x1 = _mm_loadu_ps(r0 + 4);
   const __m128 y0 = _mm_loadu_ps(r1), y1 = _mm_loadu_ps(r1 + 4);
-  const __m128 cand[4] = {_mm_shuffle_ps(x0, x1, _MM_SHUFFLE(2, 0, 2, 0)), _mm_shuffle_ps(x0, x1, _MM_SHUFFLE(3, 1, 3, 1)),
-                          _mm_shuffle_ps(y0, y1, _MM_SHUFFLE(2, 0, 2, 0)), _mm_shuffle_ps(y0, y1, _MM_SHUFFLE(3, 1, 3, 1))};
+  __m128 cand[4] = {_mm_shuffle_ps(x0, x1, _MM_SHUFFLE(2, 0, 2, 0)), _mm_shuffle_ps(x0, x1, _MM_SHUFFLE(3, 1, 3, 1)),
+                    _mm_shuffle_ps(y0, y1, _MM_SHUFFLE(2, 0, 2, 0)), _mm_shuffle_ps(y0, y1, _MM_SHUFFLE(3, 1, 3, 1))};
+  const __m128 zero = _mm_setzero_ps();
+  if (RELU) {
+    for (auto& c : cand) c = _mm_andnot_ps(_mm_cmplt_ps(c, zero), c);
+  }
   __m128 m = cand[0];
   __m128i k = _mm_setzero_si128();
   for (int c = 1; c < 4; ++c) {
@@ -85,6 +94,7 @@ inline void forward4(const float* r0, const float* r1, float* o, uint8_t* a) {
     m = select(wins, cand[c], m);
     k = _mm_castps_si128(select(wins, _mm_castsi128_ps(_mm_set1_epi32(c)), _mm_castsi128_ps(k)));
   }
+  if (RELU) k = _mm_or_si128(k, _mm_and_si128(_mm_castps_si128(_mm_cmple_ps(m, zero)), _mm_set1_epi32(kDead)));
   _mm_storeu_ps(o, m);
   const __m128i k16 = _mm_packs_epi32(k, k);
   const int32_t k8 = _mm_cvtsi128_si32(_mm_packus_epi16(k16, k16));
@@ -97,7 +107,7 @@ inline void backward4(const float* g, const uint8_t* a, float* r0, float* r1) {
   std::memcpy(&k8, a, 4);
   const __m128i zero = _mm_setzero_si128();
   const __m128i k = _mm_unpacklo_epi16(_mm_unpacklo_epi8(_mm_cvtsi32_si128(k8), zero), zero);
-  __m128 c[4];
+  __m128 c[4];  // a dead winner (k >= kDead) matches no candidate: its window gets zeros
   for (int j = 0; j < 4; ++j) c[j] = _mm_and_ps(_mm_castsi128_ps(_mm_cmpeq_epi32(k, _mm_set1_epi32(j))), v);
   _mm_storeu_ps(r0, _mm_unpacklo_ps(c[0], c[1]));
   _mm_storeu_ps(r0 + 4, _mm_unpackhi_ps(c[0], c[1]));
@@ -107,33 +117,49 @@ inline void backward4(const float* g, const uint8_t* a, float* r0, float* r1) {
 
 // The last OW % 4 outputs go through the same vector code on copies padded to four (the pad's results are
 // dropped), instead of a scalar loop that costs several times more per element.
-template <>
-void forward_row<float>(const float* r0, const float* r1, float* o, uint8_t* a, int64_t OW) {
+template <bool RELU>
+void forward_row_sse(const float* r0, const float* r1, float* o, uint8_t* a, int64_t OW) {
   int64_t ow = 0;
-  for (; ow + 4 <= OW; ow += 4) forward4(r0 + 2 * ow, r1 + 2 * ow, o + ow, a + ow);
+  for (; ow + 4 <= OW; ow += 4) forward4<RELU>(r0 + 2 * ow, r1 + 2 * ow, o + ow, a + ow);
   if (const int64_t rest = OW - ow) {
     float x[8] = {}, y[8] = {}, m[4];
     uint8_t k[4];
     std::memcpy(x, r0 + 2 * ow, 2 * rest * sizeof(float));
     std::memcpy(y, r1 + 2 * ow, 2 * rest * sizeof(float));
-    forward4(x, y, m, k);
+    forward4<RELU>(x, y, m, k);
     std::memcpy(o + ow, m, rest * sizeof(float));
     std::memcpy(a + ow, k, rest);
   }
 }
 
-template <>
-void backward_row<float>(const float* g, const uint8_t* a, float* r0, float* r1, int64_t OW, int64_t W) {
+void backward_row_sse(const float* g, const uint8_t* a, float* r0, float* r1, int64_t OW, int64_t W) {
   int64_t ow = 0;
   for (; ow + 4 <= OW; ow += 4) backward4(g + ow, a + ow, r0 + 2 * ow, r1 + 2 * ow);
   backward_scalar(g, a, r0, r1, ow, OW, W);
 }
 #endif
 
+// float rows take the SSE2 path; double (tests and gradcheck) the scalar one.
+template <typename T, bool RELU>
+void forward_row(const T* r0, const T* r1, T* o, uint8_t* a, int64_t OW) {
+#if defined(__SSE2__)
+  if constexpr (std::is_same_v<T, float>) return forward_row_sse<RELU>(r0, r1, o, a, OW);
+#endif
+  forward_scalar<T, RELU>(r0, r1, o, a, 0, OW);
+}
+
+template <typename T>
+void backward_row(const T* g, const uint8_t* a, T* r0, T* r1, int64_t OW, int64_t W) {
+#if defined(__SSE2__)
+  if constexpr (std::is_same_v<T, float>) return backward_row_sse(g, a, r0, r1, OW, W);
+#endif
+  backward_scalar(g, a, r0, r1, 0, OW, W);
+}
+
 // Planes (one channel of one sample) are independent; a grain of ~32K input elements per task.
 int64_t plane_grain(int64_t H, int64_t W) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(H * W, 1)); }
 
-template <typename T>
+template <typename T, bool RELU>
 void forward_cpu(const T* x, T* out, uint8_t* arg, int64_t planes, int64_t H, int64_t W) {
   const int64_t OH = H / 2, OW = W / 2;
   at::parallel_for(0, planes, plane_grain(H, W), [&](int64_t begin, int64_t end) {
@@ -141,7 +167,7 @@ void forward_cpu(const T* x, T* out, uint8_t* arg, int64_t planes, int64_t H, in
       for (int64_t oh = 0; oh < OH; ++oh) {
         const T* r0 = x + (p * H + 2 * oh) * W;
         const int64_t o = (p * OH + oh) * OW;
-        forward_row<T>(r0, r0 + W, out + o, arg + o, OW);
+        forward_row<T, RELU>(r0, r0 + W, out + o, arg + o, OW);
       }
     }
   });
@@ -158,6 +184,7 @@ void backward_cpu(const T* go, const uint8_t* arg, T* gi, int64_t planes, int64_
         const T* g = go + p * OH * OW;
         const uint8_t* a = arg + p * OH * OW;
         for (int64_t i = 0; i < OH * OW; ++i) {
+          if (a[i] & kDead) continue;
           const int64_t oh = i / OW, ow = i % OW;
           plane[(2 * oh + (a[i] >> 1)) * W + 2 * ow + (a[i] & 1)] = T(0) + g[i];
         }
@@ -183,7 +210,7 @@ void check_x(const at::Tensor& x, const char* op) {
               x.sizes());
 }
 
-std::tuple<at::Tensor, at::Tensor> max_pool2x2_cpu(const at::Tensor& x_in) {
+std::tuple<at::Tensor, at::Tensor> max_pool2x2_cpu(const at::Tensor& x_in, bool relu) {
   check_x(x_in, "max_pool2x2");
   const at::Tensor x = x_in.contiguous();
   const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
@@ -191,8 +218,8 @@ std::tuple<at::Tensor, at::Tensor> max_pool2x2_cpu(const at::Tensor& x_in) {
   at::Tensor arg = at::empty({N, C, H / 2, W / 2}, x.options().dtype(at::kByte));
   if (out.numel() == 0) return {out, arg};
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "max_pool2x2", [&] {
-    forward_cpu<scalar_t>(x.const_data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), arg.data_ptr<uint8_t>(), N * C,
-                          H, W);
+    auto kernel = relu ? forward_cpu<scalar_t, true> : forward_cpu<scalar_t, false>;
+    kernel(x.const_data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), arg.data_ptr<uint8_t>(), N * C, H, W);
   });
   return {out, arg};
 }
@@ -226,7 +253,7 @@ at::Tensor max_pool2x2_backward_cpu(const at::Tensor& grad_out_in, const at::Ten
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(ffablate, m) {
-  m.def("max_pool2x2(Tensor x) -> (Tensor out, Tensor argmax)");
+  m.def("max_pool2x2(Tensor x, bool relu=False) -> (Tensor out, Tensor argmax)");
   m.def("max_pool2x2_backward(Tensor grad_out, Tensor argmax, int height, int width) -> Tensor");
 }
 

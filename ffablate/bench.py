@@ -29,7 +29,7 @@ DEFAULT_SHAPES: list[tuple[str, tuple[int, ...]]] = [
     ("mlp", (1024, 4096)),
 ]
 
-# The three pools of `ffablate train`'s default CNN (32-64-128 channels on 28x28 input) at batch 256.
+# The three ReLU + pools of `ffablate train`'s default CNN (32-64-128 channels on 28x28 input) at batch 256.
 POOL_SHAPES: list[tuple[str, tuple[int, ...]]] = [
     ("pool28", (256, 32, 28, 28)),
     ("pool14", (256, 64, 14, 14)),
@@ -323,23 +323,24 @@ def render_table(rows: list[dict[str, Any]], title: str = "goodness_norm forward
 def pool_bench(
     quick: bool = False, shapes: Sequence[tuple[str, tuple[int, ...]]] | None = None
 ) -> list[dict[str, Any]]:
-    """CPU forward+backward of ``ops.max_pool2x2`` (fused backend) vs ``F.max_pool2d(x, 2)`` (ATen), interleaved.
+    """CPU forward+backward of a downsampling block's ReLU + 2x2 max pool: ``ops.max_pool2x2(x, relu=True)`` (fused
+    backend) vs ``F.max_pool2d(F.relu(x), 2)`` (ATen), interleaved.
 
-    Inputs are ReLU'd noise, like a block's activity. Rows: name, shape, aten_ms, fused_ms, speedup, and whether
-    output and input gradient are bitwise equal. Run under the process's default allocator, as training is.
+    Inputs are Gaussian noise, like a conv output. Rows: name, shape, aten_ms, fused_ms, speedup, and whether output
+    and input gradient are bitwise equal. Runs under the process's default allocator, as training does.
     """
     warmup, repeats = (1, 3) if quick else (3, 15)
     gen = torch.Generator().manual_seed(0)
     rows = []
     for name, shape in shapes if shapes is not None else POOL_SHAPES:
-        x = torch.randn(shape, generator=gen).relu_().requires_grad_()
+        x = torch.randn(shape, generator=gen).requires_grad_()
         grad = torch.randn(torch.nn.functional.max_pool2d(x.detach(), 2).shape, generator=gen)
 
         def aten(x: Tensor = x, grad: Tensor = grad) -> tuple[Tensor, Tensor]:
-            return _step(lambda t: (torch.nn.functional.max_pool2d(t, 2),), x, [grad])
+            return _step(lambda t: (torch.nn.functional.max_pool2d(torch.relu(t), 2),), x, [grad])
 
         def fused(x: Tensor = x, grad: Tensor = grad) -> tuple[Tensor, Tensor]:
-            return _step(lambda t: (ops.max_pool2x2(t),), x, [grad])
+            return _step(lambda t: (ops.max_pool2x2(t, relu=True),), x, [grad])
 
         times = _Timer.wall({"aten": aten, "fused": fused}, warmup, repeats)
         (want_out,), want_dx = aten()
@@ -363,7 +364,7 @@ def render_pool_table(rows: list[dict[str, Any]]):
     """The pool bench rows as a rich table."""
     from rich.table import Table
 
-    table = Table(title="ffablate kernels: 2x2 max pool forward+backward (CPU)")
+    table = Table(title="ffablate kernels: ReLU + 2x2 max pool, forward+backward (CPU)")
     for col in ("case", "shape", "aten ms", "fused ms", "x aten", "bitwise equal"):
         table.add_column(col, justify="left" if col in ("case", "shape") else "right")
     for r in rows:

@@ -77,7 +77,7 @@ def build_parser() -> Parser:
     kernels.add_argument("--quick", action="store_true", help="fewer repeats")
     kernels.add_argument("--json", action="store_true")
     kernels.set_defaults(func=cmd_bench_kernels)
-    pool = bench_sub.add_parser("pool", help="the CPU 2x2 max-pool kernel vs ATen's (bitwise equal results)")
+    pool = bench_sub.add_parser("pool", help="the CPU ReLU + 2x2 max-pool kernel vs ATen's (bitwise equal results)")
     pool.add_argument("--quick", action="store_true", help="fewer repeats")
     pool.add_argument("--json", action="store_true")
     pool.set_defaults(func=cmd_bench_pool)
@@ -123,8 +123,8 @@ def run_config_from_args(args: argparse.Namespace) -> RunConfig:
     return RunConfig().with_updates(updates)
 
 
-@contextmanager
-def progress_bar(label: str, enabled: bool = True) -> Iterator[Callable[[int, int, dict[str, float]], None]]:
+def new_progress(enabled: bool) -> Progress:
+    """Transient bars on stderr: description, bar, done/total, elapsed time, and a free-text info field."""
     columns = (
         TextColumn("{task.description}"),
         BarColumn(),
@@ -132,7 +132,12 @@ def progress_bar(label: str, enabled: bool = True) -> Iterator[Callable[[int, in
         TimeElapsedColumn(),
         TextColumn("{task.fields[info]}"),
     )
-    with Progress(*columns, console=stderr, transient=True, disable=not enabled) as bar:
+    return Progress(*columns, console=stderr, transient=True, disable=not enabled)
+
+
+@contextmanager
+def progress_bar(label: str, enabled: bool = True) -> Iterator[Callable[[int, int, dict[str, float]], None]]:
+    with new_progress(enabled) as bar:
         task = bar.add_task(label, total=None, info="")
 
         def update(done: int, total: int, info: dict[str, float]) -> None:
@@ -254,7 +259,7 @@ def cmd_study(args: argparse.Namespace) -> int:
     stderr.print(f"study {name} ({size}) in {where}", markup=False, highlight=False)
     for note in plan.notes:
         stderr.print(f"note: {note}", markup=False, highlight=False)
-    with study.StudyProgress(stderr, enabled=stderr.is_terminal) as bars:
+    with study.StudyProgress(new_progress(stderr.is_terminal)) as bars:
         done = study.run_study(
             plan,
             storage_url=args.storage,

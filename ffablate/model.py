@@ -16,21 +16,20 @@ from ffablate.plugins import Registry, registry
 NormFactory = Callable[[int], nn.Module]
 
 
-class MaxPool2x2(nn.Module):
-    """``nn.MaxPool2d(2)`` through :func:`ffablate.ops.max_pool2x2`: the same numbers, several times faster on CPU."""
+class ReLUMaxPool2x2(nn.Module):
+    """``nn.ReLU(inplace=True)`` then ``nn.MaxPool2d(2)``, fused on the CPU by :func:`ffablate.ops.max_pool2x2`:
+    the same numbers, several times faster."""
 
     def forward(self, x: Tensor) -> Tensor:
-        return ops.max_pool2x2(x)
+        return ops.max_pool2x2(x, relu=True, inplace=True)
 
 
 def conv_block(in_channels: int, out_channels: int, stride: int) -> nn.Sequential:
     """3x3 conv + ReLU, then a 2x2 max-pool when the block downsamples (stride 2)."""
-    layers: list[nn.Module] = [nn.Conv2d(in_channels, out_channels, 3, padding=1), nn.ReLU(inplace=True)]
-    if stride == 2:
-        layers.append(MaxPool2x2())
-    elif stride != 1:
+    if stride not in (1, 2):
         raise ValueError(f"block stride must be 1 or 2, got {stride}")
-    return nn.Sequential(*layers)
+    conv = nn.Conv2d(in_channels, out_channels, 3, padding=1)
+    return nn.Sequential(conv, ReLUMaxPool2x2() if stride == 2 else nn.ReLU(inplace=True))
 
 
 def dense_block(in_features: int, out_features: int) -> nn.Sequential:

@@ -1,4 +1,4 @@
-"""Fused goodness + normalization ops and their pure-PyTorch reference twin.
+"""Fused goodness + normalization ops and their pure-PyTorch reference twin; the CPU ReLU + max-pool op.
 
 ``goodness_norm(h, eps)`` returns, for a block activity ``h`` of shape (N, D) or (N, C, H, W),
 everything the three FF paths need in one pass over ``h``:
@@ -9,6 +9,8 @@ everything the three FF paths need in one pass over ``h``:
 * ``readout`` (N, C) per-channel spatial mean of ``out`` for 4-D ``h``; ``out`` itself for 2-D ``h``.
 
 Statistics are float32 for fp16/bf16 input (accumulated in fp32) and h's dtype otherwise.
+
+``max_pool2x2(x, relu)`` is ``F.max_pool2d(F.relu(x) if relu else x, 2)`` with a fused CPU kernel, bit for bit.
 
 Backend: ``FFABLATE_KERNELS=fused|reference``. The default is the compiled ``ffablate._C`` op when it
 was built; without it the reference is used and one warning says so. Inputs the kernels do not cover
@@ -154,12 +156,14 @@ def goodness_norm(h: Tensor, eps: float = 1e-6) -> tuple[Tensor, Tensor, Tensor,
     return reference_goodness_norm(h, eps)
 
 
-def max_pool2x2(x: Tensor) -> Tensor:
-    """``F.max_pool2d(x, 2)``: 2x2 windows, stride 2, odd edges dropped; same values and gradients, bit for bit.
+def max_pool2x2(x: Tensor, relu: bool = False, inplace: bool = False) -> Tensor:
+    """``F.max_pool2d(F.relu(x) if relu else x, 2)``: 2x2 windows, stride 2, odd edges dropped.
 
-    On the CPU (float32/float64, H and W >= 2) the fused backend runs ``ffablate::max_pool2x2``, which saves a
-    one-byte argmax per output for the backward instead of ATen's eight-byte index and is several times faster
-    than ATen's NCHW kernel on a small VM. Everything else calls ``F.max_pool2d``.
+    On the CPU (float32/float64, H and W >= 2) the fused backend runs ``ffablate::max_pool2x2``: one pass over x,
+    the ReLU folded in, and a one-byte argmax saved for the backward instead of ATen's eight-byte index and the
+    ReLU's output. Values and gradients are bitwise those of the unfused ops. Everything else runs the unfused
+    ops, where ``inplace`` lets the ReLU overwrite x (as ``nn.ReLU(inplace=True)`` does); the fused op never
+    writes x.
     """
     if (
         x.device.type == "cpu"
@@ -168,8 +172,8 @@ def max_pool2x2(x: Tensor) -> Tensor:
         and min(x.shape[2:]) >= 2
         and backend() == "fused"
     ):
-        return torch.ops.ffablate.max_pool2x2.default(x)[0]
-    return torch.nn.functional.max_pool2d(x, 2)
+        return torch.ops.ffablate.max_pool2x2.default(x, relu)[0]
+    return torch.nn.functional.max_pool2d(torch.nn.functional.relu(x, inplace=inplace) if relu else x, 2)
 
 
 def _register() -> None:
@@ -212,7 +216,7 @@ def _register() -> None:
     torch.library.register_autograd("ffablate::goodness_norm", backward, setup_context=setup_context)
 
     @torch.library.register_fake("ffablate::max_pool2x2")
-    def _(x: Tensor) -> tuple[Tensor, Tensor]:
+    def _(x: Tensor, relu: bool = False) -> tuple[Tensor, Tensor]:
         torch._check(x.dim() == 4, lambda: f"max_pool2x2: x must be 4-D (N, C, H, W), got {x.dim()}-D")
         shape = (x.shape[0], x.shape[1], x.shape[2] // 2, x.shape[3] // 2)
         return x.new_empty(shape), x.new_empty(shape, dtype=torch.uint8)
@@ -222,14 +226,14 @@ def _register() -> None:
         return grad_out.new_empty((grad_out.shape[0], grad_out.shape[1], height, width))
 
     def pool_setup_context(ctx, inputs, output) -> None:
-        (x,) = inputs
+        x = inputs[0]
         ctx.save_for_backward(output[1])
         ctx.size = (x.shape[2], x.shape[3])
         ctx.mark_non_differentiable(output[1])
 
     def pool_backward(ctx, grad_out, _grad_argmax):
         (argmax,) = ctx.saved_tensors
-        return torch.ops.ffablate.max_pool2x2_backward.default(grad_out, argmax, *ctx.size)
+        return torch.ops.ffablate.max_pool2x2_backward.default(grad_out, argmax, *ctx.size), None
 
     torch.library.register_autograd("ffablate::max_pool2x2", pool_backward, setup_context=pool_setup_context)
 

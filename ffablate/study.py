@@ -523,19 +523,10 @@ def load_study(storage_url: str | None, name: str) -> optuna.Study:
 
 
 class StudyProgress:
-    """Two rich bars: trials of this run, and the steps of the trial in flight."""
+    """Two bars of one rich ``Progress``: trials of this run, and the steps of the trial in flight."""
 
-    def __init__(self, console: Any, enabled: bool = True):
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-        columns = (
-            TextColumn("{task.description}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TimeElapsedColumn(),
-            TextColumn("{task.fields[info]}"),
-        )
-        self.bar = Progress(*columns, console=console, transient=True, disable=not enabled)
+    def __init__(self, bar: Any):
+        self.bar = bar
         self.trials = self.steps_task = None
 
     def __enter__(self) -> StudyProgress:

@@ -1,4 +1,5 @@
-"""ffablate::max_pool2x2 against ATen's max pooling: the same bits forward and backward, ties and NaN included."""
+"""ffablate::max_pool2x2 against ATen's (ReLU and) max pooling: the same bits forward and backward, ties, -0 and NaN
+included."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import torch.nn.functional as F
 
 from ffablate import ops
 from ffablate.bench import pool_bench, render_pool_table
-from ffablate.model import MaxPool2x2, conv_block
+from ffablate.model import ReLUMaxPool2x2, conv_block
 
 
 @pytest.fixture(autouse=True)
@@ -27,16 +28,16 @@ def _shapes(seed: int, count: int) -> list[tuple[int, int, int, int]]:
 
 
 def _input(shape: tuple[int, ...], dtype: torch.dtype, seed: int) -> torch.Tensor:
-    """ReLU'd noise rounded to a coarse grid: many exact ties, at zero and above, like a block's activity."""
+    """Noise rounded to a coarse grid: many exact ties, negative, zero (both signs) and positive."""
     gen = torch.Generator().manual_seed(seed)
-    return (torch.randn(shape, generator=gen, dtype=dtype) * 2).round().relu()
+    return (torch.randn(shape, generator=gen, dtype=dtype) * 2).round()
 
 
-def _assert_same_as_aten(x: torch.Tensor, seed: int) -> None:
+def _assert_same_as_aten(x: torch.Tensor, seed: int, relu: bool) -> None:
     gen = torch.Generator().manual_seed(seed)
     a = x.detach().clone().requires_grad_()
     b = x.detach().clone().requires_grad_()
-    out_a, out_b = ops.max_pool2x2(a), F.max_pool2d(b, 2)
+    out_a, out_b = ops.max_pool2x2(a, relu=relu), F.max_pool2d(F.relu(b) if relu else b, 2)
     grad = torch.randn(out_b.shape, generator=gen, dtype=x.dtype)
     if grad.numel():
         grad.view(-1)[0] = -0.0  # ATen adds into zeros, turning -0 into +0: so must we
@@ -49,33 +50,38 @@ def _assert_same_as_aten(x: torch.Tensor, seed: int) -> None:
         assert torch.equal(got.contiguous().view(-1).view(torch.uint8), want.contiguous().view(-1).view(torch.uint8))
 
 
+@pytest.mark.parametrize("relu", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_matches_aten_bit_for_bit(dtype: torch.dtype) -> None:
+def test_matches_aten_bit_for_bit(dtype: torch.dtype, relu: bool) -> None:
     for i, shape in enumerate(_shapes(seed=3, count=40)):
-        _assert_same_as_aten(_input(shape, dtype, i), seed=i)
+        _assert_same_as_aten(_input(shape, dtype, i), seed=i, relu=relu)
+        _assert_same_as_aten(_input(shape, dtype, i).relu(), seed=i, relu=relu)  # ties at zero, like activity
 
 
-def test_nan_inf_and_negative_values_follow_atens_rule() -> None:
-    x = _input((2, 3, 10, 11), torch.float32, 0) - 1.0  # negatives, zeros and positives
+@pytest.mark.parametrize("relu", [False, True])
+def test_nan_inf_and_signed_zero_follow_atens_rule(relu: bool) -> None:
+    x = _input((2, 3, 10, 11), torch.float32, 0)
     flat = x.view(-1)
     flat[::7] = float("nan")
     flat[3::11] = float("inf")
     flat[5::13] = float("-inf")
-    flat[1::17] = -0.0
-    _assert_same_as_aten(x, seed=1)
-    _assert_same_as_aten(torch.full((1, 2, 4, 6), float("-inf")), seed=2)
+    flat[1::5] = -0.0
+    _assert_same_as_aten(x, seed=1, relu=relu)
+    _assert_same_as_aten(torch.full((1, 2, 4, 6), float("-inf")), seed=2, relu=relu)
+    _assert_same_as_aten(torch.full((1, 2, 4, 6), -0.0), seed=3, relu=relu)
 
 
-def test_non_contiguous_inputs() -> None:
+@pytest.mark.parametrize("relu", [False, True])
+def test_non_contiguous_inputs(relu: bool) -> None:
     base = _input((2, 4, 12, 10), torch.float32, 5)
     for x in (base.transpose(2, 3), base.to(memory_format=torch.channels_last), base[:, ::2]):
         assert not x.is_contiguous()
-        _assert_same_as_aten(x, seed=6)
+        _assert_same_as_aten(x, seed=6, relu=relu)
     # Non-contiguous incoming gradient too.
     x = base.clone().requires_grad_()
     grad = torch.randn(2, 4, 5, 6).transpose(2, 3)
-    (got,) = torch.autograd.grad(ops.max_pool2x2(x), x, grad)
-    (want,) = torch.autograd.grad(F.max_pool2d(x, 2), x, grad)
+    (got,) = torch.autograd.grad(ops.max_pool2x2(x, relu=relu), x, grad)
+    (want,) = torch.autograd.grad(F.max_pool2d(F.relu(x) if relu else x, 2), x, grad)
     assert torch.equal(got, want)
 
 
@@ -99,19 +105,29 @@ def test_fused_op_runs_where_it_applies_and_aten_elsewhere(monkeypatch: pytest.M
         ((1, 2, 1, 4), torch.float32),
         ((1, 2, 4, 4), torch.float32),
     ]
+    # Unfused, inplace=True lets the ReLU overwrite x, as nn.ReLU(inplace=True) does; the fused op never does.
+    x = torch.randn(1, 2, 4, 4)
+    ops.max_pool2x2(x, relu=True, inplace=True)
+    assert x.min() >= 0
+    monkeypatch.delenv("FFABLATE_KERNELS")
+    x = torch.randn(1, 2, 4, 4)
+    ops.max_pool2x2(x, relu=True, inplace=True)
+    assert x.min() < 0
 
 
 def test_gradcheck_opcheck_and_compile() -> None:
     x = torch.randn(2, 3, 5, 6, dtype=torch.float64, requires_grad=True)  # distinct values: no ties
     assert torch.autograd.gradcheck(ops.max_pool2x2, (x,))
-    torch.library.opcheck(torch.ops.ffablate.max_pool2x2.default, (x.detach().float().requires_grad_(),))
+    assert torch.autograd.gradcheck(lambda t: ops.max_pool2x2(t, relu=True), (x,))
+    for relu in (False, True):
+        torch.library.opcheck(torch.ops.ffablate.max_pool2x2.default, (x.detach().float().requires_grad_(), relu))
     out, arg = torch.ops.ffablate.max_pool2x2.default(x.detach())
     assert arg.dtype == torch.uint8 and arg.shape == out.shape and int(arg.max()) <= 3
     torch.library.opcheck(torch.ops.ffablate.max_pool2x2_backward.default, (torch.randn_like(out), arg, 5, 6))
-    compiled = torch.compile(lambda t: ops.max_pool2x2(t).square().sum(), fullgraph=True)
+    compiled = torch.compile(lambda t: ops.max_pool2x2(t, relu=True).square().sum(), fullgraph=True)
     xf = x.detach().float().requires_grad_()
     (g_c,) = torch.autograd.grad(compiled(xf), xf)
-    (g_e,) = torch.autograd.grad(F.max_pool2d(xf, 2).square().sum(), xf)
+    (g_e,) = torch.autograd.grad(F.max_pool2d(F.relu(xf), 2).square().sum(), xf)
     assert torch.equal(g_c, g_e)
 
 
@@ -146,10 +162,20 @@ def test_bad_inputs_raise(call, msg: str) -> None:  # noqa: ANN001
         call()
 
 
-def test_backbone_blocks_pool_through_the_op() -> None:
+def test_downsampling_block_equals_conv_relu_maxpool() -> None:
+    torch.manual_seed(0)
     block = conv_block(3, 8, stride=2)
-    assert isinstance(block[-1], MaxPool2x2)
-    assert not any(isinstance(m, torch.nn.MaxPool2d) for m in block.modules())
+    assert isinstance(block[-1], ReLUMaxPool2x2) and not any(isinstance(m, torch.nn.ReLU) for m in block)
+    unfused = torch.nn.Sequential(block[0], torch.nn.ReLU(inplace=True), torch.nn.MaxPool2d(2))
+    x = torch.randn(4, 3, 13, 12)
+    got, want = block(x), unfused(x)
+    assert torch.equal(got, want)
+    grad = torch.randn_like(got)
+    got_grads = torch.autograd.grad(block(x), list(block.parameters()), grad)
+    want_grads = torch.autograd.grad(unfused(x), list(block.parameters()), grad)
+    for g, w in zip(got_grads, want_grads, strict=True):
+        assert torch.equal(g, w)
+    assert list(block.state_dict()) == ["0.weight", "0.bias"]  # checkpoints keep their keys
 
 
 def test_pool_bench_quick() -> None:
