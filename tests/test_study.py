@@ -199,6 +199,9 @@ match = []
 
 def test_killed_study_resumes_without_losing_or_repeating_trials(tmp_path):
     path = write_spec(tmp_path, GRID.replace('["constant", "cosine"]', '["constant", "cosine", "linear"]'))
+    # Trials long enough (30 steps) that the poll below reliably sees one running: at 6 steps the study sometimes
+    # ended before any poll saw a trial in flight (1 failure in 4 runs, 2026-11-26).
+    path.write_text(path.read_text().replace("limit_train = 300", "limit_train = 1500"))
     url = storage_url(tmp_path)
     cmd = [sys.executable, "-m", "ffablate.cli", "study", str(path), "--budget", "smoke", "--storage", url]
     env = {
@@ -210,7 +213,7 @@ def test_killed_study_resumes_without_losing_or_repeating_trials(tmp_path):
     deadline, completed = time.time() + 90, []
     try:
         while time.time() < deadline:
-            time.sleep(0.3)
+            time.sleep(0.1)
             try:
                 trials = trials_of(url, "tiny-smoke")
             except Exception:  # the study does not exist yet
