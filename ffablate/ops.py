@@ -26,6 +26,8 @@ import warnings
 import torch
 from torch import Tensor
 
+from ffablate.errors import ConfigError
+
 __all__ = [
     "backend",
     "extension_available",
@@ -61,11 +63,11 @@ def backend() -> str:
     if choice == "reference":
         return "reference"
     if choice not in ("auto", "fused"):
-        raise ValueError(f"FFABLATE_KERNELS must be 'fused' or 'reference', got {choice!r}")
+        raise ConfigError(f"FFABLATE_KERNELS must be 'fused' or 'reference' (or unset), got {choice!r}")
     if extension_available():
         return "fused"
     if choice == "fused":
-        raise RuntimeError(
+        raise ConfigError(
             "FFABLATE_KERNELS=fused but the compiled extension ffablate._C is missing "
             f"({_EXT_ERROR}); build it with `pip install -e . --no-build-isolation`"
         )

@@ -60,6 +60,12 @@ def test_train_json_holds_the_promised_fields(capsys):
     assert result["config"]["goodness"] == "classwise" and result["config"]["limit_train"] == 1000
 
 
+def test_bad_kernel_backend_is_a_one_line_error(capsys, monkeypatch):
+    monkeypatch.setenv("FFABLATE_KERNELS", "fast")
+    assert main(["train", *tiny_args()]) == 2
+    assert "FFABLATE_KERNELS must be 'fused' or 'reference'" in one_line_error(capsys)
+
+
 def test_bench_pool_json(capsys):
     assert main(["bench", "pool", "--quick", "--json"]) == 0
     rows = json.loads(capsys.readouterr().out)
