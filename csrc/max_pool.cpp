@@ -73,7 +73,7 @@ void backward_scalar(const T* g, const uint8_t* a, T* r0, T* r1, int64_t from, i
 }
 
 #if defined(__SSE2__)
-inline __m128 select(__m128 mask, __m128 a, __m128 b) { return _mm_or_ps(_mm_and_ps(mask, a), _mm_andnot_ps(mask, b)); }
+inline __m128 blend(__m128 mask, __m128 a, __m128 b) { return _mm_or_ps(_mm_and_ps(mask, a), _mm_andnot_ps(mask, b)); }
 
 // Four outputs from input columns [0, 8) of rows r0 and r1: the even and odd columns of each row are the four
 // window candidates.
@@ -91,8 +91,8 @@ inline void forward4(const float* r0, const float* r1, float* o, uint8_t* a) {
   __m128i k = _mm_setzero_si128();
   for (int c = 1; c < 4; ++c) {
     const __m128 wins = _mm_or_ps(_mm_cmpgt_ps(cand[c], m), _mm_cmpunord_ps(cand[c], cand[c]));
-    m = select(wins, cand[c], m);
-    k = _mm_castps_si128(select(wins, _mm_castsi128_ps(_mm_set1_epi32(c)), _mm_castsi128_ps(k)));
+    m = blend(wins, cand[c], m);
+    k = _mm_castps_si128(blend(wins, _mm_castsi128_ps(_mm_set1_epi32(c)), _mm_castsi128_ps(k)));
   }
   if (RELU) k = _mm_or_si128(k, _mm_and_si128(_mm_castps_si128(_mm_cmple_ps(m, zero)), _mm_set1_epi32(kDead)));
   _mm_storeu_ps(o, m);
