@@ -397,7 +397,7 @@ def load_dataset(
     (a factory with a ``k`` parameter, e.g. teacher-student) it is passed as ``k`` instead.
     ``labels="coarse"`` swaps in the dataset's label hierarchy (applied before ``classes``).
     ``limit_train=N`` keeps a seeded, class-stratified subset of N training images.
-    ``params`` are the plugin's own parameters (``--set dataset.size=32``).
+    ``params`` are the plugin's own parameters (``--set datasets.size=32``).
     """
     if labels not in ("fine", "coarse"):
         raise ConfigError(f"labels={labels!r}: use 'fine' or 'coarse'")

@@ -82,10 +82,10 @@ def ffablate_register_loss(register: Register) -> None:
 def ffablate_register_negatives(register: Register) -> None:
     """Register label-embedding / negative-sampling strategies.
 
-    Factory: ``factory(**params) -> Negatives`` with ``embeds_label: bool``, ``extra_channels: int`` (input
-    channels the label embedding adds), ``embed(x, labels, num_classes) -> x'`` (labels may be None for a neutral
-    embedding), and ``wrong_labels(labels, num_classes, scores) -> labels'`` where ``scores()`` returns (N, K)
-    class scores of the current network (K no-grad passes: call it only when the strategy needs them).
+    Factory: ``factory(**params) -> Negatives`` with ``embeds_label: bool``, ``embed(x, labels, num_classes) ->
+    x'`` (labels may be None for a neutral embedding), and ``wrong_labels(labels, num_classes, scores) -> labels'``
+    where ``scores()`` returns (N, K) class scores of the current network (K no-grad passes: call it only when the
+    strategy needs them).
     """
 
 
@@ -95,8 +95,8 @@ def ffablate_register_fusion(register: Register) -> None:
 
     Factory: ``factory(num_layers: int, num_classes: int, feature_dims: list[int], **params) -> torch.nn.Module``.
     Called as ``fusion(scores, features) -> logits`` with per-layer class scores (list of (N, K)) and per-layer
-    readout features (list of (N, F), detached). ``fusion.trainable`` says whether the trainer fits it (on detached
-    inputs only, with its own optimizer, via ``fusion.loss(scores, features, labels)``).
+    readout features (list of (N, F), detached). A fusion with parameters is fit by the trainer (on detached inputs
+    only, with its own optimizer, via ``fusion.loss(scores, features, labels)``); one without is used as it is.
     """
 
 

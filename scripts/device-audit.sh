@@ -5,9 +5,9 @@
 #   scripts/device-audit.sh OUT_DIR [extra audit flags...]
 #
 # Writes OUT_DIR/audit_gpu.json ({meta, rows, summary}), audit_gpu.txt (the tables) and audit_gpu_*.png.
-# Sized for < 3 minutes on one H100: 18 configurations, one fresh worker each (a few seconds of start-up, then
-# 2 warm-up and 5 timed steps). --budget stops starting new ones after 120 s and --timeout caps each at 60 s, so
-# the file is written inside device-check's 200 s for this section; configurations not reached are "skipped" rows.
+# One fresh worker per configuration (a few seconds of start-up, then 2 warm-up and 5 timed steps). By default
+# --budget stops starting new ones after 120 s and --timeout caps each at 60 s; device-check passes a smaller
+# --budget 75 --timeout 20 to fit its 90 s section. Configurations not reached are "skipped" rows.
 # Flags after OUT_DIR are appended and win (e.g. `--device cpu --resolution 16 ...` for a dry run without a GPU).
 # Imports nothing but torch, rich and matplotlib (no optuna, no network).
 set -euo pipefail

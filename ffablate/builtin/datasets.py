@@ -417,7 +417,7 @@ def _imagefolder_locator(path: str) -> Locate:
         if not path:
             return (
                 None,
-                "set its path: --set dataset.path=DIR (DIR/train/<class>/*.png, DIR/test/<class>/*.png)",
+                "set its path: --set datasets.path=DIR (DIR/train/<class>/*.png, DIR/test/<class>/*.png)",
             )
         found = _imagefolder_dir(roots, path)
         how = missing_message(
@@ -455,7 +455,9 @@ def _read_split(folder: Path, classes: list[str], mode: str, size: int) -> tuple
         raise DataNotFound(f"dataset 'imagefolder': no images under {folder}/<class>/ (png, jpg, bmp)")
     shapes = {im.shape for im in images}
     if len(shapes) > 1:
-        raise ConfigError(f"imagefolder: images under {folder} differ in size {sorted(shapes)[:3]}; set dataset.size=N")
+        raise ConfigError(
+            f"imagefolder: images under {folder} differ in size {sorted(shapes)[:3]}; resize with --set datasets.size=N"
+        )
     return np.stack(images), np.asarray(labels)
 
 
