@@ -66,15 +66,15 @@ class BPTrainer:
         self.optimizer.zero_grad(set_to_none=True)
         chunks = x.split(self.config.micro_batch) if self.config.method == "bp-ga" else (x,)
         labels = y.split(self.config.micro_batch) if self.config.method == "bp-ga" else (y,)
-        total = 0.0
+        losses = []
         for xc, yc in zip(chunks, labels, strict=True):
             with common.autocast(self.device):
                 logits = self.net(xc)
             # Weighting by the chunk's share makes the accumulated gradient the full batch's mean gradient.
             loss = bp_loss(logits, yc) * (yc.numel() / y.numel())
-            common.check_finite(loss, "bp step")
             loss.backward()
-            total += loss.item()
+            losses.append(("bp step", loss))
+        total = sum(common.checked_losses(losses))
         self.optimizer.step()
         return total
 

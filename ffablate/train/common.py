@@ -126,9 +126,19 @@ def set_lr(optimizers: list[torch.optim.Optimizer], config: RunConfig, step: int
             group["lr"] = lr
 
 
-def check_finite(loss: torch.Tensor, where: str) -> None:
-    if not torch.isfinite(loss):
-        raise TrainingDiverged(f"loss became {loss.item()} at {where}; lower lr or change the temperature/loss")
+def checked_losses(losses: list[tuple[str, torch.Tensor]]) -> list[float]:
+    """The values of ``(where, loss)`` pairs, read with one host sync; raises TrainingDiverged naming the first
+    that is NaN or infinite.
+
+    One sync per step, not one per loss: on CUDA every sync drains the launch queue, and FF would pay it for
+    each block. Trainers call this after the backward passes and before any optimizer step, so a diverged
+    step updates no parameter.
+    """
+    values = torch.stack([loss.detach().float() for _, loss in losses]).tolist()
+    for (where, _), value in zip(losses, values, strict=True):
+        if not math.isfinite(value):
+            raise TrainingDiverged(f"loss became {value} at {where}; lower lr or change the temperature/loss")
+    return values
 
 
 def autocast(device: torch.device):

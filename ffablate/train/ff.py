@@ -134,25 +134,27 @@ class FFTrainer:
         for index in active:
             self.optimizers[index].zero_grad(set_to_none=True)
         size = self.micro_batch or x.shape[0]
-        scores, features, last_loss = [], [], 0.0
+        scores, features, losses, shares = [], [], [], []
         for xc, yc in zip(x.split(size), y.split(size), strict=True):
-            share = yc.numel() / y.numel()
-            chunk_scores, chunk_features, loss = self._chunk_backward(xc, yc, progress, active, share)
+            shares.append(yc.numel() / y.numel())
+            chunk_scores, chunk_features, chunk_losses = self._chunk_backward(xc, yc, progress, active, shares[-1])
             scores.append(chunk_scores)
             features.append(chunk_features)
-            last_loss += loss
+            losses += chunk_losses
+        values = common.checked_losses(losses)
         for index in active:
             self.optimizers[index].step()
         if fit_fusion and self.fusion_optimizer is not None:
             self._fit_fusion(x, y, _cat_chunks(scores), _cat_chunks(features))
-        return last_loss
+        # ``values`` runs chunk by chunk, each chunk's active blocks in order.
+        return sum(v * share for v, share in zip(values[len(active) - 1 :: len(active)], shares, strict=True))
 
     def _chunk_backward(
         self, x: Tensor, y: Tensor, progress: float, active: range, weight: float
-    ) -> tuple[list[Tensor], list[Tensor], float]:
+    ) -> tuple[list[Tensor], list[Tensor], list[tuple[str, Tensor]]]:
         """Every block's forward, local loss and backward on one chunk (the loss scaled by the chunk's share
         of the batch, so accumulated gradients are the batch mean). Returns per-block detached scores and
-        pooled features, and the last active block's weighted loss.
+        pooled features, and each active block's unscaled loss, still on the device.
         """
         net, k = self.net, self.net.num_classes
         if net.goodness.per_class:
@@ -164,7 +166,7 @@ class FFTrainer:
             h = net.backbone.prepare(torch.cat([pos, neg]))
             del pos, neg
             split = x.shape[0]
-        scores, features, last_loss = [], [], 0.0
+        scores, features, losses = [], [], []
         for index in range(active.stop):
             learning = index in active
             with torch.set_grad_enabled(learning), common.autocast(self.device):
@@ -174,14 +176,13 @@ class FFTrainer:
             if learning:
                 temperature = net.temperatures[index](progress, g.detach())
                 loss = net.loss_fn(g_pos, g_neg, y, net.threshold, temperature)
-                common.check_finite(loss, f"block {index}")
                 (loss * weight).backward()
-                last_loss = loss.item() * weight
+                losses.append((f"block {index}", loss))
             # The detach boundary: block ``index``'s graph dies here.
             h = forward.detach()
             scores.append(g_pos.detach())
             features.append(readout.detach()[: split or None].float())
-        return scores, features, last_loss
+        return scores, features, losses
 
     def _fit_fusion(self, x: Tensor, y: Tensor, scores: list[Tensor], features: list[Tensor]) -> None:
         net = self.net
@@ -189,9 +190,9 @@ class FFTrainer:
             # Label-embedding goodness gives class scores only from one pass per label.
             scores, features = net.scores_and_features(x)
         loss = net.fusion.loss(scores, features, y)
-        common.check_finite(loss, "fusion")
         self.fusion_optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        common.checked_losses([("fusion", loss)])
         self.fusion_optimizer.step()
 
     @torch.no_grad()
