@@ -148,3 +148,19 @@ def test_plugin_combinations_train(tiny_config, updates):
 def test_divergence_raises_training_diverged(tiny_config):
     with pytest.raises(TrainingDiverged, match="lower lr"):
         run(tiny_config.with_updates({"lr": 1e30, "limit_train": 200}))
+
+
+@pytest.mark.parametrize("method", ["ff", "ff-ga", "bp", "bp-ga"])
+def test_a_diverged_step_names_its_first_bad_loss_and_updates_nothing(tiny_config, method):
+    trainer = build_trainer(tiny_config.with_updates({"method": method, "micro_batch": 25, "limit_train": 200}))
+    before = [p.detach().clone() for p in trainer.net.parameters()]
+    x, y = next(iter(trainer.data.train))
+    x = x.clone()
+    x[-1] = float("nan")  # the last micro-batch only: the losses of the chunks before it stay finite
+    is_ff = method.startswith("ff")
+    with pytest.raises(TrainingDiverged, match="at block 0;" if is_ff else "at bp step;"):
+        if is_ff:
+            trainer.train_step(x, y, 0.0, range(trainer.net.depth), True)
+        else:
+            trainer.train_step(x, y)
+    assert all(torch.equal(a, b) for a, b in zip(before, trainer.net.parameters(), strict=True))
