@@ -630,23 +630,58 @@ def specs_from_args(args: argparse.Namespace) -> list[AuditSpec]:
         "memory_cap_bytes": cap_bytes(args.memory_cap),
         "threads": args.threads,
     }
-    for key, value in (
-        ("width", args.width),
-        ("classes", args.classes),
-        ("steps", args.steps),
-        ("batch", args.batch),
-        ("micro-batch", args.micro_batch + 1),
+    for key, value, least in (
+        ("width", args.width, 1),
+        ("classes", args.classes, 1),
+        ("steps", args.steps, 1),
+        ("batch", args.batch, 1),
+        ("micro-batch", args.micro_batch, 0),
+        ("warmup", args.warmup, 0),
+        ("threads", args.threads, 0),
     ):
-        if value < 1:
-            raise ConfigError(f"--{key} must be at least 1, got {value}")
+        if value < least:
+            raise ConfigError(f"--{key} must be at least {least}, got {value}")
+    for key, value in (("timeout", args.timeout), ("budget", args.budget)):
+        if value is not None and not value > 0:
+            raise ConfigError(f"--{key} must be a positive number of seconds, got {value}")
+    methods = parse_methods(args.methods)
+    classwise = [m for m in methods if m in ("ff", "ff-ga")]  # the default goodness: one channel per class
+    if classwise and args.width < args.classes:
+        raise ConfigError(
+            f"--width {args.width} is below --classes {args.classes}: class-wise FF ({', '.join(classwise)}) "
+            "needs a channel per class; raise --width, lower --classes or leave those out of --methods"
+        )
+    check_output_paths(args.output, args.plot_dir, args.plot_prefix)
+    _kernel_backend()  # a bad FFABLATE_KERNELS fails here, once, not as an error row per configuration
     return plan(
-        parse_methods(args.methods),
+        methods,
         parse_ints(args.depths, "--depths", 2),
         parse_ints(args.resolution, "--resolution", 8),
         batch=args.batch,
         micro_batch=args.micro_batch,
         **common,
     )
+
+
+def check_output_paths(output: str | None, plot_dir: str | None, prefix: str) -> None:
+    """Fail before the audit, not after it, when its results could not be written."""
+    if output:
+        if Path(output).is_dir():
+            raise ConfigError(f"--output {output} is a folder; give a file, e.g. {Path(output) / 'audit.json'}")
+        _writable_folder(Path(output).parent, "--output")
+    if plot_dir:
+        _writable_folder(Path(plot_dir), "--plot-dir")
+    if not prefix or "/" in prefix or os.sep in prefix:
+        raise ConfigError(f"--plot-prefix must be a file name prefix without '/', got {prefix!r}")
+
+
+def _writable_folder(folder: Path, flag: str) -> None:
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"{flag}: cannot create the folder {folder} ({exc.strerror}); give another path") from None
+    if not os.access(folder, os.W_OK):
+        raise ConfigError(f"{flag}: the folder {folder} is not writable; give another path")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

@@ -90,7 +90,7 @@ def build_parser() -> Parser:
     study.add_argument("--n-trials", type=int, help="run at most N trials now (the rest on the next run)")
     study.add_argument("--timeout", type=float, metavar="SEC", help="start no new trial after SEC seconds")
     study.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    study.add_argument("--data-root", help="where datasets live (default: $FFABLATE_DATA)")
+    study.add_argument("--data-root", help="where datasets live (default: $FFABLATE_DATA or ~/.cache/ffablate/data)")
     study.add_argument("--json", action="store_true", help="print the results as one JSON object")
     study.add_argument(
         "--recipe-from",
@@ -240,16 +240,23 @@ def cmd_bench_pool(args: argparse.Namespace) -> int:
 
 
 def cmd_study(args: argparse.Namespace) -> int:
-    from ffablate import results, spec, study
+    from ffablate import ops, results, spec, study
+    from ffablate.train.common import resolve_device
 
+    if args.n_trials is not None and args.n_trials < 1:
+        raise FFablateError(f"--n-trials must be at least 1, got {args.n_trials}")
+    if args.timeout is not None and not args.timeout > 0:
+        raise FFablateError(f"--timeout must be a positive number of seconds, got {args.timeout}")
+    # Mistakes of the machine, not of one configuration, fail here: inside a trial they would fail it for good.
+    resolve_device(args.device)
+    ops.backend()
     plan = spec.load(args.name).plan(args.budget, study.available_datasets(args.data_root))
     source = None
     if args.recipe_from:
         recipe, source = study.winning_recipe(args.storage, args.recipe_from)
         plan = plan.with_recipe(recipe, source)
     name = args.study_name or study.default_study_name(plan.spec, args.budget, source)
-    if args.n_trials is not None and args.n_trials < 1:
-        raise FFablateError(f"--n-trials must be at least 1, got {args.n_trials}")
+    study.storage_for(args.storage)  # a bad --storage is one line, not a banner and then the error
     size = (
         f"TPE, {plan.budget.n_trials} trials"
         if plan.spec.sampler == "tpe"
@@ -297,7 +304,12 @@ def cmd_report(args: argparse.Namespace) -> int:
 
     found = load_study(args.storage, args.name)
     out = Path(args.out or Path("reports") / found.study_name)
-    path = write_report(found, out)
+    try:
+        path = write_report(found, out)
+    except OSError as exc:
+        raise FFablateError(
+            f"cannot write the report into {out}: {os_reason(exc)}; pass --out a writable folder"
+        ) from None
     stdout.print(f"wrote {path} and its plots", markup=False, highlight=False)
     return 0
 
@@ -312,19 +324,31 @@ def cmd_audit(args: argparse.Namespace) -> int:
             update(done, total, {f"{spec.method} {spec.resolution}px depth": spec.depth})
 
         rows = audit.run_audit(specs, progress=tick, timeout=args.timeout, budget=args.budget)
-    if args.output:
-        audit.write_output(args.output, rows, {k: v for k, v in vars(args).items() if k != "func"})
-    if args.plot_dir:
-        for path in audit.plot(rows, args.plot_dir, prefix=args.plot_prefix):
-            stderr.print(f"wrote {path}", markup=False, highlight=False)
+    # The rows go out first: a file that cannot be written must not cost the measurements.
     if args.json:
         print(json.dumps(rows))
-        return 0
-    wide = wide_console()
-    wide.print(audit.render_table(rows, title=f"ffablate audit on {args.device}"))
-    for table in audit.render_summary(audit.summarize(rows)):
-        wide.print(table)
+    else:
+        wide = wide_console()
+        wide.print(audit.render_table(rows, title=f"ffablate audit on {args.device}"))
+        for table in audit.render_summary(audit.summarize(rows)):
+            wide.print(table)
+    try:
+        if args.output:
+            audit.write_output(args.output, rows, {k: v for k, v in vars(args).items() if k != "func"})
+        if args.plot_dir:
+            for path in audit.plot(rows, args.plot_dir, prefix=args.plot_prefix):
+                stderr.print(f"wrote {path}", markup=False, highlight=False)
+    except OSError as exc:
+        raise FFablateError(
+            f"the audit's rows are printed above, but writing its files failed: {os_reason(exc)}; "
+            "rerun with a writable --output/--plot-dir"
+        ) from None
     return 0
+
+
+def os_reason(exc: OSError) -> str:
+    """``File exists: /tmp/x`` from an OSError, on one line."""
+    return f"{exc.strerror or exc}: {exc.filename}" if exc.filename else str(exc.strerror or exc)
 
 
 def main(argv: list[str] | None = None) -> int:

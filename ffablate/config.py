@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -56,6 +57,8 @@ class RunConfig:
             raise ConfigError(
                 f"strides has {len(strides)} entries but channels has {len(self.widths)}; give one per block"
             )
+        if max(strides) > 2:
+            raise ConfigError(f"strides must be 1 or 2 per block (2 adds a 2x2 max-pool), got {self.strides!r}")
         return strides
 
     def params_of(self, kind: str) -> dict[str, Any]:
@@ -104,8 +107,12 @@ class RunConfig:
                 raise ConfigError(f"{key} must be at least 1, got {getattr(self, key)}")
         if self.batch_size % self.micro_batch and self.method in ("ff-ga", "bp-ga"):
             raise ConfigError(f"batch_size {self.batch_size} must be a multiple of micro_batch {self.micro_batch}")
-        if not self.lr > 0:
-            raise ConfigError(f"lr must be positive, got {self.lr}")
+        if not 0 < self.lr < math.inf:
+            raise ConfigError(f"lr must be a positive finite number, got {self.lr}")
+        if not 0 <= self.weight_decay < math.inf:
+            raise ConfigError(f"weight_decay must be a finite number >= 0, got {self.weight_decay}")
+        if not math.isfinite(self.threshold):
+            raise ConfigError(f"threshold must be a finite number, got {self.threshold}")
         _ = self.widths, self.stride_list
 
 
@@ -141,7 +148,8 @@ def _coerce(key: str, value: Any, kind: type) -> Any:
             return lowered in ("true", "1", "yes")
         return kind(value)
     except ValueError:
-        raise ConfigError(f"--set {key}={value}: expected {kind.__name__}") from None
+        want = "bool (true or false)" if kind is bool else kind.__name__
+        raise ConfigError(f"--set {key}={value}: expected {want}") from None
 
 
 def _parse_scalar(value: Any) -> Any:

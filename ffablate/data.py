@@ -23,10 +23,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ffablate.errors import ChecksumMismatch, ConfigError, DataNotFound, FFablateError
+from ffablate.errors import ChecksumMismatch, ConfigError, DataError, DataNotFound
 
 
-class MalformedFile(FFablateError):
+class MalformedFile(DataError):
     """A data file exists but its bytes are not what its format promises."""
 
 

@@ -13,9 +13,14 @@ class ConfigError(FFablateError):
     pass
 
 
-class DataNotFound(FFablateError):
+class DataError(FFablateError):
+    """The dataset's files (or the packages that read them) are missing or broken: every run on it fails alike
+    until the user fixes them, so a study stops instead of recording its trials as failed for good."""
+
+
+class DataNotFound(DataError):
     pass
 
 
-class ChecksumMismatch(FFablateError):
+class ChecksumMismatch(DataError):
     pass

@@ -39,6 +39,10 @@ class Plugin:
         }
 
     def create(self, params: dict[str, Any] | None = None, **context: Any) -> Any:
+        return self.factory(**context, **self.checked_params(params))
+
+    def checked_params(self, params: dict[str, Any] | None) -> dict[str, Any]:
+        """``params`` if every one is a parameter of this plugin with a value of its default's type."""
         params = dict(params or {})
         unknown = sorted(set(params) - set(self.params))
         if unknown:
@@ -46,7 +50,27 @@ class Plugin:
             raise ConfigError(
                 f"{self.kind} plugin {self.name!r} has no parameter {unknown[0]!r}; its parameters: {known}"
             )
-        return self.factory(**context, **params)
+        return {key: self._checked(key, value) for key, value in params.items()}
+
+    def _checked(self, key: str, value: Any) -> Any:
+        """``value`` if it has the type of the parameter's default (a str default takes any scalar as text)."""
+        default = self.params[key]
+        if isinstance(default, bool):
+            ok, want = isinstance(value, bool), "true or false"
+        elif isinstance(default, int):
+            ok, want = isinstance(value, int) and not isinstance(value, bool), "an integer"
+        elif isinstance(default, float):
+            ok, want = isinstance(value, (int, float)) and not isinstance(value, bool), "a number"
+        elif isinstance(default, str) and isinstance(value, (int, float, bool)):
+            return str(value)
+        else:
+            return value
+        if not ok:
+            raise ConfigError(
+                f"{self.kind} plugin {self.name!r}: parameter {key!r} takes {want}, got {value!r} "
+                f"(e.g. --set {self.kind}.{key}={default})"
+            )
+        return value
 
 
 class Registry:
@@ -129,14 +153,41 @@ def make_plugin_manager(extra_plugins: tuple[object, ...] = ()) -> pluggy.Plugin
     pm.add_hookspecs(hookspecs)
     for module_name in BUILTIN_MODULES:
         pm.register(importlib.import_module(module_name), name=module_name)
-    pm.load_setuptools_entrypoints("ffablate")
+    try:
+        pm.load_setuptools_entrypoints("ffablate")
+    except Exception as exc:  # an installed plugin that fails to import: name it instead of a traceback
+        raise ConfigError(_broken_entry_point(exc)) from None
     for plugin in extra_plugins:
         pm.register(plugin)
     try:
         pm.check_pending()  # a misspelled hook name fails here, not silently
     except pluggy.PluginValidationError as exc:
-        raise ConfigError(f"plugin {exc.plugin!r} implements a hook ffablate does not define: {exc}") from None
+        raise ConfigError(
+            f"plugin {exc.plugin!r} implements a hook ffablate does not define: {exc}; "
+            "rename it to a hook of ffablate.hookspecs or uninstall the plugin"
+        ) from None
     return pm
+
+
+def _broken_entry_point(exc: Exception) -> str:
+    """One line naming the ``ffablate`` entry point that fails to load (loaded again, one by one, to find it)."""
+    from importlib.metadata import entry_points
+
+    for ep in entry_points(group="ffablate"):
+        try:
+            ep.load()
+        except Exception as ep_exc:
+            package = ep.dist.name if ep.dist is not None else ep.value
+            return (
+                f"the installed ffablate plugin {ep.name!r} ({ep.value}, package {package}) fails to import: "
+                f"{_first_line(ep_exc)}; fix its installation or `pip uninstall {package}`"
+            )
+    return f"loading the installed ffablate plugins failed: {_first_line(exc)}; reinstall or uninstall the plugin"
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {lines[0] if lines else ''}"
 
 
 _extra: list[object] = []

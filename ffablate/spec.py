@@ -157,9 +157,13 @@ def available_names() -> list[str]:
 def load(name_or_path: str) -> Spec:
     path = resolve(name_or_path)
     try:
-        raw = tomllib.loads(path.read_text())
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
     except tomllib.TOMLDecodeError as exc:
         raise SpecError(f"{path}: not valid TOML: {exc}") from None
+    except UnicodeDecodeError as exc:
+        raise SpecError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start}); save the spec as UTF-8") from None
+    except OSError as exc:
+        raise SpecError(f"{path}: cannot read the spec ({exc.strerror}); check the path and its permissions") from None
     return parse(raw, path)
 
 
@@ -516,9 +520,14 @@ def _plan(spec: Spec, budget_name: str, available: Callable[[str], bool]) -> Pla
 
 def _check_configs(path: Path, budget_name: str, base: dict[str, Any], cells: list[Cell]) -> None:
     """Every cell must make a valid RunConfig before any training starts."""
+    from ffablate.plugins import registry
+
     for cell in cells:
         try:
-            RunConfig().with_updates({**base, **cell.overrides})
+            config = RunConfig().with_updates({**base, **cell.overrides})
+            for kind in PLUGIN_KINDS:  # plugin parameters: known to the chosen plugin, of the right type
+                name = config.dataset if kind == "datasets" else getattr(config, kind)
+                registry().get(kind, name).checked_params(config.params_of(kind))
         except FFablateError as exc:
             raise SpecError(f"{path}: budgets.{budget_name} configuration {cell.label!r}: {exc}") from None
 

@@ -29,7 +29,7 @@ from optuna.trial import FrozenTrial, Trial, TrialState
 from ffablate import results
 from ffablate import spec as specs
 from ffablate.config import RunConfig
-from ffablate.errors import FFablateError
+from ffablate.errors import DataError, FFablateError
 
 DEFAULT_STORAGE = "sqlite:///ffablate.db"
 HEARTBEAT_S, GRACE_S = 20, 120
@@ -58,7 +58,10 @@ def storage_for(url: str | None) -> optuna.storages.RDBStorage:
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # heartbeats are "experimental"
             return optuna.storages.RDBStorage(url, heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S)
     except Exception as exc:  # SQLAlchemy raises many types for a bad URL or an unreachable server
-        raise FFablateError(f"cannot open storage {url}: {str(exc).splitlines()[0]}") from None
+        raise FFablateError(
+            f"cannot open storage {url}: {str(exc).splitlines()[0]}; check the URL (for sqlite, that its folder "
+            "exists and is writable; for a server, that it is up and its driver installed)"
+        ) from None
 
 
 def describe_storage(url: str | None) -> str:
@@ -81,9 +84,13 @@ def winning_recipe(storage_url: str | None, name: str) -> tuple[dict[str, Any], 
     study = load_study(storage_url, name)
     best = results.summarize(study).best()
     if best is None:
+        command = f"ffablate study {study.user_attrs.get('ffablate_spec', name)}"
+        if study.user_attrs.get("budget"):
+            command += f" --budget {study.user_attrs['budget']}"
+        if storage_url:
+            command += f" --storage {storage_url}"
         raise FFablateError(
-            f"study {study.study_name} has no completed FF trial to take a recipe from; run it first "
-            f"(`ffablate study {study.user_attrs.get('ffablate_spec', name)}`)"
+            f"study {study.study_name} has no completed FF trial to take a recipe from; run it first (`{command}`)"
         )
     # The winner's recipe is the source's shared settings plus its own overrides, FF keys only.
     settings = {**study.user_attrs.get("base", {}), **best.overrides}
@@ -223,6 +230,14 @@ class DataCache:
 # The objective
 
 
+class StopStudy(Exception):
+    """Raised out of ``study.optimize`` (not an FFablateError, so Optuna does not catch it) to end the study."""
+
+    def __init__(self, error: FFablateError):
+        super().__init__(str(error))
+        self.error = error
+
+
 class Objective:
     def __init__(self, plan: specs.Plan, device: str, data: DataCache, on_epoch_progress: Callable | None = None):
         self.plan, self.device, self.data = plan, device, data
@@ -250,6 +265,10 @@ class Objective:
             result = self._train(trial, config, role)
         except optuna.TrialPruned:
             raise
+        except DataError as exc:
+            # Missing or broken data files fail every trial alike: stop the study and leave this point to a rerun.
+            trial.set_user_attr(FAIL_REASON, f"{type(exc).__name__}: {exc}")
+            raise StopStudy(exc) from None
         except FFablateError as exc:
             # Divergence (NaN) and configuration clashes would happen again on a rerun: record and move on.
             trial.set_user_attr(FAIL_REASON, f"{type(exc).__name__}: {exc}")
@@ -483,14 +502,17 @@ def run_study(
                 objective.announce = progress.trial_started
                 callbacks.append(lambda s, t: progress.trial_finished(t))
             start = time.perf_counter()
-            study.optimize(
-                objective,
-                n_trials=limit,
-                timeout=timeout,
-                catch=(FFablateError,),
-                callbacks=callbacks,
-                gc_after_trial=False,
-            )
+            try:
+                study.optimize(
+                    objective,
+                    n_trials=limit,
+                    timeout=timeout,
+                    catch=(FFablateError,),
+                    callbacks=callbacks,
+                    gc_after_trial=False,
+                )
+            except StopStudy as stop:  # the trials done so far stay in the storage; a rerun resumes after them
+                raise stop.error from None
             study.set_user_attr(f"wall_seconds_{before}", time.perf_counter() - start)
     return StudyRun(study, plan, storage_url or DEFAULT_STORAGE, len(study.trials) - before, todo - limit)
 

@@ -4,10 +4,13 @@ import json
 import os
 import subprocess
 import sys
+from types import SimpleNamespace
 
+import optuna
 import pytest
 import torch
 
+from ffablate import audit, plugins, study
 from ffablate.cli import main
 from tests.conftest import tiny_args
 
@@ -34,6 +37,17 @@ def one_line_error(capsys) -> str:
         (["train", "--set", "goodness=meansq"], "negatives=random-label"),
         (["train", "--method", "rnn"], "invalid choice"),
         (["plugins", "colour"], "unknown plugin kind"),
+        (["train", "--set", "weight_decay=-1"], "weight_decay must be a finite number >= 0"),
+        (["train", "--set", "lr=inf"], "lr must be a positive finite number"),
+        (["train", "--set", "strides=5"], "strides must be 1 or 2"),
+        (["train", "--set", "augment=maybe"], "expected bool (true or false)"),
+        (["train", *tiny_args("--set", "temperature.t=abc")], "parameter 't' takes a number"),
+        (["train", *tiny_args("--set", "channels=20,20,20,20,20", "--set", "strides=2")], "--set strides=2,2,2,2,1"),
+        (["study", "goodness", "--timeout", "0"], "--timeout must be a positive number"),
+        (["audit", "--warmup", "-1"], "--warmup must be at least 0"),
+        (["audit", "--timeout", "0"], "--timeout must be a positive number"),
+        (["audit", "--width", "4"], "needs a channel per class"),
+        (["audit", "--plot-prefix", "a/b"], "without '/'"),
     ],
 )
 def test_user_mistakes_exit_2_with_one_line(capsys, argv, expected):
@@ -87,3 +101,92 @@ def test_the_installed_command_prints_no_traceback():
     assert proc.returncode == 2
     assert proc.stderr.count("\n") == 1 and "unknown norm plugin 'batchnorm'" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_study_checks_storage_and_kernels_before_its_banner(capsys, tmp_path, monkeypatch):
+    url = f"sqlite:///{tmp_path / 'no' / 'such' / 'folder' / 'x.db'}"
+    assert main(["study", "goodness", "--budget", "smoke", "--storage", url]) == 2
+    assert "cannot open storage" in one_line_error(capsys)
+    # A bad kernel backend would fail every trial for good: it must stop the study before the storage is touched.
+    monkeypatch.setenv("FFABLATE_KERNELS", "fast")
+    db = tmp_path / "k.db"
+    assert main(["study", "goodness", "--budget", "smoke", "--storage", f"sqlite:///{db}"]) == 2
+    assert "FFABLATE_KERNELS" in one_line_error(capsys) and not db.exists()
+
+
+def test_corrupt_data_stops_a_study_and_leaves_the_point_to_a_rerun(capsys, tmp_path, monkeypatch):
+    monkeypatch.setenv("FFABLATE_NO_OFFLINE", "1")
+    raw = tmp_path / "data" / "FashionMNIST" / "raw"
+    raw.mkdir(parents=True)
+    for name in ("train-images", "train-labels", "t10k-images", "t10k-labels"):
+        (raw / f"{name}-idx{3 if 'images' in name else 1}-ubyte").write_bytes(b"not the dataset")
+    url = f"sqlite:///{tmp_path / 's.db'}"
+    argv = ["study", "goodness", "--budget", "smoke", "--storage", url, "--data-root", str(tmp_path / "data")]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert "Traceback" not in "".join(err) and "MD5" in err[-1] and "ffablate: error" in err[-1]
+    trials = optuna.load_study(study_name="goodness-smoke", storage=url).get_trials()
+    assert len(trials) == 1 and trials[0].state.name == "FAIL" and not study.is_done(trials[0])
+
+
+def test_bad_plugin_parameter_in_a_spec_fails_at_load(capsys, tmp_path):
+    spec = tmp_path / "bad.toml"
+    spec.write_text(
+        'question = "q"\naxes = { "temperature.t" = ["abc", 0.5] }\n[budgets.quick]\n[budgets.full]\n'
+        "[budgets.smoke]\nlimit_train = 100\nlimit_test = 100\nepochs = 1\nbatch_size = 50\n"
+        'channels = "10,10"\nstrides = "2,2"\n'
+    )
+    # Tiny and capped, so that a regression trains for seconds instead of a whole study.
+    argv = ["study", str(spec), "--budget", "smoke", "--n-trials", "1", "--storage", f"sqlite:///{tmp_path / 's.db'}"]
+    assert main(argv) == 2
+    assert "parameter 't' takes a number" in one_line_error(capsys)
+    spec.write_bytes(b"\xff\xfe")
+    assert main(["study", str(spec)]) == 2
+    assert "not UTF-8" in one_line_error(capsys)
+
+
+def test_audit_output_paths_are_checked_before_any_worker(capsys, tmp_path, monkeypatch):
+    monkeypatch.setattr(audit, "run_audit", lambda *a, **k: pytest.fail("no worker may start"))
+    a_file = tmp_path / "file"
+    a_file.write_text("")
+    for flags in (["--output", str(a_file / "out.json")], ["--output", str(tmp_path)], ["--plot-dir", str(a_file)]):
+        assert main(["audit", "--methods", "bp", *flags]) == 2
+        assert "give a" in one_line_error(capsys)
+
+
+def test_audit_rows_are_printed_before_a_failing_write(capsys, tmp_path, monkeypatch):
+    rows = [{"method": "bp", "depth": 2, "status": "ok"}]
+    monkeypatch.setattr(audit, "run_audit", lambda *a, **k: rows)
+
+    def disk_full(*a, **k):
+        raise OSError(28, "No space left on device", str(tmp_path / "a.json"))
+
+    monkeypatch.setattr(audit, "write_output", disk_full)
+    assert main(["audit", "--methods", "bp", "--json", "--output", str(tmp_path / "a.json")]) == 2
+    out = capsys.readouterr()
+    assert json.loads(out.out) == rows
+    assert "No space left" in out.err and len(out.err.strip().splitlines()) == 1
+
+
+def test_report_into_a_file_is_one_line(capsys, tmp_path, monkeypatch):
+    monkeypatch.setattr(study, "load_study", lambda *a: SimpleNamespace(study_name="x"))
+    a_file = tmp_path / "file"
+    a_file.write_text("")
+    assert main(["report", "x", "--out", str(a_file)]) == 2
+    assert "pass --out a writable folder" in one_line_error(capsys)
+
+
+def test_plugin_that_fails_to_import_is_named_in_one_line(capsys, tmp_path, monkeypatch):
+    info = tmp_path / "ffablate_broken-0.1.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: ffablate-broken\nVersion: 0.1\n")
+    (info / "entry_points.txt").write_text("[ffablate]\nbroken = ffablate_broken_mod\n")
+    (tmp_path / "ffablate_broken_mod.py").write_text("import a_dependency_that_is_not_installed\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    plugins._default_registry.cache_clear()
+    try:
+        assert main(["plugins"]) == 2
+    finally:
+        plugins._default_registry.cache_clear()
+    err = one_line_error(capsys)
+    assert "'broken'" in err and "a_dependency_that_is_not_installed" in err and "pip uninstall ffablate-broken" in err

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from ffablate.config import FF_METHODS, RunConfig
+from ffablate.errors import ConfigError
 from ffablate.plugins import Registry
 from ffablate.train import common
 from ffablate.train.common import RunResult, TrainingDiverged
@@ -26,6 +27,7 @@ def build_trainer(
     device = common.resolve_device(config.device)
     common.seed_everything(config.seed)
     data = data or common.prepare_data(config, device, data_root, download)
+    check_downsampling(config, data.in_shape)
     trainer_cls = FFTrainer if config.method in FF_METHODS else BPTrainer
     return trainer_cls(config, data, device, plugins)
 
@@ -42,3 +44,17 @@ def run(
 ) -> RunResult:
     trainer = build_trainer(config, data_root=data_root, download=download, plugins=plugins, data=data)
     return trainer.fit(progress=progress, on_epoch=on_epoch)
+
+
+def check_downsampling(config: RunConfig, in_shape: tuple[int, int, int]) -> None:
+    """Each stride-2 block halves the image; one that would pool a 1-pixel map is a ConfigError, not a crash."""
+    if config.backbone != "cnn":
+        return
+    size = min(in_shape[1:])
+    allowed = max(0, size.bit_length() - 1)  # how many times ``size`` can be halved before it reaches 1
+    if config.stride_list.count(2) > allowed:
+        example = ",".join(["2"] * allowed + ["1"] * (len(config.widths) - allowed))
+        raise ConfigError(
+            f"strides {config.strides!r} halve {size}px images more than {allowed} times; "
+            f"set later blocks to stride 1 (e.g. --set strides={example})"
+        )
