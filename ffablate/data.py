@@ -103,7 +103,10 @@ OFFLINE_SOURCES: dict[str, list[OfflineSource]] = {
 
 def offline_dirs(name: str) -> list[Path]:
     """Existing folders of the installed offline packages for ``name`` (none when $FFABLATE_NO_OFFLINE=1)."""
-    if os.environ.get(NO_OFFLINE_ENV, "") not in ("", "0"):
+    switch = os.environ.get(NO_OFFLINE_ENV, "")
+    if switch not in ("", "0", "1"):
+        raise ConfigError(f"{NO_OFFLINE_ENV}={switch!r}: set it to 1 (ignore offline packages) or 0, or unset it")
+    if switch == "1":
         return []
     found = []
     for source in OFFLINE_SOURCES.get(name, []):
@@ -315,8 +318,10 @@ def use_coarse_labels(ds: ImageDataset) -> ImageDataset:
 
 def first_classes(ds: ImageDataset, k: int) -> ImageDataset:
     """Keep the images of the first ``k`` classes; their labels already are 0..k-1."""
-    if not 1 <= k <= ds.num_classes:
-        raise ConfigError(f"classes={k}: dataset {ds.name!r} has {ds.num_classes} classes; pick 1..{ds.num_classes}")
+    if not 2 <= k <= ds.num_classes:
+        raise ConfigError(
+            f"classes={k}: dataset {ds.name!r} has {ds.num_classes} classes; pick 2..{ds.num_classes} (0 keeps all)"
+        )
     if k == ds.num_classes:
         return ds
     train, test = ds.train_y < k, ds.test_y < k

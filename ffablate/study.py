@@ -66,9 +66,16 @@ def storage_for(url: str | None) -> optuna.storages.RDBStorage:
 
 def describe_storage(url: str | None) -> str:
     url = url or DEFAULT_STORAGE
-    if url.startswith("sqlite:///") and not url.startswith("sqlite:////"):
-        return f"{url} ({Path(url.removeprefix('sqlite:///')).resolve()})"
-    return url
+    db = sqlite_file(url)
+    return f"{url} ({db.resolve()})" if db is not None and not db.is_absolute() else url
+
+
+def sqlite_file(url: str) -> Path | None:
+    """The database file of a file-backed SQLite URL (``sqlite:///relative`` or ``sqlite:////absolute``)."""
+    if not url.startswith("sqlite:///"):
+        return None
+    path = url.removeprefix("sqlite:///").split("?", 1)[0]
+    return Path(path) if path and path != ":memory:" else None
 
 
 def default_study_name(spec: specs.Spec, budget: str, recipe_from: str | None = None) -> str:
@@ -529,6 +536,9 @@ def _log_failure(trial: FrozenTrial, log: Callable[[str], None]) -> None:
 
 def load_study(storage_url: str | None, name: str) -> optuna.Study:
     """An existing study, read-only in spirit: nothing is run. ``name`` may omit the budget suffix."""
+    db = sqlite_file(storage_url or DEFAULT_STORAGE)
+    if db is not None and not db.exists():  # opening it would leave an empty database behind
+        raise FFablateError(f"no study storage at {db.resolve()}; pass the --storage your study ran with")
     storage = storage_for(storage_url)
     names = [s.study_name for s in optuna.get_all_study_summaries(storage, include_best_trial=False)]
     if name not in names:

