@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # GPU check for ffablate on an offline CUDA machine: build the extension against the torch there, run the
 # CUDA tests (ops and data loader), the CUDA kernel benchmark, one epoch of FF (fused and reference kernels)
-# and BP-DeepSup on the Fashion-MNIST carried in .data/, and the 224x224 audit under an 8 GB cap. Every section
+# and BP-DeepSup on the Fashion-MNIST carried in .data/, the 224x224 audit under an 8 GB cap, and an in-process
+# fused/reference step A/B with a device-time profile of the FF step. Every section
 # runs under its own timeout and the script keeps going when one fails; each section's rc and wall time land
 # in $OUT/summary.json.
 #
@@ -12,12 +13,12 @@
 # for torch.library.opcheck, installed below with --no-index when missing).
 #
 # Files written (few on purpose: the device runner returns at most 8):
-#   device-check.log    all section logs, one after another
+#   device-check.log    all section logs, one after another (the step section's A/B and profile only here)
 #   bench_kernels.json  ffablate.bench.kernel_bench("cuda") rows
 #   train_gpu.json      the training runs (a warm-up, fused/reference alternating, coupled-bn FF, BP-DeepSup)
 #   audit/audit_gpu.json, audit/audit_gpu.txt and the audit's PNG curves
 #   summary.json        {"sections": [{"name", "rc", "seconds"}], ...}
-# Budget: about 5 minutes in all (a session's whole GPU lease is 15 minutes, machine start included).
+# Budget: about 5.5 minutes in all (a session's whole GPU lease is 15 minutes, machine start included).
 set -u
 
 OUT=${1:?usage: scripts/device-check.sh OUT_DIR}
@@ -25,6 +26,7 @@ mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # the in-place build, for scripts/*.py too
 export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda}
 export MAX_JOBS=${MAX_JOBS:-8}
 LOG="$OUT/device-check.log"
@@ -119,6 +121,10 @@ with open(sys.argv[1], "w") as f:
     json.dump(rows, f, indent=1)
 EOF
 
+# Step time, fused vs reference alternating in one process (scripts/ff-step-ab.py), then where an FF step's device
+# time goes: is the GPU step launch-bound, and what do the goodness and pooling cost there?
+run_section step 75 bash -c "'$PY' scripts/ff-step-ab.py --set device=cuda --data-root .data --rounds 5 --steps 50 \
+    --profile && '$PY' scripts/ff-step-ab.py --set device=cuda --set norm=decoupled --data-root .data --rounds 5 --steps 50"
 
 "$PY" - "$OUT/summary.json" "${SECTIONS[@]}" <<'EOF'
 import json, sys

@@ -1,18 +1,21 @@
 """A/B of a training step with ffablate's fused kernels vs the reference ones, in one process.
 
-    python scripts/ff-step-ab.py [--set KEY=VALUE ...] [--rounds 5] [--steps 50] [--profile]
+    python scripts/ff-step-ab.py [--set KEY=VALUE ...] [--rounds 5] [--steps 50] [--profile] [--data-root DIR]
 
 Builds the trainer of `ffablate train`'s defaults (plus --set overrides, e.g. norm=decoupled or method=bp-deepsup)
 on the first 12,800 training images, then alternates FFABLATE_KERNELS=fused and =reference round by round, each
 round timing --steps steps after 3 warm-up steps. Alternating in one process keeps the ratio honest on a shared
 machine: a slow patch of the host hits both backends. Prints ms/step per round, the medians and their ratio;
---profile adds a torch.profiler table of 10 fused steps.
+--profile adds a torch.profiler table of 10 fused steps (with `--set device=cuda`: sorted by device time, and each
+timed round is bracketed by CUDA synchronizations).
 """
 
 import argparse
 import os
 import statistics
 import time
+
+import torch
 
 from ffablate.config import RunConfig, parse_sets
 from ffablate.train import build_trainer
@@ -21,12 +24,17 @@ from ffablate.train.ff import FFTrainer
 
 def time_steps(trainer, batches, steps: int) -> float:
     """Mean ms per step over the first ``steps`` batches (FF: all blocks learn and the fusion is fit)."""
+    cuda = trainer.device.type == "cuda"
+    if cuda:
+        torch.cuda.synchronize()
     start = time.perf_counter()
     for x, y in batches[:steps]:
         if isinstance(trainer, FFTrainer):
             trainer.train_step(x, y, 0.0, range(trainer.net.depth), True)
         else:
             trainer.train_step(x, y)
+    if cuda:
+        torch.cuda.synchronize()
     return (time.perf_counter() - start) / steps * 1e3
 
 
@@ -36,9 +44,10 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--profile", action="store_true")
+    parser.add_argument("--data-root")
     args = parser.parse_args()
     config = RunConfig().with_updates({"limit_train": 12800, **parse_sets(args.set)})
-    trainer = build_trainer(config)
+    trainer = build_trainer(config, data_root=args.data_root)
     batches = list(trainer.data.train)
     times: dict[str, list[float]] = {"fused": [], "reference": []}
     for round_ in range(args.rounds):
@@ -50,12 +59,15 @@ def main() -> None:
     fused, reference = (statistics.median(times[k]) for k in ("fused", "reference"))
     print(f"median ms/step: fused {fused:.1f}, reference {reference:.1f}; fused/reference {fused / reference:.3f}")
     if args.profile:
-        from torch.profiler import profile
+        from torch.profiler import ProfilerActivity, profile
 
         os.environ["FFABLATE_KERNELS"] = "fused"
-        with profile() as prof:
+        cuda = trainer.device.type == "cuda"
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+        with profile(activities=activities) as prof:
             time_steps(trainer, batches, 10)
-        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12))
+        sort = "self_device_time_total" if cuda else "self_cpu_time_total"
+        print(prof.key_averages().table(sort_by=sort, row_limit=15))
 
 
 if __name__ == "__main__":
