@@ -78,7 +78,7 @@ class Adaptive(nn.Module):
 
 
 class Learned(nn.Module):
-    """T = exp(log_t), a per-block parameter trained by the block's own optimizer (bounded below by ``floor``)."""
+    """T = exp(log_t), a per-block parameter trained by its block's own loss (bounded below by ``floor``)."""
 
     def __init__(self, init: float = 1.0, floor: float = 0.01):
         super().__init__()
