@@ -45,6 +45,7 @@ class ImageDataset:
     class_names: list[str]
     flips: bool  # horizontal flips preserve labels
     source: str  # where the bytes came from (path or "generated")
+    crops: bool = True  # small shifts (random crops of the padded image) preserve labels
     # Optional coarse labels (a label hierarchy); load_dataset(labels="coarse") swaps them in.
     coarse_train_y: Tensor | None = None
     coarse_test_y: Tensor | None = None
@@ -560,13 +561,19 @@ def teacher_student(
         test_y=test_y,
         num_classes=k,
         class_names=[f"class {c}" for c in range(k)],
-        flips=False,  # the teacher is not flip-invariant
+        flips=False,  # the teacher is neither flip- nor shift-invariant: either would change the labels
         source=f"generated (teacher_seed={teacher_seed})",
+        crops=False,
     )
 
 
 # ----------------------------------------------------------------------------------------------------
 # The device-resident loader
+
+
+def epoch_seed(seed: int, epoch: int) -> int:
+    """A 64-bit generator seed for one (run seed, epoch) pair, distinct across pairs."""
+    return int(np.random.SeedSequence([seed, epoch]).generate_state(1, np.uint64)[0])
 
 
 def crop_pad_for(size: int) -> int:
@@ -579,9 +586,11 @@ def crop_pad_for(size: int) -> int:
 class DeviceLoader:
     """Batches of a uint8 dataset that lives on ``device``: (x float32 normalized (B, C, H, W), y int64).
 
-    The order is a permutation from a CPU ``torch.Generator`` seeded with ``seed + epoch``, so batches are
-    the same on every device. Augmentation happens on the device, vectorized over the batch: a random crop
-    from the zero-padded image (a random shift per sample) and, only when ``flips``, a random horizontal flip.
+    The order is a permutation from a CPU ``torch.Generator`` seeded from (seed, epoch) through a
+    ``numpy.random.SeedSequence``, so batches are the same on every device and no two (seed, epoch) pairs share
+    a stream (``seed + epoch`` would give seed s at epoch e+1 seed s+1's epoch e). Augmentation happens on the
+    device, vectorized over the batch: a random crop from the zero-padded image (a random shift per sample; ``pad=0``
+    turns it off) and, only when ``flips``, a random horizontal flip.
     Both are one gather from a padded copy made once, so no Python loop runs per sample.
 
     ``set_epoch(e)`` chooses the epoch; without it, each new iteration uses the next epoch.
@@ -638,7 +647,7 @@ class DeviceLoader:
         self.epoch = epoch
 
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
-        gen = torch.Generator().manual_seed(self.seed + self.epoch)
+        gen = torch.Generator().manual_seed(epoch_seed(self.seed, self.epoch))
         self.epoch += 1
         n = len(self.x)
         order = torch.randperm(n, generator=gen) if self.shuffle else torch.arange(n)

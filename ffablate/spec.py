@@ -23,11 +23,13 @@ ANALYSES = ("ablation", "k-sweep", "label-hierarchy", "bp-gap", "search")
 SAMPLERS = ("grid", "tpe")
 PRUNERS = ("median", "none")
 BUDGETS = ("smoke", "quick", "full")
-# Keys that only shape the FF recipe: a BP baseline ignores them, so FF cells that differ only in these share
-# one baseline. Everything else (dataset, classes, labels, widths, epochs, ...) is matched between FF and its
-# baseline.
-FF_ONLY = frozenset({"goodness", "temperature", "norm", "loss", "negatives", "fusion", "schedule", "threshold"})
-FF_ONLY_PLUGIN_KINDS = frozenset(PLUGIN_KINDS) - {"datasets"}
+# The FF recipe: the keys `--recipe-from` carries over, and the plugin kinds a spec may search or sweep.
+RECIPE_KEYS = frozenset({"goodness", "temperature", "norm", "loss", "negatives", "fusion", "schedule", "threshold"})
+RECIPE_PLUGIN_KINDS = frozenset(PLUGIN_KINDS) - {"datasets"}
+# Keys a BP baseline ignores, so FF cells that differ only in these share one baseline. Everything else (dataset,
+# classes, labels, widths, epochs, ...) is matched between FF and its baseline, the norm modules included: they
+# are part of the backbone BP trains too, so each norm level gets a baseline with that norm.
+FF_ONLY = RECIPE_KEYS - {"norm"}
 STUDY_KEYS = {"seeds", "n_trials", "axes"}  # budget keys that are not RunConfig keys
 SPACE_TYPES = ("float", "int", "categorical")
 STUDIES_DIR = Path(__file__).resolve().parent.parent / "studies"
@@ -233,8 +235,8 @@ def parse(raw: dict[str, Any], path: Path) -> Spec:
     space_raw = v.get(raw, "space", dict, default={})
     space_plugins = v.get(space_raw, "plugins", list, default=[], key="space")
     for i, kind in enumerate(space_plugins):
-        if kind not in FF_ONLY_PLUGIN_KINDS:
-            v.fail(f"space.plugins[{i}]", f"must be a plugin kind ({', '.join(sorted(FF_ONLY_PLUGIN_KINDS))})")
+        if kind not in RECIPE_PLUGIN_KINDS:
+            v.fail(f"space.plugins[{i}]", f"must be a plugin kind ({', '.join(sorted(RECIPE_PLUGIN_KINDS))})")
     space = {k: v.distribution(d, f"space.{k}") for k, d in space_raw.items() if k != "plugins"}
     for k in space:
         v.setting_key(k, f"space.{k}")
@@ -361,7 +363,7 @@ class _Validator:
             path = _join(key, k)
             self.setting_key(k, path)
             if values == "*":
-                if k not in FF_ONLY_PLUGIN_KINDS:
+                if k not in RECIPE_PLUGIN_KINDS:
                     self.fail(path, '= "*" (every registered plugin) only works for a plugin kind')
                 from ffablate.plugins import registry
 
@@ -450,7 +452,7 @@ def _a(kind: type) -> str:
 
 
 def _is_ff_only(key: str) -> bool:
-    return key in FF_ONLY or ("." in key and key.split(".", 1)[0] in FF_ONLY_PLUGIN_KINDS)
+    return key in FF_ONLY or ("." in key and key.split(".", 1)[0] in FF_ONLY)
 
 
 def _label(items: dict[str, Any]) -> str:

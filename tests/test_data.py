@@ -248,7 +248,8 @@ def test_teacher_student_balanced_and_deterministic():
     for y, n in ((ds.train_y, 1003), (ds.test_y, 50)):
         counts = torch.bincount(y, minlength=7)
         assert counts.sum() == n and counts.max() - counts.min() <= 1
-    assert ds.train_x.dtype == torch.uint8 and ds.train_x.shape == (1003, 1, 8, 8) and not ds.flips
+    assert ds.train_x.dtype == torch.uint8 and ds.train_x.shape == (1003, 1, 8, 8)
+    assert not ds.flips and not ds.crops  # the teacher's labels survive neither
     same = data.teacher_student(k=7, n_train=1003, n_test=50, size=8, teacher_seed=1)
     other = data.teacher_student(k=7, n_train=1003, n_test=50, size=8, teacher_seed=2)
     assert torch.equal(ds.train_x, same.train_x) and torch.equal(ds.train_y, same.train_y)
@@ -395,6 +396,24 @@ def test_loader_same_seed_same_batches():
     other.set_epoch(1)
     assert not all(torch.equal(p[0], q[0]) for p, q in zip(a, other, strict=True))
     assert len(_loader(x, y, drop_last=True)) == 2
+
+
+def test_seeds_do_not_share_epochs():
+    # With ``seed + epoch`` seeding, seed 0's epoch 1 was seed 1's epoch 0: replicates that were not independent.
+    x, y = _pattern(n=40)
+    first = _loader(x, y, seed=0, augment=True)
+    first.set_epoch(1)
+    second = _loader(x, y, seed=1, augment=True)
+    pairs = list(zip(first, second, strict=True))
+    assert not all(torch.equal(a[1], b[1]) and torch.equal(a[0], b[0]) for a, b in pairs)
+
+
+def test_teacher_student_trains_without_augmentation(tiny_config):
+    from ffablate.train.common import prepare_data
+
+    config = tiny_config.with_updates({"dataset": "teacher-student", "classes": 5, "limit_train": 0})
+    loader = prepare_data(config, torch.device("cpu"), None, download=False).train
+    assert config.augment and not loader.augment and loader.pad == 0
 
 
 def test_loader_without_augment_is_normalized_identity():

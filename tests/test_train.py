@@ -1,4 +1,6 @@
 import dataclasses
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -163,3 +165,55 @@ def test_a_diverged_step_names_its_first_bad_loss_and_updates_nothing(tiny_confi
         else:
             trainer.train_step(x, y)
     assert all(torch.equal(a, b) for a, b in zip(before, trainer.net.parameters(), strict=True))
+
+
+def _bn_state(net: torch.nn.Module) -> list[torch.Tensor]:
+    return [b.clone() for b in net.buffers()]
+
+
+def test_bp_ckpt_updates_batch_norm_statistics_once_per_step(tiny_config):
+    """The backward's recompute must not count as a second batch: bp-ckpt's statistics equal bp-deepsup's."""
+    states = []
+    for method in ("bp-deepsup", "bp-ckpt"):
+        trainer = build_trainer(dataclasses.replace(tiny_config, method=method))
+        x, y = next(iter(trainer.data.train))
+        trainer.train_step(x, y)
+        states.append(_bn_state(trainer.net))
+    assert any(b.dtype == torch.int64 and int(b) == 1 for b in states[1])  # num_batches_tracked
+    for a, b in zip(*states, strict=True):
+        assert torch.equal(a, b)
+
+
+def test_scoring_passes_leave_batch_norm_alone_and_keep_train_mode(tiny_config):
+    config = tiny_config.with_updates(
+        {"goodness": "meansq", "negatives": "hardest-label", "loss": "softplus-threshold", "threshold": 1.0}
+    )
+    trainer = build_trainer(config)
+    x, _ = next(iter(trainer.data.train))
+    before = _bn_state(trainer.net)
+    trainer.net.scores_and_features(x)
+    assert trainer.net.training
+    assert all(torch.equal(a, b) for a, b in zip(before, _bn_state(trainer.net), strict=True))
+
+
+PEAK_CHECK = """
+import torch
+from ffablate.train.common import MemoryMeter
+
+before = MemoryMeter(torch.device("cpu"))
+big = torch.ones(64 * 2**20)  # 256 MiB, touched, then given back to the OS
+earlier_peak = before.peak_bytes()
+del big
+meter = MemoryMeter(torch.device("cpu"))
+print(meter._since_start, earlier_peak - meter.peak_bytes())
+"""
+
+
+def test_cpu_peak_memory_is_per_run_not_per_process():
+    # A fresh process: the allocator setting some entry points switch on (retain_cpu_memory) would keep the
+    # freed block resident, and then there is no peak to forget.
+    out = subprocess.run([sys.executable, "-c", PEAK_CHECK], capture_output=True, text=True, check=True).stdout
+    since_start, drop = out.split()
+    if since_start != "True":
+        pytest.skip("this OS cannot reset the RSS high-water mark")
+    assert int(drop) > 200 * 2**20

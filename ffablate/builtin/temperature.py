@@ -14,6 +14,12 @@ from ffablate import hookimpl
 from ffablate.errors import ConfigError
 
 
+def _scalar(value: float) -> Tensor:
+    """T as a 0-dim CPU tensor: it combines with CUDA tensors as a kernel argument, where a CUDA tensor made from a
+    Python float would cost a host-to-device copy, and a host sync, per block per step."""
+    return torch.tensor(value)
+
+
 def _positive(name: str, value: float) -> float:
     if not value > 0:
         raise ConfigError(f"temperature.{name} must be positive, got {value}")
@@ -28,7 +34,7 @@ class Constant(nn.Module):
         self.t = _positive("t", t)
 
     def forward(self, progress: float, goodness: Tensor) -> Tensor:
-        return torch.tensor(self.t, device=goodness.device)
+        return _scalar(self.t)
 
 
 class Linear(nn.Module):
@@ -39,7 +45,7 @@ class Linear(nn.Module):
         self.start, self.end = _positive("start", start), _positive("end", end)
 
     def forward(self, progress: float, goodness: Tensor) -> Tensor:
-        return torch.tensor(self.start + (self.end - self.start) * progress, device=goodness.device)
+        return _scalar(self.start + (self.end - self.start) * progress)
 
 
 class Cosine(nn.Module):
@@ -51,7 +57,7 @@ class Cosine(nn.Module):
 
     def forward(self, progress: float, goodness: Tensor) -> Tensor:
         weight = 0.5 * (1 - math.cos(math.pi * progress))
-        return torch.tensor(self.start + (self.end - self.start) * weight, device=goodness.device)
+        return _scalar(self.start + (self.end - self.start) * weight)
 
 
 class Adaptive(nn.Module):
@@ -70,10 +76,9 @@ class Adaptive(nn.Module):
     def forward(self, progress: float, goodness: Tensor) -> Tensor:
         if self.training:
             batch_spread = goodness.detach().float().std().clamp_min(self.floor)
-            if torch.isnan(self.spread):
-                self.spread.copy_(batch_spread)
-            else:
-                self.spread.mul_(self.momentum).add_((1 - self.momentum) * batch_spread)
+            smoothed = self.spread * self.momentum + (1 - self.momentum) * batch_spread
+            # The first batch (spread still NaN) starts the average; chosen on the device, without a host sync.
+            self.spread.copy_(torch.where(torch.isnan(self.spread), batch_spread, smoothed))
         return self.scale * self.spread.clamp_min(self.floor)
 
 

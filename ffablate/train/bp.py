@@ -10,6 +10,9 @@ Prediction uses the last head; every head's accuracy is reported per layer.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -37,7 +40,14 @@ class BPNet(nn.Module):
             return self.backbone(x)
         h, features = self.backbone.prepare(x), []
         for index in range(len(self.backbone.blocks)):
-            h, readout = checkpoint(self._block, index, h, use_reentrant=False)
+            modules = (self.backbone.blocks[index], self.backbone.norms[index])
+            h, readout = checkpoint(
+                self._block,
+                index,
+                h,
+                use_reentrant=False,
+                context_fn=lambda modules=modules: (contextlib.nullcontext(), _buffers_kept(modules)),
+            )
             features.append(readout)
         return features
 
@@ -52,8 +62,21 @@ class BPNet(nn.Module):
         return [head(f.float()) for head, f in zip(self.heads, used, strict=True)]
 
 
+@contextlib.contextmanager
+def _buffers_kept(modules: tuple[nn.Module, ...]) -> Iterator[None]:
+    """Restore the modules' buffers after the backward's recompute: a block runs once per step as far as its
+    batch-norm running statistics know, as it does without checkpointing."""
+    saved = [(buf, buf.clone()) for m in modules for buf in m.buffers()]
+    try:
+        yield
+    finally:
+        for buf, value in saved:
+            buf.copy_(value)
+
+
 def bp_loss(logits: list[Tensor], y: Tensor) -> Tensor:
-    return sum(F.cross_entropy(out, y) for out in logits)
+    # fp32, as FF's losses: under bf16 autocast the heads' logits are bf16.
+    return sum(F.cross_entropy(out.float(), y) for out in logits)
 
 
 class BPTrainer:
@@ -70,7 +93,8 @@ class BPTrainer:
         for xc, yc in zip(chunks, labels, strict=True):
             with common.autocast(self.device):
                 logits = self.net(xc)
-            # Weighting by the chunk's share makes the accumulated gradient the full batch's mean gradient.
+            # Weighting by the chunk's share makes the accumulated gradient the full batch's mean gradient (exactly
+            # so without batch statistics; coupled-bn normalizes each chunk by its own).
             loss = bp_loss(logits, yc) * (yc.numel() / y.numel())
             loss.backward()
             losses.append(("bp step", loss))

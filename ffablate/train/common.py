@@ -94,7 +94,8 @@ def prepare_data(config: RunConfig, device: torch.device, data_root: str | None,
         batch_size=config.batch_size,
         shuffle=True,
         seed=config.seed,
-        augment=config.augment,
+        augment=config.augment and (ds.crops or ds.flips),
+        pad=None if ds.crops else 0,
         drop_last=True,
         **common,
     )
@@ -147,18 +148,44 @@ def autocast(device: torch.device):
 
 
 class MemoryMeter:
-    """Peak memory of the run: CUDA's allocator peak on GPU, the process's peak RSS on CPU."""
+    """Peak memory of the run: CUDA's allocator peak on GPU; on CPU the process's peak RSS since the meter started.
+
+    A study runs many trials in one process, so the CPU peak must be reset per run: Linux resets the RSS high-water
+    mark (VmHWM) when "5" is written to /proc/self/clear_refs. Where that is impossible the process's lifetime
+    peak (ru_maxrss) is all there is, and an earlier, larger run would show through.
+    """
 
     def __init__(self, device: torch.device):
         self.device = device
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
+        self._since_start = device.type == "cpu" and _reset_rss_peak()
 
     def peak_bytes(self) -> int:
         if self.device.type == "cuda":
             return int(torch.cuda.max_memory_allocated(self.device))
+        if self._since_start:
+            return _rss_peak_bytes()
         scale = 1 if sys.platform == "darwin" else 1024  # ru_maxrss is KiB on Linux, bytes on macOS
         return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale)
+
+
+def _reset_rss_peak() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return _rss_peak_bytes() > 0
+    except OSError:
+        return False
+
+
+def _rss_peak_bytes() -> int:
+    """VmHWM from /proc/self/status, in bytes (0 when absent)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    return 0
 
 
 class Stopwatch:

@@ -63,8 +63,18 @@ class FFNet(nn.Module):
         """Per-block class scores (N, K) and readout features, without gradients.
 
         Per-class goodness needs one pass; label-embedding goodness needs one pass per candidate label, plus a
-        neutral-label pass for the readout features.
+        neutral-label pass for the readout features. The passes run in eval mode, also when training calls them
+        (hardest-label negatives, fitting a fusion): the scores are the ones evaluation sees, and these extra
+        passes leave batch-norm running statistics alone.
         """
+        was_training = self.training
+        self.eval()
+        try:
+            return self._scores_and_features(x)
+        finally:
+            self.train(was_training)
+
+    def _scores_and_features(self, x: Tensor) -> tuple[list[Tensor], list[Tensor]]:
         if self.goodness.per_class:
             return self._single_pass(x)
         per_label = []
@@ -129,9 +139,10 @@ class FFTrainer:
         fusion_params = list(self.net.fusion.parameters())
         self.fusion_optimizer = common.make_optimizer(fusion_params, config) if fusion_params else None
         # ff: the whole batch in one pass per block. ff-ga splits the batch into micro-batches that each go
-        # through every block before the next one starts; gradients accumulate and the optimizer steps
-        # once at the end. The update is the same (block l's input comes from block l-1's pre-step weights
-        # either way), but only one micro-batch's activations of one block are ever alive: FF's twin of bp-ga.
+        # through every block before the next one starts; gradients accumulate and the optimizer steps once at
+        # the end. Without batch statistics (coupled-bn, adaptive T) the update is the same (block l's input
+        # comes from block l-1's pre-step weights either way), but only one micro-batch's activations of one
+        # block are ever alive: FF's twin of bp-ga.
         self.micro_batch: int | None = config.micro_batch if config.method == "ff-ga" else None
 
     def train_step(self, x: Tensor, y: Tensor, progress: float, active: range, fit_fusion: bool) -> float:
