@@ -12,8 +12,8 @@
 //    blocks that are already running or that can be scheduled: tickets are handed out in order), publish
 //    their partial sums, bump the sample's arrival counter and spin until all G partials are in. Every
 //    block then sums the G partials in the same fixed order, so results are bitwise deterministic (no
-//    floating-point atomics). Used only when G blocks fit on the GPU at once; that bound makes the wait
-//    deadlock-free.
+//    floating-point atomics). Used only when G blocks fit on the GPU at once, four times over; that bound makes
+//    the wait deadlock-free, with room for kernels on other streams.
 //  * two-pass fallback (G too large, or FFABLATE_CUDA_SINGLE_PASS=0): a stats launch publishes the
 //    partials, an apply launch re-reads h and finishes. Same arithmetic, same results.
 #include <ATen/ATen.h>
@@ -387,11 +387,15 @@ int64_t resident_blocks(Kernel kernel) {
   return blocks;
 }
 
-// The single-pass rendezvous is deadlock-free only if a whole sample's G blocks can be resident at once.
+// The single-pass rendezvous is deadlock-free only if a whole sample's G blocks can be resident at once. The
+// occupancy figure assumes this kernel has the GPU to itself; a kernel on another stream, or an MPS share of the
+// SMs, can hold some of them, so single pass takes at most a quarter of the figure (realistic G is far below).
+constexpr int64_t kResidencyMargin = 4;
+
 template <typename Kernel>
 int pick_mode(Kernel kernel, const Plan& p) {
   if (!single_pass_allowed()) return kStatsOnly;
-  return static_cast<int64_t>(p.G) <= resident_blocks(kernel) ? kSinglePass : kStatsOnly;
+  return static_cast<int64_t>(p.G) * kResidencyMargin <= resident_blocks(kernel) ? kSinglePass : kStatsOnly;
 }
 
 // Zeroed ticket and arrival counters: a memset node rather than a fill kernel (cheaper to launch).
