@@ -140,9 +140,9 @@ class FFTrainer:
         self.fusion_optimizer = common.make_optimizer(fusion_params, config) if fusion_params else None
         # ff: the whole batch in one pass per block. ff-ga splits the batch into micro-batches that each go
         # through every block before the next one starts; gradients accumulate and the optimizer steps once at
-        # the end. Without batch statistics (coupled-bn, adaptive T) the update is the same (block l's input
-        # comes from block l-1's pre-step weights either way), but only one micro-batch's activations of one
-        # block are ever alive: FF's twin of bp-ga.
+        # the end. Unless a plugin takes batch statistics (coupled-bn, adaptive T) the update is the same (block
+        # l's input comes from block l-1's pre-step weights either way), but only one micro-batch's activations
+        # of one block are ever alive: FF's twin of bp-ga.
         self.micro_batch: int | None = config.micro_batch if config.method == "ff-ga" else None
 
     def train_step(self, x: Tensor, y: Tensor, progress: float, active: range, fit_fusion: bool) -> float:
