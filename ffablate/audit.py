@@ -217,11 +217,7 @@ def param_state_bytes(trainer: Any) -> int:
     """Parameters + gradients + optimizer state, each storage counted once."""
     import torch
 
-    optimizers = [
-        getattr(trainer, "optimizer", None),
-        getattr(trainer, "fusion_optimizer", None),
-        *getattr(trainer, "optimizers", []),
-    ]
+    optimizers = [trainer.optimizer, getattr(trainer, "fusion_optimizer", None)]
     tensors: list[torch.Tensor] = []
     for p in trainer.net.parameters():
         tensors += [p] + ([p.grad] if p.grad is not None else [])
