@@ -1,13 +1,14 @@
 // CUDA kernels for ffablate::goodness_norm (fp32, fp16, bf16 I/O; fp32 accumulation).
 //
-// Work split: a sample's D elements are cut into G chunks of at most kChunk elements. A chunk is either
-// K whole channels (HW <= kChunk) or 1/S of one channel (HW > kChunk), so per-channel readout sums
-// never straddle blocks except through the S published sub-sums. One block holds one chunk in
-// registers (16-byte vector loads when aligned, all issued before any is used), reduces it, and then
-// writes its outputs from the registers, so h (and grad_out) are read from DRAM exactly once. The forward
-// also stages the chunk in shared memory as fp32 when it needs per-channel readout sums.
+// Work split: a sample's D elements are cut into G chunks of at most kChunkBytes (16 KB: 4096 fp32 or 8192
+// fp16/bf16 elements). A chunk is either K whole channels (HW <= chunk) or 1/S of one channel (HW > chunk),
+// so per-channel readout sums never straddle blocks except through the S published sub-sums. One block
+// copies its chunk into shared memory (cp.async on the 16-byte path: the bytes are in flight without
+// holding registers, so many blocks fit on an SM), reduces it, and writes its outputs from shared memory,
+// so h (and grad_out) are read from DRAM exactly once.
 //
 // The per-sample reduction across the G blocks of a sample needs a rendezvous:
+//  * solo (G = 1): the block's own sum is the total; no counters, no workspace.
 //  * single-pass (default): blocks take a ticket from a global counter (so a block only ever waits on
 //    blocks that are already running or that can be scheduled: tickets are handed out in order), publish
 //    their partial sums, bump the sample's arrival counter and spin until all G partials are in. Every
@@ -20,6 +21,7 @@
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
+#include <cuda_pipeline.h>
 #include <torch/library.h>
 
 #include <atomic>
@@ -32,9 +34,15 @@ namespace {
 
 constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
-constexpr int kChunk = 4096;  // elements per block: 16 KB of fp32 staging
+constexpr int kChunkBytes = 16384;  // one chunk's shared-memory tile
+constexpr int kMaxK = 1024;         // whole channels per chunk (per-channel readout sums in shared memory)
 
-enum Mode : int { kSinglePass = 0, kStatsOnly = 1, kApply = 2 };
+template <typename T>
+constexpr int chunk_elems() {
+  return kChunkBytes / static_cast<int>(sizeof(T));
+}
+
+enum Mode : int { kSinglePass = 0, kStatsOnly = 1, kApply = 2, kSolo = 3 };
 
 struct Plan {
   int64_t N, D, C, HW;
@@ -47,20 +55,20 @@ struct Plan {
   float inv_d, inv_hw;
 };
 
-Plan make_plan(const Geometry& g, double eps) {
+Plan make_plan(const Geometry& g, double eps, int chunk) {
   Plan p{};
   p.N = g.N;
   p.D = g.D;
   p.readout = g.readout;
   p.C = g.readout ? g.C : 1;
   p.HW = g.readout ? g.HW : g.D;
-  if (p.HW <= kChunk) {
-    p.K = static_cast<int>(std::min<int64_t>(kChunk / p.HW, p.C));
+  if (p.HW <= chunk) {
+    p.K = static_cast<int>(std::min<int64_t>({chunk / p.HW, p.C, kMaxK}));
     p.S = 1;
     p.G = static_cast<int>((p.C + p.K - 1) / p.K);
   } else {
     p.K = 0;
-    int64_t S = (p.HW + kChunk - 1) / kChunk;
+    int64_t S = (p.HW + chunk - 1) / chunk;
     p.Ls = ((p.HW + S - 1) / S + 7) / 8 * 8;
     p.S = static_cast<int>((p.HW + p.Ls - 1) / p.Ls);
     p.G = static_cast<int>(p.C * p.S);
@@ -73,7 +81,8 @@ Plan make_plan(const Geometry& g, double eps) {
 
 // Chunk g of a sample: element offset and length within the sample, first channel and channel count.
 struct Chunk {
-  int64_t off, len;
+  int64_t off;  // within the sample
+  int len;      // at most one tile
   int64_t c0;
   int nch;  // channels covered (split mode: 1)
   int s;    // sub-chunk index in split mode
@@ -85,14 +94,14 @@ __device__ __forceinline__ Chunk chunk_of(const Plan& p, int g) {
     ch.c0 = static_cast<int64_t>(g) * p.K;
     ch.nch = static_cast<int>(p.C - ch.c0 < p.K ? p.C - ch.c0 : p.K);
     ch.off = ch.c0 * p.HW;
-    ch.len = ch.nch * p.HW;
+    ch.len = static_cast<int>(ch.nch * p.HW);
     ch.s = 0;
   } else {
     ch.c0 = g / p.S;
     ch.s = g % p.S;
     ch.nch = 1;
     ch.off = ch.c0 * p.HW + ch.s * p.Ls;
-    ch.len = p.HW - ch.s * p.Ls < p.Ls ? p.HW - ch.s * p.Ls : p.Ls;
+    ch.len = static_cast<int>(p.HW - ch.s * p.Ls < p.Ls ? p.HW - ch.s * p.Ls : p.Ls);
   }
   return ch;
 }
@@ -101,6 +110,11 @@ template <typename T, int VEC>
 struct alignas(sizeof(T) * VEC) Pack {
   T v[VEC];
 };
+
+template <typename T, int VEC>
+__device__ __forceinline__ Pack<T, VEC> load_pack(const T* src) {
+  return *reinterpret_cast<const Pack<T, VEC>*>(src);
+}
 
 // Stores one pack with a single 16-byte instruction when it is 16 bytes. Storing the struct itself leaves
 // NVVM free to split it into per-element stores, which it does for some unrolled iterations.
@@ -115,24 +129,85 @@ __device__ __forceinline__ void store_pack(T* dst, const Pack<T, VEC>& v) {
   }
 }
 
-// A chunk is at most kChunk elements, so a thread owns at most kIters vectors of it: element offsets
-// (it * kThreads + threadIdx.x) * VEC. Each thread issues all its loads before using any of them (the
-// loops over `it` are unrolled and the values stay in registers), which keeps kIters loads in flight per
-// thread instead of one: the kernels are bound by DRAM latency times bytes in flight.
-template <int VEC>
+// A chunk fills at most one shared tile, so a thread owns at most kIters vectors of it: element offsets
+// (it * kThreads + threadIdx.x) * VEC.
+template <typename T, int VEC>
 struct Iters {
+  static constexpr int kChunk = chunk_elems<T>();
   static constexpr int kIters = kChunk / (kThreads * VEC);
-  static_assert(kIters * kThreads * VEC == kChunk, "kChunk must be a multiple of kThreads * VEC");
+  static_assert(kIters * kThreads * VEC == kChunk, "the tile must be a multiple of kThreads * VEC elements");
   // Calls f(it, i) for each of this thread's vectors that starts inside a chunk of len elements.
   template <typename F>
-  __device__ static __forceinline__ void each(int64_t len, F&& f) {
+  __device__ static __forceinline__ void each(int len, F&& f) {
 #pragma unroll
     for (int it = 0; it < kIters; ++it) {
-      const int64_t i = (static_cast<int64_t>(it) * kThreads + threadIdx.x) * VEC;
+      const int i = (it * kThreads + static_cast<int>(threadIdx.x)) * VEC;
       if (i < len) f(it, i);
     }
   }
 };
+
+// cp.async moves 4, 8 or 16 bytes straight from global to shared memory: the bytes are in flight without
+// holding registers. A 2-byte element (fp16/bf16 scalar path) goes through registers instead.
+template <typename T, int VEC>
+constexpr bool kAsyncCopy = sizeof(T) * VEC == 4 || sizeof(T) * VEC == 8 || sizeof(T) * VEC == 16;
+
+// Launch bounds: with the chunk in shared memory a 16-byte-path block needs few registers, so ask ptxas for
+// enough blocks per SM to keep many chunks in flight: 6 forward blocks (40 registers; 8 would need 32, which
+// spills; sm_80's allocator spills at 40, so 5 there) and 6 backward ones (the two 16 KB tiles allow no more).
+// The scalar fallbacks unroll more and keep the register budget of the earlier register-resident kernels (the
+// 2-byte one, which stages through registers, gets the budget of 2 blocks). ptxas spills nothing under these
+// bounds (tests/test_cuda_machine_code.py checks it on every build).
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
+constexpr int kVectorForwardBlocksPerSM = 5;
+#else
+constexpr int kVectorForwardBlocksPerSM = 6;
+#endif
+template <typename T, int VEC>
+constexpr int kForwardBlocksPerSM = VEC > 1 ? kVectorForwardBlocksPerSM : 4;
+template <typename T, int VEC>
+constexpr int kBackwardBlocksPerSM = VEC > 1 ? 6 : (kAsyncCopy<T, VEC> ? 3 : 2);
+
+// Copies this thread's vectors of a chunk (len elements from a, and from b when given) into the shared tiles
+// at the same offsets, all loads issued before any is waited for. Each thread reads back only the vectors it
+// copied until the next __syncthreads, so no barrier is needed here.
+template <typename T, int VEC>
+__device__ __forceinline__ void stage(T* tile_a, const T* __restrict__ a, T* tile_b, const T* __restrict__ b,
+                                      int len) {
+  using It = Iters<T, VEC>;
+  if constexpr (kAsyncCopy<T, VEC>) {
+    constexpr size_t kBytes = sizeof(T) * VEC;
+    It::each(len, [&](int, int i) {
+      __pipeline_memcpy_async(tile_a + i, a + i, kBytes);
+      if (b) __pipeline_memcpy_async(tile_b + i, b + i, kBytes);
+    });
+    __pipeline_commit();
+    __pipeline_wait_prior(0);
+  } else {  // loads in batches of kBatch vectors, all issued before the batch is stored
+    constexpr int kBatch = It::kIters < 16 ? It::kIters : 16;
+#pragma unroll
+    for (int it0 = 0; it0 < It::kIters; it0 += kBatch) {
+      T va[kBatch], vb[kBatch];
+#pragma unroll
+      for (int k = 0; k < kBatch; ++k) {
+        const int i = ((it0 + k) * kThreads + static_cast<int>(threadIdx.x)) * VEC;
+        if (i < len) {
+          va[k] = a[i];
+          if (b) vb[k] = b[i];
+        }
+      }
+#pragma unroll
+      for (int k = 0; k < kBatch; ++k) {
+        const int i = ((it0 + k) * kThreads + static_cast<int>(threadIdx.x)) * VEC;
+        if (i < len) {
+          tile_a[i] = va[k];
+          if (b) tile_b[i] = vb[k];
+        }
+      }
+    }
+  }
+}
+
 
 __device__ __forceinline__ float warp_sum(float v) {
   for (int o = 16; o > 0; o >>= 1) v += __shfl_down_sync(0xffffffffu, v, o);
@@ -208,63 +283,66 @@ __device__ __forceinline__ void gather_totals(const float* ws, int64_t n, int G,
 }
 
 template <typename T, int VEC>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, kForwardBlocksPerSM<T, VEC>)
     forward_kernel(const T* __restrict__ h, T* __restrict__ out, T* __restrict__ readout,
                    float* __restrict__ sumsq, float* __restrict__ sumabs, float* ws, int* sync, Plan p,
                    int mode) {
-  using It = Iters<VEC>;
-  __shared__ __align__(16) float buf[kChunk];  // the chunk as fp32, for the per-channel readout sums
-  __shared__ float chs[kChunk];
+  using It = Iters<T, VEC>;
+  __shared__ __align__(16) unsigned char tile_bytes[kChunkBytes];
+  __shared__ float chs[kMaxK];  // per-channel sums of h (whole-channel chunks)
   __shared__ float red[3][kWarps];
   __shared__ float bcast[2];
   __shared__ int s_bid;
+  T* tile = reinterpret_cast<T*>(tile_bytes);
 
   const int64_t bid = take_ticket(mode, sync, p.N, &s_bid);
   const int64_t n = bid / p.G;
   const int g = static_cast<int>(bid % p.G);
   const Chunk ch = chunk_of(p, g);
-  const T* x = h + n * p.D + ch.off;
   const bool per_channel = p.readout && p.K > 0 && mode != kStatsOnly;
 
-  Pack<T, VEC> pk[It::kIters];
-  It::each(ch.len, [&](int it, int64_t i) { pk[it] = *reinterpret_cast<const Pack<T, VEC>*>(x + i); });
+  stage<T, VEC>(tile, h + n * p.D + ch.off, nullptr, nullptr, ch.len);
   float v3[3] = {0.f, 0.f, 0.f};  // sumsq, sumabs, sum (split-mode channel part)
-  It::each(ch.len, [&](int it, int64_t i) {
+  It::each(ch.len, [&](int, int i) {
+    const Pack<T, VEC> pk = load_pack<T, VEC>(tile + i);
 #pragma unroll
     for (int j = 0; j < VEC; ++j) {
-      const float f = static_cast<float>(pk[it].v[j]);
-      if (per_channel) buf[i + j] = f;
+      const float f = static_cast<float>(pk.v[j]);
       v3[0] += f * f;
       v3[1] += fabsf(f);
       v3[2] += f;
     }
   });
-  block_sum<3>(v3, red);  // also makes buf visible block-wide
+  block_sum<3>(v3, red);  // its barrier also makes the whole tile visible block-wide
 
-  if (per_channel) {
-    if (p.HW >= 32) {
+  if (per_channel) {  // whole channels: HW <= one tile
+    const int hw = static_cast<int>(p.HW);
+    if (hw >= 32) {
       const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
       for (int k = warp; k < ch.nch; k += kWarps) {
         float s = 0.f;
-        for (int64_t i = lane; i < p.HW; i += 32) s += buf[k * p.HW + i];
+        for (int i = lane; i < hw; i += 32) s += static_cast<float>(tile[k * hw + i]);
         s = warp_sum(s);
         if (lane == 0) chs[k] = s;
       }
     } else {
       for (int k = threadIdx.x; k < ch.nch; k += kThreads) {
         float s = 0.f;
-        for (int64_t i = 0; i < p.HW; ++i) s += buf[k * p.HW + i];
+        for (int i = 0; i < hw; ++i) s += static_cast<float>(tile[k * hw + i]);
         chs[k] = s;
       }
     }
+    __syncthreads();
   }
 
-  if (mode != kApply) {
-    publish_and_wait<3>(mode, v3, ws, sync, n, g, p.G);
-    if (mode == kStatsOnly) return;
+  float tot[2] = {v3[0], v3[1]};
+  if (mode != kSolo) {
+    if (mode != kApply) {
+      publish_and_wait<3>(mode, v3, ws, sync, n, g, p.G);
+      if (mode == kStatsOnly) return;
+    }
+    gather_totals<3, 2>(ws, n, p.G, tot, bcast);
   }
-  float tot[2];
-  gather_totals<3, 2>(ws, n, p.G, tot, bcast);
   const float r = rsqrtf(tot[0] * p.inv_d + p.eps);
   if (g == 0 && threadIdx.x == 0) {
     sumsq[n] = tot[0];
@@ -272,10 +350,11 @@ __global__ void __launch_bounds__(kThreads)
   }
 
   T* o = out + n * p.D + ch.off;
-  It::each(ch.len, [&](int it, int64_t i) {
+  It::each(ch.len, [&](int, int i) {
+    const Pack<T, VEC> pk = load_pack<T, VEC>(tile + i);
     Pack<T, VEC> po;
 #pragma unroll
-    for (int j = 0; j < VEC; ++j) po.v[j] = static_cast<T>(static_cast<float>(pk[it].v[j]) * r);
+    for (int j = 0; j < VEC; ++j) po.v[j] = static_cast<T>(static_cast<float>(pk.v[j]) * r);
     store_pack<T, VEC>(o + i, po);
   });
   if (p.readout) {
@@ -283,7 +362,7 @@ __global__ void __launch_bounds__(kThreads)
     const float scale = r * p.inv_hw;
     if (p.K > 0) {
       for (int k = threadIdx.x; k < ch.nch; k += kThreads) ro[ch.c0 + k] = static_cast<T>(chs[k] * scale);
-    } else if (ch.s == 0 && threadIdx.x == 0) {
+    } else if (ch.s == 0 && threadIdx.x == 0) {  // split mode: never solo (G >= S >= 2)
       float s = 0.f;
       for (int j = 0; j < p.S; ++j) s += __ldcg(ws + (n * p.G + g + j) * 3 + 2);
       ro[ch.c0] = static_cast<T>(s * scale);
@@ -298,49 +377,58 @@ struct BwdPtrs {
 };
 
 template <typename T, int VEC>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, kBackwardBlocksPerSM<T, VEC>)
     backward_kernel(const T* __restrict__ h, const T* __restrict__ go, const T* __restrict__ gr,
                     BwdPtrs bp, T* __restrict__ dh, float* ws, int* sync, Plan p, int mode, bool need_dot) {
-  using It = Iters<VEC>;
+  using It = Iters<T, VEC>;
+  __shared__ __align__(16) unsigned char tile_h_bytes[kChunkBytes];
+  __shared__ __align__(16) unsigned char tile_g_bytes[kChunkBytes];
   __shared__ float red[1][kWarps];
   __shared__ float bcast[1];
   __shared__ int s_bid;
+  T* th = reinterpret_cast<T*>(tile_h_bytes);
+  T* tg = reinterpret_cast<T*>(tile_g_bytes);
 
-  const int64_t bid = take_ticket(need_dot ? mode : kApply, sync, p.N, &s_bid);
+  const int64_t bid = take_ticket(mode, sync, p.N, &s_bid);
   const int64_t n = bid / p.G;
   const int g = static_cast<int>(bid % p.G);
   const Chunk ch = chunk_of(p, g);
-  const T* x = h + n * p.D + ch.off;
   const T* q = go ? go + n * p.D + ch.off : nullptr;
   const T* grn = gr ? gr + n * p.C : nullptr;
+  stage<T, VEC>(th, h + n * p.D + ch.off, tg, q, ch.len);
 
-  Pack<T, VEC> ph[It::kIters], pg[It::kIters];
-  It::each(ch.len, [&](int it, int64_t i) {
-    ph[it] = *reinterpret_cast<const Pack<T, VEC>*>(x + i);
-    if (q) pg[it] = *reinterpret_cast<const Pack<T, VEC>*>(q + i);
-  });
-  // e = the effective output gradient: the readout is linear in out, so its gradient folds into grad_out;
-  // a vector never straddles a channel (vector loads require HW % VEC == 0).
-  float e[It::kIters][VEC];
-  float dot[1] = {0.f};
-  It::each(ch.len, [&](int it, int64_t i) {
-    const float gshift = grn ? static_cast<float>(grn[ch.c0 + (p.K > 0 ? i / p.HW : 0)]) * p.inv_hw : 0.f;
+  // e = the effective output gradient: the readout is linear in out, so its gradient folds into grad_out.
+  // A vector never straddles a channel (vector paths require HW % VEC == 0), and in whole-channel chunks
+  // HW <= chunk, so the channel index fits in 32 bits.
+  auto effective = [&](int i) {
+    const float shift =
+        grn ? static_cast<float>(grn[ch.c0 + (p.K > 0 ? i / static_cast<int>(p.HW) : 0)]) * p.inv_hw : 0.f;
+    Pack<float, VEC> e;
+    const Pack<T, VEC> pg = q ? load_pack<T, VEC>(tg + i) : Pack<T, VEC>{};
 #pragma unroll
-    for (int j = 0; j < VEC; ++j) {
-      e[it][j] = (q ? static_cast<float>(pg[it].v[j]) : 0.f) + gshift;
-      dot[0] += e[it][j] * static_cast<float>(ph[it].v[j]);
-    }
-  });
+    for (int j = 0; j < VEC; ++j) e.v[j] = (q ? static_cast<float>(pg.v[j]) : 0.f) + shift;
+    return e;
+  };
   float total_dot = 0.f;
   if (need_dot) {
+    float dot[1] = {0.f};
+    It::each(ch.len, [&](int, int i) {
+      const Pack<T, VEC> ph = load_pack<T, VEC>(th + i);
+      const Pack<float, VEC> e = effective(i);
+#pragma unroll
+      for (int j = 0; j < VEC; ++j) dot[0] += e.v[j] * static_cast<float>(ph.v[j]);
+    });
     block_sum<1>(dot, red);
-    if (mode != kApply) {
-      publish_and_wait<1>(mode, dot, ws, sync, n, g, p.G);
-      if (mode == kStatsOnly) return;
+    total_dot = dot[0];
+    if (mode != kSolo) {
+      if (mode != kApply) {
+        publish_and_wait<1>(mode, dot, ws, sync, n, g, p.G);
+        if (mode == kStatsOnly) return;
+      }
+      float tot[1];
+      gather_totals<1, 1>(ws, n, p.G, tot, bcast);
+      total_dot = tot[0];
     }
-    float tot[1];
-    gather_totals<1, 1>(ws, n, p.G, tot, bcast);
-    total_dot = tot[0];
   }
 
   const float r = rsqrtf(bp.sumsq[n] * p.inv_d + p.eps);
@@ -348,13 +436,15 @@ __global__ void __launch_bounds__(kThreads)
   const float ga = bp.grad_sumabs ? bp.grad_sumabs[n] : 0.f;
   const float coef = 2.f * gs - r * r * r * total_dot * p.inv_d;
   T* o = dh + n * p.D + ch.off;
-  It::each(ch.len, [&](int it, int64_t i) {
+  It::each(ch.len, [&](int, int i) {
+    const Pack<T, VEC> ph = load_pack<T, VEC>(th + i);
+    const Pack<float, VEC> e = effective(i);
     Pack<T, VEC> pd;
 #pragma unroll
     for (int j = 0; j < VEC; ++j) {
-      const float f = static_cast<float>(ph[it].v[j]);
+      const float f = static_cast<float>(ph.v[j]);
       const float sgn = f > 0.f ? 1.f : (f < 0.f ? -1.f : 0.f);
-      pd.v[j] = static_cast<T>(r * e[it][j] + f * coef + ga * sgn);
+      pd.v[j] = static_cast<T>(r * e.v[j] + f * coef + ga * sgn);
     }
     store_pack<T, VEC>(o + i, pd);
   });
@@ -367,10 +457,11 @@ bool single_pass_allowed() {
   return env == nullptr || env[0] != '0';
 }
 
-// Resident blocks per SM times SMs, cached per kernel and device: the occupancy query costs several
-// microseconds, as much as a small launch, and its answer never changes.
-template <typename Kernel>
-int64_t resident_blocks(Kernel kernel) {
+// Resident blocks per SM times SMs, cached per kernel instantiation and device: the occupancy query costs
+// several microseconds, as much as a small launch, and its answer never changes. The first call on a device
+// also asks for the largest shared-memory carveout, which the tiles need to reach their blocks per SM.
+template <auto kernel>
+int64_t resident_blocks() {
   constexpr int kMaxDevices = 64;
   static std::atomic<int64_t> cache[kMaxDevices];  // zero-initialized: static storage
   int dev = 0;
@@ -379,6 +470,8 @@ int64_t resident_blocks(Kernel kernel) {
     const int64_t known = cache[dev].load(std::memory_order_relaxed);
     if (known > 0) return known;
   }
+  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout,
+                                      cudaSharedmemCarveoutMaxShared));
   int per_sm = 0, sms = 0;
   C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, 0));
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
@@ -392,10 +485,12 @@ int64_t resident_blocks(Kernel kernel) {
 // SMs, can hold some of them, so single pass takes at most a quarter of the figure (realistic G is far below).
 constexpr int64_t kResidencyMargin = 4;
 
-template <typename Kernel>
-int pick_mode(Kernel kernel, const Plan& p) {
+template <auto kernel>
+int pick_mode(const Plan& p) {
+  const int64_t resident = resident_blocks<kernel>();  // also sets the carveout, which solo launches need too
+  if (p.G == 1) return kSolo;
   if (!single_pass_allowed()) return kStatsOnly;
-  return static_cast<int64_t>(p.G) * kResidencyMargin <= resident_blocks(kernel) ? kSinglePass : kStatsOnly;
+  return static_cast<int64_t>(p.G) * kResidencyMargin <= resident ? kSinglePass : kStatsOnly;
 }
 
 // Zeroed ticket and arrival counters: a memset node rather than a fill kernel (cheaper to launch).
@@ -417,28 +512,30 @@ void launch_forward(const at::Tensor& h, const Plan& p, at::Tensor& sumsq, at::T
   auto stream = c10::cuda::getCurrentCUDAStream();
   const int64_t blocks = p.N * p.G;
   TORCH_CHECK(blocks < (int64_t{1} << 31), "goodness_norm: input too large (", blocks, " blocks)");
-  auto ws = at::empty({p.N * p.G * 3}, h.options().dtype(at::kFloat));
-  auto kernel = forward_kernel<T, VEC>;
-  const int mode = pick_mode(kernel, p);
-  at::Tensor sync;
+  constexpr auto kernel = forward_kernel<T, VEC>;
+  const int mode = pick_mode<kernel>(p);
+  at::Tensor ws, sync;
+  if (mode != kSolo) ws = at::empty({p.N * p.G * 3}, h.options().dtype(at::kFloat));
   if (mode == kSinglePass) sync = zeroed_counters(p.N + 1, h, stream);
+  float* wsp = mode != kSolo ? ws.data_ptr<float>() : nullptr;
   int* sp = mode == kSinglePass ? sync.data_ptr<int>() : nullptr;
   T* ro = p.readout ? readout.data_ptr<T>() : nullptr;
   const T* x = reinterpret_cast<const T*>(h.const_data_ptr());
   kernel<<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(x, out.data_ptr<T>(), ro, sumsq.data_ptr<float>(),
-                                          sumabs.data_ptr<float>(), ws.data_ptr<float>(), sp, p, mode);
+                                                                  sumabs.data_ptr<float>(), wsp, sp, p, mode);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   if (mode == kStatsOnly) {
     kernel<<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(x, out.data_ptr<T>(), ro, sumsq.data_ptr<float>(),
-                                            sumabs.data_ptr<float>(), ws.data_ptr<float>(), sp, p, kApply);
+                                                                    sumabs.data_ptr<float>(), wsp, sp, p, kApply);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
 }
 
 template <typename T>
-void forward_dispatch(const at::Tensor& h, const Plan& p, at::Tensor& sumsq, at::Tensor& sumabs,
-                      at::Tensor& out, at::Tensor& readout) {
+void forward_dispatch(const at::Tensor& h, const Geometry& g, double eps, at::Tensor& sumsq,
+                      at::Tensor& sumabs, at::Tensor& out, at::Tensor& readout) {
   constexpr int VEC = 16 / sizeof(T);
+  const Plan p = make_plan(g, eps, chunk_elems<T>());
   const bool vec = aligned16(h.const_data_ptr()) && aligned16(out.data_ptr()) && p.HW % VEC == 0;
   if (vec)
     launch_forward<T, VEC>(h, p, sumsq, sumabs, out, readout);
@@ -456,11 +553,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> goodness_norm_cuda(co
   const at::Tensor h = h_in.contiguous();
   auto [sumsq, sumabs, out, readout] = alloc_forward(h, g);
   if (g.N == 0) return {sumsq, sumabs, out, readout};
-  const Plan p = make_plan(g, eps);
   switch (h.scalar_type()) {
-    case at::kFloat: forward_dispatch<float>(h, p, sumsq, sumabs, out, readout); break;
-    case at::kHalf: forward_dispatch<at::Half>(h, p, sumsq, sumabs, out, readout); break;
-    default: forward_dispatch<at::BFloat16>(h, p, sumsq, sumabs, out, readout); break;
+    case at::kFloat: forward_dispatch<float>(h, g, eps, sumsq, sumabs, out, readout); break;
+    case at::kHalf: forward_dispatch<at::Half>(h, g, eps, sumsq, sumabs, out, readout); break;
+    default: forward_dispatch<at::BFloat16>(h, g, eps, sumsq, sumabs, out, readout); break;
   }
   return {sumsq, sumabs, out, readout};
 }
@@ -471,29 +567,33 @@ void launch_backward(const BackwardArgs& a, const Plan& p, at::Tensor& dh) {
   const int64_t blocks = p.N * p.G;
   TORCH_CHECK(blocks < (int64_t{1} << 31), "goodness_norm_backward: input too large (", blocks, " blocks)");
   const bool need_dot = a.grad_out.has_value() || a.grad_readout.has_value();
-  auto kernel = backward_kernel<T, VEC>;
-  const int mode = need_dot ? pick_mode(kernel, p) : kApply;
+  constexpr auto kernel = backward_kernel<T, VEC>;
+  const int picked = pick_mode<kernel>(p);
+  const int mode = need_dot ? picked : kApply;  // without a dot product there is nothing to rendezvous on
   at::Tensor ws, sync;
-  if (need_dot) ws = at::empty({p.N * p.G}, a.h.options().dtype(at::kFloat));
+  if (mode == kSinglePass || mode == kStatsOnly) ws = at::empty({p.N * p.G}, a.h.options().dtype(at::kFloat));
   if (mode == kSinglePass) sync = zeroed_counters(p.N + 1, a.h, stream);
   BwdPtrs bp{a.grad_sumsq ? a.grad_sumsq->const_data_ptr<float>() : nullptr,
              a.grad_sumabs ? a.grad_sumabs->const_data_ptr<float>() : nullptr, a.sumsq.const_data_ptr<float>()};
   const T* x = reinterpret_cast<const T*>(a.h.const_data_ptr());
   const T* go = a.grad_out ? reinterpret_cast<const T*>(a.grad_out->const_data_ptr()) : nullptr;
   const T* gr = a.grad_readout ? reinterpret_cast<const T*>(a.grad_readout->const_data_ptr()) : nullptr;
-  float* wsp = need_dot ? ws.data_ptr<float>() : nullptr;
+  float* wsp = ws.defined() ? ws.data_ptr<float>() : nullptr;
   int* sp = mode == kSinglePass ? sync.data_ptr<int>() : nullptr;
-  kernel<<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(x, go, gr, bp, dh.data_ptr<T>(), wsp, sp, p, mode, need_dot);
+  kernel<<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(x, go, gr, bp, dh.data_ptr<T>(), wsp, sp, p, mode,
+                                                                  need_dot);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   if (mode == kStatsOnly) {
-    kernel<<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(x, go, gr, bp, dh.data_ptr<T>(), wsp, sp, p, kApply, need_dot);
+    kernel<<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(x, go, gr, bp, dh.data_ptr<T>(), wsp, sp, p,
+                                                                    kApply, need_dot);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
 }
 
 template <typename T>
-void backward_dispatch(const BackwardArgs& a, const Plan& p, at::Tensor& dh) {
+void backward_dispatch(const BackwardArgs& a, double eps, at::Tensor& dh) {
   constexpr int VEC = 16 / sizeof(T);
+  const Plan p = make_plan(a.g, eps, chunk_elems<T>());
   bool vec = aligned16(a.h.const_data_ptr()) && aligned16(dh.data_ptr()) && p.HW % VEC == 0;
   if (a.grad_out) vec = vec && aligned16(a.grad_out->const_data_ptr());
   if (vec)
@@ -513,11 +613,10 @@ at::Tensor goodness_norm_backward_cuda_impl(const std::optional<at::Tensor>& gra
   const BackwardArgs a = check_backward(grad_sumsq, grad_sumabs, grad_out, grad_readout, h, sumsq);
   at::Tensor dh = at::empty_like(a.h, at::MemoryFormat::Contiguous);
   if (a.g.N == 0) return dh;
-  const Plan p = make_plan(a.g, eps);
   switch (h.scalar_type()) {
-    case at::kFloat: backward_dispatch<float>(a, p, dh); break;
-    case at::kHalf: backward_dispatch<at::Half>(a, p, dh); break;
-    default: backward_dispatch<at::BFloat16>(a, p, dh); break;
+    case at::kFloat: backward_dispatch<float>(a, eps, dh); break;
+    case at::kHalf: backward_dispatch<at::Half>(a, eps, dh); break;
+    default: backward_dispatch<at::BFloat16>(a, eps, dh); break;
   }
   return dh;
 }

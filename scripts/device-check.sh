@@ -6,14 +6,17 @@
 # runs under its own timeout and the script keeps going when one fails; each section's rc and wall time land
 # in $OUT/summary.json.
 #
-#   scripts/device-check.sh OUT_DIR
+#   scripts/device-check.sh OUT_DIR [SECTION...]
+#
+# With SECTIONs (env build tests bench split audit train step) only those run, e.g. `build tests bench split`
+# for a kernels-only check in about 2.5 minutes.
 #
 # Through the device tool: command `bash scripts/device-check.sh $OUT`, carry [".data", ".whl"] (Fashion-MNIST's
 # four .gz files in .data/FashionMNIST/raw, ~30 MB; .whl/ holds wheels the offline image lacks, e.g. expecttest
 # for torch.library.opcheck, installed below with --no-index when missing).
 #
 # Files written (few on purpose: the device runner returns at most 8):
-#   device-check.log    all section logs, one after another (the step section's A/B and profile only here)
+#   device-check.log    all section logs, one after another (the split and step sections' output only here)
 #   bench_kernels.json  ffablate.bench.kernel_bench("cuda") rows
 #   train_gpu.json      the training runs (a warm-up, fused/reference alternating, coupled-bn FF, BP-DeepSup)
 #   audit/audit_gpu.json, audit/audit_gpu.txt and the audit's PNG curves
@@ -21,7 +24,9 @@
 # Budget: about 5.5 minutes in all (a session's whole GPU lease is 15 minutes, machine start included).
 set -u
 
-OUT=${1:?usage: scripts/device-check.sh OUT_DIR}
+OUT=${1:?usage: scripts/device-check.sh OUT_DIR [SECTION...]}
+shift
+ONLY=" $* "
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
 cd "$(dirname "$0")/.."
@@ -37,6 +42,7 @@ SECTIONS=()
 run_section() {
     local name=$1 limit=$2
     shift 2
+    if [[ "$ONLY" != "  " && "$ONLY" != *" $name "* ]]; then return 0; fi
     local t0 t1 rc
     t0=$(date +%s.%N)
     printf '\n===== %s (limit %ss): %s\n' "$name" "$limit" "$*" >>"$LOG"
@@ -92,6 +98,9 @@ with open(sys.argv[1], "w") as f:
     json.dump(rows, f, indent=1)
 Console(width=200).print(render_table(two, title="two-pass (FFABLATE_CUDA_SINGLE_PASS=0)"))
 EOF
+
+# Forward and backward apart, against a copy of the same size: which of the two is far from its floor.
+run_section split 60 "$PY" scripts/kernel-split.py
 
 run_section audit 90 bash scripts/device-audit.sh "$OUT/audit" --methods ff,ff-ga,bp,bp-ga,bp-ckpt --depths 4,16 --budget 75 --timeout 20
 

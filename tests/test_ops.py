@@ -284,7 +284,10 @@ def test_kernel_bench_quick() -> None:
 def test_cuda_matches_reference(dtype: torch.dtype, single_pass: str, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("FFABLATE_CUDA_SINGLE_PASS", single_pass)
     tol = {torch.float32: 2e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2}[dtype]
-    for i, shape in enumerate(_random_shapes(seed=7, count=30, big=True) + [(3, 2, 100, 100), (2, 5, 3, 3000)]):
+    # Beyond the random shapes: split channels (HW above one tile), 1x1 maps with more channels than a tile
+    # may hold (the kMaxK cap), and samples that fit one block (solo, no rendezvous).
+    extra = [(3, 2, 100, 100), (2, 5, 3, 3000), (2, 3000, 1, 1), (5, 16, 16, 16), (7, 4096)]
+    for i, shape in enumerate(_random_shapes(seed=7, count=30, big=True) + extra):
         _check_against_reference(_make(shape, dtype, "cuda", i), seed=i, atol=tol, rtol=tol)
 
 

@@ -1,0 +1,70 @@
+"""Device time of the fused CUDA ops one at a time: the forward, the backward, and a copy of h, per bench shape.
+
+    python scripts/kernel-split.py [--json OUT.json]
+
+`ffablate bench kernels` times forward+backward together, the way a training step uses them; this says which
+of the two is far from its bandwidth floor. Each op's minimal bytes (forward: read h, write out; backward: read h
+and grad_out, write dh; plus the per-sample and per-channel vectors) over its median device time gives its GB/s,
+set against the copy's measured in the same run. Timing is ffablate.bench's: L2 evicted before every call and a
+head start for the host, CUDA events around the work.
+"""
+
+import argparse
+import json
+import math
+
+import torch
+
+from ffablate.bench import DEFAULT_SHAPES, _Timer
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--json", help="write the rows here")
+    args = parser.parse_args()
+    dev = torch.device("cuda")
+    timer = _Timer(dev)
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    rows = []
+    for name, shape in DEFAULT_SHAPES:
+        for dtype in (torch.float32, torch.bfloat16):
+            h = torch.randn(shape, generator=gen).to(dev, dtype)
+            sumsq, sumabs, out, readout = torch.ops.ffablate.goodness_norm(h, 1e-6)
+            g_out = torch.randn(shape, generator=gen).to(dev, dtype)
+            g_ro = torch.randn(readout.shape, generator=gen).to(dev, dtype) if readout.numel() else None
+            g_s = torch.randn(sumsq.shape, generator=gen).to(dev)
+            dst = torch.empty_like(h)
+            steps = {
+                "forward": lambda h=h: torch.ops.ffablate.goodness_norm(h, 1e-6),
+                "backward": lambda h=h, s=sumsq, gs=g_s, go=g_out, gr=g_ro: torch.ops.ffablate.goodness_norm_backward(
+                    gs, gs, go, gr, h, s, 1e-6
+                ),
+                "copy": lambda d=dst, h=h: d.copy_(h),
+            }
+            ms = {k: timer.device_time(fn, warmup=10, repeats=50)[0] for k, fn in steps.items()}
+            el, es, n = math.prod(shape), h.element_size(), shape[0]
+            ro = readout.numel() * es
+            nbytes = {"forward": 2 * el * es + ro + 8 * n, "backward": 3 * el * es + ro + 12 * n, "copy": 2 * el * es}
+            gbps = {k: nbytes[k] / (ms[k] * 1e-3) / 1e9 for k in ms}
+            row = {
+                "name": name,
+                "shape": list(shape),
+                "dtype": str(dtype).removeprefix("torch."),
+                **{f"{k}_ms": ms[k] for k in ms},
+                **{f"{k}_gbps": gbps[k] for k in ms},
+                **{f"{k}_pct_of_copy": 100 * gbps[k] / gbps["copy"] for k in ("forward", "backward")},
+            }
+            rows.append(row)
+            print(
+                f"{name:<7} {row['dtype']:<9} forward {ms['forward'] * 1e3:6.1f} us {row['forward_pct_of_copy']:4.0f}% "
+                f"of copy   backward {ms['backward'] * 1e3:6.1f} us {row['backward_pct_of_copy']:4.0f}% of copy   "
+                f"copy {ms['copy'] * 1e3:5.1f} us {gbps['copy']:6.0f} GB/s",
+                flush=True,
+            )
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
