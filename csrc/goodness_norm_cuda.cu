@@ -1,8 +1,8 @@
 // CUDA kernels for ffablate::goodness_norm (fp32, fp16, bf16 I/O; fp32 accumulation).
 //
-// Work split: a sample's D elements are cut into G chunks of at most one tile (16 or 32 KB: 4096 or 8192 fp32,
-// twice as many fp16/bf16 elements). A chunk is either K whole channels (HW <= chunk) or 1/S of one channel
-// (HW > chunk), so per-channel readout sums never straddle blocks except through the S published sub-sums. One block
+// Work split: a sample's D elements are cut into G chunks of at most kChunkBytes (16 KB: 4096 fp32 or 8192
+// fp16/bf16 elements). A chunk is either K whole channels (HW <= chunk) or 1/S of one channel (HW > chunk),
+// so per-channel readout sums never straddle blocks except through the S published sub-sums. One block
 // copies its chunk into shared memory (cp.async on the 16-byte path: the bytes are in flight without
 // holding registers, so many blocks fit on an SM), reduces it, and writes its outputs from shared memory,
 // so h (and grad_out) are read from DRAM exactly once.
@@ -26,7 +26,6 @@
 
 #include <atomic>
 #include <cstdlib>
-#include <string>
 
 #include "ops.h"
 
@@ -35,11 +34,13 @@ namespace {
 
 constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
-// One chunk's shared-memory tile: 16 KB, or 32 KB on the 16-byte path when a sample spans several blocks (each
-// block's rendezvous then covers twice the bytes). FFABLATE_CUDA_TILE_KB=16|32 forces one size, for A/B timing.
-constexpr int kSmallTile = 16384;
-constexpr int kLargeTile = 32768;
-constexpr int kMaxK = 1024;  // whole channels per chunk (per-channel readout sums in shared memory)
+constexpr int kChunkBytes = 16384;  // one chunk's shared-memory tile
+constexpr int kMaxK = 1024;         // whole channels per chunk (per-channel readout sums in shared memory)
+
+template <typename T>
+constexpr int chunk_elems() {
+  return kChunkBytes / static_cast<int>(sizeof(T));
+}
 
 enum Mode : int { kSinglePass = 0, kStatsOnly = 1, kApply = 2, kSolo = 3 };
 
@@ -130,9 +131,9 @@ __device__ __forceinline__ void store_pack(T* dst, const Pack<T, VEC>& v) {
 
 // A chunk fills at most one shared tile, so a thread owns at most kIters vectors of it: element offsets
 // (it * kThreads + threadIdx.x) * VEC.
-template <typename T, int VEC, int TILE>
+template <typename T, int VEC>
 struct Iters {
-  static constexpr int kChunk = TILE / static_cast<int>(sizeof(T));
+  static constexpr int kChunk = chunk_elems<T>();
   static constexpr int kIters = kChunk / (kThreads * VEC);
   static_assert(kIters * kThreads * VEC == kChunk, "the tile must be a multiple of kThreads * VEC elements");
   // Calls f(it, i) for each of this thread's vectors that starts inside a chunk of len elements.
@@ -152,29 +153,28 @@ template <typename T, int VEC>
 constexpr bool kAsyncCopy = sizeof(T) * VEC == 4 || sizeof(T) * VEC == 8 || sizeof(T) * VEC == 16;
 
 // Launch bounds: with the chunk in shared memory a 16-byte-path block needs few registers, so ask ptxas for
-// enough blocks per SM to keep many chunks in flight: 6 forward blocks with 16 KB tiles (40 registers; 8 would
-// need 32, which spills; sm_80's allocator spills at 40, so 5 there), 4 with 32 KB tiles (64 registers; 48
-// spill), and 6 backward blocks with 16 KB tiles, 3 with 32 KB ones (the two tiles of a backward block allow no more). The
-// scalar fallbacks unroll per element and get the register budget of 3 blocks (2 for the 2-byte backward, which
-// stages through registers). ptxas spills nothing under these bounds on sm_80 and sm_90
-// (tests/test_cuda_machine_code.py checks every build).
+// enough blocks per SM to keep many chunks in flight: 6 forward blocks (40 registers; 8 would need 32, which
+// spills; sm_80's allocator spills at 40, so 5 there) and 6 backward ones (the two 16 KB tiles allow no more).
+// The scalar fallbacks unroll more and keep the register budget of the earlier register-resident kernels (the
+// 2-byte one, which stages through registers, gets the budget of 2 blocks). ptxas spills nothing under these
+// bounds (tests/test_cuda_machine_code.py checks it on every build).
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
 constexpr int kVectorForwardBlocksPerSM = 5;
 #else
 constexpr int kVectorForwardBlocksPerSM = 6;
 #endif
-template <typename T, int VEC, int TILE>
-constexpr int kForwardBlocksPerSM = VEC > 1 ? (TILE == kSmallTile ? kVectorForwardBlocksPerSM : 4) : 3;
-template <typename T, int VEC, int TILE>
-constexpr int kBackwardBlocksPerSM = VEC > 1 ? (TILE == kSmallTile ? 6 : 3) : (kAsyncCopy<T, VEC> ? 3 : 2);
+template <typename T, int VEC>
+constexpr int kForwardBlocksPerSM = VEC > 1 ? kVectorForwardBlocksPerSM : 4;
+template <typename T, int VEC>
+constexpr int kBackwardBlocksPerSM = VEC > 1 ? 6 : (kAsyncCopy<T, VEC> ? 3 : 2);
 
 // Copies this thread's vectors of a chunk (len elements from a, and from b when given) into the shared tiles
 // at the same offsets, all loads issued before any is waited for. Each thread reads back only the vectors it
 // copied until the next __syncthreads, so no barrier is needed here.
-template <typename T, int VEC, int TILE>
+template <typename T, int VEC>
 __device__ __forceinline__ void stage(T* tile_a, const T* __restrict__ a, T* tile_b, const T* __restrict__ b,
                                       int len) {
-  using It = Iters<T, VEC, TILE>;
+  using It = Iters<T, VEC>;
   if constexpr (kAsyncCopy<T, VEC>) {
     constexpr size_t kBytes = sizeof(T) * VEC;
     It::each(len, [&](int, int i) {
@@ -282,20 +282,18 @@ __device__ __forceinline__ void gather_totals(const float* ws, int64_t n, int G,
   for (int k = 0; k < NREAD; ++k) out[k] = bcast[k];
 }
 
-// The tiles live in dynamic shared memory (a backward block's two 32 KB tiles exceed the 48 KB static limit).
-extern __shared__ __align__(16) unsigned char tiles[];
-
-template <typename T, int VEC, int TILE>
-__global__ void __launch_bounds__(kThreads, kForwardBlocksPerSM<T, VEC, TILE>)
+template <typename T, int VEC>
+__global__ void __launch_bounds__(kThreads, kForwardBlocksPerSM<T, VEC>)
     forward_kernel(const T* __restrict__ h, T* __restrict__ out, T* __restrict__ readout,
                    float* __restrict__ sumsq, float* __restrict__ sumabs, float* ws, int* sync, Plan p,
                    int mode) {
-  using It = Iters<T, VEC, TILE>;
+  using It = Iters<T, VEC>;
+  __shared__ __align__(16) unsigned char tile_bytes[kChunkBytes];
   __shared__ float chs[kMaxK];  // per-channel sums of h (whole-channel chunks)
   __shared__ float red[3][kWarps];
   __shared__ float bcast[2];
   __shared__ int s_bid;
-  T* tile = reinterpret_cast<T*>(tiles);
+  T* tile = reinterpret_cast<T*>(tile_bytes);
 
   const int64_t bid = take_ticket(mode, sync, p.N, &s_bid);
   const int64_t n = bid / p.G;
@@ -303,7 +301,7 @@ __global__ void __launch_bounds__(kThreads, kForwardBlocksPerSM<T, VEC, TILE>)
   const Chunk ch = chunk_of(p, g);
   const bool per_channel = p.readout && p.K > 0 && mode != kStatsOnly;
 
-  stage<T, VEC, TILE>(tile, h + n * p.D + ch.off, nullptr, nullptr, ch.len);
+  stage<T, VEC>(tile, h + n * p.D + ch.off, nullptr, nullptr, ch.len);
   float v3[3] = {0.f, 0.f, 0.f};  // sumsq, sumabs, sum (split-mode channel part)
   It::each(ch.len, [&](int, int i) {
     const Pack<T, VEC> pk = load_pack<T, VEC>(tile + i);
@@ -378,16 +376,18 @@ struct BwdPtrs {
   const float* sumsq;        // (N,)
 };
 
-template <typename T, int VEC, int TILE>
-__global__ void __launch_bounds__(kThreads, kBackwardBlocksPerSM<T, VEC, TILE>)
+template <typename T, int VEC>
+__global__ void __launch_bounds__(kThreads, kBackwardBlocksPerSM<T, VEC>)
     backward_kernel(const T* __restrict__ h, const T* __restrict__ go, const T* __restrict__ gr,
                     BwdPtrs bp, T* __restrict__ dh, float* ws, int* sync, Plan p, int mode, bool need_dot) {
-  using It = Iters<T, VEC, TILE>;
+  using It = Iters<T, VEC>;
+  __shared__ __align__(16) unsigned char tile_h_bytes[kChunkBytes];
+  __shared__ __align__(16) unsigned char tile_g_bytes[kChunkBytes];
   __shared__ float red[1][kWarps];
   __shared__ float bcast[1];
   __shared__ int s_bid;
-  T* th = reinterpret_cast<T*>(tiles);
-  T* tg = reinterpret_cast<T*>(tiles + TILE);
+  T* th = reinterpret_cast<T*>(tile_h_bytes);
+  T* tg = reinterpret_cast<T*>(tile_g_bytes);
 
   const int64_t bid = take_ticket(mode, sync, p.N, &s_bid);
   const int64_t n = bid / p.G;
@@ -395,7 +395,7 @@ __global__ void __launch_bounds__(kThreads, kBackwardBlocksPerSM<T, VEC, TILE>)
   const Chunk ch = chunk_of(p, g);
   const T* q = go ? go + n * p.D + ch.off : nullptr;
   const T* grn = gr ? gr + n * p.C : nullptr;
-  stage<T, VEC, TILE>(th, h + n * p.D + ch.off, tg, q, ch.len);
+  stage<T, VEC>(th, h + n * p.D + ch.off, tg, q, ch.len);
 
   // e = the effective output gradient: the readout is linear in out, so its gradient folds into grad_out.
   // A vector never straddles a channel (vector paths require HW % VEC == 0), and in whole-channel chunks
@@ -459,10 +459,9 @@ bool single_pass_allowed() {
 
 // Resident blocks per SM times SMs, cached per kernel instantiation and device: the occupancy query costs
 // several microseconds, as much as a small launch, and its answer never changes. The first call on a device
-// also opts the kernel into its dynamic shared memory (needed above 48 KB) and asks for the largest
-// shared-memory carveout, which the tiles need to reach their blocks per SM.
+// also asks for the largest shared-memory carveout, which the tiles need to reach their blocks per SM.
 template <auto kernel>
-int64_t resident_blocks(int smem_bytes) {
+int64_t resident_blocks() {
   constexpr int kMaxDevices = 64;
   static std::atomic<int64_t> cache[kMaxDevices];  // zero-initialized: static storage
   int dev = 0;
@@ -471,13 +470,10 @@ int64_t resident_blocks(int smem_bytes) {
     const int64_t known = cache[dev].load(std::memory_order_relaxed);
     if (known > 0) return known;
   }
-  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_bytes));
   C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout,
                                       cudaSharedmemCarveoutMaxShared));
   int per_sm = 0, sms = 0;
-  C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, smem_bytes));
-  TORCH_CHECK(per_sm > 0, "goodness_norm: the kernel does not fit on this GPU (", smem_bytes,
-              " bytes of shared memory per block)");
+  C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, 0));
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
   const int64_t blocks = static_cast<int64_t>(per_sm) * sms;
   if (dev < kMaxDevices) cache[dev].store(blocks, std::memory_order_relaxed);
@@ -490,8 +486,8 @@ int64_t resident_blocks(int smem_bytes) {
 constexpr int64_t kResidencyMargin = 4;
 
 template <auto kernel>
-int pick_mode(const Plan& p, int smem_bytes) {
-  const int64_t resident = resident_blocks<kernel>(smem_bytes);  // also sets the attributes solo launches need
+int pick_mode(const Plan& p) {
+  const int64_t resident = resident_blocks<kernel>();  // also sets the carveout, which solo launches need too
   if (p.G == 1) return kSolo;
   if (!single_pass_allowed()) return kStatsOnly;
   return static_cast<int64_t>(p.G) * kResidencyMargin <= resident ? kSinglePass : kStatsOnly;
@@ -510,27 +506,14 @@ void check_cuda_dtype(const at::Tensor& h, const char* op) {
               ": the CUDA kernel supports float32, float16 and bfloat16, got ", t);
 }
 
-// The tile size for a sample of d elements of esize bytes: see kSmallTile.
-int tile_bytes(int64_t d, int64_t esize, bool vec) {
-  if (!vec) return kSmallTile;  // the scalar paths unroll per element; a larger tile would only add registers
-  const char* env = std::getenv("FFABLATE_CUDA_TILE_KB");
-  if (env != nullptr && env[0] != '\0') {
-    const std::string kb(env);
-    TORCH_CHECK(kb == "16" || kb == "32", "FFABLATE_CUDA_TILE_KB must be 16 or 32, got '", kb, "'");
-    return kb == "16" ? kSmallTile : kLargeTile;
-  }
-  return d * esize > kSmallTile ? kLargeTile : kSmallTile;
-}
-
-template <typename T, int VEC, int TILE>
-void launch_forward(const at::Tensor& h, const Geometry& g, double eps, at::Tensor& sumsq, at::Tensor& sumabs,
+template <typename T, int VEC>
+void launch_forward(const at::Tensor& h, const Plan& p, at::Tensor& sumsq, at::Tensor& sumabs,
                     at::Tensor& out, at::Tensor& readout) {
   auto stream = c10::cuda::getCurrentCUDAStream();
-  const Plan p = make_plan(g, eps, TILE / static_cast<int>(sizeof(T)));
   const int64_t blocks = p.N * p.G;
   TORCH_CHECK(blocks < (int64_t{1} << 31), "goodness_norm: input too large (", blocks, " blocks)");
-  constexpr auto kernel = forward_kernel<T, VEC, TILE>;
-  const int mode = pick_mode<kernel>(p, TILE);
+  constexpr auto kernel = forward_kernel<T, VEC>;
+  const int mode = pick_mode<kernel>(p);
   at::Tensor ws, sync;
   if (mode != kSolo) ws = at::empty({p.N * p.G * 3}, h.options().dtype(at::kFloat));
   if (mode == kSinglePass) sync = zeroed_counters(p.N + 1, h, stream);
@@ -538,12 +521,12 @@ void launch_forward(const at::Tensor& h, const Geometry& g, double eps, at::Tens
   int* sp = mode == kSinglePass ? sync.data_ptr<int>() : nullptr;
   T* ro = p.readout ? readout.data_ptr<T>() : nullptr;
   const T* x = reinterpret_cast<const T*>(h.const_data_ptr());
-  kernel<<<static_cast<unsigned>(blocks), kThreads, TILE, stream>>>(
-      x, out.data_ptr<T>(), ro, sumsq.data_ptr<float>(), sumabs.data_ptr<float>(), wsp, sp, p, mode);
+  kernel<<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(x, out.data_ptr<T>(), ro, sumsq.data_ptr<float>(),
+                                                                  sumabs.data_ptr<float>(), wsp, sp, p, mode);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   if (mode == kStatsOnly) {
-    kernel<<<static_cast<unsigned>(blocks), kThreads, TILE, stream>>>(
-        x, out.data_ptr<T>(), ro, sumsq.data_ptr<float>(), sumabs.data_ptr<float>(), wsp, sp, p, kApply);
+    kernel<<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(x, out.data_ptr<T>(), ro, sumsq.data_ptr<float>(),
+                                                                    sumabs.data_ptr<float>(), wsp, sp, p, kApply);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
 }
@@ -552,15 +535,12 @@ template <typename T>
 void forward_dispatch(const at::Tensor& h, const Geometry& g, double eps, at::Tensor& sumsq,
                       at::Tensor& sumabs, at::Tensor& out, at::Tensor& readout) {
   constexpr int VEC = 16 / sizeof(T);
-  const int64_t hw = g.readout ? g.HW : g.D;
-  const bool vec = aligned16(h.const_data_ptr()) && aligned16(out.data_ptr()) && hw % VEC == 0;
-  const int tile = tile_bytes(g.D, sizeof(T), vec);
-  if (vec && tile == kLargeTile)
-    launch_forward<T, VEC, kLargeTile>(h, g, eps, sumsq, sumabs, out, readout);
-  else if (vec)
-    launch_forward<T, VEC, kSmallTile>(h, g, eps, sumsq, sumabs, out, readout);
+  const Plan p = make_plan(g, eps, chunk_elems<T>());
+  const bool vec = aligned16(h.const_data_ptr()) && aligned16(out.data_ptr()) && p.HW % VEC == 0;
+  if (vec)
+    launch_forward<T, VEC>(h, p, sumsq, sumabs, out, readout);
   else
-    launch_forward<T, 1, kSmallTile>(h, g, eps, sumsq, sumabs, out, readout);
+    launch_forward<T, 1>(h, p, sumsq, sumabs, out, readout);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> goodness_norm_cuda(const at::Tensor& h_in,
@@ -581,16 +561,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> goodness_norm_cuda(co
   return {sumsq, sumabs, out, readout};
 }
 
-template <typename T, int VEC, int TILE>
-void launch_backward(const BackwardArgs& a, double eps, at::Tensor& dh) {
+template <typename T, int VEC>
+void launch_backward(const BackwardArgs& a, const Plan& p, at::Tensor& dh) {
   auto stream = c10::cuda::getCurrentCUDAStream();
-  const Plan p = make_plan(a.g, eps, TILE / static_cast<int>(sizeof(T)));
   const int64_t blocks = p.N * p.G;
   TORCH_CHECK(blocks < (int64_t{1} << 31), "goodness_norm_backward: input too large (", blocks, " blocks)");
   const bool need_dot = a.grad_out.has_value() || a.grad_readout.has_value();
-  constexpr auto kernel = backward_kernel<T, VEC, TILE>;
-  constexpr int kSmem = 2 * TILE;  // h and grad_out
-  const int picked = pick_mode<kernel>(p, kSmem);
+  constexpr auto kernel = backward_kernel<T, VEC>;
+  const int picked = pick_mode<kernel>(p);
   const int mode = need_dot ? picked : kApply;  // without a dot product there is nothing to rendezvous on
   at::Tensor ws, sync;
   if (mode == kSinglePass || mode == kStatsOnly) ws = at::empty({p.N * p.G}, a.h.options().dtype(at::kFloat));
@@ -602,12 +580,12 @@ void launch_backward(const BackwardArgs& a, double eps, at::Tensor& dh) {
   const T* gr = a.grad_readout ? reinterpret_cast<const T*>(a.grad_readout->const_data_ptr()) : nullptr;
   float* wsp = ws.defined() ? ws.data_ptr<float>() : nullptr;
   int* sp = mode == kSinglePass ? sync.data_ptr<int>() : nullptr;
-  kernel<<<static_cast<unsigned>(blocks), kThreads, kSmem, stream>>>(x, go, gr, bp, dh.data_ptr<T>(), wsp, sp, p,
-                                                                      mode, need_dot);
+  kernel<<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(x, go, gr, bp, dh.data_ptr<T>(), wsp, sp, p, mode,
+                                                                  need_dot);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   if (mode == kStatsOnly) {
-    kernel<<<static_cast<unsigned>(blocks), kThreads, kSmem, stream>>>(x, go, gr, bp, dh.data_ptr<T>(), wsp, sp, p,
-                                                                        kApply, need_dot);
+    kernel<<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(x, go, gr, bp, dh.data_ptr<T>(), wsp, sp, p,
+                                                                    kApply, need_dot);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
 }
@@ -615,16 +593,13 @@ void launch_backward(const BackwardArgs& a, double eps, at::Tensor& dh) {
 template <typename T>
 void backward_dispatch(const BackwardArgs& a, double eps, at::Tensor& dh) {
   constexpr int VEC = 16 / sizeof(T);
-  const int64_t hw = a.g.readout ? a.g.HW : a.g.D;
-  bool vec = aligned16(a.h.const_data_ptr()) && aligned16(dh.data_ptr()) && hw % VEC == 0;
+  const Plan p = make_plan(a.g, eps, chunk_elems<T>());
+  bool vec = aligned16(a.h.const_data_ptr()) && aligned16(dh.data_ptr()) && p.HW % VEC == 0;
   if (a.grad_out) vec = vec && aligned16(a.grad_out->const_data_ptr());
-  const int tile = tile_bytes(a.g.D, sizeof(T), vec);
-  if (vec && tile == kLargeTile)
-    launch_backward<T, VEC, kLargeTile>(a, eps, dh);
-  else if (vec)
-    launch_backward<T, VEC, kSmallTile>(a, eps, dh);
+  if (vec)
+    launch_backward<T, VEC>(a, p, dh);
   else
-    launch_backward<T, 1, kSmallTile>(a, eps, dh);
+    launch_backward<T, 1>(a, p, dh);
 }
 
 at::Tensor goodness_norm_backward_cuda_impl(const std::optional<at::Tensor>& grad_sumsq,

@@ -79,9 +79,8 @@ run_section tests 60 bash -c "'$PY' -m pytest tests/test_ops.py tests/test_data.
     rc=\$?; '$PY' -m pytest tests/test_cuda_machine_code.py -q -rs -p no:cacheprovider || rc=1; exit \$rc"
 
 
-# The default (single-pass rendezvous) rows, then the fused op with 16 KB tiles only (FFABLATE_CUDA_TILE_KB=16) and
-# forced to two passes (FFABLATE_CUDA_SINGLE_PASS=0), both without a compiled variant: what the tile size and the
-# in-kernel rendezvous save or cost, from the same lease.
+# The default (single-pass rendezvous) rows, then the fused op forced to two passes (FFABLATE_CUDA_SINGLE_PASS=0,
+# no compiled variant): what the in-kernel rendezvous saves or costs, from the same lease.
 run_section bench 150 "$PY" - "$OUT/bench_kernels.json" <<'EOF'
 import json, os, sys
 from rich.console import Console
@@ -92,11 +91,6 @@ rows = [dict(r, rendezvous="single-pass") for r in kernel_bench("cuda", dtypes=[
 with open(sys.argv[1], "w") as f:
     json.dump(rows, f, indent=1)
 Console(width=200).print(render_table(rows))
-os.environ["FFABLATE_CUDA_TILE_KB"] = "16"  # the 16 KB tiles every sample got before 32 KB ones existed
-small = kernel_bench("cuda", dtypes=["float32", "bfloat16"], compile_reference=False)
-rows += [dict(r, rendezvous="single-pass 16KB") for r in small]
-Console(width=200).print(render_table(small, title="16 KB tiles (FFABLATE_CUDA_TILE_KB=16)"))
-del os.environ["FFABLATE_CUDA_TILE_KB"]
 os.environ["FFABLATE_CUDA_SINGLE_PASS"] = "0"
 two = kernel_bench("cuda", dtypes=["float32", "bfloat16"], compile_reference=False)
 rows += [dict(r, rendezvous="two-pass") for r in two]
@@ -106,7 +100,7 @@ Console(width=200).print(render_table(two, title="two-pass (FFABLATE_CUDA_SINGLE
 EOF
 
 # Forward and backward apart, against a copy of the same size: which of the two is far from its floor.
-run_section split 60 bash -c "'$PY' scripts/kernel-split.py && echo '16 KB tiles:' && FFABLATE_CUDA_TILE_KB=16 '$PY' scripts/kernel-split.py"
+run_section split 60 "$PY" scripts/kernel-split.py
 
 run_section audit 90 bash scripts/device-audit.sh "$OUT/audit" --methods ff,ff-ga,bp,bp-ga,bp-ckpt --depths 4,16 --budget 75 --timeout 20
 
@@ -156,7 +150,7 @@ bench = path.replace("summary.json", "bench_kernels.json")
 try:
     for b in json.load(open(bench)):
         call, host = b.get("call_ms") or {}, b.get("host_ms") or {}
-        print(f"{b['name']:<7} {b['dtype']:<9} {b.get('rendezvous', ''):<16} fused {b['fused_ms']:.3f} ms  {b['pct_of_copy']:.0f}% of copy  "
+        print(f"{b['name']:<7} {b['dtype']:<9} {b.get('rendezvous', ''):<11} fused {b['fused_ms']:.3f} ms  {b['pct_of_copy']:.0f}% of copy  "
               f"x{b['speedup_vs_eager']:.2f} eager  x{(b['speedup_vs_compiled'] or 0):.2f} compiled  "
               f"err {b['max_abs_err']:.1e}  call {call.get('fused') or 0:.3f} ms (eager "
               f"{call.get('eager') or 0:.3f})  host {host.get('fused') or 0:.3f} ms")

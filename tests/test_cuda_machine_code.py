@@ -19,7 +19,7 @@ import pytest
 
 from ffablate import ops
 
-THREADS = 256  # kThreads in csrc/goodness_norm_cuda.cu
+TILE_BYTES, THREADS = 16384, 256  # kChunkBytes and kThreads in csrc/goodness_norm_cuda.cu
 
 
 def _cuobjdump() -> str | None:
@@ -35,8 +35,8 @@ def _cuobjdump() -> str | None:
     return str(bundled) if bundled.exists() else None
 
 
-def _kernels() -> list[tuple[tuple[str, str, int, int], list[str]]]:
-    """((forward|backward, element type, VEC, tile bytes), SASS instructions) for each kernel in each cubin."""
+def _kernels() -> list[tuple[tuple[str, str, int], list[str]]]:
+    """((forward|backward, element type, VEC), SASS instructions) for each kernel in each embedded cubin."""
     if not (ops.extension_available() and getattr(ops._C, "WITH_CUDA", False)):
         pytest.skip("ffablate._C was built without CUDA")
     tool = _cuobjdump()
@@ -45,26 +45,24 @@ def _kernels() -> list[tuple[tuple[str, str, int, int], list[str]]]:
     sass = subprocess.run([tool, "-sass", ops._C.__file__], capture_output=True, text=True, check=True).stdout
     kernels = []
     for name, body in re.findall(r"Function : (\S+)\n(.*?)(?=\n\s*\.{10,}|\Z)", sass, flags=re.S):
-        match = re.search(r"(forward|backward)_kernelI(f|N3c104HalfE|N3c108BFloat16E)Li(\d+)ELi(\d+)E", name)
+        match = re.search(r"(forward|backward)_kernelI(f|N3c104HalfE|N3c108BFloat16E)Li(\d+)E", name)
         if match:
             kind = {"f": "float", "N3c104HalfE": "half", "N3c108BFloat16E": "bfloat16"}[match[2]]
             code = re.findall(r"/\*[0-9a-f]{4}\*/\s+([^;]*);", body)
-            kernels.append(((match[1], kind, int(match[3]), int(match[4])), code))
+            kernels.append(((match[1], kind, int(match[3])), code))
     return kernels
 
 
 def test_vector_kernels_store_whole_vectors_and_never_spill() -> None:
-    kernels = _kernels()
-    vector_paths = [(key, code) for key, code in kernels if key[2] > 1]
-    assert {(d, t, tile) for (d, t, _, tile), _ in vector_paths} == {
-        (d, t, tile) for d in ("forward", "backward") for t in ("float", "half", "bfloat16") for tile in (16384, 32768)
+    vector_paths = [(key, code) for key, code in _kernels() if key[2] > 1]
+    assert {(d, t) for (d, t, _), _ in vector_paths} == {
+        (d, t) for d in ("forward", "backward") for t in ("float", "half", "bfloat16")
     }
-    for key, code in kernels:  # the scalar paths too: nothing may spill under the launch bounds
-        assert not any(re.search(r"\b(LDL|STL)\b", op) for op in code), (key, "local memory")
-    for (direction, dtype, _vec, tile), code in vector_paths:
-        vectors_per_thread = tile // (THREADS * 16)  # one tile of 16-byte vectors, every dtype
+    for (direction, dtype, vec), code in vector_paths:
+        vectors_per_thread = TILE_BYTES // (THREADS * 16)  # one tile of 16-byte vectors, every dtype
         wide_loads = sum(bool(re.search(r"\b(LDG\.E|LDGSTS\.E(\.BYPASS)?)\.128\b", op)) for op in code)
         wide_stores = sum(bool(re.search(r"\bSTG\.E\.128\b", op)) for op in code)
         # The forward reads h; the backward reads h and grad_out (the latter in two code paths).
-        assert wide_loads >= vectors_per_thread * (1 if direction == "forward" else 2), (direction, dtype, tile)
-        assert wide_stores == vectors_per_thread, (direction, dtype, tile, wide_stores)
+        assert wide_loads >= vectors_per_thread * (1 if direction == "forward" else 2), (direction, dtype, vec)
+        assert wide_stores == vectors_per_thread, (direction, dtype, vec, wide_stores)
+        assert not any(re.search(r"\b(LDL|STL)\b", op) for op in code), (direction, dtype, vec, "local memory")

@@ -22,7 +22,6 @@ cuda_only = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device and a C
 def _default_backend(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("FFABLATE_KERNELS", raising=False)
     monkeypatch.delenv("FFABLATE_CUDA_SINGLE_PASS", raising=False)
-    monkeypatch.delenv("FFABLATE_CUDA_TILE_KB", raising=False)
 
 
 def _random_shapes(seed: int, count: int, big: bool = False) -> list[tuple[int, ...]]:
@@ -282,12 +281,8 @@ def test_kernel_bench_quick() -> None:
 @cuda_only
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("single_pass", ["1", "0"])
-@pytest.mark.parametrize("tile_kb", ["", "16", "32"])
-def test_cuda_matches_reference(
-    dtype: torch.dtype, single_pass: str, tile_kb: str, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_cuda_matches_reference(dtype: torch.dtype, single_pass: str, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("FFABLATE_CUDA_SINGLE_PASS", single_pass)
-    monkeypatch.setenv("FFABLATE_CUDA_TILE_KB", tile_kb)  # "" = the default choice
     tol = {torch.float32: 2e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2}[dtype]
     # Beyond the random shapes: split channels (HW above one tile), 1x1 maps with more channels than a tile
     # may hold (the kMaxK cap), and samples that fit one block (solo, no rendezvous).
@@ -328,14 +323,6 @@ def test_cuda_deterministic_and_paths_agree(monkeypatch: pytest.MonkeyPatch) -> 
         for a, b in zip(res, runs[0][0], strict=True):
             assert torch.equal(a, b)
         assert torch.equal(dh, runs[0][1])
-
-
-@pytest.mark.cuda
-@cuda_only
-def test_cuda_tile_override_is_checked(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("FFABLATE_CUDA_TILE_KB", "64")
-    with pytest.raises(RuntimeError, match="FFABLATE_CUDA_TILE_KB must be 16 or 32"):
-        torch.ops.ffablate.goodness_norm(_make((2, 4, 8, 8), torch.float32, "cuda", 0), 1e-6)
 
 
 @pytest.mark.cuda
