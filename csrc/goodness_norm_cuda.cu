@@ -155,9 +155,9 @@ constexpr bool kAsyncCopy = sizeof(T) * VEC == 4 || sizeof(T) * VEC == 8 || size
 // Launch bounds: with the chunk in shared memory a 16-byte-path block needs few registers, so ask ptxas for
 // enough blocks per SM to keep many chunks in flight: 6 forward blocks (40 registers; 8 would need 32, which
 // spills; sm_80's allocator spills at 40, so 5 there) and 6 backward ones (the two 16 KB tiles allow no more).
-// The scalar fallbacks unroll more and keep the register budget of the earlier register-resident kernels (the
-// 2-byte one, which stages through registers, gets the budget of 2 blocks). ptxas spills nothing under these
-// bounds (tests/test_cuda_machine_code.py checks it on every build).
+// The scalar fallbacks unroll per element and get the budget of 4 forward and 3 backward blocks (2 for the
+// 2-byte backward, which stages through registers). ptxas spills nothing under these bounds on sm_80 and sm_90
+// (tests/test_cuda_machine_code.py checks every build).
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
 constexpr int kVectorForwardBlocksPerSM = 5;
 #else
@@ -207,7 +207,6 @@ __device__ __forceinline__ void stage(T* tile_a, const T* __restrict__ a, T* til
     }
   }
 }
-
 
 __device__ __forceinline__ float warp_sum(float v) {
   for (int o = 16; o > 0; o >>= 1) v += __shfl_down_sync(0xffffffffu, v, o);
