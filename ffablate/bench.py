@@ -19,7 +19,15 @@ from torch import Tensor
 
 from ffablate import ops
 
-__all__ = ["DEFAULT_SHAPES", "POOL_SHAPES", "kernel_bench", "pool_bench", "render_pool_table", "render_table"]
+__all__ = [
+    "DEFAULT_SHAPES",
+    "POOL_SHAPES",
+    "kernel_bench",
+    "minimal_bytes_per_pass",
+    "pool_bench",
+    "render_pool_table",
+    "render_table",
+]
 
 # (name, shape): activity of a 28x28 CNN block (batch 256), a 224x224 network's first stage after a
 # stride-4 stem (56x56, batch 64) and a wide MLP layer. The two conv shapes hold 12.8M elements each.
@@ -164,6 +172,12 @@ class _Timer:
 
 
 def _minimal_bytes(shape: tuple[int, ...], dtype: torch.dtype) -> int:
+    return sum(minimal_bytes_per_pass(shape, dtype))
+
+
+def minimal_bytes_per_pass(shape: tuple[int, ...], dtype: torch.dtype) -> tuple[int, int]:
+    """The fewest bytes the fused forward and the fused backward must each move through memory for ``h`` of
+    ``shape``: every input read once, every output written once (the floor behind the bench's GB/s)."""
     n = shape[0]
     el = math.prod(shape)
     esize = torch.empty((), dtype=dtype).element_size()
@@ -171,7 +185,7 @@ def _minimal_bytes(shape: tuple[int, ...], dtype: torch.dtype) -> int:
     readout = n * shape[1] if len(shape) == 4 else 0
     fwd = el * esize * 2 + readout * esize + 2 * n * ssize  # read h; write out, readout, sumsq, sumabs
     bwd = el * esize * 3 + readout * esize + 3 * n * ssize  # read h, grad_out, grad_readout, 3 stats; write dh
-    return fwd + bwd
+    return fwd, bwd
 
 
 def kernel_bench(

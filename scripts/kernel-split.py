@@ -3,19 +3,18 @@
     python scripts/kernel-split.py [--json OUT.json]
 
 `ffablate bench kernels` times forward+backward together, the way a training step uses them; this says which
-of the two is far from its bandwidth floor. Each op's minimal bytes (forward: read h, write out; backward: read h
-and grad_out, write dh; plus the per-sample and per-channel vectors) over its median device time gives its GB/s,
-set against the copy's measured in the same run. Timing is ffablate.bench's: L2 evicted before every call and a
-head start for the host, CUDA events around the work.
+of the two is far from its bandwidth floor. Each op's minimal bytes (`ffablate.bench.minimal_bytes_per_pass`:
+forward reads h and writes out; backward reads h and grad_out and writes dh; plus the per-sample and per-channel
+vectors) over its median device time gives its GB/s, set against the copy's measured in the same run. Timing is
+ffablate.bench's: L2 evicted before every call and a head start for the host, CUDA events around the work.
 """
 
 import argparse
 import json
-import math
 
 import torch
 
-from ffablate.bench import DEFAULT_SHAPES, _Timer
+from ffablate.bench import DEFAULT_SHAPES, _Timer, minimal_bytes_per_pass
 
 
 def main() -> None:
@@ -42,9 +41,8 @@ def main() -> None:
                 "copy": lambda d=dst, h=h: d.copy_(h),
             }
             ms = {k: timer.device_time(fn, warmup=10, repeats=50)[0] for k, fn in steps.items()}
-            el, es, n = math.prod(shape), h.element_size(), shape[0]
-            ro = readout.numel() * es
-            nbytes = {"forward": 2 * el * es + ro + 8 * n, "backward": 3 * el * es + ro + 12 * n, "copy": 2 * el * es}
+            fwd_bytes, bwd_bytes = minimal_bytes_per_pass(shape, dtype)
+            nbytes = {"forward": fwd_bytes, "backward": bwd_bytes, "copy": 2 * h.numel() * h.element_size()}
             gbps = {k: nbytes[k] / (ms[k] * 1e-3) / 1e9 for k in ms}
             row = {
                 "name": name,
