@@ -7,16 +7,19 @@
 // holding registers, so many blocks fit on an SM), reduces it, and writes its outputs from shared memory,
 // so h (and grad_out) are read from DRAM exactly once.
 //
-// The per-sample reduction across the G blocks of a sample needs a rendezvous:
+// The per-sample reduction across the G blocks of a sample needs a rendezvous; FFABLATE_CUDA_SCHEDULE picks it:
 //  * solo (G = 1): the block's own sum is the total; no counters, no workspace.
-//  * single-pass (default): blocks take a ticket from a global counter (so a block only ever waits on
+//  * ticket (default, single pass): blocks take a ticket from a global counter (so a block only ever waits on
 //    blocks that are already running or that can be scheduled: tickets are handed out in order), publish
 //    their partial sums, bump the sample's arrival counter and spin until all G partials are in. Every
 //    block then sums the G partials in the same fixed order, so results are bitwise deterministic (no
 //    floating-point atomics). Used only when G blocks fit on the GPU at once, four times over; that bound makes
 //    the wait deadlock-free, with room for kernels on other streams.
-//  * two-pass fallback (G too large, or FFABLATE_CUDA_SINGLE_PASS=0): a stats launch publishes the
-//    partials, an apply launch re-reads h and finishes. Same arithmetic, same results.
+//  * pipelined: a cooperative launch of resident blocks that walk the chunks with two tiles, the next chunk's
+//    copy in flight while the current one waits; partials are published as flagged 8-byte words. Same sum
+//    order, same bits.
+//  * two-pass (G too large, or FFABLATE_CUDA_SCHEDULE=two-pass): a stats launch publishes the partials, an
+//    apply launch re-reads h and finishes. Same arithmetic, same results.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -24,8 +27,10 @@
 #include <cuda_pipeline.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cstdlib>
+#include <cstring>
 
 #include "ops.h"
 
@@ -167,20 +172,30 @@ template <typename T, int VEC>
 constexpr int kForwardBlocksPerSM = VEC > 1 ? kVectorForwardBlocksPerSM : 4;
 template <typename T, int VEC>
 constexpr int kBackwardBlocksPerSM = VEC > 1 ? 6 : (kAsyncCopy<T, VEC> ? 3 : 2);
+constexpr int kBackwardPipelinedBlocksPerSM = 3;  // its 64 KB of tiles allow no more
 
-// Copies this thread's vectors of a chunk (len elements from a, and from b when given) into the shared tiles
-// at the same offsets, all loads issued before any is waited for. Each thread reads back only the vectors it
-// copied until the next __syncthreads, so no barrier is needed here.
+// Issues this thread's cp.async copies of a chunk (len elements from a, and from b when given) into the shared
+// tiles at the same offsets, without committing or waiting: the caller groups them (__pipeline_commit).
+template <typename T, int VEC>
+__device__ __forceinline__ void copy_async(T* tile_a, const T* __restrict__ a, T* tile_b, const T* __restrict__ b,
+                                           int len) {
+  static_assert(kAsyncCopy<T, VEC>, "cp.async moves 4, 8 or 16 bytes");
+  constexpr size_t kBytes = sizeof(T) * VEC;
+  Iters<T, VEC>::each(len, [&](int, int i) {
+    __pipeline_memcpy_async(tile_a + i, a + i, kBytes);
+    if (b) __pipeline_memcpy_async(tile_b + i, b + i, kBytes);
+  });
+}
+
+// Copies this thread's vectors of a chunk into the shared tiles (as copy_async) and waits for them, all loads
+// issued before any is waited for. Each thread reads back only the vectors it copied until the next
+// __syncthreads, so no barrier is needed here.
 template <typename T, int VEC>
 __device__ __forceinline__ void stage(T* tile_a, const T* __restrict__ a, T* tile_b, const T* __restrict__ b,
                                       int len) {
   using It = Iters<T, VEC>;
   if constexpr (kAsyncCopy<T, VEC>) {
-    constexpr size_t kBytes = sizeof(T) * VEC;
-    It::each(len, [&](int, int i) {
-      __pipeline_memcpy_async(tile_a + i, a + i, kBytes);
-      if (b) __pipeline_memcpy_async(tile_b + i, b + i, kBytes);
-    });
+    copy_async<T, VEC>(tile_a, a, tile_b, b, len);
     __pipeline_commit();
     __pipeline_wait_prior(0);
   } else {  // loads in batches of kBatch vectors, all issued before the batch is stored
@@ -259,16 +274,15 @@ __device__ __forceinline__ void publish_and_wait(int mode, const float (&v)[NV],
   __syncthreads();
 }
 
-// Sum of the G published partials of sample n, in a fixed order (identical in every block).
-template <int NV, int NREAD>
-__device__ __forceinline__ void gather_totals(const float* ws, int64_t n, int G, float (&out)[NREAD],
-                                              float* bcast) {
+// Sum of the G partials of sample n, in a fixed order (identical in every block, and in both rendezvous):
+// lane j adds chunks j, j + 32, ... as read(j, k) returns them, then the warp adds its lanes.
+template <int NREAD, typename Read>
+__device__ __forceinline__ void sum_partials(int G, Read&& read, float (&out)[NREAD], float* bcast) {
   if (threadIdx.x < 32) {
     float acc[NREAD] = {};
     for (int j = threadIdx.x; j < G; j += 32) {
-      const float* src = ws + (n * G + j) * NV;
 #pragma unroll
-      for (int k = 0; k < NREAD; ++k) acc[k] += __ldcg(src + k);  // L2: written by other SMs
+      for (int k = 0; k < NREAD; ++k) acc[k] += read(j, k);
     }
 #pragma unroll
     for (int k = 0; k < NREAD; ++k) {
@@ -281,26 +295,96 @@ __device__ __forceinline__ void gather_totals(const float* ws, int64_t n, int G,
   for (int k = 0; k < NREAD; ++k) out[k] = bcast[k];
 }
 
-template <typename T, int VEC>
-__global__ void __launch_bounds__(kThreads, kForwardBlocksPerSM<T, VEC>)
-    forward_kernel(const T* __restrict__ h, T* __restrict__ out, T* __restrict__ readout,
-                   float* __restrict__ sumsq, float* __restrict__ sumabs, float* ws, int* sync, Plan p,
-                   int mode) {
+// The rendezvous of the one-chunk-per-block launches; the launch's mode says which part this block plays.
+struct TicketRendezvous {
+  int mode;
+  float* ws;  // (N, G, NV) partials
+  int* sync;  // arrival counters, then the ticket counter
+
+  __device__ __forceinline__ bool stats_only() const { return mode == kStatsOnly; }
+
+  // The sample's totals of the first NREAD of this block's NV partials. False when this launch only publishes
+  // (the stats launch of two pass): the block is then done.
+  template <int NV, int NREAD>
+  __device__ __forceinline__ bool totals(const float (&v)[NV], const Plan& p, int64_t n, int g,
+                                         float (&tot)[NREAD], float* bcast) const {
+    if (mode == kSolo) {
+#pragma unroll
+      for (int k = 0; k < NREAD; ++k) tot[k] = v[k];
+      return true;
+    }
+    if (mode != kApply) {
+      publish_and_wait<NV>(mode, v, ws, sync, n, g, p.G);
+      if (mode == kStatsOnly) return false;
+    }
+    const float* src = ws + n * p.G * NV;
+    sum_partials<NREAD>(p.G, [&](int j, int k) { return __ldcg(src + j * NV + k); }, tot, bcast);  // L2: other SMs wrote them
+    return true;
+  }
+
+  // Partial k of chunk j of sample n (NV per chunk), valid once totals() returned true.
+  template <int NV>
+  __device__ __forceinline__ float partial(const Plan& p, int64_t n, int j, int k) const {
+    return __ldcg(ws + (n * p.G + j) * NV + k);
+  }
+};
+
+// A published partial is one 8-byte word: the float's bits below a flag of 1 (the slots are zeroed before the
+// launch). One relaxed 8-byte store publishes it and one 8-byte load sees the flag and the value together, so the
+// publisher needs no fence and no counter, and the reader no second load.
+__device__ __forceinline__ void publish_slot(unsigned long long* slot, float v) {
+  const unsigned long long word = (1ull << 32) | __float_as_uint(v);
+  asm volatile("st.relaxed.gpu.global.u64 [%0], %1;" ::"l"(slot), "l"(word) : "memory");
+}
+
+__device__ __forceinline__ float await_slot(const unsigned long long* slot) {
+  for (;;) {
+    unsigned long long word;
+    asm volatile("ld.relaxed.gpu.global.u64 %0, [%1];" : "=l"(word) : "l"(slot) : "memory");
+    if (word >> 32) return __uint_as_float(static_cast<unsigned>(word));
+    __nanosleep(32);
+  }
+}
+
+// The rendezvous of the pipelined launches: every block of the grid is resident (a cooperative launch), each
+// publishes into its chunk's slots and reads its siblings' slots as they fill.
+struct SlotRendezvous {
+  unsigned long long* slots;  // (N, G, NV), zeroed
+
+  __device__ __forceinline__ bool stats_only() const { return false; }
+
+  template <int NV, int NREAD>
+  __device__ __forceinline__ bool totals(const float (&v)[NV], const Plan& p, int64_t n, int g,
+                                         float (&tot)[NREAD], float* bcast) const {
+    if (p.G == 1) {
+#pragma unroll
+      for (int k = 0; k < NREAD; ++k) tot[k] = v[k];
+      return true;
+    }
+    unsigned long long* mine = slots + (n * p.G + g) * NV;
+    if (threadIdx.x == 0) {
+#pragma unroll
+      for (int k = 0; k < NV; ++k) publish_slot(mine + k, v[k]);
+    }
+    const unsigned long long* src = slots + n * p.G * NV;
+    sum_partials<NREAD>(p.G, [&](int j, int k) { return await_slot(src + j * NV + k); }, tot, bcast);
+    return true;
+  }
+
+  template <int NV>
+  __device__ __forceinline__ float partial(const Plan& p, int64_t n, int j, int k) const {
+    return await_slot(slots + (n * p.G + j) * NV + k);
+  }
+};
+
+// The forward of one chunk staged in `tile` (each thread's own vectors complete; the first barrier below makes
+// the whole tile visible): reduce, meet the sample's other chunks, write out, readout and the statistics.
+template <typename T, int VEC, typename Rendezvous>
+__device__ __forceinline__ void forward_chunk(const T* tile, const Rendezvous& rv, const Plan& p, int64_t n, int g,
+                                              const Chunk& ch, T* __restrict__ out, T* __restrict__ readout,
+                                              float* __restrict__ sumsq, float* __restrict__ sumabs, float* chs,
+                                              float (*red)[kWarps], float* bcast) {
   using It = Iters<T, VEC>;
-  __shared__ __align__(16) unsigned char tile_bytes[kChunkBytes];
-  __shared__ float chs[kMaxK];  // per-channel sums of h (whole-channel chunks)
-  __shared__ float red[3][kWarps];
-  __shared__ float bcast[2];
-  __shared__ int s_bid;
-  T* tile = reinterpret_cast<T*>(tile_bytes);
-
-  const int64_t bid = take_ticket(mode, sync, p.N, &s_bid);
-  const int64_t n = bid / p.G;
-  const int g = static_cast<int>(bid % p.G);
-  const Chunk ch = chunk_of(p, g);
-  const bool per_channel = p.readout && p.K > 0 && mode != kStatsOnly;
-
-  stage<T, VEC>(tile, h + n * p.D + ch.off, nullptr, nullptr, ch.len);
   float v3[3] = {0.f, 0.f, 0.f};  // sumsq, sumabs, sum (split-mode channel part)
   It::each(ch.len, [&](int, int i) {
     const Pack<T, VEC> pk = load_pack<T, VEC>(tile + i);
@@ -314,7 +398,7 @@ __global__ void __launch_bounds__(kThreads, kForwardBlocksPerSM<T, VEC>)
   });
   block_sum<3>(v3, red);  // its barrier also makes the whole tile visible block-wide
 
-  if (per_channel) {  // whole channels: HW <= one tile
+  if (p.readout && p.K > 0 && !rv.stats_only()) {  // whole channels: HW <= one tile
     const int hw = static_cast<int>(p.HW);
     if (hw >= 32) {
       const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -334,14 +418,8 @@ __global__ void __launch_bounds__(kThreads, kForwardBlocksPerSM<T, VEC>)
     __syncthreads();
   }
 
-  float tot[2] = {v3[0], v3[1]};
-  if (mode != kSolo) {
-    if (mode != kApply) {
-      publish_and_wait<3>(mode, v3, ws, sync, n, g, p.G);
-      if (mode == kStatsOnly) return;
-    }
-    gather_totals<3, 2>(ws, n, p.G, tot, bcast);
-  }
+  float tot[2];
+  if (!rv.template totals<3, 2>(v3, p, n, g, tot, bcast)) return;
   const float r = rsqrtf(tot[0] * p.inv_d + p.eps);
   if (g == 0 && threadIdx.x == 0) {
     sumsq[n] = tot[0];
@@ -363,9 +441,65 @@ __global__ void __launch_bounds__(kThreads, kForwardBlocksPerSM<T, VEC>)
       for (int k = threadIdx.x; k < ch.nch; k += kThreads) ro[ch.c0 + k] = static_cast<T>(chs[k] * scale);
     } else if (ch.s == 0 && threadIdx.x == 0) {  // split mode: never solo (G >= S >= 2)
       float s = 0.f;
-      for (int j = 0; j < p.S; ++j) s += __ldcg(ws + (n * p.G + g + j) * 3 + 2);
+      for (int j = 0; j < p.S; ++j) s += rv.template partial<3>(p, n, g + j, 2);
       ro[ch.c0] = static_cast<T>(s * scale);
     }
+  }
+}
+
+template <typename T, int VEC>
+__global__ void __launch_bounds__(kThreads, kForwardBlocksPerSM<T, VEC>)
+    forward_kernel(const T* __restrict__ h, T* __restrict__ out, T* __restrict__ readout,
+                   float* __restrict__ sumsq, float* __restrict__ sumabs, float* ws, int* sync, Plan p,
+                   int mode) {
+  __shared__ __align__(16) unsigned char tile_bytes[kChunkBytes];
+  __shared__ float chs[kMaxK];  // per-channel sums of h (whole-channel chunks)
+  __shared__ float red[3][kWarps];
+  __shared__ float bcast[2];
+  __shared__ int s_bid;
+  T* tile = reinterpret_cast<T*>(tile_bytes);
+
+  const int64_t bid = take_ticket(mode, sync, p.N, &s_bid);
+  const int64_t n = bid / p.G;
+  const int g = static_cast<int>(bid % p.G);
+  const Chunk ch = chunk_of(p, g);
+  stage<T, VEC>(tile, h + n * p.D + ch.off, nullptr, nullptr, ch.len);
+  forward_chunk<T, VEC>(tile, TicketRendezvous{mode, ws, sync}, p, n, g, ch, out, readout, sumsq, sumabs, chs, red,
+                        bcast);
+}
+
+// Pipelined: a grid of resident blocks walks the chunks (block b takes b, b + grid, ...) with two tiles, the
+// next chunk's copy in flight while the current one waits for its siblings and is written out. A block never
+// holds two chunks of one sample (G <= grid), so the wait cannot close a cycle.
+template <typename T, int VEC>
+__global__ void __launch_bounds__(kThreads, kForwardBlocksPerSM<T, VEC>)
+    forward_pipelined_kernel(const T* __restrict__ h, T* __restrict__ out, T* __restrict__ readout,
+                             float* __restrict__ sumsq, float* __restrict__ sumabs, unsigned long long* slots,
+                             Plan p) {
+  __shared__ __align__(16) unsigned char tile_bytes[2][kChunkBytes];
+  __shared__ float chs[kMaxK];
+  __shared__ float red[3][kWarps];
+  __shared__ float bcast[2];
+
+  const int64_t chunks = p.N * p.G;
+  auto prefetch = [&](int64_t c, int buf) {  // always commits a group, so the wait below counts evenly
+    if (c < chunks) {
+      const Chunk ch = chunk_of(p, static_cast<int>(c % p.G));
+      copy_async<T, VEC>(reinterpret_cast<T*>(tile_bytes[buf]), h + (c / p.G) * p.D + ch.off, nullptr, nullptr,
+                         ch.len);
+    }
+    __pipeline_commit();
+  };
+  prefetch(blockIdx.x, 0);
+  int buf = 0;
+  for (int64_t c = blockIdx.x; c < chunks; c += gridDim.x, buf ^= 1) {
+    prefetch(c + gridDim.x, buf ^ 1);
+    __pipeline_wait_prior(1);  // this chunk's copy has landed; the next one's stays in flight
+    const int64_t n = c / p.G;
+    const int g = static_cast<int>(c % p.G);
+    forward_chunk<T, VEC>(reinterpret_cast<const T*>(tile_bytes[buf]), SlotRendezvous{slots}, p, n, g,
+                          chunk_of(p, g), out, readout, sumsq, sumabs, chs, red, bcast);
+    __syncthreads();  // the tile is refilled by the next iteration's prefetch
   }
 }
 
@@ -375,27 +509,14 @@ struct BwdPtrs {
   const float* sumsq;        // (N,)
 };
 
-template <typename T, int VEC>
-__global__ void __launch_bounds__(kThreads, kBackwardBlocksPerSM<T, VEC>)
-    backward_kernel(const T* __restrict__ h, const T* __restrict__ go, const T* __restrict__ gr,
-                    BwdPtrs bp, T* __restrict__ dh, float* ws, int* sync, Plan p, int mode, bool need_dot) {
+// The backward of one chunk staged in th (h) and tg (grad_out; null when there is none).
+template <typename T, int VEC, typename Rendezvous>
+__device__ __forceinline__ void backward_chunk(const T* th, const T* tg, const Rendezvous& rv, const Plan& p,
+                                               int64_t n, int g, const Chunk& ch, const T* __restrict__ gr,
+                                               const BwdPtrs& bp, T* __restrict__ dh,
+                                               bool need_dot, float (*red)[kWarps], float* bcast) {
   using It = Iters<T, VEC>;
-  __shared__ __align__(16) unsigned char tile_h_bytes[kChunkBytes];
-  __shared__ __align__(16) unsigned char tile_g_bytes[kChunkBytes];
-  __shared__ float red[1][kWarps];
-  __shared__ float bcast[1];
-  __shared__ int s_bid;
-  T* th = reinterpret_cast<T*>(tile_h_bytes);
-  T* tg = reinterpret_cast<T*>(tile_g_bytes);
-
-  const int64_t bid = take_ticket(mode, sync, p.N, &s_bid);
-  const int64_t n = bid / p.G;
-  const int g = static_cast<int>(bid % p.G);
-  const Chunk ch = chunk_of(p, g);
-  const T* q = go ? go + n * p.D + ch.off : nullptr;
   const T* grn = gr ? gr + n * p.C : nullptr;
-  stage<T, VEC>(th, h + n * p.D + ch.off, tg, q, ch.len);
-
   // e = the effective output gradient: the readout is linear in out, so its gradient folds into grad_out.
   // A vector never straddles a channel (vector paths require HW % VEC == 0), and in whole-channel chunks
   // HW <= chunk, so the channel index fits in 32 bits.
@@ -403,9 +524,9 @@ __global__ void __launch_bounds__(kThreads, kBackwardBlocksPerSM<T, VEC>)
     const float shift =
         grn ? static_cast<float>(grn[ch.c0 + (p.K > 0 ? i / static_cast<int>(p.HW) : 0)]) * p.inv_hw : 0.f;
     Pack<float, VEC> e;
-    const Pack<T, VEC> pg = q ? load_pack<T, VEC>(tg + i) : Pack<T, VEC>{};
+    const Pack<T, VEC> pg = tg ? load_pack<T, VEC>(tg + i) : Pack<T, VEC>{};
 #pragma unroll
-    for (int j = 0; j < VEC; ++j) e.v[j] = (q ? static_cast<float>(pg.v[j]) : 0.f) + shift;
+    for (int j = 0; j < VEC; ++j) e.v[j] = (tg ? static_cast<float>(pg.v[j]) : 0.f) + shift;
     return e;
   };
   float total_dot = 0.f;
@@ -418,16 +539,9 @@ __global__ void __launch_bounds__(kThreads, kBackwardBlocksPerSM<T, VEC>)
       for (int j = 0; j < VEC; ++j) dot[0] += e.v[j] * static_cast<float>(ph.v[j]);
     });
     block_sum<1>(dot, red);
-    total_dot = dot[0];
-    if (mode != kSolo) {
-      if (mode != kApply) {
-        publish_and_wait<1>(mode, dot, ws, sync, n, g, p.G);
-        if (mode == kStatsOnly) return;
-      }
-      float tot[1];
-      gather_totals<1, 1>(ws, n, p.G, tot, bcast);
-      total_dot = tot[0];
-    }
+    float tot[1];
+    if (!rv.template totals<1, 1>(dot, p, n, g, tot, bcast)) return;
+    total_dot = tot[0];
   }
 
   const float r = rsqrtf(bp.sumsq[n] * p.inv_d + p.eps);
@@ -449,34 +563,109 @@ __global__ void __launch_bounds__(kThreads, kBackwardBlocksPerSM<T, VEC>)
   });
 }
 
-bool aligned16(const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; }
+template <typename T, int VEC>
+__global__ void __launch_bounds__(kThreads, kBackwardBlocksPerSM<T, VEC>)
+    backward_kernel(const T* __restrict__ h, const T* __restrict__ go, const T* __restrict__ gr,
+                    BwdPtrs bp, T* __restrict__ dh, float* ws, int* sync, Plan p, int mode, bool need_dot) {
+  __shared__ __align__(16) unsigned char tile_h_bytes[kChunkBytes];
+  __shared__ __align__(16) unsigned char tile_g_bytes[kChunkBytes];
+  __shared__ float red[1][kWarps];
+  __shared__ float bcast[1];
+  __shared__ int s_bid;
+  T* th = reinterpret_cast<T*>(tile_h_bytes);
+  T* tg = reinterpret_cast<T*>(tile_g_bytes);
 
-bool single_pass_allowed() {
-  const char* env = std::getenv("FFABLATE_CUDA_SINGLE_PASS");
-  return env == nullptr || env[0] != '0';
+  const int64_t bid = take_ticket(mode, sync, p.N, &s_bid);
+  const int64_t n = bid / p.G;
+  const int g = static_cast<int>(bid % p.G);
+  const Chunk ch = chunk_of(p, g);
+  stage<T, VEC>(th, h + n * p.D + ch.off, tg, go ? go + n * p.D + ch.off : nullptr, ch.len);
+  backward_chunk<T, VEC>(th, go ? tg : nullptr, TicketRendezvous{mode, ws, sync}, p, n, g, ch, gr, bp, dh, need_dot,
+                         red, bcast);
 }
 
-// Resident blocks per SM times SMs, cached per kernel instantiation and device: the occupancy query costs
-// several microseconds, as much as a small launch, and its answer never changes. The first call on a device
-// also asks for the largest shared-memory carveout, which the tiles need to reach their blocks per SM.
-template <auto kernel>
-int64_t resident_blocks() {
-  constexpr int kMaxDevices = 64;
-  static std::atomic<int64_t> cache[kMaxDevices];  // zero-initialized: static storage
+// Two tiles (h, grad_out) per stage and two stages: 64 KB, beyond the 48 KB of static shared memory.
+constexpr int kBackwardPipelinedSmem = 4 * kChunkBytes;
+
+// Pipelined backward (see forward_pipelined_kernel); launched only when the backward needs the dot product.
+template <typename T, int VEC>
+__global__ void __launch_bounds__(kThreads, kBackwardPipelinedBlocksPerSM)
+    backward_pipelined_kernel(const T* __restrict__ h, const T* __restrict__ go, const T* __restrict__ gr,
+                              BwdPtrs bp, T* __restrict__ dh, unsigned long long* slots, Plan p) {
+  extern __shared__ __align__(16) unsigned char tiles[];  // [stage][h, grad_out][kChunkBytes]
+  __shared__ float red[1][kWarps];
+  __shared__ float bcast[1];
+  auto tile = [&](int buf, int which) { return reinterpret_cast<T*>(tiles + (2 * buf + which) * kChunkBytes); };
+
+  const int64_t chunks = p.N * p.G;
+  auto prefetch = [&](int64_t c, int buf) {
+    if (c < chunks) {
+      const Chunk ch = chunk_of(p, static_cast<int>(c % p.G));
+      const int64_t off = (c / p.G) * p.D + ch.off;
+      copy_async<T, VEC>(tile(buf, 0), h + off, tile(buf, 1), go ? go + off : nullptr, ch.len);
+    }
+    __pipeline_commit();
+  };
+  prefetch(blockIdx.x, 0);
+  int buf = 0;
+  for (int64_t c = blockIdx.x; c < chunks; c += gridDim.x, buf ^= 1) {
+    prefetch(c + gridDim.x, buf ^ 1);
+    __pipeline_wait_prior(1);
+    const int64_t n = c / p.G;
+    const int g = static_cast<int>(c % p.G);
+    backward_chunk<T, VEC>(tile(buf, 0), go ? tile(buf, 1) : nullptr, SlotRendezvous{slots}, p, n, g,
+                           chunk_of(p, g), gr, bp, dh, true, red, bcast);
+    __syncthreads();
+  }
+}
+
+bool aligned16(const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; }
+
+// FFABLATE_CUDA_SCHEDULE: how the chunks of a multi-block sample meet (docs/kernels.md). Read at every launch, so
+// one process can A/B them.
+enum class Schedule { kTicket, kPipelined, kTwoPass };
+
+Schedule schedule_from_env() {
+  const char* env = std::getenv("FFABLATE_CUDA_SCHEDULE");
+  if (env == nullptr || *env == '\0' || std::strcmp(env, "ticket") == 0) return Schedule::kTicket;
+  if (std::strcmp(env, "pipelined") == 0) return Schedule::kPipelined;
+  if (std::strcmp(env, "two-pass") == 0) return Schedule::kTwoPass;
+  TORCH_CHECK(false, "FFABLATE_CUDA_SCHEDULE must be ticket, pipelined or two-pass (or unset), got '", env, "'");
+}
+
+// A per-device answer (>= 0) that never changes, computed once per device: the occupancy query costs several
+// microseconds, as much as a small launch. The cache holds answer + 1, so its zero-initialized entries mean unknown.
+constexpr int kMaxDevices = 64;
+using DeviceCache = std::atomic<int64_t>[kMaxDevices];
+
+template <typename Compute>
+int64_t per_device_cached(DeviceCache& cache, Compute&& compute) {
   int dev = 0;
   C10_CUDA_CHECK(cudaGetDevice(&dev));
-  if (dev < kMaxDevices) {
-    const int64_t known = cache[dev].load(std::memory_order_relaxed);
-    if (known > 0) return known;
-  }
-  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout,
-                                      cudaSharedmemCarveoutMaxShared));
-  int per_sm = 0, sms = 0;
-  C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, 0));
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
-  const int64_t blocks = static_cast<int64_t>(per_sm) * sms;
-  if (dev < kMaxDevices) cache[dev].store(blocks, std::memory_order_relaxed);
-  return blocks;
+  if (dev >= kMaxDevices) return compute(dev);
+  const int64_t known = cache[dev].load(std::memory_order_relaxed);
+  if (known > 0) return known - 1;
+  const int64_t answer = compute(dev);
+  cache[dev].store(answer + 1, std::memory_order_relaxed);
+  return answer;
+}
+
+// Resident blocks per SM times SMs, per kernel instantiation and device. The first call on a device also asks
+// for the largest shared-memory carveout, which the tiles need to reach their blocks per SM, and allows the
+// dynamic shared memory a kernel uses beyond the default 48 KB.
+template <auto kernel, int kDynamicSmem = 0>
+int64_t resident_blocks() {
+  static DeviceCache cache;  // static storage: zero-initialized
+  return per_device_cached(cache, [](int dev) {
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout,
+                                        cudaSharedmemCarveoutMaxShared));
+    if (kDynamicSmem > 48 * 1024)
+      C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kDynamicSmem));
+    int per_sm = 0, sms = 0;
+    C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, kDynamicSmem));
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
+    return static_cast<int64_t>(per_sm) * sms;
+  });
 }
 
 // The single-pass rendezvous is deadlock-free only if a whole sample's G blocks can be resident at once. The
@@ -485,18 +674,54 @@ int64_t resident_blocks() {
 constexpr int64_t kResidencyMargin = 4;
 
 template <auto kernel>
-int pick_mode(const Plan& p) {
+int pick_mode(const Plan& p, Schedule schedule) {
   const int64_t resident = resident_blocks<kernel>();  // also sets the carveout, which solo launches need too
   if (p.G == 1) return kSolo;
-  if (!single_pass_allowed()) return kStatsOnly;
+  if (schedule == Schedule::kTwoPass) return kStatsOnly;
   return static_cast<int64_t>(p.G) * kResidencyMargin <= resident ? kSinglePass : kStatsOnly;
 }
 
-// Zeroed ticket and arrival counters: a memset node rather than a fill kernel (cheaper to launch).
-at::Tensor zeroed_counters(int64_t n, const at::Tensor& like, cudaStream_t stream) {
-  at::Tensor sync = at::empty({n}, like.options().dtype(at::kInt));
-  C10_CUDA_CHECK(cudaMemsetAsync(sync.data_ptr<int>(), 0, n * sizeof(int), stream));
-  return sync;
+// The pipelined grid: one block per chunk, at most as many as can be resident (a cooperative launch then runs
+// them all at once, which the rendezvous needs; no margin is needed). 0 when the plan does not fit: a sample's
+// G chunks need G distinct blocks, or the device cannot launch cooperatively.
+template <auto kernel, int kDynamicSmem = 0>
+int64_t pipelined_grid(const Plan& p) {
+  static DeviceCache cooperative;
+  const bool can = per_device_cached(cooperative, [](int dev) {
+    int v = 0;
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&v, cudaDevAttrCooperativeLaunch, dev));
+    return static_cast<int64_t>(v);
+  });
+  if (!can) return 0;
+  const int64_t grid = std::min(p.N * p.G, resident_blocks<kernel, kDynamicSmem>());
+  return p.G <= grid ? grid : 0;
+}
+
+template <auto kernel, typename... Args>
+void launch_cooperative(int64_t grid, int smem, cudaStream_t stream, Args... args) {
+  cudaLaunchAttribute cooperative{};
+  cooperative.id = cudaLaunchAttributeCooperative;
+  cooperative.val.cooperative = 1;
+  cudaLaunchConfig_t cfg{};
+  cfg.gridDim = dim3(static_cast<unsigned>(grid));
+  cfg.blockDim = dim3(kThreads);
+  cfg.dynamicSmemBytes = static_cast<size_t>(smem);
+  cfg.stream = stream;
+  cfg.attrs = &cooperative;
+  cfg.numAttrs = 1;
+  C10_CUDA_CHECK(cudaLaunchKernelEx(&cfg, kernel, args...));
+}
+
+// n zeroed words (ticket and arrival counters, or the pipelined schedule's slots): a memset node rather than a
+// fill kernel (cheaper to launch).
+at::Tensor zeroed(int64_t n, at::ScalarType dtype, const at::Tensor& like, cudaStream_t stream) {
+  at::Tensor t = at::empty({n}, like.options().dtype(dtype));
+  C10_CUDA_CHECK(cudaMemsetAsync(t.data_ptr(), 0, t.nbytes(), stream));
+  return t;
+}
+
+unsigned long long* slot_ptr(const at::Tensor& slots) {
+  return slots.defined() ? reinterpret_cast<unsigned long long*>(slots.data_ptr<int64_t>()) : nullptr;
 }
 
 void check_cuda_dtype(const at::Tensor& h, const char* op) {
@@ -511,15 +736,26 @@ void launch_forward(const at::Tensor& h, const Plan& p, at::Tensor& sumsq, at::T
   auto stream = c10::cuda::getCurrentCUDAStream();
   const int64_t blocks = p.N * p.G;
   TORCH_CHECK(blocks < (int64_t{1} << 31), "goodness_norm: input too large (", blocks, " blocks)");
-  constexpr auto kernel = forward_kernel<T, VEC>;
-  const int mode = pick_mode<kernel>(p);
-  at::Tensor ws, sync;
-  if (mode != kSolo) ws = at::empty({p.N * p.G * 3}, h.options().dtype(at::kFloat));
-  if (mode == kSinglePass) sync = zeroed_counters(p.N + 1, h, stream);
-  float* wsp = mode != kSolo ? ws.data_ptr<float>() : nullptr;
-  int* sp = mode == kSinglePass ? sync.data_ptr<int>() : nullptr;
   T* ro = p.readout ? readout.data_ptr<T>() : nullptr;
   const T* x = reinterpret_cast<const T*>(h.const_data_ptr());
+  const Schedule schedule = schedule_from_env();
+  if constexpr (kAsyncCopy<T, VEC>) {
+    constexpr auto kernel = forward_pipelined_kernel<T, VEC>;
+    const int64_t grid = schedule == Schedule::kPipelined ? pipelined_grid<kernel>(p) : 0;
+    if (grid > 0) {
+      const at::Tensor slots = p.G > 1 ? zeroed(p.N * p.G * 3, at::kLong, h, stream) : at::Tensor();
+      launch_cooperative<kernel>(grid, 0, stream, x, out.data_ptr<T>(), ro, sumsq.data_ptr<float>(),
+                                 sumabs.data_ptr<float>(), slot_ptr(slots), p);
+      return;
+    }
+  }
+  constexpr auto kernel = forward_kernel<T, VEC>;
+  const int mode = pick_mode<kernel>(p, schedule);
+  at::Tensor ws, sync;
+  if (mode != kSolo) ws = at::empty({p.N * p.G * 3}, h.options().dtype(at::kFloat));
+  if (mode == kSinglePass) sync = zeroed(p.N + 1, at::kInt, h, stream);
+  float* wsp = mode != kSolo ? ws.data_ptr<float>() : nullptr;
+  int* sp = mode == kSinglePass ? sync.data_ptr<int>() : nullptr;
   kernel<<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(x, out.data_ptr<T>(), ro, sumsq.data_ptr<float>(),
                                                                   sumabs.data_ptr<float>(), wsp, sp, p, mode);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -566,17 +802,29 @@ void launch_backward(const BackwardArgs& a, const Plan& p, at::Tensor& dh) {
   const int64_t blocks = p.N * p.G;
   TORCH_CHECK(blocks < (int64_t{1} << 31), "goodness_norm_backward: input too large (", blocks, " blocks)");
   const bool need_dot = a.grad_out.has_value() || a.grad_readout.has_value();
-  constexpr auto kernel = backward_kernel<T, VEC>;
-  const int picked = pick_mode<kernel>(p);
-  const int mode = need_dot ? picked : kApply;  // without a dot product there is nothing to rendezvous on
-  at::Tensor ws, sync;
-  if (mode == kSinglePass || mode == kStatsOnly) ws = at::empty({p.N * p.G}, a.h.options().dtype(at::kFloat));
-  if (mode == kSinglePass) sync = zeroed_counters(p.N + 1, a.h, stream);
   BwdPtrs bp{a.grad_sumsq ? a.grad_sumsq->const_data_ptr<float>() : nullptr,
              a.grad_sumabs ? a.grad_sumabs->const_data_ptr<float>() : nullptr, a.sumsq.const_data_ptr<float>()};
   const T* x = reinterpret_cast<const T*>(a.h.const_data_ptr());
   const T* go = a.grad_out ? reinterpret_cast<const T*>(a.grad_out->const_data_ptr()) : nullptr;
   const T* gr = a.grad_readout ? reinterpret_cast<const T*>(a.grad_readout->const_data_ptr()) : nullptr;
+  const Schedule schedule = schedule_from_env();
+  if constexpr (kAsyncCopy<T, VEC>) {
+    constexpr auto kernel = backward_pipelined_kernel<T, VEC>;
+    const int64_t grid =
+        need_dot && schedule == Schedule::kPipelined ? pipelined_grid<kernel, kBackwardPipelinedSmem>(p) : 0;
+    if (grid > 0) {
+      const at::Tensor slots = p.G > 1 ? zeroed(p.N * p.G, at::kLong, a.h, stream) : at::Tensor();
+      launch_cooperative<kernel>(grid, kBackwardPipelinedSmem, stream, x, go, gr, bp, dh.data_ptr<T>(),
+                                 slot_ptr(slots), p);
+      return;
+    }
+  }
+  constexpr auto kernel = backward_kernel<T, VEC>;
+  const int picked = pick_mode<kernel>(p, schedule);
+  const int mode = need_dot ? picked : kApply;  // without a dot product there is nothing to rendezvous on
+  at::Tensor ws, sync;
+  if (mode == kSinglePass || mode == kStatsOnly) ws = at::empty({p.N * p.G}, a.h.options().dtype(at::kFloat));
+  if (mode == kSinglePass) sync = zeroed(p.N + 1, at::kInt, a.h, stream);
   float* wsp = ws.defined() ? ws.data_ptr<float>() : nullptr;
   int* sp = mode == kSinglePass ? sync.data_ptr<int>() : nullptr;
   kernel<<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(x, go, gr, bp, dh.data_ptr<T>(), wsp, sp, p, mode,

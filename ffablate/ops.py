@@ -14,7 +14,8 @@ Statistics are float32 for fp16/bf16 input (accumulated in fp32) and h's dtype o
 
 Backend: ``FFABLATE_KERNELS=fused|reference``. The default is the compiled ``ffablate._C`` op when it
 was built; without it the reference is used and one warning says so. Inputs the kernels do not cover
-(e.g. fp16 on CPU) silently use the reference.
+(e.g. fp16 on CPU) silently use the reference. ``FFABLATE_CUDA_SCHEDULE=ticket|pipelined|two-pass`` picks how
+the CUDA kernels meet a sample's chunks (docs/kernels.md); every schedule gives the same bits.
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ except ImportError as exc:  # pragma: no cover - exercised only without a build
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 _CPU_DTYPES = (torch.float32, torch.float64)
 _CUDA_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_CUDA_SCHEDULES = ("ticket", "pipelined", "two-pass")
 _warned = False
 
 
@@ -64,6 +66,11 @@ def backend() -> str:
         return "reference"
     if choice not in ("auto", "fused"):
         raise ConfigError(f"FFABLATE_KERNELS must be 'fused' or 'reference' (or unset), got {choice!r}")
+    schedule = os.environ.get("FFABLATE_CUDA_SCHEDULE", "")
+    if schedule and schedule not in _CUDA_SCHEDULES:  # the kernels would refuse it only at their first launch
+        raise ConfigError(
+            f"FFABLATE_CUDA_SCHEDULE must be one of {', '.join(_CUDA_SCHEDULES)} (or unset), got {schedule!r}"
+        )
     if extension_available():
         return "fused"
     if choice == "fused":

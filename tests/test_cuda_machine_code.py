@@ -9,6 +9,7 @@ bf16); this catches that.
 
 from __future__ import annotations
 
+import itertools
 import os
 import re
 import shutil
@@ -35,8 +36,9 @@ def _cuobjdump() -> str | None:
     return str(bundled) if bundled.exists() else None
 
 
-def _kernels() -> list[tuple[tuple[str, str, int], list[str]]]:
-    """((forward|backward, element type, VEC), SASS instructions) for each kernel in each embedded cubin."""
+def _kernels() -> list[tuple[tuple[str, str, str, int], list[str]]]:
+    """((forward|backward, ticket|pipelined, element type, VEC), SASS instructions) for each kernel in each
+    embedded cubin."""
     if not (ops.extension_available() and getattr(ops._C, "WITH_CUDA", False)):
         pytest.skip("ffablate._C was built without CUDA")
     tool = _cuobjdump()
@@ -45,20 +47,21 @@ def _kernels() -> list[tuple[tuple[str, str, int], list[str]]]:
     sass = subprocess.run([tool, "-sass", ops._C.__file__], capture_output=True, text=True, check=True).stdout
     kernels = []
     for name, body in re.findall(r"Function : (\S+)\n(.*?)(?=\n\s*\.{10,}|\Z)", sass, flags=re.S):
-        match = re.search(r"(forward|backward)_kernelI(f|N3c104HalfE|N3c108BFloat16E)Li(\d+)E", name)
+        match = re.search(r"(forward|backward)(_pipelined)?_kernelI(f|N3c104HalfE|N3c108BFloat16E)Li(\d+)E", name)
         if match:
-            kind = {"f": "float", "N3c104HalfE": "half", "N3c108BFloat16E": "bfloat16"}[match[2]]
+            kind = {"f": "float", "N3c104HalfE": "half", "N3c108BFloat16E": "bfloat16"}[match[3]]
+            schedule = "pipelined" if match[2] else "ticket"
             code = re.findall(r"/\*[0-9a-f]{4}\*/\s+([^;]*);", body)
-            kernels.append(((match[1], kind, int(match[3])), code))
+            kernels.append(((match[1], schedule, kind, int(match[4])), code))
     return kernels
 
 
 def test_vector_kernels_store_whole_vectors_and_never_spill() -> None:
-    vector_paths = [(key, code) for key, code in _kernels() if key[2] > 1]
-    assert {(d, t) for (d, t, _), _ in vector_paths} == {
-        (d, t) for d in ("forward", "backward") for t in ("float", "half", "bfloat16")
-    }
-    for (direction, dtype, vec), code in vector_paths:
+    vector_paths = [(key, code) for key, code in _kernels() if key[3] > 1]
+    assert {key[:3] for key, _ in vector_paths} == set(
+        itertools.product(("forward", "backward"), ("ticket", "pipelined"), ("float", "half", "bfloat16"))
+    )
+    for (direction, _, dtype, vec), code in vector_paths:
         vectors_per_thread = TILE_BYTES // (THREADS * 16)  # one tile of 16-byte vectors, every dtype
         wide_loads = sum(bool(re.search(r"\b(LDG\.E|LDGSTS\.E(\.BYPASS)?)\.128\b", op)) for op in code)
         wide_stores = sum(bool(re.search(r"\bSTG\.E\.128\b", op)) for op in code)

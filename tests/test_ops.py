@@ -14,6 +14,7 @@ from ffablate.bench import kernel_bench, render_table
 from ffablate.errors import ConfigError
 
 OUTS = ("sumsq", "sumabs", "out", "readout")
+SCHEDULES = ("ticket", "pipelined", "two-pass")  # FFABLATE_CUDA_SCHEDULE
 HAS_CUDA = ops.extension_available() and bool(getattr(ops._C, "WITH_CUDA", False)) and torch.cuda.is_available()
 cuda_only = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device and a CUDA build of ffablate._C")
 
@@ -21,7 +22,7 @@ cuda_only = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device and a C
 @pytest.fixture(autouse=True)
 def _default_backend(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("FFABLATE_KERNELS", raising=False)
-    monkeypatch.delenv("FFABLATE_CUDA_SINGLE_PASS", raising=False)
+    monkeypatch.delenv("FFABLATE_CUDA_SCHEDULE", raising=False)
 
 
 def _random_shapes(seed: int, count: int, big: bool = False) -> list[tuple[int, ...]]:
@@ -236,6 +237,12 @@ def test_reference_backend_is_honoured(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("FFABLATE_KERNELS", "bogus")
     with pytest.raises(ConfigError, match="FFABLATE_KERNELS"):  # the CLI prints it on one line, exit 2
         ops.backend()
+    monkeypatch.setenv("FFABLATE_KERNELS", "fused")
+    monkeypatch.setenv("FFABLATE_CUDA_SCHEDULE", "pipelined")
+    assert ops.backend() == "fused"
+    monkeypatch.setenv("FFABLATE_CUDA_SCHEDULE", "single-pass")
+    with pytest.raises(ConfigError, match="FFABLATE_CUDA_SCHEDULE must be one of ticket, pipelined, two-pass"):
+        ops.backend()
 
 
 def test_missing_extension_falls_back_with_one_warning(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -280,9 +287,9 @@ def test_kernel_bench_quick() -> None:
 @pytest.mark.cuda
 @cuda_only
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("single_pass", ["1", "0"])
-def test_cuda_matches_reference(dtype: torch.dtype, single_pass: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("FFABLATE_CUDA_SINGLE_PASS", single_pass)
+@pytest.mark.parametrize("schedule", SCHEDULES)
+def test_cuda_matches_reference(dtype: torch.dtype, schedule: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FFABLATE_CUDA_SCHEDULE", schedule)
     tol = {torch.float32: 2e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2}[dtype]
     # Beyond the random shapes: split channels (HW above one tile), 1x1 maps with more channels than a tile
     # may hold (the kMaxK cap), and samples that fit one block (solo, no rendezvous).
@@ -313,24 +320,45 @@ def test_cuda_misaligned_contiguous_inputs(dtype: torch.dtype) -> None:
 
 @pytest.mark.cuda
 @cuda_only
-def test_cuda_deterministic_and_paths_agree(monkeypatch: pytest.MonkeyPatch) -> None:
-    h = _make((16, 64, 28, 28), torch.float32, "cuda", 1)
-    runs = []
-    for single_pass in ("1", "1", "0"):
-        monkeypatch.setenv("FFABLATE_CUDA_SINGLE_PASS", single_pass)
-        runs.append(_fwd_bwd(ops.goodness_norm, h, (True, True, True, True), seed=3))
-    for res, dh in runs[1:]:
-        for a, b in zip(res, runs[0][0], strict=True):
-            assert torch.equal(a, b)
-        assert torch.equal(dh, runs[0][1])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(130, 64, 28, 28), (100, 3, 100, 100), (2000, 4096)])
+def test_cuda_schedules_agree_bitwise(
+    shape: tuple[int, ...], dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Every schedule sums a sample's partials in the same order, so all give the same bits, run after run. The
+    # shapes have more chunks than a pipelined grid holds (its blocks walk several, with an uneven tail), channels
+    # split across blocks (the readout sums published partials), and one-block samples.
+    h = _make(shape, dtype, "cuda", 1)
+    tol = 1e-4 if dtype == torch.float32 else 3e-2
+    runs = {}
+    for schedule in ("ticket", "pipelined", "two-pass", "pipelined"):
+        monkeypatch.setenv("FFABLATE_CUDA_SCHEDULE", schedule)
+        for which in ((True, True, True, True), (True, False, False, False), (False, False, False, True)):
+            res, dh = _fwd_bwd(ops.goodness_norm, h, which, seed=3)
+            first = runs.setdefault(which, (res, dh))
+            for a, b in zip([*res, dh], [*first[0], first[1]], strict=True):
+                assert torch.equal(a, b), (schedule, which)
+    monkeypatch.setenv("FFABLATE_CUDA_SCHEDULE", "pipelined")
+    _check_against_reference(h, seed=5, atol=tol, rtol=tol, subsets=1)
 
 
 @pytest.mark.cuda
 @cuda_only
-def test_cuda_huge_sample_uses_two_pass_fallback() -> None:
-    # One sample with more chunks than can be resident at once: must not deadlock, must be right.
+@pytest.mark.parametrize("schedule", SCHEDULES)
+def test_cuda_huge_sample_uses_two_pass_fallback(schedule: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    # One sample with more chunks than can be resident at once: every schedule must fall back, not deadlock.
+    monkeypatch.setenv("FFABLATE_CUDA_SCHEDULE", schedule)
     h = _make((2, 4_000_000), torch.float32, "cuda", 2)
     _check_against_reference(h, seed=2, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.cuda
+@cuda_only
+def test_cuda_kernel_refuses_unknown_schedule(monkeypatch: pytest.MonkeyPatch) -> None:
+    # ops.backend() catches a bad value first; the raw op must still refuse it with a message, not pick one.
+    monkeypatch.setenv("FFABLATE_CUDA_SCHEDULE", "fast")
+    with pytest.raises(RuntimeError, match="FFABLATE_CUDA_SCHEDULE must be ticket, pipelined or two-pass"):
+        torch.ops.ffablate.goodness_norm.default(_make((4, 8, 8, 8), torch.float32, "cuda", 0), 1e-6)
 
 
 @pytest.mark.cuda
