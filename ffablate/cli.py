@@ -157,16 +157,21 @@ def cmd_train(args: argparse.Namespace) -> int:
         print(json.dumps(result.to_dict(), default=str))
         return 0
     table = Table(title=f"{config.method} on {config.dataset} (seed {config.seed}, {config.epochs} epochs)")
-    for column in ("test accuracy", "per-layer accuracy", "train s", "images/s", "peak memory MB", "kernels"):
-        table.add_column(column)
-    table.add_row(
+    columns = ["test accuracy", "per-layer accuracy", "train s", "images/s", "peak memory MB", "kernels"]
+    cells = [
         f"{result.test_accuracy:.4f}",
         " ".join(f"{a:.3f}" for a in result.per_layer_accuracy),
         f"{result.train_seconds:.1f}",
         f"{result.images_per_second:.0f}",
         f"{result.peak_memory_bytes / 2**20:.0f}",
         result.kernel_backend,
-    )
+    ]
+    if result.val_accuracy is not None:
+        columns.insert(1, f"val accuracy ({config.val_images} held out)")
+        cells.insert(1, f"{result.val_accuracy:.4f}")
+    for column in columns:
+        table.add_column(column)
+    table.add_row(*cells)
     stdout.print(table)
     return 0
 

@@ -23,6 +23,7 @@ class RunConfig:
     labels: str = "fine"  # "coarse" maps to the dataset's label hierarchy
     limit_train: int = 0  # 0 = the whole training split
     limit_test: int = 0  # 0 = the whole test split, else a fixed stratified subset (quick study budgets)
+    val_images: int = 0  # > 0: hold out this many training images (fixed, stratified) to select and prune on
     backbone: str = "cnn"  # "cnn" (conv blocks) or "mlp" (Hinton's fully connected setting)
     channels: str = "32,64,128"  # per-block widths; its length is the depth
     strides: str = "2,2,2"  # per-block: 2 downsamples with a max-pool after the conv
@@ -102,6 +103,9 @@ class RunConfig:
             raise ConfigError(f"labels must be fine or coarse, not {self.labels!r}")
         if self.schedule not in ("simultaneous", "greedy"):
             raise ConfigError(f"schedule must be simultaneous or greedy, not {self.schedule!r}")
+        for key, zero_means in (("limit_train", "all"), ("limit_test", "all"), ("val_images", "none")):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"{key} must be >= 0 (0 = {zero_means}), got {getattr(self, key)}")
         for key in ("epochs", "batch_size", "micro_batch"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"{key} must be at least 1, got {getattr(self, key)}")

@@ -50,6 +50,9 @@ class ImageDataset:
     coarse_train_y: Tensor | None = None
     coarse_test_y: Tensor | None = None
     coarse_names: list[str] | None = None
+    # A validation split held out of the training images (hold_out_validation); None when there is none.
+    val_x: Tensor | None = None
+    val_y: Tensor | None = None
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
@@ -376,6 +379,30 @@ def limit_split(ds: ImageDataset, split: str, n: int, seed: int) -> ImageDataset
     return replace(ds, **subset)
 
 
+def hold_out_validation(ds: ImageDataset, n: int) -> ImageDataset:
+    """Move a class-stratified set of ``n`` training images into a validation split; 0 holds out none.
+
+    The set depends on the dataset alone (seed 0), never on a run's seed: every run of a study, FF and BP alike,
+    selects and prunes on the same images, and none of them trains on those.
+    """
+    if n < 0:
+        raise ConfigError(f"val_images={n}: give a positive number of images to hold out (0 holds out none)")
+    if n == 0:
+        return ds
+    if n >= len(ds.train_y):
+        raise ConfigError(
+            f"val_images={n} would leave no training images ({ds.name} has {len(ds.train_y)}); hold out fewer"
+        )
+    held = stratified_indices(ds.train_y, n, seed=0)
+    kept = torch.ones(len(ds.train_y), dtype=torch.bool)
+    kept[held] = False
+    rest = kept.nonzero().squeeze(1)
+    coarse = {} if ds.coarse_train_y is None else {"coarse_train_y": ds.coarse_train_y[rest]}
+    return replace(
+        ds, train_x=ds.train_x[rest], train_y=ds.train_y[rest], val_x=ds.train_x[held], val_y=ds.train_y[held], **coarse
+    )
+
+
 # ----------------------------------------------------------------------------------------------------
 # Resolution through the registry
 
@@ -394,6 +421,7 @@ def load_dataset(
     classes: int = 0,
     labels: str = "fine",
     limit_train: int = 0,
+    val_images: int = 0,
     seed: int = 0,
     params: Mapping[str, Any] | None = None,
 ) -> ImageDataset:
@@ -402,7 +430,8 @@ def load_dataset(
     ``classes=K`` keeps the first K classes (relabelled 0..K-1); for a dataset that makes its own classes
     (a factory with a ``k`` parameter, e.g. teacher-student) it is passed as ``k`` instead.
     ``labels="coarse"`` swaps in the dataset's label hierarchy (applied before ``classes``).
-    ``limit_train=N`` keeps a seeded, class-stratified subset of N training images.
+    ``val_images=V`` first holds V training images out as a validation split (``hold_out_validation``).
+    ``limit_train=N`` then keeps a seeded, class-stratified subset of N of the remaining training images.
     ``params`` are the plugin's own parameters (``--set datasets.size=32``).
     """
     if labels not in ("fine", "coarse"):
@@ -420,6 +449,7 @@ def load_dataset(
         ds = use_coarse_labels(ds)
     if classes and not makes_own_classes:
         ds = first_classes(ds, classes)
+    ds = hold_out_validation(ds, val_images)
     return limit_split(ds, "train", limit_train, seed)
 
 

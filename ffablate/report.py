@@ -195,22 +195,27 @@ def _bp_gap_bars(summary: results.Summary, out: Path) -> tuple[str, str] | None:
 def _learning_curves(summary: results.Summary, out: Path) -> tuple[str, str] | None:
     rows = [r for r in summary.rows if r.n and any(r.histories)]
     if summary.meta.get("sampler") == "tpe":
-        best = sorted((r for r in rows if r.role == "ff"), key=lambda r: -r.accuracy.mean)[:8]
+        best = [r for r in summary.ranked() if any(r.histories)][:8]
         rows = [r for r in rows if r.role == "baseline"] + best
     if not rows:
         return None
     fig, ax = plt.subplots(figsize=(7, 4.2))
+    keys = set()
     for r in rows[:24]:
         by_epoch: dict[int, list[float]] = defaultdict(list)
         for history in r.histories:
             for record in history:
-                by_epoch[int(record["epoch"])].append(record["test_accuracy"] * 100)
+                keys.add(results.selection_key(record))
+                by_epoch[int(record["epoch"])].append(record[results.selection_key(record)] * 100)
         epochs = sorted(by_epoch)
         means = [sum(by_epoch[e]) / len(by_epoch[e]) for e in epochs]
         style = dict(ls="--", lw=2, color="black") if r.role == "baseline" else dict(lw=1, alpha=0.8)
         ax.plot([e + 1 for e in epochs], means, marker="o", ms=3, label=r.label, **style)
     ax.set_xlabel("epoch")
-    ax.set_ylabel("test accuracy % (mean over seeds)")
+    split = {frozenset({"val_accuracy"}): "validation", frozenset({"test_accuracy"}): "test"}.get(
+        frozenset(keys), "validation (test where none was held out)"
+    )
+    ax.set_ylabel(f"{split} accuracy % (mean over seeds)")
     ax.set_title("learning curves (dashed: BP baseline)")
     if len(rows) <= 12:
         ax.legend(fontsize=6)

@@ -25,7 +25,8 @@ class Row:
     method: str
     overrides: dict[str, Any]
     match: str
-    accuracies: list[float] = field(default_factory=list)
+    accuracies: list[float] = field(default_factory=list)  # test accuracy per seed
+    val_accuracies: list[float] = field(default_factory=list)  # per seed, when the budget held images out
     seeds: list[int] = field(default_factory=list)
     train_seconds: list[float] = field(default_factory=list)
     images_per_second: list[float] = field(default_factory=list)
@@ -36,12 +37,22 @@ class Row:
     duplicates: int = 0  # completed reruns of a (configuration, seed) already counted
     failed: list[str] = field(default_factory=list)
     accuracy: Estimate = Estimate(math.nan, math.nan, 0)
+    val: Estimate = Estimate(math.nan, math.nan, 0)
     gap: Estimate = Estimate(math.nan, math.nan, 0)
     baseline: str = ""
 
     @property
     def n(self) -> int:
         return len(self.accuracies)
+
+    @property
+    def has_val(self) -> bool:
+        return bool(self.n) and len(self.val_accuracies) == self.n
+
+    @property
+    def selection(self) -> Estimate:
+        """What configurations are ranked by: validation accuracy when every seed has it, else test accuracy."""
+        return self.val if self.has_val else self.accuracy
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -54,6 +65,8 @@ class Row:
             "seeds": self.seeds,
             "accuracy_mean": self.accuracy.mean,
             "accuracy_ci95": self.accuracy.half_width,
+            "val_accuracy_mean": self.val.mean,
+            "val_accuracy_ci95": self.val.half_width,
             "gap_mean": self.gap.mean,
             "gap_ci95": self.gap.half_width,
             "baseline": self.baseline,
@@ -82,9 +95,30 @@ class Summary:
     def baselines(self) -> list[Row]:
         return [r for r in self.rows if r.role == "baseline"]
 
-    def best(self) -> Row | None:
+    @property
+    def selected_on_validation(self) -> bool:
+        """True when every scored FF row is ranked by validation accuracy (the budget held images out)."""
         scored = [r for r in self.ff if r.n]
-        return max(scored, key=lambda r: r.accuracy.mean) if scored else None
+        return bool(scored) and all(r.has_val for r in scored)
+
+    def ranked(self) -> list[Row]:
+        """Scored FF rows, best first: by validation accuracy when all have it, else by test accuracy."""
+        on_val = self.selected_on_validation
+        return sorted((r for r in self.ff if r.n), key=lambda r: -(r.val if on_val else r.accuracy).mean)
+
+    def best(self) -> Row | None:
+        ranked = self.ranked()
+        return ranked[0] if ranked else None
+
+
+def selection_key(record: dict[str, Any]) -> str:
+    """The accuracy a trial is ranked and pruned by: ``val_accuracy`` when its run held out a validation split,
+    else ``test_accuracy``."""
+    return "val_accuracy" if record.get("val_accuracy") is not None else "test_accuracy"
+
+
+def selection_score(record: dict[str, Any]) -> float:
+    return float(record[selection_key(record)])
 
 
 def _mean(values: list[float]) -> float:
@@ -124,6 +158,8 @@ def summarize(study: optuna.Study) -> Summary:
     )
     for row in ordered:
         row.accuracy = mean_ci(row.accuracies)
+        if row.has_val:
+            row.val = mean_ci(row.val_accuracies)
     methods = study.user_attrs.get("baseline_methods", ["bp-deepsup"])
     by_match = {(r.match, r.method): r for r in ordered if r.role == "baseline"}
     for row in ordered:
@@ -145,7 +181,11 @@ def _add(row: Row, t: FrozenTrial) -> None:
             row.duplicates += 1
             return
         metrics = t.user_attrs.get("metrics", {})
-        row.accuracies.append(float(t.value))
+        # The trial's value is what Optuna ranked it by (validation accuracy when there is one); rows report test.
+        test = metrics.get("test_accuracy")
+        row.accuracies.append(float(t.value if test is None else test))
+        if metrics.get("val_accuracy") is not None:
+            row.val_accuracies.append(float(metrics["val_accuracy"]))
         row.seeds.append(seed)
         row.train_seconds.append(float(metrics.get("train_seconds", math.nan)))
         row.images_per_second.append(float(metrics.get("images_per_second", math.nan)))
@@ -162,8 +202,7 @@ def table_rows(summary: Summary, top: int | None = None) -> list[list[str]]:
     """The closing table: configuration, n, accuracy % mean ± 95% CI, gap to BP pp ± 95% Welch CI, notes."""
     rows = summary.rows
     if summary.meta.get("sampler") == "tpe" and top:
-        ff = sorted((r for r in summary.ff if r.n), key=lambda r: -r.accuracy.mean)[:top]
-        rows = summary.baselines + ff
+        rows = summary.baselines + summary.ranked()[:top]
     out = []
     for r in rows:
         notes = []
@@ -174,11 +213,20 @@ def table_rows(summary: Summary, top: int | None = None) -> list[list[str]]:
         if r.failed:
             notes.append(f"{len(r.failed)} failed: {r.failed[0][:60]}")
         gap = fmt(r.gap, signed=True) if r.role == "ff" else "(baseline)"
-        out.append([r.label, str(r.n), fmt(r.accuracy), gap, f"{_mean(r.train_seconds):.1f}", "; ".join(notes)])
+        val = fmt(r.val) if r.has_val else "-"
+        out.append([r.label, str(r.n), fmt(r.accuracy), gap, val, f"{_mean(r.train_seconds):.1f}", "; ".join(notes)])
     return out
 
 
-TABLE_COLUMNS = ["configuration", "n", "test acc % (95% CI)", "gap to BP pp (95% CI)", "train s", "notes"]
+TABLE_COLUMNS = [
+    "configuration",
+    "n",
+    "test acc % (95% CI)",
+    "gap to BP pp (95% CI)",
+    "val acc % (95% CI)",
+    "train s",
+    "notes",
+]
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -214,12 +262,15 @@ def answer(summary: Summary) -> str:
 
 
 def _answer_ablation(summary: Summary) -> str:
-    best = summary.best()
-    assert best is not None
-    ranked = sorted((r for r in summary.ff if r.n), key=lambda r: -r.accuracy.mean)
-    worst = ranked[-1]
+    ranked = summary.ranked()
+    best, worst = ranked[0], ranked[-1]
+    chosen = (
+        f"chosen on validation accuracy ({fmt(best.val)}%)"
+        if summary.selected_on_validation
+        else "chosen on the test images themselves (no validation split, so optimistic)"
+    )
     text = (
-        f"Best FF configuration is {best.label} at {fmt(best.accuracy)}% (n={best.n}), "
+        f"Best FF configuration is {best.label} at {fmt(best.accuracy)}% test accuracy (n={best.n}), {chosen}, "
         f"{fmt(welch_ci(best.accuracies, worst.accuracies), signed=True)} pp over the worst ({worst.label})"
     )
     axis = most_influential_axis(summary)

@@ -218,6 +218,7 @@ class DataCache:
                 config.labels,
                 config.limit_train,
                 config.limit_test,
+                config.val_images,
                 config.seed,
                 config.batch_size,
                 config.augment,
@@ -285,6 +286,7 @@ class Objective:
             raise
         metrics = {
             "test_accuracy": result.test_accuracy,
+            "val_accuracy": result.val_accuracy,
             "per_layer_accuracy": result.per_layer_accuracy,
             "train_seconds": result.train_seconds,
             "images_per_second": result.images_per_second,
@@ -292,11 +294,16 @@ class Objective:
         }
         trial.set_user_attr("metrics", metrics)
         # A one-epoch trial skips the per-epoch evaluation; its final accuracy is its one-point curve.
-        history = result.history or [{"epoch": config.epochs - 1, "test_accuracy": result.test_accuracy}]
+        final = {"test_accuracy": result.test_accuracy}
+        if result.val_accuracy is not None:
+            final["val_accuracy"] = result.val_accuracy
+        history = result.history or [{"epoch": config.epochs - 1, **final}]
         trial.set_user_attr("history", history)
         trial.set_user_attr("kernel_backend", result.kernel_backend)
         trial.set_user_attr("versions", result.versions)
-        return result.test_accuracy
+        # What Optuna maximizes, prunes on and ranks by: validation accuracy when the budget holds images out,
+        # so no configuration is chosen on the test images it is then reported on.
+        return results.selection_score(final)
 
     def _choose(self, trial: Trial) -> tuple[str, str, dict[str, Any], int, str, str]:
         attrs = trial.user_attrs
@@ -341,10 +348,11 @@ class Objective:
             # Baselines report nothing: their accuracy must not move the median FF trials are pruned against.
             if role != "ff":
                 return
-            trial.report(record["test_accuracy"], epoch)
+            score = results.selection_score(record)
+            trial.report(score, epoch)
             if trial.should_prune():
                 trial.set_user_attr("history_at_prune", [record])
-                raise optuna.TrialPruned(f"pruned at epoch {epoch} with accuracy {record['test_accuracy']:.4f}")
+                raise optuna.TrialPruned(f"pruned at epoch {epoch} with {results.selection_key(record)} {score:.4f}")
 
         data = self.data.get(config)
         # One epoch has no curve to prune on: skipping the per-epoch evaluation saves a test pass per trial.

@@ -256,6 +256,26 @@ def test_teacher_student_balanced_and_deterministic():
     assert not torch.equal(ds.train_x, other.train_x) and not torch.equal(ds.train_y, other.train_y)
 
 
+def test_validation_is_held_out_of_training_stratified_and_the_same_for_every_seed():
+    full = load_dataset("teacher-student", classes=5, params=SMALL_TS)
+    runs = [
+        load_dataset("teacher-student", classes=5, val_images=40, limit_train=100, seed=s, params=SMALL_TS)
+        for s in (0, 1)
+    ]
+    for ds in runs:
+        assert ds.val_x.shape == (40, 1, 8, 8) and len(ds.train_y) == 100
+        assert torch.bincount(ds.val_y, minlength=5).tolist() == [8] * 5
+        # Disjoint: no held-out image is trained on (the generated images are distinct).
+        train_rows = {bytes(x.flatten().tolist()) for x in ds.train_x}
+        assert not any(bytes(x.flatten().tolist()) in train_rows for x in ds.val_x)
+        assert torch.equal(ds.test_x, full.test_x)
+    assert torch.equal(runs[0].val_x, runs[1].val_x) and torch.equal(runs[0].val_y, runs[1].val_y)
+    assert not torch.equal(runs[0].train_x, runs[1].train_x)  # limit_train still follows the run's seed
+    assert load_dataset("teacher-student", classes=5, params=SMALL_TS).val_x is None
+    with pytest.raises(ConfigError, match="val_images=203 would leave no training images"):
+        load_dataset("teacher-student", classes=5, val_images=203, params=SMALL_TS)
+
+
 def test_teacher_student_labels_follow_the_teacher():
     """Most samples keep the teacher's unconstrained argmax: balancing only reassigns the overflow."""
     scores = torch.randn(400, 4, generator=torch.Generator().manual_seed(0))

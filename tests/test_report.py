@@ -18,7 +18,8 @@ from ffablate.report import write_report
 
 
 def make_study(url: str, name: str, meta: dict, trials: list[dict]) -> optuna.Study:
-    """``trials``: dicts with cell, role, overrides, seed, value (None = failed), optional group/history."""
+    """``trials``: dicts with cell, role, overrides, seed, value (None = failed: the test accuracy), optional
+    val (a validation accuracy, which then is the trial's value, as in a study) and group/history."""
     study = optuna.create_study(storage=url, study_name=name, direction="maximize")
     for key, value in {
         "baseline_methods": ["bp-deepsup"],
@@ -40,6 +41,7 @@ def make_study(url: str, name: str, meta: dict, trials: list[dict]) -> optuna.St
             "history": t.get("history", [{"epoch": 0, "loss": 1.0, "test_accuracy": t["value"] or 0.1}]),
             "metrics": {
                 "test_accuracy": t["value"],
+                "val_accuracy": t.get("val"),
                 "train_seconds": 1.0,
                 "images_per_second": 100.0,
                 "peak_memory_bytes": 2**20,
@@ -54,7 +56,8 @@ def make_study(url: str, name: str, meta: dict, trials: list[dict]) -> optuna.St
             attrs.update(fail_reason="TrainingDiverged: loss became nan", fail_permanent=True)
             frozen = create_trial(state=TrialState.FAIL, params=params, distributions=dists, user_attrs=attrs)
         else:
-            frozen = create_trial(value=t["value"], params=params, distributions=dists, user_attrs=attrs)
+            value = t["value"] if t.get("val") is None else t["val"]
+            frozen = create_trial(value=value, params=params, distributions=dists, user_attrs=attrs)
         study.add_trial(frozen)
     return study
 
@@ -222,3 +225,43 @@ def test_a_seed_run_twice_is_counted_once(url):
     assert row.n == 2 and row.seeds == [0, 1] and row.duplicates == 1
     assert row.accuracy.mean == pytest.approx(0.75)  # the first run of seed 1 is kept
     assert "1 duplicate seed run(s) not counted" in results.table_rows(summary)[-1][-1]
+
+
+def test_the_best_configuration_is_chosen_on_validation_and_reported_on_test(tmp_path, url):
+    # "cosine" has the better test accuracy, "constant" the better validation accuracy: the winner is constant.
+    ff = [
+        {"cell": f"temperature={name}", "role": "ff", "overrides": {"temperature": name}, "seed": seed, **acc}
+        for name, accs in {
+            "constant": [{"value": 0.70, "val": 0.80}, {"value": 0.72, "val": 0.82}],
+            "cosine": [{"value": 0.90, "val": 0.60}, {"value": 0.92, "val": 0.62}],
+        }.items()
+        for seed, acc in enumerate(accs)
+    ]
+    bp = [
+        {"cell": "bp-deepsup", "role": "baseline", "overrides": {}, "seed": s, "value": 0.75, "val": 0.7}
+        for s in (0, 1)
+    ]
+    axes = {"temperature": ["constant", "cosine"]}
+    study = make_study(url, "tvn-quick", {"analysis": "ablation", "axes": axes}, bp + ff)
+    summary = results.summarize(study)
+    best = summary.best()
+    assert best.label == "temperature=constant" and summary.selected_on_validation
+    assert best.accuracy.mean == pytest.approx(0.71) and best.val.mean == pytest.approx(0.81)
+    answer = results.answer(summary)
+    assert answer.startswith("Best FF configuration is temperature=constant at 71.0 ± ")
+    assert "chosen on validation accuracy (81.0 ± " in answer
+    row = dict(zip(results.TABLE_COLUMNS, results.table_rows(summary)[1], strict=True))
+    assert row["test acc % (95% CI)"].startswith("71.0") and row["val acc % (95% CI)"].startswith("81.0")
+    assert study.best_trial.user_attrs["metrics"]["val_accuracy"] == pytest.approx(0.82)  # Optuna ranks by val too
+    assert "chosen on validation accuracy" in write_report(study, tmp_path / "out").read_text()
+
+
+def test_without_a_validation_split_the_answer_says_the_choice_is_optimistic(url):
+    ff = {"role": "ff", "overrides": {"fusion": "last"}, "cell": "fusion=last"}
+    study = make_study(
+        url, "fusion-quick", {"analysis": "ablation", "axes": {"fusion": ["last"]}}, [{**ff, "seed": 0, "value": 0.7}]
+    )
+    summary = results.summarize(study)
+    assert not summary.selected_on_validation and summary.best().val_accuracies == []
+    assert "chosen on the test images themselves (no validation split, so optimistic)" in results.answer(summary)
+    assert results.table_rows(summary)[0][4] == "-"

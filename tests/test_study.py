@@ -26,6 +26,7 @@ TINY_BUDGET = """
 [budgets.smoke]
 limit_train = 300
 limit_test = 300
+val_images = 200
 epochs = 1
 batch_size = 50
 channels = "10,10"
@@ -92,6 +93,12 @@ def test_smoke_study_runs_every_grid_point_and_baseline_once(finished):
     ):
         assert key in t.user_attrs["metrics"]
     assert t.user_attrs["config"]["seed"] == t.user_attrs["seed"]
+    # Optuna ranks (and would prune) on the 200 held-out training images; the rows report test accuracy.
+    for t in trials:
+        assert t.value == t.user_attrs["metrics"]["val_accuracy"] and t.user_attrs["config"]["val_images"] == 200
+    summary = results.summarize(optuna.load_study(study_name=name, storage=url))
+    tests = sorted(t.user_attrs["metrics"]["test_accuracy"] for t in trials)
+    assert sorted(a for r in summary.rows for a in r.accuracies) == tests and summary.selected_on_validation
     assert all(t.user_attrs["config"]["method"] == "bp-deepsup" for t in trials if t.user_attrs["role"] == "baseline")
 
 

@@ -19,6 +19,20 @@ def test_same_seed_same_accuracy(tiny_config):
     assert first.test_accuracy > 0.3  # 1,000 images, two epochs: well above the 0.1 of chance
 
 
+@pytest.mark.parametrize("method", ["ff", "bp-deepsup"])
+def test_held_out_validation_is_scored_every_epoch_and_at_the_end(tiny_config, method):
+    config = tiny_config.with_updates({"method": method, "val_images": 300})
+    records = []
+    result = run(config, on_epoch=lambda epoch, record: records.append(record))
+    assert [sorted(r) for r in records] == [["epoch", "loss", "val_accuracy"]] * 2
+    assert 0.2 < result.val_accuracy <= 1 and 0.2 < result.test_accuracy <= 1
+    assert records[-1]["val_accuracy"] == result.val_accuracy  # the last epoch's model is the final one
+    plain = run(tiny_config.with_updates({"method": method, "epochs": 1}), on_epoch=lambda e, r: records.append(r))
+    assert plain.val_accuracy is None and sorted(records[-1]) == ["epoch", "loss", "test_accuracy"]
+    with pytest.raises(ConfigError, match="val_images must be >= 0"):
+        tiny_config.with_updates({"val_images": -1})
+
+
 def test_detach_boundary_each_block_backpropagates_only_its_own_loss(tiny_config):
     trainer = build_trainer(tiny_config)
     calls = [0] * trainer.net.depth

@@ -19,6 +19,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from ffablate.config import RunConfig
+from ffablate.data import DeviceLoader
 from ffablate.model import build_backbone
 from ffablate.plugins import Registry
 from ffablate.train import common
@@ -103,10 +104,11 @@ class BPTrainer:
         return total
 
     @torch.no_grad()
-    def evaluate(self) -> tuple[float, list[float]]:
+    def evaluate(self, loader: DeviceLoader) -> tuple[float, list[float]]:
+        """Fused and per-block accuracy on ``loader``'s images."""
         self.net.eval()
         correct, total = None, 0
-        for x, y in self.data.test:
+        for x, y in loader:
             with common.autocast(self.device):
                 logits = self.net(x)
             hits = [int((out.argmax(1) == y).sum()) for out in logits]
@@ -133,9 +135,7 @@ class BPTrainer:
                     if progress:
                         progress(done + 1, total_steps, {"loss": loss})
             if on_epoch:
-                acc, _ = self.evaluate()
-                record = {"epoch": epoch, "loss": loss, "test_accuracy": acc}
+                record = {"epoch": epoch, "loss": loss, **common.epoch_scores(self.evaluate, self.data)}
                 history.append(record)
                 on_epoch(epoch, record)
-        accuracy, per_layer = self.evaluate()
-        return common.finish(cfg, accuracy, per_layer, watch, images, memory, history)
+        return common.finish(cfg, self.evaluate, self.data, watch, images, memory, history)

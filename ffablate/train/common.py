@@ -32,7 +32,7 @@ class TrainingDiverged(FFablateError):
 @dataclass
 class RunResult:
     test_accuracy: float
-    per_layer_accuracy: list[float]
+    per_layer_accuracy: list[float]  # on the test split
     train_seconds: float
     images_per_second: float
     peak_memory_bytes: int
@@ -40,6 +40,7 @@ class RunResult:
     history: list[dict[str, float]] = field(default_factory=list)
     kernel_backend: str = ""
     versions: dict[str, str] = field(default_factory=dict)
+    val_accuracy: float | None = None  # on the held-out training images, when the run has val_images
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -65,6 +66,7 @@ class RunData:
     dataset: ImageDataset
     train: DeviceLoader
     test: DeviceLoader
+    val: DeviceLoader | None = None  # the held-out training images (config.val_images > 0)
 
     @property
     def in_shape(self) -> tuple[int, int, int]:
@@ -80,6 +82,7 @@ def prepare_data(config: RunConfig, device: torch.device, data_root: str | None,
         classes=config.classes,
         labels=config.labels,
         limit_train=config.limit_train,
+        val_images=config.val_images,
         seed=config.seed,
         params=config.params_of("datasets"),
     )
@@ -100,11 +103,27 @@ def prepare_data(config: RunConfig, device: torch.device, data_root: str | None,
         **common,
     )
     test = DeviceLoader(ds.test_x, ds.test_y, batch_size=1000, shuffle=False, seed=config.seed, augment=False, **common)
+    val = None
+    if ds.val_x is not None and ds.val_y is not None:
+        val = DeviceLoader(
+            ds.val_x, ds.val_y, batch_size=1000, shuffle=False, seed=config.seed, augment=False, **common
+        )
     if len(train) == 0:
         raise ConfigError(
             f"{len(ds.train_y)} training images make no full batch of {config.batch_size}; lower batch_size"
         )
-    return RunData(ds, train, test)
+    return RunData(ds, train, test, val)
+
+
+Evaluate = Callable[[DeviceLoader], tuple[float, list[float]]]
+
+
+def epoch_scores(evaluate: Evaluate, data: RunData) -> dict[str, float]:
+    """An epoch's accuracy: on the validation split when the run holds one out (what a study prunes on), else on
+    the test split. The final evaluation (``finish``) scores both."""
+    if data.val is not None:
+        return {"val_accuracy": evaluate(data.val)[0]}
+    return {"test_accuracy": evaluate(data.test)[0]}
 
 
 def make_optimizer(params: Iterator[nn.Parameter] | list[nn.Parameter], config: RunConfig) -> torch.optim.Optimizer:
@@ -219,15 +238,18 @@ def versions() -> dict[str, str]:
 
 def finish(
     config: RunConfig,
-    accuracy: float,
-    per_layer: list[float],
+    evaluate: Evaluate,
+    data: RunData,
     watch: Stopwatch,
     images: int,
     memory: MemoryMeter,
     history: list[dict[str, float]],
 ) -> RunResult:
+    """The run's result: the final evaluation on the test split (and the validation split), timing, memory."""
+    accuracy, per_layer = evaluate(data.test)
     return RunResult(
         test_accuracy=accuracy,
+        val_accuracy=evaluate(data.val)[0] if data.val is not None else None,
         per_layer_accuracy=per_layer,
         train_seconds=watch.total,
         images_per_second=images / watch.total if watch.total > 0 else 0.0,

@@ -12,6 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from ffablate.config import RunConfig
+from ffablate.data import DeviceLoader
 from ffablate.errors import ConfigError
 from ffablate.model import build_backbone
 from ffablate.plugins import Registry, registry
@@ -212,10 +213,11 @@ class FFTrainer:
         self.fusion_optimizer.step()
 
     @torch.no_grad()
-    def evaluate(self) -> tuple[float, list[float]]:
+    def evaluate(self, loader: DeviceLoader) -> tuple[float, list[float]]:
+        """Fused and per-block accuracy on ``loader``'s images."""
         self.net.eval()
         correct, layer_correct, total = 0, [0] * self.net.depth, 0
-        for x, y in self.data.test:
+        for x, y in loader:
             with common.autocast(self.device):
                 logits, scores = self.net.predict(x)
             correct += int((logits.argmax(1) == y).sum())
@@ -254,9 +256,7 @@ class FFTrainer:
                         if progress:
                             progress(done, total_steps, {"loss": loss})
                 if on_epoch:
-                    acc, _ = self.evaluate()
-                    record = {"epoch": len(history), "loss": loss, "test_accuracy": acc}
+                    record = {"epoch": len(history), "loss": loss, **common.epoch_scores(self.evaluate, self.data)}
                     history.append(record)
                     on_epoch(record["epoch"], record)
-        accuracy, per_layer = self.evaluate()
-        return common.finish(cfg, accuracy, per_layer, watch, images, memory, history)
+        return common.finish(cfg, self.evaluate, self.data, watch, images, memory, history)
