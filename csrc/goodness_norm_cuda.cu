@@ -334,13 +334,13 @@ struct TicketRendezvous {
 // publisher needs no fence and no counter, and the reader no second load.
 __device__ __forceinline__ void publish_slot(unsigned long long* slot, float v) {
   const unsigned long long word = (1ull << 32) | __float_as_uint(v);
-  asm volatile("st.relaxed.gpu.global.u64 [%0], %1;" ::"l"(slot), "l"(word) : "memory");
+  asm volatile("st.relaxed.gpu.global.u64 [%0], %1;" ::"l"(__cvta_generic_to_global(slot)), "l"(word) : "memory");
 }
 
 __device__ __forceinline__ float await_slot(const unsigned long long* slot) {
   for (;;) {
     unsigned long long word;
-    asm volatile("ld.relaxed.gpu.global.u64 %0, [%1];" : "=l"(word) : "l"(slot) : "memory");
+    asm volatile("ld.relaxed.gpu.global.u64 %0, [%1];" : "=l"(word) : "l"(__cvta_generic_to_global(slot)) : "memory");
     if (word >> 32) return __uint_as_float(static_cast<unsigned>(word));
     __nanosleep(32);
   }
@@ -697,8 +697,10 @@ int64_t pipelined_grid(const Plan& p) {
   return p.G <= grid ? grid : 0;
 }
 
+// False (and nothing launched) when the device refuses the grid as too large to be resident at once, which the
+// cached occupancy figure should rule out; the caller then takes the ticket path.
 template <auto kernel, typename... Args>
-void launch_cooperative(int64_t grid, int smem, cudaStream_t stream, Args... args) {
+bool launch_cooperative(int64_t grid, int smem, cudaStream_t stream, Args... args) {
   cudaLaunchAttribute cooperative{};
   cooperative.id = cudaLaunchAttributeCooperative;
   cooperative.val.cooperative = 1;
@@ -709,7 +711,13 @@ void launch_cooperative(int64_t grid, int smem, cudaStream_t stream, Args... arg
   cfg.stream = stream;
   cfg.attrs = &cooperative;
   cfg.numAttrs = 1;
-  C10_CUDA_CHECK(cudaLaunchKernelEx(&cfg, kernel, args...));
+  const cudaError_t err = cudaLaunchKernelEx(&cfg, kernel, args...);
+  if (err == cudaErrorCooperativeLaunchTooLarge) {
+    (void)cudaGetLastError();  // clear it: the fallback launch must not report it
+    return false;
+  }
+  C10_CUDA_CHECK(err);
+  return true;
 }
 
 // n zeroed words (ticket and arrival counters, or the pipelined schedule's slots): a memset node rather than a
@@ -744,9 +752,9 @@ void launch_forward(const at::Tensor& h, const Plan& p, at::Tensor& sumsq, at::T
     const int64_t grid = schedule == Schedule::kPipelined ? pipelined_grid<kernel>(p) : 0;
     if (grid > 0) {
       const at::Tensor slots = p.G > 1 ? zeroed(p.N * p.G * 3, at::kLong, h, stream) : at::Tensor();
-      launch_cooperative<kernel>(grid, 0, stream, x, out.data_ptr<T>(), ro, sumsq.data_ptr<float>(),
-                                 sumabs.data_ptr<float>(), slot_ptr(slots), p);
-      return;
+      if (launch_cooperative<kernel>(grid, 0, stream, x, out.data_ptr<T>(), ro, sumsq.data_ptr<float>(),
+                                     sumabs.data_ptr<float>(), slot_ptr(slots), p))
+        return;
     }
   }
   constexpr auto kernel = forward_kernel<T, VEC>;
@@ -814,9 +822,9 @@ void launch_backward(const BackwardArgs& a, const Plan& p, at::Tensor& dh) {
         need_dot && schedule == Schedule::kPipelined ? pipelined_grid<kernel, kBackwardPipelinedSmem>(p) : 0;
     if (grid > 0) {
       const at::Tensor slots = p.G > 1 ? zeroed(p.N * p.G, at::kLong, a.h, stream) : at::Tensor();
-      launch_cooperative<kernel>(grid, kBackwardPipelinedSmem, stream, x, go, gr, bp, dh.data_ptr<T>(),
-                                 slot_ptr(slots), p);
-      return;
+      if (launch_cooperative<kernel>(grid, kBackwardPipelinedSmem, stream, x, go, gr, bp, dh.data_ptr<T>(),
+                                     slot_ptr(slots), p))
+        return;
     }
   }
   constexpr auto kernel = backward_kernel<T, VEC>;

@@ -57,7 +57,12 @@ def _markdown(summary: results.Summary, plots: list[tuple[str, str]], importance
         "",
         "Mean test accuracy over seeds with its 95% t-interval; the gap is FF minus its matched BP baseline "
         "in "
-        'percentage points with a 95% Welch interval ("± –" when a side has fewer than two seeds).',
+        'percentage points with a 95% Welch interval ("± –" when a side has fewer than two seeds). '
+        + (
+            "Configurations are ranked on validation accuracy (held-out training images, its own column)."
+            if summary.selected_on_validation
+            else "No validation split: configurations are ranked on the test accuracy shown."
+        ),
         "",
     ]
     lines += _md_table(results.TABLE_COLUMNS, results.table_rows(summary, top=15))
@@ -219,7 +224,7 @@ def _learning_curves(summary: results.Summary, out: Path) -> tuple[str, str] | N
     ax.set_title("learning curves (dashed: BP baseline)")
     if len(rows) <= 12:
         ax.legend(fontsize=6)
-    return _save(fig, out, "learning_curves.png"), "per-epoch test accuracy"
+    return _save(fig, out, "learning_curves.png"), f"per-epoch {split} accuracy"
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -284,4 +289,5 @@ def _importance(study: optuna.Study, summary: results.Summary, out: Path, plots:
     ax.set_xlabel(f"importance ({name.split(' ')[0]})")
     plots.append((_save(fig, out, "importance.png"), "parameter importance"))
     listing = ", ".join(f"{k} {v:.2f}" for k, v in importances.items())
-    return f"Evaluator: {name}, over the completed FF trials' values. Importances: {listing}."
+    metric = "validation" if summary.selected_on_validation else "test"
+    return f"Evaluator: {name}, over the completed FF trials' values ({metric} accuracy). Importances: {listing}."

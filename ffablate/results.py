@@ -49,11 +49,6 @@ class Row:
     def has_val(self) -> bool:
         return bool(self.n) and len(self.val_accuracies) == self.n
 
-    @property
-    def selection(self) -> Estimate:
-        """What configurations are ranked by: validation accuracy when every seed has it, else test accuracy."""
-        return self.val if self.has_val else self.accuracy
-
     def to_dict(self) -> dict[str, Any]:
         return {
             "label": self.label,
@@ -267,7 +262,7 @@ def _answer_ablation(summary: Summary) -> str:
     chosen = (
         f"chosen on validation accuracy ({fmt(best.val)}%)"
         if summary.selected_on_validation
-        else "chosen on the test images themselves (no validation split, so optimistic)"
+        else "chosen on the test images themselves (not every configuration has a validation split, so optimistic)"
     )
     text = (
         f"Best FF configuration is {best.label} at {fmt(best.accuracy)}% test accuracy (n={best.n}), {chosen}, "
@@ -275,7 +270,7 @@ def _answer_ablation(summary: Summary) -> str:
     )
     axis = most_influential_axis(summary)
     if axis:
-        text += f"; the {axis[0]} axis moves mean accuracy most ({axis[1] * 100:.1f} pp between its levels)"
+        text += f"; the {axis[0]} axis moves mean test accuracy most ({axis[1] * 100:.1f} pp between its levels)"
     if best.baseline:
         text += f"; it is {_direction(best.gap)} {best.baseline} (FF−BP {_pp(best.gap)})"
     return text + "."

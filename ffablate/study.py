@@ -594,5 +594,6 @@ class StudyProgress:
         )
 
     def trial_finished(self, trial: FrozenTrial) -> None:
-        value = f"last {trial.value:.4f}" if trial.value is not None else f"last {trial.state.name.lower()}"
+        key = results.selection_key(trial.user_attrs.get("metrics", {})).removesuffix("_accuracy")
+        value = f"last {key} {trial.value:.4f}" if trial.value is not None else f"last {trial.state.name.lower()}"
         self.bar.update(self.trials, advance=1, info=value)

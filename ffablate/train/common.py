@@ -247,9 +247,12 @@ def finish(
 ) -> RunResult:
     """The run's result: the final evaluation on the test split (and the validation split), timing, memory."""
     accuracy, per_layer = evaluate(data.test)
+    val = None
+    if data.val is not None:  # the last epoch's record scored this very model already
+        val = history[-1]["val_accuracy"] if history else evaluate(data.val)[0]
     return RunResult(
         test_accuracy=accuracy,
-        val_accuracy=evaluate(data.val)[0] if data.val is not None else None,
+        val_accuracy=val,
         per_layer_accuracy=per_layer,
         train_seconds=watch.total,
         images_per_second=images / watch.total if watch.total > 0 else 0.0,
