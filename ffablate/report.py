@@ -13,6 +13,7 @@ matplotlib.use("Agg")  # files only: no display on the machines studies run on
 
 import matplotlib.pyplot as plt  # noqa: E402
 import optuna  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from ffablate import results  # noqa: E402
 from ffablate.stats import fmt  # noqa: E402
@@ -217,6 +218,7 @@ def _learning_curves(summary: results.Summary, out: Path) -> tuple[str, str] | N
         style = dict(ls="--", lw=2, color="black") if r.role == "baseline" else dict(lw=1, alpha=0.8)
         ax.plot([e + 1 for e in epochs], means, marker="o", ms=3, label=r.label, **style)
     ax.set_xlabel("epoch")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     split = {frozenset({"val_accuracy"}): "validation", frozenset({"test_accuracy"}): "test"}.get(
         frozenset(keys), "validation (test where none was held out)"
     )
