@@ -345,8 +345,10 @@ class Objective:
         from ffablate.train import run
 
         def on_epoch(epoch: int, record: dict[str, float]) -> None:
-            # Baselines report nothing: their accuracy must not move the median FF trials are pruned against.
-            if role != "ff":
+            # Baselines report nothing: their accuracy must not move the median FF trials are pruned against. Nor
+            # does a greedy schedule: until its last phase its later blocks are untrained, so its accuracy at a step
+            # is not comparable with a simultaneous trial's, and a median rule would prune it for its schedule.
+            if role != "ff" or config.schedule == "greedy":
                 return
             score = results.selection_score(record)
             trial.report(score, epoch)

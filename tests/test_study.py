@@ -113,6 +113,38 @@ def test_rerunning_a_finished_study_runs_nothing(finished, capsys):
     assert rows["temperature=constant"]["gap_ci95"] == rows["temperature=constant"]["gap_ci95"]  # a number, not nan
 
 
+PRUNED = """
+question = "Is a median pruner fair to the greedy schedule?"
+[base]
+dataset = "fashion-mnist"
+[axes]
+schedule = ["simultaneous", "greedy"]
+[baseline]
+methods = []
+[pruner]
+type = "median"
+n_startup_trials = 1
+n_warmup_steps = 0
+"""
+
+
+def test_pruning_reads_validation_and_leaves_greedy_trials_alone(tmp_path):
+    url = storage_url(tmp_path)
+    path = write_spec(tmp_path, PRUNED)
+    path.write_text(path.read_text().replace("epochs = 1\nbatch_size = 50", "epochs = 2\nbatch_size = 50", 1))
+    assert main(["study", str(path), "--budget", "smoke", "--storage", url]) == 0
+    trials = trials_of(url, "tiny-smoke")
+    assert len(trials) == 4
+    for t in trials:
+        steps = t.intermediate_values
+        if t.user_attrs["overrides"]["schedule"] == "greedy":
+            # Never reported, so never pruned and never part of the median the others face.
+            assert steps == {} and t.state == TrialState.COMPLETE
+        else:
+            records = t.user_attrs.get("history") or t.user_attrs["history_at_prune"]
+            assert steps == {r["epoch"]: r["val_accuracy"] for r in records} and steps
+
+
 GAP = """
 question = "How far is the recipe from BP-DeepSup?"
 analysis = "bp-gap"
