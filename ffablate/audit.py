@@ -424,17 +424,19 @@ def run_audit(
     timeout: float = 900.0,
     budget: float | None = None,
 ) -> list[dict[str, Any]]:
-    """Rows for ``specs``, one fresh worker each, run one after another so timings never overlap. Past
-    ``budget`` seconds no new worker starts and the rest become "skipped" rows (a device lease is finite).
+    """Rows for ``specs``, one fresh worker each, run one after another so timings never overlap. ``budget``
+    bounds the whole audit (a device lease is finite): a worker gets at most the seconds left, and once they are
+    spent the rest become "skipped" rows.
     """
     rows, start = [], time.monotonic()
     for index, spec in enumerate(specs):
         if progress:
             progress(index, len(specs), spec)
-        if budget is not None and time.monotonic() - start > budget:
+        left = timeout if budget is None else min(timeout, budget - (time.monotonic() - start))
+        if left <= 0:
             rows.append({**base_row(spec), "status": "skipped", "error": f"budget {budget:.0f} s spent"})
             continue
-        rows.append(run_worker(spec, min(timeout, budget or timeout)))
+        rows.append(run_worker(spec, left))
     if progress and specs:
         progress(len(specs), len(specs), specs[-1])
     return rows
@@ -455,6 +457,10 @@ def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         bps = [r for r in here if r["method"].startswith("bp")]
         ga = next((r for r in bps if r["method"] == "bp-ga"), None)
         best = min(bps, key=lambda r: r["peak_memory_bytes"], default=None)
+        # A BP variant asked for but without a measurement here (skipped, timed out, OOM): "best BP" is then the
+        # best of those that ran, which the table must say.
+        asked = {r["method"] for r in rows if (r["resolution"], r["depth"]) == (res, depth)}
+        missing = sorted(m for m in asked if m.startswith("bp") and m not in {r["method"] for r in bps})
         for ff in (r for r in here if r["method"].startswith("ff")):
             out.append(
                 {
@@ -466,6 +472,7 @@ def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
                     "memory_ratio": best and ff["peak_memory_bytes"] / best["peak_memory_bytes"],
                     "throughput_ratio_vs_bp_ga": ga and ff["images_per_second"] / ga["images_per_second"],
                     "cpu_throughput_ratio_vs_bp_ga": _ratio(ff, ga, "images_per_cpu_second"),
+                    "bp_missing": missing,
                 }
             )
     for res, method in sorted({(r["resolution"], r["method"]) for r in ok}):
@@ -546,6 +553,7 @@ def render_summary(summary: list[dict[str, Any]]) -> list[Any]:
         "FF / best-BP memory",
         "FF / BP-GA images/s",
         "same, per CPU-second",
+        "BP not measured",
     ):
         table.add_column(column)
     for s in (s for s in summary if s["kind"] == "ratio"):
@@ -558,6 +566,7 @@ def render_summary(summary: list[dict[str, Any]]) -> list[Any]:
                 _fmt(s.get(key))
                 for key in ("memory_ratio", "throughput_ratio_vs_bp_ga", "cpu_throughput_ratio_vs_bp_ga")
             ),
+            ", ".join(s.get("bp_missing") or []) or "-",
         )
     growth = Table(title="activation memory, deepest / shallowest depth")
     for column in ("res", "method", "depths", "growth"):

@@ -111,3 +111,20 @@ def test_summary_ratios_compare_ff_to_the_leanest_bp():
     assert ratio["throughput_ratio_vs_bp_ga"] == pytest.approx(0.9)
     growth = {s["method"]: s["activation_growth"] for s in summary if s["kind"] == "depth-growth"}
     assert growth["ff"] == pytest.approx(41 / 40) and growth["bp"] == pytest.approx(290 / 190)
+    assert ratio["bp_missing"] == []
+    # The budget skipped depth 8's bp-ga: "best BP" falls back to bp, and the summary names what is missing.
+    rows[-1] = {**rows[-1], "status": "skipped"}
+    deep = next(s for s in audit.summarize(rows) if s["kind"] == "ratio" and s["depth"] == 8)
+    assert deep["best_bp"] == "bp" and deep["bp_missing"] == ["bp-ga"] and deep["throughput_ratio_vs_bp_ga"] is None
+    assert audit.render_summary(audit.summarize(rows))[0].row_count == 2
+
+
+def test_the_budget_bounds_the_whole_audit(monkeypatch):
+    given = []
+    monkeypatch.setattr(audit, "run_worker", lambda spec, timeout: given.append(timeout) or {"status": "ok"})
+    clock = iter([0.0, 0.0, 50.0, 95.0])
+    monkeypatch.setattr(audit.time, "monotonic", lambda: next(clock))
+    specs = [audit.AuditSpec(method="ff", depth=d, resolution=32, batch=8, micro_batch=8) for d in (1, 2, 3)]
+    rows = audit.run_audit(specs, timeout=20, budget=60)
+    assert given == [20, 10]  # the second worker gets only the 10 s left, not its full 20
+    assert rows[2]["status"] == "skipped"

@@ -278,6 +278,7 @@ def test_kernel_bench_quick() -> None:
         assert r["timing"] == "wall" and r["call_ms"] is None
         for key in ("shape", "dtype", "device", "eager_ms", "fused_gbps", "speedup_vs_eager", "pct_of_copy"):
             assert key in r
+        assert r["max_rel_err_stats"] < 1e-5 and r["peak_copy_gbps"] > 0 and r["pct_of_peak_copy"] > 0
     assert render_table(rows).row_count == 2
 
 

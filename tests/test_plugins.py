@@ -104,6 +104,36 @@ def test_in_test_plugin_is_used_by_ffablate_train(capsys):
         registry().get("goodness", "cube")
 
 
+class LearnedScale(torch.nn.Module):
+    per_class = False
+
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.ones(()))
+
+    def __call__(self, paths, num_classes):
+        return self.w * paths.sumsq()
+
+
+class LearnedScalePlugin:
+    @hookimpl
+    def ffablate_register_goodness(self, register):
+        register("learned-scale", LearnedScale, "a goodness with a parameter (test plugin)")
+
+
+def test_a_shared_plugin_with_parameters_is_refused_in_one_line(capsys):
+    # One goodness instance serves every block: its parameter would be in no optimizer yet couple the blocks.
+    plugin = LearnedScalePlugin()
+    add_plugin(plugin)
+    try:
+        args = tiny_args("--set", "goodness=learned-scale", "--set", "negatives=random-label")
+        assert main(["train", *args, "--set", "loss=softplus-threshold"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and "goodness plugin 'learned-scale' has trainable parameters" in err
+    finally:
+        remove_plugin(plugin)
+
+
 def test_duplicate_name_fails_fast():
     class Clash:
         @hookimpl
@@ -196,3 +226,14 @@ def test_losses_agree_with_their_definitions():
         reg.create("loss", "classwise-ce")(logits, None, labels, theta, t),
         torch.nn.functional.cross_entropy(logits / t, labels),
     )
+
+
+def test_learned_temperature_starts_at_init_and_keeps_a_gradient_near_its_floor():
+    t = registry().create("temperature", "learned", {"init": 0.5})
+    assert t(0.0, torch.zeros(3)).item() == pytest.approx(0.5)
+    with torch.no_grad():
+        t.log_t.fill_(-30.0)  # far below the floor's scale, where a clamp would have cut the gradient to zero
+    t(0.0, torch.zeros(3)).backward()
+    assert t(0.0, torch.zeros(3)).item() == pytest.approx(0.01) and t.log_t.grad.item() > 0
+    with pytest.raises(ConfigError, match="init must exceed its floor"):
+        registry().create("temperature", "learned", {"init": 0.01})

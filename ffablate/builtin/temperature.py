@@ -83,15 +83,21 @@ class Adaptive(nn.Module):
 
 
 class Learned(nn.Module):
-    """T = exp(log_t), a per-block parameter trained by its block's own loss (bounded below by ``floor``)."""
+    """T = floor + exp(log_t), a per-block parameter trained by its block's own loss, starting at ``init``.
+
+    The floor is added, not clamped: below a clamp the gradient is zero, and once Adam's momentum carried log_t
+    there, T would never move again.
+    """
 
     def __init__(self, init: float = 1.0, floor: float = 0.01):
         super().__init__()
-        self.log_t = nn.Parameter(torch.tensor(math.log(_positive("init", init))))
+        if not init > floor > 0:
+            raise ConfigError(f"temperature init must exceed its floor (> 0): got init={init}, floor={floor}")
+        self.log_t = nn.Parameter(torch.tensor(math.log(init - floor)))
         self.floor = floor
 
     def forward(self, progress: float, goodness: Tensor) -> Tensor:
-        return self.log_t.exp().clamp_min(self.floor)
+        return self.floor + self.log_t.exp()
 
 
 @hookimpl

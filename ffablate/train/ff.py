@@ -45,6 +45,16 @@ class FFNet(nn.Module):
             feature_dims=self.backbone.feature_dims,
         )
         _check_compatible(config, self.goodness.per_class, self.negatives.embeds_label)
+        for kind in ("goodness", "loss", "negatives"):
+            plugin = getattr(self, "loss_fn" if kind == "loss" else kind)
+            if isinstance(plugin, nn.Module) and any(True for _ in plugin.parameters()):
+                # One instance serves every block, so its parameters would be trained by (and couple) all blocks'
+                # losses, across the detach boundary; no optimizer holds them.
+                raise ConfigError(
+                    f"{kind} plugin {getattr(config, kind)!r} has trainable parameters, but one {kind} instance is "
+                    "shared by all blocks and nothing trains it; keep learned state in a temperature plugin "
+                    "(one per block) or make the parameters buffers"
+                )
 
     @property
     def depth(self) -> int:
@@ -64,14 +74,16 @@ class FFNet(nn.Module):
         """Per-block class scores (N, K) and readout features, without gradients.
 
         Per-class goodness needs one pass; label-embedding goodness needs one pass per candidate label, plus a
-        neutral-label pass for the readout features. The passes run in eval mode, also when training calls them
-        (hardest-label negatives, fitting a fusion): the scores are the ones evaluation sees, and these extra
-        passes leave batch-norm running statistics alone.
+        neutral-label pass for the readout features. The passes run in eval mode and under the run's autocast,
+        also when training calls them (hardest-label negatives, fitting a fusion): the scores are the ones
+        evaluation sees (a fusion fitted on fp32 scores would be tested on bf16 ones), and these extra passes leave
+        batch-norm running statistics alone.
         """
         was_training = self.training
         self.eval()
         try:
-            return self._scores_and_features(x)
+            with common.autocast(x.device):
+                return self._scores_and_features(x)
         finally:
             self.train(was_training)
 
