@@ -210,6 +210,20 @@ def test_scoring_passes_leave_batch_norm_alone_and_keep_train_mode(tiny_config):
     assert all(torch.equal(a, b) for a, b in zip(before, _bn_state(trainer.net), strict=True))
 
 
+def test_greedy_hardest_label_negatives_are_scored_by_the_blocks_trained_so_far(tiny_config):
+    config = tiny_config.with_updates(
+        {"goodness": "meansq", "negatives": "hardest-label", "loss": "softplus-threshold", "schedule": "greedy"}
+    )
+    trainer = build_trainer(config)
+    x, y = next(iter(trainer.data.train))
+    seen = []
+    real = trainer.net.negatives.wrong_labels
+    trainer.net.negatives.wrong_labels = lambda labels, k, scores: seen.append(scores()) or real(labels, k, scores)
+    per_block = [s.clone() for s in trainer.net.scores_and_features(x)[0]]
+    trainer.train_step(x, y, 0.0, range(0, 1), fit_fusion=False)
+    torch.testing.assert_close(seen[0], per_block[0])  # phase 0: block 0 alone, not block 1's untrained scores
+
+
 PEAK_CHECK = """
 import torch
 from ffablate.train.common import MemoryMeter

@@ -189,7 +189,11 @@ class FFTrainer:
         if net.goodness.per_class:
             h, split = net.backbone.prepare(x), None
         else:
-            wrong = net.negatives.wrong_labels(y, k, lambda: torch.stack(net.scores_and_features(x)[0]).sum(0))
+            # Hardest-label scores come from the blocks trained so far: under the greedy schedule the later ones
+            # are still at their initialisation and would only add noise.
+            wrong = net.negatives.wrong_labels(
+                y, k, lambda: torch.stack(net.scores_and_features(x)[0][: active.stop]).sum(0)
+            )
             # Positives and negatives share one pass of a doubled batch (two passes' worth of activations).
             pos, neg = net.negatives.embed(x, y, k), net.negatives.embed(x, wrong, k)
             h = net.backbone.prepare(torch.cat([pos, neg]))
