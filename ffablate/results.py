@@ -194,7 +194,9 @@ def _add(row: Row, t: FrozenTrial) -> None:
 
 
 def table_rows(summary: Summary, top: int | None = None) -> list[list[str]]:
-    """The closing table: configuration, n, accuracy % mean ± 95% CI, gap to BP pp ± 95% Welch CI, notes."""
+    """The closing table: configuration, n, test accuracy % mean ± 95% CI, gap to BP pp ± 95% Welch CI,
+    validation accuracy % mean ± 95% CI ("-" without a split), train seconds, notes. A TPE study's ``top`` FF
+    rows are the best ``top`` by the study's ranking (``Summary.ranked``)."""
     rows = summary.rows
     if summary.meta.get("sampler") == "tpe" and top:
         rows = summary.baselines + summary.ranked()[:top]
