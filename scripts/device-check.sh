@@ -157,9 +157,15 @@ try:
     for b in json.load(open(bench)):
         call, host = b.get("call_ms") or {}, b.get("host_ms") or {}
         print(f"{b['name']:<7} {b['dtype']:<9} {b.get('schedule', ''):<10} fused {b['fused_ms']:.3f} ms  {b['pct_of_copy']:.0f}% of copy  "
+              f"{b.get('pct_of_peak_copy') or 0:.0f}% of peak copy  "
               f"x{b['speedup_vs_eager']:.2f} eager  x{(b['speedup_vs_compiled'] or 0):.2f} compiled  "
               f"err {b['max_abs_err']:.1e}  call {call.get('fused') or 0:.3f} ms (eager "
               f"{call.get('eager') or 0:.3f})  host {host.get('fused') or 0:.3f} ms")
+    # The decision the bench section exists for: pipelined vs ticket, same process, per case.
+    by = {(b["name"], b["dtype"], b.get("schedule")): b["fused_ms"] for b in json.load(open(bench))}
+    for (name, dtype, schedule), ms in by.items():
+        if schedule == "pipelined" and (name, dtype, "ticket") in by:
+            print(f"{name:<7} {dtype:<9} ticket/pipelined fused time {by[name, dtype, 'ticket'] / ms:.2f}x")
 except (OSError, ValueError, KeyError) as exc:
     print("no bench rows:", exc)
 EOF
