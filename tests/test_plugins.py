@@ -237,3 +237,12 @@ def test_learned_temperature_starts_at_init_and_keeps_a_gradient_near_its_floor(
     assert t(0.0, torch.zeros(3)).item() == pytest.approx(0.01) and t.log_t.grad.item() > 0
     with pytest.raises(ConfigError, match="init must exceed its floor"):
         registry().create("temperature", "learned", {"init": 0.01})
+
+
+def test_readout_fusion_does_not_care_how_large_a_blocks_goodness_is():
+    # sumsq goodness runs in the hundreds while pooled features sit near 1; the probe sees standardized scores.
+    torch.manual_seed(0)
+    fusion = registry().create("fusion", "readout", {}, num_layers=2, num_classes=4, feature_dims=[3, 5])
+    scores, features = [torch.randn(6, 4), torch.randn(6, 4)], [torch.randn(6, 3), torch.randn(6, 5)]
+    scaled = [scores[0] * 500 + 7, scores[1] * 0.01]
+    torch.testing.assert_close(fusion(scaled, features), fusion(scores, features), atol=1e-4, rtol=1e-4)

@@ -48,6 +48,13 @@ class SumFromK(_Fusion):
         return torch.stack(scores[self.k :]).sum(0)
 
 
+def _standardized(scores: list[Tensor]) -> list[Tensor]:
+    """Each block's class scores centred and scaled per sample. Goodness scales differ by orders of magnitude
+    between recipes and blocks (sumsq grows with width: hundreds at initialisation, against pooled features near 1),
+    which a linear layer trained by Adam, whose steps are about lr per weight, cannot absorb."""
+    return [(s - s.mean(1, keepdim=True)) / (s.std(1, keepdim=True) + 1e-6) for s in (x.float() for x in scores)]
+
+
 class LearnedWeights(_Fusion):
     """Softmax-weighted sum of per-block standardized scores; the weights are fit on detached scores."""
 
@@ -59,14 +66,13 @@ class LearnedWeights(_Fusion):
         self.scale = nn.Parameter(torch.ones(()))
 
     def forward(self, scores: list[Tensor], features: list[Tensor]) -> Tensor:
-        standardized = [(s - s.mean(1, keepdim=True)) / (s.std(1, keepdim=True) + 1e-6) for s in scores]
         weights = self.logits.softmax(0)
-        return self.scale * sum(w * s for w, s in zip(weights, standardized, strict=True))
+        return self.scale * sum(w * s for w, s in zip(weights, _standardized(scores), strict=True))
 
 
 class Readout(_Fusion):
-    """A linear classifier on the concatenated readout features and class scores of all blocks, trained on
-    detached inputs (a linear probe, as in SCFF); it never sends gradients into the blocks.
+    """A linear classifier on the concatenated readout features and standardized class scores of all blocks,
+    trained on detached inputs (a linear probe, as in SCFF); it never sends gradients into the blocks.
 
     The scores are part of its input because pooled features are linear in the activity while goodness is
     quadratic: a probe on features alone cannot recover what each block's goodness already knows.
@@ -79,7 +85,7 @@ class Readout(_Fusion):
         self.linear = nn.Linear(sum(feature_dims) + num_layers * num_classes, num_classes)
 
     def forward(self, scores: list[Tensor], features: list[Tensor]) -> Tensor:
-        return self.linear(torch.cat([f.float() for f in features] + [s.float() for s in scores], dim=1))
+        return self.linear(torch.cat([f.float() for f in features] + _standardized(scores), dim=1))
 
 
 @hookimpl
