@@ -382,8 +382,8 @@ def limit_split(ds: ImageDataset, split: str, n: int, seed: int) -> ImageDataset
 def hold_out_validation(ds: ImageDataset, n: int) -> ImageDataset:
     """Move a class-stratified set of ``n`` training images into a validation split; 0 holds out none.
 
-    The set depends on the dataset alone (seed 0), never on a run's seed: every run of a study, FF and BP alike,
-    selects and prunes on the same images, and none of them trains on those.
+    The set depends on the dataset and its label options (labels, classes; seed 0), never on a run's seed: every
+    run of a study, FF and BP alike, selects and prunes on the same images, and none of them trains on those.
     """
     if n < 0:
         raise ConfigError(f"val_images={n}: give a positive number of images to hold out (0 holds out none)")
