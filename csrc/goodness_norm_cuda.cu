@@ -681,9 +681,12 @@ int pick_mode(const Plan& p, Schedule schedule) {
   return static_cast<int64_t>(p.G) * kResidencyMargin <= resident ? kSinglePass : kStatsOnly;
 }
 
-// The pipelined grid: one block per chunk, at most as many as can be resident (a cooperative launch then runs
-// them all at once, which the rendezvous needs; no margin is needed). 0 when the plan does not fit: a sample's
-// G chunks need G distinct blocks, or the device cannot launch cooperatively.
+// The pipelined grid: at most as many blocks as can be resident (a cooperative launch then runs them all at once,
+// which the rendezvous needs; no margin is needed), and as few as walk the chunks in the same number of rounds.
+// Blocks advance together (each waits on its neighbours' chunks), so a last round that only some blocks have
+// would run with few bytes in flight: 1792 chunks on 792 slots take 3 rounds either way, and 598 blocks keep every
+// round full where 792 leave the third a quarter full. 0 when the plan does not fit: a sample's G chunks need G
+// distinct blocks, or the device cannot launch cooperatively.
 template <auto kernel, int kDynamicSmem = 0>
 int64_t pipelined_grid(const Plan& p) {
   static DeviceCache cooperative;
@@ -693,7 +696,11 @@ int64_t pipelined_grid(const Plan& p) {
     return static_cast<int64_t>(v);
   });
   if (!can) return 0;
-  const int64_t grid = std::min(p.N * p.G, resident_blocks<kernel, kDynamicSmem>());
+  const int64_t chunks = p.N * p.G;
+  const int64_t resident = resident_blocks<kernel, kDynamicSmem>();
+  if (resident <= 0) return 0;
+  const int64_t rounds = (chunks + resident - 1) / resident;
+  const int64_t grid = (chunks + rounds - 1) / rounds;
   return p.G <= grid ? grid : 0;
 }
 
