@@ -468,6 +468,29 @@ __global__ void __launch_bounds__(kThreads, kForwardBlocksPerSM<T, VEC>)
                         bcast);
 }
 
+// The walk both pipelined kernels share: block b takes chunks b, b + grid, ... Before working on a chunk it issues
+// the next one's copy into the other buffer (copy(buf, sample offset, chunk)), so a copy is always in flight. Each
+// iteration commits exactly one cp.async group, empty past the end, so wait_prior(1) always leaves just the next
+// chunk's group pending. work(buf, n, g, chunk) runs on the landed buffer; the closing barrier lets the next
+// iteration refill it.
+template <typename Copy, typename Work>
+__device__ __forceinline__ void walk_chunks(const Plan& p, Copy&& copy, Work&& work) {
+  const int64_t chunks = p.N * p.G;
+  auto prefetch = [&](int64_t c, int buf) {
+    if (c < chunks) copy(buf, (c / p.G) * p.D, chunk_of(p, static_cast<int>(c % p.G)));
+    __pipeline_commit();
+  };
+  prefetch(blockIdx.x, 0);
+  int buf = 0;
+  for (int64_t c = blockIdx.x; c < chunks; c += gridDim.x, buf ^= 1) {
+    prefetch(c + gridDim.x, buf ^ 1);
+    __pipeline_wait_prior(1);
+    const int g = static_cast<int>(c % p.G);
+    work(buf, c / p.G, g, chunk_of(p, g));
+    __syncthreads();
+  }
+}
+
 // Pipelined: a grid of resident blocks walks the chunks (block b takes b, b + grid, ...) with two tiles, the
 // next chunk's copy in flight while the current one waits for its siblings and is written out. A block never
 // holds two chunks of one sample (G <= grid), so the wait cannot close a cycle.
@@ -481,26 +504,16 @@ __global__ void __launch_bounds__(kThreads, kForwardBlocksPerSM<T, VEC>)
   __shared__ float red[3][kWarps];
   __shared__ float bcast[2];
 
-  const int64_t chunks = p.N * p.G;
-  auto prefetch = [&](int64_t c, int buf) {  // always commits a group, so the wait below counts evenly
-    if (c < chunks) {
-      const Chunk ch = chunk_of(p, static_cast<int>(c % p.G));
-      copy_async<T, VEC>(reinterpret_cast<T*>(tile_bytes[buf]), h + (c / p.G) * p.D + ch.off, nullptr, nullptr,
-                         ch.len);
-    }
-    __pipeline_commit();
-  };
-  prefetch(blockIdx.x, 0);
-  int buf = 0;
-  for (int64_t c = blockIdx.x; c < chunks; c += gridDim.x, buf ^= 1) {
-    prefetch(c + gridDim.x, buf ^ 1);
-    __pipeline_wait_prior(1);  // this chunk's copy has landed; the next one's stays in flight
-    const int64_t n = c / p.G;
-    const int g = static_cast<int>(c % p.G);
-    forward_chunk<T, VEC>(reinterpret_cast<const T*>(tile_bytes[buf]), SlotRendezvous{slots}, p, n, g,
-                          chunk_of(p, g), out, readout, sumsq, sumabs, chs, red, bcast);
-    __syncthreads();  // the tile is refilled by the next iteration's prefetch
-  }
+  auto tile = [&](int buf) { return reinterpret_cast<T*>(tile_bytes[buf]); };
+  walk_chunks(
+      p,
+      [&](int buf, int64_t sample, const Chunk& ch) {
+        copy_async<T, VEC>(tile(buf), h + sample + ch.off, nullptr, nullptr, ch.len);
+      },
+      [&](int buf, int64_t n, int g, const Chunk& ch) {
+        forward_chunk<T, VEC>(tile(buf), SlotRendezvous{slots}, p, n, g, ch, out, readout, sumsq, sumabs, chs, red,
+                              bcast);
+      });
 }
 
 struct BwdPtrs {
@@ -597,26 +610,16 @@ __global__ void __launch_bounds__(kThreads, kBackwardPipelinedBlocksPerSM)
   __shared__ float bcast[1];
   auto tile = [&](int buf, int which) { return reinterpret_cast<T*>(tiles + (2 * buf + which) * kChunkBytes); };
 
-  const int64_t chunks = p.N * p.G;
-  auto prefetch = [&](int64_t c, int buf) {
-    if (c < chunks) {
-      const Chunk ch = chunk_of(p, static_cast<int>(c % p.G));
-      const int64_t off = (c / p.G) * p.D + ch.off;
-      copy_async<T, VEC>(tile(buf, 0), h + off, tile(buf, 1), go ? go + off : nullptr, ch.len);
-    }
-    __pipeline_commit();
-  };
-  prefetch(blockIdx.x, 0);
-  int buf = 0;
-  for (int64_t c = blockIdx.x; c < chunks; c += gridDim.x, buf ^= 1) {
-    prefetch(c + gridDim.x, buf ^ 1);
-    __pipeline_wait_prior(1);
-    const int64_t n = c / p.G;
-    const int g = static_cast<int>(c % p.G);
-    backward_chunk<T, VEC>(tile(buf, 0), go ? tile(buf, 1) : nullptr, SlotRendezvous{slots}, p, n, g,
-                           chunk_of(p, g), gr, bp, dh, true, red, bcast);
-    __syncthreads();
-  }
+  walk_chunks(
+      p,
+      [&](int buf, int64_t sample, const Chunk& ch) {
+        const int64_t off = sample + ch.off;
+        copy_async<T, VEC>(tile(buf, 0), h + off, tile(buf, 1), go ? go + off : nullptr, ch.len);
+      },
+      [&](int buf, int64_t n, int g, const Chunk& ch) {
+        backward_chunk<T, VEC>(tile(buf, 0), go ? tile(buf, 1) : nullptr, SlotRendezvous{slots}, p, n, g, ch, gr, bp,
+                               dh, true, red, bcast);
+      });
 }
 
 bool aligned16(const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; }
