@@ -115,6 +115,17 @@ def test_fused_op_runs_where_it_applies_and_aten_elsewhere(monkeypatch: pytest.M
     assert x.min() < 0
 
 
+def test_backward_is_one_kernel_call() -> None:
+    """Autograd must not zero-fill a gradient for the argmax output: that was a pass as long as the backward."""
+    x = torch.randn(4, 3, 8, 8, requires_grad=True)
+    y = ops.max_pool2x2(x, relu=True)
+    grad = torch.randn_like(y)
+    with torch.profiler.profile() as prof:
+        torch.autograd.grad(y, x, grad)
+    aten_ops = {e.name for e in prof.events() if e.name.startswith("aten::")}
+    assert not aten_ops & {"aten::fill_", "aten::zero_", "aten::zeros", "aten::zeros_like"}, aten_ops
+
+
 def test_gradcheck_opcheck_and_compile() -> None:
     x = torch.randn(2, 3, 5, 6, dtype=torch.float64, requires_grad=True)  # distinct values: no ties
     assert torch.autograd.gradcheck(ops.max_pool2x2, (x,))
