@@ -380,8 +380,12 @@ def limit_split(ds: ImageDataset, split: str, n: int, seed: int) -> ImageDataset
 
 
 def hold_out_validation(ds: ImageDataset, n: int) -> ImageDataset:
-    """Move a class-stratified set of ``n`` training images into a validation split; 0 holds out none.
+    """Move ``n`` training images into a validation split; 0 holds out none.
 
+    The split is class-balanced, not proportional to the class frequencies: classes are drawn in turn
+    (``stratified_indices``), so each class gives n / K images (within one); a class with fewer gives all it has
+    and the others make up the rest. On an imbalanced dataset the validation split is therefore more balanced
+    than the training and test splits.
     The set depends on the dataset and its label options (labels, classes; seed 0), never on a run's seed: every
     run of a study, FF and BP alike, selects and prunes on the same images, and none of them trains on those.
     """
@@ -428,7 +432,8 @@ def load_dataset(
     """Resolve ``name`` through the dataset plugins, then apply the options every dataset has.
 
     ``classes=K`` keeps the first K classes (relabelled 0..K-1); for a dataset that makes its own classes
-    (a factory with a ``k`` parameter, e.g. teacher-student) it is passed as ``k`` instead.
+    (a factory with a ``k`` parameter, e.g. teacher-student) it is passed as ``k`` instead (a different ``k``
+    in ``params`` is a ConfigError).
     ``labels="coarse"`` swaps in the dataset's label hierarchy (applied before ``classes``).
     ``val_images=V`` first holds V training images out as a validation split (``hold_out_validation``).
     ``limit_train=N`` then keeps a seeded, class-stratified subset of N of the remaining training images.
@@ -442,7 +447,9 @@ def load_dataset(
     params = dict(params or {})
     makes_own_classes = "k" in plugin.params
     if makes_own_classes and classes:
-        params.setdefault("k", classes)
+        k = params.setdefault("k", classes)
+        if k != classes:
+            raise ConfigError(f"classes={classes} contradicts {name}'s k={k} (datasets.k): set only one of them")
     roots = [default_data_root(data_root)]
     ds = plugin.create(params, roots=roots, download=download)
     if labels == "coarse":

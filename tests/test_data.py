@@ -13,7 +13,7 @@ import torch
 
 from ffablate import data
 from ffablate.data import DeviceLoader, ImageDataset, MalformedFile, load_dataset
-from ffablate.errors import ChecksumMismatch, ConfigError, DataNotFound
+from ffablate.errors import ChecksumMismatch, ConfigError, DataError, DataNotFound
 
 IDX_CODES = {np.dtype(np.uint8): 0x08, np.dtype(">i4"): 0x0C}
 BUILTIN = {"fashion-mnist", "mnist", "digits", "teacher-student"} | {
@@ -381,6 +381,191 @@ def test_imagefolder_standin(tmp_path):
     assert grey.train_x.shape == (4, 1, 8, 8)
     with pytest.raises(DataNotFound):
         load_dataset("imagefolder", data_root=tmp_path, params={"path": "nothing"})
+
+
+def _cifar10_tree(root: Path) -> Path:
+    """A valid CIFAR-10 stand-in with two images per batch, for tests that then break one file."""
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir()
+    rng = np.random.default_rng(4)
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        _pickle(folder / name, {"data": _cifar_data(rng, 2), "labels": [1, 2]})
+    _pickle(folder / "batches.meta", {"label_names": [f"c{i}" for i in range(10)]})
+    return folder
+
+
+def _cifar100_tree(root: Path, **train) -> Path:
+    folder = root / "cifar-100-python"
+    folder.mkdir()
+    rng = np.random.default_rng(5)
+    for split in ("train", "test"):
+        batch = {"data": _cifar_data(rng, 2), "fine_labels": [0, 99], "coarse_labels": [4, 19]}
+        _pickle(folder / split, batch | (train if split == "train" else {}))
+    _pickle(folder / "meta", {"fine_label_names": [f"f{i}" for i in range(100)],
+                              "coarse_label_names": [f"g{i}" for i in range(20)]})  # fmt: skip
+    return folder
+
+
+@pytest.mark.parametrize(
+    "batch, words",
+    [
+        ({"data": np.zeros((2, 3072), np.uint8), "labels": [1, 2, 3]}, "2 images but 'labels' holds 3 labels"),
+        ({"data": np.zeros((2, 100), np.uint8), "labels": [1, 2]}, "shape (N, 3072)"),
+        ({"data": np.zeros((2, 3072), np.uint8), "labels": [1, 12]}, "label 12 is outside 0..9"),
+        ({"data": np.zeros((2, 3072), np.uint8)}, "no 'labels' entry"),
+        ({"labels": [1, 2]}, "no 'data' entry"),
+        ([1, 2], "holds a list"),
+        ({"data": np.zeros((2, 3072), np.uint8), "labels": ["a", "b"]}, "'labels' is not an array"),
+    ],
+)
+def test_malformed_cifar10_batch_is_one_line_naming_the_file(tmp_path, batch, words):
+    folder = _cifar10_tree(tmp_path)
+    _pickle(folder / "data_batch_2", batch)
+    with pytest.raises(MalformedFile) as exc:
+        load_dataset("cifar10", data_root=tmp_path)
+    msg = one_line(exc)
+    assert words in msg and str(folder / "data_batch_2") in msg
+
+
+@pytest.mark.parametrize(
+    "train, words",
+    [
+        ({"coarse_labels": [4]}, "2 images but 'coarse_labels' holds 1 labels"),
+        ({"fine_labels": [0, 1, 2]}, "2 images but 'fine_labels' holds 3 labels"),
+        ({"coarse_labels": [4, 20]}, "label 20 is outside 0..19"),
+        ({"fine_labels": [-1, 0]}, "label -1 is outside 0..99"),
+    ],
+)
+def test_malformed_cifar100_labels_are_one_line_naming_the_file(tmp_path, train, words):
+    folder = _cifar100_tree(tmp_path, **train)
+    with pytest.raises(MalformedFile) as exc:
+        load_dataset("cifar100", data_root=tmp_path)
+    msg = one_line(exc)
+    assert words in msg and str(folder / "train") in msg
+
+
+def _svhn_files(root: Path, train_y: list[int]) -> None:
+    from scipy.io import savemat
+
+    for split, y in (("train", train_y), ("test", [1, 2])):
+        savemat(root / f"{split}_32x32.mat", {"X": np.zeros((32, 32, 3, len(y)), np.uint8), "y": np.array(y)[:, None]})
+
+
+_MAT73_HEADER = b"MATLAB 7.3 MAT-file, Platform: GLNXA64, HDF5 schema 1.00 .".ljust(116) + bytes(8) + b"\x00\x02IM"
+
+
+@pytest.mark.parametrize(
+    "content, words",
+    [
+        (b"", "not an SVHN .mat file"),
+        (b"<html>404 Not Found</html>", "not an SVHN .mat file"),
+        (_MAT73_HEADER + b"\x89HDF\r\n\x1a\n" + bytes(400), "MATLAB v7.3 (HDF5)"),
+    ],
+)
+def test_unreadable_svhn_file_is_one_line(tmp_path, content, words):
+    _svhn_files(tmp_path, [1, 2])
+    (tmp_path / "train_32x32.mat").write_bytes(content)
+    with pytest.raises(MalformedFile) as exc:
+        load_dataset("svhn", data_root=tmp_path)
+    msg = one_line(exc)
+    assert words in msg and str(tmp_path / "train_32x32.mat") in msg and "fetch it again" in msg
+
+
+@pytest.mark.parametrize("bad", [0, 11])
+def test_svhn_label_outside_1_to_10_is_malformed(tmp_path, bad):
+    _svhn_files(tmp_path, [1, bad, 10])
+    with pytest.raises(MalformedFile) as exc:
+        load_dataset("svhn", data_root=tmp_path)
+    assert f"label {bad} is outside 1..10" in one_line(exc)
+
+
+def _stl10_tree(root: Path, train_y: bytes = b"\x01\x02") -> Path:
+    folder = root / "stl10_binary"
+    folder.mkdir()
+    for split, y in (("train", train_y), ("test", b"\x03")):
+        (folder / f"{split}_X.bin").write_bytes(bytes(len(y) * 3 * 96 * 96))
+        (folder / f"{split}_y.bin").write_bytes(y)
+    return folder
+
+
+def test_stl10_label_byte_0_is_malformed(tmp_path):
+    folder = _stl10_tree(tmp_path, b"\x00\x01")
+    with pytest.raises(MalformedFile) as exc:
+        load_dataset("stl10", data_root=tmp_path)
+    msg = one_line(exc)
+    assert "label 0 is outside 1..10" in msg and str(folder / "train_y.bin") in msg
+
+
+@pytest.mark.parametrize("size", [0, -3])
+def test_stl10_size_must_be_positive(tmp_path, size):
+    _stl10_tree(tmp_path)
+    with pytest.raises(ConfigError) as exc:
+        load_dataset("stl10", data_root=tmp_path, params={"size": size})
+    assert f"size={size}" in one_line(exc) and "positive" in str(exc.value)
+
+
+@pytest.mark.parametrize(
+    "name, folder, keep",
+    [
+        ("cifar10", "cifar-10-batches-py", ["data_batch_1"]),
+        ("cifar100", "cifar-100-python", []),
+        ("stl10", "stl10_binary", ["train_X.bin"]),
+    ],
+)
+def test_incomplete_folder_is_not_found(tmp_path, monkeypatch, name, folder, keep):
+    import torchvision.datasets as tvd
+
+    (tmp_path / folder).mkdir()
+    for f in keep:
+        (tmp_path / folder / f).write_bytes(b"")
+    row = next(r for r in data.list_datasets(tmp_path) if r["name"] == name)
+    assert not row["available"] and "incomplete" in row["where"]
+    with pytest.raises(DataNotFound) as exc:
+        load_dataset(name, data_root=tmp_path)
+    msg = one_line(exc)
+    assert "lacks" in msg and "test" in msg and str(tmp_path / folder) in msg and "--download" in msg
+    assert all(f not in msg for f in keep)  # only what is missing is named
+
+    def fetch(*args, **kwargs):
+        raise RuntimeError("offline")
+
+    monkeypatch.setattr(tvd, {"cifar10": "CIFAR10", "cifar100": "CIFAR100", "stl10": "STL10"}[name], fetch)
+    with pytest.raises(DataNotFound, match=f"downloading '{name}' into .* failed \\(offline\\)"):
+        load_dataset(name, data_root=tmp_path, download=True)
+
+
+def _image_tree(root: Path, train: tuple[str, ...], test: tuple[str, ...]) -> None:
+    from PIL import Image
+
+    for split, classes in (("train", train), ("test", test)):
+        for cls in classes:
+            (root / split / cls).mkdir(parents=True)
+            Image.new("RGB", (6, 5), (10, 10, 10)).save(root / split / cls / "0.png")
+
+
+def test_imagefolder_test_class_without_train_folder_is_one_line(tmp_path):
+    _image_tree(tmp_path / "pets", ("a", "b"), ("a", "b", "c"))
+    with pytest.raises(DataError) as exc:
+        load_dataset("imagefolder", data_root=tmp_path, params={"path": "pets"})
+    msg = one_line(exc)
+    assert "'c'" in msg and str(tmp_path / "pets" / "train") in msg and "remove" in msg
+
+
+def test_imagefolder_expands_home_and_checks_size(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    _image_tree(tmp_path / "home" / "pets", ("a", "b"), ("a", "b"))
+    ds = load_dataset("imagefolder", data_root=tmp_path / "root", params={"path": "~/pets"})
+    assert ds.source == str(tmp_path / "home" / "pets") and ds.train_y.tolist() == [0, 1]
+    with pytest.raises(ConfigError) as exc:
+        load_dataset("imagefolder", data_root=tmp_path / "root", params={"path": "~/pets", "size": -2})
+    assert "size=-2" in one_line(exc) and "0 keeps" in str(exc.value)
+
+
+def test_teacher_student_classes_and_k_must_agree():
+    with pytest.raises(ConfigError) as exc:
+        load_dataset("teacher-student", classes=5, params={**SMALL_TS, "k": 3})
+    assert "classes=5" in one_line(exc) and "k=3" in str(exc.value)
+    assert load_dataset("teacher-student", classes=5, params={**SMALL_TS, "k": 5}).num_classes == 5
 
 
 def test_every_builtin_dataset_is_listed(tmp_path):

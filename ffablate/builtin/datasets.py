@@ -34,7 +34,7 @@ from ffablate.data import (
     teacher_student,
     with_hierarchy,
 )
-from ffablate.errors import ConfigError, DataNotFound
+from ffablate.errors import ConfigError, DataError, DataNotFound
 
 Locate = Callable[[list[Path]], tuple[str | None, str]]
 DIGIT_NAMES = [str(d) for d in range(10)]
@@ -73,6 +73,17 @@ def _download(name: str, fetch: Callable[[Path], None], root: Path) -> None:
     except Exception as exc:  # torchvision raises URLError, RuntimeError, OSError... depending on the failure
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise DataNotFound(f"downloading {name!r} into {root} failed ({first}); put the files there by hand") from None
+
+
+def _check_labels(labels: np.ndarray, num_classes: int, path: Path, first: int = 0) -> None:
+    """Every 0-based label must name a class; ``first`` is what the file stores for class 0, so the message quotes
+    the file's own value. A stray label would otherwise surface much later as a bincount or index error."""
+    bad = labels[(labels < 0) | (labels >= num_classes)]
+    if bad.size:
+        raise MalformedFile(
+            f"{path}: label {int(bad[0]) + first} is outside {first}..{num_classes - 1 + first}; "
+            "delete it and fetch it again"
+        )
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -206,26 +217,64 @@ def load_teacher_student(
 # CIFAR-10 / CIFAR-100 (python pickles)
 
 
-def _unpickle(path: Path) -> dict[str, Any]:
+def _unpickle(path: Path, keys: list[str]) -> dict[str, Any]:
+    """The dict pickled in ``path``, which must hold ``keys``."""
     # The same trust model as torchvision: files in the user's own data root are unpickled.
     try:
         with open(path, "rb") as f:
-            return pickle.load(f, encoding="latin1")
+            obj = pickle.load(f, encoding="latin1")
     except (pickle.UnpicklingError, EOFError, ValueError) as exc:
         raise MalformedFile(f"{path}: not a CIFAR pickle ({exc}); delete it and fetch it again") from None
+    if not isinstance(obj, dict):
+        raise MalformedFile(f"{path}: holds a {type(obj).__name__}, not a CIFAR dict; delete it and fetch it again")
+    missing = [key for key in keys if key not in obj]
+    if missing:
+        raise MalformedFile(f"{path}: no {missing[0]!r} entry, not a CIFAR file; delete it and fetch it again")
+    return obj
 
 
-def _cifar_images(batch: dict[str, Any], path: Path) -> np.ndarray:
-    data = np.asarray(batch.get("data"), dtype=np.uint8)
+def _cifar_array(batch: dict[str, Any], key: str, dtype: type, path: Path) -> np.ndarray:
+    try:
+        return np.asarray(batch[key], dtype=dtype)
+    except (TypeError, ValueError, OverflowError):
+        raise MalformedFile(
+            f"{path}: {key!r} is not an array of {np.dtype(dtype).name}; delete it and fetch it again"
+        ) from None
+
+
+def _cifar_batch(path: Path, label_keys: dict[str, int]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """Images (N, 3, 32, 32) and, per key of ``label_keys``, N labels in 0..num_classes-1."""
+    batch = _unpickle(path, ["data", *label_keys])
+    data = _cifar_array(batch, "data", np.uint8, path)
     if data.ndim != 2 or data.shape[1] != 3 * 32 * 32:
         raise MalformedFile(f"{path}: expected 'data' of shape (N, 3072), got {data.shape}; fetch it again")
-    return data.reshape(-1, 3, 32, 32)
+    labels = {}
+    for key, num_classes in label_keys.items():
+        y = _cifar_array(batch, key, np.int64, path)
+        # A count that differs from the images' would pair every later image with the wrong label.
+        if y.shape != (len(data),):
+            raise MalformedFile(
+                f"{path}: {len(data)} images but {key!r} holds {y.size} labels; delete it and fetch it again"
+            )
+        _check_labels(y, num_classes, path)
+        labels[key] = y
+    return data.reshape(-1, 3, 32, 32), labels
 
 
-def _folder_locator(name: str, rel: str, what: str, offline: str | None = None) -> Locate:
+def _folder_locator(name: str, rel: str, files: list[str], what: str) -> Locate:
+    """Found: the first ``root / rel`` that holds every one of ``files``. A folder that lacks some is not found,
+    so ``--download`` repairs it and ``data list`` does not call it available; its message names what it lacks."""
+
     def locate(roots: list[Path]) -> tuple[str | None, str]:
-        found = next((root / rel for root in roots if (root / rel).is_dir()), None)
-        return (str(found) if found else None), missing_message(name, f"{what} under {roots[0] / rel}", offline)
+        incomplete = []
+        for folder in (root / rel for root in roots if (root / rel).is_dir()):
+            missing = [f for f in files if not (folder / f).is_file()]
+            if not missing:
+                return str(folder), f"found in {folder}"
+            incomplete.append(f"{folder} lacks {', '.join(missing)}")
+        if incomplete:
+            return None, f"dataset {name!r} incomplete: {incomplete[0]}; put them there, or pass --download"
+        return None, missing_message(name, f"{what} under {roots[0] / rel}", None)
 
     return locate
 
@@ -246,12 +295,6 @@ def _resolve_folder(
     return Path(found)
 
 
-def _require(folder: Path, files: list[str], name: str) -> None:
-    missing = [f for f in files if not (folder / f).is_file()]
-    if missing:
-        raise DataNotFound(f"dataset {name!r}: {folder} lacks {', '.join(missing)}; fetch it again (e.g. --download)")
-
-
 def _tv_fetch(cls: str, **splits: Any) -> Callable[[Path], None]:
     def fetch(root: Path) -> None:
         import torchvision.datasets as tvd
@@ -262,7 +305,9 @@ def _tv_fetch(cls: str, **splits: Any) -> Callable[[Path], None]:
     return fetch
 
 
-_locate_cifar10 = _folder_locator("cifar10", "cifar-10-batches-py", "data_batch_1..5, test_batch, batches.meta")
+_locate_cifar10 = _folder_locator(
+    "cifar10", "cifar-10-batches-py", _CIFAR10_FILES, "data_batch_1..5, test_batch, batches.meta"
+)
 
 
 @_with_locator(_locate_cifar10)
@@ -270,20 +315,20 @@ def load_cifar10(roots: list[Path], download: bool) -> ImageDataset:
     """CIFAR-10 (Krizhevsky 2009): 50k/10k 32x32 colour images, 10 classes."""
     fetch = _tv_fetch("CIFAR10", train={"train": True}, test={"train": False})
     folder = _resolve_folder("cifar10", _locate_cifar10, roots, download, fetch)
-    _require(folder, _CIFAR10_FILES, "cifar10")
-    train = [_unpickle(folder / f"data_batch_{i}") for i in range(1, 6)]
-    test = _unpickle(folder / "test_batch")
+    names = list(_unpickle(folder / "batches.meta", ["label_names"])["label_names"])
+    classes = {"labels": len(names)}
+    train = [_cifar_batch(folder / f"data_batch_{i}", classes) for i in range(1, 6)]
+    test_x, test_y = _cifar_batch(folder / "test_batch", classes)
     arrays = {
-        "train_x": np.concatenate([_cifar_images(b, folder) for b in train]),
-        "train_y": np.concatenate([np.asarray(b["labels"]) for b in train]),
-        "test_x": _cifar_images(test, folder / "test_batch"),
-        "test_y": np.asarray(test["labels"]),
+        "train_x": np.concatenate([x for x, _ in train]),
+        "train_y": np.concatenate([y["labels"] for _, y in train]),
+        "test_x": test_x,
+        "test_y": test_y["labels"],
     }
-    names = list(_unpickle(folder / "batches.meta")["label_names"])
     return _dataset("cifar10", arrays, names, True, str(folder))
 
 
-_locate_cifar100 = _folder_locator("cifar100", "cifar-100-python", "train, test, meta")
+_locate_cifar100 = _folder_locator("cifar100", "cifar-100-python", _CIFAR100_FILES, "train, test, meta")
 
 
 @_with_locator(_locate_cifar100)
@@ -291,18 +336,15 @@ def load_cifar100(roots: list[Path], download: bool) -> ImageDataset:
     """CIFAR-100 (Krizhevsky 2009): 50k/10k 32x32 colour images, 100 fine classes in 20 superclasses."""
     fetch = _tv_fetch("CIFAR100", train={"train": True}, test={"train": False})
     folder = _resolve_folder("cifar100", _locate_cifar100, roots, download, fetch)
-    _require(folder, _CIFAR100_FILES, "cifar100")
-    train, test, meta = (_unpickle(folder / f) for f in _CIFAR100_FILES)
-    arrays = {
-        "train_x": _cifar_images(train, folder / "train"),
-        "train_y": np.asarray(train["fine_labels"]),
-        "test_x": _cifar_images(test, folder / "test"),
-        "test_y": np.asarray(test["fine_labels"]),
-    }
-    ds = _dataset("cifar100", arrays, list(meta["fine_label_names"]), True, str(folder))
-    ds.coarse_train_y = torch.as_tensor(np.asarray(train["coarse_labels"]), dtype=torch.int64)
-    ds.coarse_test_y = torch.as_tensor(np.asarray(test["coarse_labels"]), dtype=torch.int64)
-    ds.coarse_names = list(meta["coarse_label_names"])
+    meta = _unpickle(folder / "meta", ["fine_label_names", "coarse_label_names"])
+    fine_names, coarse_names = list(meta["fine_label_names"]), list(meta["coarse_label_names"])
+    classes = {"fine_labels": len(fine_names), "coarse_labels": len(coarse_names)}
+    (train_x, train_y), (test_x, test_y) = (_cifar_batch(folder / f, classes) for f in ("train", "test"))
+    arrays = {"train_x": train_x, "train_y": train_y["fine_labels"], "test_x": test_x, "test_y": test_y["fine_labels"]}
+    ds = _dataset("cifar100", arrays, fine_names, True, str(folder))
+    ds.coarse_train_y = torch.from_numpy(train_y["coarse_labels"])
+    ds.coarse_test_y = torch.from_numpy(test_y["coarse_labels"])
+    ds.coarse_names = coarse_names
     return ds
 
 
@@ -329,15 +371,22 @@ def _locate_svhn(roots: list[Path]) -> tuple[str | None, str]:
 def _read_svhn(path: Path) -> tuple[np.ndarray, np.ndarray]:
     try:
         from scipy.io import loadmat
+        from scipy.io.matlab import MatReadError
     except ImportError:
         raise DataNotFound("dataset 'svhn' reads MATLAB files with scipy: pip install scipy") from None
     try:
         mat = loadmat(str(path))
         x, y = np.asarray(mat["X"]), np.asarray(mat["y"]).reshape(-1).astype(np.int64)
-    except (ValueError, KeyError, OSError) as exc:
+    except NotImplementedError:
+        # scipy's own message points to h5py, but SVHN ships v5 files: this one is not the real download.
+        raise MalformedFile(
+            f"{path}: a MATLAB v7.3 (HDF5) file, not SVHN's v5 .mat; delete it and fetch it again"
+        ) from None
+    except (ValueError, KeyError, OSError, IndexError, MatReadError) as exc:  # IndexError: a header under 128 bytes
         raise MalformedFile(f"{path}: not an SVHN .mat file ({exc}); delete it and fetch it again") from None
     if x.ndim != 4 or x.shape[:3] != (32, 32, 3) or x.shape[3] != len(y):
         raise MalformedFile(f"{path}: X has shape {x.shape}, expected (32, 32, 3, N); fetch it again")
+    _check_labels(y - 1, 10, path, first=1)
     y[y == 10] = 0  # SVHN labels the digit 0 as 10
     return np.transpose(x, (3, 2, 0, 1)), y  # (H, W, C, N) -> (N, C, H, W)
 
@@ -362,14 +411,15 @@ def load_svhn(roots: list[Path], download: bool) -> ImageDataset:
 
 _STL_FILES = ["train_X.bin", "train_y.bin", "test_X.bin", "test_y.bin"]
 _STL_CLASSES = ["airplane", "bird", "car", "cat", "deer", "dog", "horse", "monkey", "ship", "truck"]
-_locate_stl10 = _folder_locator("stl10", "stl10_binary", "train_X.bin, train_y.bin, test_X.bin, test_y.bin")
+_locate_stl10 = _folder_locator("stl10", "stl10_binary", _STL_FILES, ", ".join(_STL_FILES))
 
 
-def _read_stl(folder: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
+def _read_stl(folder: Path, split: str, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
     x = np.fromfile(folder / f"{split}_X.bin", dtype=np.uint8)
     y = np.fromfile(folder / f"{split}_y.bin", dtype=np.uint8).astype(np.int64) - 1  # labels are 1..10
     if x.size != len(y) * 3 * 96 * 96:
         raise MalformedFile(f"{folder}/{split}_X.bin holds {x.size} bytes, not {len(y)} 3x96x96 images; fetch again")
+    _check_labels(y, num_classes, folder / f"{split}_y.bin", first=1)
     # Stored column-major per channel: transpose to (N, C, H, W) rows-first.
     return x.reshape(-1, 3, 96, 96).transpose(0, 1, 3, 2), y
 
@@ -383,12 +433,13 @@ def resize_uint8(x: torch.Tensor, size: int) -> torch.Tensor:
 @_with_locator(_locate_stl10)
 def load_stl10(roots: list[Path], download: bool, size: int = 96) -> ImageDataset:
     """STL-10 (Coates et al. 2011): the 5k/8k labelled 96x96 images, 10 classes; ``size`` resizes."""
+    if size < 1:
+        raise ConfigError(f"stl10: size={size}; give a positive image side in pixels (96 keeps the originals)")
     fetch = _tv_fetch("STL10", train={"split": "train"}, test={"split": "test"})
     folder = _resolve_folder("stl10", _locate_stl10, roots, download, fetch)
-    _require(folder, _STL_FILES, "stl10")
-    (train_x, train_y), (test_x, test_y) = _read_stl(folder, "train"), _read_stl(folder, "test")
     names_file = folder / "class_names.txt"
     names = names_file.read_text().split() if names_file.is_file() else _STL_CLASSES
+    (train_x, train_y), (test_x, test_y) = (_read_stl(folder, split, len(names)) for split in ("train", "test"))
     ds = _dataset(
         "stl10",
         {"train_x": train_x, "train_y": train_y, "test_x": test_x, "test_y": test_y},
@@ -407,8 +458,14 @@ def load_stl10(roots: list[Path], download: bool, size: int = 96) -> ImageDatase
 _IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".ppm", ".pgm"}
 
 
+def _imagefolder_candidates(roots: list[Path], path: str) -> list[Path]:
+    # Expanded first: "~/pets" is absolute once expanded, not a folder named "~" under the data root.
+    expanded = Path(path).expanduser()
+    return [expanded] if expanded.is_absolute() else [root / expanded for root in roots]
+
+
 def _imagefolder_dir(roots: list[Path], path: str) -> Path | None:
-    candidates = [Path(path).expanduser()] if Path(path).is_absolute() else [root / path for root in roots]
+    candidates = _imagefolder_candidates(roots, path)
     return next((c for c in candidates if (c / "train").is_dir() and (c / "test").is_dir()), None)
 
 
@@ -422,7 +479,7 @@ def _imagefolder_locator(path: str) -> Locate:
         found = _imagefolder_dir(roots, path)
         how = missing_message(
             "imagefolder",
-            f"train/<class>/*.png and test/<class>/*.png under {roots[0] / path}",
+            f"train/<class>/*.png and test/<class>/*.png under {_imagefolder_candidates(roots, path)[0]}",
             None,
             download=False,
         )
@@ -468,11 +525,20 @@ def load_imagefolder(
     resizes to size x size, ``channels`` is 1 (grey) or 3 (RGB). Flips are assumed label-preserving."""
     if channels not in (1, 3):
         raise ConfigError(f"imagefolder: channels={channels}; use 1 (grey) or 3 (RGB)")
+    if size < 0:
+        raise ConfigError(f"imagefolder: size={size}; give a positive image side in pixels (0 keeps their own size)")
     found, how = _imagefolder_locator(path)(roots)
     if found is None:
         raise DataNotFound(how if path else f"dataset 'imagefolder': {how}")
     folder = Path(found)
     classes = sorted(d.name for d in (folder / "train").iterdir() if d.is_dir())
+    # The classes come from train/: a test class without one would silently lose its test images.
+    untrained = sorted(d.name for d in (folder / "test").iterdir() if d.is_dir() and d.name not in classes)
+    if untrained:
+        raise DataError(
+            f"dataset 'imagefolder': test class {untrained[0]!r} has no folder in {folder / 'train'}; "
+            f"add its training images there or remove {folder / 'test' / untrained[0]}"
+        )
     mode = "L" if channels == 1 else "RGB"
     train_x, train_y = _read_split(folder / "train", classes, mode, size)
     test_x, test_y = _read_split(folder / "test", classes, mode, size)
