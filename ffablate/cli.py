@@ -215,7 +215,8 @@ def cmd_data_list(args: argparse.Namespace) -> int:
     for column in ("name", "available", "where"):
         table.add_column(column)
     for row in rows:
-        table.add_row(row["name"], "yes" if row["available"] else "no", str(row["where"]))
+        available = {True: "yes", False: "no", None: "unknown"}[row["available"]]
+        table.add_row(row["name"], available, str(row["where"]))
     stdout.print(table)
     return 0
 

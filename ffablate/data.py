@@ -461,7 +461,11 @@ def load_dataset(
 
 
 def list_datasets(data_root: str | Path | None = None) -> list[dict[str, Any]]:
-    """Every registered dataset: name, available, where (its path, or how to get it), description, source."""
+    """Every registered dataset: name, available, where (its path, or how to get it), description, source.
+
+    ``available`` is None for a plugin that gives no ``factory.locate``: whether its data are here is unknown
+    until it loads, so a study tries it rather than skipping it.
+    """
     from ffablate.plugins import registry
 
     roots = [default_data_root(data_root)]
@@ -469,7 +473,7 @@ def list_datasets(data_root: str | Path | None = None) -> list[dict[str, Any]]:
     for plugin in registry().all("datasets"):
         locate = getattr(plugin.factory, "locate", None)
         if locate is None:
-            where, available = "unknown (the plugin gives no locator)", False
+            where, available = "unknown (the plugin gives no locator)", None
         else:
             found, hint = locate(roots)
             where, available = (found, True) if found else (hint, False)

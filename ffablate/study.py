@@ -390,7 +390,8 @@ def make_pruner(spec: specs.Spec) -> optuna.pruners.BasePruner:
 def available_datasets(data_root: str | None) -> Callable[[str], bool]:
     from ffablate.data import list_datasets
 
-    rows = {r["name"]: r["available"] for r in list_datasets(data_root)}
+    # Only a dataset known to be missing is skipped; one whose plugin cannot tell (None) loads or says why.
+    rows = {r["name"]: r["available"] is not False for r in list_datasets(data_root)}
     return lambda name: rows.get(name, False)
 
 

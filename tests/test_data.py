@@ -11,9 +11,10 @@ import numpy as np
 import pytest
 import torch
 
-from ffablate import data
+from ffablate import data, hookimpl
 from ffablate.data import DeviceLoader, ImageDataset, MalformedFile, load_dataset
 from ffablate.errors import ChecksumMismatch, ConfigError, DataError, DataNotFound
+from ffablate.plugins import add_plugin, remove_plugin
 
 IDX_CODES = {np.dtype(np.uint8): 0x08, np.dtype(">i4"): 0x0C}
 BUILTIN = {"fashion-mnist", "mnist", "digits", "teacher-student"} | {
@@ -574,6 +575,27 @@ def test_every_builtin_dataset_is_listed(tmp_path):
     assert rows["teacher-student"]["available"] and not rows["cifar10"]["available"]
     assert str(tmp_path / "cifar-10-batches-py") in rows["cifar10"]["where"]
     assert rows["fashion-mnist"]["available"]  # the offline package
+
+
+class _NoLocatorDataset:
+    @hookimpl
+    def ffablate_register_datasets(self, register):
+        register("no-locator", lambda: None, "a plugin dataset that cannot say where its data are")
+
+
+def test_dataset_without_locator_is_unknown_not_missing(tmp_path):
+    from ffablate.study import available_datasets
+
+    plugin = _NoLocatorDataset()
+    add_plugin(plugin)
+    try:
+        row = next(r for r in data.list_datasets(tmp_path) if r["name"] == "no-locator")
+        # A study must try it (its loader says what is missing) rather than skip it as unavailable.
+        assert row["available"] is None and "no locator" in row["where"]
+        available = available_datasets(str(tmp_path))
+        assert available("no-locator") and not available("cifar10")
+    finally:
+        remove_plugin(plugin)
 
 
 # ---------------------------------------------------------------------------------------------------------
