@@ -12,14 +12,23 @@ Each hook receives a ``register`` callback (simonw/llm style). A plugin module i
 
 - ``name``: what users type (``--set goodness=cubic``); unique within its kind across all installed plugins.
 - ``factory``: a callable. Its keyword arguments with defaults are the plugin's parameters, settable with
-  ``--set goodness.p=3``; the trainer passes the context arguments listed per kind below by keyword.
-- ``description``: one line for ``ffablate plugins``.
+  ``--set goodness.p=3`` (a ``**kwargs`` factory has none); the trainer passes the context arguments listed per
+  kind below by keyword.
+- ``description``: one line for ``ffablate plugins`` (required).
 - ``space``: the plugin's own Optuna search space, ``{param: spec}`` where spec is one of
-  ``{"type": "float", "low": a, "high": b, "log": bool}``, ``{"type": "int", "low": a, "high": b}``,
-  ``{"type": "categorical", "choices": [...]}``. Studies may search it without the core knowing the knobs.
+  ``{"type": "float", "low": a, "high": b, "log": bool}``, ``{"type": "int", "low": a, "high": b, "log": bool}``,
+  ``{"type": "categorical", "choices": [...]}``. Studies may search it without the core knowing the knobs. It is
+  checked at start-up: every ``param`` is a parameter of the factory, ``low < high`` (numbers; integers for
+  ``int``; a single value is refused, as there is nothing to search), ``log`` needs ``low > 0``, ``choices`` is a
+  non-empty list, and no other keys.
 
-What each kind's factory receives and must return is documented on its hook below; the reference
-implementations live in ``ffablate/builtin/``, which registers through these same hooks.
+Errors: for a mistake the user can fix (a bad parameter value, a dataset too small), raise
+``ffablate.errors.ConfigError`` with a message that says what to do; ffablate prints it on one line and exits 2.
+Any other exception from a hook or factory is reported on one line as the plugin failing, naming its package.
+
+What each kind's factory receives and must return is documented on its hook below (the trainer checks the
+shapes and attributes named there); the reference implementations live in ``ffablate/builtin/``, which registers
+through these same hooks.
 """
 
 from __future__ import annotations
@@ -40,11 +49,13 @@ FactoryContext = dict[str, Any]
 def ffablate_register_goodness(register: Register) -> None:
     """Register goodness functions.
 
-    Factory: ``factory(**params) -> Goodness``. A Goodness has ``per_class: bool`` and is called as
-    ``goodness(paths: NormPaths, num_classes: int) -> Tensor``: shape (N,) for scalar goodness, (N, K) for
-    per-class goodness (``per_class=True``; such plugins need no negative data). ``paths.goodness_input`` is the
-    tensor the norm plugin routes to goodness; ``paths.sumsq()`` / ``paths.sumabs()`` give per-sample sums that a
-    fused norm kernel may already have computed.
+    Factory: ``factory(**params) -> Goodness``. A Goodness has ``per_class: bool`` (required) and is called as
+    ``goodness(paths: NormPaths, num_classes: int) -> Tensor``: a floating tensor of shape (N,) for scalar
+    goodness, (N, K) for per-class goodness (``per_class=True``). A per-class goodness needs no negative data and
+    runs with ``negatives=none`` (a negatives plugin with ``embeds_label = False``); a scalar one needs labelled
+    negatives. ``NormPaths`` is ``ffablate.paths.NormPaths``: ``paths.goodness_input`` is the tensor the norm plugin
+    routes to goodness; ``paths.sumsq()`` / ``paths.sumabs()`` give per-sample sums that a fused norm kernel may
+    already have computed.
     """
 
 
@@ -53,8 +64,10 @@ def ffablate_register_temperature(register: Register) -> None:
     """Register temperature schedules.
 
     Factory: ``factory(**params) -> torch.nn.Module``; one instance per block. Called as
-    ``schedule(progress: float, goodness: Tensor) -> Tensor`` (a scalar) with training progress in [0, 1] and the
-    detached goodness of the current batch. Parameters of the module are trained by the block's optimizer.
+    ``schedule(progress: float, goodness: Tensor) -> Tensor | float`` with training progress in [0, 1] and the
+    detached goodness of the current batch; it returns one T for the block: a 0-dim floating tensor (a CPU one
+    costs no host-to-device copy) or a Python number, never a vector. Parameters of the module are trained by the
+    block's optimizer.
     """
 
 
@@ -63,8 +76,8 @@ def ffablate_register_norm(register: Register) -> None:
     """Register normalization modes (the three paths from a block's activity h).
 
     Factory: ``factory(num_features: int, **params) -> torch.nn.Module``; one instance per block, called as
-    ``norm(h) -> NormPaths`` holding the goodness input, the forward output (to the next block, detached by the
-    trainer) and the readout features (N, F).
+    ``norm(h) -> NormPaths`` (``ffablate.paths.NormPaths``) holding the goodness input, the forward output (to the
+    next block, detached by the trainer) and the readout features (N, F).
     """
 
 
@@ -74,7 +87,9 @@ def ffablate_register_loss(register: Register) -> None:
 
     Factory: ``factory(**params) -> Callable``; called as
     ``loss(g_pos, g_neg, labels, threshold, temperature) -> Tensor`` (a scalar). For per-class goodness ``g_pos``
-    is (N, K) and ``g_neg`` is None.
+    is (N, K) and ``g_neg`` is None. A loss may declare ``per_class: bool``: then a run whose goodness differs is
+    refused at start-up (the built-ins declare it). A loss without the attribute is not checked, so it must take
+    whichever goodness it is given.
     """
 
 
@@ -95,8 +110,9 @@ def ffablate_register_fusion(register: Register) -> None:
 
     Factory: ``factory(num_layers: int, num_classes: int, feature_dims: list[int], **params) -> torch.nn.Module``.
     Called as ``fusion(scores, features) -> logits`` with per-layer class scores (list of (N, K)) and per-layer
-    readout features (list of (N, F), detached). A fusion with parameters is fit by the trainer (on detached inputs
-    only, with its own optimizer, via ``fusion.loss(scores, features, labels)``); one without is used as it is.
+    readout features (list of (N, F), detached). A fusion with parameters must define
+    ``loss(scores, features, labels) -> Tensor`` (a scalar): the trainer fits it with that, on detached inputs only
+    and with its own optimizer. One without parameters is used as it is.
     """
 
 

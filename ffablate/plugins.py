@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import difflib
 import inspect
+import math
+import types
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cache
@@ -12,11 +15,17 @@ from typing import Any
 import pluggy
 
 from ffablate import hookspecs
-from ffablate.errors import ConfigError, UnknownPlugin
+from ffablate.errors import ConfigError, DataError, FFablateError, UnknownPlugin
 
 KINDS = ("goodness", "temperature", "norm", "loss", "negatives", "fusion", "datasets")
 BUILTIN_MODULES = [f"ffablate.builtin.{kind}" for kind in KINDS]
-_SPACE_TYPES = {"float", "int", "categorical"}
+HOOKS = [f"ffablate_register_{kind}" for kind in KINDS]
+# The keys each search-space type takes: what ``study.suggest`` reads, so nothing a plugin declares is ignored.
+_SPACE_KEYS = {
+    "float": {"type", "low", "high", "log"},
+    "int": {"type", "low", "high", "log"},
+    "categorical": {"type", "choices"},
+}
 
 
 @dataclass(frozen=True)
@@ -31,15 +40,30 @@ class Plugin:
     @property
     def params(self) -> dict[str, Any]:
         """The factory's tunable keyword parameters and their defaults."""
-        sig = inspect.signature(self.factory)
-        return {
-            p.name: p.default
-            for p in sig.parameters.values()
-            if p.default is not inspect.Parameter.empty and p.kind is not p.VAR_KEYWORD
-        }
+        return _params_of(self.factory)
+
+    @property
+    def label(self) -> str:
+        """How messages name the plugin: kind, name and where it comes from."""
+        origin = "built-in" if self.source == "ffablate" else f"package {self.source}"
+        return f"{self.kind} plugin {self.name!r} ({origin})"
 
     def create(self, params: dict[str, Any] | None = None, **context: Any) -> Any:
-        return self.factory(**context, **self.checked_params(params))
+        params = self.checked_params(params)
+        try:
+            return self.factory(**context, **params)
+        except FFablateError:
+            raise
+        except Exception as exc:  # the plugin's own code: name it instead of a traceback through ffablate
+            if self.kind == "datasets" and isinstance(exc, OSError):
+                # Reading the user's files failed (permissions, a file where a folder belongs): the data need
+                # fixing, not the plugin, and a study stops on a DataError instead of failing every trial alike.
+                raise DataError(
+                    f"{self.label} could not read its data: {_first_line(exc)}; check --data-root and the files there"
+                ) from exc
+            raise ConfigError(
+                f"{self.label} failed to build: {_first_line(exc)}; fix the plugin or choose another {self.kind}"
+            ) from exc
 
     def checked_params(self, params: dict[str, Any] | None) -> dict[str, Any]:
         """``params`` if every one is a parameter of this plugin with a value of its default's type."""
@@ -83,23 +107,39 @@ class Registry:
             caller = getattr(pm.hook, f"ffablate_register_{kind}")
             # Hook implementations are called one by one so that every registration knows its source package.
             for impl in reversed(caller.get_hookimpls()):
-                impl.function(register=self._register_callback(kind, _source_of(pm, impl.plugin)))
+                self._run_hook(kind, impl)
 
-    def _register_callback(self, kind: str, source: str) -> Callable[..., None]:
+    def _run_hook(self, kind: str, impl: pluggy.HookImpl) -> None:
+        try:
+            impl.function(register=self._register_callback(kind, impl.plugin))
+        except FFablateError:
+            raise
+        except Exception as exc:  # the plugin's own code: name it instead of a traceback through ffablate
+            raise ConfigError(
+                f"{_where(impl.plugin)} fails in its hook {impl.function.__name__}: {_first_line(exc)}; "
+                "fix the plugin or uninstall its package"
+            ) from exc
+
+    def _register_callback(self, kind: str, plugin: object) -> Callable[..., None]:
+        source = _source_of(self.pm, plugin)
+
         def register(
             name: str,
             factory: Callable[..., Any],
-            description: str,
+            # None only so that a call without a description gets a one-line error rather than a TypeError.
+            description: str | None = None,
             space: dict[str, dict[str, Any]] | None = None,
         ) -> None:
+            _check_registration(kind, name, factory, description, plugin)
             existing = self._plugins[kind].get(name)
             if existing is not None:
                 raise ConfigError(
                     f"{kind} plugin {name!r} is registered twice ({existing.source} and {source}); "
                     "uninstall one or rename it"
                 )
-            _check_space(kind, name, space or {})
-            self._plugins[kind][name] = Plugin(kind, name, factory, description, source, dict(space or {}))
+            space = {} if space is None else space
+            _check_space(kind, name, _params_of(factory), space, plugin)
+            self._plugins[kind][name] = Plugin(kind, name, factory, description, source, dict(space))
 
         return register
 
@@ -129,20 +169,107 @@ def _check_kind(kind: str) -> str:
     return kind
 
 
-def _check_space(kind: str, name: str, space: dict[str, dict[str, Any]]) -> None:
+def _params_of(factory: Callable[..., Any]) -> dict[str, Any]:
+    """The factory's keyword parameters with defaults (``**kwargs`` names none: nothing says what it takes)."""
+    return {
+        p.name: p.default
+        for p in inspect.signature(factory).parameters.values()
+        if p.default is not inspect.Parameter.empty and p.kind is not p.VAR_KEYWORD
+    }
+
+
+def _registration_error(kind: str, name: str, plugin: object, problem: str) -> ConfigError:
+    return ConfigError(f"{kind} plugin {name!r} registered by {_where(plugin)}: {problem}")
+
+
+def _check_registration(
+    kind: str, name: str, factory: Callable[..., Any], description: str | None, plugin: object
+) -> None:
+    if not callable(factory):
+        raise _registration_error(
+            kind,
+            name,
+            plugin,
+            f"its factory is {factory!r}, which is not callable; "
+            "pass the class or function that builds the plugin: register(name, factory, description)",
+        )
+    if not isinstance(description, str) or not description.strip():
+        raise _registration_error(
+            kind, name, plugin, 'give it a one-line description: register(name, factory, "what it does")'
+        )
+
+
+def _check_space(kind: str, name: str, params: dict[str, Any], space: object, plugin: object) -> None:
+    """Refuse at start-up a search space that a study would only trip over (or silently ignore) later."""
+    if not isinstance(space, dict):
+        raise _registration_error(
+            kind, name, plugin, f"space must be a dict {{param: spec}}, got {type(space).__name__}"
+        )
     for param, spec in space.items():
-        if spec.get("type") not in _SPACE_TYPES:
-            raise ConfigError(
-                f"{kind} plugin {name!r}: search space of {param!r} needs type one of {sorted(_SPACE_TYPES)}"
-            )
+        problem = _space_problem(param, spec, params)
+        if problem is not None:
+            raise _registration_error(kind, name, plugin, f"search space of {param!r} {problem}")
+
+
+def _space_problem(param: str, spec: object, params: dict[str, Any]) -> str | None:
+    if param not in params:
+        known = ", ".join(sorted(params)) or "none (**kwargs declares none)"
+        return f"names no parameter of its factory; its parameters (keyword arguments with defaults): {known}"
+    if not isinstance(spec, dict) or spec.get("type") not in _SPACE_KEYS:
+        return f'needs a dict whose "type" is one of {", ".join(_SPACE_KEYS)}'
+    allowed = _SPACE_KEYS[spec["type"]]
+    unknown = sorted(map(str, set(spec) - allowed))
+    if unknown:
+        return f"has unknown key {unknown[0]!r}; a {spec['type']} space takes {', '.join(sorted(allowed))}"
+    if spec["type"] == "categorical":
+        choices = spec.get("choices")
+        return None if isinstance(choices, (list, tuple)) and choices else "needs a non-empty list of choices"
+    return _range_problem(spec)
+
+
+def _range_problem(spec: dict[str, Any]) -> str | None:
+    """Optuna's rules for a numeric range, checked here so that a study does not fail on its first trial."""
+    number = int if spec["type"] == "int" else (int, float)
+    low, high = spec.get("low"), spec.get("high")
+    if not all(isinstance(v, number) and not isinstance(v, bool) and math.isfinite(v) for v in (low, high)):
+        want = "integer" if spec["type"] == "int" else "finite numeric"
+        return f"needs {want} low and high, got low={low!r}, high={high!r}"
+    if not low < high:
+        return f"needs low < high (one value is nothing to search), got low={low}, high={high}"
+    log = spec.get("log", False)
+    if not isinstance(log, bool):
+        return f"needs log True or False, got {log!r}"
+    if log and low <= 0:
+        return f"needs low > 0 when log is True, got low={low}"
+    return None
+
+
+def _module_of(plugin: object) -> str:
+    if isinstance(plugin, types.ModuleType):
+        return plugin.__name__
+    cls = plugin if isinstance(plugin, type) else type(plugin)
+    return f"{cls.__module__}.{cls.__qualname__}"
 
 
 def _source_of(pm: pluggy.PluginManager, plugin: object) -> str:
     for dist_plugin, dist in pm.list_plugin_distinfo():
         if dist_plugin is plugin:
             return dist.project_name
-    module = getattr(plugin, "__name__", "")
-    return "ffablate" if module.startswith("ffablate.") else module or repr(plugin)
+    module = _module_of(plugin)
+    return "ffablate" if module.startswith("ffablate.") else module
+
+
+def _where(plugin: object) -> str:
+    """How a message names a plugin module: its entry point and package when installed. For error paths only: it
+    reads every installed distribution's metadata."""
+    from importlib.metadata import entry_points
+
+    module = _module_of(plugin)
+    for ep in entry_points(group="ffablate"):
+        if ep.module == module:
+            package = ep.dist.name if ep.dist is not None else "unknown"
+            return f"the ffablate plugin {ep.name!r} (module {module}, package {package})"
+    return f"the plugin {'module ' if isinstance(plugin, types.ModuleType) else ''}{module}"
 
 
 def make_plugin_manager(extra_plugins: tuple[object, ...] = ()) -> pluggy.PluginManager:
@@ -154,19 +281,59 @@ def make_plugin_manager(extra_plugins: tuple[object, ...] = ()) -> pluggy.Plugin
     for module_name in BUILTIN_MODULES:
         pm.register(importlib.import_module(module_name), name=module_name)
     try:
-        pm.load_setuptools_entrypoints("ffablate")
-    except Exception as exc:  # an installed plugin that fails to import: name it instead of a traceback
-        raise ConfigError(_broken_entry_point(exc)) from None
-    for plugin in extra_plugins:
-        pm.register(plugin)
-    try:
+        _load_entry_points(pm)
+        for plugin in extra_plugins:
+            pm.register(plugin)
         pm.check_pending()  # a misspelled hook name fails here, not silently
     except pluggy.PluginValidationError as exc:
-        raise ConfigError(
-            f"plugin {exc.plugin!r} implements a hook ffablate does not define: {exc}; "
-            "rename it to a hook of ffablate.hookspecs or uninstall the plugin"
-        ) from None
+        raise ConfigError(f"{_where(exc.plugin)} {_hook_mistake(exc)}") from None
+    _warn_if_registering_nothing(pm)
     return pm
+
+
+def _load_entry_points(pm: pluggy.PluginManager) -> None:
+    try:
+        pm.load_setuptools_entrypoints("ffablate")
+    except pluggy.PluginValidationError:
+        raise  # a hook mistake, worded by the caller like the ones found in in-process plugins
+    except Exception as exc:  # an installed plugin that fails to import: name it instead of a traceback
+        raise ConfigError(_broken_entry_point(exc)) from None
+
+
+def _hook_mistake(exc: pluggy.PluginValidationError) -> str:
+    """What is wrong with a plugin's hooks, on one line (pluggy's message spans several and repeats the module)."""
+    for attr in dir(exc.plugin):
+        hook = getattr(exc.plugin, attr, None)
+        if getattr(hook, "ffablate_impl", None) is None:
+            continue
+        if attr not in HOOKS:
+            close = difflib.get_close_matches(attr, HOOKS, n=1)
+            hint = f" (did you mean {close[0]}?)" if close else ""
+            return (
+                f"implements {attr}, a hook ffablate does not define{hint}; "
+                "rename it to a hook of ffablate.hookspecs or uninstall the plugin"
+            )
+        args = list(inspect.signature(hook).parameters)
+        if set(args) - {"register"}:
+            return f"defines {attr}({', '.join(args)}): its argument must be named `register`, as in {attr}(register)"
+    return f"has an invalid hook: {_first_line(exc)}; see ffablate/hookspecs.py"
+
+
+_warned_empty: set[str] = set()
+
+
+def _warn_if_registering_nothing(pm: pluggy.PluginManager) -> None:
+    """An installed entry point whose hooks lack the decorator would otherwise be ignored without a word."""
+    for plugin, dist in pm.list_plugin_distinfo():
+        name = pm.get_name(plugin)
+        if pm.get_hookcallers(plugin) or name in _warned_empty:
+            continue
+        _warned_empty.add(name)
+        warnings.warn(
+            f"the ffablate plugin {name!r} (module {_module_of(plugin)}, package {dist.project_name}) registers "
+            "nothing: decorate its ffablate_register_* functions with @ffablate.hookimpl",
+            stacklevel=2,
+        )
 
 
 def _broken_entry_point(exc: Exception) -> str:

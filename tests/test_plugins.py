@@ -1,6 +1,7 @@
 import json
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -8,7 +9,7 @@ import torch
 
 from ffablate import hookimpl
 from ffablate.cli import main
-from ffablate.errors import ConfigError, UnknownPlugin
+from ffablate.errors import ConfigError, DataError, UnknownPlugin
 from ffablate.plugins import KINDS, Registry, add_plugin, make_plugin_manager, registry, remove_plugin
 from tests.conftest import tiny_args
 
@@ -246,3 +247,316 @@ def test_readout_fusion_does_not_care_how_large_a_blocks_goodness_is():
     scores, features = [torch.randn(6, 4), torch.randn(6, 4)], [torch.randn(6, 3), torch.randn(6, 5)]
     scaled = [scores[0] * 500 + 7, scores[1] * 0.01]
     torch.testing.assert_close(fusion(scaled, features), fusion(scores, features), atol=1e-4, rtol=1e-4)
+
+
+def _registry_with(*plugins: object) -> Registry:
+    return Registry(make_plugin_manager(plugins))
+
+
+class OnePlugin:
+    """Registers ``factory`` as the ``kind`` plugin named ``name`` (default "probe")."""
+
+    def __init__(self, kind: str, factory, space=None, name: str = "probe"):
+        self.kind, self.factory, self.space, self.name = kind, factory, space, name
+
+    @hookimpl
+    def ffablate_register_goodness(self, register):
+        if self.kind == "goodness":
+            register(self.name, self.factory, "test plugin", space=self.space)
+
+    @hookimpl
+    def ffablate_register_loss(self, register):
+        if self.kind == "loss":
+            register(self.name, self.factory, "test plugin", space=self.space)
+
+    @hookimpl
+    def ffablate_register_fusion(self, register):
+        if self.kind == "fusion":
+            register(self.name, self.factory, "test plugin", space=self.space)
+
+    @hookimpl
+    def ffablate_register_datasets(self, register):
+        if self.kind == "datasets":
+            register(self.name, self.factory, "test plugin", space=self.space)
+
+
+def _ff_net(reg: Registry, **updates):
+    from ffablate.config import RunConfig
+    from ffablate.train.ff import FFNet
+    from tests.conftest import TINY
+
+    return FFNet(RunConfig().with_updates({**TINY, **updates}), (1, 28, 28), 10, reg)
+
+
+def _returning(value_of, per_class: bool = False) -> type:
+    class Returning:
+        def __call__(self, paths, num_classes):
+            return value_of(paths.goodness_input.flatten(1).float().square().mean(1))
+
+    Returning.per_class = per_class
+    return Returning
+
+
+@pytest.mark.parametrize(
+    ("value_of", "per_class", "got", "want"),
+    [
+        (lambda g: g[:, None], False, r"shape \(8, 1\)", r"\(8,\)"),  # argmax(1) of (N, 1) once scored 13%
+        (lambda g: g.tolist(), False, "a list", r"\(8,\)"),
+        (lambda g: 1.0, False, "a float", r"\(8,\)"),
+        (lambda g: g[:-1], False, r"shape \(7,\)", r"\(8,\)"),
+        (lambda g: g.long(), False, r"torch.int64 tensor", r"\(8,\)"),
+        (lambda g: g, True, r"shape \(8,\)", r"\(8, 10\)"),  # once blamed on the loss
+        (lambda g: g[:, None].expand(-1, 3), True, r"shape \(8, 3\)", r"\(8, 10\)"),
+    ],
+)
+def test_a_goodness_of_the_wrong_shape_is_refused_naming_the_plugin(value_of, per_class, got, want):
+    negatives = {"negatives": "none"} if per_class else {"negatives": "random-label", "loss": "softplus-threshold"}
+    net = _ff_net(_registry_with(OnePlugin("goodness", _returning(value_of, per_class))), goodness="probe", **negatives)
+    with pytest.raises(
+        ConfigError,
+        match=rf"goodness plugin 'probe' \(package [\w.]*OnePlugin\) returned .*{got}.*shape {want}",
+    ):
+        net.scores_and_features(torch.randn(8, 1, 28, 28))
+
+
+def test_a_wrongly_shaped_goodness_fails_the_run_in_one_line(capsys):
+    plugin = OnePlugin("goodness", _returning(lambda g: g[:, None]))
+    add_plugin(plugin)
+    try:
+        args = tiny_args(
+            "--set", "goodness=probe", "--set", "negatives=random-label", "--set", "loss=softplus-threshold"
+        )
+        assert main(["train", *args]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and "goodness plugin 'probe'" in err and "shape (100,)" in err
+    finally:
+        remove_plugin(plugin)
+
+
+def test_a_goodness_without_per_class_is_refused_when_built():
+    class NoFlag:
+        def __call__(self, paths, num_classes):
+            return paths.sumsq()
+
+    with pytest.raises(ConfigError, match="goodness plugin 'probe'.*set `per_class = True` or `per_class = False`"):
+        _ff_net(_registry_with(OnePlugin("goodness", NoFlag)), goodness="probe")
+
+
+class Tunable:
+    per_class = False
+
+    def __init__(self, p: float = 2.0, n: int = 1):
+        self.p, self.n = p, n
+
+
+def _kwargs_factory(**kwargs):
+    return Tunable(**kwargs)
+
+
+@pytest.mark.parametrize(
+    ("space", "factory", "message"),
+    [
+        (["p"], Tunable, "space must be a dict"),
+        ({"p": "float"}, Tunable, "'p' needs a dict whose \"type\""),
+        ({"p": {"type": "uniform", "low": 1, "high": 2}}, Tunable, "'p' needs a dict whose \"type\""),
+        ({"p": {"type": "float", "low": 4, "high": 1}}, Tunable, "'p' needs low < high"),
+        ({"p": {"type": "float", "low": 1, "high": 1}}, Tunable, "'p' needs low < high"),
+        ({"p": {"type": "float", "low": 1}}, Tunable, "'p' needs finite numeric low and high"),
+        ({"p": {"type": "float", "low": "1", "high": "x"}}, Tunable, "'p' needs finite numeric"),
+        ({"p": {"type": "float", "low": 1, "high": float("inf")}}, Tunable, "'p' needs finite numeric"),
+        ({"n": {"type": "int", "low": 1.5, "high": 4}}, Tunable, "'n' needs integer low and high"),
+        ({"p": {"type": "float", "low": 0, "high": 1, "log": True}}, Tunable, "'p' needs low > 0 when log"),
+        ({"p": {"type": "float", "low": 1, "high": 2, "log": "yes"}}, Tunable, "'p' needs log True or False"),
+        ({"p": {"type": "float", "low": 1, "high": 2, "step": 0.1}}, Tunable, "'p' has unknown key 'step'"),
+        ({"p": {"type": "categorical", "choices": []}}, Tunable, "'p' needs a non-empty list of choices"),
+        ({"p": {"type": "categorical", "choices": [1.0], "low": 0}}, Tunable, "'p' has unknown key 'low'"),
+        ({"q": {"type": "float", "low": 1, "high": 2}}, Tunable, "'q' names no parameter.*: n, p"),
+        ({"p": {"type": "float", "low": 1, "high": 2}}, _kwargs_factory, r"'p' names no parameter.*\*\*kwargs"),
+    ],
+)
+def test_a_bad_search_space_is_refused_at_registration(space, factory, message):
+    with pytest.raises(
+        ConfigError, match=rf"goodness plugin 'probe' registered by the plugin [\w.]*OnePlugin: .*{message}"
+    ):
+        _registry_with(OnePlugin("goodness", factory, space))
+
+
+def test_a_good_search_space_registers():
+    space = {
+        "p": {"type": "float", "low": 0.5, "high": 4, "log": True},
+        "n": {"type": "categorical", "choices": [1, 2]},
+    }
+    assert _registry_with(OnePlugin("goodness", Tunable, space)).get("goodness", "probe").space == space
+
+
+def test_a_factory_that_raises_is_named_and_a_config_error_passes_unchanged():
+    def exploding(p: float = 1.0):
+        if p < 0:
+            raise ConfigError("goodness.p must be >= 0")
+        raise RuntimeError("factory exploded\nsecond line")
+
+    reg = _registry_with(OnePlugin("goodness", exploding))
+    with pytest.raises(
+        ConfigError,
+        match=r"^goodness plugin 'probe' \(package [\w.]*OnePlugin\) failed to build: "
+        r"RuntimeError: factory exploded; ",
+    ):
+        reg.create("goodness", "probe")
+    with pytest.raises(ConfigError, match=r"^goodness\.p must be >= 0$"):
+        reg.create("goodness", "probe", {"p": -1.0})
+
+
+def test_a_dataset_that_cannot_read_its_files_is_a_data_error():
+    def unreadable(path: str = ""):
+        raise PermissionError(13, "Permission denied", "/data/x")
+
+    reg = _registry_with(OnePlugin("datasets", unreadable))
+    # A DataError stops a study; "fix the plugin" would be the wrong advice for the user's own files.
+    with pytest.raises(DataError, match=r"could not read its data: .*Permission denied.*; check --data-root"):
+        reg.create("datasets", "probe")
+
+
+class Misregistering:
+    def __init__(self, *args, **kwargs):
+        self.args, self.kwargs = args, kwargs
+
+    @hookimpl
+    def ffablate_register_goodness(self, register):
+        if self.args == ("raise",):
+            raise KeyError("boom in hook")
+        register(*self.args, **self.kwargs)
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (("raise",), "fails in its hook ffablate_register_goodness: KeyError: 'boom in hook'"),
+        (("x", 5, "not callable"), "goodness plugin 'x' registered by .*: its factory is 5, which is not callable"),
+        (("x", Tunable), "goodness plugin 'x' registered by .*: give it a one-line description"),
+    ],
+)
+def test_a_broken_registration_names_the_plugin_module_in_one_line(args, message):
+    with pytest.raises(ConfigError, match=message) as info:
+        _registry_with(Misregistering(*args))
+    assert "Misregistering" in str(info.value) and "\n" not in str(info.value)
+
+
+class NoLossFusion(torch.nn.Module):
+    def __init__(self, num_layers: int, num_classes: int, feature_dims: list[int]):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.ones(num_layers))
+
+    def forward(self, scores, features):
+        return sum(w * s for w, s in zip(self.w, scores, strict=True))
+
+
+def test_a_fusion_with_parameters_but_no_loss_is_refused_when_built():
+    with pytest.raises(ConfigError, match="fusion plugin 'probe'.*trainable parameters but no loss"):
+        _ff_net(_registry_with(OnePlugin("fusion", NoLossFusion)), fusion="probe")
+
+
+class ScalarOnlyLoss:
+    per_class = False
+
+    def __call__(self, g_pos, g_neg, labels, threshold, temperature):
+        return (g_pos - g_neg).mean()
+
+
+class AnyGoodnessLoss:
+    def __call__(self, g_pos, g_neg, labels, threshold, temperature):
+        return g_pos.mean()
+
+
+def test_a_loss_plugin_declares_which_goodness_it_fits():
+    reg = _registry_with(OnePlugin("loss", ScalarOnlyLoss))
+    with pytest.raises(
+        ConfigError,
+        match=r"^loss 'probe' \(package [\w.]*OnePlugin, declaring per_class=False\) does not fit "
+        r"goodness 'classwise': use --set loss=classwise-ce$",
+    ):
+        _ff_net(reg, goodness="classwise", negatives="none", loss="probe")
+    _ff_net(reg, goodness="meansq", negatives="random-label", loss="probe")
+    # Without the attribute nothing is checked: such a loss takes whichever goodness it is given.
+    undeclared = _registry_with(OnePlugin("loss", AnyGoodnessLoss))
+    _ff_net(undeclared, goodness="classwise", negatives="none", loss="probe")
+    _ff_net(undeclared, goodness="meansq", negatives="random-label", loss="probe")
+
+
+@pytest.mark.parametrize(
+    ("updates", "message"),
+    [
+        (
+            {"goodness": "classwise", "loss": "bce"},
+            "loss 'bce' does not fit goodness 'classwise': use --set loss=classwise-ce",
+        ),
+        (
+            {"goodness": "meansq", "negatives": "random-label", "loss": "classwise-ce"},
+            "loss 'classwise-ce' does not fit goodness 'meansq': use --set loss=softplus-threshold",
+        ),
+    ],
+)
+def test_builtin_losses_keep_their_compatibility_messages(updates, message):
+    with pytest.raises(ConfigError, match=f"^{message}$"):
+        _ff_net(registry(), **updates)
+
+
+def test_a_misspelled_hook_argument_says_to_name_it_register():
+    class BadArg:
+        @hookimpl
+        def ffablate_register_goodness(self, reg):
+            reg("x", Cube, "x")
+
+    with pytest.raises(ConfigError, match="ffablate_register_goodness\\(reg\\): its argument must be named `register`"):
+        make_plugin_manager((BadArg(),))
+
+
+def _install(tmp_path: Path, monkeypatch, module: str, source: str) -> None:
+    """A module and the dist-info of a package ``<module>-pkg`` publishing it under the ``ffablate`` group."""
+    (tmp_path / f"{module}.py").write_text(source)
+    info = tmp_path / f"{module}_pkg-0.1.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {module}-pkg\nVersion: 0.1\n")
+    (info / "entry_points.txt").write_text(f"[ffablate]\n{module} = {module}\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+
+
+def test_an_installed_plugin_with_a_misspelled_argument_names_its_package(tmp_path, monkeypatch):
+    _install(
+        tmp_path,
+        monkeypatch,
+        "ffablate_test_badarg",
+        "from ffablate import hookimpl\n\n@hookimpl\ndef ffablate_register_goodness(reg):\n    pass\n",
+    )
+    with pytest.raises(ConfigError) as info:
+        make_plugin_manager()
+    message = str(info.value)
+    assert message.startswith(
+        "the ffablate plugin 'ffablate_test_badarg' (module ffablate_test_badarg, package ffablate_test_badarg-pkg) "
+        "defines ffablate_register_goodness(reg): its argument must be named `register`"
+    )
+    assert "\n" not in message
+
+
+def test_an_installed_plugin_with_a_misspelled_hook_is_named_once(tmp_path, monkeypatch):
+    _install(
+        tmp_path,
+        monkeypatch,
+        "ffablate_test_typo",
+        "from ffablate import hookimpl\n\n@hookimpl\ndef ffablate_register_goodnes(register):\n    pass\n",
+    )
+    with pytest.raises(ConfigError, match="did you mean ffablate_register_goodness") as info:
+        make_plugin_manager()
+    message = str(info.value)
+    assert message.count("ffablate_test_typo'") == 1 and "<module" not in message and "\n" not in message
+    assert "package ffablate_test_typo-pkg" in message
+
+
+def test_an_installed_plugin_that_registers_nothing_is_warned_about_once(tmp_path, monkeypatch):
+    _install(
+        tmp_path, monkeypatch, "ffablate_test_undecorated", "def ffablate_register_goodness(register):\n    pass\n"
+    )
+    with pytest.warns(UserWarning, match="'ffablate_test_undecorated'.*registers nothing.*@ffablate.hookimpl"):
+        make_plugin_manager()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        make_plugin_manager()

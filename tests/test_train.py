@@ -1,12 +1,15 @@
 import dataclasses
+import math
 import subprocess
 import sys
 
 import pytest
 import torch
 
+from ffablate import hookimpl
 from ffablate.config import RunConfig
 from ffablate.errors import ConfigError
+from ffablate.plugins import Registry, make_plugin_manager
 from ffablate.train import build_trainer, run
 from ffablate.train.common import TrainingDiverged
 
@@ -245,3 +248,47 @@ def test_cpu_peak_memory_is_per_run_not_per_process():
     if since_start != "True":
         pytest.skip("this OS cannot reset the RSS high-water mark")
     assert int(drop) > 200 * 2**20
+
+
+class _Temperature(torch.nn.Module):
+    def __init__(self, value_of):
+        super().__init__()
+        self.value_of = value_of
+
+    def forward(self, progress, goodness):
+        return self.value_of(goodness)
+
+
+class _TemperaturePlugin:
+    def __init__(self, value_of):
+        self.value_of = value_of
+
+    @hookimpl
+    def ffablate_register_temperature(self, register):
+        register("probe", lambda: _Temperature(self.value_of), "test temperature")
+
+
+@pytest.mark.parametrize(
+    ("value_of", "got"),
+    [
+        (lambda g: g.mean(0), r"a torch.float32 tensor of shape \(10,\)"),  # one T per class, broadcast silently
+        (lambda g: torch.tensor(1), r"a torch.int64 tensor of shape \(\)"),
+        (lambda g: "0.5", "a str"),
+    ],
+)
+def test_a_temperature_that_is_not_one_number_is_refused_before_any_update(tiny_config, value_of, got):
+    plugins = Registry(make_plugin_manager((_TemperaturePlugin(value_of),)))
+    trainer = build_trainer(tiny_config.with_updates({"temperature": "probe"}), plugins=plugins)
+    before = [p.detach().clone() for p in trainer.net.parameters()]
+    x, y = next(iter(trainer.data.train))
+    with pytest.raises(ConfigError, match=f"temperature plugin 'probe' .* returned {got}; a temperature must be"):
+        trainer.train_step(x, y, 0.0, range(trainer.net.depth), True)
+    assert all(torch.equal(a, b) for a, b in zip(before, trainer.net.parameters(), strict=True))
+
+
+@pytest.mark.parametrize("value_of", [lambda g: 0.5, lambda g: torch.tensor(0.5)])
+def test_a_temperature_may_be_a_number_or_a_0_dim_tensor(tiny_config, value_of):
+    plugins = Registry(make_plugin_manager((_TemperaturePlugin(value_of),)))
+    trainer = build_trainer(tiny_config.with_updates({"temperature": "probe"}), plugins=plugins)
+    x, y = next(iter(trainer.data.train))
+    assert math.isfinite(trainer.train_step(x, y, 0.0, range(trainer.net.depth), True))

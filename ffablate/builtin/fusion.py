@@ -11,8 +11,6 @@ from ffablate.errors import ConfigError
 
 
 class _Fusion(nn.Module):
-    trainable = False
-
     def __init__(self, num_layers: int, num_classes: int, feature_dims: list[int]):
         super().__init__()
         self.num_layers, self.num_classes = num_layers, num_classes
@@ -58,8 +56,6 @@ def _standardized(scores: list[Tensor]) -> list[Tensor]:
 class LearnedWeights(_Fusion):
     """Softmax-weighted sum of per-block standardized scores; the weights are fit on detached scores."""
 
-    trainable = True
-
     def __init__(self, num_layers: int, num_classes: int, feature_dims: list[int]):
         super().__init__(num_layers, num_classes, feature_dims)
         self.logits = nn.Parameter(torch.zeros(num_layers))
@@ -77,8 +73,6 @@ class Readout(_Fusion):
     The scores are part of its input because pooled features are linear in the activity while goodness is
     quadratic: a probe on features alone cannot recover what each block's goodness already knows.
     """
-
-    trainable = True
 
     def __init__(self, num_layers: int, num_classes: int, feature_dims: list[int]):
         super().__init__(num_layers, num_classes, feature_dims)

@@ -7,31 +7,26 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ffablate import hookimpl
-from ffablate.errors import ConfigError
-
-
-def _needs_negatives(name: str, g_neg: Tensor | None) -> Tensor:
-    if g_neg is None:
-        raise ConfigError(f"loss {name!r} needs negative data: use --set negatives=random-label (or hardest-label)")
-    return g_neg
 
 
 class SoftplusThreshold:
     """Hinton 2022: -log sigmoid((g+ - theta)/T) - log sigmoid((theta - g-)/T), averaged over the batch."""
 
+    per_class = False
+
     def __call__(self, g_pos, g_neg, labels, threshold, temperature) -> Tensor:
-        g_neg = _needs_negatives("softplus-threshold", g_neg)
         return (F.softplus(-(g_pos - threshold) / temperature) + F.softplus((g_neg - threshold) / temperature)).mean()
 
 
 class SymBa:
     """SymBa (Lee & Song 2023; Trifecta's ``alpha``): softplus(-alpha (g+ - g-) / T), no threshold."""
 
+    per_class = False
+
     def __init__(self, alpha: float = 4.0):
         self.alpha = alpha
 
     def __call__(self, g_pos, g_neg, labels, threshold, temperature) -> Tensor:
-        g_neg = _needs_negatives("symba", g_neg)
         return F.softplus(-self.alpha * (g_pos - g_neg) / temperature).mean()
 
 
@@ -41,11 +36,12 @@ class BCE:
     ffablate's own variant: positives are pushed to large goodness, negatives towards zero activity.
     """
 
+    per_class = False
+
     def __init__(self, eps: float = 1e-6):
         self.eps = eps
 
     def __call__(self, g_pos, g_neg, labels, threshold, temperature) -> Tensor:
-        g_neg = _needs_negatives("bce", g_neg)
         # log(1 - exp(-x)) via log(-expm1(-x)) stays finite for small x.
         log_p_pos = torch.log((-torch.expm1(-g_pos.clamp_min(0) / temperature)).clamp_min(self.eps))
         log_p_neg_is_neg = -(g_neg.clamp_min(0) / temperature)
@@ -55,12 +51,12 @@ class BCE:
 class ClassWiseCE:
     """Cross-entropy over per-class goodness / T (CwComp's channel-wise competitive loss)."""
 
+    per_class = True
+
     def __init__(self, label_smoothing: float = 0.0):
         self.label_smoothing = label_smoothing
 
     def __call__(self, g_pos, g_neg, labels, threshold, temperature) -> Tensor:
-        if g_pos.dim() != 2:
-            raise ConfigError("loss 'classwise-ce' needs per-class goodness: use --set goodness=classwise")
         return F.cross_entropy(g_pos / temperature, labels, label_smoothing=self.label_smoothing)
 
 

@@ -8,6 +8,8 @@ The fusion (readout) is fit on detached scores/features with an optimizer of its
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor, nn
 
@@ -15,7 +17,7 @@ from ffablate.config import RunConfig
 from ffablate.data import DeviceLoader
 from ffablate.errors import ConfigError
 from ffablate.model import build_backbone
-from ffablate.plugins import Registry, registry
+from ffablate.plugins import Plugin, Registry, registry
 from ffablate.train import common
 
 
@@ -30,31 +32,23 @@ class FFNet(nn.Module):
         self.num_classes, self.threshold = num_classes, config.threshold
         self.backbone = build_backbone(config, in_shape, reg)
         depth = len(self.backbone.blocks)
-        self.goodness = reg.create("goodness", config.goodness, config.params_of("goodness"))
-        self.temperatures = nn.ModuleList(
-            reg.create("temperature", config.temperature, config.params_of("temperature")) for _ in range(depth)
-        )
-        self.loss_fn = reg.create("loss", config.loss, config.params_of("loss"))
-        self.negatives = reg.create("negatives", config.negatives, config.params_of("negatives"))
-        self.fusion = reg.create(
-            "fusion",
-            config.fusion,
-            config.params_of("fusion"),
-            num_layers=depth,
-            num_classes=num_classes,
-            feature_dims=self.backbone.feature_dims,
-        )
+        chosen = {kind: reg.get(kind, getattr(config, kind)) for kind in _FF_KINDS}
+        self.labels = {kind: plugin.label for kind, plugin in chosen.items()}
+
+        def make(kind: str, **context: Any) -> Any:
+            return chosen[kind].create(config.params_of(kind), **context)
+
+        self.goodness = _flagged(make("goodness"), "per_class", self.labels["goodness"])
+        self.temperatures = nn.ModuleList(make("temperature") for _ in range(depth))
+        self.loss_fn = make("loss")
+        self.negatives = _flagged(make("negatives"), "embeds_label", self.labels["negatives"])
+        fusion = make("fusion", num_layers=depth, num_classes=num_classes, feature_dims=self.backbone.feature_dims)
+        self.fusion = _checked_fusion(fusion, self.labels["fusion"])
         _check_compatible(config, self.goodness.per_class, self.negatives.embeds_label)
-        for kind in ("goodness", "loss", "negatives"):
-            plugin = getattr(self, "loss_fn" if kind == "loss" else kind)
-            if isinstance(plugin, nn.Module) and any(True for _ in plugin.parameters()):
-                # One instance serves every block, so its parameters would be trained by (and couple) all blocks'
-                # losses, across the detach boundary; no optimizer holds them.
-                raise ConfigError(
-                    f"{kind} plugin {getattr(config, kind)!r} has trainable parameters, but one {kind} instance is "
-                    "shared by all blocks and nothing trains it; keep learned state in a temperature plugin "
-                    "(one per block) or make the parameters buffers"
-                )
+        _check_loss_fits(config, chosen["loss"], self.loss_fn, self.goodness.per_class)
+        _refuse_shared_parameters(
+            config, {"goodness": self.goodness, "loss": self.loss_fn, "negatives": self.negatives}
+        )
 
     @property
     def depth(self) -> int:
@@ -67,7 +61,41 @@ class FFNet(nn.Module):
     def layer_goodness(self, index: int, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """(goodness, forward output, readout) of block ``index`` on prepared input ``x``."""
         paths = self.backbone.block_paths(index, x)
-        return self.goodness(paths, self.num_classes), paths.forward, paths.readout
+        goodness = self.goodness(paths, self.num_classes)
+        self._check_goodness(goodness, x.shape[0])
+        return goodness, paths.forward, paths.readout
+
+    def _check_goodness(self, goodness: object, batch: int) -> None:
+        """Refuse a goodness of the wrong shape: (N, 1) or (N, 3) would broadcast against the labels into a
+        plausible-looking accuracy. Metadata only, so no host sync in the step."""
+        per_class = self.goodness.per_class
+        want = (batch, self.num_classes) if per_class else (batch,)
+        if isinstance(goodness, Tensor) and goodness.is_floating_point() and goodness.shape == want:
+            return
+        got = (
+            f"a {goodness.dtype} tensor of shape {tuple(goodness.shape)}"
+            if isinstance(goodness, Tensor)
+            else f"a {type(goodness).__name__}"
+        )
+        what = f"per-class goodness (per_class=True) for {self.num_classes} classes" if per_class else "scalar goodness"
+        raise ConfigError(
+            f"{self.labels['goodness']} returned {got} for {batch} samples; a {what} must return a floating "
+            f"tensor of shape {want} (see ffablate_register_goodness in ffablate/hookspecs.py)"
+        )
+
+    def temperature(self, index: int, progress: float, goodness: Tensor) -> Tensor | float:
+        """Block ``index``'s temperature: a number or a 0-dim floating tensor. A vector would broadcast into the
+        goodness and silently divide each class (or sample) by its own T. Metadata only, so no host sync."""
+        t = self.temperatures[index](progress, goodness)
+        if isinstance(t, Tensor) and t.dim() == 0 and t.is_floating_point():
+            return t
+        if isinstance(t, (int, float)) and not isinstance(t, bool):
+            return t
+        got = f"a {t.dtype} tensor of shape {tuple(t.shape)}" if isinstance(t, Tensor) else f"a {type(t).__name__}"
+        raise ConfigError(
+            f"{self.labels['temperature']} returned {got}; a temperature must be a number or a 0-dim floating "
+            "tensor (one T per block, e.g. torch.tensor(0.5))"
+        )
 
     @torch.no_grad()
     def scores_and_features(self, x: Tensor) -> tuple[list[Tensor], list[Tensor]]:
@@ -121,6 +149,42 @@ def _cat_chunks(chunks: list[list[Tensor]]) -> list[Tensor]:
     return [torch.cat(parts) for parts in zip(*chunks, strict=True)]
 
 
+_FF_KINDS = ("goodness", "temperature", "loss", "negatives", "fusion")
+
+
+def _flagged(plugin: Any, flag: str, label: str) -> Any:
+    """``plugin`` if it declares ``flag`` as a bool: the trainer branches on it all through the run."""
+    if not isinstance(getattr(plugin, flag, None), bool):
+        raise ConfigError(
+            f"{label} builds an object without a boolean {flag!r}: set `{flag} = True` or `{flag} = False` on it "
+            "(see ffablate/hookspecs.py)"
+        )
+    return plugin
+
+
+def _checked_fusion(fusion: Any, label: str) -> nn.Module:
+    if not isinstance(fusion, nn.Module):
+        raise ConfigError(f"{label} builds a {type(fusion).__name__}; a fusion factory must return a torch.nn.Module")
+    if any(True for _ in fusion.parameters()) and not callable(getattr(fusion, "loss", None)):
+        raise ConfigError(
+            f"{label} has trainable parameters but no loss(scores, features, labels) method to fit them with: "
+            "define one (e.g. cross-entropy of its logits) or make the parameters buffers"
+        )
+    return fusion
+
+
+def _refuse_shared_parameters(config: RunConfig, shared: dict[str, Any]) -> None:
+    for kind, plugin in shared.items():
+        if isinstance(plugin, nn.Module) and any(True for _ in plugin.parameters()):
+            # One instance serves every block, so its parameters would be trained by (and couple) all blocks'
+            # losses, across the detach boundary; no optimizer holds them.
+            raise ConfigError(
+                f"{kind} plugin {getattr(config, kind)!r} has trainable parameters, but one {kind} instance is "
+                "shared by all blocks and nothing trains it; keep learned state in a temperature plugin "
+                "(one per block) or make the parameters buffers"
+            )
+
+
 def _check_compatible(config: RunConfig, per_class: bool, embeds_label: bool) -> None:
     if per_class and embeds_label:
         raise ConfigError(f"goodness {config.goodness!r} is per-class and needs no negatives: use --set negatives=none")
@@ -129,14 +193,21 @@ def _check_compatible(config: RunConfig, per_class: bool, embeds_label: bool) ->
             f"goodness {config.goodness!r} needs labelled negatives: use --set negatives=random-label "
             "(or goodness=classwise with loss=classwise-ce)"
         )
-    if per_class != (config.loss == "classwise-ce") and config.loss in (
-        "classwise-ce",
-        "softplus-threshold",
-        "symba",
-        "bce",
-    ):
+
+
+def _check_loss_fits(config: RunConfig, plugin: Plugin, loss: Any, per_class: bool) -> None:
+    """A loss that declares ``per_class`` must match the goodness; one that does not is trusted to take both."""
+    declared = getattr(loss, "per_class", None)
+    if declared is None:
+        return
+    if not isinstance(declared, bool):
+        raise ConfigError(f"{plugin.label} sets per_class={declared!r}; set it to True or False, or leave it out")
+    if declared != per_class:
         want = "classwise-ce" if per_class else "softplus-threshold"
-        raise ConfigError(f"loss {config.loss!r} does not fit goodness {config.goodness!r}: use --set loss={want}")
+        origin = "" if plugin.source == "ffablate" else f" (package {plugin.source}, declaring per_class={declared})"
+        raise ConfigError(
+            f"loss {config.loss!r}{origin} does not fit goodness {config.goodness!r}: use --set loss={want}"
+        )
 
 
 class FFTrainer:
@@ -207,7 +278,7 @@ class FFTrainer:
             g = g.float()
             g_pos, g_neg = (g, None) if split is None else (g[:split], g[split:])
             if learning:
-                temperature = net.temperatures[index](progress, g.detach())
+                temperature = net.temperature(index, progress, g.detach())
                 loss = net.loss_fn(g_pos, g_neg, y, net.threshold, temperature)
                 (loss * weight).backward()
                 losses.append((f"block {index}", loss))
