@@ -22,6 +22,7 @@ import argparse
 import json
 import math
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -406,16 +407,31 @@ def run_worker(spec: AuditSpec, timeout: float = 900.0) -> dict[str, Any]:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([root, *filter(None, [os.environ.get("PYTHONPATH")])])}
     cmd = [sys.executable, "-m", "ffablate.audit", "--worker", json.dumps(asdict(spec))]
     try:
+        # On Ctrl-C (KeyboardInterrupt here) subprocess.run kills the worker before re-raising.
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
     except subprocess.TimeoutExpired:
         return {**base_row(spec), "status": "timeout", "error": f"worker ran past {timeout:.0f} s"}
     for line in reversed(proc.stdout.splitlines()):
         if line.startswith("{"):
             return json.loads(line)
+    # Ctrl-C reaches the worker's process group too, and it may die of it before our own KeyboardInterrupt is
+    # raised: that is the user stopping the audit, not a failed configuration.
+    if proc.returncode == -signal.SIGINT:
+        raise KeyboardInterrupt
     # Killed without a row: on CPU the kernel's OOM killer is the usual reason (SIGKILL).
     status = "oom" if proc.returncode in (-9, 137) else "error"
     tail = (proc.stderr.strip().splitlines() or [""])[-1]
     return {**base_row(spec), "status": status, "error": f"worker exit {proc.returncode}: {tail}"[:300]}
+
+
+class AuditInterrupted(KeyboardInterrupt):
+    """Ctrl-C during an audit. ``rows`` still holds a row per spec: the first ``finished`` as the workers left
+    them, then the one that was running and the rest as "skipped", so what was measured can still be written."""
+
+    def __init__(self, rows: list[dict[str, Any]], finished: int) -> None:
+        super().__init__()
+        self.rows = rows
+        self.finished = finished
 
 
 def run_audit(
@@ -426,17 +442,23 @@ def run_audit(
 ) -> list[dict[str, Any]]:
     """Rows for ``specs``, one fresh worker each, run one after another so timings never overlap. ``budget``
     bounds the whole audit (a device lease is finite): a worker gets at most the seconds left, and once they are
-    spent the rest become "skipped" rows.
+    spent the rest become "skipped" rows. Ctrl-C stops the running worker and raises ``AuditInterrupted``.
     """
-    rows, start = [], time.monotonic()
-    for index, spec in enumerate(specs):
-        if progress:
-            progress(index, len(specs), spec)
-        left = timeout if budget is None else min(timeout, budget - (time.monotonic() - start))
-        if left <= 0:
-            rows.append({**base_row(spec), "status": "skipped", "error": f"budget {budget:.0f} s spent"})
-            continue
-        rows.append(run_worker(spec, left))
+    rows: list[dict[str, Any]] = []
+    start = time.monotonic()
+    try:
+        for index, spec in enumerate(specs):
+            if progress:
+                progress(index, len(specs), spec)
+            left = timeout if budget is None else min(timeout, budget - (time.monotonic() - start))
+            if left <= 0:
+                rows.append({**base_row(spec), "status": "skipped", "error": f"budget {budget:.0f} s spent"})
+                continue
+            rows.append(run_worker(spec, left))
+    except KeyboardInterrupt:
+        finished = len(rows)
+        rows += [{**base_row(spec), "status": "skipped", "error": "interrupted"} for spec in specs[finished:]]
+        raise AuditInterrupted(rows, finished) from None
     if progress and specs:
         progress(len(specs), len(specs), specs[-1])
     return rows
@@ -637,7 +659,7 @@ def specs_from_args(args: argparse.Namespace) -> list[AuditSpec]:
     }
     for key, value, least in (
         ("width", args.width, 1),
-        ("classes", args.classes, 1),
+        ("classes", args.classes, 2),
         ("steps", args.steps, 1),
         ("batch", args.batch, 1),
         ("micro-batch", args.micro_batch, 0),

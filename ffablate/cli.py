@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
+import os
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -13,16 +15,40 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from ffablate import __version__
 from ffablate.config import METHODS, RunConfig, parse_sets
 from ffablate.errors import FFablateError
 
+# What an interrupted command leaves behind and how to go on; commands that keep something say so themselves.
+NOTHING_KEPT = "it keeps no state, so nothing was lost: rerun it to start again"
+
+
+def _stderr_console() -> Console:
+    """stderr; when it is a file or CI log, one that does not wrap at 80 columns, so each message stays one line."""
+    console = Console(stderr=True)
+    return console if console.is_terminal else Console(stderr=True, soft_wrap=True)
+
+
 stdout = Console()
-stderr = Console(stderr=True)
+stderr = _stderr_console()
 
 
 def wide_console() -> Console:
     """stdout, or, when piped to a file or CI log, a console wide enough that tables do not wrap at 80 columns."""
     return stdout if stdout.is_terminal else Console(width=160)
+
+
+class VersionAction(argparse.Action):
+    """``--version``: ffablate's and torch's, importing torch only when asked (it takes seconds)."""
+
+    def __init__(self, option_strings: list[str], dest: str, **kwargs: Any) -> None:
+        super().__init__(option_strings, dest, nargs=0, help="print ffablate's and torch's versions and exit")
+
+    def __call__(self, parser: argparse.ArgumentParser, *args: Any) -> NoReturn:
+        import torch
+
+        print(f"ffablate {__version__} (torch {torch.__version__})")
+        parser.exit()
 
 
 class Parser(argparse.ArgumentParser):
@@ -38,6 +64,7 @@ def add_data_args(p: argparse.ArgumentParser) -> None:
 
 def build_parser() -> Parser:
     parser = Parser(prog="ffablate", description="Ablate Forward-Forward against backpropagation.")
+    parser.add_argument("--version", action=VersionAction)
     sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
 
     train = sub.add_parser("train", help="train one FF or BP network and report its test accuracy")
@@ -56,7 +83,7 @@ def build_parser() -> Parser:
     )
     train.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     add_data_args(train)
-    train.set_defaults(func=cmd_train)
+    train.set_defaults(func=cmd_train, on_interrupt="it saves no checkpoint: rerun it to train from the start")
 
     plugins = sub.add_parser("plugins", help="list the installed plugins")
     plugins.add_argument("kind", nargs="?", help="only this kind")
@@ -97,13 +124,17 @@ def build_parser() -> Parser:
         metavar="STUDY",
         help="run FF with the best configuration of a stored study (e.g. temperature-vs-norm)",
     )
-    study.set_defaults(func=cmd_study)
+    study.set_defaults(
+        func=cmd_study, on_interrupt="finished trials are stored: rerun the same command to resume the study"
+    )
 
     report = sub.add_parser("report", help="write report.md and plots of a stored study (trains nothing)")
     report.add_argument("name", metavar="NAME", help="study name (NAME-quick is found from NAME)")
     report.add_argument("--storage", help="Optuna RDB URL (default: sqlite:///ffablate.db in this directory)")
     report.add_argument("--out", help="output folder (default: reports/STUDY-NAME)")
-    report.set_defaults(func=cmd_report)
+    report.set_defaults(
+        func=cmd_report, on_interrupt="the study's storage is untouched: rerun the command to write the report"
+    )
 
     audit = sub.add_parser("audit", help="peak memory and images/s of FF vs the BP variants, by depth")
     from ffablate.audit import add_arguments as add_audit_arguments
@@ -179,7 +210,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_plugins(args: argparse.Namespace) -> int:
     from ffablate.plugins import registry
 
-    plugins = registry().all(args.kind)
+    # Kinds are lower case; "Goodness" can only mean one of them.
+    plugins = registry().all(args.kind and args.kind.lower())
     rows = [
         {
             "kind": p.kind,
@@ -226,12 +258,29 @@ def cmd_bench_kernels(args: argparse.Namespace) -> int:
     from ffablate.train.common import resolve_device
 
     resolve_device(args.device)
-    rows = kernel_bench(device=args.device, quick=args.quick)
+    with without_cuda_home_warning():
+        rows = kernel_bench(device=args.device, quick=args.quick)
     if args.json:
         print(json.dumps(rows))
     else:
-        stdout.print(render_table(rows))
+        wide_console().print(render_table(rows))
     return 0
+
+
+@contextmanager
+def without_cuda_home_warning() -> Iterator[None]:
+    """torch.compile's CPU backend imports torch.utils.cpp_extension, which warns "No CUDA runtime is found"
+    whenever a CUDA toolkit sits beside a torch without a usable GPU: noise for a CPU benchmark."""
+    logger = logging.getLogger("torch.utils.cpp_extension")
+
+    def keep(record: logging.LogRecord) -> bool:
+        return "No CUDA runtime" not in record.getMessage()
+
+    logger.addFilter(keep)
+    try:
+        yield
+    finally:
+        logger.removeFilter(keep)
 
 
 def cmd_bench_pool(args: argparse.Namespace) -> int:
@@ -241,7 +290,7 @@ def cmd_bench_pool(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(rows))
     else:
-        stdout.print(render_pool_table(rows))
+        wide_console().print(render_pool_table(rows))
     return 0
 
 
@@ -324,12 +373,16 @@ def cmd_audit(args: argparse.Namespace) -> int:
     from ffablate import audit
 
     specs = audit.specs_from_args(args)
+    interrupted: audit.AuditInterrupted | None = None
     with progress_bar("audit", enabled=stderr.is_terminal) as update:
 
         def tick(done: int, total: int, spec: audit.AuditSpec) -> None:
             update(done, total, {f"{spec.method} {spec.resolution}px depth": spec.depth})
 
-        rows = audit.run_audit(specs, progress=tick, timeout=args.timeout, budget=args.budget)
+        try:
+            rows = audit.run_audit(specs, progress=tick, timeout=args.timeout, budget=args.budget)
+        except audit.AuditInterrupted as exc:
+            rows, interrupted = exc.rows, exc
     # The rows go out first: a file that cannot be written must not cost the measurements.
     if args.json:
         print(json.dumps(rows))
@@ -349,6 +402,16 @@ def cmd_audit(args: argparse.Namespace) -> int:
             f"the audit's rows are printed above, but writing its files failed: {os_reason(exc)}; "
             "rerun with a writable --output/--plot-dir"
         ) from None
+    if interrupted:
+        files = " and ".join(path for path in (args.output, args.plot_dir) if path)
+        kept = f" and written to {files}" if files else ""
+        stderr.print(
+            f"ffablate: interrupted after {interrupted.finished} of {len(rows)} configurations; their rows are "
+            f"printed above{kept} with the rest marked 'skipped': rerun the missing --depths/--methods to measure them",
+            markup=False,
+            highlight=False,
+        )
+        return 130
     return 0
 
 
@@ -360,13 +423,21 @@ def os_reason(exc: OSError) -> str:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return args.func(args)
+        code = args.func(args)
+        sys.stdout.flush()  # a reader that went away (`| head`) shows here, not in the interpreter's exit flush
+        return code
     except FFablateError as exc:
         stderr.print(f"ffablate: error: {exc}", markup=False, highlight=False, soft_wrap=True)
         return 2
     except KeyboardInterrupt:
-        stderr.print("ffablate: interrupted", markup=False)
+        stderr.print(
+            f"ffablate: interrupted; {getattr(args, 'on_interrupt', NOTHING_KEPT)}", markup=False, highlight=False
+        )
         return 130
+    except BrokenPipeError:
+        # Python's "Note on SIGPIPE": whatever is still buffered would raise again at exit, so send it nowhere.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
 
 
 if __name__ == "__main__":

@@ -128,3 +128,32 @@ def test_the_budget_bounds_the_whole_audit(monkeypatch):
     rows = audit.run_audit(specs, timeout=20, budget=60)
     assert given == [20, 10]  # the second worker gets only the 10 s left, not its full 20
     assert rows[2]["status"] == "skipped"
+
+
+def test_ctrl_c_keeps_the_measured_rows_and_writes_them(monkeypatch, tmp_path, capsys):
+    def worker(spec, timeout):
+        if spec.depth > 2:
+            raise KeyboardInterrupt  # what subprocess.run re-raises after killing the worker
+        measured = {"peak_memory_bytes": 2, "activation_memory_bytes": 1, "param_state_bytes": 1}
+        return {**audit.base_row(spec), **measured, "images_per_second": 9.0, "status": "ok"}
+
+    monkeypatch.setattr(audit, "run_worker", worker)
+    out = tmp_path / "audit.json"
+    argv = ["audit", "--methods", "ff,bp", "--depths", "2,3", "--resolution", "8", "--json", "--output", str(out)]
+    assert main(argv) == 130
+    captured = capsys.readouterr()
+    rows = json.loads(captured.out)
+    assert [(r["status"], r.get("error")) for r in rows] == [("ok", None)] * 2 + [("skipped", "interrupted")] * 2
+    assert json.loads(out.read_text())["rows"] == rows
+    err = captured.err.strip()
+    assert len(err.splitlines()) == 1 and "interrupted after 2 of 4" in err and str(out) in err
+
+
+def test_a_worker_killed_by_ctrl_c_stops_the_audit_instead_of_being_an_error_row(monkeypatch):
+    # Ctrl-C reaches the worker too; if it dies of it first, that is still the user stopping the audit.
+    died = audit.subprocess.CompletedProcess([], -audit.signal.SIGINT, "", "KeyboardInterrupt")
+    monkeypatch.setattr(audit.subprocess, "run", lambda *a, **k: died)
+    specs = audit.plan(["ff", "bp"], [2], [8], batch=4)
+    with pytest.raises(audit.AuditInterrupted) as exc:
+        audit.run_audit(specs)
+    assert exc.value.finished == 0 and [r["status"] for r in exc.value.rows] == ["skipped", "skipped"]

@@ -25,6 +25,86 @@ def one_line_error(capsys) -> str:
     return err
 
 
+def test_audit_refuses_fewer_than_two_classes(capsys, monkeypatch):
+    monkeypatch.setattr(audit, "run_audit", lambda *a, **k: pytest.fail("no worker may start"))
+    assert main(["audit", "--methods", "bp", "--classes", "1"]) == 2
+    assert "--classes must be at least 2" in one_line_error(capsys)
+
+
+@pytest.mark.parametrize(
+    ("command", "patch", "expected"),
+    [
+        (["study", "goodness"], "ffablate.spec.load", "rerun the same command to resume"),
+        (["data", "list"], "ffablate.data.list_datasets", "nothing was lost"),
+    ],
+)
+def test_an_interrupt_says_what_was_kept_and_what_to_do(capsys, monkeypatch, command, patch, expected):
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(patch, interrupt)
+    assert main(command) == 130
+    err = one_line_error(capsys)
+    assert err.startswith("ffablate: interrupted; ") and expected in err
+
+
+def test_plugin_kind_is_case_insensitive_and_version_names_torch(capsys):
+    assert main(["plugins", "Goodness", "--json"]) == 0
+    kinds = {row["kind"] for row in json.loads(capsys.readouterr().out)}
+    assert kinds == {"goodness"}
+    with pytest.raises(SystemExit) as exc_info:
+        main(["--version"])
+    assert exc_info.value.code == 0
+    from ffablate import __version__
+
+    assert capsys.readouterr().out.strip() == f"ffablate {__version__} (torch {torch.__version__})"
+
+
+def test_bench_kernels_piped_is_wide_and_without_the_cuda_home_warning(capsys, monkeypatch):
+    import logging
+
+    from ffablate import bench
+
+    logger = logging.getLogger("torch.utils.cpp_extension")
+    seen: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: seen.append(record.getMessage())
+    real_bench = bench.kernel_bench
+
+    def bench_like_inductor(device, quick):
+        # torch.compile's CPU backend imports cpp_extension, which logs this beside a CUDA toolkit without a GPU.
+        logger.warning("No CUDA runtime is found, using CUDA_HOME='/usr/local'")
+        shapes = [("cnn", (4, 4, 6, 6))]
+        return real_bench(device, quick=True, shapes=shapes, compile_reference=False, retain_memory=False)
+
+    monkeypatch.setattr(bench, "kernel_bench", bench_like_inductor)
+    logger.addHandler(handler)
+    try:
+        assert main(["bench", "kernels", "--quick"]) == 0
+    finally:
+        logger.removeHandler(handler)
+    out = capsys.readouterr().out
+    assert seen == []
+    assert "…" not in out and "compiled ms" in out and "max err" in out
+
+
+def test_a_reader_that_goes_away_ends_the_command_quietly():
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "ffablate.cli", "plugins", "--json"], stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    proc.stdout.close()  # as `| head -c 10` does once it has read enough
+    err = proc.stderr.read().decode()
+    assert proc.wait() == 1
+    assert "Traceback" not in err and "BrokenPipe" not in err
+
+
+def test_informational_stderr_lines_do_not_wrap_when_piped():
+    note = "note: " + "word " * 40
+    code = f"from ffablate.cli import stderr; stderr.print({note!r}, markup=False, highlight=False)"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert proc.stderr.strip() == note.strip()
+
+
 @pytest.mark.parametrize(
     ("argv", "expected"),
     [

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import os
 import pickle
 import struct
 from pathlib import Path
@@ -161,6 +162,32 @@ def test_failed_download_is_one_line(tmp_path, monkeypatch):
     with pytest.raises(DataNotFound) as exc:
         load_dataset("cifar10", data_root=tmp_path, download=True)
     assert "name resolution" in one_line(exc)
+
+
+def test_download_into_a_root_that_is_no_folder_is_one_line(tmp_path, monkeypatch):
+    a_file = tmp_path / "file"
+    a_file.write_text("")
+    with pytest.raises(DataError) as exc:
+        load_dataset("cifar10", data_root=a_file / "sub", download=True)
+    assert "--data-root" in one_line(exc) and "must be a writable folder" in str(exc.value)
+    monkeypatch.setattr(os, "access", lambda *args, **kwargs: False)  # a read-only folder, even for root
+    with pytest.raises(DataError, match="must be a writable folder \\(it is read-only\\)"):
+        load_dataset("cifar10", data_root=tmp_path, download=True)
+
+
+def test_data_root_that_is_a_file_is_one_line_not_ignored(tmp_path, monkeypatch):
+    a_file = tmp_path / "file"
+    a_file.write_text("")
+    # Without the check, fashion-mnist would load from the offline package as if no root had been given.
+    for download in (False, True):
+        with pytest.raises(DataError) as exc:
+            load_dataset("fashion-mnist", data_root=a_file, download=download)
+        assert f"--data-root {a_file} is a file; give a folder" in one_line(exc)
+    with pytest.raises(DataError, match="is a file"):
+        data.list_datasets(a_file)
+    monkeypatch.setenv(data.DATA_ENV, str(a_file))
+    with pytest.raises(DataError, match=data.DATA_ENV):
+        load_dataset("digits")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -550,6 +577,14 @@ def test_imagefolder_test_class_without_train_folder_is_one_line(tmp_path):
         load_dataset("imagefolder", data_root=tmp_path, params={"path": "pets"})
     msg = one_line(exc)
     assert "'c'" in msg and str(tmp_path / "pets" / "train") in msg and "remove" in msg
+
+
+def test_imagefolder_needs_two_classes(tmp_path):
+    # One class is "learnt" perfectly: a 100% test accuracy that measures nothing.
+    _image_tree(tmp_path / "one", ("a",), ("a",))
+    with pytest.raises(DataError) as exc:
+        load_dataset("imagefolder", data_root=tmp_path, params={"path": "one"})
+    assert str(tmp_path / "one" / "train") in one_line(exc) and "at least 2" in str(exc.value)
 
 
 def test_imagefolder_expands_home_and_checks_size(tmp_path, monkeypatch):

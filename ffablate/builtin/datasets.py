@@ -9,7 +9,9 @@ for ``ffablate data list``.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
+import os
 import pickle
 from collections.abc import Callable
 from pathlib import Path
@@ -20,6 +22,7 @@ import torch
 
 from ffablate import hookimpl
 from ffablate.data import (
+    DATA_ENV,
     FASHION_MNIST_CLASSES,
     FASHION_MNIST_COARSE,
     FASHION_MNIST_FINE_TO_COARSE,
@@ -40,10 +43,29 @@ Locate = Callable[[list[Path]], tuple[str | None, str]]
 DIGIT_NAMES = [str(d) for d in range(10)]
 
 
+def _check_roots(roots: list[Path]) -> None:
+    """A data root that is a file holds no dataset folder: every look-up in it would fail, and the dataset would
+    come from an offline package instead, as if the root had not been given."""
+    for root in roots:
+        if root.is_file():
+            raise DataError(f"--data-root {root} is a file; give a folder (or fix ${DATA_ENV}, if it came from there)")
+
+
 def _with_locator(locate: Locate) -> Callable[[Callable[..., ImageDataset]], Callable[..., ImageDataset]]:
+    """Attach ``locate`` as ``factory.locate``; both refuse a data root that is a file."""
+
     def attach(factory: Callable[..., ImageDataset]) -> Callable[..., ImageDataset]:
-        factory.locate = locate  # type: ignore[attr-defined]
-        return factory
+        @functools.wraps(factory)  # keeps the signature: the registry reads the parameters from it
+        def checked(roots: list[Path], download: bool, **params: Any) -> ImageDataset:
+            _check_roots(roots)
+            return factory(roots, download, **params)
+
+        def checked_locate(roots: list[Path]) -> tuple[str | None, str]:
+            _check_roots(roots)
+            return locate(roots)
+
+        checked.locate = checked_locate  # type: ignore[attr-defined]
+        return checked
 
     return attach
 
@@ -67,7 +89,16 @@ def _dataset(
 
 def _download(name: str, fetch: Callable[[Path], None], root: Path) -> None:
     """Run a torchvision download into ``root``; a network failure becomes one line."""
-    root.mkdir(parents=True, exist_ok=True)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise DataError(
+            f"cannot download {name!r}: --data-root {root} must be a writable folder ({exc.strerror}); give another"
+        ) from None
+    if not os.access(root, os.W_OK):
+        raise DataError(
+            f"cannot download {name!r}: --data-root {root} must be a writable folder (it is read-only); give another"
+        )
     try:
         fetch(root)
     except Exception as exc:  # torchvision raises URLError, RuntimeError, OSError... depending on the failure
@@ -518,6 +549,7 @@ def _read_split(folder: Path, classes: list[str], mode: str, size: int) -> tuple
     return np.stack(images), np.asarray(labels)
 
 
+@_with_locator(_imagefolder_locator(""))
 def load_imagefolder(
     roots: list[Path], download: bool, path: str = "", size: int = 0, channels: int = 3
 ) -> ImageDataset:
@@ -532,6 +564,12 @@ def load_imagefolder(
         raise DataNotFound(how if path else f"dataset 'imagefolder': {how}")
     folder = Path(found)
     classes = sorted(d.name for d in (folder / "train").iterdir() if d.is_dir())
+    if len(classes) < 2:
+        # One class is learnt perfectly by answering it always: a 100% accuracy that measures nothing.
+        raise DataError(
+            f"dataset 'imagefolder': {folder / 'train'} has {len(classes)} class folder(s); "
+            "give it at least 2 (one sub-folder of images per class)"
+        )
     # The classes come from train/: a test class without one would silently lose its test images.
     untrained = sorted(d.name for d in (folder / "test").iterdir() if d.is_dir() and d.name not in classes)
     if untrained:
@@ -544,9 +582,6 @@ def load_imagefolder(
     test_x, test_y = _read_split(folder / "test", classes, mode, size)
     arrays = {"train_x": train_x, "train_y": train_y, "test_x": test_x, "test_y": test_y}
     return _dataset("imagefolder", arrays, classes, True, str(folder))
-
-
-load_imagefolder.locate = lambda roots: _imagefolder_locator("")(roots)  # type: ignore[attr-defined]
 
 
 @hookimpl
