@@ -116,7 +116,7 @@ def test_fused_op_runs_where_it_applies_and_aten_elsewhere(monkeypatch: pytest.M
 
 
 def test_backward_is_one_kernel_call() -> None:
-    """Autograd must not zero-fill a gradient for the argmax output: that was a pass as long as the backward."""
+    """Autograd must not zero-fill a gradient for the argmax output that nothing reads."""
     x = torch.randn(4, 3, 8, 8, requires_grad=True)
     y = ops.max_pool2x2(x, relu=True)
     grad = torch.randn_like(y)
