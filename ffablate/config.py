@@ -13,6 +13,7 @@ from ffablate.errors import ConfigError
 METHODS = ("ff", "ff-ga", "bp", "bp-deepsup", "bp-ga", "bp-ckpt")
 FF_METHODS = ("ff", "ff-ga")
 PLUGIN_KINDS = ("goodness", "temperature", "norm", "loss", "negatives", "fusion", "datasets")
+MAX_SEED = 2**32 - 1  # numpy's seed range: seed_everything seeds numpy too
 
 
 @dataclass
@@ -111,6 +112,8 @@ class RunConfig:
                 raise ConfigError(f"{key} must be at least 1, got {getattr(self, key)}")
         if self.batch_size % self.micro_batch and self.method in ("ff-ga", "bp-ga"):
             raise ConfigError(f"batch_size {self.batch_size} must be a multiple of micro_batch {self.micro_batch}")
+        if not 0 <= self.seed <= MAX_SEED:
+            raise ConfigError(f"seed {self.seed} is out of range; give a seed in 0..{MAX_SEED}")
         if not 0 < self.lr < math.inf:
             raise ConfigError(f"lr must be a positive finite number, got {self.lr}")
         if not 0 <= self.weight_decay < math.inf:

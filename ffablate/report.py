@@ -59,22 +59,34 @@ def _markdown(summary: results.Summary, plots: list[tuple[str, str]], importance
         "Mean test accuracy over seeds with its 95% t-interval; the gap is FF minus its matched BP baseline "
         "in "
         'percentage points with a 95% Welch interval ("± –" when a side has fewer than two seeds). '
-        + (
-            "Configurations are ranked on validation accuracy (held-out training images, its own column)."
-            if summary.selected_on_validation
-            else "No validation split: configurations are ranked on the test accuracy shown."
-        ),
+        + _ranking(summary),
         "",
     ]
     lines += _md_table(results.TABLE_COLUMNS, results.table_rows(summary, top=15))
-    failed = [(r.label, f) for r in summary.rows for f in r.failed]
+    failed = [f"- {r.label}: {reason}" for r in summary.rows for reason in r.failed]
+    failed += [
+        f"- {r.label} (seed {seed}): {reason} (not for good: rerunning the study runs this point again)"
+        for r in summary.rows
+        for seed, reason in r.retried
+    ]
     if failed:
-        lines += ["", "## Failed trials", ""] + [f"- {label}: {reason}" for label, reason in failed]
+        lines += ["", "## Failed trials", "", *failed]
     lines += ["", "## Plots", ""]
     for path, caption in plots:
         lines += [f"![{caption}]({path})" if path else caption, ""]
     lines += ["## Parameter importance", "", importance_note, ""]
     return "\n".join(lines) + "\n"
+
+
+def _ranking(summary: results.Summary) -> str:
+    if summary.selected_on_validation:
+        return "Configurations are ranked on validation accuracy (held-out training images, its own column)."
+    if summary.planned_val_images and not any(r.n for r in summary.ff):
+        return (
+            f"Configurations will be ranked on validation accuracy ({summary.planned_val_images} held-out training "
+            "images); no FF trial has completed yet."
+        )
+    return "No validation split: configurations are ranked on the test accuracy shown."
 
 
 def _states(summary: results.Summary) -> str:

@@ -36,6 +36,8 @@ class Row:
     pruned: int = 0
     duplicates: int = 0  # completed reruns of a (configuration, seed) already counted
     failed: list[str] = field(default_factory=list)
+    # Failures a rerun retries (broken data, a dead process) whose point has no finished trial yet, with its seed.
+    retried: list[tuple[int, str]] = field(default_factory=list)
     accuracy: Estimate = Estimate(math.nan, math.nan, 0)
     val: Estimate = Estimate(math.nan, math.nan, 0)
     gap: Estimate = Estimate(math.nan, math.nan, 0)
@@ -68,6 +70,7 @@ class Row:
             "pruned": self.pruned,
             "duplicates": self.duplicates,
             "failed": self.failed,
+            "retried": [{"seed": seed, "reason": reason} for seed, reason in self.retried],
             "train_seconds_mean": _mean(self.train_seconds),
             "images_per_second_mean": _mean(self.images_per_second),
             "peak_memory_mb_mean": _mean(self.peak_memory) / 2**20,
@@ -95,6 +98,12 @@ class Summary:
         """True when every scored FF row is ranked by validation accuracy (the budget held images out)."""
         scored = [r for r in self.ff if r.n]
         return bool(scored) and all(r.has_val for r in scored)
+
+    @property
+    def planned_val_images(self) -> int:
+        """The validation images the study's shared settings hold out: what it will rank on before any FF trial
+        has a score to show it."""
+        return int(self.meta.get("base", {}).get("val_images", 0))
 
     def ranked(self) -> list[Row]:
         """Scored FF rows, best first: by validation accuracy when all have it, else by test accuracy."""
@@ -126,6 +135,7 @@ def summarize(study: optuna.Study) -> Summary:
     order = list(study.user_attrs.get("cells", []))
     trials = study.get_trials(deepcopy=False)
     states: dict[str, int] = defaultdict(int)
+    finished = {(t.user_attrs.get("cell"), t.user_attrs.get("seed")) for t in trials if _finished(t)}
     for t in trials:
         states[t.state.name] += 1
         label = t.user_attrs.get("cell")
@@ -143,6 +153,8 @@ def summarize(study: optuna.Study) -> Summary:
                 t.user_attrs.get("match", "{}"),
             )
         _add(row, t)
+        if t.state == TrialState.FAIL and not _finished(t) and (label, t.user_attrs.get("seed")) not in finished:
+            row.retried.append((int(t.user_attrs.get("seed", -1)), str(t.user_attrs.get("fail_reason", "failed"))))
     ordered = sorted(
         rows.values(),
         key=lambda r: (
@@ -164,6 +176,13 @@ def summarize(study: optuna.Study) -> Summary:
         if base is not None and base.n and row.n:
             row.gap, row.baseline = welch_ci(row.accuracies, base.accuracies), base.label
     return Summary(study.study_name, dict(study.user_attrs), ordered, len(trials), dict(states))
+
+
+def _finished(t: FrozenTrial) -> bool:
+    """Done for good, as ``study.is_done`` decides (not imported: the study module imports this one)."""
+    if t.state in (TrialState.COMPLETE, TrialState.PRUNED):
+        return True
+    return t.state == TrialState.FAIL and bool(t.user_attrs.get("fail_permanent"))
 
 
 def _add(row: Row, t: FrozenTrial) -> None:
@@ -209,6 +228,8 @@ def table_rows(summary: Summary, top: int | None = None) -> list[list[str]]:
             notes.append(f"{r.duplicates} duplicate seed run(s) not counted")
         if r.failed:
             notes.append(f"{len(r.failed)} failed: {r.failed[0][:60]}")
+        if r.retried:
+            notes.append(f"{len(r.retried)} failed, to rerun: {r.retried[0][1][:60]}")
         gap = fmt(r.gap, signed=True) if r.role == "ff" else "(baseline)"
         val = fmt(r.val) if r.has_val else "-"
         out.append([r.label, str(r.n), fmt(r.accuracy), gap, val, f"{_mean(r.train_seconds):.1f}", "; ".join(notes)])
@@ -340,13 +361,23 @@ def _answer_bp_gap(summary: Summary) -> str:
 
 
 def to_json(summary: Summary) -> str:
-    return json.dumps(
-        {
-            "study": summary.name,
-            "meta": summary.meta,
-            "answer": answer(summary),
-            "states": summary.states,
-            "rows": [r.to_dict() for r in summary.rows],
-        },
-        default=str,
-    )
+    """The summary as strict JSON: a mean or CI that does not exist (no seed, or one) is null, not NaN, which
+    JSON has no word for."""
+    payload = {
+        "study": summary.name,
+        "meta": summary.meta,
+        "answer": answer(summary),
+        "states": summary.states,
+        "rows": [r.to_dict() for r in summary.rows],
+    }
+    return json.dumps(_finite(payload), default=str, allow_nan=False)
+
+
+def _finite(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ffablate.config import PLUGIN_KINDS, RunConfig
+from ffablate.config import MAX_SEED, PLUGIN_KINDS, RunConfig
 from ffablate.errors import ConfigError, FFablateError
 
 ANALYSES = ("ablation", "k-sweep", "label-hierarchy", "bp-gap", "search")
@@ -31,7 +31,14 @@ RECIPE_PLUGIN_KINDS = frozenset(PLUGIN_KINDS) - {"datasets"}
 # are part of the backbone BP trains too, so each norm level gets a baseline with that norm.
 FF_ONLY = RECIPE_KEYS - {"norm"}
 STUDY_KEYS = {"seeds", "n_trials", "axes"}  # budget keys that are not RunConfig keys
-SPACE_TYPES = ("float", "int", "categorical")
+# The keys each kind of [space] distribution takes, as for a plugin's declared space: anything else (a `step`)
+# would be accepted and silently not applied.
+SPACE_KEYS = {
+    "float": {"type", "low", "high", "log"},
+    "int": {"type", "low", "high", "log"},
+    "categorical": {"type", "choices"},
+}
+MAX_SEEDS = 1000  # a seed count is a range to run: bounded so a typo is a message, not a MemoryError
 STUDIES_DIR = Path(__file__).resolve().parent.parent / "studies"
 
 
@@ -100,6 +107,7 @@ class Plan:
     base: dict[str, Any]
     cells: list[Cell]
     notes: list[str] = field(default_factory=list)
+    recipe_source: str | None = None  # the study whose winning recipe ``with_recipe`` laid over ``base``
 
     def cell(self, label: str) -> Cell:
         for cell in self.cells:
@@ -110,12 +118,42 @@ class Plan:
     def with_recipe(self, recipe: dict[str, Any], source: str) -> Plan:
         """This plan with an FF recipe (e.g. another study's winner) laid over its base settings."""
         note = f"FF recipe from study {source}: {_label(recipe) or 'the defaults'}"
-        base = {**self.base, **recipe}
-        _check_configs(self.spec.path, self.budget.name, base, self.cells)
-        return dataclasses.replace(self, base=base, notes=[*self.notes, note])
+        plan = dataclasses.replace(self, base={**self.base, **recipe}, notes=[*self.notes, note], recipe_source=source)
+        _check_configs(plan)
+        return plan
 
     def config(self, overrides: dict[str, Any], seed: int, device: str = "cpu") -> RunConfig:
         return RunConfig().with_updates({**self.base, **overrides, "seed": seed, "device": device})
+
+    def plugin_name(self, overrides: dict[str, Any], kind: str) -> str:
+        """The ``kind`` plugin a trial with ``overrides`` runs."""
+        return str(overrides.get(kind) or self.base.get(kind) or getattr(RunConfig(), kind))
+
+    def configurations(self) -> list[Cell]:
+        """Every configuration to check before the first trial: the cells and, under TPE, each FF cell at both
+        ends of every searched range and at every searched choice (the spec's space and the searched plugins'
+        declared ones), one key at a time. Checking the ends, not the trials TPE will draw, is what is cheap."""
+        if self.spec.sampler != "tpe":
+            return list(self.cells)
+        from ffablate.plugins import registry
+
+        probes = []
+        for cell in self.cells:
+            if cell.role != "ff":  # baselines are fixed trials: nothing is searched on them
+                continue
+            space = dict(self.spec.space)
+            for kind in self.spec.space_plugins:
+                plugin = registry().get(kind, self.plugin_name(cell.overrides, kind))
+                space.update({f"{kind}.{param}": dist for param, dist in plugin.space.items()})
+            for key, dist in space.items():
+                for value in _space_values(dist):
+                    label = f"{cell.label} with {key}={value} from the search space"
+                    probes.append(dataclasses.replace(cell, label=label, overrides={**cell.overrides, key: value}))
+        return [*self.cells, *probes]
+
+    def error(self, cell: Cell, exc: FFablateError) -> SpecError:
+        """``exc`` as a mistake of the spec, naming the configuration it showed in."""
+        return SpecError(f"{self.spec.path}: budgets.{self.budget.name} configuration {cell.label!r}: {exc}")
 
     def fingerprint(self) -> str:
         """Identifies what the trials mean; resuming a study made from a different plan would mix results."""
@@ -237,9 +275,7 @@ def parse(raw: dict[str, Any], path: Path) -> Spec:
     for i, kind in enumerate(space_plugins):
         if kind not in RECIPE_PLUGIN_KINDS:
             v.fail(f"space.plugins[{i}]", f"must be a plugin kind ({', '.join(sorted(RECIPE_PLUGIN_KINDS))})")
-    space = {k: v.distribution(d, f"space.{k}") for k, d in space_raw.items() if k != "plugins"}
-    for k in space:
-        v.setting_key(k, f"space.{k}")
+    space = {k: v.distribution(d, f"space.{k}", k) for k, d in space_raw.items() if k != "plugins"}
     if sampler == "grid" and (space or space_plugins):
         v.fail("space", 'needs sampler = "tpe": a grid only walks the categorical axes')
 
@@ -255,7 +291,8 @@ def parse(raw: dict[str, Any], path: Path) -> Spec:
     v.no_unknown(pruner, {"type", "n_startup_trials", "n_warmup_steps"}, "pruner")
     v.choice(pruner, "type", PRUNERS, "none", key="pruner")
     for k in ("n_startup_trials", "n_warmup_steps"):
-        v.get(pruner, k, int, default=0, key="pruner")
+        if v.get(pruner, k, int, default=0, key="pruner") < 0:
+            v.fail(f"pruner.{k}", "must be at least 0")
     name = v.get(raw, "name", str, default=path.stem)
     spec = Spec(
         name,
@@ -328,22 +365,27 @@ class _Validator:
         """RunConfig keys with values of the field's type, or plugin parameters "kind.param"."""
         if not isinstance(table, dict):
             self.fail(key, "must be a table")
-        defaults = RunConfig()
         out = {}
         for k, value in table.items():
             path = _join(key, k)
             if k in extra:
                 continue
             self.setting_key(k, path)
-            if "." not in k:
-                want = type(getattr(defaults, k))
-                if not _is(value, want):
-                    self.fail(path, f"must be {_a(want)}")
-                self._check_value(k, value, path)
-            elif not isinstance(value, (str, int, float, bool)):
-                self.fail(path, "must be a number, string or boolean")
+            self.value(k, value, path)
             out[k] = value
         return out
+
+    def value(self, k: str, value: Any, path: str) -> None:
+        """``value`` is of the type setting ``k`` takes (RunConfig's field's), or a scalar for a plugin parameter
+        (its type is the chosen plugin's to check, per configuration)."""
+        if "." in k:
+            if not isinstance(value, (str, int, float, bool)):
+                self.fail(path, "must be a number, string or boolean")
+            return
+        want = type(getattr(RunConfig(), k))
+        if not _is(value, want):
+            self.fail(path, f"must be {_a(want)}")
+        self._check_value(k, value, path)
 
     def _check_value(self, k: str, value: Any, path: str) -> None:
         if k in PLUGIN_KINDS and k != "datasets":
@@ -387,11 +429,18 @@ class _Validator:
         if isinstance(seeds, bool) or not isinstance(seeds, (int, list)):
             self.fail(f"{key}.seeds", "must be an int (how many seeds) or a list of ints")
         if isinstance(seeds, int):
-            if seeds < 1:
-                self.fail(f"{key}.seeds", "must be at least 1")
+            if not 1 <= seeds <= MAX_SEEDS:
+                self.fail(
+                    f"{key}.seeds", f"= {seeds}: give a count from 1 to {MAX_SEEDS} (seeds 0..N-1) or a list of seeds"
+                )
             seeds = list(range(seeds))
         if not seeds or not all(_is(s, int) for s in seeds) or len(set(seeds)) != len(seeds):
             self.fail(f"{key}.seeds", "must be a non-empty list of distinct ints")
+        if len(seeds) > MAX_SEEDS:
+            self.fail(f"{key}.seeds", f"lists {len(seeds)} seeds; at most {MAX_SEEDS}")
+        for i, s in enumerate(seeds):
+            if not 0 <= s <= MAX_SEED:
+                self.fail(f"{key}.seeds[{i}]", f"is {s}; a seed must be in 0..{MAX_SEED}")
         n_trials = table.get("n_trials", 0)
         if not _is(n_trials, int) or n_trials < 0:
             self.fail(f"{key}.n_trials", "must be a non-negative int")
@@ -404,24 +453,44 @@ class _Validator:
         )
         return Budget(name, settings, list(seeds), n_trials, axes)
 
-    def distribution(self, d: Any, key: str) -> dict[str, Any]:
+    def distribution(self, d: Any, key: str, k: str) -> dict[str, Any]:
+        """The search distribution of setting ``k``. Whatever it can draw must be a value ``k`` takes: a trial
+        handed a string lr, or a float epochs (truncated), would fail for good or run something else. The
+        range itself is checked per configuration at both ends (``Plan.configurations``)."""
+        self.setting_key(k, key)
         if not isinstance(d, dict):
             self.fail(key, 'must be a table like {type = "float", low = 1e-4, high = 1e-2, log = true}')
-        self.no_unknown(d, {"type", "low", "high", "log", "choices", "step"}, key)
-        kind = self.choice(d, "type", SPACE_TYPES, "", key=key)
+        kind = self.choice(d, "type", tuple(SPACE_KEYS), "", key=key)
+        self.no_unknown(d, SPACE_KEYS[kind], key)
         if kind == "categorical":
             choices = self.get(d, "choices", list, required=True, key=key)
             if not choices:
                 self.fail(f"{key}.choices", "must not be empty")
-        else:
-            num = float if kind == "float" else int
-            low = self.get(d, "low", num, required=True, key=key)
-            high = self.get(d, "high", num, required=True, key=key)
-            if not low < high:
-                self.fail(key, f"needs low < high, got {low} and {high}")
-            if self.get(d, "log", bool, default=False, key=key) and low <= 0:
-                self.fail(f"{key}.low", "must be positive when log = true")
+            for i, value in enumerate(choices):
+                self.value(k, value, f"{key}.choices[{i}]")
+            return dict(d)
+        if "." not in k:
+            want = type(getattr(RunConfig(), k))
+            if want not in (int, float):
+                self.fail(key, f'searches {k}, which takes {_a(want)}: use type = "categorical" with choices')
+            if want is int and kind == "float":
+                self.fail(key, f'searches {k}, which takes an int: use type = "int" (a float would be truncated)')
+        num = float if kind == "float" else int
+        low = self.get(d, "low", num, required=True, key=key)
+        high = self.get(d, "high", num, required=True, key=key)
+        if not low < high:
+            self.fail(key, f"needs low < high, got {low} and {high}")
+        if self.get(d, "log", bool, default=False, key=key) and low <= 0:
+            self.fail(f"{key}.low", "must be positive when log = true")
         return dict(d)
+
+
+def _space_values(dist: dict[str, Any]) -> list[Any]:
+    """A distribution's choices, or the two ends of its range as the type its trials draw."""
+    if dist["type"] == "categorical":
+        return list(dist["choices"])
+    cast = float if dist["type"] == "float" else int
+    return [cast(dist["low"]), cast(dist["high"])]
 
 
 def _join(key: str, k: str) -> str:
@@ -514,24 +583,25 @@ def _plan(spec: Spec, budget_name: str, available: Callable[[str], bool]) -> Pla
                 f"{spec.path}: two configurations are both labelled {cell.label!r}; give the groups distinct labels"
             )
         seen.add(cell.label)
-    _check_configs(spec.path, budget_name, base, cells)
     if not ff_cells and spec.sampler == "grid":
         raise SpecError(f"{spec.path}: nothing to run at budget {budget_name}: " + "; ".join(notes or ["no axes"]))
-    return Plan(spec, budget, base, cells, notes)
+    plan = Plan(spec, budget, base, cells, notes)
+    _check_configs(plan)
+    return plan
 
 
-def _check_configs(path: Path, budget_name: str, base: dict[str, Any], cells: list[Cell]) -> None:
-    """Every cell must make a valid RunConfig before any training starts."""
+def _check_configs(plan: Plan) -> None:
+    """Every configuration must make a valid RunConfig before any training starts."""
     from ffablate.plugins import registry
 
-    for cell in cells:
+    for cell in plan.configurations():
         try:
-            config = RunConfig().with_updates({**base, **cell.overrides})
+            config = RunConfig().with_updates({**plan.base, **cell.overrides})
             for kind in PLUGIN_KINDS:  # plugin parameters: known to the chosen plugin, of the right type
                 name = config.dataset if kind == "datasets" else getattr(config, kind)
                 registry().get(kind, name).checked_params(config.params_of(kind))
         except FFablateError as exc:
-            raise SpecError(f"{path}: budgets.{budget_name} configuration {cell.label!r}: {exc}") from None
+            raise plan.error(cell, exc) from None
 
 
 def _group_is_data(g: Group) -> bool:

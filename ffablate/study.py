@@ -29,7 +29,7 @@ from optuna.trial import FrozenTrial, Trial, TrialState
 from ffablate import results
 from ffablate import spec as specs
 from ffablate.config import RunConfig
-from ffablate.errors import DataError, FFablateError
+from ffablate.errors import ConfigError, DataError, FFablateError
 
 DEFAULT_STORAGE = "sqlite:///ffablate.db"
 HEARTBEAT_S, GRACE_S = 20, 120
@@ -53,6 +53,10 @@ def storage_for(url: str | None) -> optuna.storages.RDBStorage:
         raise FFablateError(
             f"--storage {url!r} is not a database URL; e.g. sqlite:///ffablate.db or postgresql://user@host/db"
         )
+    if _in_memory(url):
+        # Each opening gets a fresh empty database: a study would keep nothing, and Optuna's heartbeat thread,
+        # on a connection of its own, finds no tables and fails with a traceback every beat.
+        raise FFablateError(f"--storage {url!r}: in-memory storage keeps nothing; use sqlite:///FILE.db")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # heartbeats are "experimental"
@@ -62,6 +66,17 @@ def storage_for(url: str | None) -> optuna.storages.RDBStorage:
             f"cannot open storage {url}: {str(exc).splitlines()[0]}; check the URL (for sqlite, that its folder "
             "exists and is writable; for a server, that it is up and its driver installed)"
         ) from None
+
+
+def _in_memory(url: str) -> bool:
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    try:
+        parsed = make_url(url)
+    except ArgumentError:  # not a URL SQLAlchemy can parse: opening it says why
+        return False
+    return parsed.get_backend_name() == "sqlite" and parsed.database in (None, "", ":memory:")
 
 
 def describe_storage(url: str | None) -> str:
@@ -91,13 +106,9 @@ def winning_recipe(storage_url: str | None, name: str) -> tuple[dict[str, Any], 
     study = load_study(storage_url, name)
     best = results.summarize(study).best()
     if best is None:
-        command = f"ffablate study {study.user_attrs.get('ffablate_spec', name)}"
-        if study.user_attrs.get("budget"):
-            command += f" --budget {study.user_attrs['budget']}"
-        if storage_url:
-            command += f" --storage {storage_url}"
         raise FFablateError(
-            f"study {study.study_name} has no completed FF trial to take a recipe from; run it first (`{command}`)"
+            f"study {study.study_name} has no completed FF trial to take a recipe from; run it first "
+            f"(`{rerun_command(study, storage_url)}`)"
         )
     # The winner's recipe is the source's shared settings plus its own overrides, FF keys only.
     settings = {**study.user_attrs.get("base", {}), **best.overrides}
@@ -105,6 +116,34 @@ def winning_recipe(storage_url: str | None, name: str) -> tuple[dict[str, Any], 
         k: v for k, v in settings.items() if k in specs.RECIPE_KEYS or k.split(".")[0] in specs.RECIPE_PLUGIN_KINDS
     }
     return recipe, study.study_name
+
+
+def rerun_command(study: optuna.Study, storage_url: str | None) -> str:
+    """The ``ffablate study`` command that made (and resumes) ``study``: the same spec, budget and storage, and
+    its name or recipe source where they are not the defaults, since any other name is another study."""
+    attrs = study.user_attrs
+    spec_name, budget = attrs.get("ffablate_spec", study.study_name), attrs.get("budget", "quick")
+    command = f"ffablate study {_spec_argument(spec_name, attrs.get('spec_path'))} --budget {budget}"
+    # Studies made before the recipe's source was stored have it only in their default name.
+    recipe = attrs["recipe_from"] if "recipe_from" in attrs else study.study_name.partition("@")[2] or None
+    if recipe:
+        command += f" --recipe-from {recipe}"
+    if storage_url:
+        command += f" --storage {storage_url}"
+    if study.study_name != f"{spec_name}-{budget}" + (f"@{recipe}" if recipe else ""):
+        command += f" --study-name {study.study_name}"
+    return command
+
+
+def _spec_argument(name: str, path: str | None) -> str:
+    """The spec's name where `ffablate study NAME` finds that very file, else its path."""
+    if path is None:
+        return name
+    try:
+        found = specs.resolve(name)
+    except specs.SpecError:
+        return path
+    return name if found.resolve() == Path(path).resolve() else path
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -211,7 +250,17 @@ class DataCache:
     def get(self, config: RunConfig) -> Any:
         from ffablate.train.common import prepare_data, resolve_device
 
-        key = json.dumps(
+        key = self.key(config)
+        if key not in self._items:
+            self._items[key] = prepare_data(config, resolve_device(config.device), self.data_root, False)
+            while len(self._items) > self.size:
+                self._items.popitem(last=False)
+        self._items.move_to_end(key)
+        return self._items[key]
+
+    @staticmethod
+    def key(config: RunConfig) -> str:
+        return json.dumps(
             [
                 config.dataset,
                 config.classes,
@@ -228,12 +277,34 @@ class DataCache:
             sort_keys=True,
             default=str,
         )
-        if key not in self._items:
-            self._items[key] = prepare_data(config, resolve_device(config.device), self.data_root, False)
-            while len(self._items) > self.size:
-                self._items.popitem(last=False)
-        self._items.move_to_end(key)
-        return self._items[key]
+
+
+def preflight(plan: specs.Plan, device: str, data: DataCache) -> None:
+    """Build every configuration's trainer on its data, as a trial would, and score two test images, training
+    nothing. Some mistakes show only with the data (a batch larger than the training split, more halvings than
+    the image has pixels, fewer channels than classes): inside a trial each would fail its trial for good, one
+    by one, and the study, made under this spec's fingerprint, would refuse the fixed spec."""
+    from ffablate.train import build_trainer
+
+    checks = [(cell, plan.config(cell.overrides, plan.budget.seeds[0], device)) for cell in plan.configurations()]
+    first_use = list(dict.fromkeys(data.key(config) for _, config in checks))
+    # One data variant after another, each loaded once, the one the first trials need last, so the cache is left
+    # holding what they load first.
+    checks.sort(key=lambda check: -first_use.index(data.key(check[1])))
+    broken: set[str] = set()
+    for cell, config in checks:
+        if data.key(config) in broken:
+            continue
+        try:
+            trainer = build_trainer(config, data=data.get(config))
+            x, y = next(iter(trainer.data.test))
+            # A forward pass runs the checks made on activations; evaluate only iterates what it is given.
+            trainer.evaluate([(x[:2], y[:2])])
+        except DataError:
+            # Left to the first trial on this data, which stops the study and keeps its point for a rerun.
+            broken.add(data.key(config))
+        except ConfigError as exc:
+            raise plan.error(cell, exc) from None
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -329,7 +400,7 @@ class Objective:
         for key, dist in plan.spec.space.items():
             overrides[key] = suggest(trial, key, dist)
         for kind in plan.spec.space_plugins:
-            name = overrides.get(kind) or plan.base.get(kind) or getattr(RunConfig(), kind)
+            name = plan.plugin_name(overrides, kind)
             for param, dist in registry().get(kind, name).space.items():
                 overrides[f"{kind}.{param}"] = suggest(trial, f"{kind}:{name}.{param}", dist)
         sampled = " ".join(
@@ -432,6 +503,7 @@ def open_study(plan: specs.Plan, storage: optuna.storages.BaseStorage, name: str
             "groups": [g.label for g in spec.groups],
             "cells": [c.label for c in plan.cells],
             "spec_path": str(spec.path),
+            "recipe_from": plan.recipe_source,
             "fingerprint": fingerprint,
         }
         for key, value in meta.items():
@@ -501,7 +573,12 @@ def run_study(
     resolve_device(device)
     storage = storage_for(storage_url)
     name = study_name or default_study_name(plan.spec, plan.budget.name)
+    data = DataCache(data_root)
     with _quiet_optuna():
+        # Before the study exists, so a spec that fails leaves its name unused; a finished study runs nothing, and
+        # resuming it needs no data loaded.
+        if name not in optuna.get_all_study_names(storage) or remaining(open_study(plan, storage, name), plan):
+            preflight(plan, device, data)
         study = open_study(plan, storage, name)
         stale = fail_dead_trials(study)
         if stale:
@@ -515,7 +592,7 @@ def run_study(
         limit = todo if n_trials is None else min(n_trials, todo)
         before = len(study.trials)
         if limit > 0:
-            objective = Objective(plan, device, DataCache(data_root), progress.steps if progress is not None else None)
+            objective = Objective(plan, device, data, progress.steps if progress is not None else None)
             callbacks = [lambda s, t: _log_failure(t, log)]
             if progress is not None:
                 progress.start(limit)
@@ -548,12 +625,14 @@ def _log_failure(trial: FrozenTrial, log: Callable[[str], None]) -> None:
 
 
 def load_study(storage_url: str | None, name: str) -> optuna.Study:
-    """An existing study, read-only in spirit: nothing is run. ``name`` may omit the budget suffix."""
+    """An existing study with ffablate trials, read-only in spirit: nothing is run. ``name`` may omit the budget
+    suffix."""
     db = sqlite_file(storage_url or DEFAULT_STORAGE)
     if db is not None and not db.exists():  # opening it would leave an empty database behind
         raise FFablateError(f"no study storage at {db.resolve()}; pass the --storage your study ran with")
     storage = storage_for(storage_url)
-    names = [s.study_name for s in optuna.get_all_study_summaries(storage, include_best_trial=False)]
+    summaries = optuna.get_all_study_summaries(storage, include_best_trial=False)
+    names = [s.study_name for s in summaries]
     if name not in names:
         matches = [n for n in names if n.startswith(f"{name}-")]
         preferred = [n for n in matches if n == f"{name}-quick"]
@@ -564,7 +643,15 @@ def load_study(storage_url: str | None, name: str) -> optuna.Study:
             hint = f"; several match: {', '.join(matches)}" if matches else ""
             raise FFablateError(f"no study {name!r} in {storage_url or DEFAULT_STORAGE}{hint}; studies there: {known}")
     with _quiet_optuna():
-        return optuna.load_study(study_name=name, storage=storage)
+        study = optuna.load_study(study_name=name, storage=storage)
+    if not any(CELL in t.user_attrs for t in study.get_trials(deepcopy=False)):
+        if "ffablate_spec" not in study.user_attrs:
+            ours = [s.study_name for s in summaries if "ffablate_spec" in s.user_attrs]
+            where = f" --storage {storage_url}" if storage_url else ""
+            hint = f"ffablate studies there: {', '.join(ours)}" if ours else f"run `ffablate study NAME{where}`"
+            raise FFablateError(f"study {name} has no ffablate trials (`ffablate study` did not make it); {hint}")
+        raise FFablateError(f"study {name} has no ffablate trials; run `{rerun_command(study, storage_url)}`")
+    return study
 
 
 class StudyProgress:

@@ -285,3 +285,16 @@ def test_plugin_that_fails_to_import_is_named_in_one_line(capsys, tmp_path, monk
         plugins._default_registry.cache_clear()
     err = one_line_error(capsys)
     assert "'broken'" in err and "a_dependency_that_is_not_installed" in err and "pip uninstall ffablate-broken" in err
+
+
+@pytest.mark.parametrize("url", ["sqlite://", "sqlite:///", "sqlite:///:memory:"])
+@pytest.mark.parametrize("command", [["study", "goodness", "--budget", "smoke"], ["report", "goodness"]])
+def test_in_memory_storage_is_refused_in_one_line(capsys, url, command):
+    assert main([*command, "--storage", url]) == 2
+    assert "in-memory storage keeps nothing; use sqlite:///FILE.db" in one_line_error(capsys)
+
+
+@pytest.mark.parametrize("flags", [["--seed", "-1"], ["--seed", "4294967296"], ["--set", "seed=-1"]])
+def test_seed_numpy_cannot_take_is_one_line(capsys, flags):
+    assert main(["train", *tiny_args(*flags)]) == 2
+    assert "give a seed in 0..4294967295" in one_line_error(capsys)

@@ -267,3 +267,53 @@ def test_without_a_validation_split_the_answer_says_the_choice_is_optimistic(url
         summary
     )
     assert results.table_rows(summary)[0][4] == "-"
+
+
+def test_json_has_null_where_an_interval_does_not_exist(url):
+    # One seed per side: no t-interval and no Welch interval. JSON has no NaN; strict parsers refuse it.
+    study = make_study(
+        url,
+        "fusion-quick",
+        {"analysis": "ablation", "axes": {"fusion": ["last"]}},
+        [
+            {"cell": "bp-deepsup", "role": "baseline", "seed": 0, "value": 0.5, "overrides": {}},
+            {"cell": "fusion=last", "role": "ff", "seed": 0, "value": 0.7, "overrides": {"fusion": "last"}},
+        ],
+    )
+    text = results.to_json(results.summarize(study))
+    rows = {r["label"]: r for r in json.loads(text, parse_constant=lambda name: pytest.fail(f"{name} in JSON"))["rows"]}
+    assert rows["fusion=last"]["accuracy_ci95"] is None and rows["fusion=last"]["gap_ci95"] is None
+    assert rows["fusion=last"]["gap_mean"] == pytest.approx(0.2) and rows["bp-deepsup"]["gap_mean"] is None
+
+
+def test_report_of_a_study_without_ffablate_trials_names_what_to_run(tmp_path, url, capsys):
+    make_study(url, "mine", {"ffablate_spec": "fusion", "budget": "smoke"}, [])
+    assert main(["report", "mine", "--storage", url, "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and not (tmp_path / "o").exists()
+    assert f"study mine has no ffablate trials; run `ffablate study fusion --budget smoke --storage {url} " in err
+    assert err.endswith("--study-name mine`")
+    # A study Optuna holds that ffablate did not make: its name is no spec to run.
+    foreign = optuna.create_study(storage=url, study_name="foreign", direction="maximize")
+    foreign.add_trial(create_trial(value=0.5, params={}, distributions={}))
+    assert main(["report", "foreign", "--storage", url, "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and not (tmp_path / "o").exists()
+    assert "(`ffablate study` did not make it); ffablate studies there: mine" in err
+    assert "ffablate study foreign" not in err
+
+
+def test_report_lists_a_failure_a_rerun_retries_and_the_split_it_will_rank_on(tmp_path, url):
+    study = make_study(url, "fusion-smoke", {"analysis": "ablation", "base": {"val_images": 200}}, [])
+    attrs = {
+        "cell": "bp-deepsup",
+        "role": "baseline",
+        "seed": 0,
+        "overrides": {"method": "bp-deepsup"},
+        "fail_reason": "ChecksumMismatch: train-images: MD5 differs; delete it and fetch it again",
+    }
+    study.add_trial(create_trial(state=TrialState.FAIL, params={}, distributions={}, user_attrs=attrs))
+    text = write_report(study, tmp_path / "out").read_text()
+    failed = text.split("## Failed trials", 1)[1]
+    assert "- bp-deepsup (seed 0): ChecksumMismatch: train-images: MD5 differs" in failed
+    assert "No validation split" not in text and "ranked on validation accuracy (200 held-out" in text

@@ -18,6 +18,7 @@ from ffablate import results
 from ffablate import spec as specs
 from ffablate import study as studies
 from ffablate.cli import main
+from ffablate.errors import FFablateError
 from ffablate.stats import mean_ci, t_quantile, welch_ci
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -39,7 +40,7 @@ epochs = 1
 """
 
 
-def write_spec(tmp_path: Path, body: str, seeds: int = 2, name: str = "tiny") -> Path:
+def write_spec(tmp_path: Path, body: str, seeds: int | str = 2, name: str = "tiny") -> Path:
     path = tmp_path / f"{name}.toml"
     path.write_text(body + TINY_BUDGET.format(seeds=seeds))
     return path
@@ -111,6 +112,12 @@ def test_rerunning_a_finished_study_runs_nothing(finished, capsys):
     rows = {r["label"]: r for r in out["rows"]}
     assert rows["temperature=constant"]["n"] == 2
     assert rows["temperature=constant"]["gap_ci95"] == rows["temperature=constant"]["gap_ci95"]  # a number, not nan
+
+
+def test_resuming_a_finished_study_checks_and_loads_nothing(finished, monkeypatch):
+    tmp_path, url, _ = finished
+    monkeypatch.setattr(studies, "preflight", lambda *a: pytest.fail("a finished study has nothing to check"))
+    assert main(["study", str(tmp_path / "tiny.toml"), "--budget", "smoke", "--storage", url]) == 0
 
 
 PRUNED = """
@@ -299,6 +306,8 @@ def test_killed_study_resumes_without_losing_or_repeating_trials(tmp_path):
             "base.dataset names no dataset",
         ),
         (GRID + '[baseline]\nmethods = ["sgd"]\n', "baseline.methods[0] must be one of"),
+        (GRID + '[pruner]\ntype = "median"\nn_startup_trials = -3\n', "pruner.n_startup_trials must be at least 0"),
+        (GRID + '[pruner]\ntype = "median"\nn_warmup_steps = -1\n', "pruner.n_warmup_steps must be at least 0"),
     ],
 )
 def test_spec_errors_name_the_key_path(tmp_path, capsys, body, message):
@@ -374,3 +383,108 @@ def test_welch_interval_and_degenerate_cases():
     assert diff.mean == pytest.approx(0.1) and diff.excludes_zero() is False or diff.half_width > 0
     assert not mean_ci([0.5]).has_ci and not welch_ci([0.5], [0.4, 0.6]).has_ci
     assert welch_ci([0.5, 0.5], [0.4, 0.4]).half_width == 0
+
+
+@pytest.mark.parametrize(
+    ("seeds", "message"),
+    [
+        ("[-1]", "budgets.smoke.seeds[0] is -1; a seed must be in 0..4294967295"),
+        ("[0, 4294967296]", "budgets.smoke.seeds[1] is 4294967296; a seed must be in 0..4294967295"),
+        ("4294967296", "budgets.smoke.seeds = 4294967296: give a count from 1 to 1000"),
+    ],
+)
+def test_seeds_numpy_cannot_take_are_spec_errors(tmp_path, capsys, seeds, message):
+    path = write_spec(tmp_path, GRID, seeds=seeds)
+    assert main(["study", str(path), "--budget", "smoke", "--storage", storage_url(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and f"{path}: {message}" in err, err
+
+
+TPE = """
+question = "Which learning rate?"
+sampler = "tpe"
+[base]
+dataset = "fashion-mnist"
+{base}
+[axes]
+temperature = ["constant"]
+[space]
+{space}
+"""
+
+
+def write_tpe_spec(tmp_path: Path, space: str, base: str = "") -> Path:
+    path = write_spec(tmp_path, TPE.format(base=base, space=space), seeds=1)
+    text = path.read_text().replace("seeds = 1\n", "seeds = 1\nn_trials = 2\n")
+    for budget in ("quick", "full"):
+        text = text.replace(f"[budgets.{budget}]\n", f"[budgets.{budget}]\nn_trials = 2\n")
+    path.write_text(text)
+    return path
+
+
+@pytest.mark.parametrize(
+    ("space", "base", "message"),
+    [
+        ('lr = { type = "categorical", choices = ["a", "b"] }', "", "space.lr.choices[0] must be a number"),
+        (
+            'lr = { type = "float", low = -1.0, high = 1.0 }',
+            "",
+            "configuration 'temperature=constant with lr=-1.0 from the search space': lr must be a positive",
+        ),
+        ('epochs = { type = "float", low = 1.0, high = 1.9 }', "", 'which takes an int: use type = "int"'),
+        ('epochs = { type = "int", low = 0, high = 2 }', "", "epochs must be at least 1, got 0"),
+        ('batch_size = { type = "int", low = 10, high = 50, step = 20 }', "", "space.batch_size.step is not a known"),
+        ('channels = { type = "categorical", choices = [[8, 16]] }', "", "space.channels.choices[0] must be a string"),
+        ('channels = { type = "int", low = 8, high = 16 }', "", 'use type = "categorical" with choices'),
+        ('"fusion.k" = { type = "float", low = 0.0, high = 1.0 }', 'fusion = "sum-from-k"', "'k' takes an integer"),
+    ],
+)
+def test_search_space_values_must_be_ones_the_key_takes(tmp_path, capsys, space, base, message):
+    path = write_tpe_spec(tmp_path, space, base)
+    assert main(["study", str(path), "--budget", "smoke", "--storage", storage_url(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and f"{path}: " in err and message in err, err
+    assert not (tmp_path / "studies.db").exists()
+
+
+# Tiny and capped at one trial, so that on a regression the study trains for seconds, not a whole grid.
+@pytest.mark.parametrize(
+    ("axes", "message"),
+    [
+        ("batch_size = [5000]", "300 training images after holding out val_images=200 make no full batch of 5000"),
+        ("classes = [1]", "classes=1: dataset 'fashion-mnist' has 10 classes"),
+        ('channels = ["4,4,4,4,4,4"]\nstrides = ["2"]', "halve 28px images more than 4 times"),
+        ('channels = ["4,4"]\nstrides = ["2,2"]', "classwise goodness needs at least one channel per class"),
+    ],
+)
+def test_mistakes_that_show_with_the_data_stop_the_study_before_it_exists(tmp_path, capsys, axes, message):
+    path = write_spec(tmp_path, GRID.replace('temperature = ["constant", "cosine"]', axes), seeds=1)
+    url = storage_url(tmp_path)
+    assert main(["study", str(path), "--budget", "smoke", "--storage", url, "--n-trials", "1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert "Traceback" not in "".join(err) and f"{path}: budgets.smoke configuration " in err[-1], err
+    assert message in err[-1]
+    # No study was made under this spec's name, so the fixed spec starts it afresh.
+    assert optuna.get_all_study_names(url) == []
+
+
+def test_the_ends_of_a_search_range_are_built_on_the_data_before_the_study(tmp_path, capsys):
+    path = write_tpe_spec(tmp_path, 'batch_size = { type = "int", low = 10, high = 5000 }')
+    url = storage_url(tmp_path)
+    assert main(["study", str(path), "--budget", "smoke", "--storage", url, "--n-trials", "1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "with batch_size=5000 from the search space" in err and "no full batch of 5000" in err
+    assert optuna.get_all_study_names(url) == []
+
+
+def test_hints_to_rerun_a_study_keep_its_name_and_spec(tmp_path):
+    url = storage_url(tmp_path)
+    made = optuna.create_study(storage=url, study_name="mine", direction="maximize")
+    made.set_user_attr("ffablate_spec", "goodness")
+    made.set_user_attr("budget", "smoke")
+    made.set_user_attr("spec_path", str(specs.resolve("goodness")))
+    attrs = {"cell": "goodness=classwise", "role": "ff", "seed": 0, "fail_reason": "ChecksumMismatch: bad"}
+    made.add_trial(create_trial(state=TrialState.FAIL, params={}, distributions={}, user_attrs=attrs))
+    with pytest.raises(FFablateError) as caught:
+        studies.winning_recipe(url, "mine")
+    assert f"`ffablate study goodness --budget smoke --storage {url} --study-name mine`" in str(caught.value)

@@ -34,6 +34,8 @@ def test_held_out_validation_is_scored_every_epoch_and_at_the_end(tiny_config, m
     assert plain.val_accuracy is None and sorted(records[-1]) == ["epoch", "loss", "test_accuracy"]
     with pytest.raises(ConfigError, match="val_images must be >= 0"):
         tiny_config.with_updates({"val_images": -1})
+    with pytest.raises(ConfigError, match=r"after holding out val_images=59980 .*hold out fewer"):
+        build_trainer(tiny_config.with_updates({"method": method, "val_images": 59980, "limit_train": 0}))
 
 
 def test_detach_boundary_each_block_backpropagates_only_its_own_loss(tiny_config):

@@ -109,9 +109,9 @@ def prepare_data(config: RunConfig, device: torch.device, data_root: str | None,
             ds.val_x, ds.val_y, batch_size=1000, shuffle=False, seed=config.seed, augment=False, **common
         )
     if len(train) == 0:
-        raise ConfigError(
-            f"{len(ds.train_y)} training images make no full batch of {config.batch_size}; lower batch_size"
-        )
+        held = f" after holding out val_images={config.val_images}" if config.val_images else ""
+        fix = "lower batch_size or hold out fewer (val_images)" if config.val_images else "lower batch_size"
+        raise ConfigError(f"{len(ds.train_y)} training images{held} make no full batch of {config.batch_size}; {fix}")
     return RunData(ds, train, test, val)
 
 
