@@ -147,6 +147,9 @@ inline void stream_fence() {
 #endif
 }
 constexpr int64_t kStreamBytes = 16 << 20;  // about half this machine class's L3
+// Reductions sum a row in blocks of this many elements, each in short vector lanes, and add the block sums in
+// double: a lane that ran over a whole 2^21-element row drifted by 6e-5 (relative) in fp32.
+constexpr int64_t kBlock = 4096;
 
 template <typename T>
 inline V<T> splat(T x) {
@@ -197,31 +200,36 @@ void forward_sample(const T* x, T* out, T* readout, T* sumsq, T* sumabs, const G
   // Without a readout the channel split is irrelevant: reduce the sample as one long row.
   const int64_t C = READOUT ? g.C : 1;
   const int64_t HW = READOUT ? g.HW : g.D;
-  T sq = 0, ab = 0;
+  double sq = 0, ab = 0;
   for (int64_t c = 0; c < C; ++c) {
-    const T* p = x + c * HW;
-    V<T> s0{}, s1{}, q0{}, q1{}, a0{}, a1{};  // two chains each to hide add latency
-    int64_t i = 0;
-    for (; i + 2 * W <= HW; i += 2 * W) {
-      const V<T> u = load(p + i), v = load(p + i + W);
-      if constexpr (READOUT) s0 += u, s1 += v;
-      q0 += u * u, q1 += v * v;
-      a0 += vabs<T>(u), a1 += vabs<T>(v);
+    double sum = 0;
+    for (int64_t b = 0; b < HW; b += kBlock) {
+      const T* p = x + c * HW + b;
+      const int64_t len = std::min(kBlock, HW - b);
+      V<T> s0{}, s1{}, q0{}, q1{}, a0{}, a1{};  // two chains each to hide add latency
+      int64_t i = 0;
+      for (; i + 2 * W <= len; i += 2 * W) {
+        const V<T> u = load(p + i), v = load(p + i + W);
+        if constexpr (READOUT) s0 += u, s1 += v;
+        q0 += u * u, q1 += v * v;
+        a0 += vabs<T>(u), a1 += vabs<T>(v);
+      }
+      T s = 0, q = 0, a = 0;
+      for (; i < len; ++i) {
+        const T v = p[i];
+        if constexpr (READOUT) s += v;
+        q += v * v;
+        a += std::abs(v);
+      }
+      if constexpr (READOUT) sum += hsum<T>(s0 + s1) + s;
+      sq += hsum<T>(q0 + q1) + q;
+      ab += hsum<T>(a0 + a1) + a;
     }
-    T s = 0, q = 0, a = 0;
-    for (; i < HW; ++i) {
-      const T v = p[i];
-      if constexpr (READOUT) s += v;
-      q += v * v;
-      a += std::abs(v);
-    }
-    if constexpr (READOUT) readout[c] = hsum<T>(s0 + s1) + s;
-    sq += hsum<T>(q0 + q1) + q;
-    ab += hsum<T>(a0 + a1) + a;
+    if constexpr (READOUT) readout[c] = static_cast<T>(sum);
   }
-  *sumsq = sq;
-  *sumabs = ab;
-  const T r = T(1) / std::sqrt(sq / T(g.D) + T(eps));
+  *sumsq = static_cast<T>(sq);
+  *sumabs = static_cast<T>(ab);
+  const T r = T(1) / std::sqrt(*sumsq / T(g.D) + T(eps));
   const V<T> rv = splat<T>(r);
   int64_t i = 0;
   if (nt) {
@@ -258,35 +266,45 @@ void forward_cpu(const at::Tensor& h, const Geometry& g, double eps, at::Tensor&
 }
 
 template <typename T, bool GO, bool GR, bool GA>
-void backward_sample(const T* x, const T* go, const T* gr, T gs, T ga, T sumsq, T* dh, const Geometry& g,
+void backward_sample(const T* x, const T* go, const T* gr, const T* gs, T ga, T sumsq, T* dh, const Geometry& g,
                      double eps, bool nt) {
   constexpr int W = Simd<T>::W;
   const int64_t C = GR ? g.C : 1;
   const int64_t HW = GR ? g.HW : g.D;
   const T r = T(1) / std::sqrt(sumsq / T(g.D) + T(eps));
   const T inv_hw = T(1) / T(g.HW);
-  T dot = 0;
+  double dot = 0;
   if constexpr (GO || GR) {
     for (int64_t c = 0; c < C; ++c) {
-      const T* p = x + c * HW;
-      const T* q = GO ? go + c * HW : nullptr;
-      V<T> s0{}, s1{}, d0{}, d1{};
-      int64_t i = 0;
-      for (; i + 2 * W <= HW; i += 2 * W) {
-        const V<T> u = load(p + i), v = load(p + i + W);
-        if constexpr (GR) s0 += u, s1 += v;
-        if constexpr (GO) d0 += u * load(q + i), d1 += v * load(q + i + W);
+      double sum = 0, d_c = 0;
+      for (int64_t b = 0; b < HW; b += kBlock) {
+        const T* p = x + c * HW + b;
+        const T* q = GO ? go + c * HW + b : nullptr;
+        const int64_t len = std::min(kBlock, HW - b);
+        V<T> s0{}, s1{}, d0{}, d1{};
+        int64_t i = 0;
+        for (; i + 2 * W <= len; i += 2 * W) {
+          const V<T> u = load(p + i), v = load(p + i + W);
+          if constexpr (GR) s0 += u, s1 += v;
+          if constexpr (GO) d0 += u * load(q + i), d1 += v * load(q + i + W);
+        }
+        T s = 0, d = 0;
+        for (; i < len; ++i) {
+          if constexpr (GR) s += p[i];
+          if constexpr (GO) d += q[i] * p[i];
+        }
+        if constexpr (GR) sum += hsum<T>(s0 + s1) + s;
+        if constexpr (GO) d_c += hsum<T>(d0 + d1) + d;
       }
-      T s = 0, d = 0;
-      for (; i < HW; ++i) {
-        if constexpr (GR) s += p[i];
-        if constexpr (GO) d += q[i] * p[i];
-      }
-      if constexpr (GO) dot += hsum<T>(d0 + d1) + d;
-      if constexpr (GR) dot += gr[c] * inv_hw * (hsum<T>(s0 + s1) + s);
+      dot += d_c;
+      if constexpr (GR) dot += static_cast<double>(gr[c] * inv_hw) * sum;
     }
   }
-  const T coef = T(2) * gs - r * r * r * dot / T(g.D);
+  // Only the terms of gradients that exist: with goodness gradients alone, r (inf for an all-zero sample at
+  // eps = 0) and h * 0 (NaN where h is inf) must not reach dh, as they do not in the reference's autograd.
+  T coef = gs ? T(2) * *gs : T(0);
+  if constexpr (GO || GR) coef -= r * r * r * static_cast<T>(dot) / T(g.D);
+  const bool scale_h = gs != nullptr || GO || GR;
   const V<T> coefv = splat<T>(coef), rv = splat<T>(r), gav = splat<T>(ga);
   for (int64_t c = 0; c < C; ++c) {
     const T* p = x + c * HW;
@@ -297,7 +315,8 @@ void backward_sample(const T* x, const T* go, const T* gr, T gs, T ga, T sumsq, 
     int64_t i = 0;
     for (; i + W <= HW; i += W) {
       const V<T> v = load(p + i);
-      V<T> res = v * coefv + shiftv;
+      V<T> res = shiftv;
+      if (scale_h) res += v * coefv;
       if constexpr (GO) res += rv * load(q + i);
       if constexpr (GA) res += gav * vsign<T>(v);
       if (nt)
@@ -307,7 +326,8 @@ void backward_sample(const T* x, const T* go, const T* gr, T gs, T ga, T sumsq, 
     }
     for (; i < HW; ++i) {
       const T v = p[i];
-      T res = v * coef + shift;
+      T res = shift;
+      if (scale_h) res += v * coef;
       if constexpr (GO) res += r * q[i];
       if constexpr (GA) res += ga * sgn(v);
       o[i] = res;
@@ -330,7 +350,7 @@ void backward_cpu_impl(const BackwardArgs& a, double eps, at::Tensor& dh) {
   at::parallel_for(0, g.N, grain, [&](int64_t begin, int64_t end) {
     for (int64_t n = begin; n < end; ++n) {
       backward_sample<T, GO, GR, GA>(x + n * g.D, GO ? go + n * g.D : nullptr, GR ? gr + n * g.C : nullptr,
-                                     gs ? gs[n] : T(0), GA ? ga[n] : T(0), sq[n], o + n * g.D, g, eps, nt);
+                                     gs ? gs + n : nullptr, GA ? ga[n] : T(0), sq[n], o + n * g.D, g, eps, nt);
     }
     if (nt) stream_fence();
   });
@@ -380,6 +400,7 @@ at::Tensor goodness_norm_backward_cpu(const std::optional<at::Tensor>& grad_sums
                                       const at::Tensor& sumsq, double eps) {
   check_cpu_dtype(h, "goodness_norm_backward");
   TORCH_CHECK(h.device().is_cpu(), "goodness_norm_backward: CPU kernel got h on ", h.device());
+  TORCH_CHECK(eps >= 0, "goodness_norm_backward: eps must be >= 0, got ", eps);
   const BackwardArgs a = check_backward(grad_sumsq, grad_sumabs, grad_out, grad_readout, h, sumsq);
   at::Tensor dh = at::empty_like(a.h, at::MemoryFormat::Contiguous);
   if (a.g.N == 0) return dh;

@@ -560,7 +560,10 @@ __device__ __forceinline__ void backward_chunk(const T* th, const T* tg, const R
   const float r = rsqrtf(bp.sumsq[n] * p.inv_d + p.eps);
   const float gs = bp.grad_sumsq ? bp.grad_sumsq[n] : 0.f;
   const float ga = bp.grad_sumabs ? bp.grad_sumabs[n] : 0.f;
-  const float coef = 2.f * gs - r * r * r * total_dot * p.inv_d;
+  // Only the terms of gradients that exist: with goodness gradients alone, r (inf for an all-zero sample at
+  // eps = 0) and h * 0 (NaN where h is inf) must not reach dh, as they do not in the reference's autograd.
+  const float coef = 2.f * gs - (need_dot ? r * r * r * total_dot * p.inv_d : 0.f);
+  const bool scale_h = need_dot || bp.grad_sumsq != nullptr;
   T* o = dh + n * p.D + ch.off;
   It::each(ch.len, [&](int, int i) {
     const Pack<T, VEC> ph = load_pack<T, VEC>(th + i);
@@ -570,7 +573,9 @@ __device__ __forceinline__ void backward_chunk(const T* th, const T* tg, const R
     for (int j = 0; j < VEC; ++j) {
       const float f = static_cast<float>(ph.v[j]);
       const float sgn = f > 0.f ? 1.f : (f < 0.f ? -1.f : 0.f);
-      pd.v[j] = static_cast<T>(r * e.v[j] + f * coef + ga * sgn);
+      float d = need_dot ? r * e.v[j] : 0.f;
+      if (scale_h) d += f * coef;
+      pd.v[j] = static_cast<T>(d + ga * sgn);
     }
     store_pack<T, VEC>(o + i, pd);
   });
@@ -874,6 +879,7 @@ at::Tensor goodness_norm_backward_cuda_impl(const std::optional<at::Tensor>& gra
                                             const at::Tensor& h, const at::Tensor& sumsq, double eps) {
   check_cuda_dtype(h, "goodness_norm_backward");
   TORCH_CHECK(h.is_cuda(), "goodness_norm_backward: CUDA kernel got h on ", h.device());
+  TORCH_CHECK(eps >= 0, "goodness_norm_backward: eps must be >= 0, got ", eps);
   const c10::cuda::CUDAGuard guard(h.device());
   const BackwardArgs a = check_backward(grad_sumsq, grad_sumabs, grad_out, grad_readout, h, sumsq);
   at::Tensor dh = at::empty_like(a.h, at::MemoryFormat::Contiguous);

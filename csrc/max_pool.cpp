@@ -186,7 +186,9 @@ void backward_cpu(const T* go, const uint8_t* arg, T* gi, int64_t planes, int64_
         for (int64_t i = 0; i < OH * OW; ++i) {
           if (a[i] & kDead) continue;
           const int64_t oh = i / OW, ow = i % OW;
-          plane[(2 * oh + (a[i] >> 1)) * W + 2 * ow + (a[i] & 1)] = T(0) + g[i];
+          // Bit 1 picks the row and bit 0 the column, as in the row kernels; masked, so that a byte the forward
+          // never writes (the raw op can be handed any) stays inside its window.
+          plane[(2 * oh + ((a[i] >> 1) & 1)) * W + 2 * ow + (a[i] & 1)] = T(0) + g[i];
         }
         continue;
       }

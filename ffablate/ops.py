@@ -214,6 +214,9 @@ def _register() -> None:
         ctx.set_materialize_grads(False)
 
     def backward(ctx, grad_sumsq, grad_sumabs, grad_out, grad_readout):
+        if torch.is_grad_enabled():
+            # The backward op has no derivative of its own: create_graph=True would give wrong second derivatives.
+            raise RuntimeError("goodness_norm: double backward (create_graph=True) is not supported")
         h, sumsq = ctx.saved_tensors
         if grad_readout is not None and grad_readout.numel() == 0:
             grad_readout = None

@@ -200,6 +200,45 @@ def test_bad_eps_and_wrapper_errors() -> None:
         ops.goodness_norm(torch.ones(2, 3, dtype=torch.int32))
 
 
+EDGE_DEVICES = ["cpu"] + (["cuda"] if HAS_CUDA else [])
+
+
+@pytest.mark.parametrize("device", EDGE_DEVICES)
+def test_goodness_only_gradients_follow_the_reference_at_the_edges(device: str) -> None:
+    """With only goodness gradients, dh must not pick up r (inf for an all-zero sample at eps = 0) or h * 0 (NaN
+    where h is inf), and a NaN element must not spread over its sample: the reference's autograd has neither."""
+    h = torch.tensor([[0.0, 0.0, 0.0, 0.0], [1.0, -2.0, float("inf"), 0.5], [1.0, float("nan"), -3.0, 2.0]])
+    h = h.to(device)
+    gs, ga = torch.tensor([0.5, 0.0, 0.25], device=device), torch.tensor([1.5, -2.0, 0.0], device=device)
+    for eps in (0.0, 1e-6):
+        for grad_sumsq, grad_sumabs in [(gs, None), (None, ga), (gs, ga), (None, None)]:
+            ref = h.clone().requires_grad_()
+            sumsq, sumabs, _, _ = ops.reference_goodness_norm(ref, eps)
+            loss = sum(((s * g).sum() for s, g in [(sumsq, grad_sumsq), (sumabs, grad_sumabs)] if g is not None), 0.0)
+            want = torch.autograd.grad(loss, ref)[0] if torch.is_tensor(loss) else torch.zeros_like(h)
+            got = torch.ops.ffablate.goodness_norm_backward.default(
+                grad_sumsq, grad_sumabs, None, None, h, ops.goodness_norm(h, eps)[0], eps
+            )
+            torch.testing.assert_close(got, want, equal_nan=True, msg=lambda m, e=eps: f"eps={e}: {m}")
+
+
+def test_cpu_sums_of_long_rows_stay_accurate() -> None:
+    # One fp32 lane running over a 2^21-element row drifted by 6e-5 (relative); blocks of partial sums do not.
+    h = torch.rand(2, 2**21 + 4, generator=torch.Generator().manual_seed(0)) + 0.5
+    sumsq, sumabs, _, _ = ops.goodness_norm(h)
+    exact = h.double()
+    torch.testing.assert_close(sumsq.double(), exact.square().sum(1), rtol=1e-6, atol=0)
+    torch.testing.assert_close(sumabs.double(), exact.abs().sum(1), rtol=1e-6, atol=0)
+
+
+def test_double_backward_is_refused() -> None:
+    h = torch.randn(2, 5, dtype=torch.float64, requires_grad=True)
+    (dh,) = torch.autograd.grad(ops.goodness_norm(h)[0].sum(), h, create_graph=False)
+    assert dh.shape == h.shape
+    with pytest.raises(RuntimeError, match="double backward"):
+        torch.autograd.grad(ops.goodness_norm(h)[0].sum(), h, create_graph=True)
+
+
 def test_bad_backward_inputs_raise() -> None:
     h = torch.randn(2, 3, 4, 4)
     sq = h.flatten(1).square().sum(1)
@@ -212,6 +251,8 @@ def test_bad_backward_inputs_raise() -> None:
         ((None, None, None, None, h, torch.randn(3), 1e-6), "sumsq has shape"),
         ((None, None, torch.ones(2, 3, 4, 4, dtype=torch.int32), None, h, sq, 1e-6), "floating"),
         ((None, None, None, None, torch.randn(2, 3, 4), sq, 1e-6), "2-D"),
+        ((None, None, None, None, h, sq, -1.0), "eps must be >= 0"),
+        ((None, None, None, None, h, sq, float("nan")), "eps must be >= 0"),
     ]
     for args, msg in cases:
         with pytest.raises(RuntimeError, match=msg):

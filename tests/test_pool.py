@@ -126,6 +126,18 @@ def test_backward_is_one_kernel_call() -> None:
     assert not aten_ops & {"aten::fill_", "aten::zero_", "aten::zeros", "aten::zeros_like"}, aten_ops
 
 
+@pytest.mark.parametrize("size", [4, 6, 7])
+@pytest.mark.parametrize("byte", [8, 251, 0x0B, 0x0C])
+def test_backward_keeps_any_argmax_byte_inside_its_window(size: int, byte: int) -> None:
+    """The raw op can be handed bytes the forward never writes; on narrow planes one once wrote rows past the
+    plane (heap corruption). Bits 1 and 0 pick the cell, as in the row kernels; bit 2 marks a dead window."""
+    g = torch.arange(1.0, 1 + 2 * (size // 2) ** 2).reshape(1, 2, size // 2, size // 2)
+    a = torch.full(g.shape, byte, dtype=torch.uint8)
+    dx = torch.ops.ffablate.max_pool2x2_backward.default(g, a, size, size)
+    assert dx.shape == (1, 2, size, size)
+    assert dx.sum() == (0 if byte & 4 else g.sum())
+
+
 def test_gradcheck_opcheck_and_compile() -> None:
     x = torch.randn(2, 3, 5, 6, dtype=torch.float64, requires_grad=True)  # distinct values: no ties
     assert torch.autograd.gradcheck(ops.max_pool2x2, (x,))
