@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +17,10 @@ import optuna  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from ffablate import results  # noqa: E402
-from ffablate.stats import fmt  # noqa: E402
+from ffablate.stats import Estimate, fmt  # noqa: E402
+
+# The legend and caption word for a point or bar drawn hollow: its gap or mean rests on one seed on a side.
+NO_CI = "hollow: n=1, no CI"
 
 
 def write_report(study: optuna.Study, out: Path) -> Path:
@@ -56,10 +60,11 @@ def _markdown(summary: results.Summary, plots: list[tuple[str, str]], importance
         "",
         "## Results",
         "",
-        "Mean test accuracy over seeds with its 95% t-interval; the gap is FF minus its matched BP baseline "
-        "in "
-        'percentage points with a 95% Welch interval ("± –" when a side has fewer than two seeds). '
-        + _ranking(summary),
+        "Mean test accuracy over seeds with its 95% t-interval; n is the completed seeds (of those planned, "
+        "where some were pruned, failed or not run yet). The gap is FF minus its matched BP baseline in "
+        'percentage points with a 95% Welch interval and both sides\' seed counts ("± –" when a side has fewer '
+        "than two seeds), and with a 95% paired interval over per-seed differences where FF and BP ran the same "
+        'seeds; "no spread across seeds" marks an interval of width 0 from identical values. ' + _ranking(summary),
         "",
     ]
     lines += _md_table(results.TABLE_COLUMNS, results.table_rows(summary, top=15))
@@ -79,14 +84,19 @@ def _markdown(summary: results.Summary, plots: list[tuple[str, str]], importance
 
 
 def _ranking(summary: results.Summary) -> str:
+    # Pruned survivors are a biased sample; the ranking puts them last, and the reader should know.
+    partial = any(not r.complete for r in summary.ff if r.n)
+    incomplete = " Rows missing a planned seed are ranked after the complete ones." if partial else ""
     if summary.selected_on_validation:
-        return "Configurations are ranked on validation accuracy (held-out training images, its own column)."
+        return (
+            "Configurations are ranked on validation accuracy (held-out training images, its own column)." + incomplete
+        )
     if summary.planned_val_images and not any(r.n for r in summary.ff):
         return (
             f"Configurations will be ranked on validation accuracy ({summary.planned_val_images} held-out training "
             "images); no FF trial has completed yet."
         )
-    return "No validation split: configurations are ranked on the test accuracy shown."
+    return "No validation split: configurations are ranked on the test accuracy shown." + incomplete
 
 
 def _states(summary: results.Summary) -> str:
@@ -142,22 +152,39 @@ def _k_sweep(summary: results.Summary, out: Path) -> tuple[str, str] | None:
     if summary.meta.get("analysis") != "k-sweep" or not series:
         return None
     fig, ax = plt.subplots(figsize=(6.5, 4))
+    hollow = False
     for group, points in series.items():
         pts = [(k, r.gap) for k, r in points if math.isfinite(r.gap.mean)]
         if not pts:
             continue
-        ks = [k for k, _ in pts]
-        means = [g.mean * 100 for _, g in pts]
-        errs = [g.half_width * 100 if g.has_ci else 0 for _, g in pts]
-        style = "-o" if "synth" in group or "teacher" in group else "--s"
-        ax.errorbar(ks, means, yerr=errs, fmt=style, capsize=3, label=group)
+        solid = "synth" in group or "teacher" in group
+        (line,) = ax.plot([k for k, _ in pts], [g.mean * 100 for _, g in pts], "-" if solid else "--", label=group)
+        marker, colour = "o" if solid else "s", line.get_color()
+        with_ci = [(k, g) for k, g in pts if g.has_ci]
+        if with_ci:
+            ax.errorbar(
+                [k for k, _ in with_ci],
+                [g.mean * 100 for _, g in with_ci],
+                yerr=[g.half_width * 100 for _, g in with_ci],
+                fmt=marker,
+                color=colour,
+                capsize=3,
+            )
+        # A gap with a single seed on a side has no interval: a filled point with no bar would look exact.
+        bare = [(k, g) for k, g in pts if not g.has_ci]
+        if bare:
+            hollow = True
+            ax.plot([k for k, _ in bare], [g.mean * 100 for _, g in bare], marker, color=colour, mfc="none")
+    if hollow:
+        ax.plot([], [], "o", color="grey", mfc="none", label=NO_CI)
     ax.axhline(0, color="grey", lw=0.8)
     ax.set_xscale("log")
     ax.set_xlabel("number of classes K")
     ax.set_ylabel("FF − BP-DeepSup test accuracy (pp, 95% CI)")
     ax.set_title("FF–BP gap against K: synthetic vs real")
     ax.legend(fontsize=8)
-    return _save(fig, out, "k_sweep_gap.png"), "FF−BP gap against K, synthetic and real data on one chart"
+    caption = "FF−BP gap against K, synthetic and real data on one chart"
+    return _save(fig, out, "k_sweep_gap.png"), caption + (f" ({NO_CI})" if hollow else "")
 
 
 def _hierarchy(summary: results.Summary, out: Path) -> tuple[str, str] | None:
@@ -171,24 +198,25 @@ def _hierarchy(summary: results.Summary, out: Path) -> tuple[str, str] | None:
     if not by_group:
         return None
     fig, axes = plt.subplots(1, len(by_group), figsize=(4.5 * len(by_group), 3.8), squeeze=False)
+    hollow = False
     for ax, (group, levels) in zip(axes[0], by_group.items(), strict=True):
         names = sorted(levels)
         for offset, role, colour in ((-0.2, "ff", "tab:blue"), (0.2, "baseline", "tab:orange")):
             rows = [levels[n].get(role) for n in names]
-            ax.bar(
+            hollow |= _bars(
+                ax,
                 [i + offset for i in range(len(names))],
-                [r.accuracy.mean * 100 if r else 0 for r in rows],
+                [r.accuracy if r else None for r in rows],
                 width=0.4,
                 color=colour,
                 label="FF" if role == "ff" else "BP-DeepSup",
-                yerr=[r.accuracy.half_width * 100 if r and r.accuracy.has_ci else 0 for r in rows],
-                capsize=3,
             )
         ax.set_xticks(range(len(names)), [f"{n}" for n in names])
         ax.set_ylabel("test accuracy % (95% CI)")
         ax.set_title(group)
         ax.legend(fontsize=8)
-    return _save(fig, out, "coarse_vs_fine.png"), "coarse vs fine labels: FF and BP-DeepSup accuracy"
+    caption = "coarse vs fine labels: FF and BP-DeepSup accuracy"
+    return _save(fig, out, "coarse_vs_fine.png"), caption + (f" ({NO_CI})" if hollow else "")
 
 
 def _bp_gap_bars(summary: results.Summary, out: Path) -> tuple[str, str] | None:
@@ -198,16 +226,42 @@ def _bp_gap_bars(summary: results.Summary, out: Path) -> tuple[str, str] | None:
     if not rows:
         return None
     fig, ax = plt.subplots(figsize=(1.3 * len(rows) + 2, 3.6))
-    ax.bar(
-        range(len(rows)),
-        [r.gap.mean * 100 for r in rows],
-        yerr=[r.gap.half_width * 100 if r.gap.has_ci else 0 for r in rows],
-        capsize=3,
-    )
+    hollow = _bars(ax, list(range(len(rows))), [r.gap for r in rows], width=0.8, color="tab:blue", label="FF − BP")
     ax.set_xticks(range(len(rows)), [r.group or r.label for r in rows], rotation=20)
     ax.axhline(0, color="grey", lw=0.8)
     ax.set_ylabel("FF − BP-DeepSup (pp, 95% CI)")
-    return _save(fig, out, "bp_gap.png"), "FF−BP gap per dataset"
+    if hollow:
+        ax.legend(fontsize=8)
+    return _save(fig, out, "bp_gap.png"), "FF−BP gap per dataset" + (f" ({NO_CI})" if hollow else "")
+
+
+def _bars(
+    ax: Any, xs: Sequence[float], estimates: Sequence[Estimate | None], width: float, color: str, label: str
+) -> bool:
+    """Bars of estimates in percent with their 95% CIs; one without a CI (a single seed) is drawn hollow and
+    without an error bar, since a filled bar with none would pass for an exact value. True when any is hollow."""
+    with_ci = [(x, e) for x, e in zip(xs, estimates, strict=True) if e is not None and e.has_ci]
+    bare = [(x, e) for x, e in zip(xs, estimates, strict=True) if e is not None and not e.has_ci]
+    if with_ci:
+        ax.bar(
+            [x for x, _ in with_ci],
+            [e.mean * 100 for _, e in with_ci],
+            width=width,
+            color=color,
+            yerr=[e.half_width * 100 for _, e in with_ci],
+            capsize=3,
+            label=label,
+        )
+    if bare:
+        ax.bar(
+            [x for x, _ in bare],
+            [e.mean * 100 for _, e in bare],
+            width=width,
+            fill=False,
+            edgecolor=color,
+            label=f"{label} ({NO_CI})",
+        )
+    return bool(bare)
 
 
 def _learning_curves(summary: results.Summary, out: Path) -> tuple[str, str] | None:

@@ -1,6 +1,6 @@
-"""From a study's trials to per-configuration rows (mean ± CI over seeds, gap to the BP baseline ± Welch CI)
-and to the one-sentence answer of the study's question. Used by the closing table of ``ffablate study`` and by
-``ffablate report``; it only reads the storage.
+"""From a study's trials to per-configuration rows (mean ± CI over seeds, gap to the BP baseline ± Welch CI,
+and ± paired CI where both ran the same seeds) and to the one-sentence answer of the study's question. Used by
+the closing table of ``ffablate study`` and by ``ffablate report``; it only reads the storage.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from typing import Any
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from ffablate.stats import Estimate, fmt, mean_ci, welch_ci
+from ffablate.stats import Estimate, contrast_ci, fmt, mean_ci, paired_ci, welch_ci
 
 
 @dataclass
@@ -29,6 +29,8 @@ class Row:
     val_accuracies: list[float] = field(default_factory=list)  # per seed, when the budget held images out
     seeds: list[int] = field(default_factory=list)
     train_seconds: list[float] = field(default_factory=list)
+    # (epochs x training images) / train_seconds, for every method: an image counts once per epoch, however
+    # many greedy phases pass it again, so a slower run never shows a higher rate.
     images_per_second: list[float] = field(default_factory=list)
     peak_memory: list[float] = field(default_factory=list)
     histories: list[list[dict[str, float]]] = field(default_factory=list)
@@ -38,14 +40,45 @@ class Row:
     failed: list[str] = field(default_factory=list)
     # Failures a rerun retries (broken data, a dead process) whose point has no finished trial yet, with its seed.
     retried: list[tuple[int, str]] = field(default_factory=list)
+    planned: int = 0  # the seeds the budget runs this configuration on
     accuracy: Estimate = Estimate(math.nan, math.nan, 0)
     val: Estimate = Estimate(math.nan, math.nan, 0)
-    gap: Estimate = Estimate(math.nan, math.nan, 0)
-    baseline: str = ""
+    gap: Estimate = Estimate(math.nan, math.nan, 0)  # FF - BP, Welch: the primary interval
+    # FF - BP over per-seed differences, only where both ran the same seeds (which share initialisation and
+    # data order): the design's own test, narrower than Welch's when the two sides' seeds correlate.
+    gap_paired: Estimate = Estimate(math.nan, math.nan, 0)
+    base: Row | None = field(default=None, repr=False)  # the baseline row the gaps are taken against
 
     @property
     def n(self) -> int:
         return len(self.accuracies)
+
+    @property
+    def baseline(self) -> str:
+        return self.base.label if self.base else ""
+
+    @property
+    def baseline_n(self) -> int:
+        return self.base.n if self.base else 0
+
+    @property
+    def complete(self) -> bool:
+        """Every planned seed completed. Where one was pruned or failed, the survivors are a biased sample (the
+        median pruner stops a configuration's weak seeds and keeps its strong ones), so the row's mean is too."""
+        return self.n >= self.planned
+
+    def missing(self) -> str:
+        """Why the row has fewer seeds than planned: "2 pruned, 1 failed, 1 failed (a rerun retries it)"."""
+        # A point killed twice leaves two failed trials for one seed still to rerun.
+        retried = len({seed for seed, _ in self.retried})
+        waiting = self.planned - self.n - self.pruned - len(self.failed) - retried
+        counts = (
+            (self.pruned, "pruned"),
+            (len(self.failed), "failed"),
+            (retried, "failed (a rerun retries it)"),
+            (waiting, "not run yet"),
+        )
+        return ", ".join(f"{count} {what}" for count, what in counts if count > 0)
 
     @property
     def has_val(self) -> bool:
@@ -64,9 +97,14 @@ class Row:
             "accuracy_ci95": self.accuracy.half_width,
             "val_accuracy_mean": self.val.mean,
             "val_accuracy_ci95": self.val.half_width,
+            "planned_seeds": self.planned,
+            "complete": self.complete,
             "gap_mean": self.gap.mean,
             "gap_ci95": self.gap.half_width,
+            "gap_paired_mean": self.gap_paired.mean,
+            "gap_paired_ci95": self.gap_paired.half_width,
             "baseline": self.baseline,
+            "baseline_n": self.baseline_n,
             "pruned": self.pruned,
             "duplicates": self.duplicates,
             "failed": self.failed,
@@ -106,11 +144,16 @@ class Summary:
         return int(self.meta.get("base", {}).get("val_images", 0))
 
     def ranked(self) -> list[Row]:
-        """Scored FF rows, best first: by validation accuracy when all have it, else by test accuracy."""
+        """Scored FF rows, best first: the rows that completed every planned seed, then the incomplete ones (whose
+        surviving seeds are a biased sample, see ``Row.complete``), each part by validation accuracy when all
+        rows have it, else by test accuracy."""
         on_val = self.selected_on_validation
-        return sorted((r for r in self.ff if r.n), key=lambda r: -(r.val if on_val else r.accuracy).mean)
+        return sorted(
+            (r for r in self.ff if r.n), key=lambda r: (not r.complete, -(r.val if on_val else r.accuracy).mean)
+        )
 
     def best(self) -> Row | None:
+        """The best complete row; the best incomplete one only when no row completed every seed."""
         ranked = self.ranked()
         return ranked[0] if ranked else None
 
@@ -163,7 +206,12 @@ def summarize(study: optuna.Study) -> Summary:
             r.label,
         ),
     )
+    # Studies stored without their seed list (hand-made ones) plan the seeds their trials name.
+    seeds = study.user_attrs.get("seeds") or {t.user_attrs.get("seed") for t in trials if "cell" in t.user_attrs}
+    tpe = study.user_attrs.get("sampler") == "tpe"
     for row in ordered:
+        # A TPE trial is a configuration of its own, run on the budget's first seed only.
+        row.planned = 1 if tpe and row.role == "ff" else len(seeds)
         row.accuracy = mean_ci(row.accuracies)
         if row.has_val:
             row.val = mean_ci(row.val_accuracies)
@@ -174,7 +222,10 @@ def summarize(study: optuna.Study) -> Summary:
             continue
         base = by_match.get((row.match, methods[0] if methods else "bp-deepsup"))
         if base is not None and base.n and row.n:
-            row.gap, row.baseline = welch_ci(row.accuracies, base.accuracies), base.label
+            row.gap, row.base = welch_ci(row.accuracies, base.accuracies), base
+            if sorted(row.seeds) == sorted(base.seeds):
+                by_seed = dict(zip(base.seeds, base.accuracies, strict=True))
+                row.gap_paired = paired_ci(row.accuracies, [by_seed[seed] for seed in row.seeds])
     return Summary(study.study_name, dict(study.user_attrs), ordered, len(trials), dict(states))
 
 
@@ -213,26 +264,34 @@ def _add(row: Row, t: FrozenTrial) -> None:
 
 
 def table_rows(summary: Summary, top: int | None = None) -> list[list[str]]:
-    """The closing table: configuration, n, test accuracy % mean ± 95% CI, gap to BP pp ± 95% Welch CI,
-    validation accuracy % mean ± 95% CI ("-" without a split), train seconds, notes. A TPE study's ``top`` FF
-    rows are the best ``top`` by the study's ranking (``Summary.ranked``)."""
+    """The closing table: configuration, n (completed of planned seeds), test accuracy % mean ± 95% CI, gap to BP
+    pp ± 95% Welch CI with both sides' seed counts, the same gap ± 95% paired CI where FF and BP ran the same
+    seeds, validation accuracy % mean ± 95% CI ("-" without a split), train seconds, notes. A TPE study's
+    ``top`` FF rows are the best ``top`` by the study's ranking (``Summary.ranked``)."""
     rows = summary.rows
     if summary.meta.get("sampler") == "tpe" and top:
         rows = summary.baselines + summary.ranked()[:top]
     out = []
     for r in rows:
         notes = []
-        if r.pruned:
-            notes.append(f"{r.pruned} pruned")
+        if not r.complete:
+            ranked = "; ranked after the complete rows" if r.role == "ff" and r.n else ""
+            notes.append(f"incomplete: {r.missing()}{ranked}")
         if r.duplicates:
             notes.append(f"{r.duplicates} duplicate seed run(s) not counted")
         if r.failed:
-            notes.append(f"{len(r.failed)} failed: {r.failed[0][:60]}")
+            notes.append(f"failed: {r.failed[0][:60]}")
         if r.retried:
-            notes.append(f"{len(r.retried)} failed, to rerun: {r.retried[0][1][:60]}")
-        gap = fmt(r.gap, signed=True) if r.role == "ff" else "(baseline)"
+            notes.append(f"to rerun: {r.retried[0][1][:60]}")
+        n = str(r.n) if r.complete else f"{r.n} of {r.planned}"
+        if r.role != "ff":
+            gap, paired = "(baseline)", "(baseline)"
+        elif r.base is None:
+            gap, paired = "–", "–"
+        else:
+            gap, paired = f"{fmt(r.gap, signed=True)} (n={r.n} vs {r.baseline_n})", fmt(r.gap_paired, signed=True)
         val = fmt(r.val) if r.has_val else "-"
-        out.append([r.label, str(r.n), fmt(r.accuracy), gap, val, f"{_mean(r.train_seconds):.1f}", "; ".join(notes)])
+        out.append([r.label, n, fmt(r.accuracy), gap, paired, val, f"{_mean(r.train_seconds):.1f}", "; ".join(notes)])
     return out
 
 
@@ -240,7 +299,8 @@ TABLE_COLUMNS = [
     "configuration",
     "n",
     "test acc % (95% CI)",
-    "gap to BP pp (95% CI)",
+    "gap to BP pp (95% Welch CI)",
+    "paired gap pp (95% CI)",
     "val acc % (95% CI)",
     "train s",
     "notes",
@@ -248,21 +308,32 @@ TABLE_COLUMNS = [
 
 
 # ----------------------------------------------------------------------------------------------------
-# Answers: one sentence computed from the numbers
+# Answers: one sentence computed from the numbers. A direction word ("ahead", "behind", "widens") is written
+# only where a 95% interval backs it (``Estimate.decisive``); every gap carries its seed counts.
 
 
-def _pp(e: Estimate) -> str:
-    return fmt(e, signed=True) + " pp"
+def _seeds(n_a: int, n_b: int) -> str:
+    return "one seed each" if n_a == n_b == 1 else f"n={n_a} vs {n_b}"
 
 
-def _direction(e: Estimate) -> str:
-    if e.mean == 0:
-        return "level with"
+def _pp(e: Estimate, n_a: int, n_b: int) -> str:
+    """A difference in pp with its interval and both sides' seed counts, or the word that it has no interval."""
     if not e.has_ci:
-        return "ahead of" if e.mean > 0 else "behind"
-    if e.excludes_zero():
-        return "ahead of" if e.mean > 0 else "behind"
-    return "not distinguishable from"
+        return f"{e.mean * 100:+.1f} pp from {_seeds(n_a, n_b)}: no interval"
+    return f"{fmt(e, signed=True, unit=' pp')}, {_seeds(n_a, n_b)}"
+
+
+def _versus_baseline(row: Row) -> str:
+    """How an FF row stands against its baseline, in words its Welch interval backs; the paired interval
+    follows where both ran the same seeds."""
+    gap = f"FF−BP {_pp(row.gap, row.n, row.baseline_n)}"
+    if row.gap_paired.has_ci:
+        gap += f"; paired over the {row.gap_paired.n} shared seeds {fmt(row.gap_paired, signed=True, unit=' pp')}"
+    if row.gap.decisive:
+        return f"it is {'ahead of' if row.gap.mean > 0 else 'behind'} {row.baseline} ({gap})"
+    if row.gap.has_ci and not row.gap.no_spread:
+        return f"it is not distinguishable from {row.baseline} ({gap})"
+    return f"against {row.baseline}: {gap}, no direction claimed"
 
 
 def answer(summary: Summary) -> str:
@@ -281,21 +352,27 @@ def answer(summary: Summary) -> str:
 
 def _answer_ablation(summary: Summary) -> str:
     ranked = summary.ranked()
-    best, worst = ranked[0], ranked[-1]
+    best = ranked[0]
+    # The worst of the rows the best was chosen among: complete rows are not compared with pruned survivors.
+    worst = [r for r in ranked if r.complete == best.complete][-1]
     chosen = (
-        f"chosen on validation accuracy ({fmt(best.val)}%)"
+        f"chosen on validation accuracy ({fmt(best.val, unit='%')})"
         if summary.selected_on_validation
         else "chosen on the test images themselves (not every configuration has a validation split, so optimistic)"
     )
+    if not best.complete:
+        chosen += f", chosen among incomplete rows: n={best.n} of {best.planned} ({best.missing()})"
     text = (
-        f"Best FF configuration is {best.label} at {fmt(best.accuracy)}% test accuracy (n={best.n}), {chosen}, "
-        f"{fmt(welch_ci(best.accuracies, worst.accuracies), signed=True)} pp over the worst ({worst.label})"
+        f"Best FF configuration is {best.label} at {fmt(best.accuracy, unit='%')} test accuracy (n={best.n}), {chosen}"
     )
+    if worst is not best:
+        gap = welch_ci(best.accuracies, worst.accuracies)
+        text += f"; best − worst ({worst.label}) {_pp(gap, best.n, worst.n)}"
     axis = most_influential_axis(summary)
     if axis:
         text += f"; the {axis[0]} axis moves mean test accuracy most ({axis[1] * 100:.1f} pp between its levels)"
     if best.baseline:
-        text += f"; it is {_direction(best.gap)} {best.baseline} (FF−BP {_pp(best.gap)})"
+        text += f"; {_versus_baseline(best)}"
     return text + "."
 
 
@@ -326,16 +403,37 @@ def k_sweep_series(summary: Summary) -> dict[str, list[tuple[int, Row]]]:
 def _answer_k_sweep(summary: Summary) -> str:
     parts = []
     for group, points in k_sweep_series(summary).items():
-        gaps = [(k, r.gap) for k, r in points if math.isfinite(r.gap.mean)]
-        if not gaps:
+        rows = [(k, r, r.base) for k, r in points if r.base is not None]
+        if not rows:
             continue
-        (k0, g0), (k1, g1) = gaps[0], gaps[-1]
-        trend = "widens" if abs(g1.mean) > abs(g0.mean) else "narrows"
-        sign = "FF ahead" if g1.mean > 0 else "FF behind"
-        parts.append(f"{group}: FF−BP gap {_pp(g0)} at K={k0} → {_pp(g1)} at K={k1} ({sign}, {trend} with K)")
+        (k0, r0, b0), (k1, r1, b1) = rows[0], rows[-1]
+        text = f"{group}: FF−BP gap {_pp(r0.gap, r0.n, r0.baseline_n)} at K={k0}"
+        if r1 is not r0:
+            text += f" → {_pp(r1.gap, r1.n, r1.baseline_n)} at K={k1}"
+        side = f"FF {'ahead' if r1.gap.mean > 0 else 'behind'}" if r1.gap.decisive else "no direction claimed"
+        text += f" ({side} at K={k1}"
+        if r1 is not r0:
+            text += f"; {_trend(r0, b0, r1, b1)}"
+        parts.append(text + ")")
     if not parts:
         return "No K has both FF and BP results yet."
     return "; ".join(parts) + "."
+
+
+def _trend(r0: Row, b0: Row, r1: Row, b1: Row) -> str:
+    """How the FF−BP gap moves from FF row ``r0`` (baseline ``b0``, the smallest K) to ``r1`` (``b1``, the
+    largest), worded only as far as the interval of its change backs (Welch-Satterthwaite over the four samples:
+    different K are different data, so there is no pairing to use)."""
+    change = contrast_ci([(1.0, r1.accuracies), (-1.0, b1.accuracies), (-1.0, r0.accuracies), (1.0, b0.accuracies)])
+    seeds = min(r0.n, r1.n, b0.n, b1.n)
+    if not change.has_ci:
+        return f"change with K {change.mean * 100:+.1f} pp with n={seeds} on a side: no interval, no trend claimed"
+    moved = f"change {fmt(change, signed=True, unit=' pp')}, n≥{seeds} per side"
+    if not change.decisive:
+        return f"no change with K resolved: {moved}"
+    if r0.gap.decisive and r1.gap.decisive and (r0.gap.mean > 0) == (r1.gap.mean > 0):
+        return f"the gap {'widens' if abs(r1.gap.mean) > abs(r0.gap.mean) else 'narrows'} with K: {moved}"
+    return f"the gap moves in {'FF' if change.mean > 0 else 'BP'}'s favour with K: {moved}"
 
 
 def _answer_hierarchy(summary: Summary) -> str:
@@ -345,7 +443,10 @@ def _answer_hierarchy(summary: Summary) -> str:
         if r.n:
             by_group[r.group or str(r.overrides.get("dataset", ""))][str(r.overrides.get("labels", "fine"))] = r
     for group, rows in by_group.items():
-        items = [f"{lab} labels {_pp(r.gap)} (FF {fmt(r.accuracy)}%)" for lab, r in sorted(rows.items())]
+        items = [
+            f"{lab} labels {_pp(r.gap, r.n, r.baseline_n)} (FF {fmt(r.accuracy, unit='%')})"
+            for lab, r in sorted(rows.items())
+        ]
         parts.append(f"{group}: FF−BP gap with " + ", with ".join(items))
     notes = summary.meta.get("notes", [])
     return "; ".join(parts) + (f" ({'; '.join(notes)})" if notes else "") + "."
@@ -355,9 +456,14 @@ def _answer_bp_gap(summary: Summary) -> str:
     rows = [r for r in summary.ff if r.n and math.isfinite(r.gap.mean)]
     if not rows:
         return "No dataset has both FF and BP results yet."
-    behind = sum(r.gap.mean < 0 for r in rows)
-    items = ", ".join(f"{r.group or r.overrides.get('dataset', r.label)} {_pp(r.gap)}" for r in rows)
-    return f"FF trails BP-DeepSup on {behind} of {len(rows)} datasets (FF−BP: {items})."
+    # Only a gap whose interval excludes zero counts; the rest are undecided, whatever their sign.
+    behind = sum(r.gap.decisive and r.gap.mean < 0 for r in rows)
+    ahead = sum(r.gap.decisive and r.gap.mean > 0 for r in rows)
+    items = "; ".join(f"{r.group or r.overrides.get('dataset', r.label)} {_pp(r.gap, r.n, r.baseline_n)}" for r in rows)
+    return (
+        f"FF trails BP-DeepSup on {behind} of {len(rows)} datasets and leads on {ahead}; {len(rows) - behind - ahead} "
+        f"undecided (no 95% interval, one that spans zero, or no spread across seeds) (FF−BP: {items})."
+    )
 
 
 def to_json(summary: Summary) -> str:

@@ -1,4 +1,5 @@
-"""Confidence intervals for a handful of seeds: Student-t for a mean, Welch for a difference of two means.
+"""Confidence intervals for a handful of seeds: Student-t for a mean, Welch for a difference of two means (and
+for a contrast of several, such as a gap's change between two K), paired t for per-seed differences.
 
 Studies run 2-5 seeds per configuration, so normal-approximation intervals would be far too narrow; the t
 quantile is what makes "± CI" honest at that n. It comes from scipy, exact at the fractional degrees of freedom
@@ -33,8 +34,22 @@ class Estimate:
     def has_ci(self) -> bool:
         return math.isfinite(self.half_width)
 
+    @property
+    def no_spread(self) -> bool:
+        """An interval of width 0: every seed gave the same value (on each side of a difference, or the same
+        per-seed difference). The arithmetic is right (scipy gives it too), but two or three equal numbers, e.g.
+        FF collapsed to exactly chance on every seed, do not show the value is exact. Accuracies are fractions
+        of at most millions of images, so a width under 1e-9 is the rounding of equal values, not a spread."""
+        return self.has_ci and self.half_width < 1e-9
+
     def excludes_zero(self) -> bool:
         return self.has_ci and (self.low > 0 or self.high < 0)
+
+    @property
+    def decisive(self) -> bool:
+        """Whether the interval backs a direction word ("ahead", "behind", "widens"): it exists, excludes zero
+        and does not owe its width of zero to seeds without spread."""
+        return self.excludes_zero() and not self.no_spread
 
 
 def t_quantile(p: float, df: float) -> float:
@@ -71,28 +86,46 @@ def welch_ci(a: Sequence[float], b: Sequence[float], level: float = 0.95) -> Est
 
     ``n`` of the result is min(len(a), len(b)). With identical zero variances the interval has width 0.
     """
-    a, b = [float(v) for v in a], [float(v) for v in b]
-    if not a or not b:
+    return contrast_ci([(1.0, a), (-1.0, b)], level)
+
+
+def contrast_ci(terms: Sequence[tuple[float, Sequence[float]]], level: float = 0.95) -> Estimate:
+    """sum(weight * mean(sample)) over independent samples with a Welch-Satterthwaite interval: Welch's for
+    (+1, a), (-1, b); a gap's change between two K is (+1, FF at K1), (-1, BP at K1), (-1, FF at K0), (+1, BP at K0).
+
+    ``n`` of the result is the smallest sample's size; with no spread in any sample the interval has width 0.
+    """
+    samples = [(w, [float(v) for v in values]) for w, values in terms]
+    if not all(values for _, values in samples):
         return Estimate(math.nan, math.nan, 0)
-    mean_a, var_a = _mean_var(a)
-    mean_b, var_b = _mean_var(b)
-    diff, n = mean_a - mean_b, min(len(a), len(b))
-    if len(a) < 2 or len(b) < 2:
+    moments = [(w, len(values), *_mean_var(values)) for w, values in samples]
+    diff = sum(w * mean for w, _, mean, _ in moments)
+    n = min(size for _, size, _, _ in moments)
+    if n < 2:
         return Estimate(diff, math.nan, n)
-    sa, sb = var_a / len(a), var_b / len(b)
-    se2 = sa + sb
+    parts = [(w * w * var / size, size) for w, size, _, var in moments]
+    se2 = sum(part for part, _ in parts)
     if se2 == 0:
         return Estimate(diff, 0.0, n)
-    df = se2**2 / (sa**2 / (len(a) - 1) + sb**2 / (len(b) - 1))
+    df = se2**2 / sum(part**2 / (size - 1) for part, size in parts)
     return Estimate(diff, t_quantile(0.5 + level / 2, df) * math.sqrt(se2), n)
 
 
-def fmt(estimate: Estimate, scale: float = 100.0, digits: int = 1, signed: bool = False) -> str:
-    """``"85.3 ± 1.2"`` (percent by default); the CI is "–" when it does not exist (n < 2)."""
+def paired_ci(a: Sequence[float], b: Sequence[float], level: float = 0.95) -> Estimate:
+    """mean(a - b) over pairs (a[i], b[i]) with the t interval of the per-seed differences (n - 1 degrees of
+    freedom), as scipy.stats.ttest_rel(a, b).confidence_interval() gives it. For FF and BP runs that share a
+    seed, and with it initialisation and data order; ``a`` and ``b`` must be in the same seed order."""
+    return mean_ci([float(x) - float(y) for x, y in zip(a, b, strict=True)], level)
+
+
+def fmt(estimate: Estimate, scale: float = 100.0, digits: int = 1, signed: bool = False, unit: str = "") -> str:
+    """``"85.3 ± 1.2"`` (percent by default, ``unit`` after the numbers); the CI is "–" when it does not exist
+    (n < 2), and a width of 0 says "(no spread across seeds)", not a confident ± 0.0."""
     if not math.isfinite(estimate.mean):
         return "–"
     sign = "+" if signed else ""
     mean = f"{estimate.mean * scale:{sign}.{digits}f}"
     if not estimate.has_ci:
-        return f"{mean} ± –"
-    return f"{mean} ± {estimate.half_width * scale:.{digits}f}"
+        return f"{mean} ± –{unit}"
+    text = f"{mean} ± {estimate.half_width * scale:.{digits}f}{unit}"
+    return text + " (no spread across seeds)" if estimate.no_spread else text

@@ -9,17 +9,20 @@ import json
 
 import optuna
 import pytest
+from matplotlib.container import ErrorbarContainer
 from optuna.distributions import CategoricalDistribution
 from optuna.trial import TrialState, create_trial
 
 from ffablate import results
 from ffablate.cli import main
 from ffablate.report import write_report
+from ffablate.stats import fmt
 
 
 def make_study(url: str, name: str, meta: dict, trials: list[dict]) -> optuna.Study:
     """``trials``: dicts with cell, role, overrides, seed, value (None = failed: the test accuracy), optional
-    val (a validation accuracy, which then is the trial's value, as in a study) and group/history."""
+    val (a validation accuracy, which then is the trial's value, as in a study), pruned (True: value is the
+    accuracy it was pruned at) and group/history."""
     study = optuna.create_study(storage=url, study_name=name, direction="maximize")
     for key, value in {
         "baseline_methods": ["bp-deepsup"],
@@ -52,7 +55,16 @@ def make_study(url: str, name: str, meta: dict, trials: list[dict]) -> optuna.St
             "cell": CategoricalDistribution(sorted({x["cell"] for x in trials})),
             "seed": CategoricalDistribution([0, 1, 2]),
         }
-        if t["value"] is None:
+        if t.get("pruned"):
+            del attrs["metrics"]  # a pruned trial stops before its final scores
+            frozen = create_trial(
+                state=TrialState.PRUNED,
+                params=params,
+                distributions=dists,
+                user_attrs=attrs,
+                intermediate_values={0: t["value"]},
+            )
+        elif t["value"] is None:
             attrs.update(fail_reason="TrainingDiverged: loss became nan", fail_permanent=True)
             frozen = create_trial(state=TrialState.FAIL, params=params, distributions=dists, user_attrs=attrs)
         else:
@@ -74,7 +86,7 @@ def test_two_axis_ablation_report_holds_the_numbers(tmp_path, url):
         ("constant", "decoupled"): [0.80, 0.82],
         ("constant", "none"): [0.70, 0.72],
         ("cosine", "decoupled"): [0.84, 0.86],
-        ("cosine", "none"): [0.60, 0.62],
+        ("cosine", "none"): [0.60],  # its seed 1 diverges below
     }
     for (temp, norm), values in accs.items():
         for seed, v in enumerate(values):
@@ -95,18 +107,22 @@ def test_two_axis_ablation_report_holds_the_numbers(tmp_path, url):
         {
             "cell": "temperature=cosine norm=none",
             "role": "ff",
-            "seed": 2,
+            "seed": 1,
             "value": None,
             "overrides": {"temperature": "cosine", "norm": "none"},
         }
     )
-    study = make_study(url, "tvn-quick", {"analysis": "ablation", "axes": axes, "question": "Which is best?"}, trials)
+    meta = {"analysis": "ablation", "axes": axes, "question": "Which is best?", "seeds": [0, 1]}
+    study = make_study(url, "tvn-quick", meta, trials)
     report = write_report(study, tmp_path / "out")
     text = report.read_text()
     assert "**Question.** Which is best?" in text
     assert "temperature=cosine norm=decoupled at 85.0 ± " in text  # the best, computed
-    assert "| temperature=cosine norm=decoupled | 2 | 85.0 ± 12.7 | -6.0 ± " in text
-    assert "TrainingDiverged" in text and "1 failed" in text
+    assert (
+        "| temperature=cosine norm=decoupled | 2 | 85.0 ± 12.7 | -6.0 ± 6.1 (n=2 vs 2) | -6.0 ± 0.0 (no spread" in text
+    )
+    assert "| temperature=cosine norm=none | 1 of 2 | 60.0 ± – | -31.0 ± – (n=1 vs 2) | – |" in text
+    assert "incomplete: 1 failed; ranked after the complete rows; failed: TrainingDiverged" in text
     assert "the norm axis moves mean test accuracy most" in text
     for png in ("heatmap.png", "learning_curves.png", "importance.png"):
         assert (tmp_path / "out" / png).stat().st_size > 1000, png
@@ -116,7 +132,7 @@ def test_two_axis_ablation_report_holds_the_numbers(tmp_path, url):
 def test_k_sweep_report_draws_both_gap_curves_and_states_the_trend(tmp_path, url):
     trials = []
     for group, dataset, gaps in (
-        ("synthetic", "teacher-student", {2: 0.01, 10: 0.03, 100: 0.08}),
+        ("synthetic", "teacher-student", {2: 0.05, 10: 0.08, 100: 0.15}),
         ("fashion-mnist", "fashion-mnist", {2: -0.01, 10: -0.05}),
     ):
         for k, gap in gaps.items():
@@ -152,8 +168,12 @@ def test_k_sweep_report_draws_both_gap_curves_and_states_the_trend(tmp_path, url
     text = write_report(study, tmp_path / "out").read_text()
     assert (tmp_path / "out" / "k_sweep_gap.png").stat().st_size > 1000
     answer = results.answer(results.summarize(study))
-    assert "synthetic: FF−BP gap +1.0" in answer and "+8.0" in answer and "widens with K" in answer
-    assert "fashion-mnist: FF−BP gap -1.0" in answer and "FF behind" in answer
+    # Both ends' intervals exclude zero on the same side, and so does the interval of the change: it widens.
+    assert "synthetic: FF−BP gap +5.0 ± 3.0 pp, n=2 vs 2 at K=2 → +15.0 ± 3.0 pp, n=2 vs 2 at K=100" in answer
+    assert "(FF ahead at K=100; the gap widens with K: change +10.0 ± 2.8 pp, n≥2 per side)" in answer
+    # K=2's interval spans zero: the change is resolved, but "widens" would claim a side at K=2 too.
+    assert "fashion-mnist: FF−BP gap -1.0 ± 3.0 pp, n=2 vs 2 at K=2 → -5.0 ± 3.0 pp, n=2 vs 2 at K=10" in answer
+    assert "(FF behind at K=10; the gap moves in BP's favour with K: change -4.0 ± 2.8 pp, n≥2 per side)" in answer
     assert answer in text
 
 
@@ -266,7 +286,8 @@ def test_without_a_validation_split_the_answer_says_the_choice_is_optimistic(url
     assert "chosen on the test images themselves (not every configuration has a validation split" in results.answer(
         summary
     )
-    assert results.table_rows(summary)[0][4] == "-"
+    row = dict(zip(results.TABLE_COLUMNS, results.table_rows(summary)[0], strict=True))
+    assert row["val acc % (95% CI)"] == "-"
 
 
 def test_json_has_null_where_an_interval_does_not_exist(url):
@@ -284,6 +305,11 @@ def test_json_has_null_where_an_interval_does_not_exist(url):
     rows = {r["label"]: r for r in json.loads(text, parse_constant=lambda name: pytest.fail(f"{name} in JSON"))["rows"]}
     assert rows["fusion=last"]["accuracy_ci95"] is None and rows["fusion=last"]["gap_ci95"] is None
     assert rows["fusion=last"]["gap_mean"] == pytest.approx(0.2) and rows["bp-deepsup"]["gap_mean"] is None
+    assert rows["fusion=last"]["gap_paired_ci95"] is None and rows["fusion=last"]["baseline_n"] == 1
+    # No interval, so no direction word: once this read "it is ahead of bp-deepsup".
+    answer = json.loads(text)["answer"]
+    assert "against bp-deepsup: FF−BP +20.0 pp from one seed each: no interval, no direction claimed" in answer
+    assert "ahead" not in answer
 
 
 def test_report_of_a_study_without_ffablate_trials_names_what_to_run(tmp_path, url, capsys):
@@ -317,3 +343,143 @@ def test_report_lists_a_failure_a_rerun_retries_and_the_split_it_will_rank_on(tm
     failed = text.split("## Failed trials", 1)[1]
     assert "- bp-deepsup (seed 0): ChecksumMismatch: train-images: MD5 differs" in failed
     assert "No validation split" not in text and "ranked on validation accuracy (200 held-out" in text
+
+
+def _ablation(url: str, ff: dict[str, list[dict]], bp: list[float], seeds: list[int]) -> optuna.Study:
+    """An ablation over ``fusion`` with one BP-DeepSup baseline; ``ff`` maps a fusion to its trials' fields."""
+    trials = [
+        {"cell": "bp-deepsup", "role": "baseline", "overrides": {}, "seed": seed, "value": v, "val": v}
+        for seed, v in enumerate(bp)
+    ]
+    trials += [
+        {"cell": f"fusion={name}", "role": "ff", "overrides": {"fusion": name}, **fields}
+        for name, runs in ff.items()
+        for fields in runs
+    ]
+    meta = {"analysis": "ablation", "axes": {"fusion": sorted(ff)}, "seeds": seeds}
+    return make_study(url, "fusion-full", meta, trials)
+
+
+def test_a_pruned_survivor_is_ranked_after_every_complete_configuration(tmp_path, url):
+    # The median pruner stopped "sum" on its weak seeds 1 and 2; its one surviving seed has the best validation
+    # accuracy, but a 1-seed survivor is a biased sample and may not beat "last", which completed every seed.
+    last = [{"seed": s, "value": t, "val": v} for s, t, v in ((0, 0.80, 0.80), (1, 0.80, 0.81), (2, 0.79, 0.79))]
+    pruned = [{"seed": s, "value": 0.5, "pruned": True} for s in (1, 2)]
+    ff = {"last": last, "sum": [{"seed": 0, "value": 0.78, "val": 0.83}, *pruned]}
+    study = _ablation(url, ff, [0.85, 0.86, 0.84], [0, 1, 2])
+    summary = results.summarize(study)
+    assert [r.label for r in summary.ranked()] == ["fusion=last", "fusion=sum"]
+    assert summary.best().label == "fusion=last" and not summary.rows[-1].complete
+    answer = results.answer(summary)
+    assert answer.startswith("Best FF configuration is fusion=last at 79.7 ± 1.4% test accuracy (n=3)")
+    assert "incomplete" not in answer
+    rows = {r[0]: dict(zip(results.TABLE_COLUMNS, r, strict=True)) for r in results.table_rows(summary)}
+    assert rows["fusion=sum"]["n"] == "1 of 3" and rows["fusion=last"]["n"] == "3"
+    assert rows["fusion=sum"]["notes"] == "incomplete: 2 pruned; ranked after the complete rows"
+    assert rows["fusion=sum"]["gap to BP pp (95% Welch CI)"] == "-7.0 ± – (n=1 vs 3)"
+    assert (
+        "Rows missing a planned seed are ranked after the complete ones."
+        in write_report(study, tmp_path / "o").read_text()
+    )
+    # With no complete row, the best incomplete one is chosen, and the answer says so.
+    ff["last"] = last[:1] + [{"seed": 1, "value": None}]
+    summary = results.summarize(_ablation(f"sqlite:///{tmp_path / 'none.db'}", ff, [0.85, 0.86, 0.84], [0, 1, 2]))
+    assert summary.best().label == "fusion=sum"
+    assert "chosen among incomplete rows: n=1 of 3 (2 pruned)" in results.answer(summary)
+    assert results.table_rows(summary)[1][-1].startswith("incomplete: 1 failed, 1 not run yet;")
+
+
+def test_a_gap_without_spread_on_either_side_claims_no_direction(url):
+    # FF collapsed to exactly chance on every seed, BP to one class more: Welch's width is 0 (scipy agrees), but
+    # three equal numbers per side do not make the gap exact.
+    ff = {"last": [{"seed": s, "value": 0.1, "val": 0.1} for s in range(3)]}
+    summary = results.summarize(_ablation(url, ff, [0.2, 0.2, 0.2], [0, 1, 2]))
+    (row,) = summary.ff
+    assert row.gap.no_spread and row.gap.excludes_zero() and not row.gap.decisive
+    answer = results.answer(summary)
+    assert "at 10.0 ± 0.0% (no spread across seeds) test accuracy (n=3)" in answer
+    assert "against bp-deepsup: FF−BP -10.0 ± 0.0 pp (no spread across seeds), n=3 vs 3;" in answer
+    assert answer.endswith(", no direction claimed.")
+    assert "behind" not in answer
+    assert results.table_rows(summary)[1][3] == "-10.0 ± 0.0 (no spread across seeds) (n=3 vs 3)"
+
+
+def test_the_paired_interval_matches_scipy_and_pairs_by_seed_not_by_order(url):
+    from scipy import stats
+
+    ff_by_seed, bp = {0: 0.81, 1: 0.84, 2: 0.80}, [0.86, 0.88, 0.85]
+    # FF's trials arrive in another seed order than BP's: pairing by position would pair the wrong runs.
+    ff = {"last": [{"seed": s, "value": ff_by_seed[s]} for s in (2, 0, 1)]}
+    summary = results.summarize(_ablation(url, ff, bp, [0, 1, 2]))
+    (row,) = summary.ff
+    expected = stats.ttest_rel([ff_by_seed[s] for s in range(3)], bp).confidence_interval(0.95)
+    assert row.gap_paired.low == pytest.approx(expected.low, abs=1e-12)
+    assert row.gap_paired.high == pytest.approx(expected.high, abs=1e-12)
+    assert row.gap_paired.n == 3 and row.gap.mean == pytest.approx(row.gap_paired.mean)
+    assert row.to_dict()["gap_paired_ci95"] == pytest.approx(row.gap_paired.half_width)
+    assert results.table_rows(summary)[1][4] == fmt(row.gap_paired, signed=True)
+    # Welch stays the primary interval: the direction word follows it, the paired one is shown beside it.
+    assert "paired over the 3 shared seeds" in results.answer(summary)
+    # Different seed sets have no pairing.
+    ff = {"last": [{"seed": s, "value": ff_by_seed[s]} for s in (0, 1)]}
+    (row,) = results.summarize(_ablation(url.replace("r.db", "p.db"), ff, bp, [0, 1, 2])).ff
+    assert row.gap.has_ci and not row.gap_paired.has_ci and row.gap_paired.n == 0
+
+
+def _bp_gap_study(url: str, gaps: dict[str, list[float]]) -> optuna.Study:
+    """A bp-gap study: per dataset, FF accuracies ``bp + gap`` on seeds 0..len-1 against BP at 0.80, 0.81, ..."""
+    trials = []
+    for dataset, ff in gaps.items():
+        over = {"dataset": dataset}
+        for seed, gap in enumerate(ff):
+            bp = 0.80 + 0.01 * seed
+            common = {"group": dataset, "seed": seed, "overrides": over}
+            trials.append({"cell": f"ff {dataset}", "role": "ff", "value": bp + gap, **common})
+            trials.append({"cell": f"bp-deepsup {dataset}", "role": "baseline", "value": bp, **common})
+    return make_study(url, "bp-gap-full", {"analysis": "bp-gap", "seeds": [0, 1, 2]}, trials)
+
+
+@pytest.fixture
+def figures(monkeypatch):
+    """The figures a report saves, open for inspection."""
+    from ffablate import report
+
+    saved = {}
+    monkeypatch.setattr(report, "_save", lambda fig, out, name: saved.setdefault(name, fig) and name)
+    return saved
+
+
+def test_bp_gap_counts_only_gaps_whose_interval_excludes_zero(tmp_path, url, figures):
+    # fashion-mnist: -5 pp on 3 seeds with some spread, decided. digits: one seed each. mnist: spans zero.
+    study = _bp_gap_study(url, {"fashion-mnist": [-0.05, -0.06, -0.04], "digits": [0.012], "mnist": [-0.02, 0.02]})
+    answer = results.answer(results.summarize(study))
+    assert answer.startswith("FF trails BP-DeepSup on 1 of 3 datasets and leads on 0; 2 undecided")
+    assert "fashion-mnist -5.0 ± 3.5 pp, n=3 vs 3" in answer
+    assert "digits +1.2 pp from one seed each: no interval" in answer
+    text = write_report(study, tmp_path / "out").read_text()
+    assert "![FF−BP gap per dataset (hollow: n=1, no CI)](bp_gap.png)" in text
+    (ax,) = figures["bp_gap.png"].axes
+    fills = [bar.get_fill() for bar in ax.patches]
+    assert sorted(fills) == [False, True, True]  # digits' bar is hollow
+    (bars,) = [c for c in ax.containers if isinstance(c, ErrorbarContainer)]
+    assert len(bars.lines[2][0].get_segments()) == 2  # error bars only where a CI exists
+
+
+def test_k_sweep_from_one_seed_claims_no_direction_and_draws_hollow_points(tmp_path, url, figures):
+    trials = []
+    for k, gap in {2: 0.02, 10: 0.05}.items():
+        over = {"dataset": "teacher-student", "classes": k}
+        common = {"group": "synthetic", "seed": 0, "overrides": over}
+        trials.append({"cell": f"synthetic classes={k}", "role": "ff", "value": 0.7 + gap, **common})
+        trials.append({"cell": f"bp-deepsup synthetic classes={k}", "role": "baseline", "value": 0.7, **common})
+    study = make_study(url, "k-sweep-quick", {"analysis": "k-sweep", "axes": {"classes": [2, 10]}}, trials)
+    answer = results.answer(results.summarize(study))
+    assert answer == (
+        "synthetic: FF−BP gap +2.0 pp from one seed each: no interval at K=2 → +5.0 pp from one seed each: "
+        "no interval at K=10 (no direction claimed at K=10; change with K +3.0 pp with n=1 on a side: no interval, "
+        "no trend claimed)."
+    )
+    assert "(hollow: n=1, no CI)" in write_report(study, tmp_path / "out").read_text()
+    (ax,) = figures["k_sweep_gap.png"].axes
+    hollow = [line for line in ax.lines if line.get_markerfacecolor() == "none" and len(line.get_xdata())]
+    assert [list(line.get_xdata()) for line in hollow] == [[2, 10]] and not ax.containers  # no error bars

@@ -19,7 +19,7 @@ from ffablate import spec as specs
 from ffablate import study as studies
 from ffablate.cli import main
 from ffablate.errors import FFablateError
-from ffablate.stats import mean_ci, t_quantile, welch_ci
+from ffablate.stats import contrast_ci, fmt, mean_ci, paired_ci, t_quantile, welch_ci
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -194,6 +194,25 @@ def test_recipe_is_the_sources_shared_ff_settings_plus_the_winners_own(tmp_path)
     assert name == "src-quick"
     # Data and budget keys stay the target spec's own.
     assert recipe == {"negatives": "random-label", "loss": "softplus-threshold", "goodness": "meansq"}
+
+
+def test_recipe_comes_from_a_configuration_that_completed_every_seed(tmp_path):
+    # "sumsq" scored best on its one seed, but the median pruner stopped its other two: a survivor, not a winner.
+    url = storage_url(tmp_path)
+    source = optuna.create_study(storage=url, study_name="src-quick", direction="maximize")
+    source.set_user_attr("seeds", [0, 1, 2])
+    for goodness, values in (("meansq", [0.7, 0.71, 0.69]), ("sumsq", [0.8, None, None])):
+        for seed, value in enumerate(values):
+            attrs = {
+                "cell": f"goodness={goodness}",
+                "role": "ff",
+                "seed": seed,
+                "overrides": {"goodness": goodness, "method": "ff"},
+            }
+            state = TrialState.COMPLETE if value is not None else TrialState.PRUNED
+            source.add_trial(create_trial(state=state, value=value, params={}, distributions={}, user_attrs=attrs))
+    recipe, _ = studies.winning_recipe(url, "src")
+    assert recipe == {"goodness": "meansq"}
 
 
 def test_report_from_existing_storage_runs_no_training(finished, monkeypatch):
@@ -383,6 +402,43 @@ def test_welch_interval_and_degenerate_cases():
     assert diff.mean == pytest.approx(0.1) and diff.excludes_zero() is False or diff.half_width > 0
     assert not mean_ci([0.5]).has_ci and not welch_ci([0.5], [0.4, 0.6]).has_ci
     assert welch_ci([0.5, 0.5], [0.4, 0.4]).half_width == 0
+
+
+def test_a_zero_width_interval_is_worded_not_read_as_a_direction():
+    # FF at exactly chance on every seed against BP with no spread either: scipy's Welch interval has width 0 too.
+    zero = welch_ci([0.1, 0.1, 0.1], [0.2, 0.2, 0.2])
+    assert zero.no_spread and zero.excludes_zero() and not zero.decisive
+    assert fmt(zero, signed=True) == "-10.0 ± 0.0 (no spread across seeds)"
+    # Equal values whose mean rounds: a width of 1e-17, still no spread.
+    assert mean_ci([0.1, 0.1, 0.1]).no_spread and fmt(mean_ci([0.1] * 3)).endswith("(no spread across seeds)")
+    spread = welch_ci([0.1, 0.11, 0.1], [0.2, 0.2, 0.21])
+    assert spread.decisive and not spread.no_spread and "spread" not in fmt(spread)
+    assert not welch_ci([0.1], [0.2, 0.21]).decisive  # no interval at all
+
+
+def test_paired_and_contrast_intervals_match_scipy():
+    from scipy import stats
+
+    ff, bp = [0.81, 0.83, 0.80, 0.84], [0.86, 0.88, 0.85, 0.86]
+    paired, expected = paired_ci(ff, bp), stats.ttest_rel(ff, bp).confidence_interval(0.95)
+    assert (paired.low, paired.high) == (
+        pytest.approx(expected.low, abs=1e-12),
+        pytest.approx(expected.high, abs=1e-12),
+    )
+    assert paired.n == 4 and not paired_ci([0.8], [0.9]).has_ci
+    with pytest.raises(ValueError):
+        paired_ci([0.8, 0.9], [0.9])
+    # Welch is the two-sample contrast; scipy's unequal-variance interval is the reference.
+    a, b = [0.81, 0.83, 0.80, 0.84, 0.79], [0.86, 0.87]
+    welch, expected = contrast_ci([(1.0, a), (-1.0, b)]), stats.ttest_ind(a, b, equal_var=False).confidence_interval()
+    assert welch == welch_ci(a, b) and welch.low == pytest.approx(expected.low, abs=1e-12)
+    # A gap's change between two K: four samples, Welch-Satterthwaite degrees of freedom.
+    f1, b1, f0, b0 = [0.5, 0.52], [0.6, 0.63, 0.61], [0.7, 0.71], [0.72, 0.7]
+    change = contrast_ci([(1.0, f1), (-1.0, b1), (-1.0, f0), (1.0, b0)])
+    parts = [stats.tvar(x) / len(x) for x in (f1, b1, f0, b0)]
+    df = sum(parts) ** 2 / sum(p**2 / (len(x) - 1) for p, x in zip(parts, (f1, b1, f0, b0), strict=True))
+    assert change.mean == pytest.approx(sum(f1) / 2 - sum(b1) / 3 - sum(f0) / 2 + sum(b0) / 2)
+    assert change.half_width == pytest.approx(stats.t.ppf(0.975, df) * sum(parts) ** 0.5, rel=1e-12)
 
 
 @pytest.mark.parametrize(

@@ -60,6 +60,18 @@ def test_greedy_phase_leaves_earlier_blocks_untouched(tiny_config):
     assert not all(torch.equal(a, b) for a, b in zip(later, trainer.net.backbone.blocks[1].parameters(), strict=True))
 
 
+@pytest.mark.parametrize(
+    ("method", "schedule"), [("ff", "simultaneous"), ("ff", "greedy"), ("bp-deepsup", "simultaneous")]
+)
+def test_images_per_second_counts_each_training_image_once_per_epoch(tiny_config, method, schedule):
+    # A greedy run passes the data once per block; counting every pass made it look faster than BP per image
+    # while it took longer. Every method's rate is (epochs x training images) / train seconds.
+    trainer = build_trainer(tiny_config.with_updates({"method": method, "schedule": schedule, "epochs": 1}))
+    images = sum(y.numel() for _, y in trainer.data.train)
+    result = trainer.fit()
+    assert result.images_per_second * result.train_seconds == pytest.approx(images, rel=1e-9)
+
+
 def _grads_after_one_step(config: RunConfig) -> tuple[float, list[torch.Tensor]]:
     trainer = build_trainer(config)
     trainer.optimizer.step = lambda: None  # keep the gradients of exactly one batch

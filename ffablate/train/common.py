@@ -34,7 +34,7 @@ class RunResult:
     test_accuracy: float
     per_layer_accuracy: list[float]  # on the test split
     train_seconds: float
-    images_per_second: float
+    images_per_second: float  # (epochs x training images) / train_seconds, for every method and schedule alike
     peak_memory_bytes: int
     config: dict[str, Any]
     history: list[dict[str, float]] = field(default_factory=list)

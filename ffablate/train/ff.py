@@ -329,7 +329,7 @@ class FFTrainer:
         phases = self.phases()
         steps_per_phase = cfg.epochs * len(loader)
         total_steps, done, images, history = steps_per_phase * len(phases), 0, 0, []
-        for active, fit_fusion in phases:
+        for phase, (active, fit_fusion) in enumerate(phases):
             opts = [self.optimizer] + ([self.fusion_optimizer] if fit_fusion and self.fusion_optimizer else [])
             for epoch in range(cfg.epochs):
                 loader.set_epoch(epoch)
@@ -338,7 +338,11 @@ class FFTrainer:
                         phase_step = epoch * len(loader) + step
                         common.set_lr(opts, cfg, phase_step, steps_per_phase)
                         loss = self.train_step(x, y, phase_step / steps_per_phase, active, fit_fusion)
-                        images += y.numel()
+                        # images/s is (epochs x training images) / train seconds for every method, as BP counts
+                        # it: a greedy run's later phases pass the same images again, and counting them would
+                        # show it faster per image than BP while it takes longer.
+                        if phase == 0:
+                            images += y.numel()
                         done += 1
                         if progress:
                             progress(done, total_steps, {"loss": loss})
