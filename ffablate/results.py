@@ -460,9 +460,11 @@ def _answer_bp_gap(summary: Summary) -> str:
     behind = sum(r.gap.decisive and r.gap.mean < 0 for r in rows)
     ahead = sum(r.gap.decisive and r.gap.mean > 0 for r in rows)
     items = "; ".join(f"{r.group or r.overrides.get('dataset', r.label)} {_pp(r.gap, r.n, r.baseline_n)}" for r in rows)
+    undecided = len(rows) - behind - ahead
+    why = " (no 95% interval, one that spans zero, or no spread across seeds)" if undecided else ""
     return (
-        f"FF trails BP-DeepSup on {behind} of {len(rows)} datasets and leads on {ahead}; {len(rows) - behind - ahead} "
-        f"undecided (no 95% interval, one that spans zero, or no spread across seeds) (FF−BP: {items})."
+        f"FF trails BP-DeepSup on {behind} of {len(rows)} datasets and leads on {ahead}; {undecided} undecided{why} "
+        f"(FF−BP: {items})."
     )
 
 
