@@ -242,25 +242,13 @@ def _bars(
     without an error bar, since a filled bar with none would pass for an exact value. True when any is hollow."""
     with_ci = [(x, e) for x, e in zip(xs, estimates, strict=True) if e is not None and e.has_ci]
     bare = [(x, e) for x, e in zip(xs, estimates, strict=True) if e is not None and not e.has_ci]
-    if with_ci:
-        ax.bar(
-            [x for x, _ in with_ci],
-            [e.mean * 100 for _, e in with_ci],
-            width=width,
-            color=color,
-            yerr=[e.half_width * 100 for _, e in with_ci],
-            capsize=3,
-            label=label,
-        )
-    if bare:
-        ax.bar(
-            [x for x, _ in bare],
-            [e.mean * 100 for _, e in bare],
-            width=width,
-            fill=False,
-            edgecolor=color,
-            label=f"{label} ({NO_CI})",
-        )
+    styles = [
+        (with_ci, {"color": color, "yerr": [e.half_width * 100 for _, e in with_ci], "capsize": 3, "label": label}),
+        (bare, {"fill": False, "edgecolor": color, "label": f"{label} ({NO_CI})"}),
+    ]
+    for points, style in styles:
+        if points:
+            ax.bar([x for x, _ in points], [e.mean * 100 for _, e in points], width=width, **style)
     return bool(bare)
 
 

@@ -253,31 +253,25 @@ def _registry_with(*plugins: object) -> Registry:
     return Registry(make_plugin_manager(plugins))
 
 
+def _registering(kind: str):  # noqa: ANN202
+    @hookimpl(specname=f"ffablate_register_{kind}")
+    def hook(self, register):  # noqa: ANN001, ANN202
+        if self.kind == kind:
+            register(self.name, self.factory, "test plugin", space=self.space)
+
+    return hook
+
+
 class OnePlugin:
     """Registers ``factory`` as the ``kind`` plugin named ``name`` (default "probe")."""
 
     def __init__(self, kind: str, factory, space=None, name: str = "probe"):
         self.kind, self.factory, self.space, self.name = kind, factory, space, name
 
-    @hookimpl
-    def ffablate_register_goodness(self, register):
-        if self.kind == "goodness":
-            register(self.name, self.factory, "test plugin", space=self.space)
-
-    @hookimpl
-    def ffablate_register_loss(self, register):
-        if self.kind == "loss":
-            register(self.name, self.factory, "test plugin", space=self.space)
-
-    @hookimpl
-    def ffablate_register_fusion(self, register):
-        if self.kind == "fusion":
-            register(self.name, self.factory, "test plugin", space=self.space)
-
-    @hookimpl
-    def ffablate_register_datasets(self, register):
-        if self.kind == "datasets":
-            register(self.name, self.factory, "test plugin", space=self.space)
+    ffablate_register_goodness = _registering("goodness")
+    ffablate_register_loss = _registering("loss")
+    ffablate_register_fusion = _registering("fusion")
+    ffablate_register_datasets = _registering("datasets")
 
 
 def _ff_net(reg: Registry, **updates):
