@@ -318,9 +318,12 @@ def cmd_study(args: argparse.Namespace) -> int:
         else f"{len(plan.cells)} configurations x {len(plan.budget.seeds)} seeds"
     )
     where = study.describe_storage(args.storage)
-    stderr.print(f"study {name} ({size}) in {where}", markup=False, highlight=False)
-    for note in plan.notes:
-        stderr.print(f"note: {note}", markup=False, highlight=False)
+
+    def banner() -> None:
+        stderr.print(f"study {name} ({size}) in {where}", markup=False, highlight=False)
+        for note in plan.notes:
+            stderr.print(f"note: {note}", markup=False, highlight=False)
+
     with study.StudyProgress(new_progress(stderr.is_terminal)) as bars:
         done = study.run_study(
             plan,
@@ -332,6 +335,7 @@ def cmd_study(args: argparse.Namespace) -> int:
             data_root=args.data_root,
             progress=bars,
             log=lambda m: stderr.print(m, markup=False, highlight=False),
+            on_ready=banner,
         )
     summary = results.summarize(done.study)
     if args.json:

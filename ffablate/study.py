@@ -562,11 +562,13 @@ def run_study(
     data_root: str | None = None,
     progress: Any = None,
     log: Callable[[str], None] = lambda message: None,
+    on_ready: Callable[[], None] = lambda: None,
 ) -> StudyRun:
     """Create or resume the study and run what is left (at most ``n_trials`` trials / ``timeout`` seconds).
 
     ``progress`` is an optional object with ``trial_started(label, seed)``, ``steps(done, total, info)`` and
-    ``trial_finished(state, value)`` methods (the CLI's rich bars).
+    ``trial_finished(state, value)`` methods (the CLI's rich bars). ``on_ready`` runs once the spec has passed
+    its preflight, before any trial (the CLI's banner: a spec that fails leaves one error line, not a banner too).
     """
     from ffablate.train.common import resolve_device
 
@@ -579,6 +581,7 @@ def run_study(
         # resuming it needs no data loaded.
         if name not in optuna.get_all_study_names(storage) or remaining(open_study(plan, storage, name), plan):
             preflight(plan, device, data)
+        on_ready()
         study = open_study(plan, storage, name)
         stale = fail_dead_trials(study)
         if stale:

@@ -2,15 +2,40 @@ import pytest
 
 from ffablate.config import RunConfig
 
-# Small but real: the first 1,000 Fashion-MNIST training images, one epoch, a narrow CNN.
+# Small but real: the first 1,000 Fashion-MNIST training images, two epochs, a narrow CNN, scored on a fixed
+# stratified 1,000 of the test images (all 10,000 cost ten passes each for a label-embedding goodness).
 TINY = {
     "dataset": "fashion-mnist",
     "limit_train": 1000,
+    "limit_test": 1000,
     "epochs": 2,
     "batch_size": 50,
     "channels": "20,20",
     "strides": "2,2",
 }
+
+# Variables that switch ffablate's data lookup or kernels: one set in the shell must not change what a test sees.
+FFABLATE_ENV = (
+    "FFABLATE_DATA",
+    "FFABLATE_NO_OFFLINE",
+    "FFABLATE_KERNELS",
+    "FFABLATE_CPU_STREAM",
+    "FFABLATE_CUDA_SCHEDULE",
+)
+
+
+@pytest.fixture(scope="session")
+def _empty_data_root(tmp_path_factory: pytest.TempPathFactory):
+    return tmp_path_factory.mktemp("empty-data-root")
+
+
+@pytest.fixture(autouse=True)
+def _isolated_environment(monkeypatch: pytest.MonkeyPatch, _empty_data_root) -> None:
+    """No FFABLATE_* variable from the shell, and a data root that is empty: datasets come from the offline
+    packages (Fashion-MNIST, MNIST) or from a folder the test makes, never from ~/.cache/ffablate/data."""
+    for name in FFABLATE_ENV:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("FFABLATE_DATA", str(_empty_data_root))
 
 
 @pytest.fixture

@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import random
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -19,10 +20,11 @@ HAS_CUDA = ops.extension_available() and bool(getattr(ops._C, "WITH_CUDA", False
 cuda_only = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device and a CUDA build of ffablate._C")
 
 
-@pytest.fixture(autouse=True)
-def _default_backend(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv("FFABLATE_KERNELS", raising=False)
-    monkeypatch.delenv("FFABLATE_CUDA_SCHEDULE", raising=False)
+def _require_fused() -> None:
+    """Without the extension ops.goodness_norm runs the reference: a comparison with it would hold trivially.
+    (conftest.py unsets FFABLATE_KERNELS and FFABLATE_CUDA_SCHEDULE for every test.)"""
+    assert ops.extension_available(), "ffablate._C is not built: run `pip install -e . --no-build-isolation`"
+    assert ops.backend() == "fused"
 
 
 def _random_shapes(seed: int, count: int, big: bool = False) -> list[tuple[int, ...]]:
@@ -60,6 +62,7 @@ def _fwd_bwd(fn, h: torch.Tensor, which: tuple[bool, ...], seed: int):  # noqa: 
 
 def _check_against_reference(h: torch.Tensor, seed: int, atol: float, rtol: float, subsets: int = 2) -> None:
     # fp16/bf16 are judged against the reference evaluated on the same values in fp32.
+    _require_fused()
     ref_h = h.float() if h.dtype in (torch.float16, torch.bfloat16) else h
     which_all = list(itertools.product([True, False], repeat=4))
     for which in [which_all[0], *random.Random(seed).sample(which_all[1:], subsets)]:
@@ -169,6 +172,7 @@ def test_torch_compile_fullgraph() -> None:
         sq, sa, out, ro = ops.goodness_norm(h)
         return torch.nn.functional.softplus(sq - 2.0).mean() + sa.mean() * 1e-3 + (ro * ro).sum() + out.sum()
 
+    _require_fused()
     compiled = torch.compile(step, fullgraph=True)
     h = _make((4, 3, 5, 5), torch.float32, "cpu", 9).requires_grad_()
     (g_c,) = torch.autograd.grad(compiled(h), h)
@@ -224,6 +228,7 @@ def test_goodness_only_gradients_follow_the_reference_at_the_edges(device: str) 
 
 def test_cpu_sums_of_long_rows_stay_accurate() -> None:
     # One fp32 lane running over a 2^21-element row drifted by 6e-5 (relative); blocks of partial sums do not.
+    _require_fused()
     h = torch.rand(2, 2**21 + 4, generator=torch.Generator().manual_seed(0)) + 0.5
     sumsq, sumabs, _, _ = ops.goodness_norm(h)
     exact = h.double()
@@ -370,6 +375,7 @@ def test_cuda_schedules_agree_bitwise(
     # Every schedule sums a sample's partials in the same order, so all give the same bits, run after run. The
     # shapes have more chunks than a pipelined grid holds (its blocks walk several, with an uneven tail), channels
     # split across blocks (the readout sums published partials), and one-block samples.
+    _require_fused()
     h = _make(shape, dtype, "cuda", 1)
     tol = 1e-4 if dtype == torch.float32 else 3e-2
     runs = {}
@@ -422,7 +428,7 @@ def test_cuda_opcheck_compile_and_errors() -> None:
     torch.testing.assert_close(g, 2 * hr.detach())
     with pytest.raises(RuntimeError, match="float32, float16 and bfloat16"):
         torch.ops.ffablate.goodness_norm.default(h.double(), 1e-6)
-    with pytest.raises(RuntimeError):
+    with pytest.raises(RuntimeError, match="goodness_norm_backward: grad_out is on cpu but h is on cuda"):
         torch.ops.ffablate.goodness_norm_backward.default(None, None, torch.randn(3, 4, 5, 5), None, h, sq, 1e-6)
 
 
@@ -435,3 +441,38 @@ def test_cuda_bench_quick() -> None:
     for r in rows:  # device time excludes the host launch cost that a lone synchronous call pays
         assert r["timing"] == "cuda-device" and r["fused_ms"] > 0 and r["call_ms"]["fused"] > 0
         assert r["host_ms"]["fused"] > 0
+
+
+@pytest.mark.cuda
+@cuda_only
+@pytest.mark.parametrize(
+    "updates",
+    [
+        # 4-D activity: the conv backbone, its readout features through the linear probe (CPU: 0.40 after 6 epochs).
+        {"fusion": "readout", "epochs": 6},
+        # 2-D activity: dense blocks, where the readout is the normalized output itself (CPU: 0.58).
+        {"backbone": "mlp", "channels": "100,100"},
+    ],
+)
+def test_cuda_training_is_the_same_with_fused_and_reference_kernels(
+    updates: dict, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Decoupled normalization is the norm whose three paths come from goodness_norm; a tiny run under bf16 autocast
+    # must learn the same with the fused kernels as with their reference twin (rounding apart).
+    from ffablate.config import RunConfig
+    from ffablate.train import run
+    from tests.conftest import TINY
+
+    config = RunConfig().with_updates({**TINY, "device": "cuda", "norm": "decoupled", **updates})
+    results = {}
+    for backend in ("fused", "reference"):
+        monkeypatch.setenv("FFABLATE_KERNELS", backend)
+        # The repository's .data/ is where scripts/device-check.sh carries Fashion-MNIST to a GPU machine, which has
+        # no offline package; elsewhere the lookup goes on to the package.
+        results[backend] = run(config, data_root=str(Path(__file__).parents[1] / ".data"))
+        assert results[backend].kernel_backend == backend
+    fused, reference = results["fused"], results["reference"]
+    assert fused.test_accuracy > 0.25 and reference.test_accuracy > 0.25  # chance is 0.1
+    assert fused.test_accuracy == pytest.approx(reference.test_accuracy, abs=0.03)
+    for a, b in zip(fused.per_layer_accuracy, reference.per_layer_accuracy, strict=True):
+        assert a == pytest.approx(b, abs=0.03)

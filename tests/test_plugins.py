@@ -76,7 +76,8 @@ class CubePlugin:
         return Cube(scale)
 
 
-def test_in_test_plugin_is_used_by_ffablate_train(capsys):
+def test_in_test_plugin_is_used_by_ffablate_train(capsys, monkeypatch):
+    monkeypatch.setattr(CubePlugin, "calls", 0)  # a count of this run's factory calls, whatever ran before
     plugin = CubePlugin()
     add_plugin(plugin)
     try:
@@ -156,7 +157,7 @@ def test_misspelled_hook_fails_fast():
 
 
 def test_unknown_plugin_parameter_is_a_config_error():
-    with pytest.raises(ConfigError, match="no parameter 'tt'.*t"):
+    with pytest.raises(ConfigError, match=r"^temperature plugin 'constant' has no parameter 'tt'; its parameters: t$"):
         registry().create("temperature", "constant", {"tt": 1.0})
 
 
@@ -194,7 +195,7 @@ def test_example_package_is_found_through_its_entry_point(tmp_path: Path):
 def test_goodness_plugins_agree_with_their_definitions():
     from ffablate.paths import NormPaths
 
-    h = torch.randn(4, 10, 3, 3)
+    h = torch.randn(4, 10, 3, 3, generator=torch.Generator().manual_seed(0))
     paths = NormPaths(h, h, h.mean((2, 3)))
     reg = registry()
     flat = h.flatten(1)
@@ -221,12 +222,153 @@ def test_losses_agree_with_their_definitions():
     got = reg.create("loss", "bce")(g_pos, g_neg, None, theta, t)
     assert torch.isfinite(got)
     torch.testing.assert_close(got, expected_bce)
-    logits = torch.randn(4, 3)
+    logits = torch.randn(4, 3, generator=torch.Generator().manual_seed(0))
     labels = torch.tensor([0, 2, 1, 0])
     torch.testing.assert_close(
         reg.create("loss", "classwise-ce")(logits, None, labels, theta, t),
         torch.nn.functional.cross_entropy(logits / t, labels),
     )
+
+
+def test_temperature_schedules_run_from_start_to_end():
+    reg, g = registry(), torch.zeros(3)
+
+    def at(t, progress: float) -> float:  # noqa: ANN001
+        value = t(progress, g)
+        assert isinstance(value, torch.Tensor) and value.dim() == 0 and value.is_floating_point()
+        return value.item()
+
+    constant = reg.create("temperature", "constant", {"t": 0.7})
+    assert [at(constant, p) for p in (0.0, 0.3, 1.0)] == [pytest.approx(0.7)] * 3
+    assert at(reg.create("temperature", "constant"), 0.5) == pytest.approx(0.3)  # the documented default
+    for name in ("linear", "cosine"):
+        default = reg.create("temperature", name)  # anneals 2 -> 0.5
+        assert (at(default, 0.0), at(default, 1.0)) == (pytest.approx(2.0), pytest.approx(0.5)), name
+        rising = reg.create("temperature", name, {"start": 0.5, "end": 3.0})
+        assert (at(rising, 0.0), at(rising, 0.5), at(rising, 1.0)) == (
+            pytest.approx(0.5),
+            pytest.approx(1.75),  # both pass the midpoint halfway
+            pytest.approx(3.0),
+        ), name
+    # Linear moves evenly; cosine is slow near both ends: a quarter in, 0.146 of the way, not 0.25.
+    quarter = {n: at(reg.create("temperature", n, {"start": 0.5, "end": 3.0}), 0.25) for n in ("linear", "cosine")}
+    assert quarter == {"linear": pytest.approx(0.5 + 2.5 * 0.25), "cosine": pytest.approx(0.5 + 2.5 * 0.1464466)}
+
+
+def test_norm_modes_feed_goodness_and_the_next_block_as_documented():
+    gen = torch.Generator().manual_seed(0)
+    h = torch.randn(4, 3, 5, 5, generator=gen).relu() + 0.1
+    h[1] *= 10  # a sample ten times as active as the others
+    reg = registry()
+
+    def paths(norm: str, x: torch.Tensor):  # noqa: ANN202
+        module = reg.create("norm", norm, num_features=3)
+        module.train()
+        return module(x)
+
+    none = paths("none", h)  # raw activity on all three paths
+    assert torch.equal(none.goodness_input, h) and torch.equal(none.forward, h)
+    torch.testing.assert_close(none.readout, h.mean((2, 3)))
+
+    # decoupled: goodness on raw h, the next block sees h / RMS(h), the readout pools that.
+    decoupled = paths("decoupled", h)
+    rms = h.flatten(1).square().mean(1).add(1e-6).sqrt().view(-1, 1, 1, 1)
+    assert torch.equal(decoupled.goodness_input, h)
+    torch.testing.assert_close(decoupled.forward, h / rms)
+    torch.testing.assert_close(decoupled.readout, (h / rms).mean((2, 3)))
+    torch.testing.assert_close(decoupled.sumsq(), h.flatten(1).square().sum(1))
+    torch.testing.assert_close(decoupled.sumabs(), h.flatten(1).sum(1))
+    # So the louder sample's goodness is 100x, while the next block cannot tell it apart.
+    louder = paths("decoupled", h * 10)
+    torch.testing.assert_close(louder.sumsq(), decoupled.sumsq() * 100)
+    torch.testing.assert_close(louder.forward, decoupled.forward, atol=1e-5, rtol=1e-5)
+
+    # coupled-bn: one batch-normalized tensor (batch statistics in training, no affine) on all three paths.
+    bn = paths("coupled-bn", h)
+    z = torch.nn.functional.batch_norm(h, None, None, training=True, eps=1e-5)
+    torch.testing.assert_close(bn.goodness_input, z)
+    assert torch.equal(bn.forward, bn.goodness_input)
+    torch.testing.assert_close(bn.readout, z.mean((2, 3)))
+    flat = h.flatten(2).mean(2)  # (N, C) activity takes the 1-D batch norm
+    torch.testing.assert_close(
+        paths("coupled-bn", flat).forward, torch.nn.functional.batch_norm(flat, None, None, training=True)
+    )
+
+    # coupled-ln: each sample standardized on its own, on all three paths.
+    ln = paths("coupled-ln", h)
+    z = (h - h.mean((1, 2, 3), keepdim=True)) / (h.var((1, 2, 3), unbiased=False, keepdim=True) + 1e-5).sqrt()
+    torch.testing.assert_close(ln.goodness_input, z)
+    assert torch.equal(ln.forward, ln.goodness_input)
+    torch.testing.assert_close(ln.readout, z.mean((2, 3)))
+
+
+def test_fusions_combine_the_blocks_they_name():
+    reg = registry()
+    # Three blocks, two samples, three classes; each rule picks other classes.
+    scores = [
+        torch.tensor([[5.0, 0.0, 0.0], [0.0, 0.0, 5.0]]),
+        torch.tensor([[0.0, 4.0, 0.0], [0.0, 4.0, 0.0]]),
+        torch.tensor([[0.0, 0.0, 3.0], [3.0, 0.0, 0.0]]),
+    ]
+    features = [torch.zeros(2, 4)] * 3
+
+    def fuse(name: str, **params: int) -> torch.Tensor:
+        return reg.create("fusion", name, params, num_layers=3, num_classes=3, feature_dims=[4, 4, 4])(scores, features)
+
+    assert torch.equal(fuse("last"), scores[2])
+    assert torch.equal(fuse("sum"), scores[0] + scores[1] + scores[2])
+    assert torch.equal(fuse("sum-from-k"), scores[1] + scores[2])  # k defaults to 1
+    assert torch.equal(fuse("sum-from-k", k=0), fuse("sum")) and torch.equal(fuse("sum-from-k", k=2), fuse("last"))
+    predictions = {name: fuse(name).argmax(1).tolist() for name in ("last", "sum", "sum-from-k")}
+    assert predictions == {"last": [2, 0], "sum": [0, 2], "sum-from-k": [1, 1]}
+    with pytest.raises(ConfigError, match=r"fusion.k must be in 0..2 for 3 blocks, got 3"):
+        fuse("sum-from-k", k=3)
+
+
+def _no_scores() -> torch.Tensor:
+    raise AssertionError("random-label negatives must not score the network")
+
+
+def test_random_label_negatives_are_never_the_true_label():
+    labels = torch.arange(10).repeat(2000)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        wrong = registry().create("negatives", "random-label").wrong_labels(labels, 10, _no_scores)
+    assert wrong.shape == labels.shape and wrong.dtype == labels.dtype
+    assert not (wrong == labels).any()
+    # Uniform over the nine wrong labels: every (true, wrong) pair occurs, each about 2000 / 9 = 222 times.
+    counts = torch.zeros(10, 10).index_put_((labels, wrong), torch.ones(len(labels)), accumulate=True)
+    off_diagonal = counts[~torch.eye(10, dtype=torch.bool)]
+    assert off_diagonal.min() > 150 and off_diagonal.max() < 300
+
+
+def test_hardest_label_negatives_are_the_highest_scoring_wrong_label():
+    labels = torch.tensor([0, 1, 2, 3])
+    scores = torch.tensor(
+        [
+            [9.0, 1.0, 5.0, 2.0],  # the true label scores highest; the hardest wrong one is 2
+            [0.0, 1.0, 0.5, 3.0],  # 3
+            [7.0, 6.0, 8.0, -1.0],  # 0
+            [-5.0, -2.0, -3.0, -4.0],  # all negative: 1
+        ]
+    )
+    before = scores.clone()
+    hardest = registry().create("negatives", "hardest-label", {"p": 1.0})
+    assert hardest.wrong_labels(labels, 4, lambda: scores).tolist() == [2, 3, 0, 1]
+    assert torch.equal(scores, before)  # the true label is masked in a copy
+    many = labels.repeat(500)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        never = registry().create("negatives", "hardest-label", {"p": 0.0}).wrong_labels(many, 4, _no_scores)
+        half = (
+            registry()
+            .create("negatives", "hardest-label", {"p": 0.5})
+            .wrong_labels(many, 4, lambda: scores.repeat(500, 1))
+        )
+    assert not (never == many).any() and not (half == many).any()
+    # p = 0.5: the hardest label half the time, else one of the three wrong ones: 1/2 + 1/2 * 1/3 = 2/3 of draws.
+    share = (half == torch.tensor([2, 3, 0, 1]).repeat(500)).float().mean().item()
+    assert share == pytest.approx(2 / 3, abs=0.05)
 
 
 def test_learned_temperature_starts_at_init_and_keeps_a_gradient_near_its_floor():
@@ -242,9 +384,12 @@ def test_learned_temperature_starts_at_init_and_keeps_a_gradient_near_its_floor(
 
 def test_readout_fusion_does_not_care_how_large_a_blocks_goodness_is():
     # sumsq goodness runs in the hundreds while pooled features sit near 1; the probe sees standardized scores.
-    torch.manual_seed(0)
-    fusion = registry().create("fusion", "readout", {}, num_layers=2, num_classes=4, feature_dims=[3, 5])
-    scores, features = [torch.randn(6, 4), torch.randn(6, 4)], [torch.randn(6, 3), torch.randn(6, 5)]
+    with torch.random.fork_rng(devices=[]):  # seeded weights, without reseeding the tests that follow
+        torch.manual_seed(0)
+        fusion = registry().create("fusion", "readout", {}, num_layers=2, num_classes=4, feature_dims=[3, 5])
+    gen = torch.Generator().manual_seed(0)
+    scores = [torch.randn(6, 4, generator=gen), torch.randn(6, 4, generator=gen)]
+    features = [torch.randn(6, 3, generator=gen), torch.randn(6, 5, generator=gen)]
     scaled = [scores[0] * 500 + 7, scores[1] * 0.01]
     torch.testing.assert_close(fusion(scaled, features), fusion(scores, features), atol=1e-4, rtol=1e-4)
 
