@@ -185,6 +185,14 @@ def max_pool2x2(x: Tensor, relu: bool = False, inplace: bool = False) -> Tensor:
     return torch.nn.functional.max_pool2d(torch.nn.functional.relu(x, inplace=inplace) if relu else x, 2)
 
 
+def _check_same_device(op: str, first: Tensor, *others: Tensor | None) -> None:
+    for t in others:
+        if t is not None:
+            torch._check(
+                t.device == first.device, lambda t=t: f"{op}: a tensor on {t.device} with one on {first.device}"
+            )
+
+
 def _register() -> None:
     @torch.library.register_fake("ffablate::goodness_norm")
     def _(h: Tensor, eps: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -203,6 +211,8 @@ def _register() -> None:
     @torch.library.register_fake("ffablate::goodness_norm_backward")
     def _(grad_sumsq, grad_sumabs, grad_out, grad_readout, h, sumsq, eps):
         torch._check(h.dim() in (2, 4), lambda: f"goodness_norm_backward: h must be 2-D or 4-D, got {h.dim()}-D")
+        # A meta tensor among real ones routes the call here, past the kernels' own device checks.
+        _check_same_device("goodness_norm_backward", h, grad_sumsq, grad_sumabs, grad_out, grad_readout, sumsq)
         return torch.empty_like(h, memory_format=torch.contiguous_format)
 
     def setup_context(ctx, inputs, output) -> None:
@@ -235,6 +245,7 @@ def _register() -> None:
 
     @torch.library.register_fake("ffablate::max_pool2x2_backward")
     def _(grad_out: Tensor, argmax: Tensor, height: int, width: int) -> Tensor:
+        _check_same_device("max_pool2x2_backward", grad_out, argmax)
         return grad_out.new_empty((grad_out.shape[0], grad_out.shape[1], height, width))
 
     def pool_setup_context(ctx, inputs, output) -> None:

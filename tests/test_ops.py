@@ -244,6 +244,20 @@ def test_double_backward_is_refused() -> None:
         torch.autograd.grad(ops.goodness_norm(h)[0].sum(), h, create_graph=True)
 
 
+def test_a_meta_gradient_among_cpu_tensors_is_refused() -> None:
+    # The dispatcher sends such a call to the fake implementation, which once returned uninitialised memory.
+    h = torch.randn(2, 3, 4, 4)
+    sq = h.flatten(1).square().sum(1)
+    with pytest.raises(RuntimeError, match="a tensor on meta with one on cpu"):
+        torch.ops.ffablate.goodness_norm_backward.default(
+            None, None, torch.empty(2, 3, 4, 4, device="meta"), None, h, sq, 1e-6
+        )
+    with pytest.raises(RuntimeError, match="a tensor on meta with one on cpu"):
+        torch.ops.ffablate.max_pool2x2_backward.default(
+            torch.ones(1, 1, 2, 2), torch.zeros(1, 1, 2, 2, dtype=torch.uint8, device="meta"), 4, 4
+        )
+
+
 def test_bad_backward_inputs_raise() -> None:
     h = torch.randn(2, 3, 4, 4)
     sq = h.flatten(1).square().sum(1)
