@@ -410,7 +410,8 @@ def cmd_audit(args: argparse.Namespace) -> int:
         files = " and ".join(path for path in (args.output, args.plot_dir) if path)
         kept = f" and written to {files}" if files else ""
         stderr.print(
-            f"ffablate: interrupted after {interrupted.finished} of {len(rows)} configurations; their rows are "
+            f"ffablate: interrupted after {interrupted.finished} of {len(rows)} configurations "
+            f"({sum(r['status'] == 'ok' for r in rows)} measured); their rows are "
             f"printed above{kept} with the rest marked 'skipped': rerun the missing --depths/--methods to measure them",
             markup=False,
             highlight=False,

@@ -52,17 +52,20 @@ class Plugin:
         params = self.checked_params(params)
         try:
             return self.factory(**context, **params)
-        except FFablateError:
+        except (FFablateError, MemoryError):
             raise
-        except Exception as exc:  # the plugin's own code: name it instead of a traceback through ffablate
-            if self.kind == "datasets" and isinstance(exc, OSError):
-                # Reading the user's files failed (permissions, a file where a folder belongs): the data need
-                # fixing, not the plugin, and a study stops on a DataError instead of failing every trial alike.
+        except Exception as exc:
+            if self.source == "ffablate":
+                raise  # a built-in that fails on its own is ffablate's bug: its traceback is what a report needs
+            if self.kind == "datasets":
+                # Most likely the files (unreadable, truncated, corrupt), and the same for every run on them: a
+                # DataError stops a study, which retries the trial once they are fixed, instead of failing each one.
                 raise DataError(
-                    f"{self.label} could not read its data: {_first_line(exc)}; check --data-root and the files there"
+                    f"{self.label} could not load its data: {_first_line(exc)}; check the files under --data-root "
+                    "(or the plugin)"
                 ) from exc
             raise ConfigError(
-                f"{self.label} failed to build: {_first_line(exc)}; fix the plugin or choose another {self.kind}"
+                f"{self.label} failed to build: {_first_line(exc)}; fix the plugin or choose another {self.kind} plugin"
             ) from exc
 
     def checked_params(self, params: dict[str, Any] | None) -> dict[str, Any]:
@@ -354,7 +357,7 @@ def _broken_entry_point(exc: Exception) -> str:
 
 def _first_line(exc: BaseException) -> str:
     lines = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {lines[0] if lines else ''}"
+    return f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
 
 
 _extra: list[object] = []

@@ -319,7 +319,8 @@ def _seeds(n_a: int, n_b: int) -> str:
 def _pp(e: Estimate, n_a: int, n_b: int) -> str:
     """A difference in pp with its interval and both sides' seed counts, or the word that it has no interval."""
     if not e.has_ci:
-        return f"{e.mean * 100:+.1f} pp from {_seeds(n_a, n_b)}: no interval"
+        mean = f"{e.mean * 100:+.1f}" if math.isfinite(e.mean) else "–"  # no baseline yet: no mean either
+        return f"{mean} pp from {_seeds(n_a, n_b)}: no interval"
     return f"{fmt(e, signed=True, unit=' pp')}, {_seeds(n_a, n_b)}"
 
 
@@ -382,8 +383,10 @@ def most_influential_axis(summary: Summary) -> tuple[str, float] | None:
     spans = []
     for axis in axes:
         levels: dict[str, list[float]] = defaultdict(list)
-        for r in summary.ff:
-            if r.n and axis in r.overrides:
+        # Complete rows only, where there are any: a pruned row's surviving seeds are a biased sample.
+        rows = [r for r in summary.ff if r.n and r.complete] or [r for r in summary.ff if r.n]
+        for r in rows:
+            if axis in r.overrides:
                 levels[str(r.overrides[axis])].append(r.accuracy.mean)
         means = [sum(v) / len(v) for v in levels.values()]
         if len(means) > 1:

@@ -579,7 +579,11 @@ def run_study(
     with _quiet_optuna():
         # Before the study exists, so a spec that fails leaves its name unused; a finished study runs nothing, and
         # resuming it needs no data loaded.
-        if name not in optuna.get_all_study_names(storage) or remaining(open_study(plan, storage, name), plan):
+        # Loaded read-only: open_study would stamp this spec on a study the preflight may yet refuse it for.
+        existing = (
+            optuna.load_study(study_name=name, storage=storage) if name in optuna.get_all_study_names(storage) else None
+        )
+        if existing is None or remaining(existing, plan):
             preflight(plan, device, data)
         on_ready()
         study = open_study(plan, storage, name)

@@ -10,7 +10,7 @@ import torch
 from ffablate import hookimpl
 from ffablate.cli import main
 from ffablate.errors import ConfigError, DataError, UnknownPlugin
-from ffablate.plugins import KINDS, Registry, add_plugin, make_plugin_manager, registry, remove_plugin
+from ffablate.plugins import KINDS, Plugin, Registry, add_plugin, make_plugin_manager, registry, remove_plugin
 from tests.conftest import tiny_args
 
 EXPECTED_BUILTINS = {
@@ -545,14 +545,26 @@ def test_a_factory_that_raises_is_named_and_a_config_error_passes_unchanged():
         reg.create("goodness", "probe", {"p": -1.0})
 
 
-def test_a_dataset_that_cannot_read_its_files_is_a_data_error():
+@pytest.mark.parametrize(
+    "error", [PermissionError(13, "Permission denied", "/data/x"), ValueError("cannot reshape array"), EOFError()]
+)
+def test_a_dataset_that_cannot_load_its_files_is_a_data_error(error):
     def unreadable(path: str = ""):
-        raise PermissionError(13, "Permission denied", "/data/x")
+        raise error
 
     reg = _registry_with(OnePlugin("datasets", unreadable))
-    # A DataError stops a study; "fix the plugin" would be the wrong advice for the user's own files.
-    with pytest.raises(DataError, match=r"could not read its data: .*Permission denied.*; check --data-root"):
+    # A DataError stops a study (a rerun retries), where a ConfigError would fail every trial on the data for good.
+    with pytest.raises(DataError, match=rf"could not load its data: {type(error).__name__}\b.*; check the files"):
         reg.create("datasets", "probe")
+
+
+def test_a_failing_builtin_keeps_its_traceback():
+    def broken(num_features: int, eps: float = 1e-5):
+        raise AttributeError("a bug inside ffablate")
+
+    # A built-in failing on its own is ffablate's bug, not the user's: its traceback is what a report needs.
+    with pytest.raises(AttributeError, match="a bug inside ffablate"):
+        Plugin("norm", "probe", broken, "test", "ffablate", {}).create({}, num_features=4)
 
 
 class Misregistering:

@@ -483,3 +483,11 @@ def test_k_sweep_from_one_seed_claims_no_direction_and_draws_hollow_points(tmp_p
     (ax,) = figures["k_sweep_gap.png"].axes
     hollow = [line for line in ax.lines if line.get_markerfacecolor() == "none" and len(line.get_xdata())]
     assert [list(line.get_xdata()) for line in hollow] == [[2, 10]] and not ax.containers  # no error bars
+
+
+def test_a_gap_without_a_baseline_reads_as_a_dash_not_nan():
+    from ffablate.results import _pp
+    from ffablate.stats import Estimate
+
+    text = _pp(Estimate(float("nan"), float("nan"), 0), 2, 0)
+    assert "nan" not in text and text.startswith("– pp from")

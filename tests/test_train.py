@@ -382,3 +382,22 @@ def test_a_temperature_may_be_a_number_or_a_0_dim_tensor(tiny_config, value_of):
     trainer = build_trainer(tiny_config.with_updates({"temperature": "probe"}), plugins=plugins)
     x, y = next(iter(trainer.data.train))
     assert math.isfinite(trainer.train_step(x, y, 0.0, range(trainer.net.depth), True))
+
+
+class _LossPlugin:
+    @hookimpl
+    def ffablate_register_loss(self, register):
+        def unreduced(g_pos, g_neg, labels, threshold, temperature):
+            return torch.nn.functional.cross_entropy(g_pos / temperature, labels, reduction="none")
+
+        register("per-sample-ce", lambda: unreduced, "class-wise CE without the mean")
+
+
+def test_a_loss_that_is_not_one_number_is_refused_before_any_update(tiny_config):
+    plugins = Registry(make_plugin_manager((_LossPlugin(),)))
+    trainer = build_trainer(tiny_config.with_updates({"loss": "per-sample-ce"}), plugins=plugins)
+    before = [p.detach().clone() for p in trainer.net.parameters()]
+    x, y = next(iter(trainer.data.train))
+    with pytest.raises(ConfigError, match=r"loss plugin 'per-sample-ce' .* returned a torch.float32 tensor of shape"):
+        trainer.train_step(x, y, 0.0, range(trainer.net.depth), True)
+    assert all(torch.equal(a, b) for a, b in zip(before, trainer.net.parameters(), strict=True))

@@ -83,6 +83,20 @@ class FFNet(nn.Module):
             f"tensor of shape {want} (see ffablate_register_goodness in ffablate/hookspecs.py)"
         )
 
+    def block_loss(self, g_pos: Tensor, g_neg: Tensor | None, labels: Tensor, temperature: Tensor | float) -> Tensor:
+        """The loss plugin's value: one number with a gradient (metadata checks only, so no host sync)."""
+        loss = self.loss_fn(g_pos, g_neg, labels, self.threshold, temperature)
+        if isinstance(loss, Tensor) and loss.dim() == 0 and loss.is_floating_point():
+            return loss
+        got = (
+            f"a {loss.dtype} tensor of shape {tuple(loss.shape)}"
+            if isinstance(loss, Tensor)
+            else f"a {type(loss).__name__}"
+        )
+        raise ConfigError(
+            f"{self.labels['loss']} returned {got}; a loss must return a 0-dim floating tensor (its mean)"
+        )
+
     def temperature(self, index: int, progress: float, goodness: Tensor) -> Tensor | float:
         """Block ``index``'s temperature: a number or a 0-dim floating tensor. A vector would broadcast into the
         goodness and silently divide each class (or sample) by its own T. Metadata only, so no host sync."""
@@ -279,7 +293,7 @@ class FFTrainer:
             g_pos, g_neg = (g, None) if split is None else (g[:split], g[split:])
             if learning:
                 temperature = net.temperature(index, progress, g.detach())
-                loss = net.loss_fn(g_pos, g_neg, y, net.threshold, temperature)
+                loss = net.block_loss(g_pos, g_neg, y, temperature)
                 (loss * weight).backward()
                 losses.append((f"block {index}", loss))
             # The detach boundary: block ``index``'s graph dies here.
