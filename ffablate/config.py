@@ -13,6 +13,13 @@ from ffablate.errors import ConfigError
 METHODS = ("ff", "ff-ga", "bp", "bp-deepsup", "bp-ga", "bp-ckpt")
 FF_METHODS = ("ff", "ff-ga")
 PLUGIN_KINDS = ("goodness", "temperature", "norm", "loss", "negatives", "fusion", "datasets")
+# The keys of each search-space type, in a spec's [space] and a plugin's declared space alike: what
+# ``study.suggest`` reads, so nothing declared is silently ignored.
+SPACE_KEYS = {
+    "float": {"type", "low", "high", "log"},
+    "int": {"type", "low", "high", "log"},
+    "categorical": {"type", "choices"},
+}
 MAX_SEED = 2**32 - 1  # numpy's seed range: seed_everything seeds numpy too
 
 

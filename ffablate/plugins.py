@@ -15,17 +15,12 @@ from typing import Any
 import pluggy
 
 from ffablate import hookspecs
+from ffablate.config import SPACE_KEYS
 from ffablate.errors import ConfigError, DataError, FFablateError, UnknownPlugin
 
 KINDS = ("goodness", "temperature", "norm", "loss", "negatives", "fusion", "datasets")
 BUILTIN_MODULES = [f"ffablate.builtin.{kind}" for kind in KINDS]
 HOOKS = [f"ffablate_register_{kind}" for kind in KINDS]
-# The keys each search-space type takes: what ``study.suggest`` reads, so nothing a plugin declares is ignored.
-_SPACE_KEYS = {
-    "float": {"type", "low", "high", "log"},
-    "int": {"type", "low", "high", "log"},
-    "categorical": {"type", "choices"},
-}
 
 
 @dataclass(frozen=True)
@@ -218,9 +213,9 @@ def _space_problem(param: str, spec: object, params: dict[str, Any]) -> str | No
     if param not in params:
         known = ", ".join(sorted(params)) or "none (**kwargs declares none)"
         return f"names no parameter of its factory; its parameters (keyword arguments with defaults): {known}"
-    if not isinstance(spec, dict) or spec.get("type") not in _SPACE_KEYS:
-        return f'needs a dict whose "type" is one of {", ".join(_SPACE_KEYS)}'
-    allowed = _SPACE_KEYS[spec["type"]]
+    if not isinstance(spec, dict) or spec.get("type") not in SPACE_KEYS:
+        return f'needs a dict whose "type" is one of {", ".join(SPACE_KEYS)}'
+    allowed = SPACE_KEYS[spec["type"]]
     unknown = sorted(map(str, set(spec) - allowed))
     if unknown:
         return f"has unknown key {unknown[0]!r}; a {spec['type']} space takes {', '.join(sorted(allowed))}"

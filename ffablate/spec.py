@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ffablate.config import MAX_SEED, PLUGIN_KINDS, RunConfig
+from ffablate.config import MAX_SEED, PLUGIN_KINDS, SPACE_KEYS, RunConfig
 from ffablate.errors import ConfigError, FFablateError
 
 ANALYSES = ("ablation", "k-sweep", "label-hierarchy", "bp-gap", "search")
@@ -33,11 +33,6 @@ FF_ONLY = RECIPE_KEYS - {"norm"}
 STUDY_KEYS = {"seeds", "n_trials", "axes"}  # budget keys that are not RunConfig keys
 # The keys each kind of [space] distribution takes, as for a plugin's declared space: anything else (a `step`)
 # would be accepted and silently not applied.
-SPACE_KEYS = {
-    "float": {"type", "low", "high", "log"},
-    "int": {"type", "low", "high", "log"},
-    "categorical": {"type", "choices"},
-}
 MAX_SEEDS = 1000  # a seed count is a range to run: bounded so a typo is a message, not a MemoryError
 STUDIES_DIR = Path(__file__).resolve().parent.parent / "studies"
 
