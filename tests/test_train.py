@@ -369,9 +369,13 @@ class _TemperaturePlugin:
 def test_a_temperature_that_is_not_one_number_is_refused_before_any_update(tiny_config, value_of, got):
     plugins = Registry(make_plugin_manager((_TemperaturePlugin(value_of),)))
     trainer = build_trainer(tiny_config.with_updates({"temperature": "probe"}), plugins=plugins)
+    _assert_refused_before_any_update(trainer, f"temperature plugin 'probe' .* returned {got}; a temperature must be")
+
+
+def _assert_refused_before_any_update(trainer, match: str) -> None:
     before = [p.detach().clone() for p in trainer.net.parameters()]
     x, y = next(iter(trainer.data.train))
-    with pytest.raises(ConfigError, match=f"temperature plugin 'probe' .* returned {got}; a temperature must be"):
+    with pytest.raises(ConfigError, match=match):
         trainer.train_step(x, y, 0.0, range(trainer.net.depth), True)
     assert all(torch.equal(a, b) for a, b in zip(before, trainer.net.parameters(), strict=True))
 
@@ -396,8 +400,6 @@ class _LossPlugin:
 def test_a_loss_that_is_not_one_number_is_refused_before_any_update(tiny_config):
     plugins = Registry(make_plugin_manager((_LossPlugin(),)))
     trainer = build_trainer(tiny_config.with_updates({"loss": "per-sample-ce"}), plugins=plugins)
-    before = [p.detach().clone() for p in trainer.net.parameters()]
-    x, y = next(iter(trainer.data.train))
-    with pytest.raises(ConfigError, match=r"loss plugin 'per-sample-ce' .* returned a torch.float32 tensor of shape"):
-        trainer.train_step(x, y, 0.0, range(trainer.net.depth), True)
-    assert all(torch.equal(a, b) for a, b in zip(before, trainer.net.parameters(), strict=True))
+    _assert_refused_before_any_update(
+        trainer, r"loss plugin 'per-sample-ce' .* returned a torch.float32 tensor of shape"
+    )
