@@ -524,6 +524,29 @@ def test_stl10_label_byte_0_is_malformed(tmp_path):
     assert "label 0 is outside 1..10" in msg and str(folder / "train_y.bin") in msg
 
 
+def test_empty_stl10_split_is_malformed(tmp_path):
+    _stl10_tree(tmp_path, b"")
+    with pytest.raises(MalformedFile, match="train_X.bin holds 0 bytes, not 0 3x96x96 images"):
+        load_dataset("stl10", data_root=tmp_path)
+
+
+def test_stl10_class_names_are_one_per_line(tmp_path):
+    folder = _stl10_tree(tmp_path, b"\x01\x02")
+    names = ["air plane", *[f"class {i}" for i in range(2, 11)]]
+    (folder / "class_names.txt").write_text("\n".join(names) + "\n")
+    assert load_dataset("stl10", data_root=tmp_path).class_names == names
+
+
+@pytest.mark.parametrize("x", [np.zeros((32, 32, 3, 0), np.uint8), np.zeros((32, 32, 3, 2), np.float64)])
+def test_svhn_images_must_be_uint8_and_present(tmp_path, x):
+    from scipy.io import savemat
+
+    for split in ("train", "test"):
+        savemat(tmp_path / f"{split}_32x32.mat", {"X": x, "y": np.ones((x.shape[3], 1))})
+    with pytest.raises(MalformedFile, match=r"expected uint8 \(32, 32, 3, N\) with N >= 1"):
+        load_dataset("svhn", data_root=tmp_path)
+
+
 @pytest.mark.parametrize("size", [0, -3])
 def test_stl10_size_must_be_positive(tmp_path, size):
     _stl10_tree(tmp_path)

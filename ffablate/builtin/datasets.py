@@ -415,8 +415,10 @@ def _read_svhn(path: Path) -> tuple[np.ndarray, np.ndarray]:
         ) from None
     except (ValueError, KeyError, OSError, IndexError, MatReadError) as exc:  # IndexError: a header under 128 bytes
         raise MalformedFile(f"{path}: not an SVHN .mat file ({exc}); delete it and fetch it again") from None
-    if x.ndim != 4 or x.shape[:3] != (32, 32, 3) or x.shape[3] != len(y):
-        raise MalformedFile(f"{path}: X has shape {x.shape}, expected (32, 32, 3, N); fetch it again")
+    if x.ndim != 4 or x.shape[:3] != (32, 32, 3) or x.shape[3] != len(y) or len(y) == 0 or x.dtype != np.uint8:
+        raise MalformedFile(
+            f"{path}: X is {x.dtype} of shape {x.shape}, expected uint8 (32, 32, 3, N) with N >= 1; fetch it again"
+        )
     _check_labels(y - 1, 10, path, first=1)
     y[y == 10] = 0  # SVHN labels the digit 0 as 10
     return np.transpose(x, (3, 2, 0, 1)), y  # (H, W, C, N) -> (N, C, H, W)
@@ -448,7 +450,7 @@ _locate_stl10 = _folder_locator("stl10", "stl10_binary", _STL_FILES, ", ".join(_
 def _read_stl(folder: Path, split: str, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
     x = np.fromfile(folder / f"{split}_X.bin", dtype=np.uint8)
     y = np.fromfile(folder / f"{split}_y.bin", dtype=np.uint8).astype(np.int64) - 1  # labels are 1..10
-    if x.size != len(y) * 3 * 96 * 96:
+    if len(y) == 0 or x.size != len(y) * 3 * 96 * 96:
         raise MalformedFile(f"{folder}/{split}_X.bin holds {x.size} bytes, not {len(y)} 3x96x96 images; fetch again")
     _check_labels(y, num_classes, folder / f"{split}_y.bin", first=1)
     # Stored column-major per channel: transpose to (N, C, H, W) rows-first.
@@ -469,7 +471,10 @@ def load_stl10(roots: list[Path], download: bool, size: int = 96) -> ImageDatase
     fetch = _tv_fetch("STL10", train={"split": "train"}, test={"split": "test"})
     folder = _resolve_folder("stl10", _locate_stl10, roots, download, fetch)
     names_file = folder / "class_names.txt"
-    names = names_file.read_text().split() if names_file.is_file() else _STL_CLASSES
+    # One name per line, as the real file has them; a name may hold spaces.
+    names = (
+        [n.strip() for n in names_file.read_text().splitlines() if n.strip()] if names_file.is_file() else _STL_CLASSES
+    )
     (train_x, train_y), (test_x, test_y) = (_read_stl(folder, split, len(names)) for split in ("train", "test"))
     ds = _dataset(
         "stl10",
