@@ -24,7 +24,8 @@ Each hook receives a ``register`` callback (simonw/llm style). A plugin module i
 
 Errors: for a mistake the user can fix (a bad parameter value, a dataset too small), raise
 ``ffablate.errors.ConfigError`` with a message that says what to do; ffablate prints it on one line and exits 2.
-Any other exception from a hook or factory is reported on one line as the plugin failing, naming its package.
+Any other exception from a hook or factory is reported on one line as the plugin failing, naming its package (a
+dataset factory's as a data error, which stops a study instead of failing its trials).
 
 What each kind's factory receives and must return is documented on its hook below (the trainer checks the
 shapes and attributes named there); the reference implementations live in ``ffablate/builtin/``, which registers
