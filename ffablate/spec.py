@@ -31,8 +31,6 @@ RECIPE_PLUGIN_KINDS = frozenset(PLUGIN_KINDS) - {"datasets"}
 # are part of the backbone BP trains too, so each norm level gets a baseline with that norm.
 FF_ONLY = RECIPE_KEYS - {"norm"}
 STUDY_KEYS = {"seeds", "n_trials", "axes"}  # budget keys that are not RunConfig keys
-# The keys each kind of [space] distribution takes, as for a plugin's declared space: anything else (a `step`)
-# would be accepted and silently not applied.
 MAX_SEEDS = 1000  # a seed count is a range to run: bounded so a typo is a message, not a MemoryError
 STUDIES_DIR = Path(__file__).resolve().parent.parent / "studies"
 
