@@ -72,15 +72,10 @@ class FFNet(nn.Module):
         want = (batch, self.num_classes) if per_class else (batch,)
         if isinstance(goodness, Tensor) and goodness.is_floating_point() and goodness.shape == want:
             return
-        got = (
-            f"a {goodness.dtype} tensor of shape {tuple(goodness.shape)}"
-            if isinstance(goodness, Tensor)
-            else f"a {type(goodness).__name__}"
-        )
         what = f"per-class goodness (per_class=True) for {self.num_classes} classes" if per_class else "scalar goodness"
         raise ConfigError(
-            f"{self.labels['goodness']} returned {got} for {batch} samples; a {what} must return a floating "
-            f"tensor of shape {want} (see ffablate_register_goodness in ffablate/hookspecs.py)"
+            f"{self.labels['goodness']} returned {_described(goodness)} for {batch} samples; a {what} must return a "
+            f"floating tensor of shape {want} (see ffablate_register_goodness in ffablate/hookspecs.py)"
         )
 
     def block_loss(self, g_pos: Tensor, g_neg: Tensor | None, labels: Tensor, temperature: Tensor | float) -> Tensor:
@@ -88,13 +83,8 @@ class FFNet(nn.Module):
         loss = self.loss_fn(g_pos, g_neg, labels, self.threshold, temperature)
         if isinstance(loss, Tensor) and loss.dim() == 0 and loss.is_floating_point():
             return loss
-        got = (
-            f"a {loss.dtype} tensor of shape {tuple(loss.shape)}"
-            if isinstance(loss, Tensor)
-            else f"a {type(loss).__name__}"
-        )
         raise ConfigError(
-            f"{self.labels['loss']} returned {got}; a loss must return a 0-dim floating tensor (its mean)"
+            f"{self.labels['loss']} returned {_described(loss)}; a loss must return a 0-dim floating tensor (its mean)"
         )
 
     def temperature(self, index: int, progress: float, goodness: Tensor) -> Tensor | float:
@@ -105,10 +95,9 @@ class FFNet(nn.Module):
             return t
         if isinstance(t, (int, float)) and not isinstance(t, bool):
             return t
-        got = f"a {t.dtype} tensor of shape {tuple(t.shape)}" if isinstance(t, Tensor) else f"a {type(t).__name__}"
         raise ConfigError(
-            f"{self.labels['temperature']} returned {got}; a temperature must be a number or a 0-dim floating "
-            "tensor (one T per block, e.g. torch.tensor(0.5))"
+            f"{self.labels['temperature']} returned {_described(t)}; a temperature must be a number or a 0-dim "
+            "floating tensor (one T per block, e.g. torch.tensor(0.5))"
         )
 
     @torch.no_grad()
@@ -154,6 +143,13 @@ class FFNet(nn.Module):
     def predict(self, x: Tensor) -> tuple[Tensor, list[Tensor]]:
         scores, features = self.scores_and_features(x)
         return self.fusion(scores, features), scores
+
+
+def _described(value: object) -> str:
+    """What a plugin returned, for a message: a tensor's dtype and shape, else its type."""
+    if isinstance(value, Tensor):
+        return f"a {value.dtype} tensor of shape {tuple(value.shape)}"
+    return f"a {type(value).__name__}"
 
 
 def _cat_chunks(chunks: list[list[Tensor]]) -> list[Tensor]:
