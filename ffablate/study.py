@@ -280,11 +280,12 @@ class DataCache:
 
 
 def preflight(plan: specs.Plan, device: str, data: DataCache) -> None:
-    """Build every configuration's trainer on its data, as a trial would, and score two test images, training
-    nothing. Some mistakes show only with the data (a batch larger than the training split, more halvings than
-    the image has pixels, fewer channels than classes): inside a trial each would fail its trial for good, one
-    by one, and the study, made under this spec's fingerprint, would refuse the fixed spec."""
-    from ffablate.train import build_trainer
+    """Build every configuration's trainer on its data, as a trial would, score two test images and take one
+    training step per phase on two training images (the trainer is thrown away after). Some mistakes show only
+    with the data (a batch larger than the training split, more halvings than the image has pixels, fewer channels
+    than classes) or in training (a fusion whose loss fails): inside a trial each would fail its trial for good,
+    one by one, and the study, made under this spec's fingerprint, would refuse the fixed spec."""
+    from ffablate.train import TrainingDiverged, build_trainer
 
     checks = [(cell, plan.config(cell.overrides, plan.budget.seeds[0], device)) for cell in plan.configurations()]
     first_use = list(dict.fromkeys(data.key(config) for _, config in checks))
@@ -300,6 +301,10 @@ def preflight(plan: specs.Plan, device: str, data: DataCache) -> None:
             x, y = next(iter(trainer.data.test))
             # A forward pass runs the checks made on activations; evaluate only iterates what it is given.
             trainer.evaluate([(x[:2], y[:2])])
+            x, y = next(iter(trainer.data.train))
+            trainer.rehearse(x[:2], y[:2])
+        except TrainingDiverged:
+            pass  # a property of the run (its lr, its data), which its trial records
         except DataError:
             # Left to the first trial on this data, which stops the study and keeps its point for a rerun.
             broken.add(data.key(config))

@@ -5,19 +5,23 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import socket
 import subprocess
 from pathlib import Path
 
 import optuna
 import pytest
+import torch
+import torch.nn.functional as F
 from optuna.trial import TrialState, create_trial
 
-from ffablate import results
+from ffablate import hookimpl, results
 from ffablate import spec as specs
 from ffablate import study as studies
 from ffablate.cli import main
 from ffablate.errors import FFablateError
+from ffablate.plugins import add_plugin, remove_plugin
 from ffablate.stats import contrast_ci, fmt, mean_ci, paired_ci, t_quantile, welch_ci
 
 TINY_BUDGET = """
@@ -554,3 +558,62 @@ def test_hints_to_rerun_a_study_keep_its_name_and_spec(tmp_path):
     with pytest.raises(FFablateError) as caught:
         studies.winning_recipe(url, "mine")
     assert f"`ffablate study goodness --budget smoke --storage {url} --study-name mine`" in str(caught.value)
+
+
+class WeightedLast(torch.nn.Module):
+    """A fusion with one parameter, wrong in the way ``mistake`` names."""
+
+    def __init__(self, num_layers: int, num_classes: int, feature_dims: list[int], mistake: str = ""):
+        super().__init__()
+        self.w, self.mistake = torch.nn.Parameter(torch.ones(())), mistake
+
+    def forward(self, scores, features):
+        logits = self.w * scores[-1]
+        return logits[:, :1] if self.mistake == "one-logit" else logits
+
+    def loss(self, scores, features, labels):
+        per_sample = F.cross_entropy(self(scores, features), labels, reduction="none")
+        if self.mistake == "per-sample-loss":
+            return per_sample
+        return per_sample.mean().detach() if self.mistake == "detached-loss" else per_sample.mean()
+
+
+class WeightedLastPlugin:
+    @hookimpl
+    def ffablate_register_fusion(self, register):
+        register("weighted-last", WeightedLast, "a fusion with a mistake (test plugin)")
+
+
+@pytest.mark.parametrize(
+    ("mistake", "message"),
+    [
+        ("one-logit", r"returned a torch.float32 tensor of shape \(2, 1\) for 2 samples; a fusion must return"),
+        ("per-sample-loss", r"returned a torch.float32 tensor of shape \(2,\); a loss must return a 0-dim"),
+        ("detached-loss", r"has no gradient: compute it from the fusion's output"),
+    ],
+)
+def test_a_fusion_that_fails_only_in_training_stops_the_study_before_it_exists(tmp_path, capsys, mistake, message):
+    body = GRID.replace("[axes]", f'fusion = "weighted-last"\n"fusion.mistake" = "{mistake}"\n[axes]')
+    path, url = write_spec(tmp_path, body, seeds=1), storage_url(tmp_path)
+    plugin = WeightedLastPlugin()
+    add_plugin(plugin)
+    try:
+        assert main(["study", str(path), "--budget", "smoke", "--storage", url, "--n-trials", "1"]) == 2
+    finally:
+        remove_plugin(plugin)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "fusion plugin 'weighted-last'" in err[0], err
+    assert re.search(message, err[0]), err[0]
+    assert optuna.get_all_study_names(url) == []
+
+
+def test_the_preflight_leaves_a_fine_fusion_plugin_to_train(tmp_path):
+    body = GRID.replace("[axes]", 'fusion = "weighted-last"\n[axes]')
+    path, url = write_spec(tmp_path, body, seeds=1), storage_url(tmp_path)
+    plugin = WeightedLastPlugin()
+    add_plugin(plugin)
+    try:
+        assert main(["study", str(path), "--budget", "smoke", "--storage", url, "--n-trials", "1"]) == 0
+    finally:
+        remove_plugin(plugin)
+    assert [t.state for t in trials_of(url, "tiny-smoke")] == [TrialState.COMPLETE]

@@ -103,6 +103,10 @@ class BPTrainer:
         self.optimizer.step()
         return total
 
+    def rehearse(self, x: Tensor, y: Tensor) -> None:
+        """One step on ``x, y`` (FFTrainer.rehearse's twin); the trainer is spent."""
+        self.train_step(x, y)
+
     @torch.no_grad()
     def evaluate(self, loader: DeviceLoader) -> tuple[float, list[float]]:
         """Fused and per-block accuracy on ``loader``'s images."""

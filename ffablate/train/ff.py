@@ -47,7 +47,11 @@ class FFNet(nn.Module):
         _check_compatible(config, self.goodness.per_class, self.negatives.embeds_label)
         _check_loss_fits(config, chosen["loss"], self.loss_fn, self.goodness.per_class)
         _refuse_shared_parameters(
-            config, {"goodness": self.goodness, "loss": self.loss_fn, "negatives": self.negatives}
+            {
+                self.labels["goodness"]: self.goodness,
+                self.labels["loss"]: self.loss_fn,
+                self.labels["negatives"]: self.negatives,
+            }
         )
 
     @property
@@ -81,11 +85,7 @@ class FFNet(nn.Module):
     def block_loss(self, g_pos: Tensor, g_neg: Tensor | None, labels: Tensor, temperature: Tensor | float) -> Tensor:
         """The loss plugin's value: one number with a gradient (metadata checks only, so no host sync)."""
         loss = self.loss_fn(g_pos, g_neg, labels, self.threshold, temperature)
-        if isinstance(loss, Tensor) and loss.dim() == 0 and loss.is_floating_point():
-            return loss
-        raise ConfigError(
-            f"{self.labels['loss']} returned {_described(loss)}; a loss must return a 0-dim floating tensor (its mean)"
-        )
+        return _checked_loss(loss, f"{self.labels['loss']} returned")
 
     def temperature(self, index: int, progress: float, goodness: Tensor) -> Tensor | float:
         """Block ``index``'s temperature: a number or a 0-dim floating tensor. A vector would broadcast into the
@@ -142,7 +142,22 @@ class FFNet(nn.Module):
     @torch.no_grad()
     def predict(self, x: Tensor) -> tuple[Tensor, list[Tensor]]:
         scores, features = self.scores_and_features(x)
-        return self.fusion(scores, features), scores
+        logits = self.fusion(scores, features)
+        want = (x.shape[0], self.num_classes)
+        # (N, 1) logits would score every image as class 0: a plausible-looking accuracy, not an error.
+        if not (isinstance(logits, Tensor) and logits.is_floating_point() and logits.shape == want):
+            raise ConfigError(
+                f"{self.labels['fusion']} returned {_described(logits)} for {want[0]} samples; a fusion must return "
+                f"floating logits of shape {want}"
+            )
+        return logits, scores
+
+    def fusion_loss(self, scores: list[Tensor], features: list[Tensor], labels: Tensor) -> Tensor:
+        who = f"the loss(scores, features, labels) of {self.labels['fusion']}"
+        loss = _checked_loss(self.fusion.loss(scores, features, labels), f"{who} returned")
+        if not loss.requires_grad:
+            raise ConfigError(f"{who} has no gradient: compute it from the fusion's output, not from detached values")
+        return loss
 
 
 def _described(value: object) -> str:
@@ -150,6 +165,14 @@ def _described(value: object) -> str:
     if isinstance(value, Tensor):
         return f"a {value.dtype} tensor of shape {tuple(value.shape)}"
     return f"a {type(value).__name__}"
+
+
+def _checked_loss(loss: object, who: str) -> Tensor:
+    """A loss as the trainers need it: one number with its mean's gradient (metadata checks only, so no host
+    sync). ``who`` begins the message: "<plugin> returned"."""
+    if isinstance(loss, Tensor) and loss.dim() == 0 and loss.is_floating_point():
+        return loss
+    raise ConfigError(f"{who} {_described(loss)}; a loss must return a 0-dim floating tensor (its mean)")
 
 
 def _cat_chunks(chunks: list[list[Tensor]]) -> list[Tensor]:
@@ -183,15 +206,16 @@ def _checked_fusion(fusion: Any, label: str) -> nn.Module:
     return fusion
 
 
-def _refuse_shared_parameters(config: RunConfig, shared: dict[str, Any]) -> None:
-    for kind, plugin in shared.items():
+def _refuse_shared_parameters(shared: dict[str, Any]) -> None:
+    """``shared``: plugin label -> the one instance that serves every block."""
+    for label, plugin in shared.items():
         if isinstance(plugin, nn.Module) and any(True for _ in plugin.parameters()):
             # One instance serves every block, so its parameters would be trained by (and couple) all blocks'
             # losses, across the detach boundary; no optimizer holds them.
+            kind = label.split()[0]
             raise ConfigError(
-                f"{kind} plugin {getattr(config, kind)!r} has trainable parameters, but one {kind} instance is "
-                "shared by all blocks and nothing trains it; keep learned state in a temperature plugin "
-                "(one per block) or make the parameters buffers"
+                f"{label} has trainable parameters, but one {kind} instance is shared by all blocks and nothing "
+                "trains it; keep learned state in a temperature plugin (one per block) or make the parameters buffers"
             )
 
 
@@ -303,11 +327,17 @@ class FFTrainer:
         if not net.goodness.per_class:
             # Label-embedding goodness gives class scores only from one pass per label.
             scores, features = net.scores_and_features(x)
-        loss = net.fusion.loss(scores, features, y)
+        loss = net.fusion_loss(scores, features, y)
         self.fusion_optimizer.zero_grad(set_to_none=True)
         loss.backward()
         common.checked_losses([("fusion", loss)])
         self.fusion_optimizer.step()
+
+    def rehearse(self, x: Tensor, y: Tensor) -> None:
+        """One step of every phase on ``x, y``, to meet the plugin mistakes only training reaches (a fusion whose
+        loss fails, a loss that raises) before a study begins. It updates the model: the trainer is spent."""
+        for active, fit_fusion in self.phases():
+            self.train_step(x, y, 0.0, active, fit_fusion)
 
     @torch.no_grad()
     def evaluate(self, loader: DeviceLoader) -> tuple[float, list[float]]:
