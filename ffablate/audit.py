@@ -13,7 +13,10 @@ Memory (see docs/audit.md for why):
   runs from before the model is built, so every live tensor (parameters, optimizer state, the batch,
   activations, temporaries) is in the running total: the CPU twin of CUDA's ``max_memory_allocated``.
 ``param_state_bytes`` (parameters + gradients + optimizer state) is summed from the tensors themselves;
-``activation_memory_bytes`` is the rest of the peak: the batch, saved activations and temporaries.
+``activation_memory_bytes`` (the batch, saved activations and temporaries) is the peak of one more step whose
+gradients are held from its start, less ``param_state_bytes``. The trainers free every gradient when a step starts,
+so at the real peak (FF: early in block 0's backward) the later blocks' gradients do not exist yet, and "real peak
+- param_state_bytes" would subtract them anyway: FF's activations would seem to shrink with depth.
 """
 
 from __future__ import annotations
@@ -26,7 +29,8 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -66,6 +70,7 @@ ROW_FIELDS = (
     "status",
 )
 STEP_MARK = "ffablate_audit_step"
+HELD_MARK = "ffablate_audit_step_gradients_held"
 DOWNSAMPLING_BLOCKS = 2  # 224 -> 56 and 32 -> 8, then every further block keeps the resolution
 
 
@@ -229,6 +234,21 @@ def param_state_bytes(trainer: Any) -> int:
     return int(sum(storages.values()))
 
 
+@contextmanager
+def gradients_held(trainer: Any) -> Iterator[None]:
+    """The trainer's ``zero_grad`` zeroes gradients in place instead of freeing them: a step's peak then holds
+    every gradient, and less ``param_state_bytes`` it leaves exactly the batch, activations and temporaries. The
+    update is the same (every parameter of an audit step gets a gradient, so none is stepped on a kept zero)."""
+    optimizers = [opt for opt in (trainer.optimizer, getattr(trainer, "fusion_optimizer", None)) if opt is not None]
+    for opt in optimizers:
+        opt.zero_grad = lambda set_to_none=True, opt=opt: type(opt).zero_grad(opt, set_to_none=False)
+    try:
+        yield
+    finally:
+        for opt in optimizers:
+            del opt.zero_grad
+
+
 def timed_steps(step: Callable[[], None], steps: int, device) -> tuple[float, float]:
     """(wall seconds, process CPU seconds) of ``steps`` steps, synchronized on CUDA so kernels count."""
     import torch
@@ -244,8 +264,9 @@ def timed_steps(step: Callable[[], None], steps: int, device) -> tuple[float, fl
 
 def profiled_cpu_peak(
     build: Callable[[], tuple[Any, Callable[[], None]]], warmup: int
-) -> tuple[Any, Callable[[], None], int]:
-    """Build under the profiler, warm up, then return the peak live CPU-allocator bytes of one marked step."""
+) -> tuple[Any, Callable[[], None], int, int]:
+    """Build under the profiler, warm up, then return the peak live CPU-allocator bytes of one marked step, and of
+    one more with its gradients held (``gradients_held``)."""
     from torch.profiler import ProfilerActivity, profile, record_function
 
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
@@ -254,7 +275,10 @@ def profiled_cpu_peak(
             step()
         with record_function(STEP_MARK):
             step()
-    return trainer, step, peak_in_window(prof.profiler.kineto_results.events(), STEP_MARK)
+        with gradients_held(trainer), record_function(HELD_MARK):
+            step()
+    events = prof.profiler.kineto_results.events()
+    return trainer, step, peak_in_window(events, STEP_MARK), peak_in_window(events, HELD_MARK)
 
 
 def peak_in_window(events: list[Any], mark: str) -> int:
@@ -316,8 +340,8 @@ def measure(spec: AuditSpec) -> dict[str, Any]:
 def _measure_cpu(spec: AuditSpec, device, row: dict[str, Any]) -> dict[str, Any]:
     import torch
 
-    trainer, step, peak = profiled_cpu_peak(lambda: build_step(spec, device), spec.warmup)
-    fill_memory(row, peak, param_state_bytes(trainer))
+    trainer, step, peak, held_peak = profiled_cpu_peak(lambda: build_step(spec, device), spec.warmup)
+    fill_memory(row, peak, held_peak, param_state_bytes(trainer))
     if spec.memory_cap_bytes and peak > spec.memory_cap_bytes:
         row["status"] = "over-cap"
         return row
@@ -344,7 +368,12 @@ def _measure_cuda(spec: AuditSpec, device, row: dict[str, Any]) -> dict[str, Any
     torch.cuda.synchronize(device)
     torch.cuda.reset_peak_memory_stats(device)
     seconds, _ = timed_steps(step, spec.steps, device)
-    fill_memory(row, int(torch.cuda.max_memory_allocated(device)), param_state_bytes(trainer))
+    peak = int(torch.cuda.max_memory_allocated(device))
+    torch.cuda.reset_peak_memory_stats(device)
+    with gradients_held(trainer):
+        step()
+    torch.cuda.synchronize(device)
+    fill_memory(row, peak, int(torch.cuda.max_memory_allocated(device)), param_state_bytes(trainer))
     row.update(
         images_per_second=spec.batch * spec.steps / seconds,
         status="ok",
@@ -354,8 +383,9 @@ def _measure_cuda(spec: AuditSpec, device, row: dict[str, Any]) -> dict[str, Any
     return row
 
 
-def fill_memory(row: dict[str, Any], peak: int, params: int) -> None:
-    row.update(peak_memory_bytes=peak, param_state_bytes=params, activation_memory_bytes=max(0, peak - params))
+def fill_memory(row: dict[str, Any], peak: int, held_peak: int, params: int) -> None:
+    """``held_peak``: the peak of a step with every gradient held, of which ``params`` is the rest."""
+    row.update(peak_memory_bytes=peak, param_state_bytes=params, activation_memory_bytes=max(0, held_peak - params))
 
 
 def base_row(spec: AuditSpec) -> dict[str, Any]:
@@ -669,8 +699,8 @@ def specs_from_args(args: argparse.Namespace) -> list[AuditSpec]:
         if value < least:
             raise ConfigError(f"--{key} must be at least {least}, got {value}")
     for key, value in (("timeout", args.timeout), ("budget", args.budget)):
-        if value is not None and not value > 0:
-            raise ConfigError(f"--{key} must be a positive number of seconds, got {value}")
+        if value is not None and not 0 < value < math.inf:  # inf would reach subprocess.run and overflow there
+            raise ConfigError(f"--{key} must be a positive, finite number of seconds, got {value}")
     methods = parse_methods(args.methods)
     classwise = [m for m in methods if m in ("ff", "ff-ga")]  # the default goodness: one channel per class
     if classwise and args.width < args.classes:

@@ -11,6 +11,7 @@ timed round is bracketed by CUDA synchronizations).
 """
 
 import argparse
+import itertools
 import os
 import statistics
 import time
@@ -23,12 +24,13 @@ from ffablate.train.ff import FFTrainer
 
 
 def time_steps(trainer, batches, steps: int) -> float:
-    """Mean ms per step over the first ``steps`` batches (FF: all blocks learn and the fusion is fit)."""
+    """Mean ms per step over ``steps`` steps, cycling through ``batches`` (FF: all blocks learn and the fusion
+    is fit)."""
     cuda = trainer.device.type == "cuda"
     if cuda:
         torch.cuda.synchronize()
     start = time.perf_counter()
-    for x, y in batches[:steps]:
+    for x, y in itertools.islice(itertools.cycle(batches), steps):
         if isinstance(trainer, FFTrainer):
             trainer.train_step(x, y, 0.0, range(trainer.net.depth), True)
         else:
@@ -51,7 +53,8 @@ def main() -> None:
     batches = list(trainer.data.train)
     times: dict[str, list[float]] = {"fused": [], "reference": []}
     for round_ in range(args.rounds):
-        for backend in times:
+        # ABBA: neither backend always runs first in a round (warmer caches, a neighbour's load ramping up).
+        for backend in list(times)[:: 1 if round_ % 2 == 0 else -1]:
             os.environ["FFABLATE_KERNELS"] = backend
             time_steps(trainer, batches, 3)
             times[backend].append(time_steps(trainer, batches, args.steps))

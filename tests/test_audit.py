@@ -74,10 +74,27 @@ def test_bp_memory_grows_with_depth_and_over_cap_is_a_row(cli_rows):
     assert capped["images_per_second"] is None
 
 
+def test_ff_activation_memory_is_flat_in_depth_and_counts_no_gradient():
+    # The trainers free every gradient when a step starts: at FF's peak (block 0's backward) the later blocks'
+    # gradients do not exist yet. Subtracting all of them from that peak made FF's activations shrink with depth.
+    shallow, deep = audit.run_audit(audit.plan(["ff"], [2, 8], [16], **SMOKE))
+    assert shallow["status"] == deep["status"] == "ok"
+    assert deep["param_state_bytes"] > 4 * shallow["param_state_bytes"]
+    ratio = deep["activation_memory_bytes"] / shallow["activation_memory_bytes"]
+    assert 1.0 <= ratio < 1.02, (shallow, deep)
+
+
 def test_bad_methods_value_exits_2_with_one_line(capsys):
     assert main(["audit", "--methods", "ff,backprop"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "backprop" in err and "bp-ga" in err
+
+
+@pytest.mark.parametrize(("flag", "value"), [("--timeout", "inf"), ("--timeout", "0"), ("--budget", "nan")])
+def test_time_limits_must_be_finite_and_positive(capsys, flag, value):
+    assert main(["audit", "--methods", "bp", "--depths", "2", flag, value]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and f"{flag} must be a positive, finite number of seconds" in err
 
 
 def test_backbone_downsamples_twice_then_keeps_resolution():
