@@ -127,7 +127,9 @@ class RunConfig:
             raise ConfigError(f"weight_decay must be a finite number >= 0, got {self.weight_decay}")
         if not math.isfinite(self.threshold):
             raise ConfigError(f"threshold must be a finite number, got {self.threshold}")
-        _ = self.widths, self.stride_list
+        _ = self.widths
+        if self.backbone == "cnn":  # an MLP has no strides: the default "2,2,2" must not fail a 2-layer MLP
+            _ = self.stride_list
 
 
 def parse_sets(items: list[str]) -> dict[str, Any]:

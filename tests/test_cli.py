@@ -128,10 +128,18 @@ def test_informational_stderr_lines_do_not_wrap_when_piped():
         (["train", *tiny_args("--set", "channels=20,20,20,20,20", "--set", "strides=2")], "--set strides=2,2,2,2,1"),
         (["study", "goodness", "--timeout", "0"], "--timeout must be a positive number"),
         (["audit", "--warmup", "-1"], "--warmup must be at least 0"),
-        (["audit", "--timeout", "0"], "--timeout must be a positive number"),
+        (["audit", "--timeout", "0"], "--timeout must be a positive, finite number"),
         (["audit", "--width", "4"], "needs a channel per class"),
         (["audit", "--plot-prefix", "a/b"], "without '/'"),
         (["train", *tiny_args("--set", "classes=1")], "pick 2..10"),
+        (
+            ["train", *tiny_args("--method", "bp", "--set", "backbone=mlp", "--set", "batch_size=1")],
+            "'coupled-bn' needs more than one value",
+        ),
+        (
+            ["train", *tiny_args("--method", "ff-ga", "--set", "backbone=mlp", "--set", "micro_batch=1")],
+            "micro_batch for -ga methods",
+        ),
     ],
 )
 def test_user_mistakes_exit_2_with_one_line(capsys, argv, expected):

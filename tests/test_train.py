@@ -129,6 +129,12 @@ def test_ga_micro_batch_must_divide_the_batch(tiny_config):
         build_trainer(dataclasses.replace(tiny_config, method="ff-ga", micro_batch=7))
 
 
+def test_strides_are_checked_for_conv_blocks_only(tiny_config):
+    with pytest.raises(ConfigError, match="strides has 3 entries but channels has 2"):
+        dataclasses.replace(tiny_config, strides="2,2,2").validate()
+    dataclasses.replace(tiny_config, backbone="mlp", strides="2,2,2").validate()  # an MLP has no strides
+
+
 def test_bp_ckpt_matches_bp_loss_and_gradients(tiny_config):
     loss_plain, plain = _grads_after_one_step(dataclasses.replace(tiny_config, method="bp-deepsup"))
     loss_ckpt, ckpt = _grads_after_one_step(dataclasses.replace(tiny_config, method="bp-ckpt"))
@@ -317,25 +323,44 @@ def test_greedy_hardest_label_negatives_are_scored_by_the_blocks_trained_so_far(
     torch.testing.assert_close(seen[0], per_block[0])  # phase 0: block 0 alone, not block 1's untrained scores
 
 
+@pytest.mark.parametrize(("active", "passes"), [(range(0, 1), [11, 0]), (range(0, 2), [11, 11])])
+def test_hardest_label_negatives_run_only_the_blocks_they_score(tiny_config, active, passes):
+    # K=10 labelled scoring passes through the blocks trained so far, then the training pass of the doubled batch;
+    # no neutral-label pass (its readout features are not needed) and no block beyond the active ones.
+    config = tiny_config.with_updates(
+        {"goodness": "meansq", "negatives": "hardest-label", "loss": "softplus-threshold", "schedule": "greedy"}
+    )
+    trainer = build_trainer(config)
+    calls = [0] * trainer.net.depth
+    for index, block in enumerate(trainer.net.backbone.blocks):
+        block.register_forward_hook(lambda *_, index=index: calls.__setitem__(index, calls[index] + 1))
+    x, y = next(iter(trainer.data.train))
+    trainer.train_step(x, y, 0.0, active, fit_fusion=False)
+    assert calls == passes
+
+
 PEAK_CHECK = """
 import torch
-from ffablate.train.common import MemoryMeter
+from ffablate.train.common import MemoryMeter, _rss_peak_bytes
 
-before = MemoryMeter(torch.device("cpu"))
-big = torch.ones(64 * 2**20)  # 256 MiB, touched, then given back to the OS
-earlier_peak = before.peak_bytes()
-del big
 meter = MemoryMeter(torch.device("cpu"))
-print(meter._since_start, earlier_peak - meter.peak_bytes())
+with meter:  # a stretch of training
+    small = torch.ones(1024)
+big = torch.ones(64 * 2**20)  # 256 MiB, touched between the stretches (an evaluation), then given back to the OS
+with_big = _rss_peak_bytes()
+del big
+with meter:
+    small = torch.ones(1024)
+print(meter._resettable, with_big - meter.peak_bytes())
 """
 
 
-def test_cpu_peak_memory_is_per_run_not_per_process():
+def test_cpu_peak_memory_is_that_of_the_training_stretches_alone():
     # A fresh process: the allocator setting some entry points switch on (retain_cpu_memory) would keep the
     # freed block resident, and then there is no peak to forget.
     out = subprocess.run([sys.executable, "-c", PEAK_CHECK], capture_output=True, text=True, check=True).stdout
-    since_start, drop = out.split()
-    if since_start != "True":
+    resettable, drop = out.split()
+    if resettable != "True":
         pytest.skip("this OS cannot reset the RSS high-water mark")
     assert int(drop) > 200 * 2**20
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from ffablate import hookimpl, ops
+from ffablate.errors import ConfigError
 from ffablate.paths import NormPaths
 
 
@@ -38,6 +39,12 @@ class CoupledBatchNorm(nn.Module):
         self.bn1d = nn.BatchNorm1d(num_features, affine=False, momentum=momentum)
 
     def forward(self, h: Tensor) -> NormPaths:
+        if self.training and h.numel() == h.shape[1]:
+            # One value per channel has no batch statistics: torch's ValueError would end a study with a traceback.
+            raise ConfigError(
+                f"norm 'coupled-bn' needs more than one value per channel, but a training batch of {h.shape[0]} "
+                f"gives {tuple(h.shape)}: raise batch_size (micro_batch for -ga methods) or use norm=coupled-ln"
+            )
         z = self.bn2d(h) if h.dim() == 4 else self.bn1d(h)
         return NormPaths(z, z, pooled(z))
 

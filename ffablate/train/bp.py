@@ -112,13 +112,15 @@ class BPTrainer:
         """Fused and per-block accuracy on ``loader``'s images."""
         self.net.eval()
         correct, total = None, 0
-        for x, y in loader:
-            with common.autocast(self.device):
-                logits = self.net(x)
-            hits = [int((out.argmax(1) == y).sum()) for out in logits]
-            correct = hits if correct is None else [a + b for a, b in zip(correct, hits, strict=True)]
-            total += y.numel()
-        self.net.train()
+        try:
+            for x, y in loader:
+                with common.autocast(self.device):
+                    logits = self.net(x)
+                hits = [int((out.argmax(1) == y).sum()) for out in logits]
+                correct = hits if correct is None else [a + b for a, b in zip(correct, hits, strict=True)]
+                total += y.numel()
+        finally:
+            self.net.train()
         per_layer = [c / total for c in correct]
         return per_layer[-1], per_layer
 
@@ -130,7 +132,7 @@ class BPTrainer:
         total_steps, images, history = cfg.epochs * len(loader), 0, []
         for epoch in range(cfg.epochs):
             loader.set_epoch(epoch)
-            with watch:
+            with watch, memory:
                 for step, (x, y) in enumerate(loader):
                     done = epoch * len(loader) + step
                     common.set_lr([self.optimizer], cfg, done, total_steps)

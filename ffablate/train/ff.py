@@ -101,8 +101,11 @@ class FFNet(nn.Module):
         )
 
     @torch.no_grad()
-    def scores_and_features(self, x: Tensor) -> tuple[list[Tensor], list[Tensor]]:
-        """Per-block class scores (N, K) and readout features, without gradients.
+    def scores_and_features(
+        self, x: Tensor, upto: int | None = None, features: bool = True
+    ) -> tuple[list[Tensor], list[Tensor]]:
+        """Per-block class scores (N, K) and readout features of blocks ``0..upto-1`` (all by default), without
+        gradients; ``features=False`` leaves the features out (an empty list).
 
         Per-class goodness needs one pass; label-embedding goodness needs one pass per candidate label, plus a
         neutral-label pass for the readout features. The passes run in eval mode and under the run's autocast,
@@ -114,26 +117,29 @@ class FFNet(nn.Module):
         self.eval()
         try:
             with common.autocast(x.device):
-                return self._scores_and_features(x)
+                return self._scores_and_features(x, self.depth if upto is None else upto, features)
         finally:
             self.train(was_training)
 
-    def _scores_and_features(self, x: Tensor) -> tuple[list[Tensor], list[Tensor]]:
+    def _scores_and_features(self, x: Tensor, upto: int, features: bool) -> tuple[list[Tensor], list[Tensor]]:
         if self.goodness.per_class:
-            return self._single_pass(x)
+            scores, readouts = self._single_pass(x, upto)
+            return scores, readouts if features else []
         per_label = []
         for k in range(self.num_classes):
             labels = torch.full((x.shape[0],), k, dtype=torch.long, device=x.device)
-            goodness, _ = self._single_pass(self.negatives.embed(x, labels, self.num_classes))
+            goodness, _ = self._single_pass(self.negatives.embed(x, labels, self.num_classes), upto)
             per_label.append(goodness)
-        scores = [torch.stack([g[layer] for g in per_label], dim=1) for layer in range(self.depth)]
-        _, features = self._single_pass(self.negatives.embed(x, None, self.num_classes))
-        return scores, features
+        scores = [torch.stack([g[layer] for g in per_label], dim=1) for layer in range(upto)]
+        if not features:
+            return scores, []
+        _, readouts = self._single_pass(self.negatives.embed(x, None, self.num_classes), upto)
+        return scores, readouts
 
-    def _single_pass(self, x: Tensor) -> tuple[list[Tensor], list[Tensor]]:
+    def _single_pass(self, x: Tensor, upto: int) -> tuple[list[Tensor], list[Tensor]]:
         goodness, features = [], []
         h = self.backbone.prepare(x)
-        for index in range(self.depth):
+        for index in range(upto):
             g, h, readout = self.layer_goodness(index, h)
             goodness.append(g.float())
             features.append(readout.float())
@@ -297,7 +303,7 @@ class FFTrainer:
             # Hardest-label scores come from the blocks trained so far: under the greedy schedule the later ones
             # are still at their initialisation and would only add noise.
             wrong = net.negatives.wrong_labels(
-                y, k, lambda: torch.stack(net.scores_and_features(x)[0][: active.stop]).sum(0)
+                y, k, lambda: torch.stack(net.scores_and_features(x, active.stop, features=False)[0]).sum(0)
             )
             # Positives and negatives share one pass of a doubled batch (two passes' worth of activations).
             pos, neg = net.negatives.embed(x, y, k), net.negatives.embed(x, wrong, k)
@@ -341,17 +347,19 @@ class FFTrainer:
 
     @torch.no_grad()
     def evaluate(self, loader: DeviceLoader) -> tuple[float, list[float]]:
-        """Fused and per-block accuracy on ``loader``'s images."""
+        """Fused and per-block accuracy on ``loader``'s images. The blocks' passes run under the run's autocast
+        (``scores_and_features``); the fusion, outside it, in fp32, as it is fit."""
         self.net.eval()
         correct, layer_correct, total = 0, [0] * self.net.depth, 0
-        for x, y in loader:
-            with common.autocast(self.device):
+        try:
+            for x, y in loader:
                 logits, scores = self.net.predict(x)
-            correct += int((logits.argmax(1) == y).sum())
-            for i, s in enumerate(scores):
-                layer_correct[i] += int((s.argmax(1) == y).sum())
-            total += y.numel()
-        self.net.train()
+                correct += int((logits.argmax(1) == y).sum())
+                for i, s in enumerate(scores):
+                    layer_correct[i] += int((s.argmax(1) == y).sum())
+                total += y.numel()
+        finally:
+            self.net.train()
         return correct / total, [c / total for c in layer_correct]
 
     def phases(self) -> list[tuple[range, bool]]:
@@ -373,7 +381,7 @@ class FFTrainer:
             opts = [self.optimizer] + ([self.fusion_optimizer] if fit_fusion and self.fusion_optimizer else [])
             for epoch in range(cfg.epochs):
                 loader.set_epoch(epoch)
-                with watch:
+                with watch, memory:
                     for step, (x, y) in enumerate(loader):
                         phase_step = epoch * len(loader) + step
                         common.set_lr(opts, cfg, phase_step, steps_per_phase)
