@@ -323,7 +323,7 @@ def measure(spec: AuditSpec) -> dict[str, Any]:
     if spec.threads:
         torch.set_num_threads(spec.threads)
     row = base_row(spec)
-    row["kernels"] = _kernel_backend()
+    row["kernels"] = _kernel_backend(spec.device)
     try:
         if device.type == "cuda":
             return _measure_cuda(spec, device, row)
@@ -405,10 +405,10 @@ def base_row(spec: AuditSpec) -> dict[str, Any]:
     return row
 
 
-def _kernel_backend() -> str:
+def _kernel_backend(device: str) -> str:
     from ffablate import ops
 
-    return ops.backend()
+    return ops.backend(device)
 
 
 def _one_line(exc: BaseException) -> str:
@@ -709,7 +709,7 @@ def specs_from_args(args: argparse.Namespace) -> list[AuditSpec]:
             "needs a channel per class; raise --width, lower --classes or leave those out of --methods"
         )
     check_output_paths(args.output, args.plot_dir, args.plot_prefix)
-    _kernel_backend()  # a bad FFABLATE_KERNELS fails here, once, not as an error row per configuration
+    _kernel_backend(args.device)  # a bad FFABLATE_KERNELS fails here, once, not as an error row per configuration
     return plan(
         methods,
         parse_ints(args.depths, "--depths", 2),

@@ -304,7 +304,7 @@ def cmd_study(args: argparse.Namespace) -> int:
         raise FFablateError(f"--timeout must be a positive number of seconds, got {args.timeout}")
     # Mistakes of the machine, not of one configuration, fail here: inside a trial they would fail it for good.
     resolve_device(args.device)
-    ops.backend()
+    ops.backend(args.device)
     plan = spec.load(args.name).plan(args.budget, study.available_datasets(args.data_root))
     source = None
     if args.recipe_from:

@@ -51,6 +51,7 @@ _CPU_DTYPES = (torch.float32, torch.float64)
 _CUDA_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _CUDA_SCHEDULES = ("ticket", "pipelined", "two-pass")
 _warned = False
+_warned_no_cuda = False
 
 
 def extension_available() -> bool:
@@ -58,9 +59,10 @@ def extension_available() -> bool:
     return _EXT_ERROR is None
 
 
-def backend() -> str:
-    """The backend ``goodness_norm`` uses: ``"fused"`` or ``"reference"`` (see module docstring)."""
-    global _warned
+def backend(device: torch.device | str | None = None) -> str:
+    """The backend ``goodness_norm`` uses (for tensors on ``device``, when given): ``"fused"`` or
+    ``"reference"`` (see module docstring). An extension built without CUDA is the reference on a GPU."""
+    global _warned, _warned_no_cuda
     choice = os.environ.get("FFABLATE_KERNELS", "").strip().lower() or "auto"
     if choice == "reference":
         return "reference"
@@ -71,8 +73,17 @@ def backend() -> str:
         raise ConfigError(
             f"FFABLATE_CUDA_SCHEDULE must be one of {', '.join(_CUDA_SCHEDULES)} (or unset), got {schedule!r}"
         )
-    if extension_available():
+    if extension_available() and not _cuda_missing(device):
         return "fused"
+    if extension_available():
+        if choice == "fused":
+            raise ConfigError(f"FFABLATE_KERNELS=fused but {_NO_CUDA}")
+        if not _warned_no_cuda:
+            _warned_no_cuda = True
+            warnings.warn(
+                f"{_NO_CUDA}; CUDA tensors use the pure-PyTorch reference kernels", RuntimeWarning, stacklevel=2
+            )
+        return "reference"
     if choice == "fused":
         raise ConfigError(
             "FFABLATE_KERNELS=fused but the compiled extension ffablate._C is missing "
@@ -86,6 +97,16 @@ def backend() -> str:
             stacklevel=3,
         )
     return "reference"
+
+
+_NO_CUDA = (
+    "ffablate._C was built without CUDA (no toolkit, or FFABLATE_BUILD=cpu): rebuild it where nvcc is, with "
+    "CUDA_HOME set, by `pip install -e . --no-build-isolation`"
+)
+
+
+def _cuda_missing(device: torch.device | str | None) -> bool:
+    return device is not None and torch.device(device).type == "cuda" and not getattr(_C, "WITH_CUDA", False)
 
 
 _retained = False

@@ -319,6 +319,23 @@ def test_missing_extension_falls_back_with_one_warning(monkeypatch: pytest.Monke
         ops.backend()
 
 
+class _CPUOnlyBuild:
+    WITH_CUDA = False
+
+
+def test_a_build_without_cuda_says_reference_for_cuda_and_fused_for_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    # What a run records as its kernels must be what its tensors get: goodness_norm sends CUDA tensors to the
+    # reference when the extension has no CUDA kernels.
+    monkeypatch.setattr(ops, "_C", _CPUOnlyBuild())
+    monkeypatch.setattr(ops, "_warned_no_cuda", False)
+    assert ops.backend("cpu") == "fused"
+    with pytest.warns(RuntimeWarning, match="built without CUDA"):
+        assert ops.backend("cuda") == "reference"
+    monkeypatch.setenv("FFABLATE_KERNELS", "fused")
+    with pytest.raises(ConfigError, match="FFABLATE_KERNELS=fused but ffablate._C was built without CUDA"):
+        ops.backend("cuda")
+
+
 def test_unsupported_dtype_falls_back_silently() -> None:
     h = _make((3, 4, 5, 5), torch.bfloat16, "cpu", 4)
     with warnings.catch_warnings():

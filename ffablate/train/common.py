@@ -275,6 +275,6 @@ def finish(
         peak_memory_bytes=memory.peak_bytes(),
         config=config.to_dict(),
         history=history,
-        kernel_backend=ops.backend(),
+        kernel_backend=ops.backend(config.device),
         versions=versions(),
     )
