@@ -54,6 +54,7 @@ run_section() {
     printf '===== %s: rc=%s in %ss\n' "$name" "$rc" "$secs" >>"$LOG"
     printf '%-10s rc=%-4s %7ss\n' "$name" "$rc" "$secs"
     SECTIONS+=("$name $rc $secs")
+    LAST_RC=$rc
     return 0
 }
 
@@ -80,6 +81,15 @@ run_section tests 150 bash -c "'$PY' -m pytest tests/test_ops.py tests/test_data
     rc=\$?; '$PY' -m pytest tests/test_cuda_machine_code.py -q -rs -p no:cacheprovider || rc=1; exit \$rc"
 
 
+# A tests section that ran out of time most likely hung in the never-run pipelined schedule's rendezvous: leave
+# it out of the timings below rather than spend their limits (and the lease) on the same hang.
+SCHEDULES=ticket,pipelined,two-pass
+if [[ "$ONLY" == *" tests "* || "$ONLY" == "  " ]] && [[ ${LAST_RC:-0} == 124 || ${LAST_RC:-0} == 137 ]]; then
+    SCHEDULES=ticket,two-pass
+    printf '\n===== tests ran out of time: bench and split leave the pipelined schedule out\n' >>"$LOG"
+fi
+export SCHEDULES
+
 # The default schedule's rows (ticket, with torch.compile), then the same kernels under the other
 # FFABLATE_CUDA_SCHEDULE values (no compiled variant): what each rendezvous saves or costs, from the same lease.
 run_section bench 180 "$PY" - "$OUT/bench_kernels.json" <<'EOF'
@@ -89,7 +99,7 @@ from ffablate import ops
 from ffablate.bench import kernel_bench, render_table
 assert ops.backend() == "fused", ops.backend()
 rows = []
-for schedule in ("ticket", "pipelined", "two-pass"):
+for schedule in os.environ["SCHEDULES"].split(","):
     os.environ["FFABLATE_CUDA_SCHEDULE"] = schedule
     got = kernel_bench("cuda", dtypes=["float32", "bfloat16"], compile_reference=schedule == "ticket")
     rows += [dict(r, schedule=schedule) for r in got]
@@ -107,7 +117,7 @@ with open(sys.argv[1], "w") as f:
 EOF
 
 # Forward and backward apart, against a copy of the same size: which of the two is far from its floor.
-run_section split 60 "$PY" scripts/kernel-split.py --schedules ticket,pipelined
+run_section split 60 "$PY" scripts/kernel-split.py --schedules "${SCHEDULES/,two-pass/}"
 
 run_section audit 90 bash scripts/device-audit.sh "$OUT/audit" --methods ff,ff-ga,bp,bp-ga,bp-ckpt --depths 4,16 --budget 75 --timeout 20
 
