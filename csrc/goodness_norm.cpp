@@ -165,11 +165,12 @@ template <typename T>
 inline V<T> vabs(V<T> v) {
   return (V<T>)((I<T>)v & ~sign_bits<T>());
 }
-// sign(v) with sign(0) = 0, matching torch.abs's gradient.
+// sign(v) with sign(0) = sign(NaN) = 0, matching torch.abs's gradient (and the scalar sgn below).
 template <typename T>
 inline V<T> vsign(V<T> v) {
   const I<T> one = (I<T>)splat<T>(T(1));
-  return (V<T>)((one | ((I<T>)v & sign_bits<T>())) & (I<T>)(v != splat<T>(T(0))));
+  const I<T> nonzero = (I<T>)(v > splat<T>(T(0))) | (I<T>)(v < splat<T>(T(0)));  // false for 0 and NaN
+  return (V<T>)((one | ((I<T>)v & sign_bits<T>())) & nonzero);
 }
 template <typename T>
 inline T hsum(V<T> v) {

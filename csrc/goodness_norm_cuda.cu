@@ -562,7 +562,9 @@ __device__ __forceinline__ void backward_chunk(const T* th, const T* tg, const R
   const float ga = bp.grad_sumabs ? bp.grad_sumabs[n] : 0.f;
   // Only the terms of gradients that exist: with goodness gradients alone, r (inf for an all-zero sample at
   // eps = 0) and h * 0 (NaN where h is inf) must not reach dh, as they do not in the reference's autograd.
-  const float coef = 2.f * gs - (need_dot ? r * r * r * total_dot * p.inv_d : 0.f);
+  // Rounded as written (no contraction into an FMA): need_dot is a literal in the pipelined kernel and a runtime
+  // flag here, and ptxas fuses the one but not the other, which broke "every schedule gives the same bits".
+  const float coef = __fsub_rn(2.f * gs, need_dot ? __fmul_rn(r * r * r * total_dot, p.inv_d) : 0.f);
   const bool scale_h = need_dot || bp.grad_sumsq != nullptr;
   T* o = dh + n * p.D + ch.off;
   It::each(ch.len, [&](int, int i) {
@@ -573,9 +575,9 @@ __device__ __forceinline__ void backward_chunk(const T* th, const T* tg, const R
     for (int j = 0; j < VEC; ++j) {
       const float f = static_cast<float>(ph.v[j]);
       const float sgn = f > 0.f ? 1.f : (f < 0.f ? -1.f : 0.f);
-      float d = need_dot ? r * e.v[j] : 0.f;
-      if (scale_h) d += f * coef;
-      pd.v[j] = static_cast<T>(d + ga * sgn);
+      float d = need_dot ? __fmul_rn(r, e.v[j]) : 0.f;
+      if (scale_h) d = __fmaf_rn(f, coef, d);
+      pd.v[j] = static_cast<T>(__fmaf_rn(ga, sgn, d));
     }
     store_pack<T, VEC>(o + i, pd);
   });
