@@ -440,7 +440,7 @@ def run_worker(spec: AuditSpec, timeout: float = 900.0) -> dict[str, Any]:
         # On Ctrl-C (KeyboardInterrupt here) subprocess.run kills the worker before re-raising.
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
     except subprocess.TimeoutExpired:
-        return {**base_row(spec), "status": "timeout", "error": f"worker ran past {timeout:.0f} s"}
+        return {**base_row(spec), "status": "timeout", "error": f"worker ran past {timeout:g} s"}
     for line in reversed(proc.stdout.splitlines()):
         if line.startswith("{"):
             return json.loads(line)
