@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ffablate.config import MAX_SEED, PLUGIN_KINDS, SPACE_KEYS, RunConfig
+from ffablate.config import FF_METHODS, MAX_SEED, PLUGIN_KINDS, SPACE_KEYS, RunConfig
 from ffablate.errors import ConfigError, FFablateError
 
 ANALYSES = ("ablation", "k-sweep", "label-hierarchy", "bp-gap", "search")
@@ -116,7 +116,14 @@ class Plan:
         return plan
 
     def config(self, overrides: dict[str, Any], seed: int, device: str = "cpu") -> RunConfig:
-        return RunConfig().with_updates({**self.base, **overrides, "seed": seed, "device": device})
+        return RunConfig().with_updates({**self.base_for(overrides), **overrides, "seed": seed, "device": device})
+
+    def base_for(self, overrides: dict[str, Any]) -> dict[str, Any]:
+        """The base settings of a trial with ``overrides``. A BP baseline leaves out the FF-only ones, which it
+        ignores: a goodness parameter in [base] meant for the FF grid's goodness is unknown to the default one."""
+        if overrides.get("method", "ff") in FF_METHODS:
+            return self.base
+        return {k: v for k, v in self.base.items() if not _is_ff_only(k)}
 
     def plugin_name(self, overrides: dict[str, Any], kind: str) -> str:
         """The ``kind`` plugin a trial with ``overrides`` runs."""
@@ -589,7 +596,7 @@ def _check_configs(plan: Plan) -> None:
 
     for cell in plan.configurations():
         try:
-            config = RunConfig().with_updates({**plan.base, **cell.overrides})
+            config = RunConfig().with_updates({**plan.base_for(cell.overrides), **cell.overrides})
             for kind in PLUGIN_KINDS:  # plugin parameters: known to the chosen plugin, of the right type
                 name = config.dataset if kind == "datasets" else getattr(config, kind)
                 registry().get(kind, name).checked_params(config.params_of(kind))

@@ -376,6 +376,29 @@ def test_every_shipped_spec_resolves_at_every_budget(name):
         assert any(c.role == "baseline" for c in plan.cells)
 
 
+def test_the_spec_format_example_in_the_docs_resolves_at_every_budget(tmp_path):
+    docs = (Path(__file__).resolve().parent.parent / "docs" / "studies.md").read_text()
+    example = re.search(r"## Spec format\n.*?```toml\n(.*?)```", docs, re.S)
+    assert example, "docs/studies.md lost its spec example"
+    path = tmp_path / "example.toml"
+    path.write_text(example.group(1))
+    for budget in specs.BUDGETS:
+        assert specs.load(str(path)).plan(budget).cells
+
+
+def test_ff_plugin_parameters_in_base_are_left_out_of_the_baselines(tmp_path):
+    # [base] "goodness.tau" is meant for the FF grid's logsumexp; a baseline's default goodness has no tau.
+    ff_base = '"goodness.tau" = 2.0\nnegatives = "random-label"\nloss = "softplus-threshold"\n'
+    body = GRID.replace("[axes]", ff_base + "[axes]").replace(
+        'temperature = ["constant", "cosine"]', 'goodness = ["logsumexp"]'
+    )
+    plan = specs.load(str(write_spec(tmp_path, body, seeds=1))).plan("smoke")
+    configs = {c.role: plan.config(c.overrides, 0) for c in plan.cells}
+    assert configs["ff"].params_of("goodness") == {"tau": 2.0} and configs["ff"].negatives == "random-label"
+    assert configs["baseline"].params_of("goodness") == {} and configs["baseline"].negatives == "none"
+    assert configs["baseline"].dataset == configs["ff"].dataset == "fashion-mnist"
+
+
 def test_temperature_vs_norm_is_the_full_grid_with_a_baseline_per_norm():
     plan = specs.load("temperature-vs-norm").plan("quick")
     ff = [c for c in plan.cells if c.role == "ff"]
