@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -17,7 +18,7 @@ from rich.table import Table
 
 from ffablate import __version__
 from ffablate.config import METHODS, RunConfig, parse_sets
-from ffablate.errors import FFablateError
+from ffablate.errors import ConfigError, FFablateError
 
 # What an interrupted command leaves behind and how to go on; commands that keep something say so themselves.
 NOTHING_KEPT = "it keeps no state, so nothing was lost: rerun it to start again"
@@ -67,8 +68,10 @@ def build_parser() -> Parser:
     parser.add_argument("--version", action=VersionAction)
     sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
 
-    train = sub.add_parser("train", help="train one FF or BP network and report its test accuracy")
-    train.add_argument("--method", choices=METHODS, default="ff")
+    train = sub.add_parser(
+        "train", help="train one FF or BP network and report its test accuracy", epilog=run_settings_help()
+    )
+    train.add_argument("--method", choices=METHODS, help="default: ff")
     train.add_argument("--dataset", default=None, help="dataset plugin name (see `ffablate data list`)")
     train.add_argument("--epochs", type=int)
     train.add_argument("--seed", type=int)
@@ -144,14 +147,28 @@ def build_parser() -> Parser:
     return parser
 
 
+def run_settings_help() -> str:
+    """The keys `--set` takes, with their defaults: what the messages about unknown keys point to."""
+    keys = ", ".join(f"{f.name}={f.default}" for f in dataclasses.fields(RunConfig) if f.name != "plugin_params")
+    return (
+        f"run settings for --set KEY=VALUE (default values shown): {keys}. Plugin parameters: --set KIND.PARAM=VALUE "
+        "(each plugin's parameters: `ffablate plugins --json`)."
+    )
+
+
 def run_config_from_args(args: argparse.Namespace) -> RunConfig:
-    updates: dict[str, Any] = {"method": args.method}
-    for key in ("dataset", "epochs", "seed", "device", "limit_train"):
-        value = getattr(args, key)
-        if value is not None:
-            updates[key] = value
-    updates.update(parse_sets(args.set))
-    return RunConfig().with_updates(updates)
+    flags = {
+        key: getattr(args, key)
+        for key in ("method", "dataset", "epochs", "seed", "device", "limit_train")
+        if getattr(args, key) is not None
+    }
+    sets = parse_sets(args.set)
+    for key, value in flags.items():
+        # One of the two would be dropped without a word.
+        if key in sets and str(sets[key]) != str(value):
+            flag = "--" + key.replace("_", "-")
+            raise ConfigError(f"{flag} {value} and --set {key}={sets[key]} disagree: give {key} once")
+    return RunConfig().with_updates({**flags, **sets})
 
 
 def new_progress(enabled: bool) -> Progress:
@@ -185,7 +202,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     with progress_bar(f"{config.method} on {config.dataset}", enabled=stderr.is_terminal) as update:
         result = run(config, data_root=args.data_root, download=args.download, progress=update)
     if args.json:
-        print(json.dumps(result.to_dict(), default=str))
+        fields = result.to_dict()
+        if not fields["history"]:  # per-epoch scores are kept in studies (which prune on them), not here
+            del fields["history"]
+        print(json.dumps(fields, default=str))
         return 0
     table = Table(title=f"{config.method} on {config.dataset} (seed {config.seed}, {config.epochs} epochs)")
     columns = ["test accuracy", "per-layer accuracy", "train s", "images/s", "peak memory MB", "kernels"]

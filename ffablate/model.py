@@ -10,6 +10,7 @@ from torch import Tensor, nn
 
 from ffablate import ops
 from ffablate.config import RunConfig
+from ffablate.errors import ConfigError
 from ffablate.paths import NormPaths
 from ffablate.plugins import Registry, registry
 
@@ -74,11 +75,19 @@ class Backbone(nn.Module):
         return features
 
 
+def built_module(built: object, label: str) -> nn.Module:
+    """``built`` if it is a module, as a plugin ``label`` ("temperature plugin 'x' (...)") must build."""
+    if not isinstance(built, nn.Module):
+        kind = label.split()[0]
+        raise ConfigError(f"{label} builds a {type(built).__name__}; a {kind} factory must return a torch.nn.Module")
+    return built
+
+
 def build_backbone(config: RunConfig, in_shape: tuple[int, int, int], plugins: Registry | None = None) -> Backbone:
     """The backbone of ``config`` with its norm plugin after every block: the one constructor FF and BP share."""
-    reg = plugins or registry()
+    plugin = (plugins or registry()).get("norm", config.norm)
 
     def make_norm(width: int) -> nn.Module:
-        return reg.create("norm", config.norm, config.params_of("norm"), num_features=width)
+        return built_module(plugin.create(config.params_of("norm"), num_features=width), plugin.label)
 
     return Backbone(config, in_shape, make_norm)

@@ -82,7 +82,9 @@ class Plugin:
         elif isinstance(default, int):
             ok, want = isinstance(value, int) and not isinstance(value, bool), "an integer"
         elif isinstance(default, float):
-            ok, want = isinstance(value, (int, float)) and not isinstance(value, bool), "a number"
+            # inf or nan would train, into NaN losses whose message blames the learning rate.
+            number = isinstance(value, (int, float)) and not isinstance(value, bool)
+            ok, want = number and math.isfinite(value), "a finite number"
         elif isinstance(default, str) and isinstance(value, (int, float, bool)):
             return str(value)
         else:

@@ -1,5 +1,6 @@
 """Every user mistake: one line on stderr, exit code 2, no traceback."""
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -11,6 +12,7 @@ import torch
 
 from ffablate import audit, plugins, study
 from ffablate.cli import main
+from ffablate.config import RunConfig
 from tests.conftest import tiny_args
 
 # Asking for CUDA is a mistake only where there is none; an unknown device is one everywhere.
@@ -124,7 +126,7 @@ def test_informational_stderr_lines_do_not_wrap_when_piped():
         (["train", "--set", "lr=inf"], "lr must be a positive finite number"),
         (["train", "--set", "strides=5"], "strides must be 1 or 2"),
         (["train", "--set", "augment=maybe"], "expected bool (true or false)"),
-        (["train", *tiny_args("--set", "temperature.t=abc")], "parameter 't' takes a number"),
+        (["train", *tiny_args("--set", "temperature.t=abc")], "parameter 't' takes a finite number"),
         (["train", *tiny_args("--set", "channels=20,20,20,20,20", "--set", "strides=2")], "--set strides=2,2,2,2,1"),
         (["study", "goodness", "--timeout", "0"], "--timeout must be a positive number"),
         (["audit", "--warmup", "-1"], "--warmup must be at least 0"),
@@ -132,6 +134,11 @@ def test_informational_stderr_lines_do_not_wrap_when_piped():
         (["audit", "--width", "4"], "needs a channel per class"),
         (["audit", "--plot-prefix", "a/b"], "without '/'"),
         (["train", *tiny_args("--set", "classes=1")], "pick 2..10"),
+        (["train", "--method", "bp", "--set", "method=ff"], "--method bp and --set method=ff disagree: give method"),
+        (["train", *tiny_args("--set", "temperature.t=inf")], "parameter 't' takes a finite number, got inf"),
+        (["train", *tiny_args("--set", "norm=decoupled", "--set", "norm.eps=-1")], "norm.eps must be >= 0, got -1"),
+        (["train", *tiny_args("--set", "norm.momentum=2")], "norm.momentum must be in [0, 1], got 2"),
+        (["train", "--epochs", "2", "--set", "epochs=1"], "--epochs 2 and --set epochs=1 disagree"),
         (
             ["train", *tiny_args("--method", "bp", "--set", "backbone=mlp", "--set", "batch_size=1")],
             "'coupled-bn' needs more than one value",
@@ -245,7 +252,7 @@ def test_bad_plugin_parameter_in_a_spec_fails_at_load(capsys, tmp_path):
     # Tiny and capped, so that a regression trains for seconds instead of a whole study.
     argv = ["study", str(spec), "--budget", "smoke", "--n-trials", "1", "--storage", f"sqlite:///{tmp_path / 's.db'}"]
     assert main(argv) == 2
-    assert "parameter 't' takes a number" in one_line_error(capsys)
+    assert "parameter 't' takes a finite number" in one_line_error(capsys)
     spec.write_bytes(b"\xff\xfe")
     assert main(["study", str(spec)]) == 2
     assert "not UTF-8" in one_line_error(capsys)
@@ -309,3 +316,13 @@ def test_in_memory_storage_is_refused_in_one_line(capsys, url, command):
 def test_seed_numpy_cannot_take_is_one_line(capsys, flags):
     assert main(["train", *tiny_args(*flags)]) == 2
     assert "give a seed in 0..4294967295" in one_line_error(capsys)
+
+
+def test_train_help_lists_every_run_setting_with_its_default(capsys):
+    # The messages about an unknown --set key send the user there.
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for field in dataclasses.fields(RunConfig):
+        if field.name != "plugin_params":
+            assert f"{field.name}={field.default}" in text

@@ -419,6 +419,8 @@ class OnePlugin:
     ffablate_register_loss = _registering("loss")
     ffablate_register_fusion = _registering("fusion")
     ffablate_register_datasets = _registering("datasets")
+    ffablate_register_temperature = _registering("temperature")
+    ffablate_register_norm = _registering("norm")
 
 
 def _ff_net(reg: Registry, **updates):
@@ -601,6 +603,25 @@ class NoLossFusion(torch.nn.Module):
 
     def forward(self, scores, features):
         return sum(w * s for w, s in zip(self.w, scores, strict=True))
+
+
+class HalfT:
+    def __call__(self, progress, goodness):
+        return 0.5
+
+
+def no_norm(num_features: int):
+    return lambda h: h
+
+
+@pytest.mark.parametrize(("kind", "factory", "built"), [("temperature", HalfT, "HalfT"), ("norm", no_norm, "function")])
+def test_a_factory_that_builds_no_module_is_refused_in_one_line(kind, factory, built):
+    # A module per block is what puts a learned T (or a norm's state) in the block's optimizer and on its device.
+    with pytest.raises(ConfigError) as info:
+        _ff_net(_registry_with(OnePlugin(kind, factory)), **{kind: "probe"})
+    message = str(info.value)
+    assert message.startswith(f"{kind} plugin 'probe' (package ") and "\n" not in message
+    assert message.endswith(f"builds a {built}; a {kind} factory must return a torch.nn.Module")
 
 
 def test_a_fusion_with_parameters_but_no_loss_is_refused_when_built():

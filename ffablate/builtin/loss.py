@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ffablate import hookimpl
+from ffablate.errors import ConfigError
 
 
 class SoftplusThreshold:
@@ -24,6 +25,8 @@ class SymBa:
     per_class = False
 
     def __init__(self, alpha: float = 4.0):
+        if not alpha > 0:  # a negative alpha rewards negatives over positives
+            raise ConfigError(f"loss.alpha must be positive, got {alpha}")
         self.alpha = alpha
 
     def __call__(self, g_pos, g_neg, labels, threshold, temperature) -> Tensor:
@@ -39,6 +42,8 @@ class BCE:
     per_class = False
 
     def __init__(self, eps: float = 1e-6):
+        if not eps > 0:  # the floor under log(p): at 0 a positive with zero goodness gives log(0)
+            raise ConfigError(f"loss.eps must be positive, got {eps}")
         self.eps = eps
 
     def __call__(self, g_pos, g_neg, labels, threshold, temperature) -> Tensor:
@@ -54,6 +59,8 @@ class ClassWiseCE:
     per_class = True
 
     def __init__(self, label_smoothing: float = 0.0):
+        if not 0 <= label_smoothing <= 1:
+            raise ConfigError(f"loss.label_smoothing must be in [0, 1], got {label_smoothing}")
         self.label_smoothing = label_smoothing
 
     def __call__(self, g_pos, g_neg, labels, threshold, temperature) -> Tensor:

@@ -19,6 +19,12 @@ def pooled(x: Tensor) -> Tensor:
     return x.mean(dim=(2, 3)) if x.dim() == 4 else x
 
 
+def _non_negative_eps(eps: float) -> float:
+    if not eps >= 0:  # a negative eps makes the root of a negative mean square on quiet samples: NaN
+        raise ConfigError(f"norm.eps must be >= 0, got {eps}")
+    return eps
+
+
 class NoNorm(nn.Module):
     """No normalization: all three paths see raw h (the baseline that lets goodness leak to the next block)."""
 
@@ -34,6 +40,8 @@ class CoupledBatchNorm(nn.Module):
 
     def __init__(self, num_features: int, momentum: float = 0.1):
         super().__init__()
+        if not 0 <= momentum <= 1:
+            raise ConfigError(f"norm.momentum must be in [0, 1], got {momentum}")
         # The factory is not told whether the block is conv or dense; the layer matching h's rank is used.
         self.bn2d = nn.BatchNorm2d(num_features, affine=False, momentum=momentum)
         self.bn1d = nn.BatchNorm1d(num_features, affine=False, momentum=momentum)
@@ -56,7 +64,7 @@ class CoupledLayerNorm(nn.Module):
 
     def __init__(self, num_features: int, eps: float = 1e-5):
         super().__init__()
-        self.eps = eps
+        self.eps = _non_negative_eps(eps)
 
     def forward(self, h: Tensor) -> NormPaths:
         z = nn.functional.layer_norm(h, h.shape[1:], eps=self.eps)
@@ -70,7 +78,7 @@ class Decoupled(nn.Module):
 
     def __init__(self, num_features: int, eps: float = 1e-6):
         super().__init__()
-        self.eps = eps
+        self.eps = _non_negative_eps(eps)
 
     def forward(self, h: Tensor) -> NormPaths:
         sumsq, sumabs, out, readout = ops.goodness_norm(h, self.eps)

@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from ffablate.config import RunConfig
 from ffablate.data import DeviceLoader
 from ffablate.errors import ConfigError
-from ffablate.model import build_backbone
+from ffablate.model import build_backbone, built_module
 from ffablate.plugins import Plugin, Registry, registry
 from ffablate.train import common
 
@@ -39,7 +39,10 @@ class FFNet(nn.Module):
             return chosen[kind].create(config.params_of(kind), **context)
 
         self.goodness = _flagged(make("goodness"), "per_class", self.labels["goodness"])
-        self.temperatures = nn.ModuleList(make("temperature") for _ in range(depth))
+        # One per block, as modules: a learned T is a parameter of its block, in the block's optimizer group.
+        self.temperatures = nn.ModuleList(
+            built_module(make("temperature"), self.labels["temperature"]) for _ in range(depth)
+        )
         self.loss_fn = make("loss")
         self.negatives = _flagged(make("negatives"), "embeds_label", self.labels["negatives"])
         fusion = make("fusion", num_layers=depth, num_classes=num_classes, feature_dims=self.backbone.feature_dims)
@@ -202,8 +205,7 @@ def _flagged(plugin: Any, flag: str, label: str) -> Any:
 
 
 def _checked_fusion(fusion: Any, label: str) -> nn.Module:
-    if not isinstance(fusion, nn.Module):
-        raise ConfigError(f"{label} builds a {type(fusion).__name__}; a fusion factory must return a torch.nn.Module")
+    built_module(fusion, label)
     if any(True for _ in fusion.parameters()) and not callable(getattr(fusion, "loss", None)):
         raise ConfigError(
             f"{label} has trainable parameters but no loss(scores, features, labels) method to fit them with: "
