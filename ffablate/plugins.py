@@ -5,6 +5,7 @@ from __future__ import annotations
 import difflib
 import inspect
 import math
+import os
 import types
 import warnings
 from collections.abc import Callable
@@ -273,7 +274,8 @@ def _where(plugin: object) -> str:
 
 
 def make_plugin_manager(extra_plugins: tuple[object, ...] = ()) -> pluggy.PluginManager:
-    """Built-ins, then installed entry points, then ``extra_plugins`` (e.g. a test's in-memory plugin)."""
+    """Built-ins, then installed entry points, then the modules named in $FFABLATE_PLUGINS, then ``extra_plugins``
+    (e.g. a test's in-memory plugin)."""
     import importlib
 
     pm = pluggy.PluginManager("ffablate")
@@ -282,7 +284,7 @@ def make_plugin_manager(extra_plugins: tuple[object, ...] = ()) -> pluggy.Plugin
         pm.register(importlib.import_module(module_name), name=module_name)
     try:
         _load_entry_points(pm)
-        for plugin in extra_plugins:
+        for plugin in (*_env_plugin_modules(), *extra_plugins):
             pm.register(plugin)
         pm.check_pending()  # a misspelled hook name fails here, not silently
     except pluggy.PluginValidationError as exc:
@@ -298,6 +300,23 @@ def _load_entry_points(pm: pluggy.PluginManager) -> None:
         raise  # a hook mistake, worded by the caller like the ones found in in-process plugins
     except Exception as exc:  # an installed plugin that fails to import: name it instead of a traceback
         raise ConfigError(_broken_entry_point(exc)) from None
+
+
+def _env_plugin_modules() -> list[types.ModuleType]:
+    """The modules $FFABLATE_PLUGINS names (comma-separated, importable from sys.path / PYTHONPATH): a plugin in
+    the making, used without packaging and installing it."""
+    import importlib
+
+    modules = []
+    for name in filter(None, (part.strip() for part in os.environ.get("FFABLATE_PLUGINS", "").split(","))):
+        try:
+            modules.append(importlib.import_module(name))
+        except Exception as exc:
+            raise ConfigError(
+                f"FFABLATE_PLUGINS names {name!r}, which fails to import: {_first_line(exc)}; put the directory "
+                "that holds it on PYTHONPATH, or fix it"
+            ) from None
+    return modules
 
 
 def _hook_mistake(exc: pluggy.PluginValidationError) -> str:

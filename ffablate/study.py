@@ -488,11 +488,7 @@ def open_study(plan: specs.Plan, storage: optuna.storages.BaseStorage, name: str
     )
     attrs = study.user_attrs
     fingerprint = plan.fingerprint()
-    if "fingerprint" in attrs and attrs["fingerprint"] != fingerprint:
-        raise FFablateError(
-            f"study {name!r} in this storage was made from a different spec or budget; rerun with "
-            f"--study-name NEW to start a fresh one (or restore the spec it was made from)"
-        )
+    refuse_another_plan(study, plan)
     if "fingerprint" not in attrs:
         meta = {
             "ffablate_spec": spec.name,
@@ -514,6 +510,31 @@ def open_study(plan: specs.Plan, storage: optuna.storages.BaseStorage, name: str
         for key, value in meta.items():
             study.set_user_attr(key, value)
     return study
+
+
+def refuse_another_plan(study: optuna.Study, plan: specs.Plan) -> None:
+    """Resuming a study made from a different plan would mix results that mean different things."""
+    attrs = study.user_attrs
+    if "fingerprint" in attrs and attrs["fingerprint"] != plan.fingerprint():
+        raise FFablateError(
+            f"study {study.study_name!r} in this storage was made from a different spec or budget"
+            f"{_what_changed(attrs, plan)}; rerun with --study-name NEW to start a fresh one (or restore the spec "
+            "it was made from)"
+        )
+
+
+def _what_changed(attrs: dict[str, Any], plan: specs.Plan) -> str:
+    """Which configurations came or went, when that is the change: a plugin installed or removed since the study
+    was made changes what an axis of "*" expands to, with the spec file untouched."""
+    before, now = attrs.get("cells"), [c.label for c in plan.cells]
+    if not isinstance(before, list):
+        return ""
+    added, gone = [c for c in now if c not in before], [c for c in before if c not in now]
+    parts = [f"{len(cells)} {word} (e.g. {cells[0]!r})" for cells, word in ((added, "new"), (gone, "gone")) if cells]
+    if not parts:
+        return ""
+    why = 'as when an axis of "*" meets a plugin installed or removed since'
+    return f": its configurations changed, {' and '.join(parts)}, {why}"
 
 
 def enqueue_baselines(study: optuna.Study, plan: specs.Plan) -> int:
@@ -588,6 +609,8 @@ def run_study(
         existing = (
             optuna.load_study(study_name=name, storage=storage) if name in optuna.get_all_study_names(storage) else None
         )
+        if existing is not None:
+            refuse_another_plan(existing, plan)
         if existing is None or remaining(existing, plan):
             preflight(plan, device, data)
         on_ready()

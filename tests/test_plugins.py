@@ -1,4 +1,5 @@
 import json
+import os
 import re
 import subprocess
 import sys
@@ -734,3 +735,39 @@ def test_an_installed_plugin_that_registers_nothing_is_warned_about_once(tmp_pat
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         make_plugin_manager()
+
+
+POWER = """
+from ffablate import hookimpl
+
+
+class Power:
+    per_class = False
+
+    def __init__(self, p: float = 3.0):
+        self.p = p
+
+    def __call__(self, paths, num_classes):
+        return paths.goodness_input.flatten(1).float().abs().pow(self.p).mean(1)
+
+
+@hookimpl
+def ffablate_register_goodness(register):
+    register("power", Power, "mean |h|^p")
+"""
+
+
+@pytest.mark.parametrize("modules", ["my_power", "my_power,no_such_module"])
+def test_ffablate_plugins_loads_a_module_without_packaging_it(tmp_path, modules):
+    (tmp_path / "my_power.py").write_text(POWER)
+    root = str(Path(__file__).resolve().parent.parent)
+    env = {**os.environ, "FFABLATE_PLUGINS": modules, "PYTHONPATH": os.pathsep.join([str(tmp_path), root])}
+    argv = [sys.executable, "-m", "ffablate.cli", "plugins", "goodness", "--json"]
+    proc = subprocess.run(argv, capture_output=True, text=True, env=env, cwd=tmp_path)
+    if "no_such_module" in modules:
+        assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1
+        assert "FFABLATE_PLUGINS names 'no_such_module', which fails to import" in proc.stderr
+    else:
+        assert proc.returncode == 0, proc.stderr
+        power = next(p for p in json.loads(proc.stdout) if p["name"] == "power")
+        assert power["source"] == "my_power" and power["params"] == {"p": 3.0}

@@ -364,7 +364,10 @@ def test_changed_spec_refuses_to_mix_into_an_old_study(finished, capsys):
     tmp_path, url, _ = finished
     changed = write_spec(tmp_path, GRID.replace('["constant", "cosine"]', '["constant", "linear"]'), name="tiny2")
     assert main(["study", str(changed), "--budget", "smoke", "--storage", url, "--study-name", "tiny-smoke"]) == 2
-    assert "different spec" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "different spec" in err and len(err.strip().splitlines()) == 1
+    # The configurations that came and went: how a "*" axis shows a plugin installed since.
+    assert "its configurations changed, 1 new (e.g. 'temperature=linear') and 1 gone (e.g. 'temperature=cosine')" in err
 
 
 @pytest.mark.parametrize("name", specs.available_names())
