@@ -68,19 +68,30 @@ def _markdown(summary: results.Summary, plots: list[tuple[str, str]], importance
         "",
     ]
     lines += _md_table(results.TABLE_COLUMNS, results.table_rows(summary, top=15))
-    failed = [f"- {r.label}: {reason}" for r in summary.rows for reason in r.failed]
-    failed += [
-        f"- {r.label} (seed {seed}): {reason} (not for good: rerunning the study runs this point again)"
-        for r in summary.rows
-        for seed, reason in r.retried
-    ]
-    if failed:
-        lines += ["", "## Failed trials", "", *failed]
+    if summary.failures:
+        lines += ["", "## Failed trials", "", *map(_failed_line, summary.failures)]
     lines += ["", "## Plots", ""]
     for path, caption in plots:
         lines += [f"![{caption}]({path})" if path else caption, ""]
     lines += ["## Parameter importance", "", importance_note, ""]
     return "\n".join(lines) + "\n"
+
+
+# What became of a failed trial's point, after its reason (see ``results.FailedTrial.fate``).
+FATES = {
+    "permanent": "",
+    "retry": " (not for good: rerunning the study runs this point again)",
+    "rerun": " (its point finished in another trial, which is the one counted)",
+    "unknown": "",
+}
+
+
+def _failed_line(failure: results.FailedTrial) -> str:
+    if failure.label:
+        who = f"{failure.label} (seed {failure.seed})" if failure.seed is not None else failure.label
+    else:
+        who = f"trial {failure.number} (it died before recording its configuration)"
+    return f"- {who}: {failure.reason}{FATES[failure.fate]}"
 
 
 def _ranking(summary: results.Summary) -> str:
@@ -117,19 +128,22 @@ def _save(fig: Any, out: Path, name: str) -> str:
 
 
 def _heatmap(summary: results.Summary, out: Path) -> tuple[str, str] | None:
-    """Two-axis ablations: mean FF accuracy per cell, annotated with mean ± CI."""
+    """Two-axis ablations: mean FF accuracy per cell, annotated with mean ± CI and the gap to the cell's own
+    matched BP baseline."""
     axes = [(a, v) for a, v in summary.meta.get("axes", {}).items() if len(v) > 1]
     if len(axes) != 2 or summary.meta.get("sampler") != "grid":
         return None
     (ya, yv), (xa, xv) = axes
     grid = [[math.nan] * len(xv) for _ in yv]
     text = [[""] * len(xv) for _ in yv]
-    for r in summary.ff:
-        if r.n and r.overrides.get(ya) in yv and r.overrides.get(xa) in xv:
-            i, j = yv.index(r.overrides[ya]), xv.index(r.overrides[xa])
-            grid[i][j] = r.accuracy.mean * 100
-            text[i][j] = fmt(r.accuracy).replace(" ± ", "\n±")
-    fig, ax = plt.subplots(figsize=(1.6 * len(xv) + 2, 0.8 * len(yv) + 1.8))
+    cells = [r for r in summary.ff if r.n and r.overrides.get(ya) in yv and r.overrides.get(xa) in xv]
+    for r in cells:
+        i, j = yv.index(r.overrides[ya]), xv.index(r.overrides[xa])
+        grid[i][j] = r.accuracy.mean * 100
+        text[i][j] = fmt(r.accuracy).replace(" ± ", "\n±")
+        if r.base is not None:
+            text[i][j] += f"\nΔBP {r.gap.mean * 100:+.1f}"
+    fig, ax = plt.subplots(figsize=(1.6 * len(xv) + 2, 1.0 * len(yv) + 1.8))
     image = ax.imshow(grid, cmap="viridis", aspect="auto")
     ax.set_xticks(range(len(xv)), [str(v) for v in xv], rotation=30, ha="right")
     ax.set_yticks(range(len(yv)), [str(v) for v in yv])
@@ -139,12 +153,22 @@ def _heatmap(summary: results.Summary, out: Path) -> tuple[str, str] | None:
         for j in range(len(xv)):
             ax.text(j, i, text[i][j], ha="center", va="center", color="white", fontsize=8)
     fig.colorbar(image, ax=ax, label="FF test accuracy %")
-    base = [b for b in summary.baselines if b.n]
-    title = f"{summary.name}: FF accuracy"
-    if base:
-        title += f" (BP {base[0].method}: {fmt(base[0].accuracy)}%)"
-    ax.set_title(title, fontsize=9)
-    return _save(fig, out, "heatmap.png"), f"{ya} × {xa} heatmap of FF test accuracy"
+    ax.set_title(f"{summary.name}: FF accuracy{_heatmap_baselines(cells)}", fontsize=9)
+    return _save(fig, out, "heatmap.png"), f"{ya} × {xa} heatmap of FF test accuracy, ΔBP: gap to its matched baseline"
+
+
+def _heatmap_baselines(cells: list[results.Row]) -> str:
+    """The title's word on the BP baselines the cells are matched to. Where a shared axis (norm) varies the
+    baseline too, one baseline in the title would make the cells matched to another look ahead or behind by the
+    difference between baselines; the range is shown instead, and each cell's ΔBP is to its own."""
+    bases = list({id(r.base): r.base for r in cells if r.base is not None}.values())
+    if not bases:
+        return ""
+    if len(bases) == 1:
+        return f" (BP {bases[0].method}: {fmt(bases[0].accuracy)}%; ΔBP in pp)"
+    means = [b.accuracy.mean * 100 for b in bases]
+    span = f"{min(means):.1f}–{max(means):.1f}%"
+    return f"\n({len(bases)} BP baselines, {span}: each cell's ΔBP is FF minus its own, in pp)"
 
 
 def _k_sweep(summary: results.Summary, out: Path) -> tuple[str, str] | None:
@@ -345,5 +369,20 @@ def _importance(study: optuna.Study, summary: results.Summary, out: Path, plots:
     ax.set_xlabel(f"importance ({name.split(' ')[0]})")
     plots.append((_save(fig, out, "importance.png"), "parameter importance"))
     listing = ", ".join(f"{k} {v:.2f}" for k, v in importances.items())
-    metric = "validation" if summary.selected_on_validation else "test"
-    return f"Evaluator: {name}, over the completed FF trials' values ({metric} accuracy). Importances: {listing}."
+    metric = summary.ranking_split
+    note = f"Evaluator: {name}, over the completed FF trials' values ({metric} accuracy). Importances: {listing}."
+    return note + _importance_vs_answer(summary, importances)
+
+
+def _importance_vs_answer(summary: results.Summary, importances: dict[str, float]) -> str:
+    """A sentence where the answer's "axis that moves accuracy most" is not the most important parameter here:
+    both read the same split, but they measure different things, and a silent disagreement reads as an error."""
+    axis = results.most_influential_axis(summary)
+    top = next(iter(importances))
+    if axis is None or axis[0] == top or axis[0] not in importances:
+        return ""
+    return (
+        f" The answer names {axis[0]} because its level means span the widest range; the evaluator ranks {top} "
+        "first because it weighs each parameter's share of the variance over all trials (seeds included), so the "
+        "two can differ when the axes' effects are close or interact."
+    )

@@ -115,6 +115,25 @@ class Row:
         }
 
 
+# The reason a failed trial shows when it recorded none: ffablate records one for every exception it catches, so
+# a trial without one was failed from outside (a resume's stale check, Optuna's heartbeat) after its worker died.
+NO_REASON = "no reason recorded (the worker died: killed or crashed)"
+
+
+@dataclass(frozen=True)
+class FailedTrial:
+    """One FAIL trial, whatever became of its point; the report lists every one."""
+
+    number: int
+    label: str  # "" when the trial died before it recorded its configuration
+    seed: int | None
+    reason: str
+    # "permanent": a rerun would fail the same way; "retry": a rerun runs its point again; "rerun": its point has
+    # finished in another trial since (or before, where two hosts shared it), which is the one counted;
+    # "unknown": it died before it recorded which point it was.
+    fate: str
+
+
 @dataclass
 class Summary:
     name: str
@@ -122,6 +141,7 @@ class Summary:
     rows: list[Row]
     n_trials: int
     states: dict[str, int]
+    failures: list[FailedTrial] = field(default_factory=list)  # every FAIL trial, in trial order
 
     @property
     def ff(self) -> list[Row]:
@@ -152,6 +172,15 @@ class Summary:
             (r for r in self.ff if r.n), key=lambda r: (not r.complete, -(r.val if on_val else r.accuracy).mean)
         )
 
+    @property
+    def ranking_split(self) -> str:
+        """The split ``ranked`` orders the FF rows by: "validation" or "test"."""
+        return "validation" if self.selected_on_validation else "test"
+
+    def ranking_values(self, row: Row) -> list[float]:
+        """``row``'s per-seed accuracies on the ranking split."""
+        return row.val_accuracies if self.selected_on_validation else row.accuracies
+
     def best(self) -> Row | None:
         """The best complete row; the best incomplete one only when no row completed every seed."""
         ranked = self.ranked()
@@ -168,6 +197,10 @@ def selection_score(record: dict[str, Any]) -> float:
     return float(record[selection_key(record)])
 
 
+def fail_reason(t: FrozenTrial) -> str:
+    return str(t.user_attrs.get("fail_reason") or NO_REASON)
+
+
 def _mean(values: list[float]) -> float:
     return sum(values) / len(values) if values else math.nan
 
@@ -179,6 +212,7 @@ def summarize(study: optuna.Study) -> Summary:
     trials = study.get_trials(deepcopy=False)
     states: dict[str, int] = defaultdict(int)
     finished = {(t.user_attrs.get("cell"), t.user_attrs.get("seed")) for t in trials if _finished(t)}
+    failures = [_failure(t, finished) for t in trials if t.state == TrialState.FAIL]
     for t in trials:
         states[t.state.name] += 1
         label = t.user_attrs.get("cell")
@@ -197,7 +231,7 @@ def summarize(study: optuna.Study) -> Summary:
             )
         _add(row, t)
         if t.state == TrialState.FAIL and not _finished(t) and (label, t.user_attrs.get("seed")) not in finished:
-            row.retried.append((int(t.user_attrs.get("seed", -1)), str(t.user_attrs.get("fail_reason", "failed"))))
+            row.retried.append((int(t.user_attrs.get("seed", -1)), fail_reason(t)))
     ordered = sorted(
         rows.values(),
         key=lambda r: (
@@ -226,7 +260,22 @@ def summarize(study: optuna.Study) -> Summary:
             if sorted(row.seeds) == sorted(base.seeds):
                 by_seed = dict(zip(base.seeds, base.accuracies, strict=True))
                 row.gap_paired = paired_ci(row.accuracies, [by_seed[seed] for seed in row.seeds])
-    return Summary(study.study_name, dict(study.user_attrs), ordered, len(trials), dict(states))
+    return Summary(study.study_name, dict(study.user_attrs), ordered, len(trials), dict(states), failures)
+
+
+def _failure(t: FrozenTrial, finished: set[tuple[Any, Any]]) -> FailedTrial:
+    # A worker killed between sampling its point and recording its attributes left the point in its params only.
+    label = t.user_attrs.get("cell", t.params.get("cell"))
+    seed = t.user_attrs.get("seed", t.params.get("seed"))
+    if _finished(t):
+        fate = "permanent"
+    elif label is None or seed is None:
+        fate = "unknown"
+    elif (label, seed) in finished:
+        fate = "rerun"
+    else:
+        fate = "retry"
+    return FailedTrial(t.number, label or "", None if seed is None else int(seed), fail_reason(t), fate)
 
 
 def _finished(t: FrozenTrial) -> bool:
@@ -260,7 +309,7 @@ def _add(row: Row, t: FrozenTrial) -> None:
     elif t.state == TrialState.PRUNED:
         row.pruned += 1
     elif t.state == TrialState.FAIL and t.user_attrs.get("fail_permanent"):
-        row.failed.append(str(t.user_attrs.get("fail_reason", "failed")))
+        row.failed.append(fail_reason(t))
 
 
 def table_rows(summary: Summary, top: int | None = None) -> list[list[str]]:
@@ -366,20 +415,24 @@ def _answer_ablation(summary: Summary) -> str:
     text = (
         f"Best FF configuration is {best.label} at {fmt(best.accuracy, unit='%')} test accuracy (n={best.n}), {chosen}"
     )
+    # Both differences are on the split that ranks the rows: "best − worst" on test after choosing on validation
+    # can come out negative, and an axis ranked on test can contradict the importance, which is on validation.
+    split = summary.ranking_split
     if worst is not best:
-        gap = welch_ci(best.accuracies, worst.accuracies)
-        text += f"; best − worst ({worst.label}) {_pp(gap, best.n, worst.n)}"
+        gap = welch_ci(summary.ranking_values(best), summary.ranking_values(worst))
+        text += f"; best − worst ({worst.label}) on {split} accuracy, which ranks them, {_pp(gap, best.n, worst.n)}"
     axis = most_influential_axis(summary)
     if axis:
-        text += f"; the {axis[0]} axis moves mean test accuracy most ({axis[1] * 100:.1f} pp between its levels)"
+        text += f"; the {axis[0]} axis moves mean {split} accuracy most ({axis[1] * 100:.1f} pp between its levels)"
     if best.baseline:
         text += f"; {_versus_baseline(best)}"
     return text + "."
 
 
 def most_influential_axis(summary: Summary) -> tuple[str, float] | None:
-    """The axis whose level means (averaged over the other axes) span the widest range."""
+    """The axis whose level means (averaged over the other axes) on the ranking split span the widest range."""
     axes = [a for a, values in summary.meta.get("axes", {}).items() if len(values) > 1]
+    on_val = summary.selected_on_validation
     spans = []
     for axis in axes:
         levels: dict[str, list[float]] = defaultdict(list)
@@ -387,7 +440,7 @@ def most_influential_axis(summary: Summary) -> tuple[str, float] | None:
         rows = [r for r in summary.ff if r.n and r.complete] or [r for r in summary.ff if r.n]
         for r in rows:
             if axis in r.overrides:
-                levels[str(r.overrides[axis])].append(r.accuracy.mean)
+                levels[str(r.overrides[axis])].append((r.val if on_val else r.accuracy).mean)
         means = [sum(v) / len(v) for v in levels.values()]
         if len(means) > 1:
             spans.append((axis, max(means) - min(means)))
@@ -480,6 +533,7 @@ def to_json(summary: Summary) -> str:
         "answer": answer(summary),
         "states": summary.states,
         "rows": [r.to_dict() for r in summary.rows],
+        "failed_trials": [vars(f) for f in summary.failures],
     }
     return json.dumps(_finite(payload), default=str, allow_nan=False)
 

@@ -22,7 +22,8 @@ from ffablate.stats import fmt
 def make_study(url: str, name: str, meta: dict, trials: list[dict]) -> optuna.Study:
     """``trials``: dicts with cell, role, overrides, seed, value (None = failed: the test accuracy), optional
     val (a validation accuracy, which then is the trial's value, as in a study), pruned (True: value is the
-    accuracy it was pruned at) and group/history."""
+    accuracy it was pruned at), match (the baseline-matching settings; by default dataset, classes, labels) and
+    group/history."""
     study = optuna.create_study(storage=url, study_name=name, direction="maximize")
     for key, value in {
         "baseline_methods": ["bp-deepsup"],
@@ -33,7 +34,7 @@ def make_study(url: str, name: str, meta: dict, trials: list[dict]) -> optuna.St
     }.items():
         study.set_user_attr(key, value)
     for t in trials:
-        match = {k: v for k, v in t["overrides"].items() if k in ("dataset", "classes", "labels")}
+        match = t.get("match", {k: v for k, v in t["overrides"].items() if k in ("dataset", "classes", "labels")})
         attrs = {
             "cell": t["cell"],
             "role": t["role"],
@@ -491,3 +492,112 @@ def test_a_gap_without_a_baseline_reads_as_a_dash_not_nan():
 
     text = _pp(Estimate(float("nan"), float("nan"), 0), 2, 0)
     assert "nan" not in text and text.startswith("– pp from")
+
+
+def _temperature_by_norm(url: str, ff: dict[tuple[str, str], dict], bp: dict[str, float]) -> optuna.Study:
+    """A one-seed temperature × norm grid whose BP baseline varies with norm (a shared axis), as a spec with
+    ``norm`` among its axes makes it; ``ff`` maps (temperature, norm) to a trial's value/val fields, ``bp`` a
+    norm to its baseline's accuracy, or "" to one baseline every cell is matched to."""
+    trials = [
+        {"cell": f"bp-deepsup norm={norm}".removesuffix(" norm="), "role": "baseline", "seed": 0, "value": v}
+        | {"val": v, "overrides": {"norm": norm} if norm else {}, "match": {"norm": norm} if norm else {}}
+        for norm, v in bp.items()
+    ]
+    trials += [
+        {"cell": f"temperature={temp} norm={norm}", "role": "ff", "seed": 0, **fields}
+        | {"overrides": {"temperature": temp, "norm": norm}, "match": {"norm": norm} if "" not in bp else {}}
+        for (temp, norm), fields in ff.items()
+    ]
+    axes = {"temperature": sorted({t for t, _ in ff}), "norm": sorted({n for _, n in ff}, reverse=True)}
+    return make_study(url, "hm-smoke", {"analysis": "ablation", "axes": axes, "seeds": [0]}, trials)
+
+
+def test_the_heatmap_shows_each_cells_gap_to_its_own_baseline_not_the_first_baseline(tmp_path, url, figures):
+    # coupled-bn FF is 3.7 pp above its own baseline; against norm=none's baseline it would look 14.4 pp ahead.
+    ff = {
+        ("constant", "none"): {"value": 0.150},
+        ("constant", "coupled-bn"): {"value": 0.347},
+        ("cosine", "none"): {"value": 0.180},
+        ("cosine", "coupled-bn"): {"value": 0.357},
+    }
+    write_report(_temperature_by_norm(url, ff, {"none": 0.213, "coupled-bn": 0.320}), tmp_path / "out")
+    ax = figures["heatmap.png"].axes[0]
+    title = ax.get_title()
+    assert "2 BP baselines, 21.3–32.0%" in title and "its own" in title
+    assert "BP bp-deepsup norm=none" not in title and "BP bp-deepsup:" not in title
+    cells = {text.get_text() for text in ax.texts}
+    assert {"15.0\n±–\nΔBP -6.3", "34.7\n±–\nΔBP +2.7", "18.0\n±–\nΔBP -3.3", "35.7\n±–\nΔBP +3.7"} <= cells
+    # One baseline for every cell: the title names it, as before.
+    figures.clear()
+    write_report(_temperature_by_norm(url.replace("r.db", "one.db"), ff, {"": 0.213}), tmp_path / "one")
+    ax = figures["heatmap.png"].axes[0]
+    assert "(BP bp-deepsup: 21.3 ± –%" in ax.get_title() and "35.7\n±–\nΔBP +14.4" in {t.get_text() for t in ax.texts}
+
+
+def test_best_minus_worst_and_the_leading_axis_are_measured_on_the_split_that_ranks(tmp_path, url):
+    # Validation ranks cosine/none best and constant/decoupled worst, and norm moves it most (20 pp against 2);
+    # on test the same best is 15 pp below the worst, and temperature moves it most (15 pp against 0).
+    ff = {
+        ("constant", "none"): {"val": 0.30, "value": 0.20},
+        ("constant", "decoupled"): {"val": 0.10, "value": 0.25},
+        ("cosine", "none"): {"val": 0.32, "value": 0.10},
+        ("cosine", "decoupled"): {"val": 0.12, "value": 0.05},
+    }
+    summary = results.summarize(_temperature_by_norm(url, ff, {"none": 0.2, "decoupled": 0.2}))
+    answer = results.answer(summary)
+    assert answer.startswith("Best FF configuration is temperature=cosine norm=none at 10.0 ± –% test accuracy")
+    assert (
+        "best − worst (temperature=constant norm=decoupled) on validation accuracy, which ranks them, "
+        "+22.0 pp from one seed each: no interval" in answer
+    )
+    assert "the norm axis moves mean validation accuracy most (20.0 pp between its levels)" in answer
+    assert "-15.0" not in answer and "temperature axis" not in answer
+    # Where the evaluator ranks another parameter first, the importance section says why, not silently.
+    from ffablate.report import _importance_vs_answer
+
+    assert "The answer names norm because its level means span" in _importance_vs_answer(
+        summary, {"temperature": 0.6, "norm": 0.4}
+    )
+    assert _importance_vs_answer(summary, {"norm": 0.6, "temperature": 0.4}) == ""
+
+
+def test_the_report_lists_every_failed_trial_with_a_reason_or_the_words_that_none_was_recorded(tmp_path, url):
+    bp = {"role": "baseline", "overrides": {}, "cell": "bp-deepsup"}
+    ff = {"role": "ff", "overrides": {"goodness": "meansq"}, "cell": "goodness=meansq"}
+    study = make_study(
+        url,
+        "kill-smoke",
+        {"analysis": "ablation", "axes": {"goodness": ["meansq"]}, "seeds": [0, 1]},
+        [{**bp, "seed": 0, "value": 0.5}, {**ff, "seed": 0, "value": 0.4}, {**ff, "seed": 1, "value": 0.42}],
+    )
+    dists = {
+        "cell": CategoricalDistribution(["bp-deepsup", "goodness=meansq"]),
+        "seed": CategoricalDistribution([0, 1, 2]),
+    }
+
+    def fail(params: dict, **attrs) -> None:
+        # A killed worker's trial: the resume's stale check or Optuna's heartbeat fails it, with no reason.
+        dists_ = {k: dists[k] for k in params}
+        study.add_trial(create_trial(state=TrialState.FAIL, params=params, distributions=dists_, user_attrs=attrs))
+
+    fail({"cell": "goodness=meansq", "seed": 1}, **ff, seed=1)  # its point completed in the trial above
+    fail({"cell": "bp-deepsup", "seed": 1}, **bp, seed=1)  # not run again yet
+    fail({"cell": "goodness=meansq", "seed": 0})  # killed before it recorded its attributes: params only
+    fail({})  # killed before it was given a point
+    text = write_report(study, tmp_path / "out").read_text()
+    assert "7 trials (complete 3, fail 4)" in text
+    failed = text.split("## Failed trials", 1)[1].split("## Plots", 1)[0].strip().splitlines()
+    none = "no reason recorded (the worker died: killed or crashed)"
+    again = "its point finished in another trial, which is the one counted"
+    assert failed == [
+        f"- goodness=meansq (seed 1): {none} ({again})",
+        f"- bp-deepsup (seed 1): {none} (not for good: rerunning the study runs this point again)",
+        f"- goodness=meansq (seed 0): {none} ({again})",
+        f"- trial 6 (it died before recording its configuration): {none}",
+    ]
+    assert [f["fate"] for f in json.loads(results.to_json(results.summarize(study)))["failed_trials"]] == [
+        "rerun",
+        "retry",
+        "rerun",
+        "unknown",
+    ]
