@@ -252,7 +252,7 @@ def cmd_plugins(args: argparse.Namespace) -> int:
     for row in rows:
         params = ", ".join(f"{k}={v}" for k, v in row["params"].items())
         table.add_row(row["kind"], row["name"], row["source"], params, row["description"])
-    stdout.print(table)
+    wide_console().print(table)  # piped, 80 columns cut plugin names short
     return 0
 
 

@@ -8,6 +8,7 @@ The format is documented in docs/studies.md.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import hashlib
 import json
 import tomllib
@@ -388,16 +389,17 @@ class _Validator:
         self._check_value(k, value, path)
 
     def _check_value(self, k: str, value: Any, path: str) -> None:
-        if k in PLUGIN_KINDS and k != "datasets":
-            from ffablate.plugins import registry
+        from ffablate.plugins import registry
 
-            if value not in registry().names(k):
-                self.fail(path, f"names no {k} plugin; known: {', '.join(registry().names(k))}")
-        if k == "dataset":
-            from ffablate.plugins import registry
-
-            if value not in registry().names("datasets"):
-                self.fail(path, f"names no dataset; known: {', '.join(registry().names('datasets'))}")
+        kind = "datasets" if k == "dataset" else k
+        if kind not in PLUGIN_KINDS:
+            return
+        known = registry().names(kind)
+        if value not in known:
+            close = difflib.get_close_matches(str(value), known, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            what = "dataset" if kind == "datasets" else f"{kind} plugin"
+            self.fail(path, f"names no {what} {value!r}{hint}; known: {', '.join(known)}")
 
     def axes(self, table: dict[str, Any], key: str) -> dict[str, list[Any]]:
         out = {}

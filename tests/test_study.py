@@ -325,12 +325,16 @@ def test_killed_study_resumes_without_losing_or_repeating_trials(tmp_path, capsy
         (GRID + '[pruner]\ntype = "hyperband"\n', "pruner.type must be one of median, none"),
         (
             GRID.replace('["constant", "cosine"]', '["constant", "warm"]'),
-            "axes.temperature names no temperature plugin",
+            "axes.temperature names no temperature plugin 'warm'; known:",
+        ),
+        (
+            GRID.replace('["constant", "cosine"]', '["constant", "cosin"]'),
+            "axes.temperature names no temperature plugin 'cosin' (did you mean 'cosine'?); known:",
         ),
         (GRID.replace("question", "questoin"), "questoin is not a known key"),
         (
             GRID.replace('dataset = "fashion-mnist"', 'dataset = "imagenet-9000"'),
-            "base.dataset names no dataset",
+            "base.dataset names no dataset 'imagenet-9000'; known:",
         ),
         (GRID + '[baseline]\nmethods = ["sgd"]\n', "baseline.methods[0] must be one of"),
         (GRID + '[pruner]\ntype = "median"\nn_startup_trials = -3\n', "pruner.n_startup_trials must be at least 0"),
