@@ -224,6 +224,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         table.add_column(column)
     table.add_row(*cells)
     stdout.print(table)
+    # Which copy: --data-root is searched first, then the offline packages (docs/data.md).
+    stdout.print(f"data: {result.data_source}", markup=False, highlight=False)
     return 0
 
 

@@ -4,6 +4,7 @@ import dataclasses
 import json
 import subprocess
 import sys
+from pathlib import Path
 from types import SimpleNamespace
 
 import optuna
@@ -185,6 +186,9 @@ def test_train_json_holds_the_promised_fields(capsys):
         assert key in result
     assert 0 <= result["test_accuracy"] <= 1
     assert result["config"]["goodness"] == "classwise" and result["config"]["limit_train"] == 1000
+    # Which copy of the data it trained on (the tests' data root is empty: one of the offline packages).
+    assert Path(result["data_source"]).is_dir()
+    assert "history" not in result  # only studies score every epoch
 
 
 def test_bad_kernel_backend_is_a_one_line_error(capsys, monkeypatch):

@@ -41,6 +41,7 @@ class RunResult:
     kernel_backend: str = ""
     versions: dict[str, str] = field(default_factory=dict)
     val_accuracy: float | None = None  # on the held-out training images, when the run has val_images
+    data_source: str = ""  # where the dataset's bytes came from: a path, or how they were generated
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -276,5 +277,6 @@ def finish(
         config=config.to_dict(),
         history=history,
         kernel_backend=ops.backend(config.device),
+        data_source=data.dataset.source,
         versions=versions(),
     )
