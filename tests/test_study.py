@@ -614,6 +614,19 @@ class WeightedLastPlugin:
         register("weighted-last", WeightedLast, "a fusion with a mistake (test plugin)")
 
 
+def run_weighted_last(tmp_path: Path, extra: str = "") -> tuple[int, str]:
+    """Exit code and storage URL of a one-trial smoke study of GRID with the weighted-last fusion (plus ``extra``
+    base lines)."""
+    body = GRID.replace("[axes]", f'fusion = "weighted-last"\n{extra}[axes]')
+    path, url = write_spec(tmp_path, body, seeds=1), storage_url(tmp_path)
+    plugin = WeightedLastPlugin()
+    add_plugin(plugin)
+    try:
+        return main(["study", str(path), "--budget", "smoke", "--storage", url, "--n-trials", "1"]), url
+    finally:
+        remove_plugin(plugin)
+
+
 @pytest.mark.parametrize(
     ("mistake", "message"),
     [
@@ -623,14 +636,8 @@ class WeightedLastPlugin:
     ],
 )
 def test_a_fusion_that_fails_only_in_training_stops_the_study_before_it_exists(tmp_path, capsys, mistake, message):
-    body = GRID.replace("[axes]", f'fusion = "weighted-last"\n"fusion.mistake" = "{mistake}"\n[axes]')
-    path, url = write_spec(tmp_path, body, seeds=1), storage_url(tmp_path)
-    plugin = WeightedLastPlugin()
-    add_plugin(plugin)
-    try:
-        assert main(["study", str(path), "--budget", "smoke", "--storage", url, "--n-trials", "1"]) == 2
-    finally:
-        remove_plugin(plugin)
+    code, url = run_weighted_last(tmp_path, f'"fusion.mistake" = "{mistake}"\n')
+    assert code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "fusion plugin 'weighted-last'" in err[0], err
     assert re.search(message, err[0]), err[0]
@@ -638,12 +645,6 @@ def test_a_fusion_that_fails_only_in_training_stops_the_study_before_it_exists(t
 
 
 def test_the_preflight_leaves_a_fine_fusion_plugin_to_train(tmp_path):
-    body = GRID.replace("[axes]", 'fusion = "weighted-last"\n[axes]')
-    path, url = write_spec(tmp_path, body, seeds=1), storage_url(tmp_path)
-    plugin = WeightedLastPlugin()
-    add_plugin(plugin)
-    try:
-        assert main(["study", str(path), "--budget", "smoke", "--storage", url, "--n-trials", "1"]) == 0
-    finally:
-        remove_plugin(plugin)
+    code, url = run_weighted_last(tmp_path)
+    assert code == 0
     assert [t.state for t in trials_of(url, "tiny-smoke")] == [TrialState.COMPLETE]
