@@ -368,7 +368,9 @@ def _measure_cuda(spec: AuditSpec, device, row: dict[str, Any]) -> dict[str, Any
     torch.cuda.synchronize(device)
     torch.cuda.reset_peak_memory_stats(device)
     seconds, _ = timed_steps(step, spec.steps, device)
-    peak = int(torch.cuda.max_memory_allocated(device))
+    peak, reserved = int(torch.cuda.max_memory_allocated(device)), int(torch.cuda.max_memory_reserved(device))
+    # The held gradients are a measuring device, not the method's memory: the cap must not turn them into an OOM.
+    torch.cuda.set_per_process_memory_fraction(1.0, device)
     torch.cuda.reset_peak_memory_stats(device)
     with gradients_held(trainer):
         step()
@@ -377,7 +379,7 @@ def _measure_cuda(spec: AuditSpec, device, row: dict[str, Any]) -> dict[str, Any
     row.update(
         images_per_second=spec.batch * spec.steps / seconds,
         status="ok",
-        peak_reserved_bytes=int(torch.cuda.max_memory_reserved(device)),
+        peak_reserved_bytes=reserved,
         device_name=torch.cuda.get_device_name(device),
     )
     return row

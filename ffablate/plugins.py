@@ -83,9 +83,10 @@ class Plugin:
         elif isinstance(default, int):
             ok, want = isinstance(value, int) and not isinstance(value, bool), "an integer"
         elif isinstance(default, float):
-            # inf or nan would train, into NaN losses whose message blames the learning rate.
+            # inf or nan would train, into NaN losses whose message blames the learning rate (unless the
+            # plugin's own default is infinite, e.g. "no clip").
             number = isinstance(value, (int, float)) and not isinstance(value, bool)
-            ok, want = number and math.isfinite(value), "a finite number"
+            ok, want = number and (math.isinf(default) or _finite(value)), "a finite number"
         elif isinstance(default, str) and isinstance(value, (int, float, bool)):
             return str(value)
         else:
@@ -96,6 +97,13 @@ class Plugin:
                 f"(e.g. --set {self.kind}.{key}={default})"
             )
         return value
+
+
+def _finite(value: float) -> bool:
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an int too large for a float
+        return False
 
 
 class Registry:
@@ -284,7 +292,10 @@ def make_plugin_manager(extra_plugins: tuple[object, ...] = ()) -> pluggy.Plugin
         pm.register(importlib.import_module(module_name), name=module_name)
     try:
         _load_entry_points(pm)
-        for plugin in (*_env_plugin_modules(), *extra_plugins):
+        for plugin in _env_plugin_modules():
+            if not pm.is_registered(plugin):  # also installed as an entry point (say, after `pip install -e`)
+                pm.register(plugin)
+        for plugin in extra_plugins:
             pm.register(plugin)
         pm.check_pending()  # a misspelled hook name fails here, not silently
     except pluggy.PluginValidationError as exc:
@@ -308,7 +319,8 @@ def _env_plugin_modules() -> list[types.ModuleType]:
     import importlib
 
     modules = []
-    for name in filter(None, (part.strip() for part in os.environ.get("FFABLATE_PLUGINS", "").split(","))):
+    names = dict.fromkeys(filter(None, (part.strip() for part in os.environ.get("FFABLATE_PLUGINS", "").split(","))))
+    for name in names:
         try:
             modules.append(importlib.import_module(name))
         except Exception as exc:

@@ -1,4 +1,5 @@
 import json
+import math
 import os
 import re
 import subprocess
@@ -757,7 +758,7 @@ def ffablate_register_goodness(register):
 """
 
 
-@pytest.mark.parametrize("modules", ["my_power", "my_power,no_such_module"])
+@pytest.mark.parametrize("modules", ["my_power", "my_power, my_power", "my_power,no_such_module"])
 def test_ffablate_plugins_loads_a_module_without_packaging_it(tmp_path, modules):
     (tmp_path / "my_power.py").write_text(POWER)
     root = str(Path(__file__).resolve().parent.parent)
@@ -771,3 +772,16 @@ def test_ffablate_plugins_loads_a_module_without_packaging_it(tmp_path, modules)
         assert proc.returncode == 0, proc.stderr
         power = next(p for p in json.loads(proc.stdout) if p["name"] == "power")
         assert power["source"] == "my_power" and power["params"] == {"p": 3.0}
+
+
+def clip_loss(max_logit: float = math.inf):
+    return lambda g_pos, g_neg, labels, threshold, temperature: g_pos.clamp_max(max_logit).mean()
+
+
+def test_float_parameters_must_be_finite_unless_their_default_is_not():
+    clip = Plugin("loss", "clip", clip_loss, "test", "tests", {"max_logit": math.inf})
+    assert clip.checked_params({"max_logit": math.inf}) == {"max_logit": math.inf}  # "no clip" stays expressible
+    constant = registry().get("temperature", "constant")
+    for value in (math.inf, math.nan, 10**400):  # the last overflows a float
+        with pytest.raises(ConfigError, match="parameter 't' takes a finite number"):
+            constant.checked_params({"t": value})

@@ -69,8 +69,8 @@ class Adaptive(nn.Module):
     def __init__(self, scale: float = 1.0, momentum: float = 0.9, floor: float = 1e-3):
         super().__init__()
         self.scale = _positive("scale", scale)
-        if not 0 <= momentum < 1:
-            raise ConfigError(f"temperature.momentum must be in [0, 1), got {momentum}")
+        if not 0 <= momentum <= 1:  # 1 keeps the first batch's spread
+            raise ConfigError(f"temperature.momentum must be in [0, 1], got {momentum}")
         self.momentum = momentum
         self.floor = _positive("floor", floor)
         self.register_buffer("spread", torch.tensor(float("nan")))

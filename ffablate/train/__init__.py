@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from ffablate import ops
 from ffablate.config import FF_METHODS, RunConfig
 from ffablate.errors import ConfigError
 from ffablate.plugins import Registry
@@ -25,6 +26,7 @@ def build_trainer(
 
     config.validate()
     device = common.resolve_device(config.device)
+    ops.backend(config.device)  # FFABLATE_KERNELS=fused with a build that cannot serve this device fails now
     common.seed_everything(config.seed)
     data = data or common.prepare_data(config, device, data_root, download)
     check_downsampling(config, data.in_shape)
