@@ -82,6 +82,7 @@ FATES = {
     "permanent": "",
     "retry": " (not for good: rerunning the study runs this point again)",
     "rerun": " (its point finished in another trial, which is the one counted)",
+    "replaced": " (a search does not run a point again: later trials sample new ones)",
     "unknown": "",
 }
 

@@ -130,7 +130,8 @@ class FailedTrial:
     reason: str
     # "permanent": a rerun would fail the same way; "retry": a rerun runs its point again; "rerun": its point has
     # finished in another trial since (or before, where two hosts shared it), which is the one counted;
-    # "unknown": it died before it recorded which point it was.
+    # "replaced": a search's FF trial, whose sampled point no rerun runs again; "unknown": it died before it
+    # recorded which point it was.
     fate: str
 
 
@@ -212,7 +213,8 @@ def summarize(study: optuna.Study) -> Summary:
     trials = study.get_trials(deepcopy=False)
     states: dict[str, int] = defaultdict(int)
     finished = {(t.user_attrs.get("cell"), t.user_attrs.get("seed")) for t in trials if _finished(t)}
-    failures = [_failure(t, finished) for t in trials if t.state == TrialState.FAIL]
+    search = study.user_attrs.get("sampler") == "tpe"
+    failures = [_failure(t, finished, search) for t in trials if t.state == TrialState.FAIL]
     for t in trials:
         states[t.state.name] += 1
         label = t.user_attrs.get("cell")
@@ -263,7 +265,7 @@ def summarize(study: optuna.Study) -> Summary:
     return Summary(study.study_name, dict(study.user_attrs), ordered, len(trials), dict(states), failures)
 
 
-def _failure(t: FrozenTrial, finished: set[tuple[Any, Any]]) -> FailedTrial:
+def _failure(t: FrozenTrial, finished: set[tuple[Any, Any]], search: bool) -> FailedTrial:
     # A worker killed between sampling its point and recording its attributes left the point in its params only.
     label = t.user_attrs.get("cell", t.params.get("cell"))
     seed = t.user_attrs.get("seed", t.params.get("seed"))
@@ -273,6 +275,8 @@ def _failure(t: FrozenTrial, finished: set[tuple[Any, Any]]) -> FailedTrial:
         fate = "unknown"
     elif (label, seed) in finished:
         fate = "rerun"
+    elif search and t.user_attrs.get("role") == "ff":
+        fate = "replaced"  # a search's FF point is its own trial's sample: no rerun draws it again
     else:
         fate = "retry"
     return FailedTrial(t.number, label or "", None if seed is None else int(seed), fail_reason(t), fate)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import time
 import warnings
@@ -104,6 +105,12 @@ def winning_recipe(storage_url: str | None, name: str) -> tuple[dict[str, Any], 
     """The FF recipe keys (plugins, their parameters, schedule, threshold) of the best-scoring FF configuration
     of a stored study, and the study's full name."""
     study = load_study(storage_url, name)
+    left = points_left(study)
+    if left:
+        raise FFablateError(
+            f"study {study.study_name} is not finished ({left} of its runs are still to do), so its winner could "
+            f"still change; finish it first (`{rerun_command(study, storage_url)}`)"
+        )
     best = results.summarize(study).best()
     if best is None:
         raise FFablateError(
@@ -116,6 +123,15 @@ def winning_recipe(storage_url: str | None, name: str) -> tuple[dict[str, Any], 
         k: v for k, v in settings.items() if k in specs.RECIPE_KEYS or k.split(".")[0] in specs.RECIPE_PLUGIN_KINDS
     }
     return recipe, study.study_name
+
+
+def points_left(study: optuna.Study) -> int:
+    """The (configuration, seed) points a stored grid study has not finished; 0 for a search."""
+    attrs = study.user_attrs
+    if attrs.get("sampler") != "grid":
+        return 0
+    done = {point_of(t) for t in study.get_trials(deepcopy=False) if is_done(t)}
+    return sum((cell, seed) not in done for cell in attrs.get("cells", []) for seed in attrs.get("seeds", []))
 
 
 def rerun_command(study: optuna.Study, storage_url: str | None) -> str:
@@ -399,7 +415,8 @@ class Objective:
         plan = self.plan
         cells = [c for c in plan.cells if c.role == "ff"]
         overrides: dict[str, Any] = dict(cells[0].overrides)
-        axes = plan.spec.groups[0].axes
+        # The planned levels (a budget's subset, the datasets available here), not the spec's whole axes.
+        axes = {k: list(dict.fromkeys(c.overrides[k] for c in cells)) for k in plan.spec.groups[0].axes}
         for key, values in axes.items():
             overrides[key] = trial.suggest_categorical(key, values)
         for key, dist in plan.spec.space.items():
@@ -450,13 +467,30 @@ def suggest(trial: Trial, name: str, dist: dict[str, Any]) -> Any:
     return trial.suggest_float(name, dist["low"], dist["high"], log=dist.get("log", False))
 
 
+class FFMedianPruner(optuna.pruners.BasePruner):
+    """Optuna's median rule, with ``n_startup_trials`` counting only trials that report per-epoch values.
+
+    MedianPruner counts every completed trial, the BP baselines (which report nothing, and run first) and
+    greedy or one-epoch FF trials included: with 4 baselines and n_startup_trials = 20, FF configurations were
+    pruned after 16 comparable trials. The median itself already reads only trials that reported the step.
+    """
+
+    def __init__(self, n_startup_trials: int, n_warmup_steps: int):
+        self.n_startup_trials = n_startup_trials
+        self._median = optuna.pruners.MedianPruner(n_startup_trials=0, n_warmup_steps=n_warmup_steps)
+
+    def prune(self, study: optuna.Study, trial: FrozenTrial) -> bool:
+        complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+        if sum(bool(t.intermediate_values) for t in complete) < self.n_startup_trials:
+            return False
+        return self._median.prune(study, trial)
+
+
 def make_pruner(spec: specs.Spec) -> optuna.pruners.BasePruner:
     p = spec.pruner
     if p.get("type", "none") == "none":
         return optuna.pruners.NopPruner()
-    return optuna.pruners.MedianPruner(
-        n_startup_trials=p.get("n_startup_trials", 5), n_warmup_steps=p.get("n_warmup_steps", 0)
-    )
+    return FFMedianPruner(n_startup_trials=p.get("n_startup_trials", 5), n_warmup_steps=p.get("n_warmup_steps", 0))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -471,12 +505,20 @@ def available_datasets(data_root: str | None) -> Callable[[str], bool]:
     return lambda name: rows.get(name, False)
 
 
+def tpe_sampler(plan: specs.Plan, trials_so_far: int) -> TPESampler:
+    """TPE seeded by how many trials the study holds: a resumed study with seed 0 again would replay its first
+    random configurations. Its random start counts the baselines' trials too (they are complete trials to it),
+    so they are added to the FF trials it should start with."""
+    baselines = sum(c.role == "baseline" for c in plan.cells) * len(plan.budget.seeds)
+    return TPESampler(seed=trials_so_far, n_startup_trials=max(2, plan.budget.n_trials // 4) + baselines)
+
+
 def open_study(plan: specs.Plan, storage: optuna.storages.BaseStorage, name: str) -> optuna.Study:
     spec = plan.spec
     sampler = (
         ResumableGridSampler([c.label for c in plan.cells], plan.budget.seeds)
         if spec.sampler == "grid"
-        else TPESampler(seed=0, n_startup_trials=max(2, plan.budget.n_trials // 4))
+        else tpe_sampler(plan, 0)
     )
     study = optuna.create_study(
         storage=storage,
@@ -489,6 +531,8 @@ def open_study(plan: specs.Plan, storage: optuna.storages.BaseStorage, name: str
     attrs = study.user_attrs
     fingerprint = plan.fingerprint()
     refuse_another_plan(study, plan)
+    if spec.sampler == "tpe" and study.trials:
+        study.sampler = tpe_sampler(plan, len(study.trials))
     if "fingerprint" not in attrs:
         meta = {
             "ffablate_spec": spec.name,
@@ -505,6 +549,7 @@ def open_study(plan: specs.Plan, storage: optuna.storages.BaseStorage, name: str
             "cells": [c.label for c in plan.cells],
             "spec_path": str(spec.path),
             "recipe_from": plan.recipe_source,
+            "pruner": spec.pruner,
             "fingerprint": fingerprint,
         }
         for key, value in meta.items():
@@ -515,6 +560,13 @@ def open_study(plan: specs.Plan, storage: optuna.storages.BaseStorage, name: str
 def refuse_another_plan(study: optuna.Study, plan: specs.Plan) -> None:
     """Resuming a study made from a different plan would mix results that mean different things."""
     attrs = study.user_attrs
+    # Studies made before session 8 stored no pruner; the fingerprint leaves it out so that they still resume.
+    if "pruner" in attrs and attrs["pruner"] != plan.spec.pruner:
+        raise FFablateError(
+            f"study {study.study_name!r} was made with pruner {attrs['pruner']} and the spec now says "
+            f"{plan.spec.pruner}: its trials were pruned under the old rule; rerun with --study-name NEW (or restore "
+            "the pruner)"
+        )
     if "fingerprint" in attrs and attrs["fingerprint"] != plan.fingerprint():
         raise FFablateError(
             f"study {study.study_name!r} in this storage was made from a different spec or budget"
@@ -625,6 +677,10 @@ def run_study(
             enqueue_baselines(study, plan)
         todo = remaining(study, plan)
         limit = todo if n_trials is None else min(n_trials, todo)
+        if isinstance(study.sampler, ResumableGridSampler):
+            # Points another live worker is running are its to finish: with none free, the sampler could only
+            # hand out one of those again.
+            limit = min(limit, len(study.sampler._get_unvisited_grid_ids(study)))
         before = len(study.trials)
         if limit > 0:
             objective = Objective(plan, device, data, progress.steps if progress is not None else None)
@@ -669,7 +725,9 @@ def load_study(storage_url: str | None, name: str) -> optuna.Study:
     summaries = optuna.get_all_study_summaries(storage, include_best_trial=False)
     names = [s.study_name for s in summaries]
     if name not in names:
-        matches = [n for n in names if n.startswith(f"{name}-")]
+        # NAME-budget and NAME-budget@source only: "fusion" must not find "fusion-deep-quick".
+        own = re.compile(rf"{re.escape(name)}-({'|'.join(specs.BUDGETS)})(@.+)?")
+        matches = [n for n in names if own.fullmatch(n)]
         preferred = [n for n in matches if n == f"{name}-quick"]
         if len(matches) == 1 or preferred:
             name = (preferred or matches)[0]

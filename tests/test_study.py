@@ -648,3 +648,90 @@ def test_the_preflight_leaves_a_fine_fusion_plugin_to_train(tmp_path):
     code, url = run_weighted_last(tmp_path)
     assert code == 0
     assert [t.state for t in trials_of(url, "tiny-smoke")] == [TrialState.COMPLETE]
+
+
+PRUNED_LR = """
+question = "Is a learning rate of 1e-7 pruned before n_startup_trials FF trials have finished?"
+[base]
+dataset = "fashion-mnist"
+[axes]
+lr = [0.002, 1e-7]
+[pruner]
+type = "median"
+n_startup_trials = {startup}
+n_warmup_steps = 0
+"""
+
+
+def test_baselines_do_not_count_towards_the_pruners_startup_trials(tmp_path):
+    # The baseline runs first and reports nothing; Optuna's MedianPruner counted it, so the second FF trial was
+    # pruned with a single FF trial to compare against.
+    path = write_spec(tmp_path, PRUNED_LR.format(startup=2), seeds=1)
+    path.write_text(path.read_text().replace("epochs = 1\nbatch_size", "epochs = 2\nbatch_size", 1))
+    url = storage_url(tmp_path)
+    assert main(["study", str(path), "--budget", "smoke", "--storage", url]) == 0
+    assert [t.state for t in trials_of(url, "tiny-smoke")] == [TrialState.COMPLETE] * 4  # lr is matched: 2 BP
+
+
+def test_a_changed_pruner_is_refused_on_resume(tmp_path, capsys):
+    url = storage_url(tmp_path)
+    path = write_spec(tmp_path, PRUNED_LR.format(startup=2), seeds=1)
+    assert main(["study", str(path), "--budget", "smoke", "--storage", url, "--n-trials", "1"]) == 0
+    write_spec(tmp_path, PRUNED_LR.format(startup=50), seeds=1)
+    assert main(["study", str(path), "--budget", "smoke", "--storage", url]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "was made with pruner" in err and "'n_startup_trials': 50" in err
+
+
+def test_a_search_samples_only_the_levels_its_budget_plans(tmp_path):
+    path = write_tpe_spec(tmp_path, 'lr = { type = "float", low = 1e-3, high = 3e-3, log = true }')
+    text = path.read_text().replace('temperature = ["constant"]', 'temperature = ["constant", "cosine", "linear"]')
+    smoke = 'seeds = 1\nn_trials = 3\naxes = { temperature = ["constant"] }\n'  # the smoke budget's levels
+    path.write_text(text.replace("seeds = 1\nn_trials = 2\n", smoke, 1))
+    url = storage_url(tmp_path)
+    assert main(["study", str(path), "--budget", "smoke", "--storage", url]) == 0
+    ff = [t for t in trials_of(url, "tiny-smoke") if t.user_attrs["role"] == "ff"]
+    assert len(ff) == 3 and {t.params["temperature"] for t in ff} == {"constant"}
+
+
+def test_a_recipe_comes_only_from_a_finished_study_of_that_name(tmp_path):
+    url = storage_url(tmp_path)
+    path = write_spec(tmp_path, GRID, seeds=1)
+    assert main(["study", str(path), "--budget", "smoke", "--storage", url, "--n-trials", "2"]) == 0
+    with pytest.raises(FFablateError, match=r"study tiny-smoke is not finished \(1 of its runs are still to do\)"):
+        studies.winning_recipe(url, "tiny")
+    optuna.create_study(storage=url, study_name="tin-smoke")
+    with pytest.raises(FFablateError, match="no study 'ti' in"):  # "ti" is no prefix of tiny-smoke's name
+        studies.load_study(url, "ti")
+    assert main(["study", str(path), "--budget", "smoke", "--storage", url]) == 0
+    recipe, source = studies.winning_recipe(url, "tiny")
+    assert source == "tiny-smoke" and recipe["temperature"] in ("constant", "cosine")
+
+
+def test_a_worker_leaves_a_point_that_another_live_worker_runs(tmp_path):
+    url = storage_url(tmp_path)
+    path = write_spec(tmp_path, GRID, seeds=1)
+    assert main(["study", str(path), "--budget", "smoke", "--storage", url, "--n-trials", "2"]) == 0
+    study = optuna.load_study(study_name="tiny-smoke", storage=url)
+    plan = specs.load(str(path)).plan("smoke")
+    done = {studies.point_of(t) for t in study.trials if studies.is_done(t)}
+    ((label, seed),) = [(c.label, s) for c in plan.cells for s in plan.budget.seeds if (c.label, s) not in done]
+    held = study.ask()  # another worker, alive on this host, running the last point
+    attrs = {"worker": {"host": socket.gethostname(), "pid": os.getpid()}, "role": "ff", "cell": label, "seed": seed}
+    for key, value in attrs.items():
+        held.set_user_attr(key, value)
+    assert main(["study", str(path), "--budget", "smoke", "--storage", url]) == 0
+    runs = [t for t in trials_of(url, "tiny-smoke") if studies.point_of(t) == (label, seed)]
+    assert [t.state for t in runs] == [TrialState.RUNNING]  # not run a second time beside it
+
+
+def test_a_resumed_search_does_not_replay_its_first_samples(tmp_path):
+    # TPESampler(seed=0) in every process drew the same random start again after a resume.
+    path = write_tpe_spec(tmp_path, 'lr = { type = "float", low = 1e-3, high = 3e-2, log = true }')
+    # n_trials = 16: its first 4 FF samples are TPE's random start, which a new seed-0 sampler would replay.
+    path.write_text(path.read_text().replace("seeds = 1\nn_trials = 2\n", "seeds = 1\nn_trials = 16\n", 1))
+    url = storage_url(tmp_path)
+    for n_trials in ("3", "2"):  # the first run: the baseline, then two FF trials
+        assert main(["study", str(path), "--budget", "smoke", "--storage", url, "--n-trials", n_trials]) == 0
+    lrs = [t.params["lr"] for t in trials_of(url, "tiny-smoke") if t.user_attrs["role"] == "ff"]
+    assert len(lrs) == 4 and len(set(lrs)) == 4
