@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import re
 import socket
 import time
@@ -34,6 +35,7 @@ from ffablate.errors import ConfigError, DataError, FFablateError
 
 DEFAULT_STORAGE = "sqlite:///ffablate.db"
 HEARTBEAT_S, GRACE_S = 20, 120
+NO_POINT, CLAIM_TRIES = -1, 50  # a grid trial's released claim; claims one trial tries
 # User attrs every trial carries; reports read only these (and the study's own user attrs).
 ROLE, CELL, SEED, FAIL_REASON, PERMANENT = "role", "cell", "seed", "fail_reason", "fail_permanent"
 
@@ -204,22 +206,45 @@ class ResumableGridSampler(GridSampler):
         values = self._all_grids[grid_id]
         return values[self._param_names.index("cell")], values[self._param_names.index("seed")]
 
-    def _get_unvisited_grid_ids(self, study: optuna.Study) -> list[int]:
+    def _taken(self, study: optuna.Study, besides: int | None = None) -> set[tuple[str, int]]:
+        """Points with a done trial or a running one, leaving out the trial with id ``besides``."""
         taken = set()
         for t in study._storage.get_all_trials(study._study_id, deepcopy=False):
-            point = point_of(t) or (self._point(t.system_attrs["grid_id"]) if "grid_id" in t.system_attrs else None)
-            if point is not None and (is_done(t) or t.state == TrialState.RUNNING):
+            if t._trial_id == besides or not (is_done(t) or t.state == TrialState.RUNNING):
+                continue
+            point = point_of(t)
+            if point is None and t.system_attrs.get("grid_id", NO_POINT) != NO_POINT:
+                point = self._point(t.system_attrs["grid_id"])
+            if point is not None:
                 taken.add(point)
+        return taken
+
+    def _get_unvisited_grid_ids(self, study: optuna.Study) -> list[int]:
+        taken = self._taken(study)
         return [g for g in self._order if self._point(g) not in taken]
 
     def before_trial(self, study: optuna.Study, trial: FrozenTrial) -> None:
         if "grid_id" in trial.system_attrs or "fixed_params" in trial.system_attrs:
             return
-        free = self._get_unvisited_grid_ids(study)
-        # Only an empty grid (another worker took the last point meanwhile) repeats a point.
-        grid_id = free[0] if free else self._order[-1]
-        study._storage.set_trial_system_attr(trial._trial_id, "search_space", self._search_space)
-        study._storage.set_trial_system_attr(trial._trial_id, "grid_id", grid_id)
+        storage, me = study._storage, trial._trial_id
+        storage.set_trial_system_attr(me, "search_space", self._search_space)
+        # Claim, then look. Two workers can read the same free point at once; each looks only after its own
+        # claim is stored, so the later of the two sees the earlier's claim, and a worker that sees another
+        # claim on its point releases it. At most one keeps a point; when both release, each waits a moment
+        # and tries a random free point, so they part.
+        rng = random.Random(me)
+        for attempt in range(CLAIM_TRIES):
+            free = [g for g in self._order if self._point(g) not in self._taken(study, besides=me)]
+            if not free:
+                break
+            grid_id = free[0] if attempt == 0 else rng.choice(free)
+            storage.set_trial_system_attr(me, "grid_id", grid_id)
+            if self._point(grid_id) not in self._taken(study, besides=me):
+                return
+            storage.set_trial_system_attr(me, "grid_id", NO_POINT)
+            time.sleep(rng.uniform(0.0, 0.05))
+        # Only a full grid (every point done or running elsewhere) repeats a point.
+        storage.set_trial_system_attr(me, "grid_id", self._order[-1])
 
 
 def fail_dead_trials(study: optuna.Study) -> list[int]:

@@ -735,3 +735,35 @@ def test_a_resumed_search_does_not_replay_its_first_samples(tmp_path):
         assert main(["study", str(path), "--budget", "smoke", "--storage", url, "--n-trials", n_trials]) == 0
     lrs = [t.params["lr"] for t in trials_of(url, "tiny-smoke") if t.user_attrs["role"] == "ff"]
     assert len(lrs) == 4 and len(set(lrs)) == 4
+
+
+def _take_points(url: str, cells: list[str], seeds: list[int], start, takes: int) -> None:
+    """One grid worker: open the study on a connection of its own, wait for the others, then take points."""
+    study = optuna.load_study(study_name="race", storage=url, sampler=studies.ResumableGridSampler(cells, seeds))
+    start.wait()
+    for _ in range(takes):
+        study.ask()
+
+
+def test_workers_starting_together_take_distinct_grid_points(tmp_path):
+    # Four workers that read the free points at one instant all took the first: the hand-out was read, then write.
+    import multiprocessing
+
+    url, cells, seeds, workers, takes = storage_url(tmp_path), [f"c{i}" for i in range(6)], [0, 1], 4, 3
+    optuna.create_study(study_name="race", storage=url)
+    context = multiprocessing.get_context("fork")
+    for _ in range(2):
+        start = context.Barrier(workers)
+        procs = [context.Process(target=_take_points, args=(url, cells, seeds, start, takes)) for _ in range(workers)]
+        for proc in procs:
+            proc.start()
+        for proc in procs:
+            proc.join(60)
+            assert proc.exitcode == 0
+        study = optuna.load_study(study_name="race", storage=url)
+        running = study.get_trials(states=(TrialState.RUNNING,))
+        grid = studies.ResumableGridSampler(cells, seeds)
+        taken = [grid._point(t.system_attrs["grid_id"]) for t in running]
+        assert len(set(taken)) == len(taken) == len(cells) * len(seeds), sorted(taken)
+        for trial in running:  # failed (a rerun's to retake), so the next round finds the whole grid free
+            study._storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
