@@ -753,13 +753,12 @@ def load_study(storage_url: str | None, name: str) -> optuna.Study:
         # NAME-budget and NAME-budget@source only: "fusion" must not find "fusion-deep-quick".
         own = re.compile(rf"{re.escape(name)}-({'|'.join(specs.BUDGETS)})(@.+)?")
         matches = [n for n in names if own.fullmatch(n)]
-        preferred = [n for n in matches if n == f"{name}-quick"]
-        if len(matches) == 1 or preferred:
-            name = (preferred or matches)[0]
-        else:
-            known = ", ".join(names) or "none"
-            hint = f"; several match: {', '.join(matches)}" if matches else ""
-            raise FFablateError(f"no study {name!r} in {storage_url or DEFAULT_STORAGE}{hint}; studies there: {known}")
+        where = storage_url or DEFAULT_STORAGE
+        if len(matches) > 1:  # a quick and a full run of one spec: reporting either silently would mislead
+            raise FFablateError(f"{name!r} matches several studies in {where}: {', '.join(matches)}; name one of them")
+        if not matches:
+            raise FFablateError(f"no study {name!r} in {where}; studies there: {', '.join(names) or 'none'}")
+        name = matches[0]
     with _quiet_optuna():
         study = optuna.load_study(study_name=name, storage=storage)
     if not any(CELL in t.user_attrs for t in study.get_trials(deepcopy=False)):

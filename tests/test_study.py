@@ -706,6 +706,9 @@ def test_a_recipe_comes_only_from_a_finished_study_of_that_name(tmp_path):
     assert main(["study", str(path), "--budget", "smoke", "--storage", url]) == 0
     recipe, source = studies.winning_recipe(url, "tiny")
     assert source == "tiny-smoke" and recipe["temperature"] in ("constant", "cosine")
+    optuna.create_study(storage=url, study_name="tiny-quick")  # a second budget: "tiny" names neither alone
+    with pytest.raises(FFablateError, match="'tiny' matches several studies in .*: tiny-smoke, tiny-quick; name one"):
+        studies.winning_recipe(url, "tiny")
 
 
 def test_a_worker_leaves_a_point_that_another_live_worker_runs(tmp_path):
