@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import sys
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any, NoReturn
@@ -18,7 +19,7 @@ from rich.table import Table
 
 from ffablate import __version__
 from ffablate.config import METHODS, RunConfig, parse_sets
-from ffablate.errors import ConfigError, FFablateError
+from ffablate.errors import ConfigError, FFablateError, FFablateWarning
 
 # What an interrupted command leaves behind and how to go on; commands that keep something say so themselves.
 NOTHING_KEPT = "it keeps no state, so nothing was lost: rerun it to start again"
@@ -447,10 +448,27 @@ def os_reason(exc: OSError) -> str:
     return f"{exc.strerror or exc}: {exc.filename}" if exc.filename else str(exc.strerror or exc)
 
 
+@contextmanager
+def one_line_warnings() -> Iterator[None]:
+    """ffablate's own warnings as one line each, like its errors; other libraries' keep Python's format."""
+    with warnings.catch_warnings():
+        show = warnings.showwarning
+
+        def show_warning(message: Warning | str, category: type[Warning], *args: Any, **kwargs: Any) -> None:
+            if issubclass(category, FFablateWarning):
+                stderr.print(f"ffablate: warning: {message}", markup=False, highlight=False, soft_wrap=True)
+            else:
+                show(message, category, *args, **kwargs)
+
+        warnings.showwarning = show_warning
+        yield
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        code = args.func(args)
+        with one_line_warnings():
+            code = args.func(args)
         sys.stdout.flush()  # a reader that went away (`| head`) shows here, not in the interpreter's exit flush
         return code
     except FFablateError as exc:

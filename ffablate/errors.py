@@ -5,6 +5,10 @@ class FFablateError(Exception):
     """A mistake the user can fix; the message says how."""
 
 
+class FFablateWarning(UserWarning):
+    """Something the user should know that stops nothing; the CLI prints it on one line."""
+
+
 class UnknownPlugin(FFablateError):
     pass
 

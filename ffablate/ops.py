@@ -27,7 +27,7 @@ import warnings
 import torch
 from torch import Tensor
 
-from ffablate.errors import ConfigError
+from ffablate.errors import ConfigError, FFablateWarning
 
 __all__ = [
     "backend",
@@ -81,7 +81,7 @@ def backend(device: torch.device | str | None = None) -> str:
         if not _warned_no_cuda:
             _warned_no_cuda = True
             warnings.warn(
-                f"{_NO_CUDA}; CUDA tensors use the pure-PyTorch reference kernels", RuntimeWarning, stacklevel=2
+                f"{_NO_CUDA}; CUDA tensors use the pure-PyTorch reference kernels", FFablateWarning, stacklevel=2
             )
         return "reference"
     if choice == "fused":
@@ -93,7 +93,7 @@ def backend(device: torch.device | str | None = None) -> str:
         _warned = True
         warnings.warn(
             f"ffablate._C is not built ({_EXT_ERROR}); using the pure-PyTorch reference kernels",
-            RuntimeWarning,
+            FFablateWarning,
             stacklevel=3,
         )
     return "reference"

@@ -17,7 +17,7 @@ import pluggy
 
 from ffablate import hookspecs
 from ffablate.config import SPACE_KEYS
-from ffablate.errors import ConfigError, DataError, FFablateError, UnknownPlugin
+from ffablate.errors import ConfigError, DataError, FFablateError, FFablateWarning, UnknownPlugin
 
 KINDS = ("goodness", "temperature", "norm", "loss", "negatives", "fusion", "datasets")
 BUILTIN_MODULES = [f"ffablate.builtin.{kind}" for kind in KINDS]
@@ -300,7 +300,7 @@ def make_plugin_manager(extra_plugins: tuple[object, ...] = ()) -> pluggy.Plugin
         pm.check_pending()  # a misspelled hook name fails here, not silently
     except pluggy.PluginValidationError as exc:
         raise ConfigError(f"{_where(exc.plugin)} {_hook_mistake(exc)}") from None
-    _warn_if_registering_nothing(pm)
+    _check_registers_something(pm)
     return pm
 
 
@@ -353,18 +353,27 @@ def _hook_mistake(exc: pluggy.PluginValidationError) -> str:
 _warned_empty: set[str] = set()
 
 
-def _warn_if_registering_nothing(pm: pluggy.PluginManager) -> None:
-    """An installed entry point whose hooks lack the decorator would otherwise be ignored without a word."""
-    for plugin, dist in pm.list_plugin_distinfo():
-        name = pm.get_name(plugin)
-        if pm.get_hookcallers(plugin) or name in _warned_empty:
+def _check_registers_something(pm: pluggy.PluginManager) -> None:
+    """A plugin whose hook functions lack the decorator would otherwise be ignored without a word, and
+    ``--set goodness=mine`` would then say only that no such plugin exists."""
+    builtins = {pm.get_plugin(name) for name in BUILTIN_MODULES}
+    for plugin in pm.get_plugins():
+        if plugin in builtins or pm.get_hookcallers(plugin):
             continue
-        _warned_empty.add(name)
-        warnings.warn(
-            f"the ffablate plugin {name!r} (module {_module_of(plugin)}, package {dist.project_name}) registers "
-            "nothing: decorate its ffablate_register_* functions with @ffablate.hookimpl",
-            stacklevel=2,
-        )
+        undecorated = [attr for attr in HOOKS if callable(getattr(plugin, attr, None))]
+        if undecorated:
+            raise ConfigError(
+                f"{_where(plugin)} defines {undecorated[0]} without @hookimpl, so ffablate cannot see it: "
+                "decorate it (`from ffablate import hookimpl`)"
+            )
+        name = pm.get_name(plugin)
+        if name not in _warned_empty:
+            _warned_empty.add(name)
+            warnings.warn(
+                f"{_where(plugin)} registers nothing: it defines none of ffablate's hooks ({', '.join(HOOKS)})",
+                FFablateWarning,
+                stacklevel=3,
+            )
 
 
 def _broken_entry_point(exc: Exception) -> str:

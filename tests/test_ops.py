@@ -12,7 +12,7 @@ import torch
 
 from ffablate import ops
 from ffablate.bench import kernel_bench, render_table
-from ffablate.errors import ConfigError
+from ffablate.errors import ConfigError, FFablateWarning
 
 OUTS = ("sumsq", "sumabs", "out", "readout")
 SCHEDULES = ("ticket", "pipelined", "two-pass")  # FFABLATE_CUDA_SCHEDULE
@@ -323,7 +323,7 @@ def test_reference_backend_is_honoured(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_missing_extension_falls_back_with_one_warning(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(ops, "_EXT_ERROR", "simulated: no module named ffablate._C")
     monkeypatch.setattr(ops, "_warned", False)
-    with pytest.warns(RuntimeWarning, match="reference"):
+    with pytest.warns(FFablateWarning, match="reference"):
         assert ops.backend() == "reference"
     with warnings.catch_warnings():
         warnings.simplefilter("error")
@@ -344,7 +344,7 @@ def test_a_build_without_cuda_says_reference_for_cuda_and_fused_for_cpu(monkeypa
     monkeypatch.setattr(ops, "_C", _CPUOnlyBuild())
     monkeypatch.setattr(ops, "_warned_no_cuda", False)
     assert ops.backend("cpu") == "fused"
-    with pytest.warns(RuntimeWarning, match="built without CUDA"):
+    with pytest.warns(FFablateWarning, match="built without CUDA"):
         assert ops.backend("cuda") == "reference"
     monkeypatch.setenv("FFABLATE_KERNELS", "fused")
     with pytest.raises(ConfigError, match="FFABLATE_KERNELS=fused but ffablate._C was built without CUDA"):

@@ -12,8 +12,8 @@ import torch
 
 from ffablate import hookimpl
 from ffablate.cli import main
-from ffablate.errors import ConfigError, DataError, UnknownPlugin
-from ffablate.plugins import KINDS, Plugin, Registry, add_plugin, make_plugin_manager, registry, remove_plugin
+from ffablate.errors import ConfigError, DataError, FFablateWarning, UnknownPlugin
+from ffablate.plugins import HOOKS, KINDS, Plugin, Registry, add_plugin, make_plugin_manager, registry, remove_plugin
 from tests.conftest import tiny_args
 
 EXPECTED_BUILTINS = {
@@ -727,11 +727,23 @@ def test_an_installed_plugin_with_a_misspelled_hook_is_named_once(tmp_path, monk
     assert "package ffablate_test_typo-pkg" in message
 
 
-def test_an_installed_plugin_that_registers_nothing_is_warned_about_once(tmp_path, monkeypatch):
+def test_an_installed_plugin_with_an_undecorated_hook_is_an_error(tmp_path, monkeypatch):
+    # pluggy ignores a hook function without the marker: the plugin's names would be unknown without a word.
     _install(
         tmp_path, monkeypatch, "ffablate_test_undecorated", "def ffablate_register_goodness(register):\n    pass\n"
     )
-    with pytest.warns(UserWarning, match="'ffablate_test_undecorated'.*registers nothing.*@ffablate.hookimpl"):
+    with pytest.raises(ConfigError) as info:
+        make_plugin_manager()
+    assert str(info.value) == (
+        "the ffablate plugin 'ffablate_test_undecorated' (module ffablate_test_undecorated, package "
+        "ffablate_test_undecorated-pkg) defines ffablate_register_goodness without @hookimpl, so ffablate cannot "
+        "see it: decorate it (`from ffablate import hookimpl`)"
+    )
+
+
+def test_an_installed_plugin_that_registers_nothing_is_warned_about_once(tmp_path, monkeypatch):
+    _install(tmp_path, monkeypatch, "ffablate_test_empty", "HOOKS = None\n")
+    with pytest.warns(FFablateWarning, match="'ffablate_test_empty'.*registers nothing: it defines none of"):
         make_plugin_manager()
     with warnings.catch_warnings():
         warnings.simplefilter("error")
@@ -758,9 +770,13 @@ def ffablate_register_goodness(register):
 """
 
 
-@pytest.mark.parametrize("modules", ["my_power", "my_power, my_power", "my_power,no_such_module"])
+@pytest.mark.parametrize(
+    "modules", ["my_power", "my_power, my_power", "my_power,no_such_module", "my_power,undecorated", "my_power,empty"]
+)
 def test_ffablate_plugins_loads_a_module_without_packaging_it(tmp_path, modules):
     (tmp_path / "my_power.py").write_text(POWER)
+    (tmp_path / "undecorated.py").write_text(POWER.replace("@hookimpl\n", ""))
+    (tmp_path / "empty.py").write_text("")
     root = str(Path(__file__).resolve().parent.parent)
     env = {**os.environ, "FFABLATE_PLUGINS": modules, "PYTHONPATH": os.pathsep.join([str(tmp_path), root])}
     argv = [sys.executable, "-m", "ffablate.cli", "plugins", "goodness", "--json"]
@@ -768,6 +784,15 @@ def test_ffablate_plugins_loads_a_module_without_packaging_it(tmp_path, modules)
     if "no_such_module" in modules:
         assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1
         assert "FFABLATE_PLUGINS names 'no_such_module', which fails to import" in proc.stderr
+    elif "undecorated" in modules:
+        assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1
+        assert "module undecorated defines ffablate_register_goodness without @hookimpl" in proc.stderr
+    elif "empty" in modules:  # a warning, on one line like the errors, and the listing still comes
+        assert proc.returncode == 0 and json.loads(proc.stdout)
+        assert proc.stderr.strip().splitlines() == [
+            f"ffablate: warning: the plugin module empty registers nothing: it defines none of ffablate's hooks "
+            f"({', '.join(HOOKS)})"
+        ]
     else:
         assert proc.returncode == 0, proc.stderr
         power = next(p for p in json.loads(proc.stdout) if p["name"] == "power")
