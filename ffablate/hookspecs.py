@@ -99,9 +99,10 @@ def ffablate_register_negatives(register: Register) -> None:
     """Register label-embedding / negative-sampling strategies.
 
     Factory: ``factory(**params) -> Negatives`` with ``embeds_label: bool``, ``embed(x, labels, num_classes) ->
-    x'`` (labels may be None for a neutral embedding), and ``wrong_labels(labels, num_classes, scores) -> labels'``
-    where ``scores()`` returns (N, K) class scores of the current network (K no-grad passes: call it only when the
-    strategy needs them).
+    x'`` (labels may be None for a neutral embedding; x' keeps x's height and width and has one shape for every
+    label, but may add channels: the first block is built for them), and ``wrong_labels(labels, num_classes,
+    scores) -> labels'`` where ``scores()`` returns (N, K) class scores of the current network (K no-grad passes:
+    call it only when the strategy needs them).
     """
 
 

@@ -375,6 +375,52 @@ def test_hardest_label_negatives_are_the_highest_scoring_wrong_label():
     assert share == pytest.approx(2 / 3, abs=0.05)
 
 
+def test_label_channels_append_one_constant_plane_per_class():
+    x = torch.randn(3, 2, 5, 4)
+    negatives = registry().create("negatives", "random-label", {"into": "channels", "on": 2.0, "off": -1.0})
+    labels = torch.tensor([0, 3, 1])
+    embedded = negatives.embed(x, labels, 4)
+    assert embedded.shape == (3, 6, 5, 4) and torch.equal(embedded[:, :2], x)
+    code = torch.where(torch.nn.functional.one_hot(labels, 4).bool(), 2.0, -1.0)
+    assert torch.equal(embedded[:, 2:], code[:, :, None, None].expand(3, 4, 5, 4))
+    assert torch.equal(negatives.embed(x, None, 4)[:, 2:], torch.full((3, 4, 5, 4), -1.0))  # neutral: all off
+    with pytest.raises(ConfigError, match="^negatives.into must be one of pixels, channels, got 'planes'$"):
+        registry().create("negatives", "hardest-label", {"into": "planes"})
+
+
+def test_the_first_block_takes_the_channels_a_label_embedding_adds():
+    labelled = {"goodness": "meansq", "negatives": "random-label", "loss": "softplus-threshold"}
+    pixels = _ff_net(_registry_with(), **labelled)
+    channels = _ff_net(_registry_with(), **labelled, **{"negatives.into": "channels"})
+    assert pixels.backbone.blocks[0][0].in_channels == 1 and channels.backbone.blocks[0][0].in_channels == 11
+    scores, _ = channels.scores_and_features(torch.randn(4, 1, 28, 28))
+    assert [tuple(s.shape) for s in scores] == [(4, 10), (4, 10)]
+
+
+class CroppingNegatives:
+    """Embeds a label by cutting the image: the blocks' strides were checked against the uncut size."""
+
+    embeds_label = True
+
+    def embed(self, x, labels, num_classes):
+        return x[..., 1:, :] if labels is None else x
+
+    def wrong_labels(self, labels, num_classes, scores):
+        return (labels + 1) % num_classes
+
+
+def test_a_label_embedding_must_keep_one_shape_and_the_image_size():
+    reg = _registry_with(OnePlugin("negatives", CroppingNegatives))
+    with pytest.raises(ConfigError) as info:
+        _ff_net(reg, goodness="meansq", negatives="probe", loss="softplus-threshold")
+    assert re.fullmatch(
+        r"negatives plugin 'probe' \(package [\w.]*OnePlugin\) embeds labels in 2 images of shape \(1, 28, 28\) "
+        r"as \(2, 1, 27, 28\) and \(2, 1, 28, 28\); embed\(x, labels, num_classes\) must return \(N, C', 28, 28\), "
+        r"one shape for every label and for None",
+        str(info.value),
+    )
+
+
 def test_learned_temperature_starts_at_init_and_keeps_a_gradient_near_its_floor():
     t = registry().create("temperature", "learned", {"init": 0.5})
     assert t(0.0, torch.zeros(3)).item() == pytest.approx(0.5)
@@ -423,6 +469,7 @@ class OnePlugin:
     ffablate_register_datasets = _registering("datasets")
     ffablate_register_temperature = _registering("temperature")
     ffablate_register_norm = _registering("norm")
+    ffablate_register_negatives = _registering("negatives")
 
 
 def _ff_net(reg: Registry, **updates):

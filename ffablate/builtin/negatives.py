@@ -29,14 +29,32 @@ def embed_label_pixels(x: Tensor, labels: Tensor | None, num_classes: int, on: f
     return flat.view_as(x)
 
 
-class _LabelPixels:
+def embed_label_channels(x: Tensor, labels: Tensor | None, num_classes: int, on: float, off: float) -> Tensor:
+    """ffablate's own: append K constant input channels, a one-hot code of the label (``labels=None``: all ``off``).
+
+    A convolution sees the label at every position, where the first K pixels reach only a corner of each map.
+    The first block then has K more input channels than the BP baseline's, which sees no label.
+    """
+    n, _, h, w = x.shape
+    code = torch.full((n, num_classes), off, dtype=x.dtype, device=x.device)
+    if labels is not None:
+        code.scatter_(1, labels.view(-1, 1), on)
+    return torch.cat([x, code[:, :, None, None].expand(n, num_classes, h, w)], dim=1)
+
+
+_EMBEDDINGS = {"pixels": embed_label_pixels, "channels": embed_label_channels}
+
+
+class _LabelCode:
     embeds_label = True
 
-    def __init__(self, on: float = 3.0, off: float = 0.0):
-        self.on, self.off = on, off
+    def __init__(self, on: float = 3.0, off: float = 0.0, into: str = "pixels"):
+        if into not in _EMBEDDINGS:
+            raise ConfigError(f"negatives.into must be one of {', '.join(_EMBEDDINGS)}, got {into!r}")
+        self.on, self.off, self._embed = on, off, _EMBEDDINGS[into]
 
     def embed(self, x: Tensor, labels: Tensor | None, num_classes: int) -> Tensor:
-        return embed_label_pixels(x, labels, num_classes, self.on, self.off)
+        return self._embed(x, labels, num_classes, self.on, self.off)
 
 
 def random_wrong(labels: Tensor, num_classes: int) -> Tensor:
@@ -44,20 +62,20 @@ def random_wrong(labels: Tensor, num_classes: int) -> Tensor:
     return (labels + offset) % num_classes
 
 
-class RandomLabel(_LabelPixels):
+class RandomLabel(_LabelCode):
     """Negative = the same image with a uniformly random wrong label (Hinton 2022)."""
 
     def wrong_labels(self, labels: Tensor, num_classes: int, scores: ScoreFn) -> Tensor:
         return random_wrong(labels, num_classes)
 
 
-class HardestLabel(_LabelPixels):
+class HardestLabel(_LabelCode):
     """Negative = the wrong label the current network scores highest (Hinton's "hard negatives"), with
     probability ``p``; otherwise a random wrong label. Costs K extra no-grad passes per batch.
     """
 
-    def __init__(self, p: float = 0.5, on: float = 3.0, off: float = 0.0):
-        super().__init__(on, off)
+    def __init__(self, p: float = 0.5, on: float = 3.0, off: float = 0.0, into: str = "pixels"):
+        super().__init__(on, off, into)
         if not 0 <= p <= 1:
             raise ConfigError(f"negatives.p must be in [0, 1], got {p}")
         self.p = p
@@ -87,11 +105,17 @@ class NoNegatives:
 
 @hookimpl
 def ffablate_register_negatives(register):
-    register("random-label", RandomLabel, "label one-hot in the first K pixels; random wrong label")
+    into = {"type": "categorical", "choices": list(_EMBEDDINGS)}
+    register(
+        "random-label",
+        RandomLabel,
+        "label one-hot in the first K pixels (into=channels: K extra input channels); random wrong label",
+        space={"into": into},
+    )
     register(
         "hardest-label",
         HardestLabel,
         "like random-label, but the highest-scoring wrong label with prob p",
-        space={"p": {"type": "float", "low": 0.0, "high": 1.0}},
+        space={"p": {"type": "float", "low": 0.0, "high": 1.0}, "into": into},
     )
     register("none", NoNegatives, "no label embedding, no negatives (class-wise goodness)")

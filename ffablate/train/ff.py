@@ -30,21 +30,24 @@ class FFNet(nn.Module):
         super().__init__()
         reg = plugins or registry()
         self.num_classes, self.threshold = num_classes, config.threshold
-        self.backbone = build_backbone(config, in_shape, reg)
-        depth = len(self.backbone.blocks)
         chosen = {kind: reg.get(kind, getattr(config, kind)) for kind in _FF_KINDS}
         self.labels = {kind: plugin.label for kind, plugin in chosen.items()}
 
         def make(kind: str, **context: Any) -> Any:
             return chosen[kind].create(config.params_of(kind), **context)
 
+        self.negatives = _flagged(make("negatives"), "embeds_label", self.labels["negatives"])
+        # The first block takes the input as the label embedding leaves it (it may add channels).
+        self.backbone = build_backbone(
+            config, _embedded_shape(self.negatives, self.labels["negatives"], in_shape, num_classes), reg
+        )
+        depth = len(self.backbone.blocks)
         self.goodness = _flagged(make("goodness"), "per_class", self.labels["goodness"])
         # One per block, as modules: a learned T is a parameter of its block, in the block's optimizer group.
         self.temperatures = nn.ModuleList(
             built_module(make("temperature"), self.labels["temperature"]) for _ in range(depth)
         )
         self.loss_fn = make("loss")
-        self.negatives = _flagged(make("negatives"), "embeds_label", self.labels["negatives"])
         fusion = make("fusion", num_layers=depth, num_classes=num_classes, feature_dims=self.backbone.feature_dims)
         self.fusion = _checked_fusion(fusion, self.labels["fusion"])
         _check_compatible(config, self.goodness.per_class, self.negatives.embeds_label)
@@ -182,6 +185,23 @@ def _checked_loss(loss: object, who: str) -> Tensor:
     if isinstance(loss, Tensor) and loss.dim() == 0 and loss.is_floating_point():
         return loss
     raise ConfigError(f"{who} {_described(loss)}; a loss must return a 0-dim floating tensor (its mean)")
+
+
+def _embedded_shape(
+    negatives: Any, label: str, in_shape: tuple[int, int, int], num_classes: int
+) -> tuple[int, int, int]:
+    """The (C, H, W) of an image after ``negatives`` embeds a label in it. An embedding must give one shape
+    whatever the label, and keep the height and width (the blocks' strides were checked against them)."""
+    image = torch.zeros(2, *in_shape)
+    shapes = {tuple(negatives.embed(image, labels, num_classes).shape) for labels in (None, torch.tensor([0, 1]))}
+    (shape,) = shapes if len(shapes) == 1 else (None,)
+    if shape is None or len(shape) != 4 or shape[0] != 2 or shape[2:] != in_shape[1:]:
+        got = " and ".join(str(s) for s in sorted(shapes))
+        raise ConfigError(
+            f"{label} embeds labels in 2 images of shape {in_shape} as {got}; embed(x, labels, num_classes) must "
+            f"return (N, C', {in_shape[1]}, {in_shape[2]}), one shape for every label and for None"
+        )
+    return shape[1:]
 
 
 def _cat_chunks(chunks: list[list[Tensor]]) -> list[Tensor]:
