@@ -36,6 +36,7 @@ from ffablate.errors import ConfigError, DataError, FFablateError
 DEFAULT_STORAGE = "sqlite:///ffablate.db"
 HEARTBEAT_S, GRACE_S = 20, 120
 NO_POINT, CLAIM_TRIES = -1, 50  # a grid trial's released claim; claims one trial tries
+OPEN_TRIES = 6  # openings of a new storage that other workers are creating too (3.1 s of waits)
 # User attrs every trial carries; reports read only these (and the study's own user attrs).
 ROLE, CELL, SEED, FAIL_REASON, PERMANENT = "role", "cell", "seed", "fail_reason", "fail_permanent"
 
@@ -60,15 +61,32 @@ def storage_for(url: str | None) -> optuna.storages.RDBStorage:
         # Each opening gets a fresh empty database: a study would keep nothing, and Optuna's heartbeat thread,
         # on a connection of its own, finds no tables and fails with a traceback every beat.
         raise FFablateError(f"--storage {url!r}: in-memory storage keeps nothing; use sqlite:///FILE.db")
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # heartbeats are "experimental"
-            return optuna.storages.RDBStorage(url, heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S)
-    except Exception as exc:  # SQLAlchemy raises many types for a bad URL or an unreachable server
-        raise FFablateError(
-            f"cannot open storage {url}: {str(exc).splitlines()[0]}; check the URL (for sqlite, that its folder "
-            "exists and is writable; for a server, that it is up and its driver installed)"
-        ) from None
+    attempt = 0
+    while True:
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # heartbeats: "experimental"
+                return optuna.storages.RDBStorage(url, heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S)
+        except Exception as exc:  # SQLAlchemy raises many types for a bad URL or an unreachable server
+            attempt += 1
+            if attempt < OPEN_TRIES and _created_meanwhile(exc):
+                time.sleep(0.1 * 2 ** (attempt - 1))
+                continue
+            raise FFablateError(
+                f"cannot open storage {url}: {str(exc).splitlines()[0]}; check the URL (for sqlite, that its folder "
+                "exists and is writable; for a server, that it is up and its driver installed)"
+            ) from None
+
+
+def _created_meanwhile(exc: Exception) -> bool:
+    """Another worker opening the same new database created Optuna's tables while this one did: opening it
+    again finds them."""
+    from sqlalchemy.exc import IntegrityError, OperationalError
+
+    text = str(exc)
+    return isinstance(exc, IntegrityError) or (
+        isinstance(exc, OperationalError) and ("already exists" in text or "database is locked" in text)
+    )
 
 
 def _in_memory(url: str) -> bool:

@@ -770,3 +770,23 @@ def test_workers_starting_together_take_distinct_grid_points(tmp_path):
         assert len(set(taken)) == len(taken) == len(cells) * len(seeds), sorted(taken)
         for trial in running:  # failed (a rerun's to retake), so the next round finds the whole grid free
             study._storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
+
+
+def _open_storage(url: str, start) -> None:
+    start.wait()
+    studies.storage_for(url)
+
+
+def test_workers_opening_a_new_storage_together_all_open_it(tmp_path):
+    # Each worker creates Optuna's tables in a new SQLite file; the slower ones met the faster one's rows.
+    import multiprocessing
+
+    context = multiprocessing.get_context("fork")
+    for round_ in range(3):
+        url, start = f"sqlite:///{tmp_path / f'new{round_}.db'}", context.Barrier(4)
+        procs = [context.Process(target=_open_storage, args=(url, start)) for _ in range(4)]
+        for proc in procs:
+            proc.start()
+        for proc in procs:
+            proc.join(60)
+        assert [proc.exitcode for proc in procs] == [0] * 4
