@@ -40,6 +40,7 @@ class Row:
     failed: list[str] = field(default_factory=list)
     # Failures a rerun retries (broken data, a dead process) whose point has no finished trial yet, with its seed.
     retried: list[tuple[int, str]] = field(default_factory=list)
+    running: set[int] = field(default_factory=set)  # seeds a worker is running now, with no finished trial
     planned: int = 0  # the seeds the budget runs this configuration on
     accuracy: Estimate = Estimate(math.nan, math.nan, 0)
     val: Estimate = Estimate(math.nan, math.nan, 0)
@@ -68,14 +69,15 @@ class Row:
         return self.n >= self.planned
 
     def missing(self) -> str:
-        """Why the row has fewer seeds than planned: "2 pruned, 1 failed, 1 failed (a rerun retries it)"."""
-        # A point killed twice leaves two failed trials for one seed still to rerun.
-        retried = len({seed for seed, _ in self.retried})
-        waiting = self.planned - self.n - self.pruned - len(self.failed) - retried
+        """Why the row has fewer seeds than planned: "2 pruned, 1 failed, 1 failed (a rerun retries it), 1 running"."""
+        # A point killed twice leaves two failed trials for one seed still to rerun; one being rerun is running.
+        retried = len({seed for seed, _ in self.retried} - self.running)
+        waiting = self.planned - self.n - self.pruned - len(self.failed) - retried - len(self.running)
         counts = (
             (self.pruned, "pruned"),
             (len(self.failed), "failed"),
             (retried, "failed (a rerun retries it)"),
+            (len(self.running), "running"),
             (waiting, "not run yet"),
         )
         return ", ".join(f"{count} {what}" for count, what in counts if count > 0)
@@ -232,8 +234,11 @@ def summarize(study: optuna.Study) -> Summary:
                 t.user_attrs.get("match", "{}"),
             )
         _add(row, t)
-        if t.state == TrialState.FAIL and not _finished(t) and (label, t.user_attrs.get("seed")) not in finished:
+        unfinished = (label, t.user_attrs.get("seed")) not in finished
+        if t.state == TrialState.FAIL and not _finished(t) and unfinished:
             row.retried.append((int(t.user_attrs.get("seed", -1)), fail_reason(t)))
+        if t.state == TrialState.RUNNING and unfinished:
+            row.running.add(int(t.user_attrs.get("seed", -1)))
     ordered = sorted(
         rows.values(),
         key=lambda r: (

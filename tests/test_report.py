@@ -384,10 +384,15 @@ def test_a_pruned_survivor_is_ranked_after_every_complete_configuration(tmp_path
     )
     # With no complete row, the best incomplete one is chosen, and the answer says so.
     ff["last"] = last[:1] + [{"seed": 1, "value": None}]
-    summary = results.summarize(_ablation(f"sqlite:///{tmp_path / 'none.db'}", ff, [0.85, 0.86, 0.84], [0, 1, 2]))
+    study = _ablation(f"sqlite:///{tmp_path / 'none.db'}", ff, [0.85, 0.86, 0.84], [0, 1, 2])
+    summary = results.summarize(study)
     assert summary.best().label == "fusion=sum"
     assert "chosen among incomplete rows: n=1 of 3 (2 pruned)" in results.answer(summary)
     assert results.table_rows(summary)[1][-1].startswith("incomplete: 1 failed, 1 not run yet;")
+    running = study.ask()  # another worker has taken the last seed
+    for key, value in {"cell": "fusion=last", "seed": 2, "role": "ff"}.items():
+        running.set_user_attr(key, value)
+    assert results.table_rows(results.summarize(study))[1][-1].startswith("incomplete: 1 failed, 1 running;")
 
 
 def test_a_gap_without_spread_on_either_side_claims_no_direction(url):
