@@ -120,6 +120,8 @@ class Row:
 # The reason a failed trial shows when it recorded none: ffablate records one for every exception it catches, so
 # a trial without one was failed from outside (a resume's stale check, Optuna's heartbeat) after its worker died.
 NO_REASON = "no reason recorded (the worker died: killed or crashed)"
+# A search trial that found the search full (other workers had taken its last trials): no result, no failure.
+SURPLUS = "surplus"
 
 
 @dataclass(frozen=True)
@@ -212,7 +214,7 @@ def summarize(study: optuna.Study) -> Summary:
     """Group the study's trials by configuration; failed and pruned trials are counted, not averaged."""
     rows: dict[str, Row] = {}
     order = list(study.user_attrs.get("cells", []))
-    trials = study.get_trials(deepcopy=False)
+    trials = [t for t in study.get_trials(deepcopy=False) if not t.user_attrs.get(SURPLUS)]
     states: dict[str, int] = defaultdict(int)
     finished = {(t.user_attrs.get("cell"), t.user_attrs.get("seed")) for t in trials if _finished(t)}
     search = study.user_attrs.get("sampler") == "tpe"

@@ -375,6 +375,34 @@ def preflight(plan: specs.Plan, device: str, data: DataCache) -> None:
 # The objective
 
 
+class Surplus(FFablateError):
+    """Other workers have taken this search trial's place (see ``surplus``): it ends without a result."""
+
+
+def surplus(trial: Trial, n_trials: int) -> bool:
+    """Whether other workers have taken this search trial's place: its FF trials done or running ahead of it
+    number ``n_trials`` already, or (a baseline) its point is done or running ahead of it.
+
+    Workers started together each fix their count of trials when they start, and each enqueues the baselines it
+    finds missing; this check, made by each trial once it exists, holds the study to its plan. "Ahead" is by trial
+    number, which Optuna hands out one by one, so of several trials racing for one place the first takes it.
+    """
+    attrs, number = trial.user_attrs, trial.number
+    baseline = (attrs[CELL], int(attrs[SEED])) if attrs.get(ROLE) == "baseline" else None
+    taken = 0
+    for t in trial.study._storage.get_all_trials(trial.study._study_id, deepcopy=False):
+        if t.number == number or t.user_attrs.get(results.SURPLUS):
+            continue
+        if not (is_done(t) or (t.state == TrialState.RUNNING and t.number < number)):
+            continue
+        if baseline is not None:
+            if point_of(t) == baseline:
+                return True
+        elif t.user_attrs.get(ROLE) != "baseline":
+            taken += 1
+    return baseline is None and taken >= n_trials
+
+
 class StopStudy(Exception):
     """Raised out of ``study.optimize`` (not an FFablateError, so Optuna does not catch it) to end the study."""
 
@@ -392,6 +420,12 @@ class Objective:
 
     def __call__(self, trial: Trial) -> float:
         trial.set_user_attr("worker", {"host": socket.gethostname(), "pid": os.getpid()})
+        if self.plan.spec.sampler == "tpe" and surplus(trial, self.plan.budget.n_trials):
+            trial.set_user_attr(results.SURPLUS, True)
+            trial.set_user_attr(FAIL_REASON, "surplus: other workers had taken this point or the search's last trials")
+            if trial.user_attrs.get(ROLE) != "baseline":  # the search is full; a duplicate baseline ends alone
+                trial.study.stop()
+            raise Surplus
         role, label, overrides, seed, match, group = self._choose(trial)
         for key, value in (
             (ROLE, role),
@@ -749,7 +783,7 @@ def run_study(
 
 
 def _log_failure(trial: FrozenTrial, log: Callable[[str], None]) -> None:
-    if trial.state == TrialState.FAIL:
+    if trial.state == TrialState.FAIL and not trial.user_attrs.get(results.SURPLUS):
         reason = trial.user_attrs.get(FAIL_REASON, "see the trial's attributes")
         log(
             f"trial {trial.number} ({trial.user_attrs.get(CELL, '?')}, "

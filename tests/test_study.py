@@ -8,6 +8,7 @@ import os
 import re
 import socket
 import subprocess
+import sys
 from pathlib import Path
 
 import optuna
@@ -790,3 +791,37 @@ def test_workers_opening_a_new_storage_together_all_open_it(tmp_path):
         for proc in procs:
             proc.join(60)
         assert [proc.exitcode for proc in procs] == [0] * 4
+
+
+def test_search_workers_started_together_run_its_n_trials_between_them(tmp_path):
+    # Each worker fixed its count when it started: two workers on a 4-trial search ran up to 8 FF trials.
+    path = write_tpe_spec(tmp_path, 'lr = { type = "float", low = 1e-3, high = 3e-2, log = true }')
+    path.write_text(path.read_text().replace("seeds = 1\nn_trials = 2\n", "seeds = 1\nn_trials = 4\n", 1))
+    url = storage_url(tmp_path)
+    root = str(Path(__file__).resolve().parent.parent)
+    env = {**os.environ, "PYTHONPATH": root}
+    argv = [sys.executable, "-m", "ffablate.cli", "study", str(path), "--budget", "smoke", "--storage", url]
+    workers = [subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE) for _ in range(2)]
+    for worker in workers:
+        _, err = worker.communicate(timeout=300)
+        assert worker.returncode == 0, err.decode()
+    trials = trials_of(url, "tiny-smoke")
+    ff = [t for t in trials if t.user_attrs.get("role") == "ff"]
+    assert len(ff) == 4 and all(t.state == TrialState.COMPLETE for t in ff)
+    assert [t.user_attrs["role"] for t in trials if t.state == TrialState.COMPLETE].count("baseline") == 1
+    summary = results.summarize(optuna.load_study(study_name="tiny-smoke", storage=url))
+    assert not summary.failures  # a trial that found the search full is neither a result nor a failure
+
+
+def test_a_baseline_enqueued_twice_runs_once(tmp_path):
+    # Two search workers starting together each found the baseline missing and each enqueued it.
+    path = write_tpe_spec(tmp_path, 'lr = { type = "float", low = 1e-3, high = 3e-2, log = true }')
+    url = storage_url(tmp_path)
+    assert main(["study", str(path), "--budget", "smoke", "--storage", url, "--n-trials", "1"]) == 0
+    study = optuna.load_study(study_name="tiny-smoke", storage=url)
+    (baseline,) = [t for t in study.trials if t.user_attrs["role"] == "baseline"]
+    study.enqueue_trial({}, user_attrs={k: baseline.user_attrs[k] for k in ("role", "cell", "seed")})
+    assert main(["study", str(path), "--budget", "smoke", "--storage", url]) == 0
+    complete = [t.user_attrs["role"] for t in trials_of(url, "tiny-smoke") if t.state == TrialState.COMPLETE]
+    assert sorted(complete) == ["baseline", "ff", "ff"]
+    assert not results.summarize(optuna.load_study(study_name="tiny-smoke", storage=url)).failures
