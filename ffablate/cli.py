@@ -450,18 +450,20 @@ def os_reason(exc: OSError) -> str:
 
 @contextmanager
 def one_line_warnings() -> Iterator[None]:
-    """ffablate's own warnings as one line each, like its errors; other libraries' keep Python's format."""
-    with warnings.catch_warnings():
-        show = warnings.showwarning
+    """ffablate's own warnings printed as one line each, like its errors; other libraries' keep Python's format.
+    Only the format changes: a caller recording warnings (``catch_warnings(record=True)``) still gets them."""
+    default = warnings.formatwarning
 
-        def show_warning(message: Warning | str, category: type[Warning], *args: Any, **kwargs: Any) -> None:
-            if issubclass(category, FFablateWarning):
-                stderr.print(f"ffablate: warning: {message}", markup=False, highlight=False, soft_wrap=True)
-            else:
-                show(message, category, *args, **kwargs)
+    def format_warning(message: Warning | str, category: type[Warning], *args: Any, **kwargs: Any) -> str:
+        if issubclass(category, FFablateWarning):
+            return f"ffablate: warning: {message}\n"
+        return default(message, category, *args, **kwargs)
 
-        warnings.showwarning = show_warning
+    warnings.formatwarning = format_warning
+    try:
         yield
+    finally:
+        warnings.formatwarning = default
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -358,15 +358,18 @@ def _check_registers_something(pm: pluggy.PluginManager) -> None:
     ``--set goodness=mine`` would then say only that no such plugin exists."""
     builtins = {pm.get_plugin(name) for name in BUILTIN_MODULES}
     for plugin in pm.get_plugins():
-        if plugin in builtins or pm.get_hookcallers(plugin):
+        if plugin in builtins:
             continue
-        undecorated = [attr for attr in HOOKS if callable(getattr(plugin, attr, None))]
+        hooks = [getattr(plugin, attr, None) for attr in HOOKS]
+        undecorated = [a for a, h in zip(HOOKS, hooks, strict=True) if callable(h) and not hasattr(h, "ffablate_impl")]
         if undecorated:
             raise ConfigError(
                 f"{_where(plugin)} defines {undecorated[0]} without @hookimpl, so ffablate cannot see it: "
                 "decorate it (`from ffablate import hookimpl`)"
             )
         name = pm.get_name(plugin)
+        if pm.get_hookcallers(plugin):
+            continue
         if name not in _warned_empty:
             _warned_empty.add(name)
             warnings.warn(

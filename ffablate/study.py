@@ -36,7 +36,7 @@ from ffablate.errors import ConfigError, DataError, FFablateError
 DEFAULT_STORAGE = "sqlite:///ffablate.db"
 HEARTBEAT_S, GRACE_S = 20, 120
 NO_POINT, CLAIM_TRIES = -1, 50  # a grid trial's released claim; claims one trial tries
-OPEN_TRIES = 6  # openings of a new storage that other workers are creating too (3.1 s of waits)
+OPEN_TRIES = 6  # openings of a new database other workers are creating too (3.1 s of waits between)
 # User attrs every trial carries; reports read only these (and the study's own user attrs).
 ROLE, CELL, SEED, FAIL_REASON, PERMANENT = "role", "cell", "seed", "fail_reason", "fail_permanent"
 
@@ -61,6 +61,8 @@ def storage_for(url: str | None) -> optuna.storages.RDBStorage:
         # Each opening gets a fresh empty database: a study would keep nothing, and Optuna's heartbeat thread,
         # on a connection of its own, finds no tables and fails with a traceback every beat.
         raise FFablateError(f"--storage {url!r}: in-memory storage keeps nothing; use sqlite:///FILE.db")
+    db = sqlite_file(url)
+    new = db is not None and (not db.exists() or db.stat().st_size == 0)
     attempt = 0
     while True:
         try:
@@ -69,7 +71,7 @@ def storage_for(url: str | None) -> optuna.storages.RDBStorage:
                 return optuna.storages.RDBStorage(url, heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S)
         except Exception as exc:  # SQLAlchemy raises many types for a bad URL or an unreachable server
             attempt += 1
-            if attempt < OPEN_TRIES and _created_meanwhile(exc):
+            if attempt < OPEN_TRIES and _created_meanwhile(exc, new):
                 time.sleep(0.1 * 2 ** (attempt - 1))
                 continue
             raise FFablateError(
@@ -78,14 +80,15 @@ def storage_for(url: str | None) -> optuna.storages.RDBStorage:
             ) from None
 
 
-def _created_meanwhile(exc: Exception) -> bool:
-    """Another worker opening the same new database created Optuna's tables while this one did: opening it
-    again finds them."""
+def _created_meanwhile(exc: Exception, new: bool) -> bool:
+    """Another worker opening the same new database is creating Optuna's tables while this one does: the tables
+    it meets half-made, or (SQLite) its lock on a file that was new, are gone once it is done. A lock on a database
+    that existed before is somebody else's: no wait for it beyond SQLite's own."""
     from sqlalchemy.exc import IntegrityError, OperationalError
 
     text = str(exc)
     return isinstance(exc, IntegrityError) or (
-        isinstance(exc, OperationalError) and ("already exists" in text or "database is locked" in text)
+        isinstance(exc, OperationalError) and ("already exists" in text or (new and "database is locked" in text))
     )
 
 
@@ -228,7 +231,9 @@ class ResumableGridSampler(GridSampler):
         """Points with a done trial or a running one, leaving out the trial with id ``besides``."""
         taken = set()
         for t in study._storage.get_all_trials(study._study_id, deepcopy=False):
-            if t._trial_id == besides or not (is_done(t) or t.state == TrialState.RUNNING):
+            if t._trial_id == besides or t.user_attrs.get(results.SURPLUS):
+                continue
+            if not (is_done(t) or t.state == TrialState.RUNNING):
                 continue
             point = point_of(t)
             if point is None and t.system_attrs.get("grid_id", NO_POINT) != NO_POINT:
@@ -245,6 +250,8 @@ class ResumableGridSampler(GridSampler):
         if "grid_id" in trial.system_attrs or "fixed_params" in trial.system_attrs:
             return
         storage, me = study._storage, trial._trial_id
+        # Before the claim: a worker killed while it holds a point leaves a trial that fail_dead_trials can free.
+        mark_worker(storage, me)
         storage.set_trial_system_attr(me, "search_space", self._search_space)
         # Claim, then look. Two workers can read the same free point at once; each looks only after its own
         # claim is stored, so the later of the two sees the earlier's claim, and a worker that sees another
@@ -252,7 +259,8 @@ class ResumableGridSampler(GridSampler):
         # and tries a random free point, so they part.
         rng = random.Random(me)
         for attempt in range(CLAIM_TRIES):
-            free = [g for g in self._order if self._point(g) not in self._taken(study, besides=me)]
+            taken = self._taken(study, besides=me)
+            free = [g for g in self._order if self._point(g) not in taken]
             if not free:
                 break
             grid_id = free[0] if attempt == 0 else rng.choice(free)
@@ -261,8 +269,14 @@ class ResumableGridSampler(GridSampler):
                 return
             storage.set_trial_system_attr(me, "grid_id", NO_POINT)
             time.sleep(rng.uniform(0.0, 0.05))
-        # Only a full grid (every point done or running elsewhere) repeats a point.
-        storage.set_trial_system_attr(me, "grid_id", self._order[-1])
+        # Every point is done or running elsewhere (or other workers kept winning): this trial runs nothing.
+        storage.set_trial_system_attr(me, "grid_id", self._order[-1])  # Optuna's sampling needs one
+        storage.set_trial_user_attr(me, results.SURPLUS, True)
+
+
+def mark_worker(storage: optuna.storages.BaseStorage, trial_id: int) -> None:
+    """Record which process runs the trial, for ``fail_dead_trials``."""
+    storage.set_trial_user_attr(trial_id, "worker", {"host": socket.gethostname(), "pid": os.getpid()})
 
 
 def fail_dead_trials(study: optuna.Study) -> list[int]:
@@ -376,7 +390,8 @@ def preflight(plan: specs.Plan, device: str, data: DataCache) -> None:
 
 
 class Surplus(FFablateError):
-    """Other workers have taken this search trial's place (see ``surplus``): it ends without a result."""
+    """Other workers have taken this trial's place (a grid's last points, see ``surplus`` for searches): it ends
+    without a result."""
 
 
 def surplus(trial: Trial, n_trials: int) -> bool:
@@ -419,11 +434,13 @@ class Objective:
         self.cells = [c.label for c in plan.cells]
 
     def __call__(self, trial: Trial) -> float:
-        trial.set_user_attr("worker", {"host": socket.gethostname(), "pid": os.getpid()})
-        if self.plan.spec.sampler == "tpe" and surplus(trial, self.plan.budget.n_trials):
+        mark_worker(trial.study._storage, trial._trial_id)
+        # The grid sampler's verdict, read from the storage: ``trial.user_attrs`` predates the sampler's writes.
+        grid_full = trial.study._storage.get_trial_user_attrs(trial._trial_id).get(results.SURPLUS, False)
+        if grid_full or (self.plan.spec.sampler == "tpe" and surplus(trial, self.plan.budget.n_trials)):
             trial.set_user_attr(results.SURPLUS, True)
-            trial.set_user_attr(FAIL_REASON, "surplus: other workers had taken this point or the search's last trials")
-            if trial.user_attrs.get(ROLE) != "baseline":  # the search is full; a duplicate baseline ends alone
+            trial.set_user_attr(FAIL_REASON, "surplus: other workers had taken this point or the study's last ones")
+            if trial.user_attrs.get(ROLE) != "baseline":  # nothing left for this worker (a duplicate baseline: go on)
                 trial.study.stop()
             raise Surplus
         role, label, overrides, seed, match, group = self._choose(trial)

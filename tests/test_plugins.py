@@ -818,11 +818,14 @@ def ffablate_register_goodness(register):
 
 
 @pytest.mark.parametrize(
-    "modules", ["my_power", "my_power, my_power", "my_power,no_such_module", "my_power,undecorated", "my_power,empty"]
+    "modules",
+    ["my_power", "my_power, my_power", "my_power,no_such_module", "my_power,undecorated", "half", "my_power,empty"],
 )
 def test_ffablate_plugins_loads_a_module_without_packaging_it(tmp_path, modules):
     (tmp_path / "my_power.py").write_text(POWER)
     (tmp_path / "undecorated.py").write_text(POWER.replace("@hookimpl\n", ""))
+    # One hook decorated, one not: the second one was ignored while the module registered something.
+    (tmp_path / "half.py").write_text(POWER + "\n\ndef ffablate_register_loss(register):\n    pass\n")
     (tmp_path / "empty.py").write_text("")
     root = str(Path(__file__).resolve().parent.parent)
     env = {**os.environ, "FFABLATE_PLUGINS": modules, "PYTHONPATH": os.pathsep.join([str(tmp_path), root])}
@@ -831,9 +834,10 @@ def test_ffablate_plugins_loads_a_module_without_packaging_it(tmp_path, modules)
     if "no_such_module" in modules:
         assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1
         assert "FFABLATE_PLUGINS names 'no_such_module', which fails to import" in proc.stderr
-    elif "undecorated" in modules:
+    elif "undecorated" in modules or "half" in modules:
         assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1
-        assert "module undecorated defines ffablate_register_goodness without @hookimpl" in proc.stderr
+        hook = "goodness" if "undecorated" in modules else "loss"
+        assert f"module {modules.split(',')[-1]} defines ffablate_register_{hook} without @hookimpl" in proc.stderr
     elif "empty" in modules:  # a warning, on one line like the errors, and the listing still comes
         assert proc.returncode == 0 and json.loads(proc.stdout)
         assert proc.stderr.strip().splitlines() == [
@@ -857,3 +861,15 @@ def test_float_parameters_must_be_finite_unless_their_default_is_not():
     for value in (math.inf, math.nan, 10**400):  # the last overflows a float
         with pytest.raises(ConfigError, match="parameter 't' takes a finite number"):
             constant.checked_params({"t": value})
+
+
+def test_the_cli_prints_ffablate_warnings_on_one_line_and_callers_still_record_them():
+    from ffablate.cli import one_line_warnings
+
+    with one_line_warnings():
+        line = warnings.formatwarning("no kernels", FFablateWarning, "x.py", 1)
+        other = warnings.formatwarning("deprecated", DeprecationWarning, "x.py", 1)
+        with pytest.warns(FFablateWarning, match="no kernels"):
+            warnings.warn("no kernels", FFablateWarning, stacklevel=1)
+    assert line == "ffablate: warning: no kernels\n" and other.startswith("x.py:1: DeprecationWarning")
+    assert warnings.formatwarning("no kernels", FFablateWarning, "x.py", 1).startswith("x.py:1:")  # restored

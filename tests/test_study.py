@@ -727,6 +727,16 @@ def test_a_worker_leaves_a_point_that_another_live_worker_runs(tmp_path):
     assert main(["study", str(path), "--budget", "smoke", "--storage", url]) == 0
     runs = [t for t in trials_of(url, "tiny-smoke") if studies.point_of(t) == (label, seed)]
     assert [t.state for t in runs] == [TrialState.RUNNING]  # not run a second time beside it
+    # A worker that asks anyway (it started as the last point was taken) gets a trial that runs nothing.
+    cells = [c.label for c in plan.cells]
+    study = optuna.load_study(
+        study_name="tiny-smoke", storage=url, sampler=studies.ResumableGridSampler(cells, plan.budget.seeds)
+    )
+    objective = studies.Objective(plan, "cpu", studies.DataCache(None))
+    study.optimize(objective, n_trials=3, catch=(FFablateError,))  # the surplus trial stops the loop
+    (extra,) = [t for t in study.trials if t.user_attrs.get(results.SURPLUS)]
+    assert extra.state == TrialState.FAIL and "config" not in extra.user_attrs and extra.number == len(study.trials) - 1
+    assert not results.summarize(optuna.load_study(study_name="tiny-smoke", storage=url)).failures
 
 
 def test_a_resumed_search_does_not_replay_its_first_samples(tmp_path):
@@ -764,11 +774,15 @@ def test_workers_starting_together_take_distinct_grid_points(tmp_path):
         for proc in procs:
             proc.join(60)
             assert proc.exitcode == 0
-        study = optuna.load_study(study_name="race", storage=url)
-        running = study.get_trials(states=(TrialState.RUNNING,))
         grid = studies.ResumableGridSampler(cells, seeds)
+        study = optuna.load_study(study_name="race", storage=url, sampler=grid)
+        running = study.get_trials(states=(TrialState.RUNNING,))
         taken = [grid._point(t.system_attrs["grid_id"]) for t in running]
         assert len(set(taken)) == len(taken) == len(cells) * len(seeds), sorted(taken)
+        extra = study.ask()  # a worker more than the grid has points: it runs nothing
+        attrs = study._storage.get_trial_user_attrs(extra._trial_id)
+        assert attrs.get(results.SURPLUS) and attrs["worker"]["pid"] == os.getpid()
+        study._storage.set_trial_state_values(extra._trial_id, TrialState.FAIL)
         for trial in running:  # failed (a rerun's to retake), so the next round finds the whole grid free
             study._storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
 

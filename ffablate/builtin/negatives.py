@@ -105,17 +105,16 @@ class NoNegatives:
 
 @hookimpl
 def ffablate_register_negatives(register):
-    into = {"type": "categorical", "choices": list(_EMBEDDINGS)}
+    # `into` stays out of the declared spaces: a search over a negatives plugin's space keeps the one it had.
     register(
         "random-label",
         RandomLabel,
         "label one-hot in the first K pixels (into=channels: K extra input channels); random wrong label",
-        space={"into": into},
     )
     register(
         "hardest-label",
         HardestLabel,
         "like random-label, but the highest-scoring wrong label with prob p",
-        space={"p": {"type": "float", "low": 0.0, "high": 1.0}, "into": into},
+        space={"p": {"type": "float", "low": 0.0, "high": 1.0}},
     )
     register("none", NoNegatives, "no label embedding, no negatives (class-wise goodness)")

@@ -36,13 +36,13 @@ class FFNet(nn.Module):
         def make(kind: str, **context: Any) -> Any:
             return chosen[kind].create(config.params_of(kind), **context)
 
-        self.negatives = _flagged(make("negatives"), "embeds_label", self.labels["negatives"])
-        # The first block takes the input as the label embedding leaves it (it may add channels).
-        self.backbone = build_backbone(
-            config, _embedded_shape(self.negatives, self.labels["negatives"], in_shape, num_classes), reg
-        )
-        depth = len(self.backbone.blocks)
         self.goodness = _flagged(make("goodness"), "per_class", self.labels["goodness"])
+        self.negatives = _flagged(make("negatives"), "embeds_label", self.labels["negatives"])
+        _check_compatible(config, self.goodness.per_class, self.negatives.embeds_label)
+        if self.negatives.embeds_label:  # the first block takes the input as the embedding leaves it
+            in_shape = _embedded_shape(self.negatives, self.labels["negatives"], in_shape, num_classes)
+        self.backbone = build_backbone(config, in_shape, reg)
+        depth = len(self.backbone.blocks)
         # One per block, as modules: a learned T is a parameter of its block, in the block's optimizer group.
         self.temperatures = nn.ModuleList(
             built_module(make("temperature"), self.labels["temperature"]) for _ in range(depth)
@@ -50,7 +50,6 @@ class FFNet(nn.Module):
         self.loss_fn = make("loss")
         fusion = make("fusion", num_layers=depth, num_classes=num_classes, feature_dims=self.backbone.feature_dims)
         self.fusion = _checked_fusion(fusion, self.labels["fusion"])
-        _check_compatible(config, self.goodness.per_class, self.negatives.embeds_label)
         _check_loss_fits(config, chosen["loss"], self.loss_fn, self.goodness.per_class)
         _refuse_shared_parameters(
             {
