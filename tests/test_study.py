@@ -839,3 +839,16 @@ def test_a_baseline_enqueued_twice_runs_once(tmp_path):
     complete = [t.user_attrs["role"] for t in trials_of(url, "tiny-smoke") if t.state == TrialState.COMPLETE]
     assert sorted(complete) == ["baseline", "ff", "ff"]
     assert not results.summarize(optuna.load_study(study_name="tiny-smoke", storage=url)).failures
+
+
+def test_only_a_new_database_waits_out_a_lock():
+    from sqlalchemy.exc import IntegrityError, OperationalError
+
+    locked = OperationalError("SELECT 1", {}, Exception("database is locked"))
+    assert studies._created_meanwhile(locked, new=True)  # another worker is creating its tables
+    assert not studies._created_meanwhile(locked, new=False)  # somebody else's lock: SQLite's own timeout is enough
+    half_made = OperationalError("CREATE TABLE studies", {}, Exception("table studies already exists"))
+    assert studies._created_meanwhile(half_made, new=False)
+    assert studies._created_meanwhile(IntegrityError("INSERT", {}, Exception("UNIQUE constraint failed")), new=False)
+    refused = OperationalError("connect", {}, Exception("could not connect to server"))
+    assert not studies._created_meanwhile(refused, new=True)
