@@ -14,6 +14,7 @@ import hashlib
 import importlib.util
 import math
 import os
+import zlib
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -201,7 +202,7 @@ def read_maybe_gzip(path: Path) -> tuple[bytes, bytes]:
         return raw, raw
     try:
         return raw, gzip.decompress(raw)
-    except (OSError, EOFError) as exc:
+    except (OSError, EOFError, zlib.error) as exc:  # zlib.error: a damaged deflate stream (not only its CRC)
         raise MalformedFile(f"{path}: broken gzip stream ({exc}); delete the file and fetch it again") from None
 
 

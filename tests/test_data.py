@@ -94,6 +94,17 @@ def test_broken_gzip_is_one_line(tmp_path):
     assert "gzip" in one_line(exc)
 
 
+def test_a_damaged_deflate_stream_is_one_line(tmp_path):
+    # A flipped byte inside the compressed data fails in zlib before gzip's CRC check: it was a traceback.
+    path = tmp_path / "t-idx1-ubyte.gz"
+    raw = bytearray(gzip.compress(bytes(range(256)) * 20))
+    raw[20] ^= 0xFF  # zlib.error: invalid distance too far back
+    path.write_bytes(bytes(raw))
+    with pytest.raises(MalformedFile) as exc:
+        data.read_idx(path)
+    assert "broken gzip stream" in one_line(exc) and "fetch it again" in str(exc.value)
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Resolution: checksums and missing data
 
@@ -434,6 +445,17 @@ def _cifar100_tree(root: Path, **train) -> Path:
     return folder
 
 
+def test_a_damaged_cifar_pickle_is_one_line(tmp_path):
+    # Damage in a pickle's opcodes surfaces as ModuleNotFoundError, AttributeError, TypeError, ... not only
+    # UnpicklingError: each was a traceback.
+    folder = _cifar10_tree(tmp_path)
+    (folder / "data_batch_2").write_bytes(b"\x80\x04cno_such_module\nthing\n.")
+    with pytest.raises(MalformedFile) as exc:
+        load_dataset("cifar10", data_root=tmp_path)
+    msg = one_line(exc)
+    assert "not a CIFAR pickle (ModuleNotFoundError" in msg and str(folder / "data_batch_2") in msg
+
+
 @pytest.mark.parametrize(
     "batch, words",
     [
@@ -600,6 +622,19 @@ def test_imagefolder_test_class_without_train_folder_is_one_line(tmp_path):
         load_dataset("imagefolder", data_root=tmp_path, params={"path": "pets"})
     msg = one_line(exc)
     assert "'c'" in msg and str(tmp_path / "pets" / "train") in msg and "remove" in msg
+
+
+def test_imagefolder_skips_hidden_folders_and_refuses_empty_classes(tmp_path):
+    # Jupyter's .ipynb_checkpoints was class 0, and classes=2 then kept one real class (a 100% that measures nothing).
+    _image_tree(tmp_path / "pets", ("cat", "dog"), ("cat", "dog"))
+    (tmp_path / "pets" / "train" / ".ipynb_checkpoints").mkdir()
+    ds = load_dataset("imagefolder", data_root=tmp_path, params={"path": "pets"})
+    assert ds.class_names == ["cat", "dog"] and ds.train_y.tolist() == [0, 1]
+    (tmp_path / "pets" / "train" / "bird").mkdir()
+    with pytest.raises(DataError) as exc:
+        load_dataset("imagefolder", data_root=tmp_path, params={"path": "pets"})
+    msg = one_line(exc)
+    assert f"class folder {tmp_path / 'pets' / 'train' / 'bird'} holds no images" in msg and "remove it" in msg
 
 
 def test_imagefolder_needs_two_classes(tmp_path):

@@ -254,8 +254,12 @@ def _unpickle(path: Path, keys: list[str]) -> dict[str, Any]:
     try:
         with open(path, "rb") as f:
             obj = pickle.load(f, encoding="latin1")
-    except (pickle.UnpicklingError, EOFError, ValueError) as exc:
-        raise MalformedFile(f"{path}: not a CIFAR pickle ({exc}); delete it and fetch it again") from None
+    except OSError:
+        raise  # unreadable, not damaged: "fetch it again" would not help
+    except Exception as exc:  # a damaged pickle fails in many ways: unknown opcodes, modules, classes, sizes
+        raise MalformedFile(
+            f"{path}: not a CIFAR pickle ({type(exc).__name__}: {exc}); delete it and fetch it again"
+        ) from None
     if not isinstance(obj, dict):
         raise MalformedFile(f"{path}: holds a {type(obj).__name__}, not a CIFAR dict; delete it and fetch it again")
     missing = [key for key in keys if key not in obj]
@@ -402,7 +406,6 @@ def _locate_svhn(roots: list[Path]) -> tuple[str | None, str]:
 def _read_svhn(path: Path) -> tuple[np.ndarray, np.ndarray]:
     try:
         from scipy.io import loadmat
-        from scipy.io.matlab import MatReadError
     except ImportError:
         raise DataNotFound("dataset 'svhn' reads MATLAB files with scipy: pip install scipy") from None
     try:
@@ -413,8 +416,10 @@ def _read_svhn(path: Path) -> tuple[np.ndarray, np.ndarray]:
         raise MalformedFile(
             f"{path}: a MATLAB v7.3 (HDF5) file, not SVHN's v5 .mat; delete it and fetch it again"
         ) from None
-    except (ValueError, KeyError, OSError, IndexError, MatReadError) as exc:  # IndexError: a header under 128 bytes
-        raise MalformedFile(f"{path}: not an SVHN .mat file ({exc}); delete it and fetch it again") from None
+    except Exception as exc:  # damaged .mat files fail in many ways (MatReadError, TypeError, IndexError, ...)
+        raise MalformedFile(
+            f"{path}: not an SVHN .mat file ({type(exc).__name__}: {exc}); delete it and fetch it again"
+        ) from None
     if x.ndim != 4 or x.shape[:3] != (32, 32, 3) or x.shape[3] != len(y) or len(y) == 0 or x.dtype != np.uint8:
         raise MalformedFile(
             f"{path}: X is {x.dtype} of shape {x.shape}, expected uint8 (32, 32, 3, N) with N >= 1; fetch it again"
@@ -538,10 +543,19 @@ def _read_image(file: Path, mode: str, size: int) -> np.ndarray:
     return arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
 
 
+def _class_folders(split: Path) -> list[str]:
+    """The class sub-folders of a split, sorted; hidden ones (``.ipynb_checkpoints``, ``.git``) are no class."""
+    return sorted(d.name for d in split.iterdir() if d.is_dir() and not d.name.startswith("."))
+
+
+def _images_in(folder: Path) -> list[Path]:
+    return sorted(f for f in folder.glob("*") if f.suffix.lower() in _IMAGE_SUFFIXES and not f.name.startswith("."))
+
+
 def _read_split(folder: Path, classes: list[str], mode: str, size: int) -> tuple[np.ndarray, np.ndarray]:
     images, labels = [], []
     for label, cls in enumerate(classes):
-        files = sorted(f for f in (folder / cls).glob("*") if f.suffix.lower() in _IMAGE_SUFFIXES)
+        files = _images_in(folder / cls)
         images += [_read_image(f, mode, size) for f in files]
         labels += [label] * len(files)
     if not images:
@@ -568,7 +582,14 @@ def load_imagefolder(
     if found is None:
         raise DataNotFound(how if path else f"dataset 'imagefolder': {how}")
     folder = Path(found)
-    classes = sorted(d.name for d in (folder / "train").iterdir() if d.is_dir())
+    classes = _class_folders(folder / "train")
+    empty = [c for c in classes if not _images_in(folder / "train" / c)]
+    if empty:
+        # torchvision's ImageFolder refuses these too: an empty class is a logit no image can train.
+        raise DataError(
+            f"dataset 'imagefolder': class folder {folder / 'train' / empty[0]} holds no images (png, jpg, bmp); "
+            "add its images or remove it"
+        )
     if len(classes) < 2:
         # One class is learnt perfectly by answering it always: a 100% accuracy that measures nothing.
         raise DataError(
@@ -576,7 +597,7 @@ def load_imagefolder(
             "give it at least 2 (one sub-folder of images per class)"
         )
     # The classes come from train/: a test class without one would silently lose its test images.
-    untrained = sorted(d.name for d in (folder / "test").iterdir() if d.is_dir() and d.name not in classes)
+    untrained = [c for c in _class_folders(folder / "test") if c not in classes]
     if untrained:
         raise DataError(
             f"dataset 'imagefolder': test class {untrained[0]!r} has no folder in {folder / 'train'}; "
