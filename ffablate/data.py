@@ -662,7 +662,8 @@ class DeviceLoader:
         if batch_size < 1:
             raise ConfigError(f"batch_size={batch_size}: must be at least 1")
         self.device = torch.device(device)
-        self.x = x_uint8.to(self.device)
+        self.shape = tuple(x_uint8.shape)
+        x = x_uint8.to(self.device)
         self.y = y.to(self.device, torch.int64)
         self.batch_size = batch_size
         self.shuffle, self.seed, self.augment, self.flips, self.drop_last = (
@@ -673,16 +674,16 @@ class DeviceLoader:
             drop_last,
         )
         self.epoch = 0
-        channels, height, width = self.x.shape[1:]
+        channels, height, width = self.shape[1:]
         self.pad = crop_pad_for(min(height, width)) if pad is None else pad
         self.scale, self.shift = _affine_normalization(channels, mean, std, self.device)
-        # Padded once: every epoch's crops are gathers from this copy.
-        self.padded = (
-            torch.nn.functional.pad(self.x, (self.pad,) * 4).reshape(len(self.x), channels, -1) if augment else None
-        )
+        # Augmented: padded once, every epoch's crops are gathers from this copy, and only it is kept (on a GPU the
+        # unpadded images would be a second copy of the dataset that nothing reads).
+        self.padded = torch.nn.functional.pad(x, (self.pad,) * 4).reshape(len(x), channels, -1) if augment else None
+        self.x = None if augment else x
 
     def __len__(self) -> int:
-        n = len(self.x)
+        n = self.shape[0]
         return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
 
     def set_epoch(self, epoch: int) -> None:
@@ -691,7 +692,7 @@ class DeviceLoader:
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
         gen = torch.Generator().manual_seed(epoch_seed(self.seed, self.epoch))
         self.epoch += 1
-        n = len(self.x)
+        n = self.shape[0]
         order = torch.randperm(n, generator=gen) if self.shuffle else torch.arange(n)
         shifts = self._draw_shifts(n, gen)
         order = order.to(self.device)
@@ -709,13 +710,13 @@ class DeviceLoader:
         return dy.to(self.device), dx.to(self.device), flip.to(self.device)
 
     def _images(self, idx: Tensor, shifts: tuple[Tensor, Tensor, Tensor] | None) -> Tensor:
-        x = self.x[idx] if shifts is None or self.padded is None else self._crop_flip(idx, *shifts)
+        x = self._crop_flip(idx, *shifts) if shifts is not None else self.x[idx]
         return torch.addcmul(self.shift, x.float(), self.scale)  # (x/255 - mean)/std as one fused op
 
     def _crop_flip(self, idx: Tensor, dy: Tensor, dx: Tensor, flip: Tensor) -> Tensor:
         """One gather: pixel (i, j) reads padded (dy+i, dx+j), or (dy+i, dx+W-1-j) for a flipped image."""
         assert self.padded is not None
-        _, channels, height, width = self.x.shape
+        _, channels, height, width = self.shape
         wp = width + 2 * self.pad
         rows = dy[idx, None] + torch.arange(height, device=self.device)  # (B, H)
         cols = torch.arange(width, device=self.device).expand(len(idx), width)
