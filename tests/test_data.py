@@ -778,3 +778,11 @@ def test_loader_cuda_batches_equal_cpu_batches():
     assert gpu[0][0].device.type == "cuda"
     for (xc, yc), (xg, yg) in zip(cpu, gpu, strict=True):
         assert torch.equal(yc, yg.cpu()) and torch.allclose(xc, xg.cpu(), atol=1e-6)
+
+
+def test_resizing_in_chunks_gives_the_one_shot_bytes():
+    from ffablate.builtin.datasets import resize_uint8
+
+    x = torch.randint(0, 256, (23, 3, 20, 20), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    whole = torch.nn.functional.interpolate(x.float(), size=(9, 9), mode="bilinear", antialias=True)
+    assert torch.equal(resize_uint8(x, 9, chunk=5), whole.round().clamp(0, 255).to(torch.uint8))
