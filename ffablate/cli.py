@@ -374,7 +374,9 @@ def cmd_study(args: argparse.Namespace) -> int:
     wide.print(results.answer(summary), markup=False, highlight=False)
     left = study.remaining(done.study, plan)
     if left:
-        stdout.print(f"{left} trial(s) left; rerun the same command to resume", markup=False)
+        running = min(left, study.running_elsewhere(done.study))
+        elsewhere = f" ({running} running in another worker)" if running else ""
+        stdout.print(f"{left} trial(s) left{elsewhere}; rerun the same command to resume", markup=False)
     return 0
 
 

@@ -599,12 +599,22 @@ def available_datasets(data_root: str | None) -> Callable[[str], bool]:
     return lambda name: rows.get(name, False)
 
 
-def tpe_sampler(plan: specs.Plan, trials_so_far: int) -> TPESampler:
-    """TPE seeded by how many trials the study holds: a resumed study with seed 0 again would replay its first
-    random configurations. Its random start counts the baselines' trials too (they are complete trials to it),
-    so they are added to the FF trials it should start with."""
+class TrialSeededTPESampler(TPESampler):
+    """TPE whose random draws for trial n come from seed n. One seed per process replayed a resumed study's first
+    samples, and gave workers started together the same ones (the same configuration trained twice); trial numbers
+    are unique in a study, and a search is still reproducible."""
+
+    def before_trial(self, study: optuna.Study, trial: FrozenTrial) -> None:
+        self._rng.rng.seed(trial.number)
+        self._random_sampler._rng.rng.seed(trial.number)  # TPE's random start draws from this one
+        super().before_trial(study, trial)
+
+
+def tpe_sampler(plan: specs.Plan) -> TPESampler:
+    """TPE for ``plan``. Its random start counts the baselines' trials too (they are complete trials to it), so
+    they are added to the FF trials it should start with."""
     baselines = sum(c.role == "baseline" for c in plan.cells) * len(plan.budget.seeds)
-    return TPESampler(seed=trials_so_far, n_startup_trials=max(2, plan.budget.n_trials // 4) + baselines)
+    return TrialSeededTPESampler(n_startup_trials=max(2, plan.budget.n_trials // 4) + baselines)
 
 
 def open_study(plan: specs.Plan, storage: optuna.storages.BaseStorage, name: str) -> optuna.Study:
@@ -612,7 +622,7 @@ def open_study(plan: specs.Plan, storage: optuna.storages.BaseStorage, name: str
     sampler = (
         ResumableGridSampler([c.label for c in plan.cells], plan.budget.seeds)
         if spec.sampler == "grid"
-        else tpe_sampler(plan, 0)
+        else tpe_sampler(plan)
     )
     study = optuna.create_study(
         storage=storage,
@@ -625,8 +635,6 @@ def open_study(plan: specs.Plan, storage: optuna.storages.BaseStorage, name: str
     attrs = study.user_attrs
     fingerprint = plan.fingerprint()
     refuse_another_plan(study, plan)
-    if spec.sampler == "tpe" and study.trials:
-        study.sampler = tpe_sampler(plan, len(study.trials))
     if "fingerprint" not in attrs:
         meta = {
             "ffablate_spec": spec.name,
@@ -708,6 +716,13 @@ def remaining(study: optuna.Study, plan: specs.Plan) -> int:
     waiting = sum(t.state == TrialState.WAITING for t in trials)
     ff_done = sum(is_done(t) and t.user_attrs.get(ROLE) == "ff" for t in trials)
     return waiting + max(0, plan.budget.n_trials - ff_done)
+
+
+def running_elsewhere(study: optuna.Study) -> int:
+    """Trials other workers are running now (after this worker's run, every running trial is another's, or a dead
+    worker's that the next run marks as failed)."""
+    running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+    return sum(not t.user_attrs.get(results.SURPLUS) for t in running)
 
 
 @contextmanager

@@ -712,7 +712,7 @@ def test_a_recipe_comes_only_from_a_finished_study_of_that_name(tmp_path):
         studies.winning_recipe(url, "tiny")
 
 
-def test_a_worker_leaves_a_point_that_another_live_worker_runs(tmp_path):
+def test_a_worker_leaves_a_point_that_another_live_worker_runs(tmp_path, capsys):
     url = storage_url(tmp_path)
     path = write_spec(tmp_path, GRID, seeds=1)
     assert main(["study", str(path), "--budget", "smoke", "--storage", url, "--n-trials", "2"]) == 0
@@ -724,7 +724,10 @@ def test_a_worker_leaves_a_point_that_another_live_worker_runs(tmp_path):
     attrs = {"worker": {"host": socket.gethostname(), "pid": os.getpid()}, "role": "ff", "cell": label, "seed": seed}
     for key, value in attrs.items():
         held.set_user_attr(key, value)
+    capsys.readouterr()
     assert main(["study", str(path), "--budget", "smoke", "--storage", url]) == 0
+    out = capsys.readouterr().out
+    assert "1 trial(s) left (1 running in another worker); rerun the same command to resume" in out
     runs = [t for t in trials_of(url, "tiny-smoke") if studies.point_of(t) == (label, seed)]
     assert [t.state for t in runs] == [TrialState.RUNNING]  # not run a second time beside it
     # A worker that asks anyway (it started as the last point was taken) gets a trial that runs nothing.
@@ -852,3 +855,19 @@ def test_only_a_new_database_waits_out_a_lock():
     assert studies._created_meanwhile(IntegrityError("INSERT", {}, Exception("UNIQUE constraint failed")), new=False)
     refused = OperationalError("connect", {}, Exception("could not connect to server"))
     assert not studies._created_meanwhile(refused, new=True)
+
+
+@pytest.mark.filterwarnings("ignore:Heartbeat of storage")  # ask() outside optimize, as a worker does
+def test_search_workers_started_together_draw_different_configurations(tmp_path):
+    # Each process seeded its sampler with the study's trial count: two started together drew the same lr.
+    plan = specs.load(str(write_tpe_spec(tmp_path, 'lr = { type = "float", low = 1e-3, high = 3e-2, log = true }')))
+    plan = plan.plan("smoke")
+    url = storage_url(tmp_path)
+
+    def draws(name: str) -> list[float]:
+        first = studies.open_study(plan, studies.storage_for(url), name)
+        second = optuna.load_study(study_name=name, storage=url, sampler=studies.tpe_sampler(plan))
+        return [worker.ask().suggest_float("lr", 1e-3, 3e-2, log=True) for worker in (first, second)]
+
+    one, again = draws("one"), draws("again")
+    assert one[0] != one[1] and one == again  # distinct between workers, the same in a second study
