@@ -120,7 +120,8 @@ class Row:
 # The reason a failed trial shows when it recorded none: ffablate records one for every exception it catches, so
 # a trial without one was failed from outside (a resume's stale check, Optuna's heartbeat) after its worker died.
 NO_REASON = "no reason recorded (the worker died: killed or crashed)"
-# A search trial that found the search full (other workers had taken its last trials): no result, no failure.
+# A trial that found its place taken (a full grid or search, a baseline point another worker had): no result and
+# no failure; tables, reports and failure lists leave it out.
 SURPLUS = "surplus"
 
 
