@@ -133,7 +133,9 @@ def build_parser() -> Parser:
     )
 
     report = sub.add_parser("report", help="write report.md and plots of a stored study (trains nothing)")
-    report.add_argument("name", metavar="NAME", help="study name (NAME-quick is found from NAME)")
+    report.add_argument(
+        "name", metavar="NAME", help="study name, or its spec's name when the storage holds one study of that spec"
+    )
     report.add_argument("--storage", help="Optuna RDB URL (default: sqlite:///ffablate.db in this directory)")
     report.add_argument("--out", help="output folder (default: reports/STUDY-NAME)")
     report.set_defaults(

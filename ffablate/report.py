@@ -252,7 +252,7 @@ def _bp_gap_bars(summary: results.Summary, out: Path) -> tuple[str, str] | None:
         return None
     fig, ax = plt.subplots(figsize=(1.3 * len(rows) + 2, 3.6))
     hollow = _bars(ax, list(range(len(rows))), [r.gap for r in rows], width=0.8, color="tab:blue", label="FF − BP")
-    ax.set_xticks(range(len(rows)), [r.group or r.label for r in rows], rotation=20)
+    ax.set_xticks(range(len(rows)), [summary.dataset_of(r) for r in rows], rotation=20)
     ax.axhline(0, color="grey", lw=0.8)
     ax.set_ylabel("FF − BP-DeepSup (pp, 95% CI)")
     if hollow:

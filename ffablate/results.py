@@ -163,6 +163,12 @@ class Summary:
         scored = [r for r in self.ff if r.n]
         return bool(scored) and all(r.has_val for r in scored)
 
+    def dataset_of(self, row: Row) -> str:
+        """How a bp-gap answer or plot names a row: its group, its dataset, or the study's one dataset (a study of
+        one dataset names it in its shared settings, not in its rows)."""
+        shared = self.meta.get("base", {}).get("dataset")
+        return row.group or str(row.overrides.get("dataset") or shared or row.label)
+
     @property
     def planned_val_images(self) -> int:
         """The validation images the study's shared settings hold out: what it will rank on before any FF trial
@@ -307,9 +313,13 @@ def _add(row: Row, t: FrozenTrial) -> None:
             row.duplicates += 1
             return
         metrics = t.user_attrs.get("metrics", {})
-        # The trial's value is what Optuna ranked it by (validation accuracy when there is one); rows report test.
+        # Rows report test accuracy. The trial's value is what Optuna ranked it by (validation accuracy when there is
+        # one), so it cannot stand in for a missing test accuracy (a hand-made or damaged trial).
         test = metrics.get("test_accuracy")
-        row.accuracies.append(float(t.value if test is None else test))
+        if not isinstance(test, (int, float)) or not math.isfinite(test):
+            row.failed.append(f"completed without a test accuracy ({test!r})")
+            return
+        row.accuracies.append(float(test))
         if metrics.get("val_accuracy") is not None:
             row.val_accuracies.append(float(metrics["val_accuracy"]))
         row.seeds.append(seed)
@@ -527,7 +537,7 @@ def _answer_bp_gap(summary: Summary) -> str:
     # Only a gap whose interval excludes zero counts; the rest are undecided, whatever their sign.
     behind = sum(r.gap.decisive and r.gap.mean < 0 for r in rows)
     ahead = sum(r.gap.decisive and r.gap.mean > 0 for r in rows)
-    items = "; ".join(f"{r.group or r.overrides.get('dataset', r.label)} {_pp(r.gap, r.n, r.baseline_n)}" for r in rows)
+    items = "; ".join(f"{summary.dataset_of(r)} {_pp(r.gap, r.n, r.baseline_n)}" for r in rows)
     undecided = len(rows) - behind - ahead
     why = " (no 95% interval, one that spans zero, or no spread across seeds)" if undecided else ""
     return (

@@ -471,6 +471,37 @@ def test_bp_gap_counts_only_gaps_whose_interval_excludes_zero(tmp_path, url, fig
     assert len(bars.lines[2][0].get_segments()) == 2  # error bars only where a CI exists
 
 
+def test_a_one_dataset_gap_study_names_its_dataset(tmp_path, url, figures):
+    # mnist-gap-full keeps its dataset in the shared settings: the answer and the plot said "ff".
+    trials = []
+    for seed, gap in enumerate([-0.002, -0.003, -0.004]):
+        common = {"seed": seed, "overrides": {}}
+        trials.append({"cell": "ff", "role": "ff", "value": 0.99 + gap, **common})
+        trials.append({"cell": "bp-deepsup", "role": "baseline", "value": 0.99, **common})
+    meta = {"analysis": "bp-gap", "seeds": [0, 1, 2], "base": {"dataset": "mnist"}}
+    study = make_study(url, "mnist-gap-full", meta, trials)
+    assert "(FF−BP: mnist -0.3 ± 0.2 pp, n=3 vs 3)" in results.answer(results.summarize(study))
+    write_report(study, tmp_path / "out")
+    (ax,) = figures["bp_gap.png"].axes
+    assert [tick.get_text() for tick in ax.get_xticklabels()] == ["mnist"]
+
+
+def test_a_completed_trial_without_a_test_accuracy_is_no_result(url):
+    # Its value (the validation accuracy it was ranked by) was shown as its test accuracy.
+    trials = [
+        {"cell": "fusion=last", "role": "ff", "seed": s, "value": 0.8, "val": 0.9, "overrides": {"fusion": "last"}}
+        for s in (0, 1)
+    ]
+    trials += [{"cell": "bp-deepsup", "role": "baseline", "seed": s, "value": 0.85, "overrides": {}} for s in (0, 1, 2)]
+    study = make_study(url, "fusion-full", {"analysis": "ablation", "seeds": [0, 1, 2]}, trials)
+    good = study.trials[1]
+    attrs = {**good.user_attrs, "seed": 2, "metrics": {**good.user_attrs["metrics"], "test_accuracy": None}}
+    study.add_trial(create_trial(value=0.9, params=good.params, distributions=good.distributions, user_attrs=attrs))
+    (row,) = results.summarize(study).ff
+    assert row.n == 2 and not row.complete and row.accuracy.mean == pytest.approx(0.8)
+    assert row.missing() == "1 failed" and row.failed == ["completed without a test accuracy (None)"]
+
+
 def test_k_sweep_from_one_seed_claims_no_direction_and_draws_hollow_points(tmp_path, url, figures):
     trials = []
     for k, gap in {2: 0.02, 10: 0.05}.items():
