@@ -434,6 +434,12 @@ def _answer_ablation(summary: Summary) -> str:
     )
     if not best.complete:
         chosen += f", chosen among incomplete rows: n={best.n} of {best.planned} ({best.missing()})"
+    # Rows with the very same per-seed scores (e.g. sum-from-k with k=1 over two blocks is `last`): the order
+    # between them is the spec's, not a measurement.
+    scores = {r.label: dict(zip(r.seeds, summary.ranking_values(r), strict=False)) for r in ranked}
+    tied = [r.label for r in ranked[1:] if r.complete == best.complete and scores[r.label] == scores[best.label]]
+    if tied:
+        chosen += f", tied seed for seed with {', '.join(tied)}"
     text = (
         f"Best FF configuration is {best.label} at {fmt(best.accuracy, unit='%')} test accuracy (n={best.n}), {chosen}"
     )

@@ -637,3 +637,29 @@ def test_the_report_lists_every_failed_trial_with_a_reason_or_the_words_that_non
         "rerun",
         "unknown",
     ]
+
+
+def test_rows_with_the_same_scores_seed_for_seed_are_called_tied(url):
+    # sum-from-k (k=1) over two blocks is `last`: the first of them in the spec's order was "best", silently.
+    trials = []
+    for fusion in ("last", "sum-from-k", "sum"):
+        for seed, val in enumerate((0.669, 0.655, 0.647)):
+            lower = 0.05 if fusion == "sum" else 0.0
+            over = {"fusion": fusion}
+            trials.append(
+                {
+                    "cell": f"fusion={fusion}",
+                    "role": "ff",
+                    "seed": seed,
+                    "value": 0.6,
+                    "val": val - lower,
+                    "overrides": over,
+                }
+            )
+    trials += [
+        {"cell": "bp-deepsup", "role": "baseline", "seed": s, "value": 0.7, "val": 0.7, "overrides": {}}
+        for s in (0, 1, 2)
+    ]
+    study = make_study(url, "fusion-full", {"analysis": "ablation", "seeds": [0, 1, 2]}, trials)
+    answer = results.answer(results.summarize(study))
+    assert "chosen on validation accuracy (65.7 ± 2.8%), tied seed for seed with fusion=sum-from-k;" in answer
