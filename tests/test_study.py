@@ -191,6 +191,7 @@ def test_recipe_is_the_sources_shared_ff_settings_plus_the_winners_own(tmp_path)
             "role": "ff",
             "seed": 0,
             "overrides": {"goodness": goodness, "method": "ff"},
+            "metrics": {"test_accuracy": value},
         }
         source.add_trial(create_trial(value=value, params={}, distributions={}, user_attrs=attrs))
     recipe, name = studies.winning_recipe(url, "src")
@@ -211,6 +212,7 @@ def test_recipe_comes_from_a_configuration_that_completed_every_seed(tmp_path):
                 "role": "ff",
                 "seed": seed,
                 "overrides": {"goodness": goodness, "method": "ff"},
+                "metrics": {"test_accuracy": value},
             }
             state = TrialState.COMPLETE if value is not None else TrialState.PRUNED
             source.add_trial(create_trial(state=state, value=value, params={}, distributions={}, user_attrs=attrs))
