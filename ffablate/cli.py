@@ -128,6 +128,13 @@ def build_parser() -> Parser:
         metavar="STUDY",
         help="run FF with the best configuration of a stored study (e.g. temperature-vs-norm)",
     )
+    study.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        metavar="N",
+        help="run N worker processes here, each with 1/N of the CPU threads; they share the study's points",
+    )
     study.set_defaults(
         func=cmd_study, on_interrupt="finished trials are stored: rerun the same command to resume the study"
     )
@@ -320,13 +327,17 @@ def cmd_bench_pool(args: argparse.Namespace) -> int:
 
 
 def cmd_study(args: argparse.Namespace) -> int:
-    from ffablate import ops, results, spec, study
+    import torch
+
+    from ffablate import ops, results, spec, study, workers
     from ffablate.train.common import resolve_device
 
     if args.n_trials is not None and args.n_trials < 1:
         raise FFablateError(f"--n-trials must be at least 1, got {args.n_trials}")
     if args.timeout is not None and not args.timeout > 0:
         raise FFablateError(f"--timeout must be a positive number of seconds, got {args.timeout}")
+    if args.workers < 1:
+        raise FFablateError(f"--workers must be at least 1, got {args.workers}")
     # Mistakes of the machine, not of one configuration, fail here: inside a trial they would fail it for good.
     resolve_device(args.device)
     ops.backend(args.device)
@@ -344,28 +355,48 @@ def cmd_study(args: argparse.Namespace) -> int:
     )
     where = study.describe_storage(args.storage)
 
+    own_trials, argvs = workers.study_argvs(args, args.workers)
+    threads = max(1, torch.get_num_threads() // args.workers)
+    helpers = workers.Workers(argvs, threads)
+    threads_before = torch.get_num_threads()
+    if argvs:
+        torch.set_num_threads(threads)
+
     def banner() -> None:
         stderr.print(f"study {name} ({size}) in {where}", markup=False, highlight=False)
         for note in plan.notes:
             stderr.print(f"note: {note}", markup=False, highlight=False)
+        if argvs:  # after the preflight: a spec it refuses starts no worker
+            stderr.print(f"{len(argvs) + 1} workers, {threads} thread(s) each", markup=False, highlight=False)
+            helpers.start()
 
-    with study.StudyProgress(new_progress(stderr.is_terminal)) as bars:
-        done = study.run_study(
-            plan,
-            storage_url=args.storage,
-            study_name=name,
-            n_trials=args.n_trials,
-            timeout=args.timeout,
-            device=args.device,
-            data_root=args.data_root,
-            progress=bars,
-            log=lambda m: stderr.print(m, markup=False, highlight=False),
-            on_ready=banner,
-        )
+    try:
+        with study.StudyProgress(new_progress(stderr.is_terminal)) as bars:
+            done = study.run_study(
+                plan,
+                storage_url=args.storage,
+                study_name=name,
+                n_trials=own_trials,
+                timeout=args.timeout,
+                device=args.device,
+                data_root=args.data_root,
+                progress=bars,
+                log=lambda m: stderr.print(m, markup=False, highlight=False),
+                on_ready=banner,
+            )
+        if helpers.running():
+            stderr.print(f"waiting for {helpers.running()} other worker(s)", markup=False, highlight=False)
+        failures = helpers.wait()
+    finally:
+        helpers.stop()  # only those still running: an error or an interrupt here
+        torch.set_num_threads(threads_before)
+    for line in failures:
+        stderr.print(f"ffablate: {line}; rerun the same command to resume", markup=False, highlight=False)
     summary = results.summarize(done.study)
+    code = 1 if failures else 0
     if args.json:
         print(results.to_json(summary))
-        return 0
+        return code
     table = Table(title=f"{name}: {plan.spec.question}", title_justify="left")
     for column in results.TABLE_COLUMNS:
         table.add_column(column)
@@ -379,7 +410,7 @@ def cmd_study(args: argparse.Namespace) -> int:
         running = min(left, study.running_elsewhere(done.study))
         elsewhere = f" ({running} running in another worker)" if running else ""
         stdout.print(f"{left} trial(s) left{elsewhere}; rerun the same command to resume", markup=False)
-    return 0
+    return code
 
 
 def cmd_report(args: argparse.Namespace) -> int:

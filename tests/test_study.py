@@ -873,3 +873,30 @@ def test_search_workers_started_together_draw_different_configurations(tmp_path)
 
     one, again = draws("one"), draws("again")
     assert one[0] != one[1] and one == again  # distinct between workers, the same in a second study
+
+
+def test_workers_flag_runs_the_study_in_several_processes(tmp_path, capsys):
+    url = storage_url(tmp_path)
+    path = write_spec(tmp_path, GRID, seeds=2)
+    assert main(["study", str(path), "--budget", "smoke", "--storage", url, "--workers", "0"]) == 2
+    assert capsys.readouterr().err.strip() == "ffablate: error: --workers must be at least 1, got 0"
+    # 4 trials split 2 + 2: this process stops after its two, the other worker runs the rest.
+    argv = ["study", str(path), "--budget", "smoke", "--storage", url, "--workers", "2", "--n-trials", "4"]
+    threads = torch.get_num_threads()
+    assert main(argv) == 0
+    assert "2 workers, " in capsys.readouterr().err and torch.get_num_threads() == threads  # restored
+    trials = trials_of(url, "tiny-smoke")
+    assert [t.state for t in trials] == [TrialState.COMPLETE] * 4
+    assert len({studies.point_of(t) for t in trials}) == 4
+    assert len({t.user_attrs["worker"]["pid"] for t in trials}) == 2
+
+
+def test_a_worker_that_fails_is_reported_with_its_last_line():
+    from ffablate import workers
+
+    assert workers.shares(5, 2) == [3, 2] and workers.shares(1, 3) == [1, 0, 0]
+    assert workers.shares(None, 2) == [None, None]
+    helpers = workers.Workers([["study", "no-such-spec"]], threads=1)
+    helpers.start()
+    (line,) = helpers.wait()
+    assert line.startswith("worker 2 stopped with exit code 2: ffablate: error: ") and "no-such-spec" in line

@@ -1,0 +1,100 @@
+"""More worker processes for one ``ffablate study``: the same command again, on the same storage.
+
+The workers share the study's points and trial budget (``ffablate.study``'s claims and surplus checks), so none
+runs a point twice. Each gets an equal share of the CPU threads: on a 2-core CPU two 1-thread workers ran
+temperature-vs-norm (quick) in 0.64-0.69x the wall time of one 2-thread worker (``docs/benchmarks.md``).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import IO, Any
+
+import ffablate
+
+
+def shares(total: int | None, workers: int) -> list[int | None]:
+    """``total`` trials split over ``workers`` as evenly as they go (None: no limit for any)."""
+    if total is None:
+        return [None] * workers
+    return [total // workers + (i < total % workers) for i in range(workers)]
+
+
+class Workers:
+    """``count`` extra ``ffablate study`` processes with the arguments ``argv`` (one list per worker)."""
+
+    def __init__(self, argvs: list[list[str]], threads: int):
+        self.argvs, self.threads = argvs, threads
+        self.procs: list[tuple[subprocess.Popen, IO[bytes]]] = []
+
+    def start(self) -> None:
+        env = dict(os.environ, OMP_NUM_THREADS=str(self.threads))
+        # The workers import the very ffablate this process runs, installed or not.
+        root = str(Path(ffablate.__file__).resolve().parent.parent)
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")]))
+        for argv in self.argvs:
+            log = tempfile.TemporaryFile()  # noqa: SIM115 (open until the worker is waited for)
+            command = [sys.executable, "-m", "ffablate.cli", *argv]
+            proc = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=log)
+            self.procs.append((proc, log))
+
+    def running(self) -> int:
+        return sum(proc.poll() is None for proc, _ in self.procs)
+
+    def wait(self) -> list[str]:
+        """Wait for every worker; one line per worker that failed, with the last line it printed."""
+        failures = []
+        for number, (proc, log) in enumerate(self.procs, start=2):
+            code = proc.wait()
+            if code != 0:
+                log.seek(0)
+                lines = log.read().decode(errors="replace").strip().splitlines()
+                failures.append(f"worker {number} stopped with exit code {code}: {lines[-1] if lines else 'no output'}")
+            log.close()
+        self.procs = []
+        return failures
+
+    def stop(self) -> None:
+        """Interrupt the workers still running (as Ctrl-C would): their finished trials stay stored, and a trial
+        cut short is marked stale and rerun by the next run."""
+        for proc, _ in self.procs:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGINT)
+        for proc, log in self.procs:
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+            log.close()
+        self.procs = []
+
+
+def study_argvs(args: Any, workers: int) -> tuple[int | None, list[list[str]]]:
+    """This process's trial share and the other workers' ``ffablate study`` arguments (those with no share left
+    out): the same spec, budget, storage, study name, device, data and recipe source."""
+    own, *others = shares(args.n_trials, workers)
+    argvs = []
+    for n_trials in others:
+        if n_trials == 0:
+            continue
+        argv = ["study", args.name, "--budget", args.budget, "--json"]
+        options = {
+            "--storage": args.storage,
+            "--study-name": args.study_name,
+            "--n-trials": n_trials,
+            "--timeout": args.timeout,
+            "--device": args.device,
+            "--data-root": args.data_root,
+            "--recipe-from": args.recipe_from,
+        }
+        for flag, value in options.items():
+            if value is not None:
+                argv += [flag, str(value)]
+        argvs.append(argv)
+    return own, argvs
