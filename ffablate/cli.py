@@ -7,6 +7,7 @@ import dataclasses
 import json
 import logging
 import os
+import signal
 import sys
 import warnings
 from collections.abc import Callable, Iterator
@@ -128,6 +129,8 @@ def build_parser() -> Parser:
         metavar="STUDY",
         help="run FF with the best configuration of a stored study (e.g. temperature-vs-norm)",
     )
+    # A worker's stop time, from the process that started it (ffablate.workers): not for users.
+    study.add_argument("--deadline", type=float, help=argparse.SUPPRESS)
     study.add_argument(
         "--workers",
         type=int,
@@ -356,20 +359,23 @@ def cmd_study(args: argparse.Namespace) -> int:
     where = study.describe_storage(args.storage)
 
     own_trials, argvs = workers.study_argvs(args, args.workers)
-    threads = max(1, torch.get_num_threads() // args.workers)
-    helpers = workers.Workers(argvs, threads)
     threads_before = torch.get_num_threads()
-    if argvs:
-        torch.set_num_threads(threads)
+    threads = max(1, threads_before // (len(argvs) + 1))
+    helpers = workers.Workers(argvs, threads)
 
     def banner() -> None:
         stderr.print(f"study {name} ({size}) in {where}", markup=False, highlight=False)
         for note in plan.notes:
             stderr.print(f"note: {note}", markup=False, highlight=False)
-        if argvs:  # after the preflight: a spec it refuses starts no worker
-            stderr.print(f"{len(argvs) + 1} workers, {threads} thread(s) each", markup=False, highlight=False)
-            helpers.start()
 
+    def start_workers(deadline: float | None) -> None:  # only when there is a trial to run
+        if argvs:
+            stderr.print(f"{len(argvs) + 1} workers, {threads} thread(s) each", markup=False, highlight=False)
+            torch.set_num_threads(threads)
+            helpers.start(deadline)
+
+    # A job runner's SIGTERM ends this process as Ctrl-C does, so the finally below stops the workers too.
+    previous_sigterm = signal.signal(signal.SIGTERM, _interrupt) if argvs else None
     try:
         with study.StudyProgress(new_progress(stderr.is_terminal)) as bars:
             done = study.run_study(
@@ -383,6 +389,8 @@ def cmd_study(args: argparse.Namespace) -> int:
                 progress=bars,
                 log=lambda m: stderr.print(m, markup=False, highlight=False),
                 on_ready=banner,
+                deadline=args.deadline,
+                on_trials=start_workers,
             )
         if helpers.running():
             stderr.print(f"waiting for {helpers.running()} other worker(s)", markup=False, highlight=False)
@@ -390,8 +398,10 @@ def cmd_study(args: argparse.Namespace) -> int:
     finally:
         helpers.stop()  # only those still running: an error or an interrupt here
         torch.set_num_threads(threads_before)
+        if previous_sigterm is not None:
+            signal.signal(signal.SIGTERM, previous_sigterm)
     for line in failures:
-        stderr.print(f"ffablate: {line}; rerun the same command to resume", markup=False, highlight=False)
+        stderr.print(f"ffablate: {line}", markup=False, highlight=False)
     summary = results.summarize(done.study)
     code = 1 if failures else 0
     if args.json:
@@ -481,6 +491,10 @@ def cmd_audit(args: argparse.Namespace) -> int:
 def os_reason(exc: OSError) -> str:
     """``File exists: /tmp/x`` from an OSError, on one line."""
     return f"{exc.strerror or exc}: {exc.filename}" if exc.filename else str(exc.strerror or exc)
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
 
 
 @contextmanager

@@ -11,6 +11,7 @@ Resumption rules (the reason this module exists instead of a bare ``study.optimi
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 import re
@@ -750,12 +751,17 @@ def run_study(
     progress: Any = None,
     log: Callable[[str], None] = lambda message: None,
     on_ready: Callable[[], None] = lambda: None,
+    deadline: float | None = None,
+    on_trials: Callable[[float | None], None] = lambda deadline: None,
 ) -> StudyRun:
-    """Create or resume the study and run what is left (at most ``n_trials`` trials / ``timeout`` seconds).
+    """Create or resume the study and run what is left (at most ``n_trials`` trials, none started after
+    ``timeout`` seconds or after the ``time.time()`` ``deadline``).
 
     ``progress`` is an optional object with ``trial_started(label, seed)``, ``steps(done, total, info)`` and
     ``trial_finished(state, value)`` methods (the CLI's rich bars). ``on_ready`` runs once the spec has passed
     its preflight, before any trial (the CLI's banner: a spec that fails leaves one error line, not a banner too).
+    ``on_trials(deadline)`` runs just before the first trial, only when there is one to run (the CLI starts its
+    other workers there, with this run's deadline).
     """
     from ffablate.train.common import resolve_device
 
@@ -791,7 +797,10 @@ def run_study(
             # hand out one of those again.
             limit = min(limit, len(study.sampler._get_unvisited_grid_ids(study)))
         before = len(study.trials)
-        if limit > 0:
+        if deadline is not None:
+            timeout = min(timeout or math.inf, deadline - time.time())
+        if limit > 0 and (timeout is None or timeout > 0):
+            on_trials(None if timeout is None else time.time() + timeout)
             objective = Objective(plan, device, data, progress.steps if progress is not None else None)
             callbacks = [lambda s, t: _log_failure(t, log)]
             if progress is not None:

@@ -7,6 +7,7 @@ temperature-vs-norm (quick) in 0.64-0.69x the wall time of one 2-thread worker (
 
 from __future__ import annotations
 
+import ctypes
 import os
 import signal
 import subprocess
@@ -17,6 +18,8 @@ from typing import IO, Any
 
 import ffablate
 
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+
 
 def shares(total: int | None, workers: int) -> list[int | None]:
     """``total`` trials split over ``workers`` as evenly as they go (None: no limit for any)."""
@@ -25,33 +28,48 @@ def shares(total: int | None, workers: int) -> list[int | None]:
     return [total // workers + (i < total % workers) for i in range(workers)]
 
 
+def _as_a_worker() -> None:
+    """Run in each worker between fork and exec. An ignored SIGINT (a background job's) would be inherited and make
+    the worker deaf to ``stop``; on Linux the worker is also interrupted when this process dies, even killed
+    outright, so no worker goes on alone."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    if sys.platform == "linux":
+        ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, int(signal.SIGINT))
+
+
 class Workers:
-    """``count`` extra ``ffablate study`` processes with the arguments ``argv`` (one list per worker)."""
+    """Extra ``ffablate study`` processes, one per argument list in ``argvs``, with ``threads`` threads each."""
 
     def __init__(self, argvs: list[list[str]], threads: int):
         self.argvs, self.threads = argvs, threads
         self.procs: list[tuple[subprocess.Popen, IO[bytes]]] = []
 
-    def start(self) -> None:
+    def start(self, deadline: float | None = None) -> None:
+        """Start them; none starts a trial after the ``time.time()`` ``deadline`` (this process's)."""
         env = dict(os.environ, OMP_NUM_THREADS=str(self.threads))
-        # The workers import the very ffablate this process runs, installed or not.
-        root = str(Path(ffablate.__file__).resolve().parent.parent)
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")]))
+        root = Path(ffablate.__file__).resolve().parent.parent
+        if root.name not in ("site-packages", "dist-packages"):  # a source tree: the workers import this very one
+            env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(root), env.get("PYTHONPATH")]))
         for argv in self.argvs:
             log = tempfile.TemporaryFile()  # noqa: SIM115 (open until the worker is waited for)
-            command = [sys.executable, "-m", "ffablate.cli", *argv]
-            proc = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=log)
+            extra = [] if deadline is None else ["--deadline", repr(deadline)]
+            command = [sys.executable, "-m", "ffablate.cli", *argv, *extra]
+            proc = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=log, preexec_fn=_as_a_worker)
             self.procs.append((proc, log))
 
     def running(self) -> int:
         return sum(proc.poll() is None for proc, _ in self.procs)
 
     def wait(self) -> list[str]:
-        """Wait for every worker; one line per worker that failed, with the last line it printed."""
+        """Wait for every worker; one line per worker that failed: what stopped it, or the last line it printed."""
         failures = []
         for number, (proc, log) in enumerate(self.procs, start=2):
             code = proc.wait()
-            if code != 0:
+            if code < 0:
+                failures.append(f"worker {number} was killed by {signal.Signals(-code).name}; rerun to resume")
+            elif code == 130:
+                failures.append(f"worker {number} was interrupted; rerun to resume")
+            elif code != 0:
                 log.seek(0)
                 lines = log.read().decode(errors="replace").strip().splitlines()
                 failures.append(f"worker {number} stopped with exit code {code}: {lines[-1] if lines else 'no output'}")
@@ -61,7 +79,7 @@ class Workers:
 
     def stop(self) -> None:
         """Interrupt the workers still running (as Ctrl-C would): their finished trials stay stored, and a trial
-        cut short is marked stale and rerun by the next run."""
+        cut short is stored as failed and rerun by the next run."""
         for proc, _ in self.procs:
             if proc.poll() is None:
                 proc.send_signal(signal.SIGINT)
@@ -77,7 +95,8 @@ class Workers:
 
 def study_argvs(args: Any, workers: int) -> tuple[int | None, list[list[str]]]:
     """This process's trial share and the other workers' ``ffablate study`` arguments (those with no share left
-    out): the same spec, budget, storage, study name, device, data and recipe source."""
+    out): the same spec, budget, storage, study name, device, data and recipe source. Their time limit is this
+    process's deadline (``Workers.start``), not a ``--timeout`` of their own that would start after their startup."""
     own, *others = shares(args.n_trials, workers)
     argvs = []
     for n_trials in others:
@@ -88,7 +107,6 @@ def study_argvs(args: Any, workers: int) -> tuple[int | None, list[list[str]]]:
             "--storage": args.storage,
             "--study-name": args.study_name,
             "--n-trials": n_trials,
-            "--timeout": args.timeout,
             "--device": args.device,
             "--data-root": args.data_root,
             "--recipe-from": args.recipe_from,

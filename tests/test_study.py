@@ -9,6 +9,7 @@ import re
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import optuna
@@ -889,6 +890,41 @@ def test_workers_flag_runs_the_study_in_several_processes(tmp_path, capsys):
     assert [t.state for t in trials] == [TrialState.COMPLETE] * 4
     assert len({studies.point_of(t) for t in trials}) == 4
     assert len({t.user_attrs["worker"]["pid"] for t in trials}) == 2
+    # The other 2 of the 6 points, then a finished study: nothing to run, so no other worker starts.
+    for runs_workers in (True, False):
+        assert main(["study", str(path), "--budget", "smoke", "--storage", url, "--workers", "2"]) == 0
+        assert ("2 workers, " in capsys.readouterr().err) == runs_workers
+    # (a trial that found its point taken by the other worker ends as surplus, outside the results)
+    kept = [t for t in trials_of(url, "tiny-smoke") if not t.user_attrs.get(results.SURPLUS)]
+    assert [t.state for t in kept] == [TrialState.COMPLETE] * 6
+
+
+def test_workers_stop_with_the_process_that_started_them(tmp_path):
+    # A SIGTERM (a job runner's) ended the first process and left the other worker running the study alone.
+    import psutil
+
+    path = write_spec(tmp_path, GRID.replace("[base]", "[base]\nepochs = 3"), seeds=3)
+    path.write_text(path.read_text().replace("limit_train = 300", "limit_train = 3000"))
+    url = storage_url(tmp_path)
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    argv = [sys.executable, "-m", "ffablate.cli", "study", str(path), "--budget", "smoke", "--storage", url]
+    first = subprocess.Popen([*argv, "--workers", "2"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    started = b""
+    while b"2 workers" not in started:
+        line = first.stderr.readline()
+        assert line, "the study ended before it started its workers"
+        started += line
+    first.terminate()
+    first.wait(timeout=60)
+    assert first.returncode == 130  # the interrupt path: "finished trials are stored"
+
+    def workers() -> list[psutil.Process]:
+        return [p for p in psutil.process_iter(["cmdline"]) if url in " ".join(p.info["cmdline"] or [])]
+
+    _, alive = psutil.wait_procs(workers(), timeout=60)
+    assert not alive
+    states = {t.state for t in trials_of(url, "tiny-smoke")}
+    assert TrialState.RUNNING not in states  # each trial in flight was stored as failed, for a rerun to retry
 
 
 def test_a_worker_that_fails_is_reported_with_its_last_line():
@@ -900,3 +936,11 @@ def test_a_worker_that_fails_is_reported_with_its_last_line():
     helpers.start()
     (line,) = helpers.wait()
     assert line.startswith("worker 2 stopped with exit code 2: ffablate: error: ") and "no-such-spec" in line
+
+
+def test_a_deadline_in_the_past_starts_no_trial_and_no_worker(tmp_path):
+    # Workers get the first process's deadline: their own --timeout would start after their own startup.
+    plan = specs.load(str(write_spec(tmp_path, GRID, seeds=1))).plan("smoke")
+    started = []
+    run = studies.run_study(plan, storage_url=storage_url(tmp_path), deadline=time.time() - 1, on_trials=started.append)
+    assert run.ran == 0 and started == []
