@@ -2,7 +2,7 @@
 
 The workers share the study's points and trial budget (``ffablate.study``'s claims and surplus checks), so none
 runs a point twice. Each gets an equal share of the CPU threads: on a 2-core CPU two 1-thread workers ran
-temperature-vs-norm (quick) in 0.64-0.69x the wall time of one 2-thread worker (``docs/benchmarks.md``).
+temperature-vs-norm (quick) in 0.64-0.78x the wall time of one 2-thread worker (``docs/benchmarks.md``).
 """
 
 from __future__ import annotations
