@@ -15,6 +15,8 @@
 //    block then sums the G partials in the same fixed order, so results are bitwise deterministic (no
 //    floating-point atomics). Used only when G blocks fit on the GPU at once, four times over; that bound makes
 //    the wait deadlock-free, with room for kernels on other streams.
+//  * flagged: the ticket path's launch and order, but each block publishes its partials as flagged 8-byte words
+//    (below) and reads its siblings' words as they fill: no fence, arrival counter or second read.
 //  * pipelined: a cooperative launch of resident blocks that walk the chunks with two tiles, the next chunk's
 //    copy in flight while the current one waits; partials are published as flagged 8-byte words. Same sum
 //    order, same bits.
@@ -37,10 +39,18 @@
 namespace ffablate {
 namespace {
 
-constexpr int kThreads = 256;
+// Threads per block. A build knob only for A/B timing on a GPU (NVCC_APPEND_FLAGS=-DFFABLATE_CUDA_THREADS=128):
+// fewer threads per block let more blocks, and so more tiles, share an SM.
+#ifndef FFABLATE_CUDA_THREADS
+#define FFABLATE_CUDA_THREADS 256
+#endif
+constexpr int kThreads = FFABLATE_CUDA_THREADS;
+static_assert(kThreads == 128 || kThreads == 256, "FFABLATE_CUDA_THREADS must be 128 or 256");
 constexpr int kWarps = kThreads / 32;
 constexpr int kChunkBytes = 16384;  // one chunk's shared-memory tile
-constexpr int kMaxK = 1024;         // whole channels per chunk (per-channel readout sums in shared memory)
+// Whole channels per chunk (their readout sums live in shared memory). 256 (1 KB) leaves room for 12 forward blocks
+// per SM at 128 threads; only maps of fewer than 16 pixels have more channels per tile than that.
+constexpr int kMaxK = 256;
 
 template <typename T>
 constexpr int chunk_elems() {
@@ -163,15 +173,18 @@ constexpr bool kAsyncCopy = sizeof(T) * VEC == 4 || sizeof(T) * VEC == 8 || size
 // The scalar fallbacks unroll per element and get the budget of 4 forward and 3 backward blocks (2 for the
 // 2-byte backward, which stages through registers). ptxas spills nothing under these bounds on sm_80 and sm_90
 // (tests/test_cuda_machine_code.py checks every build).
+// The figures are for 256 threads; at 128 the register budget per thread stays the same, so twice the blocks,
+// except where shared memory bounds them (the backward's two tiles).
+constexpr int kPer256 = 256 / kThreads;
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
-constexpr int kVectorForwardBlocksPerSM = 5;
+constexpr int kVectorForwardBlocksPerSM = 5 * kPer256;
 #else
-constexpr int kVectorForwardBlocksPerSM = 6;
+constexpr int kVectorForwardBlocksPerSM = 6 * kPer256;
 #endif
 template <typename T, int VEC>
-constexpr int kForwardBlocksPerSM = VEC > 1 ? kVectorForwardBlocksPerSM : 4;
+constexpr int kForwardBlocksPerSM = VEC > 1 ? kVectorForwardBlocksPerSM : 4 * kPer256;
 template <typename T, int VEC>
-constexpr int kBackwardBlocksPerSM = VEC > 1 ? 6 : (kAsyncCopy<T, VEC> ? 3 : 2);
+constexpr int kBackwardBlocksPerSM = VEC > 1 ? 6 : (kAsyncCopy<T, VEC> ? 3 : 2) * kPer256;
 constexpr int kBackwardPipelinedBlocksPerSM = 3;  // its 64 KB of tiles allow no more
 
 // Issues this thread's cp.async copies of a chunk (len elements from a, and from b when given) into the shared
@@ -248,9 +261,10 @@ __device__ __forceinline__ void block_sum(float (&v)[NV], float (*red)[kWarps]) 
   __syncthreads();
 }
 
-__device__ __forceinline__ int64_t take_ticket(int mode, int* sync, int64_t N, int* s_bid) {
-  if (mode != kSinglePass) return blockIdx.x;
-  if (threadIdx.x == 0) *s_bid = atomicAdd(sync + N, 1);
+// The chunk this block works on: the next ticket in single-pass launches (ticket non-null), else its index.
+__device__ __forceinline__ int64_t take_ticket(int* ticket, int* s_bid) {
+  if (ticket == nullptr) return blockIdx.x;
+  if (threadIdx.x == 0) *s_bid = atomicAdd(ticket, 1);
   __syncthreads();
   return *s_bid;
 }
@@ -346,8 +360,9 @@ __device__ __forceinline__ float await_slot(const unsigned long long* slot) {
   }
 }
 
-// The rendezvous of the pipelined launches: every block of the grid is resident (a cooperative launch), each
-// publishes into its chunk's slots and reads its siblings' slots as they fill.
+// The rendezvous of the pipelined and flagged launches: each block publishes into its chunk's slots and reads its
+// siblings' slots as they fill. Deadlock-free where the sibling blocks are resident or can be scheduled: a
+// cooperative launch (pipelined), or tickets under the single-pass residency bound (flagged).
 struct SlotRendezvous {
   unsigned long long* slots;  // (N, G, NV), zeroed
 
@@ -447,11 +462,11 @@ __device__ __forceinline__ void forward_chunk(const T* tile, const Rendezvous& r
   }
 }
 
-template <typename T, int VEC>
+// One chunk per block. Rendezvous is TicketRendezvous (any mode) or SlotRendezvous (flagged, single pass).
+template <typename T, int VEC, typename Rendezvous>
 __global__ void __launch_bounds__(kThreads, kForwardBlocksPerSM<T, VEC>)
     forward_kernel(const T* __restrict__ h, T* __restrict__ out, T* __restrict__ readout,
-                   float* __restrict__ sumsq, float* __restrict__ sumabs, float* ws, int* sync, Plan p,
-                   int mode) {
+                   float* __restrict__ sumsq, float* __restrict__ sumabs, Rendezvous rv, int* ticket, Plan p) {
   __shared__ __align__(16) unsigned char tile_bytes[kChunkBytes];
   __shared__ float chs[kMaxK];  // per-channel sums of h (whole-channel chunks)
   __shared__ float red[3][kWarps];
@@ -459,13 +474,12 @@ __global__ void __launch_bounds__(kThreads, kForwardBlocksPerSM<T, VEC>)
   __shared__ int s_bid;
   T* tile = reinterpret_cast<T*>(tile_bytes);
 
-  const int64_t bid = take_ticket(mode, sync, p.N, &s_bid);
+  const int64_t bid = take_ticket(ticket, &s_bid);
   const int64_t n = bid / p.G;
   const int g = static_cast<int>(bid % p.G);
   const Chunk ch = chunk_of(p, g);
   stage<T, VEC>(tile, h + n * p.D + ch.off, nullptr, nullptr, ch.len);
-  forward_chunk<T, VEC>(tile, TicketRendezvous{mode, ws, sync}, p, n, g, ch, out, readout, sumsq, sumabs, chs, red,
-                        bcast);
+  forward_chunk<T, VEC>(tile, rv, p, n, g, ch, out, readout, sumsq, sumabs, chs, red, bcast);
 }
 
 // The walk both pipelined kernels share: block b takes chunks b, b + grid, ... Before working on a chunk it issues
@@ -583,10 +597,10 @@ __device__ __forceinline__ void backward_chunk(const T* th, const T* tg, const R
   });
 }
 
-template <typename T, int VEC>
+template <typename T, int VEC, typename Rendezvous>
 __global__ void __launch_bounds__(kThreads, kBackwardBlocksPerSM<T, VEC>)
     backward_kernel(const T* __restrict__ h, const T* __restrict__ go, const T* __restrict__ gr,
-                    BwdPtrs bp, T* __restrict__ dh, float* ws, int* sync, Plan p, int mode, bool need_dot) {
+                    BwdPtrs bp, T* __restrict__ dh, Rendezvous rv, int* ticket, Plan p, bool need_dot) {
   __shared__ __align__(16) unsigned char tile_h_bytes[kChunkBytes];
   __shared__ __align__(16) unsigned char tile_g_bytes[kChunkBytes];
   __shared__ float red[1][kWarps];
@@ -595,13 +609,12 @@ __global__ void __launch_bounds__(kThreads, kBackwardBlocksPerSM<T, VEC>)
   T* th = reinterpret_cast<T*>(tile_h_bytes);
   T* tg = reinterpret_cast<T*>(tile_g_bytes);
 
-  const int64_t bid = take_ticket(mode, sync, p.N, &s_bid);
+  const int64_t bid = take_ticket(ticket, &s_bid);
   const int64_t n = bid / p.G;
   const int g = static_cast<int>(bid % p.G);
   const Chunk ch = chunk_of(p, g);
   stage<T, VEC>(th, h + n * p.D + ch.off, tg, go ? go + n * p.D + ch.off : nullptr, ch.len);
-  backward_chunk<T, VEC>(th, go ? tg : nullptr, TicketRendezvous{mode, ws, sync}, p, n, g, ch, gr, bp, dh, need_dot,
-                         red, bcast);
+  backward_chunk<T, VEC>(th, go ? tg : nullptr, rv, p, n, g, ch, gr, bp, dh, need_dot, red, bcast);
 }
 
 // Two tiles (h, grad_out) per stage and two stages: 64 KB, beyond the 48 KB of static shared memory.
@@ -633,14 +646,16 @@ bool aligned16(const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 =
 
 // FFABLATE_CUDA_SCHEDULE: how the chunks of a multi-block sample meet (docs/kernels.md). Read at every launch, so
 // one process can A/B them.
-enum class Schedule { kTicket, kPipelined, kTwoPass };
+enum class Schedule { kTicket, kFlagged, kPipelined, kTwoPass };
 
 Schedule schedule_from_env() {
   const char* env = std::getenv("FFABLATE_CUDA_SCHEDULE");
   if (env == nullptr || *env == '\0' || std::strcmp(env, "ticket") == 0) return Schedule::kTicket;
+  if (std::strcmp(env, "flagged") == 0) return Schedule::kFlagged;
   if (std::strcmp(env, "pipelined") == 0) return Schedule::kPipelined;
   if (std::strcmp(env, "two-pass") == 0) return Schedule::kTwoPass;
-  TORCH_CHECK(false, "FFABLATE_CUDA_SCHEDULE must be ticket, pipelined or two-pass (or unset), got '", env, "'");
+  TORCH_CHECK(false, "FFABLATE_CUDA_SCHEDULE must be ticket, flagged, pipelined or two-pass (or unset), got '", env,
+              "'");
 }
 
 // A per-device answer (>= 0) that never changes, computed once per device: the occupancy query costs several
@@ -774,19 +789,36 @@ void launch_forward(const at::Tensor& h, const Plan& p, at::Tensor& sumsq, at::T
         return;
     }
   }
-  constexpr auto kernel = forward_kernel<T, VEC>;
+  if constexpr (VEC > 1) {
+    constexpr auto kernel = forward_kernel<T, VEC, SlotRendezvous>;
+    if (schedule == Schedule::kFlagged && pick_mode<kernel>(p, schedule) == kSinglePass) {
+      const int64_t words = p.N * p.G * 3;  // the slots, then the ticket counter in one more word
+      const at::Tensor slots = zeroed(words + 1, at::kLong, h, stream);
+      unsigned long long* sp = slot_ptr(slots);
+      kernel<<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(x, out.data_ptr<T>(), ro,
+                                                                      sumsq.data_ptr<float>(), sumabs.data_ptr<float>(),
+                                                                      SlotRendezvous{sp},
+                                                                      reinterpret_cast<int*>(sp + words), p);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      return;
+    }
+  }
+  constexpr auto kernel = forward_kernel<T, VEC, TicketRendezvous>;
   const int mode = pick_mode<kernel>(p, schedule);
   at::Tensor ws, sync;
   if (mode != kSolo) ws = at::empty({p.N * p.G * 3}, h.options().dtype(at::kFloat));
   if (mode == kSinglePass) sync = zeroed(p.N + 1, at::kInt, h, stream);
   float* wsp = mode != kSolo ? ws.data_ptr<float>() : nullptr;
   int* sp = mode == kSinglePass ? sync.data_ptr<int>() : nullptr;
+  int* ticket = mode == kSinglePass ? sp + p.N : nullptr;
   kernel<<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(x, out.data_ptr<T>(), ro, sumsq.data_ptr<float>(),
-                                                                  sumabs.data_ptr<float>(), wsp, sp, p, mode);
+                                                                  sumabs.data_ptr<float>(),
+                                                                  TicketRendezvous{mode, wsp, sp}, ticket, p);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   if (mode == kStatsOnly) {
     kernel<<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(x, out.data_ptr<T>(), ro, sumsq.data_ptr<float>(),
-                                                                    sumabs.data_ptr<float>(), wsp, sp, p, kApply);
+                                                                    sumabs.data_ptr<float>(),
+                                                                    TicketRendezvous{kApply, wsp, sp}, nullptr, p);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
 }
@@ -844,7 +876,19 @@ void launch_backward(const BackwardArgs& a, const Plan& p, at::Tensor& dh) {
         return;
     }
   }
-  constexpr auto kernel = backward_kernel<T, VEC>;
+  if constexpr (VEC > 1) {
+    constexpr auto kernel = backward_kernel<T, VEC, SlotRendezvous>;
+    if (need_dot && schedule == Schedule::kFlagged && pick_mode<kernel>(p, schedule) == kSinglePass) {
+      const int64_t words = p.N * p.G;  // the slots, then the ticket counter in one more word
+      const at::Tensor slots = zeroed(words + 1, at::kLong, a.h, stream);
+      unsigned long long* sp = slot_ptr(slots);
+      kernel<<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(x, go, gr, bp, dh.data_ptr<T>(), SlotRendezvous{sp},
+                                                                      reinterpret_cast<int*>(sp + words), p, true);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      return;
+    }
+  }
+  constexpr auto kernel = backward_kernel<T, VEC, TicketRendezvous>;
   const int picked = pick_mode<kernel>(p, schedule);
   const int mode = need_dot ? picked : kApply;  // without a dot product there is nothing to rendezvous on
   at::Tensor ws, sync;
@@ -852,12 +896,14 @@ void launch_backward(const BackwardArgs& a, const Plan& p, at::Tensor& dh) {
   if (mode == kSinglePass) sync = zeroed(p.N + 1, at::kInt, a.h, stream);
   float* wsp = ws.defined() ? ws.data_ptr<float>() : nullptr;
   int* sp = mode == kSinglePass ? sync.data_ptr<int>() : nullptr;
-  kernel<<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(x, go, gr, bp, dh.data_ptr<T>(), wsp, sp, p, mode,
-                                                                  need_dot);
+  int* ticket = mode == kSinglePass ? sp + p.N : nullptr;
+  kernel<<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(x, go, gr, bp, dh.data_ptr<T>(),
+                                                                  TicketRendezvous{mode, wsp, sp}, ticket, p, need_dot);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   if (mode == kStatsOnly) {
-    kernel<<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(x, go, gr, bp, dh.data_ptr<T>(), wsp, sp, p,
-                                                                    kApply, need_dot);
+    kernel<<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(x, go, gr, bp, dh.data_ptr<T>(),
+                                                                    TicketRendezvous{kApply, wsp, sp}, nullptr, p,
+                                                                    need_dot);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
 }

@@ -15,7 +15,7 @@ from ffablate.bench import kernel_bench, render_table
 from ffablate.errors import ConfigError, FFablateWarning
 
 OUTS = ("sumsq", "sumabs", "out", "readout")
-SCHEDULES = ("ticket", "pipelined", "two-pass")  # FFABLATE_CUDA_SCHEDULE
+SCHEDULES = ("ticket", "flagged", "pipelined", "two-pass")  # FFABLATE_CUDA_SCHEDULE
 HAS_CUDA = ops.extension_available() and bool(getattr(ops._C, "WITH_CUDA", False)) and torch.cuda.is_available()
 cuda_only = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device and a CUDA build of ffablate._C")
 
@@ -316,7 +316,7 @@ def test_reference_backend_is_honoured(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("FFABLATE_CUDA_SCHEDULE", "pipelined")
     assert ops.backend() == "fused"
     monkeypatch.setenv("FFABLATE_CUDA_SCHEDULE", "single-pass")
-    with pytest.raises(ConfigError, match="FFABLATE_CUDA_SCHEDULE must be one of ticket, pipelined, two-pass"):
+    with pytest.raises(ConfigError, match="FFABLATE_CUDA_SCHEDULE must be one of ticket, flagged, pipelined, two-pass"):
         ops.backend()
 
 
@@ -427,7 +427,7 @@ def test_cuda_schedules_agree_bitwise(
     h = _make(shape, dtype, "cuda", 1)
     tol = 1e-4 if dtype == torch.float32 else 3e-2
     runs = {}
-    for schedule in ("ticket", "pipelined", "two-pass", "pipelined"):
+    for schedule in ("ticket", "flagged", "pipelined", "two-pass", "flagged"):
         monkeypatch.setenv("FFABLATE_CUDA_SCHEDULE", schedule)
         for which in ((True, True, True, True), (True, False, False, False), (False, False, False, True)):
             res, dh = _fwd_bwd(ops.goodness_norm, h, which, seed=3)
@@ -453,7 +453,7 @@ def test_cuda_huge_sample_uses_two_pass_fallback(schedule: str, monkeypatch: pyt
 def test_cuda_kernel_refuses_unknown_schedule(monkeypatch: pytest.MonkeyPatch) -> None:
     # ops.backend() catches a bad value first; the raw op must still refuse it with a message, not pick one.
     monkeypatch.setenv("FFABLATE_CUDA_SCHEDULE", "fast")
-    with pytest.raises(RuntimeError, match="FFABLATE_CUDA_SCHEDULE must be ticket, pipelined or two-pass"):
+    with pytest.raises(RuntimeError, match="FFABLATE_CUDA_SCHEDULE must be ticket, flagged, pipelined or two-pass"):
         torch.ops.ffablate.goodness_norm.default(_make((4, 8, 8, 8), torch.float32, "cuda", 0), 1e-6)
 
 

@@ -1,0 +1,138 @@
+#!/usr/bin/env bash
+# A/B of CUDA kernel variants in one GPU lease: builds the extension twice from this tree, as it is (A) and with
+# NVCC_APPEND_FLAGS=$B_FLAGS (B, default -DFFABLATE_CUDA_THREADS=128) in a copy under /tmp, runs the CUDA tests on
+# both, then times the fused op for each build and each of $SCHEDULES in turn: A's first pass with torch.compile of
+# the reference (the other rows' "x compiled" uses that time), A's ticket again last (the spread between two timings
+# of one version), forward and backward apart, and an Nsight Compute summary of A's cnn28 fp32 kernels.
+#
+#   scripts/device-ab.sh OUT_DIR
+#
+# Through the device tool: command `bash scripts/device-ab.sh $OUT`, carry [".data", ".whl"]; about 4 minutes.
+# Files: device-ab.log (every section), bench_a.json, bench_b.json, bench_a2.json, ncu.txt, summary.json.
+set -u
+
+OUT=${1:?usage: scripts/device-ab.sh OUT_DIR}
+mkdir -p "$OUT"
+OUT=$(cd "$OUT" && pwd)
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+B_FLAGS=${B_FLAGS:--DFFABLATE_CUDA_THREADS=128}
+SCHEDULES=${SCHEDULES:-ticket,flagged}
+export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda} TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} SCHEDULES
+LOG="$OUT/device-ab.log"
+: >"$LOG"
+SECTIONS=()
+A=$PWD
+B=/tmp/ffablate-b
+
+run_section() {  # NAME LIMIT_S CMD...: output appended to the log, rc and seconds recorded
+    local name=$1 limit=$2 t0 rc secs
+    shift 2
+    t0=$(date +%s.%N)
+    printf '\n===== %s (limit %ss)\n' "$name" "$limit" >>"$LOG"
+    timeout --kill-after=10 "$limit" "$@" >>"$LOG" 2>&1
+    rc=$?
+    secs=$(awk -v a="$t0" -v b="$(date +%s.%N)" 'BEGIN{printf "%.1f", b-a}')
+    printf '===== %s: rc=%s in %ss\n' "$name" "$rc" "$secs" >>"$LOG"
+    printf '%-12s rc=%-4s %7ss\n' "$name" "$rc" "$secs"
+    SECTIONS+=("$name $rc $secs")
+}
+
+if ! "$PY" -c "import expecttest" 2>/dev/null && compgen -G ".whl/*.whl" >/dev/null; then
+    "$PY" -m pip install --no-index --no-deps --quiet .whl/*.whl >>"$LOG" 2>&1 ||
+        "$PY" -m pip install --no-index --no-deps --quiet --break-system-packages .whl/*.whl >>"$LOG" 2>&1
+fi
+
+rm -rf "$B" && mkdir -p "$B" && cp -r setup.py pyproject.toml csrc ffablate tests scripts "$B"/ &&
+    rm -f "$B"/ffablate/_C*.so && ln -s "$A/.data" "$B/.data"
+
+# Two builds at once (16 cores); pytest and the drivers below find each build through PYTHONPATH and their cwd.
+build() {  # DIR [NVCC flags]
+    cd "$1" && FFABLATE_BUILD=cuda MAX_JOBS=8 NVCC_APPEND_FLAGS="${2:-}" "$PY" setup.py build_ext --inplace
+}
+tests() {  # DIR: the CUDA tests, and the machine-code checks where the build is the default one
+    cd "$1" && PYTHONPATH="$1" "$PY" -m pytest tests/test_ops.py tests/test_data.py -m cuda -q -rs -p no:cacheprovider
+    local rc=$?
+    if [[ "$1" == "$A" ]]; then
+        PYTHONPATH="$1" "$PY" -m pytest tests/test_cuda_machine_code.py -q -p no:cacheprovider || rc=1
+    fi
+    return $rc
+}
+both() {  # FUNCTION: runs it on A and on B at once, then prints both logs
+    ("$1" "$A" >"/tmp/$1_a.log" 2>&1) & local a=$!
+    ("$1" "$B" "$B_FLAGS" >"/tmp/$1_b.log" 2>&1) & local b=$!
+    wait $a; local ra=$?
+    wait $b; local rb=$?
+    echo "--- A rc=$ra"; tail -15 "/tmp/$1_a.log"; echo "--- B rc=$rb"; tail -15 "/tmp/$1_b.log"
+    return $((ra || rb))
+}
+export -f build tests both
+export A B B_FLAGS PY
+run_section build 180 bash -c "both build"
+run_section tests 170 bash -c "both tests"
+# Out of time there most likely means a hang in a new schedule's rendezvous: time only ticket then.
+if [[ ${SECTIONS[-1]} == "tests 124 "* || ${SECTIONS[-1]} == "tests 137 "* ]]; then
+    SCHEDULES=ticket
+    echo "tests ran out of time: timing ticket alone" | tee -a "$LOG"
+fi
+
+cat >/tmp/ab_bench.py <<'PYEOF'
+import json, os, sys
+from ffablate.bench import kernel_bench
+path, compiled_first, schedules = sys.argv[1], sys.argv[2] == "1", sys.argv[3].split(",")
+rows = []
+for i, schedule in enumerate(schedules):
+    os.environ["FFABLATE_CUDA_SCHEDULE"] = schedule
+    got = kernel_bench("cuda", dtypes=["float32", "bfloat16"], compile_reference=compiled_first and i == 0)
+    rows += [dict(r, schedule=schedule, pass_index=i) for r in got]
+    json.dump(rows, open(path, "w"), indent=1)
+PYEOF
+
+cat >/tmp/ab_ncu.py <<'PYEOF'
+import os, torch
+from ffablate import ops
+h = torch.randn(256, 64, 28, 28, device="cuda", requires_grad=True)
+for schedule in os.environ["SCHEDULES"].split(","):
+    os.environ["FFABLATE_CUDA_SCHEDULE"] = schedule
+    s, a, out, ro = ops.goodness_norm(h)
+    torch.autograd.grad((out * out.detach()).sum() + ro.sum() + s.sum(), h)
+torch.cuda.synchronize()
+PYEOF
+
+# Drivers run from files: sys.path[0] is then their folder, not the working directory, so PYTHONPATH picks the build.
+run_section bench_a 150 env PYTHONPATH="$A" "$PY" /tmp/ab_bench.py "$OUT/bench_a.json" 1 "$SCHEDULES"
+run_section bench_b 90 env PYTHONPATH="$B" "$PY" /tmp/ab_bench.py "$OUT/bench_b.json" 0 "$SCHEDULES"
+run_section bench_a2 60 env PYTHONPATH="$A" "$PY" /tmp/ab_bench.py "$OUT/bench_a2.json" 0 ticket
+run_section split_a 60 env PYTHONPATH="$A" "$PY" "$A/scripts/kernel-split.py" --schedules "$SCHEDULES"
+run_section split_b 60 env PYTHONPATH="$B" "$PY" "$B/scripts/kernel-split.py" --schedules "$SCHEDULES"
+
+NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
+run_section ncu 70 env PYTHONPATH="$A" "$NCU" --clock-control none -k 'regex:(forward|backward)_kernel' \
+    --section SpeedOfLight --section Occupancy --section WarpStateStats --section MemoryWorkloadAnalysis \
+    --log-file "$OUT/ncu.txt" "$PY" /tmp/ab_ncu.py
+
+"$PY" - "$OUT" "${SECTIONS[@]}" <<'PYEOF'
+import json, os, sys
+out, *secs = sys.argv[1:]
+rows = [dict(zip(("name", "rc", "seconds"), s.split())) for s in secs]
+json.dump({"sections": rows}, open(os.path.join(out, "summary.json"), "w"), indent=1)
+print("\nsection      rc   seconds")
+for r in rows:
+    print(f"{r['name']:<12} {r['rc']:<4} {r['seconds']:>7}")
+compiled = {}
+for build, name in (("A", "bench_a.json"), ("B", "bench_b.json"), ("A2", "bench_a2.json")):
+    try:
+        got = json.load(open(os.path.join(out, name)))
+    except (OSError, ValueError) as exc:
+        print(build, "no rows:", exc)
+        continue
+    for r in got:
+        key = (r["name"], r["dtype"])
+        if r.get("compiled_ms"):
+            compiled[key] = r["compiled_ms"]
+        c = compiled.get(key)
+        print(f"{build:<3} {r['schedule']:<8} {r['name']:<7} {r['dtype']:<9} fused {r['fused_ms']:.4f} ms "
+              f"{r['pct_of_copy']:.0f}% copy {r.get('pct_of_peak_copy') or 0:.0f}% peak "
+              f"x{r['speedup_vs_eager']:.2f} eager x{(c / r['fused_ms']) if c else 0:.2f} compiled "
+              f"err {r['max_abs_err']:.1e}")
+PYEOF
