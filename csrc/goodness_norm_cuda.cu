@@ -16,9 +16,7 @@
 //    floating-point atomics). Used only when G blocks fit on the GPU at once, four times over; that bound makes
 //    the wait deadlock-free, with room for kernels on other streams.
 //  * flagged: the ticket path's launch and order, but each block publishes its partials as flagged 8-byte words
-//    (below) and reads its siblings' words as they fill: no fence, arrival counter or second read.
-//  * pipelined: a cooperative launch of resident blocks that walk the chunks with two tiles, the next chunk's
-//    copy in flight while the current one waits; partials are published as flagged 8-byte words. Same sum
+//    (below) and reads its siblings' words as they fill: no fence, arrival counter or second read. Same sum
 //    order, same bits.
 //  * two-pass (G too large, or FFABLATE_CUDA_SCHEDULE=two-pass): a stats launch publishes the partials, an
 //    apply launch re-reads h and finishes. Same arithmetic, same results.
@@ -48,9 +46,9 @@ constexpr int kThreads = FFABLATE_CUDA_THREADS;
 static_assert(kThreads == 128 || kThreads == 256, "FFABLATE_CUDA_THREADS must be 128 or 256");
 constexpr int kWarps = kThreads / 32;
 constexpr int kChunkBytes = 16384;  // one chunk's shared-memory tile
-// Whole channels per chunk (their readout sums live in shared memory). 256 (1 KB) leaves room for 12 forward blocks
-// per SM at 128 threads; only maps of fewer than 16 pixels have more channels per tile than that.
-constexpr int kMaxK = 256;
+// Whole channels per chunk (their readout sums live in shared memory). At 128 threads 256 (1 KB) leaves room for
+// 10 forward blocks per SM; only maps of fewer than 16 pixels have more channels per tile than that.
+constexpr int kMaxK = kThreads == 256 ? 1024 : 256;
 
 template <typename T>
 constexpr int chunk_elems() {
@@ -173,19 +171,19 @@ constexpr bool kAsyncCopy = sizeof(T) * VEC == 4 || sizeof(T) * VEC == 8 || size
 // The scalar fallbacks unroll per element and get the budget of 4 forward and 3 backward blocks (2 for the
 // 2-byte backward, which stages through registers). ptxas spills nothing under these bounds on sm_80 and sm_90
 // (tests/test_cuda_machine_code.py checks every build).
-// The figures are for 256 threads; at 128 the register budget per thread stays the same, so twice the blocks,
-// except where shared memory bounds them (the backward's two tiles).
-constexpr int kPer256 = 256 / kThreads;
+// The figures are for 256 threads. At 128 the vector forward asks for 10 blocks (48 registers; 11 or 12 blocks
+// leave 40, at which the flagged forward spills) and 8 on sm_80 (its 164 KB of shared memory hold no more); the
+// backward's two tiles allow no more blocks, and the scalar fallbacks keep their bounds (twice the blocks spill the
+// 2-byte backward).
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
-constexpr int kVectorForwardBlocksPerSM = 5 * kPer256;
+constexpr int kVectorForwardBlocksPerSM = kThreads == 256 ? 5 : 8;
 #else
-constexpr int kVectorForwardBlocksPerSM = 6 * kPer256;
+constexpr int kVectorForwardBlocksPerSM = kThreads == 256 ? 6 : 10;
 #endif
 template <typename T, int VEC>
-constexpr int kForwardBlocksPerSM = VEC > 1 ? kVectorForwardBlocksPerSM : 4 * kPer256;
+constexpr int kForwardBlocksPerSM = VEC > 1 ? kVectorForwardBlocksPerSM : 4;
 template <typename T, int VEC>
-constexpr int kBackwardBlocksPerSM = VEC > 1 ? 6 : (kAsyncCopy<T, VEC> ? 3 : 2) * kPer256;
-constexpr int kBackwardPipelinedBlocksPerSM = 3;  // its 64 KB of tiles allow no more
+constexpr int kBackwardBlocksPerSM = VEC > 1 ? 6 : (kAsyncCopy<T, VEC> ? 3 : 2);
 
 // Issues this thread's cp.async copies of a chunk (len elements from a, and from b when given) into the shared
 // tiles at the same offsets, without committing or waiting: the caller groups them (__pipeline_commit).
@@ -360,9 +358,9 @@ __device__ __forceinline__ float await_slot(const unsigned long long* slot) {
   }
 }
 
-// The rendezvous of the pipelined and flagged launches: each block publishes into its chunk's slots and reads its
-// siblings' slots as they fill. Deadlock-free where the sibling blocks are resident or can be scheduled: a
-// cooperative launch (pipelined), or tickets under the single-pass residency bound (flagged).
+// The rendezvous of the flagged launches (G >= 2): each block publishes into its chunk's slots and reads its
+// siblings' slots as they fill. Deadlock-free for the ticket path's reason: tickets in launch order, under the
+// single-pass residency bound.
 struct SlotRendezvous {
   unsigned long long* slots;  // (N, G, NV), zeroed
 
@@ -371,11 +369,6 @@ struct SlotRendezvous {
   template <int NV, int NREAD>
   __device__ __forceinline__ bool totals(const float (&v)[NV], const Plan& p, int64_t n, int g,
                                          float (&tot)[NREAD], float* bcast) const {
-    if (p.G == 1) {
-#pragma unroll
-      for (int k = 0; k < NREAD; ++k) tot[k] = v[k];
-      return true;
-    }
     unsigned long long* mine = slots + (n * p.G + g) * NV;
     if (threadIdx.x == 0) {
 #pragma unroll
@@ -482,54 +475,6 @@ __global__ void __launch_bounds__(kThreads, kForwardBlocksPerSM<T, VEC>)
   forward_chunk<T, VEC>(tile, rv, p, n, g, ch, out, readout, sumsq, sumabs, chs, red, bcast);
 }
 
-// The walk both pipelined kernels share: block b takes chunks b, b + grid, ... Before working on a chunk it issues
-// the next one's copy into the other buffer (copy(buf, sample offset, chunk)), so a copy is always in flight. Each
-// iteration commits exactly one cp.async group, empty past the end, so wait_prior(1) always leaves just the next
-// chunk's group pending. work(buf, n, g, chunk) runs on the landed buffer; the closing barrier lets the next
-// iteration refill it.
-template <typename Copy, typename Work>
-__device__ __forceinline__ void walk_chunks(const Plan& p, Copy&& copy, Work&& work) {
-  const int64_t chunks = p.N * p.G;
-  auto prefetch = [&](int64_t c, int buf) {
-    if (c < chunks) copy(buf, (c / p.G) * p.D, chunk_of(p, static_cast<int>(c % p.G)));
-    __pipeline_commit();
-  };
-  prefetch(blockIdx.x, 0);
-  int buf = 0;
-  for (int64_t c = blockIdx.x; c < chunks; c += gridDim.x, buf ^= 1) {
-    prefetch(c + gridDim.x, buf ^ 1);
-    __pipeline_wait_prior(1);
-    const int g = static_cast<int>(c % p.G);
-    work(buf, c / p.G, g, chunk_of(p, g));
-    __syncthreads();
-  }
-}
-
-// Pipelined: a grid of resident blocks walks the chunks (block b takes b, b + grid, ...) with two tiles, the
-// next chunk's copy in flight while the current one waits for its siblings and is written out. A block never
-// holds two chunks of one sample (G <= grid), so the wait cannot close a cycle.
-template <typename T, int VEC>
-__global__ void __launch_bounds__(kThreads, kForwardBlocksPerSM<T, VEC>)
-    forward_pipelined_kernel(const T* __restrict__ h, T* __restrict__ out, T* __restrict__ readout,
-                             float* __restrict__ sumsq, float* __restrict__ sumabs, unsigned long long* slots,
-                             Plan p) {
-  __shared__ __align__(16) unsigned char tile_bytes[2][kChunkBytes];
-  __shared__ float chs[kMaxK];
-  __shared__ float red[3][kWarps];
-  __shared__ float bcast[2];
-
-  auto tile = [&](int buf) { return reinterpret_cast<T*>(tile_bytes[buf]); };
-  walk_chunks(
-      p,
-      [&](int buf, int64_t sample, const Chunk& ch) {
-        copy_async<T, VEC>(tile(buf), h + sample + ch.off, nullptr, nullptr, ch.len);
-      },
-      [&](int buf, int64_t n, int g, const Chunk& ch) {
-        forward_chunk<T, VEC>(tile(buf), SlotRendezvous{slots}, p, n, g, ch, out, readout, sumsq, sumabs, chs, red,
-                              bcast);
-      });
-}
-
 struct BwdPtrs {
   const float* grad_sumsq;   // (N,) or null
   const float* grad_sumabs;  // (N,) or null
@@ -576,8 +521,8 @@ __device__ __forceinline__ void backward_chunk(const T* th, const T* tg, const R
   const float ga = bp.grad_sumabs ? bp.grad_sumabs[n] : 0.f;
   // Only the terms of gradients that exist: with goodness gradients alone, r (inf for an all-zero sample at
   // eps = 0) and h * 0 (NaN where h is inf) must not reach dh, as they do not in the reference's autograd.
-  // Rounded as written (no contraction into an FMA): need_dot is a literal in the pipelined kernel and a runtime
-  // flag here, and ptxas fuses the one but not the other, which broke "every schedule gives the same bits".
+  // Rounded as written (no contraction into an FMA): where need_dot was a literal (session 6's pipelined kernel)
+  // ptxas fused what it did not fuse here, which broke "every schedule gives the same bits".
   const float coef = __fsub_rn(2.f * gs, need_dot ? __fmul_rn(r * r * r * total_dot, p.inv_d) : 0.f);
   const bool scale_h = need_dot || bp.grad_sumsq != nullptr;
   T* o = dh + n * p.D + ch.off;
@@ -617,45 +562,18 @@ __global__ void __launch_bounds__(kThreads, kBackwardBlocksPerSM<T, VEC>)
   backward_chunk<T, VEC>(th, go ? tg : nullptr, rv, p, n, g, ch, gr, bp, dh, need_dot, red, bcast);
 }
 
-// Two tiles (h, grad_out) per stage and two stages: 64 KB, beyond the 48 KB of static shared memory.
-constexpr int kBackwardPipelinedSmem = 4 * kChunkBytes;
-
-// Pipelined backward (see forward_pipelined_kernel); launched only when the backward needs the dot product.
-template <typename T, int VEC>
-__global__ void __launch_bounds__(kThreads, kBackwardPipelinedBlocksPerSM)
-    backward_pipelined_kernel(const T* __restrict__ h, const T* __restrict__ go, const T* __restrict__ gr,
-                              BwdPtrs bp, T* __restrict__ dh, unsigned long long* slots, Plan p) {
-  extern __shared__ __align__(16) unsigned char tiles[];  // [stage][h, grad_out][kChunkBytes]
-  __shared__ float red[1][kWarps];
-  __shared__ float bcast[1];
-  auto tile = [&](int buf, int which) { return reinterpret_cast<T*>(tiles + (2 * buf + which) * kChunkBytes); };
-
-  walk_chunks(
-      p,
-      [&](int buf, int64_t sample, const Chunk& ch) {
-        const int64_t off = sample + ch.off;
-        copy_async<T, VEC>(tile(buf, 0), h + off, tile(buf, 1), go ? go + off : nullptr, ch.len);
-      },
-      [&](int buf, int64_t n, int g, const Chunk& ch) {
-        backward_chunk<T, VEC>(tile(buf, 0), go ? tile(buf, 1) : nullptr, SlotRendezvous{slots}, p, n, g, ch, gr, bp,
-                               dh, true, red, bcast);
-      });
-}
-
 bool aligned16(const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; }
 
 // FFABLATE_CUDA_SCHEDULE: how the chunks of a multi-block sample meet (docs/kernels.md). Read at every launch, so
 // one process can A/B them.
-enum class Schedule { kTicket, kFlagged, kPipelined, kTwoPass };
+enum class Schedule { kTicket, kFlagged, kTwoPass };
 
 Schedule schedule_from_env() {
   const char* env = std::getenv("FFABLATE_CUDA_SCHEDULE");
   if (env == nullptr || *env == '\0' || std::strcmp(env, "ticket") == 0) return Schedule::kTicket;
   if (std::strcmp(env, "flagged") == 0) return Schedule::kFlagged;
-  if (std::strcmp(env, "pipelined") == 0) return Schedule::kPipelined;
   if (std::strcmp(env, "two-pass") == 0) return Schedule::kTwoPass;
-  TORCH_CHECK(false, "FFABLATE_CUDA_SCHEDULE must be ticket, flagged, pipelined or two-pass (or unset), got '", env,
-              "'");
+  TORCH_CHECK(false, "FFABLATE_CUDA_SCHEDULE must be ticket, flagged or two-pass (or unset), got '", env, "'");
 }
 
 // A per-device answer (>= 0) that never changes, computed once per device: the occupancy query costs several
@@ -676,18 +594,15 @@ int64_t per_device_cached(DeviceCache& cache, Compute&& compute) {
 }
 
 // Resident blocks per SM times SMs, per kernel instantiation and device. The first call on a device also asks
-// for the largest shared-memory carveout, which the tiles need to reach their blocks per SM, and allows the
-// dynamic shared memory a kernel uses beyond the default 48 KB.
-template <auto kernel, int kDynamicSmem = 0>
+// for the largest shared-memory carveout, which the tiles need to reach their blocks per SM.
+template <auto kernel>
 int64_t resident_blocks() {
   static DeviceCache cache;  // static storage: zero-initialized
   return per_device_cached(cache, [](int dev) {
     C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout,
                                         cudaSharedmemCarveoutMaxShared));
-    if (kDynamicSmem > 48 * 1024)
-      C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kDynamicSmem));
     int per_sm = 0, sms = 0;
-    C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, kDynamicSmem));
+    C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, 0));
     C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
     return static_cast<int64_t>(per_sm) * sms;
   });
@@ -706,53 +621,7 @@ int pick_mode(const Plan& p, Schedule schedule) {
   return static_cast<int64_t>(p.G) * kResidencyMargin <= resident ? kSinglePass : kStatsOnly;
 }
 
-// The pipelined grid: at most as many blocks as can be resident (a cooperative launch then runs them all at once,
-// which the rendezvous needs; no margin is needed), and as few as walk the chunks in the same number of rounds.
-// Blocks advance together (each waits on its neighbours' chunks), so a last round that only some blocks have
-// would run with few bytes in flight: 1792 chunks on 792 slots take 3 rounds either way, and 598 blocks keep every
-// round full where 792 leave the third a quarter full. 0 when the plan does not fit: a sample's G chunks need G
-// distinct blocks, or the device cannot launch cooperatively.
-template <auto kernel, int kDynamicSmem = 0>
-int64_t pipelined_grid(const Plan& p) {
-  static DeviceCache cooperative;
-  const bool can = per_device_cached(cooperative, [](int dev) {
-    int v = 0;
-    C10_CUDA_CHECK(cudaDeviceGetAttribute(&v, cudaDevAttrCooperativeLaunch, dev));
-    return static_cast<int64_t>(v);
-  });
-  if (!can) return 0;
-  const int64_t chunks = p.N * p.G;
-  const int64_t resident = resident_blocks<kernel, kDynamicSmem>();
-  if (resident <= 0) return 0;
-  const int64_t rounds = (chunks + resident - 1) / resident;
-  const int64_t grid = (chunks + rounds - 1) / rounds;
-  return p.G <= grid ? grid : 0;
-}
-
-// False (and nothing launched) when the device refuses the grid as too large to be resident at once, which the
-// cached occupancy figure should rule out; the caller then takes the ticket path.
-template <auto kernel, typename... Args>
-bool launch_cooperative(int64_t grid, int smem, cudaStream_t stream, Args... args) {
-  cudaLaunchAttribute cooperative{};
-  cooperative.id = cudaLaunchAttributeCooperative;
-  cooperative.val.cooperative = 1;
-  cudaLaunchConfig_t cfg{};
-  cfg.gridDim = dim3(static_cast<unsigned>(grid));
-  cfg.blockDim = dim3(kThreads);
-  cfg.dynamicSmemBytes = static_cast<size_t>(smem);
-  cfg.stream = stream;
-  cfg.attrs = &cooperative;
-  cfg.numAttrs = 1;
-  const cudaError_t err = cudaLaunchKernelEx(&cfg, kernel, args...);
-  if (err == cudaErrorCooperativeLaunchTooLarge) {
-    (void)cudaGetLastError();  // clear it: the fallback launch must not report it
-    return false;
-  }
-  C10_CUDA_CHECK(err);
-  return true;
-}
-
-// n zeroed words (ticket and arrival counters, or the pipelined schedule's slots): a memset node rather than a
+// n zeroed words (ticket and arrival counters, or the flagged schedule's slots and ticket): a memset node rather than a
 // fill kernel (cheaper to launch).
 at::Tensor zeroed(int64_t n, at::ScalarType dtype, const at::Tensor& like, cudaStream_t stream) {
   at::Tensor t = at::empty({n}, like.options().dtype(dtype));
@@ -761,7 +630,7 @@ at::Tensor zeroed(int64_t n, at::ScalarType dtype, const at::Tensor& like, cudaS
 }
 
 unsigned long long* slot_ptr(const at::Tensor& slots) {
-  return slots.defined() ? reinterpret_cast<unsigned long long*>(slots.data_ptr<int64_t>()) : nullptr;
+  return reinterpret_cast<unsigned long long*>(slots.data_ptr<int64_t>());
 }
 
 void check_cuda_dtype(const at::Tensor& h, const char* op) {
@@ -779,16 +648,6 @@ void launch_forward(const at::Tensor& h, const Plan& p, at::Tensor& sumsq, at::T
   T* ro = p.readout ? readout.data_ptr<T>() : nullptr;
   const T* x = reinterpret_cast<const T*>(h.const_data_ptr());
   const Schedule schedule = schedule_from_env();
-  if constexpr (kAsyncCopy<T, VEC>) {
-    constexpr auto kernel = forward_pipelined_kernel<T, VEC>;
-    const int64_t grid = schedule == Schedule::kPipelined ? pipelined_grid<kernel>(p) : 0;
-    if (grid > 0) {
-      const at::Tensor slots = p.G > 1 ? zeroed(p.N * p.G * 3, at::kLong, h, stream) : at::Tensor();
-      if (launch_cooperative<kernel>(grid, 0, stream, x, out.data_ptr<T>(), ro, sumsq.data_ptr<float>(),
-                                     sumabs.data_ptr<float>(), slot_ptr(slots), p))
-        return;
-    }
-  }
   if constexpr (VEC > 1) {
     constexpr auto kernel = forward_kernel<T, VEC, SlotRendezvous>;
     if (schedule == Schedule::kFlagged && pick_mode<kernel>(p, schedule) == kSinglePass) {
@@ -865,17 +724,6 @@ void launch_backward(const BackwardArgs& a, const Plan& p, at::Tensor& dh) {
   const T* go = a.grad_out ? reinterpret_cast<const T*>(a.grad_out->const_data_ptr()) : nullptr;
   const T* gr = a.grad_readout ? reinterpret_cast<const T*>(a.grad_readout->const_data_ptr()) : nullptr;
   const Schedule schedule = schedule_from_env();
-  if constexpr (kAsyncCopy<T, VEC>) {
-    constexpr auto kernel = backward_pipelined_kernel<T, VEC>;
-    const int64_t grid =
-        need_dot && schedule == Schedule::kPipelined ? pipelined_grid<kernel, kBackwardPipelinedSmem>(p) : 0;
-    if (grid > 0) {
-      const at::Tensor slots = p.G > 1 ? zeroed(p.N * p.G, at::kLong, a.h, stream) : at::Tensor();
-      if (launch_cooperative<kernel>(grid, kBackwardPipelinedSmem, stream, x, go, gr, bp, dh.data_ptr<T>(),
-                                     slot_ptr(slots), p))
-        return;
-    }
-  }
   if constexpr (VEC > 1) {
     constexpr auto kernel = backward_kernel<T, VEC, SlotRendezvous>;
     if (need_dot && schedule == Schedule::kFlagged && pick_mode<kernel>(p, schedule) == kSinglePass) {

@@ -14,7 +14,7 @@ Statistics are float32 for fp16/bf16 input (accumulated in fp32) and h's dtype o
 
 Backend: ``FFABLATE_KERNELS=fused|reference``. The default is the compiled ``ffablate._C`` op when it
 was built; without it the reference is used and one warning says so. Inputs the kernels do not cover
-(e.g. fp16 on CPU) silently use the reference. ``FFABLATE_CUDA_SCHEDULE=ticket|flagged|pipelined|two-pass`` picks how
+(e.g. fp16 on CPU) silently use the reference. ``FFABLATE_CUDA_SCHEDULE=ticket|flagged|two-pass`` picks how
 the CUDA kernels meet a sample's chunks (docs/kernels.md); every schedule gives the same bits.
 """
 
@@ -49,7 +49,7 @@ except ImportError as exc:  # pragma: no cover - exercised only without a build
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 _CPU_DTYPES = (torch.float32, torch.float64)
 _CUDA_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-_CUDA_SCHEDULES = ("ticket", "flagged", "pipelined", "two-pass")
+_CUDA_SCHEDULES = ("ticket", "flagged", "two-pass")
 _warned = False
 _warned_no_cuda = False
 

@@ -1,6 +1,6 @@
 """Device time of the fused CUDA ops one at a time: the forward, the backward, and a copy of h, per bench shape.
 
-    python scripts/kernel-split.py [--schedules ticket,pipelined,two-pass] [--json OUT.json]
+    python scripts/kernel-split.py [--schedules ticket,flagged,two-pass] [--json OUT.json]
 
 `ffablate bench kernels` times forward+backward together, the way a training step uses them; this says which
 of the two is far from its bandwidth floor. Each op's minimal bytes (`ffablate.bench.minimal_bytes_per_pass`:

@@ -37,8 +37,8 @@ def _cuobjdump() -> str | None:
 
 
 def _kernels() -> list[tuple[tuple[str, str, str, int], list[str]]]:
-    """((forward|backward, ticket|flagged|pipelined, element type, VEC), SASS instructions) for each kernel in
-    each embedded cubin."""
+    """((forward|backward, ticket|flagged, element type, VEC), SASS instructions) for each kernel in each
+    embedded cubin."""
     if not (ops.extension_available() and getattr(ops._C, "WITH_CUDA", False)):
         pytest.skip("ffablate._C was built without CUDA")
     tool = _cuobjdump()
@@ -47,19 +47,19 @@ def _kernels() -> list[tuple[tuple[str, str, str, int], list[str]]]:
     sass = subprocess.run([tool, "-sass", ops._C.__file__], capture_output=True, text=True, check=True).stdout
     kernels = []
     for name, body in re.findall(r"Function : (\S+)\n(.*?)(?=\n\s*\.{10,}|\Z)", sass, flags=re.S):
-        match = re.search(r"(forward|backward)(_pipelined)?_kernelI(f|N3c104HalfE|N3c108BFloat16E)Li(\d+)E", name)
+        match = re.search(r"(forward|backward)_kernelI(f|N3c104HalfE|N3c108BFloat16E)Li(\d+)E", name)
         if match:
-            kind = {"f": "float", "N3c104HalfE": "half", "N3c108BFloat16E": "bfloat16"}[match[3]]
-            schedule = "pipelined" if match[2] else "flagged" if "SlotRendezvous" in name else "ticket"
+            kind = {"f": "float", "N3c104HalfE": "half", "N3c108BFloat16E": "bfloat16"}[match[2]]
+            schedule = "flagged" if "SlotRendezvous" in name else "ticket"
             code = re.findall(r"/\*[0-9a-f]{4}\*/\s+([^;]*);", body)
-            kernels.append(((match[1], schedule, kind, int(match[4])), code))
+            kernels.append(((match[1], schedule, kind, int(match[3])), code))
     return kernels
 
 
 def test_vector_kernels_store_whole_vectors_and_never_spill() -> None:
     vector_paths = [(key, code) for key, code in _kernels() if key[3] > 1]
     assert {key[:3] for key, _ in vector_paths} == set(
-        itertools.product(("forward", "backward"), ("ticket", "flagged", "pipelined"), ("float", "half", "bfloat16"))
+        itertools.product(("forward", "backward"), ("ticket", "flagged"), ("float", "half", "bfloat16"))
     )
     for (direction, _, dtype, vec), code in vector_paths:
         vectors_per_thread = TILE_BYTES // (THREADS * 16)  # one tile of 16-byte vectors, every dtype

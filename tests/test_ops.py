@@ -15,7 +15,7 @@ from ffablate.bench import kernel_bench, render_table
 from ffablate.errors import ConfigError, FFablateWarning
 
 OUTS = ("sumsq", "sumabs", "out", "readout")
-SCHEDULES = ("ticket", "flagged", "pipelined", "two-pass")  # FFABLATE_CUDA_SCHEDULE
+SCHEDULES = ("ticket", "flagged", "two-pass")  # FFABLATE_CUDA_SCHEDULE
 HAS_CUDA = ops.extension_available() and bool(getattr(ops._C, "WITH_CUDA", False)) and torch.cuda.is_available()
 cuda_only = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device and a CUDA build of ffablate._C")
 
@@ -313,10 +313,10 @@ def test_reference_backend_is_honoured(monkeypatch: pytest.MonkeyPatch) -> None:
     with pytest.raises(ConfigError, match="FFABLATE_KERNELS"):  # the CLI prints it on one line, exit 2
         ops.backend()
     monkeypatch.setenv("FFABLATE_KERNELS", "fused")
-    monkeypatch.setenv("FFABLATE_CUDA_SCHEDULE", "pipelined")
+    monkeypatch.setenv("FFABLATE_CUDA_SCHEDULE", "flagged")
     assert ops.backend() == "fused"
     monkeypatch.setenv("FFABLATE_CUDA_SCHEDULE", "single-pass")
-    with pytest.raises(ConfigError, match="FFABLATE_CUDA_SCHEDULE must be one of ticket, flagged, pipelined, two-pass"):
+    with pytest.raises(ConfigError, match="FFABLATE_CUDA_SCHEDULE must be one of ticket, flagged, two-pass"):
         ops.backend()
 
 
@@ -419,22 +419,22 @@ def test_cuda_schedules_agree_bitwise(
     shape: tuple[int, ...], dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # Every schedule sums a sample's partials in the same order, so all give the same bits, run after run. The
-    # shapes have more chunks than a pipelined grid holds (its blocks walk several, with an uneven tail), channels
-    # split across blocks (the readout sums published partials), and one-block samples. The last shape has 4,096
+    # shapes have more chunks than the GPU holds at once (blocks take tickets while others wait), channels split
+    # across blocks (the readout sums published partials), and one-block samples. The last shape has 4,096
     # samples with 1/D not a power of two: a backward coefficient rounded differently by one schedule (an FMA
     # contraction, session 8's review: about 0.6% of samples at D = 2,352) cannot hide there.
     _require_fused()
     h = _make(shape, dtype, "cuda", 1)
     tol = 1e-4 if dtype == torch.float32 else 3e-2
     runs = {}
-    for schedule in ("ticket", "flagged", "pipelined", "two-pass", "flagged"):
+    for schedule in ("ticket", "flagged", "two-pass", "flagged"):
         monkeypatch.setenv("FFABLATE_CUDA_SCHEDULE", schedule)
         for which in ((True, True, True, True), (True, False, False, False), (False, False, False, True)):
             res, dh = _fwd_bwd(ops.goodness_norm, h, which, seed=3)
             first = runs.setdefault(which, (res, dh))
             for a, b in zip([*res, dh], [*first[0], first[1]], strict=True):
                 assert torch.equal(a, b), (schedule, which)
-    monkeypatch.setenv("FFABLATE_CUDA_SCHEDULE", "pipelined")
+    monkeypatch.setenv("FFABLATE_CUDA_SCHEDULE", "flagged")
     _check_against_reference(h, seed=5, atol=tol, rtol=tol, subsets=1)
 
 
@@ -453,7 +453,7 @@ def test_cuda_huge_sample_uses_two_pass_fallback(schedule: str, monkeypatch: pyt
 def test_cuda_kernel_refuses_unknown_schedule(monkeypatch: pytest.MonkeyPatch) -> None:
     # ops.backend() catches a bad value first; the raw op must still refuse it with a message, not pick one.
     monkeypatch.setenv("FFABLATE_CUDA_SCHEDULE", "fast")
-    with pytest.raises(RuntimeError, match="FFABLATE_CUDA_SCHEDULE must be ticket, flagged, pipelined or two-pass"):
+    with pytest.raises(RuntimeError, match="FFABLATE_CUDA_SCHEDULE must be ticket, flagged or two-pass"):
         torch.ops.ffablate.goodness_norm.default(_make((4, 8, 8, 8), torch.float32, "cuda", 0), 1e-6)
 
 
