@@ -63,8 +63,9 @@ def _markdown(summary: results.Summary, plots: list[tuple[str, str]], importance
         "Mean test accuracy over seeds with its 95% t-interval; n is the completed seeds (of those planned, "
         "where some were pruned, failed, running or not run yet). The gap is FF minus its matched BP baseline in "
         'percentage points with a 95% Welch interval and both sides\' seed counts ("± –" when a side has fewer '
-        "than two seeds), and with a 95% paired interval over per-seed differences where FF and BP ran the same "
-        'seeds; "no spread across seeds" marks an interval of width 0 from identical values. ' + _ranking(summary),
+        "than two seeds), and with a 95% paired interval over per-seed differences on the seeds FF and BP both ran "
+        "(their count is shown when it is fewer than either side's); "
+        '"no spread across seeds" marks an interval of width 0 from identical values. ' + _ranking(summary),
         "",
     ]
     lines += _md_table(results.TABLE_COLUMNS, results.table_rows(summary, top=15))

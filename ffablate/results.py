@@ -1,5 +1,5 @@
 """From a study's trials to per-configuration rows (mean ± CI over seeds, gap to the BP baseline ± Welch CI,
-and ± paired CI where both ran the same seeds) and to the one-sentence answer of the study's question. Used by
+and ± paired CI over the seeds both ran) and to the one-sentence answer of the study's question. Used by
 the closing table of ``ffablate study`` and by ``ffablate report``; it only reads the storage.
 """
 
@@ -273,9 +273,15 @@ def summarize(study: optuna.Study) -> Summary:
         base = by_match.get((row.match, methods[0] if methods else "bp-deepsup"))
         if base is not None and base.n and row.n:
             row.gap, row.base = welch_ci(row.accuracies, base.accuracies), base
-            if sorted(row.seeds) == sorted(base.seeds):
-                by_seed = dict(zip(base.seeds, base.accuracies, strict=True))
-                row.gap_paired = paired_ci(row.accuracies, [by_seed[seed] for seed in row.seeds])
+            # Paired over the seeds both ran (a seed one side lost drops out of the pairs, not the whole interval).
+            base_by_seed = dict(zip(base.seeds, base.accuracies, strict=True))
+            shared = [
+                (acc, base_by_seed[seed])
+                for seed, acc in zip(row.seeds, row.accuracies, strict=True)
+                if seed in base_by_seed
+            ]
+            if len(shared) >= 2:
+                row.gap_paired = paired_ci([a for a, _ in shared], [b for _, b in shared])
     return Summary(study.study_name, dict(study.user_attrs), ordered, len(trials), dict(states), failures)
 
 
@@ -336,9 +342,10 @@ def _add(row: Row, t: FrozenTrial) -> None:
 
 def table_rows(summary: Summary, top: int | None = None) -> list[list[str]]:
     """The closing table: configuration, n (completed of planned seeds), test accuracy % mean ± 95% CI, gap to BP
-    pp ± 95% Welch CI with both sides' seed counts, the same gap ± 95% paired CI where FF and BP ran the same
-    seeds, validation accuracy % mean ± 95% CI ("-" without a split), train seconds, notes. A TPE study's
-    ``top`` FF rows are the best ``top`` by the study's ranking (``Summary.ranked``)."""
+    pp ± 95% Welch CI with both sides' seed counts, the same gap ± 95% paired CI over the seeds FF and BP both ran
+    (at least two; the count is shown when it is fewer than either side's), validation accuracy % mean ± 95% CI
+    ("-" without a split), train seconds, notes. A TPE study's ``top`` FF rows are the best ``top`` by the study's
+    ranking (``Summary.ranked``)."""
     rows = summary.rows
     if summary.meta.get("sampler") == "tpe" and top:
         rows = summary.baselines + summary.ranked()[:top]
@@ -361,6 +368,8 @@ def table_rows(summary: Summary, top: int | None = None) -> list[list[str]]:
             gap, paired = "–", "–"
         else:
             gap, paired = f"{fmt(r.gap, signed=True)} (n={r.n} vs {r.baseline_n})", fmt(r.gap_paired, signed=True)
+            if r.gap_paired.n and r.gap_paired.n < max(r.n, r.baseline_n):
+                paired += f" ({r.gap_paired.n} shared seeds)"
         val = fmt(r.val) if r.has_val else "-"
         out.append([r.label, n, fmt(r.accuracy), gap, paired, val, f"{_mean(r.train_seconds):.1f}", "; ".join(notes)])
     return out

@@ -426,10 +426,19 @@ def test_the_paired_interval_matches_scipy_and_pairs_by_seed_not_by_order(url):
     assert results.table_rows(summary)[1][4] == fmt(row.gap_paired, signed=True)
     # Welch stays the primary interval: the direction word follows it, the paired one is shown beside it.
     assert "paired over the 3 shared seeds" in results.answer(summary)
-    # Different seed sets have no pairing.
-    ff = {"last": [{"seed": s, "value": ff_by_seed[s]} for s in (0, 1)]}
-    (row,) = results.summarize(_ablation(url.replace("r.db", "p.db"), ff, bp, [0, 1, 2])).ff
-    assert row.gap.has_ci and not row.gap_paired.has_ci and row.gap_paired.n == 0
+    # FF lost seed 2: the pairs are the two seeds both ran, and the table says so.
+    ff = {"last": [{"seed": s, "value": ff_by_seed[s]} for s in (1, 0)]}
+    summary = results.summarize(_ablation(url.replace("r.db", "p.db"), ff, bp, [0, 1, 2]))
+    (row,) = summary.ff
+    expected = stats.ttest_rel([ff_by_seed[0], ff_by_seed[1]], bp[:2]).confidence_interval(0.95)
+    assert row.gap_paired.n == 2 and row.gap_paired.low == pytest.approx(expected.low, abs=1e-12)
+    assert row.gap_paired.high == pytest.approx(expected.high, abs=1e-12)
+    assert results.table_rows(summary)[1][4] == fmt(row.gap_paired, signed=True) + " (2 shared seeds)"
+    assert "paired over the 2 shared seeds" in results.answer(summary)
+    # One shared seed makes no pairs worth an interval.
+    ff = {"last": [{"seed": 0, "value": ff_by_seed[0]}]}
+    (row,) = results.summarize(_ablation(url.replace("r.db", "q.db"), ff, bp, [0, 1, 2])).ff
+    assert not row.gap_paired.has_ci and row.gap_paired.n == 0
 
 
 def _bp_gap_study(url: str, gaps: dict[str, list[float]]) -> optuna.Study:
