@@ -154,6 +154,12 @@ class Summary:
         return [r for r in self.rows if r.role == "ff"]
 
     @property
+    def untuned(self) -> str:
+        """The searched settings the baseline ran at their base value (``[baseline] untuned``), e.g. "lr=0.003";
+        "" when there are none."""
+        return ", ".join((self.meta.get("baseline_untuned") or {}).values())
+
+    @property
     def baselines(self) -> list[Row]:
         return [r for r in self.rows if r.role == "baseline"]
 
@@ -361,6 +367,8 @@ def table_rows(summary: Summary, top: int | None = None) -> list[list[str]]:
             notes.append(f"failed: {r.failed[0][:60]}")
         if r.retried:
             notes.append(f"to rerun: {r.retried[0][1][:60]}")
+        if r.role == "baseline" and summary.untuned:
+            notes.append(f"untuned: {summary.untuned} (FF searched it)")
         n = str(r.n) if r.complete else f"{r.n} of {r.planned}"
         if r.role != "ff":
             gap, paired = "(baseline)", "(baseline)"
@@ -463,6 +471,8 @@ def _answer_ablation(summary: Summary) -> str:
         text += f"; the {axis[0]} axis moves mean {split} accuracy most ({axis[1] * 100:.1f} pp between its levels)"
     if best.baseline:
         text += f"; {_versus_baseline(best)}"
+        if summary.untuned:
+            text += f"; the baseline ran at {summary.untuned}, which FF searched, so the gap favours FF"
     return text + "."
 
 

@@ -87,6 +87,9 @@ class Spec:
     baseline_methods: list[str]
     baseline_match: list[str] | None
     pruner: dict[str, Any]
+    # [space] keys (and searched plugin kinds) the baseline shares but runs at the base value: FF is tuned on them
+    # and the baseline is not, which the spec must say and every answer repeats.
+    baseline_untuned: list[str] = field(default_factory=list)
 
     def plan(self, budget: str, available: Callable[[str], bool] | None = None) -> Plan:
         return _plan(self, budget, available or (lambda name: True))
@@ -125,6 +128,17 @@ class Plan:
         if overrides.get("method", "ff") in FF_METHODS:
             return self.base
         return {k: v for k, v in self.base.items() if not _is_ff_only(k)}
+
+    def untuned_baseline(self) -> dict[str, str]:
+        """Each searched key the baseline runs at its base value (``[baseline] untuned``), with what it ran at, in
+        words: ``{"lr": "lr=0.003", "norm": "norm's base parameters"}``."""
+        said = {}
+        for key in self.spec.baseline_untuned:
+            if key in self.spec.space_plugins:
+                said[key] = f"{key}'s base parameters"
+            else:
+                said[key] = f"{key}={self.base.get(key, getattr(RunConfig(), key, 'its default'))}"
+        return said
 
     def plugin_name(self, overrides: dict[str, Any], kind: str) -> str:
         """The ``kind`` plugin a trial with ``overrides`` runs."""
@@ -281,12 +295,25 @@ def parse(raw: dict[str, Any], path: Path) -> Spec:
         v.fail("space", 'needs sampler = "tpe": a grid only walks the categorical axes')
 
     baseline = v.get(raw, "baseline", dict, default={})
-    v.no_unknown(baseline, {"methods", "match"}, "baseline")
+    v.no_unknown(baseline, {"methods", "match", "untuned"}, "baseline")
     methods = v.get(baseline, "methods", list, default=["bp-deepsup"], key="baseline")
     for i, m in enumerate(methods):
         if m not in ("bp", "bp-deepsup", "bp-ga", "bp-ckpt"):
             v.fail(f"baseline.methods[{i}]", "must be one of bp, bp-deepsup, bp-ga, bp-ckpt")
     match = v.get(baseline, "match", list, default=None, key="baseline")
+    untuned = v.get(baseline, "untuned", list, default=[], key="baseline")
+    searched = [*space, *space_plugins]
+    for i, key in enumerate(untuned):
+        if key not in searched:
+            v.fail(f"baseline.untuned[{i}]", f"names {key!r}, which [space] does not search; list only searched keys")
+    for key in searched:
+        if not _is_ff_only(key) and key not in untuned:
+            what = f"space.plugins searches {key}, which" if key in space_plugins else f"space.{key} is a setting"
+            v.fail(
+                "",
+                f"{what} the BP baseline shares, so FF would be tuned on it and the baseline run at the base value; "
+                f'add untuned = ["{key}"] to [baseline] to compare so on purpose (reports say so), or drop it',
+            )
 
     pruner = v.get(raw, "pruner", dict, default={"type": "none"})
     v.no_unknown(pruner, {"type", "n_startup_trials", "n_warmup_steps"}, "pruner")
@@ -309,6 +336,7 @@ def parse(raw: dict[str, Any], path: Path) -> Spec:
         methods,
         match,
         pruner,
+        untuned,
     )
     for b in BUDGETS:  # resolving every budget catches bad values in any of them now, not mid-study
         _plan(spec, b, lambda name: True)

@@ -657,6 +657,8 @@ def open_study(plan: specs.Plan, storage: optuna.storages.BaseStorage, name: str
         }
         for key, value in meta.items():
             study.set_user_attr(key, value)
+    if spec.baseline_untuned and "baseline_untuned" not in study.user_attrs:  # also for studies made before it
+        study.set_user_attr("baseline_untuned", plan.untuned_baseline())
     return study
 
 

@@ -513,11 +513,17 @@ dataset = "fashion-mnist"
 temperature = ["constant"]
 [space]
 {space}
+[baseline]
+untuned = {untuned}
 """
 
 
-def write_tpe_spec(tmp_path: Path, space: str, base: str = "") -> Path:
-    path = write_spec(tmp_path, TPE.format(base=base, space=space), seeds=1)
+def write_tpe_spec(tmp_path: Path, space: str, base: str = "", untuned: list[str] | None = None) -> Path:
+    """A one-configuration TPE spec; ``untuned`` defaults to the searched keys the baseline shares."""
+    if untuned is None:
+        keys = re.findall(r'^"?([\w.]+)"?\s*=', space, flags=re.M)
+        untuned = [k for k in keys if not specs._is_ff_only(k)]
+    path = write_spec(tmp_path, TPE.format(base=base, space=space, untuned=json.dumps(untuned)), seeds=1)
     text = path.read_text().replace("seeds = 1\n", "seeds = 1\nn_trials = 2\n")
     for budget in ("quick", "full"):
         text = text.replace(f"[budgets.{budget}]\n", f"[budgets.{budget}]\nn_trials = 2\n")
@@ -685,6 +691,39 @@ def test_a_changed_pruner_is_refused_on_resume(tmp_path, capsys):
     assert main(["study", str(path), "--budget", "smoke", "--storage", url]) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert "was made with pruner" in err and "'n_startup_trials': 50" in err
+
+
+@pytest.mark.parametrize(
+    ("space", "untuned", "message"),
+    [
+        (
+            'lr = { type = "float", low = 1e-3, high = 3e-3 }',
+            [],
+            "space.lr is a setting the BP baseline shares, so FF would be tuned on it and the baseline run at the base "
+            'value; add untuned = ["lr"] to [baseline]',
+        ),
+        ('plugins = ["norm"]', [], "space.plugins searches norm, which the BP baseline shares"),
+        ('"temperature.start" = { type = "float", low = 1.0, high = 2.0 }', ["lr"], "baseline.untuned[0] names 'lr'"),
+    ],
+)
+def test_a_search_over_what_the_baseline_shares_must_say_so(tmp_path, capsys, space, untuned, message):
+    # Before session 10 such a search compared tuned FF trials with a baseline at the base value without a word.
+    path = write_tpe_spec(tmp_path, space, untuned=untuned)
+    path.write_text(path.read_text().replace('temperature = ["constant"]', 'temperature = ["cosine"]'))
+    assert main(["study", str(path), "--budget", "smoke", "--storage", storage_url(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and f"{path}: {message}" in err, err
+
+
+def test_a_search_with_an_untuned_baseline_says_so_in_its_answer_and_table(tmp_path):
+    path = write_tpe_spec(tmp_path, 'lr = { type = "float", low = 1e-3, high = 3e-3, log = true }', "lr = 0.002")
+    url = storage_url(tmp_path)
+    assert main(["study", str(path), "--budget", "smoke", "--storage", url]) == 0
+    summary = results.summarize(optuna.load_study(study_name="tiny-smoke", storage=url))
+    assert summary.untuned == "lr=0.002"
+    assert "; the baseline ran at lr=0.002, which FF searched, so the gap favours FF." in results.answer(summary)
+    (baseline,) = [row for row in results.table_rows(summary) if row[3] == "(baseline)"]
+    assert "untuned: lr=0.002 (FF searched it)" in baseline[-1]
 
 
 def test_a_search_samples_only_the_levels_its_budget_plans(tmp_path):
