@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import socket
 from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any
@@ -253,7 +255,10 @@ def summarize(study: optuna.Study) -> Summary:
         if t.state == TrialState.FAIL and not _finished(t) and unfinished:
             row.retried.append((int(t.user_attrs.get("seed", -1)), fail_reason(t)))
         if t.state == TrialState.RUNNING and unfinished:
-            row.running.add(int(t.user_attrs.get("seed", -1)))
+            if died(t):  # still RUNNING in the storage until the next run marks it failed
+                row.retried.append((int(t.user_attrs.get("seed", -1)), "stale: its process died; rerun"))
+            else:
+                row.running.add(int(t.user_attrs.get("seed", -1)))
     ordered = sorted(
         rows.values(),
         key=lambda r: (
@@ -289,6 +294,27 @@ def summarize(study: optuna.Study) -> Summary:
             if len(shared) >= 2:
                 row.gap_paired = paired_ci([a for a, _ in shared], [b for _, b in shared])
     return Summary(study.study_name, dict(study.user_attrs), ordered, len(trials), dict(states), failures)
+
+
+def died(t: FrozenTrial) -> bool:
+    """A running trial whose worker on this host no longer exists. Other hosts' trials are left to Optuna's
+    heartbeat: they may still be running there."""
+    worker = t.user_attrs.get("worker", {})
+    return worker.get("host") == socket.gethostname() and not _alive(int(worker.get("pid", -1)))
+
+
+def _alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _failure(t: FrozenTrial, finished: set[tuple[Any, Any]], search: bool) -> FailedTrial:

@@ -285,29 +285,14 @@ def fail_dead_trials(study: optuna.Study) -> list[int]:
 
     Trials of other hosts are left to Optuna's heartbeat (they may still be running there).
     """
-    host, failed = socket.gethostname(), []
+    failed = []
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        worker = t.user_attrs.get("worker", {})
-        if worker.get("host") != host or _alive(int(worker.get("pid", -1))):
+        if not results.died(t):
             continue
         study._storage.set_trial_user_attr(t._trial_id, FAIL_REASON, "stale: its process died; rerun")
         study._storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
         failed.append(t.number)
     return failed
-
-
-def _alive(pid: int) -> bool:
-    if pid <= 0:
-        return False
-    if pid == os.getpid():
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -722,10 +707,10 @@ def remaining(study: optuna.Study, plan: specs.Plan) -> int:
 
 
 def running_elsewhere(study: optuna.Study) -> int:
-    """Trials other workers are running now (after this worker's run, every running trial is another's, or a dead
-    worker's that the next run marks as failed)."""
+    """Trials other workers are running now: after this worker's run, every running trial but a dead worker's
+    on this host (which the next run marks as failed)."""
     running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
-    return sum(not t.user_attrs.get(results.SURPLUS) for t in running)
+    return sum(not t.user_attrs.get(results.SURPLUS) and not results.died(t) for t in running)
 
 
 @contextmanager

@@ -6,6 +6,9 @@ No training runs here: trials are created with known accuracies so the expected 
 from __future__ import annotations
 
 import json
+import socket
+import subprocess
+import sys
 
 import optuna
 import pytest
@@ -393,6 +396,14 @@ def test_a_pruned_survivor_is_ranked_after_every_complete_configuration(tmp_path
     for key, value in {"cell": "fusion=last", "seed": 2, "role": "ff"}.items():
         running.set_user_attr(key, value)
     assert results.table_rows(results.summarize(study))[1][-1].startswith("incomplete: 1 failed, 1 running;")
+    # Its worker, on this host, was killed: the seed is no longer running but waits for a rerun (before session
+    # 10 it showed as running until a study run marked it failed).
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    running.set_user_attr("worker", {"host": socket.gethostname(), "pid": dead.pid})
+    row = results.table_rows(results.summarize(study))[1]
+    assert row[-1].startswith("incomplete: 1 failed, 1 failed (a rerun retries it);"), row[-1]
+    assert "to rerun: stale: its process died; rerun" in row[-1]
 
 
 def test_a_gap_without_spread_on_either_side_claims_no_direction(url):
