@@ -275,6 +275,7 @@ def test_digits_split():
     ds = load_dataset("digits")
     assert ds.train_x.shape == (1437, 1, 8, 8) and ds.test_x.shape == (360, 1, 8, 8)
     assert ds.train_x.dtype == torch.uint8 and int(ds.train_x.max()) == 255 and not ds.flips
+    assert not ds.crops and not load_dataset("digits", classes=5).crops  # no augmentation at all on 8x8 images
     assert torch.equal(load_dataset("digits").test_y, ds.test_y)
 
 
