@@ -47,7 +47,7 @@ static_assert(kThreads == 128 || kThreads == 256, "FFABLATE_CUDA_THREADS must be
 constexpr int kWarps = kThreads / 32;
 constexpr int kChunkBytes = 16384;  // one chunk's shared-memory tile
 // Whole channels per chunk (their readout sums live in shared memory). At 128 threads 256 (1 KB) leaves room for
-// 10 forward blocks per SM; only maps of fewer than 16 pixels have more channels per tile than that.
+// 10 forward blocks per SM; only maps of fewer than 16 pixels (32 in fp16/bf16) have more channels per tile.
 constexpr int kMaxK = kThreads == 256 ? 1024 : 256;
 
 template <typename T>
@@ -172,11 +172,11 @@ constexpr bool kAsyncCopy = sizeof(T) * VEC == 4 || sizeof(T) * VEC == 8 || size
 // 2-byte backward, which stages through registers). ptxas spills nothing under these bounds on sm_80 and sm_90
 // (tests/test_cuda_machine_code.py checks every build).
 // The figures are for 256 threads. At 128 the vector forward asks for 10 blocks (48 registers; 11 or 12 blocks
-// leave 40, at which the flagged forward spills) and 8 on sm_80 (its 164 KB of shared memory hold no more); the
+// leave 40, at which the flagged forward spills) and 9 on sm_80 (as many as its 164 KB of shared memory hold); the
 // backward's two tiles allow no more blocks, and the scalar fallbacks keep their bounds (twice the blocks spill the
 // 2-byte backward).
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
-constexpr int kVectorForwardBlocksPerSM = kThreads == 256 ? 5 : 8;
+constexpr int kVectorForwardBlocksPerSM = kThreads == 256 ? 5 : 9;
 #else
 constexpr int kVectorForwardBlocksPerSM = kThreads == 256 ? 6 : 10;
 #endif
@@ -307,7 +307,7 @@ __device__ __forceinline__ void sum_partials(int G, Read&& read, float (&out)[NR
   for (int k = 0; k < NREAD; ++k) out[k] = bcast[k];
 }
 
-// The rendezvous of the one-chunk-per-block launches; the launch's mode says which part this block plays.
+// The rendezvous of the ticket and two-pass launches; the launch's mode says which part this block plays.
 struct TicketRendezvous {
   int mode;
   float* ws;  // (N, G, NV) partials

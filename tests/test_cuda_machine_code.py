@@ -51,7 +51,7 @@ def _kernels() -> list[tuple[tuple[str, str, str, int], list[str]]]:
         if match:
             kind = {"f": "float", "N3c104HalfE": "half", "N3c108BFloat16E": "bfloat16"}[match[2]]
             schedule = "flagged" if "SlotRendezvous" in name else "ticket"
-            code = re.findall(r"/\*[0-9a-f]{4}\*/\s+([^;]*);", body)
+            code = re.findall(r"/\*[0-9a-f]{4,}\*/\s+([^;]*);", body)
             kernels.append(((match[1], schedule, kind, int(match[3])), code))
     return kernels
 

@@ -414,7 +414,9 @@ def test_cuda_misaligned_contiguous_inputs(dtype: torch.dtype) -> None:
 @pytest.mark.cuda
 @cuda_only
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("shape", [(130, 64, 28, 28), (100, 3, 100, 100), (2000, 4096), (4096, 3, 28, 28)])
+@pytest.mark.parametrize(
+    "shape", [(130, 64, 28, 28), (100, 3, 100, 100), (2000, 4096), (4096, 3, 28, 28), (1024, 12, 28, 28)]
+)
 def test_cuda_schedules_agree_bitwise(
     shape: tuple[int, ...], dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -422,7 +424,8 @@ def test_cuda_schedules_agree_bitwise(
     # shapes have more chunks than the GPU holds at once (blocks take tickets while others wait), channels split
     # across blocks (the readout sums published partials), and one-block samples. The last shape has 4,096
     # samples with 1/D not a power of two: a backward coefficient rounded differently by one schedule (an FMA
-    # contraction, session 8's review: about 0.6% of samples at D = 2,352) cannot hide there.
+    # contraction, session 8's review: about 0.6% of samples at D = 2,352) cannot hide there; its samples fit one
+    # block, so the last shape does the same over 1,024 samples of 2 (bf16) or 3 (fp32) blocks each.
     _require_fused()
     h = _make(shape, dtype, "cuda", 1)
     tol = 1e-4 if dtype == torch.float32 else 3e-2
