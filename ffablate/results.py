@@ -51,6 +51,9 @@ class Row:
     # data order): the design's own test, narrower than Welch's when the two sides' seeds correlate.
     gap_paired: Estimate = Estimate(math.nan, math.nan, 0)
     base: Row | None = field(default=None, repr=False)  # the baseline row the gaps are taken against
+    # How that baseline was chosen when several levels of it ran ([baseline] levels), e.g. "the best of 5 levels on
+    # validation"; on a baseline row: that it was the one chosen.
+    base_choice: str = ""
 
     @property
     def n(self) -> int:
@@ -277,11 +280,16 @@ def summarize(study: optuna.Study) -> Summary:
         if row.has_val:
             row.val = mean_ci(row.val_accuracies)
     methods = study.user_attrs.get("baseline_methods", ["bp-deepsup"])
-    by_match = {(r.match, r.method): r for r in ordered if r.role == "baseline"}
+    by_match: dict[tuple[str, str], list[Row]] = defaultdict(list)
+    for r in ordered:
+        if r.role == "baseline":
+            by_match[r.match, r.method].append(r)
     for row in ordered:
         if row.role != "ff":
             continue
-        base = by_match.get((row.match, methods[0] if methods else "bp-deepsup"))
+        base = _tuned_baseline(by_match.get((row.match, methods[0] if methods else "bp-deepsup"), []))
+        if base is not None and len(by_match[row.match, base.method]) > 1:
+            row.base_choice = base.base_choice
         if base is not None and base.n and row.n:
             row.gap, row.base = welch_ci(row.accuracies, base.accuracies), base
             # Paired over the seeds both ran (a seed one side lost drops out of the pairs, not the whole interval).
@@ -294,6 +302,20 @@ def summarize(study: optuna.Study) -> Summary:
             if len(shared) >= 2:
                 row.gap_paired = paired_ci([a for a, _ in shared], [b for _, b in shared])
     return Summary(study.study_name, dict(study.user_attrs), ordered, len(trials), dict(states), failures)
+
+
+def _tuned_baseline(levels: list[Row]) -> Row | None:
+    """The baseline an FF row is compared with: the one row, or of several levels ([baseline] levels) the one with
+    the best mean on validation, where every level with results has it, else on test; complete levels first."""
+    scored = [r for r in levels if r.n]
+    if len(levels) < 2 or not scored:
+        return levels[0] if levels else None
+    on_val = all(r.has_val for r in scored)
+    best = max(scored, key=lambda r: (r.complete, (r.val if on_val else r.accuracy).mean))
+    best.base_choice = f"the best of {len(levels)} levels on {'validation' if on_val else 'test'}"
+    if len(scored) < len(levels):
+        best.base_choice += f", {len(levels) - len(scored)} of them without results yet"
+    return best
 
 
 def died(t: FrozenTrial) -> bool:
@@ -395,6 +417,8 @@ def table_rows(summary: Summary, top: int | None = None) -> list[list[str]]:
             notes.append(f"to rerun: {r.retried[0][1][:60]}")
         if r.role == "baseline" and summary.untuned:
             notes.append(f"untuned: {summary.untuned} (FF searched it)")
+        if r.role == "baseline" and r.base_choice:
+            notes.append(f"gaps are to this one: {r.base_choice}")
         n = str(r.n) if r.complete else f"{r.n} of {r.planned}"
         if r.role != "ff":
             gap, paired = "(baseline)", "(baseline)"
@@ -440,15 +464,16 @@ def _pp(e: Estimate, n_a: int, n_b: int) -> str:
 
 def _versus_baseline(row: Row) -> str:
     """How an FF row stands against its baseline, in words its Welch interval backs; the paired interval
-    follows where both ran the same seeds."""
+    follows where both ran the same seeds, and how the baseline was chosen where several levels of it ran."""
     gap = f"FF−BP {_pp(row.gap, row.n, row.baseline_n)}"
     if row.gap_paired.has_ci:
         gap += f"; paired over the {row.gap_paired.n} shared seeds {fmt(row.gap_paired, signed=True, unit=' pp')}"
+    choice = f" ({row.baseline} is {row.base_choice})" if row.base_choice else ""
     if row.gap.decisive:
-        return f"it is {'ahead of' if row.gap.mean > 0 else 'behind'} {row.baseline} ({gap})"
+        return f"it is {'ahead of' if row.gap.mean > 0 else 'behind'} {row.baseline} ({gap}){choice}"
     if row.gap.has_ci and not row.gap.no_spread:
-        return f"it is not distinguishable from {row.baseline} ({gap})"
-    return f"against {row.baseline}: {gap}, no direction claimed"
+        return f"it is not distinguishable from {row.baseline} ({gap}){choice}"
+    return f"against {row.baseline}: {gap}, no direction claimed{choice}"
 
 
 def answer(summary: Summary) -> str:

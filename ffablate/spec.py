@@ -90,6 +90,9 @@ class Spec:
     # [space] keys (and searched plugin kinds) the baseline shares but runs at the base value: FF is tuned on them
     # and the baseline is not, which the spec must say and every answer repeats.
     baseline_untuned: list[str] = field(default_factory=list)
+    # [space] keys the baseline is tuned on instead: it runs at each level (crossed), and each FF row's gap is to
+    # the level that ranks best on the split that ranks FF (validation where every level has it).
+    baseline_levels: dict[str, list[Any]] = field(default_factory=dict)
 
     def plan(self, budget: str, available: Callable[[str], bool] | None = None) -> Plan:
         return _plan(self, budget, available or (lambda name: True))
@@ -295,24 +298,33 @@ def parse(raw: dict[str, Any], path: Path) -> Spec:
         v.fail("space", 'needs sampler = "tpe": a grid only walks the categorical axes')
 
     baseline = v.get(raw, "baseline", dict, default={})
-    v.no_unknown(baseline, {"methods", "match", "untuned"}, "baseline")
+    v.no_unknown(baseline, {"methods", "match", "untuned", "levels"}, "baseline")
     methods = v.get(baseline, "methods", list, default=["bp-deepsup"], key="baseline")
     for i, m in enumerate(methods):
         if m not in ("bp", "bp-deepsup", "bp-ga", "bp-ckpt"):
             v.fail(f"baseline.methods[{i}]", "must be one of bp, bp-deepsup, bp-ga, bp-ckpt")
     match = v.get(baseline, "match", list, default=None, key="baseline")
     untuned = v.get(baseline, "untuned", list, default=[], key="baseline")
+    levels = v.get(baseline, "levels", dict, default={}, key="baseline")
     searched = [*space, *space_plugins]
     for i, key in enumerate(untuned):
         if key not in searched:
             v.fail(f"baseline.untuned[{i}]", f"names {key!r}, which [space] does not search; list only searched keys")
+    for key, values in levels.items():
+        if key not in space or _is_ff_only(key):
+            v.fail(f"baseline.levels.{key}", "must be a [space] key the baseline shares (FF is tuned on it there)")
+        if key in untuned:
+            v.fail(f"baseline.levels.{key}", "is also in baseline.untuned; the baseline is either tuned on it or not")
+        if not isinstance(values, list) or not values or len(set(map(repr, values))) < len(values):
+            v.fail(f"baseline.levels.{key}", "must be a list of distinct values to run the baseline at")
     for key in searched:
-        if not _is_ff_only(key) and key not in untuned:
+        if not _is_ff_only(key) and key not in untuned and key not in levels:
             what = f"space.plugins searches {key}, which" if key in space_plugins else f"space.{key} is a setting"
             v.fail(
                 "",
                 f"{what} the BP baseline shares, so FF would be tuned on it and the baseline run at the base value; "
-                f'add untuned = ["{key}"] to [baseline] to compare so on purpose (reports say so), or drop it',
+                f'tune the baseline too with [baseline] levels = {{ {key} = [...] }}, or add untuned = ["{key}"] '
+                "to compare so on purpose (reports say so)",
             )
 
     pruner = v.get(raw, "pruner", dict, default={"type": "none"})
@@ -337,6 +349,7 @@ def parse(raw: dict[str, Any], path: Path) -> Spec:
         match,
         pruner,
         untuned,
+        levels,
     )
     for b in BUDGETS:  # resolving every budget catches bad values in any of them now, not mid-study
         _plan(spec, b, lambda name: True)
@@ -595,16 +608,18 @@ def _plan(spec: Spec, budget_name: str, available: Callable[[str], bool]) -> Pla
             ff_cells.append(Cell(label, "ff", g.label, {**overrides, "method": "ff"}, match_json))
             for method in spec.baseline_methods:
                 shared = {k: v for k, v in combo.items() if k in match}
-                b_label = " ".join(x for x in (method, g.label if _group_is_data(g) else "", _label(shared)) if x)
-                key = f"{method}|{match_json}"
-                if key not in baselines:
-                    baselines[key] = Cell(
-                        b_label,
-                        "baseline",
-                        g.label if _group_is_data(g) else "",
-                        {**match, "method": method},
-                        match_json,
-                    )
+                # One baseline per level of the settings it is tuned on, all matched to the same FF cells.
+                for level in _product(spec.baseline_levels):
+                    parts = (method, g.label if _group_is_data(g) else "", _label(shared), _label(level))
+                    key = f"{method}|{match_json}|{json.dumps(level, sort_keys=True)}"
+                    if key not in baselines:
+                        baselines[key] = Cell(
+                            " ".join(x for x in parts if x),
+                            "baseline",
+                            g.label if _group_is_data(g) else "",
+                            {**match, **level, "method": method},
+                            match_json,
+                        )
     cells = list(baselines.values()) + ff_cells
     seen: set[str] = set()
     for cell in cells:

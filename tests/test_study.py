@@ -700,10 +700,20 @@ def test_a_changed_pruner_is_refused_on_resume(tmp_path, capsys):
             'lr = { type = "float", low = 1e-3, high = 3e-3 }',
             [],
             "space.lr is a setting the BP baseline shares, so FF would be tuned on it and the baseline run at the base "
-            'value; add untuned = ["lr"] to [baseline]',
+            'value; tune the baseline too with [baseline] levels = { lr = [...] }, or add untuned = ["lr"]',
         ),
         ('plugins = ["norm"]', [], "space.plugins searches norm, which the BP baseline shares"),
         ('"temperature.start" = { type = "float", low = 1.0, high = 2.0 }', ["lr"], "baseline.untuned[0] names 'lr'"),
+        (
+            'lr = { type = "float", low = 1e-3, high = 3e-3 }\n[baseline.levels]\nepochs = [1]',
+            ["lr"],
+            "baseline.levels.epochs must be a [space] key the baseline shares",
+        ),
+        (
+            'lr = { type = "float", low = 1e-3, high = 3e-3 }\n[baseline.levels]\nlr = [1e-3, 1e-3]',
+            [],
+            "baseline.levels.lr must be a list of distinct values",
+        ),
     ],
 )
 def test_a_search_over_what_the_baseline_shares_must_say_so(tmp_path, capsys, space, untuned, message):
@@ -713,6 +723,28 @@ def test_a_search_over_what_the_baseline_shares_must_say_so(tmp_path, capsys, sp
     assert main(["study", str(path), "--budget", "smoke", "--storage", storage_url(tmp_path)]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and f"{path}: {message}" in err, err
+
+
+def test_a_search_tunes_its_baseline_on_the_levels_it_names(tmp_path):
+    space = 'lr = { type = "float", low = 1e-3, high = 3e-3, log = true }'
+    path = write_tpe_spec(tmp_path, space, untuned=[])
+    path.write_text(path.read_text().replace("untuned = []", "levels = { lr = [0.001, 0.01] }"))
+    plan = specs.load(str(path)).plan("smoke")
+    baselines = [c for c in plan.cells if c.role == "baseline"]
+    assert [(c.label, c.overrides["lr"]) for c in baselines] == [
+        ("bp-deepsup lr=0.001", 0.001),
+        ("bp-deepsup lr=0.01", 0.01),
+    ]
+    assert len({c.match for c in plan.cells}) == 1  # both levels are matched to the FF cell
+    url = storage_url(tmp_path)
+    assert main(["study", str(path), "--budget", "smoke", "--storage", url]) == 0
+    summary = results.summarize(optuna.load_study(study_name="tiny-smoke", storage=url))
+    chosen = max(summary.baselines, key=lambda r: r.val.mean)
+    assert all(r.base is chosen for r in summary.ff if r.n)
+    assert chosen.base_choice == "the best of 2 levels on validation"
+    assert f"({chosen.label} is the best of 2 levels on validation)" in results.answer(summary)
+    (note,) = [row[-1] for row in results.table_rows(summary) if row[0] == chosen.label]
+    assert note == "gaps are to this one: the best of 2 levels on validation"
 
 
 def test_a_search_with_an_untuned_baseline_says_so_in_its_answer_and_table(tmp_path):
