@@ -282,7 +282,9 @@ def _learning_curves(summary: results.Summary, out: Path) -> tuple[str, str] | N
     rows = [r for r in summary.rows if r.n and any(r.histories)]
     if summary.meta.get("sampler") == "tpe":
         best = [r for r in summary.ranked() if any(r.histories)][:8]
-        rows = [r for r in rows if r.role == "baseline"] + best
+        # Of a baseline tuned over levels, the level the gaps are taken against: five black curves tell nothing apart.
+        compared = {id(r.base) for r in summary.ff if r.base is not None}
+        rows = [r for r in rows if r.role == "baseline" and (not compared or id(r) in compared)] + best
     if not rows:
         return None
     fig, ax = plt.subplots(figsize=(7, 4.2))

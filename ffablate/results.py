@@ -112,6 +112,7 @@ class Row:
             "gap_paired_ci95": self.gap_paired.half_width,
             "baseline": self.baseline,
             "baseline_n": self.baseline_n,
+            "baseline_choice": self.base_choice or None,
             "pruned": self.pruned,
             "duplicates": self.duplicates,
             "failed": self.failed,
@@ -306,15 +307,41 @@ def summarize(study: optuna.Study) -> Summary:
 
 def _tuned_baseline(levels: list[Row]) -> Row | None:
     """The baseline an FF row is compared with: the one row, or of several levels ([baseline] levels) the one with
-    the best mean on validation, where every level with results has it, else on test; complete levels first."""
+    the best mean on validation, where every level with results has it, else on test. Complete levels are chosen
+    from first (an incomplete level's surviving seeds are a biased sample); ``base_choice`` says how it was chosen,
+    and names a better-scoring incomplete level and any tie."""
     scored = [r for r in levels if r.n]
     if len(levels) < 2 or not scored:
         return levels[0] if levels else None
     on_val = all(r.has_val for r in scored)
-    best = max(scored, key=lambda r: (r.complete, (r.val if on_val else r.accuracy).mean))
-    best.base_choice = f"the best of {len(levels)} levels on {'validation' if on_val else 'test'}"
-    if len(scored) < len(levels):
-        best.base_choice += f", {len(levels) - len(scored)} of them without results yet"
+    split = "validation" if on_val else "test"
+
+    def score(r: Row) -> float:
+        return (r.val if on_val else r.accuracy).mean
+
+    complete = [r for r in scored if r.complete]
+    pool = complete or scored
+    best = max(pool, key=score)  # the first in spec order among equals
+    if complete and len(complete) < len(levels):
+        choice = f"the best on {split} of the complete levels ({len(complete)} of {len(levels)})"
+    elif complete:
+        choice = f"the best of {len(levels)} levels on {split}"
+    else:
+        choice = f"the best on {split} of {len(levels)} levels, none of them complete"
+    tied = [r.label for r in pool if r is not best and score(r) == score(best)]
+    if tied:
+        choice += f", tied with {', '.join(tied)} (the spec's order picked it)"
+    higher = [r for r in scored if not r.complete and score(r) > score(best)]
+    if higher and complete:
+        choice += "; higher but incomplete: " + ", ".join(f"{r.label} ({r.missing()})" for r in higher)
+    # A best level at the end of a numeric range of three or more leaves the baseline's own optimum unbracketed.
+    for key, value in best.overrides.items():
+        values = sorted({r.overrides.get(key) for r in levels}, key=str)
+        numeric = sorted(x for x in values if isinstance(x, (int, float)) and not isinstance(x, bool))
+        if len(numeric) >= 3 and len(numeric) == len(values) and value in (numeric[0], numeric[-1]):
+            end = "highest" if value == numeric[-1] else "lowest"
+            choice += f"; it is the {end} {key} level, so one beyond it may score higher"
+    best.base_choice = choice
     return best
 
 
@@ -523,7 +550,7 @@ def _answer_ablation(summary: Summary) -> str:
     if best.baseline:
         text += f"; {_versus_baseline(best)}"
         if summary.untuned:
-            text += f"; the baseline ran at {summary.untuned}, which FF searched, so the gap favours FF"
+            text += f"; the baseline ran at {summary.untuned}, which FF searched, so the comparison favours FF"
     return text + "."
 
 

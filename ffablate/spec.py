@@ -31,6 +31,10 @@ RECIPE_PLUGIN_KINDS = frozenset(PLUGIN_KINDS) - {"datasets"}
 # classes, labels, widths, epochs, ...) is matched between FF and its baseline, the norm modules included: they
 # are part of the backbone BP trains too, so each norm level gets a baseline with that norm.
 FF_ONLY = RECIPE_KEYS - {"norm"}
+# Changes to how a dataset is loaded or augmented that alter what a trial trains on while the spec stays the same: a
+# study stored before one must not resume after it (its trials would mix both), so they enter the fingerprint of
+# plans that use the dataset (and only those: other studies still resume).
+DATA_CHANGES = {"digits": "no crops since 2026-11-27"}
 STUDY_KEYS = {"seeds", "n_trials", "axes"}  # budget keys that are not RunConfig keys
 MAX_SEEDS = 1000  # a seed count is a range to run: bounded so a typo is a message, not a MemoryError
 STUDIES_DIR = Path(__file__).resolve().parent.parent / "studies"
@@ -173,6 +177,11 @@ class Plan:
         """``exc`` as a mistake of the spec, naming the configuration it showed in."""
         return SpecError(f"{self.spec.path}: budgets.{self.budget.name} configuration {cell.label!r}: {exc}")
 
+    def data_changes(self) -> dict[str, str]:
+        """The ``DATA_CHANGES`` of the datasets this plan trains on."""
+        used = {str(c.overrides.get("dataset", self.base.get("dataset", RunConfig.dataset))) for c in self.cells}
+        return {d: DATA_CHANGES[d] for d in sorted(used) if d in DATA_CHANGES}
+
     def fingerprint(self) -> str:
         """Identifies what the trials mean; resuming a study made from a different plan would mix results."""
         payload = {
@@ -182,6 +191,8 @@ class Plan:
             "space": self.spec.space,
             "plugins": self.spec.space_plugins,
         }
+        if self.data_changes():
+            payload["data_changes"] = self.data_changes()
         return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -310,21 +321,31 @@ def parse(raw: dict[str, Any], path: Path) -> Spec:
     for i, key in enumerate(untuned):
         if key not in searched:
             v.fail(f"baseline.untuned[{i}]", f"names {key!r}, which [space] does not search; list only searched keys")
+    if levels and sampler != "tpe":
+        v.fail("baseline.levels", 'needs sampler = "tpe": it tunes the baseline on keys that [space] searches')
     for key, values in levels.items():
+        at = f"baseline.levels.{_toml_key(key)}"
         if key not in space or _is_ff_only(key):
-            v.fail(f"baseline.levels.{key}", "must be a [space] key the baseline shares (FF is tuned on it there)")
+            v.fail(at, "must be a [space] key the baseline shares (FF is tuned on it there)")
         if key in untuned:
-            v.fail(f"baseline.levels.{key}", "is also in baseline.untuned; the baseline is either tuned on it or not")
-        if not isinstance(values, list) or not values or len(set(map(repr, values))) < len(values):
-            v.fail(f"baseline.levels.{key}", "must be a list of distinct values to run the baseline at")
+            v.fail(at, "is also in baseline.untuned; the baseline is either tuned on it or not")
+        if not isinstance(values, list) or not values:
+            v.fail(at, "must be a list of values to run the baseline at")
+        for i, value in enumerate(values):
+            v.value(key, value, f"{at}[{i}]")
+        if len(set(values)) < len(values):  # 1 == 1.0: the same run twice
+            v.fail(at, "must list distinct values")
     for key in searched:
         if not _is_ff_only(key) and key not in untuned and key not in levels:
-            what = f"space.plugins searches {key}, which" if key in space_plugins else f"space.{key} is a setting"
+            if key in space_plugins:  # a plugin's declared space has no levels to name
+                what, tune = f"space.plugins searches {key}, which", ""
+            else:
+                what = f"space.{key} is a setting"
+                tune = f"tune the baseline too with [baseline] levels = {{ {_toml_key(key)} = [...] }}, or "
             v.fail(
                 "",
                 f"{what} the BP baseline shares, so FF would be tuned on it and the baseline run at the base value; "
-                f'tune the baseline too with [baseline] levels = {{ {key} = [...] }}, or add untuned = ["{key}"] '
-                "to compare so on purpose (reports say so)",
+                f'{tune}add untuned = ["{key}"] to [baseline] to compare so on purpose (reports say so)',
             )
 
     pruner = v.get(raw, "pruner", dict, default={"type": "none"})
@@ -565,6 +586,11 @@ def _a(kind: type) -> str:
 
 def _is_ff_only(key: str) -> bool:
     return key in FF_ONLY or ("." in key and key.split(".", 1)[0] in FF_ONLY)
+
+
+def _toml_key(key: str) -> str:
+    """``key`` as a TOML table key: a dotted plugin parameter must be quoted, or TOML reads it as nested tables."""
+    return f'"{key}"' if "." in key else key
 
 
 def _label(items: dict[str, Any]) -> str:

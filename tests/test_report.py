@@ -683,3 +683,57 @@ def test_rows_with_the_same_scores_seed_for_seed_are_called_tied(url):
     study = make_study(url, "fusion-full", {"analysis": "ablation", "seeds": [0, 1, 2]}, trials)
     answer = results.answer(results.summarize(study))
     assert "chosen on validation accuracy (65.7 ± 2.8%), tied seed for seed with fusion=sum-from-k;" in answer
+
+
+def _levels_study(url: str, levels: dict[float, list[tuple[float | None, float | None]]]) -> optuna.Study:
+    """FF (fusion=last, 0.80 on seeds 0-2) against BP-DeepSup run at several lr levels ([baseline] levels): per level,
+    per seed, (test, validation) accuracy; a test accuracy of None is a failed seed."""
+    trials = [
+        {"cell": "fusion=last", "role": "ff", "overrides": {"fusion": "last"}, "seed": s, "value": 0.8, "val": 0.8}
+        for s in range(3)
+    ]
+    trials += [
+        {"cell": f"bp-deepsup lr={lr}", "role": "baseline", "overrides": {"lr": lr}, "seed": s, "value": t, "val": v}
+        for lr, runs in levels.items()
+        for s, (t, v) in enumerate(runs)
+    ]
+    return make_study(url, "levels-quick", {"analysis": "search", "seeds": [0, 1, 2]}, trials)
+
+
+def test_a_tuned_baseline_is_the_best_complete_level_and_says_how_it_was_chosen(tmp_path):
+    # lr=0.01 scores higher on validation, but one of its seeds failed: its survivors are a biased sample, so the
+    # gap is to the complete level, and the answer says a better-scoring level was left incomplete.
+    complete, broken = [(0.70, 0.70)] * 3, [(0.90, 0.90), (0.90, 0.91), (None, None)]
+    summary = results.summarize(_levels_study(f"sqlite:///{tmp_path / 'a.db'}", {0.001: complete, 0.01: broken}))
+    (ff,) = summary.ff
+    assert ff.baseline == "bp-deepsup lr=0.001" and ff.gap.mean == pytest.approx(0.10)
+    choice = (
+        "the best on validation of the complete levels (1 of 2); higher but incomplete: bp-deepsup lr=0.01 (1 failed)"
+    )
+    assert ff.base_choice == choice and ff.to_dict()["baseline_choice"] == choice
+    assert f"(bp-deepsup lr=0.001 is {choice})" in results.answer(summary)
+    notes = {row[0]: row[-1] for row in results.table_rows(summary)}
+    assert notes["bp-deepsup lr=0.001"] == f"gaps are to this one: {choice}"
+    # Equal on validation, far apart on test: the tie is named, not hidden behind the spec's order.
+    tied = {0.001: [(0.70, 0.85)] * 3, 0.01: [(0.90, 0.85)] * 3}
+    (ff,) = results.summarize(_levels_study(f"sqlite:///{tmp_path / 'b.db'}", tied)).ff
+    assert (
+        ff.base_choice
+        == "the best of 2 levels on validation, tied with bp-deepsup lr=0.01 (the spec's order picked it)"
+    )
+    # A level without a validation split: every level is compared on test.
+    no_val = {0.001: [(0.70, 0.95)] * 3, 0.01: [(0.90, None)] * 3}
+    (ff,) = results.summarize(_levels_study(f"sqlite:///{tmp_path / 'c.db'}", no_val)).ff
+    assert ff.baseline == "bp-deepsup lr=0.01" and ff.base_choice == "the best of 2 levels on test"
+
+
+def test_a_tuned_baseline_at_the_end_of_its_levels_says_its_optimum_may_lie_beyond(tmp_path):
+    levels = {0.001: [(0.70, 0.70)] * 3, 0.01: [(0.75, 0.75)] * 3, 0.1: [(0.78, 0.78)] * 3}
+    (ff,) = results.summarize(_levels_study(f"sqlite:///{tmp_path / 'e.db'}", levels)).ff
+    assert ff.baseline == "bp-deepsup lr=0.1"
+    assert ff.base_choice == (
+        "the best of 3 levels on validation; it is the highest lr level, so one beyond it may score higher"
+    )
+    levels[0.01] = [(0.80, 0.80)] * 3  # bracketed: nothing to add
+    (ff,) = results.summarize(_levels_study(f"sqlite:///{tmp_path / 'f.db'}", levels)).ff
+    assert ff.baseline == "bp-deepsup lr=0.01" and ff.base_choice == "the best of 3 levels on validation"

@@ -710,9 +710,14 @@ def test_a_changed_pruner_is_refused_on_resume(tmp_path, capsys):
             "baseline.levels.epochs must be a [space] key the baseline shares",
         ),
         (
-            'lr = { type = "float", low = 1e-3, high = 3e-3 }\n[baseline.levels]\nlr = [1e-3, 1e-3]',
+            'lr = { type = "float", low = 1e-3, high = 3e-3 }\n[baseline.levels]\nlr = [1e-3, 0.001]',
             [],
-            "baseline.levels.lr must be a list of distinct values",
+            "baseline.levels.lr must list distinct values",
+        ),
+        (
+            'lr = { type = "float", low = 1e-3, high = 3e-3 }\n[baseline.levels]\nlr = [true]',
+            [],
+            "baseline.levels.lr[0] must be a number",
         ),
     ],
 )
@@ -723,6 +728,12 @@ def test_a_search_over_what_the_baseline_shares_must_say_so(tmp_path, capsys, sp
     assert main(["study", str(path), "--budget", "smoke", "--storage", storage_url(tmp_path)]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and f"{path}: {message}" in err, err
+
+
+def test_baseline_levels_need_a_search(tmp_path, capsys):
+    path = write_spec(tmp_path, GRID + "[baseline]\nlevels = { lr = [0.01] }\n")
+    assert main(["study", str(path), "--budget", "smoke", "--storage", storage_url(tmp_path)]) == 2
+    assert f'{path}: baseline.levels needs sampler = "tpe"' in capsys.readouterr().err
 
 
 def test_a_search_tunes_its_baseline_on_the_levels_it_names(tmp_path):
@@ -753,7 +764,7 @@ def test_a_search_with_an_untuned_baseline_says_so_in_its_answer_and_table(tmp_p
     assert main(["study", str(path), "--budget", "smoke", "--storage", url]) == 0
     summary = results.summarize(optuna.load_study(study_name="tiny-smoke", storage=url))
     assert summary.untuned == "lr=0.002"
-    assert "; the baseline ran at lr=0.002, which FF searched, so the gap favours FF." in results.answer(summary)
+    assert "; the baseline ran at lr=0.002, which FF searched, so the comparison favours FF." in results.answer(summary)
     (baseline,) = [row for row in results.table_rows(summary) if row[3] == "(baseline)"]
     assert "untuned: lr=0.002 (FF searched it)" in baseline[-1]
 
