@@ -237,9 +237,12 @@ def summarize(study: optuna.Study) -> Summary:
     states: dict[str, int] = defaultdict(int)
     finished = {(t.user_attrs.get("cell"), t.user_attrs.get("seed")) for t in trials if _finished(t)}
     search = study.user_attrs.get("sampler") == "tpe"
-    failures = [_failure(t, finished, search) for t in trials if t.state == TrialState.FAIL]
+    # Running in the storage, but their worker on this host is gone: failed to every count here, as the next run
+    # marks them.
+    dead = {t.number for t in trials if t.state == TrialState.RUNNING and died(t)}
+    failures = [_failure(t, finished, search) for t in trials if t.state == TrialState.FAIL or t.number in dead]
     for t in trials:
-        states[t.state.name] += 1
+        states["FAIL" if t.number in dead else t.state.name] += 1
         label = t.user_attrs.get("cell")
         if label is None:
             continue
@@ -259,8 +262,8 @@ def summarize(study: optuna.Study) -> Summary:
         if t.state == TrialState.FAIL and not _finished(t) and unfinished:
             row.retried.append((int(t.user_attrs.get("seed", -1)), fail_reason(t)))
         if t.state == TrialState.RUNNING and unfinished:
-            if died(t):  # still RUNNING in the storage until the next run marks it failed
-                row.retried.append((int(t.user_attrs.get("seed", -1)), "stale: its process died; rerun"))
+            if t.number in dead:
+                row.retried.append((int(t.user_attrs.get("seed", -1)), STALE))
             else:
                 row.running.add(int(t.user_attrs.get("seed", -1)))
     ordered = sorted(
@@ -345,6 +348,9 @@ def _tuned_baseline(levels: list[Row]) -> Row | None:
     return best
 
 
+STALE = "stale: its process died; rerun"  # the fail reason of a trial whose worker died
+
+
 def died(t: FrozenTrial) -> bool:
     """A running trial whose worker on this host no longer exists. Other hosts' trials are left to Optuna's
     heartbeat: they may still be running there."""
@@ -380,7 +386,8 @@ def _failure(t: FrozenTrial, finished: set[tuple[Any, Any]], search: bool) -> Fa
         fate = "replaced"  # a search's FF point is its own trial's sample: no rerun draws it again
     else:
         fate = "retry"
-    return FailedTrial(t.number, label or "", None if seed is None else int(seed), fail_reason(t), fate)
+    reason = STALE if t.state == TrialState.RUNNING else fail_reason(t)
+    return FailedTrial(t.number, label or "", None if seed is None else int(seed), reason, fate)
 
 
 def _finished(t: FrozenTrial) -> bool:

@@ -323,6 +323,9 @@ def parse(raw: dict[str, Any], path: Path) -> Spec:
             v.fail(f"baseline.untuned[{i}]", f"names {key!r}, which [space] does not search; list only searched keys")
     if levels and sampler != "tpe":
         v.fail("baseline.levels", 'needs sampler = "tpe": it tunes the baseline on keys that [space] searches')
+    for key, given in (("levels", levels), ("untuned", untuned)):
+        if given and analysis not in ("ablation", "search"):  # only their answers say how the baseline was run
+            v.fail(f"baseline.{key}", f'is for analysis = "search" or "ablation", not {analysis!r}')
     for key, values in levels.items():
         at = f"baseline.levels.{_toml_key(key)}"
         if key not in space or _is_ff_only(key):

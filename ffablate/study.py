@@ -289,7 +289,7 @@ def fail_dead_trials(study: optuna.Study) -> list[int]:
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         if not results.died(t):
             continue
-        study._storage.set_trial_user_attr(t._trial_id, FAIL_REASON, "stale: its process died; rerun")
+        study._storage.set_trial_user_attr(t._trial_id, FAIL_REASON, results.STALE)
         study._storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
         failed.append(t.number)
     return failed

@@ -404,6 +404,11 @@ def test_a_pruned_survivor_is_ranked_after_every_complete_configuration(tmp_path
     row = results.table_rows(results.summarize(study))[1]
     assert row[-1].startswith("incomplete: 1 failed, 1 failed (a rerun retries it);"), row[-1]
     assert "to rerun: stale: its process died; rerun" in row[-1]
+    summary = results.summarize(study)  # the header's counts and the failure list agree with the row
+    assert "RUNNING" not in summary.states
+    assert [(f.label, f.seed, f.reason, f.fate) for f in summary.failures if f.reason == results.STALE] == [
+        ("fusion=last", 2, results.STALE, "retry")
+    ]
 
 
 def test_a_gap_without_spread_on_either_side_claims_no_direction(url):

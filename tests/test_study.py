@@ -734,6 +734,13 @@ def test_baseline_levels_need_a_search(tmp_path, capsys):
     path = write_spec(tmp_path, GRID + "[baseline]\nlevels = { lr = [0.01] }\n")
     assert main(["study", str(path), "--budget", "smoke", "--storage", storage_url(tmp_path)]) == 2
     assert f'{path}: baseline.levels needs sampler = "tpe"' in capsys.readouterr().err
+    # A k-sweep's answer and plots take one baseline per K: they would not say which level was chosen.
+    path = write_tpe_spec(tmp_path, 'lr = { type = "float", low = 1e-3, high = 3e-3 }')
+    path.write_text(path.read_text().replace('sampler = "tpe"', 'sampler = "tpe"\nanalysis = "k-sweep"'))
+    assert main(["study", str(path), "--budget", "smoke", "--storage", storage_url(tmp_path)]) == 2
+    assert (
+        f'{path}: baseline.untuned is for analysis = "search" or "ablation", not \'k-sweep\'' in capsys.readouterr().err
+    )
 
 
 def test_a_search_tunes_its_baseline_on_the_levels_it_names(tmp_path):
