@@ -95,7 +95,7 @@ class Spec:
     # and the baseline is not, which the spec must say and every answer repeats.
     baseline_untuned: list[str] = field(default_factory=list)
     # [space] keys the baseline is tuned on instead: it runs at each level (crossed), and each FF row's gap is to
-    # the level that ranks best on the split that ranks FF (validation where every level has it).
+    # the best complete level on validation (on test where a level lacks it; results._tuned_baseline).
     baseline_levels: dict[str, list[Any]] = field(default_factory=dict)
 
     def plan(self, budget: str, available: Callable[[str], bool] | None = None) -> Plan:
