@@ -305,7 +305,24 @@ def summarize(study: optuna.Study) -> Summary:
             ]
             if len(shared) >= 2:
                 row.gap_paired = paired_ci([a for a, _ in shared], [b for _, b in shared])
-    return Summary(study.study_name, dict(study.user_attrs), ordered, len(trials), dict(states), failures)
+    meta = dict(study.user_attrs)
+    if search and not meta.get("baseline_untuned") and all(len(group) == 1 for group in by_match.values()):
+        meta["baseline_untuned"] = _untuned_from_trials(trials, meta.get("base") or {})
+    return Summary(study.study_name, meta, ordered, len(trials), dict(states), failures)
+
+
+def _untuned_from_trials(trials: list[FrozenTrial], base: dict[str, Any]) -> dict[str, str]:
+    """What a search stored before session 10 ran its baseline at: every setting its FF trials sampled that the
+    baseline shares, at the base value (such studies recorded nothing, and their baseline had no levels)."""
+    from ffablate.config import RunConfig
+    from ffablate.spec import _is_ff_only
+
+    keys = sorted({k for t in trials if t.user_attrs.get("role") == "ff" for k in t.params} - {"cell", "seed"})
+    said = {}
+    for key in (k for k in keys if not _is_ff_only(k)):
+        value = base.get(key, getattr(RunConfig(), key, None))
+        said[key] = f"{key}={value}" if value is not None else f"{key} at its base value"
+    return said
 
 
 def _tuned_baseline(levels: list[Row]) -> Row | None:

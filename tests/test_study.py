@@ -774,6 +774,10 @@ def test_a_search_with_an_untuned_baseline_says_so_in_its_answer_and_table(tmp_p
     assert "; the baseline ran at lr=0.002, which FF searched, so the comparison favours FF." in results.answer(summary)
     (baseline,) = [row for row in results.table_rows(summary) if row[3] == "(baseline)"]
     assert "untuned: lr=0.002 (FF searched it)" in baseline[-1]
+    # A search stored before session 10 recorded nothing about it; its trials still say what FF searched.
+    study = optuna.load_study(study_name="tiny-smoke", storage=url)
+    study.set_user_attr("baseline_untuned", None)
+    assert results.summarize(study).untuned == "lr=0.002"
 
 
 def test_a_search_samples_only_the_levels_its_budget_plans(tmp_path):
