@@ -288,12 +288,13 @@ def summarize(study: optuna.Study) -> Summary:
     for r in ordered:
         if r.role == "baseline":
             by_match[r.match, r.method].append(r)
+    compared = {key: _tuned_baseline(group) for key, group in by_match.items()}  # one choice per match group
     for row in ordered:
         if row.role != "ff":
             continue
-        base = _tuned_baseline(by_match.get((row.match, methods[0] if methods else "bp-deepsup"), []))
-        if base is not None and len(by_match[row.match, base.method]) > 1:
-            row.base_choice = base.base_choice
+        base = compared.get((row.match, methods[0] if methods else "bp-deepsup"))
+        if base is not None:
+            row.base_choice = base.base_choice  # "" unless several levels ran
         if base is not None and base.n and row.n:
             row.gap, row.base = welch_ci(row.accuracies, base.accuracies), base
             # Paired over the seeds both ran (a seed one side lost drops out of the pairs, not the whole interval).
@@ -314,15 +315,10 @@ def summarize(study: optuna.Study) -> Summary:
 def _untuned_from_trials(trials: list[FrozenTrial], base: dict[str, Any]) -> dict[str, str]:
     """What a search stored before session 10 ran its baseline at: every setting its FF trials sampled that the
     baseline shares, at the base value (such studies recorded nothing, and their baseline had no levels)."""
-    from ffablate.config import RunConfig
-    from ffablate.spec import _is_ff_only
+    from ffablate.spec import _is_ff_only, at_base
 
     keys = sorted({k for t in trials if t.user_attrs.get("role") == "ff" for k in t.params} - {"cell", "seed"})
-    said = {}
-    for key in (k for k in keys if not _is_ff_only(k)):
-        value = base.get(key, getattr(RunConfig(), key, None))
-        said[key] = f"{key}={value}" if value is not None else f"{key} at its base value"
-    return said
+    return {key: at_base(key, base) for key in keys if not _is_ff_only(key)}
 
 
 def _tuned_baseline(levels: list[Row]) -> Row | None:

@@ -139,13 +139,10 @@ class Plan:
     def untuned_baseline(self) -> dict[str, str]:
         """Each searched key the baseline runs at its base value (``[baseline] untuned``), with what it ran at, in
         words: ``{"lr": "lr=0.003", "norm": "norm's base parameters"}``."""
-        said = {}
-        for key in self.spec.baseline_untuned:
-            if key in self.spec.space_plugins:
-                said[key] = f"{key}'s base parameters"
-            else:
-                said[key] = f"{key}={self.base.get(key, getattr(RunConfig(), key, 'its default'))}"
-        return said
+        return {
+            key: f"{key}'s base parameters" if key in self.spec.space_plugins else at_base(key, self.base)
+            for key in self.spec.baseline_untuned
+        }
 
     def plugin_name(self, overrides: dict[str, Any], kind: str) -> str:
         """The ``kind`` plugin a trial with ``overrides`` runs."""
@@ -191,8 +188,9 @@ class Plan:
             "space": self.spec.space,
             "plugins": self.spec.space_plugins,
         }
-        if self.data_changes():
-            payload["data_changes"] = self.data_changes()
+        changes = self.data_changes()
+        if changes:
+            payload["data_changes"] = changes
         return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -589,6 +587,12 @@ def _a(kind: type) -> str:
 
 def _is_ff_only(key: str) -> bool:
     return key in FF_ONLY or ("." in key and key.split(".", 1)[0] in FF_ONLY)
+
+
+def at_base(key: str, base: dict[str, Any]) -> str:
+    """What setting ``key`` runs at under ``base`` (a budget's shared settings), in words: "lr=0.003"."""
+    value = base.get(key, getattr(RunConfig(), key, None))
+    return f"{key}={value}" if value is not None else f"{key} at its base value"
 
 
 def _toml_key(key: str) -> str:
