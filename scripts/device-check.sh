@@ -67,6 +67,8 @@ run_section env 60 bash -c "nvidia-smi; nvcc --version; $PY - <<'EOF'
 import sys, torch
 print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda,
       'device', torch.cuda.get_device_name(0) if torch.cuda.is_available() else None)
+if torch.cuda.is_available():
+    print(torch.cuda.get_device_properties(0))  # SM count and L2 size, which the bandwidth figures depend on
 import ffablate.bench, ffablate.ops  # noqa: F401  (must not need optuna)
 assert 'optuna' not in sys.modules, 'ffablate.ops/bench imported optuna'
 EOF"
