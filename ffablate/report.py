@@ -132,7 +132,7 @@ def _save(fig: Any, out: Path, name: str) -> str:
 def _heatmap(summary: results.Summary, out: Path) -> tuple[str, str] | None:
     """Two-axis ablations: mean FF accuracy per cell, annotated with mean ± CI and the gap to the cell's own
     matched BP baseline."""
-    axes = [(a, v) for a, v in summary.meta.get("axes", {}).items() if len(v) > 1]
+    axes = [(a, v) for a, v in summary.axis_levels().items() if len(v) > 1]
     if len(axes) != 2 or summary.meta.get("sampler") != "grid":
         return None
     (ya, yv), (xa, xv) = axes
@@ -206,7 +206,7 @@ def _k_sweep(summary: results.Summary, out: Path) -> tuple[str, str] | None:
     ax.axhline(0, color="grey", lw=0.8)
     ax.set_xscale("log")
     ax.set_xlabel("number of classes K")
-    ax.set_ylabel("FF − BP-DeepSup test accuracy (pp, 95% CI)")
+    ax.set_ylabel(f"FF − {summary.baseline_method} test accuracy (pp, 95% CI)")
     ax.set_title("FF–BP gap against K: synthetic vs real")
     ax.legend(fontsize=8)
     caption = "FF−BP gap against K, synthetic and real data on one chart"
@@ -235,13 +235,13 @@ def _hierarchy(summary: results.Summary, out: Path) -> tuple[str, str] | None:
                 [r.accuracy if r else None for r in rows],
                 width=0.4,
                 color=colour,
-                label="FF" if role == "ff" else "BP-DeepSup",
+                label="FF" if role == "ff" else summary.baseline_method,
             )
         ax.set_xticks(range(len(names)), [f"{n}" for n in names])
         ax.set_ylabel("test accuracy % (95% CI)")
         ax.set_title(group)
         ax.legend(fontsize=8)
-    caption = "coarse vs fine labels: FF and BP-DeepSup accuracy"
+    caption = f"coarse vs fine labels: FF and {summary.baseline_method} accuracy"
     return _save(fig, out, "coarse_vs_fine.png"), caption + (f" ({NO_CI})" if hollow else "")
 
 
@@ -255,7 +255,7 @@ def _bp_gap_bars(summary: results.Summary, out: Path) -> tuple[str, str] | None:
     hollow = _bars(ax, list(range(len(rows))), [r.gap for r in rows], width=0.8, color="tab:blue", label="FF − BP")
     ax.set_xticks(range(len(rows)), [summary.dataset_of(r) for r in rows], rotation=20)
     ax.axhline(0, color="grey", lw=0.8)
-    ax.set_ylabel("FF − BP-DeepSup (pp, 95% CI)")
+    ax.set_ylabel(f"FF − {summary.baseline_method} (pp, 95% CI)")
     if hollow:
         ax.legend(fontsize=8)
     return _save(fig, out, "bp_gap.png"), "FF−BP gap per dataset" + (f" ({NO_CI})" if hollow else "")
@@ -336,7 +336,7 @@ def _axis_study(study: optuna.Study, summary: results.Summary) -> optuna.Study |
 
     A grid study's own params are ("cell", "seed"); importance over those would say nothing about the axes.
     """
-    axes = [a for a, v in summary.meta.get("axes", {}).items() if len(v) > 1]
+    levels = {a: [str(x) for x in v] for a, v in summary.axis_levels().items() if len(v) > 1}
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     copy = optuna.create_study(direction="maximize")
     for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
@@ -346,11 +346,8 @@ def _axis_study(study: optuna.Study, summary: results.Summary) -> optuna.Study |
             params, dists = dict(t.params), dict(t.distributions)
         else:
             overrides = t.user_attrs.get("overrides", {})
-            params = {a: str(overrides[a]) for a in axes if a in overrides}
-            dists = {
-                a: optuna.distributions.CategoricalDistribution([str(v) for v in summary.meta["axes"][a]])
-                for a in params
-            }
+            params = {a: str(overrides[a]) for a in levels if a in overrides}
+            dists = {a: optuna.distributions.CategoricalDistribution(levels[a]) for a in params}
         if params:
             copy.add_trial(optuna.trial.create_trial(params=params, distributions=dists, value=t.value))
     return copy if len(copy.trials) >= 4 else None

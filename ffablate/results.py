@@ -165,6 +165,23 @@ class Summary:
         "" when there are none."""
         return ", ".join((self.meta.get("baseline_untuned") or {}).values())
 
+    def axis_levels(self) -> dict[str, list[Any]]:
+        """Each axis of the study with the levels its FF rows run, in the spec's order (levels it does not list
+        last). Read from the rows, not the spec alone: a budget runs a subset of the levels, the groups of one spec
+        give an axis different levels (k-sweep), and a group may fix an axis key in its settings (goodness's
+        class-wise group)."""
+        levels: dict[str, list[Any]] = {}
+        for axis, listed in self.meta.get("axes", {}).items():
+            ran = {str(r.overrides[axis]): r.overrides[axis] for r in self.ff if axis in r.overrides}
+            order = [str(x) for x in listed] + [key for key in ran if key not in map(str, listed)]
+            levels[axis] = [ran[key] for key in order if key in ran]
+        return levels
+
+    @property
+    def baseline_method(self) -> str:
+        """The baseline method every gap is taken to: the spec's first (``[baseline] methods``)."""
+        return (self.meta.get("baseline_methods") or ["bp-deepsup"])[0]
+
     @property
     def baselines(self) -> list[Row]:
         return [r for r in self.rows if r.role == "baseline"]
@@ -317,8 +334,18 @@ def _untuned_from_trials(trials: list[FrozenTrial], base: dict[str, Any]) -> dic
     baseline shares, at the base value (such studies recorded nothing, and their baseline had no levels)."""
     from ffablate.spec import _is_ff_only, at_base
 
-    keys = sorted({k for t in trials if t.user_attrs.get("role") == "ff" for k in t.params} - {"cell", "seed"})
+    params = {k for t in trials if t.user_attrs.get("role") == "ff" for k in t.params} - {"cell", "seed"}
+    keys = sorted({_setting(param) for param in params})
     return {key: at_base(key, base) for key in keys if not _is_ff_only(key)}
+
+
+def _setting(param: str) -> str:
+    """The setting a search's trial parameter samples: a plugin's is stored as "kind:plugin.param" (one
+    distribution per plugin) and sets "kind.param"; any other is the setting's own key."""
+    if ":" not in param:
+        return param
+    kind, rest = param.split(":", 1)
+    return f"{kind}.{rest.split('.', 1)[-1]}"
 
 
 def _tuned_baseline(levels: list[Row]) -> Row | None:
@@ -576,7 +603,7 @@ def _answer_ablation(summary: Summary) -> str:
 
 def most_influential_axis(summary: Summary) -> tuple[str, float] | None:
     """The axis whose level means (averaged over the other axes) on the ranking split span the widest range."""
-    axes = [a for a, values in summary.meta.get("axes", {}).items() if len(values) > 1]
+    axes = [a for a, values in summary.axis_levels().items() if len(values) > 1]
     on_val = summary.selected_on_validation
     spans = []
     for axis in axes:
@@ -648,9 +675,30 @@ def _answer_hierarchy(summary: Summary) -> str:
             f"{lab} labels {_pp(r.gap, r.n, r.baseline_n)} (FF {fmt(r.accuracy, unit='%')})"
             for lab, r in sorted(rows.items())
         ]
-        parts.append(f"{group}: FF−BP gap with " + ", with ".join(items))
+        text = f"{group}: FF−BP gap with " + ", with ".join(items)
+        if "coarse" in rows and "fine" in rows:
+            text += "; " + _coarse_minus_fine(rows["coarse"], rows["fine"])
+        parts.append(text)
     notes = summary.meta.get("notes", [])
     return "; ".join(parts) + (f" ({'; '.join(notes)})" if notes else "") + "."
+
+
+def _coarse_minus_fine(coarse: Row, fine: Row) -> str:
+    """The study's question in one number: how the FF−BP gap moves from fine to coarse labels, paired by seed
+    (one seed gives the same images, order and initialisation to all four runs) over the seeds all four ran."""
+    if coarse.base is None or fine.base is None:
+        return "coarse − fine: no baseline yet"
+    ff_coarse, bp_coarse, ff_fine, bp_fine = runs = [
+        dict(zip(r.seeds, r.accuracies, strict=True)) for r in (coarse, coarse.base, fine, fine.base)
+    ]
+    shared = sorted(set.intersection(*(set(run) for run in runs)))
+    change = mean_ci([(ff_coarse[s] - bp_coarse[s]) - (ff_fine[s] - bp_fine[s]) for s in shared])
+    if not change.has_ci:
+        return f"coarse − fine gap: {len(shared)} seed(s) that all four runs share: no interval, no direction claimed"
+    moved = f"coarse − fine gap {fmt(change, signed=True, unit=' pp')}, paired over {len(shared)} seeds"
+    if not change.decisive:
+        return f"{moved}: no difference resolved"
+    return f"{moved}: coarse labels move the gap in {'FF' if change.mean > 0 else 'BP'}'s favour"
 
 
 def _answer_bp_gap(summary: Summary) -> str:
@@ -664,8 +712,8 @@ def _answer_bp_gap(summary: Summary) -> str:
     undecided = len(rows) - behind - ahead
     why = " (no 95% interval, one that spans zero, or no spread across seeds)" if undecided else ""
     return (
-        f"FF trails BP-DeepSup on {behind} of {len(rows)} datasets and leads on {ahead}; {undecided} undecided{why} "
-        f"(FF−BP: {items})."
+        f"FF trails {summary.baseline_method} on {behind} of {len(rows)} datasets and leads on {ahead}; "
+        f"{undecided} undecided{why} (FF−BP: {items})."
     )
 
 

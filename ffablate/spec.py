@@ -267,6 +267,8 @@ def parse(raw: dict[str, Any], path: Path) -> Spec:
     groups_raw = v.get(raw, "groups", list, default=[])
     if groups_raw and top_axes:
         v.fail("axes", "cannot be combined with [[groups]]; give each group its own axes")
+    if groups_raw and sampler == "tpe":  # a search samples one table of axes; other groups would never run
+        v.fail("groups", 'needs sampler = "grid"; a TPE search samples the levels of one [axes] table')
     for i, g in enumerate(groups_raw):
         key = f"groups[{i}]"
         if not isinstance(g, dict):

@@ -494,11 +494,13 @@ class Objective:
 
         plan = self.plan
         cells = [c for c in plan.cells if c.role == "ff"]
-        overrides: dict[str, Any] = dict(cells[0].overrides)
         # The planned levels (a budget's subset, the datasets available here), not the spec's whole axes.
         axes = {k: list(dict.fromkeys(c.overrides[k] for c in cells)) for k in plan.spec.groups[0].axes}
-        for key, values in axes.items():
-            overrides[key] = trial.suggest_categorical(key, values)
+        levels = {key: trial.suggest_categorical(key, values) for key, values in axes.items()}
+        # The FF cell of the sampled levels: a sampled setting the baseline shares (norm, dataset) has a baseline of
+        # its own, and the cell's match names it.
+        cell = next(c for c in cells if all(c.overrides[k] == v for k, v in levels.items()))
+        overrides: dict[str, Any] = dict(cell.overrides)
         for key, dist in plan.spec.space.items():
             overrides[key] = suggest(trial, key, dist)
         for kind in plan.spec.space_plugins:
@@ -512,7 +514,7 @@ class Objective:
             or any(p.startswith(f"{k.split('.')[0]}:") and p.endswith(f".{k.split('.', 1)[-1]}") for p in trial.params)
         )
         label = f"#{trial.number} {sampled}".strip()
-        return "ff", label, overrides, plan.budget.seeds[0], cells[0].match, cells[0].group
+        return "ff", label, overrides, plan.budget.seeds[0], cell.match, cell.group
 
     def _train(self, trial: Trial, config: RunConfig, role: str) -> Any:
         from ffablate.train import run

@@ -13,7 +13,7 @@ import sys
 import optuna
 import pytest
 from matplotlib.container import ErrorbarContainer
-from optuna.distributions import CategoricalDistribution
+from optuna.distributions import CategoricalDistribution, FloatDistribution
 from optuna.trial import TrialState, create_trial
 
 from ffablate import results
@@ -217,6 +217,71 @@ def test_label_hierarchy_report_has_coarse_vs_fine_bars_and_notes(tmp_path, url)
     assert (tmp_path / "out" / "coarse_vs_fine.png").stat().st_size > 1000
     assert "fine labels -10.0 ± 3.0 pp" in text and "coarse labels -2.0 ± 3.0 pp" in text
     assert note in text
+
+
+def _hierarchy_answer(url: str, name: str, accuracies: dict[tuple[str, str], list[float]]) -> str:
+    """The answer of a label-hierarchy study whose (labels, role) runs scored ``accuracies``, seed i at index i."""
+    trials = [
+        {
+            "cell": f"{'bp-deepsup ' if role == 'baseline' else ''}labels={labels}",
+            "role": role,
+            "seed": seed,
+            "value": value,
+            "overrides": {"dataset": "fashion-mnist", "labels": labels},
+        }
+        for (labels, role), values in accuracies.items()
+        for seed, value in enumerate(values)
+    ]
+    return results.answer(results.summarize(make_study(url, name, {"analysis": "label-hierarchy"}, trials)))
+
+
+def test_label_hierarchy_answer_pairs_the_gap_change_by_seed(url):
+    fine = {("fine", "ff"): [0.70, 0.70, 0.70], ("fine", "baseline"): [0.80, 0.82, 0.81]}
+    # FF−BP per seed: -10, -12, -11 pp with fine labels, -2 and -13 with coarse ones. Seed 2 has no coarse runs,
+    # so the change pairs seeds 0 and 1: +8 and -1 pp, whose interval holds zero.
+    coarse = {("coarse", "ff"): [0.90, 0.79], ("coarse", "baseline"): [0.92] * 2}
+    answer = _hierarchy_answer(url, "h-quick", {**fine, **coarse})
+    half = 12.706 * 9 / 2**0.5 / 2**0.5  # t(0.975, 1) x sd(8, -1) / sqrt(2), in pp
+    assert f"coarse − fine gap +3.5 ± {half:.1f} pp, paired over 2 seeds: no difference resolved" in answer
+    # +8, +10 and +9.5 pp over three seeds: 9.2 ± 2.6 pp excludes zero.
+    coarse = {("coarse", "ff"): [0.90, 0.90, 0.905], ("coarse", "baseline"): [0.92] * 3}
+    answer = _hierarchy_answer(url, "h2-quick", {**fine, **coarse})
+    assert "paired over 3 seeds: coarse labels move the gap in FF's favour" in answer
+
+
+def test_a_stored_search_counts_as_untuned_only_the_searched_settings_the_baseline_shares():
+    # Searches stored before session 10 recorded nothing; a plugin's parameter is stored as "kind:plugin.param".
+    params = {"lr": 0.002, "temperature": "cosine", "temperature:cosine.start": 2.0, "norm:decoupled.eps": 1e-6}
+    dists = {
+        "lr": FloatDistribution(1e-3, 3e-3),
+        "temperature": CategoricalDistribution(["constant", "cosine"]),
+        "temperature:cosine.start": FloatDistribution(0.5, 4.0),
+        "norm:decoupled.eps": FloatDistribution(1e-7, 1e-5),
+    }
+    trial = create_trial(value=0.5, params=params, distributions=dists, user_attrs={"role": "ff"})
+    # Before: "temperature:cosine.start" counted as a setting BP shares, and the answer said BP ran at it.
+    assert results._untuned_from_trials([trial], {"lr": 0.003}) == {
+        "lr": "lr=0.003",
+        "norm.eps": "norm.eps at its base value",
+    }
+
+
+def test_importance_reads_the_levels_the_rows_ran(tmp_path, url):
+    # As k-sweep stores them: one axis over groups with different levels, merged into the last group's levels.
+    trials = []
+    for group, dataset, ks in (("synthetic", "teacher-student", [2, 100]), ("fashion-mnist", "fashion-mnist", [2, 10])):
+        for k in ks:
+            for seed in (0, 1):
+                over = {"dataset": dataset, "classes": k}
+                ff = {"cell": f"{group} classes={k}", "role": "ff", "group": group, "seed": seed, "overrides": over}
+                trials.append({**ff, "value": 0.6 + 0.01 * seed + k / 1000})
+                bp = {**ff, "cell": f"bp-deepsup {group} classes={k}", "role": "baseline"}
+                trials.append({**bp, "value": 0.7 + 0.01 * seed})
+    study = make_study(url, "k-sweep-quick", {"analysis": "k-sweep", "axes": {"classes": [2, 10]}}, trials)
+    assert results.summarize(study).axis_levels() == {"classes": [2, 10, 100]}
+    text = write_report(study, tmp_path / "out").read_text()
+    # Before: "Not computed (ValueError: '100' not in ('2', '10'))."
+    assert "Importances: classes 1.00." in text
 
 
 def test_report_cli_finds_the_study_and_fails_in_one_line_when_missing(tmp_path, url, capsys):
@@ -484,7 +549,7 @@ def test_bp_gap_counts_only_gaps_whose_interval_excludes_zero(tmp_path, url, fig
     # fashion-mnist: -5 pp on 3 seeds with some spread, decided. digits: one seed each. mnist: spans zero.
     study = _bp_gap_study(url, {"fashion-mnist": [-0.05, -0.06, -0.04], "digits": [0.012], "mnist": [-0.02, 0.02]})
     answer = results.answer(results.summarize(study))
-    assert answer.startswith("FF trails BP-DeepSup on 1 of 3 datasets and leads on 0; 2 undecided")
+    assert answer.startswith("FF trails bp-deepsup on 1 of 3 datasets and leads on 0; 2 undecided")
     assert "fashion-mnist -5.0 ± 3.5 pp, n=3 vs 3" in answer
     assert "digits +1.2 pp from one seed each: no interval" in answer
     text = write_report(study, tmp_path / "out").read_text()

@@ -780,6 +780,29 @@ def test_a_search_with_an_untuned_baseline_says_so_in_its_answer_and_table(tmp_p
     assert results.summarize(study).untuned == "lr=0.002"
 
 
+def test_a_search_over_a_shared_setting_compares_each_trial_with_that_settings_baseline(tmp_path):
+    path = write_tpe_spec(tmp_path, 'lr = { type = "float", low = 1e-3, high = 3e-3, log = true }')
+    path.write_text(path.read_text().replace('temperature = ["constant"]', 'norm = ["decoupled", "none"]'))
+    plan = specs.load(str(path)).plan("smoke")
+    objective = studies.Objective(plan, "cpu", studies.DataCache(None))
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    sampled = []
+    for _ in range(6):
+        _, _, overrides, _, match, _ = objective._sample(study.ask())
+        sampled.append(overrides["norm"])
+        # Before: every trial took the first level's match, and FF with norm=none was compared with BP on decoupled.
+        assert json.loads(match) == {"norm": overrides["norm"]}
+    assert set(sampled) == {"decoupled", "none"}
+
+
+def test_a_search_refuses_groups(tmp_path, capsys):
+    path = write_tpe_spec(tmp_path, 'lr = { type = "float", low = 1e-3, high = 3e-3, log = true }')
+    groups = '[[groups]]\nlabel = "a"\naxes = { temperature = ["constant"] }\n[[groups]]\nlabel = "b"\n'
+    path.write_text(path.read_text().replace('[axes]\ntemperature = ["constant"]\n', groups))
+    assert main(["study", str(path), "--budget", "smoke", "--storage", storage_url(tmp_path)]) == 2
+    assert f'{path}: groups needs sampler = "grid"' in capsys.readouterr().err
+
+
 def test_a_search_samples_only_the_levels_its_budget_plans(tmp_path):
     path = write_tpe_spec(tmp_path, 'lr = { type = "float", low = 1e-3, high = 3e-3, log = true }')
     text = path.read_text().replace('temperature = ["constant"]', 'temperature = ["constant", "cosine", "linear"]')
