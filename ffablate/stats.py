@@ -123,6 +123,11 @@ def fmt(estimate: Estimate, scale: float = 100.0, digits: int = 1, signed: bool 
     (n < 2), and a width of 0 says "(no spread across seeds)", not a confident ± 0.0."""
     if not math.isfinite(estimate.mean):
         return "–"
+    # An interval that excludes zero must not print as one that reaches it ("+0.1 ± 0.1" for 0.14 ± 0.136, called
+    # "ahead"): one more digit, up to three more, until the printed ends exclude zero too.
+    size, half = abs(estimate.mean) * scale, estimate.half_width * scale
+    while estimate.decisive and digits < 4 and round(size, digits) <= round(half, digits):
+        digits += 1
     sign = "+" if signed else ""
     mean = f"{estimate.mean * scale:{sign}.{digits}f}"
     if not estimate.has_ci:

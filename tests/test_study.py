@@ -24,7 +24,7 @@ from ffablate import study as studies
 from ffablate.cli import main
 from ffablate.errors import FFablateError
 from ffablate.plugins import add_plugin, remove_plugin
-from ffablate.stats import contrast_ci, fmt, mean_ci, paired_ci, t_quantile, welch_ci
+from ffablate.stats import Estimate, contrast_ci, fmt, mean_ci, paired_ci, t_quantile, welch_ci
 
 TINY_BUDGET = """
 [budgets.smoke]
@@ -449,6 +449,13 @@ def test_welch_interval_and_degenerate_cases():
     assert diff.excludes_zero()
     assert not mean_ci([0.5]).has_ci and not welch_ci([0.5], [0.4, 0.6]).has_ci
     assert welch_ci([0.5, 0.5], [0.4, 0.4]).half_width == 0
+
+
+def test_an_interval_that_excludes_zero_prints_ends_that_exclude_it():
+    # 0.14 ± 0.136 pp is "ahead"; at one digit it printed "+0.1 ± 0.1", an interval reaching zero.
+    assert fmt(Estimate(0.0014, 0.00136, 3), signed=True) == "+0.140 ± 0.136"
+    assert fmt(Estimate(0.0014, 0.002, 3), signed=True) == "+0.1 ± 0.2"  # holds zero: the usual digit
+    assert fmt(Estimate(-0.25, 0.1, 3), signed=True) == "-25.0 ± 10.0"
 
 
 def test_a_zero_width_interval_is_worded_not_read_as_a_direction():
