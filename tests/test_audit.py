@@ -45,6 +45,12 @@ def cli_rows(tmp_path_factory) -> tuple[list[dict], Path]:
     return json.loads(out.getvalue()), plots
 
 
+def test_the_cpu_peak_is_a_steady_step_even_without_warmup():
+    # --warmup 0 measured the very first step, before AdamW had state: 24% under the steady peak.
+    cold, warm = (audit.measure(audit.plan(["ff"], [2], [16], **{**SMOKE, "warmup": w})[0]) for w in (0, 1))
+    assert cold["peak_memory_bytes"] == warm["peak_memory_bytes"]
+
+
 def test_cli_json_smoke_gives_one_ok_row_per_method(cli_rows):
     rows, plots = cli_rows
     assert [r["method"] for r in rows] == METHODS
