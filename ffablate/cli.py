@@ -55,6 +55,8 @@ class VersionAction(argparse.Action):
 
 
 class Parser(argparse.ArgumentParser):
+    commands: dict[str, argparse.ArgumentParser]
+
     def error(self, message: str) -> NoReturn:
         # argparse prints the whole usage; one line that points at --help is easier to act on.
         self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
@@ -157,6 +159,7 @@ def build_parser() -> Parser:
 
     add_audit_arguments(audit)
     audit.set_defaults(func=cmd_audit)
+    parser.commands = sub.choices  # main() reports an unknown option through its command's parser
     return parser
 
 
@@ -374,8 +377,9 @@ def cmd_study(args: argparse.Namespace) -> int:
             torch.set_num_threads(threads)
             helpers.start(deadline)
 
-    # A job runner's SIGTERM ends this process as Ctrl-C does, so the finally below stops the workers too.
-    previous_sigterm = signal.signal(signal.SIGTERM, _interrupt) if argvs else None
+    # A job runner's SIGTERM ends this process as Ctrl-C does: the running trial records why it stopped, and the
+    # finally below stops the workers too.
+    previous_sigterm = signal.signal(signal.SIGTERM, _interrupt)
     try:
         with study.StudyProgress(new_progress(stderr.is_terminal)) as bars:
             done = study.run_study(
@@ -398,8 +402,7 @@ def cmd_study(args: argparse.Namespace) -> int:
     finally:
         helpers.stop()  # only those still running: an error or an interrupt here
         torch.set_num_threads(threads_before)
-        if previous_sigterm is not None:
-            signal.signal(signal.SIGTERM, previous_sigterm)
+        signal.signal(signal.SIGTERM, previous_sigterm)
     for line in failures:
         stderr.print(f"ffablate: {line}", markup=False, highlight=False)
     summary = results.summarize(done.study)
@@ -516,7 +519,10 @@ def one_line_warnings() -> Iterator[None]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:  # argparse would name `ffablate --help`; the command's own help lists the options it takes
+        parser.commands[args.command].error(f"unrecognized arguments: {' '.join(unknown)}")
     try:
         with one_line_warnings():
             code = args.func(args)

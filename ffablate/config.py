@@ -73,6 +73,10 @@ class RunConfig:
     def params_of(self, kind: str) -> dict[str, Any]:
         return dict(self.plugin_params.get(kind, {}))
 
+    def plugin_of(self, kind: str) -> str:
+        """The name of the ``kind`` plugin this run uses: its dataset for "datasets", else the setting itself."""
+        return self.dataset if kind == "datasets" else getattr(self, kind)
+
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
         flat = out.pop("plugin_params")
@@ -93,7 +97,8 @@ class RunConfig:
             kind, param = key.split(".", 1)
             if kind not in PLUGIN_KINDS:
                 raise ConfigError(f"--set {key}: {kind!r} is not a plugin kind; kinds: {', '.join(PLUGIN_KINDS)}")
-            self.plugin_params.setdefault(kind, {})[param] = _parse_scalar(value)
+            # --set text stays text: only the plugin knows the parameter's type (``Plugin.typed_params``).
+            self.plugin_params.setdefault(kind, {})[param] = value
             return
         fields = {f.name: f for f in dataclasses.fields(self) if f.name != "plugin_params"}
         if key not in fields:
@@ -166,14 +171,3 @@ def _coerce(key: str, value: Any, kind: type) -> Any:
     except ValueError:
         want = "bool (true or false)" if kind is bool else kind.__name__
         raise ConfigError(f"--set {key}={value}: expected {want}") from None
-
-
-def _parse_scalar(value: Any) -> Any:
-    if not isinstance(value, str):
-        return value
-    for cast in (int, float):
-        try:
-            return cast(value)
-        except ValueError:
-            pass
-    return {"true": True, "false": False}.get(value.lower(), value)

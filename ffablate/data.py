@@ -14,6 +14,7 @@ import hashlib
 import importlib.util
 import math
 import os
+import warnings
 import zlib
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
@@ -24,7 +25,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ffablate.errors import ChecksumMismatch, ConfigError, DataError, DataNotFound
+from ffablate.errors import ChecksumMismatch, ConfigError, DataError, DataNotFound, FFablateError, FFablateWarning
 
 
 class MalformedFile(DataError):
@@ -452,13 +453,45 @@ def load_dataset(
         if k != classes:
             raise ConfigError(f"classes={classes} contradicts {name}'s k={k} (datasets.k): set only one of them")
     roots = [default_data_root(data_root)]
-    ds = plugin.create(params, roots=roots, download=download)
+    ds = checked_dataset(plugin.create(params, roots=roots, download=download), plugin.label)
     if labels == "coarse":
         ds = use_coarse_labels(ds)
     if classes and not makes_own_classes:
         ds = first_classes(ds, classes)
     ds = hold_out_validation(ds, val_images)
     return limit_split(ds, "train", limit_train, seed)
+
+
+def checked_dataset(ds: object, label: str) -> ImageDataset:
+    """``ds`` if it is what training takes: uint8 (N, C, H, W) images of one shape in both splits, int64 labels in
+    0..num_classes-1, one per image, and a name per class. A plugin's mistake here would otherwise end in a
+    traceback far from it (float images in a histogram, a label -1 in the label embedding), or train silently on
+    test images of another size."""
+
+    def refuse(what: str) -> ImageDataset:
+        raise ConfigError(f"{label} returned {what}; fix the plugin (see ffablate_register_datasets in hookspecs.py)")
+
+    if not isinstance(ds, ImageDataset):
+        return refuse(f"a {type(ds).__name__}, not an ffablate.data.ImageDataset")
+    for split in ("train", "test"):
+        x, y = getattr(ds, f"{split}_x"), getattr(ds, f"{split}_y")
+        if not isinstance(x, Tensor) or x.dtype != torch.uint8 or x.dim() != 4:
+            return refuse(f"{split}_x {_described(x)}: images must be a uint8 tensor (N, C, H, W)")
+        if not isinstance(y, Tensor) or y.dtype != torch.int64 or y.shape != x.shape[:1]:
+            return refuse(f"{split}_y {_described(y)} for {x.shape[0]} images: labels must be int64 (N,)")
+        if y.numel() and not 0 <= int(y.min()) <= int(y.max()) < ds.num_classes:
+            return refuse(f"{split} labels {int(y.min())}..{int(y.max())} for num_classes={ds.num_classes}")
+    if ds.test_x.shape[1:] != ds.train_x.shape[1:]:
+        return refuse(f"test images of shape {tuple(ds.test_x.shape[1:])}, training ones {tuple(ds.train_x.shape[1:])}")
+    if len(ds.class_names) != ds.num_classes:
+        return refuse(f"{len(ds.class_names)} class names for num_classes={ds.num_classes}")
+    return ds
+
+
+def _described(value: object) -> str:
+    if isinstance(value, Tensor):
+        return f"of dtype {value.dtype} and shape {tuple(value.shape)}"
+    return f"of type {type(value).__name__}"
 
 
 def list_datasets(data_root: str | Path | None = None) -> list[dict[str, Any]]:
@@ -476,8 +509,7 @@ def list_datasets(data_root: str | Path | None = None) -> list[dict[str, Any]]:
         if locate is None:
             where, available = "unknown (the plugin gives no locator)", None
         else:
-            found, hint = locate(roots)
-            where, available = (found, True) if found else (hint, False)
+            where, available = _located(plugin.label, locate, roots)
         rows.append(
             {
                 "name": plugin.name,
@@ -488,6 +520,24 @@ def list_datasets(data_root: str | Path | None = None) -> list[dict[str, Any]]:
             }
         )
     return rows
+
+
+def _located(label: str, locate: Callable[[list[Path]], Any], roots: list[Path]) -> tuple[str, bool | None]:
+    """(where, available) from a plugin's ``locate(roots) -> (found path or None, hint)``. A locator that fails or
+    answers something else makes the row unknown, with a warning: one broken plugin must not stop `data list`,
+    nor every study (which asks of every dataset)."""
+    try:
+        answer = locate(roots)
+        found, hint = answer
+        if not (found is None or isinstance(found, (str, Path))) or not isinstance(hint, str):
+            raise TypeError(f"it returned {answer!r}, not (path or None, hint)")
+    except FFablateError:  # the user's to fix, and the locator says how (a data root that is a file)
+        raise
+    except Exception as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        warnings.warn(f"{label}: its locate() failed ({reason}); fix the plugin", FFablateWarning, stacklevel=3)
+        return f"unknown (its locator failed: {reason})", None
+    return (str(found), True) if found else (hint, False)
 
 
 def dataset_stats(ds: ImageDataset | Tensor) -> tuple[list[float], list[float]]:

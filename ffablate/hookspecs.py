@@ -123,6 +123,9 @@ def ffablate_register_datasets(register: Register) -> None:
     """Register datasets.
 
     Factory: ``factory(roots: list[Path], download: bool, **params) -> ImageDataset`` (see ``ffablate.data``):
-    full train and test splits as uint8 (N, C, H, W) tensors, int64 labels, class names, and whether horizontal
-    flips preserve labels. Raises ``DataNotFound`` naming the ways to obtain the bytes.
+    full train and test splits as uint8 (N, C, H, W) tensors of one image shape, int64 labels in
+    0..num_classes-1, one class name per class, and whether horizontal flips preserve labels (checked when it
+    loads: a mistake is one line naming the plugin). Raises ``DataNotFound`` naming the ways to obtain the bytes.
+    An optional ``factory.locate(roots) -> (path or None, hint)`` tells `ffablate data list` and studies where the
+    data are without loading them.
     """

@@ -73,10 +73,19 @@ class Plugin:
             raise ConfigError(
                 f"{self.kind} plugin {self.name!r} has no parameter {unknown[0]!r}; its parameters: {known}"
             )
-        return {key: self._checked(key, value) for key, value in params.items()}
+        return {key: self._checked(key, value) for key, value in self.typed_params(params).items()}
+
+    def typed_params(self, params: dict[str, Any]) -> dict[str, Any]:
+        """``params`` with each text value (from ``--set``) read as its parameter's type; others as they are."""
+        defaults = self.params
+        return {
+            key: _read_text(value, defaults[key]) if isinstance(value, str) and key in defaults else value
+            for key, value in params.items()
+        }
 
     def _checked(self, key: str, value: Any) -> Any:
-        """``value`` if it has the type of the parameter's default (a str default takes any scalar as text)."""
+        """``value`` if it has the type of the parameter's default (a str default takes any scalar as text, a float
+        one any finite number, as a float)."""
         default = self.params[key]
         if isinstance(default, bool):
             ok, want = isinstance(value, bool), "true or false"
@@ -87,6 +96,7 @@ class Plugin:
             # plugin's own default is infinite, e.g. "no clip").
             number = isinstance(value, (int, float)) and not isinstance(value, bool)
             ok, want = number and (math.isinf(default) or _finite(value)), "a finite number"
+            value = float(value) if ok else value  # 2 from --set or TOML: a plugin may build a float tensor from it
         elif isinstance(default, str) and isinstance(value, (int, float, bool)):
             return str(value)
         else:
@@ -97,6 +107,23 @@ class Plugin:
                 f"(e.g. --set {self.kind}.{key}={default})"
             )
         return value
+
+
+def _read_text(text: str, default: Any) -> Any:
+    """``--set`` text for a parameter whose default is ``default``: a str default keeps it as given ("007", a
+    folder named "2024_01"); a bool one reads true/false, yes/no, 1/0 as the run settings do; a float one a float;
+    any other an int, then a float, then true/false. Text that reads as none of them stays text, for ``_checked``
+    to refuse."""
+    if isinstance(default, str):
+        return text
+    if isinstance(default, bool):
+        return {"true": True, "yes": True, "1": True, "false": False, "no": False, "0": False}.get(text.lower(), text)
+    for cast in (float,) if isinstance(default, float) else (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    return {"true": True, "false": False}.get(text.lower(), text)
 
 
 def _finite(value: float) -> bool:
@@ -163,7 +190,12 @@ class Registry:
         plugins = self._plugins[_check_kind(kind)]
         if name not in plugins:
             close = difflib.get_close_matches(name, plugins, n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            # No near name: most likely a plugin of the user's own that this process did not load.
+            hint = (
+                f" (did you mean {close[0]!r}?)"
+                if close
+                else " (your own? install its package, or name its module in FFABLATE_PLUGINS)"
+            )
             known = ", ".join(f"{p.name} [{p.source}]" for p in self.all(kind))
             raise UnknownPlugin(f"unknown {kind} plugin {name!r}{hint}; known: {known}")
         return plugins[name]

@@ -472,8 +472,8 @@ def table_rows(summary: Summary, top: int | None = None) -> list[list[str]]:
     """The closing table: configuration, n (completed of planned seeds), test accuracy % mean ± 95% CI, gap to BP
     pp ± 95% Welch CI with both sides' seed counts, the same gap ± 95% paired CI over the seeds FF and BP both ran
     (at least two; the count is shown when it is fewer than either side's), validation accuracy % mean ± 95% CI
-    ("-" without a split), train seconds, notes. A TPE study's ``top`` FF rows are the best ``top`` by the study's
-    ranking (``Summary.ranked``)."""
+    ("-" without a split, "–" before a seed finished), train seconds, notes. A TPE study's ``top`` FF rows are the
+    best ``top`` by the study's ranking (``Summary.ranked``)."""
     rows = summary.rows
     if summary.meta.get("sampler") == "tpe" and top:
         rows = summary.baselines + summary.ranked()[:top]
@@ -502,8 +502,9 @@ def table_rows(summary: Summary, top: int | None = None) -> list[list[str]]:
             gap, paired = f"{fmt(r.gap, signed=True)} (n={r.n} vs {r.baseline_n})", fmt(r.gap_paired, signed=True)
             if r.gap_paired.n and r.gap_paired.n < max(r.n, r.baseline_n):
                 paired += f" ({r.gap_paired.n} shared seeds)"
-        val = fmt(r.val) if r.has_val else "-"
-        out.append([r.label, n, fmt(r.accuracy), gap, paired, val, f"{_mean(r.train_seconds):.1f}", "; ".join(notes)])
+        val = fmt(r.val) if r.has_val else "-" if r.n else "–"
+        seconds = f"{_mean(r.train_seconds):.1f}" if r.train_seconds else "–"
+        out.append([r.label, n, fmt(r.accuracy), gap, paired, val, seconds, "; ".join(notes)])
     return out
 
 

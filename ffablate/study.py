@@ -456,6 +456,12 @@ class Objective:
             trial.set_user_attr(FAIL_REASON, f"{type(exc).__name__}: {exc}")
             trial.set_user_attr(PERMANENT, True)
             raise
+        except KeyboardInterrupt:  # Ctrl-C, or SIGTERM through the CLI's handler: the point is left to a rerun
+            trial.set_user_attr(FAIL_REASON, "interrupted")
+            raise
+        except Exception as exc:  # a bug (a plugin's, say) ends the study; the rerun after its fix retries the point
+            trial.set_user_attr(FAIL_REASON, f"{type(exc).__name__}: {exc}")
+            raise
         metrics = {
             "test_accuracy": result.test_accuracy,
             "val_accuracy": result.val_accuracy,
@@ -622,6 +628,7 @@ def open_study(plan: specs.Plan, storage: optuna.storages.BaseStorage, name: str
     )
     attrs = study.user_attrs
     fingerprint = plan.fingerprint()
+    refuse_a_foreign_study(study)
     refuse_another_plan(study, plan)
     if "fingerprint" not in attrs:
         meta = {
@@ -647,6 +654,19 @@ def open_study(plan: specs.Plan, storage: optuna.storages.BaseStorage, name: str
     if spec.baseline_untuned and "baseline_untuned" not in study.user_attrs:  # also for studies made before it
         study.set_user_attr("baseline_untuned", plan.untuned_baseline())
     return study
+
+
+def refuse_a_foreign_study(study: optuna.Study) -> None:
+    """A study of that name made by other code in a shared storage: ffablate's trials beside its own would mix
+    objectives, and a study stored to minimize would be searched and pruned backwards."""
+    if "ffablate_spec" in study.user_attrs:
+        return
+    trials = len(study.get_trials(deepcopy=False))
+    if trials or study.direction != optuna.study.StudyDirection.MAXIMIZE:
+        raise FFablateError(
+            f"study {study.study_name!r} in this storage was not made by ffablate ({trials} trial(s), direction "
+            f"{study.direction.name.lower()}); rerun with --study-name NEW"
+        )
 
 
 def refuse_another_plan(study: optuna.Study, plan: specs.Plan) -> None:

@@ -115,6 +115,7 @@ def test_informational_stderr_lines_do_not_wrap_when_piped():
     ("argv", "expected"),
     [
         (["train", "--set", "goodness=meansqq"], "did you mean 'meansq'"),
+        (["train", "--set", "goodness=power"], "(your own? install its package, or name its module in FFABLATE_"),
         (["train", "--set", "lr"], "--set expects KEY=VALUE"),
         (["train", "--set", "lrr=0.1"], "did you mean 'lr'"),
         (["train", "--set", "epochs=many"], "expected int"),
@@ -130,6 +131,7 @@ def test_informational_stderr_lines_do_not_wrap_when_piped():
         (["train", *tiny_args("--set", "temperature.t=abc")], "parameter 't' takes a finite number"),
         (["train", *tiny_args("--set", "channels=20,20,20,20,20", "--set", "strides=2")], "--set strides=2,2,2,2,1"),
         (["study", "goodness", "--timeout", "0"], "--timeout must be a positive number"),
+        (["study", "goodness", "--epochs", "1"], "unrecognized arguments: --epochs 1 (see `ffablate study --help`)"),
         (["audit", "--warmup", "-1"], "--warmup must be at least 0"),
         (["audit", "--timeout", "0"], "--timeout must be a positive, finite number"),
         (["audit", "--width", "4"], "needs a channel per class"),

@@ -14,7 +14,7 @@ import torch
 
 from ffablate import data, hookimpl
 from ffablate.data import DeviceLoader, ImageDataset, MalformedFile, load_dataset
-from ffablate.errors import ChecksumMismatch, ConfigError, DataError, DataNotFound
+from ffablate.errors import ChecksumMismatch, ConfigError, DataError, DataNotFound, FFablateWarning
 from ffablate.plugins import add_plugin, remove_plugin
 
 IDX_CODES = {np.dtype(np.uint8): 0x08, np.dtype(">i4"): 0x0C}
@@ -255,6 +255,7 @@ class _FixedPlugin:
     """Stands in for a registry entry so option tests reuse the module's loaded dataset."""
 
     params: dict = {}
+    label = "datasets plugin 'fixed'"
 
     def __init__(self, ds):
         self.ds = ds
@@ -421,6 +422,16 @@ def test_imagefolder_standin(tmp_path):
     assert grey.train_x.shape == (4, 1, 8, 8)
     with pytest.raises(DataNotFound):
         load_dataset("imagefolder", data_root=tmp_path, params={"path": "nothing"})
+    for suffix in ("tif", "webp"):  # torchvision's ImageFolder reads these too; they were skipped
+        Image.new("RGB", (10, 12)).save(tmp_path / "pets" / "train" / "cat" / f"extra.{suffix}")
+    assert load_dataset("imagefolder", data_root=tmp_path, params={"path": "pets"}).train_y.tolist() == [
+        0,
+        0,
+        1,
+        1,
+        1,
+        1,
+    ]
 
 
 def _cifar10_tree(root: Path) -> Path:
@@ -690,6 +701,80 @@ def test_dataset_without_locator_is_unknown_not_missing(tmp_path):
         assert available("no-locator") and not available("cifar10")
     finally:
         remove_plugin(plugin)
+
+
+class _BrokenDatasets:
+    """A dataset plugin whose ``mistake`` parameter picks what it gets wrong, and one whose locator fails."""
+
+    @hookimpl
+    def ffablate_register_datasets(self, register):
+        def made(roots, download, mistake: str = "none"):
+            x, y = torch.zeros(4, 1, 8, 8, dtype=torch.uint8), torch.tensor([0, 1, 0, 1])
+            test_x = torch.zeros(2, 1, 10, 10, dtype=torch.uint8) if mistake == "test-shape" else x[:2]
+            ds = ImageDataset("made", x, y, test_x, y[:2], 2, ["a", "b"], False, "generated")
+            if mistake == "float":
+                ds.train_x = x.float()
+            if mistake == "label":
+                ds.train_y = torch.tensor([0, 1, 0, -1])
+            return {"train_x": x} if mistake == "dict" else ds
+
+        def locate(roots):
+            return None  # not (path or None, hint)
+
+        made.locate = locate
+        register("made", made, "a dataset plugin with mistakes to choose")
+
+
+@pytest.mark.parametrize(
+    ("mistake", "message"),
+    [
+        ("float", "train_x of dtype torch.float32 and shape (4, 1, 8, 8): images must be a uint8 tensor"),
+        ("label", "train labels -1..1 for num_classes=2"),
+        ("test-shape", "test images of shape (1, 10, 10), training ones (1, 8, 8)"),
+        ("dict", "a dict, not an ffablate.data.ImageDataset"),
+    ],
+)
+def test_a_dataset_plugins_mistake_is_one_line_naming_it(tmp_path, mistake, message):
+    # Before: float images failed in a histogram, a label -1 in the label embedding, both with a traceback; test
+    # images of another size trained silently (the CNN pools them to the same features).
+    plugin = _BrokenDatasets()
+    add_plugin(plugin)
+    try:
+        with pytest.warns(FFablateWarning, match="its locate\\(\\) failed"):
+            (row,) = [r for r in data.list_datasets(tmp_path) if r["name"] == "made"]
+        assert row["available"] is None and row["where"].startswith("unknown (its locator failed: ")
+        with pytest.raises(ConfigError) as info:
+            load_dataset("made", data_root=tmp_path, params={"mistake": mistake})
+        assert str(info.value).startswith("datasets plugin 'made' (package ") and message in str(info.value)
+        assert load_dataset("made", data_root=tmp_path).num_classes == 2
+    finally:
+        remove_plugin(plugin)
+
+
+def test_unreadable_stl10_names_and_image_headers_are_malformed_files(tmp_path):
+    from PIL import Image
+
+    folder = tmp_path / "stl10_binary"
+    folder.mkdir()
+    for split in ("train", "test"):
+        (folder / f"{split}_X.bin").write_bytes(bytes(3 * 96 * 96))
+        (folder / f"{split}_y.bin").write_bytes(bytes([10]))
+    (folder / "class_names.txt").write_bytes("avi\xf3n\n".encode("latin-1"))
+    with pytest.raises(MalformedFile, match="class_names.txt: cannot read it"):
+        load_dataset("stl10", data_root=tmp_path)
+    (folder / "class_names.txt").write_text("plane\nbird\n")  # blamed train_y.bin: "label 10 is outside 1..2"
+    with pytest.raises(MalformedFile, match="class_names.txt: 2 class names, STL-10 has 10"):
+        load_dataset("stl10", data_root=tmp_path)
+    # A header that claims 100k x 100k pixels: PIL refuses it with DecompressionBombError, not an OSError.
+    for split in ("train", "test"):
+        for cls in ("ant", "cat"):
+            (tmp_path / "pets" / split / cls).mkdir(parents=True)
+            Image.new("L", (4, 4)).save(tmp_path / "pets" / split / cls / "0.png")
+    png = (tmp_path / "pets" / "train" / "cat" / "0.png").read_bytes()
+    bomb = png[:16] + struct.pack(">II", 100_000, 100_000) + png[24:]
+    (tmp_path / "pets" / "train" / "cat" / "0.png").write_bytes(bomb)
+    with pytest.raises(MalformedFile, match="0.png: cannot read the image"):
+        load_dataset("imagefolder", data_root=tmp_path, params={"path": "pets"})
 
 
 # ---------------------------------------------------------------------------------------------------------

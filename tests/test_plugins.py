@@ -863,6 +863,32 @@ def test_float_parameters_must_be_finite_unless_their_default_is_not():
             constant.checked_params({"t": value})
 
 
+def tagged(tag: str = "x", scale: float = 1.0, flag: bool = False, steps: int = 1):
+    return (tag, scale, flag, steps)
+
+
+def test_set_text_is_read_as_the_type_of_each_parameter():
+    plugin = Plugin("goodness", "tagged", tagged, "test", "tests")
+    # Before: --set text was parsed before the type was known, so "007" arrived as "7", "2024_01" (a folder
+    # name) as "202401", and "2" for a float parameter as the int 2, which torch.tensor(2) cannot learn.
+    text = {"tag": "2024_01", "scale": "2", "flag": "yes", "steps": "3"}
+    assert plugin.create(text) == ("2024_01", 2.0, True, 3)
+    assert type(plugin.create({"scale": 2})[1]) is float  # a whole number from a TOML spec too
+    assert plugin.create({"tag": "007", "flag": "0"})[::2] == ("007", False)
+    with pytest.raises(ConfigError, match="parameter 'steps' takes an integer, got '2.5'|got 2.5"):
+        plugin.create({"steps": "2.5"})
+
+
+def test_a_runs_recorded_config_holds_typed_plugin_parameters(tiny_config):
+    from ffablate.config import parse_sets
+    from ffablate.train import build_trainer
+
+    config = tiny_config.with_updates(parse_sets(["temperature=cosine", "temperature.start=2"]))
+    assert config.params_of("temperature") == {"start": "2"}  # the text as --set gave it
+    recorded = build_trainer(config).config.to_dict()["temperature.start"]
+    assert recorded == 2.0 and type(recorded) is float
+
+
 def test_the_cli_prints_ffablate_warnings_on_one_line_and_callers_still_record_them():
     from ffablate.cli import one_line_warnings
 

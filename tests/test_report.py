@@ -284,6 +284,18 @@ def test_importance_reads_the_levels_the_rows_ran(tmp_path, url):
     assert "Importances: classes 1.00." in text
 
 
+def test_a_row_without_results_shows_dashes(url):
+    trials = [
+        {"cell": "fusion=last", "role": "ff", "seed": 0, "value": 0.80, "overrides": {"fusion": "last"}},
+        {"cell": "fusion=sum", "role": "ff", "seed": 0, "value": None, "overrides": {"fusion": "sum"}},  # failed
+        {"cell": "bp-deepsup", "role": "baseline", "seed": 0, "value": 0.85, "overrides": {}},
+    ]
+    summary = results.summarize(make_study(url, "fusion-quick", {"analysis": "ablation"}, trials))
+    rows = {row[0]: row for row in results.table_rows(summary)}
+    # Before: train s "nan", and "-" (which means "no validation split") for the validation column.
+    assert rows["fusion=sum"][5:7] == ["–", "–"]
+
+
 def test_report_cli_finds_the_study_and_fails_in_one_line_when_missing(tmp_path, url, capsys):
     make_study(
         url,

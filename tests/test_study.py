@@ -821,6 +821,23 @@ def test_a_search_samples_only_the_levels_its_budget_plans(tmp_path):
     assert len(ff) == 3 and {t.params["temperature"] for t in ff} == {"constant"}
 
 
+def test_a_study_of_that_name_made_by_other_code_is_left_alone(tmp_path, capsys):
+    url = storage_url(tmp_path)
+    foreign = optuna.create_study(study_name="plain", storage=url)  # minimizes, as Optuna does by default
+    foreign.optimize(lambda t: t.suggest_float("x", 0, 1), n_trials=2)
+    path = write_spec(tmp_path, GRID, seeds=1)
+    args = ["study", str(path), "--budget", "smoke", "--storage", url, "--study-name", "plain"]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.endswith(
+        "study 'plain' in this storage was not made by ffablate (2 trial(s), direction minimize); "
+        "rerun with --study-name NEW"
+    )
+    # Before: ffablate wrote its metadata onto it and added its trials beside the two.
+    again = optuna.load_study(study_name="plain", storage=url)
+    assert len(again.trials) == 2 and again.user_attrs == {}
+
+
 def test_a_recipe_comes_only_from_a_finished_study_of_that_name(tmp_path):
     url = storage_url(tmp_path)
     path = write_spec(tmp_path, GRID, seeds=1)
@@ -1048,6 +1065,34 @@ def test_workers_stop_with_the_process_that_started_them(tmp_path):
     assert not alive
     states = {t.state for t in trials_of(url, "tiny-smoke")}
     assert TrialState.RUNNING not in states  # each trial in flight was stored as failed, for a rerun to retry
+
+
+def test_a_terminated_study_stores_why_its_trial_stopped(tmp_path):
+    # One process, no workers: a SIGTERM killed it outright (rc -15), and the trial it ran stayed RUNNING with no
+    # reason; a Ctrl-C's trial said "the worker died: killed or crashed", though the process had said "interrupted".
+    path = write_spec(tmp_path, GRID.replace("[base]", "[base]\nepochs = 3"), seeds=1)
+    path.write_text(path.read_text().replace("limit_train = 300", "limit_train = 3000"))
+    url = storage_url(tmp_path)
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    argv = [sys.executable, "-m", "ffablate.cli", "study", str(path), "--budget", "smoke", "--storage", url]
+    proc = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+    def training() -> bool:  # a trial past its setup, in its training (the study is made after the preflight)
+        try:
+            trials = trials_of(url, "tiny-smoke")
+        except KeyError:
+            return False
+        return any("config" in t.user_attrs for t in trials if t.state == TrialState.RUNNING)
+
+    deadline = time.monotonic() + 120
+    while not training():
+        assert proc.poll() is None and time.monotonic() < deadline, "no trial started training"
+        time.sleep(0.05)
+    proc.terminate()  # the trial has seconds of training left
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and err.decode().strip().splitlines()[-1].startswith("ffablate: interrupted; ")
+    (stopped,) = [t for t in trials_of(url, "tiny-smoke") if t.state != TrialState.COMPLETE]
+    assert stopped.state == TrialState.FAIL and results.fail_reason(stopped) == "interrupted"
 
 
 def test_a_worker_that_fails_is_reported_with_its_last_line():

@@ -484,11 +484,7 @@ def load_stl10(roots: list[Path], download: bool, size: int = 96) -> ImageDatase
         raise ConfigError(f"stl10: size={size}; give a positive image side in pixels (96 keeps the originals)")
     fetch = _tv_fetch("STL10", train={"split": "train"}, test={"split": "test"})
     folder = _resolve_folder("stl10", _locate_stl10, roots, download, fetch)
-    names_file = folder / "class_names.txt"
-    # One name per line, as the real file has them; a name may hold spaces.
-    names = (
-        [n.strip() for n in names_file.read_text().splitlines() if n.strip()] if names_file.is_file() else _STL_CLASSES
-    )
+    names = _stl_names(folder / "class_names.txt")
     (train_x, train_y), (test_x, test_y) = (_read_stl(folder, split, len(names)) for split in ("train", "test"))
     ds = _dataset(
         "stl10",
@@ -505,7 +501,8 @@ def load_stl10(roots: list[Path], download: bool, size: int = 96) -> ImageDatase
 # ----------------------------------------------------------------------------------------------------
 # Image folders
 
-_IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".ppm", ".pgm"}
+# torchvision's ImageFolder list, so that a folder it reads gives the same images here.
+_IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp"}
 
 
 def _imagefolder_candidates(roots: list[Path], path: str) -> list[Path]:
@@ -538,6 +535,22 @@ def _imagefolder_locator(path: str) -> Locate:
     return locate
 
 
+def _stl_names(names_file: Path) -> list[str]:
+    """STL-10's ten class names, one per line as the real file has them (a name may hold spaces); the built-in
+    list when the file is absent."""
+    if not names_file.is_file():
+        return _STL_CLASSES
+    try:
+        names = [n.strip() for n in names_file.read_text(encoding="utf-8").splitlines() if n.strip()]
+    except (OSError, UnicodeDecodeError) as exc:
+        raise MalformedFile(f"{names_file}: cannot read it ({exc}); delete it and fetch it again") from None
+    if len(names) != len(_STL_CLASSES):
+        raise MalformedFile(
+            f"{names_file}: {len(names)} class names, STL-10 has {len(_STL_CLASSES)}; delete it and fetch it again"
+        )
+    return names
+
+
 def _read_image(file: Path, mode: str, size: int) -> np.ndarray:
     from PIL import Image
 
@@ -547,7 +560,9 @@ def _read_image(file: Path, mode: str, size: int) -> np.ndarray:
             if size:
                 img = img.resize((size, size), Image.Resampling.BILINEAR)
             arr = np.asarray(img, dtype=np.uint8)
-    except OSError as exc:
+    # Not only OSError: a damaged header can claim billions of pixels (DecompressionBombError), or break the
+    # format's own parser (ValueError, SyntaxError).
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
         raise MalformedFile(f"{file}: cannot read the image ({exc}); remove or replace it") from None
     return arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
 
