@@ -265,6 +265,13 @@ def _space_problem(param: str, spec: object, params: dict[str, Any]) -> str | No
     if spec["type"] == "categorical":
         choices = spec.get("choices")
         return None if isinstance(choices, (list, tuple)) and choices else "needs a non-empty list of choices"
+    # A range the parameter cannot take would only fail at a study's preflight, where it reads as the spec's fault.
+    default = params[param]
+    if isinstance(default, (bool, str)):
+        takes = "true or false" if isinstance(default, bool) else "text"
+        return f'is a numeric range, but the parameter takes {takes} (default {default!r}): use type = "categorical"'
+    if spec["type"] == "float" and isinstance(default, int):
+        return f'is a float range, but the parameter takes an integer (default {default}): use type = "int"'
     return _range_problem(spec)
 
 

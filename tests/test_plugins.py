@@ -537,8 +537,8 @@ def test_a_goodness_without_per_class_is_refused_when_built():
 class Tunable:
     per_class = False
 
-    def __init__(self, p: float = 2.0, n: int = 1):
-        self.p, self.n = p, n
+    def __init__(self, p: float = 2.0, n: int = 1, on: bool = False, tag: str = "a"):
+        self.p, self.n, self.on, self.tag = p, n, on, tag
 
 
 def _kwargs_factory(**kwargs):
@@ -562,7 +562,11 @@ def _kwargs_factory(**kwargs):
         ({"p": {"type": "float", "low": 1, "high": 2, "step": 0.1}}, Tunable, "'p' has unknown key 'step'"),
         ({"p": {"type": "categorical", "choices": []}}, Tunable, "'p' needs a non-empty list of choices"),
         ({"p": {"type": "categorical", "choices": [1.0], "low": 0}}, Tunable, "'p' has unknown key 'low'"),
-        ({"q": {"type": "float", "low": 1, "high": 2}}, Tunable, "'q' names no parameter.*: n, p"),
+        ({"q": {"type": "float", "low": 1, "high": 2}}, Tunable, "'q' names no parameter.*: n, on, p, tag"),
+        # Ranges the parameter cannot take: caught at a study's preflight before, where they read as the spec's.
+        ({"n": {"type": "float", "low": 1, "high": 2}}, Tunable, "'n' is a float range.*takes an integer.*\"int\""),
+        ({"on": {"type": "int", "low": 0, "high": 1}}, Tunable, "'on' is a numeric range.*takes true or false"),
+        ({"tag": {"type": "float", "low": 0, "high": 1}}, Tunable, "'tag' is a numeric range.*takes text"),
         ({"p": {"type": "float", "low": 1, "high": 2}}, _kwargs_factory, r"'p' names no parameter.*\*\*kwargs"),
     ],
 )
