@@ -139,7 +139,9 @@ def test_informational_stderr_lines_do_not_wrap_when_piped():
         (["train", *tiny_args("--set", "classes=1")], "pick 2..10"),
         (["train", "--method", "bp", "--set", "method=ff"], "--method bp and --set method=ff disagree: give method"),
         (["train", *tiny_args("--set", "temperature.t=inf")], "parameter 't' takes a finite number, got inf"),
-        (["train", *tiny_args("--set", "norm=decoupled", "--set", "norm.eps=-1")], "norm.eps must be >= 0, got -1"),
+        (["train", *tiny_args("--set", "norm=decoupled", "--set", "norm.eps=-1")], "norm.eps must be > 0, got -1"),
+        # 0 made a dead sample's forward output 0/0 = NaN, and the run ended blaming the learning rate.
+        (["train", *tiny_args("--set", "norm=coupled-ln", "--set", "norm.eps=0")], "norm.eps must be > 0, got 0.0"),
         (["train", *tiny_args("--set", "norm.momentum=2")], "norm.momentum must be in [0, 1], got 2"),
         (["train", "--epochs", "2", "--set", "epochs=1"], "--epochs 2 and --set epochs=1 disagree"),
         (

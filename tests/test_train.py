@@ -290,6 +290,28 @@ def test_a_diverged_step_names_its_first_bad_loss_and_updates_nothing(tiny_confi
     assert all(torch.equal(a, b) for a, b in zip(before, trainer.net.parameters(), strict=True))
 
 
+def test_a_diverged_fusion_step_updates_no_block_either(tiny_config):
+    trainer = build_trainer(tiny_config.with_updates({"fusion": "readout", "limit_train": 200}))
+    for p in trainer.net.fusion.parameters():
+        p.data.fill_(float("nan"))  # the blocks' losses stay finite; only the fusion's diverges
+    before = [p.detach().clone() for p in trainer.net.backbone.parameters()]
+    x, y = next(iter(trainer.data.train))
+    with pytest.raises(TrainingDiverged, match="at fusion;"):
+        trainer.train_step(x, y, 0.0, range(trainer.net.depth), True)
+    # Before: the blocks had stepped already when the fusion's loss was checked.
+    assert all(torch.equal(a, b) for a, b in zip(before, trainer.net.backbone.parameters(), strict=True))
+
+
+def test_a_temperature_schedule_reaches_its_end_value(tiny_config):
+    config = tiny_config.with_updates({"temperature": "linear", "temperature.start": 2.0, "temperature.end": 0.5})
+    trainer = build_trainer(config)
+    seen = []
+    step = trainer.train_step
+    trainer.train_step = lambda x, y, progress, *rest: seen.append(progress) or step(x, y, progress, *rest)
+    trainer.fit()
+    assert seen[0] == 0.0 and seen[-1] == 1.0  # the last step ran at T = 0.5; it ran at (n - 1)/n of the way
+
+
 def _bn_state(net: torch.nn.Module) -> list[torch.Tensor]:
     return [b.clone() for b in net.buffers()]
 

@@ -19,9 +19,11 @@ def pooled(x: Tensor) -> Tensor:
     return x.mean(dim=(2, 3)) if x.dim() == 4 else x
 
 
-def _non_negative_eps(eps: float) -> float:
-    if not eps >= 0:  # a negative eps makes the root of a negative mean square on quiet samples: NaN
-        raise ConfigError(f"norm.eps must be >= 0, got {eps}")
+def _positive_eps(eps: float) -> float:
+    # A dead block (ReLU zero on every unit of a sample) divides 0 by the root of eps: 0 gives NaN, and the run
+    # would end in a divergence message that blames the learning rate.
+    if not eps > 0:
+        raise ConfigError(f"norm.eps must be > 0, got {eps}")
     return eps
 
 
@@ -64,7 +66,7 @@ class CoupledLayerNorm(nn.Module):
 
     def __init__(self, num_features: int, eps: float = 1e-5):
         super().__init__()
-        self.eps = _non_negative_eps(eps)
+        self.eps = _positive_eps(eps)
 
     def forward(self, h: Tensor) -> NormPaths:
         z = nn.functional.layer_norm(h, h.shape[1:], eps=self.eps)
@@ -78,7 +80,7 @@ class Decoupled(nn.Module):
 
     def __init__(self, num_features: int, eps: float = 1e-6):
         super().__init__()
-        self.eps = _non_negative_eps(eps)
+        self.eps = _positive_eps(eps)
 
     def forward(self, h: Tensor) -> NormPaths:
         sumsq, sumabs, out, readout = ops.goodness_norm(h, self.eps)

@@ -114,9 +114,10 @@ class FFNet(nn.Module):
 
         Per-class goodness needs one pass; label-embedding goodness needs one pass per candidate label, plus a
         neutral-label pass for the readout features. The passes run in eval mode and under the run's autocast,
-        also when training calls them (hardest-label negatives, fitting a fusion): the scores are the ones
-        evaluation sees (a fusion fitted on fp32 scores would be tested on bf16 ones), and these extra passes leave
-        batch-norm running statistics alone.
+        also when training calls them (hardest-label negatives, fitting a fusion on label-embedding goodness): the
+        scores are the ones evaluation sees (a fusion fitted on fp32 scores would be tested on bf16 ones), and
+        these extra passes leave batch-norm running statistics alone. (A fusion on per-class goodness is fit on the
+        training pass's own scores instead: ``FFTrainer._fusion_backward``.)
         """
         was_training = self.training
         self.eval()
@@ -285,7 +286,8 @@ class FFTrainer:
         self.fusion_optimizer = common.make_optimizer(fusion_params, config) if fusion_params else None
         # ff: the whole batch in one pass per block. ff-ga splits the batch into micro-batches that each go
         # through every block before the next one starts; gradients accumulate and the optimizer steps once at
-        # the end. Unless a plugin takes batch statistics (coupled-bn, adaptive T) the update is the same (block
+        # the end. Unless a plugin takes batch statistics (coupled-bn, adaptive T) or draws its random numbers per
+        # micro-batch (hardest-label negatives: their order of draws differs) the update is the same (block
         # l's input comes from block l-1's pre-step weights either way), but only one micro-batch's activations
         # of one block are ever alive: FF's twin of bp-ga.
         self.micro_batch: int | None = config.micro_batch if config.method == "ff-ga" else None
@@ -303,12 +305,17 @@ class FFTrainer:
             scores.append(chunk_scores)
             features.append(chunk_features)
             losses += chunk_losses
-        values = common.checked_losses(losses)
-        self.optimizer.step()
+        fusion = None
         if fit_fusion and self.fusion_optimizer is not None:
-            self._fit_fusion(x, y, _cat_chunks(scores), _cat_chunks(features))
-        # ``values`` runs chunk by chunk, each chunk's active blocks in order.
-        return sum(v * share for v, share in zip(values[len(active) - 1 :: len(active)], shares, strict=True))
+            fusion = self._fusion_backward(x, y, _cat_chunks(scores), _cat_chunks(features))
+        # One check before any step: a diverged block or fusion loss updates no parameter at all.
+        values = common.checked_losses(losses + ([("fusion", fusion)] if fusion is not None else []))
+        self.optimizer.step()
+        if fusion is not None:
+            self.fusion_optimizer.step()
+        # ``values`` runs chunk by chunk, each chunk's active blocks in order (then the fusion's, left out here).
+        block_values = values[: len(losses)]
+        return sum(v * share for v, share in zip(block_values[len(active) - 1 :: len(active)], shares, strict=True))
 
     def _chunk_backward(
         self, x: Tensor, y: Tensor, progress: float, active: range, weight: float
@@ -349,16 +356,18 @@ class FFTrainer:
             features.append(readout.detach()[: split or None].float())
         return scores, features, losses
 
-    def _fit_fusion(self, x: Tensor, y: Tensor, scores: list[Tensor], features: list[Tensor]) -> None:
+    def _fusion_backward(self, x: Tensor, y: Tensor, scores: list[Tensor], features: list[Tensor]) -> Tensor:
+        """The fusion's loss on this batch, with its gradient in the fusion's parameters (not yet stepped). Per-class
+        goodness reuses the training pass's scores and features (train-mode norm statistics, unlike the eval-mode
+        scores evaluation sees; it saves a pass); label-embedding goodness has class scores only from one pass per
+        label, which ``scores_and_features`` makes in eval mode."""
         net = self.net
         if not net.goodness.per_class:
-            # Label-embedding goodness gives class scores only from one pass per label.
             scores, features = net.scores_and_features(x)
         loss = net.fusion_loss(scores, features, y)
         self.fusion_optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        common.checked_losses([("fusion", loss)])
-        self.fusion_optimizer.step()
+        return loss
 
     def rehearse(self, x: Tensor, y: Tensor) -> None:
         """One step of every phase on ``x, y``, to meet the plugin mistakes only training reaches (a fusion whose
@@ -406,7 +415,9 @@ class FFTrainer:
                     for step, (x, y) in enumerate(loader):
                         phase_step = epoch * len(loader) + step
                         common.set_lr(opts, cfg, phase_step, steps_per_phase)
-                        loss = self.train_step(x, y, phase_step / steps_per_phase, active, fit_fusion)
+                        # 0..1 inclusive, so a schedule's last step is at its end value.
+                        fraction = phase_step / max(1, steps_per_phase - 1)
+                        loss = self.train_step(x, y, fraction, active, fit_fusion)
                         # images/s is (epochs x training images) / train seconds for every method, as BP counts
                         # it: a greedy run's later phases pass the same images again, and counting them would
                         # show it faster per image than BP while it takes longer.
