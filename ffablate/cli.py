@@ -9,6 +9,7 @@ import logging
 import os
 import signal
 import sys
+import threading
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -55,7 +56,11 @@ class VersionAction(argparse.Action):
 
 
 class Parser(argparse.ArgumentParser):
-    commands: dict[str, argparse.ArgumentParser]
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        # The innermost command's parser wins (its defaults are set last): main() reports an unknown option
+        # through it, so the message names `ffablate data list --help`, not `ffablate --help`.
+        self.set_defaults(command_parser=self)
 
     def error(self, message: str) -> NoReturn:
         # argparse prints the whole usage; one line that points at --help is easier to act on.
@@ -159,7 +164,6 @@ def build_parser() -> Parser:
 
     add_audit_arguments(audit)
     audit.set_defaults(func=cmd_audit)
-    parser.commands = sub.choices  # main() reports an unknown option through its command's parser
     return parser
 
 
@@ -378,8 +382,10 @@ def cmd_study(args: argparse.Namespace) -> int:
             helpers.start(deadline)
 
     # A job runner's SIGTERM ends this process as Ctrl-C does: the running trial records why it stopped, and the
-    # finally below stops the workers too.
-    previous_sigterm = signal.signal(signal.SIGTERM, _interrupt)
+    # finally below stops the workers too. Python lets only the main thread set a handler (a caller may run
+    # main() in another one).
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous_sigterm = signal.signal(signal.SIGTERM, _interrupt) if in_main_thread else None
     try:
         with study.StudyProgress(new_progress(stderr.is_terminal)) as bars:
             done = study.run_study(
@@ -402,7 +408,8 @@ def cmd_study(args: argparse.Namespace) -> int:
     finally:
         helpers.stop()  # only those still running: an error or an interrupt here
         torch.set_num_threads(threads_before)
-        signal.signal(signal.SIGTERM, previous_sigterm)
+        if in_main_thread:
+            signal.signal(signal.SIGTERM, previous_sigterm)
     for line in failures:
         stderr.print(f"ffablate: {line}", markup=False, highlight=False)
     summary = results.summarize(done.study)
@@ -468,7 +475,8 @@ def cmd_audit(args: argparse.Namespace) -> int:
             wide.print(table)
     try:
         if args.output:
-            audit.write_output(args.output, rows, {k: v for k, v in vars(args).items() if k != "func"})
+            argv = {k: v for k, v in vars(args).items() if k not in ("func", "command_parser")}
+            audit.write_output(args.output, rows, argv)
         if args.plot_dir:
             for path in audit.plot(rows, args.plot_dir, prefix=args.plot_prefix):
                 stderr.print(f"wrote {path}", markup=False, highlight=False)
@@ -519,10 +527,9 @@ def one_line_warnings() -> Iterator[None]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args, unknown = parser.parse_known_args(argv)
+    args, unknown = build_parser().parse_known_args(argv)
     if unknown:  # argparse would name `ffablate --help`; the command's own help lists the options it takes
-        parser.commands[args.command].error(f"unrecognized arguments: {' '.join(unknown)}")
+        args.command_parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     try:
         with one_line_warnings():
             code = args.func(args)

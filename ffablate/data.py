@@ -446,7 +446,7 @@ def load_dataset(
     if classes < 0:
         raise ConfigError(f"classes={classes}: give a positive number of classes (0 keeps them all)")
     plugin = _dataset_plugin(name)
-    params = dict(params or {})
+    params = plugin.typed_params(dict(params or {}))  # text from a spec or --set, read before k is compared
     makes_own_classes = "k" in plugin.params
     if makes_own_classes and classes:
         k = params.setdefault("k", classes)
@@ -505,11 +505,10 @@ def list_datasets(data_root: str | Path | None = None) -> list[dict[str, Any]]:
     roots = [default_data_root(data_root)]
     rows = []
     for plugin in registry().all("datasets"):
-        locate = getattr(plugin.factory, "locate", None)
-        if locate is None:
+        if getattr(plugin.factory, "locate", None) is None:
             where, available = "unknown (the plugin gives no locator)", None
         else:
-            where, available = _located(plugin.label, locate, roots)
+            where, available = _located(plugin, roots)
         rows.append(
             {
                 "name": plugin.name,
@@ -522,20 +521,20 @@ def list_datasets(data_root: str | Path | None = None) -> list[dict[str, Any]]:
     return rows
 
 
-def _located(label: str, locate: Callable[[list[Path]], Any], roots: list[Path]) -> tuple[str, bool | None]:
-    """(where, available) from a plugin's ``locate(roots) -> (found path or None, hint)``. A locator that fails or
-    answers something else makes the row unknown, with a warning: one broken plugin must not stop `data list`,
-    nor every study (which asks of every dataset)."""
+def _located(plugin: Any, roots: list[Path]) -> tuple[str, bool | None]:
+    """(where, available) from a dataset plugin's ``factory.locate(roots) -> (found path or None, hint)``. A locator
+    of another package that fails or answers something else makes the row unknown, with a warning: one broken
+    plugin must not stop `data list`, nor every study (which asks of every dataset)."""
     try:
-        answer = locate(roots)
+        answer = plugin.factory.locate(roots)
         found, hint = answer
         if not (found is None or isinstance(found, (str, Path))) or not isinstance(hint, str):
             raise TypeError(f"it returned {answer!r}, not (path or None, hint)")
-    except FFablateError:  # the user's to fix, and the locator says how (a data root that is a file)
-        raise
     except Exception as exc:
+        if isinstance(exc, FFablateError) and plugin.source == "ffablate":
+            raise  # the user's to fix, and the built-in locators say how (a data root that is a file)
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        warnings.warn(f"{label}: its locate() failed ({reason}); fix the plugin", FFablateWarning, stacklevel=3)
+        warnings.warn(f"{plugin.label}: its locate() failed ({reason}); fix the plugin", FFablateWarning, stacklevel=3)
         return f"unknown (its locator failed: {reason})", None
     return (str(found), True) if found else (hint, False)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import inspect
 import math
@@ -16,7 +17,7 @@ from typing import Any
 import pluggy
 
 from ffablate import hookspecs
-from ffablate.config import SPACE_KEYS
+from ffablate.config import SPACE_KEYS, RunConfig
 from ffablate.errors import ConfigError, DataError, FFablateError, FFablateWarning, UnknownPlugin
 
 KINDS = ("goodness", "temperature", "norm", "loss", "negatives", "fusion", "datasets")
@@ -107,6 +108,17 @@ class Plugin:
                 f"(e.g. --set {self.kind}.{key}={default})"
             )
         return value
+
+
+def typed_plugin_params(config: RunConfig, plugins: Registry) -> RunConfig:
+    """``config`` with its ``--set`` (or spec) plugin parameters read as their types, so that a run's recorded
+    config holds 2.0 where the text said "2". A plugin that is not installed is left for the trainer to name."""
+    params = {}
+    for kind, values in config.plugin_params.items():
+        name = config.plugin_of(kind)
+        known = name in plugins.names(kind)
+        params[kind] = plugins.get(kind, name).typed_params(values) if known else dict(values)
+    return dataclasses.replace(config, plugin_params=params)
 
 
 def _read_text(text: str, default: Any) -> Any:

@@ -132,7 +132,11 @@ def _save(fig: Any, out: Path, name: str) -> str:
 def _heatmap(summary: results.Summary, out: Path) -> tuple[str, str] | None:
     """Two-axis ablations: mean FF accuracy per cell, annotated with mean ± CI and the gap to the cell's own
     matched BP baseline."""
-    axes = [(a, v) for a, v in summary.axis_levels().items() if len(v) > 1]
+    # The levels the spec lists that rows ran: a group that fixes an axis key (goodness's class-wise group) would
+    # add a row and a column with one cell each.
+    listed = {a: {str(x) for x in v} for a, v in summary.meta.get("axes", {}).items()}
+    ran = {a: [x for x in v if str(x) in listed[a]] for a, v in summary.axis_levels().items()}
+    axes = [(a, v) for a, v in ran.items() if len(v) > 1]
     if len(axes) != 2 or summary.meta.get("sampler") != "grid":
         return None
     (ya, yv), (xa, xv) = axes

@@ -324,19 +324,20 @@ def summarize(study: optuna.Study) -> Summary:
             if len(shared) >= 2:
                 row.gap_paired = paired_ci([a for a, _ in shared], [b for _, b in shared])
     meta = dict(study.user_attrs)
-    if search and not meta.get("baseline_untuned") and all(len(group) == 1 for group in by_match.values()):
-        meta["baseline_untuned"] = _untuned_from_trials(trials, meta.get("base") or {})
+    if search and meta.get("baseline_untuned") is None and all(len(group) == 1 for group in by_match.values()):
+        meta["baseline_untuned"] = _untuned_from_trials(trials, meta)
     return Summary(study.study_name, meta, ordered, len(trials), dict(states), failures)
 
 
-def _untuned_from_trials(trials: list[FrozenTrial], base: dict[str, Any]) -> dict[str, str]:
-    """What a search stored before session 10 ran its baseline at: every setting its FF trials sampled that the
-    baseline shares, at the base value (such studies recorded nothing, and their baseline had no levels)."""
+def _untuned_from_trials(trials: list[FrozenTrial], meta: dict[str, Any]) -> dict[str, str]:
+    """What a search stored before session 11 ran its baseline at: every setting its FF trials sampled from its
+    [space] that the baseline shares, at the base value (such studies recorded nothing, and their baseline had no
+    levels). A sampled [axes] level has a baseline of its own."""
     from ffablate.spec import _is_ff_only, at_base
 
     params = {k for t in trials if t.user_attrs.get("role") == "ff" for k in t.params} - {"cell", "seed"}
-    keys = sorted({_setting(param) for param in params})
-    return {key: at_base(key, base) for key in keys if not _is_ff_only(key)}
+    keys = sorted({_setting(param) for param in params} - set(meta.get("axes") or {}))
+    return {key: at_base(key, meta.get("base") or {}) for key in keys if not _is_ff_only(key)}
 
 
 def _setting(param: str) -> str:

@@ -127,7 +127,10 @@ class Plan:
         return plan
 
     def config(self, overrides: dict[str, Any], seed: int, device: str = "cpu") -> RunConfig:
-        return RunConfig().with_updates({**self.base_for(overrides), **overrides, "seed": seed, "device": device})
+        from ffablate.plugins import registry, typed_plugin_params
+
+        config = RunConfig().with_updates({**self.base_for(overrides), **overrides, "seed": seed, "device": device})
+        return typed_plugin_params(config, registry())
 
     def base_for(self, overrides: dict[str, Any]) -> dict[str, Any]:
         """The base settings of a trial with ``overrides``. A BP baseline leaves out the FF-only ones, which it

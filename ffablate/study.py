@@ -651,7 +651,7 @@ def open_study(plan: specs.Plan, storage: optuna.storages.BaseStorage, name: str
         }
         for key, value in meta.items():
             study.set_user_attr(key, value)
-    if spec.baseline_untuned and "baseline_untuned" not in study.user_attrs:  # also for studies made before it
+    if "baseline_untuned" not in study.user_attrs:  # also for studies made before it; {} says "none", not "unknown"
         study.set_user_attr("baseline_untuned", plan.untuned_baseline())
     return study
 
@@ -662,10 +662,11 @@ def refuse_a_foreign_study(study: optuna.Study) -> None:
     if "ffablate_spec" in study.user_attrs:
         return
     trials = len(study.get_trials(deepcopy=False))
-    if trials or study.direction != optuna.study.StudyDirection.MAXIMIZE:
+    if trials or study.directions != [optuna.study.StudyDirection.MAXIMIZE]:
+        directions = ", ".join(d.name.lower() for d in study.directions)
         raise FFablateError(
             f"study {study.study_name!r} in this storage was not made by ffablate ({trials} trial(s), direction "
-            f"{study.direction.name.lower()}); rerun with --study-name NEW"
+            f"{directions}); rerun with --study-name NEW"
         )
 
 

@@ -6,6 +6,7 @@ import gzip
 import os
 import pickle
 import struct
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -260,6 +261,9 @@ class _FixedPlugin:
     def __init__(self, ds):
         self.ds = ds
 
+    def typed_params(self, params):
+        return params
+
     def create(self, params, **context):
         return self.ds
 
@@ -405,6 +409,26 @@ def test_stl10_standin(tmp_path):
     assert ds.class_names[0] == "airplane" and ds.flips
     small = load_dataset("stl10", data_root=tmp_path, params={"size": 32})
     assert small.train_x.shape == (3, 3, 32, 32) and small.train_x.dtype == torch.uint8
+
+
+def test_text_dataset_parameters_are_read_before_classes_is_compared():
+    # A spec's "datasets.k" = "4" (text) met classes = 4: "classes=4 contradicts teacher-student's k=4".
+    assert load_dataset("teacher-student", classes=4, params={**SMALL_TS, "k": "4"}).num_classes == 4
+
+
+def test_imagefolder_test_images_of_another_size_are_one_line_with_the_fix(tmp_path):
+    from PIL import Image
+
+    for split, side in (("train", 8), ("test", 10)):
+        for cls in ("ant", "cat"):
+            (tmp_path / "pets" / split / cls).mkdir(parents=True)
+            Image.new("RGB", (side, side)).save(tmp_path / "pets" / split / cls / "0.png")
+    with pytest.raises(ConfigError, match="test images are 10x10, training ones 8x8; resize both with --set datas"):
+        load_dataset("imagefolder", data_root=tmp_path, params={"path": "pets"})
+    assert load_dataset("imagefolder", data_root=tmp_path, params={"path": "pets", "size": 8}).test_x.shape[2:] == (
+        8,
+        8,
+    )
 
 
 def test_imagefolder_standin(tmp_path):
@@ -771,9 +795,10 @@ def test_unreadable_stl10_names_and_image_headers_are_malformed_files(tmp_path):
             (tmp_path / "pets" / split / cls).mkdir(parents=True)
             Image.new("L", (4, 4)).save(tmp_path / "pets" / split / cls / "0.png")
     png = (tmp_path / "pets" / "train" / "cat" / "0.png").read_bytes()
-    bomb = png[:16] + struct.pack(">II", 100_000, 100_000) + png[24:]
+    header = b"IHDR" + struct.pack(">II", 100_000, 100_000) + png[24:29]
+    bomb = png[:12] + header + struct.pack(">I", zlib.crc32(header)) + png[33:]  # a valid chunk: PIL reads it
     (tmp_path / "pets" / "train" / "cat" / "0.png").write_bytes(bomb)
-    with pytest.raises(MalformedFile, match="0.png: cannot read the image"):
+    with pytest.raises(MalformedFile, match="0.png: cannot read the image .*decompression bomb"):
         load_dataset("imagefolder", data_root=tmp_path, params={"path": "pets"})
 
 

@@ -250,20 +250,26 @@ def test_label_hierarchy_answer_pairs_the_gap_change_by_seed(url):
 
 
 def test_a_stored_search_counts_as_untuned_only_the_searched_settings_the_baseline_shares():
-    # Searches stored before session 10 recorded nothing; a plugin's parameter is stored as "kind:plugin.param".
-    params = {"lr": 0.002, "temperature": "cosine", "temperature:cosine.start": 2.0, "norm:decoupled.eps": 1e-6}
+    # Searches stored before session 11 recorded nothing; a plugin's parameter is stored as "kind:plugin.param".
+    params = {
+        "norm": "decoupled",
+        "lr": 0.002,
+        "temperature": "cosine",
+        "temperature:cosine.start": 2.0,
+        "norm:decoupled.eps": 1e-6,
+    }
     dists = {
+        "norm": CategoricalDistribution(["decoupled", "none"]),
         "lr": FloatDistribution(1e-3, 3e-3),
         "temperature": CategoricalDistribution(["constant", "cosine"]),
         "temperature:cosine.start": FloatDistribution(0.5, 4.0),
         "norm:decoupled.eps": FloatDistribution(1e-7, 1e-5),
     }
     trial = create_trial(value=0.5, params=params, distributions=dists, user_attrs={"role": "ff"})
-    # Before: "temperature:cosine.start" counted as a setting BP shares, and the answer said BP ran at it.
-    assert results._untuned_from_trials([trial], {"lr": 0.003}) == {
-        "lr": "lr=0.003",
-        "norm.eps": "norm.eps at its base value",
-    }
+    meta = {"base": {"lr": 0.003}, "axes": {"norm": ["decoupled", "none"], "temperature": ["constant", "cosine"]}}
+    # Before: "temperature:cosine.start" counted as a setting BP shares, and the answer said BP ran at it; so did
+    # the sampled norm axis, each of whose levels has a baseline of its own.
+    assert results._untuned_from_trials([trial], meta) == {"lr": "lr=0.003", "norm.eps": "norm.eps at its base value"}
 
 
 def test_importance_reads_the_levels_the_rows_ran(tmp_path, url):

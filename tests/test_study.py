@@ -9,6 +9,7 @@ import re
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -836,6 +837,22 @@ def test_a_study_of_that_name_made_by_other_code_is_left_alone(tmp_path, capsys)
     # Before: ffablate wrote its metadata onto it and added its trials beside the two.
     again = optuna.load_study(study_name="plain", storage=url)
     assert len(again.trials) == 2 and again.user_attrs == {}
+    optuna.create_study(study_name="pareto", storage=url, directions=["maximize", "minimize"])  # no trials
+    assert main([*args[:-1], "pareto"]) == 2
+    assert "study 'pareto' in this storage was not made by ffablate (0 trial(s), direction maximize, minimize)" in (
+        capsys.readouterr().err
+    )
+
+
+def test_a_study_runs_from_a_thread_other_than_the_main_one(tmp_path):
+    # Python lets only the main thread set a signal handler: installing the SIGTERM one raised there.
+    path = write_spec(tmp_path, GRID, seeds=1)
+    args = ["study", str(path), "--budget", "smoke", "--storage", storage_url(tmp_path), "--n-trials", "1"]
+    codes = []
+    thread = threading.Thread(target=lambda: codes.append(main(args)))
+    thread.start()
+    thread.join()
+    assert codes == [0]
 
 
 def test_a_recipe_comes_only_from_a_finished_study_of_that_name(tmp_path):

@@ -502,7 +502,8 @@ def load_stl10(roots: list[Path], download: bool, size: int = 96) -> ImageDatase
 # Image folders
 
 # torchvision's ImageFolder list, so that a folder it reads gives the same images here.
-_IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp"}
+_IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp")
+_SUFFIX_LIST = ", ".join(suffix[1:] for suffix in _IMAGE_SUFFIXES)
 
 
 def _imagefolder_candidates(roots: list[Path], path: str) -> list[Path]:
@@ -583,7 +584,7 @@ def _read_split(folder: Path, classes: list[str], mode: str, size: int) -> tuple
         images += [_read_image(f, mode, size) for f in files]
         labels += [label] * len(files)
     if not images:
-        raise DataNotFound(f"dataset 'imagefolder': no images under {folder}/<class>/ (png, jpg, bmp)")
+        raise DataNotFound(f"dataset 'imagefolder': no images under {folder}/<class>/ ({_SUFFIX_LIST})")
     shapes = {im.shape for im in images}
     if len(shapes) > 1:
         raise ConfigError(
@@ -596,7 +597,7 @@ def _read_split(folder: Path, classes: list[str], mode: str, size: int) -> tuple
 def load_imagefolder(
     roots: list[Path], download: bool, path: str = "", size: int = 0, channels: int = 3
 ) -> ImageDataset:
-    """Your own images: <data root>/<path>/{train,test}/<class>/*.png|jpg, classes in sorted order; ``size``
+    """Your own images: <data root>/<path>/{train,test}/<class>/*.png|jpg|..., classes in sorted order; ``size``
     resizes to size x size, ``channels`` is 1 (grey) or 3 (RGB). Flips are assumed label-preserving."""
     if channels not in (1, 3):
         raise ConfigError(f"imagefolder: channels={channels}; use 1 (grey) or 3 (RGB)")
@@ -611,7 +612,7 @@ def load_imagefolder(
     if empty:
         # torchvision's ImageFolder refuses these too: an empty class is a logit no image can train.
         raise DataError(
-            f"dataset 'imagefolder': class folder {folder / 'train' / empty[0]} holds no images (png, jpg, bmp); "
+            f"dataset 'imagefolder': class folder {folder / 'train' / empty[0]} holds no images ({_SUFFIX_LIST}); "
             "add its images or remove it"
         )
     if len(classes) < 2:
@@ -630,6 +631,11 @@ def load_imagefolder(
     mode = "L" if channels == 1 else "RGB"
     train_x, train_y = _read_split(folder / "train", classes, mode, size)
     test_x, test_y = _read_split(folder / "test", classes, mode, size)
+    if test_x.shape[1:] != train_x.shape[1:]:
+        raise ConfigError(
+            f"imagefolder: test images are {test_x.shape[2]}x{test_x.shape[3]}, training ones "
+            f"{train_x.shape[2]}x{train_x.shape[3]}; resize both with --set datasets.size=N"
+        )
     arrays = {"train_x": train_x, "train_y": train_y, "test_x": test_x, "test_y": test_y}
     return _dataset("imagefolder", arrays, classes, True, str(folder))
 
@@ -648,4 +654,4 @@ def ffablate_register_datasets(register: Callable[..., None]) -> None:
     register("cifar100", load_cifar100, "32x32 colour images, 100 fine / 20 coarse classes (torchvision layout)")
     register("svhn", load_svhn, "32x32 street-view house-number digits, 10 classes (.mat files)")
     register("stl10", load_stl10, "96x96 colour images, 10 classes, labelled splits (stl10_binary)")
-    register("imagefolder", load_imagefolder, "your images: <path>/{train,test}/<class>/*.png|jpg")
+    register("imagefolder", load_imagefolder, "your images: <path>/{train,test}/<class>/*.png|jpg|...")

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import dataclasses
-
 from ffablate import ops
 from ffablate.config import FF_METHODS, RunConfig
 from ffablate.errors import ConfigError
-from ffablate.plugins import Registry, registry
+from ffablate.plugins import Registry, registry, typed_plugin_params
 from ffablate.train import common
 from ffablate.train.common import RunResult, TrainingDiverged
 
@@ -27,7 +25,7 @@ def build_trainer(
     from ffablate.train.ff import FFTrainer
 
     config.validate()
-    config = _typed_plugin_params(config, plugins or registry())
+    config = typed_plugin_params(config, plugins or registry())
     device = common.resolve_device(config.device)
     ops.backend(config.device)  # FFABLATE_KERNELS=fused with a build that cannot serve this device fails now
     common.seed_everything(config.seed)
@@ -49,17 +47,6 @@ def run(
 ) -> RunResult:
     trainer = build_trainer(config, data_root=data_root, download=download, plugins=plugins, data=data)
     return trainer.fit(progress=progress, on_epoch=on_epoch)
-
-
-def _typed_plugin_params(config: RunConfig, plugins: Registry) -> RunConfig:
-    """``config`` with its ``--set`` plugin parameters read as their types, so that the run's recorded config holds
-    2.0 where the text said "2". A plugin that is not installed is left for the trainer to name."""
-    params = {}
-    for kind, values in config.plugin_params.items():
-        name = config.plugin_of(kind)
-        known = name in plugins.names(kind)
-        params[kind] = plugins.get(kind, name).typed_params(values) if known else dict(values)
-    return dataclasses.replace(config, plugin_params=params)
 
 
 def check_downsampling(config: RunConfig, in_shape: tuple[int, int, int]) -> None:
