@@ -25,7 +25,15 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ffablate.errors import ChecksumMismatch, ConfigError, DataError, DataNotFound, FFablateError, FFablateWarning
+from ffablate.errors import (
+    ChecksumMismatch,
+    ConfigError,
+    DataError,
+    DataNotFound,
+    FFablateError,
+    FFablateWarning,
+    described,
+)
 
 
 class MalformedFile(DataError):
@@ -476,9 +484,9 @@ def checked_dataset(ds: object, label: str) -> ImageDataset:
     for split in ("train", "test"):
         x, y = getattr(ds, f"{split}_x"), getattr(ds, f"{split}_y")
         if not isinstance(x, Tensor) or x.dtype != torch.uint8 or x.dim() != 4:
-            return refuse(f"{split}_x {_described(x)}: images must be a uint8 tensor (N, C, H, W)")
+            return refuse(f"{split}_x as {described(x)}: images must be a uint8 tensor (N, C, H, W)")
         if not isinstance(y, Tensor) or y.dtype != torch.int64 or y.shape != x.shape[:1]:
-            return refuse(f"{split}_y {_described(y)} for {x.shape[0]} images: labels must be int64 (N,)")
+            return refuse(f"{split}_y as {described(y)} for {x.shape[0]} images: labels must be int64 (N,)")
         if y.numel() and not 0 <= int(y.min()) <= int(y.max()) < ds.num_classes:
             return refuse(f"{split} labels {int(y.min())}..{int(y.max())} for num_classes={ds.num_classes}")
     if ds.test_x.shape[1:] != ds.train_x.shape[1:]:
@@ -486,12 +494,6 @@ def checked_dataset(ds: object, label: str) -> ImageDataset:
     if len(ds.class_names) != ds.num_classes:
         return refuse(f"{len(ds.class_names)} class names for num_classes={ds.num_classes}")
     return ds
-
-
-def _described(value: object) -> str:
-    if isinstance(value, Tensor):
-        return f"of dtype {value.dtype} and shape {tuple(value.shape)}"
-    return f"of type {type(value).__name__}"
 
 
 def list_datasets(data_root: str | Path | None = None) -> list[dict[str, Any]]:

@@ -28,3 +28,12 @@ class DataNotFound(DataError):
 
 class ChecksumMismatch(DataError):
     pass
+
+
+def described(value: object) -> str:
+    """What a plugin returned, for a message: a tensor's dtype and shape, else its type."""
+    import torch  # late: errors is imported where torch is not needed
+
+    if isinstance(value, torch.Tensor):
+        return f"a {value.dtype} tensor of shape {tuple(value.shape)}"
+    return f"a {type(value).__name__}"

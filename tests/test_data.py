@@ -752,7 +752,7 @@ class _BrokenDatasets:
 @pytest.mark.parametrize(
     ("mistake", "message"),
     [
-        ("float", "train_x of dtype torch.float32 and shape (4, 1, 8, 8): images must be a uint8 tensor"),
+        ("float", "train_x as a torch.float32 tensor of shape (4, 1, 8, 8): images must be a uint8 tensor"),
         ("label", "train labels -1..1 for num_classes=2"),
         ("test-shape", "test images of shape (1, 10, 10), training ones (1, 8, 8)"),
         ("dict", "a dict, not an ffablate.data.ImageDataset"),

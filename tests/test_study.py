@@ -1056,16 +1056,21 @@ def test_workers_flag_runs_the_study_in_several_processes(tmp_path, capsys):
     assert [t.state for t in kept] == [TrialState.COMPLETE] * 6
 
 
+def _study_process(tmp_path: Path, seeds: int, *extra: str) -> tuple[subprocess.Popen, str]:
+    """(an `ffablate study` process whose trials train for seconds, its storage URL)."""
+    path = write_spec(tmp_path, GRID.replace("[base]", "[base]\nepochs = 3"), seeds=seeds)
+    path.write_text(path.read_text().replace("limit_train = 300", "limit_train = 3000"))
+    url = storage_url(tmp_path)
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    argv = [sys.executable, "-m", "ffablate.cli", "study", str(path), "--budget", "smoke", "--storage", url, *extra]
+    return subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE), url
+
+
 def test_workers_stop_with_the_process_that_started_them(tmp_path):
     # A SIGTERM (a job runner's) ended the first process and left the other worker running the study alone.
     import psutil
 
-    path = write_spec(tmp_path, GRID.replace("[base]", "[base]\nepochs = 3"), seeds=3)
-    path.write_text(path.read_text().replace("limit_train = 300", "limit_train = 3000"))
-    url = storage_url(tmp_path)
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
-    argv = [sys.executable, "-m", "ffablate.cli", "study", str(path), "--budget", "smoke", "--storage", url]
-    first = subprocess.Popen([*argv, "--workers", "2"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    first, url = _study_process(tmp_path, 3, "--workers", "2")
     started = b""
     while b"2 workers" not in started:
         line = first.stderr.readline()
@@ -1087,12 +1092,7 @@ def test_workers_stop_with_the_process_that_started_them(tmp_path):
 def test_a_terminated_study_stores_why_its_trial_stopped(tmp_path):
     # One process, no workers: a SIGTERM killed it outright (rc -15), and the trial it ran stayed RUNNING with no
     # reason; a Ctrl-C's trial said "the worker died: killed or crashed", though the process had said "interrupted".
-    path = write_spec(tmp_path, GRID.replace("[base]", "[base]\nepochs = 3"), seeds=1)
-    path.write_text(path.read_text().replace("limit_train = 300", "limit_train = 3000"))
-    url = storage_url(tmp_path)
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
-    argv = [sys.executable, "-m", "ffablate.cli", "study", str(path), "--budget", "smoke", "--storage", url]
-    proc = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc, url = _study_process(tmp_path, 1)
 
     def training() -> bool:  # a trial past its setup, in its training (the study is made after the preflight)
         try:

@@ -15,7 +15,7 @@ from torch import Tensor, nn
 
 from ffablate.config import RunConfig
 from ffablate.data import DeviceLoader
-from ffablate.errors import ConfigError
+from ffablate.errors import ConfigError, described
 from ffablate.model import build_backbone, built_module
 from ffablate.plugins import Plugin, Registry, registry
 from ffablate.train import common
@@ -83,7 +83,7 @@ class FFNet(nn.Module):
             return
         what = f"per-class goodness (per_class=True) for {self.num_classes} classes" if per_class else "scalar goodness"
         raise ConfigError(
-            f"{self.labels['goodness']} returned {_described(goodness)} for {batch} samples; a {what} must return a "
+            f"{self.labels['goodness']} returned {described(goodness)} for {batch} samples; a {what} must return a "
             f"floating tensor of shape {want} (see ffablate_register_goodness in ffablate/hookspecs.py)"
         )
 
@@ -101,7 +101,7 @@ class FFNet(nn.Module):
         if isinstance(t, (int, float)) and not isinstance(t, bool):
             return t
         raise ConfigError(
-            f"{self.labels['temperature']} returned {_described(t)}; a temperature must be a number or a 0-dim "
+            f"{self.labels['temperature']} returned {described(t)}; a temperature must be a number or a 0-dim "
             "floating tensor (one T per block, e.g. torch.tensor(0.5))"
         )
 
@@ -159,7 +159,7 @@ class FFNet(nn.Module):
         # (N, 1) logits would score every image as class 0: a plausible-looking accuracy, not an error.
         if not (isinstance(logits, Tensor) and logits.is_floating_point() and logits.shape == want):
             raise ConfigError(
-                f"{self.labels['fusion']} returned {_described(logits)} for {want[0]} samples; a fusion must return "
+                f"{self.labels['fusion']} returned {described(logits)} for {want[0]} samples; a fusion must return "
                 f"floating logits of shape {want}"
             )
         return logits, scores
@@ -172,19 +172,12 @@ class FFNet(nn.Module):
         return loss
 
 
-def _described(value: object) -> str:
-    """What a plugin returned, for a message: a tensor's dtype and shape, else its type."""
-    if isinstance(value, Tensor):
-        return f"a {value.dtype} tensor of shape {tuple(value.shape)}"
-    return f"a {type(value).__name__}"
-
-
 def _checked_loss(loss: object, who: str) -> Tensor:
     """A loss as the trainers need it: one number with its mean's gradient (metadata checks only, so no host
     sync). ``who`` begins the message: "<plugin> returned"."""
     if isinstance(loss, Tensor) and loss.dim() == 0 and loss.is_floating_point():
         return loss
-    raise ConfigError(f"{who} {_described(loss)}; a loss must return a 0-dim floating tensor (its mean)")
+    raise ConfigError(f"{who} {described(loss)}; a loss must return a 0-dim floating tensor (its mean)")
 
 
 def _embedded_shape(
