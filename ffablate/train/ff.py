@@ -279,8 +279,7 @@ class FFTrainer:
         self.fusion_optimizer = common.make_optimizer(fusion_params, config) if fusion_params else None
         # ff: the whole batch in one pass per block. ff-ga splits the batch into micro-batches that each go
         # through every block before the next one starts; gradients accumulate and the optimizer steps once at
-        # the end. Unless a plugin takes batch statistics (coupled-bn, adaptive T) or draws its random numbers per
-        # micro-batch (hardest-label negatives: their order of draws differs) the update is the same (block
+        # the end. Unless a plugin takes batch statistics (coupled-bn, adaptive T) the update is the same (block
         # l's input comes from block l-1's pre-step weights either way), but only one micro-batch's activations
         # of one block are ever alive: FF's twin of bp-ga.
         self.micro_batch: int | None = config.micro_batch if config.method == "ff-ga" else None
@@ -291,10 +290,13 @@ class FFTrainer:
         # Every block's, not only the active ones': a gradient left from an earlier greedy phase would be stepped.
         self.optimizer.zero_grad(set_to_none=True)
         size = self.micro_batch or x.shape[0]
+        chunks = list(zip(x.split(size), y.split(size), strict=True))
+        wrong = self._wrong_labels(x, y, active, size)
+        wrongs = wrong.split(size) if wrong is not None else [None] * len(chunks)
         scores, features, losses, shares = [], [], [], []
-        for xc, yc in zip(x.split(size), y.split(size), strict=True):
+        for (xc, yc), wc in zip(chunks, wrongs, strict=True):
             shares.append(yc.numel() / y.numel())
-            chunk_scores, chunk_features, chunk_losses = self._chunk_backward(xc, yc, progress, active, shares[-1])
+            chunk_scores, chunk_features, chunk_losses = self._chunk_backward(xc, yc, wc, progress, active, shares[-1])
             scores.append(chunk_scores)
             features.append(chunk_features)
             losses += chunk_losses
@@ -310,22 +312,34 @@ class FFTrainer:
         block_values = values[: len(losses)]
         return sum(v * share for v, share in zip(block_values[len(active) - 1 :: len(active)], shares, strict=True))
 
+    def _wrong_labels(self, x: Tensor, y: Tensor, active: range, size: int) -> Tensor | None:
+        """The negatives' labels for the whole batch (None for per-class goodness), drawn in one call so that
+        ff-ga draws the same random numbers as ff; the scores a plugin may ask for (hardest-label) are computed a
+        micro-batch at a time, so ff-ga's memory stays a micro-batch's."""
+        net = self.net
+        if net.goodness.per_class:
+            return None
+
+        def scores() -> Tensor:
+            # From the blocks trained so far: under the greedy schedule the later ones are still at their
+            # initialisation and would only add noise.
+            per_chunk = (net.scores_and_features(xc, active.stop, features=False)[0] for xc in x.split(size))
+            return torch.cat([torch.stack(chunk).sum(0) for chunk in per_chunk])
+
+        return net.negatives.wrong_labels(y, net.num_classes, scores)
+
     def _chunk_backward(
-        self, x: Tensor, y: Tensor, progress: float, active: range, weight: float
+        self, x: Tensor, y: Tensor, wrong: Tensor | None, progress: float, active: range, weight: float
     ) -> tuple[list[Tensor], list[Tensor], list[tuple[str, Tensor]]]:
         """Every block's forward, local loss and backward on one chunk (the loss scaled by the chunk's share
-        of the batch, so accumulated gradients are the batch mean). Returns per-block detached scores and
-        pooled features, and each active block's unscaled loss, still on the device.
+        of the batch, so accumulated gradients are the batch mean), with the chunk's negative labels ``wrong``
+        (None: per-class goodness). Returns per-block detached scores and pooled features, and each active
+        block's unscaled loss, still on the device.
         """
         net, k = self.net, self.net.num_classes
-        if net.goodness.per_class:
+        if wrong is None:
             h, split = net.backbone.prepare(x), None
         else:
-            # Hardest-label scores come from the blocks trained so far: under the greedy schedule the later ones
-            # are still at their initialisation and would only add noise.
-            wrong = net.negatives.wrong_labels(
-                y, k, lambda: torch.stack(net.scores_and_features(x, active.stop, features=False)[0]).sum(0)
-            )
             # Positives and negatives share one pass of a doubled batch (two passes' worth of activations).
             pos, neg = net.negatives.embed(x, y, k), net.negatives.embed(x, wrong, k)
             h = net.backbone.prepare(torch.cat([pos, neg]))
