@@ -116,6 +116,8 @@ def test_informational_stderr_lines_do_not_wrap_when_piped():
     [
         (["train", "--set", "goodness=meansqq"], "did you mean 'meansq'"),
         (["train", "--set", "goodness=power"], "(your own? install its package, or name its module in FFABLATE_"),
+        # Named before the data load: "100 training images make no full batch of 128" hid the misspelling.
+        (["train", "--set", "temperature=cosnie", "--set", "limit_train=100"], "did you mean 'cosine'"),
         (["train", "--set", "lr"], "--set expects KEY=VALUE"),
         (["train", "--set", "lrr=0.1"], "did you mean 'lr'"),
         (["train", "--set", "epochs=many"], "expected int"),

@@ -511,6 +511,29 @@ def test_a_goodness_of_the_wrong_shape_is_refused_naming_the_plugin(value_of, pe
         net.scores_and_features(torch.randn(8, 1, 28, 28))
 
 
+@pytest.mark.parametrize(
+    ("wrong_of", "got"),
+    [
+        (lambda y: None, "a NoneType"),  # once read as per-class goodness: a traceback, or training without labels
+        (lambda y: y.tolist(), "a list"),
+        (lambda y: y[:-1], r"a torch.int64 tensor of shape \(49,\)"),  # the last negative kept the neutral code
+    ],
+)
+def test_negatives_of_the_wrong_kind_are_refused_naming_the_plugin(tiny_config, wrong_of, got):
+    from ffablate.builtin.negatives import RandomLabel
+    from ffablate.train import build_trainer
+
+    class Returning(RandomLabel):
+        def wrong_labels(self, labels, num_classes, scores):
+            return wrong_of(labels)
+
+    config = tiny_config.with_updates({"goodness": "meansq", "negatives": "probe", "loss": "softplus-threshold"})
+    trainer = build_trainer(config, plugins=_registry_with(OnePlugin("negatives", Returning)))
+    x, y = next(iter(trainer.data.train))
+    with pytest.raises(ConfigError, match=rf"negatives plugin 'probe' .* wrong_labels returned {got} for 50 labels"):
+        trainer.train_step(x, y, 0.0, range(trainer.net.depth), False)
+
+
 def test_a_wrongly_shaped_goodness_fails_the_run_in_one_line(capsys):
     plugin = OnePlugin("goodness", _returning(lambda g: g[:, None]))
     add_plugin(plugin)

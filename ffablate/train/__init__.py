@@ -22,10 +22,15 @@ def build_trainer(
 ):
     """The trainer for ``config.method`` with its data on the device (``data`` reuses already-loaded data)."""
     from ffablate.train.bp import BPTrainer
-    from ffablate.train.ff import FFTrainer
+    from ffablate.train.ff import FF_KINDS, FFTrainer
 
     config.validate()
-    config = typed_plugin_params(config, plugins or registry())
+    plugins = plugins or registry()
+    # A misspelt plugin is named before the data load, whose own complaints (too few images for a batch) would
+    # hide it; a BP run uses only the norm plugin (and the dataset's, which the load looks up).
+    for kind in ("norm", *(FF_KINDS if config.method in FF_METHODS else ())):
+        plugins.get(kind, config.plugin_of(kind))
+    config = typed_plugin_params(config, plugins)
     device = common.resolve_device(config.device)
     ops.backend(config.device)  # FFABLATE_KERNELS=fused with a build that cannot serve this device fails now
     common.seed_everything(config.seed)

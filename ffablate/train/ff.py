@@ -30,7 +30,7 @@ class FFNet(nn.Module):
         super().__init__()
         reg = plugins or registry()
         self.num_classes, self.threshold = num_classes, config.threshold
-        chosen = {kind: reg.get(kind, getattr(config, kind)) for kind in _FF_KINDS}
+        chosen = {kind: reg.get(kind, getattr(config, kind)) for kind in FF_KINDS}
         self.labels = {kind: plugin.label for kind, plugin in chosen.items()}
 
         def make(kind: str, **context: Any) -> Any:
@@ -204,7 +204,7 @@ def _cat_chunks(chunks: list[list[Tensor]]) -> list[Tensor]:
     return [torch.cat(parts) for parts in zip(*chunks, strict=True)]
 
 
-_FF_KINDS = ("goodness", "temperature", "loss", "negatives", "fusion")
+FF_KINDS = ("goodness", "temperature", "loss", "negatives", "fusion")
 
 
 def _flagged(plugin: Any, flag: str, label: str) -> Any:
@@ -326,7 +326,13 @@ class FFTrainer:
             per_chunk = (net.scores_and_features(xc, active.stop, features=False)[0] for xc in x.split(size))
             return torch.cat([torch.stack(chunk).sum(0) for chunk in per_chunk])
 
-        return net.negatives.wrong_labels(y, net.num_classes, scores)
+        wrong = net.negatives.wrong_labels(y, net.num_classes, scores)
+        if not (isinstance(wrong, Tensor) and wrong.dtype == y.dtype and wrong.shape == y.shape):
+            raise ConfigError(
+                f"{net.labels['negatives']} wrong_labels returned {described(wrong)} for {y.numel()} labels; it must "
+                f"return a {y.dtype} tensor of shape {tuple(y.shape)} (see ffablate_register_negatives in hookspecs.py)"
+            )
+        return wrong
 
     def _chunk_backward(
         self, x: Tensor, y: Tensor, wrong: Tensor | None, progress: float, active: range, weight: float
@@ -337,7 +343,7 @@ class FFTrainer:
         block's unscaled loss, still on the device.
         """
         net, k = self.net, self.net.num_classes
-        if wrong is None:
+        if net.goodness.per_class:
             h, split = net.backbone.prepare(x), None
         else:
             # Positives and negatives share one pass of a doubled batch (two passes' worth of activations).
