@@ -279,6 +279,10 @@ def _register() -> None:
         ctx.set_materialize_grads(False)
 
     def pool_backward(ctx, grad_out, _grad_argmax):
+        if torch.is_grad_enabled():
+            # As for goodness_norm: the backward op has no derivative of its own, and autograd's fallback would
+            # treat it as a constant, giving wrong second derivatives with only a warning.
+            raise RuntimeError("max_pool2x2: double backward (create_graph=True) is not supported")
         if grad_out is None:  # an undefined output gradient (gradcheck sends one) means no input gradient
             return None, None
         (argmax,) = ctx.saved_tensors

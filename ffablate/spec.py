@@ -120,9 +120,11 @@ class Plan:
         raise FFablateError(f"the study has no configuration {label!r}; was it made from another spec?")
 
     def with_recipe(self, recipe: dict[str, Any], source: str) -> Plan:
-        """This plan with an FF recipe (e.g. another study's winner) laid over its base settings."""
+        """This plan with an FF recipe (e.g. another study's winner) in place of its base's recipe settings: what
+        the winner left at a default runs at that default here too, not at this spec's own choice."""
         note = f"FF recipe from study {source}: {_label(recipe) or 'the defaults'}"
-        plan = dataclasses.replace(self, base={**self.base, **recipe}, notes=[*self.notes, note], recipe_source=source)
+        kept = {k: v for k, v in self.base.items() if not is_recipe_key(k)}
+        plan = dataclasses.replace(self, base={**kept, **recipe}, notes=[*self.notes, note], recipe_source=source)
         _check_configs(plan)
         return plan
 
@@ -305,7 +307,7 @@ def parse(raw: dict[str, Any], path: Path) -> Spec:
     space_raw = v.get(raw, "space", dict, default={})
     space_plugins = v.get(space_raw, "plugins", list, default=[], key="space")
     for i, kind in enumerate(space_plugins):
-        if kind not in RECIPE_PLUGIN_KINDS:
+        if not isinstance(kind, str) or kind not in RECIPE_PLUGIN_KINDS:
             v.fail(f"space.plugins[{i}]", f"must be a plugin kind ({', '.join(sorted(RECIPE_PLUGIN_KINDS))})")
     space = {k: v.distribution(d, f"space.{k}", k) for k, d in space_raw.items() if k != "plugins"}
     if sampler == "grid" and (space or space_plugins):
@@ -318,12 +320,21 @@ def parse(raw: dict[str, Any], path: Path) -> Spec:
         if m not in ("bp", "bp-deepsup", "bp-ga", "bp-ckpt"):
             v.fail(f"baseline.methods[{i}]", "must be one of bp, bp-deepsup, bp-ga, bp-ckpt")
     match = v.get(baseline, "match", list, default=None, key="baseline")
+    for i, key in enumerate(match or []):
+        # A misspelt key matched nothing: every FF cell was compared with one baseline at the defaults.
+        if not isinstance(key, str):
+            v.fail(f"baseline.match[{i}]", 'must be a run setting\'s name, e.g. "dataset"')
+        v.setting_key(key, f"baseline.match[{i}]")
+        if _is_ff_only(key):
+            v.fail(f"baseline.match[{i}]", f"names {key!r}, which only FF uses: a baseline cannot match it")
     untuned = v.get(baseline, "untuned", list, default=[], key="baseline")
     levels = v.get(baseline, "levels", dict, default={}, key="baseline")
     searched = [*space, *space_plugins]
     for i, key in enumerate(untuned):
         if key not in searched:
             v.fail(f"baseline.untuned[{i}]", f"names {key!r}, which [space] does not search; list only searched keys")
+        if _is_ff_only(key):  # the baseline never runs it, so it is not "untuned" on it
+            v.fail(f"baseline.untuned[{i}]", f"names {key!r}, which only FF uses: leave it out")
     if levels and sampler != "tpe":
         v.fail("baseline.levels", 'needs sampler = "tpe": it tunes the baseline on keys that [space] searches')
     for key, given in (("levels", levels), ("untuned", untuned)):
@@ -590,6 +601,11 @@ def _a(kind: type) -> str:
 # Resolving a budget into cells
 
 
+def is_recipe_key(key: str) -> bool:
+    """A setting of the FF recipe: a recipe key or a parameter of a recipe plugin kind ("temperature.start")."""
+    return key in RECIPE_KEYS or ("." in key and key.split(".", 1)[0] in RECIPE_PLUGIN_KINDS)
+
+
 def _is_ff_only(key: str) -> bool:
     return key in FF_ONLY or ("." in key and key.split(".", 1)[0] in FF_ONLY)
 
@@ -666,7 +682,7 @@ def _plan(spec: Spec, budget_name: str, available: Callable[[str], bool]) -> Pla
                 f"{spec.path}: two configurations are both labelled {cell.label!r}; give the groups distinct labels"
             )
         seen.add(cell.label)
-    if not ff_cells and spec.sampler == "grid":
+    if not ff_cells:  # a search too: its trials sample the planned FF cells
         raise SpecError(f"{spec.path}: nothing to run at budget {budget_name}: " + "; ".join(notes or ["no axes"]))
     plan = Plan(spec, budget, base, cells, notes)
     _check_configs(plan)

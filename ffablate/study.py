@@ -143,9 +143,7 @@ def winning_recipe(storage_url: str | None, name: str) -> tuple[dict[str, Any], 
         )
     # The winner's recipe is the source's shared settings plus its own overrides, FF keys only.
     settings = {**study.user_attrs.get("base", {}), **best.overrides}
-    recipe = {
-        k: v for k, v in settings.items() if k in specs.RECIPE_KEYS or k.split(".")[0] in specs.RECIPE_PLUGIN_KINDS
-    }
+    recipe = {k: v for k, v in settings.items() if specs.is_recipe_key(k)}
     return recipe, study.study_name
 
 

@@ -192,6 +192,18 @@ def test_bad_inputs_raise(call, msg: str) -> None:  # noqa: ANN001
         call()
 
 
+def test_double_backward_is_refused() -> None:
+    # Autograd's fallback treated the backward op as a constant: second derivatives came out wrong (3975.5 where
+    # ATen gives -24667.1), with only a deprecation warning.
+    w = torch.randn(4, 1, 3, 3, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(2, 1, 8, 8, dtype=torch.float64)
+    loss = ops.max_pool2x2(F.conv2d(x, w, padding=1), relu=True).pow(2).sum()
+    with pytest.raises(RuntimeError, match="max_pool2x2: double backward"):
+        torch.autograd.grad(loss, w, create_graph=True)
+    (g,) = torch.autograd.grad(ops.max_pool2x2(F.conv2d(x, w, padding=1), relu=True).pow(2).sum(), w)
+    assert g.shape == w.shape  # first-order gradients as before
+
+
 def test_downsampling_block_equals_conv_relu_maxpool() -> None:
     with torch.random.fork_rng(devices=[]):  # seeded weights, without reseeding the tests that follow
         torch.manual_seed(0)

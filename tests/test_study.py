@@ -344,6 +344,12 @@ def test_killed_study_resumes_without_losing_or_repeating_trials(tmp_path, capsy
         (GRID + '[baseline]\nmethods = ["sgd"]\n', "baseline.methods[0] must be one of"),
         (GRID + '[pruner]\ntype = "median"\nn_startup_trials = -3\n', "pruner.n_startup_trials must be at least 0"),
         (GRID + '[pruner]\ntype = "median"\nn_warmup_steps = -1\n', "pruner.n_warmup_steps must be at least 0"),
+        # A misspelt match key matched nothing: every FF cell was compared with one baseline at the defaults.
+        (GRID + '[baseline]\nmatch = ["clases"]\n', "baseline.match[0] is not a run setting"),
+        (GRID + '[baseline]\nmatch = ["temperature"]\n', "baseline.match[0] names 'temperature', which only FF"),
+        (GRID + "[baseline]\nmatch = [3]\n", "baseline.match[0] must be a run setting's name"),
+        # A list there was a TypeError traceback (unhashable type: 'list').
+        (GRID + '[space]\nplugins = [["norm"]]\n', "space.plugins[0] must be a plugin kind"),
     ],
 )
 def test_spec_errors_name_the_key_path(tmp_path, capsys, body, message):
@@ -811,6 +817,20 @@ def test_a_search_refuses_groups(tmp_path, capsys):
     assert f'{path}: groups needs sampler = "grid"' in capsys.readouterr().err
 
 
+def test_a_search_names_what_it_cannot_run(tmp_path, capsys):
+    # Its only dataset missing: the first trial crashed with StopIteration, after the study had been made.
+    path = write_tpe_spec(tmp_path, 'lr = { type = "float", low = 1e-3, high = 3e-3, log = true }')
+    path.write_text(path.read_text().replace('dataset = "fashion-mnist"', 'dataset = "cifar10"'))
+    assert main(["study", str(path), "--budget", "smoke", "--storage", storage_url(tmp_path)]) == 2
+    assert "nothing to run at budget smoke: skipped the study: dataset 'cifar10' is not available" in (
+        capsys.readouterr().err
+    )
+    # An FF-only setting is never run by the baseline, so the baseline is not "untuned" on it.
+    path = write_tpe_spec(tmp_path, 'plugins = ["temperature"]', untuned=["temperature"])
+    assert main(["study", str(path), "--budget", "smoke", "--storage", storage_url(tmp_path)]) == 2
+    assert "baseline.untuned[0] names 'temperature', which only FF uses" in capsys.readouterr().err
+
+
 def test_a_search_samples_only_the_levels_its_budget_plans(tmp_path):
     path = write_tpe_spec(tmp_path, 'lr = { type = "float", low = 1e-3, high = 3e-3, log = true }')
     text = path.read_text().replace('temperature = ["constant"]', 'temperature = ["constant", "cosine", "linear"]')
@@ -853,6 +873,26 @@ def test_a_study_runs_from_a_thread_other_than_the_main_one(tmp_path):
     thread.start()
     thread.join()
     assert codes == [0]
+
+
+OWN_RECIPE = """
+question = "How far is this recipe from BP?"
+[base]
+dataset = "fashion-mnist"
+temperature = "cosine"
+"temperature.start" = 3.0
+[axes]
+norm = ["none", "decoupled"]
+"""
+
+
+def test_a_recipe_replaces_the_specs_own_recipe_settings(tmp_path):
+    # The winner ran the default temperature (constant, so its recipe has no temperature key): the spec's own
+    # cosine, with its start, stayed in the base and ran instead.
+    plan = specs.load(str(write_spec(tmp_path, OWN_RECIPE))).plan("smoke")
+    laid = plan.with_recipe({"fusion": "last"}, "source-smoke")
+    assert "temperature" not in laid.base and "temperature.start" not in laid.base
+    assert laid.base["fusion"] == "last" and laid.base["dataset"] == "fashion-mnist"
 
 
 def test_a_recipe_comes_only_from_a_finished_study_of_that_name(tmp_path):
