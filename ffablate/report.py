@@ -147,8 +147,8 @@ def _heatmap(summary: results.Summary, out: Path) -> tuple[str, str] | None:
         i, j = yv.index(r.overrides[ya]), xv.index(r.overrides[xa])
         grid[i][j] = r.accuracy.mean * 100
         text[i][j] = fmt(r.accuracy).replace(" ± ", "\n±")
-        if r.base is not None:
-            text[i][j] += f"\nΔBP {r.gap.mean * 100:+.1f}"
+        if r.base is not None:  # a gap with its interval, as everywhere else (the seed counts are in the title)
+            text[i][j] += f"\nΔBP {fmt(r.gap, signed=True)}"
     fig, ax = plt.subplots(figsize=(1.6 * len(xv) + 2, 1.0 * len(yv) + 1.8))
     image = ax.imshow(grid, cmap="viridis", aspect="auto")
     ax.set_xticks(range(len(xv)), [str(v) for v in xv], rotation=30, ha="right")
@@ -157,10 +157,15 @@ def _heatmap(summary: results.Summary, out: Path) -> tuple[str, str] | None:
     ax.set_ylabel(ya)
     for i in range(len(yv)):
         for j in range(len(xv)):
-            ax.text(j, i, text[i][j], ha="center", va="center", color="white", fontsize=8)
+            # Dark text on the bright end of viridis, white on the dark end.
+            bright = math.isfinite(grid[i][j]) and image.norm(grid[i][j]) > 0.6
+            ax.text(j, i, text[i][j], ha="center", va="center", color="black" if bright else "white", fontsize=8)
     fig.colorbar(image, ax=ax, label="FF test accuracy %")
+    seeds = sorted({(r.n, r.baseline_n) for r in cells if r.base is not None})
+    counts = ", ".join(f"n={a} vs {b}" for a, b in seeds)
     ax.set_title(f"{summary.name}: FF accuracy{_heatmap_baselines(cells)}", fontsize=9)
-    return _save(fig, out, "heatmap.png"), f"{ya} × {xa} heatmap of FF test accuracy, ΔBP: gap to its matched baseline"
+    caption = f"{ya} × {xa} heatmap of FF test accuracy ± 95% CI; ΔBP: gap to its matched baseline ± 95% CI"
+    return _save(fig, out, "heatmap.png"), caption + (f" ({counts} seeds)" if counts else "")
 
 
 def _heatmap_baselines(cells: list[results.Row]) -> str:
@@ -209,6 +214,8 @@ def _k_sweep(summary: results.Summary, out: Path) -> tuple[str, str] | None:
         ax.plot([], [], "o", color="grey", mfc="none", label=NO_CI)
     ax.axhline(0, color="grey", lw=0.8)
     ax.set_xscale("log")
+    ks = sorted({k for points in series.values() for k, _ in points})
+    ax.set_xticks(ks, [str(k) for k in ks])  # the log axis alone labels only 10 and 100
     ax.set_xlabel("number of classes K")
     ax.set_ylabel(f"FF − {summary.baseline_method} test accuracy (pp, 95% CI)")
     ax.set_title("FF–BP gap against K: synthetic vs real")
@@ -259,10 +266,10 @@ def _bp_gap_bars(summary: results.Summary, out: Path) -> tuple[str, str] | None:
     hollow = _bars(ax, list(range(len(rows))), [r.gap for r in rows], width=0.8, color="tab:blue", label="FF − BP")
     ax.set_xticks(range(len(rows)), [summary.dataset_of(r) for r in rows], rotation=20)
     ax.axhline(0, color="grey", lw=0.8)
-    ax.set_ylabel(f"FF − {summary.baseline_method} (pp, 95% CI)")
+    ax.set_ylabel(f"FF − {summary.baseline_method} test accuracy (pp, 95% CI)")
     if hollow:
         ax.legend(fontsize=8)
-    return _save(fig, out, "bp_gap.png"), "FF−BP gap per dataset" + (f" ({NO_CI})" if hollow else "")
+    return _save(fig, out, "bp_gap.png"), "FF−BP test-accuracy gap per dataset" + (f" ({NO_CI})" if hollow else "")
 
 
 def _bars(
@@ -310,9 +317,12 @@ def _learning_curves(summary: results.Summary, out: Path) -> tuple[str, str] | N
     )
     ax.set_ylabel(f"{split} accuracy % (mean over seeds)")
     ax.set_title("learning curves (dashed: BP baseline)")
+    caption = f"per-epoch {split} accuracy"
     if len(rows) <= 12:
         ax.legend(fontsize=6)
-    return _save(fig, out, "learning_curves.png"), f"per-epoch {split} accuracy"
+    else:  # a legend of more would cover the curves
+        caption += f" of {min(len(rows), 24)} rows, without a legend (the table has each row's numbers)"
+    return _save(fig, out, "learning_curves.png"), caption
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -371,8 +381,8 @@ def _importance(study: optuna.Study, summary: results.Summary, out: Path, plots:
     fig, ax = plt.subplots(figsize=(6, 0.45 * len(importances) + 1.5))
     names = list(importances)[::-1]
     ax.barh(names, [importances[n] for n in names])
-    ax.set_xlabel(f"importance ({name.split(' ')[0]})")
-    plots.append((_save(fig, out, "importance.png"), "parameter importance"))
+    ax.set_xlabel(f"importance for {summary.ranking_split} accuracy ({name.split(' ')[0]})")
+    plots.append((_save(fig, out, "importance.png"), f"parameter importance for {summary.ranking_split} accuracy"))
     listing = ", ".join(f"{k} {v:.2f}" for k, v in importances.items())
     metric = summary.ranking_split
     note = f"Evaluator: {name}, over the completed FF trials' values ({metric} accuracy). Importances: {listing}."

@@ -571,7 +571,7 @@ def test_bp_gap_counts_only_gaps_whose_interval_excludes_zero(tmp_path, url, fig
     assert "fashion-mnist -5.0 ± 3.5 pp, n=3 vs 3" in answer
     assert "digits +1.2 pp from one seed each: no interval" in answer
     text = write_report(study, tmp_path / "out").read_text()
-    assert "![FF−BP gap per dataset (hollow: n=1, no CI)](bp_gap.png)" in text
+    assert "![FF−BP test-accuracy gap per dataset (hollow: n=1, no CI)](bp_gap.png)" in text
     (ax,) = figures["bp_gap.png"].axes
     fills = [bar.get_fill() for bar in ax.patches]
     assert sorted(fills) == [False, True, True]  # digits' bar is hollow
@@ -670,12 +670,15 @@ def test_the_heatmap_shows_each_cells_gap_to_its_own_baseline_not_the_first_base
     assert "2 BP baselines, 21.3–32.0%" in title and "its own" in title
     assert "BP bp-deepsup norm=none" not in title and "BP bp-deepsup:" not in title
     cells = {text.get_text() for text in ax.texts}
-    assert {"15.0\n±–\nΔBP -6.3", "34.7\n±–\nΔBP +2.7", "18.0\n±–\nΔBP -3.3", "35.7\n±–\nΔBP +3.7"} <= cells
+    # Each gap with its interval ("± –": one seed a side), as everywhere else; it was a bare "ΔBP -6.3".
+    assert {"15.0\n±–\nΔBP -6.3 ± –", "34.7\n±–\nΔBP +2.7 ± –", "35.7\n±–\nΔBP +3.7 ± –"} <= cells
     # One baseline for every cell: the title names it, as before.
     figures.clear()
     write_report(_temperature_by_norm(url.replace("r.db", "one.db"), ff, {"": 0.213}), tmp_path / "one")
     ax = figures["heatmap.png"].axes[0]
-    assert "(BP bp-deepsup: 21.3 ± –%" in ax.get_title() and "35.7\n±–\nΔBP +14.4" in {t.get_text() for t in ax.texts}
+    assert "(BP bp-deepsup: 21.3 ± –%" in ax.get_title() and "35.7\n±–\nΔBP +14.4 ± –" in {
+        t.get_text() for t in ax.texts
+    }
 
 
 def test_best_minus_worst_and_the_leading_axis_are_measured_on_the_split_that_ranks(tmp_path, url):
