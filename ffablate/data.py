@@ -33,6 +33,7 @@ from ffablate.errors import (
     FFablateError,
     FFablateWarning,
     described,
+    first_line,
 )
 
 
@@ -480,7 +481,7 @@ def checked_dataset(ds: object, label: str) -> ImageDataset:
         raise ConfigError(f"{label} returned {what}; fix the plugin (see ffablate_register_datasets in hookspecs.py)")
 
     if not isinstance(ds, ImageDataset):
-        return refuse(f"a {type(ds).__name__}, not an ffablate.data.ImageDataset")
+        return refuse(f"{described(ds)}, not an ffablate.data.ImageDataset")
     for split in ("train", "test"):
         x, y = getattr(ds, f"{split}_x"), getattr(ds, f"{split}_y")
         if not isinstance(x, Tensor) or x.dtype != torch.uint8 or x.dim() != 4:
@@ -535,7 +536,7 @@ def _located(plugin: Any, roots: list[Path]) -> tuple[str, bool | None]:
     except Exception as exc:
         if isinstance(exc, FFablateError) and plugin.source == "ffablate":
             raise  # the user's to fix, and the built-in locators say how (a data root that is a file)
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        reason = first_line(exc)
         warnings.warn(f"{plugin.label}: its locate() failed ({reason}); fix the plugin", FFablateWarning, stacklevel=3)
         return f"unknown (its locator failed: {reason})", None
     return (str(found), True) if found else (hint, False)

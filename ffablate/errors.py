@@ -38,3 +38,9 @@ def described(value: object) -> str:
         return f"a {value.dtype} tensor of shape {tuple(value.shape)}"
     name = type(value).__name__
     return f"{'an' if name[0] in 'aeiou' else 'a'} {name}"
+
+
+def first_line(exc: BaseException) -> str:
+    """``TypeError: its message's first line``: an exception on one line, for a message of ours."""
+    lines = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__

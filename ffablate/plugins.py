@@ -18,7 +18,7 @@ import pluggy
 
 from ffablate import hookspecs
 from ffablate.config import SPACE_KEYS, RunConfig
-from ffablate.errors import ConfigError, DataError, FFablateError, FFablateWarning, UnknownPlugin
+from ffablate.errors import ConfigError, DataError, FFablateError, FFablateWarning, UnknownPlugin, first_line
 
 KINDS = ("goodness", "temperature", "norm", "loss", "negatives", "fusion", "datasets")
 BUILTIN_MODULES = [f"ffablate.builtin.{kind}" for kind in KINDS]
@@ -58,11 +58,11 @@ class Plugin:
                 # Most likely the files (unreadable, truncated, corrupt), and the same for every run on them: a
                 # DataError stops a study, which retries the trial once they are fixed, instead of failing each one.
                 raise DataError(
-                    f"{self.label} could not load its data: {_first_line(exc)}; check the files under --data-root "
+                    f"{self.label} could not load its data: {first_line(exc)}; check the files under --data-root "
                     "(or the plugin)"
                 ) from exc
             raise ConfigError(
-                f"{self.label} failed to build: {_first_line(exc)}; fix the plugin or choose another {self.kind} plugin"
+                f"{self.label} failed to build: {first_line(exc)}; fix the plugin or choose another {self.kind} plugin"
             ) from exc
 
     def checked_params(self, params: dict[str, Any] | None) -> dict[str, Any]:
@@ -164,7 +164,7 @@ class Registry:
             raise
         except Exception as exc:  # the plugin's own code: name it instead of a traceback through ffablate
             raise ConfigError(
-                f"{_where(impl.plugin)} fails in its hook {impl.function.__name__}: {_first_line(exc)}; "
+                f"{_where(impl.plugin)} fails in its hook {impl.function.__name__}: {first_line(exc)}; "
                 "fix the plugin or uninstall its package"
             ) from exc
 
@@ -376,7 +376,7 @@ def _env_plugin_modules() -> list[types.ModuleType]:
             modules.append(importlib.import_module(name))
         except Exception as exc:
             raise ConfigError(
-                f"FFABLATE_PLUGINS names {name!r}, which fails to import: {_first_line(exc)}; put the directory "
+                f"FFABLATE_PLUGINS names {name!r}, which fails to import: {first_line(exc)}; put the directory "
                 "that holds it on PYTHONPATH, or fix it"
             ) from None
     return modules
@@ -398,7 +398,7 @@ def _hook_mistake(exc: pluggy.PluginValidationError) -> str:
         args = list(inspect.signature(hook).parameters)
         if set(args) - {"register"}:
             return f"defines {attr}({', '.join(args)}): its argument must be named `register`, as in {attr}(register)"
-    return f"has an invalid hook: {_first_line(exc)}; see ffablate/hookspecs.py"
+    return f"has an invalid hook: {first_line(exc)}; see ffablate/hookspecs.py"
 
 
 _warned_empty: set[str] = set()
@@ -441,14 +441,9 @@ def _broken_entry_point(exc: Exception) -> str:
             package = ep.dist.name if ep.dist is not None else ep.value
             return (
                 f"the installed ffablate plugin {ep.name!r} ({ep.value}, package {package}) fails to import: "
-                f"{_first_line(ep_exc)}; fix its installation or `pip uninstall {package}`"
+                f"{first_line(ep_exc)}; fix its installation or `pip uninstall {package}`"
             )
-    return f"loading the installed ffablate plugins failed: {_first_line(exc)}; reinstall or uninstall the plugin"
-
-
-def _first_line(exc: BaseException) -> str:
-    lines = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
+    return f"loading the installed ffablate plugins failed: {first_line(exc)}; reinstall or uninstall the plugin"
 
 
 _extra: list[object] = []

@@ -147,7 +147,7 @@ def _heatmap(summary: results.Summary, out: Path) -> tuple[str, str] | None:
         i, j = yv.index(r.overrides[ya]), xv.index(r.overrides[xa])
         grid[i][j] = r.accuracy.mean * 100
         text[i][j] = fmt(r.accuracy).replace(" ± ", "\n±")
-        if r.base is not None:  # a gap with its interval, as everywhere else (the seed counts are in the title)
+        if r.base is not None:  # a gap with its interval, as everywhere else (the seed counts are in the caption)
             text[i][j] += f"\nΔBP {fmt(r.gap, signed=True)}"
     fig, ax = plt.subplots(figsize=(1.6 * len(xv) + 2, 1.0 * len(yv) + 1.8))
     image = ax.imshow(grid, cmap="viridis", aspect="auto")
