@@ -19,6 +19,9 @@ from typing import IO, Any
 import ffablate
 
 PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+# Held back while the workers are forked: a handler that ran then would raise its KeyboardInterrupt inside an
+# at-fork hook (logging's), where Python prints and drops it, and the study would go on after a SIGTERM.
+HELD_SIGNALS = {signal.SIGINT, signal.SIGTERM}
 
 
 def shares(total: int | None, workers: int) -> list[int | None]:
@@ -33,6 +36,7 @@ def _as_a_worker() -> None:
     the worker deaf to ``stop``; on Linux the worker is also interrupted when this process dies, even killed
     outright, so no worker goes on alone."""
     signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, HELD_SIGNALS)  # the mask passes through fork and exec
     if sys.platform == "linux":
         ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, int(signal.SIGINT))
 
@@ -50,12 +54,18 @@ class Workers:
         root = Path(ffablate.__file__).resolve().parent.parent
         if root.name not in ("site-packages", "dist-packages"):  # a source tree: the workers import this very one
             env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(root), env.get("PYTHONPATH")]))
-        for argv in self.argvs:
-            log = tempfile.TemporaryFile()  # noqa: SIM115 (open until the worker is waited for)
-            extra = [] if deadline is None else ["--deadline", repr(deadline)]
-            command = [sys.executable, "-m", "ffablate.cli", *argv, *extra]
-            proc = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=log, preexec_fn=_as_a_worker)
-            self.procs.append((proc, log))
+        held = signal.pthread_sigmask(signal.SIG_BLOCK, HELD_SIGNALS)
+        try:
+            for argv in self.argvs:
+                log = tempfile.TemporaryFile()  # noqa: SIM115 (open until the worker is waited for)
+                extra = [] if deadline is None else ["--deadline", repr(deadline)]
+                command = [sys.executable, "-m", "ffablate.cli", *argv, *extra]
+                proc = subprocess.Popen(
+                    command, env=env, stdout=subprocess.DEVNULL, stderr=log, preexec_fn=_as_a_worker
+                )
+                self.procs.append((proc, log))
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, held)  # a signal that came meanwhile is handled here
 
     def running(self) -> int:
         return sum(proc.poll() is None for proc, _ in self.procs)

@@ -6,6 +6,7 @@ import json
 import math
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -1127,6 +1128,39 @@ def test_workers_stop_with_the_process_that_started_them(tmp_path):
     assert not alive
     states = {t.state for t in trials_of(url, "tiny-smoke")}
     assert TrialState.RUNNING not in states  # each trial in flight was stored as failed, for a rerun to retry
+
+
+def test_a_signal_while_the_workers_fork_is_not_lost():
+    # The flaky failure of the test above (rc 0): the SIGTERM's KeyboardInterrupt was raised inside logging's
+    # at-fork hook, which Python prints as "Exception ignored" and drops, and the study ran on to its end.
+    from ffablate import workers
+
+    fire: list[bool] = []
+    os.register_at_fork(after_in_parent=lambda: fire and os.kill(os.getpid(), signal.SIGTERM))
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    helpers = workers.Workers([["plugins"]], threads=1)
+    try:
+        fire.append(True)
+        with pytest.raises(KeyboardInterrupt):
+            helpers.start()
+        fire.clear()
+        assert len(helpers.procs) == 1  # started, so the CLI's finally can stop it
+    finally:
+        fire.clear()
+        signal.signal(signal.SIGTERM, previous)
+        helpers.stop()
+    # The worker itself must not inherit the held signals: it could not be interrupted.
+    probe = (
+        "import signal; from ffablate import workers; signal.pthread_sigmask(signal.SIG_BLOCK, workers.HELD_SIGNALS);"
+        " workers._as_a_worker(); print(sorted(signal.pthread_sigmask(signal.SIG_BLOCK, [])))"
+    )
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    out = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
 
 
 def test_a_terminated_study_stores_why_its_trial_stopped(tmp_path):
