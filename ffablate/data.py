@@ -442,7 +442,7 @@ def load_dataset(
 ) -> ImageDataset:
     """Resolve ``name`` through the dataset plugins, then apply the options every dataset has.
 
-    ``classes=K`` keeps the first K classes (relabelled 0..K-1); for a dataset that makes its own classes
+    ``classes=K`` keeps the first K classes (their labels are already 0..K-1); for a dataset that makes its own classes
     (a factory with a ``k`` parameter, e.g. teacher-student) it is passed as ``k`` instead (a different ``k``
     in ``params`` is a ConfigError).
     ``labels="coarse"`` swaps in the dataset's label hierarchy (applied before ``classes``).
