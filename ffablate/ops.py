@@ -10,7 +10,8 @@ everything the three FF paths need in one pass over ``h``:
 
 Statistics are float32 for fp16/bf16 input (accumulated in fp32) and h's dtype otherwise.
 
-``max_pool2x2(x, relu)`` is ``F.max_pool2d(F.relu(x) if relu else x, 2)`` with a fused CPU kernel, bit for bit.
+``max_pool2x2(x, relu)`` is ``F.max_pool2d(F.relu(x) if relu else x, 2)`` with fused CPU and CUDA kernels, bit for
+bit.
 
 Backend: ``FFABLATE_KERNELS=fused|reference``. The default is the compiled ``ffablate._C`` op when it
 was built; without it the reference is used and one warning says so. Inputs the kernels do not cover
@@ -49,6 +50,7 @@ except ImportError as exc:  # pragma: no cover - exercised only without a build
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 _CPU_DTYPES = (torch.float32, torch.float64)
 _CUDA_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_CUDA_POOL_DTYPES = (*_CUDA_DTYPES, torch.float64)
 _CUDA_SCHEDULES = ("ticket", "flagged", "two-pass")
 _warned = False
 _warned_no_cuda = False
@@ -188,22 +190,24 @@ def goodness_norm(h: Tensor, eps: float = 1e-6) -> tuple[Tensor, Tensor, Tensor,
     return reference_goodness_norm(h, eps)
 
 
+def _pool_supported(x: Tensor) -> bool:
+    if x.device.type == "cpu":
+        return x.dtype in _CPU_DTYPES
+    if x.device.type == "cuda":
+        return x.dtype in _CUDA_POOL_DTYPES and bool(getattr(_C, "WITH_CUDA", False))
+    return False
+
+
 def max_pool2x2(x: Tensor, relu: bool = False, inplace: bool = False) -> Tensor:
     """``F.max_pool2d(F.relu(x) if relu else x, 2)``: 2x2 windows, stride 2, odd edges dropped.
 
-    On the CPU (float32/float64, H and W >= 2) the fused backend runs ``ffablate::max_pool2x2``: one pass over x,
-    the ReLU folded in, and a one-byte argmax saved for the backward instead of ATen's eight-byte index and the
-    ReLU's output. Values and gradients are bitwise those of the unfused ops. Everything else runs the unfused
-    ops, where ``inplace`` lets the ReLU overwrite x (as ``nn.ReLU(inplace=True)`` does); the fused op never
-    writes x.
+    With the fused backend, on the CPU (float32/float64) and on CUDA (float32/float64/float16/bfloat16), for H and
+    W >= 2, it runs ``ffablate::max_pool2x2``: one pass over x, the ReLU folded in, and a one-byte argmax saved for
+    the backward instead of ATen's eight-byte index and the ReLU's output. Values and gradients are bitwise those
+    of the unfused ops on the same device. Everything else runs the unfused ops, where ``inplace`` lets the ReLU
+    overwrite x (as ``nn.ReLU(inplace=True)`` does); the fused op never writes x.
     """
-    if (
-        x.device.type == "cpu"
-        and x.dtype in _CPU_DTYPES
-        and x.dim() == 4
-        and min(x.shape[2:]) >= 2
-        and backend() == "fused"
-    ):
+    if x.dim() == 4 and min(x.shape[2:]) >= 2 and _pool_supported(x) and backend() == "fused":
         return torch.ops.ffablate.max_pool2x2.default(x, relu)[0]
     return torch.nn.functional.max_pool2d(torch.nn.functional.relu(x, inplace=inplace) if relu else x, 2)
 

@@ -60,7 +60,7 @@ build() {  # DIR [NVCC flags]
     cd "$1" && FFABLATE_BUILD=cuda MAX_JOBS=8 NVCC_APPEND_FLAGS="${2:-}" "$PY" setup.py build_ext --inplace
 }
 tests() {  # DIR: the CUDA tests, and the machine-code checks where the build is the default one
-    cd "$1" && PYTHONPATH="$1" "$PY" -m pytest tests/test_ops.py tests/test_data.py -m cuda -q -rs -p no:cacheprovider
+    cd "$1" && PYTHONPATH="$1" "$PY" -m pytest tests/test_ops.py tests/test_pool.py tests/test_data.py -m cuda -q -rs -p no:cacheprovider
     local rc=$?
     if [[ "$1" == "$A" ]]; then
         PYTHONPATH="$1" "$PY" -m pytest tests/test_cuda_machine_code.py -q -p no:cacheprovider || rc=1

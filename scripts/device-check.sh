@@ -79,7 +79,7 @@ run_section build 150 env FFABLATE_BUILD=cuda TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_
 
 # The CUDA-marked tests (every schedule, and since session 7 two tiny fused-vs-reference training runs), then the
 # static machine-code checks on the kernels just built for this GPU.
-run_section tests 150 bash -c "'$PY' -m pytest tests/test_ops.py tests/test_data.py -m cuda -q -rs -p no:cacheprovider;
+run_section tests 150 bash -c "'$PY' -m pytest tests/test_ops.py tests/test_pool.py tests/test_data.py -m cuda -q -rs -p no:cacheprovider;
     rc=\$?; '$PY' -m pytest tests/test_cuda_machine_code.py -q -rs -p no:cacheprovider || rc=1; exit \$rc"
 
 

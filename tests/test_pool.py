@@ -3,6 +3,7 @@ included."""
 
 from __future__ import annotations
 
+import itertools
 import random
 
 import pytest
@@ -12,6 +13,9 @@ import torch.nn.functional as F
 from ffablate import ops
 from ffablate.bench import pool_bench, render_pool_table
 from ffablate.model import ReLUMaxPool2x2, conv_block
+
+HAS_CUDA = ops.extension_available() and bool(getattr(ops._C, "WITH_CUDA", False)) and torch.cuda.is_available()
+cuda_only = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device and a CUDA build of ffablate._C")
 
 
 @pytest.fixture(autouse=True)
@@ -30,18 +34,20 @@ def _shapes(seed: int, count: int) -> list[tuple[int, int, int, int]]:
     return shapes
 
 
-def _input(shape: tuple[int, ...], dtype: torch.dtype, seed: int) -> torch.Tensor:
-    """Noise rounded to a coarse grid: many exact ties, negative, zero (both signs) and positive."""
+def _input(shape: tuple[int, ...], dtype: torch.dtype, seed: int, device: str = "cpu") -> torch.Tensor:
+    """Noise rounded to a coarse grid: many exact ties, negative, zero (both signs) and positive; small integers,
+    so exact in every dtype."""
     gen = torch.Generator().manual_seed(seed)
-    return (torch.randn(shape, generator=gen, dtype=dtype) * 2).round()
+    return (torch.randn(shape, generator=gen, dtype=torch.float64) * 2).round().to(device=device, dtype=dtype)
 
 
 def _assert_same_as_aten(x: torch.Tensor, seed: int, relu: bool) -> None:
+    """ops.max_pool2x2 against ATen's ops on x's device: values and input gradients, bit for bit."""
     gen = torch.Generator().manual_seed(seed)
     a = x.detach().clone().requires_grad_()
     b = x.detach().clone().requires_grad_()
     out_a, out_b = ops.max_pool2x2(a, relu=relu), F.max_pool2d(F.relu(b) if relu else b, 2)
-    grad = torch.randn(out_b.shape, generator=gen, dtype=x.dtype)
+    grad = torch.randn(out_b.shape, generator=gen, dtype=torch.float64).to(x)
     if grad.numel():
         grad.view(-1)[0] = -0.0  # ATen adds into zeros, turning -0 into +0: so must we
     out_a.backward(grad)
@@ -227,3 +233,135 @@ def test_pool_bench_quick() -> None:
     assert len(rows) == 1 and rows[0]["bitwise_equal"] and rows[0]["backend"] == "fused"
     assert rows[0]["aten_ms"] > 0 and rows[0]["fused_ms"] > 0
     assert render_pool_table(rows).row_count == 1
+
+
+def _saved_bytes(fn, x: torch.Tensor) -> int:  # noqa: ANN001
+    """Bytes of the tensors autograd saves for ``fn(x)``'s backward, counting each storage once."""
+    storages: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn(x)
+    return sum(storages.values())
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[pytest.mark.cuda, cuda_only])])
+def test_backward_keeps_one_byte_per_output(device: str) -> None:
+    """What the fused op saves for its backward: the argmax byte alone, where ATen's ReLU and pool keep the ReLU's
+    output (4 bytes per input element in fp32) and int64 indices (8 bytes per output)."""
+    x = torch.randn(4, 8, 16, 16, device=device, requires_grad=True)
+    fused = _saved_bytes(lambda t: ops.max_pool2x2(t, relu=True), x)
+    unfused = _saved_bytes(lambda t: F.max_pool2d(F.relu(t), 2), x)
+    outputs = 4 * 8 * 8 * 8
+    assert fused == outputs
+    assert unfused == x.numel() * 4 + outputs * 8
+
+
+# ----------------------------------------------------------------------------------------------- CUDA
+
+CUDA_DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
+
+
+@pytest.mark.cuda
+@cuda_only
+@pytest.mark.parametrize("relu", [False, True])
+@pytest.mark.parametrize("dtype", CUDA_DTYPES)
+def test_cuda_matches_aten_bit_for_bit(dtype: torch.dtype, relu: bool) -> None:
+    # Beyond the small random shapes: a real block's map, odd edges, and a long plane of odd width.
+    extra = [(8, 64, 56, 56), (3, 5, 29, 31), (1, 1, 2, 2_000_001)]
+    for i, shape in enumerate(_shapes(seed=4, count=30) + extra):
+        _assert_same_as_aten(_input(shape, dtype, i, "cuda"), seed=i, relu=relu)
+        _assert_same_as_aten(_input(shape, dtype, i, "cuda").relu(), seed=i, relu=relu)
+
+
+@pytest.mark.cuda
+@cuda_only
+@pytest.mark.parametrize("relu", [False, True])
+@pytest.mark.parametrize("dtype", CUDA_DTYPES)
+def test_cuda_nan_inf_signed_zero_and_layouts(dtype: torch.dtype, relu: bool) -> None:
+    x = _input((2, 3, 10, 11), dtype, 0, "cuda")
+    flat = x.view(-1)
+    flat[::7] = float("nan")
+    flat[3::11] = float("inf")
+    flat[5::13] = float("-inf")
+    flat[1::5] = -0.0
+    _assert_same_as_aten(x, seed=1, relu=relu)
+    for fill in (float("-inf"), -0.0, float("nan")):
+        _assert_same_as_aten(torch.full((1, 2, 4, 6), fill, dtype=dtype, device="cuda"), seed=2, relu=relu)
+    base = _input((2, 4, 12, 10), dtype, 5, "cuda")
+    for view in (base.transpose(2, 3), base.to(memory_format=torch.channels_last), base[:, ::2]):
+        _assert_same_as_aten(view, seed=6, relu=relu)
+
+
+@pytest.mark.cuda
+@cuda_only
+def test_cuda_backward_keeps_any_argmax_byte_inside_its_window() -> None:
+    for size, byte in itertools.product((4, 7), (8, 251, 0x0B, 0x0C)):
+        g = torch.arange(1.0, 1 + 2 * (size // 2) ** 2, device="cuda").reshape(1, 2, size // 2, size // 2)
+        a = torch.full(g.shape, byte, dtype=torch.uint8, device="cuda")
+        dx = torch.ops.ffablate.max_pool2x2_backward.default(g, a, size, size)
+        assert dx.shape == (1, 2, size, size)
+        assert dx.sum() == (0 if byte & 4 else g.sum())
+
+
+@pytest.mark.cuda
+@cuda_only
+def test_cuda_opcheck_compile_and_block() -> None:
+    gen = torch.Generator().manual_seed(0)
+    values = (torch.randperm(2 * 3 * 5 * 6, generator=gen, dtype=torch.float64) - 89.5) * 0.25
+    x = values.reshape(2, 3, 5, 6).cuda().requires_grad_()
+    assert torch.autograd.gradcheck(lambda t: ops.max_pool2x2(t, relu=True), (x,))
+    for relu, dtype in itertools.product((False, True), (torch.float32, torch.bfloat16)):
+        torch.library.opcheck(torch.ops.ffablate.max_pool2x2.default, (x.detach().to(dtype).requires_grad_(), relu))
+    out, arg = torch.ops.ffablate.max_pool2x2.default(x.detach())
+    torch.library.opcheck(torch.ops.ffablate.max_pool2x2_backward.default, (torch.randn_like(out), arg, 5, 6))
+    compiled = torch.compile(lambda t: ops.max_pool2x2(t, relu=True).square().sum(), fullgraph=True)
+    xf = x.detach().float().requires_grad_()
+    (g_c,) = torch.autograd.grad(compiled(xf), xf)
+    (g_e,) = torch.autograd.grad(F.max_pool2d(F.relu(xf), 2).square().sum(), xf)
+    assert torch.equal(g_c, g_e)
+    # A downsampling block under bf16 autocast, as FF trains on a GPU: the same numbers as conv, ReLU, pool.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        block = conv_block(3, 8, stride=2).cuda()
+    unfused = torch.nn.Sequential(block[0], torch.nn.ReLU(inplace=True), torch.nn.MaxPool2d(2))
+    xb = torch.randn(4, 3, 14, 14, generator=gen).cuda()
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        got, want = block(xb), unfused(xb)
+        grads = [torch.autograd.grad(m(xb).float().square().sum(), list(block.parameters())) for m in (block, unfused)]
+    assert got.dtype == torch.bfloat16 and torch.equal(got, want)
+    for g, w in zip(*grads, strict=True):
+        assert torch.equal(g, w)
+
+
+CUDA_BAD = [
+    (
+        lambda: torch.ops.ffablate.max_pool2x2.default(torch.ones(1, 1, 4, 4, dtype=torch.int32, device="cuda")),
+        "float16",
+    ),
+    (lambda: torch.ops.ffablate.max_pool2x2.default(torch.randn(1, 1, 4, 1, device="cuda")), "at least 2"),
+    (lambda: torch.ops.ffablate.max_pool2x2.default(torch.randn(4, 4, device="cuda")), "4-D"),
+    (
+        lambda: torch.ops.ffablate.max_pool2x2_backward.default(
+            torch.randn(1, 1, 2, 2, device="cuda"), torch.zeros(1, 1, 2, 2, dtype=torch.uint8), 4, 4
+        ),
+        "CUDA kernel got tensors on",
+    ),
+    (
+        lambda: torch.ops.ffablate.max_pool2x2_backward.default(
+            torch.randn(1, 1, 2, 2, device="cuda"), torch.zeros(1, 1, 2, 3, dtype=torch.uint8, device="cuda"), 4, 4
+        ),
+        "argmax has shape",
+    ),
+]
+
+
+@pytest.mark.cuda
+@cuda_only
+@pytest.mark.parametrize(("call", "msg"), CUDA_BAD)
+def test_cuda_bad_inputs_raise(call, msg: str) -> None:  # noqa: ANN001
+    with pytest.raises(RuntimeError, match=msg):
+        call()
