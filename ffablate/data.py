@@ -19,7 +19,7 @@ import zlib
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -35,6 +35,9 @@ from ffablate.errors import (
     described,
     first_line,
 )
+
+if TYPE_CHECKING:  # the registry imports the built-in plugins, which import this module
+    from ffablate.plugins import Plugin
 
 
 class MalformedFile(DataError):
@@ -455,12 +458,8 @@ def load_dataset(
     if classes < 0:
         raise ConfigError(f"classes={classes}: give a positive number of classes (0 keeps them all)")
     plugin = _dataset_plugin(name)
-    params = plugin.typed_params(dict(params or {}))  # text from a spec or --set, read before k is compared
+    params = dataset_params(plugin, params, classes)
     makes_own_classes = "k" in plugin.params
-    if makes_own_classes and classes:
-        k = params.setdefault("k", classes)
-        if k != classes:
-            raise ConfigError(f"classes={classes} contradicts {name}'s k={k} (datasets.k): set only one of them")
     roots = [default_data_root(data_root)]
     ds = checked_dataset(plugin.create(params, roots=roots, download=download), plugin.label)
     if labels == "coarse":
@@ -469,6 +468,17 @@ def load_dataset(
         ds = first_classes(ds, classes)
     ds = hold_out_validation(ds, val_images)
     return limit_split(ds, "train", limit_train, seed)
+
+
+def dataset_params(plugin: Plugin, params: Mapping[str, Any] | None, classes: int) -> dict[str, Any]:
+    """The dataset plugin's parameters for a run: ``params`` read as their types, and ``classes=K`` passed as ``k``
+    to a dataset that makes its own classes (a different ``k`` is a ConfigError)."""
+    params = plugin.typed_params(dict(params or {}))  # text from a spec or --set, read before k is compared
+    if "k" in plugin.params and classes:
+        k = params.setdefault("k", classes)
+        if k != classes:
+            raise ConfigError(f"classes={classes} contradicts {plugin.name}'s k={k} (datasets.k): set only one of them")
+    return params
 
 
 def checked_dataset(ds: object, label: str) -> ImageDataset:

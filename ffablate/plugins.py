@@ -121,6 +121,12 @@ def typed_plugin_params(config: RunConfig, plugins: Registry) -> RunConfig:
     return dataclasses.replace(config, plugin_params=params)
 
 
+def used_params(config: RunConfig, plugins: Registry, kinds: tuple[str, ...]) -> dict[str, dict[str, Any]]:
+    """Every parameter of the run's ``kinds`` plugins, the defaults included: what a rerun needs, since a plugin's
+    default may change between versions while the run's config names only the values it set."""
+    return {kind: {**plugins.get(kind, config.plugin_of(kind)).params, **config.params_of(kind)} for kind in kinds}
+
+
 def _read_text(text: str, default: Any) -> Any:
     """``--set`` text for a parameter whose default is ``default``: a str default keeps it as given ("007", a
     folder named "2024_01"); a bool one reads true/false, yes/no, 1/0 as the run settings do; a float one a float;

@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +15,7 @@ import torch
 from ffablate import audit, plugins, study
 from ffablate.cli import main
 from ffablate.config import RunConfig
+from ffablate.train.ff import FF_KINDS
 from tests.conftest import tiny_args
 
 # Asking for CUDA is a mistake only where there is none; an unknown device is one everywhere.
@@ -195,6 +197,13 @@ def test_train_json_holds_the_promised_fields(capsys):
     # Which copy of the data it trained on (the tests' data root is empty: one of the offline packages).
     assert Path(result["data_source"]).is_dir()
     assert "history" not in result  # only studies score every epoch
+    # What a rerun needs beyond the config: every plugin parameter (defaults too), the code and the thread count.
+    assert result["plugin_params"]["temperature"] == {"t": 0.3} and "temperature.t" not in result["config"]
+    assert set(result["plugin_params"]) == {"datasets", "norm", *FF_KINDS}
+    assert result["cpu_threads"] == torch.get_num_threads()
+    root = Path(__file__).resolve().parent.parent
+    commit = result["versions"]["ffablate_commit"]
+    assert re.fullmatch(r"[0-9a-f]{40}(\+dirty)?", commit) if (root / ".git").exists() else commit == ""
 
 
 def test_bad_kernel_backend_is_a_one_line_error(capsys, monkeypatch):

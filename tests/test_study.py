@@ -25,7 +25,7 @@ from ffablate import spec as specs
 from ffablate import study as studies
 from ffablate.cli import main
 from ffablate.errors import FFablateError
-from ffablate.plugins import add_plugin, remove_plugin
+from ffablate.plugins import add_plugin, registry, remove_plugin
 from ffablate.stats import Estimate, contrast_ci, fmt, mean_ci, paired_ci, t_quantile, welch_ci
 
 TINY_BUDGET = """
@@ -88,8 +88,10 @@ def test_smoke_study_runs_every_grid_point_and_baseline_once(finished):
     roles = sorted(t.user_attrs["role"] for t in trials)
     assert roles == ["baseline"] * 2 + ["ff"] * 4
     t = trials[0]
-    for key in ("config", "seed", "metrics", "history", "kernel_backend", "versions"):
+    for key in ("config", "seed", "metrics", "history", "kernel_backend", "versions", "cpu_threads", "data_source"):
         assert key in t.user_attrs
+    norm = registry().get("norm", t.user_attrs["config"]["norm"])
+    assert t.user_attrs["plugin_params"]["norm"] == norm.params  # the defaults, which the config leaves out
     for key in (
         "test_accuracy",
         "per_layer_accuracy",

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from ffablate import ops
 from ffablate.config import FF_METHODS, RunConfig
+from ffablate.data import dataset_params
 from ffablate.errors import ConfigError
-from ffablate.plugins import Registry, registry, typed_plugin_params
+from ffablate.plugins import Registry, registry, typed_plugin_params, used_params
 from ffablate.train import common
 from ffablate.train.common import RunResult, TrainingDiverged
 
@@ -50,8 +51,19 @@ def run(
     plugins: Registry | None = None,
     data: common.RunData | None = None,
 ) -> RunResult:
+    from ffablate.train.ff import FF_KINDS
+
+    plugins = plugins or registry()
     trainer = build_trainer(config, data_root=data_root, download=download, plugins=plugins, data=data)
-    return trainer.fit(progress=progress, on_epoch=on_epoch)
+    result = trainer.fit(progress=progress, on_epoch=on_epoch)
+    config = trainer.config
+    result.plugin_params = used_params(config, plugins, ("norm", *(FF_KINDS if config.method in FF_METHODS else ())))
+    dataset = plugins.get("datasets", config.dataset)
+    result.plugin_params["datasets"] = {
+        **dataset.params,
+        **dataset_params(dataset, config.params_of("datasets"), config.classes),
+    }
+    return result
 
 
 def check_downsampling(config: RunConfig, in_shape: tuple[int, int, int]) -> None:

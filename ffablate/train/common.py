@@ -6,11 +6,13 @@ import math
 import platform
 import random
 import resource
+import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from functools import cache
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -43,6 +45,9 @@ class RunResult:
     versions: dict[str, str] = field(default_factory=dict)
     val_accuracy: float | None = None  # on the held-out training images, when the run has val_images
     data_source: str = ""  # where the dataset's bytes came from: a path, or how they were generated
+    # CPU results depend on it: one and two threads round the convolutions differently (docs/studies.md).
+    cpu_threads: int = 0
+    plugin_params: dict[str, dict[str, Any]] = field(default_factory=dict)  # every parameter, defaults included
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -271,10 +276,34 @@ class Stopwatch:
 def versions() -> dict[str, str]:
     return {
         "ffablate": __version__,
+        "ffablate_commit": source_revision(),
         "torch": torch.__version__,
         "python": platform.python_version(),
         "cuda": str(torch.version.cuda),
     }
+
+
+@cache
+def source_revision() -> str:
+    """The git commit of the ffablate source this process runs, with "+dirty" when tracked files differ from it;
+    "" for an installed copy (no checkout) or when git cannot say. The version number alone does not pin the
+    numerics: it stays the same across commits that change them."""
+    root = Path(__file__).resolve().parents[2]
+    if not (root / ".git").exists():
+        return ""
+    try:
+
+        def git(*args: str) -> str:
+            done = subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True, timeout=30)
+            if done.returncode:
+                raise OSError(done.stderr)
+            return done.stdout.strip()
+
+        head = git("rev-parse", "HEAD")
+        dirty = git("status", "--porcelain", "--untracked-files=no")
+    except (OSError, subprocess.SubprocessError):
+        return ""
+    return head + ("+dirty" if dirty else "")
 
 
 def finish(
@@ -303,4 +332,5 @@ def finish(
         kernel_backend=ops.backend(config.device),
         data_source=data.dataset.source,
         versions=versions(),
+        cpu_threads=torch.get_num_threads(),
     )
