@@ -18,7 +18,7 @@ import re
 import socket
 import time
 import warnings
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -803,6 +803,8 @@ def run_study(
         if plan.spec.sampler == "tpe":
             enqueue_baselines(study, plan)
         todo = remaining(study, plan)
+        if todo:
+            _note_other_devices(study, device, log)
         limit = todo if n_trials is None else min(n_trials, todo)
         if isinstance(study.sampler, ResumableGridSampler):
             # Points another live worker is running are its to finish: with none free, the sampler could only
@@ -833,6 +835,23 @@ def run_study(
                 raise stop.error from None
             study.set_user_attr(f"wall_seconds_{before}", time.perf_counter() - start)
     return StudyRun(study, plan, storage_url or DEFAULT_STORAGE, len(study.trials) - before, todo - limit)
+
+
+def _note_other_devices(study: optuna.Study, device: str, log: Callable[[str], None]) -> None:
+    """Say so when a resumed study's finished trials ran on another device: the fingerprint leaves the device out
+    (a study may move to a GPU), but CUDA trains under bf16 autocast, so the two devices' numbers differ."""
+    others = Counter(
+        t.user_attrs["config"].get("device")
+        for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+        if "config" in t.user_attrs
+    )
+    others.pop(device, None)
+    if others:
+        ran = " and ".join(f"{n} on {d}" for d, n in sorted(others.items(), key=lambda item: str(item[0])))
+        log(
+            f"note: finished trials of this study ran on another device ({ran}) than this run ({device}); CUDA "
+            "trains under bf16 autocast, so the devices' numbers differ"
+        )
 
 
 def _log_failure(trial: FrozenTrial, log: Callable[[str], None]) -> None:

@@ -1132,6 +1132,22 @@ def test_workers_stop_with_the_process_that_started_them(tmp_path):
     assert TrialState.RUNNING not in states  # each trial in flight was stored as failed, for a rerun to retry
 
 
+def test_a_resumed_study_notes_finished_trials_of_another_device():
+    study = optuna.create_study(direction="maximize")
+    for device in ("cuda", "cuda", "cpu"):
+        study.add_trial(create_trial(value=0.5, user_attrs={"config": {"device": device}}))
+    notes: list[str] = []
+    studies._note_other_devices(study, "cpu", notes.append)
+    assert notes == [
+        "note: finished trials of this study ran on another device (2 on cuda) than this run (cpu); CUDA trains "
+        "under bf16 autocast, so the devices' numbers differ"
+    ]
+    notes.clear()
+    study.add_trial(create_trial(value=0.5, user_attrs={"config": {"device": "cuda"}}))
+    studies._note_other_devices(study, "cuda", notes.append)
+    assert notes == [notes[0]] and "(1 on cpu)" in notes[0]
+
+
 def test_a_signal_while_the_workers_fork_is_not_lost():
     # The flaky failure of the test above (rc 0): the SIGTERM's KeyboardInterrupt was raised inside logging's
     # at-fork hook, which Python prints as "Exception ignored" and drops, and the study ran on to its end.
