@@ -13,15 +13,18 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
 
 import ffablate
 
 PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
-# Held back while the workers are forked: a handler that ran then would raise its KeyboardInterrupt inside an
+# Deferred while the workers are forked: a handler that raised then would raise its KeyboardInterrupt inside an
 # at-fork hook (logging's), where Python prints and drops it, and the study would go on after a SIGTERM.
-HELD_SIGNALS = {signal.SIGINT, signal.SIGTERM}
+DEFERRED_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
 def shares(total: int | None, workers: int) -> list[int | None]:
@@ -36,9 +39,30 @@ def _as_a_worker() -> None:
     the worker deaf to ``stop``; on Linux the worker is also interrupted when this process dies, even killed
     outright, so no worker goes on alone."""
     signal.signal(signal.SIGINT, signal.SIG_DFL)
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, HELD_SIGNALS)  # the mask passes through fork and exec
     if sys.platform == "linux":
         ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, int(signal.SIGINT))
+
+
+@contextmanager
+def _signals_deferred() -> Iterator[None]:
+    """Within: SIGINT and SIGTERM are only noted; on leaving, the first noted one is raised again for the handlers
+    that were in place. (Blocking them would not do: another thread can take a process-directed signal, and Python
+    then runs the handler in the main thread all the same.) Outside the main thread, where Python sets no handler,
+    nothing changes."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    noted: list[int] = []
+    previous = {
+        signum: signal.signal(signum, lambda signum, frame: noted.append(signum)) for signum in DEFERRED_SIGNALS
+    }
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        if noted:
+            signal.raise_signal(noted[0])
 
 
 class Workers:
@@ -54,8 +78,7 @@ class Workers:
         root = Path(ffablate.__file__).resolve().parent.parent
         if root.name not in ("site-packages", "dist-packages"):  # a source tree: the workers import this very one
             env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(root), env.get("PYTHONPATH")]))
-        held = signal.pthread_sigmask(signal.SIG_BLOCK, HELD_SIGNALS)
-        try:
+        with _signals_deferred():
             for argv in self.argvs:
                 log = tempfile.TemporaryFile()  # noqa: SIM115 (open until the worker is waited for)
                 extra = [] if deadline is None else ["--deadline", repr(deadline)]
@@ -64,8 +87,6 @@ class Workers:
                     command, env=env, stdout=subprocess.DEVNULL, stderr=log, preexec_fn=_as_a_worker
                 )
                 self.procs.append((proc, log))
-        finally:
-            signal.pthread_sigmask(signal.SIG_SETMASK, held)  # a signal that came meanwhile is handled here
 
     def running(self) -> int:
         return sum(proc.poll() is None for proc, _ in self.procs)

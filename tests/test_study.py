@@ -1160,6 +1160,7 @@ def test_a_signal_while_the_workers_fork_is_not_lost():
         raise KeyboardInterrupt
 
     previous = signal.signal(signal.SIGTERM, interrupt)
+    sigint = signal.getsignal(signal.SIGINT)
     helpers = workers.Workers([["plugins"]], threads=1)
     try:
         fire.append(True)
@@ -1167,18 +1168,11 @@ def test_a_signal_while_the_workers_fork_is_not_lost():
             helpers.start()
         fire.clear()
         assert len(helpers.procs) == 1  # started, so the CLI's finally can stop it
+        assert signal.getsignal(signal.SIGTERM) is interrupt and signal.getsignal(signal.SIGINT) is sigint
     finally:
         fire.clear()
         signal.signal(signal.SIGTERM, previous)
         helpers.stop()
-    # The worker itself must not inherit the held signals: it could not be interrupted.
-    probe = (
-        "import signal; from ffablate import workers; signal.pthread_sigmask(signal.SIG_BLOCK, workers.HELD_SIGNALS);"
-        " workers._as_a_worker(); print(sorted(signal.pthread_sigmask(signal.SIG_BLOCK, [])))"
-    )
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
-    out = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, check=True).stdout
-    assert out.strip() == "[]"
 
 
 def test_a_terminated_study_stores_why_its_trial_stopped(tmp_path):
