@@ -6,9 +6,13 @@
 // and two backward. The byte is the CPU kernel's (csrc/max_pool.cpp): bits 0-1 the winning candidate, bit 2 (ReLU
 // only) that the ReLU zeroed the gradient.
 //
-// Values and gradients are bitwise those of ATen's CUDA relu_ (clamp_min: NaN passes, else fmax in the op math type),
-// max_pool2d_with_indices (a candidate wins if greater than the running maximum or NaN, scanned row by row) and their
-// backward (the gradient added to zero in the op math type, then threshold_backward's `result <= 0` test).
+// Values and gradients are bitwise those of ATen's CUDA relu_ (clamp_min: a value below zero becomes +0, any other
+// keeps its bits, -0 and NaN payloads included), max_pool2d_with_indices for NCHW input (a candidate wins if greater
+// than the running maximum or NaN, scanned row by row; the winner's bits are stored as they are) and their backward
+// (the gradient added to zero in the op math type, then threshold_backward's `result <= 0` test). torch 2.11's CUDA
+// relu turned -0 into +0 (pytorch/pytorch#181533, fixed since); the CPU kernel and this one keep -0, as torch's CPU
+// relu always did. Channels-last input does not come here (ops.max_pool2x2): ATen's NHWC backward copies the
+// gradient instead of adding it to zero, and returns a channels-last output.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -28,12 +32,6 @@ constexpr int kPoolThreads = 256;
 template <typename T>
 using Acc = at::opmath_type<T>;
 
-// clamp_min(v, 0) as ATen's CUDA kernel computes it, in the same order of operands.
-template <typename A>
-__device__ __forceinline__ A relu(A v) {
-  return isnan(v) ? v : ::max(v, A(0));
-}
-
 // One thread per output: its 2x2 window of x, the maximum and the byte.
 template <typename T, bool RELU>
 __global__ void __launch_bounds__(kPoolThreads)
@@ -45,19 +43,27 @@ __global__ void __launch_bounds__(kPoolThreads)
     const int64_t ow = o % OW, rest = o / OW;
     const int64_t oh = rest % OH, plane = rest / OH;
     const T* r0 = x + (plane * H + 2 * oh) * W + 2 * ow;
-    const A cand[4] = {static_cast<A>(r0[0]), static_cast<A>(r0[1]), static_cast<A>(r0[W]),
-                       static_cast<A>(r0[W + 1])};
-    A m = RELU ? relu(cand[0]) : cand[0];
+    const T cand[4] = {r0[0], r0[1], r0[W], r0[W + 1]};
+    // Compared in the op math type, stored as the winner's own bits: a round trip through float would turn an
+    // fp16/bf16 NaN's payload into the canonical NaN, which ATen does not.
+    T best = T(0);
+    A m = A(0);
     uint8_t k = 0;
 #pragma unroll
-    for (uint8_t c = 1; c < 4; ++c) {
-      const A v = RELU ? relu(cand[c]) : cand[c];
-      if (v > m || isnan(v)) {
+    for (uint8_t c = 0; c < 4; ++c) {
+      T bits = cand[c];
+      A v = static_cast<A>(bits);
+      if (RELU && v < A(0)) {  // relu: below zero becomes +0; -0 and NaN keep their bits
+        bits = T(0);
+        v = A(0);
+      }
+      if (c == 0 || v > m || isnan(v)) {
+        best = bits;
         m = v;
         k = c;
       }
     }
-    out[o] = static_cast<T>(m);
+    out[o] = best;
     arg[o] = RELU && m <= A(0) ? k | kDead : k;
   }
 }

@@ -194,17 +194,21 @@ def _pool_supported(x: Tensor) -> bool:
     if x.device.type == "cpu":
         return x.dtype in _CPU_DTYPES
     if x.device.type == "cuda":
-        return x.dtype in _CUDA_POOL_DTYPES and bool(getattr(_C, "WITH_CUDA", False))
+        # Channels-last input stays with ATen: its CUDA backward for that layout copies the gradient where the
+        # NCHW one (and the op) adds it to zero, so a -0 would differ, and it returns a channels-last output.
+        channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+        return x.dtype in _CUDA_POOL_DTYPES and not channels_last and bool(getattr(_C, "WITH_CUDA", False))
     return False
 
 
 def max_pool2x2(x: Tensor, relu: bool = False, inplace: bool = False) -> Tensor:
     """``F.max_pool2d(F.relu(x) if relu else x, 2)``: 2x2 windows, stride 2, odd edges dropped.
 
-    With the fused backend, on the CPU (float32/float64) and on CUDA (float32/float64/float16/bfloat16), for H and
-    W >= 2, it runs ``ffablate::max_pool2x2``: one pass over x, the ReLU folded in, and a one-byte argmax saved for
-    the backward instead of ATen's eight-byte index and the ReLU's output. Values and gradients are bitwise those
-    of the unfused ops on the same device. Everything else runs the unfused ops, where ``inplace`` lets the ReLU
+    With the fused backend, on the CPU (float32/float64) and on CUDA (float32/float64/float16/bfloat16, not
+    channels-last), for H and W >= 2, it runs ``ffablate::max_pool2x2``: one pass over x, the ReLU folded in, and a
+    one-byte argmax saved for the backward instead of ATen's eight-byte index and the ReLU's output. Values and
+    gradients are bitwise those of the unfused ops on the same device (but for the sign of a zero that torch 2.11's
+    CUDA relu cleared, docs/kernels.md). Everything else runs the unfused ops, where ``inplace`` lets the ReLU
     overwrite x (as ``nn.ReLU(inplace=True)`` does); the fused op never writes x.
     """
     if x.dim() == 4 and min(x.shape[2:]) >= 2 and _pool_supported(x) and backend() == "fused":
