@@ -12,6 +12,9 @@
 
 #include <ATen/Parallel.h>
 
+#include "ops.h"
+
+#include <array>
 #include <cmath>
 #include <cstring>
 #include <type_traits>
@@ -203,17 +206,11 @@ void backward_cpu(const T* go, const uint8_t* arg, T* gi, int64_t planes, int64_
   });
 }
 
-void check_x(const at::Tensor& x, const char* op) {
-  TORCH_CHECK(x.defined(), op, ": x is undefined");
-  TORCH_CHECK(x.dim() == 4, op, ": x must be 4-D (N, C, H, W), got ", x.dim(), "-D with shape ", x.sizes());
-  TORCH_CHECK(x.device().is_cpu(), op, ": CPU kernel got a tensor on ", x.device());
-  check_pool_dtype(x, op);
-  TORCH_CHECK(x.size(2) >= 2 && x.size(3) >= 2, op, ": H and W must be at least 2 for a 2x2 window, got ",
-              x.sizes());
-}
-
 std::tuple<at::Tensor, at::Tensor> max_pool2x2_cpu(const at::Tensor& x_in, bool relu) {
-  check_x(x_in, "max_pool2x2");
+  const char* op = "max_pool2x2";
+  check_pool_input(x_in, op);
+  TORCH_CHECK(x_in.device().is_cpu(), op, ": CPU kernel got a tensor on ", x_in.device());
+  check_pool_dtype(x_in, op);
   const at::Tensor x = x_in.contiguous();
   const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
   at::Tensor out = at::empty({N, C, H / 2, W / 2}, x.options());
@@ -229,19 +226,11 @@ std::tuple<at::Tensor, at::Tensor> max_pool2x2_cpu(const at::Tensor& x_in, bool 
 at::Tensor max_pool2x2_backward_cpu(const at::Tensor& grad_out_in, const at::Tensor& arg_in, int64_t height,
                                     int64_t width) {
   const char* op = "max_pool2x2_backward";
-  TORCH_CHECK(grad_out_in.dim() == 4, op, ": grad_out must be 4-D, got ", grad_out_in.dim(), "-D");
   TORCH_CHECK(grad_out_in.device().is_cpu() && arg_in.device().is_cpu(), op, ": CPU kernel got tensors on ",
               grad_out_in.device(), " and ", arg_in.device());
   check_pool_dtype(grad_out_in, op);
-  TORCH_CHECK(arg_in.scalar_type() == at::kByte, op, ": argmax must be uint8, got ", arg_in.scalar_type());
-  TORCH_CHECK(height >= 2 && width >= 2, op, ": height and width must be at least 2, got ", height, " and ",
-              width);
+  check_pool_backward(grad_out_in, arg_in, height, width, op);
   const int64_t N = grad_out_in.size(0), C = grad_out_in.size(1);
-  TORCH_CHECK(grad_out_in.sizes() == at::IntArrayRef({N, C, height / 2, width / 2}), op, ": grad_out has shape ",
-              grad_out_in.sizes(), " but pooling a ", height, "x", width, " input gives ",
-              at::IntArrayRef({N, C, height / 2, width / 2}));
-  TORCH_CHECK(arg_in.sizes() == grad_out_in.sizes(), op, ": argmax has shape ", arg_in.sizes(),
-              ", grad_out ", grad_out_in.sizes());
   const at::Tensor go = grad_out_in.contiguous(), arg = arg_in.contiguous();
   at::Tensor gi = at::empty({N, C, height, width}, go.options());
   if (gi.numel() == 0) return gi;
@@ -253,6 +242,26 @@ at::Tensor max_pool2x2_backward_cpu(const at::Tensor& grad_out_in, const at::Ten
 }
 
 }  // namespace
+
+void check_pool_input(const at::Tensor& x, const char* op) {
+  TORCH_CHECK(x.defined(), op, ": x is undefined");
+  TORCH_CHECK(x.dim() == 4, op, ": x must be 4-D (N, C, H, W), got ", x.dim(), "-D with shape ", x.sizes());
+  TORCH_CHECK(x.size(2) >= 2 && x.size(3) >= 2, op, ": H and W must be at least 2 for a 2x2 window, got ",
+              x.sizes());
+}
+
+void check_pool_backward(const at::Tensor& grad_out, const at::Tensor& argmax, int64_t height, int64_t width,
+                         const char* op) {
+  TORCH_CHECK(grad_out.dim() == 4, op, ": grad_out must be 4-D, got ", grad_out.dim(), "-D");
+  TORCH_CHECK(argmax.scalar_type() == at::kByte, op, ": argmax must be uint8, got ", argmax.scalar_type());
+  TORCH_CHECK(height >= 2 && width >= 2, op, ": height and width must be at least 2, got ", height, " and ",
+              width);
+  const std::array<int64_t, 4> pooled{grad_out.size(0), grad_out.size(1), height / 2, width / 2};
+  TORCH_CHECK(grad_out.sizes() == at::IntArrayRef(pooled), op, ": grad_out has shape ", grad_out.sizes(),
+              " but pooling a ", height, "x", width, " input gives ", at::IntArrayRef(pooled));
+  TORCH_CHECK(argmax.sizes() == grad_out.sizes(), op, ": argmax has shape ", argmax.sizes(), ", grad_out ",
+              grad_out.sizes());
+}
 
 TORCH_LIBRARY_FRAGMENT(ffablate, m) {
   m.def("max_pool2x2(Tensor x, bool relu=False) -> (Tensor out, Tensor argmax)");

@@ -23,6 +23,8 @@
 
 #include <algorithm>
 
+#include "ops.h"
+
 namespace ffablate {
 namespace {
 
@@ -105,13 +107,9 @@ void check_cuda_pool_dtype(const at::Tensor& t, const char* op) {
 
 std::tuple<at::Tensor, at::Tensor> max_pool2x2_cuda(const at::Tensor& x_in, bool relu) {
   const char* op = "max_pool2x2";
-  TORCH_CHECK(x_in.defined(), op, ": x is undefined");
-  TORCH_CHECK(x_in.dim() == 4, op, ": x must be 4-D (N, C, H, W), got ", x_in.dim(), "-D with shape ",
-              x_in.sizes());
+  check_pool_input(x_in, op);
   TORCH_CHECK(x_in.is_cuda(), op, ": CUDA kernel got a tensor on ", x_in.device());
   check_cuda_pool_dtype(x_in, op);
-  TORCH_CHECK(x_in.size(2) >= 2 && x_in.size(3) >= 2, op, ": H and W must be at least 2 for a 2x2 window, got ",
-              x_in.sizes());
   const c10::cuda::CUDAGuard guard(x_in.device());
   const at::Tensor x = x_in.contiguous();
   const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
@@ -132,19 +130,11 @@ std::tuple<at::Tensor, at::Tensor> max_pool2x2_cuda(const at::Tensor& x_in, bool
 at::Tensor max_pool2x2_backward_cuda(const at::Tensor& grad_out_in, const at::Tensor& arg_in, int64_t height,
                                      int64_t width) {
   const char* op = "max_pool2x2_backward";
-  TORCH_CHECK(grad_out_in.dim() == 4, op, ": grad_out must be 4-D, got ", grad_out_in.dim(), "-D");
   TORCH_CHECK(grad_out_in.is_cuda() && arg_in.device() == grad_out_in.device(), op,
               ": CUDA kernel got tensors on ", grad_out_in.device(), " and ", arg_in.device());
   check_cuda_pool_dtype(grad_out_in, op);
-  TORCH_CHECK(arg_in.scalar_type() == at::kByte, op, ": argmax must be uint8, got ", arg_in.scalar_type());
-  TORCH_CHECK(height >= 2 && width >= 2, op, ": height and width must be at least 2, got ", height, " and ",
-              width);
+  check_pool_backward(grad_out_in, arg_in, height, width, op);
   const int64_t N = grad_out_in.size(0), C = grad_out_in.size(1);
-  TORCH_CHECK(grad_out_in.sizes() == at::IntArrayRef({N, C, height / 2, width / 2}), op, ": grad_out has shape ",
-              grad_out_in.sizes(), " but pooling a ", height, "x", width, " input gives ",
-              at::IntArrayRef({N, C, height / 2, width / 2}));
-  TORCH_CHECK(arg_in.sizes() == grad_out_in.sizes(), op, ": argmax has shape ", arg_in.sizes(), ", grad_out ",
-              grad_out_in.sizes());
   const c10::cuda::CUDAGuard guard(grad_out_in.device());
   const at::Tensor go = grad_out_in.contiguous(), arg = arg_in.contiguous();
   at::Tensor gi = at::empty({N, C, height, width}, go.options());

@@ -43,4 +43,10 @@ BackwardArgs check_backward(const std::optional<at::Tensor>& grad_sumsq,
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> alloc_forward(const at::Tensor& h,
                                                                            const Geometry& g);
 
+// ffablate::max_pool2x2's shape rules, the same on both devices (each kernel checks device and dtype itself):
+// x is 4-D with H, W >= 2; grad_out is 4-D with the pooled shape of (height, width), argmax uint8 of its shape.
+void check_pool_input(const at::Tensor& x, const char* op);
+void check_pool_backward(const at::Tensor& grad_out, const at::Tensor& argmax, int64_t height, int64_t width,
+                         const char* op);
+
 }  // namespace ffablate

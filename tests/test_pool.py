@@ -94,15 +94,19 @@ def test_matches_aten_bit_for_bit(dtype: torch.dtype, relu: bool) -> None:
         _assert_same_as_aten(_input(shape, dtype, i).relu(), seed=i, relu=relu)  # ties at zero, like activity
 
 
-@pytest.mark.parametrize("relu", [False, True])
-def test_nan_inf_and_signed_zero_follow_atens_rule(relu: bool) -> None:
-    x = _input((2, 3, 10, 11), torch.float32, 0)
+def _with_special_values(x: torch.Tensor) -> torch.Tensor:
+    """``x`` with NaN, +inf, -inf and -0 strewn over it."""
     flat = x.view(-1)
     flat[::7] = float("nan")
     flat[3::11] = float("inf")
     flat[5::13] = float("-inf")
     flat[1::5] = -0.0
-    _assert_same_as_aten(x, seed=1, relu=relu)
+    return x
+
+
+@pytest.mark.parametrize("relu", [False, True])
+def test_nan_inf_and_signed_zero_follow_atens_rule(relu: bool) -> None:
+    _assert_same_as_aten(_with_special_values(_input((2, 3, 10, 11), torch.float32, 0)), seed=1, relu=relu)
     _assert_same_as_aten(torch.full((1, 2, 4, 6), float("-inf")), seed=2, relu=relu)
     _assert_same_as_aten(torch.full((1, 2, 4, 6), -0.0), seed=3, relu=relu)
 
@@ -309,13 +313,7 @@ def test_cuda_matches_aten_bit_for_bit(dtype: torch.dtype, relu: bool) -> None:
 @pytest.mark.parametrize("relu", [False, True])
 @pytest.mark.parametrize("dtype", CUDA_DTYPES)
 def test_cuda_nan_inf_signed_zero_and_layouts(dtype: torch.dtype, relu: bool) -> None:
-    x = _input((2, 3, 10, 11), dtype, 0, "cuda")
-    flat = x.view(-1)
-    flat[::7] = float("nan")
-    flat[3::11] = float("inf")
-    flat[5::13] = float("-inf")
-    flat[1::5] = -0.0
-    _assert_same_as_aten(x, seed=1, relu=relu)
+    _assert_same_as_aten(_with_special_values(_input((2, 3, 10, 11), dtype, 0, "cuda")), seed=1, relu=relu)
     for fill in (float("-inf"), -0.0, float("nan")):
         _assert_same_as_aten(torch.full((1, 2, 4, 6), fill, dtype=dtype, device="cuda"), seed=2, relu=relu)
     base = _input((2, 4, 12, 10), dtype, 5, "cuda")
