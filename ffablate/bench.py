@@ -8,6 +8,7 @@ as the practical ceiling.
 
 from __future__ import annotations
 
+import itertools
 import math
 import statistics
 import time
@@ -21,6 +22,7 @@ from ffablate import ops
 
 __all__ = [
     "DEFAULT_SHAPES",
+    "CUDA_POOL_SHAPES",
     "POOL_SHAPES",
     "kernel_bench",
     "minimal_bytes_per_pass",
@@ -43,6 +45,8 @@ POOL_SHAPES: list[tuple[str, tuple[int, ...]]] = [
     ("pool14", (256, 64, 14, 14)),
     ("pool7", (256, 128, 7, 7)),
 ]
+# On a GPU also the first pool of the 224 px audit's net (width 128, batch 16): memory-bound, 822 MB in fp32.
+CUDA_POOL_SHAPES: list[tuple[str, tuple[int, ...]]] = [("pool224", (16, 128, 224, 224))]
 
 _DTYPES = {
     "float32": torch.float32,
@@ -367,20 +371,31 @@ def render_table(rows: list[dict[str, Any]], title: str = "goodness_norm forward
 
 
 def pool_bench(
-    quick: bool = False, shapes: Sequence[tuple[str, tuple[int, ...]]] | None = None
+    quick: bool = False,
+    shapes: Sequence[tuple[str, tuple[int, ...]]] | None = None,
+    device: str = "cpu",
+    dtypes: list[str] | None = None,
 ) -> list[dict[str, Any]]:
-    """CPU forward+backward of a downsampling block's ReLU + 2x2 max pool: ``ops.max_pool2x2(x, relu=True)`` (fused
-    backend) vs ``F.max_pool2d(F.relu(x), 2)`` (ATen), interleaved.
+    """Forward+backward of a downsampling block's ReLU + 2x2 max pool: ``ops.max_pool2x2(x, relu=True)`` (fused
+    backend) vs ``F.max_pool2d(F.relu(x), 2)`` (ATen): wall time on the CPU, the variants interleaved; on CUDA the
+    device time of the work (``_Timer``), float32 and bfloat16 (what autocast trains in) by default.
 
-    Inputs are Gaussian noise, like a conv output. Rows: name, shape, aten_ms, fused_ms, speedup, and whether output
-    and input gradient are bitwise equal. Runs under the process's default allocator, as training does.
+    Inputs are Gaussian noise, like a conv output. Rows: name, shape, dtype, device, aten_ms, fused_ms, speedup, and
+    whether output and input gradient are bitwise equal. Runs under the process's default allocator, as training
+    does.
     """
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("pool_bench: device 'cuda' requested but CUDA is not available")
+    dtypes = dtypes or (["float32", "bfloat16"] if dev.type == "cuda" else ["float32"])
     warmup, repeats = (1, 3) if quick else (3, 15)
+    timer = _Timer(dev)
     gen = torch.Generator().manual_seed(0)
     rows = []
-    for name, shape in shapes if shapes is not None else POOL_SHAPES:
-        x = torch.randn(shape, generator=gen).requires_grad_()
-        grad = torch.randn(torch.nn.functional.max_pool2d(x.detach(), 2).shape, generator=gen)
+    cases = shapes if shapes is not None else POOL_SHAPES + (CUDA_POOL_SHAPES if dev.type == "cuda" else [])
+    for (name, shape), dtype in itertools.product(cases, dtypes):
+        x = torch.randn(shape, generator=gen).to(device=dev, dtype=_DTYPES[dtype]).requires_grad_()
+        grad = torch.randn(torch.nn.functional.max_pool2d(x.detach(), 2).shape, generator=gen).to(x)
 
         def aten(x: Tensor = x, grad: Tensor = grad) -> tuple[Tensor, Tensor]:
             return _step(lambda t: (torch.nn.functional.max_pool2d(torch.relu(t), 2),), x, [grad])
@@ -388,15 +403,17 @@ def pool_bench(
         def fused(x: Tensor = x, grad: Tensor = grad) -> tuple[Tensor, Tensor]:
             return _step(lambda t: (ops.max_pool2x2(t, relu=True),), x, [grad])
 
-        times = _Timer.wall({"aten": aten, "fused": fused}, warmup, repeats)
+        times = timer.measure({"aten": aten, "fused": fused}, warmup, repeats)
         (want_out,), want_dx = aten()
         (got_out,), got_dx = fused()
-        aten_ms, fused_ms = statistics.median(times["aten"]), statistics.median(times["fused"])
+        aten_ms, fused_ms = times["aten"]["ms"], times["fused"]["ms"]
         rows.append(
             {
                 "name": name,
                 "shape": list(shape),
-                "backend": ops.backend(),
+                "dtype": dtype,
+                "device": dev.type,
+                "backend": ops.backend(dev),
                 "aten_ms": aten_ms,
                 "fused_ms": fused_ms,
                 "speedup": aten_ms / fused_ms,
@@ -415,13 +432,15 @@ def render_pool_table(rows: list[dict[str, Any]]):
     """The pool bench rows as a rich table."""
     from rich.table import Table
 
-    table = Table(title="ffablate kernels: ReLU + 2x2 max pool, forward+backward (CPU)")
-    for col in ("case", "shape", "aten ms", "fused ms", "x aten", "bitwise equal"):
-        table.add_column(col, justify="left" if col in ("case", "shape") else "right")
+    devices = sorted({r["device"] for r in rows}) or ["cpu"]
+    table = Table(title=f"ffablate kernels: ReLU + 2x2 max pool, forward+backward ({', '.join(devices).upper()})")
+    for col in ("case", "shape", "dtype", "aten ms", "fused ms", "x aten", "bitwise equal"):
+        table.add_column(col, justify="left" if col in ("case", "shape", "dtype") else "right")
     for r in rows:
         table.add_row(
             r["name"],
             "x".join(map(str, r["shape"])),
+            r["dtype"],
             f"{r['aten_ms']:.2f}",
             f"{r['fused_ms']:.2f}",
             f"{r['speedup']:.2f}",

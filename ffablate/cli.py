@@ -116,7 +116,8 @@ def build_parser() -> Parser:
     kernels.add_argument("--quick", action="store_true", help="fewer repeats")
     kernels.add_argument("--json", action="store_true")
     kernels.set_defaults(func=cmd_bench_kernels)
-    pool = bench_sub.add_parser("pool", help="the CPU ReLU + 2x2 max-pool kernel vs ATen's (bitwise equal results)")
+    pool = bench_sub.add_parser("pool", help="the ReLU + 2x2 max-pool kernel vs ATen's (bitwise equal results)")
+    pool.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     pool.add_argument("--quick", action="store_true", help="fewer repeats")
     pool.add_argument("--json", action="store_true")
     pool.set_defaults(func=cmd_bench_pool)
@@ -327,8 +328,10 @@ def without_cuda_home_warning() -> Iterator[None]:
 
 def cmd_bench_pool(args: argparse.Namespace) -> int:
     from ffablate.bench import pool_bench, render_pool_table
+    from ffablate.train.common import resolve_device
 
-    rows = pool_bench(quick=args.quick)
+    resolve_device(args.device)
+    rows = pool_bench(quick=args.quick, device=args.device)
     if args.json:
         print(json.dumps(rows))
     else:

@@ -116,6 +116,11 @@ for r in rows:
         r["speedup_vs_compiled"] = r["compiled_ms"] / r["fused_ms"]
 with open(sys.argv[1], "w") as f:
     json.dump(rows, f, indent=1)
+# The ReLU + pool op against ATen's (device time, fp32 and bf16), into the log: the runner returns few files.
+from ffablate.bench import pool_bench, render_pool_table
+pool = pool_bench(device="cuda")
+Console(width=200).print(render_pool_table(pool))
+print("POOL_ROWS " + json.dumps(pool))
 EOF
 
 # Forward and backward apart, against a copy of the same size: which of the two is far from its floor.

@@ -262,6 +262,7 @@ def test_downsampling_block_equals_conv_relu_maxpool() -> None:
 def test_pool_bench_quick() -> None:
     rows = pool_bench(quick=True, shapes=[("small", (4, 3, 9, 8))])
     assert len(rows) == 1 and rows[0]["bitwise_equal"] and rows[0]["backend"] == "fused"
+    assert (rows[0]["device"], rows[0]["dtype"]) == ("cpu", "float32")
     assert rows[0]["aten_ms"] > 0 and rows[0]["fused_ms"] > 0
     assert render_pool_table(rows).row_count == 1
 
@@ -365,6 +366,14 @@ def test_cuda_opcheck_compile_and_block() -> None:
     assert got.dtype == torch.bfloat16 and torch.equal(got, want)
     for g, w in zip(*grads, strict=True):
         assert torch.equal(g, w)
+
+
+@pytest.mark.cuda
+@cuda_only
+def test_cuda_pool_bench_quick() -> None:
+    rows = pool_bench(quick=True, shapes=[("small", (4, 3, 9, 8))], device="cuda")
+    assert [(r["device"], r["dtype"]) for r in rows] == [("cuda", "float32"), ("cuda", "bfloat16")]
+    assert all(r["bitwise_equal"] and r["aten_ms"] > 0 and r["fused_ms"] > 0 for r in rows)
 
 
 CUDA_BAD = [
