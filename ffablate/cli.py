@@ -386,9 +386,10 @@ def cmd_study(args: argparse.Namespace) -> int:
 
     # A job runner's SIGTERM ends this process as Ctrl-C does: the running trial records why it stopped, and the
     # finally below stops the workers too. Python lets only the main thread set a handler (a caller may run
-    # main() in another one).
+    # main() in another one). An ignored SIGINT (a background job's) stays ignored.
+    handled = [signal.SIGTERM] + ([signal.SIGINT] if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN else [])
     in_main_thread = threading.current_thread() is threading.main_thread()
-    previous_sigterm = signal.signal(signal.SIGTERM, _interrupt) if in_main_thread else None
+    previous = {signum: signal.signal(signum, _interrupt) for signum in handled} if in_main_thread else {}
     try:
         with study.StudyProgress(new_progress(stderr.is_terminal)) as bars:
             done = study.run_study(
@@ -411,8 +412,8 @@ def cmd_study(args: argparse.Namespace) -> int:
     finally:
         helpers.stop()  # only those still running: an error or an interrupt here
         torch.set_num_threads(threads_before)
-        if in_main_thread:
-            signal.signal(signal.SIGTERM, previous_sigterm)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
     for line in failures:
         stderr.print(f"ffablate: {line}", markup=False, highlight=False)
     summary = results.summarize(done.study)
@@ -508,6 +509,11 @@ def os_reason(exc: OSError) -> str:
 
 
 def _interrupt(signum: int, frame: object) -> None:
+    """The first SIGINT or SIGTERM ends the study as Ctrl-C does; later ones are ignored until it has. A second one
+    (an impatient Ctrl-C, or a worker's SIGINT from the terminal and then from ``Workers.stop``) would land in the
+    middle of storing the interrupted trial: a traceback, exit code 1, and the trial left RUNNING."""
+    for other in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(other, signal.SIG_IGN)
     raise KeyboardInterrupt
 
 

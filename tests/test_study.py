@@ -1175,9 +1175,11 @@ def test_a_signal_while_the_workers_fork_is_not_lost():
         helpers.stop()
 
 
-def test_a_terminated_study_stores_why_its_trial_stopped(tmp_path):
+@pytest.mark.parametrize("signals", [(signal.SIGTERM,), (signal.SIGINT, signal.SIGINT, signal.SIGTERM)])
+def test_a_terminated_study_stores_why_its_trial_stopped(tmp_path, signals):
     # One process, no workers: a SIGTERM killed it outright (rc -15), and the trial it ran stayed RUNNING with no
     # reason; a Ctrl-C's trial said "the worker died: killed or crashed", though the process had said "interrupted".
+    # A second Ctrl-C while the first one's trial was being stored ended in a traceback, rc 1, the trial RUNNING.
     proc, url = _study_process(tmp_path, 1)
 
     def training() -> bool:  # a trial past its setup, in its training (the study is made after the preflight)
@@ -1191,11 +1193,26 @@ def test_a_terminated_study_stores_why_its_trial_stopped(tmp_path):
     while not training():
         assert proc.poll() is None and time.monotonic() < deadline, "no trial started training"
         time.sleep(0.05)
-    proc.terminate()  # the trial has seconds of training left
+    for signum in signals:  # the trial has seconds of training left
+        proc.send_signal(signum)
+        time.sleep(0.01)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130 and err.decode().strip().splitlines()[-1].startswith("ffablate: interrupted; ")
     (stopped,) = [t for t in trials_of(url, "tiny-smoke") if t.state != TrialState.COMPLETE]
     assert stopped.state == TrialState.FAIL and results.fail_reason(stopped) == "interrupted"
+
+
+def test_the_first_interrupt_ignores_the_next_ones():
+    from ffablate import cli
+
+    previous = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            cli._interrupt(signal.SIGINT, None)
+        assert signal.getsignal(signal.SIGINT) is signal.getsignal(signal.SIGTERM) is signal.SIG_IGN
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 def test_a_worker_that_fails_is_reported_with_its_last_line():
