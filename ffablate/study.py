@@ -279,18 +279,28 @@ def mark_worker(storage: optuna.storages.BaseStorage, trial_id: int) -> None:
 
 
 def fail_dead_trials(study: optuna.Study) -> list[int]:
-    """Mark RUNNING trials FAILED (stale) when their process on this host no longer exists.
+    """Mark RUNNING trials FAILED (stale) when their process on this host no longer exists, or when their
+    heartbeat stopped more than ``GRACE_S`` seconds ago (another host's, or a reused pid's).
 
-    Trials of other hosts are left to Optuna's heartbeat (they may still be running there).
+    Optuna fails heartbeat-stale trials itself only as a new trial starts, and a grid study counts a running
+    trial's point as taken: with a dead trial on the last free point no trial would ever start, and the study
+    could never finish. Those trials keep Optuna's empty reason (reported as a worker that died).
     """
     failed = []
-    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+    running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+    for t in running:
         if not results.died(t):
             continue
         study._storage.set_trial_user_attr(t._trial_id, FAIL_REASON, results.STALE)
         study._storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
         failed.append(t.number)
-    return failed
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # heartbeats: "experimental"
+        optuna.storages.fail_stale_trials(study)
+    for t in running:
+        if t.number not in failed and study._storage.get_trial(t._trial_id).state == TrialState.FAIL:
+            failed.append(t.number)
+    return sorted(failed)
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -322,6 +322,23 @@ def test_killed_study_resumes_without_losing_or_repeating_trials(tmp_path, capsy
     assert studies.fail_dead_trials(optuna.load_study(study_name="tiny-smoke", storage=url)) == []
 
 
+@pytest.mark.filterwarnings("ignore:Heartbeat of storage is supposed to be used with Study.optimize")
+def test_a_trial_whose_heartbeat_stopped_on_another_host_is_freed(tmp_path, monkeypatch):
+    # It stayed RUNNING for good: Optuna fails stale trials only as a trial starts, and its point counted as
+    # taken, so on the last free point none started ("1 running in another worker", run after run).
+    monkeypatch.setattr(studies, "HEARTBEAT_S", 1)
+    monkeypatch.setattr(studies, "GRACE_S", 1)
+    storage = studies.storage_for(storage_url(tmp_path))
+    study = optuna.create_study(study_name="s", storage=storage, direction="maximize")
+    trial = study.ask()
+    trial.set_user_attr("worker", {"host": "another-host", "pid": 1})
+    storage.record_heartbeat(trial._trial_id)
+    assert studies.fail_dead_trials(study) == []  # within the grace period it may be running there
+    time.sleep(2.5)
+    assert studies.fail_dead_trials(study) == [trial.number]
+    assert study.trials[0].state == TrialState.FAIL
+
+
 # ----------------------------------------------------------------------------------------------------
 # Spec validation: one line, the key path, exit 2
 
