@@ -154,6 +154,7 @@ class Summary:
     n_trials: int
     states: dict[str, int]
     failures: list[FailedTrial] = field(default_factory=list)  # every FAIL trial, in trial order
+    not_started: list[str] = field(default_factory=list)  # a grid's configurations with no trial yet, spec order
 
     @property
     def ff(self) -> list[Row]:
@@ -326,7 +327,8 @@ def summarize(study: optuna.Study) -> Summary:
     meta = dict(study.user_attrs)
     if search and meta.get("baseline_untuned") is None and all(len(group) == 1 for group in by_match.values()):
         meta["baseline_untuned"] = _untuned_from_trials(trials, meta)
-    return Summary(study.study_name, meta, ordered, len(trials), dict(states), failures)
+    not_started = [] if search else [label for label in order if label not in rows]
+    return Summary(study.study_name, meta, ordered, len(trials), dict(states), failures, not_started)
 
 
 def _untuned_from_trials(trials: list[FrozenTrial], meta: dict[str, Any]) -> dict[str, str]:
@@ -557,13 +559,20 @@ def answer(summary: Summary) -> str:
     if not any(r.n for r in summary.ff):
         return "No FF configuration has a completed trial yet, so the question has no answer from this study."
     try:
-        return {
+        text = {
             "k-sweep": _answer_k_sweep,
             "label-hierarchy": _answer_hierarchy,
             "bp-gap": _answer_bp_gap,
         }.get(analysis, _answer_ablation)(summary)
     except Exception as exc:  # an answer must never break a report; say what is missing instead
         return f"No one-sentence answer could be computed ({type(exc).__name__}: {exc})."
+    if summary.not_started:
+        planned = len(summary.not_started) + len(summary.rows)
+        text += (
+            f" (From a study not yet finished: {len(summary.not_started)} of its {planned} configurations have no "
+            "trial yet.)"
+        )
+    return text
 
 
 def _answer_ablation(summary: Summary) -> str:
@@ -729,6 +738,7 @@ def to_json(summary: Summary) -> str:
         "states": summary.states,
         "rows": [r.to_dict() for r in summary.rows],
         "failed_trials": [vars(f) for f in summary.failures],
+        "not_started": summary.not_started,
     }
     return json.dumps(_finite(payload), default=str, allow_nan=False)
 

@@ -426,8 +426,19 @@ class Objective:
         self.progress = on_epoch_progress
         self.announce: Callable[[int, str, int], None] | None = None
         self.cells = [c.label for c in plan.cells]
+        self.started = 0  # trials this objective was called for
+        self.trial_id: int | None = None  # the latest one's
 
     def __call__(self, trial: Trial) -> float:
+        self.started += 1
+        self.trial_id = trial._trial_id
+        try:
+            return self._run(trial)
+        except KeyboardInterrupt:  # Ctrl-C, or SIGTERM through the CLI's handler: the point is left to a rerun
+            trial.set_user_attr(FAIL_REASON, "interrupted")
+            raise
+
+    def _run(self, trial: Trial) -> float:
         mark_worker(trial.study._storage, trial._trial_id)
         # The grid sampler's verdict, read from the storage: ``trial.user_attrs`` predates the sampler's writes.
         grid_full = trial.study._storage.get_trial_user_attrs(trial._trial_id).get(results.SURPLUS, False)
@@ -463,9 +474,6 @@ class Objective:
             # Divergence (NaN) and configuration clashes would happen again on a rerun: record and move on.
             trial.set_user_attr(FAIL_REASON, f"{type(exc).__name__}: {exc}")
             trial.set_user_attr(PERMANENT, True)
-            raise
-        except KeyboardInterrupt:  # Ctrl-C, or SIGTERM through the CLI's handler: the point is left to a rerun
-            trial.set_user_attr(FAIL_REASON, "interrupted")
             raise
         except Exception as exc:  # a bug (a plugin's, say) ends the study; the rerun after its fix retries the point
             trial.set_user_attr(FAIL_REASON, f"{type(exc).__name__}: {exc}")
@@ -832,19 +840,43 @@ def run_study(
                 objective.announce = progress.trial_started
                 callbacks.append(lambda s, t: progress.trial_finished(t))
             start = time.perf_counter()
-            try:
-                study.optimize(
-                    objective,
-                    n_trials=limit,
-                    timeout=timeout,
-                    catch=(FFablateError,),
-                    callbacks=callbacks,
-                    gc_after_trial=False,
-                )
-            except StopStudy as stop:  # the trials done so far stay in the storage; a rerun resumes after them
-                raise stop.error from None
+            while objective.started < limit:
+                left = None if timeout is None else timeout - (time.perf_counter() - start)
+                if left is not None and left <= 0:
+                    break
+                try:
+                    study.optimize(
+                        objective,
+                        n_trials=limit - objective.started,
+                        timeout=left,
+                        catch=(FFablateError,),
+                        callbacks=callbacks,
+                        gc_after_trial=False,
+                    )
+                    break
+                except StopStudy as stop:  # the trials done so far stay in the storage; a rerun resumes after them
+                    raise stop.error from None
+                except ValueError as exc:
+                    if not _taken_over(study, objective.trial_id, exc):
+                        raise
+                    log(
+                        f"note: trial {study._storage.get_trial(objective.trial_id).number} was failed as stale "
+                        f"while this process was stopped (no heartbeat for over {GRACE_S} s) and its point went to "
+                        "another run; its result is dropped"
+                    )
             study.set_user_attr(f"wall_seconds_{before}", time.perf_counter() - start)
     return StudyRun(study, plan, storage_url or DEFAULT_STORAGE, len(study.trials) - before, todo - limit)
+
+
+def _taken_over(study: optuna.Study, trial_id: int | None, exc: ValueError) -> bool:
+    """Whether ``exc`` is Optuna refusing to store the result of a trial another run has already failed as stale
+    ("Cannot tell a FAIL trial."): its heartbeat stopped while this process was suspended, and the other run
+    reran its point. Any other ValueError is a bug and propagates."""
+    return (
+        str(exc).startswith("Cannot tell a ")
+        and trial_id is not None
+        and study._storage.get_trial(trial_id).state.is_finished()
+    )
 
 
 def _note_other_devices(study: optuna.Study, device: str, log: Callable[[str], None]) -> None:

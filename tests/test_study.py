@@ -26,6 +26,7 @@ from ffablate import study as studies
 from ffablate.cli import main
 from ffablate.errors import FFablateError
 from ffablate.plugins import add_plugin, registry, remove_plugin
+from ffablate.report import write_report
 from ffablate.stats import Estimate, contrast_ci, fmt, mean_ci, paired_ci, t_quantile, welch_ci
 
 TINY_BUDGET = """
@@ -320,6 +321,48 @@ def test_killed_study_resumes_without_losing_or_repeating_trials(tmp_path, capsy
     running = optuna.load_study(study_name="tiny-smoke", storage=url).ask()
     running.set_user_attr("worker", {"host": socket.gethostname(), "pid": os.getpid()})
     assert studies.fail_dead_trials(optuna.load_study(study_name="tiny-smoke", storage=url)) == []
+
+
+def test_a_half_finished_study_names_the_configurations_not_started(tmp_path):
+    # Its report chose "the best" among the configurations that had run and did not say others had not.
+    plan = specs.load(str(write_spec(tmp_path, GRID.replace('"cosine"]', '"cosine", "linear"]'), seeds=1))).plan(
+        "smoke"
+    )
+    run = studies.run_study(plan, storage_url=storage_url(tmp_path), n_trials=2)  # the baseline, then one FF
+    summary = results.summarize(run.study)
+    assert [r.label for r in summary.rows] == ["bp-deepsup", "temperature=constant"]
+    assert summary.not_started == ["temperature=cosine", "temperature=linear"]
+    assert results.answer(summary).endswith(
+        "(From a study not yet finished: 2 of its 4 configurations have no trial yet.)"
+    )
+    assert json.loads(results.to_json(summary))["not_started"] == summary.not_started
+    report = write_report(run.study, tmp_path / "report").read_text()
+    assert "Not started yet (2): temperature=cosine, temperature=linear." in report
+
+
+def test_a_trial_failed_as_stale_while_its_process_was_stopped_is_dropped(tmp_path, monkeypatch):
+    # A worker suspended past the heartbeat grace found its trial failed by another run (which reran the point):
+    # Optuna's "Cannot tell a FAIL trial." ended it in a traceback, its later trials never run.
+    train = studies.Objective._train
+    taken: list[int] = []
+
+    def taken_over_once(self, trial, config, role):  # noqa: ANN001, ANN202
+        result = train(self, trial, config, role)
+        if not taken:
+            taken.append(trial.number)
+            trial.study._storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
+        return result
+
+    monkeypatch.setattr(studies.Objective, "_train", taken_over_once)
+    plan = specs.load(str(write_spec(tmp_path, GRID, seeds=1))).plan("smoke")
+    notes: list[str] = []
+    run = studies.run_study(plan, storage_url=storage_url(tmp_path), log=notes.append)
+    assert notes == [
+        f"note: trial {taken[0]} was failed as stale while this process was stopped (no heartbeat for "
+        f"over {studies.GRACE_S} s) and its point went to another run; its result is dropped"
+    ]
+    states = [t.state for t in run.study.trials]
+    assert states.count(TrialState.COMPLETE) == 2 and states[taken[0]] == TrialState.FAIL  # the other points ran
 
 
 @pytest.mark.filterwarnings("ignore:Heartbeat of storage is supposed to be used with Study.optimize")
