@@ -649,7 +649,12 @@ def open_study(plan: specs.Plan, storage: optuna.storages.BaseStorage, name: str
     fingerprint = plan.fingerprint()
     refuse_a_foreign_study(study)
     refuse_another_plan(study, plan)
-    if "fingerprint" not in attrs:
+    if "fingerprint" in attrs:
+        # How the results are read, not what they mean: a spec's edited question or analysis applies on resume.
+        for key, value in (("question", plan.spec.question), ("analysis", plan.spec.analysis)):
+            if attrs.get(key) != value:
+                study.set_user_attr(key, value)
+    else:
         meta = {
             "ffablate_spec": spec.name,
             "question": spec.question,
@@ -710,6 +715,10 @@ def refuse_another_plan(study: optuna.Study, plan: specs.Plan) -> None:
 def _what_changed(attrs: dict[str, Any], plan: specs.Plan) -> str:
     """Which configurations came or went, when that is the change: a plugin installed or removed since the study
     was made changes what an axis of "*" expands to, with the spec file untouched."""
+    if isinstance(attrs.get("seeds"), list) and attrs["seeds"] != plan.budget.seeds:
+        # Not resumable: the trials' seed parameter is categorical over the stored seeds, and Optuna refuses a
+        # study whose choices change.
+        return f": its seeds were {attrs['seeds']} and the budget now runs {plan.budget.seeds}"
     before, now = attrs.get("cells"), [c.label for c in plan.cells]
     if not isinstance(before, list):
         return ""

@@ -323,6 +323,30 @@ def test_killed_study_resumes_without_losing_or_repeating_trials(tmp_path, capsy
     assert studies.fail_dead_trials(optuna.load_study(study_name="tiny-smoke", storage=url)) == []
 
 
+def test_a_resumed_study_says_its_seeds_changed_and_takes_an_edited_question(tmp_path):
+    # Other seeds were refused without a word on what changed; an edited question was silently ignored.
+    url = storage_url(tmp_path)
+    assert studies.run_study(specs.load(str(write_spec(tmp_path, GRID, seeds=1))).plan("smoke"), storage_url=url).ran
+    body = GRID.replace("Does the temperature", "Does a temperature")
+    run = studies.run_study(specs.load(str(write_spec(tmp_path, body, seeds=1))).plan("smoke"), storage_url=url)
+    assert run.ran == 0 and run.study.user_attrs["question"].startswith("Does a temperature")
+    with pytest.raises(FFablateError, match=r"its seeds were \[0\] and the budget now runs \[0, 1\]; rerun with"):
+        studies.run_study(specs.load(str(write_spec(tmp_path, body, seeds=2))).plan("smoke"), storage_url=url)
+
+
+def test_an_interrupt_before_training_stores_why_too(tmp_path, monkeypatch):
+    # Outside the training's try, the trial was reported as "no reason recorded (the worker died ...)".
+    def interrupted(self, trial):  # noqa: ANN001, ANN202
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(studies.Objective, "_choose", interrupted)
+    url = storage_url(tmp_path)
+    with pytest.raises(KeyboardInterrupt):
+        studies.run_study(specs.load(str(write_spec(tmp_path, GRID, seeds=1))).plan("smoke"), storage_url=url)
+    (trial,) = trials_of(url, "tiny-smoke")
+    assert trial.state == TrialState.FAIL and results.fail_reason(trial) == "interrupted"
+
+
 def test_a_half_finished_study_names_the_configurations_not_started(tmp_path):
     # Its report chose "the best" among the configurations that had run and did not say others had not.
     plan = specs.load(str(write_spec(tmp_path, GRID.replace('"cosine"]', '"cosine", "linear"]'), seeds=1))).plan(
