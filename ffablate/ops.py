@@ -194,11 +194,15 @@ def _pool_supported(x: Tensor) -> bool:
     if x.device.type == "cpu":
         return x.dtype in _CPU_DTYPES
     if x.device.type == "cuda":
-        # Channels-last input stays with ATen: its CUDA backward for that layout copies the gradient where the
-        # NCHW one (and the op) adds it to zero, so a -0 would differ, and it returns a channels-last output.
-        channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
-        return x.dtype in _CUDA_POOL_DTYPES and not channels_last and bool(getattr(_C, "WITH_CUDA", False))
+        return x.dtype in _CUDA_POOL_DTYPES and not _channels_innermost(x) and bool(getattr(_C, "WITH_CUDA", False))
     return False
+
+
+def _channels_innermost(x: Tensor) -> bool:
+    """Channels-last input, a view of one included: ATen's CUDA pool takes its NHWC kernel there (also on
+    ``relu(x)``, which is laid out as x), whose backward copies the gradient where the NCHW one (and the op) adds it
+    to zero, so a -0 would differ; it also returns a channels-last output. Such input stays with ATen."""
+    return x.size(1) > 1 and x.stride(1) == 1
 
 
 def max_pool2x2(x: Tensor, relu: bool = False, inplace: bool = False) -> Tensor:

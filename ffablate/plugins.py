@@ -124,7 +124,14 @@ def typed_plugin_params(config: RunConfig, plugins: Registry) -> RunConfig:
 def used_params(config: RunConfig, plugins: Registry, kinds: tuple[str, ...]) -> dict[str, dict[str, Any]]:
     """Every parameter of the run's ``kinds`` plugins, the defaults included: what a rerun needs, since a plugin's
     default may change between versions while the run's config names only the values it set."""
-    return {kind: {**plugins.get(kind, config.plugin_of(kind)).params, **config.params_of(kind)} for kind in kinds}
+    used = {kind: {**plugins.get(kind, config.plugin_of(kind)).params, **config.params_of(kind)} for kind in kinds}
+    return {kind: {key: _storable(value) for key, value in params.items()} for kind, params in used.items()}
+
+
+def _storable(value: Any) -> Any:
+    """``value`` as JSON (and so an Optuna storage) can hold it: a default of another type (a dtype, a tuple) as
+    its text."""
+    return value if value is None or isinstance(value, (bool, int, float, str)) else str(value)
 
 
 def _read_text(text: str, default: Any) -> Any:

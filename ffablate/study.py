@@ -10,6 +10,7 @@ Resumption rules (the reason this module exists instead of a bare ``study.optimi
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -428,14 +429,31 @@ class Objective:
         self.cells = [c.label for c in plan.cells]
         self.started = 0  # trials this objective was called for
         self.trial_id: int | None = None  # the latest one's
+        # The latest trial's exception that Optuna does not catch (an interrupt, StopStudy, a bug): when another run
+        # has failed that trial meanwhile, Optuna raises "Cannot tell a FAIL trial" in its place.
+        self.escaping: BaseException | None = None
 
     def __call__(self, trial: Trial) -> float:
         self.started += 1
-        self.trial_id = trial._trial_id
+        self.trial_id, self.escaping = trial._trial_id, None
         try:
             return self._run(trial)
-        except KeyboardInterrupt:  # Ctrl-C, or SIGTERM through the CLI's handler: the point is left to a rerun
-            trial.set_user_attr(FAIL_REASON, "interrupted")
+        except (optuna.TrialPruned, FFablateError):  # Optuna's to store (``catch``)
+            raise
+        except optuna.exceptions.UpdateFinishedTrialError as exc:
+            # Another run failed this trial meanwhile, and storing its result or its failure's reason was refused: a
+            # takeover (``run_study``), unless an interrupt or a bug was being recorded when it was refused.
+            cause = exc.__context__
+            if cause is not None and not isinstance(cause, (optuna.TrialPruned, FFablateError)):
+                self.escaping = cause
+            raise
+        except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM through the CLI's handler: the point is left to a rerun
+            self.escaping = exc
+            with contextlib.suppress(optuna.exceptions.UpdateFinishedTrialError):
+                trial.set_user_attr(FAIL_REASON, "interrupted")
+            raise
+        except BaseException as exc:
+            self.escaping = exc
             raise
 
     def _run(self, trial: Trial) -> float:
@@ -866,6 +884,10 @@ def run_study(
                 except StopStudy as stop:  # the trials done so far stay in the storage; a rerun resumes after them
                     raise stop.error from None
                 except ValueError as exc:
+                    if isinstance(objective.escaping, StopStudy):
+                        raise objective.escaping.error from None
+                    if objective.escaping is not None:
+                        raise objective.escaping from None
                     if not _taken_over(study, objective.trial_id, exc):
                         raise
                     log(

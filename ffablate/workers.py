@@ -53,9 +53,8 @@ def _signals_deferred() -> Iterator[None]:
         yield
         return
     noted: list[int] = []
-    previous = {
-        signum: signal.signal(signum, lambda signum, frame: noted.append(signum)) for signum in DEFERRED_SIGNALS
-    }
+    handled = [signum for signum in DEFERRED_SIGNALS if signal.getsignal(signum) is not signal.SIG_IGN]
+    previous = {signum: signal.signal(signum, lambda signum, frame: noted.append(signum)) for signum in handled}
     try:
         yield
     finally:

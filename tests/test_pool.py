@@ -155,6 +155,14 @@ def test_fused_op_runs_where_it_applies_and_aten_elsewhere(monkeypatch: pytest.M
     assert torch.equal(x, torch.arange(-16.0, 16.0).reshape(1, 2, 4, 4))
 
 
+def test_channels_last_input_and_its_views_are_told_apart() -> None:
+    """CUDA leaves them to ATen, whose NHWC kernel it would otherwise contradict on a -0 gradient."""
+    base = torch.randn(2, 8, 6, 6)
+    channels_last = base.to(memory_format=torch.channels_last)
+    assert ops._channels_innermost(channels_last) and ops._channels_innermost(channels_last[:, :, 1:5, 1:5])
+    assert not any(ops._channels_innermost(x) for x in (base, base.transpose(2, 3), base[:, ::2]))
+
+
 def test_backward_is_one_kernel_call() -> None:
     """Autograd must not zero-fill a gradient for the argmax output that nothing reads."""
     x = torch.randn(4, 3, 8, 8, requires_grad=True)

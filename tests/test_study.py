@@ -389,6 +389,21 @@ def test_a_trial_failed_as_stale_while_its_process_was_stopped_is_dropped(tmp_pa
     assert states.count(TrialState.COMPLETE) == 2 and states[taken[0]] == TrialState.FAIL  # the other points ran
 
 
+@pytest.mark.parametrize("escaping", [KeyboardInterrupt, RuntimeError])
+def test_an_exception_from_a_taken_over_trial_still_ends_the_run(tmp_path, monkeypatch, escaping):
+    # Optuna raises "Cannot tell a FAIL trial" in place of the objective's own exception: a Ctrl-C (or a bug) on a
+    # trial another run had failed was taken for a takeover, and the run went on with signals already ignored.
+    def taken_over_then_raises(self, trial, config, role):  # noqa: ANN001, ANN202
+        trial.study._storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
+        raise escaping("stop here")
+
+    monkeypatch.setattr(studies.Objective, "_train", taken_over_then_raises)
+    plan = specs.load(str(write_spec(tmp_path, GRID, seeds=1))).plan("smoke")
+    with pytest.raises(escaping):
+        studies.run_study(plan, storage_url=storage_url(tmp_path))
+    assert len(trials_of(storage_url(tmp_path), "tiny-smoke")) == 1  # no second trial started
+
+
 @pytest.mark.filterwarnings("ignore:Heartbeat of storage is supposed to be used with Study.optimize")
 def test_a_trial_whose_heartbeat_stopped_on_another_host_is_freed(tmp_path, monkeypatch):
     # It stayed RUNNING for good: Optuna fails stale trials only as a trial starts, and its point counted as
@@ -1284,6 +1299,19 @@ def test_a_terminated_study_stores_why_its_trial_stopped(tmp_path, signals):
     assert proc.returncode == 130 and err.decode().strip().splitlines()[-1].startswith("ffablate: interrupted; ")
     (stopped,) = [t for t in trials_of(url, "tiny-smoke") if t.state != TrialState.COMPLETE]
     assert stopped.state == TrialState.FAIL and results.fail_reason(stopped) == "interrupted"
+
+
+def test_an_ignored_sigint_stays_ignored_while_workers_fork():
+    from ffablate import workers
+
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        with workers._signals_deferred():
+            assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+            assert signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL  # noted, not acted on
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def test_the_first_interrupt_ignores_the_next_ones():
