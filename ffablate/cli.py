@@ -51,7 +51,10 @@ class VersionAction(argparse.Action):
     def __call__(self, parser: argparse.ArgumentParser, *args: Any) -> NoReturn:
         import torch
 
-        print(f"ffablate {__version__} (torch {torch.__version__})")
+        from ffablate.revision import source_revision
+
+        commit = source_revision()
+        print(f"ffablate {__version__}{f' at {commit}' if commit else ''} (torch {torch.__version__})")
         parser.exit()
 
 

@@ -64,8 +64,11 @@ def test_plugin_kind_is_case_insensitive_and_version_names_torch(capsys):
         main(["--version"])
     assert exc_info.value.code == 0
     from ffablate import __version__
+    from ffablate.revision import source_revision
 
-    assert capsys.readouterr().out.strip() == f"ffablate {__version__} (torch {torch.__version__})"
+    commit = source_revision()  # tested with the run records (test_train_json_holds_the_promised_fields)
+    at = f" at {commit}" if commit else ""
+    assert capsys.readouterr().out.strip() == f"ffablate {__version__}{at} (torch {torch.__version__})"
 
 
 def test_bench_kernels_piped_is_wide_and_without_the_cuda_home_warning(capsys, monkeypatch):

@@ -6,13 +6,11 @@ import math
 import platform
 import random
 import resource
-import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from functools import cache
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -23,6 +21,7 @@ from ffablate import __version__, ops
 from ffablate.config import RunConfig
 from ffablate.data import DeviceLoader, ImageDataset, dataset_stats, limit_split, load_dataset
 from ffablate.errors import ConfigError, FFablateError
+from ffablate.revision import source_revision
 
 Progress = Callable[[int, int, dict[str, float]], None]
 EpochCallback = Callable[[int, dict[str, float]], None]
@@ -281,29 +280,6 @@ def versions() -> dict[str, str]:
         "python": platform.python_version(),
         "cuda": str(torch.version.cuda),
     }
-
-
-@cache
-def source_revision() -> str:
-    """The git commit of the ffablate source this process runs, with "+dirty" when tracked files differ from it;
-    "" for an installed copy (no checkout) or when git cannot say. The version number alone does not pin the
-    numerics: it stays the same across commits that change them."""
-    root = Path(__file__).resolve().parents[2]
-    if not (root / ".git").exists():
-        return ""
-    try:
-
-        def git(*args: str) -> str:
-            done = subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True, timeout=30)
-            if done.returncode:
-                raise OSError(done.stderr)
-            return done.stdout.strip()
-
-        head = git("rev-parse", "HEAD")
-        dirty = git("status", "--porcelain", "--untracked-files=no")
-    except (OSError, subprocess.SubprocessError):
-        return ""
-    return head + ("+dirty" if dirty else "")
 
 
 def finish(
