@@ -86,7 +86,8 @@ FATES = {
     "retry": " (not for good: rerunning the study runs this point again)",
     "rerun": " (its point finished in another trial, which is the one counted)",
     "replaced": " (a search does not run a point again: later trials sample new ones)",
-    "unknown": "",
+    # Its point, if it had drawn one, was never recorded as taken: the grid hands it out again.
+    "unknown": " (no configuration was recorded for it, so no point waits on it)",
 }
 
 

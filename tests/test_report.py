@@ -740,7 +740,8 @@ def test_the_report_lists_every_failed_trial_with_a_reason_or_the_words_that_non
         f"- goodness=meansq (seed 1): {none} ({again})",
         f"- bp-deepsup (seed 1): {none} (not for good: rerunning the study runs this point again)",
         f"- goodness=meansq (seed 0): {none} ({again})",
-        f"- trial 6 (it died before recording its configuration): {none}",
+        f"- trial 6 (it died before recording its configuration): {none} (no configuration was recorded for it, so "
+        "no point waits on it)",
     ]
     assert [f["fate"] for f in json.loads(results.to_json(results.summarize(study)))["failed_trials"]] == [
         "rerun",
