@@ -10,7 +10,7 @@ from torch import Tensor, nn
 
 from ffablate import ops
 from ffablate.config import RunConfig
-from ffablate.errors import ConfigError
+from ffablate.errors import ConfigError, described
 from ffablate.paths import NormPaths
 from ffablate.plugins import Registry, registry
 
@@ -42,8 +42,11 @@ class Backbone(nn.Module):
     feeds block l+1; the readout path gives block l's features (N, F_l).
     """
 
-    def __init__(self, config: RunConfig, in_shape: tuple[int, int, int], make_norm: NormFactory):
+    def __init__(
+        self, config: RunConfig, in_shape: tuple[int, int, int], make_norm: NormFactory, norm_label: str = "norm"
+    ):
         super().__init__()
+        self.norm_label = norm_label
         widths = config.widths
         self.flatten_input = config.backbone == "mlp"
         if self.flatten_input:
@@ -62,7 +65,8 @@ class Backbone(nn.Module):
         return x.flatten(1) if self.flatten_input else x
 
     def block_paths(self, index: int, x: Tensor) -> NormPaths:
-        return self.norms[index](self.blocks[index](x))
+        h = self.blocks[index](x)
+        return checked_paths(self.norms[index](h), h, self.feature_dims[index], self.norm_label)
 
     def forward(self, x: Tensor) -> list[Tensor]:
         """End-to-end pass (BP): every block's readout features, gradients flowing through the forward path."""
@@ -73,6 +77,28 @@ class Backbone(nn.Module):
             features.append(paths.readout)
             x = paths.forward
         return features
+
+
+def checked_paths(paths: object, h: Tensor, width: int, label: str) -> NormPaths:
+    """``paths`` if it is what the goodness plugins, the next block and the readout take from a norm plugin
+    ``label``: a NormPaths of floating tensors, the forward output shaped as the block's output ``h``, the readout
+    features (N, width), a goodness input per sample. A wrong one would fail far from the plugin, in a built-in
+    goodness or fusion, or train silently on the wrong features. Metadata only, so no host sync."""
+    n = h.shape[0]
+    fields = ("goodness_input", "forward", "readout")
+    if not isinstance(paths, NormPaths):
+        problem = f"{described(paths)}, not an ffablate.paths.NormPaths"
+    elif not all(isinstance(getattr(paths, f), Tensor) and getattr(paths, f).is_floating_point() for f in fields):
+        problem = "a NormPaths whose " + ", ".join(f"{f} is {described(getattr(paths, f))}" for f in fields)
+    elif paths.forward.shape != h.shape:
+        problem = f"a forward output of shape {tuple(paths.forward.shape)} for a block output of {tuple(h.shape)}"
+    elif paths.readout.shape != (n, width):
+        problem = f"readout features of shape {tuple(paths.readout.shape)}, not (N, F) = ({n}, {width})"
+    elif paths.goodness_input.dim() < 2 or paths.goodness_input.shape[0] != n:
+        problem = f"a goodness input of shape {tuple(paths.goodness_input.shape)} for {n} samples"
+    else:
+        return paths
+    raise ConfigError(f"{label} returned {problem} (see ffablate_register_norm in ffablate/hookspecs.py)")
 
 
 def built_module(built: object, label: str) -> nn.Module:
@@ -90,4 +116,4 @@ def build_backbone(config: RunConfig, in_shape: tuple[int, int, int], plugins: R
     def make_norm(width: int) -> nn.Module:
         return built_module(plugin.create(config.params_of("norm"), num_features=width), plugin.label)
 
-    return Backbone(config, in_shape, make_norm)
+    return Backbone(config, in_shape, make_norm, plugin.label)

@@ -235,6 +235,29 @@ def _check_kind(kind: str) -> str:
     return kind
 
 
+# What the trainer passes each kind's factory by keyword (hookspecs.py); any other argument needs a default.
+CONTEXT_ARGS = {
+    "norm": ("num_features",),
+    "fusion": ("num_layers", "num_classes", "feature_dims"),
+    "datasets": ("roots", "download"),
+}
+
+
+def _required_args(kind: str, factory: Callable[..., Any]) -> list[str]:
+    """The factory's arguments without a default that the trainer does not pass: a run could never build it."""
+    try:
+        parameters = inspect.signature(factory).parameters.values()
+    except (TypeError, ValueError):  # a callable without a signature (some builtins): nothing to check
+        return []
+    return [
+        p.name
+        for p in parameters
+        if p.default is inspect.Parameter.empty
+        and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
+        and p.name not in CONTEXT_ARGS.get(kind, ())
+    ]
+
+
 def _params_of(factory: Callable[..., Any]) -> dict[str, Any]:
     """The factory's keyword parameters with defaults (``**kwargs`` names none: nothing says what it takes)."""
     return {
@@ -262,6 +285,16 @@ def _check_registration(
     if not isinstance(description, str) or not description.strip():
         raise _registration_error(
             kind, name, plugin, 'give it a one-line description: register(name, factory, "what it does")'
+        )
+    required = _required_args(kind, factory)
+    if required:
+        passed = ", ".join(CONTEXT_ARGS.get(kind, ())) or "no argument"
+        raise _registration_error(
+            kind,
+            name,
+            plugin,
+            f"its factory's argument {required[0]!r} has no default: give it one (parameters are the keyword "
+            f"arguments with defaults, set with --set {kind}.{required[0]}=...; ffablate passes {passed} itself)",
         )
 
 

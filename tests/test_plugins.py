@@ -13,6 +13,7 @@ import torch
 from ffablate import hookimpl
 from ffablate.cli import main
 from ffablate.errors import ConfigError, DataError, FFablateWarning, UnknownPlugin
+from ffablate.paths import NormPaths
 from ffablate.plugins import HOOKS, KINDS, Plugin, Registry, add_plugin, make_plugin_manager, registry, remove_plugin
 from tests.conftest import tiny_args
 
@@ -598,6 +599,61 @@ def test_a_bad_search_space_is_refused_at_registration(space, factory, message):
         ConfigError, match=rf"goodness plugin 'probe' registered by the plugin [\w.]*OnePlugin: .*{message}"
     ):
         _registry_with(OnePlugin("goodness", factory, space))
+
+
+def test_a_factory_argument_without_default_is_refused_at_registration():
+    # It was listed with no parameters, then failed to build ("missing 'rate'"), and --set temperature.rate=2 said
+    # it had no parameter 'rate'.
+    class NoDefault:
+        def __init__(self, rate: float):
+            self.rate = rate
+
+    with pytest.raises(
+        ConfigError, match=r"temperature plugin 'probe' .*: its factory's argument 'rate' has no default: give it one"
+    ):
+        _registry_with(OnePlugin("temperature", NoDefault))
+    # What the trainer passes (a norm's num_features) needs none.
+    assert _registry_with(OnePlugin("norm", lambda num_features, eps=1e-5: None)).get("norm", "probe").params == {
+        "eps": 1e-5
+    }
+
+
+class _PathsAs(torch.nn.Module):
+    """A norm returning ``make(h)`` instead of proper NormPaths."""
+
+    def __init__(self, make):  # noqa: ANN001
+        super().__init__()
+        self.make = make
+
+    def forward(self, h: torch.Tensor):  # noqa: ANN201
+        return self.make(h)
+
+
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (lambda h: h, r"returned a torch.float32 tensor of shape \(50, 20, 14, 14\), not an ffablate.paths.NormPaths"),
+        (lambda h: (h, h, h), "returned a tuple, not an ffablate.paths.NormPaths"),
+        (
+            lambda h: NormPaths(h, h, h),
+            r"returned readout features of shape \(50, 20, 14, 14\), not \(N, F\) = \(50, 20\)",
+        ),
+        (lambda h: NormPaths(h, h[:, :2], h.mean((2, 3))), r"a forward output of shape \(50, 2, 14, 14\) for a block"),
+        (lambda h: NormPaths(h, h, h.mean((2, 3)).long()), r"readout is a torch.int64 tensor"),
+    ],
+)
+@pytest.mark.parametrize("method", ["ff", "bp-deepsup"])
+def test_a_norm_that_returns_the_wrong_paths_fails_in_one_line(capsys, make, message, method):
+    # A tensor or tuple ended in an AttributeError inside the built-in goodness; a 4-D readout trained silently
+    # under the default fusion and crashed the readout fusion and BP's heads.
+    plugin = OnePlugin("norm", lambda num_features: _PathsAs(make))
+    add_plugin(plugin)
+    try:
+        assert main(["train", *tiny_args("--set", "norm=probe", "--set", f"method={method}")]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and "norm plugin 'probe'" in err and re.search(message, err), err
+    finally:
+        remove_plugin(plugin)
 
 
 def test_a_good_search_space_registers():
