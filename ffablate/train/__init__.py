@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 from ffablate import ops
 from ffablate.config import FF_METHODS, RunConfig
 from ffablate.data import dataset_params
@@ -57,12 +59,11 @@ def run(
     trainer = build_trainer(config, data_root=data_root, download=download, plugins=plugins, data=data)
     result = trainer.fit(progress=progress, on_epoch=on_epoch)
     config = trainer.config
-    result.plugin_params = used_params(config, plugins, ("norm", *(FF_KINDS if config.method in FF_METHODS else ())))
-    dataset = plugins.get("datasets", config.dataset)
-    result.plugin_params["datasets"] = {
-        **dataset.params,
-        **dataset_params(dataset, config.params_of("datasets"), config.classes),
-    }
+    # The dataset's parameters as the load passed them (classes=K is teacher-student's k), then the one record.
+    given = dataset_params(plugins.get("datasets", config.dataset), config.params_of("datasets"), config.classes)
+    config = dataclasses.replace(config, plugin_params={**config.plugin_params, "datasets": given})
+    kinds = ("datasets", "norm", *(FF_KINDS if config.method in FF_METHODS else ()))
+    result.plugin_params = used_params(config, plugins, kinds)
     return result
 
 
