@@ -289,7 +289,7 @@ def test_a_diverged_step_names_its_first_bad_loss_and_updates_nothing(tiny_confi
     x = x.clone()
     x[-1] = float("nan")  # the last micro-batch only: the losses of the chunks before it stay finite
     is_ff = method.startswith("ff")
-    with pytest.raises(TrainingDiverged, match="at block 0;" if is_ff else "at bp step;"):
+    with pytest.raises(TrainingDiverged, match=r"at block 0 \(loss plugin .*\);" if is_ff else "at bp step;"):
         if is_ff:
             trainer.train_step(x, y, 0.0, range(trainer.net.depth), True)
         else:
@@ -436,6 +436,22 @@ def test_a_temperature_that_is_not_one_number_is_refused_before_any_update(tiny_
     plugins = Registry(make_plugin_manager((_TemperaturePlugin(value_of),)))
     trainer = build_trainer(tiny_config.with_updates({"temperature": "probe"}), plugins=plugins)
     _assert_refused_before_any_update(trainer, f"temperature plugin 'probe' .* returned {got}; a temperature must be")
+
+
+@pytest.mark.parametrize("value", [0, -0.5, float("inf"), float("nan")])
+def test_a_temperature_number_that_is_not_positive_and_finite_is_refused(tiny_config, value):
+    plugins = Registry(make_plugin_manager((_TemperaturePlugin(lambda g: value),)))
+    trainer = build_trainer(tiny_config.with_updates({"temperature": "probe"}), plugins=plugins)
+    match = rf"temperature plugin 'probe' .* returned {value} at progress 0.000 for block 0; a temperature must be pos"
+    _assert_refused_before_any_update(trainer, match)
+
+
+def test_a_zero_temperature_tensor_diverges_naming_the_blocks_plugins(tiny_config):
+    plugins = Registry(make_plugin_manager((_TemperaturePlugin(lambda g: torch.tensor(0.0)),)))
+    trainer = build_trainer(tiny_config.with_updates({"temperature": "probe"}), plugins=plugins)
+    x, y = next(iter(trainer.data.train))
+    with pytest.raises(TrainingDiverged, match=r"at block 0 \(loss plugin .*, temperature plugin 'probe' .*\);"):
+        trainer.train_step(x, y, 0.0, range(trainer.net.depth), True)
 
 
 def _assert_refused_before_any_update(trainer, match: str) -> None:

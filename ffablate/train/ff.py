@@ -8,6 +8,7 @@ The fusion (readout) is fit on detached scores/features with an optimizer of its
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -99,6 +100,13 @@ class FFNet(nn.Module):
         if isinstance(t, Tensor) and t.dim() == 0 and t.is_floating_point():
             return t
         if isinstance(t, (int, float)) and not isinstance(t, bool):
+            # A number costs nothing to check; a tensor's value would cost a host sync, so a tensor that is 0
+            # shows up as a diverged loss whose message names this plugin.
+            if not (math.isfinite(t) and t > 0):
+                raise ConfigError(
+                    f"{self.labels['temperature']} returned {t} at progress {progress:.3f} for block {index}; a "
+                    "temperature must be positive and finite"
+                )
             return t
         raise ConfigError(
             f"{self.labels['temperature']} returned {described(t)}; a temperature must be a number or a 0-dim "
@@ -362,7 +370,7 @@ class FFTrainer:
                 temperature = net.temperature(index, progress, g.detach())
                 loss = net.block_loss(g_pos, g_neg, y, temperature)
                 (loss * weight).backward()
-                losses.append((f"block {index}", loss))
+                losses.append((f"block {index} ({net.labels['loss']}, {net.labels['temperature']})", loss))
             # The detach boundary: block ``index``'s graph dies here.
             h = forward.detach()
             scores.append(g_pos.detach())
