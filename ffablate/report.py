@@ -71,6 +71,8 @@ def _markdown(summary: results.Summary, plots: list[tuple[str, str]], importance
     lines += _md_table(results.TABLE_COLUMNS, results.table_rows(summary, top=15))
     if summary.not_started:
         lines += ["", f"Not started yet ({len(summary.not_started)}): " + ", ".join(summary.not_started) + "."]
+    if summary.versions:
+        lines += ["", f"Software: {results.versions_line(summary)}."]
     if summary.failures:
         lines += ["", "## Failed trials", "", *map(_failed_line, summary.failures)]
     lines += ["", "## Plots", ""]

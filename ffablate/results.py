@@ -155,6 +155,9 @@ class Summary:
     states: dict[str, int]
     failures: list[FailedTrial] = field(default_factory=list)  # every FAIL trial, in trial order
     not_started: list[str] = field(default_factory=list)  # a grid's configurations with no trial yet, spec order
+    # The software the completed trials ran under, each distinct set with its trial count, first seen first: a
+    # study resumed after an upgrade holds more than one.
+    versions: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def ff(self) -> list[Row]:
@@ -328,7 +331,31 @@ def summarize(study: optuna.Study) -> Summary:
     if search and meta.get("baseline_untuned") is None and all(len(group) == 1 for group in by_match.values()):
         meta["baseline_untuned"] = _untuned_from_trials(trials, meta)
     not_started = [] if search else [label for label in order if label not in rows]
-    return Summary(study.study_name, meta, ordered, len(trials), dict(states), failures, not_started)
+    summary = Summary(study.study_name, meta, ordered, len(trials), dict(states), failures, not_started)
+    summary.versions = _versions(trials)
+    return summary
+
+
+def _versions(trials: list[FrozenTrial]) -> list[dict[str, Any]]:
+    counts: dict[str, int] = {}
+    for t in trials:
+        if t.state == TrialState.COMPLETE and "versions" in t.user_attrs:
+            key = json.dumps(t.user_attrs["versions"], sort_keys=True)
+            counts[key] = counts.get(key, 0) + 1
+    return [{"versions": json.loads(key), "trials": n} for key, n in counts.items()]
+
+
+def versions_line(summary: Summary) -> str:
+    """One line naming the software the completed trials ran under ("" when none recorded it)."""
+    parts = []
+    for entry in summary.versions:
+        v = entry["versions"]
+        commit = f" ({v['ffablate_commit']})" if v.get("ffablate_commit") else ""
+        parts.append(
+            f"ffablate {v.get('ffablate')}{commit}, torch {v.get('torch')}, Python {v.get('python')}, "
+            f"CUDA {v.get('cuda')}: {entry['trials']} completed trial{'s' if entry['trials'] != 1 else ''}"
+        )
+    return "; ".join(parts)
 
 
 def _untuned_from_trials(trials: list[FrozenTrial], meta: dict[str, Any]) -> dict[str, str]:
@@ -739,6 +766,7 @@ def to_json(summary: Summary) -> str:
         "rows": [r.to_dict() for r in summary.rows],
         "failed_trials": [vars(f) for f in summary.failures],
         "not_started": summary.not_started,
+        "versions": summary.versions,
     }
     return json.dumps(_finite(payload), default=str, allow_nan=False)
 

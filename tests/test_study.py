@@ -362,6 +362,10 @@ def test_a_half_finished_study_names_the_configurations_not_started(tmp_path):
     assert json.loads(results.to_json(summary))["not_started"] == summary.not_started
     report = write_report(run.study, tmp_path / "report").read_text()
     assert "Not started yet (2): temperature=cosine, temperature=linear." in report
+    # The software its completed trials ran under, which only each trial held before.
+    (entry,) = json.loads(results.to_json(summary))["versions"]
+    assert entry["trials"] == 2 and entry["versions"]["torch"] == torch.__version__
+    assert f"Software: ffablate {entry['versions']['ffablate']} (" in report and "2 completed trials." in report
 
 
 def test_a_trial_failed_as_stale_while_its_process_was_stopped_is_dropped(tmp_path, monkeypatch):
