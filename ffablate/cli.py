@@ -219,10 +219,22 @@ def progress_bar(label: str, enabled: bool = True) -> Iterator[Callable[[int, in
         yield update
 
 
+def _retain_cpu_memory(device: str) -> None:
+    """Keep freed CPU memory in this process (``ops.retain_cpu_memory``): evaluation runs at batch 1000, whose
+    activations (100 MB for a 28 px block of 32 channels) glibc would otherwise map afresh and fault in on every
+    batch, which halved its speed (4,500 against 9,100 test images/s, docs/benchmarks.md). Training's own batches
+    were as fast either way and its peak memory the same; an entry point's choice, never an import's."""
+    if device == "cpu":
+        from ffablate import ops
+
+        ops.retain_cpu_memory()
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from ffablate.train import run
 
     config = run_config_from_args(args)
+    _retain_cpu_memory(config.device)
     with progress_bar(f"{config.method} on {config.dataset}", enabled=stderr.is_terminal) as update:
         result = run(config, data_root=args.data_root, download=args.download, progress=update)
     if args.json:
@@ -357,6 +369,7 @@ def cmd_study(args: argparse.Namespace) -> int:
     # Mistakes of the machine, not of one configuration, fail here: inside a trial they would fail it for good.
     resolve_device(args.device)
     ops.backend(args.device)
+    _retain_cpu_memory(args.device)
     plan = spec.load(args.name).plan(args.budget, study.available_datasets(args.data_root))
     source = None
     if args.recipe_from:
