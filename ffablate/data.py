@@ -67,6 +67,10 @@ class ImageDataset:
     # A validation split held out of the training images (hold_out_validation); None when there is none.
     val_x: Tensor | None = None
     val_y: Tensor | None = None
+    # The labels subsets are stratified by when they are not train_y/test_y: the fine labels once coarse ones are
+    # swapped in, so that a coarse and a fine run of one seed hold out, keep and test on the same images.
+    strata_train_y: Tensor | None = None
+    strata_test_y: Tensor | None = None
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
@@ -331,6 +335,8 @@ def use_coarse_labels(ds: ImageDataset) -> ImageDataset:
         coarse_train_y=None,
         coarse_test_y=None,
         coarse_names=None,
+        strata_train_y=ds.train_y,
+        strata_test_y=ds.test_y,
     )
 
 
@@ -343,19 +349,28 @@ def first_classes(ds: ImageDataset, k: int) -> ImageDataset:
     if k == ds.num_classes:
         return ds
     train, test = ds.train_y < k, ds.test_y < k
-    coarse = {}
-    if ds.coarse_train_y is not None and ds.coarse_test_y is not None:
-        coarse = {"coarse_train_y": ds.coarse_train_y[train], "coarse_test_y": ds.coarse_test_y[test]}
     return replace(
         ds,
-        train_x=ds.train_x[train],
-        train_y=ds.train_y[train],
-        test_x=ds.test_x[test],
-        test_y=ds.test_y[test],
+        **_rows(ds, "train", train),
+        **_rows(ds, "test", test),
         num_classes=k,
         class_names=ds.class_names[:k],
-        **coarse,
     )
+
+
+def _rows(ds: ImageDataset, split: str, index: Tensor) -> dict[str, Tensor]:
+    """``split``'s images and every label set of them (labels, coarse labels, strata) at ``index``."""
+    fields = {f"{split}_x": ds.train_x if split == "train" else ds.test_x}
+    for name in (f"{split}_y", f"coarse_{split}_y", f"strata_{split}_y"):
+        if getattr(ds, name) is not None:
+            fields[name] = getattr(ds, name)
+    return {name: value[index] for name, value in fields.items()}
+
+
+def strata(ds: ImageDataset, split: str) -> Tensor:
+    """The labels ``split``'s subsets are drawn by: the fine ones, also where coarse labels are in use."""
+    kept = getattr(ds, f"strata_{split}_y")
+    return getattr(ds, f"{split}_y") if kept is None else kept
 
 
 def stratified_indices(labels: Tensor, n: int, seed: int) -> Tensor:
@@ -382,15 +397,10 @@ def limit_split(ds: ImageDataset, split: str, n: int, seed: int) -> ImageDataset
     """A seeded, class-stratified subset of ``n`` images of ``split`` ("train" or "test"); 0 keeps them all."""
     if n < 0:
         raise ConfigError(f"limit_{split}={n}: give a positive number of {split} images (0 keeps them all)")
-    labels = getattr(ds, f"{split}_y")
+    labels = strata(ds, split)
     if n == 0 or n >= len(labels):
         return ds
-    idx = stratified_indices(labels, n, seed)
-    subset = {f"{split}_x": getattr(ds, f"{split}_x")[idx], f"{split}_y": labels[idx]}
-    coarse = getattr(ds, f"coarse_{split}_y")
-    if coarse is not None:
-        subset[f"coarse_{split}_y"] = coarse[idx]
-    return replace(ds, **subset)
+    return replace(ds, **_rows(ds, split, stratified_indices(labels, n, seed)))
 
 
 def hold_out_validation(ds: ImageDataset, n: int) -> ImageDataset:
@@ -400,8 +410,9 @@ def hold_out_validation(ds: ImageDataset, n: int) -> ImageDataset:
     (``stratified_indices``), so each class gives n / K images (within one); a class with fewer gives all it has
     and the others make up the rest. On an imbalanced dataset the validation split is therefore more balanced
     than the training and test splits.
-    The set depends on the dataset and its label options (labels, classes; seed 0), never on a run's seed: every
-    run of a study, FF and BP alike, selects and prunes on the same images, and none of them trains on those.
+    The set depends on the dataset and its classes option (seed 0; with coarse labels it is drawn by the fine
+    ones), never on a run's seed: every run of a study, FF and BP alike, selects and prunes on the same images,
+    and none of them trains on those.
     """
     if n < 0:
         raise ConfigError(f"val_images={n}: give a positive number of images to hold out (0 holds out none)")
@@ -411,14 +422,11 @@ def hold_out_validation(ds: ImageDataset, n: int) -> ImageDataset:
         raise ConfigError(
             f"val_images={n} would leave no training images ({ds.name} has {len(ds.train_y)}); hold out fewer"
         )
-    held = stratified_indices(ds.train_y, n, seed=0)
+    held = stratified_indices(strata(ds, "train"), n, seed=0)
     kept = torch.ones(len(ds.train_y), dtype=torch.bool)
     kept[held] = False
     rest = kept.nonzero().squeeze(1)
-    coarse = {} if ds.coarse_train_y is None else {"coarse_train_y": ds.coarse_train_y[rest]}
-    return replace(
-        ds, train_x=ds.train_x[rest], train_y=ds.train_y[rest], val_x=ds.train_x[held], val_y=ds.train_y[held], **coarse
-    )
+    return replace(ds, **_rows(ds, "train", rest), val_x=ds.train_x[held], val_y=ds.train_y[held])
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -35,6 +35,9 @@ FF_ONLY = RECIPE_KEYS - {"norm"}
 # study stored before one must not resume after it (its trials would mix both), so they enter the fingerprint of
 # plans that use the dataset (and only those: other studies still resume).
 DATA_CHANGES = {"digits": "no crops since 2026-11-27"}
+# The same for a setting: plans whose runs take a subset of a dataset under coarse labels.
+COARSE_SUBSETS_CHANGE = "subsets drawn by the fine labels since 2026-11-27"
+SUBSET_KEYS = ("limit_train", "limit_test", "val_images")
 STUDY_KEYS = {"seeds", "n_trials", "axes"}  # budget keys that are not RunConfig keys
 MAX_SEEDS = 1000  # a seed count is a range to run: bounded so a typo is a message, not a MemoryError
 STUDIES_DIR = Path(__file__).resolve().parent.parent / "studies"
@@ -182,7 +185,12 @@ class Plan:
     def data_changes(self) -> dict[str, str]:
         """The ``DATA_CHANGES`` of the datasets this plan trains on."""
         used = {str(c.overrides.get("dataset", self.base.get("dataset", RunConfig.dataset))) for c in self.cells}
-        return {d: DATA_CHANGES[d] for d in sorted(used) if d in DATA_CHANGES}
+        changes = {d: DATA_CHANGES[d] for d in sorted(used) if d in DATA_CHANGES}
+        for cell in self.cells:
+            settings = {**self.base_for(cell.overrides), **cell.overrides}
+            if settings.get("labels") == "coarse" and any(settings.get(k) for k in SUBSET_KEYS):
+                changes["labels=coarse"] = COARSE_SUBSETS_CHANGE
+        return changes
 
     def fingerprint(self) -> str:
         """Identifies what the trials mean; resuming a study made from a different plan would mix results."""

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from ffablate import data, hookimpl
-from ffablate.data import DeviceLoader, ImageDataset, MalformedFile, load_dataset
+from ffablate.data import DeviceLoader, ImageDataset, MalformedFile, limit_split, load_dataset
 from ffablate.errors import ChecksumMismatch, ConfigError, DataError, DataNotFound, FFablateWarning
 from ffablate.plugins import add_plugin, remove_plugin
 
@@ -250,6 +250,23 @@ def test_fashion_coarse_labels_and_subsets(fashion, monkeypatch):
     again = load_dataset("fashion-mnist", limit_train=1000, seed=3)
     other = load_dataset("fashion-mnist", limit_train=1000, seed=4)
     assert torch.equal(limited.train_x, again.train_x) and not torch.equal(limited.train_x, other.train_x)
+
+
+def test_coarse_and_fine_runs_of_one_seed_use_the_same_images(fashion, monkeypatch):
+    # The label-hierarchy study pairs coarse and fine runs by seed; limited coarse runs were drawn by the coarse
+    # labels and shared only 1,400 of 1,500 training and 933 of 1,000 test images with the fine ones.
+    monkeypatch.setattr(data, "_dataset_plugin", lambda name: _FixedPlugin(fashion))
+    runs = {}
+    for labels in ("fine", "coarse"):
+        ds = load_dataset("fashion-mnist", labels=labels, limit_train=1500, val_images=500, seed=2)
+        runs[labels] = limit_split(ds, "test", 1000, seed=0)
+    fine, coarse = runs["fine"], runs["coarse"]
+    for split in ("train_x", "val_x", "test_x"):
+        assert torch.equal(getattr(fine, split), getattr(coarse, split)), split
+    assert torch.bincount(fine.test_y).tolist() == [100] * 10
+    table = torch.tensor([0, 2, 0, 2, 0, 1, 0, 1, 2, 1])  # fine -> coarse, as docs/data.md lists it
+    for split in ("train", "val", "test"):
+        assert torch.equal(table[getattr(fine, f"{split}_y")], getattr(coarse, f"{split}_y")), split
 
 
 class _FixedPlugin:
