@@ -64,6 +64,12 @@ class Row:
         return self.base.label if self.base else ""
 
     @property
+    def gap_decisive(self) -> bool:
+        """Whether the gap backs a direction word: its Welch interval does, and its paired one, where both sides ran
+        shared seeds, does not reach zero (a negative correlation between the sides' seeds makes it the wider)."""
+        return self.gap.decisive and (not self.gap_paired.has_ci or self.gap_paired.excludes_zero())
+
+    @property
     def baseline_n(self) -> int:
         return self.base.n if self.base else 0
 
@@ -552,7 +558,8 @@ TABLE_COLUMNS = [
 
 # ----------------------------------------------------------------------------------------------------
 # Answers: one sentence computed from the numbers. A direction word ("ahead", "behind", "widens") is written
-# only where a 95% interval backs it (``Estimate.decisive``); every gap carries its seed counts.
+# only where a 95% interval backs it (``Estimate.decisive``; for an FF−BP gap ``Row.gap_decisive``: Welch and, over
+# shared seeds, paired); every gap carries its seed counts.
 
 
 def _seeds(n_a: int, n_b: int) -> str:
@@ -567,6 +574,12 @@ def _pp(e: Estimate, n_a: int, n_b: int) -> str:
     return f"{fmt(e, signed=True, unit=' pp')}, {_seeds(n_a, n_b)}"
 
 
+def _paired(row: Row) -> str:
+    if not row.gap_paired.has_ci:
+        return ""
+    return f", paired over {row.gap_paired.n} seeds {fmt(row.gap_paired, signed=True, unit=' pp')}"
+
+
 def _versus_baseline(row: Row) -> str:
     """How an FF row stands against its baseline, in words its Welch interval backs; the paired interval
     follows where both ran the same seeds, and how the baseline was chosen where several levels of it ran."""
@@ -574,7 +587,7 @@ def _versus_baseline(row: Row) -> str:
     if row.gap_paired.has_ci:
         gap += f"; paired over the {row.gap_paired.n} shared seeds {fmt(row.gap_paired, signed=True, unit=' pp')}"
     choice = f" ({row.baseline} is {row.base_choice})" if row.base_choice else ""
-    if row.gap.decisive:
+    if row.gap_decisive:
         return f"it is {'ahead of' if row.gap.mean > 0 else 'behind'} {row.baseline} ({gap}){choice}"
     if row.gap.has_ci and not row.gap.no_spread:
         return f"it is not distinguishable from {row.baseline} ({gap}){choice}"
@@ -676,7 +689,7 @@ def _answer_k_sweep(summary: Summary) -> str:
         text = f"{group}: FF−BP gap {_pp(r0.gap, r0.n, r0.baseline_n)} at K={k0}"
         if r1 is not r0:
             text += f" → {_pp(r1.gap, r1.n, r1.baseline_n)} at K={k1}"
-        side = f"FF {'ahead' if r1.gap.mean > 0 else 'behind'}" if r1.gap.decisive else "no direction claimed"
+        side = f"FF {'ahead' if r1.gap.mean > 0 else 'behind'}" if r1.gap_decisive else "no direction claimed"
         text += f" ({side} at K={k1}"
         if r1 is not r0:
             text += f"; {_trend(r0, b0, r1, b1)}"
@@ -697,7 +710,7 @@ def _trend(r0: Row, b0: Row, r1: Row, b1: Row) -> str:
     moved = f"change {fmt(change, signed=True, unit=' pp')}, n≥{seeds} per side"
     if not change.decisive:
         return f"no change with K resolved: {moved}"
-    if r0.gap.decisive and r1.gap.decisive and (r0.gap.mean > 0) == (r1.gap.mean > 0):
+    if r0.gap_decisive and r1.gap_decisive and (r0.gap.mean > 0) == (r1.gap.mean > 0):
         return f"the gap {'widens' if abs(r1.gap.mean) > abs(r0.gap.mean) else 'narrows'} with K: {moved}"
     return f"the gap moves in {'FF' if change.mean > 0 else 'BP'}'s favour with K: {moved}"
 
@@ -744,11 +757,11 @@ def _answer_bp_gap(summary: Summary) -> str:
     if not rows:
         return "No dataset has both FF and BP results yet."
     # Only a gap whose interval excludes zero counts; the rest are undecided, whatever their sign.
-    behind = sum(r.gap.decisive and r.gap.mean < 0 for r in rows)
-    ahead = sum(r.gap.decisive and r.gap.mean > 0 for r in rows)
-    items = "; ".join(f"{summary.dataset_of(r)} {_pp(r.gap, r.n, r.baseline_n)}" for r in rows)
+    behind = sum(r.gap_decisive and r.gap.mean < 0 for r in rows)
+    ahead = sum(r.gap_decisive and r.gap.mean > 0 for r in rows)
+    items = "; ".join(f"{summary.dataset_of(r)} {_pp(r.gap, r.n, r.baseline_n)}{_paired(r)}" for r in rows)
     undecided = len(rows) - behind - ahead
-    why = " (no 95% interval, one that spans zero, or no spread across seeds)" if undecided else ""
+    why = " (no 95% interval, a Welch or paired one that spans zero, or no spread across seeds)" if undecided else ""
     return (
         f"FF trails {summary.baseline_method} on {behind} of {len(rows)} datasets and leads on {ahead}; "
         f"{undecided} undecided{why} (FF−BP: {items})."

@@ -509,6 +509,21 @@ def test_a_gap_without_spread_on_either_side_claims_no_direction(url):
     assert results.table_rows(summary)[1][3] == "-10.0 ± 0.0 (no spread across seeds) (n=3 vs 3)"
 
 
+def test_a_paired_interval_that_reaches_zero_withholds_the_direction(url):
+    # FF [.80, .82, .84] against BP [.78, .76, .74] on the same seeds: Welch +6.0 ± 4.5 pp excludes zero, the paired
+    # interval (+6.0 ± 9.9, scipy's ttest_rel) does not; the answer said "ahead" from Welch alone.
+    ff = {"last": [{"seed": s, "value": v, "val": v} for s, v in enumerate([0.80, 0.82, 0.84])]}
+    summary = results.summarize(_ablation(url, ff, [0.78, 0.76, 0.74], [0, 1, 2]))
+    (row,) = summary.ff
+    assert row.gap.decisive and not row.gap_paired.excludes_zero() and not row.gap_decisive
+    answer = results.answer(summary)
+    assert (
+        "it is not distinguishable from bp-deepsup (FF−BP +6.0 ± 4.5 pp, n=3 vs 3; paired over the 3 shared seeds"
+        in (answer)
+    )
+    assert "ahead" not in answer
+
+
 def test_the_paired_interval_matches_scipy_and_pairs_by_seed_not_by_order(url):
     from scipy import stats
 
@@ -588,7 +603,9 @@ def test_a_one_dataset_gap_study_names_its_dataset(tmp_path, url, figures):
         trials.append({"cell": "bp-deepsup", "role": "baseline", "value": 0.99, **common})
     meta = {"analysis": "bp-gap", "seeds": [0, 1, 2], "base": {"dataset": "mnist"}}
     study = make_study(url, "mnist-gap-full", meta, trials)
-    assert "(FF−BP: mnist -0.3 ± 0.2 pp, n=3 vs 3)" in results.answer(results.summarize(study))
+    assert "(FF−BP: mnist -0.3 ± 0.2 pp, n=3 vs 3, paired over 3 seeds -0.3 ± 0.2 pp)" in results.answer(
+        results.summarize(study)
+    )
     write_report(study, tmp_path / "out")
     (ax,) = figures["bp_gap.png"].axes
     assert [tick.get_text() for tick in ax.get_xticklabels()] == ["mnist"]
