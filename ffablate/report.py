@@ -399,10 +399,10 @@ def _importance_vs_answer(summary: results.Summary, importances: dict[str, float
     both read the same split, but they measure different things, and a silent disagreement reads as an error."""
     axis = results.most_influential_axis(summary)
     top = next(iter(importances))
-    if axis is None or axis[0] == top or axis[0] not in importances:
+    if axis is None or axis.axis == top or axis.axis not in importances:
         return ""
     return (
-        f" The answer names {axis[0]} because its level means span the widest range; the evaluator ranks {top} "
+        f" The answer names {axis.axis} because its level means span the widest range; the evaluator ranks {top} "
         "first because it weighs each parameter's share of the variance over all trials (seeds included), so the "
         "two can differ when the axes' effects are close or interact."
     )

@@ -9,6 +9,7 @@ import json
 import math
 import os
 import socket
+import statistics
 from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any
@@ -644,7 +645,7 @@ def _answer_ablation(summary: Summary) -> str:
         text += f"; best − worst ({worst.label}) on {split} accuracy, which ranks them, {_pp(gap, best.n, worst.n)}"
     axis = most_influential_axis(summary)
     if axis:
-        text += f"; the {axis[0]} axis moves mean {split} accuracy most ({axis[1] * 100:.1f} pp between its levels)"
+        text += f"; {axis.describe(split)}"
     if best.baseline:
         text += f"; {_versus_baseline(best)}"
         if summary.untuned:
@@ -652,22 +653,58 @@ def _answer_ablation(summary: Summary) -> str:
     return text + "."
 
 
-def most_influential_axis(summary: Summary) -> tuple[str, float] | None:
-    """The axis whose level means (averaged over the other axes) on the ranking split span the widest range."""
-    axes = [a for a, values in summary.axis_levels().items() if len(values) > 1]
-    on_val = summary.selected_on_validation
+@dataclass(frozen=True)
+class AxisSpan:
+    """How far apart an axis's best and worst levels are: ``high`` − ``low`` on the ranking split, each level
+    averaged over the same ``cells`` combinations of the other axes, with a Welch-Satterthwaite interval."""
+
+    axis: str
+    high: str
+    low: str
+    difference: Estimate
+    cells: int
+
+    def describe(self, split: str) -> str:
+        d = self.difference
+        if d.has_ci:
+            size = f"{fmt(d, signed=True, unit=' pp')}, n≥{d.n} seeds a cell"
+        else:
+            size = f"{d.mean * 100:+.1f} pp from one seed a cell: no interval"
+        where = f"{self.cells} combination{'s' if self.cells != 1 else ''} of the other axes"
+        return (
+            f"the {self.axis} axis moves mean {split} accuracy most ({self.high} − {self.low} {size}, over {where} "
+            f"that ran every {self.axis} level)"
+        )
+
+
+def most_influential_axis(summary: Summary) -> AxisSpan | None:
+    """The axis whose best and worst levels lie furthest apart on the ranking split. Each level is averaged over
+    the combinations of the other axes that ran every level of this one with complete rows (a pruned row's
+    surviving seeds are a biased sample, and a level averaged over other cells than its rivals' would mix in those
+    cells' effects). The levels are picked after looking, so the interval is not a test of the axis."""
+    rows = [r for r in summary.ff if r.n and r.complete]
     spans = []
-    for axis in axes:
-        levels: dict[str, list[float]] = defaultdict(list)
-        # Complete rows only, where there are any: a pruned row's surviving seeds are a biased sample.
-        rows = [r for r in summary.ff if r.n and r.complete] or [r for r in summary.ff if r.n]
+    for axis, listed in summary.axis_levels().items():
+        levels = [str(v) for v in listed]
+        if len(levels) < 2:
+            continue
+        by_rest: dict[str, dict[str, Row]] = defaultdict(dict)
         for r in rows:
             if axis in r.overrides:
-                levels[str(r.overrides[axis])].append((r.val if on_val else r.accuracy).mean)
-        means = [sum(v) / len(v) for v in levels.values()]
-        if len(means) > 1:
-            spans.append((axis, max(means) - min(means)))
-    return max(spans, key=lambda s: s[1]) if spans else None
+                rest = json.dumps({k: str(v) for k, v in r.overrides.items() if k != axis}, sort_keys=True)
+                by_rest[rest][str(r.overrides[axis])] = r
+        balanced = [cells for cells in by_rest.values() if set(levels) <= set(cells)]
+        if not balanced:
+            continue
+        m = len(balanced)
+        means = {
+            level: sum(statistics.fmean(summary.ranking_values(c[level])) for c in balanced) / m for level in levels
+        }
+        high, low = max(levels, key=means.__getitem__), min(levels, key=means.__getitem__)
+        terms = [(1 / m, summary.ranking_values(c[high])) for c in balanced]
+        terms += [(-1 / m, summary.ranking_values(c[low])) for c in balanced]
+        spans.append(AxisSpan(axis, high, low, contrast_ci(terms), m))
+    return max(spans, key=lambda s: s.difference.mean) if spans else None
 
 
 def k_sweep_series(summary: Summary) -> dict[str, list[tuple[int, Row]]]:

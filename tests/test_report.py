@@ -673,6 +673,37 @@ def _temperature_by_norm(url: str, ff: dict[tuple[str, str], dict], bp: dict[str
     return make_study(url, "hm-smoke", {"analysis": "ablation", "axes": axes, "seeds": [0]}, trials)
 
 
+def test_the_leading_axis_compares_its_levels_over_the_same_cells_with_an_interval(url):
+    # norm moves accuracy by exactly 20 pp under either temperature, but cosine/none lost a seed: averaged over
+    # whichever rows were complete, norm's levels spanned 15 pp, printed bare ("15.0 pp between its levels").
+    runs = {
+        ("constant", "none"): [0.50, 0.52, 0.54],
+        ("constant", "decoupled"): [0.30, 0.32, 0.34],
+        ("cosine", "none"): [0.60, 0.62],
+        ("cosine", "decoupled"): [0.40, 0.42, 0.44],
+    }
+    trials = [
+        {"cell": f"temperature={t} norm={n}", "role": "ff", "seed": seed, "value": v}
+        | {"overrides": {"temperature": t, "norm": n}}
+        for (t, n), values in runs.items()
+        for seed, v in enumerate(values)
+    ]
+    axes = {"temperature": ["constant", "cosine"], "norm": ["none", "decoupled"]}
+    study = make_study(url, "axis", {"analysis": "ablation", "axes": axes, "seeds": [0, 1, 2]}, trials)
+    summary = results.summarize(study)
+    span = results.most_influential_axis(summary)
+    assert (span.axis, span.high, span.low, span.cells) == ("norm", "none", "decoupled", 1)
+    from scipy import stats
+
+    a, b = runs[("constant", "none")], runs[("constant", "decoupled")]
+    expected = stats.ttest_ind(a, b, equal_var=False).confidence_interval()
+    assert span.difference.mean == pytest.approx(0.20) and span.difference.low == pytest.approx(expected.low)
+    assert (
+        "the norm axis moves mean test accuracy most (none − decoupled +20.0 ± 4.5 pp, n≥3 seeds a cell, over 1 "
+        "combination of the other axes that ran every norm level)" in results.answer(summary)
+    )
+
+
 def test_the_heatmap_shows_each_cells_gap_to_its_own_baseline_not_the_first_baseline(tmp_path, url, figures):
     # coupled-bn FF is 3.7 pp above its own baseline; against norm=none's baseline it would look 14.4 pp ahead.
     ff = {
@@ -714,7 +745,10 @@ def test_best_minus_worst_and_the_leading_axis_are_measured_on_the_split_that_ra
         "best − worst (temperature=constant norm=decoupled) on validation accuracy, which ranks them, "
         "+22.0 pp from one seed each: no interval" in answer
     )
-    assert "the norm axis moves mean validation accuracy most (20.0 pp between its levels)" in answer
+    assert (
+        "the norm axis moves mean validation accuracy most (none − decoupled +20.0 pp from one seed a cell: no "
+        "interval, over 2 combinations of the other axes that ran every norm level)" in answer
+    )
     assert "-15.0" not in answer and "temperature axis" not in answer
     # Where the evaluator ranks another parameter first, the importance section says why, not silently.
     from ffablate.report import _importance_vs_answer
