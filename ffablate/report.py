@@ -166,11 +166,15 @@ def _heatmap(summary: results.Summary, out: Path) -> tuple[str, str] | None:
             bright = math.isfinite(grid[i][j]) and image.norm(grid[i][j]) > 0.6
             ax.text(j, i, text[i][j], ha="center", va="center", color="black" if bright else "white", fontsize=8)
     fig.colorbar(image, ax=ax, label="FF test accuracy %")
-    seeds = sorted({(r.n, r.baseline_n) for r in cells if r.base is not None})
-    counts = ", ".join(f"n={a} vs {b}" for a, b in seeds)
     ax.set_title(f"{summary.name}: FF accuracy{_heatmap_baselines(cells)}", fontsize=9)
-    caption = f"{ya} × {xa} heatmap of FF test accuracy ± 95% CI; ΔBP: gap to its matched baseline ± 95% CI"
-    return _save(fig, out, "heatmap.png"), caption + (f" ({counts} seeds)" if counts else "")
+    caption = f"{ya} × {xa} heatmap of FF test accuracy ± 95% CI; ΔBP: gap to its matched baseline ± 95% Welch CI"
+    return _save(fig, out, "heatmap.png"), caption + _seed_counts(cells)
+
+
+def _seed_counts(rows: Sequence[results.Row]) -> str:
+    """The seed counts behind the gaps a plot shows, FF vs BP: " (n=3 vs 3 seeds)", or each pair that occurs."""
+    seeds = sorted({(r.n, r.baseline_n) for r in rows if r.base is not None})
+    return f" ({', '.join(f'n={a} vs {b}' for a, b in seeds)} seeds)" if seeds else ""
 
 
 def _heatmap_baselines(cells: list[results.Row]) -> str:
@@ -222,11 +226,12 @@ def _k_sweep(summary: results.Summary, out: Path) -> tuple[str, str] | None:
     ks = sorted({k for points in series.values() for k, _ in points})
     ax.set_xticks(ks, [str(k) for k in ks])  # the log axis alone labels only 10 and 100
     ax.set_xlabel("number of classes K")
-    ax.set_ylabel(f"FF − {summary.baseline_method} test accuracy (pp, 95% CI)")
+    ax.set_ylabel(f"FF − {summary.baseline_method} test accuracy (pp, 95% Welch CI)")
     ax.set_title("FF–BP gap against K: synthetic vs real")
     ax.legend(fontsize=8)
-    caption = "FF−BP gap against K, synthetic and real data on one chart"
-    return _save(fig, out, "k_sweep_gap.png"), caption + (f" ({NO_CI})" if hollow else "")
+    caption = "FF−BP gap against K ± 95% Welch CI, synthetic and real data on one chart"
+    rows = [r for points in series.values() for _, r in points]
+    return _save(fig, out, "k_sweep_gap.png"), caption + _seed_counts(rows) + (f" ({NO_CI})" if hollow else "")
 
 
 def _hierarchy(summary: results.Summary, out: Path) -> tuple[str, str] | None:
@@ -257,7 +262,9 @@ def _hierarchy(summary: results.Summary, out: Path) -> tuple[str, str] | None:
         ax.set_ylabel("test accuracy % (95% CI)")
         ax.set_title(group)
         ax.legend(fontsize=8)
-    caption = f"coarse vs fine labels: FF and {summary.baseline_method} accuracy"
+    counts = sorted({r.n for levels in by_group.values() for roles in levels.values() for r in roles.values()})
+    caption = f"coarse vs fine labels: FF and {summary.baseline_method} accuracy ± 95% CI"
+    caption += f" (n={', '.join(map(str, counts))} seeds a bar)"
     return _save(fig, out, "coarse_vs_fine.png"), caption + (f" ({NO_CI})" if hollow else "")
 
 
@@ -271,10 +278,11 @@ def _bp_gap_bars(summary: results.Summary, out: Path) -> tuple[str, str] | None:
     hollow = _bars(ax, list(range(len(rows))), [r.gap for r in rows], width=0.8, color="tab:blue", label="FF − BP")
     ax.set_xticks(range(len(rows)), [summary.dataset_of(r) for r in rows], rotation=20)
     ax.axhline(0, color="grey", lw=0.8)
-    ax.set_ylabel(f"FF − {summary.baseline_method} test accuracy (pp, 95% CI)")
+    ax.set_ylabel(f"FF − {summary.baseline_method} test accuracy (pp, 95% Welch CI)")
     if hollow:
         ax.legend(fontsize=8)
-    return _save(fig, out, "bp_gap.png"), "FF−BP test-accuracy gap per dataset" + (f" ({NO_CI})" if hollow else "")
+    caption = "FF−BP test-accuracy gap per dataset ± 95% Welch CI" + _seed_counts(rows)
+    return _save(fig, out, "bp_gap.png"), caption + (f" ({NO_CI})" if hollow else "")
 
 
 def _bars(

@@ -586,7 +586,9 @@ def test_bp_gap_counts_only_gaps_whose_interval_excludes_zero(tmp_path, url, fig
     assert "fashion-mnist -5.0 ± 3.5 pp, n=3 vs 3" in answer
     assert "digits +1.2 pp from one seed each: no interval" in answer
     text = write_report(study, tmp_path / "out").read_text()
-    assert "![FF−BP test-accuracy gap per dataset (hollow: n=1, no CI)](bp_gap.png)" in text
+    # The plot says which interval and how many seeds stand behind each gap, as the table does.
+    caption = "FF−BP test-accuracy gap per dataset ± 95% Welch CI (n=1 vs 1, n=2 vs 2, n=3 vs 3 seeds) (hollow: n=1"
+    assert f"![{caption}, no CI)](bp_gap.png)" in text
     (ax,) = figures["bp_gap.png"].axes
     fills = [bar.get_fill() for bar in ax.patches]
     assert sorted(fills) == [False, True, True]  # digits' bar is hollow
