@@ -440,10 +440,12 @@ def cmd_study(args: argparse.Namespace) -> int:
     table = Table(title=f"{name}: {plan.spec.question}", title_justify="left")
     for column in results.TABLE_COLUMNS:
         table.add_column(column)
-    for row in results.table_rows(summary, top=15):
+    for row in results.table_rows(summary, top=results.TABLE_TOP):
         table.add_row(*row)
     wide = wide_console()
     wide.print(table)
+    if results.table_cut(summary):
+        wide.print(results.table_cut(summary), markup=False, highlight=False)
     wide.print(results.answer(summary), markup=False, highlight=False)
     left = study.remaining(done.study, plan)
     if left:

@@ -68,7 +68,9 @@ def _markdown(summary: results.Summary, plots: list[tuple[str, str]], importance
         '"no spread across seeds" marks an interval of width 0 from identical values. ' + _ranking(summary),
         "",
     ]
-    lines += _md_table(results.TABLE_COLUMNS, results.table_rows(summary, top=15))
+    lines += _md_table(results.TABLE_COLUMNS, results.table_rows(summary, top=results.TABLE_TOP))
+    if results.table_cut(summary):
+        lines += ["", results.table_cut(summary)]
     if summary.not_started:
         lines += ["", f"Not started yet ({len(summary.not_started)}): " + ", ".join(summary.not_started) + "."]
     if summary.versions:

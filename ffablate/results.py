@@ -505,6 +505,20 @@ def _add(row: Row, t: FrozenTrial) -> None:
         row.failed.append(fail_reason(t))
 
 
+TABLE_TOP = 15  # a search's table shows its best FF configurations only
+
+
+def table_cut(summary: Summary, top: int | None = TABLE_TOP) -> str:
+    """The line under a table that ``table_rows(summary, top)`` cut short ("" when it shows every row)."""
+    ff = [r for r in summary.ff if r.n]
+    if summary.meta.get("sampler") != "tpe" or not top or len(ff) <= top:
+        return ""
+    return (
+        f"The table shows the best {top} of {len(ff)} FF configurations by {summary.ranking_split} accuracy; "
+        "`--json` lists them all."
+    )
+
+
 def table_rows(summary: Summary, top: int | None = None) -> list[list[str]]:
     """The closing table: configuration, n (completed of planned seeds), test accuracy % mean ± 95% CI, gap to BP
     pp ± 95% Welch CI with both sides' seed counts, the same gap ± 95% paired CI over the seeds FF and BP both ran

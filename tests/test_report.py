@@ -706,6 +706,22 @@ def test_the_leading_axis_compares_its_levels_over_the_same_cells_with_an_interv
     )
 
 
+def test_a_search_table_cut_to_its_best_rows_says_so(tmp_path, url):
+    # 20 sampled configurations, 15 shown: nothing said the other 5 existed.
+    trials = [{"cell": "bp-deepsup", "role": "baseline", "overrides": {}, "seed": 0, "value": 0.5}]
+    trials += [
+        {"cell": f"#{i} lr={i}", "role": "ff", "overrides": {"lr": i}, "seed": 0, "value": 0.3 + i / 100}
+        for i in range(20)
+    ]
+    study = make_study(url, "search-quick", {"analysis": "search", "sampler": "tpe", "seeds": [0]}, trials)
+    summary = results.summarize(study)
+    assert len(results.table_rows(summary, top=results.TABLE_TOP)) == 16
+    note = "The table shows the best 15 of 20 FF configurations by test accuracy; `--json` lists them all."
+    assert results.table_cut(summary) == note
+    assert note in write_report(study, tmp_path / "out").read_text()
+    assert results.table_cut(summary, top=20) == ""
+
+
 def test_the_heatmap_shows_each_cells_gap_to_its_own_baseline_not_the_first_baseline(tmp_path, url, figures):
     # coupled-bn FF is 3.7 pp above its own baseline; against norm=none's baseline it would look 14.4 pp ahead.
     ff = {
