@@ -105,6 +105,8 @@ def contrast_ci(terms: Sequence[tuple[float, Sequence[float]]], level: float = 0
         return Estimate(diff, math.nan, n)
     parts = [(w * w * var / size, size) for w, size, _, var in moments]
     se2 = sum(part for part, _ in parts)
+    if not math.isfinite(se2):  # a NaN or inf among the values: no interval, as mean_ci and paired_ci give
+        return Estimate(diff, math.nan, n)
     if se2 == 0:
         return Estimate(diff, 0.0, n)
     df = se2**2 / sum(part**2 / (size - 1) for part, size in parts)
@@ -124,12 +126,13 @@ def fmt(estimate: Estimate, scale: float = 100.0, digits: int = 1, signed: bool 
     if not math.isfinite(estimate.mean):
         return "–"
     # An interval that excludes zero must not print as one that reaches it ("+0.1 ± 0.1" for 0.14 ± 0.136, called
-    # "ahead"): one more digit, up to three more, until the printed ends exclude zero too.
+    # "ahead"): one more digit, up to five more, until the printed ends exclude zero too.
     size, half = abs(estimate.mean) * scale, estimate.half_width * scale
-    while estimate.decisive and digits < 4 and round(size, digits) <= round(half, digits):
+    while estimate.decisive and digits < 6 and round(size, digits) <= round(half, digits):
         digits += 1
     sign = "+" if signed else ""
-    mean = f"{estimate.mean * scale:{sign}.{digits}f}"
+    # A mean that rounds to zero prints unsigned: "-0.0" (a difference of -1e-16) reads as a direction.
+    mean = f"{estimate.mean * scale:{sign}.{digits}f}" if round(size, digits) else f"{0:.{digits}f}"
     if not estimate.has_ci:
         return f"{mean} ± –{unit}"
     text = f"{mean} ± {estimate.half_width * scale:.{digits}f}{unit}"

@@ -572,6 +572,9 @@ def test_welch_interval_and_degenerate_cases():
     assert diff.excludes_zero()
     assert not mean_ci([0.5]).has_ci and not welch_ci([0.5], [0.4, 0.6]).has_ci
     assert welch_ci([0.5, 0.5], [0.4, 0.4]).half_width == 0
+    # A NaN among the values: no interval, as mean_ci and paired_ci give it (Welch raised a ValueError on df=nan).
+    nan = welch_ci([0.8, math.nan, 0.9], [0.7, 0.75, 0.72])
+    assert not nan.has_ci and not mean_ci([0.8, math.nan]).has_ci and not nan.decisive
 
 
 def test_an_interval_that_excludes_zero_prints_ends_that_exclude_it():
@@ -579,6 +582,11 @@ def test_an_interval_that_excludes_zero_prints_ends_that_exclude_it():
     assert fmt(Estimate(0.0014, 0.00136, 3), signed=True) == "+0.140 ± 0.136"
     assert fmt(Estimate(0.0014, 0.002, 3), signed=True) == "+0.1 ± 0.2"  # holds zero: the usual digit
     assert fmt(Estimate(-0.25, 0.1, 3), signed=True) == "-25.0 ± 10.0"
+    # Decisive intervals that printed as touching zero at the old 4-digit cap.
+    assert fmt(Estimate(0.01939649, 0.01939641, 3), signed=True) == "+1.93965 ± 1.93964"
+    # A difference of -1e-16 (FF [.90, .92, .94] against BP [.91, .92, .93]) printed "-0.0", hinting a direction.
+    tie = welch_ci([0.90, 0.92, 0.94], [0.91, 0.92, 0.93])
+    assert tie.mean < 0 and fmt(tie, signed=True).startswith("0.0 ± ")
 
 
 def test_a_zero_width_interval_is_worded_not_read_as_a_direction():
