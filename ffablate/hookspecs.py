@@ -52,7 +52,8 @@ def ffablate_register_goodness(register: Register) -> None:
 
     Factory: ``factory(**params) -> Goodness``. A Goodness has ``per_class: bool`` (required) and is called as
     ``goodness(paths: NormPaths, num_classes: int) -> Tensor``: a floating tensor of shape (N,) for scalar
-    goodness, (N, K) for per-class goodness (``per_class=True``). A per-class goodness needs no negative data and
+    goodness, (N, K) for per-class goodness (``per_class=True``), on the paths' device and, in training, with a
+    gradient from them. A per-class goodness needs no negative data and
     runs with ``negatives=none`` (a negatives plugin with ``embeds_label = False``); a scalar one needs labelled
     negatives. ``NormPaths`` is ``ffablate.paths.NormPaths``: ``paths.goodness_input`` is the tensor the norm plugin
     routes to goodness; ``paths.sumsq()`` / ``paths.sumabs()`` give per-sample sums that a fused norm kernel may
@@ -87,7 +88,8 @@ def ffablate_register_loss(register: Register) -> None:
     """Register layer losses.
 
     Factory: ``factory(**params) -> Callable``; called as
-    ``loss(g_pos, g_neg, labels, threshold, temperature) -> Tensor`` (a scalar). For per-class goodness ``g_pos``
+    ``loss(g_pos, g_neg, labels, threshold, temperature) -> Tensor`` (a scalar with a gradient from the goodness).
+    For per-class goodness ``g_pos``
     is (N, K) and ``g_neg`` is None. A loss may declare ``per_class: bool``: then a run whose goodness differs is
     refused at start-up (the built-ins declare it). A loss without the attribute is not checked, so it must take
     whichever goodness it is given.
@@ -101,7 +103,8 @@ def ffablate_register_negatives(register: Register) -> None:
     Factory: ``factory(**params) -> Negatives`` with ``embeds_label: bool``, ``embed(x, labels, num_classes) ->
     x'`` (labels may be None for a neutral embedding; x' keeps x's height and width and has one shape for every
     label, but may add channels: the first block is built for them), and ``wrong_labels(labels, num_classes,
-    scores) -> labels'`` where ``scores()`` returns (N, K) class scores of the current network (K no-grad passes:
+    scores) -> labels'`` (a wrong label in 0..K-1 for every image, as the labels' dtype and device; the first
+    batch's are checked) where ``scores()`` returns (N, K) class scores of the current network (K no-grad passes:
     call it only when the strategy needs them).
     """
 

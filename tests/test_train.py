@@ -289,7 +289,7 @@ def test_a_diverged_step_names_its_first_bad_loss_and_updates_nothing(tiny_confi
     x = x.clone()
     x[-1] = float("nan")  # the last micro-batch only: the losses of the chunks before it stay finite
     is_ff = method.startswith("ff")
-    with pytest.raises(TrainingDiverged, match=r"at block 0 \(loss plugin .*\);" if is_ff else "at bp step;"):
+    with pytest.raises(TrainingDiverged, match=r"at block 0 \(norm plugin .*\);" if is_ff else "at bp step;"):
         if is_ff:
             trainer.train_step(x, y, 0.0, range(trainer.net.depth), True)
         else:
@@ -303,7 +303,9 @@ def test_a_diverged_fusion_step_updates_no_block_either(tiny_config):
         p.data.fill_(float("nan"))  # the blocks' losses stay finite; only the fusion's diverges
     before = [p.detach().clone() for p in trainer.net.backbone.parameters()]
     x, y = next(iter(trainer.data.train))
-    with pytest.raises(TrainingDiverged, match="at fusion;"):
+    with pytest.raises(
+        TrainingDiverged, match=r"at the fusion \(fusion plugin 'readout' \(built-in\)\); lower lr, or check"
+    ):
         trainer.train_step(x, y, 0.0, range(trainer.net.depth), True)
     # Before: the blocks had stepped already when the fusion's loss was checked.
     assert all(torch.equal(a, b) for a, b in zip(before, trainer.net.backbone.parameters(), strict=True))
@@ -450,7 +452,8 @@ def test_a_zero_temperature_tensor_diverges_naming_the_blocks_plugins(tiny_confi
     plugins = Registry(make_plugin_manager((_TemperaturePlugin(lambda g: torch.tensor(0.0)),)))
     trainer = build_trainer(tiny_config.with_updates({"temperature": "probe"}), plugins=plugins)
     x, y = next(iter(trainer.data.train))
-    with pytest.raises(TrainingDiverged, match=r"at block 0 \(loss plugin .*, temperature plugin 'probe' .*\);"):
+    match = r"at block 0 \(norm plugin .*, goodness plugin .*, loss plugin .*, temperature plugin 'probe' .*\); lower"
+    with pytest.raises(TrainingDiverged, match=match):
         trainer.train_step(x, y, 0.0, range(trainer.net.depth), True)
 
 
@@ -485,3 +488,67 @@ def test_a_loss_that_is_not_one_number_is_refused_before_any_update(tiny_config)
     _assert_refused_before_any_update(
         trainer, r"loss plugin 'per-sample-ce' .* returned a torch.float32 tensor of shape"
     )
+
+
+class _MistakesPlugin:
+    """A third party's usual mistakes, one plugin per kind: a constant loss, a detached goodness, negatives that
+    are the true label or outside 0..K-1."""
+
+    @hookimpl
+    def ffablate_register_loss(self, register):
+        register("constant", lambda: lambda g_pos, g_neg, labels, threshold, t: torch.tensor(0.5), "no gradient")
+
+    @hookimpl
+    def ffablate_register_goodness(self, register):
+        class Detached:
+            per_class = True
+
+            def __call__(self, paths, num_classes):
+                h = paths.goodness_input.detach()
+                return h[:, :num_classes].flatten(2).pow(2).mean(-1)
+
+        register("detached", Detached, "no gradient")
+
+        class Elsewhere(Detached):
+            def __call__(self, paths, num_classes):  # right shape and dtype, another device (meta stands for one)
+                return torch.empty(paths.goodness_input.shape[0], num_classes, device="meta")
+
+        register("elsewhere", Elsewhere, "another device")
+
+    @hookimpl
+    def ffablate_register_negatives(self, register):
+        from ffablate.builtin.negatives import RandomLabel
+
+        class Shifted(RandomLabel):
+            def __init__(self, shift: int = 0):
+                super().__init__()
+                self.shift = shift
+
+            def wrong_labels(self, labels, num_classes, scores):
+                return labels + self.shift
+
+        register("shifted", Shifted, "labels moved by `shift`")
+
+
+@pytest.mark.parametrize(
+    ("updates", "match"),
+    [
+        ({"loss": "constant"}, r"loss plugin 'constant' .* returned a loss with no gradient; compute it from"),
+        ({"goodness": "detached"}, r"goodness plugin 'detached' .* returned a goodness with no gradient"),
+        ({"goodness": "elsewhere"}, r"goodness plugin 'elsewhere' .* returned a tensor on meta for activity on cpu"),
+        (
+            {"goodness": "meansq", "loss": "symba", "negatives": "shifted"},
+            r"negatives plugin 'shifted' .* wrong_labels returned the true label for 50 of 50 images",
+        ),
+        (
+            {"goodness": "meansq", "loss": "symba", "negatives": "shifted", "negatives.shift": 10},
+            r"negatives plugin 'shifted' .* wrong_labels returned 50 of 50 labels outside 0..9",
+        ),
+    ],
+)
+def test_plugin_mistakes_that_trained_silently_or_crashed_are_refused_before_any_update(tiny_config, updates, match):
+    # A constant loss or a detached goodness ended in autograd's "element 0 of tensors does not require grad"
+    # traceback; the true label as a negative trained to chance; an out-of-range one crashed in the embedding.
+    plugins = Registry(make_plugin_manager((_MistakesPlugin(),)))
+    trainer = build_trainer(tiny_config.with_updates(updates), plugins=plugins)
+    _assert_refused_before_any_update(trainer, match)

@@ -163,7 +163,8 @@ def checked_losses(losses: list[tuple[str, torch.Tensor]]) -> list[float]:
     values = torch.stack([loss.detach().float() for _, loss in losses]).tolist()
     for (where, _), value in zip(losses, values, strict=True):
         if not math.isfinite(value):
-            raise TrainingDiverged(f"loss became {value} at {where}; lower lr or change the temperature/loss")
+            check = ", or check the plugins named" if "plugin" in where else ""
+            raise TrainingDiverged(f"loss became {value} at {where}; lower lr{check}")
     return values
 
 

@@ -64,6 +64,11 @@ class FFNet(nn.Module):
     def depth(self) -> int:
         return len(self.backbone.blocks)
 
+    @property
+    def block_plugins(self) -> str:
+        """The plugins a block's loss is computed by, for a message about that loss."""
+        return ", ".join([self.backbone.norm_label, *(self.labels[k] for k in ("goodness", "loss", "temperature"))])
+
     def block_parameters(self, index: int) -> list[nn.Parameter]:
         modules = (self.backbone.blocks[index], self.backbone.norms[index], self.temperatures[index])
         return [p for m in modules for p in m.parameters()]
@@ -73,6 +78,16 @@ class FFNet(nn.Module):
         paths = self.backbone.block_paths(index, x)
         goodness = self.goodness(paths, self.num_classes)
         self._check_goodness(goodness, x.shape[0])
+        if goodness.device != x.device:
+            raise ConfigError(
+                f"{self.labels['goodness']} returned a tensor on {goodness.device} for activity on {x.device}; "
+                "compute the goodness from the paths it is given"
+            )
+        if torch.is_grad_enabled() and paths.goodness_input.requires_grad and not goodness.requires_grad:
+            raise ConfigError(
+                f"{self.labels['goodness']} returned a goodness with no gradient; compute it from the paths it is "
+                "given, not from detached values"
+            )
         return goodness, paths.forward, paths.readout
 
     def _check_goodness(self, goodness: object, batch: int) -> None:
@@ -90,8 +105,15 @@ class FFNet(nn.Module):
 
     def block_loss(self, g_pos: Tensor, g_neg: Tensor | None, labels: Tensor, temperature: Tensor | float) -> Tensor:
         """The loss plugin's value: one number with a gradient (metadata checks only, so no host sync)."""
-        loss = self.loss_fn(g_pos, g_neg, labels, self.threshold, temperature)
-        return _checked_loss(loss, f"{self.labels['loss']} returned")
+        loss = _checked_loss(
+            self.loss_fn(g_pos, g_neg, labels, self.threshold, temperature), f"{self.labels['loss']} returned"
+        )
+        if g_pos.requires_grad and not loss.requires_grad:
+            raise ConfigError(
+                f"{self.labels['loss']} returned a loss with no gradient; compute it from the goodness it is given, "
+                "not from detached values or constants"
+            )
+        return loss
 
     def temperature(self, index: int, progress: float, goodness: Tensor) -> Tensor | float:
         """Block ``index``'s temperature: a number or a 0-dim floating tensor. A vector would broadcast into the
@@ -285,6 +307,7 @@ class FFTrainer:
         )
         fusion_params = list(self.net.fusion.parameters())
         self.fusion_optimizer = common.make_optimizer(fusion_params, config) if fusion_params else None
+        self._negatives_checked = False  # the first batch's negative labels are checked by value (one host sync)
         # ff: the whole batch in one pass per block. ff-ga splits the batch into micro-batches that each go
         # through every block before the next one starts; gradients accumulate and the optimizer steps once at
         # the end. Unless a plugin takes batch statistics (coupled-bn, adaptive T) the update is the same (block
@@ -312,7 +335,8 @@ class FFTrainer:
         if fit_fusion and self.fusion_optimizer is not None:
             fusion = self._fusion_backward(x, y, _cat_chunks(scores), _cat_chunks(features))
         # One check before any step: a diverged block or fusion loss updates no parameter at all.
-        values = common.checked_losses(losses + ([("fusion", fusion)] if fusion is not None else []))
+        fused = [(f"the fusion ({self.net.labels['fusion']})", fusion)] if fusion is not None else []
+        values = common.checked_losses(losses + fused)
         self.optimizer.step()
         if fusion is not None:
             self.fusion_optimizer.step()
@@ -335,11 +359,26 @@ class FFTrainer:
             return torch.cat([torch.stack(chunk).sum(0) for chunk in per_chunk])
 
         wrong = net.negatives.wrong_labels(y, net.num_classes, scores)
+        who = f"{net.labels['negatives']} wrong_labels returned"
         if not (isinstance(wrong, Tensor) and wrong.dtype == y.dtype and wrong.shape == y.shape):
             raise ConfigError(
-                f"{net.labels['negatives']} wrong_labels returned {described(wrong)} for {y.numel()} labels; it must "
-                f"return a {y.dtype} tensor of shape {tuple(y.shape)} (see ffablate_register_negatives in hookspecs.py)"
+                f"{who} {described(wrong)} for {y.numel()} labels; it must return a {y.dtype} tensor of shape "
+                f"{tuple(y.shape)} (see ffablate_register_negatives in hookspecs.py)"
             )
+        if wrong.device != y.device:
+            raise ConfigError(f"{who} labels on {wrong.device} for labels on {y.device}; return them on the labels'")
+        if not self._negatives_checked:
+            # By value once, on the first batch: an out-of-range label failed deep in the embedding's scatter, and
+            # the true label (a positive presented as a negative) trained silently to chance accuracy.
+            k = net.num_classes
+            outside, true = torch.stack([((wrong < 0) | (wrong >= k)).sum(), (wrong == y).sum()]).tolist()
+            if outside:
+                raise ConfigError(f"{who} {outside} of {y.numel()} labels outside 0..{k - 1}")
+            if true:
+                raise ConfigError(
+                    f"{who} the true label for {true} of {y.numel()} images; a negative's label must be a wrong one"
+                )
+            self._negatives_checked = True
         return wrong
 
     def _chunk_backward(
@@ -370,7 +409,7 @@ class FFTrainer:
                 temperature = net.temperature(index, progress, g.detach())
                 loss = net.block_loss(g_pos, g_neg, y, temperature)
                 (loss * weight).backward()
-                losses.append((f"block {index} ({net.labels['loss']}, {net.labels['temperature']})", loss))
+                losses.append((f"block {index} ({net.block_plugins})", loss))
             # The detach boundary: block ``index``'s graph dies here.
             h = forward.detach()
             scores.append(g_pos.detach())
