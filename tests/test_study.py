@@ -24,10 +24,12 @@ from ffablate import hookimpl, results
 from ffablate import spec as specs
 from ffablate import study as studies
 from ffablate.cli import main
-from ffablate.errors import FFablateError
+from ffablate.errors import ConfigError, FFablateError
 from ffablate.plugins import add_plugin, registry, remove_plugin
 from ffablate.report import write_report
 from ffablate.stats import Estimate, contrast_ci, fmt, mean_ci, paired_ci, t_quantile, welch_ci
+from ffablate.train import run as train_run
+from ffablate.train.ff import FFTrainer
 
 TINY_BUDGET = """
 [budgets.smoke]
@@ -790,6 +792,21 @@ def test_a_fusion_that_fails_only_in_training_stops_the_study_before_it_exists(t
     assert len(err) == 1 and "fusion plugin 'weighted-last'" in err[0], err
     assert re.search(message, err[0]), err[0]
     assert optuna.get_all_study_names(url) == []
+
+
+def test_train_meets_a_fusion_with_wrong_logits_before_it_trains(tiny_config, monkeypatch):
+    # `ffablate train` found (N, 1) logits at the first evaluation, after an epoch whose work was then lost.
+    steps = []
+    monkeypatch.setattr(FFTrainer, "train_step", lambda self, *args: steps.append(1) or 0.0)
+    config = tiny_config.with_updates({"fusion": "weighted-last", "fusion.mistake": "one-logit"})
+    plugin = WeightedLastPlugin()
+    add_plugin(plugin)
+    try:
+        with pytest.raises(ConfigError, match=r"shape \(2, 1\) for 2 samples; a fusion must return"):
+            train_run(config)
+    finally:
+        remove_plugin(plugin)
+    assert steps == []
 
 
 def test_the_preflight_leaves_a_fine_fusion_plugin_to_train(tmp_path):

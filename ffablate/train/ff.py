@@ -463,6 +463,9 @@ class FFTrainer:
         self, progress: common.Progress | None = None, on_epoch: common.EpochCallback | None = None
     ) -> common.RunResult:
         cfg, loader = self.config, self.data.train
+        # The fusion's logits are first used by the evaluation after an epoch; a wrong shape found there threw the
+        # epoch away. Two test images through predict meet it now (eval mode: no state changes, no random draws).
+        self.net.predict(next(iter(self.data.test))[0][:2])
         memory, watch = common.MemoryMeter(self.device), common.Stopwatch(self.device)
         phases = self.phases()
         steps_per_phase = cfg.epochs * len(loader)
