@@ -37,7 +37,7 @@ class Plugin:
     @property
     def params(self) -> dict[str, Any]:
         """The factory's tunable keyword parameters and their defaults."""
-        return _params_of(self.factory)
+        return _params_of(self.kind, self.factory)
 
     @property
     def label(self) -> str:
@@ -199,7 +199,7 @@ class Registry:
                     "uninstall one or rename it"
                 )
             space = {} if space is None else space
-            _check_space(kind, name, _params_of(factory), space, plugin)
+            _check_space(kind, name, _params_of(kind, factory), space, plugin)
             self._plugins[kind][name] = Plugin(kind, name, factory, description, source, dict(space))
 
         return register
@@ -258,12 +258,16 @@ def _required_args(kind: str, factory: Callable[..., Any]) -> list[str]:
     ]
 
 
-def _params_of(factory: Callable[..., Any]) -> dict[str, Any]:
-    """The factory's keyword parameters with defaults (``**kwargs`` names none: nothing says what it takes)."""
+def _params_of(kind: str, factory: Callable[..., Any]) -> dict[str, Any]:
+    """The factory's keyword parameters with defaults (``**kwargs`` names none: nothing says what it takes). An
+    argument ffablate passes (``CONTEXT_ARGS``) is not one, default or not: listed, it was recorded at its default
+    while the run passed another value, and setting it clashed with the passed one."""
     return {
         p.name: p.default
         for p in inspect.signature(factory).parameters.values()
-        if p.default is not inspect.Parameter.empty and p.kind is not p.VAR_KEYWORD
+        if p.default is not inspect.Parameter.empty
+        and p.kind is not p.VAR_KEYWORD
+        and p.name not in CONTEXT_ARGS.get(kind, ())
     }
 
 

@@ -544,7 +544,7 @@ def test_a_wrongly_shaped_goodness_fails_the_run_in_one_line(capsys):
         )
         assert main(["train", *args]) == 2
         err = capsys.readouterr().err.strip()
-        assert len(err.splitlines()) == 1 and "goodness plugin 'probe'" in err and "shape (100,)" in err
+        assert len(err.splitlines()) == 1 and "goodness plugin 'probe'" in err and "shape (2,)" in err
     finally:
         remove_plugin(plugin)
 
@@ -616,6 +616,10 @@ def test_a_factory_argument_without_default_is_refused_at_registration():
     assert _registry_with(OnePlugin("norm", lambda num_features, eps=1e-5: None)).get("norm", "probe").params == {
         "eps": 1e-5
     }
+    # Nor is it a parameter when it has one: a fusion's num_classes=10 was listed, recorded as 10 for a 3-class
+    # run, and --set fusion.num_classes=5 clashed with the value passed ("got multiple values").
+    fusion = lambda num_layers, feature_dims, num_classes=10, eps=0.1: None  # noqa: E731
+    assert _registry_with(OnePlugin("fusion", fusion)).get("fusion", "probe").params == {"eps": 0.1}
 
 
 class _PathsAs(torch.nn.Module):
@@ -632,13 +636,13 @@ class _PathsAs(torch.nn.Module):
 @pytest.mark.parametrize(
     ("make", "message"),
     [
-        (lambda h: h, r"returned a torch.float32 tensor of shape \(50, 20, 14, 14\), not an ffablate.paths.NormPaths"),
+        (lambda h: h, r"returned a torch.float32 tensor of shape \(\d+, 20, 14, 14\), not an ffablate.paths.NormPaths"),
         (lambda h: (h, h, h), "returned a tuple, not an ffablate.paths.NormPaths"),
         (
             lambda h: NormPaths(h, h, h),
-            r"returned readout features of shape \(50, 20, 14, 14\), not \(N, F\) = \(50, 20\)",
+            r"returned readout features of shape \((\d+), 20, 14, 14\), not \(N, F\) = \(\1, 20\)",
         ),
-        (lambda h: NormPaths(h, h[:, :2], h.mean((2, 3))), r"a forward output of shape \(50, 2, 14, 14\) for a block"),
+        (lambda h: NormPaths(h, h[:, :2], h.mean((2, 3))), r"a forward output of shape \(\d+, 2, 14, 14\) for a block"),
         (lambda h: NormPaths(h, h, h.mean((2, 3)).long()), r"readout is a torch.int64 tensor"),
     ],
 )
