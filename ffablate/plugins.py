@@ -9,7 +9,7 @@ import math
 import os
 import types
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from functools import cache
 from typing import Any
@@ -214,19 +214,22 @@ class Registry:
     def get(self, kind: str, name: str) -> Plugin:
         plugins = self._plugins[_check_kind(kind)]
         if name not in plugins:
-            close = difflib.get_close_matches(name, plugins, n=1)
-            # No near name: most likely a plugin of the user's own that this process did not load.
-            hint = (
-                f" (did you mean {close[0]!r}?)"
-                if close
-                else " (your own? install its package, or name its module in FFABLATE_PLUGINS)"
-            )
+            hint = unknown_hint(name, plugins)
             known = ", ".join(f"{p.name} [{p.source}]" for p in self.all(kind))
             raise UnknownPlugin(f"unknown {kind} plugin {name!r}{hint}; known: {known}")
         return plugins[name]
 
     def create(self, kind: str, name: str, params: dict[str, Any] | None = None, **context: Any) -> Any:
         return self.get(kind, name).create(params, **context)
+
+
+def unknown_hint(name: str, known: Iterable[str]) -> str:
+    """What to say of a plugin name nothing registered: a near name may be a typo, or a plugin of the user's own
+    that this process did not load beside a built-in of a similar name (a stored study's 'shifted-label' beside
+    'hardest-label'), so both hints where there is a near name."""
+    own = "your own? install its package, or name its module in FFABLATE_PLUGINS"
+    close = difflib.get_close_matches(str(name), list(known), n=1)
+    return f" (did you mean {close[0]!r}? or {own})" if close else f" ({own})"
 
 
 def _check_kind(kind: str) -> str:

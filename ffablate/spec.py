@@ -8,7 +8,6 @@ The format is documented in docs/studies.md.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import hashlib
 import json
 import tomllib
@@ -476,17 +475,15 @@ class _Validator:
         self._check_value(k, value, path)
 
     def _check_value(self, k: str, value: Any, path: str) -> None:
-        from ffablate.plugins import registry
+        from ffablate.plugins import registry, unknown_hint
 
         kind = "datasets" if k == "dataset" else k
         if kind not in PLUGIN_KINDS:
             return
         known = registry().names(kind)
         if value not in known:
-            close = difflib.get_close_matches(str(value), known, n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
             what = "dataset" if kind == "datasets" else f"{kind} plugin"
-            self.fail(path, f"names no {what} {value!r}{hint}; known: {', '.join(known)}")
+            self.fail(path, f"names no {what} {value!r}{unknown_hint(value, known)}; known: {', '.join(known)}")
 
     def axes(self, table: dict[str, Any], key: str) -> dict[str, list[Any]]:
         out = {}

@@ -438,16 +438,17 @@ def test_a_trial_whose_heartbeat_stopped_on_another_host_is_freed(tmp_path, monk
         (GRID + '[pruner]\ntype = "hyperband"\n', "pruner.type must be one of median, none"),
         (
             GRID.replace('["constant", "cosine"]', '["constant", "warm"]'),
-            "axes.temperature names no temperature plugin 'warm'; known:",
+            "axes.temperature names no temperature plugin 'warm' (your own? install its package, or name its module "
+            "in FFABLATE_PLUGINS); known:",
         ),
         (
             GRID.replace('["constant", "cosine"]', '["constant", "cosin"]'),
-            "axes.temperature names no temperature plugin 'cosin' (did you mean 'cosine'?); known:",
+            "axes.temperature names no temperature plugin 'cosin' (did you mean 'cosine'? or your own? install",
         ),
         (GRID.replace("question", "questoin"), "questoin is not a known key"),
         (
             GRID.replace('dataset = "fashion-mnist"', 'dataset = "imagenet-9000"'),
-            "base.dataset names no dataset 'imagenet-9000'; known:",
+            "base.dataset names no dataset 'imagenet-9000' (your own? install its package, or name its module in ",
         ),
         (GRID + '[baseline]\nmethods = ["sgd"]\n', "baseline.methods[0] must be one of"),
         (GRID + '[pruner]\ntype = "median"\nn_startup_trials = -3\n', "pruner.n_startup_trials must be at least 0"),
