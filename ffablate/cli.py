@@ -6,6 +6,7 @@ import argparse
 import dataclasses
 import json
 import logging
+import math
 import os
 import signal
 import sys
@@ -219,6 +220,22 @@ def progress_bar(label: str, enabled: bool = True) -> Iterator[Callable[[int, in
         yield update
 
 
+def json_text(value: object) -> str:
+    """Strict JSON for ``--json``: an infinite or NaN float (a plugin parameter's default may be inf) is written as
+    the string "inf", "-inf" or "nan"; Python's bare Infinity is no JSON, and other readers refuse it."""
+
+    def strict(v: object) -> object:
+        if isinstance(v, float) and not math.isfinite(v):
+            return str(v)
+        if isinstance(v, dict):
+            return {k: strict(x) for k, x in v.items()}
+        if isinstance(v, (list, tuple)):
+            return [strict(x) for x in v]
+        return v
+
+    return json.dumps(strict(value), default=str, allow_nan=False)
+
+
 def _retain_cpu_memory(device: str) -> None:
     """Keep freed CPU memory in this process (``ops.retain_cpu_memory``): evaluation runs at batch 1000, whose
     activations (100 MB for a 28 px block of 32 channels) glibc would otherwise map afresh and fault in on every
@@ -241,7 +258,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         fields = result.to_dict()
         if not fields["history"]:  # per-epoch scores are kept in studies (which prune on them), not here
             del fields["history"]
-        print(json.dumps(fields, default=str))
+        print(json_text(fields))
         return 0
     table = Table(title=f"{config.method} on {config.dataset} (seed {config.seed}, {config.epochs} epochs)")
     columns = ["test accuracy", "per-layer accuracy", "train s", "images/s", "peak memory MB", "kernels"]
@@ -282,7 +299,7 @@ def cmd_plugins(args: argparse.Namespace) -> int:
         for p in plugins
     ]
     if args.json:
-        print(json.dumps(rows, default=str))
+        print(json_text(rows))
         return 0
     table = Table(title="ffablate plugins")
     for column in ("kind", "name", "source", "params", "description"):
@@ -299,7 +316,7 @@ def cmd_data_list(args: argparse.Namespace) -> int:
 
     rows = list_datasets(args.data_root)
     if args.json:
-        print(json.dumps(rows, default=str))
+        print(json_text(rows))
         return 0
     table = Table(title="datasets")
     for column in ("name", "available", "where"):
@@ -319,7 +336,7 @@ def cmd_bench_kernels(args: argparse.Namespace) -> int:
     with without_cuda_home_warning():
         rows = kernel_bench(device=args.device, quick=args.quick)
     if args.json:
-        print(json.dumps(rows))
+        print(json_text(rows))
     else:
         wide_console().print(render_table(rows))
     return 0
@@ -348,7 +365,7 @@ def cmd_bench_pool(args: argparse.Namespace) -> int:
     resolve_device(args.device)
     rows = pool_bench(quick=args.quick, device=args.device)
     if args.json:
-        print(json.dumps(rows))
+        print(json_text(rows))
     else:
         wide_console().print(render_pool_table(rows))
     return 0
@@ -489,7 +506,7 @@ def cmd_audit(args: argparse.Namespace) -> int:
             rows, interrupted = exc.rows, exc
     # The rows go out first: a file that cannot be written must not cost the measurements.
     if args.json:
-        print(json.dumps(rows))
+        print(json_text(rows))
     else:
         wide = wide_console()
         wide.print(audit.render_table(rows, title=f"ffablate audit on {args.device}"))

@@ -941,6 +941,20 @@ def clip_loss(max_logit: float = math.inf):
     return lambda g_pos, g_neg, labels, threshold, temperature: g_pos.clamp_max(max_logit).mean()
 
 
+def test_plugins_json_is_strict_json_with_an_infinite_default(capsys):
+    # Python wrote the default as Infinity, which no other JSON reader takes.
+    plugin = OnePlugin("loss", clip_loss)
+    add_plugin(plugin)
+    try:
+        assert main(["plugins", "loss", "--json"]) == 0
+    finally:
+        remove_plugin(plugin)
+    text = capsys.readouterr().out
+    assert "Infinity" not in text
+    rows = json.loads(text, parse_constant=lambda c: pytest.fail(f"non-JSON constant {c}"))
+    assert next(r for r in rows if r["name"] == "probe")["params"] == {"max_logit": "inf"}
+
+
 def test_float_parameters_must_be_finite_unless_their_default_is_not():
     clip = Plugin("loss", "clip", clip_loss, "test", "tests", {"max_logit": math.inf})
     assert clip.checked_params({"max_logit": math.inf}) == {"max_logit": math.inf}  # "no clip" stays expressible
