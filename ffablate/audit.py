@@ -91,6 +91,7 @@ class AuditSpec:
     memory_cap_bytes: int = 0  # 0 = no cap
     seed: int = 0
     threads: int = 0  # CPU intra-op threads; 0 = torch's default
+    round: int = 0  # which pass over the grid (--rounds): timings of one configuration vary between workers
 
     @property
     def chunk(self) -> int:
@@ -125,14 +126,17 @@ def plan(
     *,
     batch: int,
     micro_batch: int = 0,
+    rounds: int = 1,
     **common: Any,
 ) -> list[AuditSpec]:
-    """The grid of configurations, resolution-major so each resolution's rows sit together."""
+    """The grid of configurations, resolution-major so each resolution's rows sit together, ``rounds`` times over:
+    round after round, so that a slow patch of a shared machine falls on every method of a round alike."""
     micro = micro_batch or max(1, batch // 4)
     if batch % micro:
         raise ConfigError(f"--batch {batch} must be a multiple of --micro-batch {micro}")
     return [
-        AuditSpec(method=m, depth=d, resolution=r, batch=batch, micro_batch=micro, **common)
+        AuditSpec(method=m, depth=d, resolution=r, batch=batch, micro_batch=micro, round=i, **common)
+        for i in range(rounds)
         for r in resolutions
         for d in depths
         for m in methods
@@ -405,6 +409,8 @@ def base_row(spec: AuditSpec) -> dict[str, Any]:
         width=spec.width,
         classes=spec.classes,
         steps=spec.steps,
+        warmup=max(1, spec.warmup),
+        round=spec.round,
     )
     return row
 
@@ -504,55 +510,75 @@ def _ok(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Per (resolution, depth) and FF variant: FF / best-BP peak memory and FF / BP-GA throughput; and per
-    (resolution, method) the activation memory at the deepest over the shallowest depth ("flat in depth").
+    (resolution, method) how activation memory grows with depth.
+
+    Memory is the same in every round (the profiler counts bytes); a throughput ratio is taken round by round, FF
+    against the BP-GA worker of its own round, and given as the median with the range over the rounds.
     """
     out: list[dict[str, Any]] = []
     ok = _ok(rows)
     for res, depth in sorted({(r["resolution"], r["depth"]) for r in ok}):
         here = [r for r in ok if (r["resolution"], r["depth"]) == (res, depth)]
-        bps = [r for r in here if r["method"].startswith("bp")]
-        ga = next((r for r in bps if r["method"] == "bp-ga"), None)
+        first: dict[str, dict[str, Any]] = {}  # each method's row of its earliest round: its memory is every round's
+        for r in sorted(here, key=lambda r: r.get("round", 0)):
+            first.setdefault(r["method"], r)
+        bps = [r for m, r in first.items() if m.startswith("bp")]
         best = min(bps, key=lambda r: r["peak_memory_bytes"], default=None)
         # A BP variant asked for but without a measurement here (skipped, timed out, OOM): "best BP" is then the
         # best of those that ran, which the table must say.
         asked = {r["method"] for r in rows if (r["resolution"], r["depth"]) == (res, depth)}
-        missing = sorted(m for m in asked if m.startswith("bp") and m not in {r["method"] for r in bps})
-        for ff in (r for r in here if r["method"].startswith("ff")):
+        missing = sorted(m for m in asked if m.startswith("bp") and m not in first)
+        for method in (m for m in first if m.startswith("ff")):
+            ff = first[method]
             out.append(
                 {
                     "kind": "ratio",
                     "resolution": res,
                     "depth": depth,
-                    "method": ff["method"],
+                    "method": method,
+                    "chunk": ff.get("micro_batch"),
                     "best_bp": best and best["method"],
+                    "best_bp_chunk": best and best.get("micro_batch"),
                     "memory_ratio": best and ff["peak_memory_bytes"] / best["peak_memory_bytes"],
-                    "throughput_ratio_vs_bp_ga": ga and ff["images_per_second"] / ga["images_per_second"],
-                    "cpu_throughput_ratio_vs_bp_ga": _ratio(ff, ga, "images_per_cpu_second"),
+                    **_per_round(here, method, "images_per_second", "throughput_ratio_vs_bp_ga"),
+                    **_per_round(here, method, "images_per_cpu_second", "cpu_throughput_ratio_vs_bp_ga"),
                     "bp_missing": missing,
                 }
             )
     for res, method in sorted({(r["resolution"], r["method"]) for r in ok}):
-        by_depth = sorted(
-            (r["depth"], r["activation_memory_bytes"]) for r in ok if (r["resolution"], r["method"]) == (res, method)
-        )
+        mine = [r for r in ok if (r["resolution"], r["method"]) == (res, method)]
+        by_depth = sorted({r["depth"]: r["activation_memory_bytes"] for r in mine}.items())
         if len(by_depth) >= 2 and by_depth[0][1]:
+            (d0, a0), (d1, a1), (d2, a2) = by_depth[0], by_depth[-2], by_depth[-1]
             out.append(
                 {
                     "kind": "depth-growth",
                     "resolution": res,
                     "method": method,
-                    "from_depth": by_depth[0][0],
-                    "to_depth": by_depth[-1][0],
-                    "activation_growth": by_depth[-1][1] / by_depth[0][1],
+                    "from_depth": d0,
+                    "to_depth": d2,
+                    "from_bytes": a0,
+                    "to_bytes": a2,
+                    "activation_growth": a2 / a0,
+                    # Between the two deepest depths: the ratio alone hides a slope while the first block's
+                    # backward still sets the peak (BP's until about depth 11 at 32 px, width 32).
+                    "bytes_per_block": (a2 - a1) / (d2 - d1),
                 }
             )
     return out
 
 
-def _ratio(a: dict[str, Any], b: dict[str, Any] | None, key: str) -> float | None:
-    if b is None or not a.get(key) or not b.get(key):
-        return None
-    return a[key] / b[key]
+def _per_round(rows: list[dict[str, Any]], method: str, key: str, name: str) -> dict[str, Any]:
+    """``name``: the median over rounds of ``method``'s ``key`` over BP-GA's in the same round; ``name_range``:
+    (lowest, highest) of those; ``name_rounds``: how many rounds had both."""
+    mine = {r.get("round", 0): r.get(key) for r in rows if r["method"] == method}
+    ga = {r.get("round", 0): r.get(key) for r in rows if r["method"] == "bp-ga"}
+    ratios = sorted(mine[i] / ga[i] for i in mine if mine[i] and ga.get(i))
+    if not ratios:
+        return {name: None, f"{name}_range": None, f"{name}_rounds": 0}
+    mid = len(ratios) // 2
+    median = ratios[mid] if len(ratios) % 2 else (ratios[mid - 1] + ratios[mid]) / 2
+    return {name: median, f"{name}_range": [ratios[0], ratios[-1]], f"{name}_rounds": len(ratios)}
 
 
 def _mb(value: float | None) -> str:
@@ -561,6 +587,17 @@ def _mb(value: float | None) -> str:
 
 def _fmt(value: float | None) -> str:
     return "-" if value is None else f"{value:.2f}"
+
+
+def _spread(summary: dict[str, Any], name: str) -> str:
+    """A per-round ratio as "0.91 (0.67-1.06, 4 rounds)", or "0.91 (1 round: spread not measured)"."""
+    value, rounds = summary.get(name), summary.get(f"{name}_rounds", 0)
+    if value is None:
+        return "-"
+    if rounds < 2:
+        return f"{value:.2f} (1 round: spread not measured)"
+    low, high = summary[f"{name}_range"]
+    return f"{value:.2f} ({low:.2f}-{high:.2f}, {rounds} rounds)"
 
 
 def render_table(rows: list[dict[str, Any]], title: str = "ffablate audit"):
@@ -573,9 +610,10 @@ def render_table(rows: list[dict[str, Any]], title: str = "ffablate audit"):
         "res",
         "batch",
         "micro",
-        "peak MB",
-        "activations MB",
-        "params+state MB",
+        "round",
+        "peak MiB",
+        "activations MiB",
+        "params+state MiB",
         "images/s",
         "status",
     ):
@@ -588,6 +626,7 @@ def render_table(rows: list[dict[str, Any]], title: str = "ffablate audit"):
             str(r["resolution"]),
             str(r["batch"]),
             str(r["micro_batch"]),
+            str(r.get("round", 0)),
             _mb(r["peak_memory_bytes"]),
             _mb(r["activation_memory_bytes"]),
             _mb(r["param_state_bytes"]),
@@ -600,12 +639,12 @@ def render_table(rows: list[dict[str, Any]], title: str = "ffablate audit"):
 def render_summary(summary: list[dict[str, Any]]) -> list[Any]:
     from rich.table import Table
 
-    table = Table(title="FF vs BP (same effective batch)")
+    table = Table(title="FF vs BP (same effective batch; chunk: images per forward pass; images/s: median over rounds)")
     for column in (
         "res",
         "depth",
-        "FF variant",
-        "best BP",
+        "FF variant (chunk)",
+        "best BP (chunk)",
         "FF / best-BP memory",
         "FF / BP-GA images/s",
         "same, per CPU-second",
@@ -616,20 +655,24 @@ def render_summary(summary: list[dict[str, Any]]) -> list[Any]:
         table.add_row(
             str(s["resolution"]),
             str(s["depth"]),
-            s["method"],
-            s["best_bp"] or "-",
-            *(
-                _fmt(s.get(key))
-                for key in ("memory_ratio", "throughput_ratio_vs_bp_ga", "cpu_throughput_ratio_vs_bp_ga")
-            ),
+            f"{s['method']} ({s['chunk']})",
+            f"{s['best_bp']} ({s['best_bp_chunk']})" if s["best_bp"] else "-",
+            _fmt(s.get("memory_ratio")),
+            _spread(s, "throughput_ratio_vs_bp_ga"),
+            _spread(s, "cpu_throughput_ratio_vs_bp_ga"),
             ", ".join(s.get("bp_missing") or []) or "-",
         )
-    growth = Table(title="activation memory, deepest / shallowest depth")
-    for column in ("res", "method", "depths", "growth"):
+    growth = Table(title="activation memory against depth")
+    for column in ("res", "method", "depths", "activations MiB", "growth", "KiB per added block (two deepest)"):
         growth.add_column(column)
     for s in (s for s in summary if s["kind"] == "depth-growth"):
         growth.add_row(
-            str(s["resolution"]), s["method"], f"{s['from_depth']}->{s['to_depth']}", f"{s['activation_growth']:.2f}x"
+            str(s["resolution"]),
+            s["method"],
+            f"{s['from_depth']}->{s['to_depth']}",
+            f"{_mb(s['from_bytes'])}->{_mb(s['to_bytes'])}",
+            f"{s['activation_growth']:.2f}x",
+            f"{s['bytes_per_block'] / 2**10:.1f}",
         )
     return [t for t in (table, growth) if t.row_count]
 
@@ -697,7 +740,8 @@ def specs_from_args(args: argparse.Namespace) -> list[AuditSpec]:
         ("steps", args.steps, 1),
         ("batch", args.batch, 1),
         ("micro-batch", args.micro_batch, 0),
-        ("warmup", args.warmup, 0),
+        ("warmup", args.warmup, 1),
+        ("rounds", args.rounds, 1),
         ("threads", args.threads, 0),
     ):
         if value < least:
@@ -720,6 +764,7 @@ def specs_from_args(args: argparse.Namespace) -> list[AuditSpec]:
         parse_ints(args.resolution, "--resolution", 8),
         batch=args.batch,
         micro_batch=args.micro_batch,
+        rounds=args.rounds,
         **common,
     )
 
@@ -757,7 +802,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--classes", type=int, default=10, help="classes (class-wise FF needs width >= classes)")
     p.add_argument("--memory-cap", type=float, help="GB; a run above it is an over-cap/oom row")
     p.add_argument("--steps", type=int, default=3, help="timed steps after warm-up")
-    p.add_argument("--warmup", type=int, default=1, help="untimed steps first")
+    p.add_argument("--rounds", type=int, default=3, help="passes over the grid; ratios give median and range")
+    p.add_argument("--warmup", type=int, default=1, help="untimed steps first (at least 1)")
     p.add_argument("--threads", type=int, default=0, help="CPU threads per worker (0, the default: torch's)")
     p.add_argument("--timeout", type=float, default=900.0, help="seconds one configuration may take")
     p.add_argument("--budget", type=float, help="seconds after which no new configuration starts")
@@ -767,19 +813,51 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--plot-prefix", default="audit", help="file name prefix of the plots (default audit)")
 
 
-def write_output(path: str | Path, rows: list[dict[str, Any]], argv: dict[str, Any]) -> None:
+def machine() -> dict[str, Any]:
+    """What ran the audit, for its output: software, CPU, load, date (each row adds threads, kernels, device)."""
     import platform
 
-    import torch
+    from ffablate.train.common import versions
 
-    meta = {
-        "args": argv,
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "machine": platform.machine(),
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    load = os.getloadavg() if hasattr(os, "getloadavg") else None
+    return {
+        **versions(),
+        "cpu": cpu,
         "cpu_count": os.cpu_count(),
-        "date": time.strftime("%Y-%m-%d"),
+        "load_average": load and [round(x, 2) for x in load],
+        "date": time.strftime("%Y-%m-%d %H:%M %Z"),
     }
+
+
+MEMORY_NOTE = (
+    "peak = torch allocator bytes (parameters, optimizer state, batch, activations); the process baseline (Python, "
+    "torch, the data) is not in it"
+)
+
+
+def header(args: argparse.Namespace, before: dict[str, Any]) -> str:
+    """One line on how the tables below were made."""
+    full = before["ffablate_commit"]
+    commit = (full[:12] + ("+dirty" if full.endswith("+dirty") else "")) if full else "unknown commit"
+    threads = args.threads or "torch's default"
+    return (
+        f"ffablate audit on {args.device} ({before['cpu']}, {before['cpu_count']} CPUs, load {before['load_average']}),"
+        f" ffablate {before['ffablate']} ({commit}), torch {before['torch']}, {before['date']}: methods {args.methods},"
+        f" depths {args.depths}, resolution {args.resolution}, batch {args.batch}, width {args.width}, {args.steps}"
+        f" timed steps x {args.rounds} rounds after {args.warmup} warm-up, threads {threads}"
+    )
+
+
+def write_output(path: str | Path, rows: list[dict[str, Any]], argv: dict[str, Any], before: dict[str, Any]) -> None:
+    """{meta, rows, summary} as JSON; meta holds the flags, the machine before the audit and the load after it."""
+    after = machine()
+    meta = {"args": argv, **before, "load_average_after": after["load_average"], "memory": MEMORY_NOTE}
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     Path(path).write_text(json.dumps({"meta": meta, "rows": rows, "summary": summarize(rows)}, indent=1))
 

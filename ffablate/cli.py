@@ -494,6 +494,7 @@ def cmd_audit(args: argparse.Namespace) -> int:
     from ffablate import audit
 
     specs = audit.specs_from_args(args)
+    before = audit.machine()
     interrupted: audit.AuditInterrupted | None = None
     with progress_bar("audit", enabled=stderr.is_terminal) as update:
 
@@ -509,13 +510,14 @@ def cmd_audit(args: argparse.Namespace) -> int:
         print(json_text(rows))
     else:
         wide = wide_console()
-        wide.print(audit.render_table(rows, title=f"ffablate audit on {args.device}"))
+        wide.print(audit.header(args, before), markup=False, highlight=False)
+        wide.print(audit.render_table(rows, title=audit.MEMORY_NOTE))
         for table in audit.render_summary(audit.summarize(rows)):
             wide.print(table)
     try:
         if args.output:
             argv = {k: v for k, v in vars(args).items() if k not in ("func", "command_parser")}
-            audit.write_output(args.output, rows, argv)
+            audit.write_output(args.output, rows, argv, before)
         if args.plot_dir:
             for path in audit.plot(rows, args.plot_dir, prefix=args.plot_prefix):
                 stderr.print(f"wrote {path}", markup=False, highlight=False)

@@ -18,9 +18,10 @@ if [ -n "${PYTHON:-}" ]; then PY=$PYTHON; elif [ -x .venv/bin/python ]; then PY=
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 mkdir -p "$OUT_DIR"
 # ImageNet-100-like: 100 classes (class-wise FF goodness needs width >= classes), effective batch 64,
-# micro-batch 16 for the -ga variants; the same backbone for every method (see docs/audit.md).
+# micro-batch 16 for the -ga variants; the same backbone for every method (see docs/audit.md). One round: the
+# lease is short and a dedicated GPU's timings vary far less than the shared CPU's (the ratios then say so).
 "$PY" -m ffablate.cli audit --device cuda --resolution 224 --depths 4,8,16 \
     --methods ff,ff-ga,ff-neg,bp,bp-ga,bp-ckpt --batch 64 --micro-batch 16 --width 128 --classes 100 \
-    --memory-cap 8 --warmup 2 --steps 5 --timeout 60 --budget 120 \
+    --memory-cap 8 --warmup 2 --steps 5 --rounds 1 --timeout 60 --budget 120 \
     --output "$OUT_DIR/audit_gpu.json" --plot-dir "$OUT_DIR" --plot-prefix audit_gpu "$@" \
     | tee "$OUT_DIR/audit_gpu.txt"

@@ -26,6 +26,8 @@ SMOKE_ARGS = [
     "4",
     "--steps",
     "2",
+    "--rounds",
+    "1",
 ]
 
 
@@ -135,11 +137,38 @@ def test_summary_ratios_compare_ff_to_the_leanest_bp():
     growth = {s["method"]: s["activation_growth"] for s in summary if s["kind"] == "depth-growth"}
     assert growth["ff"] == pytest.approx(41 / 40) and growth["bp"] == pytest.approx(290 / 190)
     assert ratio["bp_missing"] == []
+    assert ratio["throughput_ratio_vs_bp_ga_rounds"] == 1 and "1 round: spread not measured" in audit._spread(
+        ratio, "throughput_ratio_vs_bp_ga"
+    )
+    # Activations per added block between the two deepest depths, beside the deepest/shallowest ratio.
+    per_block = {s["method"]: s["bytes_per_block"] for s in summary if s["kind"] == "depth-growth"}
+    assert per_block["ff"] == pytest.approx(1 / 4) and per_block["bp"] == pytest.approx(100 / 4)
     # The budget skipped depth 8's bp-ga: "best BP" falls back to bp, and the summary names what is missing.
     rows[-1] = {**rows[-1], "status": "skipped"}
     deep = next(s for s in audit.summarize(rows) if s["kind"] == "ratio" and s["depth"] == 8)
     assert deep["best_bp"] == "bp" and deep["bp_missing"] == ["bp-ga"] and deep["throughput_ratio_vs_bp_ga"] is None
     assert audit.render_summary(audit.summarize(rows))[0].row_count == 2
+
+
+def test_throughput_ratios_are_taken_round_by_round_with_their_range():
+    # One timing per configuration gave ratios that identical reruns moved by 0.67-1.06: each round's FF is now
+    # compared with the BP-GA of its own round, and the summary gives the median and the range.
+    rows = [
+        {"method": m, "depth": 4, "resolution": 32, "micro_batch": 4, "round": i, "status": "ok"}
+        | {"peak_memory_bytes": 10, "activation_memory_bytes": 5, "images_per_second": ips}
+        for i, (ff, ga) in enumerate([(90, 100), (60, 100), (100, 90)])
+        for m, ips in (("ff-ga", ff), ("bp-ga", ga))
+    ]
+    (ratio,) = [s for s in audit.summarize(rows) if s["kind"] == "ratio"]
+    assert ratio["throughput_ratio_vs_bp_ga"] == pytest.approx(0.9)
+    assert ratio["throughput_ratio_vs_bp_ga_range"] == pytest.approx([0.6, 100 / 90])
+    assert audit._spread(ratio, "throughput_ratio_vs_bp_ga") == "0.90 (0.60-1.11, 3 rounds)"
+    assert [(s.method, s.round) for s in audit.plan(["ff", "bp"], [2], [16], batch=4, rounds=2)] == [
+        ("ff", 0),
+        ("bp", 0),
+        ("ff", 1),
+        ("bp", 1),
+    ]
 
 
 def test_the_budget_bounds_the_whole_audit(monkeypatch):
@@ -162,7 +191,20 @@ def test_ctrl_c_keeps_the_measured_rows_and_writes_them(monkeypatch, tmp_path, c
 
     monkeypatch.setattr(audit, "run_worker", worker)
     out = tmp_path / "audit.json"
-    argv = ["audit", "--methods", "ff,bp", "--depths", "2,3", "--resolution", "8", "--json", "--output", str(out)]
+    argv = [
+        "audit",
+        "--methods",
+        "ff,bp",
+        "--depths",
+        "2,3",
+        "--resolution",
+        "8",
+        "--rounds",
+        "1",
+        "--json",
+        "--output",
+        str(out),
+    ]
     assert main(argv) == 130
     captured = capsys.readouterr()
     rows = json.loads(captured.out)

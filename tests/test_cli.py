@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import os
 import re
 import subprocess
 import sys
@@ -15,6 +16,7 @@ import torch
 from ffablate import audit, ops, plugins, study
 from ffablate.cli import main
 from ffablate.config import RunConfig
+from ffablate.revision import source_revision
 from ffablate.train.ff import FF_KINDS
 from tests.conftest import tiny_args
 
@@ -139,7 +141,8 @@ def test_informational_stderr_lines_do_not_wrap_when_piped():
         (["train", *tiny_args("--set", "channels=20,20,20,20,20", "--set", "strides=2")], "--set strides=2,2,2,2,1"),
         (["study", "goodness", "--timeout", "0"], "--timeout must be a positive number"),
         (["study", "goodness", "--epochs", "1"], "unrecognized arguments: --epochs 1 (see `ffablate study --help`)"),
-        (["audit", "--warmup", "-1"], "--warmup must be at least 0"),
+        (["audit", "--warmup", "0"], "--warmup must be at least 1"),  # one ran anyway, recorded as 0
+        (["audit", "--rounds", "0"], "--rounds must be at least 1"),
         (["audit", "--timeout", "0"], "--timeout must be a positive, finite number"),
         (["audit", "--width", "4"], "needs a channel per class"),
         (["audit", "--plot-prefix", "a/b"], "without '/'"),
@@ -314,6 +317,27 @@ def test_audit_rows_are_printed_before_a_failing_write(capsys, tmp_path, monkeyp
     out = capsys.readouterr()
     assert json.loads(out.out) == rows
     assert "No space left" in out.err and len(out.err.strip().splitlines()) == 1
+
+
+def test_audit_output_says_what_made_it_and_what_its_memory_counts(capsys, tmp_path, monkeypatch):
+    # It printed "ffablate audit on cpu" and nothing else of the machine, software, steps or rounds, and wrote
+    # machine "x86_64"; its peak is allocator bytes, which nothing said.
+    row = {"method": "bp", "depth": 2, "resolution": 16, "batch": 8, "micro_batch": 8, "round": 0, "status": "ok"}
+    row |= {
+        "peak_memory_bytes": 2**20,
+        "activation_memory_bytes": 2**19,
+        "param_state_bytes": 1,
+        "images_per_second": 9,
+    }
+    monkeypatch.setattr(audit, "run_audit", lambda *a, **k: [row])
+    out = tmp_path / "a.json"
+    assert main(["audit", "--methods", "bp", "--steps", "2", "--rounds", "4", "--output", str(out)]) == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert f"torch {torch.__version__}" in text and "2 timed steps x 4 rounds after 1 warm-up" in text
+    assert "process baseline (Python, torch, the data) is not in it" in text and "peak MiB" in text
+    meta = json.loads(out.read_text())["meta"]
+    assert meta["cpu_count"] == os.cpu_count() and meta["ffablate_commit"] == source_revision()
+    assert len(meta["load_average_after"]) == 3 and meta["memory"] == audit.MEMORY_NOTE and meta["args"]["rounds"] == 4
 
 
 def test_report_into_a_file_is_one_line(capsys, tmp_path, monkeypatch):
