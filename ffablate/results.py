@@ -5,6 +5,7 @@ the closing table of ``ffablate study`` and by ``ffablate report``; it only read
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -677,6 +678,7 @@ class AxisSpan:
     low: str
     difference: Estimate
     cells: int
+    uncompared: tuple[str, ...] = ()  # axes with no combination that completed every level: not ranked
 
     def describe(self, split: str) -> str:
         d = self.difference
@@ -685,40 +687,59 @@ class AxisSpan:
         else:
             size = f"{d.mean * 100:+.1f} pp from one seed a cell: no interval"
         where = f"{self.cells} combination{'s' if self.cells != 1 else ''} of the other axes"
-        return (
+        text = (
             f"the {self.axis} axis moves mean {split} accuracy most ({self.high} − {self.low} {size}, over {where} "
             f"that ran every {self.axis} level)"
         )
+        if self.uncompared:
+            names = ", ".join(self.uncompared)
+            text += f" of the axes that could be compared ({names}: no combination completed all its levels)"
+        return text
 
 
 def most_influential_axis(summary: Summary) -> AxisSpan | None:
     """The axis whose best and worst levels lie furthest apart on the ranking split. Each level is averaged over
-    the combinations of the other axes that ran every level of this one with complete rows (a pruned row's
-    surviving seeds are a biased sample, and a level averaged over other cells than its rivals' would mix in those
-    cells' effects). The levels are picked after looking, so the interval is not a test of the axis."""
-    rows = [r for r in summary.ff if r.n and r.complete]
-    spans = []
-    for axis, listed in summary.axis_levels().items():
-        levels = [str(v) for v in listed]
-        if len(levels) < 2:
-            continue
-        by_rest: dict[str, dict[str, Row]] = defaultdict(dict)
-        for r in rows:
+    the same combinations of the other axes: those, in groups where the axis varies, that ran every level of it
+    with complete rows (a pruned row's surviving seeds are a biased sample, and a level averaged over other cells
+    than its rivals' would mix in those cells' effects). An axis none of whose combinations completed cannot be
+    compared; the span names such axes, since one of them may move accuracy most. The levels are picked after
+    looking, so the interval is not a test of the axis."""
+    scored = [r for r in summary.ff if r.n]
+    rows = [r for r in scored if r.complete]
+    spans, uncompared = [], []
+    for axis in summary.axis_levels():
+        # A group may fix the axis (goodness's class-wise group): only groups where it varies compare its levels.
+        in_group: dict[str, set[str]] = defaultdict(set)
+        for r in scored:
             if axis in r.overrides:
+                in_group[r.group].add(str(r.overrides[axis]))
+        varied = {g for g, levels in in_group.items() if len(levels) > 1}
+        if not varied:
+            continue
+        by_rest: dict[tuple[str, str], dict[str, Row]] = defaultdict(dict)
+        for r in rows:
+            if r.group in varied and axis in r.overrides:
                 rest = json.dumps({k: str(v) for k, v in r.overrides.items() if k != axis}, sort_keys=True)
-                by_rest[rest][str(r.overrides[axis])] = r
-        balanced = [cells for cells in by_rest.values() if set(levels) <= set(cells)]
-        if not balanced:
+                by_rest[r.group, rest][str(r.overrides[axis])] = r
+        balanced = [cells for (group, _), cells in by_rest.items() if in_group[group] <= set(cells)]
+        levels = sorted(set.intersection(*(set(c) for c in balanced))) if balanced else []
+        if len(levels) < 2:
+            uncompared.append(axis)
             continue
         m = len(balanced)
         means = {
             level: sum(statistics.fmean(summary.ranking_values(c[level])) for c in balanced) / m for level in levels
         }
         high, low = max(levels, key=means.__getitem__), min(levels, key=means.__getitem__)
+        if means[high] == means[low]:  # every level alike: no axis to name
+            continue
         terms = [(1 / m, summary.ranking_values(c[high])) for c in balanced]
         terms += [(-1 / m, summary.ranking_values(c[low])) for c in balanced]
         spans.append(AxisSpan(axis, high, low, contrast_ci(terms), m))
-    return max(spans, key=lambda s: s.difference.mean) if spans else None
+    if not spans:
+        return None
+    best = max(spans, key=lambda s: s.difference.mean)
+    return dataclasses.replace(best, uncompared=tuple(uncompared))
 
 
 def k_sweep_series(summary: Summary) -> dict[str, list[tuple[int, Row]]]:

@@ -706,6 +706,46 @@ def test_the_leading_axis_compares_its_levels_over_the_same_cells_with_an_interv
     )
 
 
+def _two_axis_study(url: str, name: str, runs: dict, groups: dict | None = None) -> optuna.Study:
+    """FF rows of a goodness x loss grid, ``runs`` mapping (goodness, loss) to per-seed test accuracies;
+    ``groups`` maps a (goodness, loss) to its group (default "")."""
+    trials = [
+        {"cell": f"goodness={g} loss={lo}", "role": "ff", "seed": seed, "value": v}
+        | {"overrides": {"goodness": g, "loss": lo}, "group": (groups or {}).get((g, lo), "")}
+        for (g, lo), values in runs.items()
+        for seed, v in enumerate(values)
+    ]
+    axes = {"goodness": sorted({g for g, _ in runs}), "loss": sorted({lo for _, lo in runs})}
+    return make_study(url, name, {"analysis": "ablation", "axes": axes, "seeds": [0, 1, 2]}, trials)
+
+
+def test_the_leading_axis_skips_groups_that_fix_it_names_axes_it_cannot_compare_and_never_a_tie(url):
+    # The goodness spec's class-wise group fixes goodness and loss: its levels joined both axes, no combination
+    # held them all, and the answer lost its axis clause.
+    runs = {
+        ("sumsq", "symba"): [0.30, 0.31, 0.32],
+        ("sumsq", "softplus"): [0.31, 0.32, 0.33],
+        ("meansq", "symba"): [0.50, 0.51, 0.52],
+        ("meansq", "softplus"): [0.51, 0.52, 0.53],
+        ("classwise", "classwise-ce"): [0.80, 0.81, 0.82],
+    }
+    groups = {("classwise", "classwise-ce"): "classwise"}
+    span = results.most_influential_axis(results.summarize(_two_axis_study(url, "goodness-quick", runs, groups)))
+    assert (span.axis, span.high, span.low, span.cells) == ("goodness", "meansq", "sumsq", 2) and not span.uncompared
+    # A loss level lost a seed in every cell: loss cannot be compared, and the answer says so rather than let
+    # goodness pass for the axis that moves accuracy most among all.
+    pruned = {key: values[:2] if key[1] == "softplus" else values for key, values in runs.items()}
+    summary = results.summarize(_two_axis_study(url, "pruned", pruned, groups))
+    span = results.most_influential_axis(summary)
+    assert (span.axis, span.cells, span.uncompared) == ("goodness", 1, ("loss",))
+    assert "of the axes that could be compared (loss: no combination completed all its levels)" in results.answer(
+        summary
+    )
+    # Every level alike (FF collapsed to chance): no level is compared with itself.
+    flat = {key: [0.1, 0.1, 0.1] for key in runs}
+    assert results.most_influential_axis(results.summarize(_two_axis_study(url, "flat", flat, groups))) is None
+
+
 def test_a_search_table_cut_to_its_best_rows_says_so(tmp_path, url):
     # 20 sampled configurations, 15 shown: nothing said the other 5 existed.
     trials = [{"cell": "bp-deepsup", "role": "baseline", "overrides": {}, "seed": 0, "value": 0.5}]
