@@ -773,14 +773,18 @@ def _answer_k_sweep(summary: Summary) -> str:
 
 def _trend(r0: Row, b0: Row, r1: Row, b1: Row) -> str:
     """How the FF−BP gap moves from FF row ``r0`` (baseline ``b0``, the smallest K) to ``r1`` (``b1``, the
-    largest), worded only as far as the interval of its change backs (Welch-Satterthwaite over the four samples:
-    different K are different data, so there is no pairing to use)."""
+    largest), worded only as far as the intervals of its change back: Welch-Satterthwaite over the four samples,
+    and where at least two seeds ran all four, the interval of the per-seed change too (a seed shares initialisation
+    and data order across K, so the four runs of a seed may correlate either way)."""
     change = contrast_ci([(1.0, r1.accuracies), (-1.0, b1.accuracies), (-1.0, r0.accuracies), (1.0, b0.accuracies)])
+    paired = _paired_change(r1, b1, r0, b0)
     seeds = min(r0.n, r1.n, b0.n, b1.n)
     if not change.has_ci:
         return f"change with K {change.mean * 100:+.1f} pp with n={seeds} on a side: no interval, no trend claimed"
     moved = f"change {fmt(change, signed=True, unit=' pp')}, n≥{seeds} per side"
-    if not change.decisive:
+    if paired.has_ci:
+        moved += f"; paired over {paired.n} seeds {fmt(paired, signed=True, unit=' pp')}"
+    if not change.decisive or (paired.has_ci and not paired.excludes_zero()):
         return f"no change with K resolved: {moved}"
     if r0.gap_decisive and r1.gap_decisive and (r0.gap.mean > 0) == (r1.gap.mean > 0):
         return f"the gap {'widens' if abs(r1.gap.mean) > abs(r0.gap.mean) else 'narrows'} with K: {moved}"
@@ -806,19 +810,24 @@ def _answer_hierarchy(summary: Summary) -> str:
     return "; ".join(parts) + (f" ({'; '.join(notes)})" if notes else "") + "."
 
 
+def _paired_change(ff1: Row, bp1: Row, ff0: Row, bp0: Row) -> Estimate:
+    """(FF1 − BP1) − (FF0 − BP0) seed by seed over the seeds all four rows ran, with its t-interval: one seed gives
+    all four runs the same initialisation, data order and (where the data are the same images) images."""
+    runs = [dict(zip(r.seeds, r.accuracies, strict=True)) for r in (ff1, bp1, ff0, bp0)]
+    shared = sorted(set.intersection(*(set(run) for run in runs)))
+    a, b, c, d = runs
+    return mean_ci([(a[s] - b[s]) - (c[s] - d[s]) for s in shared])
+
+
 def _coarse_minus_fine(coarse: Row, fine: Row) -> str:
     """The study's question in one number: how the FF−BP gap moves from fine to coarse labels, paired by seed
     (one seed gives the same images, order and initialisation to all four runs) over the seeds all four ran."""
     if coarse.base is None or fine.base is None:
         return "coarse − fine: no baseline yet"
-    ff_coarse, bp_coarse, ff_fine, bp_fine = runs = [
-        dict(zip(r.seeds, r.accuracies, strict=True)) for r in (coarse, coarse.base, fine, fine.base)
-    ]
-    shared = sorted(set.intersection(*(set(run) for run in runs)))
-    change = mean_ci([(ff_coarse[s] - bp_coarse[s]) - (ff_fine[s] - bp_fine[s]) for s in shared])
+    change = _paired_change(coarse, coarse.base, fine, fine.base)
     if not change.has_ci:
-        return f"coarse − fine gap: {len(shared)} seed(s) that all four runs share: no interval, no direction claimed"
-    moved = f"coarse − fine gap {fmt(change, signed=True, unit=' pp')}, paired over {len(shared)} seeds"
+        return f"coarse − fine gap: {change.n} seed(s) that all four runs share: no interval, no direction claimed"
+    moved = f"coarse − fine gap {fmt(change, signed=True, unit=' pp')}, paired over {change.n} seeds"
     if not change.decisive:
         return f"{moved}: no difference resolved"
     return f"{moved}: coarse labels move the gap in {'FF' if change.mean > 0 else 'BP'}'s favour"

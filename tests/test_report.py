@@ -174,11 +174,32 @@ def test_k_sweep_report_draws_both_gap_curves_and_states_the_trend(tmp_path, url
     answer = results.answer(results.summarize(study))
     # Both ends' intervals exclude zero on the same side, and so does the interval of the change: it widens.
     assert "synthetic: FF−BP gap +5.0 ± 3.0 pp, n=2 vs 2 at K=2 → +15.0 ± 3.0 pp, n=2 vs 2 at K=100" in answer
-    assert "(FF ahead at K=100; the gap widens with K: change +10.0 ± 2.8 pp, n≥2 per side)" in answer
+    assert (
+        "(FF ahead at K=100; the gap widens with K: change +10.0 ± 2.8 pp, n≥2 per side; paired over 2 seeds +10.0 ± "
+        "0.0 pp (no spread across seeds))" in answer
+    )
     # K=2's interval spans zero: the change is resolved, but "widens" would claim a side at K=2 too.
     assert "fashion-mnist: FF−BP gap -1.0 ± 3.0 pp, n=2 vs 2 at K=2 → -5.0 ± 3.0 pp, n=2 vs 2 at K=10" in answer
-    assert "(FF behind at K=10; the gap moves in BP's favour with K: change -4.0 ± 2.8 pp, n≥2 per side)" in answer
+    assert "(FF behind at K=10; the gap moves in BP's favour with K: change -4.0 ± 2.8 pp, n≥2 per side" in answer
     assert answer in text
+
+
+def test_a_k_trend_whose_per_seed_change_spans_zero_claims_none(url):
+    # FF's accuracy at K=2 and at K=100 move against each other across seeds: Welch's change +10.0 ± 6.8 pp excludes
+    # zero, the change seed by seed (+16, +10, +4 pp) does not; the trend was worded from Welch alone.
+    trials = []
+    for k, ff in ((2, [0.49, 0.52, 0.55]), (100, [0.65, 0.62, 0.59])):
+        for seed, value in enumerate(ff):
+            over = {"dataset": "teacher-student", "classes": k}
+            trials += [
+                {"cell": f"synthetic classes={k}", "role": "ff", "group": "synthetic", "seed": seed, "value": value}
+                | {"overrides": over},
+                {"cell": f"bp-deepsup synthetic classes={k}", "role": "baseline", "group": "synthetic"}
+                | {"seed": seed, "value": 0.5, "overrides": over},
+            ]
+    study = make_study(url, "k-sweep-anti", {"analysis": "k-sweep", "axes": {"classes": [2, 100]}}, trials)
+    answer = results.answer(results.summarize(study))
+    assert "no change with K resolved: change +10.0 ± 6.8 pp, n≥3 per side; paired over 3 seeds +10.0 ± 14.9" in answer
 
 
 def test_label_hierarchy_report_has_coarse_vs_fine_bars_and_notes(tmp_path, url):
