@@ -348,20 +348,24 @@ def _versions(trials: list[FrozenTrial]) -> list[dict[str, Any]]:
     counts: dict[str, int] = {}
     for t in trials:
         if t.state == TrialState.COMPLETE and "versions" in t.user_attrs:
-            key = json.dumps(t.user_attrs["versions"], sort_keys=True)
+            device = t.user_attrs.get("config", {}).get("device")
+            key = json.dumps({"versions": t.user_attrs["versions"], "device": device}, sort_keys=True)
             counts[key] = counts.get(key, 0) + 1
-    return [{"versions": json.loads(key), "trials": n} for key, n in counts.items()]
+    return [{**json.loads(key), "trials": n} for key, n in counts.items()]
 
 
 def versions_line(summary: Summary) -> str:
-    """One line naming the software the completed trials ran under ("" when none recorded it)."""
+    """One line naming the software and device the completed trials ran on ("" when none recorded it). The CUDA
+    version is the one torch was built for, which says nothing of whether a GPU ran them: the device does."""
     parts = []
     for entry in summary.versions:
         v = entry["versions"]
         commit = f" ({v['ffablate_commit']})" if v.get("ffablate_commit") else ""
+        built = f" built for CUDA {v['cuda']}" if v.get("cuda") not in (None, "None") else " without CUDA"
+        plural = "s" if entry["trials"] != 1 else ""
         parts.append(
-            f"ffablate {v.get('ffablate')}{commit}, torch {v.get('torch')}, Python {v.get('python')}, "
-            f"CUDA {v.get('cuda')}: {entry['trials']} completed trial{'s' if entry['trials'] != 1 else ''}"
+            f"ffablate {v.get('ffablate')}{commit}, torch {v.get('torch')}{built}, Python {v.get('python')}, on "
+            f"{entry.get('device') or 'an unrecorded device'}: {entry['trials']} completed trial{plural}"
         )
     return "; ".join(parts)
 

@@ -366,8 +366,10 @@ def test_a_half_finished_study_names_the_configurations_not_started(tmp_path):
     assert "Not started yet (2): temperature=cosine, temperature=linear." in report
     # The software its completed trials ran under, which only each trial held before.
     (entry,) = json.loads(results.to_json(summary))["versions"]
-    assert entry["trials"] == 2 and entry["versions"]["torch"] == torch.__version__
-    assert f"Software: ffablate {entry['versions']['ffablate']} (" in report and "2 completed trials." in report
+    assert entry["trials"] == 2 and entry["versions"]["torch"] == torch.__version__ and entry["device"] == "cpu"
+    assert f"Software: ffablate {entry['versions']['ffablate']} (" in report
+    built = f"built for CUDA {torch.version.cuda}" if torch.version.cuda else "without CUDA"
+    assert ", on cpu: 2 completed trials." in report and f"torch {torch.__version__} {built}" in report
 
 
 def test_a_trial_failed_as_stale_while_its_process_was_stopped_is_dropped(tmp_path, monkeypatch):
