@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import logging
-import math
 import os
 import signal
 import sys
@@ -20,7 +18,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from ffablate import __version__
+from ffablate import __version__, jsontext
 from ffablate.config import METHODS, RunConfig, parse_sets
 from ffablate.errors import ConfigError, FFablateError, FFablateWarning
 
@@ -220,22 +218,6 @@ def progress_bar(label: str, enabled: bool = True) -> Iterator[Callable[[int, in
         yield update
 
 
-def json_text(value: object) -> str:
-    """Strict JSON for ``--json``: an infinite or NaN float (a plugin parameter's default may be inf) is written as
-    the string "inf", "-inf" or "nan"; Python's bare Infinity is no JSON, and other readers refuse it."""
-
-    def strict(v: object) -> object:
-        if isinstance(v, float) and not math.isfinite(v):
-            return str(v)
-        if isinstance(v, dict):
-            return {k: strict(x) for k, x in v.items()}
-        if isinstance(v, (list, tuple)):
-            return [strict(x) for x in v]
-        return v
-
-    return json.dumps(strict(value), default=str, allow_nan=False)
-
-
 def _retain_cpu_memory(device: str) -> None:
     """Keep freed CPU memory in this process (``ops.retain_cpu_memory``): evaluation runs at batch 1000, whose
     activations (100 MB for a 28 px block of 32 channels) glibc would otherwise map afresh and fault in on every
@@ -258,7 +240,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         fields = result.to_dict()
         if not fields["history"]:  # per-epoch scores are kept in studies (which prune on them), not here
             del fields["history"]
-        print(json_text(fields))
+        print(jsontext.dumps(fields))
         return 0
     table = Table(title=f"{config.method} on {config.dataset} (seed {config.seed}, {config.epochs} epochs)")
     columns = ["test accuracy", "per-layer accuracy", "train s", "images/s", "peak memory MB", "kernels"]
@@ -299,7 +281,7 @@ def cmd_plugins(args: argparse.Namespace) -> int:
         for p in plugins
     ]
     if args.json:
-        print(json_text(rows))
+        print(jsontext.dumps(rows))
         return 0
     table = Table(title="ffablate plugins")
     for column in ("kind", "name", "source", "params", "description"):
@@ -316,7 +298,7 @@ def cmd_data_list(args: argparse.Namespace) -> int:
 
     rows = list_datasets(args.data_root)
     if args.json:
-        print(json_text(rows))
+        print(jsontext.dumps(rows))
         return 0
     table = Table(title="datasets")
     for column in ("name", "available", "where"):
@@ -336,7 +318,7 @@ def cmd_bench_kernels(args: argparse.Namespace) -> int:
     with without_cuda_home_warning():
         rows = kernel_bench(device=args.device, quick=args.quick)
     if args.json:
-        print(json_text(rows))
+        print(jsontext.dumps(rows))
     else:
         wide_console().print(render_table(rows))
     return 0
@@ -365,7 +347,7 @@ def cmd_bench_pool(args: argparse.Namespace) -> int:
     resolve_device(args.device)
     rows = pool_bench(quick=args.quick, device=args.device)
     if args.json:
-        print(json_text(rows))
+        print(jsontext.dumps(rows))
     else:
         wide_console().print(render_pool_table(rows))
     return 0
@@ -507,7 +489,7 @@ def cmd_audit(args: argparse.Namespace) -> int:
             rows, interrupted = exc.rows, exc
     # The rows go out first: a file that cannot be written must not cost the measurements.
     if args.json:
-        print(json_text(rows))
+        print(jsontext.dumps(rows))
     else:
         wide = wide_console()
         wide.print(audit.header(args, before), markup=False, highlight=False)

@@ -18,6 +18,7 @@ from typing import Any
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
+from ffablate import jsontext
 from ffablate.stats import Estimate, contrast_ci, fmt, mean_ci, paired_ci, welch_ci
 
 
@@ -854,8 +855,8 @@ def _answer_bp_gap(summary: Summary) -> str:
 
 
 def to_json(summary: Summary) -> str:
-    """The summary as strict JSON: a mean or CI that does not exist (no seed, or one) is null, not NaN, which
-    JSON has no word for."""
+    """The summary as strict JSON (``ffablate.jsontext``): a mean or CI that does not exist (no seed, or one) is
+    null, not NaN, which JSON has no word for."""
     payload = {
         "study": summary.name,
         "meta": summary.meta,
@@ -866,14 +867,4 @@ def to_json(summary: Summary) -> str:
         "not_started": summary.not_started,
         "versions": summary.versions,
     }
-    return json.dumps(_finite(payload), default=str, allow_nan=False)
-
-
-def _finite(value: Any) -> Any:
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_finite(v) for v in value]
-    return value
+    return jsontext.dumps(payload)
