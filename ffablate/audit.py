@@ -26,6 +26,7 @@ import json
 import math
 import os
 import signal
+import statistics
 import subprocess
 import sys
 import time
@@ -35,6 +36,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from ffablate import jsontext
 from ffablate.errors import ConfigError
 
 # Audit method -> (trainer method, config overrides, micro-batched). "ff" is ffablate's default FF (class-wise
@@ -593,7 +595,7 @@ def _spread(summary: dict[str, Any], name: str) -> str:
     """A per-round ratio as "0.91 (0.67-1.06, 4 rounds)", or "0.91 (1 round: spread not measured)"."""
     value, rounds = summary.get(name), summary.get(f"{name}_rounds", 0)
     if value is None:
-        return "-"
+        return "- (no bp-ga row to compare)"
     if rounds < 2:
         return f"{value:.2f} (1 round: spread not measured)"
     low, high = summary[f"{name}_range"]
@@ -662,8 +664,11 @@ def render_summary(summary: list[dict[str, Any]]) -> list[Any]:
             _spread(s, "cpu_throughput_ratio_vs_bp_ga"),
             ", ".join(s.get("bp_missing") or []) or "-",
         )
-    growth = Table(title="activation memory against depth")
-    for column in ("res", "method", "depths", "activations MiB", "growth", "KiB per added block (two deepest)"):
+    growth = Table(
+        title="activation memory against depth (per added block: between the two deepest depths; less than a block's"
+        " cost while the first block's backward still sets the peak at both)"
+    )
+    for column in ("res", "method", "depths", "activations MiB", "growth", "KiB per added block"):
         growth.add_column(column)
     for s in (s for s in summary if s["kind"] == "depth-growth"):
         growth.add_row(
@@ -691,16 +696,26 @@ def plot(rows: list[dict[str, Any]], out_dir: str | Path, prefix: str = "audit")
     paths = []
     for key, label, name in (
         ("peak_memory_bytes", "peak memory (MiB)", "memory"),
-        ("images_per_second", "training images/s", "throughput"),
+        ("images_per_second", "training images/s (median, bar: range over rounds)", "throughput"),
     ):
         fig, axes = plt.subplots(1, max(1, len(resolutions)), figsize=(5 * max(1, len(resolutions)), 4), squeeze=False)
         for ax, res in zip(axes[0], resolutions, strict=False):
             for method in dict.fromkeys(r["method"] for r in ok):
-                points = sorted((r["depth"], r[key]) for r in ok if r["resolution"] == res and r["method"] == method)
-                if points:
-                    xs, ys = zip(*points, strict=True)
-                    ys = [y / 2**20 for y in ys] if key == "peak_memory_bytes" else ys
-                    ax.plot(xs, ys, marker="o", label=method)
+                by_depth: dict[int, list[float]] = {}
+                for r in ok:
+                    if r["resolution"] == res and r["method"] == method and r[key] is not None:
+                        by_depth.setdefault(r["depth"], []).append(
+                            r[key] / (2**20 if key == "peak_memory_bytes" else 1)
+                        )
+                if not by_depth:
+                    continue
+                # One point per depth, the median over rounds, with the rounds' range as its bar: joining every
+                # round's point drew slopes between one round's high and the next depth's low.
+                xs = sorted(by_depth)
+                mid = [statistics.median(by_depth[d]) for d in xs]
+                low = [m - min(by_depth[d]) for d, m in zip(xs, mid, strict=True)]
+                high = [max(by_depth[d]) - m for d, m in zip(xs, mid, strict=True)]
+                ax.errorbar(xs, mid, yerr=[low, high], marker="o", capsize=3, label=method)
             ax.set(title=f"{res}x{res}", xlabel="depth (blocks)", ylabel=label)
             ax.grid(alpha=0.3)
             ax.legend(fontsize="small")
@@ -850,7 +865,8 @@ def header(args: argparse.Namespace, before: dict[str, Any]) -> str:
         f"ffablate audit on {args.device} ({before['cpu']}, {before['cpu_count']} CPUs, load {before['load_average']}),"
         f" ffablate {before['ffablate']} ({commit}), torch {before['torch']}, {before['date']}: methods {args.methods},"
         f" depths {args.depths}, resolution {args.resolution}, batch {args.batch}, width {args.width}, {args.steps}"
-        f" timed steps x {args.rounds} rounds after {args.warmup} warm-up, threads {threads}"
+        f" timed steps x {args.rounds} round{'s' if args.rounds != 1 else ''} after {args.warmup} warm-up, threads"
+        f" {threads}{'; on CUDA each row names its GPU (device_name)' if args.device == 'cuda' else ''}"
     )
 
 
@@ -859,7 +875,7 @@ def write_output(path: str | Path, rows: list[dict[str, Any]], argv: dict[str, A
     after = machine()
     meta = {"args": argv, **before, "load_average_after": after["load_average"], "memory": MEMORY_NOTE}
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_text(json.dumps({"meta": meta, "rows": rows, "summary": summarize(rows)}, indent=1))
+    Path(path).write_text(jsontext.dumps({"meta": meta, "rows": rows, "summary": summarize(rows)}, indent=1))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -221,8 +221,8 @@ def progress_bar(label: str, enabled: bool = True) -> Iterator[Callable[[int, in
 def _retain_cpu_memory(device: str) -> None:
     """Keep freed CPU memory in this process (``ops.retain_cpu_memory``): evaluation runs at batch 1000, whose
     activations (100 MB for a 28 px block of 32 channels) glibc would otherwise map afresh and fault in on every
-    batch, which halved its speed (4,460-4,700 against 9,260-9,950 test images/s, docs/benchmarks.md). Training's own batches
-    were as fast either way and its peak memory the same; an entry point's choice, never an import's."""
+    batch, which halved its speed (4,460-4,700 against 9,260-9,950 test images/s, docs/benchmarks.md). Training's
+    own batches were as fast either way and its peak memory the same; an entry point's choice, never an import's."""
     if device == "cpu":
         from ffablate import ops
 

@@ -683,7 +683,8 @@ class AxisSpan:
     low: str
     difference: Estimate
     cells: int
-    uncompared: tuple[str, ...] = ()  # axes with no combination that completed every level: not ranked
+    uncompared: tuple[str, ...] = ()  # axes (in a group) with no combination that completed every level
+    group: str = ""  # the spec group the levels were compared in ("" for a spec without groups)
 
     def describe(self, split: str) -> str:
         d = self.difference
@@ -692,9 +693,10 @@ class AxisSpan:
         else:
             size = f"{d.mean * 100:+.1f} pp from one seed a cell: no interval"
         where = f"{self.cells} combination{'s' if self.cells != 1 else ''} of the other axes"
+        within = f" in group {self.group}" if self.group else ""
         text = (
-            f"the {self.axis} axis moves mean {split} accuracy most ({self.high} − {self.low} {size}, over {where} "
-            f"that ran every {self.axis} level)"
+            f"the {self.axis} axis moves mean {split} accuracy most ({self.high} − {self.low}{within} {size}, over "
+            f"{where} that ran every {self.axis} level)"
         )
         if self.uncompared:
             names = ", ".join(self.uncompared)
@@ -703,48 +705,49 @@ class AxisSpan:
 
 
 def most_influential_axis(summary: Summary) -> AxisSpan | None:
-    """The axis whose best and worst levels lie furthest apart on the ranking split. Each level is averaged over
-    the same combinations of the other axes: those, in groups where the axis varies, that ran every level of it
-    with complete rows (a pruned row's surviving seeds are a biased sample, and a level averaged over other cells
-    than its rivals' would mix in those cells' effects). An axis none of whose combinations completed cannot be
-    compared; the span names such axes, since one of them may move accuracy most. The levels are picked after
-    looking, so the interval is not a test of the axis."""
-    scored = [r for r in summary.ff if r.n]
-    rows = [r for r in scored if r.complete]
+    """The axis whose best and worst levels lie furthest apart on the ranking split, within a group of the spec
+    (groups may run an axis at other levels, or fix it). Each level is averaged over the same combinations of the
+    other axes: those that ran every level the group runs with complete rows (a pruned row's surviving seeds are a
+    biased sample, and a level averaged over other cells than its rivals' would mix in those cells' effects). An
+    axis of which some group has no such combination is not compared there; the span names it, since it may be the
+    one that moves accuracy most. The levels are picked after looking, so the interval is not a test of the axis."""
     spans, uncompared = [], []
     for axis in summary.axis_levels():
-        # A group may fix the axis (goodness's class-wise group): only groups where it varies compare its levels.
-        in_group: dict[str, set[str]] = defaultdict(set)
-        for r in scored:
+        in_group: dict[str, set[str]] = defaultdict(set)  # every level a group runs, its failed ones too
+        for r in summary.ff:
             if axis in r.overrides:
                 in_group[r.group].add(str(r.overrides[axis]))
-        varied = {g for g, levels in in_group.items() if len(levels) > 1}
-        if not varied:
-            continue
-        by_rest: dict[tuple[str, str], dict[str, Row]] = defaultdict(dict)
-        for r in rows:
-            if r.group in varied and axis in r.overrides:
-                rest = json.dumps({k: str(v) for k, v in r.overrides.items() if k != axis}, sort_keys=True)
-                by_rest[r.group, rest][str(r.overrides[axis])] = r
-        balanced = [cells for (group, _), cells in by_rest.items() if in_group[group] <= set(cells)]
-        levels = sorted(set.intersection(*(set(c) for c in balanced))) if balanced else []
-        if len(levels) < 2:
-            uncompared.append(axis)
-            continue
-        m = len(balanced)
-        means = {
-            level: sum(statistics.fmean(summary.ranking_values(c[level])) for c in balanced) / m for level in levels
-        }
-        high, low = max(levels, key=means.__getitem__), min(levels, key=means.__getitem__)
-        if means[high] == means[low]:  # every level alike: no axis to name
-            continue
-        terms = [(1 / m, summary.ranking_values(c[high])) for c in balanced]
-        terms += [(-1 / m, summary.ranking_values(c[low])) for c in balanced]
-        spans.append(AxisSpan(axis, high, low, contrast_ci(terms), m))
+        for group, levels in in_group.items():
+            if len(levels) < 2:  # a group that fixes the axis (goodness's class-wise group) compares nothing
+                continue
+            by_rest: dict[str, dict[str, Row]] = defaultdict(dict)
+            for r in summary.ff:
+                if r.group == group and axis in r.overrides and r.n and r.complete:
+                    rest = json.dumps({k: str(v) for k, v in r.overrides.items() if k != axis}, sort_keys=True)
+                    by_rest[rest][str(r.overrides[axis])] = r
+            balanced = [cells for cells in by_rest.values() if levels <= set(cells)]
+            if not balanced:
+                uncompared.append(f"{axis} in group {group}" if group else axis)
+                continue
+            span = _span(summary, axis, sorted(levels), balanced, group)
+            if span is not None:
+                spans.append(span)
     if not spans:
         return None
     best = max(spans, key=lambda s: s.difference.mean)
-    return dataclasses.replace(best, uncompared=tuple(uncompared))
+    return dataclasses.replace(best, uncompared=tuple(dict.fromkeys(uncompared)))
+
+
+def _span(summary: Summary, axis: str, levels: list[str], cells: list[dict[str, Row]], group: str) -> AxisSpan | None:
+    """Best − worst of ``levels``, each averaged over ``cells``; None when every level is alike."""
+    m = len(cells)
+    means = {level: sum(statistics.fmean(summary.ranking_values(c[level])) for c in cells) / m for level in levels}
+    high, low = max(levels, key=means.__getitem__), min(levels, key=means.__getitem__)
+    if means[high] == means[low]:
+        return None
+    terms = [(1 / m, summary.ranking_values(c[high])) for c in cells]
+    terms += [(-1 / m, summary.ranking_values(c[low])) for c in cells]
+    return AxisSpan(axis, high, low, contrast_ci(terms), m, group=group)
 
 
 def k_sweep_series(summary: Summary) -> dict[str, list[tuple[int, Row]]]:

@@ -171,6 +171,23 @@ def test_throughput_ratios_are_taken_round_by_round_with_their_range():
     ]
 
 
+def test_the_plots_draw_one_point_per_depth_with_the_rounds_range(tmp_path, monkeypatch):
+    # Every round's point was joined in one line, zigzagging between one round's high and the next depth's low.
+    from matplotlib.figure import Figure
+
+    saved = {}
+    monkeypatch.setattr(Figure, "savefig", lambda fig, path, **k: saved.setdefault(Path(path).name, fig))
+    rows = [
+        {"method": "ff", "depth": d, "resolution": 16, "round": i, "status": "ok"}
+        | {"peak_memory_bytes": 2**20, "activation_memory_bytes": 2**19, "images_per_second": ips}
+        for d, values in ((2, (100.0, 60.0, 80.0)), (4, (50.0, 90.0, 70.0)))
+        for i, ips in enumerate(values)
+    ]
+    audit.plot(rows, tmp_path)
+    (line,) = saved["audit_throughput.png"].axes[0].get_lines()[:1]
+    assert list(line.get_xdata()) == [2, 4] and list(line.get_ydata()) == [80.0, 70.0]
+
+
 def test_the_budget_bounds_the_whole_audit(monkeypatch):
     given = []
     monkeypatch.setattr(audit, "run_worker", lambda spec, timeout: given.append(timeout) or {"status": "ok"})
