@@ -242,8 +242,12 @@ def cmd_train(args: argparse.Namespace) -> int:
             del fields["history"]
         print(jsontext.dumps(fields))
         return 0
-    table = Table(title=f"{config.method} on {config.dataset} (seed {config.seed}, {config.epochs} epochs)")
-    columns = ["test accuracy", "per-layer accuracy", "train s", "images/s", "peak memory MB", "kernels"]
+    epochs = f"{config.epochs} epoch{'s' if config.epochs != 1 else ''}"
+    table = Table(title=f"{config.method} on {config.dataset} (seed {config.seed}, {epochs})")
+    # Per-layer: each block's own class scores alone (FF; BP-DeepSup: each head). Peak on the CPU: the process's
+    # resident memory while training (torch, Python and the data included), not allocator bytes as the audit's.
+    peak = "peak allocated MiB (CUDA)" if config.device == "cuda" else "peak RSS MiB (process)"
+    columns = ["test accuracy", "per-layer accuracy", "train s", "images/s", peak, "kernels"]
     cells = [
         f"{result.test_accuracy:.4f}",
         " ".join(f"{a:.3f}" for a in result.per_layer_accuracy),
@@ -310,11 +314,24 @@ def cmd_data_list(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_bench_kernels(args: argparse.Namespace) -> int:
-    from ffablate.bench import kernel_bench, render_table
+def _fused_or_refuse(device: str) -> None:
+    """A bench times the fused kernels against the rest: with the reference in their place its "fused" column
+    would be the reference again, labelled as the kernel."""
+    from ffablate import ops
     from ffablate.train.common import resolve_device
 
-    resolve_device(args.device)
+    resolve_device(device)
+    if ops.backend(device) != "fused":
+        raise FFablateError(
+            "the bench times the fused kernels, but this process uses the reference ones (FFABLATE_KERNELS=reference, "
+            "or no ffablate._C build): unset FFABLATE_KERNELS or build the extension (`make setup`)"
+        )
+
+
+def cmd_bench_kernels(args: argparse.Namespace) -> int:
+    from ffablate.bench import kernel_bench, render_table
+
+    _fused_or_refuse(args.device)
     with without_cuda_home_warning():
         rows = kernel_bench(device=args.device, quick=args.quick)
     if args.json:
@@ -342,9 +359,8 @@ def without_cuda_home_warning() -> Iterator[None]:
 
 def cmd_bench_pool(args: argparse.Namespace) -> int:
     from ffablate.bench import pool_bench, render_pool_table
-    from ffablate.train.common import resolve_device
 
-    resolve_device(args.device)
+    _fused_or_refuse(args.device)
     rows = pool_bench(quick=args.quick, device=args.device)
     if args.json:
         print(jsontext.dumps(rows))
@@ -438,7 +454,7 @@ def cmd_study(args: argparse.Namespace) -> int:
         return code
     table = Table(title=f"{name}: {plan.spec.question}", title_justify="left")
     for column in results.TABLE_COLUMNS:
-        table.add_column(column)
+        table.add_column(column, overflow="fold")  # names must stay whole: "tempera…" hides which level
     for row in results.table_rows(summary, top=results.TABLE_TOP):
         table.add_row(*row)
     wide = wide_console()

@@ -834,7 +834,9 @@ def _coarse_minus_fine(coarse: Row, fine: Row) -> str:
         return "coarse − fine: no baseline yet"
     change = _paired_change(coarse, coarse.base, fine, fine.base)
     if not change.has_ci:
-        return f"coarse − fine gap: {change.n} seed(s) that all four runs share: no interval, no direction claimed"
+        number = f" {change.mean * 100:+.1f} pp from" if math.isfinite(change.mean) else ":"
+        seeds = f"{change.n} seed{'s' if change.n != 1 else ''}"
+        return f"coarse − fine gap{number} {seeds} that all four runs share: no interval, no direction claimed"
     moved = f"coarse − fine gap {fmt(change, signed=True, unit=' pp')}, paired over {change.n} seeds"
     if not change.decisive:
         return f"{moved}: no difference resolved"

@@ -737,6 +737,15 @@ def _what_changed(attrs: dict[str, Any], plan: specs.Plan) -> str:
         # Not resumable: the trials' seed parameter is categorical over the stored seeds, and Optuna refuses a
         # study whose choices change.
         return f": its seeds were {attrs['seeds']} and the budget now runs {plan.budget.seeds}"
+    base = attrs.get("base")
+    if isinstance(base, dict) and base != plan.base:  # [base] or the budget's settings, which every trial shares
+        keys = sorted(set(base) | set(plan.base), key=str)
+        moved = [
+            f"{k} {base.get(k, '(unset)')} -> {plan.base.get(k, '(unset)')}"
+            for k in keys
+            if base.get(k) != plan.base.get(k)
+        ]
+        return f": its shared settings changed ({', '.join(moved)})"
     before, now = attrs.get("cells"), [c.label for c in plan.cells]
     if not isinstance(before, list):
         return ""
@@ -948,13 +957,19 @@ def load_study(storage_url: str | None, name: str) -> optuna.Study:
     names = [s.study_name for s in summaries]
     if name not in names:
         # NAME-budget and NAME-budget@source only: "fusion" must not find "fusion-deep-quick".
+        # Or any study made from the spec NAME: one started with --study-name after a refused resume is one too.
         own = re.compile(rf"{re.escape(name)}-({'|'.join(specs.BUDGETS)})(@.+)?")
-        matches = [n for n in names if own.fullmatch(n)]
+        matches = [
+            s.study_name for s in summaries if own.fullmatch(s.study_name) or s.user_attrs.get("ffablate_spec") == name
+        ]
         where = storage_url or DEFAULT_STORAGE
         if len(matches) > 1:  # a quick and a full run of one spec: reporting either silently would mislead
             raise FFablateError(f"{name!r} matches several studies in {where}: {', '.join(matches)}; name one of them")
         if not matches:
-            raise FFablateError(f"no study {name!r} in {where}; studies there: {', '.join(names) or 'none'}")
+            run = f"ffablate study {name}" + (f" --storage {storage_url}" if storage_url else "")
+            raise FFablateError(
+                f"no study {name!r} in {where}; studies there: {', '.join(names) or 'none'} (to make it: `{run}`)"
+            )
         name = matches[0]
     with _quiet_optuna():
         study = optuna.load_study(study_name=name, storage=storage)

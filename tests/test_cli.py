@@ -319,6 +319,14 @@ def test_audit_rows_are_printed_before_a_failing_write(capsys, tmp_path, monkeyp
     assert "No space left" in out.err and len(out.err.strip().splitlines()) == 1
 
 
+@pytest.mark.parametrize("command", [["bench", "kernels", "--quick"], ["bench", "pool", "--quick"]])
+def test_a_bench_refuses_to_time_the_reference_as_the_fused_kernels(capsys, monkeypatch, command):
+    # Under FFABLATE_KERNELS=reference the "fused ms" column timed the reference, labelled as the kernel.
+    monkeypatch.setenv("FFABLATE_KERNELS", "reference")
+    assert main(command) == 2
+    assert "the bench times the fused kernels, but this process uses the reference" in one_line_error(capsys)
+
+
 def test_audit_output_says_what_made_it_and_what_its_memory_counts(capsys, tmp_path, monkeypatch):
     # It printed "ffablate audit on cpu" and nothing else of the machine, software, steps or rounds, and wrote
     # machine "x86_64"; its peak is allocator bytes, which nothing said.

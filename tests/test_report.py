@@ -268,6 +268,10 @@ def test_label_hierarchy_answer_pairs_the_gap_change_by_seed(url):
     coarse = {("coarse", "ff"): [0.90, 0.90, 0.905], ("coarse", "baseline"): [0.92] * 3}
     answer = _hierarchy_answer(url, "h2-quick", {**fine, **coarse})
     assert "paired over 3 seeds: coarse labels move the gap in FF's favour" in answer
+    # One shared seed: the number, as other answers give one, with no interval (it gave no number at all).
+    coarse = {("coarse", "ff"): [0.90], ("coarse", "baseline"): [0.92]}
+    answer = _hierarchy_answer(url, "h3-quick", {**fine, **coarse})
+    assert "coarse − fine gap +8.0 pp from 1 seed that all four runs share: no interval, no direction claimed" in answer
 
 
 def test_a_stored_search_counts_as_untuned_only_the_searched_settings_the_baseline_shares():

@@ -334,6 +334,10 @@ def test_a_resumed_study_says_its_seeds_changed_and_takes_an_edited_question(tmp
     assert run.ran == 0 and run.study.user_attrs["question"].startswith("Does a temperature")
     with pytest.raises(FFablateError, match=r"its seeds were \[0\] and the budget now runs \[0, 1\]; rerun with"):
         studies.run_study(specs.load(str(write_spec(tmp_path, body, seeds=2))).plan("smoke"), storage_url=url)
+    # A changed shared setting was refused as "a different spec or budget" and no more.
+    lr = body.replace('dataset = "fashion-mnist"', 'dataset = "fashion-mnist"\nlr = 0.01')
+    with pytest.raises(FFablateError, match=r"its shared settings changed \(lr \(unset\) -> 0.01\); rerun with"):
+        studies.run_study(specs.load(str(write_spec(tmp_path, lr, seeds=1))).plan("smoke"), storage_url=url)
 
 
 def test_an_interrupt_before_training_stores_why_too(tmp_path, monkeypatch):
@@ -1051,9 +1055,14 @@ def test_a_recipe_comes_only_from_a_finished_study_of_that_name(tmp_path):
     assert main(["study", str(path), "--budget", "smoke", "--storage", url]) == 0
     recipe, source = studies.winning_recipe(url, "tiny")
     assert source == "tiny-smoke" and recipe["temperature"] in ("constant", "cosine")
-    optuna.create_study(storage=url, study_name="tiny-quick")  # a second budget: "tiny" names neither alone
-    with pytest.raises(FFablateError, match="'tiny' matches several studies in .*: tiny-smoke, tiny-quick; name one"):
+    # A study of the spec under a name of its own (--study-name after a refused resume): "tiny" picked tiny-smoke
+    # and said nothing of it.
+    renamed = optuna.create_study(storage=url, study_name="tiny-lr")
+    renamed.set_user_attr("ffablate_spec", "tiny")
+    with pytest.raises(FFablateError, match="'tiny' matches several studies in .*: tiny-smoke, tiny-lr; name one"):
         studies.winning_recipe(url, "tiny")
+    with pytest.raises(FFablateError, match=r"no study 'tinyy' in .* \(to make it: `ffablate study tinyy --storage"):
+        studies.load_study(url, "tinyy")
 
 
 def test_a_worker_leaves_a_point_that_another_live_worker_runs(tmp_path, capsys):
