@@ -717,6 +717,7 @@ def plot(rows: list[dict[str, Any]], out_dir: str | Path, prefix: str = "audit")
                 high = [max(by_depth[d]) - m for d, m in zip(xs, mid, strict=True)]
                 ax.errorbar(xs, mid, yerr=[low, high], marker="o", capsize=3, label=method)
             ax.set(title=f"{res}x{res}", xlabel="depth (blocks)", ylabel=label)
+            ax.set_xticks(sorted({r["depth"] for r in ok if r["resolution"] == res}))  # not "2.2 blocks"
             ax.grid(alpha=0.3)
             ax.legend(fontsize="small")
         fig.tight_layout()

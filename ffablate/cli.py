@@ -162,7 +162,11 @@ def build_parser() -> Parser:
         func=cmd_report, on_interrupt="the study's storage is untouched: rerun the command to write the report"
     )
 
-    audit = sub.add_parser("audit", help="peak memory and images/s of FF vs the BP variants, by depth")
+    audit = sub.add_parser(
+        "audit",
+        help="peak memory and images/s of FF vs the BP variants, by depth",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,  # its defaults decide whether it takes minutes
+    )
     from ffablate.audit import add_arguments as add_audit_arguments
 
     add_audit_arguments(audit)
@@ -395,7 +399,7 @@ def cmd_study(args: argparse.Namespace) -> int:
     size = (
         f"TPE, {plan.budget.n_trials} trials"
         if plan.spec.sampler == "tpe"
-        else f"{len(plan.cells)} configurations x {len(plan.budget.seeds)} seeds"
+        else f"{len(plan.cells)} configurations x {len(plan.budget.seeds)} seed" + "s" * (len(plan.budget.seeds) != 1)
     )
     where = study.describe_storage(args.storage)
 

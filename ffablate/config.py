@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,6 +22,12 @@ SPACE_KEYS = {
     "categorical": {"type", "choices"},
 }
 MAX_SEED = 2**32 - 1  # numpy's seed range: seed_everything seeds numpy too
+
+
+def did_you_mean(word: str, known: Iterable[str]) -> str:
+    """ " (did you mean 'x'?)" for the nearest known word, or ""."""
+    close = difflib.get_close_matches(word, list(known), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
 
 
 @dataclass
@@ -96,14 +103,16 @@ class RunConfig:
         if "." in key:
             kind, param = key.split(".", 1)
             if kind not in PLUGIN_KINDS:
-                raise ConfigError(f"--set {key}: {kind!r} is not a plugin kind; kinds: {', '.join(PLUGIN_KINDS)}")
+                kinds = ", ".join(PLUGIN_KINDS)
+                raise ConfigError(
+                    f"--set {key}: {kind!r} is not a plugin kind{did_you_mean(kind, PLUGIN_KINDS)}; kinds: {kinds}"
+                )
             # --set text stays text: only the plugin knows the parameter's type (``Plugin.typed_params``).
             self.plugin_params.setdefault(kind, {})[param] = value
             return
         fields = {f.name: f for f in dataclasses.fields(self) if f.name != "plugin_params"}
         if key not in fields:
-            close = difflib.get_close_matches(key, fields, n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            hint = did_you_mean(key, fields)
             raise ConfigError(f"--set {key}: unknown key{hint}; see `ffablate train --help` for the keys")
         setattr(self, key, _coerce(key, value, type(fields[key].default)))
 

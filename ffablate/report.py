@@ -131,7 +131,7 @@ def _md_table(columns: list[str], rows: list[list[str]]) -> list[str]:
 
 def _save(fig: Any, out: Path, name: str) -> str:
     fig.tight_layout()
-    fig.savefig(out / name, dpi=110)
+    fig.savefig(out / name, dpi=110, bbox_inches="tight")  # a long axis label was clipped at the figure's edge
     plt.close(fig)
     return name
 
@@ -170,7 +170,8 @@ def _heatmap(summary: results.Summary, out: Path) -> tuple[str, str] | None:
     fig.colorbar(image, ax=ax, label="FF test accuracy %")
     ax.set_title(f"{summary.name}: FF accuracy{_heatmap_baselines(cells)}", fontsize=9)
     caption = f"{ya} × {xa} heatmap of FF test accuracy ± 95% CI; ΔBP: gap to its matched baseline ± 95% Welch CI"
-    return _save(fig, out, "heatmap.png"), caption + _seed_counts(cells)
+    one_seed = any(r.n == 1 or (r.base is not None and r.baseline_n == 1) for r in cells)
+    return _save(fig, out, "heatmap.png"), caption + _seed_counts(cells) + (" ('±–': n=1, no CI)" if one_seed else "")
 
 
 def _seed_counts(rows: Sequence[results.Row]) -> str:
@@ -227,6 +228,7 @@ def _k_sweep(summary: results.Summary, out: Path) -> tuple[str, str] | None:
     ax.set_xscale("log")
     ks = sorted({k for points in series.values() for k, _ in points})
     ax.set_xticks(ks, [str(k) for k in ks])  # the log axis alone labels only 10 and 100
+    ax.set_xticks([], minor=True)  # and its minor ticks added "3x10^0" between the Ks
     ax.set_xlabel("number of classes K")
     ax.set_ylabel(f"FF − {summary.baseline_method} test accuracy (pp, 95% Welch CI)")
     ax.set_title("FF–BP gap against K: synthetic vs real")

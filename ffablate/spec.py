@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ffablate.config import FF_METHODS, MAX_SEED, PLUGIN_KINDS, SPACE_KEYS, RunConfig
+from ffablate.config import FF_METHODS, MAX_SEED, PLUGIN_KINDS, SPACE_KEYS, RunConfig, did_you_mean
 from ffablate.errors import ConfigError, FFablateError
 
 ANALYSES = ("ablation", "k-sweep", "label-hierarchy", "bp-gap", "search")
@@ -443,10 +443,12 @@ class _Validator:
     def setting_key(self, k: str, path: str) -> None:
         fields = {f.name: f for f in dataclasses.fields(RunConfig) if f.name != "plugin_params"}
         if "." in k:
-            if k.split(".", 1)[0] not in PLUGIN_KINDS:
-                self.fail(path, f"names no plugin kind; kinds: {', '.join(PLUGIN_KINDS)}")
+            kind = k.split(".", 1)[0]
+            if kind not in PLUGIN_KINDS:
+                kinds = ", ".join(PLUGIN_KINDS)
+                self.fail(path, f"names no plugin kind{did_you_mean(kind, PLUGIN_KINDS)}; kinds: {kinds}")
         elif k not in fields:
-            self.fail(path, "is not a run setting (see `ffablate train --help` for the keys)")
+            self.fail(path, f"is not a run setting{did_you_mean(k, fields)} (see `ffablate train --help` for the keys)")
 
     def settings(self, table: dict[str, Any], key: str, extra: set[str] = frozenset()) -> dict[str, Any]:
         """RunConfig keys with values of the field's type, or plugin parameters "kind.param"."""

@@ -127,6 +127,7 @@ def test_informational_stderr_lines_do_not_wrap_when_piped():
         (["train", "--set", "temperature=cosnie", "--set", "limit_train=100"], "did you mean 'cosine'"),
         (["train", "--set", "lr"], "--set expects KEY=VALUE"),
         (["train", "--set", "lrr=0.1"], "did you mean 'lr'"),
+        (["train", "--set", "dataset.size=3"], "'dataset' is not a plugin kind (did you mean 'datasets'?)"),
         (["train", "--set", "epochs=many"], "expected int"),
         (["train", "--set", "temperature.tt=1"], "no parameter 'tt'"),
         BAD_DEVICE,

@@ -815,7 +815,8 @@ def test_the_heatmap_shows_each_cells_gap_to_its_own_baseline_not_the_first_base
         ("cosine", "none"): {"value": 0.180},
         ("cosine", "coupled-bn"): {"value": 0.357},
     }
-    write_report(_temperature_by_norm(url, ff, {"none": 0.213, "coupled-bn": 0.320}), tmp_path / "out")
+    text = write_report(_temperature_by_norm(url, ff, {"none": 0.213, "coupled-bn": 0.320}), tmp_path / "out")
+    assert "(n=1 vs 1 seeds) ('±–': n=1, no CI)](heatmap.png)" in text.read_text()  # as the other plots say it
     ax = figures["heatmap.png"].axes[0]
     title = ax.get_title()
     assert "2 BP baselines, 21.3–32.0%" in title and "its own" in title

@@ -452,6 +452,7 @@ def test_a_trial_whose_heartbeat_stopped_on_another_host_is_freed(tmp_path, monk
             "axes.temperature names no temperature plugin 'cosin' (did you mean 'cosine'? or your own? install",
         ),
         (GRID.replace("question", "questoin"), "questoin is not a known key"),
+        (GRID.replace("[axes]", "epoch = 2\n[axes]"), "base.epoch is not a run setting (did you mean 'epochs'?)"),
         (
             GRID.replace('dataset = "fashion-mnist"', 'dataset = "imagenet-9000"'),
             "base.dataset names no dataset 'imagenet-9000' (your own? install its package, or name its module in ",
