@@ -12,6 +12,7 @@ import threading
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any, NoReturn
 
 from rich.console import Console
@@ -222,6 +223,18 @@ def progress_bar(label: str, enabled: bool = True) -> Iterator[Callable[[int, in
         yield update
 
 
+def _warn_missing_data_root(data_root: str | None) -> None:
+    """A --data-root that does not exist is searched in vain and the offline packages serve the data: say so, or a
+    typo in the path goes unseen (a file is refused later, by the loader)."""
+    if data_root and not Path(data_root).expanduser().exists():
+        warnings.warn(
+            f"--data-root {data_root} does not exist; datasets come from the offline packages only (see "
+            "`ffablate data list`)",
+            FFablateWarning,
+            stacklevel=2,
+        )
+
+
 def _retain_cpu_memory(device: str) -> None:
     """Keep freed CPU memory in this process (``ops.retain_cpu_memory``): evaluation runs at batch 1000, whose
     activations (100 MB for a 28 px block of 32 channels) glibc would otherwise map afresh and fault in on every
@@ -237,6 +250,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     from ffablate.train import run
 
     config = run_config_from_args(args)
+    if not args.download:  # a download makes the folder
+        _warn_missing_data_root(args.data_root)
     _retain_cpu_memory(config.device)
     with progress_bar(f"{config.method} on {config.dataset}", enabled=stderr.is_terminal) as update:
         result = run(config, data_root=args.data_root, download=args.download, progress=update)
@@ -389,6 +404,7 @@ def cmd_study(args: argparse.Namespace) -> int:
     resolve_device(args.device)
     ops.backend(args.device)
     _retain_cpu_memory(args.device)
+    _warn_missing_data_root(args.data_root)
     plan = spec.load(args.name).plan(args.budget, study.available_datasets(args.data_root))
     source = None
     if args.recipe_from:

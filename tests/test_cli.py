@@ -16,6 +16,7 @@ import torch
 from ffablate import audit, ops, plugins, study
 from ffablate.cli import main
 from ffablate.config import RunConfig
+from ffablate.errors import FFablateWarning
 from ffablate.revision import source_revision
 from ffablate.train.ff import FF_KINDS
 from tests.conftest import tiny_args
@@ -326,6 +327,12 @@ def test_a_bench_refuses_to_time_the_reference_as_the_fused_kernels(capsys, monk
     monkeypatch.setenv("FFABLATE_KERNELS", "reference")
     assert main(command) == 2
     assert "the bench times the fused kernels, but this process uses the reference" in one_line_error(capsys)
+
+
+def test_a_data_root_that_does_not_exist_is_named_in_a_warning(tmp_path):
+    # A typo in --data-root went unseen: the offline packages served the data and nothing said so.
+    with pytest.warns(FFablateWarning, match="--data-root .*typo does not exist; datasets come from the offline"):
+        assert main(["train", *tiny_args("--data-root", str(tmp_path / "typo"))]) == 0
 
 
 def test_audit_output_says_what_made_it_and_what_its_memory_counts(capsys, tmp_path, monkeypatch):
