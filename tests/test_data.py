@@ -173,7 +173,15 @@ def test_failed_download_is_one_line(tmp_path, monkeypatch):
     monkeypatch.setattr(tvd, "CIFAR10", offline)
     with pytest.raises(DataNotFound) as exc:
         load_dataset("cifar10", data_root=tmp_path, download=True)
-    assert "name resolution" in one_line(exc)
+    assert "name resolution" in one_line(exc) and "docs/data.md lists where" in one_line(exc)
+    # torchvision's MNIST puts its reasons after "Error downloading x.gz:", which alone said nothing.
+    monkeypatch.setattr(tvd, "CIFAR10", lambda *a, **k: _raise(RuntimeError("Error downloading a.gz:\nTried mirror x")))
+    with pytest.raises(DataNotFound, match=r"failed \(Error downloading a.gz: Tried mirror x\)"):
+        load_dataset("cifar10", data_root=tmp_path, download=True)
+
+
+def _raise(exc: Exception):
+    raise exc
 
 
 def test_download_into_a_root_that_is_no_folder_is_one_line(tmp_path, monkeypatch):

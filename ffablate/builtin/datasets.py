@@ -102,8 +102,12 @@ def _download(name: str, fetch: Callable[[Path], None], root: Path) -> None:
     try:
         fetch(root)
     except Exception as exc:  # torchvision raises URLError, RuntimeError, OSError... depending on the failure
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise DataNotFound(f"downloading {name!r} into {root} failed ({first}); put the files there by hand") from None
+        # torchvision puts the reason on the lines after "Error downloading x.gz:": keep them, on one line.
+        reason = " ".join(str(exc).split())[:300] or type(exc).__name__
+        raise DataNotFound(
+            f"downloading {name!r} into {root} failed ({reason}); put the files there by hand (docs/data.md lists "
+            "where each dataset's files go) or see `ffablate data list`"
+        ) from None
 
 
 def _check_labels(labels: np.ndarray, num_classes: int, path: Path, first: int = 0) -> None:
