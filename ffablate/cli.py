@@ -487,12 +487,12 @@ def cmd_study(args: argparse.Namespace) -> int:
         running = min(left, study.running_elsewhere(done.study))
         elsewhere = f" ({running} running in another worker)" if running else ""
         stdout.print(f"{left} trial(s) left{elsewhere}; rerun the same command to resume", markup=False)
+    elif not done.ran:  # a rerun of a finished study: the table is what was stored, nothing was trained now
+        stdout.print("nothing left to run here: the study is finished and the table is its stored one", markup=False)
     return code
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
     from ffablate.report import write_report
     from ffablate.study import load_study
 

@@ -123,6 +123,9 @@ def test_rerunning_a_finished_study_runs_nothing(finished, capsys):
     assert rows["temperature=constant"]["n"] == 2
     gap = rows["temperature=constant"]["gap_ci95"]  # two seeds each side: an interval, never null (NaN)
     assert isinstance(gap, float) and math.isfinite(gap) and gap > 0
+    # As a table the rerun says that it trained nothing (it printed the stored table as if it had run).
+    assert main(["study", str(tmp_path / "tiny.toml"), "--budget", "smoke", "--storage", url]) == 0
+    assert "nothing left to run here: the study is finished and the table is its stored one" in capsys.readouterr().out
 
 
 def test_resuming_a_finished_study_checks_and_loads_nothing(finished, monkeypatch):
