@@ -578,9 +578,7 @@ def _per_round(rows: list[dict[str, Any]], method: str, key: str, name: str) -> 
     ratios = sorted(mine[i] / ga[i] for i in mine if mine[i] and ga.get(i))
     if not ratios:
         return {name: None, f"{name}_range": None, f"{name}_rounds": 0}
-    mid = len(ratios) // 2
-    median = ratios[mid] if len(ratios) % 2 else (ratios[mid - 1] + ratios[mid]) / 2
-    return {name: median, f"{name}_range": [ratios[0], ratios[-1]], f"{name}_rounds": len(ratios)}
+    return {name: statistics.median(ratios), f"{name}_range": [ratios[0], ratios[-1]], f"{name}_rounds": len(ratios)}
 
 
 def _mb(value: float | None) -> str:

@@ -8,6 +8,7 @@ The fusion (readout) is fit on detached scores/features with an optimizer of its
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
@@ -64,9 +65,10 @@ class FFNet(nn.Module):
     def depth(self) -> int:
         return len(self.backbone.blocks)
 
-    @property
+    @functools.cached_property
     def block_plugins(self) -> str:
-        """The plugins a block's loss is computed by, for a message about that loss."""
+        """The plugins a block's loss is computed by, for a message about that loss (built once: every step of
+        every block names them)."""
         return ", ".join([self.backbone.norm_label, *(self.labels[k] for k in ("goodness", "loss", "temperature"))])
 
     def block_parameters(self, index: int) -> list[nn.Parameter]:
