@@ -47,6 +47,24 @@ def _want_cuda() -> bool:
     return True
 
 
+def _running_libstdcxx() -> str | None:
+    """The shared libstdc++ this process (and so torch) runs with, to link _C against; None if none is mapped.
+
+    A toolchain that links libstdc++ statically into shared objects (the GPU image's /opt/gcc g++ does) gives _C a
+    second copy of libstdc++ whose locale state torch's never initialised: every number a TORCH_CHECK message
+    formats then crashes the process (segfault under torch 2.11 there) or garbles the message. Naming the runtime
+    library before the driver's own -lstdc++ makes the linker take every libstdc++ symbol from it.
+    """
+    import torch  # noqa: F401  (loads libstdc++ if the interpreter had not)
+
+    try:
+        with open("/proc/self/maps") as maps:
+            paths = {line.split()[-1] for line in maps if "/libstdc++.so" in line}
+    except OSError:
+        return None
+    return min(paths) if paths else None
+
+
 def _extensions() -> list:
     use_cuda = _want_cuda()
     from torch.utils.cpp_extension import CppExtension, CUDAExtension
@@ -61,6 +79,9 @@ def _extensions() -> list:
         # at::parallel_for is an inline OpenMP region: without -fopenmp it silently runs on one thread.
         cxx.append("-fopenmp")
         link.append("-fopenmp")
+        libstdcxx = _running_libstdcxx()
+        if libstdcxx:
+            link.append(libstdcxx)
     if not use_cuda:
         print("ffablate: building the CPU-only extension", file=sys.stderr)
         return [CppExtension("ffablate._C", sources, extra_compile_args={"cxx": cxx}, extra_link_args=link)]

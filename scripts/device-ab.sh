@@ -65,7 +65,7 @@ tests() {  # DIR: the CUDA tests; the pool op's (the thread knob does not touch 
     cd "$1" && PYTHONPATH="$1" "$PY" -m pytest tests/test_ops.py $pool tests/test_data.py -m cuda -q -rs -p no:cacheprovider
     local rc=$?
     if [[ "$1" == "$A" ]]; then
-        PYTHONPATH="$1" "$PY" -m pytest tests/test_cuda_machine_code.py -q -p no:cacheprovider || rc=1
+        PYTHONPATH="$1" "$PY" -m pytest tests/test_cuda_machine_code.py tests/test_extension_link.py -q -p no:cacheprovider || rc=1
     fi
     return $rc
 }

@@ -78,9 +78,10 @@ run_section build 150 env FFABLATE_BUILD=cuda TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_
     "$PY" setup.py build_ext --inplace
 
 # The CUDA-marked tests (every schedule, and since session 7 two tiny fused-vs-reference training runs), then the
-# static machine-code checks on the kernels just built for this GPU.
+# static machine-code checks on the kernels just built for this GPU and how the build linked libstdc++ (session 14:
+# this image's g++ copied it into _C, and every error message that formats a number crashed).
 run_section tests 150 bash -c "'$PY' -m pytest tests/test_ops.py tests/test_pool.py tests/test_data.py -m cuda -q -rs -p no:cacheprovider;
-    rc=\$?; '$PY' -m pytest tests/test_cuda_machine_code.py -q -rs -p no:cacheprovider || rc=1; exit \$rc"
+    rc=\$?; '$PY' -m pytest tests/test_cuda_machine_code.py tests/test_extension_link.py -q -rs -p no:cacheprovider || rc=1; exit \$rc"
 
 
 # A tests section that ran out of time most likely hung in the not yet measured flagged schedule's rendezvous:
