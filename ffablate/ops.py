@@ -15,8 +15,8 @@ bit.
 
 Backend: ``FFABLATE_KERNELS=fused|reference``. The default is the compiled ``ffablate._C`` op when it
 was built; without it the reference is used and one warning says so. Inputs the kernels do not cover
-(e.g. fp16 on CPU) silently use the reference. ``FFABLATE_CUDA_SCHEDULE=ticket|flagged|two-pass`` picks how
-the CUDA kernels meet a sample's chunks (docs/kernels.md); every schedule gives the same bits.
+(e.g. fp16 on CPU) silently use the reference. ``FFABLATE_CUDA_SCHEDULE=flagged|ticket|two-pass`` (default
+flagged) picks how the CUDA kernels meet a sample's chunks (docs/kernels.md); every schedule gives the same bits.
 """
 
 from __future__ import annotations

@@ -19,7 +19,7 @@ OUT=$(cd "$OUT" && pwd)
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 B_FLAGS=${B_FLAGS:--DFFABLATE_CUDA_THREADS=128}
-SCHEDULES=${SCHEDULES:-ticket,flagged}
+SCHEDULES=${SCHEDULES:-flagged,ticket}
 BUDGET_S=${BUDGET_S:-500}
 export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda} TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} SCHEDULES
 LOG="$OUT/device-ab.log"

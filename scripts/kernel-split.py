@@ -1,6 +1,6 @@
 """Device time of the fused CUDA ops one at a time: the forward, the backward, and a copy of h, per bench shape.
 
-    python scripts/kernel-split.py [--schedules ticket,flagged,two-pass] [--json OUT.json]
+    python scripts/kernel-split.py [--schedules flagged,ticket,two-pass] [--json OUT.json]
 
 `ffablate bench kernels` times forward+backward together, the way a training step uses them; this says which
 of the two is far from its bandwidth floor. Each op's minimal bytes (`ffablate.bench.minimal_bytes_per_pass`:
@@ -21,7 +21,7 @@ from ffablate.bench import DEFAULT_SHAPES, _Timer, minimal_bytes_per_pass
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--schedules", default="ticket", help="comma-separated FFABLATE_CUDA_SCHEDULE values")
+    parser.add_argument("--schedules", default="flagged", help="comma-separated FFABLATE_CUDA_SCHEDULE values")
     parser.add_argument("--json", help="write the rows here")
     args = parser.parse_args()
     dev = torch.device("cuda")
