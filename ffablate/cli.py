@@ -413,7 +413,7 @@ def cmd_study(args: argparse.Namespace) -> int:
     name = args.study_name or study.default_study_name(plan.spec, args.budget, source)
     study.storage_for(args.storage)  # a bad --storage is one line, not a banner and then the error
     size = (
-        f"TPE, {plan.budget.n_trials} trials"
+        f"TPE, {plan.budget.n_trials} FF trials + {plan.baseline_trials} baseline" + "s" * (plan.baseline_trials != 1)
         if plan.spec.sampler == "tpe"
         else f"{len(plan.cells)} configurations x {len(plan.budget.seeds)} seed" + "s" * (len(plan.budget.seeds) != 1)
     )

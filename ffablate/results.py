@@ -864,7 +864,8 @@ def to_json(summary: Summary) -> str:
     null, not NaN, which JSON has no word for."""
     payload = {
         "study": summary.name,
-        "meta": summary.meta,
+        "meta": summary.meta,  # its "axes" are the levels the spec lists, for every budget
+        "axis_levels": summary.axis_levels(),  # the levels this study's FF rows ran, per axis
         "answer": answer(summary),
         "states": summary.states,
         "rows": [r.to_dict() for r in summary.rows],

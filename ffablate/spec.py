@@ -115,6 +115,11 @@ class Plan:
     notes: list[str] = field(default_factory=list)
     recipe_source: str | None = None  # the study whose winning recipe ``with_recipe`` laid over ``base``
 
+    @property
+    def baseline_trials(self) -> int:
+        """The baseline runs the budget holds: one trial per baseline cell and seed (under TPE too)."""
+        return sum(c.role == "baseline" for c in self.cells) * len(self.budget.seeds)
+
     def cell(self, label: str) -> Cell:
         for cell in self.cells:
             if cell.label == label:

@@ -644,8 +644,7 @@ class TrialSeededTPESampler(TPESampler):
 def tpe_sampler(plan: specs.Plan) -> TPESampler:
     """TPE for ``plan``. Its random start counts the baselines' trials too (they are complete trials to it), so
     they are added to the FF trials it should start with."""
-    baselines = sum(c.role == "baseline" for c in plan.cells) * len(plan.budget.seeds)
-    return TrialSeededTPESampler(n_startup_trials=max(2, plan.budget.n_trials // 4) + baselines)
+    return TrialSeededTPESampler(n_startup_trials=max(2, plan.budget.n_trials // 4) + plan.baseline_trials)
 
 
 def open_study(plan: specs.Plan, storage: optuna.storages.BaseStorage, name: str) -> optuna.Study:

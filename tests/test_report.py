@@ -45,7 +45,10 @@ def make_study(url: str, name: str, meta: dict, trials: list[dict]) -> optuna.St
             "group": t.get("group", ""),
             "overrides": {**t["overrides"], "method": "bp-deepsup" if t["role"] == "baseline" else "ff"},
             "match": json.dumps(match, sort_keys=True),
-            "history": t.get("history", [{"epoch": 0, "loss": 1.0, "test_accuracy": t["value"] or 0.1}]),
+            "history": t.get(
+                "history",
+                [{"epoch": e, "loss": 1 - e / 2, "test_accuracy": (t["value"] or 0.1) - (1 - e) / 20} for e in (0, 1)],
+            ),
             "metrics": {
                 "test_accuracy": t["value"],
                 "val_accuracy": t.get("val"),
@@ -313,6 +316,21 @@ def test_importance_reads_the_levels_the_rows_ran(tmp_path, url):
     text = write_report(study, tmp_path / "out").read_text()
     # Before: "Not computed (ValueError: '100' not in ('2', '10'))."
     assert "Importances: classes 1.00." in text
+
+
+def test_one_epoch_studies_draw_no_learning_curves(tmp_path, url):
+    # Before: a plot of one dot per row (the quick budgets train one epoch), captioned as learning curves.
+    trials = [
+        {"cell": f"fusion={f}", "role": "ff", "seed": s, "value": v, "overrides": {"fusion": f}}
+        for f, v in (("last", 0.80), ("sum", 0.82))
+        for s in (0, 1)
+    ]
+    trials += [{"cell": "bp-deepsup", "role": "baseline", "seed": s, "value": 0.85, "overrides": {}} for s in (0, 1)]
+    one_epoch = [{**t, "history": [{"epoch": 0, "loss": 1.0, "test_accuracy": t["value"]}]} for t in trials]
+    write_report(make_study(url, "fusion-quick", {"analysis": "ablation"}, one_epoch), tmp_path / "one")
+    assert not (tmp_path / "one" / "learning_curves.png").exists()
+    write_report(make_study(url, "fusion-full", {"analysis": "ablation"}, trials), tmp_path / "two")
+    assert (tmp_path / "two" / "learning_curves.png").stat().st_size > 1000
 
 
 def test_a_row_without_results_shows_dashes(url):

@@ -242,11 +242,10 @@ def test_report_from_existing_storage_runs_no_training(finished, monkeypatch):
     assert len(trials_of(url, name)) == before
     text = (out / "report.md").read_text()
     assert "Does the temperature schedule matter" in text and "**Answer.**" in text
-    # One axis: no heatmap (it needs two), no K sweep, hierarchy or bp-gap bars; four completed FF trials whose
-    # temperature varies: an importance plot. Every plot made is linked from the report, and none failed.
-    assert sorted(p.name for p in out.iterdir()) == ["importance.png", "learning_curves.png", "report.md"]
-    for png in ("importance.png", "learning_curves.png"):
-        assert (out / png).stat().st_size > 1000 and f"]({png})" in text
+    # One axis: no heatmap (it needs two), no K sweep, hierarchy or bp-gap bars; one epoch: no learning curves;
+    # four completed FF trials whose temperature varies: an importance plot, linked from the report, not failed.
+    assert sorted(p.name for p in out.iterdir()) == ["importance.png", "report.md"]
+    assert (out / "importance.png").stat().st_size > 1000 and "](importance.png)" in text
     assert "plot failed" not in text and "Not computed" not in text
     # the table holds the numbers the storage holds
     study = optuna.load_study(study_name=name, storage=url)
@@ -368,7 +367,10 @@ def test_a_half_finished_study_names_the_configurations_not_started(tmp_path):
     assert results.answer(summary).endswith(
         "(From a study not yet finished: 2 of its 4 configurations have no trial yet.)"
     )
-    assert json.loads(results.to_json(summary))["not_started"] == summary.not_started
+    stored = json.loads(results.to_json(summary))
+    assert stored["not_started"] == summary.not_started
+    assert stored["meta"]["axes"]["temperature"] == ["constant", "cosine", "linear"]
+    assert stored["axis_levels"] == {"temperature": ["constant"]}
     report = write_report(run.study, tmp_path / "report").read_text()
     assert "Not started yet (2): temperature=cosine, temperature=linear." in report
     # The software its completed trials ran under, which only each trial held before.
@@ -931,10 +933,12 @@ def test_a_search_tunes_its_baseline_on_the_levels_it_names(tmp_path):
     assert note == "gaps are to this one: the best of 2 levels on validation"
 
 
-def test_a_search_with_an_untuned_baseline_says_so_in_its_answer_and_table(tmp_path):
+def test_a_search_with_an_untuned_baseline_says_so_in_its_answer_and_table(tmp_path, capsys):
     path = write_tpe_spec(tmp_path, 'lr = { type = "float", low = 1e-3, high = 3e-3, log = true }', "lr = 0.002")
     url = storage_url(tmp_path)
     assert main(["study", str(path), "--budget", "smoke", "--storage", url]) == 0
+    # The banner counted the FF trials alone, as if the baseline's were not part of the run.
+    assert "study tiny-smoke (TPE, 2 FF trials + 1 baseline) in " in capsys.readouterr().err
     summary = results.summarize(optuna.load_study(study_name="tiny-smoke", storage=url))
     assert summary.untuned == "lr=0.002"
     assert "; the baseline ran at lr=0.002, which FF searched, so the comparison favours FF." in results.answer(summary)
