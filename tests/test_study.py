@@ -1264,7 +1264,16 @@ def _study_process(tmp_path: Path, seeds: int, *extra: str) -> tuple[subprocess.
     url = storage_url(tmp_path)
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
     argv = [sys.executable, "-m", "ffablate.cli", "study", str(path), "--budget", "smoke", "--storage", url, *extra]
-    return subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE), url
+    # A suite started as a background job (`make test &`) inherits an ignored SIGINT, which the CLI keeps ignored,
+    # as a background job should: these tests send Ctrl-C as a terminal would, so the child starts with the default.
+    proc = subprocess.Popen(
+        argv,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
+    return proc, url
 
 
 def test_workers_stop_with_the_process_that_started_them(tmp_path):
