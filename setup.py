@@ -53,16 +53,22 @@ def _running_libstdcxx() -> str | None:
     A toolchain that links libstdc++ statically into shared objects (the GPU image's /opt/gcc g++ does) gives _C a
     second copy of libstdc++ whose locale state torch's never initialised: every number a TORCH_CHECK message
     formats then crashes the process (segfault under torch 2.11 there) or garbles the message. Naming the runtime
-    library before the driver's own -lstdc++ makes the linker take every libstdc++ symbol from it.
+    library before the driver's own -lstdc++ makes the linker take from it every symbol it has; only symbols newer
+    than that library could still come from a static archive (tests/test_extension_link.py checks the ones that
+    crashed).
     """
     import torch  # noqa: F401  (loads libstdc++ if the interpreter had not)
 
     try:
         with open("/proc/self/maps") as maps:
-            paths = {line.split()[-1] for line in maps if "/libstdc++.so" in line}
+            # address perms offset dev inode path, where the path may hold spaces or end in " (deleted)"
+            mapped = [line.rstrip("\n").split(maxsplit=5) for line in maps]
     except OSError:
         return None
-    return min(paths) if paths else None
+    paths = sorted({f[5] for f in mapped if len(f) == 6 and "/libstdc++.so" in f[5] and os.path.isfile(f[5])})
+    if len(paths) > 1:
+        print(f"ffablate: several libstdc++ mapped ({', '.join(paths)}); linking {paths[0]}", file=sys.stderr)
+    return paths[0] if paths else None
 
 
 def _extensions() -> list:
@@ -82,6 +88,8 @@ def _extensions() -> list:
         libstdcxx = _running_libstdcxx()
         if libstdcxx:
             link.append(libstdcxx)
+        else:
+            print("ffablate: no shared libstdc++ found in this process; linking the compiler's own", file=sys.stderr)
     if not use_cuda:
         print("ffablate: building the CPU-only extension", file=sys.stderr)
         return [CppExtension("ffablate._C", sources, extra_compile_args={"cxx": cxx}, extra_link_args=link)]

@@ -15,7 +15,7 @@
 //    block then sums the G partials in the same fixed order, so results are bitwise deterministic (no
 //    floating-point atomics). Used only when G blocks fit on the GPU at once, four times over; that bound makes
 //    the wait deadlock-free, with room for kernels on other streams.
-//  * flagged (default since session 14: 1.4-9% faster than ticket on the multi-block H200 shapes): the ticket
+//  * flagged (default since session 14: 1.01-1.09x ticket's speed on the multi-block H200 shapes): the ticket
 //    path's launch and order, but each block publishes its partials as flagged 8-byte words (below) and reads its
 //    siblings' words as they fill: no fence, arrival counter or second read. Same sum order, same bits.
 //  * two-pass (G too large, or FFABLATE_CUDA_SCHEDULE=two-pass): a stats launch publishes the partials, an

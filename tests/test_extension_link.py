@@ -22,12 +22,28 @@ pytestmark = pytest.mark.skipif(not ops.extension_available(), reason="ffablate.
 HAS_CUDA = bool(getattr(ops._C, "WITH_CUDA", False)) and torch.cuda.is_available()
 
 
-def test_extension_needs_the_shared_libstdcxx() -> None:
-    readelf = shutil.which("readelf")
-    if readelf is None:
-        pytest.skip("readelf (binutils) is not installed")
-    dynamic = subprocess.run([readelf, "-d", ops._C.__file__], capture_output=True, text=True, check=True).stdout
-    assert "[libstdc++.so" in dynamic, f"{ops._C.__file__} does not load the shared libstdc++:\n{dynamic}"
+def _binutils() -> tuple[list[str], list[str]]:
+    """(a command printing _C's dynamic section, one printing its symbols): readelf, else objdump."""
+    if readelf := shutil.which("readelf"):
+        return [readelf, "-d"], [readelf, "-sW"]
+    if objdump := shutil.which("objdump"):
+        return [objdump, "-p"], [objdump, "-tT"]
+    pytest.skip("neither readelf nor objdump (binutils) is on PATH")
+
+
+def test_extension_takes_libstdcxx_from_the_shared_library() -> None:
+    dynamic_cmd, symbols_cmd = _binutils()
+    dynamic = subprocess.run([*dynamic_cmd, ops._C.__file__], capture_output=True, text=True, check=True).stdout
+    assert "libstdc++.so" in dynamic, f"{ops._C.__file__} does not load the shared libstdc++:\n{dynamic}"
+    # A partly static copy would still list it: the stream and locale code that crashed must not be defined in _C.
+    symbols = subprocess.run([*symbols_cmd, ops._C.__file__], capture_output=True, text=True, check=True).stdout
+    copied = {
+        name
+        for line in symbols.splitlines()
+        for name in line.split()[-1:]
+        if name.startswith(("_ZNSo9_M_insert", "_ZNSt6locale")) and "UND" not in line and "*UND*" not in line
+    }
+    assert not copied, f"{ops._C.__file__} holds its own copy of libstdc++'s {sorted(copied)[:5]}"
 
 
 FORMATTED = """
