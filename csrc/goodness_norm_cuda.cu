@@ -37,18 +37,25 @@
 namespace ffablate {
 namespace {
 
-// Threads per block. A build knob only for A/B timing on a GPU (NVCC_APPEND_FLAGS=-DFFABLATE_CUDA_THREADS=128):
-// fewer threads per block let more blocks, and so more tiles, share an SM.
+// Threads per block, build knobs only for A/B timing on a GPU (NVCC_APPEND_FLAGS=-DFFABLATE_CUDA_THREADS=128 for
+// both kernels, -DFFABLATE_CUDA_FORWARD_THREADS=128 for the forward alone): fewer threads per block let more
+// blocks, and so more tiles, share an SM. On the H200 (session 14) 128 sped the forward and slowed the backward.
 #ifndef FFABLATE_CUDA_THREADS
 #define FFABLATE_CUDA_THREADS 256
 #endif
-constexpr int kThreads = FFABLATE_CUDA_THREADS;
-static_assert(kThreads == 128 || kThreads == 256, "FFABLATE_CUDA_THREADS must be 128 or 256");
-constexpr int kWarps = kThreads / 32;
+#ifndef FFABLATE_CUDA_FORWARD_THREADS
+#define FFABLATE_CUDA_FORWARD_THREADS FFABLATE_CUDA_THREADS
+#endif
+constexpr int kForwardThreads = FFABLATE_CUDA_FORWARD_THREADS;
+constexpr int kBackwardThreads = FFABLATE_CUDA_THREADS;
+static_assert(kForwardThreads == 128 || kForwardThreads == 256, "FFABLATE_CUDA_FORWARD_THREADS must be 128 or 256");
+static_assert(kBackwardThreads == 128 || kBackwardThreads == 256, "FFABLATE_CUDA_THREADS must be 128 or 256");
 constexpr int kChunkBytes = 16384;  // one chunk's shared-memory tile
-// Whole channels per chunk (their readout sums live in shared memory). At 128 threads 256 (1 KB) leaves room for
-// 10 forward blocks per SM; only maps of fewer than 16 pixels (32 in fp16/bf16) have more channels per tile.
-constexpr int kMaxK = kThreads == 256 ? 1024 : 256;
+// Whole channels per chunk (their readout sums live in the forward's shared memory). At 128 threads 256 (1 KB)
+// leaves room for 10 forward blocks per SM; only maps of fewer than 16 pixels (32 in fp16/bf16) have more channels
+// per tile. Each kernel plans its chunks with its own thread count's bound.
+template <int NT>
+constexpr int kMaxK = NT == 256 ? 1024 : 256;
 
 template <typename T>
 constexpr int chunk_elems() {
@@ -68,7 +75,7 @@ struct Plan {
   float inv_d, inv_hw;
 };
 
-Plan make_plan(const Geometry& g, double eps, int chunk) {
+Plan make_plan(const Geometry& g, double eps, int chunk, int max_k) {
   Plan p{};
   p.N = g.N;
   p.D = g.D;
@@ -76,7 +83,7 @@ Plan make_plan(const Geometry& g, double eps, int chunk) {
   p.C = g.readout ? g.C : 1;
   p.HW = g.readout ? g.HW : g.D;
   if (p.HW <= chunk) {
-    p.K = static_cast<int>(std::min<int64_t>({chunk / p.HW, p.C, kMaxK}));
+    p.K = static_cast<int>(std::min<int64_t>({chunk / p.HW, p.C, max_k}));
     p.S = 1;
     p.G = static_cast<int>((p.C + p.K - 1) / p.K);
   } else {
@@ -142,19 +149,19 @@ __device__ __forceinline__ void store_pack(T* dst, const Pack<T, VEC>& v) {
   }
 }
 
-// A chunk fills at most one shared tile, so a thread owns at most kIters vectors of it: element offsets
-// (it * kThreads + threadIdx.x) * VEC.
-template <typename T, int VEC>
+// A chunk fills at most one shared tile, so each of a block's NT threads owns at most kIters vectors of it: element
+// offsets (it * NT + threadIdx.x) * VEC.
+template <typename T, int VEC, int NT>
 struct Iters {
   static constexpr int kChunk = chunk_elems<T>();
-  static constexpr int kIters = kChunk / (kThreads * VEC);
-  static_assert(kIters * kThreads * VEC == kChunk, "the tile must be a multiple of kThreads * VEC elements");
+  static constexpr int kIters = kChunk / (NT * VEC);
+  static_assert(kIters * NT * VEC == kChunk, "the tile must be a multiple of NT * VEC elements");
   // Calls f(it, i) for each of this thread's vectors that starts inside a chunk of len elements.
   template <typename F>
   __device__ static __forceinline__ void each(int len, F&& f) {
 #pragma unroll
     for (int it = 0; it < kIters; ++it) {
-      const int i = (it * kThreads + static_cast<int>(threadIdx.x)) * VEC;
+      const int i = (it * NT + static_cast<int>(threadIdx.x)) * VEC;
       if (i < len) f(it, i);
     }
   }
@@ -176,9 +183,9 @@ constexpr bool kAsyncCopy = sizeof(T) * VEC == 4 || sizeof(T) * VEC == 8 || size
 // backward's two tiles allow no more blocks, and the scalar fallbacks keep their bounds (twice the blocks spill the
 // 2-byte backward).
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
-constexpr int kVectorForwardBlocksPerSM = kThreads == 256 ? 5 : 9;
+constexpr int kVectorForwardBlocksPerSM = kForwardThreads == 256 ? 5 : 9;
 #else
-constexpr int kVectorForwardBlocksPerSM = kThreads == 256 ? 6 : 10;
+constexpr int kVectorForwardBlocksPerSM = kForwardThreads == 256 ? 6 : 10;
 #endif
 template <typename T, int VEC>
 constexpr int kForwardBlocksPerSM = VEC > 1 ? kVectorForwardBlocksPerSM : 4;
@@ -187,12 +194,12 @@ constexpr int kBackwardBlocksPerSM = VEC > 1 ? 6 : (kAsyncCopy<T, VEC> ? 3 : 2);
 
 // Issues this thread's cp.async copies of a chunk (len elements from a, and from b when given) into the shared
 // tiles at the same offsets, without committing or waiting: the caller groups them (__pipeline_commit).
-template <typename T, int VEC>
+template <typename T, int VEC, int NT>
 __device__ __forceinline__ void copy_async(T* tile_a, const T* __restrict__ a, T* tile_b, const T* __restrict__ b,
                                            int len) {
   static_assert(kAsyncCopy<T, VEC>, "cp.async moves 4, 8 or 16 bytes");
   constexpr size_t kBytes = sizeof(T) * VEC;
-  Iters<T, VEC>::each(len, [&](int, int i) {
+  Iters<T, VEC, NT>::each(len, [&](int, int i) {
     __pipeline_memcpy_async(tile_a + i, a + i, kBytes);
     if (b) __pipeline_memcpy_async(tile_b + i, b + i, kBytes);
   });
@@ -201,12 +208,12 @@ __device__ __forceinline__ void copy_async(T* tile_a, const T* __restrict__ a, T
 // Copies this thread's vectors of a chunk into the shared tiles (as copy_async) and waits for them, all loads
 // issued before any is waited for. Each thread reads back only the vectors it copied until the next
 // __syncthreads, so no barrier is needed here.
-template <typename T, int VEC>
+template <typename T, int VEC, int NT>
 __device__ __forceinline__ void stage(T* tile_a, const T* __restrict__ a, T* tile_b, const T* __restrict__ b,
                                       int len) {
-  using It = Iters<T, VEC>;
+  using It = Iters<T, VEC, NT>;
   if constexpr (kAsyncCopy<T, VEC>) {
-    copy_async<T, VEC>(tile_a, a, tile_b, b, len);
+    copy_async<T, VEC, NT>(tile_a, a, tile_b, b, len);
     __pipeline_commit();
     __pipeline_wait_prior(0);
   } else {  // loads in batches of kBatch vectors, all issued before the batch is stored
@@ -216,7 +223,7 @@ __device__ __forceinline__ void stage(T* tile_a, const T* __restrict__ a, T* til
       T va[kBatch], vb[kBatch];
 #pragma unroll
       for (int k = 0; k < kBatch; ++k) {
-        const int i = ((it0 + k) * kThreads + static_cast<int>(threadIdx.x)) * VEC;
+        const int i = ((it0 + k) * NT + static_cast<int>(threadIdx.x)) * VEC;
         if (i < len) {
           va[k] = a[i];
           if (b) vb[k] = b[i];
@@ -224,7 +231,7 @@ __device__ __forceinline__ void stage(T* tile_a, const T* __restrict__ a, T* til
       }
 #pragma unroll
       for (int k = 0; k < kBatch; ++k) {
-        const int i = ((it0 + k) * kThreads + static_cast<int>(threadIdx.x)) * VEC;
+        const int i = ((it0 + k) * NT + static_cast<int>(threadIdx.x)) * VEC;
         if (i < len) {
           tile_a[i] = va[k];
           if (b) tile_b[i] = vb[k];
@@ -239,9 +246,9 @@ __device__ __forceinline__ float warp_sum(float v) {
   return v;  // valid in lane 0
 }
 
-// Deterministic block sum of NV values; every thread gets the same result.
-template <int NV>
-__device__ __forceinline__ void block_sum(float (&v)[NV], float (*red)[kWarps]) {
+// Deterministic block sum of NV values over a block of NT / 32 warps; every thread gets the same result.
+template <int NV, int NT>
+__device__ __forceinline__ void block_sum(float (&v)[NV], float (*red)[NT / 32]) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
 #pragma unroll
   for (int k = 0; k < NV; ++k) {
@@ -253,7 +260,7 @@ __device__ __forceinline__ void block_sum(float (&v)[NV], float (*red)[kWarps]) 
   for (int k = 0; k < NV; ++k) {
     float s = 0.f;
 #pragma unroll
-    for (int w = 0; w < kWarps; ++w) s += red[k][w];
+    for (int w = 0; w < NT / 32; ++w) s += red[k][w];
     v[k] = s;
   }
   __syncthreads();
@@ -391,8 +398,8 @@ template <typename T, int VEC, typename Rendezvous>
 __device__ __forceinline__ void forward_chunk(const T* tile, const Rendezvous& rv, const Plan& p, int64_t n, int g,
                                               const Chunk& ch, T* __restrict__ out, T* __restrict__ readout,
                                               float* __restrict__ sumsq, float* __restrict__ sumabs, float* chs,
-                                              float (*red)[kWarps], float* bcast) {
-  using It = Iters<T, VEC>;
+                                              float (*red)[kForwardThreads / 32], float* bcast) {
+  using It = Iters<T, VEC, kForwardThreads>;
   float v3[3] = {0.f, 0.f, 0.f};  // sumsq, sumabs, sum (split-mode channel part)
   It::each(ch.len, [&](int, int i) {
     const Pack<T, VEC> pk = load_pack<T, VEC>(tile + i);
@@ -404,20 +411,20 @@ __device__ __forceinline__ void forward_chunk(const T* tile, const Rendezvous& r
       v3[2] += f;
     }
   });
-  block_sum<3>(v3, red);  // its barrier also makes the whole tile visible block-wide
+  block_sum<3, kForwardThreads>(v3, red);  // its barrier also makes the whole tile visible block-wide
 
   if (p.readout && p.K > 0 && !rv.stats_only()) {  // whole channels: HW <= one tile
     const int hw = static_cast<int>(p.HW);
     if (hw >= 32) {
       const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-      for (int k = warp; k < ch.nch; k += kWarps) {
+      for (int k = warp; k < ch.nch; k += kForwardThreads / 32) {
         float s = 0.f;
         for (int i = lane; i < hw; i += 32) s += static_cast<float>(tile[k * hw + i]);
         s = warp_sum(s);
         if (lane == 0) chs[k] = s;
       }
     } else {
-      for (int k = threadIdx.x; k < ch.nch; k += kThreads) {
+      for (int k = threadIdx.x; k < ch.nch; k += kForwardThreads) {
         float s = 0.f;
         for (int i = 0; i < hw; ++i) s += static_cast<float>(tile[k * hw + i]);
         chs[k] = s;
@@ -446,7 +453,7 @@ __device__ __forceinline__ void forward_chunk(const T* tile, const Rendezvous& r
     T* ro = readout + n * p.C;
     const float scale = r * p.inv_hw;
     if (p.K > 0) {
-      for (int k = threadIdx.x; k < ch.nch; k += kThreads) ro[ch.c0 + k] = static_cast<T>(chs[k] * scale);
+      for (int k = threadIdx.x; k < ch.nch; k += kForwardThreads) ro[ch.c0 + k] = static_cast<T>(chs[k] * scale);
     } else if (ch.s == 0 && threadIdx.x == 0) {  // split mode: never solo (G >= S >= 2)
       float s = 0.f;
       for (int j = 0; j < p.S; ++j) s += rv.template partial<3>(p, n, g + j, 2);
@@ -457,12 +464,12 @@ __device__ __forceinline__ void forward_chunk(const T* tile, const Rendezvous& r
 
 // One chunk per block. Rendezvous is TicketRendezvous (any mode) or SlotRendezvous (flagged, single pass).
 template <typename T, int VEC, typename Rendezvous>
-__global__ void __launch_bounds__(kThreads, kForwardBlocksPerSM<T, VEC>)
+__global__ void __launch_bounds__(kForwardThreads, kForwardBlocksPerSM<T, VEC>)
     forward_kernel(const T* __restrict__ h, T* __restrict__ out, T* __restrict__ readout,
                    float* __restrict__ sumsq, float* __restrict__ sumabs, Rendezvous rv, int* ticket, Plan p) {
   __shared__ __align__(16) unsigned char tile_bytes[kChunkBytes];
-  __shared__ float chs[kMaxK];  // per-channel sums of h (whole-channel chunks)
-  __shared__ float red[3][kWarps];
+  __shared__ float chs[kMaxK<kForwardThreads>];  // per-channel sums of h (whole-channel chunks)
+  __shared__ float red[3][kForwardThreads / 32];
   __shared__ float bcast[2];
   __shared__ int s_bid;
   T* tile = reinterpret_cast<T*>(tile_bytes);
@@ -471,7 +478,7 @@ __global__ void __launch_bounds__(kThreads, kForwardBlocksPerSM<T, VEC>)
   const int64_t n = bid / p.G;
   const int g = static_cast<int>(bid % p.G);
   const Chunk ch = chunk_of(p, g);
-  stage<T, VEC>(tile, h + n * p.D + ch.off, nullptr, nullptr, ch.len);
+  stage<T, VEC, kForwardThreads>(tile, h + n * p.D + ch.off, nullptr, nullptr, ch.len);
   forward_chunk<T, VEC>(tile, rv, p, n, g, ch, out, readout, sumsq, sumabs, chs, red, bcast);
 }
 
@@ -486,8 +493,8 @@ template <typename T, int VEC, typename Rendezvous>
 __device__ __forceinline__ void backward_chunk(const T* th, const T* tg, const Rendezvous& rv, const Plan& p,
                                                int64_t n, int g, const Chunk& ch, const T* __restrict__ gr,
                                                const BwdPtrs& bp, T* __restrict__ dh,
-                                               bool need_dot, float (*red)[kWarps], float* bcast) {
-  using It = Iters<T, VEC>;
+                                               bool need_dot, float (*red)[kBackwardThreads / 32], float* bcast) {
+  using It = Iters<T, VEC, kBackwardThreads>;
   const T* grn = gr ? gr + n * p.C : nullptr;
   // e = the effective output gradient: the readout is linear in out, so its gradient folds into grad_out.
   // A vector never straddles a channel (vector paths require HW % VEC == 0), and in whole-channel chunks
@@ -510,7 +517,7 @@ __device__ __forceinline__ void backward_chunk(const T* th, const T* tg, const R
 #pragma unroll
       for (int j = 0; j < VEC; ++j) dot[0] += e.v[j] * static_cast<float>(ph.v[j]);
     });
-    block_sum<1>(dot, red);
+    block_sum<1, kBackwardThreads>(dot, red);
     float tot[1];
     if (!rv.template totals<1, 1>(dot, p, n, g, tot, bcast)) return;
     total_dot = tot[0];
@@ -543,12 +550,12 @@ __device__ __forceinline__ void backward_chunk(const T* th, const T* tg, const R
 }
 
 template <typename T, int VEC, typename Rendezvous>
-__global__ void __launch_bounds__(kThreads, kBackwardBlocksPerSM<T, VEC>)
+__global__ void __launch_bounds__(kBackwardThreads, kBackwardBlocksPerSM<T, VEC>)
     backward_kernel(const T* __restrict__ h, const T* __restrict__ go, const T* __restrict__ gr,
                     BwdPtrs bp, T* __restrict__ dh, Rendezvous rv, int* ticket, Plan p, bool need_dot) {
   __shared__ __align__(16) unsigned char tile_h_bytes[kChunkBytes];
   __shared__ __align__(16) unsigned char tile_g_bytes[kChunkBytes];
-  __shared__ float red[1][kWarps];
+  __shared__ float red[1][kBackwardThreads / 32];
   __shared__ float bcast[1];
   __shared__ int s_bid;
   T* th = reinterpret_cast<T*>(tile_h_bytes);
@@ -558,7 +565,7 @@ __global__ void __launch_bounds__(kThreads, kBackwardBlocksPerSM<T, VEC>)
   const int64_t n = bid / p.G;
   const int g = static_cast<int>(bid % p.G);
   const Chunk ch = chunk_of(p, g);
-  stage<T, VEC>(th, h + n * p.D + ch.off, tg, go ? go + n * p.D + ch.off : nullptr, ch.len);
+  stage<T, VEC, kBackwardThreads>(th, h + n * p.D + ch.off, tg, go ? go + n * p.D + ch.off : nullptr, ch.len);
   backward_chunk<T, VEC>(th, go ? tg : nullptr, rv, p, n, g, ch, gr, bp, dh, need_dot, red, bcast);
 }
 
@@ -595,14 +602,14 @@ int64_t per_device_cached(DeviceCache& cache, Compute&& compute) {
 
 // Resident blocks per SM times SMs, per kernel instantiation and device. The first call on a device also asks
 // for the largest shared-memory carveout, which the tiles need to reach their blocks per SM.
-template <auto kernel>
+template <auto kernel, int NT>
 int64_t resident_blocks() {
   static DeviceCache cache;  // static storage: zero-initialized
   return per_device_cached(cache, [](int dev) {
     C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout,
                                         cudaSharedmemCarveoutMaxShared));
     int per_sm = 0, sms = 0;
-    C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, 0));
+    C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, NT, 0));
     C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
     return static_cast<int64_t>(per_sm) * sms;
   });
@@ -613,9 +620,9 @@ int64_t resident_blocks() {
 // SMs, can hold some of them, so single pass takes at most a quarter of the figure (realistic G is far below).
 constexpr int64_t kResidencyMargin = 4;
 
-template <auto kernel>
+template <auto kernel, int NT>
 int pick_mode(const Plan& p, Schedule schedule) {
-  const int64_t resident = resident_blocks<kernel>();  // also sets the carveout, which solo launches need too
+  const int64_t resident = resident_blocks<kernel, NT>();  // also sets the carveout, which solo launches need too
   if (p.G == 1) return kSolo;
   if (schedule == Schedule::kTwoPass) return kStatsOnly;
   return static_cast<int64_t>(p.G) * kResidencyMargin <= resident ? kSinglePass : kStatsOnly;
@@ -645,39 +652,38 @@ void launch_forward(const at::Tensor& h, const Plan& p, at::Tensor& sumsq, at::T
   auto stream = c10::cuda::getCurrentCUDAStream();
   const int64_t blocks = p.N * p.G;
   TORCH_CHECK(blocks < (int64_t{1} << 31), "goodness_norm: input too large (", blocks, " blocks)");
+  const dim3 grid(static_cast<unsigned>(blocks));
   T* ro = p.readout ? readout.data_ptr<T>() : nullptr;
   const T* x = reinterpret_cast<const T*>(h.const_data_ptr());
   const Schedule schedule = schedule_from_env();
   if constexpr (VEC > 1) {
     constexpr auto kernel = forward_kernel<T, VEC, SlotRendezvous>;
-    if (schedule == Schedule::kFlagged && pick_mode<kernel>(p, schedule) == kSinglePass) {
+    if (schedule == Schedule::kFlagged && pick_mode<kernel, kForwardThreads>(p, schedule) == kSinglePass) {
       const int64_t words = p.N * p.G * 3;  // the slots, then the ticket counter in one more word
       const at::Tensor slots = zeroed(words + 1, at::kLong, h, stream);
       unsigned long long* sp = slot_ptr(slots);
-      kernel<<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(x, out.data_ptr<T>(), ro,
-                                                                      sumsq.data_ptr<float>(), sumabs.data_ptr<float>(),
-                                                                      SlotRendezvous{sp},
-                                                                      reinterpret_cast<int*>(sp + words), p);
+      kernel<<<grid, kForwardThreads, 0, stream>>>(x, out.data_ptr<T>(), ro, sumsq.data_ptr<float>(),
+                                                   sumabs.data_ptr<float>(), SlotRendezvous{sp},
+                                                   reinterpret_cast<int*>(sp + words), p);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       return;
     }
   }
   constexpr auto kernel = forward_kernel<T, VEC, TicketRendezvous>;
-  const int mode = pick_mode<kernel>(p, schedule);
+  const int mode = pick_mode<kernel, kForwardThreads>(p, schedule);
   at::Tensor ws, sync;
   if (mode != kSolo) ws = at::empty({p.N * p.G * 3}, h.options().dtype(at::kFloat));
   if (mode == kSinglePass) sync = zeroed(p.N + 1, at::kInt, h, stream);
   float* wsp = mode != kSolo ? ws.data_ptr<float>() : nullptr;
   int* sp = mode == kSinglePass ? sync.data_ptr<int>() : nullptr;
   int* ticket = mode == kSinglePass ? sp + p.N : nullptr;
-  kernel<<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(x, out.data_ptr<T>(), ro, sumsq.data_ptr<float>(),
-                                                                  sumabs.data_ptr<float>(),
-                                                                  TicketRendezvous{mode, wsp, sp}, ticket, p);
+  kernel<<<grid, kForwardThreads, 0, stream>>>(x, out.data_ptr<T>(), ro, sumsq.data_ptr<float>(),
+                                               sumabs.data_ptr<float>(), TicketRendezvous{mode, wsp, sp}, ticket, p);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   if (mode == kStatsOnly) {
-    kernel<<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(x, out.data_ptr<T>(), ro, sumsq.data_ptr<float>(),
-                                                                    sumabs.data_ptr<float>(),
-                                                                    TicketRendezvous{kApply, wsp, sp}, nullptr, p);
+    kernel<<<grid, kForwardThreads, 0, stream>>>(x, out.data_ptr<T>(), ro, sumsq.data_ptr<float>(),
+                                                 sumabs.data_ptr<float>(), TicketRendezvous{kApply, wsp, sp}, nullptr,
+                                                 p);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
 }
@@ -686,7 +692,7 @@ template <typename T>
 void forward_dispatch(const at::Tensor& h, const Geometry& g, double eps, at::Tensor& sumsq,
                       at::Tensor& sumabs, at::Tensor& out, at::Tensor& readout) {
   constexpr int VEC = 16 / sizeof(T);
-  const Plan p = make_plan(g, eps, chunk_elems<T>());
+  const Plan p = make_plan(g, eps, chunk_elems<T>(), kMaxK<kForwardThreads>);
   const bool vec = aligned16(h.const_data_ptr()) && aligned16(out.data_ptr()) && p.HW % VEC == 0;
   if (vec)
     launch_forward<T, VEC>(h, p, sumsq, sumabs, out, readout);
@@ -717,6 +723,7 @@ void launch_backward(const BackwardArgs& a, const Plan& p, at::Tensor& dh) {
   auto stream = c10::cuda::getCurrentCUDAStream();
   const int64_t blocks = p.N * p.G;
   TORCH_CHECK(blocks < (int64_t{1} << 31), "goodness_norm_backward: input too large (", blocks, " blocks)");
+  const dim3 grid(static_cast<unsigned>(blocks));
   const bool need_dot = a.grad_out.has_value() || a.grad_readout.has_value();
   BwdPtrs bp{a.grad_sumsq ? a.grad_sumsq->const_data_ptr<float>() : nullptr,
              a.grad_sumabs ? a.grad_sumabs->const_data_ptr<float>() : nullptr, a.sumsq.const_data_ptr<float>()};
@@ -726,18 +733,19 @@ void launch_backward(const BackwardArgs& a, const Plan& p, at::Tensor& dh) {
   const Schedule schedule = schedule_from_env();
   if constexpr (VEC > 1) {
     constexpr auto kernel = backward_kernel<T, VEC, SlotRendezvous>;
-    if (need_dot && schedule == Schedule::kFlagged && pick_mode<kernel>(p, schedule) == kSinglePass) {
+    if (need_dot && schedule == Schedule::kFlagged &&
+        pick_mode<kernel, kBackwardThreads>(p, schedule) == kSinglePass) {
       const int64_t words = p.N * p.G;  // the slots, then the ticket counter in one more word
       const at::Tensor slots = zeroed(words + 1, at::kLong, a.h, stream);
       unsigned long long* sp = slot_ptr(slots);
-      kernel<<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(x, go, gr, bp, dh.data_ptr<T>(), SlotRendezvous{sp},
-                                                                      reinterpret_cast<int*>(sp + words), p, true);
+      kernel<<<grid, kBackwardThreads, 0, stream>>>(x, go, gr, bp, dh.data_ptr<T>(), SlotRendezvous{sp},
+                                                    reinterpret_cast<int*>(sp + words), p, true);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       return;
     }
   }
   constexpr auto kernel = backward_kernel<T, VEC, TicketRendezvous>;
-  const int picked = pick_mode<kernel>(p, schedule);
+  const int picked = pick_mode<kernel, kBackwardThreads>(p, schedule);
   const int mode = need_dot ? picked : kApply;  // without a dot product there is nothing to rendezvous on
   at::Tensor ws, sync;
   if (mode == kSinglePass || mode == kStatsOnly) ws = at::empty({p.N * p.G}, a.h.options().dtype(at::kFloat));
@@ -745,13 +753,12 @@ void launch_backward(const BackwardArgs& a, const Plan& p, at::Tensor& dh) {
   float* wsp = ws.defined() ? ws.data_ptr<float>() : nullptr;
   int* sp = mode == kSinglePass ? sync.data_ptr<int>() : nullptr;
   int* ticket = mode == kSinglePass ? sp + p.N : nullptr;
-  kernel<<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(x, go, gr, bp, dh.data_ptr<T>(),
-                                                                  TicketRendezvous{mode, wsp, sp}, ticket, p, need_dot);
+  kernel<<<grid, kBackwardThreads, 0, stream>>>(x, go, gr, bp, dh.data_ptr<T>(), TicketRendezvous{mode, wsp, sp},
+                                                ticket, p, need_dot);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   if (mode == kStatsOnly) {
-    kernel<<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(x, go, gr, bp, dh.data_ptr<T>(),
-                                                                    TicketRendezvous{kApply, wsp, sp}, nullptr, p,
-                                                                    need_dot);
+    kernel<<<grid, kBackwardThreads, 0, stream>>>(x, go, gr, bp, dh.data_ptr<T>(), TicketRendezvous{kApply, wsp, sp},
+                                                  nullptr, p, need_dot);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
 }
@@ -759,7 +766,7 @@ void launch_backward(const BackwardArgs& a, const Plan& p, at::Tensor& dh) {
 template <typename T>
 void backward_dispatch(const BackwardArgs& a, double eps, at::Tensor& dh) {
   constexpr int VEC = 16 / sizeof(T);
-  const Plan p = make_plan(a.g, eps, chunk_elems<T>());
+  const Plan p = make_plan(a.g, eps, chunk_elems<T>(), kMaxK<kBackwardThreads>);
   bool vec = aligned16(a.h.const_data_ptr()) && aligned16(dh.data_ptr()) && p.HW % VEC == 0;
   if (a.grad_out) vec = vec && aligned16(a.grad_out->const_data_ptr());
   if (vec)

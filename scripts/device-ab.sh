@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # A/B of CUDA kernel variants in one GPU lease: builds the extension twice from this tree, as it is (A) and with
-# NVCC_APPEND_FLAGS=$B_FLAGS (B, default -DFFABLATE_CUDA_THREADS=128) in a copy under /tmp, runs the CUDA tests on
-# both, then times the fused op for each build and each of $SCHEDULES in turn: A's first pass with torch.compile of
+# NVCC_APPEND_FLAGS=$B_FLAGS (B, default -DFFABLATE_CUDA_FORWARD_THREADS=128) in a copy under /tmp, runs the CUDA
+# tests on both, then times the fused op for each build and each of $SCHEDULES in turn: A's first pass with torch.compile of
 # the reference (the other rows' "x compiled" uses that time), A's first schedule again last (the spread between
 # two timings of one version), forward and backward apart, and an Nsight Compute summary of A's cnn28 fp32 kernels.
 #
@@ -18,7 +18,7 @@ mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
-B_FLAGS=${B_FLAGS:--DFFABLATE_CUDA_THREADS=128}
+B_FLAGS=${B_FLAGS:--DFFABLATE_CUDA_FORWARD_THREADS=128}  # session 14 measured -DFFABLATE_CUDA_THREADS=128
 SCHEDULES=${SCHEDULES:-flagged,ticket}
 BUDGET_S=${BUDGET_S:-500}
 export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda} TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} SCHEDULES

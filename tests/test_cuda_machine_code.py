@@ -20,7 +20,7 @@ import pytest
 
 from ffablate import ops
 
-TILE_BYTES, THREADS = 16384, 256  # kChunkBytes and kThreads in csrc/goodness_norm_cuda.cu
+TILE_BYTES, THREADS = 16384, 256  # kChunkBytes and the default kForwardThreads = kBackwardThreads (the .cu)
 
 
 def _cuobjdump() -> str | None:
