@@ -313,7 +313,7 @@ def _learning_curves(summary: results.Summary, out: Path) -> tuple[str, str] | N
         # Of a baseline tuned over levels, the level the gaps are taken against: five black curves tell nothing apart.
         compared = {id(r.base) for r in summary.ff if r.base is not None}
         rows = [r for r in rows if r.role == "baseline" and (not compared or id(r) in compared)] + best
-    # One epoch a row plots a dot each (the quick budgets): no curve, and the table already has those numbers.
+    # One epoch a row plots a dot each (the smoke budgets): no curve, and the table already has those numbers.
     if not any(len({record["epoch"] for h in r.histories for record in h}) > 1 for r in rows):
         return None
     fig, ax = plt.subplots(figsize=(7, 4.2))

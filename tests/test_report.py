@@ -319,7 +319,7 @@ def test_importance_reads_the_levels_the_rows_ran(tmp_path, url):
 
 
 def test_one_epoch_studies_draw_no_learning_curves(tmp_path, url):
-    # Before: a plot of one dot per row (the quick budgets train one epoch), captioned as learning curves.
+    # Before: a plot of one dot per row (the smoke budgets train one epoch), captioned as learning curves.
     trials = [
         {"cell": f"fusion={f}", "role": "ff", "seed": s, "value": v, "overrides": {"fusion": f}}
         for f, v in (("last", 0.80), ("sum", 0.82))
