@@ -18,6 +18,11 @@
 //  * flagged (default since session 14: 1.01-1.09x ticket's speed on the multi-block H200 shapes): the ticket
 //    path's launch and order, but each block publishes its partials as flagged 8-byte words (below) and reads its
 //    siblings' words as they fill: no fence, arrival counter or second read. Same sum order, same bits.
+//  * lagged (session 15, not yet run on a GPU): one launch of two blocks per chunk. A stats block copies its chunk,
+//    publishes its partials as flagged words and exits; `lag` tickets later an apply block copies the chunk again
+//    (from L2, when the bytes moved in between fit there), reads the published totals and writes. An apply block
+//    waits only on stats blocks with earlier tickets, which are running or done and never wait, so it is
+//    deadlock-free at any residency, and no tile sits idle while its siblings load. Same sum order, same bits.
 //  * two-pass (G too large, or FFABLATE_CUDA_SCHEDULE=two-pass): a stats launch publishes the partials, an
 //    apply launch re-reads h and finishes. Same arithmetic, same results.
 #include <ATen/ATen.h>
@@ -29,6 +34,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cmath>
 #include <cstdlib>
 #include <cstring>
 
@@ -320,7 +326,14 @@ struct TicketRendezvous {
   float* ws;  // (N, G, NV) partials
   int* sync;  // arrival counters, then the ticket counter
 
+  // Calls f(part, chunk) for ticket (or block index) t: this launch plays one part, and t is the chunk.
+  template <typename F>
+  __device__ __forceinline__ void visit(int64_t t, F&& f) const {
+    f(*this, t);
+  }
   __device__ __forceinline__ bool stats_only() const { return mode == kStatsOnly; }
+  // Whether totals() reads this block's own partials (an apply block reads the published ones only).
+  __device__ __forceinline__ bool publishes() const { return mode != kApply; }
 
   // The sample's totals of the first NREAD of this block's NV partials. False when this launch only publishes
   // (the stats launch of two pass): the block is then done.
@@ -365,30 +378,96 @@ __device__ __forceinline__ float await_slot(const unsigned long long* slot) {
   }
 }
 
+// Chunk g of sample n publishes its NV partials (thread 0; every thread holds them after block_sum).
+template <int NV>
+__device__ __forceinline__ void publish_slots(unsigned long long* slots, const float (&v)[NV], const Plan& p,
+                                              int64_t n, int g) {
+  if (threadIdx.x == 0) {
+    unsigned long long* mine = slots + (n * p.G + g) * NV;
+#pragma unroll
+    for (int k = 0; k < NV; ++k) publish_slot(mine + k, v[k]);
+  }
+}
+
+// The sample's totals of the first NREAD partials of each of its G chunks, summed in sum_partials' fixed order.
+template <int NV, int NREAD>
+__device__ __forceinline__ void await_totals(const unsigned long long* slots, const Plan& p, int64_t n,
+                                             float (&tot)[NREAD], float* bcast) {
+  const unsigned long long* src = slots + n * p.G * NV;
+  sum_partials<NREAD>(p.G, [&](int j, int k) { return await_slot(src + j * NV + k); }, tot, bcast);
+}
+
 // The rendezvous of the flagged launches (G >= 2): each block publishes into its chunk's slots and reads its
 // siblings' slots as they fill. Deadlock-free for the ticket path's reason: tickets in launch order, under the
 // single-pass residency bound.
 struct SlotRendezvous {
   unsigned long long* slots;  // (N, G, NV), zeroed
 
+  template <typename F>
+  __device__ __forceinline__ void visit(int64_t t, F&& f) const {
+    f(*this, t);
+  }
   __device__ __forceinline__ bool stats_only() const { return false; }
+  __device__ __forceinline__ bool publishes() const { return true; }
 
   template <int NV, int NREAD>
   __device__ __forceinline__ bool totals(const float (&v)[NV], const Plan& p, int64_t n, int g,
                                          float (&tot)[NREAD], float* bcast) const {
-    unsigned long long* mine = slots + (n * p.G + g) * NV;
-    if (threadIdx.x == 0) {
-#pragma unroll
-      for (int k = 0; k < NV; ++k) publish_slot(mine + k, v[k]);
-    }
-    const unsigned long long* src = slots + n * p.G * NV;
-    sum_partials<NREAD>(p.G, [&](int j, int k) { return await_slot(src + j * NV + k); }, tot, bcast);
+    publish_slots<NV>(slots, v, p, n, g);
+    await_totals<NV, NREAD>(slots, p, n, tot, bcast);
     return true;
   }
 
   template <int NV>
   __device__ __forceinline__ float partial(const Plan& p, int64_t n, int j, int k) const {
     return await_slot(slots + (n * p.G + j) * NV + k);
+  }
+};
+
+// The two parts of a lagged launch (below), each its own type so that each block runs code specialized for its
+// part (one kernel holding the part in a flag kept the forward above its 40 registers): a stats block publishes its
+// chunk's partials and is done; an apply block reads the sample's published partials and writes.
+template <bool kApply>
+struct LaggedPart {
+  unsigned long long* slots;  // (N, G, NV), zeroed
+
+  __device__ __forceinline__ bool stats_only() const { return !kApply; }
+  __device__ __forceinline__ bool publishes() const { return !kApply; }
+
+  template <int NV, int NREAD>
+  __device__ __forceinline__ bool totals(const float (&v)[NV], const Plan& p, int64_t n, int g,
+                                         float (&tot)[NREAD], float* bcast) const {
+    if constexpr (!kApply) {
+      publish_slots<NV>(slots, v, p, n, g);
+      return false;
+    } else {
+      await_totals<NV, NREAD>(slots, p, n, tot, bcast);
+      return true;
+    }
+  }
+
+  template <int NV>
+  __device__ __forceinline__ float partial(const Plan& p, int64_t n, int j, int k) const {
+    return await_slot(slots + (n * p.G + j) * NV + k);
+  }
+};
+
+// The rendezvous of the lagged launches (G >= 2; the header says why it cannot deadlock). The launch has two blocks
+// per chunk: tickets [0, lag) are stats blocks, then stats and apply blocks take turns, and the last lag tickets
+// are apply blocks. With lag >= G, an apply block's sample has all its stats blocks at earlier tickets.
+struct LaggedRendezvous {
+  unsigned long long* slots;  // (N, G, NV), zeroed
+  int64_t chunks;             // N G
+  int64_t lag;                // in [G, N G]
+
+  // Calls f(part, chunk) for ticket t.
+  template <typename F>
+  __device__ __forceinline__ void visit(int64_t t, F&& f) const {
+    const bool paired = t >= lag && t < 2 * chunks - lag;  // else t < lag (stats) or in the last lag (apply)
+    if (paired ? ((t - lag) & 1) != 0 : t >= lag)
+      f(LaggedPart<true>{slots}, paired ? (t - lag) >> 1 : t - chunks);
+    else
+      f(LaggedPart<false>{slots}, paired ? lag + ((t - lag) >> 1) : t);
   }
 };
 
@@ -401,17 +480,21 @@ __device__ __forceinline__ void forward_chunk(const T* tile, const Rendezvous& r
                                               float (*red)[kForwardThreads / 32], float* bcast) {
   using It = Iters<T, VEC, kForwardThreads>;
   float v3[3] = {0.f, 0.f, 0.f};  // sumsq, sumabs, sum (split-mode channel part)
-  It::each(ch.len, [&](int, int i) {
-    const Pack<T, VEC> pk = load_pack<T, VEC>(tile + i);
+  if (rv.publishes()) {
+    It::each(ch.len, [&](int, int i) {
+      const Pack<T, VEC> pk = load_pack<T, VEC>(tile + i);
 #pragma unroll
-    for (int j = 0; j < VEC; ++j) {
-      const float f = static_cast<float>(pk.v[j]);
-      v3[0] += f * f;
-      v3[1] += fabsf(f);
-      v3[2] += f;
-    }
-  });
-  block_sum<3, kForwardThreads>(v3, red);  // its barrier also makes the whole tile visible block-wide
+      for (int j = 0; j < VEC; ++j) {
+        const float f = static_cast<float>(pk.v[j]);
+        v3[0] += f * f;
+        v3[1] += fabsf(f);
+        v3[2] += f;
+      }
+    });
+    block_sum<3, kForwardThreads>(v3, red);  // its barrier also makes the whole tile visible block-wide
+  } else {
+    __syncthreads();  // an apply block reads the published partials only; the tile must still be visible
+  }
 
   if (p.readout && p.K > 0 && !rv.stats_only()) {  // whole channels: HW <= one tile
     const int hw = static_cast<int>(p.HW);
@@ -462,7 +545,8 @@ __device__ __forceinline__ void forward_chunk(const T* tile, const Rendezvous& r
   }
 }
 
-// One chunk per block. Rendezvous is TicketRendezvous (any mode) or SlotRendezvous (flagged, single pass).
+// One chunk per block (lagged: one of a chunk's two parts). Rendezvous is TicketRendezvous (any mode),
+// SlotRendezvous (flagged, single pass) or LaggedRendezvous.
 template <typename T, int VEC, typename Rendezvous>
 __global__ void __launch_bounds__(kForwardThreads, kForwardBlocksPerSM<T, VEC>)
     forward_kernel(const T* __restrict__ h, T* __restrict__ out, T* __restrict__ readout,
@@ -474,12 +558,13 @@ __global__ void __launch_bounds__(kForwardThreads, kForwardBlocksPerSM<T, VEC>)
   __shared__ int s_bid;
   T* tile = reinterpret_cast<T*>(tile_bytes);
 
-  const int64_t bid = take_ticket(ticket, &s_bid);
-  const int64_t n = bid / p.G;
-  const int g = static_cast<int>(bid % p.G);
-  const Chunk ch = chunk_of(p, g);
-  stage<T, VEC, kForwardThreads>(tile, h + n * p.D + ch.off, nullptr, nullptr, ch.len);
-  forward_chunk<T, VEC>(tile, rv, p, n, g, ch, out, readout, sumsq, sumabs, chs, red, bcast);
+  rv.visit(take_ticket(ticket, &s_bid), [&](const auto& part, int64_t bid) {
+    const int64_t n = bid / p.G;
+    const int g = static_cast<int>(bid % p.G);
+    const Chunk ch = chunk_of(p, g);
+    stage<T, VEC, kForwardThreads>(tile, h + n * p.D + ch.off, nullptr, nullptr, ch.len);
+    forward_chunk<T, VEC>(tile, part, p, n, g, ch, out, readout, sumsq, sumabs, chs, red, bcast);
+  });
 }
 
 struct BwdPtrs {
@@ -511,17 +596,20 @@ __device__ __forceinline__ void backward_chunk(const T* th, const T* tg, const R
   float total_dot = 0.f;
   if (need_dot) {
     float dot[1] = {0.f};
-    It::each(ch.len, [&](int, int i) {
-      const Pack<T, VEC> ph = load_pack<T, VEC>(th + i);
-      const Pack<float, VEC> e = effective(i);
+    if (rv.publishes()) {  // an apply block reads the published partials only
+      It::each(ch.len, [&](int, int i) {
+        const Pack<T, VEC> ph = load_pack<T, VEC>(th + i);
+        const Pack<float, VEC> e = effective(i);
 #pragma unroll
-      for (int j = 0; j < VEC; ++j) dot[0] += e.v[j] * static_cast<float>(ph.v[j]);
-    });
-    block_sum<1, kBackwardThreads>(dot, red);
+        for (int j = 0; j < VEC; ++j) dot[0] += e.v[j] * static_cast<float>(ph.v[j]);
+      });
+      block_sum<1, kBackwardThreads>(dot, red);
+    }
     float tot[1];
     if (!rv.template totals<1, 1>(dot, p, n, g, tot, bcast)) return;
     total_dot = tot[0];
   }
+  if (rv.stats_only()) return;  // (a stats launch always has need_dot; this lets the compiler see that)
 
   const float r = rsqrtf(bp.sumsq[n] * p.inv_d + p.eps);
   const float gs = bp.grad_sumsq ? bp.grad_sumsq[n] : 0.f;
@@ -561,26 +649,49 @@ __global__ void __launch_bounds__(kBackwardThreads, kBackwardBlocksPerSM<T, VEC>
   T* th = reinterpret_cast<T*>(tile_h_bytes);
   T* tg = reinterpret_cast<T*>(tile_g_bytes);
 
-  const int64_t bid = take_ticket(ticket, &s_bid);
-  const int64_t n = bid / p.G;
-  const int g = static_cast<int>(bid % p.G);
-  const Chunk ch = chunk_of(p, g);
-  stage<T, VEC, kBackwardThreads>(th, h + n * p.D + ch.off, tg, go ? go + n * p.D + ch.off : nullptr, ch.len);
-  backward_chunk<T, VEC>(th, go ? tg : nullptr, rv, p, n, g, ch, gr, bp, dh, need_dot, red, bcast);
+  rv.visit(take_ticket(ticket, &s_bid), [&](const auto& part, int64_t bid) {
+    const int64_t n = bid / p.G;
+    const int g = static_cast<int>(bid % p.G);
+    const Chunk ch = chunk_of(p, g);
+    stage<T, VEC, kBackwardThreads>(th, h + n * p.D + ch.off, tg, go ? go + n * p.D + ch.off : nullptr, ch.len);
+    backward_chunk<T, VEC>(th, go ? tg : nullptr, part, p, n, g, ch, gr, bp, dh, need_dot, red, bcast);
+  });
 }
 
 bool aligned16(const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; }
 
 // FFABLATE_CUDA_SCHEDULE: how the chunks of a multi-block sample meet (docs/kernels.md). Read at every launch, so
 // one process can A/B them.
-enum class Schedule { kTicket, kFlagged, kTwoPass };
+enum class Schedule { kTicket, kFlagged, kLagged, kTwoPass };
 
 Schedule schedule_from_env() {
   const char* env = std::getenv("FFABLATE_CUDA_SCHEDULE");
   if (env == nullptr || *env == '\0' || std::strcmp(env, "flagged") == 0) return Schedule::kFlagged;
   if (std::strcmp(env, "ticket") == 0) return Schedule::kTicket;
+  if (std::strcmp(env, "lagged") == 0) return Schedule::kLagged;
   if (std::strcmp(env, "two-pass") == 0) return Schedule::kTwoPass;
-  TORCH_CHECK(false, "FFABLATE_CUDA_SCHEDULE must be ticket, flagged or two-pass (or unset), got '", env, "'");
+  TORCH_CHECK(false, "FFABLATE_CUDA_SCHEDULE must be ticket, flagged, lagged or two-pass (or unset), got '", env,
+              "'");
+}
+
+// FFABLATE_CUDA_LAG: how far the lagged schedule's stats blocks run ahead of their apply blocks, in GPU-fulls of
+// resident blocks (default 0.5). Long enough that a chunk's stats block has finished when its apply block starts;
+// short enough that the bytes moved in between (about lag x (tile read + tile written) per block) leave the
+// chunk in L2. Read at every launch, like the schedule, so one process can A/B lags.
+double lag_from_env() {
+  const char* env = std::getenv("FFABLATE_CUDA_LAG");
+  if (env == nullptr || *env == '\0') return 0.5;
+  char* end = nullptr;
+  const double lag = std::strtod(env, &end);
+  TORCH_CHECK(*end == '\0' && std::isfinite(lag) && lag > 0,
+              "FFABLATE_CUDA_LAG must be a positive number (GPU-fulls of blocks), got '", env, "'");
+  return lag;
+}
+
+// The lag in blocks: at least G, so that every stats block of an apply block's sample has an earlier ticket.
+int64_t lag_blocks(const Plan& p, int64_t resident) {
+  const auto want = static_cast<int64_t>(std::ceil(lag_from_env() * static_cast<double>(resident)));
+  return std::clamp<int64_t>(want, p.G, p.N * p.G);
 }
 
 // A per-device answer (>= 0) that never changes, computed once per device: the occupancy query costs several
@@ -624,7 +735,7 @@ template <auto kernel, int NT>
 int pick_mode(const Plan& p, Schedule schedule) {
   const int64_t resident = resident_blocks<kernel, NT>();  // also sets the carveout, which solo launches need too
   if (p.G == 1) return kSolo;
-  if (schedule == Schedule::kTwoPass) return kStatsOnly;
+  if (schedule == Schedule::kTwoPass) return kStatsOnly;  // (the scalar paths take ticket's mode for lagged)
   return static_cast<int64_t>(p.G) * kResidencyMargin <= resident ? kSinglePass : kStatsOnly;
 }
 
@@ -638,6 +749,13 @@ at::Tensor zeroed(int64_t n, at::ScalarType dtype, const at::Tensor& like, cudaS
 
 unsigned long long* slot_ptr(const at::Tensor& slots) {
   return reinterpret_cast<unsigned long long*>(slots.data_ptr<int64_t>());
+}
+
+// A lagged launch has a stats and an apply block per chunk.
+dim3 lagged_grid(int64_t chunks) {
+  TORCH_CHECK(2 * chunks < (int64_t{1} << 31), "goodness_norm: input too large for the lagged schedule (",
+              2 * chunks, " blocks); use FFABLATE_CUDA_SCHEDULE=flagged");
+  return dim3(static_cast<unsigned>(2 * chunks));
 }
 
 void check_cuda_dtype(const at::Tensor& h, const char* op) {
@@ -657,6 +775,18 @@ void launch_forward(const at::Tensor& h, const Plan& p, at::Tensor& sumsq, at::T
   const T* x = reinterpret_cast<const T*>(h.const_data_ptr());
   const Schedule schedule = schedule_from_env();
   if constexpr (VEC > 1) {
+    if (schedule == Schedule::kLagged && p.G > 1) {
+      constexpr auto kernel = forward_kernel<T, VEC, LaggedRendezvous>;
+      const int64_t lag = lag_blocks(p, resident_blocks<kernel, kForwardThreads>());
+      const int64_t words = p.N * p.G * 3;  // the slots, then the ticket counter in one more word
+      const at::Tensor slots = zeroed(words + 1, at::kLong, h, stream);
+      unsigned long long* sp = slot_ptr(slots);
+      kernel<<<lagged_grid(blocks), kForwardThreads, 0, stream>>>(
+          x, out.data_ptr<T>(), ro, sumsq.data_ptr<float>(), sumabs.data_ptr<float>(),
+          LaggedRendezvous{sp, blocks, lag}, reinterpret_cast<int*>(sp + words), p);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      return;
+    }
     constexpr auto kernel = forward_kernel<T, VEC, SlotRendezvous>;
     if (schedule == Schedule::kFlagged && pick_mode<kernel, kForwardThreads>(p, schedule) == kSinglePass) {
       const int64_t words = p.N * p.G * 3;  // the slots, then the ticket counter in one more word
@@ -732,6 +862,18 @@ void launch_backward(const BackwardArgs& a, const Plan& p, at::Tensor& dh) {
   const T* gr = a.grad_readout ? reinterpret_cast<const T*>(a.grad_readout->const_data_ptr()) : nullptr;
   const Schedule schedule = schedule_from_env();
   if constexpr (VEC > 1) {
+    if (need_dot && schedule == Schedule::kLagged && p.G > 1) {
+      constexpr auto kernel = backward_kernel<T, VEC, LaggedRendezvous>;
+      const int64_t lag = lag_blocks(p, resident_blocks<kernel, kBackwardThreads>());
+      const int64_t words = p.N * p.G;  // the slots, then the ticket counter in one more word
+      const at::Tensor slots = zeroed(words + 1, at::kLong, a.h, stream);
+      unsigned long long* sp = slot_ptr(slots);
+      kernel<<<lagged_grid(blocks), kBackwardThreads, 0, stream>>>(
+          x, go, gr, bp, dh.data_ptr<T>(), LaggedRendezvous{sp, blocks, lag},
+          reinterpret_cast<int*>(sp + words), p, true);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      return;
+    }
     constexpr auto kernel = backward_kernel<T, VEC, SlotRendezvous>;
     if (need_dot && schedule == Schedule::kFlagged &&
         pick_mode<kernel, kBackwardThreads>(p, schedule) == kSinglePass) {

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import os
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -190,6 +191,15 @@ def minimal_bytes_per_pass(shape: tuple[int, ...], dtype: torch.dtype) -> tuple[
     fwd = el * esize * 2 + readout * esize + 2 * n * ssize  # read h; write out, readout, sumsq, sumabs
     bwd = el * esize * 3 + readout * esize + 3 * n * ssize  # read h, grad_out, grad_readout, 3 stats; write dh
     return fwd, bwd
+
+
+def use_cuda_schedule(spec: str) -> None:
+    """Sets FFABLATE_CUDA_SCHEDULE for the next launches, and FFABLATE_CUDA_LAG when ``spec`` names one:
+    ``"lagged@0.25"`` is the lagged schedule at a lag of 0.25 (the device scripts A/B several in one process)."""
+    schedule, _, lag = spec.partition("@")
+    os.environ["FFABLATE_CUDA_SCHEDULE"] = schedule
+    os.environ["FFABLATE_CUDA_LAG"] = lag
+    ops.backend()  # a bad schedule or lag fails here, with ops' message, not at the first launch
 
 
 def peak_copy_gbps(timer: _Timer, device: torch.device, warmup: int, repeats: int) -> float:

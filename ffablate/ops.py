@@ -15,14 +15,16 @@ bit.
 
 Backend: ``FFABLATE_KERNELS=fused|reference``. The default is the compiled ``ffablate._C`` op when it
 was built; without it the reference is used and one warning says so. Inputs the kernels do not cover
-(e.g. fp16 on CPU) silently use the reference. ``FFABLATE_CUDA_SCHEDULE=flagged|ticket|two-pass`` (default
+(e.g. fp16 on CPU) silently use the reference. ``FFABLATE_CUDA_SCHEDULE=flagged|ticket|lagged|two-pass`` (default
 flagged) picks how the CUDA kernels meet a sample's chunks (docs/kernels.md); every schedule gives the same bits.
+``FFABLATE_CUDA_LAG`` (a positive number, default 0.5) tunes the lagged one.
 """
 
 from __future__ import annotations
 
 import math
 import os
+import re
 import warnings
 
 import torch
@@ -51,9 +53,15 @@ _LOW_PRECISION = (torch.float16, torch.bfloat16)
 _CPU_DTYPES = (torch.float32, torch.float64)
 _CUDA_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _CUDA_POOL_DTYPES = (*_CUDA_DTYPES, torch.float64)
-_CUDA_SCHEDULES = ("ticket", "flagged", "two-pass")
+_CUDA_SCHEDULES = ("ticket", "flagged", "lagged", "two-pass")
 _warned = False
 _warned_no_cuda = False
+
+
+def _check_cuda_lag(lag: str) -> None:
+    """FFABLATE_CUDA_LAG, when set, must be a positive decimal number, which the kernels' strtod reads alike."""
+    if lag and not (re.fullmatch(r"(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?", lag) and 0 < float(lag) < math.inf):
+        raise ConfigError(f"FFABLATE_CUDA_LAG must be a positive number (GPU-fulls of blocks) or unset, got {lag!r}")
 
 
 def extension_available() -> bool:
@@ -75,6 +83,7 @@ def backend(device: torch.device | str | None = None) -> str:
         raise ConfigError(
             f"FFABLATE_CUDA_SCHEDULE must be one of {', '.join(_CUDA_SCHEDULES)} (or unset), got {schedule!r}"
         )
+    _check_cuda_lag(os.environ.get("FFABLATE_CUDA_LAG", ""))
     if extension_available() and not _cuda_missing(device):
         return "fused"
     if extension_available():

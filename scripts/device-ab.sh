@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # A/B of CUDA kernel variants in one GPU lease: builds the extension twice from this tree, as it is (A) and with
 # NVCC_APPEND_FLAGS=$B_FLAGS (B, default -DFFABLATE_CUDA_FORWARD_THREADS=128) in a copy under /tmp, runs the CUDA
-# tests on both, then times the fused op for each build and each of $SCHEDULES in turn: A's first pass with torch.compile of
-# the reference (the other rows' "x compiled" uses that time), A's first schedule again last (the spread between
-# two timings of one version), forward and backward apart, and an Nsight Compute summary of A's cnn28 fp32 kernels.
+# tests on both, then times the fused op for each build and each of $SCHEDULES in turn (default flagged, the lagged
+# schedule at three lags, ticket): A's first pass with torch.compile of the reference (the other rows' "x compiled"
+# uses that time), A's first schedule again last (the spread between two timings of one version), forward and
+# backward apart, and an Nsight Compute summary of A's cnn28 fp32 kernels.
 #
 #   scripts/device-ab.sh OUT_DIR
 #
@@ -19,7 +20,7 @@ OUT=$(cd "$OUT" && pwd)
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 B_FLAGS=${B_FLAGS:--DFFABLATE_CUDA_FORWARD_THREADS=128}  # session 14 measured -DFFABLATE_CUDA_THREADS=128
-SCHEDULES=${SCHEDULES:-flagged,ticket}
+SCHEDULES=${SCHEDULES:-flagged,lagged,lagged@0.25,lagged@1,ticket}  # lagged@L: FFABLATE_CUDA_LAG=L
 BUDGET_S=${BUDGET_S:-500}
 export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda} TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} SCHEDULES
 LOG="$OUT/device-ab.log"
@@ -81,7 +82,7 @@ both() {  # FUNCTION: runs it on A and on B at once, each side's output appended
 }
 export -f build tests both
 export A B B_FLAGS PY OUT
-# A run that ran out of time most likely hangs in a single-pass rendezvous (flagged or ticket): the timings after it
+# A run that ran out of time most likely hangs in a single-pass rendezvous (flagged, lagged or ticket): the timings after it
 # take two-pass alone, which has none.
 two_pass_only_after_timeout() {
     if [[ ${SECTIONS[-1]} == *" 124 "* || ${SECTIONS[-1]} == *" 137 "* ]] && [[ $SCHEDULES != two-pass ]]; then
@@ -100,12 +101,12 @@ echo "built: A=$A_BUILT B=$B_BUILT" | tee -a "$LOG"
 cat >/tmp/ab_bench.py <<'PYEOF'
 import json, os, sys
 from ffablate import ops
-from ffablate.bench import kernel_bench
+from ffablate.bench import kernel_bench, use_cuda_schedule
 path, compiled_first, schedules = sys.argv[1], sys.argv[2] == "1", sys.argv[3].split(",")
 assert ops.backend("cuda") == "fused", f"{ops.__file__}: the fused CUDA op is not available"
 rows = []
 for i, schedule in enumerate(schedules):
-    os.environ["FFABLATE_CUDA_SCHEDULE"] = schedule
+    use_cuda_schedule(schedule)
     got = kernel_bench("cuda", dtypes=["float32", "bfloat16"], compile_reference=compiled_first and i == 0)
     rows += [dict(r, schedule=schedule, pass_index=i) for r in got]
     json.dump(rows, open(path, "w"), indent=1)
@@ -114,9 +115,10 @@ PYEOF
 cat >/tmp/ab_ncu.py <<'PYEOF'
 import os, torch
 from ffablate import ops
+from ffablate.bench import use_cuda_schedule
 h = torch.randn(256, 64, 28, 28, device="cuda", requires_grad=True)
 for schedule in os.environ["SCHEDULES"].split(","):
-    os.environ["FFABLATE_CUDA_SCHEDULE"] = schedule
+    use_cuda_schedule(schedule)
     s, a, out, ro = ops.goodness_norm(h)
     torch.autograd.grad((out * out.detach()).sum() + ro.sum() + s.sum(), h)
 torch.cuda.synchronize()
@@ -128,7 +130,7 @@ if ((A_BUILT)); then
     two_pass_only_after_timeout
 fi
 if ((B_BUILT)); then
-    run_section bench_b 50 env PYTHONPATH="$B" "$PY" /tmp/ab_bench.py "$OUT/bench_b.json" 0 "$SCHEDULES"
+    run_section bench_b 70 env PYTHONPATH="$B" "$PY" /tmp/ab_bench.py "$OUT/bench_b.json" 0 "$SCHEDULES"
     two_pass_only_after_timeout
 fi
 if ((A_BUILT)); then
@@ -164,7 +166,7 @@ for build, name in (("A", "bench_a.json"), ("B", "bench_b.json"), ("A2", "bench_
         if r.get("compiled_ms"):
             compiled[key] = r["compiled_ms"]
         c = compiled.get(key)
-        print(f"{build:<3} {r['schedule']:<8} {r['backend']:<9} {r['name']:<7} {r['dtype']:<9} fused {r['fused_ms']:.4f} ms "
+        print(f"{build:<3} {r['schedule']:<12} {r['backend']:<9} {r['name']:<7} {r['dtype']:<9} fused {r['fused_ms']:.4f} ms "
               f"{r['pct_of_copy']:.0f}% copy {r.get('pct_of_peak_copy') or 0:.0f}% peak "
               f"x{r['speedup_vs_eager']:.2f} eager x{(c / r['fused_ms']) if c else 0:.2f} compiled "
               f"err {r['max_abs_err']:.1e}")

@@ -84,9 +84,9 @@ run_section tests 150 bash -c "'$PY' -m pytest tests/test_ops.py tests/test_pool
     rc=\$?; '$PY' -m pytest tests/test_cuda_machine_code.py tests/test_extension_link.py -q -rs -p no:cacheprovider || rc=1; exit \$rc"
 
 
-# A tests section that ran out of time most likely hung in a single-pass rendezvous (flagged, the default, or
-# ticket): the timings below then take two-pass alone rather than spend their limits (and the lease) on the hang.
-SCHEDULES=flagged,ticket,two-pass
+# A tests section that ran out of time most likely hung in a single-pass rendezvous (flagged, the default,
+# lagged or ticket): the timings below then take two-pass alone rather than spend their limits (and the lease) on the hang.
+SCHEDULES=flagged,lagged,ticket,two-pass
 if [[ "$ONLY" == *" tests "* || "$ONLY" == "  " ]] && [[ ${LAST_RC:-0} == 124 || ${LAST_RC:-0} == 137 ]]; then
     SCHEDULES=two-pass
     printf '\n===== tests ran out of time: bench and split time the two-pass schedule alone\n' >>"$LOG"
@@ -99,11 +99,11 @@ run_section bench 180 "$PY" - "$OUT/bench_kernels.json" <<'EOF'
 import json, os, sys
 from rich.console import Console
 from ffablate import ops
-from ffablate.bench import kernel_bench, render_table
+from ffablate.bench import kernel_bench, render_table, use_cuda_schedule
 assert ops.backend() == "fused", ops.backend()
 rows = []
 for schedule in os.environ["SCHEDULES"].split(","):
-    os.environ["FFABLATE_CUDA_SCHEDULE"] = schedule
+    use_cuda_schedule(schedule)
     got = kernel_bench("cuda", dtypes=["float32", "bfloat16"], compile_reference=not rows)
     rows += [dict(r, schedule=schedule) for r in got]
     with open(sys.argv[1], "w") as f:

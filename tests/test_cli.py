@@ -233,6 +233,12 @@ def test_bad_kernel_backend_is_a_one_line_error(capsys, monkeypatch):
     assert "FFABLATE_KERNELS must be 'fused' or 'reference'" in one_line_error(capsys)
 
 
+def test_bad_cuda_lag_is_a_one_line_error(capsys, monkeypatch):
+    monkeypatch.setenv("FFABLATE_CUDA_LAG", "0")
+    assert main(["train", *tiny_args()]) == 2
+    assert "FFABLATE_CUDA_LAG must be a positive number" in one_line_error(capsys)
+
+
 def test_bench_pool_json(capsys):
     assert main(["bench", "pool", "--quick", "--json"]) == 0
     rows = json.loads(capsys.readouterr().out)

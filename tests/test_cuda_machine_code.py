@@ -20,6 +20,7 @@ import pytest
 
 from ffablate import ops
 
+_SCHEDULES = {"SlotRendezvous": "flagged", "LaggedRendezvous": "lagged"}  # else TicketRendezvous
 TILE_BYTES, THREADS = 16384, 256  # kChunkBytes and the default kForwardThreads = kBackwardThreads (the .cu)
 
 
@@ -37,7 +38,7 @@ def _cuobjdump() -> str | None:
 
 
 def _kernels() -> list[tuple[tuple[str, str, str, int], list[str]]]:
-    """((forward|backward, ticket|flagged, element type, VEC), SASS instructions) for each kernel in each
+    """((forward|backward, ticket|flagged|lagged, element type, VEC), SASS instructions) for each kernel in each
     embedded cubin."""
     if not (ops.extension_available() and getattr(ops._C, "WITH_CUDA", False)):
         pytest.skip("ffablate._C was built without CUDA")
@@ -50,7 +51,7 @@ def _kernels() -> list[tuple[tuple[str, str, str, int], list[str]]]:
         match = re.search(r"(forward|backward)_kernelI(f|N3c104HalfE|N3c108BFloat16E)Li(\d+)E", name)
         if match:
             kind = {"f": "float", "N3c104HalfE": "half", "N3c108BFloat16E": "bfloat16"}[match[2]]
-            schedule = "flagged" if "SlotRendezvous" in name else "ticket"
+            schedule = next((s for r, s in _SCHEDULES.items() if r in name), "ticket")
             code = re.findall(r"/\*[0-9a-f]{4,}\*/\s+([^;]*);", body)
             kernels.append(((match[1], schedule, kind, int(match[3])), code))
     return kernels
@@ -59,7 +60,7 @@ def _kernels() -> list[tuple[tuple[str, str, str, int], list[str]]]:
 def test_vector_kernels_store_whole_vectors_and_never_spill() -> None:
     vector_paths = [(key, code) for key, code in _kernels() if key[3] > 1]
     assert {key[:3] for key, _ in vector_paths} == set(
-        itertools.product(("forward", "backward"), ("ticket", "flagged"), ("float", "half", "bfloat16"))
+        itertools.product(("forward", "backward"), ("ticket", "flagged", "lagged"), ("float", "half", "bfloat16"))
     )
     for (direction, _, dtype, vec), code in vector_paths:
         vectors_per_thread = TILE_BYTES // (THREADS * 16)  # one tile of 16-byte vectors, every dtype

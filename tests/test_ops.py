@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import os
 import random
 import warnings
 from pathlib import Path
@@ -11,11 +12,11 @@ import pytest
 import torch
 
 from ffablate import ops
-from ffablate.bench import kernel_bench, render_table
+from ffablate.bench import kernel_bench, render_table, use_cuda_schedule
 from ffablate.errors import ConfigError, FFablateWarning
 
 OUTS = ("sumsq", "sumabs", "out", "readout")
-SCHEDULES = ("ticket", "flagged", "two-pass")  # FFABLATE_CUDA_SCHEDULE
+SCHEDULES = ("ticket", "flagged", "lagged", "two-pass")  # FFABLATE_CUDA_SCHEDULE
 HAS_CUDA = ops.extension_available() and bool(getattr(ops._C, "WITH_CUDA", False)) and torch.cuda.is_available()
 cuda_only = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device and a CUDA build of ffablate._C")
 
@@ -319,8 +320,17 @@ def test_reference_backend_is_honoured(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("FFABLATE_CUDA_SCHEDULE", "flagged")
     assert ops.backend() == "fused"
     monkeypatch.setenv("FFABLATE_CUDA_SCHEDULE", "single-pass")
-    with pytest.raises(ConfigError, match="FFABLATE_CUDA_SCHEDULE must be one of ticket, flagged, two-pass"):
+    with pytest.raises(ConfigError, match="FFABLATE_CUDA_SCHEDULE must be one of ticket, flagged, lagged, two-pass"):
         ops.backend()
+    monkeypatch.setenv("FFABLATE_CUDA_SCHEDULE", "lagged")
+    for lag in ("0.25", "2", "1e-3", ".5"):
+        monkeypatch.setenv("FFABLATE_CUDA_LAG", lag)
+        assert ops.backend() == "fused"
+    # What the kernels' strtod would refuse or read otherwise (a Python-only "1_0", a hex float) is refused here.
+    for lag in ("0", "-1", "half", "inf", "nan", "1e999", "1_0", "0x1p-1"):
+        monkeypatch.setenv("FFABLATE_CUDA_LAG", lag)
+        with pytest.raises(ConfigError, match="FFABLATE_CUDA_LAG must be a positive number"):
+            ops.backend()
 
 
 def test_missing_extension_falls_back_with_one_warning(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -361,6 +371,17 @@ def test_unsupported_dtype_falls_back_silently() -> None:
         got = ops.goodness_norm(h)
     for a, b in zip(got, ops.reference_goodness_norm(h), strict=True):
         torch.testing.assert_close(a, b)
+
+
+def test_use_cuda_schedule_sets_the_schedule_and_its_lag(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FFABLATE_CUDA_SCHEDULE", "")  # restored after the test, like every FFABLATE_* variable
+    monkeypatch.setenv("FFABLATE_CUDA_LAG", "")
+    use_cuda_schedule("lagged@0.25")
+    assert (os.environ["FFABLATE_CUDA_SCHEDULE"], os.environ["FFABLATE_CUDA_LAG"]) == ("lagged", "0.25")
+    use_cuda_schedule("flagged")  # a lag from the previous spec must not carry over
+    assert (os.environ["FFABLATE_CUDA_SCHEDULE"], os.environ["FFABLATE_CUDA_LAG"]) == ("flagged", "")
+    with pytest.raises(ConfigError, match="FFABLATE_CUDA_LAG must be a positive number"):
+        use_cuda_schedule("lagged@0")
 
 
 def test_kernel_bench_quick() -> None:
@@ -433,13 +454,17 @@ def test_cuda_schedules_agree_bitwise(
     h = _make(shape, dtype, "cuda", 1)
     tol = 1e-4 if dtype == torch.float32 else 3e-2
     runs = {}
-    for schedule in ("ticket", "flagged", "two-pass", "flagged"):
+    # lagged at its default lag, at the shortest (apply blocks right behind their stats blocks, often waiting)
+    # and at one longer than the launch (every stats block first, two-pass in one launch).
+    lagged = [("lagged", lag) for lag in ("", "1e-9", "1e9")]
+    for schedule, lag in [("ticket", ""), ("flagged", ""), *lagged, ("two-pass", ""), ("flagged", "")]:
         monkeypatch.setenv("FFABLATE_CUDA_SCHEDULE", schedule)
+        monkeypatch.setenv("FFABLATE_CUDA_LAG", lag)
         for which in ((True, True, True, True), (True, False, False, False), (False, False, False, True)):
             res, dh = _fwd_bwd(ops.goodness_norm, h, which, seed=3)
             first = runs.setdefault(which, (res, dh))
             for a, b in zip([*res, dh], [*first[0], first[1]], strict=True):
-                assert torch.equal(a, b), (schedule, which)
+                assert torch.equal(a, b), (schedule, lag, which)
     monkeypatch.setenv("FFABLATE_CUDA_SCHEDULE", "flagged")
     _check_against_reference(h, seed=5, atol=tol, rtol=tol, subsets=1)
 
@@ -448,7 +473,8 @@ def test_cuda_schedules_agree_bitwise(
 @cuda_only
 @pytest.mark.parametrize("schedule", SCHEDULES)
 def test_cuda_huge_sample_uses_two_pass_fallback(schedule: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    # One sample with more chunks than can be resident at once: every schedule must fall back, not deadlock.
+    # One sample with more chunks than can be resident at once: every schedule must fall back, not deadlock
+    # (lagged has no residency bound and runs it in its one launch).
     monkeypatch.setenv("FFABLATE_CUDA_SCHEDULE", schedule)
     h = _make((2, 4_000_000), torch.float32, "cuda", 2)
     _check_against_reference(h, seed=2, atol=1e-4, rtol=1e-4)
@@ -458,9 +484,14 @@ def test_cuda_huge_sample_uses_two_pass_fallback(schedule: str, monkeypatch: pyt
 @cuda_only
 def test_cuda_kernel_refuses_unknown_schedule(monkeypatch: pytest.MonkeyPatch) -> None:
     # ops.backend() catches a bad value first; the raw op must still refuse it with a message, not pick one.
+    h = _make((4, 8, 8, 8), torch.float32, "cuda", 0)
     monkeypatch.setenv("FFABLATE_CUDA_SCHEDULE", "fast")
-    with pytest.raises(RuntimeError, match="FFABLATE_CUDA_SCHEDULE must be ticket, flagged or two-pass"):
-        torch.ops.ffablate.goodness_norm.default(_make((4, 8, 8, 8), torch.float32, "cuda", 0), 1e-6)
+    with pytest.raises(RuntimeError, match="FFABLATE_CUDA_SCHEDULE must be ticket, flagged, lagged or two-pass"):
+        torch.ops.ffablate.goodness_norm.default(h, 1e-6)
+    monkeypatch.setenv("FFABLATE_CUDA_SCHEDULE", "lagged")
+    monkeypatch.setenv("FFABLATE_CUDA_LAG", "0")
+    with pytest.raises(RuntimeError, match="FFABLATE_CUDA_LAG must be a positive number"):
+        torch.ops.ffablate.goodness_norm.default(h, 1e-6)
 
 
 @pytest.mark.cuda
