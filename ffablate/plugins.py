@@ -17,7 +17,7 @@ from typing import Any
 import pluggy
 
 from ffablate import hookspecs
-from ffablate.config import SPACE_KEYS, RunConfig
+from ffablate.config import SPACE_KEYS, RunConfig, did_you_mean
 from ffablate.errors import ConfigError, DataError, FFablateError, FFablateWarning, UnknownPlugin, first_line
 
 KINDS = ("goodness", "temperature", "norm", "loss", "negatives", "fusion", "datasets")
@@ -442,10 +442,8 @@ def _hook_mistake(exc: pluggy.PluginValidationError) -> str:
         if getattr(hook, "ffablate_impl", None) is None:
             continue
         if attr not in HOOKS:
-            close = difflib.get_close_matches(attr, HOOKS, n=1)
-            hint = f" (did you mean {close[0]}?)" if close else ""
             return (
-                f"implements {attr}, a hook ffablate does not define{hint}; "
+                f"implements {attr}, a hook ffablate does not define{did_you_mean(attr, HOOKS)}; "
                 "rename it to a hook of ffablate.hookspecs or uninstall the plugin"
             )
         args = list(inspect.signature(hook).parameters)

@@ -854,7 +854,7 @@ def test_an_installed_plugin_with_a_misspelled_hook_is_named_once(tmp_path, monk
         "ffablate_test_typo",
         "from ffablate import hookimpl\n\n@hookimpl\ndef ffablate_register_goodnes(register):\n    pass\n",
     )
-    with pytest.raises(ConfigError, match="did you mean ffablate_register_goodness") as info:
+    with pytest.raises(ConfigError, match="did you mean 'ffablate_register_goodness'") as info:
         make_plugin_manager()
     message = str(info.value)
     assert message.count("ffablate_test_typo'") == 1 and "<module" not in message and "\n" not in message
