@@ -19,7 +19,7 @@
 //    path's launch and order, but each block publishes its partials as flagged 8-byte words (below) and reads its
 //    siblings' words as they fill: no fence, arrival counter or second read. Same sum order, same bits.
 //  * lagged (session 15, not yet run on a GPU): one launch of two blocks per chunk. A stats block copies its chunk,
-//    publishes its partials as flagged words and exits; `lag` tickets later an apply block copies the chunk again
+//    publishes its partials as flagged words and exits; about 2 x lag tickets later an apply block copies it again
 //    (from L2, when the bytes moved in between fit there), reads the published totals and writes. An apply block
 //    waits only on stats blocks with earlier tickets, which are running or done and never wait, so it is
 //    deadlock-free at any residency, and no tile sits idle while its siblings load. Same sum order, same bits.
@@ -37,6 +37,7 @@
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
+#include <type_traits>
 
 #include "ops.h"
 
@@ -332,8 +333,9 @@ struct TicketRendezvous {
     f(*this, t);
   }
   __device__ __forceinline__ bool stats_only() const { return mode == kStatsOnly; }
-  // Whether totals() reads this block's own partials (an apply block reads the published ones only).
-  __device__ __forceinline__ bool publishes() const { return mode != kApply; }
+  // Whether this block needs its own partials. An apply block of the two-pass fallback does not, but skipping them
+  // on the mode, known only at run time, made the 128-thread forward spill.
+  __device__ __forceinline__ bool publishes() const { return true; }
 
   // The sample's totals of the first NREAD of this block's NV partials. False when this launch only publishes
   // (the stats launch of two pass): the block is then done.
@@ -609,7 +611,8 @@ __device__ __forceinline__ void backward_chunk(const T* th, const T* tg, const R
     if (!rv.template totals<1, 1>(dot, p, n, g, tot, bcast)) return;
     total_dot = tot[0];
   }
-  if (rv.stats_only()) return;  // (a stats launch always has need_dot; this lets the compiler see that)
+  // A lagged stats block is done (its launch always has need_dot; this lets the compiler drop its dead output code).
+  if constexpr (std::is_same_v<Rendezvous, LaggedPart<false>>) return;
 
   const float r = rsqrtf(bp.sumsq[n] * p.inv_d + p.eps);
   const float gs = bp.grad_sumsq ? bp.grad_sumsq[n] : 0.f;
@@ -664,16 +667,6 @@ bool aligned16(const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 =
 // one process can A/B them.
 enum class Schedule { kTicket, kFlagged, kLagged, kTwoPass };
 
-Schedule schedule_from_env() {
-  const char* env = std::getenv("FFABLATE_CUDA_SCHEDULE");
-  if (env == nullptr || *env == '\0' || std::strcmp(env, "flagged") == 0) return Schedule::kFlagged;
-  if (std::strcmp(env, "ticket") == 0) return Schedule::kTicket;
-  if (std::strcmp(env, "lagged") == 0) return Schedule::kLagged;
-  if (std::strcmp(env, "two-pass") == 0) return Schedule::kTwoPass;
-  TORCH_CHECK(false, "FFABLATE_CUDA_SCHEDULE must be ticket, flagged, lagged or two-pass (or unset), got '", env,
-              "'");
-}
-
 // FFABLATE_CUDA_LAG: how far the lagged schedule's stats blocks run ahead of their apply blocks, in GPU-fulls of
 // resident blocks (default 0.5). Long enough that a chunk's stats block has finished when its apply block starts;
 // short enough that the bytes moved in between (about lag x (tile read + tile written) per block) leave the
@@ -688,10 +681,23 @@ double lag_from_env() {
   return lag;
 }
 
+Schedule schedule_from_env() {
+  const char* env = std::getenv("FFABLATE_CUDA_SCHEDULE");
+  if (env == nullptr || *env == '\0' || std::strcmp(env, "flagged") == 0) return Schedule::kFlagged;
+  if (std::strcmp(env, "ticket") == 0) return Schedule::kTicket;
+  if (std::strcmp(env, "lagged") == 0) {
+    lag_from_env();  // a bad lag is an error whether or not this launch needs one
+    return Schedule::kLagged;
+  }
+  if (std::strcmp(env, "two-pass") == 0) return Schedule::kTwoPass;
+  TORCH_CHECK(false, "FFABLATE_CUDA_SCHEDULE must be ticket, flagged, lagged or two-pass (or unset), got '", env,
+              "'");
+}
+
 // The lag in blocks: at least G, so that every stats block of an apply block's sample has an earlier ticket.
 int64_t lag_blocks(const Plan& p, int64_t resident) {
-  const auto want = static_cast<int64_t>(std::ceil(lag_from_env() * static_cast<double>(resident)));
-  return std::clamp<int64_t>(want, p.G, p.N * p.G);
+  const double want = std::ceil(lag_from_env() * static_cast<double>(resident));  // clamped before the cast
+  return want >= static_cast<double>(p.N * p.G) ? p.N * p.G : std::max<int64_t>(p.G, static_cast<int64_t>(want));
 }
 
 // A per-device answer (>= 0) that never changes, computed once per device: the occupancy query costs several
