@@ -82,8 +82,8 @@ both() {  # FUNCTION: runs it on A and on B at once, each side's output appended
 }
 export -f build tests both
 export A B B_FLAGS PY OUT
-# A run that ran out of time most likely hangs in a single-pass rendezvous (flagged, lagged or ticket): the timings after it
-# take two-pass alone, which has none.
+# A run that ran out of time most likely hangs in a single-pass rendezvous (flagged, lagged or ticket): the timings
+# after it take two-pass alone, which has none.
 two_pass_only_after_timeout() {
     if [[ ${SECTIONS[-1]} == *" 124 "* || ${SECTIONS[-1]} == *" 137 "* ]] && [[ $SCHEDULES != two-pass ]]; then
         SCHEDULES=two-pass

@@ -85,7 +85,8 @@ run_section tests 150 bash -c "'$PY' -m pytest tests/test_ops.py tests/test_pool
 
 
 # A tests section that ran out of time most likely hung in a single-pass rendezvous (flagged, the default,
-# lagged or ticket): the timings below then take two-pass alone rather than spend their limits (and the lease) on the hang.
+# lagged or ticket): the timings below then take two-pass alone rather than spend their limits (and the lease) on
+# the hang.
 SCHEDULES=flagged,lagged,ticket,two-pass
 if [[ "$ONLY" == *" tests "* || "$ONLY" == "  " ]] && [[ ${LAST_RC:-0} == 124 || ${LAST_RC:-0} == 137 ]]; then
     SCHEDULES=two-pass
