@@ -753,9 +753,17 @@ at::Tensor zeroed(int64_t n, at::ScalarType dtype, const at::Tensor& like, cudaS
   return t;
 }
 
-unsigned long long* slot_ptr(const at::Tensor& slots) {
-  return reinterpret_cast<unsigned long long*>(slots.data_ptr<int64_t>());
-}
+// The flagged and lagged launches' workspace: `words` zeroed slots, then the ticket counter in one more word.
+struct SlotWorkspace {
+  at::Tensor memory;  // held until the launch is queued; the caching allocator orders its reuse on the stream
+  unsigned long long* slots;
+  int* ticket;
+
+  SlotWorkspace(int64_t words, const at::Tensor& like, cudaStream_t stream)
+      : memory(zeroed(words + 1, at::kLong, like, stream)),
+        slots(reinterpret_cast<unsigned long long*>(memory.data_ptr<int64_t>())),
+        ticket(reinterpret_cast<int*>(slots + words)) {}
+};
 
 // A lagged launch has a stats and an apply block per chunk.
 dim3 lagged_grid(int64_t chunks) {
@@ -784,23 +792,19 @@ void launch_forward(const at::Tensor& h, const Plan& p, at::Tensor& sumsq, at::T
     if (schedule == Schedule::kLagged && p.G > 1) {
       constexpr auto kernel = forward_kernel<T, VEC, LaggedRendezvous>;
       const int64_t lag = lag_blocks(p, resident_blocks<kernel, kForwardThreads>());
-      const int64_t words = p.N * p.G * 3;  // the slots, then the ticket counter in one more word
-      const at::Tensor slots = zeroed(words + 1, at::kLong, h, stream);
-      unsigned long long* sp = slot_ptr(slots);
+      const SlotWorkspace slots(p.N * p.G * 3, h, stream);  // 3 partials per chunk
       kernel<<<lagged_grid(blocks), kForwardThreads, 0, stream>>>(
           x, out.data_ptr<T>(), ro, sumsq.data_ptr<float>(), sumabs.data_ptr<float>(),
-          LaggedRendezvous{sp, blocks, lag}, reinterpret_cast<int*>(sp + words), p);
+          LaggedRendezvous{slots.slots, blocks, lag}, slots.ticket, p);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       return;
     }
     constexpr auto kernel = forward_kernel<T, VEC, SlotRendezvous>;
     if (schedule == Schedule::kFlagged && pick_mode<kernel, kForwardThreads>(p, schedule) == kSinglePass) {
-      const int64_t words = p.N * p.G * 3;  // the slots, then the ticket counter in one more word
-      const at::Tensor slots = zeroed(words + 1, at::kLong, h, stream);
-      unsigned long long* sp = slot_ptr(slots);
+      const SlotWorkspace slots(p.N * p.G * 3, h, stream);  // 3 partials per chunk
       kernel<<<grid, kForwardThreads, 0, stream>>>(x, out.data_ptr<T>(), ro, sumsq.data_ptr<float>(),
-                                                   sumabs.data_ptr<float>(), SlotRendezvous{sp},
-                                                   reinterpret_cast<int*>(sp + words), p);
+                                                   sumabs.data_ptr<float>(), SlotRendezvous{slots.slots},
+                                                   slots.ticket, p);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       return;
     }
@@ -871,23 +875,19 @@ void launch_backward(const BackwardArgs& a, const Plan& p, at::Tensor& dh) {
     if (need_dot && schedule == Schedule::kLagged && p.G > 1) {
       constexpr auto kernel = backward_kernel<T, VEC, LaggedRendezvous>;
       const int64_t lag = lag_blocks(p, resident_blocks<kernel, kBackwardThreads>());
-      const int64_t words = p.N * p.G;  // the slots, then the ticket counter in one more word
-      const at::Tensor slots = zeroed(words + 1, at::kLong, a.h, stream);
-      unsigned long long* sp = slot_ptr(slots);
+      const SlotWorkspace slots(p.N * p.G, a.h, stream);
       kernel<<<lagged_grid(blocks), kBackwardThreads, 0, stream>>>(
-          x, go, gr, bp, dh.data_ptr<T>(), LaggedRendezvous{sp, blocks, lag},
-          reinterpret_cast<int*>(sp + words), p, true);
+          x, go, gr, bp, dh.data_ptr<T>(), LaggedRendezvous{slots.slots, blocks, lag}, slots.ticket, p,
+          true);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       return;
     }
     constexpr auto kernel = backward_kernel<T, VEC, SlotRendezvous>;
     if (need_dot && schedule == Schedule::kFlagged &&
         pick_mode<kernel, kBackwardThreads>(p, schedule) == kSinglePass) {
-      const int64_t words = p.N * p.G;  // the slots, then the ticket counter in one more word
-      const at::Tensor slots = zeroed(words + 1, at::kLong, a.h, stream);
-      unsigned long long* sp = slot_ptr(slots);
-      kernel<<<grid, kBackwardThreads, 0, stream>>>(x, go, gr, bp, dh.data_ptr<T>(), SlotRendezvous{sp},
-                                                    reinterpret_cast<int*>(sp + words), p, true);
+      const SlotWorkspace slots(p.N * p.G, a.h, stream);
+      kernel<<<grid, kBackwardThreads, 0, stream>>>(x, go, gr, bp, dh.data_ptr<T>(), SlotRendezvous{slots.slots},
+                                                    slots.ticket, p, true);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       return;
     }
