@@ -158,9 +158,13 @@ with open(sys.argv[1], "w") as f:
 EOF
 
 # Step time, fused vs reference alternating in one process (scripts/ff-step-ab.py), then where an FF step's device
-# time goes: is the GPU step launch-bound, and what do the goodness and pooling cost there?
-run_section step 75 bash -c "'$PY' scripts/ff-step-ab.py --set device=cuda --data-root .data --rounds 5 --steps 50 \
-    --profile && '$PY' scripts/ff-step-ab.py --set device=cuda --set norm=decoupled --data-root .data --rounds 5 --steps 50"
+# time goes: is the GPU step launch-bound, and what do the goodness and pooling cost there? Last, the fused AdamW
+# (since session 16) against torch's default (multi-tensor) one on FF's and BP-DeepSup's steps.
+run_section step 100 bash -c "'$PY' scripts/ff-step-ab.py --set device=cuda --data-root .data --rounds 5 --steps 50 \
+    --profile && '$PY' scripts/ff-step-ab.py --set device=cuda --set norm=decoupled --data-root .data --rounds 5 --steps 50 \
+    && '$PY' scripts/ff-step-ab.py --set device=cuda --compare optimizer --data-root .data --rounds 5 --steps 50 \
+    && '$PY' scripts/ff-step-ab.py --set device=cuda --set method=bp-deepsup --compare optimizer --data-root .data \
+    --rounds 5 --steps 50"
 
 "$PY" - "$OUT/summary.json" "${SECTIONS[@]}" <<'EOF'
 import json, sys

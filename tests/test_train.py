@@ -11,7 +11,7 @@ from ffablate.config import RunConfig
 from ffablate.errors import ConfigError
 from ffablate.plugins import Registry, make_plugin_manager
 from ffablate.train import build_trainer, run
-from ffablate.train.common import TrainingDiverged
+from ffablate.train.common import TrainingDiverged, make_optimizer
 
 
 def test_same_seed_same_accuracy(tiny_config):
@@ -107,6 +107,28 @@ def test_bp_ga_gradients_match_bp_for_the_same_effective_batch(tiny_config, norm
     assert loss_ga == pytest.approx(loss_full, rel=1e-5)
     for a, b in zip(full, accumulated, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_the_fused_adamw_makes_torchs_default_adamw_update():
+    """The trainers' optimizer is AdamW's fused implementation (for its host time); its update must be the one
+    AdamW defines, as torch's per-parameter loop computes it, with lr and weight decay from the config."""
+    config = RunConfig(lr=0.01, weight_decay=0.1)
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(shape)) for shape in ((4, 3, 3, 3), (4,), (1,))]
+    twins = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    start = [p.detach().clone() for p in params]
+    fused = make_optimizer(params, config)
+    loop = torch.optim.AdamW(twins, lr=0.01, weight_decay=0.1, foreach=False)
+    assert fused.defaults["fused"]
+    for _ in range(3):
+        for p, twin in zip(params, twins, strict=True):
+            p.grad = torch.randn_like(p)
+            twin.grad = p.grad.clone()
+        fused.step()
+        loop.step()
+    for p, twin, p0 in zip(params, twins, start, strict=True):
+        assert (p != p0).all()  # every element moved
+        torch.testing.assert_close(p, twin, rtol=1e-6, atol=1e-7)
 
 
 HARDEST = {"goodness": "meansq", "negatives": "hardest-label", "loss": "softplus-threshold"}

@@ -133,8 +133,11 @@ def epoch_scores(evaluate: Evaluate, data: RunData) -> dict[str, float]:
 
 
 def make_optimizer(params: Iterator[nn.Parameter] | list[nn.Parameter], config: RunConfig) -> torch.optim.Optimizer:
-    """The one optimizer family for FF and BP alike: AdamW."""
-    return torch.optim.AdamW(list(params), lr=config.lr, weight_decay=config.weight_decay)
+    """The one optimizer for FF and BP alike: AdamW, in its fused implementation (one kernel per step for all the
+    parameters, on the CPU and CUDA). torch's default (a loop over the parameters on the CPU, a dozen multi-tensor
+    launches on CUDA) spends host time that a small, host-bound step feels: 0.2-0.6 ms of a 4-6 ms batch-2 CPU
+    step (docs/benchmarks.md, session 16)."""
+    return torch.optim.AdamW(list(params), lr=config.lr, weight_decay=config.weight_decay, fused=True)
 
 
 def lr_factor(step: int, total: int) -> float:

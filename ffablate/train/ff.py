@@ -303,7 +303,7 @@ class FFTrainer:
         self.net = FFNet(config, data.in_shape, data.dataset.num_classes, plugins).to(device)
         # One optimizer over every block: AdamW updates each parameter on its own and skips those without a
         # gradient, so this is the per-block update (blocks outside the active range have none), with one step
-        # call instead of one per block (on CUDA, a handful of fused launches instead of a handful per block).
+        # call instead of one per block (one fused kernel for them all: common.make_optimizer).
         self.optimizer = common.make_optimizer(
             [p for i in range(self.net.depth) for p in self.net.block_parameters(i)], config
         )
