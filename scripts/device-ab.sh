@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # A/B of CUDA kernel variants in one GPU lease: builds the extension twice from this tree, as it is (A) and with
 # NVCC_APPEND_FLAGS=$B_FLAGS (B, default -DFFABLATE_CUDA_FORWARD_THREADS=128) in a copy under /tmp, runs the CUDA
-# tests on both, then times the fused op for each build and each of $SCHEDULES in turn (default flagged, the lagged
-# schedule at three lags, ticket): A's first pass with torch.compile of the reference (the other rows' "x compiled"
+# tests on both, then times the fused op for each build and each of $SCHEDULES in turn (default flagged, ticket, the
+# lagged schedule at three lags): A's first pass with torch.compile of the reference (the other rows' "x compiled"
 # uses that time), A's first schedule again last (the spread between two timings of one version), forward and
 # backward apart, and an Nsight Compute summary of A's cnn28 fp32 kernels.
 #
@@ -20,7 +20,7 @@ OUT=$(cd "$OUT" && pwd)
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 B_FLAGS=${B_FLAGS:--DFFABLATE_CUDA_FORWARD_THREADS=128}  # session 14 measured -DFFABLATE_CUDA_THREADS=128
-SCHEDULES=${SCHEDULES:-flagged,lagged,lagged@0.25,lagged@1,ticket}  # lagged@L: FFABLATE_CUDA_LAG=L
+SCHEDULES=${SCHEDULES:-flagged,ticket,lagged,lagged@0.25,lagged@1}  # lagged@L: FFABLATE_CUDA_LAG=L
 BUDGET_S=${BUDGET_S:-500}
 export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda} TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} SCHEDULES
 LOG="$OUT/device-ab.log"
