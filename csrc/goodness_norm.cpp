@@ -194,9 +194,30 @@ bool use_streaming(const T* out, const Geometry& g) {
   return aligned && g.N * g.D * int64_t(sizeof(T)) >= kStreamBytes;
 }
 
+// Pass 2 of a sample reads it from cache and streams its output out; meanwhile the memory bus would idle
+// until the next sample's pass 1 misses. Prefetching the next sample's lines during pass 2 overlaps the two:
+// 0.79-0.89x the forward+backward time on the bench shapes (scripts/cpu-kernel-ab.py, docs/kernels.md). The
+// forward's lines are fetched into every cache level; the backward's, h and grad_out together, twice the
+// bytes, into the outer levels only (measured faster there).
+bool use_prefetch() {
+  const char* env = std::getenv("FFABLATE_CPU_PREFETCH");  // "0" disables, for A/B timing
+  return env == nullptr || env[0] != '0';
+}
+constexpr int64_t kLineBytes = 64;
+
+// out[i..i+W) = x[i..i+W) * r, streamed or stored.
+template <typename T>
+inline void scale_vector(const T* x, T* out, int64_t i, V<T> rv, bool nt) {
+  if (nt)
+    store_nt(out + i, load(x + i) * rv);
+  else
+    store(out + i, load(x + i) * rv);
+}
+
+// ``next``: the sample this thread sweeps next (nullptr: none, or no prefetching).
 template <typename T, bool READOUT>
 void forward_sample(const T* x, T* out, T* readout, T* sumsq, T* sumabs, const Geometry& g, double eps,
-                    bool nt) {
+                    bool nt, const T* next) {
   constexpr int W = Simd<T>::W;
   // Without a readout the channel split is irrelevant: reduce the sample as one long row.
   const int64_t C = READOUT ? g.C : 1;
@@ -232,12 +253,17 @@ void forward_sample(const T* x, T* out, T* readout, T* sumsq, T* sumabs, const G
   *sumabs = static_cast<T>(ab);
   const T r = T(1) / std::sqrt(*sumsq / T(g.D) + T(eps));
   const V<T> rv = splat<T>(r);
+  // Whole lines first when prefetching (the next sample's line at the same offset; a fixed count of vectors
+  // per line, which the compiler unrolls), then the rest.
+  constexpr int64_t L = kLineBytes / sizeof(T);
   int64_t i = 0;
-  if (nt) {
-    for (; i + W <= g.D; i += W) store_nt(out + i, load(x + i) * rv);
-  } else {
-    for (; i + W <= g.D; i += W) store(out + i, load(x + i) * rv);
+  if (next != nullptr) {
+    for (; i + L <= g.D; i += L) {
+      __builtin_prefetch(next + i, 0, 3);
+      for (int64_t j = i; j < i + L; j += W) scale_vector(x, out, j, rv, nt);
+    }
   }
+  for (; i + W <= g.D; i += W) scale_vector(x, out, i, rv, nt);
   for (; i < g.D; ++i) out[i] = x[i] * r;
   if constexpr (READOUT) {
     const T rc = r / T(g.HW);
@@ -254,13 +280,14 @@ void forward_cpu(const at::Tensor& h, const Geometry& g, double eps, at::Tensor&
   T* sq = sumsq.mutable_data_ptr<T>();
   T* sa = sumabs.mutable_data_ptr<T>();
   const int64_t grain = std::max<int64_t>(1, 32768 / g.D);
-  const bool nt = use_streaming<T>(o, g);
+  const bool nt = use_streaming<T>(o, g), pf = use_prefetch();
   at::parallel_for(0, g.N, grain, [&](int64_t begin, int64_t end) {
     for (int64_t n = begin; n < end; ++n) {
+      const T* next = pf && n + 1 < end ? x + (n + 1) * g.D : nullptr;
       if (g.readout)
-        forward_sample<T, true>(x + n * g.D, o + n * g.D, ro + n * g.C, sq + n, sa + n, g, eps, nt);
+        forward_sample<T, true>(x + n * g.D, o + n * g.D, ro + n * g.C, sq + n, sa + n, g, eps, nt, next);
       else
-        forward_sample<T, false>(x + n * g.D, o + n * g.D, nullptr, sq + n, sa + n, g, eps, nt);
+        forward_sample<T, false>(x + n * g.D, o + n * g.D, nullptr, sq + n, sa + n, g, eps, nt, next);
     }
     if (nt) stream_fence();
   });
@@ -268,7 +295,7 @@ void forward_cpu(const at::Tensor& h, const Geometry& g, double eps, at::Tensor&
 
 template <typename T, bool GO, bool GR, bool GA>
 void backward_sample(const T* x, const T* go, const T* gr, const T* gs, T ga, T sumsq, T* dh, const Geometry& g,
-                     double eps, bool nt) {
+                     double eps, bool nt, const T* next_x, const T* next_go) {
   constexpr int W = Simd<T>::W;
   const int64_t C = GR ? g.C : 1;
   const int64_t HW = GR ? g.HW : g.D;
@@ -313,17 +340,27 @@ void backward_sample(const T* x, const T* go, const T* gr, const T* gs, T ga, T 
     const T* q = GO ? go + c * HW : nullptr;
     const T shift = GR ? r * gr[c] * inv_hw : T(0);
     const V<T> shiftv = splat<T>(shift);
+    // Line by line when prefetching (the next sample's line at the same offset), in one run otherwise. Not
+    // the forward's fixed count per line: unrolled around vsign, GCC 12 fails (an internal compiler error).
+    const int64_t step = next_x != nullptr ? kLineBytes / int64_t(sizeof(T)) : HW;
     int64_t i = 0;
-    for (; i + W <= HW; i += W) {
-      const V<T> v = load(p + i);
-      V<T> res = shiftv;
-      if (scale_h) res += v * coefv;
-      if constexpr (GO) res += rv * load(q + i);
-      if constexpr (GA) res += gav * vsign<T>(v);
-      if (nt)
-        store_nt(o + i, res);
-      else
-        store(o + i, res);
+    for (int64_t line = 0; line < HW; line += step) {
+      if (next_x != nullptr) {
+        __builtin_prefetch(next_x + c * HW + line, 0, 1);
+        if (GO && next_go != nullptr) __builtin_prefetch(next_go + c * HW + line, 0, 1);
+      }
+      const int64_t stop = std::min(line + step, HW);
+      for (; i + W <= stop; i += W) {
+        const V<T> v = load(p + i);
+        V<T> res = shiftv;
+        if (scale_h) res += v * coefv;
+        if constexpr (GO) res += rv * load(q + i);
+        if constexpr (GA) res += gav * vsign<T>(v);
+        if (nt)
+          store_nt(o + i, res);
+        else
+          store(o + i, res);
+      }
     }
     for (; i < HW; ++i) {
       const T v = p[i];
@@ -347,11 +384,14 @@ void backward_cpu_impl(const BackwardArgs& a, double eps, at::Tensor& dh) {
   const T* sq = a.sumsq.const_data_ptr<T>();
   T* o = dh.mutable_data_ptr<T>();
   const int64_t grain = std::max<int64_t>(1, 32768 / g.D);
-  const bool nt = use_streaming<T>(o, g);
+  const bool nt = use_streaming<T>(o, g), pf = use_prefetch();
   at::parallel_for(0, g.N, grain, [&](int64_t begin, int64_t end) {
     for (int64_t n = begin; n < end; ++n) {
+      const bool ahead = pf && n + 1 < end;
       backward_sample<T, GO, GR, GA>(x + n * g.D, GO ? go + n * g.D : nullptr, GR ? gr + n * g.C : nullptr,
-                                     gs ? gs + n : nullptr, GA ? ga[n] : T(0), sq[n], o + n * g.D, g, eps, nt);
+                                     gs ? gs + n : nullptr, GA ? ga[n] : T(0), sq[n], o + n * g.D, g, eps, nt,
+                                     ahead ? x + (n + 1) * g.D : nullptr,
+                                     GO && ahead ? go + (n + 1) * g.D : nullptr);
     }
     if (nt) stream_fence();
   });

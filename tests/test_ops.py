@@ -122,6 +122,22 @@ def test_cpu_large_streaming_path() -> None:
     _check_against_reference(h, seed=0, atol=1e-5, rtol=1e-5, subsets=0)
 
 
+@pytest.mark.parametrize("shape", [(16, 64, 64, 64), (5, 3, 7, 9), (4, 2, 8, 8), (9, 70), (3, 1)])
+def test_cpu_prefetch_changes_no_bit(shape: tuple[int, ...], monkeypatch: pytest.MonkeyPatch) -> None:
+    # Prefetching the next sample is a hint, but it splits the sweeps into cache lines and a tail: every output
+    # and dh, streaming (the first shape) or not, with a tail or none, must be the bits of the plain sweep.
+    _require_fused()
+    h = _make(shape, torch.float32, "cpu", 7)
+    for which in [(True, True, True, True), (False, True, False, True), (True, False, True, False)]:
+        monkeypatch.delenv("FFABLATE_CPU_PREFETCH", raising=False)
+        got, dh = _fwd_bwd(ops.goodness_norm, h, which, 3)
+        monkeypatch.setenv("FFABLATE_CPU_PREFETCH", "0")
+        want, dh_plain = _fwd_bwd(ops.goodness_norm, h, which, 3)
+        for name, a, b in zip(OUTS, got, want, strict=True):
+            assert torch.equal(a, b), (name, shape, which)
+        assert torch.equal(dh, dh_plain), (shape, which)
+
+
 def test_non_contiguous_inputs() -> None:
     base = _make((3, 8, 6, 5), torch.float32, "cpu", 3)
     for h in (
