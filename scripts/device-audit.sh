@@ -7,7 +7,7 @@
 # Writes OUT_DIR/audit_gpu.json ({meta, rows, summary}), audit_gpu.txt (the tables) and audit_gpu_*.png.
 # One fresh worker per configuration (a few seconds of start-up, then 2 warm-up and 5 timed steps). By default
 # --budget stops starting new ones after 120 s and --timeout caps each at 60 s; device-check passes a smaller
-# --budget 75 --timeout 20 to fit its 90 s section. Configurations not reached are "skipped" rows.
+# --budget 60 --timeout 20 to fit its 80 s section. Configurations not reached are "skipped" rows.
 # Flags after OUT_DIR are appended and win (e.g. `--device cpu --resolution 16 ...` for a dry run without a GPU).
 # Imports nothing but torch, rich and matplotlib (no optuna, no network).
 set -euo pipefail

@@ -21,7 +21,7 @@
 #   train_gpu.json      the training runs (a warm-up, fused/reference alternating, coupled-bn FF, BP-DeepSup)
 #   audit/audit_gpu.json, audit/audit_gpu.txt and the audit's PNG curves
 #   summary.json        {"sections": [{"name", "rc", "seconds"}], ...}
-# Budget: about 5.5 minutes in all (a session's whole GPU lease is 15 minutes, machine start included).
+# Budget: about 6 minutes in all (a session's whole GPU lease is 15 minutes, machine start included).
 set -u
 
 OUT=${1:?usage: scripts/device-check.sh OUT_DIR [SECTION...]}
@@ -129,7 +129,7 @@ EOF
 # Forward and backward apart, against a copy of the same size: which of the two is far from its floor.
 run_section split 60 "$PY" scripts/kernel-split.py --schedules "${SCHEDULES/,two-pass/}"
 
-run_section audit 90 bash scripts/device-audit.sh "$OUT/audit" --methods ff,ff-ga,bp,bp-ga,bp-ckpt --depths 4,16 --budget 75 --timeout 20
+run_section audit 80 bash scripts/device-audit.sh "$OUT/audit" --methods ff,ff-ga,bp,bp-ga,bp-ckpt --depths 4,16 --budget 60 --timeout 20
 
 # FF (fused and reference kernels) and BP-DeepSup on the full Fashion-MNIST carried in .data/ (the same seed,
 # backbone and epochs): accuracy, images/s and peak memory on the GPU, and the fused/reference step-time ratio.
@@ -159,12 +159,10 @@ EOF
 
 # Step time, fused vs reference alternating in one process (scripts/ff-step-ab.py), then where an FF step's device
 # time goes: is the GPU step launch-bound, and what do the goodness and pooling cost there? Last, the fused AdamW
-# (since session 16) against torch's default (multi-tensor) one on FF's and BP-DeepSup's steps.
-run_section step 100 bash -c "'$PY' scripts/ff-step-ab.py --set device=cuda --data-root .data --rounds 5 --steps 50 \
+# (since session 16) against torch's default (multi-tensor) one on FF's step.
+run_section step 90 bash -c "'$PY' scripts/ff-step-ab.py --set device=cuda --data-root .data --rounds 5 --steps 50 \
     --profile && '$PY' scripts/ff-step-ab.py --set device=cuda --set norm=decoupled --data-root .data --rounds 5 --steps 50 \
-    && '$PY' scripts/ff-step-ab.py --set device=cuda --compare optimizer --data-root .data --rounds 5 --steps 50 \
-    && '$PY' scripts/ff-step-ab.py --set device=cuda --set method=bp-deepsup --compare optimizer --data-root .data \
-    --rounds 5 --steps 50"
+    && '$PY' scripts/ff-step-ab.py --set device=cuda --compare optimizer --data-root .data --rounds 4 --steps 40"
 
 "$PY" - "$OUT/summary.json" "${SECTIONS[@]}" <<'EOF'
 import json, sys
