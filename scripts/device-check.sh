@@ -63,7 +63,7 @@ if ! "$PY" -c "import expecttest" 2>/dev/null && compgen -G ".whl/*.whl" >/dev/n
         "$PY" -m pip install --no-index --no-deps --quiet --break-system-packages .whl/*.whl >>"$LOG" 2>&1
 fi
 
-run_section env 60 bash -c "nvidia-smi; nvcc --version; $PY - <<'EOF'
+run_section env 60 bash -c "nvidia-smi; nvcc --version; echo CXX=${CXX:-}; \${CXX:-c++} --version | head -1; $PY - <<'EOF'
 import sys, torch
 print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda,
       'device', torch.cuda.get_device_name(0) if torch.cuda.is_available() else None)
