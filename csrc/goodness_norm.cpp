@@ -194,9 +194,9 @@ bool use_streaming(const T* out, const Geometry& g) {
   return aligned && g.N * g.D * int64_t(sizeof(T)) >= kStreamBytes;
 }
 
-// Pass 2 of a sample reads it from cache and streams its output out; meanwhile the memory bus would idle
-// until the next sample's pass 1 misses. Prefetching the next sample's lines during pass 2 overlaps the two:
-// 0.79-0.89x the forward+backward time on the bench shapes (scripts/cpu-kernel-ab.py, docs/kernels.md). The
+// Pass 2 of a sample reads it from cache and streams its output out; the next sample's reads from memory would
+// start only when its pass 1 misses. Prefetching the next sample's lines during pass 2 overlaps the two:
+// 0.80-0.89x the forward+backward time on the bench shapes (scripts/cpu-kernel-ab.py, docs/kernels.md). The
 // forward's lines are fetched into every cache level; the backward's, h and grad_out together, twice the
 // bytes, into the outer levels only (measured faster there).
 bool use_prefetch() {
