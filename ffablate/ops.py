@@ -15,7 +15,9 @@ bit.
 
 Backend: ``FFABLATE_KERNELS=fused|reference``. The default is the compiled ``ffablate._C`` op when it
 was built; without it the reference is used and one warning says so. Inputs the kernels do not cover
-(e.g. fp16 on CPU) silently use the reference. ``FFABLATE_CUDA_SCHEDULE=flagged|ticket|lagged|two-pass`` (default
+(e.g. fp16 on CPU) silently use the reference, and so do calls under forward-mode AD or a ``torch.func``
+transform: the ops have a backward formula only. A function ``torch.compile`` traced keeps the backend it was
+traced with. ``FFABLATE_CUDA_SCHEDULE=flagged|ticket|lagged|two-pass`` (default
 flagged) picks how the CUDA kernels meet a sample's chunks (docs/kernels.md); every schedule gives the same bits.
 ``FFABLATE_CUDA_LAG`` (a positive number, default 0.5) tunes the lagged one.
 """
@@ -28,6 +30,7 @@ import re
 import warnings
 
 import torch
+import torch.autograd.forward_ad as fwAD
 from torch import Tensor
 
 from ffablate.errors import ConfigError, FFablateWarning
@@ -89,7 +92,7 @@ def backend(device: torch.device | str | None = None) -> str:
     if extension_available():
         if choice == "fused":
             raise ConfigError(f"FFABLATE_KERNELS=fused but {_NO_CUDA}")
-        if not _warned_no_cuda:
+        if not _warned_no_cuda and not torch.compiler.is_compiling():  # dynamo cannot trace warnings.warn
             _warned_no_cuda = True
             warnings.warn(
                 f"{_NO_CUDA}; CUDA tensors use the pure-PyTorch reference kernels", FFablateWarning, stacklevel=2
@@ -100,7 +103,7 @@ def backend(device: torch.device | str | None = None) -> str:
             "FFABLATE_KERNELS=fused but the compiled extension ffablate._C is missing "
             f"({_EXT_ERROR}); build it with `pip install -e . --no-build-isolation`"
         )
-    if not _warned:
+    if not _warned and not torch.compiler.is_compiling():
         _warned = True
         warnings.warn(
             f"ffablate._C is not built ({_EXT_ERROR}); using the pure-PyTorch reference kernels",
@@ -188,12 +191,21 @@ def _fused_supported(h: Tensor) -> bool:
     return False
 
 
+def _transformed() -> bool:
+    """True under forward-mode AD or a ``torch.func`` transform (jvp, vmap, grad, ...), in eager mode. The fused ops
+    have a backward formula only: a tangent through them came out zero, without an error, and ``torch.func.grad``
+    refused them. The reference's torch ops have every derivative."""
+    if torch.compiler.is_compiling():
+        return False
+    return fwAD._current_level >= 0 or torch._C._functorch.maybe_current_level() is not None
+
+
 def goodness_norm(h: Tensor, eps: float = 1e-6) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(sumsq, sumabs, out, readout) of ``h``; readout is ``out`` itself for 2-D ``h``.
 
     Differentiable through all four outputs; works under ``torch.compile(fullgraph=True)``.
     """
-    if backend() == "fused" and _fused_supported(h):
+    if backend(h.device) == "fused" and _fused_supported(h) and not _transformed():
         sq, sa, out, readout = torch.ops.ffablate.goodness_norm.default(h, eps)
         return sq, sa, out, (readout if h.dim() == 4 else out)
     return reference_goodness_norm(h, eps)
@@ -221,10 +233,12 @@ def max_pool2x2(x: Tensor, relu: bool = False, inplace: bool = False) -> Tensor:
     channels-last), for H and W >= 2, it runs ``ffablate::max_pool2x2``: one pass over x, the ReLU folded in, and a
     one-byte argmax saved for the backward instead of ATen's eight-byte index and the ReLU's output. Values and
     gradients are bitwise those of the unfused ops on the same device (but for the sign of a zero that torch 2.11's
-    CUDA relu cleared, docs/kernels.md). Everything else runs the unfused ops, where ``inplace`` lets the ReLU
-    overwrite x (as ``nn.ReLU(inplace=True)`` does); the fused op never writes x.
+    CUDA relu cleared, docs/kernels.md); its output is contiguous NCHW, also for channels-last CPU input. Everything
+    else runs the unfused ops, where ``inplace`` lets the ReLU overwrite x (as ``nn.ReLU(inplace=True)`` does); the
+    fused op never writes x.
     """
-    if x.dim() == 4 and min(x.shape[2:]) >= 2 and _pool_supported(x) and backend() == "fused":
+    fused = backend(x.device) == "fused"
+    if fused and x.dim() == 4 and min(x.shape[2:]) >= 2 and _pool_supported(x) and not _transformed():
         return torch.ops.ffablate.max_pool2x2.default(x, relu)[0]
     return torch.nn.functional.max_pool2d(torch.nn.functional.relu(x, inplace=inplace) if relu else x, 2)
 

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.autograd.forward_ad as fwAD
 
 from ffablate import ops
 from ffablate.bench import kernel_bench, render_table, use_cuda_schedule
@@ -195,6 +196,41 @@ def test_torch_compile_fullgraph() -> None:
     (g_c,) = torch.autograd.grad(compiled(h), h)
     (g_e,) = torch.autograd.grad(step(h), h)
     torch.testing.assert_close(g_c, g_e)
+
+
+def test_a_first_call_under_torch_compile_without_the_extension(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The fallback's one warning was issued from inside the trace, which dynamo cannot follow (fullgraph failed).
+    monkeypatch.setattr(ops, "_EXT_ERROR", "simulated: no module named ffablate._C")
+    monkeypatch.setattr(ops, "_warned", False)
+    compiled = torch.compile(lambda h: ops.goodness_norm(h)[0].sum(), fullgraph=True)
+    h = _make((2, 5), torch.float32, "cpu", 10)
+    torch.testing.assert_close(compiled(h), ops.reference_goodness_norm(h)[0].sum())
+
+
+def test_forward_mode_ad_and_torch_func_get_true_derivatives() -> None:
+    # The fused ops have a backward formula only: under jvp their tangents came out zero, without an error.
+    _require_fused()
+    h, t = _make((3, 4, 6, 5), torch.float64, "cpu", 11), _make((3, 4, 6, 5), torch.float64, "cpu", 12)
+
+    def fused(x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return (*ops.goodness_norm(x), ops.max_pool2x2(x, relu=True))
+
+    def reference(x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return (*ops.reference_goodness_norm(x), torch.nn.functional.max_pool2d(x.relu(), 2))
+
+    _, want = torch.func.jvp(reference, (h,), (t,))
+    assert all(w.abs().sum() > 0 for w in want)
+    _, got = torch.func.jvp(fused, (h,), (t,))
+    with fwAD.dual_level():
+        got_dual = [fwAD.unpack_dual(o).tangent for o in fused(fwAD.make_dual(h, t))]
+    for a, b, w in zip(got, got_dual, want, strict=True):
+        torch.testing.assert_close(a, w)
+        torch.testing.assert_close(b, w)
+    # Reverse mode through torch.func, which refused the fused ops' autograd registration, and vmap.
+    loss = lambda x: sum(o.square().sum() for o in fused(x))  # noqa: E731
+    want_loss = lambda x: sum(o.square().sum() for o in reference(x))  # noqa: E731
+    torch.testing.assert_close(torch.func.grad(loss)(h), torch.func.grad(want_loss)(h))
+    torch.testing.assert_close(torch.vmap(loss)(h[:, None]), torch.vmap(want_loss)(h[:, None]))
 
 
 BAD_FORWARD = [
