@@ -164,7 +164,7 @@ def reference_goodness_norm(h: Tensor, eps: float = 1e-6) -> tuple[Tensor, Tenso
         raise RuntimeError(f"goodness_norm: h must be 2-D (N, D) or 4-D (N, C, H, W), got {h.dim()}-D")
     if not h.is_floating_point():
         raise RuntimeError(f"goodness_norm: h must be floating point, got {h.dtype}")
-    if eps < 0:  # as the kernels refuse it: a negative eps can put a NaN or inf scale on a quiet sample
+    if not eps >= 0:  # as the kernels refuse it: a negative (or NaN) eps can put a NaN or inf scale on a sample
         raise RuntimeError(f"goodness_norm: eps must be >= 0, got {eps}")
     n = h.shape[0]
     d = math.prod(h.shape[1:])

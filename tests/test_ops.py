@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import math
 import os
 import random
 import warnings
@@ -249,11 +250,13 @@ def test_bad_forward_inputs_raise(make, msg: str) -> None:  # noqa: ANN001
 
 
 def test_bad_eps_and_wrapper_errors() -> None:
-    with pytest.raises(RuntimeError, match="eps"):
-        torch.ops.ffablate.goodness_norm.default(torch.randn(2, 3), -1.0)
-    # The twin refuses what the op refuses (FFABLATE_KERNELS=reference took a negative eps).
-    with pytest.raises(RuntimeError, match="eps must be >= 0"):
-        ops.reference_goodness_norm(torch.full((1, 4), 2.0), -1.0)
+    # The twin refuses what the op refuses (FFABLATE_KERNELS=reference took a negative eps, and until session 17
+    # a NaN one, returning NaN outputs).
+    for eps in (-1.0, math.nan):
+        with pytest.raises(RuntimeError, match="eps must be >= 0"):
+            torch.ops.ffablate.goodness_norm.default(torch.randn(2, 3), eps)
+        with pytest.raises(RuntimeError, match="eps must be >= 0"):
+            ops.reference_goodness_norm(torch.full((1, 4), 2.0), eps)
     with pytest.raises(RuntimeError, match="2-D"):
         ops.goodness_norm(torch.randn(3))
     with pytest.raises(RuntimeError, match="floating"):
