@@ -140,6 +140,31 @@ def test_cpu_prefetch_changes_no_bit(shape: tuple[int, ...], monkeypatch: pytest
         assert torch.equal(dh, dh_plain), (shape, which)
 
 
+@pytest.mark.parametrize("shape", [(7, 3000), (5, 4, 33, 31), (1, 2, 700, 700)])
+def test_cpu_bits_do_not_depend_on_the_thread_count(shape: tuple[int, ...]) -> None:
+    # Threads split the batch, never a sample, so a run's bits are the same on any machine's core count.
+    _require_fused()
+    h = _make(shape, torch.float32, "cpu", 8)
+
+    def outputs_and_grads() -> list[torch.Tensor]:
+        out, dh = _fwd_bwd(ops.goodness_norm, h, (True, True, True, True), 4)
+        if h.dim() == 2:
+            return [*out, dh]
+        pooled, dx = _fwd_bwd(lambda x: (ops.max_pool2x2(x, relu=True),), h, (True,), 4)
+        return [*out, dh, *pooled, dx]
+
+    threads = torch.get_num_threads()
+    try:
+        runs = []
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            runs.append(outputs_and_grads())
+    finally:
+        torch.set_num_threads(threads)
+    for run in runs[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(run, runs[0], strict=True)), shape
+
+
 def test_non_contiguous_inputs() -> None:
     base = _make((3, 8, 6, 5), torch.float32, "cpu", 3)
     for h in (
