@@ -18,6 +18,7 @@ from typing import Any, NoReturn
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
+from rich.text import Text
 
 from ffablate import __version__, jsontext
 from ffablate.config import METHODS, RunConfig, parse_sets
@@ -311,7 +312,7 @@ def cmd_plugins(args: argparse.Namespace) -> int:
         table.add_column(column)
     for row in rows:
         params = ", ".join(f"{k}={v}" for k, v in row["params"].items())
-        table.add_row(row["kind"], row["name"], row["source"], params, row["description"])
+        table.add_row(*map(Text, (row["kind"], row["name"], row["source"], params, row["description"])))
     wide_console().print(table)  # piped, 80 columns cut plugin names short
     return 0
 
@@ -476,7 +477,7 @@ def cmd_study(args: argparse.Namespace) -> int:
     for column in results.TABLE_COLUMNS:
         table.add_column(column, overflow="fold")  # names must stay whole: "tempera…" hides which level
     for row in results.table_rows(summary, top=results.TABLE_TOP):
-        table.add_row(*row)
+        table.add_row(*map(Text, row))  # plain text: a failure reason's "[batch, 3]" is no markup tag
     wide = wide_console()
     wide.print(table)
     if results.table_cut(summary):

@@ -70,7 +70,7 @@ class Row:
     def gap_decisive(self) -> bool:
         """Whether the gap backs a direction word: its Welch interval does, and its paired one, where both sides ran
         shared seeds, does not reach zero (a negative correlation between the sides' seeds makes it the wider)."""
-        return self.gap.decisive and (not self.gap_paired.has_ci or self.gap_paired.excludes_zero())
+        return self.gap.decisive and (not self.gap_paired.has_ci or self.gap_paired.backs(self.gap))
 
     @property
     def baseline_n(self) -> int:
@@ -119,6 +119,7 @@ class Row:
             "gap_ci95": self.gap.half_width,
             "gap_paired_mean": self.gap_paired.mean,
             "gap_paired_ci95": self.gap_paired.half_width,
+            "gap_paired_n": self.gap_paired.n,
             "baseline": self.baseline,
             "baseline_n": self.baseline_n,
             "baseline_choice": self.base_choice or None,
@@ -496,9 +497,14 @@ def _add(row: Row, t: FrozenTrial) -> None:
         if not isinstance(test, (int, float)) or not math.isfinite(test):
             row.failed.append(f"completed without a test accuracy ({test!r})")
             return
+        val = metrics.get("val_accuracy")
+        if val is not None and not (isinstance(val, (int, float)) and math.isfinite(val)):
+            # A NaN would sort first among the rows ranked on validation and become the study's recipe.
+            row.failed.append(f"completed with a validation accuracy of {val!r}")
+            return
         row.accuracies.append(float(test))
-        if metrics.get("val_accuracy") is not None:
-            row.val_accuracies.append(float(metrics["val_accuracy"]))
+        if val is not None:
+            row.val_accuracies.append(float(val))
         row.seeds.append(seed)
         row.train_seconds.append(float(metrics.get("train_seconds", math.nan)))
         row.images_per_second.append(float(metrics.get("images_per_second", math.nan)))
@@ -792,7 +798,7 @@ def _trend(r0: Row, b0: Row, r1: Row, b1: Row) -> str:
     moved = f"change {fmt(change, signed=True, unit=' pp')}, n≥{seeds} per side"
     if paired.has_ci:
         moved += f"; paired over {paired.n} seeds {fmt(paired, signed=True, unit=' pp')}"
-    if not change.decisive or (paired.has_ci and not paired.excludes_zero()):
+    if not change.decisive or (paired.has_ci and not paired.backs(change)):
         return f"no change with K resolved: {moved}"
     if r0.gap_decisive and r1.gap_decisive and (r0.gap.mean > 0) == (r1.gap.mean > 0):
         return f"the gap {'widens' if abs(r1.gap.mean) > abs(r0.gap.mean) else 'narrows'} with K: {moved}"

@@ -45,6 +45,11 @@ class Estimate:
     def excludes_zero(self) -> bool:
         return self.has_ci and (self.low > 0 or self.high < 0)
 
+    def backs(self, other: Estimate) -> bool:
+        """Whether this interval excludes zero on ``other``'s side: a paired interval backing a Welch one. Over the
+        seeds both sides share, the paired mean can have the other sign."""
+        return self.excludes_zero() and (self.mean > 0) == (other.mean > 0)
+
     @property
     def decisive(self) -> bool:
         """Whether the interval backs a direction word ("ahead", "behind", "widens"): it exists, excludes zero
@@ -126,9 +131,9 @@ def fmt(estimate: Estimate, scale: float = 100.0, digits: int = 1, signed: bool 
     if not math.isfinite(estimate.mean):
         return "–"
     # An interval that excludes zero must not print as one that reaches it ("+0.1 ± 0.1" for 0.14 ± 0.136, called
-    # "ahead"): one more digit, up to five more, until the printed ends exclude zero too.
+    # "ahead"): one more digit until the printed ends exclude zero too (up to 15, where a float's digits end).
     size, half = abs(estimate.mean) * scale, estimate.half_width * scale
-    while estimate.decisive and digits < 6 and round(size, digits) <= round(half, digits):
+    while estimate.decisive and digits < 15 and round(size, digits) <= round(half, digits):
         digits += 1
     sign = "+" if signed else ""
     # A mean that rounds to zero prints unsigned: "-0.0" (a difference of -1e-16) reads as a direction.

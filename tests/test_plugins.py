@@ -955,6 +955,21 @@ def test_plugins_json_is_strict_json_with_an_infinite_default(capsys):
     assert next(r for r in rows if r["name"] == "probe")["params"] == {"max_logit": "inf"}
 
 
+def tagged_loss(tag: str = "[bold]x[/bold]"):
+    return lambda g_pos, g_neg, labels, threshold, temperature: g_pos.mean()
+
+
+def test_the_plugins_table_prints_brackets_as_text(capsys):
+    # Rich read "[bold]x[/bold]" in a plugin's default as markup and printed "tag=x".
+    plugin = OnePlugin("loss", tagged_loss)
+    add_plugin(plugin)
+    try:
+        assert main(["plugins", "loss"]) == 0
+    finally:
+        remove_plugin(plugin)
+    assert "tag=[bold]x[/bold]" in capsys.readouterr().out
+
+
 def test_float_parameters_must_be_finite_unless_their_default_is_not():
     clip = Plugin("loss", "clip", clip_loss, "test", "tests", {"max_logit": math.inf})
     assert clip.checked_params({"max_logit": math.inf}) == {"max_logit": math.inf}  # "no clip" stays expressible

@@ -6,6 +6,7 @@ No training runs here: trials are created with known accuracies so the expected 
 from __future__ import annotations
 
 import json
+import math
 import socket
 import subprocess
 import sys
@@ -25,8 +26,8 @@ from ffablate.stats import fmt
 def make_study(url: str, name: str, meta: dict, trials: list[dict]) -> optuna.Study:
     """``trials``: dicts with cell, role, overrides, seed, value (None = failed: the test accuracy), optional
     val (a validation accuracy, which then is the trial's value, as in a study), pruned (True: value is the
-    accuracy it was pruned at), match (the baseline-matching settings; by default dataset, classes, labels) and
-    group/history."""
+    accuracy it was pruned at), match (the baseline-matching settings; by default dataset, classes, labels),
+    group/history and metrics (stored metrics that replace the ones made from value and val)."""
     study = optuna.create_study(storage=url, study_name=name, direction="maximize")
     for key, value in {
         "baseline_methods": ["bp-deepsup"],
@@ -55,12 +56,13 @@ def make_study(url: str, name: str, meta: dict, trials: list[dict]) -> optuna.St
                 "train_seconds": 1.0,
                 "images_per_second": 100.0,
                 "peak_memory_bytes": 2**20,
+                **t.get("metrics", {}),
             },
         }
         params = {"cell": t["cell"], "seed": t["seed"]}
         dists = {
             "cell": CategoricalDistribution(sorted({x["cell"] for x in trials})),
-            "seed": CategoricalDistribution([0, 1, 2]),
+            "seed": CategoricalDistribution(sorted({0, 1, 2} | {x["seed"] for x in trials})),
         }
         if t.get("pruned"):
             del attrs["metrics"]  # a pruned trial stops before its final scores
@@ -567,6 +569,41 @@ def test_a_paired_interval_that_reaches_zero_withholds_the_direction(url):
     assert "ahead" not in answer
 
 
+def test_a_paired_interval_on_the_other_side_of_zero_withholds_the_direction(url):
+    # FF ran seeds 0-9, BP seeds 0, 1 and 10-17: Welch over all of them says FF leads (+35.7 ± 13.2 pp), the two
+    # shared seeds that it trails (-9.5 ± 6.4 pp), and both intervals exclude zero. The answer said "ahead".
+    ff_accs = [0.50, 0.53, *[0.90 + 0.01 * i for i in range(8)]]
+    bp_accs = dict(zip([0, 1, *range(10, 18)], [0.60, 0.62, *[0.50 - 0.01 * i for i in range(8)]], strict=True))
+    trials = [
+        {"cell": "fusion=last", "role": "ff", "overrides": {"fusion": "last"}, "seed": s, "value": v}
+        for s, v in enumerate(ff_accs)
+    ]
+    trials += [
+        {"cell": "bp-deepsup", "role": "baseline", "overrides": {}, "seed": s, "value": v} for s, v in bp_accs.items()
+    ]
+    meta = {"analysis": "ablation", "axes": {"fusion": ["last"]}, "seeds": list(range(18))}
+    study = make_study(url, "fusion-full", meta, trials)
+    (row,) = results.summarize(study).ff
+    assert row.gap.decisive and row.gap.mean > 0
+    assert row.gap_paired.n == 2 and row.gap_paired.decisive and row.gap_paired.mean < 0
+    assert not row.gap_decisive and "ahead" not in results.answer(results.summarize(study))
+
+
+def test_a_non_finite_validation_accuracy_fails_its_trial_instead_of_ranking_first(url):
+    # NaN sorted first among rows ranked on validation accuracy, and would have become the study's recipe. (Optuna
+    # refuses a NaN trial value; a hand-made or damaged trial can still store one among its metrics.)
+    ff = {
+        "last": [{"seed": s, "value": 0.80, "val": 0.80} for s in range(2)],
+        "sum": [
+            {"seed": s, "value": 0.70, "metrics": {"val_accuracy": bad}} for s, bad in enumerate([math.nan, math.inf])
+        ],
+    }
+    summary = results.summarize(_ablation(url, ff, [0.85, 0.86], [0, 1]))
+    assert summary.best().label == "fusion=last"
+    (bad,) = [r for r in summary.ff if r.label == "fusion=sum"]
+    assert bad.n == 0 and bad.failed == [f"completed with a validation accuracy of {v}" for v in ("nan", "inf")]
+
+
 def test_the_paired_interval_matches_scipy_and_pairs_by_seed_not_by_order(url):
     from scipy import stats
 
@@ -580,6 +617,7 @@ def test_the_paired_interval_matches_scipy_and_pairs_by_seed_not_by_order(url):
     assert row.gap_paired.high == pytest.approx(expected.high, abs=1e-12)
     assert row.gap_paired.n == 3 and row.gap.mean == pytest.approx(row.gap_paired.mean)
     assert row.to_dict()["gap_paired_ci95"] == pytest.approx(row.gap_paired.half_width)
+    assert row.to_dict()["gap_paired_n"] == 3
     assert results.table_rows(summary)[1][4] == fmt(row.gap_paired, signed=True)
     # Welch stays the primary interval: the direction word follows it, the paired one is shown beside it.
     assert "paired over the 3 shared seeds" in results.answer(summary)

@@ -599,6 +599,8 @@ def test_an_interval_that_excludes_zero_prints_ends_that_exclude_it():
     assert fmt(Estimate(-0.25, 0.1, 3), signed=True) == "-25.0 ± 10.0"
     # Decisive intervals that printed as touching zero at the old 4-digit cap.
     assert fmt(Estimate(0.01939649, 0.01939641, 3), signed=True) == "+1.93965 ± 1.93964"
+    # ... and at the 6-digit cap that followed (a review's fuzz over gaps of k/n test images found 2,062).
+    assert fmt(Estimate(0.001, 0.000999999, 3), signed=True) == "+0.1000000 ± 0.0999999"
     # A difference of -1e-16 (FF [.90, .92, .94] against BP [.91, .92, .93]) printed "-0.0", hinting a direction.
     tie = welch_ci([0.90, 0.92, 0.94], [0.91, 0.92, 0.93])
     assert tie.mean < 0 and fmt(tie, signed=True).startswith("0.0 ± ")
