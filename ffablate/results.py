@@ -69,7 +69,8 @@ class Row:
     @property
     def gap_decisive(self) -> bool:
         """Whether the gap backs a direction word: its Welch interval does, and its paired one, where both sides ran
-        shared seeds, does not reach zero (a negative correlation between the sides' seeds makes it the wider)."""
+        shared seeds, excludes zero on the same side (a negative correlation between the sides' seeds makes it the
+        wider; over a few shared seeds of many it can point the other way)."""
         return self.gap.decisive and (not self.gap_paired.has_ci or self.gap_paired.backs(self.gap))
 
     @property
