@@ -74,6 +74,7 @@ ROW_FIELDS = (
 STEP_MARK = "ffablate_audit_step"
 HELD_MARK = "ffablate_audit_step_gradients_held"
 DOWNSAMPLING_BLOCKS = 2  # 224 -> 56 and 32 -> 8, then every further block keeps the resolution
+MAX_SECONDS = 1e6  # --timeout and --budget: 11.6 days, under what subprocess.run's timeout can hold
 
 
 @dataclass(frozen=True)
@@ -549,7 +550,10 @@ def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
             )
     for res, method in sorted({(r["resolution"], r["method"]) for r in ok}):
         mine = [r for r in ok if (r["resolution"], r["method"]) == (res, method)]
-        by_depth = sorted({r["depth"]: r["activation_memory_bytes"] for r in mine}.items())
+        first_bytes: dict[int, int] = {}  # each depth's earliest round, as the memory ratios take it
+        for r in sorted(mine, key=lambda r: r.get("round", 0)):
+            first_bytes.setdefault(r["depth"], r["activation_memory_bytes"])
+        by_depth = sorted(first_bytes.items())
         if len(by_depth) >= 2 and by_depth[0][1]:
             (d0, a0), (d1, a1), (d2, a2) = by_depth[0], by_depth[-2], by_depth[-1]
             out.append(
@@ -572,13 +576,21 @@ def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def _per_round(rows: list[dict[str, Any]], method: str, key: str, name: str) -> dict[str, Any]:
     """``name``: the median over rounds of ``method``'s ``key`` over BP-GA's in the same round; ``name_range``:
-    (lowest, highest) of those; ``name_rounds``: how many rounds had both."""
+    (lowest, highest) of those; ``name_rounds``: how many rounds had both; ``name_missing``: why there is no ratio.
+    """
     mine = {r.get("round", 0): r.get(key) for r in rows if r["method"] == method}
     ga = {r.get("round", 0): r.get(key) for r in rows if r["method"] == "bp-ga"}
     ratios = sorted(mine[i] / ga[i] for i in mine if mine[i] and ga.get(i))
     if not ratios:
-        return {name: None, f"{name}_range": None, f"{name}_rounds": 0}
-    return {name: statistics.median(ratios), f"{name}_range": [ratios[0], ratios[-1]], f"{name}_rounds": len(ratios)}
+        # CUDA rows have no CPU-second figures: that column's gap beside a bp-ga row is no missing row.
+        why = "no bp-ga row to compare" if not ga else f"no {key} measured"
+        return {name: None, f"{name}_range": None, f"{name}_rounds": 0, f"{name}_missing": why}
+    return {
+        name: statistics.median(ratios),
+        f"{name}_range": [ratios[0], ratios[-1]],
+        f"{name}_rounds": len(ratios),
+        f"{name}_missing": None,
+    }
 
 
 def _mb(value: float | None) -> str:
@@ -593,7 +605,7 @@ def _spread(summary: dict[str, Any], name: str) -> str:
     """A per-round ratio as "0.91 (0.67-1.06, 4 rounds)", or "0.91 (1 round: spread not measured)"."""
     value, rounds = summary.get(name), summary.get(f"{name}_rounds", 0)
     if value is None:
-        return "- (no bp-ga row to compare)"
+        return f"- ({summary.get(f'{name}_missing') or 'no bp-ga row to compare'})"
     if rounds < 2:
         return f"{value:.2f} (1 round: spread not measured)"
     low, high = summary[f"{name}_range"]
@@ -730,7 +742,7 @@ def cap_bytes(gigabytes: float | None) -> int:
     if gigabytes is None:
         return 0
     if not gigabytes > 0 or math.isinf(gigabytes):
-        raise ConfigError(f"--memory-cap must be a positive number of GB, got {gigabytes}")
+        raise ConfigError(f"--memory-cap must be a positive number of GiB, got {gigabytes}")
     return int(gigabytes * 2**30)
 
 
@@ -761,8 +773,9 @@ def specs_from_args(args: argparse.Namespace) -> list[AuditSpec]:
         if value < least:
             raise ConfigError(f"--{key} must be at least {least}, got {value}")
     for key, value in (("timeout", args.timeout), ("budget", args.budget)):
-        if value is not None and not 0 < value < math.inf:  # inf would reach subprocess.run and overflow there
-            raise ConfigError(f"--{key} must be a positive, finite number of seconds, got {value}")
+        # subprocess.run's timeout overflows above about 2.1e6 s (inf included), with a traceback.
+        if value is not None and not 0 < value <= MAX_SECONDS:
+            raise ConfigError(f"--{key} must be a positive number of seconds, at most {MAX_SECONDS:.0e}, got {value}")
     methods = parse_methods(args.methods)
     classwise = [m for m in methods if m in ("ff", "ff-ga")]  # the default goodness: one channel per class
     if classwise and args.width < args.classes:
@@ -814,7 +827,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--micro-batch", type=int, default=0, help="micro-batch of -ga methods (0, the default: batch/4)")
     p.add_argument("--width", type=int, default=32, help="channels of every block")
     p.add_argument("--classes", type=int, default=10, help="classes (class-wise FF needs width >= classes)")
-    p.add_argument("--memory-cap", type=float, help="GB; a run above it is an over-cap/oom row")
+    p.add_argument("--memory-cap", type=float, help="GiB (2**30 bytes); a run above it is an over-cap/oom row")
     p.add_argument("--steps", type=int, default=3, help="timed steps after warm-up")
     p.add_argument("--rounds", type=int, default=3, help="passes over the grid; ratios give median and range")
     p.add_argument("--warmup", type=int, default=1, help="untimed steps first (at least 1)")

@@ -98,11 +98,14 @@ def test_bad_methods_value_exits_2_with_one_line(capsys):
     assert len(err.splitlines()) == 1 and "backprop" in err and "bp-ga" in err
 
 
-@pytest.mark.parametrize(("flag", "value"), [("--timeout", "inf"), ("--timeout", "0"), ("--budget", "nan")])
+@pytest.mark.parametrize(
+    ("flag", "value"), [("--timeout", "inf"), ("--timeout", "0"), ("--budget", "nan"), ("--timeout", "1e9")]
+)
 def test_time_limits_must_be_finite_and_positive(capsys, flag, value):
+    # 1e9 ("no limit") overflowed subprocess.run's timeout with a traceback.
     assert main(["audit", "--methods", "bp", "--depths", "2", flag, value]) == 2
     err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and f"{flag} must be a positive, finite number of seconds" in err
+    assert len(err.splitlines()) == 1 and f"{flag} must be a positive number of seconds, at most 1e+06" in err
 
 
 def test_backbone_downsamples_twice_then_keeps_resolution():
@@ -148,6 +151,23 @@ def test_summary_ratios_compare_ff_to_the_leanest_bp():
     deep = next(s for s in audit.summarize(rows) if s["kind"] == "ratio" and s["depth"] == 8)
     assert deep["best_bp"] == "bp" and deep["bp_missing"] == ["bp-ga"] and deep["throughput_ratio_vs_bp_ga"] is None
     assert audit.render_summary(audit.summarize(rows))[0].row_count == 2
+
+
+def test_growth_takes_each_depths_first_round_and_cuda_rows_say_why_no_cpu_ratio():
+    # Growth read the last round's bytes while the memory ratios read the first; and CUDA rows, which have no
+    # CPU-second figures, were said to have "no bp-ga row" beside a bp-ga ratio.
+    rows = [
+        {"method": m, "depth": d, "resolution": 32, "round": i, "status": "ok", "peak_memory_bytes": 10}
+        | {"activation_memory_bytes": act + 100 * i, "images_per_second": 50.0}
+        for i in (0, 1)
+        for m, d, act in (("ff", 4, 1000), ("ff", 8, 1000), ("bp-ga", 4, 1000), ("bp-ga", 8, 2000))
+    ]
+    summary = audit.summarize(rows)
+    growth = {s["method"]: s["activation_growth"] for s in summary if s["kind"] == "depth-growth"}
+    assert growth == {"ff": pytest.approx(1.0), "bp-ga": pytest.approx(2.0)}
+    ratio = next(s for s in summary if s["kind"] == "ratio" and s["method"] == "ff")
+    assert audit._spread(ratio, "throughput_ratio_vs_bp_ga") == "1.00 (1.00-1.00, 2 rounds)"
+    assert audit._spread(ratio, "cpu_throughput_ratio_vs_bp_ga") == "- (no images_per_cpu_second measured)"
 
 
 def test_throughput_ratios_are_taken_round_by_round_with_their_range():
