@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from ffablate import jsontext
+from ffablate.config import did_you_mean
 from ffablate.errors import ConfigError
 
 # Audit method -> (trainer method, config overrides, micro-batched). "ff" is ffablate's default FF (class-wise
@@ -108,7 +109,8 @@ def parse_methods(text: str) -> list[str]:
     unknown = [m for m in names if m not in METHODS]
     if unknown or not names:
         bad = ", ".join(unknown) or repr(text)
-        raise ConfigError(f"--methods: unknown method {bad}; known: {', '.join(METHODS)}")
+        hint = did_you_mean(unknown[0], METHODS) if unknown else ""
+        raise ConfigError(f"--methods: unknown method {bad}{hint}; known: {', '.join(METHODS)}")
     return names
 
 

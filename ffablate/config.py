@@ -153,7 +153,7 @@ def parse_sets(items: list[str]) -> dict[str, Any]:
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
             raise ConfigError(f"--set expects KEY=VALUE, got {item!r} (e.g. --set lr=0.01)")
-        out[key.strip()] = value.strip()
+        out[key.strip()] = value.strip()  # a key given again overrides: a wrapper's defaults, then the user's
     return out
 
 
@@ -178,5 +178,5 @@ def _coerce(key: str, value: Any, kind: type) -> Any:
             return lowered in ("true", "1", "yes")
         return kind(value)
     except ValueError:
-        want = "bool (true or false)" if kind is bool else kind.__name__
+        want = {bool: "bool (true or false)", int: "int (e.g. 3)", float: "float (e.g. 0.01)"}.get(kind, kind.__name__)
         raise ConfigError(f"--set {key}={value}: expected {want}") from None

@@ -72,7 +72,8 @@ class Plugin:
         if unknown:
             known = ", ".join(sorted(self.params)) or "none"
             raise ConfigError(
-                f"{self.kind} plugin {self.name!r} has no parameter {unknown[0]!r}; its parameters: {known}"
+                f"{self.kind} plugin {self.name!r} has no parameter {unknown[0]!r}"
+                f"{did_you_mean(unknown[0], self.params)}; its parameters: {known}"
             )
         return {key: self._checked(key, value) for key, value in self.typed_params(params).items()}
 
@@ -234,7 +235,7 @@ def unknown_hint(name: str, known: Iterable[str]) -> str:
 
 def _check_kind(kind: str) -> str:
     if kind not in KINDS:
-        raise UnknownPlugin(f"unknown plugin kind {kind!r}; kinds: {', '.join(KINDS)}")
+        raise UnknownPlugin(f"unknown plugin kind {kind!r}{did_you_mean(kind, KINDS)}; kinds: {', '.join(KINDS)}")
     return kind
 
 

@@ -220,14 +220,16 @@ def resolve(name_or_path: str) -> Path:
     path = Path(name_or_path)
     if path.suffix == ".toml" or path.is_file():
         if not path.is_file():
-            raise SpecError(f"{path}: no such study spec file")
+            known = ", ".join(available_names()) or "none"
+            raise SpecError(f"{path}: no such study spec file; known studies: {known}")
         return path
     for folder in (Path.cwd() / "studies", STUDIES_DIR):
         candidate = folder / f"{name_or_path}.toml"
         if candidate.is_file():
             return candidate
     known = ", ".join(available_names()) or "none"
-    raise SpecError(f"unknown study {name_or_path!r}; known studies: {known} (or give a path to a .toml spec)")
+    hint = did_you_mean(name_or_path, available_names())
+    raise SpecError(f"unknown study {name_or_path!r}{hint}; known studies: {known} (or give a path to a .toml spec)")
 
 
 def available_names() -> list[str]:
@@ -417,7 +419,8 @@ class _Validator:
     def no_unknown(self, table: dict[str, Any], known: set[str], key: str) -> None:
         for k in table:
             if k not in known:
-                self.fail(_join(key, k), f"is not a known key; known: {', '.join(sorted(known))}")
+                hint = did_you_mean(k, known)
+                self.fail(_join(key, k), f"is not a known key{hint}; known: {', '.join(sorted(known))}")
 
     def get(
         self,

@@ -32,7 +32,7 @@ from optuna.trial import FrozenTrial, Trial, TrialState
 
 from ffablate import results
 from ffablate import spec as specs
-from ffablate.config import RunConfig
+from ffablate.config import RunConfig, did_you_mean
 from ffablate.errors import ConfigError, DataError, FFablateError
 
 DEFAULT_STORAGE = "sqlite:///ffablate.db"
@@ -654,14 +654,21 @@ def open_study(plan: specs.Plan, storage: optuna.storages.BaseStorage, name: str
         if spec.sampler == "grid"
         else tpe_sampler(plan)
     )
-    study = optuna.create_study(
-        storage=storage,
-        study_name=name,
-        direction="maximize",
-        sampler=sampler,
-        pruner=make_pruner(spec),
-        load_if_exists=True,
-    )
+    try:
+        study = optuna.create_study(
+            storage=storage,
+            study_name=name,
+            direction="maximize",
+            sampler=sampler,
+            pruner=make_pruner(spec),
+            load_if_exists=True,
+        )
+    except optuna.exceptions.StorageInternalError as exc:  # its first write: a read-only file opens, then fails here
+        cause = str(exc.__cause__ or exc).splitlines()[0]
+        raise FFablateError(
+            f"the storage refused a write ({cause}); make it writable, or pass another --storage "
+            "(`ffablate report` reads a read-only one)"
+        ) from None
     attrs = study.user_attrs
     fingerprint = plan.fingerprint()
     refuse_a_foreign_study(study)
@@ -965,10 +972,12 @@ def load_study(storage_url: str | None, name: str) -> optuna.Study:
         if len(matches) > 1:  # a quick and a full run of one spec: reporting either silently would mislead
             raise FFablateError(f"{name!r} matches several studies in {where}: {', '.join(matches)}; name one of them")
         if not matches:
+            # Only a spec's name makes a study by that name; "god-smoke" for "good-smoke" is a typo.
             run = f"ffablate study {name}" + (f" --storage {storage_url}" if storage_url else "")
-            raise FFablateError(
-                f"no study {name!r} in {where}; studies there: {', '.join(names) or 'none'} (to make it: `{run}`)"
-            )
+            hint = did_you_mean(name, names)
+            make = f" (to make it: `{run}`)" if name in specs.available_names() else ""
+            there = ", ".join(names) or "none"
+            raise FFablateError(f"no study {name!r} in {where}{hint}; studies there: {there}{make}")
         name = matches[0]
     with _quiet_optuna():
         study = optuna.load_study(study_name=name, storage=storage)

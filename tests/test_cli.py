@@ -145,7 +145,7 @@ def test_informational_stderr_lines_do_not_wrap_when_piped():
         (["study", "goodness", "--epochs", "1"], "unrecognized arguments: --epochs 1 (see `ffablate study --help`)"),
         (["audit", "--warmup", "0"], "--warmup must be at least 1"),  # one ran anyway, recorded as 0
         (["audit", "--rounds", "0"], "--rounds must be at least 1"),
-        (["audit", "--timeout", "0"], "--timeout must be a positive, finite number"),
+        (["audit", "--timeout", "0"], "--timeout must be a positive number of seconds"),
         (["audit", "--width", "4"], "needs a channel per class"),
         (["audit", "--plot-prefix", "a/b"], "without '/'"),
         (["train", *tiny_args("--set", "classes=1")], "pick 2..10"),
@@ -156,6 +156,12 @@ def test_informational_stderr_lines_do_not_wrap_when_piped():
         (["train", *tiny_args("--set", "norm=coupled-ln", "--set", "norm.eps=0")], "norm.eps must be > 0, got 0.0"),
         (["train", *tiny_args("--set", "norm.momentum=2")], "norm.momentum must be in [0, 1], got 2"),
         (["train", "--epochs", "2", "--set", "epochs=1"], "--epochs 2 and --set epochs=1 disagree"),
+        # Session 17's review of the CLI: typos without a hint, a float without an example.
+        (["train", "--set", "lr=abc"], "--set lr=abc: expected float (e.g. 0.01)"),
+        (["train", "--set", "temperature=cosine", "--set", "temperature.strt=2"], "'strt' (did you mean 'start'?)"),
+        (["plugins", "goodnes"], "unknown plugin kind 'goodnes' (did you mean 'goodness'?)"),
+        (["study", "temprature-vs-norm"], "unknown study 'temprature-vs-norm' (did you mean 'temperature-vs-norm'?)"),
+        (["audit", "--methods", "ff,bpga"], "unknown method bpga (did you mean 'bp-ga'?)"),
         (
             ["train", *tiny_args("--method", "bp", "--set", "backbone=mlp", "--set", "batch_size=1")],
             "'coupled-bn' needs more than one value",

@@ -162,7 +162,10 @@ def test_misspelled_hook_fails_fast():
 
 
 def test_unknown_plugin_parameter_is_a_config_error():
-    with pytest.raises(ConfigError, match=r"^temperature plugin 'constant' has no parameter 'tt'; its parameters: t$"):
+    with pytest.raises(
+        ConfigError,
+        match=r"^temperature plugin 'constant' has no parameter 'tt' \(did you mean 't'\?\); its parameters: t$",
+    ):
         registry().create("temperature", "constant", {"tt": 1.0})
 
 

@@ -456,7 +456,7 @@ def test_a_trial_whose_heartbeat_stopped_on_another_host_is_freed(tmp_path, monk
             GRID.replace('["constant", "cosine"]', '["constant", "cosin"]'),
             "axes.temperature names no temperature plugin 'cosin' (did you mean 'cosine'? or your own? install",
         ),
-        (GRID.replace("question", "questoin"), "questoin is not a known key"),
+        (GRID.replace("question", "questoin"), "questoin is not a known key (did you mean 'question'?)"),
         (GRID.replace("[axes]", "epoch = 2\n[axes]"), "base.epoch is not a run setting (did you mean 'epochs'?)"),
         (
             GRID.replace('dataset = "fashion-mnist"', 'dataset = "imagenet-9000"'),
@@ -1071,8 +1071,22 @@ def test_a_recipe_comes_only_from_a_finished_study_of_that_name(tmp_path):
     renamed.set_user_attr("ffablate_spec", "tiny")
     with pytest.raises(FFablateError, match="'tiny' matches several studies in .*: tiny-smoke, tiny-lr; name one"):
         studies.winning_recipe(url, "tiny")
-    with pytest.raises(FFablateError, match=r"no study 'tinyy' in .* \(to make it: `ffablate study tinyy --storage"):
+    # A typo gets a hint; only a study spec's name gets the command that makes it ("tinyy" has no spec to run).
+    with pytest.raises(FFablateError, match=r"no study 'tinyy' in .*\(did you mean 'tiny-lr'\?\); studies there: "):
         studies.load_study(url, "tinyy")
+    with pytest.raises(FFablateError, match=r"\(to make it: `ffablate study temperature-vs-norm --storage"):
+        studies.load_study(url, "temperature-vs-norm")
+
+
+def test_a_read_only_storage_is_a_one_line_error(tmp_path, capsys):
+    # The first write (creating the study) failed with a traceback and exit 1.
+    db = tmp_path / "studies.db"
+    optuna.storages.RDBStorage(f"sqlite:///{db}")  # the schema, so that the storage opens
+    read_only = f"sqlite:///file:{db}?mode=ro&uri=true"
+    assert main(["study", str(write_spec(tmp_path, GRID, seeds=1)), "--budget", "smoke", "--storage", read_only]) == 2
+    err = capsys.readouterr().err.strip().splitlines()  # the study's header line, then the error
+    assert "Traceback" not in "".join(err) and err[-1].startswith("ffablate: error: the storage refused a write")
+    assert "readonly database" in err[-1]
 
 
 def test_a_worker_leaves_a_point_that_another_live_worker_runs(tmp_path, capsys):
