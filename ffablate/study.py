@@ -76,9 +76,15 @@ def storage_for(url: str | None) -> optuna.storages.RDBStorage:
             if attempt < OPEN_TRIES and _created_meanwhile(exc, new):
                 time.sleep(0.1 * 2 ** (attempt - 1))
                 continue
+            cause = str(exc).splitlines()[0]
+            if "database is locked" in cause:  # the URL is fine: another process holds the file
+                raise FFablateError(
+                    f"cannot open storage {url}: another process holds it locked; wait for it, or pass another "
+                    "--storage"
+                ) from None
             raise FFablateError(
-                f"cannot open storage {url}: {str(exc).splitlines()[0]}; check the URL (for sqlite, that its folder "
-                "exists and is writable; for a server, that it is up and its driver installed)"
+                f"cannot open storage {url}: {cause}; check the URL (for sqlite, that its folder exists and is "
+                "writable; for a server, that it is up and its driver installed)"
             ) from None
 
 

@@ -1221,6 +1221,21 @@ def test_a_baseline_enqueued_twice_runs_once(tmp_path):
     assert not results.summarize(optuna.load_study(study_name="tiny-smoke", storage=url)).failures
 
 
+def test_a_locked_storage_says_who_holds_it(tmp_path):
+    # "database is locked; check the URL (for sqlite, that its folder exists and is writable ...)" blamed the URL.
+    import sqlite3
+
+    db = tmp_path / "studies.db"
+    optuna.storages.RDBStorage(f"sqlite:///{db}")
+    holder = sqlite3.connect(db, isolation_level=None)
+    try:
+        holder.execute("BEGIN EXCLUSIVE")
+        with pytest.raises(FFablateError, match="another process holds it locked; wait for it, or pass another"):
+            studies.storage_for(f"sqlite:///{db}?timeout=0.2")  # SQLite's own wait, cut from 5 s
+    finally:
+        holder.close()
+
+
 def test_only_a_new_database_waits_out_a_lock():
     from sqlalchemy.exc import IntegrityError, OperationalError
 
