@@ -21,11 +21,15 @@ from ffablate.stats import Estimate, fmt  # noqa: E402
 
 # The legend and caption word for a point or bar drawn hollow: its gap or mean rests on one seed on a side.
 NO_CI = "hollow: n=1, no CI"
+# Every plot a report can hold: a rerun into the same folder removes them first, so none is left from another study.
+PLOTS = ("heatmap.png", "k_sweep_gap.png", "coarse_vs_fine.png", "bp_gap.png", "learning_curves.png", "importance.png")
 
 
 def write_report(study: optuna.Study, out: Path) -> Path:
     """Write ``out/report.md`` and its plots; returns the report's path."""
     out.mkdir(parents=True, exist_ok=True)
+    for name in PLOTS:
+        (out / name).unlink(missing_ok=True)
     summary = results.summarize(study)
     plots: list[tuple[str, str]] = []
     for make in (_heatmap, _k_sweep, _hierarchy, _bp_gap_bars, _learning_curves):
@@ -100,7 +104,7 @@ def _failed_line(failure: results.FailedTrial) -> str:
         who = f"{failure.label} (seed {failure.seed})" if failure.seed is not None else failure.label
     else:
         who = f"trial {failure.number} (it died before recording its configuration)"
-    return f"- {who}: {failure.reason}{FATES[failure.fate]}"
+    return f"- {who}: {_one_line(failure.reason)}{FATES[failure.fate]}"
 
 
 def _ranking(summary: results.Summary) -> str:
@@ -123,9 +127,14 @@ def _states(summary: results.Summary) -> str:
     return ", ".join(f"{k.lower()} {v}" for k, v in sorted(summary.states.items()))
 
 
+def _one_line(text: str) -> str:
+    """``text`` on one line: an exception's message can span several, which would end a markdown row or list item."""
+    return " ".join(text.split())
+
+
 def _md_table(columns: list[str], rows: list[list[str]]) -> list[str]:
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(c.replace("|", "/") for c in row) + " |" for row in rows]
+    lines += ["| " + " | ".join(_one_line(c).replace("|", "\\|") for c in row) + " |" for row in rows]
     return lines
 
 
@@ -150,6 +159,8 @@ def _heatmap(summary: results.Summary, out: Path) -> tuple[str, str] | None:
     grid = [[math.nan] * len(xv) for _ in yv]
     text = [[""] * len(xv) for _ in yv]
     cells = [r for r in summary.ff if r.n and r.overrides.get(ya) in yv and r.overrides.get(xa) in xv]
+    if len({(r.overrides[ya], r.overrides[xa]) for r in cells}) < len(cells):
+        return None  # groups (e.g. datasets) that share both axes: one grid would show one group's rows only
     for r in cells:
         i, j = yv.index(r.overrides[ya]), xv.index(r.overrides[xa])
         grid[i][j] = r.accuracy.mean * 100
@@ -244,8 +255,13 @@ def _hierarchy(summary: results.Summary, out: Path) -> tuple[str, str] | None:
     by_group: dict[str, dict[str, dict[str, results.Row]]] = defaultdict(lambda: defaultdict(dict))
     for r in summary.rows:
         if r.n and "labels" in r.overrides:
-            group = r.group or str(r.overrides.get("dataset", ""))
-            by_group[group][str(r.overrides["labels"])][r.role] = r
+            level = by_group[r.group or str(r.overrides.get("dataset", ""))][str(r.overrides["labels"])]
+            if r.role == "ff":
+                level["ff"] = r
+                if r.base is not None and r.base.n:  # the baseline its gap is taken to, whatever else ran
+                    level["baseline"] = r.base
+            elif r.method == summary.baseline_method and "baseline" not in level:
+                level["baseline"] = r  # (a level whose FF rows all failed)
     if not by_group:
         return None
     fig, axes = plt.subplots(1, len(by_group), figsize=(4.5 * len(by_group), 3.8), squeeze=False)

@@ -27,7 +27,8 @@ def make_study(url: str, name: str, meta: dict, trials: list[dict]) -> optuna.St
     """``trials``: dicts with cell, role, overrides, seed, value (None = failed: the test accuracy), optional
     val (a validation accuracy, which then is the trial's value, as in a study), pruned (True: value is the
     accuracy it was pruned at), match (the baseline-matching settings; by default dataset, classes, labels),
-    group/history and metrics (stored metrics that replace the ones made from value and val)."""
+    group/history, metrics (stored metrics that replace the ones made from value and val), method (a baseline's, by
+    default bp-deepsup) and reason (a failed trial's)."""
     study = optuna.create_study(storage=url, study_name=name, direction="maximize")
     for key, value in {
         "baseline_methods": ["bp-deepsup"],
@@ -44,7 +45,10 @@ def make_study(url: str, name: str, meta: dict, trials: list[dict]) -> optuna.St
             "role": t["role"],
             "seed": t["seed"],
             "group": t.get("group", ""),
-            "overrides": {**t["overrides"], "method": "bp-deepsup" if t["role"] == "baseline" else "ff"},
+            "overrides": {
+                **t["overrides"],
+                "method": t.get("method", "bp-deepsup" if t["role"] == "baseline" else "ff"),
+            },
             "match": json.dumps(match, sort_keys=True),
             "history": t.get(
                 "history",
@@ -74,7 +78,7 @@ def make_study(url: str, name: str, meta: dict, trials: list[dict]) -> optuna.St
                 intermediate_values={0: t["value"]},
             )
         elif t["value"] is None:
-            attrs.update(fail_reason="TrainingDiverged: loss became nan", fail_permanent=True)
+            attrs.update(fail_reason=t.get("reason", "TrainingDiverged: loss became nan"), fail_permanent=True)
             frozen = create_trial(state=TrialState.FAIL, params=params, distributions=dists, user_attrs=attrs)
         else:
             value = t["value"] if t.get("val") is None else t["val"]
@@ -243,6 +247,60 @@ def test_label_hierarchy_report_has_coarse_vs_fine_bars_and_notes(tmp_path, url)
     assert (tmp_path / "out" / "coarse_vs_fine.png").stat().st_size > 1000
     assert "fine labels -10.0 ± 3.0 pp" in text and "coarse labels -2.0 ± 3.0 pp" in text
     assert note in text
+
+
+def test_the_coarse_vs_fine_bars_show_the_baseline_each_gap_is_taken_to(tmp_path, url, figures):
+    # With bp as a second baseline method, its rows drew the bars labelled bp-deepsup, while the gaps (and the
+    # answer) were taken to bp-deepsup.
+    trials = [
+        {"cell": f"{name}labels={labels}", "role": role, "seed": seed, "value": value + seed / 100, **extra}
+        | {"group": "fashion-mnist", "overrides": {"dataset": "fashion-mnist", "labels": labels}}
+        for labels, ff, deepsup, bp in (("fine", 0.70, 0.80, 0.60), ("coarse", 0.90, 0.92, 0.50))
+        for name, role, value, extra in (
+            ("bp-deepsup ", "baseline", deepsup, {}),
+            ("bp ", "baseline", bp, {"method": "bp"}),
+            ("", "ff", ff, {}),
+        )
+        for seed in (0, 1, 2)
+    ]
+    meta = {
+        "analysis": "label-hierarchy",
+        "axes": {"labels": ["fine", "coarse"]},
+        "baseline_methods": ["bp-deepsup", "bp"],
+        # In the plan's order, where each level's bp row comes after its bp-deepsup row.
+        "cells": [f"{b}labels={lab}" for lab in ("fine", "coarse") for b in ("bp-deepsup ", "bp ")]
+        + ["labels=fine", "labels=coarse"],
+    }
+    write_report(make_study(url, "label-hierarchy-quick", meta, trials), tmp_path / "out")
+    (ff_bars, base_bars) = [c for c in figures["coarse_vs_fine.png"].axes[0].containers if hasattr(c, "patches")]
+    assert base_bars.get_label() == "bp-deepsup"
+    assert [round(p.get_height(), 1) for p in base_bars.patches] == [93.0, 81.0]  # coarse, fine (sorted)
+
+
+def test_a_heatmap_of_groups_sharing_both_axes_is_not_drawn(tmp_path, url, figures):
+    # Two datasets, each temperature x norm: one grid kept the second group's cells only, under the first's title.
+    trials = [
+        {"cell": f"{ds} temperature={t} norm={n}", "role": "ff", "group": ds, "seed": seed, "value": value}
+        | {"overrides": {"dataset": ds, "temperature": t, "norm": n}, "match": {"dataset": ds, "norm": n}}
+        for ds, value in (("mnist", 0.9), ("fashion-mnist", 0.8))
+        for t in ("constant", "cosine")
+        for n in ("none", "decoupled")
+        for seed in (0, 1)
+    ]
+    axes = {"temperature": ["constant", "cosine"], "norm": ["none", "decoupled"]}
+    text = write_report(make_study(url, "two-groups", {"analysis": "ablation", "axes": axes}, trials), tmp_path / "o")
+    assert "heatmap.png" not in figures and "heatmap" not in text.read_text()
+
+
+def test_a_report_keeps_its_rows_whole_and_leaves_no_plot_of_an_earlier_report(tmp_path, url):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "heatmap.png").write_bytes(b"an earlier study's")  # reports/NAME is shared by studies of one name
+    ff = {"last": [{"seed": 0, "value": 0.8}, {"seed": 1, "value": None, "reason": "ValueError: bad\nshape | [2, 4]"}]}
+    text = write_report(_ablation(url, ff, [0.85, 0.86], [0, 1]), out).read_text()
+    # An exception's second line ended the markdown row (and the list item) it was in.
+    assert "failed: ValueError: bad shape \\| [2, 4] |" in text and "(seed 1): ValueError: bad shape | [2, 4]" in text
+    assert not (out / "heatmap.png").exists()
 
 
 def _hierarchy_answer(url: str, name: str, accuracies: dict[tuple[str, str], list[float]]) -> str:
