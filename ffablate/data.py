@@ -574,7 +574,9 @@ def dataset_stats(ds: ImageDataset | Tensor) -> tuple[list[float], list[float]]:
         mean = (hist * values).sum() / total
         var = (hist * (values - mean) ** 2).sum() / total
         means.append(float(mean))
-        stds.append(float(var.sqrt()))
+        # A channel that never varies (an image folder without blue) has std 0, and (x - mean) / 0 put NaN in
+        # every input; centred, it is 0 at any scale.
+        stds.append(float(var.sqrt()) or 1.0)
     return means, stds
 
 

@@ -232,6 +232,14 @@ def test_real_fashion_mnist(fashion):
     assert mean[0] == pytest.approx(0.2860, abs=1e-4) and std[0] == pytest.approx(0.3530, abs=1e-4)
 
 
+def test_a_channel_that_never_varies_is_centred_not_divided_by_zero():
+    # An image folder without blue had std 0, and every input became NaN ("loss became nan; lower lr").
+    x = torch.randint(0, 256, (8, 3, 4, 4), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    x[:, 2] = 7
+    mean, std = data.dataset_stats(x)
+    assert std[2] == 1.0 and mean[2] == pytest.approx(7 / 255) and 0 < std[0] < 1
+
+
 def test_real_mnist(tmp_path):
     ds = load_dataset("mnist", data_root=tmp_path)
     assert ds.train_x.shape == (60000, 1, 28, 28) and ds.test_x.shape == (10000, 1, 28, 28)
@@ -527,6 +535,10 @@ def test_a_damaged_cifar_pickle_is_one_line(tmp_path):
         ({"labels": [1, 2]}, "no 'data' entry"),
         ([1, 2], "holds a list"),
         ({"data": np.zeros((2, 3072), np.uint8), "labels": ["a", "b"]}, "'labels' is not an array"),
+        # A cast read these as plausible data: pixels modulo 256, or 0.7 as 0, and labels truncated.
+        ({"data": np.full((2, 3072), 300), "labels": [1, 2]}, "'data' is not an array of uint8"),
+        ({"data": np.full((2, 3072), 0.7, np.float32), "labels": [1, 2]}, "'data' is not an array of uint8"),
+        ({"data": np.zeros((2, 3072), np.uint8), "labels": [1.7, 2.2]}, "'labels' is not an array of int64"),
     ],
 )
 def test_malformed_cifar10_batch_is_one_line_naming_the_file(tmp_path, batch, words):
@@ -580,6 +592,12 @@ def test_unreadable_svhn_file_is_one_line(tmp_path, content, words):
         load_dataset("svhn", data_root=tmp_path)
     msg = one_line(exc)
     assert words in msg and str(tmp_path / "train_32x32.mat") in msg and "fetch it again" in msg
+
+
+def test_svhn_labels_that_are_not_integers_are_malformed(tmp_path):
+    _svhn_files(tmp_path, [1, 1.5, 10])  # read as the digit 1 before
+    with pytest.raises(MalformedFile, match="y is float64, expected integer labels 1..10"):
+        load_dataset("svhn", data_root=tmp_path)
 
 
 @pytest.mark.parametrize("bad", [0, 11])

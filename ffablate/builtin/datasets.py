@@ -277,12 +277,16 @@ def _unpickle(path: Path, keys: list[str]) -> dict[str, Any]:
 
 
 def _cifar_array(batch: dict[str, Any], key: str, dtype: type, path: Path) -> np.ndarray:
+    """``batch[key]`` as ``dtype``: uint8 pixels as they are, labels of any integer type. A cast would have read
+    int64 pixels modulo 256 and float labels truncated, as plausible data."""
     try:
-        return np.asarray(batch[key], dtype=dtype)
+        array = np.asarray(batch[key])
     except (TypeError, ValueError, OverflowError):
-        raise MalformedFile(
-            f"{path}: {key!r} is not an array of {np.dtype(dtype).name}; delete it and fetch it again"
-        ) from None
+        array = None
+    fits = array is not None and (array.dtype == dtype if dtype == np.uint8 else np.issubdtype(array.dtype, np.integer))
+    if not fits:
+        raise MalformedFile(f"{path}: {key!r} is not an array of {np.dtype(dtype).name}; delete it and fetch it again")
+    return array.astype(dtype, copy=False)
 
 
 def _cifar_batch(path: Path, label_keys: dict[str, int]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
@@ -418,7 +422,7 @@ def _read_svhn(path: Path) -> tuple[np.ndarray, np.ndarray]:
         raise DataNotFound("dataset 'svhn' reads MATLAB files with scipy: pip install scipy") from None
     try:
         mat = loadmat(str(path))
-        x, y = np.asarray(mat["X"]), np.asarray(mat["y"]).reshape(-1).astype(np.int64)
+        x, y = np.asarray(mat["X"]), np.asarray(mat["y"]).reshape(-1)
     except NotImplementedError:
         # scipy's own message points to h5py, but SVHN ships v5 files: this one is not the real download.
         raise MalformedFile(
@@ -432,6 +436,9 @@ def _read_svhn(path: Path) -> tuple[np.ndarray, np.ndarray]:
         raise MalformedFile(
             f"{path}: X is {x.dtype} of shape {x.shape}, expected uint8 (32, 32, 3, N) with N >= 1; fetch it again"
         )
+    if not np.issubdtype(y.dtype, np.integer):  # a cast would have truncated 1.5 to the digit 1
+        raise MalformedFile(f"{path}: y is {y.dtype}, expected integer labels 1..10; fetch it again")
+    y = y.astype(np.int64)
     _check_labels(y - 1, 10, path, first=1)
     y[y == 10] = 0  # SVHN labels the digit 0 as 10
     return np.transpose(x, (3, 2, 0, 1)), y  # (H, W, C, N) -> (N, C, H, W)
