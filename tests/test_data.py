@@ -491,6 +491,22 @@ def test_imagefolder_standin(tmp_path):
     ]
 
 
+def test_imagefolder_reads_sub_folders_in_torchvisions_order(tmp_path):
+    # Images in a class's sub-folders were skipped, where torchvision's ImageFolder reads them.
+    from PIL import Image
+    from torchvision.datasets import ImageFolder
+
+    for split in ("train", "test"):
+        for c, cls in enumerate(("ant", "cat")):
+            for i, name in enumerate(("b.png", "sub/a.png", "z.png", "sub/deeper/c.png", ".hidden/d.png")):
+                (tmp_path / "pets" / split / cls / name).parent.mkdir(parents=True, exist_ok=True)
+                Image.new("RGB", (4, 4), (c * 100 + i, 0, 0)).save(tmp_path / "pets" / split / cls / name)
+    ds = load_dataset("imagefolder", data_root=tmp_path, params={"path": "pets"})
+    want = [(path, label) for path, label in ImageFolder(tmp_path / "pets" / "train").samples if ".hidden" not in path]
+    assert ds.train_y.tolist() == [label for _, label in want]
+    assert ds.train_x[:, 0, 0, 0].tolist() == [int(Image.open(path).getpixel((0, 0))[0]) for path, _ in want]
+
+
 def _cifar10_tree(root: Path) -> Path:
     """A valid CIFAR-10 stand-in with two images per batch, for tests that then break one file."""
     folder = root / "cifar-10-batches-py"

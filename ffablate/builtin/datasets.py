@@ -585,7 +585,14 @@ def _class_folders(split: Path) -> list[str]:
 
 
 def _images_in(folder: Path) -> list[Path]:
-    return sorted(f for f in folder.glob("*") if f.suffix.lower() in _IMAGE_SUFFIXES and not f.name.startswith("."))
+    """The images of a class folder, in sub-folders too, in torchvision's order (folder by folder, as sorted
+    ``os.walk`` tuples, each folder's files sorted); hidden files and folders are left out."""
+    found = []
+    for root, _, files in sorted(os.walk(folder, followlinks=True)):
+        if any(part.startswith(".") for part in Path(root).relative_to(folder).parts):
+            continue
+        found += [Path(root, f) for f in sorted(files) if Path(f).suffix.lower() in _IMAGE_SUFFIXES and f[0] != "."]
+    return found
 
 
 def _read_split(folder: Path, classes: list[str], mode: str, size: int) -> tuple[np.ndarray, np.ndarray]:
