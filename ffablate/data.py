@@ -426,6 +426,13 @@ def hold_out_validation(ds: ImageDataset, n: int) -> ImageDataset:
     kept = torch.ones(len(ds.train_y), dtype=torch.bool)
     kept[held] = False
     rest = kept.nonzero().squeeze(1)
+    # A class with n / K images or fewer goes wholly to validation: trained on nothing, still tested.
+    emptied = sorted(set(ds.train_y[held].tolist()) - set(ds.train_y[rest].tolist()))
+    if emptied:
+        names = ", ".join(ds.class_names[c] if c < len(ds.class_names) else str(c) for c in emptied)
+        raise ConfigError(
+            f"val_images={n} would hold out every training image of class {names} ({ds.name}); hold out fewer"
+        )
     return replace(ds, **_rows(ds, "train", rest), val_x=ds.train_x[held], val_y=ds.train_y[held])
 
 

@@ -354,6 +354,17 @@ def test_validation_is_held_out_of_training_stratified_and_the_same_for_every_se
         load_dataset("teacher-student", classes=5, val_images=203, params=SMALL_TS)
 
 
+def test_a_hold_out_that_would_take_a_whole_class_is_refused():
+    # Class-balanced, the split takes n / K images of each class: a class with fewer lost all its training images,
+    # without a word, and was still tested.
+    x = torch.zeros(24, 1, 4, 4, dtype=torch.uint8)
+    y = torch.tensor([0] * 10 + [1] * 10 + [2] * 4)
+    ds = data.ImageDataset("tiny", x, y, x[:3], torch.arange(3), 3, ["a", "b", "rare"], False, "generated")
+    assert len(data.hold_out_validation(ds, 9).train_y) == 15
+    with pytest.raises(ConfigError, match="val_images=12 would hold out every training image of class rare"):
+        data.hold_out_validation(ds, 12)
+
+
 def test_teacher_student_labels_follow_the_teacher():
     """Most samples keep the teacher's unconstrained argmax: balancing only reassigns the overflow."""
     scores = torch.randn(400, 4, generator=torch.Generator().manual_seed(0))
