@@ -344,14 +344,17 @@ def _learning_curves(summary: results.Summary, out: Path) -> tuple[str, str] | N
         means = [sum(by_epoch[e]) / len(by_epoch[e]) for e in epochs]
         style = dict(ls="--", lw=2, color="black") if r.role == "baseline" else dict(lw=1, alpha=0.8)
         ax.plot([e + 1 for e in epochs], means, marker="o", ms=3, label=r.label, **style)
-    ax.set_xlabel("epoch")
+    # A greedy FF run records each block's phase of E epochs in turn: D x E points, which are no BP epochs.
+    base = summary.meta.get("base") or {}
+    greedy = any(r.role == "ff" and r.overrides.get("schedule", base.get("schedule")) == "greedy" for r in rows)
+    ax.set_xlabel("pass over the training data (greedy FF: the blocks' phases in turn)" if greedy else "epoch")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     split = {frozenset({"val_accuracy"}): "validation", frozenset({"test_accuracy"}): "test"}.get(
         frozenset(keys), "validation (test where none was held out)"
     )
     ax.set_ylabel(f"{split} accuracy % (mean over seeds)")
     ax.set_title("learning curves (dashed: BP baseline)")
-    caption = f"per-epoch {split} accuracy"
+    caption = f"per-{'pass' if greedy else 'epoch'} {split} accuracy"
     if len(rows) <= 12:
         ax.legend(fontsize=6)
     else:  # a legend of more would cover the curves

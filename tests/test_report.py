@@ -393,6 +393,19 @@ def test_one_epoch_studies_draw_no_learning_curves(tmp_path, url):
     assert (tmp_path / "two" / "learning_curves.png").stat().st_size > 1000
 
 
+def test_a_greedy_runs_curve_is_drawn_against_passes_not_epochs(tmp_path, url, figures):
+    # 2 blocks x 3 epochs recorded as 6 points, drawn on an axis labelled "epoch" beside BP's 3.
+    history = [{"epoch": e, "loss": 1.0, "test_accuracy": 0.5 + e / 20} for e in range(6)]
+    trials = [
+        {"cell": f"schedule={k}", "role": "ff", "seed": 0, "value": 0.8, "overrides": {"schedule": k}, "history": h}
+        for k, h in (("greedy", history), ("simultaneous", history[:3]))
+    ]
+    trials.append({"cell": "bp-deepsup", "role": "baseline", "seed": 0, "value": 0.85, "overrides": {}})
+    report = write_report(make_study(url, "schedule-full", {"analysis": "ablation"}, trials), tmp_path / "o")
+    assert figures["learning_curves.png"].axes[0].get_xlabel().startswith("pass over the training data (greedy FF")
+    assert "per-pass test accuracy" in report.read_text()
+
+
 def test_a_row_without_results_shows_dashes(url):
     trials = [
         {"cell": "fusion=last", "role": "ff", "seed": 0, "value": 0.80, "overrides": {"fusion": "last"}},
