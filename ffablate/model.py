@@ -96,6 +96,10 @@ def checked_paths(paths: object, h: Tensor, width: int, label: str) -> NormPaths
         problem = f"readout features of shape {tuple(paths.readout.shape)}, not (N, F) = ({n}, {width})"
     elif paths.goodness_input.dim() < 2 or paths.goodness_input.shape[0] != n:
         problem = f"a goodness input of shape {tuple(paths.goodness_input.shape)} for {n} samples"
+    elif h.requires_grad and not paths.goodness_input.requires_grad:
+        # FF's loss reaches the block only through it: an autograd error far from the plugin, or (with a learned
+        # T, the loss's one other gradient) a run whose blocks never learn.
+        problem = "a goodness input with no gradient (detached from the block's activity)"
     else:
         return paths
     raise ConfigError(f"{label} returned {problem} (see ffablate_register_norm in ffablate/hookspecs.py)")

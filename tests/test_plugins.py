@@ -647,6 +647,8 @@ class _PathsAs(torch.nn.Module):
         ),
         (lambda h: NormPaths(h, h[:, :2], h.mean((2, 3))), r"a forward output of shape \(\d+, 2, 14, 14\) for a block"),
         (lambda h: NormPaths(h, h, h.mean((2, 3)).long()), r"readout is a torch.int64 tensor"),
+        # An autograd error naming no plugin; with a learned T, a run whose blocks never learned.
+        (lambda h: NormPaths(h.detach(), h, h.mean((2, 3))), r"returned a goodness input with no gradient"),
     ],
 )
 @pytest.mark.parametrize("method", ["ff", "bp-deepsup"])

@@ -10,7 +10,7 @@ from ffablate import hookimpl
 from ffablate.config import RunConfig
 from ffablate.errors import ConfigError
 from ffablate.plugins import Registry, make_plugin_manager
-from ffablate.train import build_trainer, run
+from ffablate.train import build_trainer, common, run
 from ffablate.train.common import TrainingDiverged, make_optimizer
 
 
@@ -463,20 +463,25 @@ def test_a_temperature_that_is_not_one_number_is_refused_before_any_update(tiny_
 
 
 @pytest.mark.parametrize("value", [0, -0.5, float("inf"), float("nan")])
-def test_a_temperature_number_that_is_not_positive_and_finite_is_refused(tiny_config, value):
-    plugins = Registry(make_plugin_manager((_TemperaturePlugin(lambda g: value),)))
+@pytest.mark.parametrize("as_tensor", [False, True])
+def test_a_temperature_that_is_not_positive_and_finite_is_refused(tiny_config, value, as_tensor):
+    # A negative tensor T trained every block toward the wrong labels without an error (accuracy under chance).
+    returned = torch.tensor(float(value)) if as_tensor else value
+    plugins = Registry(make_plugin_manager((_TemperaturePlugin(lambda g: returned),)))
     trainer = build_trainer(tiny_config.with_updates({"temperature": "probe"}), plugins=plugins)
-    match = rf"temperature plugin 'probe' .* returned {value} at progress 0.000 for block 0; a temperature must be pos"
+    shown = float(value) if as_tensor else value
+    match = rf"temperature plugin 'probe' .* returned {shown} at progress 0.000 for block 0; a temperature must be pos"
     _assert_refused_before_any_update(trainer, match)
 
 
-def test_a_zero_temperature_tensor_diverges_naming_the_blocks_plugins(tiny_config):
-    plugins = Registry(make_plugin_manager((_TemperaturePlugin(lambda g: torch.tensor(0.0)),)))
-    trainer = build_trainer(tiny_config.with_updates({"temperature": "probe"}), plugins=plugins)
-    x, y = next(iter(trainer.data.train))
-    match = r"at block 0 \(norm plugin .*, goodness plugin .*, loss plugin .*, temperature plugin 'probe' .*\); lower"
-    with pytest.raises(TrainingDiverged, match=match):
-        trainer.train_step(x, y, 0.0, range(trainer.net.depth), True)
+def test_temperatures_on_the_device_are_read_with_the_losses():
+    # A CUDA T is checked in the step's one host sync, after the backward passes and before any update.
+    losses = [("block 0", torch.tensor(0.5)), ("block 1", torch.tensor(0.25))]
+    assert common.checked_losses(losses, [("temperature plugin 'probe' (block 0)", torch.tensor(0.3))]) == [0.5, 0.25]
+    with pytest.raises(ConfigError, match=r"^temperature plugin 'probe' \(block 1\) returned T = -1.0; a temperature"):
+        common.checked_losses(
+            losses, [("t (block 0)", torch.tensor(2.0)), ("temperature plugin 'probe' (block 1)", torch.tensor(-1.0))]
+        )
 
 
 def _assert_refused_before_any_update(trainer, match: str) -> None:

@@ -155,15 +155,23 @@ def set_lr(optimizers: list[torch.optim.Optimizer], config: RunConfig, step: int
             group["lr"] = lr
 
 
-def checked_losses(losses: list[tuple[str, torch.Tensor]]) -> list[float]:
+def checked_losses(
+    losses: list[tuple[str, torch.Tensor]], temperatures: list[tuple[str, torch.Tensor]] = ()
+) -> list[float]:
     """The values of ``(where, loss)`` pairs, read with one host sync; raises TrainingDiverged naming the first
-    that is NaN or infinite.
+    that is NaN or infinite, and ConfigError naming the first of the ``(who, T)`` device tensors (temperatures,
+    read in the same sync) that is not positive and finite.
 
     One sync per step, not one per loss: on CUDA every sync drains the launch queue, and FF would pay it for
     each block. Trainers call this after the backward passes and before any optimizer step, so a diverged
     step updates no parameter.
     """
-    values = torch.stack([loss.detach().float() for _, loss in losses]).tolist()
+    tensors = [t.detach().float() for _, t in [*losses, *temperatures]]
+    values = torch.stack(tensors).tolist()
+    for (who, _), t in zip(temperatures, values[len(losses) :], strict=True):
+        if not (math.isfinite(t) and t > 0):
+            raise ConfigError(f"{who} returned T = {t}; a temperature must be positive and finite")
+    values = values[: len(losses)]
     for (where, _), value in zip(losses, values, strict=True):
         if not math.isfinite(value):
             check = ", or check the plugins named" if "plugin" in where else ""

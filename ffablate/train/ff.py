@@ -119,23 +119,34 @@ class FFNet(nn.Module):
 
     def temperature(self, index: int, progress: float, goodness: Tensor) -> Tensor | float:
         """Block ``index``'s temperature: a number or a 0-dim floating tensor. A vector would broadcast into the
-        goodness and silently divide each class (or sample) by its own T. Metadata only, so no host sync."""
+        goodness and silently divide each class (or sample) by its own T. A negative T trains each block toward the
+        wrong labels: a number or a CPU tensor is checked here, a device tensor by the trainer's one sync a step
+        (``temperature_to_check``). No host sync here."""
         t = self.temperatures[index](progress, goodness)
         if isinstance(t, Tensor) and t.dim() == 0 and t.is_floating_point():
+            if t.device.type == "cpu":
+                self._check_positive(float(t), index, progress)
             return t
         if isinstance(t, (int, float)) and not isinstance(t, bool):
-            # A number costs nothing to check; a tensor's value would cost a host sync, so a tensor that is 0
-            # shows up as a diverged loss whose message names this plugin.
-            if not (math.isfinite(t) and t > 0):
-                raise ConfigError(
-                    f"{self.labels['temperature']} returned {t} at progress {progress:.3f} for block {index}; a "
-                    "temperature must be positive and finite"
-                )
+            self._check_positive(t, index, progress)
             return t
         raise ConfigError(
             f"{self.labels['temperature']} returned {described(t)}; a temperature must be a number or a 0-dim "
             "floating tensor (one T per block, e.g. torch.tensor(0.5))"
         )
+
+    def _check_positive(self, t: float, index: int, progress: float) -> None:
+        if not (math.isfinite(t) and t > 0):
+            raise ConfigError(
+                f"{self.labels['temperature']} returned {t} at progress {progress:.3f} for block {index}; a "
+                "temperature must be positive and finite"
+            )
+
+    def temperature_to_check(self, index: int, t: Tensor | float) -> list[tuple[str, Tensor]]:
+        """``[(who, t)]`` for a temperature on the device, whose value the trainer reads with the step's losses."""
+        if isinstance(t, Tensor) and t.device.type != "cpu":
+            return [(f"{self.labels['temperature']} (block {index})", t)]
+        return []
 
     @torch.no_grad()
     def scores_and_features(
@@ -326,19 +337,20 @@ class FFTrainer:
         chunks = list(zip(x.split(size), y.split(size), strict=True))
         wrong = self._wrong_labels(x, y, active, size)
         wrongs = wrong.split(size) if wrong is not None else [None] * len(chunks)
-        scores, features, losses, shares = [], [], [], []
+        scores, features, losses, temperatures, shares = [], [], [], [], []
         for (xc, yc), wc in zip(chunks, wrongs, strict=True):
             shares.append(yc.numel() / y.numel())
-            chunk_scores, chunk_features, chunk_losses = self._chunk_backward(xc, yc, wc, progress, active, shares[-1])
-            scores.append(chunk_scores)
-            features.append(chunk_features)
-            losses += chunk_losses
+            chunk = self._chunk_backward(xc, yc, wc, progress, active, shares[-1])
+            scores.append(chunk[0])
+            features.append(chunk[1])
+            losses += chunk[2]
+            temperatures += chunk[3]
         fusion = None
         if fit_fusion and self.fusion_optimizer is not None:
             fusion = self._fusion_backward(x, y, _cat_chunks(scores), _cat_chunks(features))
         # One check before any step: a diverged block or fusion loss updates no parameter at all.
         fused = [(f"the fusion ({self.net.labels['fusion']})", fusion)] if fusion is not None else []
-        values = common.checked_losses(losses + fused)
+        values = common.checked_losses(losses + fused, temperatures)
         self.optimizer.step()
         if fusion is not None:
             self.fusion_optimizer.step()
@@ -385,11 +397,11 @@ class FFTrainer:
 
     def _chunk_backward(
         self, x: Tensor, y: Tensor, wrong: Tensor | None, progress: float, active: range, weight: float
-    ) -> tuple[list[Tensor], list[Tensor], list[tuple[str, Tensor]]]:
+    ) -> tuple[list[Tensor], list[Tensor], list[tuple[str, Tensor]], list[tuple[str, Tensor]]]:
         """Every block's forward, local loss and backward on one chunk (the loss scaled by the chunk's share
         of the batch, so accumulated gradients are the batch mean), with the chunk's negative labels ``wrong``
-        (None: per-class goodness). Returns per-block detached scores and pooled features, and each active
-        block's unscaled loss, still on the device.
+        (None: per-class goodness). Returns per-block detached scores and pooled features, each active
+        block's unscaled loss, still on the device, and its temperature where that is on the device (to check).
         """
         net, k = self.net, self.net.num_classes
         if net.goodness.per_class:
@@ -400,7 +412,7 @@ class FFTrainer:
             h = net.backbone.prepare(torch.cat([pos, neg]))
             del pos, neg
             split = x.shape[0]
-        scores, features, losses = [], [], []
+        scores, features, losses, temperatures = [], [], [], []
         for index in range(active.stop):
             learning = index in active
             with torch.set_grad_enabled(learning), common.autocast(self.device):
@@ -412,11 +424,12 @@ class FFTrainer:
                 loss = net.block_loss(g_pos, g_neg, y, temperature)
                 (loss * weight).backward()
                 losses.append((f"block {index} ({net.block_plugins})", loss))
+                temperatures += net.temperature_to_check(index, temperature)
             # The detach boundary: block ``index``'s graph dies here.
             h = forward.detach()
             scores.append(g_pos.detach())
             features.append(readout.detach()[: split or None].float())
-        return scores, features, losses
+        return scores, features, losses, temperatures
 
     def _fusion_backward(self, x: Tensor, y: Tensor, scores: list[Tensor], features: list[Tensor]) -> Tensor:
         """The fusion's loss on this batch, with its gradient in the fusion's parameters (not yet stepped). Per-class
