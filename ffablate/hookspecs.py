@@ -13,7 +13,8 @@ Each hook receives a ``register`` callback (simonw/llm style). A plugin module i
 - ``name``: what users type (``--set goodness=cubic``); unique within its kind across all installed plugins.
 - ``factory``: a callable. Its keyword arguments with defaults are the plugin's parameters, settable with
   ``--set goodness.p=3`` (a ``**kwargs`` factory has none); the trainer passes the context arguments listed per
-  kind below by keyword.
+  kind below by keyword. A parameter takes its default's type (bool, int, float or str; ``p: float = 3`` is a
+  float), and ``--set goodness.clip=none`` gives None where the default is None.
 - ``description``: one line for ``ffablate plugins`` (required).
 - ``space``: the plugin's own Optuna search space, ``{param: spec}`` where spec is one of
   ``{"type": "float", "low": a, "high": b, "log": bool}``, ``{"type": "int", "low": a, "high": b, "log": bool}``,

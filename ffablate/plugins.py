@@ -137,11 +137,13 @@ def _storable(value: Any) -> Any:
 
 def _read_text(text: str, default: Any) -> Any:
     """``--set`` text for a parameter whose default is ``default``: a str default keeps it as given ("007", a
-    folder named "2024_01"); a bool one reads true/false, yes/no, 1/0 as the run settings do; a float one a float;
-    any other an int, then a float, then true/false. Text that reads as none of them stays text, for ``_checked``
-    to refuse."""
+    folder named "2024_01"); for any other, none/null is None; a bool one reads true/false, yes/no, 1/0 as the run
+    settings do; a float one a float; any other an int, then a float, then true/false. Text that reads as none of
+    them stays text, for ``_checked`` to refuse."""
     if isinstance(default, str):
         return text
+    if text.lower() in ("none", "null"):  # a default of None ("no clip") must be expressible, and 'none' no str
+        return None
     if isinstance(default, bool):
         return {"true": True, "yes": True, "1": True, "false": False, "no": False, "0": False}.get(text.lower(), text)
     for cast in (float,) if isinstance(default, float) else (int, float):
@@ -267,12 +269,21 @@ def _params_of(kind: str, factory: Callable[..., Any]) -> dict[str, Any]:
     argument ffablate passes (``CONTEXT_ARGS``) is not one, default or not: listed, it was recorded at its default
     while the run passed another value, and setting it clashed with the passed one."""
     return {
-        p.name: p.default
+        p.name: _as_annotated(p)
         for p in inspect.signature(factory).parameters.values()
         if p.default is not inspect.Parameter.empty
         and p.kind is not p.VAR_KEYWORD
         and p.name not in CONTEXT_ARGS.get(kind, ())
     }
+
+
+def _as_annotated(p: inspect.Parameter) -> Any:
+    """``p``'s default, as a float where it is annotated ``float`` but written as an integer (``p: float = 3``):
+    the parameter's type is read from its default, and 3 made it an integer parameter that refused 2.5."""
+    float_annotated = p.annotation is float or p.annotation == "float"
+    if float_annotated and isinstance(p.default, int) and not isinstance(p.default, bool):
+        return float(p.default)
+    return p.default
 
 
 def _registration_error(kind: str, name: str, plugin: object, problem: str) -> ConfigError:

@@ -665,6 +665,21 @@ def test_a_norm_that_returns_the_wrong_paths_fails_in_one_line(capsys, make, mes
         remove_plugin(plugin)
 
 
+def clipped_cube(p: float = 3, clip: float | None = None, scale: "float" = 2):  # noqa: UP037 (as a string)
+    return Cube()
+
+
+def test_a_float_annotation_and_a_none_default_are_read_as_their_authors_meant():
+    # p: float = 3 was an integer parameter that refused 2.5 (and a float space, with the wrong advice), and
+    # --set goodness.clip=none gave the factory the text 'none'.
+    plugin = _registry_with(OnePlugin("goodness", clipped_cube)).get("goodness", "probe")
+    assert plugin.params == {"p": 3.0, "clip": None, "scale": 2.0}
+    assert plugin.checked_params({"p": "2.5", "clip": "none"}) == {"p": 2.5, "clip": None}
+    assert plugin.checked_params({"clip": "0.5", "scale": "4"}) == {"clip": 0.5, "scale": 4.0}
+    with pytest.raises(ConfigError, match="parameter 'p' takes a finite number, got None"):
+        plugin.checked_params({"p": "none"})
+
+
 def test_a_good_search_space_registers():
     space = {
         "p": {"type": "float", "low": 0.5, "high": 4, "log": True},
