@@ -249,6 +249,15 @@ CONTEXT_ARGS = {
 }
 
 
+# What each kind's built plugin is called with (hookspecs.py): a factory that asks for these is the plugin itself.
+CALL_ARGS = {
+    "goodness": ("paths",),
+    "loss": ("g_pos", "g_neg", "labels", "threshold", "temperature"),
+    "temperature": ("progress",),
+    "fusion": ("scores", "features"),
+}
+
+
 def _required_args(kind: str, factory: Callable[..., Any]) -> list[str]:
     """The factory's arguments without a default that the trainer does not pass: a run could never build it."""
     try:
@@ -306,6 +315,14 @@ def _check_registration(
             kind, name, plugin, 'give it a one-line description: register(name, factory, "what it does")'
         )
     required = _required_args(kind, factory)
+    if required and required[0] in CALL_ARGS.get(kind, ()):
+        raise _registration_error(
+            kind,
+            name,
+            plugin,
+            f"its factory takes {required[0]!r}, an argument of the {kind} call itself: register a factory that "
+            f"returns the {kind} (a class, or e.g. lambda: your_function), not the {kind} function",
+        )
     if required:
         passed = ", ".join(CONTEXT_ARGS.get(kind, ())) or "no argument"
         raise _registration_error(

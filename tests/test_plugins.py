@@ -615,6 +615,13 @@ def test_a_factory_argument_without_default_is_refused_at_registration():
         ConfigError, match=r"temperature plugin 'probe' .*: its factory's argument 'rate' has no default: give it one"
     ):
         _registry_with(OnePlugin("temperature", NoDefault))
+
+    # The loss function itself, registered as its own factory: "give 'g_pos' a default" led nowhere.
+    def hinge(g_pos, g_neg, labels, threshold, temperature):  # noqa: ANN001, ANN202
+        return g_pos.mean()
+
+    with pytest.raises(ConfigError, match=r"its factory takes 'g_pos', an argument of the loss call itself: regis"):
+        _registry_with(OnePlugin("loss", hinge))
     # What the trainer passes (a norm's num_features) needs none.
     assert _registry_with(OnePlugin("norm", lambda num_features, eps=1e-5: None)).get("norm", "probe").params == {
         "eps": 1e-5
