@@ -13,6 +13,7 @@ import socket
 import statistics
 from collections import defaultdict
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
 
 import optuna
@@ -436,10 +437,19 @@ def _tuned_baseline(levels: list[Row]) -> Row | None:
 STALE = "stale: its process died; rerun"  # the fail reason of a trial whose worker died
 
 
+# A live trial names its worker within milliseconds of starting; one that never did was orphaned in between.
+ORPHANED_AFTER_S = 120
+
+
 def died(t: FrozenTrial) -> bool:
     """A running trial whose worker on this host no longer exists. Other hosts' trials are left to Optuna's
-    heartbeat: they may still be running there."""
-    worker = t.user_attrs.get("worker", {})
+    heartbeat: they may still be running there. A trial that never named a worker is dead once it is
+    ``ORPHANED_AFTER_S`` old: an interrupt inside Optuna's ``ask()`` left it with no worker and no heartbeat,
+    and it held its point (or its place in a search's trial count) for good."""
+    worker = t.user_attrs.get("worker")
+    if worker is None:
+        started = t.datetime_start
+        return started is not None and (datetime.now() - started).total_seconds() > ORPHANED_AFTER_S
     return worker.get("host") == socket.gethostname() and not _alive(int(worker.get("pid", -1)))
 
 

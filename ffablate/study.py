@@ -298,9 +298,11 @@ def fail_dead_trials(study: optuna.Study) -> list[int]:
     for t in running:
         if not results.died(t):
             continue
-        study._storage.set_trial_user_attr(t._trial_id, FAIL_REASON, results.STALE)
-        study._storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
-        failed.append(t.number)
+        # Two runs started together may both find it; the second's write then meets a finished trial.
+        with contextlib.suppress(optuna.exceptions.UpdateFinishedTrialError):
+            study._storage.set_trial_user_attr(t._trial_id, FAIL_REASON, results.STALE)
+            study._storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
+            failed.append(t.number)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # heartbeats: "experimental"
         optuna.storages.fail_stale_trials(study)
@@ -642,6 +644,7 @@ class TrialSeededTPESampler(TPESampler):
     are unique in a study, and a search is still reproducible."""
 
     def before_trial(self, study: optuna.Study, trial: FrozenTrial) -> None:
+        mark_worker(study._storage, trial._trial_id)  # as early as the grid's: an interrupt here orphans no trial
         self._rng.rng.seed(trial.number)
         self._random_sampler._rng.rng.seed(trial.number)  # TPE's random start draws from this one
         super().before_trial(study, trial)

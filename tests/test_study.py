@@ -438,6 +438,33 @@ def test_a_trial_whose_heartbeat_stopped_on_another_host_is_freed(tmp_path, monk
     assert study.trials[0].state == TrialState.FAIL
 
 
+def test_a_trial_orphaned_before_it_named_its_worker_is_freed(tmp_path, monkeypatch):
+    # An interrupt inside Optuna's ask() left a RUNNING trial with no worker and no heartbeat: no run ever failed
+    # it, and it held a baseline's point (or a place in a search's trial count) for good.
+    study = optuna.create_study(study_name="s", storage=studies.storage_for(storage_url(tmp_path)))
+    trial = study.ask()
+    assert studies.fail_dead_trials(study) == []  # it may be naming its worker right now
+    monkeypatch.setattr(results, "ORPHANED_AFTER_S", -1)
+    assert studies.fail_dead_trials(study) == [trial.number]
+
+
+def test_two_runs_failing_one_dead_trial_at_once_both_go_on(tmp_path, monkeypatch):
+    # The second run's write met a finished trial: UpdateFinishedTrialError, a traceback and exit 1.
+    storage = studies.storage_for(storage_url(tmp_path))
+    study = optuna.create_study(study_name="s", storage=storage)
+    trial = study.ask()
+    trial.set_user_attr("worker", {"host": socket.gethostname(), "pid": 2**22 + 12345})  # no such process
+    write = storage.set_trial_user_attr
+
+    def the_other_run_got_there_first(trial_id, key, value):  # noqa: ANN001, ANN202
+        storage.set_trial_state_values(trial_id, TrialState.FAIL)
+        write(trial_id, key, value)
+
+    monkeypatch.setattr(storage, "set_trial_user_attr", the_other_run_got_there_first)
+    assert studies.fail_dead_trials(study) == [trial.number]  # failed, by the other run
+    assert study.trials[0].state == TrialState.FAIL
+
+
 # ----------------------------------------------------------------------------------------------------
 # Spec validation: one line, the key path, exit 2
 
