@@ -438,6 +438,7 @@ def test_a_trial_whose_heartbeat_stopped_on_another_host_is_freed(tmp_path, monk
     assert study.trials[0].state == TrialState.FAIL
 
 
+@pytest.mark.filterwarnings("ignore:Heartbeat of storage is supposed to be used with Study.optimize")
 def test_a_trial_orphaned_before_it_named_its_worker_is_freed(tmp_path, monkeypatch):
     # An interrupt inside Optuna's ask() left a RUNNING trial with no worker and no heartbeat: no run ever failed
     # it, and it held a baseline's point (or a place in a search's trial count) for good.
@@ -448,6 +449,7 @@ def test_a_trial_orphaned_before_it_named_its_worker_is_freed(tmp_path, monkeypa
     assert studies.fail_dead_trials(study) == [trial.number]
 
 
+@pytest.mark.filterwarnings("ignore:Heartbeat of storage is supposed to be used with Study.optimize")
 def test_two_runs_failing_one_dead_trial_at_once_both_go_on(tmp_path, monkeypatch):
     # The second run's write met a finished trial: UpdateFinishedTrialError, a traceback and exit 1.
     storage = studies.storage_for(storage_url(tmp_path))
