@@ -462,8 +462,10 @@ def test_a_temperature_that_is_not_one_number_is_refused_before_any_update(tiny_
     _assert_refused_before_any_update(trainer, f"temperature plugin 'probe' .* returned {got}; a temperature must be")
 
 
-@pytest.mark.parametrize("value", [0, -0.5, float("inf"), float("nan")])
-@pytest.mark.parametrize("as_tensor", [False, True])
+@pytest.mark.parametrize(
+    ("value", "as_tensor"),
+    [(v, False) for v in (0, -0.5, float("inf"), float("nan"))] + [(v, True) for v in (0, -0.5, float("inf"))],
+)
 def test_a_temperature_that_is_not_positive_and_finite_is_refused(tiny_config, value, as_tensor):
     # A negative tensor T trained every block toward the wrong labels without an error (accuracy under chance).
     returned = torch.tensor(float(value)) if as_tensor else value
@@ -474,6 +476,17 @@ def test_a_temperature_that_is_not_positive_and_finite_is_refused(tiny_config, v
     _assert_refused_before_any_update(trainer, match)
 
 
+def test_a_nan_temperature_tensor_diverges_naming_the_blocks_plugins(tiny_config):
+    # An adaptive T follows a diverging goodness to NaN: a diverged run (which a study records and goes on from),
+    # not a plugin mistake.
+    plugins = Registry(make_plugin_manager((_TemperaturePlugin(lambda g: torch.tensor(float("nan"))),)))
+    trainer = build_trainer(tiny_config.with_updates({"temperature": "probe"}), plugins=plugins)
+    x, y = next(iter(trainer.data.train))
+    match = r"at block 0 \(norm plugin .*, goodness plugin .*, loss plugin .*, temperature plugin 'probe' .*\); lower"
+    with pytest.raises(TrainingDiverged, match=match):
+        trainer.train_step(x, y, 0.0, range(trainer.net.depth), True)
+
+
 def test_temperatures_on_the_device_are_read_with_the_losses():
     # A CUDA T is checked in the step's one host sync, after the backward passes and before any update.
     losses = [("block 0", torch.tensor(0.5)), ("block 1", torch.tensor(0.25))]
@@ -482,6 +495,11 @@ def test_temperatures_on_the_device_are_read_with_the_losses():
         common.checked_losses(
             losses, [("t (block 0)", torch.tensor(2.0)), ("temperature plugin 'probe' (block 1)", torch.tensor(-1.0))]
         )
+    # A diverged loss is named first, and a NaN T (which follows it) is no plugin mistake.
+    nan = torch.tensor(float("nan"))
+    with pytest.raises(TrainingDiverged, match="loss became nan at block 1"):
+        common.checked_losses([losses[0], ("block 1", nan)], [("t", nan)])
+    assert common.checked_losses(losses, [("t", nan)]) == [0.5, 0.25]
 
 
 def _assert_refused_before_any_update(trainer, match: str) -> None:

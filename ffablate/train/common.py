@@ -159,8 +159,8 @@ def checked_losses(
     losses: list[tuple[str, torch.Tensor]], temperatures: list[tuple[str, torch.Tensor]] = ()
 ) -> list[float]:
     """The values of ``(where, loss)`` pairs, read with one host sync; raises TrainingDiverged naming the first
-    that is NaN or infinite, and ConfigError naming the first of the ``(who, T)`` device tensors (temperatures,
-    read in the same sync) that is not positive and finite.
+    that is NaN or infinite, then ConfigError naming the first of the ``(who, T)`` device tensors (temperatures,
+    read in the same sync) that ``bad_temperature`` refuses.
 
     One sync per step, not one per loss: on CUDA every sync drains the launch queue, and FF would pay it for
     each block. Trainers call this after the backward passes and before any optimizer step, so a diverged
@@ -168,15 +168,22 @@ def checked_losses(
     """
     tensors = [t.detach().float() for _, t in [*losses, *temperatures]]
     values = torch.stack(tensors).tolist()
-    for (who, _), t in zip(temperatures, values[len(losses) :], strict=True):
-        if not (math.isfinite(t) and t > 0):
-            raise ConfigError(f"{who} returned T = {t}; a temperature must be positive and finite")
-    values = values[: len(losses)]
-    for (where, _), value in zip(losses, values, strict=True):
+    for (where, _), value in zip(losses, values[: len(losses)], strict=True):
         if not math.isfinite(value):
             check = ", or check the plugins named" if "plugin" in where else ""
             raise TrainingDiverged(f"loss became {value} at {where}; lower lr{check}")
-    return values
+    for (who, _), t in zip(temperatures, values[len(losses) :], strict=True):
+        if bad_temperature(t, tensor=True):
+            raise ConfigError(f"{who} returned T = {t}; a temperature must be positive and finite")
+    return values[: len(losses)]
+
+
+def bad_temperature(t: float, tensor: bool) -> bool:
+    """Whether a temperature's value is refused: zero, negative or infinite (a negative T trains toward the wrong
+    labels, an infinite one not at all). A tensor's NaN passes: an adaptive T follows a diverging goodness there,
+    and the diverged loss it makes names the block's plugins (TrainingDiverged, which a study records and goes on
+    from); a number's NaN is the plugin's own."""
+    return (t <= 0 or t == math.inf) if tensor else not (math.isfinite(t) and t > 0)
 
 
 def autocast(device: torch.device):

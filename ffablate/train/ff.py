@@ -9,7 +9,6 @@ The fusion (readout) is fit on detached scores/features with an optimizer of its
 from __future__ import annotations
 
 import functools
-import math
 from typing import Any
 
 import torch
@@ -125,18 +124,18 @@ class FFNet(nn.Module):
         t = self.temperatures[index](progress, goodness)
         if isinstance(t, Tensor) and t.dim() == 0 and t.is_floating_point():
             if t.device.type == "cpu":
-                self._check_positive(float(t), index, progress)
+                self._check_positive(float(t), index, progress, tensor=True)
             return t
         if isinstance(t, (int, float)) and not isinstance(t, bool):
-            self._check_positive(t, index, progress)
+            self._check_positive(t, index, progress, tensor=False)
             return t
         raise ConfigError(
             f"{self.labels['temperature']} returned {described(t)}; a temperature must be a number or a 0-dim "
             "floating tensor (one T per block, e.g. torch.tensor(0.5))"
         )
 
-    def _check_positive(self, t: float, index: int, progress: float) -> None:
-        if not (math.isfinite(t) and t > 0):
+    def _check_positive(self, t: float, index: int, progress: float, tensor: bool) -> None:
+        if common.bad_temperature(t, tensor):
             raise ConfigError(
                 f"{self.labels['temperature']} returned {t} at progress {progress:.3f} for block {index}; a "
                 "temperature must be positive and finite"
