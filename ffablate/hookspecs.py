@@ -69,8 +69,9 @@ def ffablate_register_temperature(register: Register) -> None:
     Factory: ``factory(**params) -> torch.nn.Module``; one instance per block. Called as
     ``schedule(progress: float, goodness: Tensor) -> Tensor | float`` with training progress in [0, 1] and the
     detached goodness of the current batch; it returns one T for the block: a 0-dim floating tensor (a CPU one
-    costs no host-to-device copy) or a Python number, never a vector. Parameters of the module are trained by the
-    block's optimizer.
+    costs no host-to-device copy) or a Python number, never a vector. T must be positive and finite: zero, a
+    negative or an infinite T is refused before the step updates anything (a NaN tensor shows as a diverged loss).
+    Parameters of the module are trained by the block's optimizer.
     """
 
 
