@@ -129,6 +129,23 @@ def used_params(config: RunConfig, plugins: Registry, kinds: tuple[str, ...]) ->
     return {kind: {key: _storable(value) for key, value in params.items()} for kind, params in used.items()}
 
 
+def plugin_sources(config: RunConfig, plugins: Registry, kinds: tuple[str, ...]) -> dict[str, str]:
+    """``{kind: "name from package version"}`` for the run's ``kinds`` plugins that are not ffablate's own (whose
+    version the run records already); a module named in FFABLATE_PLUGINS has no package version to give."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for kind in kinds:
+        plugin = plugins.get(kind, config.plugin_of(kind))
+        if plugin.source == "ffablate":
+            continue
+        try:
+            out[kind] = f"{plugin.name} from {plugin.source} {version(plugin.source)}"
+        except PackageNotFoundError:
+            out[kind] = f"{plugin.name} from {plugin.source} (no package version)"
+    return out
+
+
 def _storable(value: Any) -> Any:
     """``value`` as JSON (and so an Optuna storage) can hold it: a default of another type (a dtype, a tuple) as
     its text."""

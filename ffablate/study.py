@@ -523,6 +523,7 @@ class Objective:
         trial.set_user_attr("versions", result.versions)
         trial.set_user_attr("cpu_threads", result.cpu_threads)
         trial.set_user_attr("plugin_params", result.plugin_params)
+        trial.set_user_attr("plugin_sources", result.plugin_sources)
         trial.set_user_attr("data_source", result.data_source)
         # What Optuna maximizes, prunes on and ranks by: validation accuracy when the budget holds images out,
         # so no configuration is chosen on the test images it is then reported on.

@@ -217,6 +217,7 @@ def test_train_json_holds_the_promised_fields(capsys, monkeypatch):
     # What a rerun needs beyond the config: every plugin parameter (defaults too), the code and the thread count.
     assert result["plugin_params"]["temperature"] == {"t": 0.3} and "temperature.t" not in result["config"]
     assert set(result["plugin_params"]) == {"datasets", "norm", *FF_KINDS}
+    assert result["plugin_sources"] == {}  # every plugin ffablate's own: its version is the run's
     assert result["cpu_threads"] == torch.get_num_threads()
     root = Path(__file__).resolve().parent.parent
     commit = result["versions"]["ffablate_commit"]

@@ -200,6 +200,17 @@ def test_example_package_is_found_through_its_entry_point(tmp_path: Path):
     assert rows["power"]["params"] == {"p": 3.0}
 
 
+def test_a_run_records_where_its_outside_plugins_came_from():
+    # A run of goodness=power named the plugin and its parameters, not which package (or version) it came from.
+    from ffablate.config import RunConfig
+    from ffablate.plugins import plugin_sources
+
+    reg = _registry_with(OnePlugin("goodness", Cube))
+    config = RunConfig().with_updates({"goodness": "probe", "negatives": "random-label", "loss": "softplus-threshold"})
+    sources = plugin_sources(config, reg, ("norm", "goodness", "temperature"))
+    assert sources == {"goodness": f"probe from {__name__}.OnePlugin (no package version)"}
+
+
 def test_goodness_plugins_agree_with_their_definitions():
     from ffablate.paths import NormPaths
 

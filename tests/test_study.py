@@ -95,6 +95,7 @@ def test_smoke_study_runs_every_grid_point_and_baseline_once(finished):
         assert key in t.user_attrs
     norm = registry().get("norm", t.user_attrs["config"]["norm"])
     assert t.user_attrs["plugin_params"]["norm"] == norm.params  # the defaults, which the config leaves out
+    assert t.user_attrs["plugin_sources"] == {}  # built-ins only: ffablate's version covers them
     for key in (
         "test_accuracy",
         "per_layer_accuracy",

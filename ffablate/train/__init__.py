@@ -8,7 +8,7 @@ from ffablate import ops
 from ffablate.config import FF_METHODS, RunConfig
 from ffablate.data import dataset_params
 from ffablate.errors import ConfigError
-from ffablate.plugins import Registry, registry, typed_plugin_params, used_params
+from ffablate.plugins import Registry, plugin_sources, registry, typed_plugin_params, used_params
 from ffablate.train import common
 from ffablate.train.common import RunResult, TrainingDiverged
 
@@ -64,6 +64,7 @@ def run(
     config = dataclasses.replace(config, plugin_params={**config.plugin_params, "datasets": given})
     kinds = ("datasets", "norm", *(FF_KINDS if config.method in FF_METHODS else ()))
     result.plugin_params = used_params(config, plugins, kinds)
+    result.plugin_sources = plugin_sources(config, plugins, kinds)
     return result
 
 

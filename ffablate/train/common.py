@@ -47,6 +47,9 @@ class RunResult:
     # CPU results depend on it: one and two threads round the convolutions differently (docs/studies.md).
     cpu_threads: int = 0
     plugin_params: dict[str, dict[str, Any]] = field(default_factory=dict)  # every parameter, defaults included
+    # Where each plugin from outside ffablate came from ({kind: "name from package 0.2.0"}): a plugin's code, like
+    # its defaults, can change between versions while the run's config names it alike.
+    plugin_sources: dict[str, str] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
