@@ -233,6 +233,7 @@ def test_a_first_call_under_torch_compile_without_the_extension(monkeypatch: pyt
     torch.testing.assert_close(compiled(h), ops.reference_goodness_norm(h)[0].sum())
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated")  # torch.func's own import, not ours
 def test_forward_mode_ad_and_torch_func_get_true_derivatives() -> None:
     # The fused ops have a backward formula only: under jvp their tangents came out zero, without an error.
     _require_fused()

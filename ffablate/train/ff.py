@@ -124,7 +124,7 @@ class FFNet(nn.Module):
         t = self.temperatures[index](progress, goodness)
         if isinstance(t, Tensor) and t.dim() == 0 and t.is_floating_point():
             if t.device.type == "cpu":
-                self._check_positive(float(t), index, progress, tensor=True)
+                self._check_positive(float(t.detach()), index, progress, tensor=True)
             return t
         if isinstance(t, (int, float)) and not isinstance(t, bool):
             self._check_positive(t, index, progress, tensor=False)
