@@ -8,7 +8,7 @@ import random
 import resource
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from functools import cache
 from typing import Any
@@ -159,7 +159,7 @@ def set_lr(optimizers: list[torch.optim.Optimizer], config: RunConfig, step: int
 
 
 def checked_losses(
-    losses: list[tuple[str, torch.Tensor]], temperatures: list[tuple[str, torch.Tensor]] = ()
+    losses: list[tuple[str, torch.Tensor]], temperatures: Sequence[tuple[str, torch.Tensor]] = ()
 ) -> list[float]:
     """The values of ``(where, loss)`` pairs, read with one host sync; raises TrainingDiverged naming the first
     that is NaN or infinite, then ConfigError naming the first of the ``(who, T)`` device tensors (temperatures,
