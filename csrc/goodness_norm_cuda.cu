@@ -25,6 +25,11 @@
 //    deadlock-free at any residency, and no tile sits idle while its siblings load. Same sum order, same bits.
 //  * two-pass (G too large, or FFABLATE_CUDA_SCHEDULE=two-pass): a stats launch publishes the partials, an
 //    apply launch re-reads h and finishes. Same arithmetic, same results.
+//  * cluster (session 18, not yet run on a GPU; sm_90 and later, else flagged): a sample is cut into at most 16
+//    chunks as large as FFABLATE_CUDA_CLUSTER_KB of shared memory allows (default 104 KB, two blocks per SM), and its
+//    blocks form one thread-block cluster, which the hardware starts and keeps together: they load at once, and a
+//    chunk that long evens out how long each load takes, so the wait at the cluster barrier should be short. The
+//    partials travel through distributed shared memory. Other chunks mean another summation order: its own bits.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -37,6 +42,9 @@
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
+#include <map>
+#include <mutex>
+#include <tuple>
 #include <type_traits>
 
 #include "ops.h"
@@ -174,6 +182,17 @@ struct Iters {
   }
 };
 
+// The cluster schedule's tiles are as long as a launch makes them, so its threads loop: thread t owns the vectors
+// at element offsets (it * NT + t) * VEC below len.
+template <typename T, int VEC, int NT>
+struct Strided {
+  template <typename F>
+  __device__ static __forceinline__ void each(int len, F&& f) {
+    int it = 0;
+    for (int i = static_cast<int>(threadIdx.x) * VEC; i < len; i += NT * VEC) f(it++, i);
+  }
+};
+
 // cp.async moves 4, 8 or 16 bytes straight from global to shared memory: the bytes are in flight without
 // holding registers. A 2-byte element (fp16/bf16 scalar path) goes through registers instead.
 template <typename T, int VEC>
@@ -201,12 +220,12 @@ constexpr int kBackwardBlocksPerSM = VEC > 1 ? 6 : (kAsyncCopy<T, VEC> ? 3 : 2);
 
 // Issues this thread's cp.async copies of a chunk (len elements from a, and from b when given) into the shared
 // tiles at the same offsets, without committing or waiting: the caller groups them (__pipeline_commit).
-template <typename T, int VEC, int NT>
+template <typename T, int VEC, int NT, typename It = Iters<T, VEC, NT>>
 __device__ __forceinline__ void copy_async(T* tile_a, const T* __restrict__ a, T* tile_b, const T* __restrict__ b,
                                            int len) {
   static_assert(kAsyncCopy<T, VEC>, "cp.async moves 4, 8 or 16 bytes");
   constexpr size_t kBytes = sizeof(T) * VEC;
-  Iters<T, VEC, NT>::each(len, [&](int, int i) {
+  It::each(len, [&](int, int i) {
     __pipeline_memcpy_async(tile_a + i, a + i, kBytes);
     if (b) __pipeline_memcpy_async(tile_b + i, b + i, kBytes);
   });
@@ -215,12 +234,11 @@ __device__ __forceinline__ void copy_async(T* tile_a, const T* __restrict__ a, T
 // Copies this thread's vectors of a chunk into the shared tiles (as copy_async) and waits for them, all loads
 // issued before any is waited for. Each thread reads back only the vectors it copied until the next
 // __syncthreads, so no barrier is needed here.
-template <typename T, int VEC, int NT>
+template <typename T, int VEC, int NT, typename It = Iters<T, VEC, NT>>
 __device__ __forceinline__ void stage(T* tile_a, const T* __restrict__ a, T* tile_b, const T* __restrict__ b,
                                       int len) {
-  using It = Iters<T, VEC, NT>;
   if constexpr (kAsyncCopy<T, VEC>) {
-    copy_async<T, VEC, NT>(tile_a, a, tile_b, b, len);
+    copy_async<T, VEC, NT, It>(tile_a, a, tile_b, b, len);
     __pipeline_commit();
     __pipeline_wait_prior(0);
   } else {  // loads in batches of kBatch vectors, all issued before the batch is stored
@@ -473,14 +491,79 @@ struct LaggedRendezvous {
   }
 };
 
+// The cluster schedule (sm_90 and later; the host launches it nowhere else): a sample's G blocks are one
+// thread-block cluster, which the hardware starts together and keeps resident together, so the wait cannot
+// deadlock and needs no tickets, counters or workspace. Each block leaves its partials in its own shared memory;
+// one cluster barrier (release on arrival, acquire on wait) makes them visible, and the siblings read them
+// through distributed shared memory in sum_partials' fixed order. A block must not exit while a sibling may still
+// read its partials, so the kernels end with a second barrier (cluster_exit).
+__device__ __forceinline__ void cluster_sync() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  __cluster_barrier_arrive();
+  __cluster_barrier_wait();
+#else
+  __trap();
+#endif
+}
+
+// The exit barrier orders no memory: every read of a sibling's partials was consumed before it. A releasing arrival
+// would compile to a GPU-wide fence that waits for the block's output stores to land, holding its SM slot meanwhile.
+__device__ __forceinline__ void cluster_exit() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  __cluster_barrier_arrive_relaxed();
+  __cluster_barrier_wait();
+#else
+  __trap();
+#endif
+}
+
+// This block's published partials (3 in the forward, 1 in the backward), in its shared memory.
+__device__ __forceinline__ float* cluster_partials() {
+  __shared__ float partials[3];
+  return partials;
+}
+
+// Partial k of the block of cluster rank j.
+__device__ __forceinline__ float cluster_partial(int j, int k) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  return static_cast<const float*>(__cluster_map_shared_rank(cluster_partials(), static_cast<unsigned>(j)))[k];
+#else
+  __trap();
+  return 0.f;
+#endif
+}
+
+struct ClusterRendezvous {
+  __device__ __forceinline__ bool stats_only() const { return false; }
+  __device__ __forceinline__ bool publishes() const { return true; }
+
+  template <int NV, int NREAD>
+  __device__ __forceinline__ bool totals(const float (&v)[NV], const Plan& p, int64_t, int, float (&tot)[NREAD],
+                                         float* bcast) const {
+    static_assert(NV <= 3, "cluster_partials holds 3 partials");
+    if (threadIdx.x == 0) {
+#pragma unroll
+      for (int k = 0; k < NV; ++k) cluster_partials()[k] = v[k];
+    }
+    cluster_sync();
+    sum_partials<NREAD>(p.G, [](int j, int k) { return cluster_partial(j, k); }, tot, bcast);
+    return true;
+  }
+
+  // The chunk index j within the sample is the block's rank in the cluster.
+  template <int NV>
+  __device__ __forceinline__ float partial(const Plan&, int64_t, int j, int k) const {
+    return cluster_partial(j, k);
+  }
+};
+
 // The forward of one chunk staged in `tile` (each thread's own vectors complete; the first barrier below makes
 // the whole tile visible): reduce, meet the sample's other chunks, write out, readout and the statistics.
-template <typename T, int VEC, typename Rendezvous>
+template <typename T, int VEC, typename Rendezvous, int NT = kForwardThreads, typename It = Iters<T, VEC, NT>>
 __device__ __forceinline__ void forward_chunk(const T* tile, const Rendezvous& rv, const Plan& p, int64_t n, int g,
                                               const Chunk& ch, T* __restrict__ out, T* __restrict__ readout,
                                               float* __restrict__ sumsq, float* __restrict__ sumabs, float* chs,
-                                              float (*red)[kForwardThreads / 32], float* bcast) {
-  using It = Iters<T, VEC, kForwardThreads>;
+                                              float (*red)[NT / 32], float* bcast) {
   float v3[3] = {0.f, 0.f, 0.f};  // sumsq, sumabs, sum (split-mode channel part)
   if (rv.publishes()) {
     It::each(ch.len, [&](int, int i) {
@@ -493,7 +576,7 @@ __device__ __forceinline__ void forward_chunk(const T* tile, const Rendezvous& r
         v3[2] += f;
       }
     });
-    block_sum<3, kForwardThreads>(v3, red);  // its barrier also makes the whole tile visible block-wide
+    block_sum<3, NT>(v3, red);  // its barrier also makes the whole tile visible block-wide
   } else {
     __syncthreads();  // an apply block reads the published partials only; the tile must still be visible
   }
@@ -502,14 +585,14 @@ __device__ __forceinline__ void forward_chunk(const T* tile, const Rendezvous& r
     const int hw = static_cast<int>(p.HW);
     if (hw >= 32) {
       const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-      for (int k = warp; k < ch.nch; k += kForwardThreads / 32) {
+      for (int k = warp; k < ch.nch; k += NT / 32) {
         float s = 0.f;
         for (int i = lane; i < hw; i += 32) s += static_cast<float>(tile[k * hw + i]);
         s = warp_sum(s);
         if (lane == 0) chs[k] = s;
       }
     } else {
-      for (int k = threadIdx.x; k < ch.nch; k += kForwardThreads) {
+      for (int k = threadIdx.x; k < ch.nch; k += NT) {
         float s = 0.f;
         for (int i = 0; i < hw; ++i) s += static_cast<float>(tile[k * hw + i]);
         chs[k] = s;
@@ -538,7 +621,7 @@ __device__ __forceinline__ void forward_chunk(const T* tile, const Rendezvous& r
     T* ro = readout + n * p.C;
     const float scale = r * p.inv_hw;
     if (p.K > 0) {
-      for (int k = threadIdx.x; k < ch.nch; k += kForwardThreads) ro[ch.c0 + k] = static_cast<T>(chs[k] * scale);
+      for (int k = threadIdx.x; k < ch.nch; k += NT) ro[ch.c0 + k] = static_cast<T>(chs[k] * scale);
     } else if (ch.s == 0 && threadIdx.x == 0) {  // split mode: never solo (G >= S >= 2)
       float s = 0.f;
       for (int j = 0; j < p.S; ++j) s += rv.template partial<3>(p, n, g + j, 2);
@@ -576,12 +659,11 @@ struct BwdPtrs {
 };
 
 // The backward of one chunk staged in th (h) and tg (grad_out; null when there is none).
-template <typename T, int VEC, typename Rendezvous>
+template <typename T, int VEC, typename Rendezvous, int NT = kBackwardThreads, typename It = Iters<T, VEC, NT>>
 __device__ __forceinline__ void backward_chunk(const T* th, const T* tg, const Rendezvous& rv, const Plan& p,
                                                int64_t n, int g, const Chunk& ch, const T* __restrict__ gr,
                                                const BwdPtrs& bp, T* __restrict__ dh,
-                                               bool need_dot, float (*red)[kBackwardThreads / 32], float* bcast) {
-  using It = Iters<T, VEC, kBackwardThreads>;
+                                               bool need_dot, float (*red)[NT / 32], float* bcast) {
   const T* grn = gr ? gr + n * p.C : nullptr;
   // e = the effective output gradient: the readout is linear in out, so its gradient folds into grad_out.
   // A vector never straddles a channel (vector paths require HW % VEC == 0), and in whole-channel chunks
@@ -605,7 +687,7 @@ __device__ __forceinline__ void backward_chunk(const T* th, const T* tg, const R
 #pragma unroll
         for (int j = 0; j < VEC; ++j) dot[0] += e.v[j] * static_cast<float>(ph.v[j]);
       });
-      block_sum<1, kBackwardThreads>(dot, red);
+      block_sum<1, NT>(dot, red);
     }
     float tot[1];
     if (!rv.template totals<1, 1>(dot, p, n, g, tot, bcast)) return;
@@ -661,11 +743,56 @@ __global__ void __launch_bounds__(kBackwardThreads, kBackwardBlocksPerSM<T, VEC>
   });
 }
 
+// The cluster schedule's kernels: one chunk per block, blocks [n G, n G + G) one cluster (sample n), chunks as
+// large as the launch's shared memory allows (kClusterChsBytes of per-channel sums, then the tile; the backward's
+// two tiles each tile_elems long). kClusterThreads threads, two blocks per SM at the default 104 KB budget.
+constexpr int kClusterThreads = 512;
+constexpr int kClusterMaxK = 1024;  // whole channels per chunk: their readout sums
+constexpr int kClusterChsBytes = kClusterMaxK * 4;
+
+template <typename T, int VEC>
+__global__ void __launch_bounds__(kClusterThreads, 2)
+    forward_cluster_kernel(const T* __restrict__ h, T* __restrict__ out, T* __restrict__ readout,
+                           float* __restrict__ sumsq, float* __restrict__ sumabs, Plan p) {
+  extern __shared__ __align__(16) unsigned char cluster_smem[];
+  __shared__ float red[3][kClusterThreads / 32];
+  __shared__ float bcast[2];
+  using It = Strided<T, VEC, kClusterThreads>;
+  float* chs = reinterpret_cast<float*>(cluster_smem);
+  T* tile = reinterpret_cast<T*>(cluster_smem + kClusterChsBytes);
+  const int64_t n = blockIdx.x / p.G;
+  const int g = static_cast<int>(blockIdx.x % p.G);
+  const Chunk ch = chunk_of(p, g);
+  stage<T, VEC, kClusterThreads, It>(tile, h + n * p.D + ch.off, nullptr, nullptr, ch.len);
+  forward_chunk<T, VEC, ClusterRendezvous, kClusterThreads, It>(tile, ClusterRendezvous{}, p, n, g, ch, out, readout,
+                                                                 sumsq, sumabs, chs, red, bcast);
+  cluster_exit();
+}
+
+template <typename T, int VEC>
+__global__ void __launch_bounds__(kClusterThreads, 2)
+    backward_cluster_kernel(const T* __restrict__ h, const T* __restrict__ go, const T* __restrict__ gr, BwdPtrs bp,
+                            T* __restrict__ dh, Plan p, int tile_elems) {
+  extern __shared__ __align__(16) unsigned char cluster_smem[];
+  __shared__ float red[1][kClusterThreads / 32];
+  __shared__ float bcast[1];
+  using It = Strided<T, VEC, kClusterThreads>;
+  T* th = reinterpret_cast<T*>(cluster_smem);
+  T* tg = th + tile_elems;
+  const int64_t n = blockIdx.x / p.G;
+  const int g = static_cast<int>(blockIdx.x % p.G);
+  const Chunk ch = chunk_of(p, g);
+  stage<T, VEC, kClusterThreads, It>(th, h + n * p.D + ch.off, tg, go ? go + n * p.D + ch.off : nullptr, ch.len);
+  backward_chunk<T, VEC, ClusterRendezvous, kClusterThreads, It>(th, go ? tg : nullptr, ClusterRendezvous{}, p, n, g,
+                                                                  ch, gr, bp, dh, true, red, bcast);
+  cluster_exit();
+}
+
 bool aligned16(const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; }
 
 // FFABLATE_CUDA_SCHEDULE: how the chunks of a multi-block sample meet (docs/kernels.md). Read at every launch, so
 // one process can A/B them.
-enum class Schedule { kTicket, kFlagged, kLagged, kTwoPass };
+enum class Schedule { kTicket, kFlagged, kLagged, kTwoPass, kCluster };
 
 // FFABLATE_CUDA_LAG: how far the lagged schedule's stats blocks run ahead of their apply blocks, in GPU-fulls of
 // resident blocks (default 0.5). Long enough that a chunk's stats block has finished when its apply block starts;
@@ -681,6 +808,20 @@ double lag_from_env() {
   return lag;
 }
 
+// FFABLATE_CUDA_CLUSTER_KB: the shared memory a block of the cluster schedule stages its chunk in (the backward's
+// two tiles together), in KB (default 104: the most that leaves two blocks per SM on an H100/H200, with the
+// forward's 4 KB of channel sums; 192 leaves one). Larger chunks mean fewer blocks per sample. Read at every
+// launch, like the schedule.
+int64_t cluster_budget_from_env() {
+  const char* env = std::getenv("FFABLATE_CUDA_CLUSTER_KB");
+  if (env == nullptr || *env == '\0') return 104 * 1024;
+  char* end = nullptr;
+  const long kb = std::strtol(env, &end, 10);
+  TORCH_CHECK(*end == '\0' && kb >= 16 && kb <= 220,
+              "FFABLATE_CUDA_CLUSTER_KB must be a whole number of KB from 16 to 220, got '", env, "'");
+  return static_cast<int64_t>(kb) * 1024;
+}
+
 Schedule schedule_from_env() {
   const char* env = std::getenv("FFABLATE_CUDA_SCHEDULE");
   if (env == nullptr || *env == '\0' || std::strcmp(env, "flagged") == 0) return Schedule::kFlagged;
@@ -690,8 +831,12 @@ Schedule schedule_from_env() {
     return Schedule::kLagged;
   }
   if (std::strcmp(env, "two-pass") == 0) return Schedule::kTwoPass;
-  TORCH_CHECK(false, "FFABLATE_CUDA_SCHEDULE must be ticket, flagged, lagged or two-pass (or unset), got '", env,
-              "'");
+  if (std::strcmp(env, "cluster") == 0) {
+    cluster_budget_from_env();  // a bad budget is an error whether or not this launch needs one
+    return Schedule::kCluster;
+  }
+  TORCH_CHECK(false, "FFABLATE_CUDA_SCHEDULE must be ticket, flagged, lagged, two-pass or cluster (or unset), got '",
+              env, "'");
 }
 
 // The lag in blocks: at least G, so that every stats block of an apply block's sample has an earlier ticket.
@@ -772,6 +917,101 @@ dim3 lagged_grid(int64_t chunks) {
   return dim3(static_cast<unsigned>(2 * chunks));
 }
 
+// The cluster schedule's plan: the fewest chunks of whole channels (or of one channel, when a channel alone
+// exceeds the tile) whose `tiles` tiles per block fit `budget` bytes. G is 0 when that takes more blocks than a
+// cluster may hold (16, non-portable, on an H100/H200); the launch then takes the flagged schedule.
+constexpr int kMaxCluster = 16;
+
+Plan cluster_plan(const Geometry& g, double eps, int64_t elem_bytes, int tiles, int64_t budget) {
+  const int64_t tile_elems = budget / (tiles * elem_bytes) / 8 * 8;  // split chunks stay 16-byte aligned
+  const int64_t C = g.readout ? g.C : 1, HW = g.readout ? g.HW : g.D;
+  int64_t chunk = tile_elems;
+  if (HW <= tile_elems) {  // balance the channels: the fewest chunks, then as few channels in each as that allows
+    const int64_t per = std::min<int64_t>({tile_elems / HW, C, kClusterMaxK});
+    const int64_t chunks = (C + per - 1) / per;
+    chunk = (C + chunks - 1) / chunks * HW;
+  }
+  Plan p = make_plan(g, eps, static_cast<int>(chunk), kClusterMaxK);
+  if (p.G > kMaxCluster) p.G = 0;
+  return p;
+}
+
+// The longest chunk of a plan, in elements.
+int64_t longest_chunk(const Plan& p) { return p.K > 0 ? p.K * p.HW : p.Ls; }
+
+// A launch of `blocks` blocks of kClusterThreads in clusters of G (cfg points into attr, so it is not copied).
+struct ClusterLaunch {
+  cudaLaunchAttribute attr{};
+  cudaLaunchConfig_t cfg{};
+
+  ClusterLaunch(int64_t blocks, int G, size_t smem, cudaStream_t stream) {
+    TORCH_CHECK(blocks < (int64_t{1} << 31), "goodness_norm: input too large (", blocks, " blocks)");
+    attr.id = cudaLaunchAttributeClusterDimension;
+    attr.val.clusterDim.x = static_cast<unsigned>(G);
+    attr.val.clusterDim.y = attr.val.clusterDim.z = 1;
+    cfg.gridDim = dim3(static_cast<unsigned>(blocks));
+    cfg.blockDim = dim3(kClusterThreads);
+    cfg.dynamicSmemBytes = smem;
+    cfg.stream = stream;
+    cfg.attrs = &attr;
+    cfg.numAttrs = 1;
+  }
+  ClusterLaunch(const ClusterLaunch&) = delete;
+  ClusterLaunch& operator=(const ClusterLaunch&) = delete;
+};
+
+// Whether clusters of G blocks of `kernel` with `smem` bytes of dynamic shared memory each can run on the current
+// device: sm_90 or later, and at least one such cluster fits (cudaOccupancyMaxActiveClusters). The first query for a
+// kernel on a device raises its dynamic shared-memory limit to the device's and allows non-portable cluster sizes
+// (above 8). Answers are cached: the queries cost microseconds, as much as a small launch. A failed query means no.
+bool cluster_fits(const void* kernel, size_t smem, int G) {
+  static std::mutex mu;
+  static std::map<std::tuple<int, const void*, size_t, int>, bool> known;
+  int dev = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&dev));
+  const std::lock_guard<std::mutex> lock(mu);
+  const auto key = std::make_tuple(dev, kernel, smem, G);
+  if (const auto it = known.find(key); it != known.end()) return it->second;
+  bool fits = false;
+  int major = 0, optin = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev));
+  cudaFuncAttributes attrs{};
+  if (major >= 9 && cudaFuncGetAttributes(&attrs, kernel) == cudaSuccess &&
+      smem + attrs.sharedSizeBytes <= static_cast<size_t>(optin) &&
+      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                           optin - static_cast<int>(attrs.sharedSizeBytes)) == cudaSuccess &&
+      (G <= 8 || cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1) == cudaSuccess)) {
+    const ClusterLaunch one(G, G, smem, nullptr);
+    int clusters = 0;
+    fits = cudaOccupancyMaxActiveClusters(&clusters, kernel, &one.cfg) == cudaSuccess && clusters > 0;
+  }
+  (void)cudaGetLastError();  // a refused query is an answer (no), not an error for the next launch to report
+  known.emplace(key, fits);
+  return fits;
+}
+
+// Launches `kernel` over the plan's N G blocks in clusters of G.
+template <typename... Params, typename... Args>
+void launch_clusters(void (*kernel)(Params...), const Plan& p, size_t smem, Args&&... args) {
+  const ClusterLaunch launch(p.N * p.G, p.G, smem, c10::cuda::getCurrentCUDAStream());
+  C10_CUDA_CHECK(cudaLaunchKernelEx(&launch.cfg, kernel, std::forward<Args>(args)...));
+}
+
+// The forward under the cluster schedule; false (nothing launched) where clusters cannot take this shape.
+template <typename T, int VEC>
+bool forward_clusters(const at::Tensor& h, const Geometry& g, double eps, at::Tensor& sumsq, at::Tensor& sumabs,
+                      at::Tensor& out, at::Tensor& readout) {
+  const Plan p = cluster_plan(g, eps, sizeof(T), 1, cluster_budget_from_env());
+  constexpr auto kernel = forward_cluster_kernel<T, VEC>;
+  const size_t smem = kClusterChsBytes + longest_chunk(p) * sizeof(T);
+  if (p.G == 0 || !cluster_fits(reinterpret_cast<const void*>(kernel), smem, p.G)) return false;
+  launch_clusters(kernel, p, smem, reinterpret_cast<const T*>(h.const_data_ptr()),
+                  out.data_ptr<T>(), p.readout ? readout.data_ptr<T>() : nullptr, sumsq.data_ptr<float>(),
+                  sumabs.data_ptr<float>(), p);
+  return true;
+}
+
 void check_cuda_dtype(const at::Tensor& h, const char* op) {
   const auto t = h.scalar_type();
   TORCH_CHECK(t == at::kFloat || t == at::kHalf || t == at::kBFloat16, op,
@@ -834,6 +1074,9 @@ void forward_dispatch(const at::Tensor& h, const Geometry& g, double eps, at::Te
   constexpr int VEC = 16 / sizeof(T);
   const Plan p = make_plan(g, eps, chunk_elems<T>(), kMaxK<kForwardThreads>);
   const bool vec = aligned16(h.const_data_ptr()) && aligned16(out.data_ptr()) && p.HW % VEC == 0;
+  if (vec && p.G > 1 && schedule_from_env() == Schedule::kCluster &&
+      forward_clusters<T, VEC>(h, g, eps, sumsq, sumabs, out, readout))
+    return;
   if (vec)
     launch_forward<T, VEC>(h, p, sumsq, sumabs, out, readout);
   else
@@ -858,6 +1101,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> goodness_norm_cuda(co
   return {sumsq, sumabs, out, readout};
 }
 
+BwdPtrs bwd_ptrs(const BackwardArgs& a) {
+  return {a.grad_sumsq ? a.grad_sumsq->const_data_ptr<float>() : nullptr,
+          a.grad_sumabs ? a.grad_sumabs->const_data_ptr<float>() : nullptr, a.sumsq.const_data_ptr<float>()};
+}
+
 template <typename T, int VEC>
 void launch_backward(const BackwardArgs& a, const Plan& p, at::Tensor& dh) {
   auto stream = c10::cuda::getCurrentCUDAStream();
@@ -865,8 +1113,7 @@ void launch_backward(const BackwardArgs& a, const Plan& p, at::Tensor& dh) {
   TORCH_CHECK(blocks < (int64_t{1} << 31), "goodness_norm_backward: input too large (", blocks, " blocks)");
   const dim3 grid(static_cast<unsigned>(blocks));
   const bool need_dot = a.grad_out.has_value() || a.grad_readout.has_value();
-  BwdPtrs bp{a.grad_sumsq ? a.grad_sumsq->const_data_ptr<float>() : nullptr,
-             a.grad_sumabs ? a.grad_sumabs->const_data_ptr<float>() : nullptr, a.sumsq.const_data_ptr<float>()};
+  const BwdPtrs bp = bwd_ptrs(a);
   const T* x = reinterpret_cast<const T*>(a.h.const_data_ptr());
   const T* go = a.grad_out ? reinterpret_cast<const T*>(a.grad_out->const_data_ptr()) : nullptr;
   const T* gr = a.grad_readout ? reinterpret_cast<const T*>(a.grad_readout->const_data_ptr()) : nullptr;
@@ -911,12 +1158,31 @@ void launch_backward(const BackwardArgs& a, const Plan& p, at::Tensor& dh) {
   }
 }
 
+// The backward under the cluster schedule (a launch with a dot product to meet on); false (nothing launched) where
+// clusters cannot take this shape.
+template <typename T, int VEC>
+bool backward_clusters(const BackwardArgs& a, double eps, at::Tensor& dh) {
+  const Plan p = cluster_plan(a.g, eps, sizeof(T), 2, cluster_budget_from_env());
+  constexpr auto kernel = backward_cluster_kernel<T, VEC>;
+  const int64_t tile_elems = longest_chunk(p);
+  const size_t smem = 2 * tile_elems * sizeof(T);
+  if (p.G == 0 || !cluster_fits(reinterpret_cast<const void*>(kernel), smem, p.G)) return false;
+  launch_clusters(kernel, p, smem, reinterpret_cast<const T*>(a.h.const_data_ptr()),
+                  a.grad_out ? reinterpret_cast<const T*>(a.grad_out->const_data_ptr()) : nullptr,
+                  a.grad_readout ? reinterpret_cast<const T*>(a.grad_readout->const_data_ptr()) : nullptr,
+                  bwd_ptrs(a), dh.data_ptr<T>(), p, static_cast<int>(tile_elems));
+  return true;
+}
+
 template <typename T>
 void backward_dispatch(const BackwardArgs& a, double eps, at::Tensor& dh) {
   constexpr int VEC = 16 / sizeof(T);
   const Plan p = make_plan(a.g, eps, chunk_elems<T>(), kMaxK<kBackwardThreads>);
   bool vec = aligned16(a.h.const_data_ptr()) && aligned16(dh.data_ptr()) && p.HW % VEC == 0;
   if (a.grad_out) vec = vec && aligned16(a.grad_out->const_data_ptr());
+  const bool need_dot = a.grad_out.has_value() || a.grad_readout.has_value();
+  if (vec && need_dot && p.G > 1 && schedule_from_env() == Schedule::kCluster && backward_clusters<T, VEC>(a, eps, dh))
+    return;
   if (vec)
     launch_backward<T, VEC>(a, p, dh);
   else

@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 
 from ffablate import ops
+from ffablate.errors import ConfigError
 
 __all__ = [
     "DEFAULT_SHAPES",
@@ -194,12 +195,16 @@ def minimal_bytes_per_pass(shape: tuple[int, ...], dtype: torch.dtype) -> tuple[
 
 
 def use_cuda_schedule(spec: str) -> None:
-    """Sets FFABLATE_CUDA_SCHEDULE for the next launches, and FFABLATE_CUDA_LAG when ``spec`` names one:
-    ``"lagged@0.25"`` is the lagged schedule at a lag of 0.25 (the device scripts A/B several in one process)."""
-    schedule, _, lag = spec.partition("@")
+    """Sets FFABLATE_CUDA_SCHEDULE for the next launches, and the schedule's knob when ``spec`` names one:
+    ``"lagged@0.25"`` is the lagged schedule at a lag of 0.25 (FFABLATE_CUDA_LAG), ``"cluster@192"`` the cluster
+    schedule with 192 KB per block (FFABLATE_CUDA_CLUSTER_KB). The device scripts A/B several in one process."""
+    schedule, _, knob = spec.partition("@")
     os.environ["FFABLATE_CUDA_SCHEDULE"] = schedule
-    os.environ["FFABLATE_CUDA_LAG"] = lag
-    ops.backend()  # a bad schedule or lag fails here, with ops' message, not at the first launch
+    os.environ["FFABLATE_CUDA_LAG"] = knob if schedule == "lagged" else ""
+    os.environ["FFABLATE_CUDA_CLUSTER_KB"] = knob if schedule == "cluster" else ""
+    if knob and schedule not in ("lagged", "cluster"):
+        raise ConfigError(f"{spec!r}: only lagged@LAG and cluster@KB take a value after '@'")
+    ops.backend()  # a bad schedule or knob fails here, with ops' message, not at the first launch
 
 
 def peak_copy_gbps(timer: _Timer, device: torch.device, warmup: int, repeats: int) -> float:

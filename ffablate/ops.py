@@ -17,9 +17,11 @@ Backend: ``FFABLATE_KERNELS=fused|reference``. The default is the compiled ``ffa
 was built; without it the reference is used and one warning says so. Inputs the kernels do not cover
 (e.g. fp16 on CPU) silently use the reference, and so do calls under forward-mode AD or a ``torch.func``
 transform: the ops have a backward formula only. A function ``torch.compile`` traced keeps the backend it was
-traced with. ``FFABLATE_CUDA_SCHEDULE=flagged|ticket|lagged|two-pass`` (default
-flagged) picks how the CUDA kernels meet a sample's chunks (docs/kernels.md); every schedule gives the same bits.
-``FFABLATE_CUDA_LAG`` (a positive number, default 0.5) tunes the lagged one.
+traced with. ``FFABLATE_CUDA_SCHEDULE=flagged|ticket|lagged|two-pass|cluster`` (default
+flagged) picks how the CUDA kernels meet a sample's chunks (docs/kernels.md); those four give the same bits.
+``FFABLATE_CUDA_LAG`` (a positive number, default 0.5) tunes the lagged one. ``cluster`` (sm_90 and later; elsewhere
+flagged) cuts samples into larger chunks, so its sums round in another order: its bits are its own, the same from
+run to run; ``FFABLATE_CUDA_CLUSTER_KB`` (16 to 220, default 104) sets its shared memory per block.
 """
 
 from __future__ import annotations
@@ -56,7 +58,7 @@ _LOW_PRECISION = (torch.float16, torch.bfloat16)
 _CPU_DTYPES = (torch.float32, torch.float64)
 _CUDA_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _CUDA_POOL_DTYPES = (*_CUDA_DTYPES, torch.float64)
-_CUDA_SCHEDULES = ("ticket", "flagged", "lagged", "two-pass")
+_CUDA_SCHEDULES = ("ticket", "flagged", "lagged", "two-pass", "cluster")
 _warned = False
 _warned_no_cuda = False
 
@@ -65,6 +67,12 @@ def _check_cuda_lag(lag: str) -> None:
     """FFABLATE_CUDA_LAG, when set, must be a positive decimal number, which the kernels' strtod reads alike."""
     if lag and not (re.fullmatch(r"(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?", lag) and 0 < float(lag) < math.inf):
         raise ConfigError(f"FFABLATE_CUDA_LAG must be a positive number (GPU-fulls of blocks) or unset, got {lag!r}")
+
+
+def _check_cluster_kb(kb: str) -> None:
+    """FFABLATE_CUDA_CLUSTER_KB, when set, must be a whole number of KB in the kernels' range."""
+    if kb and not (re.fullmatch(r"\d+", kb) and 16 <= int(kb) <= 220):
+        raise ConfigError(f"FFABLATE_CUDA_CLUSTER_KB must be a whole number of KB from 16 to 220 or unset, got {kb!r}")
 
 
 def extension_available() -> bool:
@@ -87,6 +95,7 @@ def backend(device: torch.device | str | None = None) -> str:
             f"FFABLATE_CUDA_SCHEDULE must be one of {', '.join(_CUDA_SCHEDULES)} (or unset), got {schedule!r}"
         )
     _check_cuda_lag(os.environ.get("FFABLATE_CUDA_LAG", ""))
+    _check_cluster_kb(os.environ.get("FFABLATE_CUDA_CLUSTER_KB", ""))
     if extension_available() and not _cuda_missing(device):
         return "fused"
     if extension_available():

@@ -18,7 +18,7 @@ from ffablate.bench import kernel_bench, render_table, use_cuda_schedule
 from ffablate.errors import ConfigError, FFablateWarning
 
 OUTS = ("sumsq", "sumabs", "out", "readout")
-SCHEDULES = ("ticket", "flagged", "lagged", "two-pass")  # FFABLATE_CUDA_SCHEDULE
+SCHEDULES = ("ticket", "flagged", "lagged", "two-pass", "cluster")  # FFABLATE_CUDA_SCHEDULE
 HAS_CUDA = ops.extension_available() and bool(getattr(ops._C, "WITH_CUDA", False)) and torch.cuda.is_available()
 cuda_only = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device and a CUDA build of ffablate._C")
 
@@ -412,6 +412,15 @@ def test_reference_backend_is_honoured(monkeypatch: pytest.MonkeyPatch) -> None:
         monkeypatch.setenv("FFABLATE_CUDA_LAG", lag)
         with pytest.raises(ConfigError, match="FFABLATE_CUDA_LAG must be a positive number"):
             ops.backend()
+    monkeypatch.setenv("FFABLATE_CUDA_LAG", "")
+    monkeypatch.setenv("FFABLATE_CUDA_SCHEDULE", "cluster")
+    for kb in ("16", "104", "220"):
+        monkeypatch.setenv("FFABLATE_CUDA_CLUSTER_KB", kb)
+        assert ops.backend() == "fused"
+    for kb in ("15", "221", "96.5", "-96", "1e2", "ninety"):  # the kernels' strtol would read some of these alike
+        monkeypatch.setenv("FFABLATE_CUDA_CLUSTER_KB", kb)
+        with pytest.raises(ConfigError, match="FFABLATE_CUDA_CLUSTER_KB must be a whole number of KB from 16 to 220"):
+            ops.backend()
 
 
 def test_missing_extension_falls_back_with_one_warning(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -463,6 +472,12 @@ def test_use_cuda_schedule_sets_the_schedule_and_its_lag(monkeypatch: pytest.Mon
     assert (os.environ["FFABLATE_CUDA_SCHEDULE"], os.environ["FFABLATE_CUDA_LAG"]) == ("flagged", "")
     with pytest.raises(ConfigError, match="FFABLATE_CUDA_LAG must be a positive number"):
         use_cuda_schedule("lagged@0")
+    use_cuda_schedule("cluster@192")
+    assert [os.environ[f"FFABLATE_CUDA_{k}"] for k in ("SCHEDULE", "LAG", "CLUSTER_KB")] == ["cluster", "", "192"]
+    use_cuda_schedule("lagged@0.5")  # nor a budget
+    assert [os.environ[f"FFABLATE_CUDA_{k}"] for k in ("SCHEDULE", "LAG", "CLUSTER_KB")] == ["lagged", "0.5", ""]
+    with pytest.raises(ConfigError, match="only lagged@LAG and cluster@KB take a value"):
+        use_cuda_schedule("flagged@2")
 
 
 def test_kernel_bench_quick() -> None:
@@ -552,6 +567,50 @@ def test_cuda_schedules_agree_bitwise(
 
 @pytest.mark.cuda
 @cuda_only
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_cluster_schedule_matches_reference_and_repeats_its_bits(
+    dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Its chunks are its own, so are its bits: it is held to the reference, and to itself run after run. At 16 KB
+    # per block these samples split channels or need more blocks than a cluster holds (flagged then takes them);
+    # at 104 KB (the default) and 220 KB they take 1 to 16 blocks of whole or split channels.
+    _require_fused()
+    monkeypatch.setenv("FFABLATE_CUDA_SCHEDULE", "cluster")
+    tol = 1e-4 if dtype == torch.float32 else 3e-2
+    shapes = [(130, 64, 28, 28), (9, 64, 56, 56), (3, 2, 200, 200), (5, 3000, 1, 1), (4, 5, 3, 3000), (64, 12288)]
+    for kb in ("16", "104", "220"):
+        monkeypatch.setenv("FFABLATE_CUDA_CLUSTER_KB", kb)
+        for i, shape in enumerate(shapes):
+            h = _make(shape, dtype, "cuda", i)
+            _check_against_reference(h, seed=i, atol=tol, rtol=tol, subsets=1)
+            res, dh = _fwd_bwd(ops.goodness_norm, h, (True, True, True, True), seed=i)
+            res2, dh2 = _fwd_bwd(ops.goodness_norm, h, (True, True, True, True), seed=i)
+            for a, b in zip([*res, dh], [*res2, dh2], strict=True):
+                assert torch.equal(a, b), (kb, shape)
+
+
+@pytest.mark.cuda
+@cuda_only
+def test_cuda_cluster_schedule_launches_clusters_on_hopper(monkeypatch: pytest.MonkeyPatch) -> None:
+    # It falls back to flagged where clusters cannot take a shape; on sm_90 and later these shapes must not.
+    _require_fused()
+    if torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("thread-block clusters need sm_90 or later")
+    monkeypatch.setenv("FFABLATE_CUDA_SCHEDULE", "cluster")
+    # At the default 104 KB: 2 and 4 blocks per sample (fp32, forward and backward), 4 and 8 (bf16).
+    for shape, dtype in [((8, 64, 28, 28), torch.float32), ((8, 64, 56, 56), torch.bfloat16)]:
+        h = _make(shape, dtype, "cuda", 0).requires_grad_()
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            _, _, out, readout = ops.goodness_norm(h)
+            torch.autograd.grad(out.sum() + readout.sum(), h)
+            torch.cuda.synchronize()
+        names = [e.name for e in prof.events()]
+        for kernel in ("forward_cluster_kernel", "backward_cluster_kernel"):
+            assert sum(kernel in n for n in names) == 1, (shape, kernel, sorted(set(names)))
+
+
+@pytest.mark.cuda
+@cuda_only
 @pytest.mark.parametrize("schedule", SCHEDULES)
 def test_cuda_huge_sample_uses_two_pass_fallback(schedule: str, monkeypatch: pytest.MonkeyPatch) -> None:
     # One sample with more chunks than can be resident at once: every schedule must fall back, not deadlock
@@ -567,8 +626,15 @@ def test_cuda_kernel_refuses_unknown_schedule(monkeypatch: pytest.MonkeyPatch) -
     # ops.backend() catches a bad value first; the raw op must still refuse it with a message, not pick one.
     h = _make((4, 8, 8, 8), torch.float32, "cuda", 0)
     monkeypatch.setenv("FFABLATE_CUDA_SCHEDULE", "fast")
-    with pytest.raises(RuntimeError, match="FFABLATE_CUDA_SCHEDULE must be ticket, flagged, lagged or two-pass"):
+    with pytest.raises(
+        RuntimeError, match="FFABLATE_CUDA_SCHEDULE must be ticket, flagged, lagged, two-pass or cluster"
+    ):
         torch.ops.ffablate.goodness_norm.default(h, 1e-6)
+    monkeypatch.setenv("FFABLATE_CUDA_SCHEDULE", "cluster")
+    monkeypatch.setenv("FFABLATE_CUDA_CLUSTER_KB", "8")
+    with pytest.raises(RuntimeError, match="FFABLATE_CUDA_CLUSTER_KB must be a whole number of KB from 16 to 220"):
+        torch.ops.ffablate.goodness_norm.default(h, 1e-6)
+    monkeypatch.setenv("FFABLATE_CUDA_CLUSTER_KB", "")
     monkeypatch.setenv("FFABLATE_CUDA_SCHEDULE", "lagged")
     monkeypatch.setenv("FFABLATE_CUDA_LAG", "0")
     with pytest.raises(RuntimeError, match="FFABLATE_CUDA_LAG must be a positive number"):
