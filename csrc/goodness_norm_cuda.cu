@@ -506,8 +506,10 @@ __device__ __forceinline__ void cluster_sync() {
 #endif
 }
 
-// The exit barrier orders no memory: every read of a sibling's partials was consumed before it. A releasing arrival
-// would compile to a GPU-wide fence that waits for the block's output stores to land, holding its SM slot meanwhile.
+// The exit barrier orders no memory (a relaxed arrival): it is safe because every read of a sibling's partials was
+// consumed before it (summed and written out), so none is still in flight. A remote read whose value is not used
+// before it, or any remote store, would need the releasing arrival again. That one compiles to a GPU-wide fence,
+// which here would wait for the block's output stores to land, holding its SM slot meanwhile.
 __device__ __forceinline__ void cluster_exit() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   __cluster_barrier_arrive_relaxed();
@@ -961,9 +963,12 @@ struct ClusterLaunch {
 };
 
 // Whether clusters of G blocks of `kernel` with `smem` bytes of dynamic shared memory each can run on the current
-// device: sm_90 or later, and at least one such cluster fits (cudaOccupancyMaxActiveClusters). The first query for a
-// kernel on a device raises its dynamic shared-memory limit to the device's and allows non-portable cluster sizes
-// (above 8). Answers are cached: the queries cost microseconds, as much as a small launch. A failed query means no.
+// device: sm_90 machine code (a build from older PTX has __trap() for the cluster intrinsics, and the driver would
+// JIT it for an H100 all the same), and at least one such cluster fits (cudaOccupancyMaxActiveClusters). The first
+// query for a kernel on a device raises its dynamic shared-memory limit to the device's, asks for the largest
+// shared-memory carveout (as resident_blocks does: two 104 KB blocks per SM need it) and allows non-portable
+// cluster sizes (above 8). Answers are cached: the queries cost microseconds, as much as a small launch. A refused
+// query means no; its error is cleared, so the next launch's check does not report it.
 bool cluster_fits(const void* kernel, size_t smem, int G) {
   static std::mutex mu;
   static std::map<std::tuple<int, const void*, size_t, int>, bool> known;
@@ -972,21 +977,24 @@ bool cluster_fits(const void* kernel, size_t smem, int G) {
   const std::lock_guard<std::mutex> lock(mu);
   const auto key = std::make_tuple(dev, kernel, smem, G);
   if (const auto it = known.find(key); it != known.end()) return it->second;
-  bool fits = false;
-  int major = 0, optin = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev));
+  auto ok = [](cudaError_t e) {
+    if (e != cudaSuccess) (void)cudaGetLastError();
+    return e == cudaSuccess;
+  };
+  int optin = 0;
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev));
   cudaFuncAttributes attrs{};
-  if (major >= 9 && cudaFuncGetAttributes(&attrs, kernel) == cudaSuccess &&
+  const ClusterLaunch one(G, G, smem, nullptr);
+  int clusters = 0;
+  const bool fits =
+      ok(cudaFuncGetAttributes(&attrs, kernel)) && attrs.binaryVersion >= 90 && attrs.ptxVersion >= 90 &&
       smem + attrs.sharedSizeBytes <= static_cast<size_t>(optin) &&
-      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                           optin - static_cast<int>(attrs.sharedSizeBytes)) == cudaSuccess &&
-      (G <= 8 || cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1) == cudaSuccess)) {
-    const ClusterLaunch one(G, G, smem, nullptr);
-    int clusters = 0;
-    fits = cudaOccupancyMaxActiveClusters(&clusters, kernel, &one.cfg) == cudaSuccess && clusters > 0;
-  }
-  (void)cudaGetLastError();  // a refused query is an answer (no), not an error for the next launch to report
+      ok(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                              optin - static_cast<int>(attrs.sharedSizeBytes))) &&
+      ok(cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout,
+                              cudaSharedmemCarveoutMaxShared)) &&
+      (G <= 8 || ok(cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1))) &&
+      ok(cudaOccupancyMaxActiveClusters(&clusters, kernel, &one.cfg)) && clusters > 0;
   known.emplace(key, fits);
   return fits;
 }
@@ -1019,7 +1027,7 @@ void check_cuda_dtype(const at::Tensor& h, const char* op) {
 }
 
 template <typename T, int VEC>
-void launch_forward(const at::Tensor& h, const Plan& p, at::Tensor& sumsq, at::Tensor& sumabs,
+void launch_forward(Schedule schedule, const at::Tensor& h, const Plan& p, at::Tensor& sumsq, at::Tensor& sumabs,
                     at::Tensor& out, at::Tensor& readout) {
   auto stream = c10::cuda::getCurrentCUDAStream();
   const int64_t blocks = p.N * p.G;
@@ -1027,7 +1035,6 @@ void launch_forward(const at::Tensor& h, const Plan& p, at::Tensor& sumsq, at::T
   const dim3 grid(static_cast<unsigned>(blocks));
   T* ro = p.readout ? readout.data_ptr<T>() : nullptr;
   const T* x = reinterpret_cast<const T*>(h.const_data_ptr());
-  const Schedule schedule = schedule_from_env();
   if constexpr (VEC > 1) {
     if (schedule == Schedule::kLagged && p.G > 1) {
       constexpr auto kernel = forward_kernel<T, VEC, LaggedRendezvous>;
@@ -1074,13 +1081,15 @@ void forward_dispatch(const at::Tensor& h, const Geometry& g, double eps, at::Te
   constexpr int VEC = 16 / sizeof(T);
   const Plan p = make_plan(g, eps, chunk_elems<T>(), kMaxK<kForwardThreads>);
   const bool vec = aligned16(h.const_data_ptr()) && aligned16(out.data_ptr()) && p.HW % VEC == 0;
-  if (vec && p.G > 1 && schedule_from_env() == Schedule::kCluster &&
-      forward_clusters<T, VEC>(h, g, eps, sumsq, sumabs, out, readout))
-    return;
+  Schedule schedule = schedule_from_env();
+  if (schedule == Schedule::kCluster) {
+    if (vec && p.G > 1 && forward_clusters<T, VEC>(h, g, eps, sumsq, sumabs, out, readout)) return;
+    schedule = Schedule::kFlagged;  // where clusters cannot take the shape
+  }
   if (vec)
-    launch_forward<T, VEC>(h, p, sumsq, sumabs, out, readout);
+    launch_forward<T, VEC>(schedule, h, p, sumsq, sumabs, out, readout);
   else
-    launch_forward<T, 1>(h, p, sumsq, sumabs, out, readout);
+    launch_forward<T, 1>(schedule, h, p, sumsq, sumabs, out, readout);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> goodness_norm_cuda(const at::Tensor& h_in,
@@ -1107,7 +1116,7 @@ BwdPtrs bwd_ptrs(const BackwardArgs& a) {
 }
 
 template <typename T, int VEC>
-void launch_backward(const BackwardArgs& a, const Plan& p, at::Tensor& dh) {
+void launch_backward(Schedule schedule, const BackwardArgs& a, const Plan& p, at::Tensor& dh) {
   auto stream = c10::cuda::getCurrentCUDAStream();
   const int64_t blocks = p.N * p.G;
   TORCH_CHECK(blocks < (int64_t{1} << 31), "goodness_norm_backward: input too large (", blocks, " blocks)");
@@ -1117,7 +1126,6 @@ void launch_backward(const BackwardArgs& a, const Plan& p, at::Tensor& dh) {
   const T* x = reinterpret_cast<const T*>(a.h.const_data_ptr());
   const T* go = a.grad_out ? reinterpret_cast<const T*>(a.grad_out->const_data_ptr()) : nullptr;
   const T* gr = a.grad_readout ? reinterpret_cast<const T*>(a.grad_readout->const_data_ptr()) : nullptr;
-  const Schedule schedule = schedule_from_env();
   if constexpr (VEC > 1) {
     if (need_dot && schedule == Schedule::kLagged && p.G > 1) {
       constexpr auto kernel = backward_kernel<T, VEC, LaggedRendezvous>;
@@ -1181,12 +1189,15 @@ void backward_dispatch(const BackwardArgs& a, double eps, at::Tensor& dh) {
   bool vec = aligned16(a.h.const_data_ptr()) && aligned16(dh.data_ptr()) && p.HW % VEC == 0;
   if (a.grad_out) vec = vec && aligned16(a.grad_out->const_data_ptr());
   const bool need_dot = a.grad_out.has_value() || a.grad_readout.has_value();
-  if (vec && need_dot && p.G > 1 && schedule_from_env() == Schedule::kCluster && backward_clusters<T, VEC>(a, eps, dh))
-    return;
+  Schedule schedule = schedule_from_env();
+  if (schedule == Schedule::kCluster) {
+    if (vec && need_dot && p.G > 1 && backward_clusters<T, VEC>(a, eps, dh)) return;
+    schedule = Schedule::kFlagged;  // where clusters cannot take the shape
+  }
   if (vec)
-    launch_backward<T, VEC>(a, p, dh);
+    launch_backward<T, VEC>(schedule, a, p, dh);
   else
-    launch_backward<T, 1>(a, p, dh);
+    launch_backward<T, 1>(schedule, a, p, dh);
 }
 
 at::Tensor goodness_norm_backward_cuda_impl(const std::optional<at::Tensor>& grad_sumsq,
