@@ -468,7 +468,8 @@ def _alive(pid: int) -> bool:
 
 
 def _failure(t: FrozenTrial, finished: set[tuple[Any, Any]], search: bool) -> FailedTrial:
-    # A worker killed between sampling its point and recording its attributes left the point in its params only.
+    # A worker killed between sampling its point and recording its attributes left the point in its params only
+    # (a grid trial stored before seeds could be added: the sampler now records the point as it claims it).
     label = t.user_attrs.get("cell", t.params.get("cell"))
     seed = t.user_attrs.get("seed", t.params.get("seed"))
     if _finished(t):

@@ -196,12 +196,13 @@ class Plan:
                 changes["labels=coarse"] = COARSE_SUBSETS_CHANGE
         return changes
 
-    def fingerprint(self) -> str:
-        """Identifies what the trials mean; resuming a study made from a different plan would mix results."""
+    def fingerprint(self, seeds: list[int] | None = None) -> str:
+        """Identifies what the trials mean; resuming a study made from a different plan would mix results. With
+        ``seeds``, the fingerprint of this plan run on those seeds instead of its budget's."""
         payload = {
             "base": self.base,
             "cells": [(c.label, c.overrides) for c in self.cells],
-            "seeds": self.budget.seeds,
+            "seeds": self.budget.seeds if seeds is None else seeds,
             "space": self.spec.space,
             "plugins": self.spec.space_plugins,
         }

@@ -5,7 +5,8 @@ Resumption rules (the reason this module exists instead of a bare ``study.optimi
   (divergence, a configuration error); ``ResumableGridSampler`` never hands a done point out again;
 - a RUNNING trial whose process is gone (killed on this host, or its heartbeat went stale on another one) is
   marked FAILED as stale, and its point is run again;
-- baselines are trials too (``role`` attr), so they resume the same way; under TPE they are enqueued trials.
+- baselines are trials too (``role`` attr), so they resume the same way; under TPE they are enqueued trials;
+- a plan that only adds seeds after the stored ones resumes the study and runs the new points (``added_seeds``).
 """
 
 from __future__ import annotations
@@ -218,6 +219,10 @@ class ResumableGridSampler(GridSampler):
     visited, and gives trial number i grid point i whatever was run before; both break resumption.
     Points go out in seed-major order (each configuration's first seed, baselines first, then the second
     seed), so a study cut short still has one result per configuration.
+
+    A claimed point is recorded in the trial's user attrs, not as Optuna params: Optuna fixes a categorical
+    parameter's choices at its first trial, so "seed" params would keep the study from ever adding a seed. Trials
+    stored before carry both (``point_of`` reads either).
     """
 
     def __init__(self, cells: list[str], seeds: list[int]):
@@ -243,10 +248,17 @@ class ResumableGridSampler(GridSampler):
                 continue
             point = point_of(t)
             if point is None and t.system_attrs.get("grid_id", NO_POINT) != NO_POINT:
-                point = self._point(t.system_attrs["grid_id"])
+                point = self._claimed(t)
             if point is not None:
                 taken.add(point)
         return taken
+
+    def _claimed(self, trial: FrozenTrial) -> tuple[str, int]:
+        """The point a trial holds by its grid_id alone (a claim not yet recorded), read in the grid it was claimed
+        in: a worker started before the study's seeds grew numbers the points of a smaller grid."""
+        space = trial.system_attrs.get("search_space", self._search_space)
+        grid = self if space == self._search_space else ResumableGridSampler(space["cell"], space["seed"])
+        return grid._point(trial.system_attrs["grid_id"])
 
     def _get_unvisited_grid_ids(self, study: optuna.Study) -> list[int]:
         taken = self._taken(study)
@@ -271,7 +283,10 @@ class ResumableGridSampler(GridSampler):
                 break
             grid_id = free[0] if attempt == 0 else rng.choice(free)
             storage.set_trial_system_attr(me, "grid_id", grid_id)
-            if self._point(grid_id) not in self._taken(study, besides=me):
+            cell, seed = self._point(grid_id)
+            if (cell, seed) not in self._taken(study, besides=me):
+                storage.set_trial_user_attr(me, CELL, cell)
+                storage.set_trial_user_attr(me, SEED, seed)
                 return
             storage.set_trial_system_attr(me, "grid_id", NO_POINT)
             time.sleep(rng.uniform(0.0, 0.05))
@@ -434,7 +449,6 @@ class Objective:
         self.plan, self.device, self.data = plan, device, data
         self.progress = on_epoch_progress
         self.announce: Callable[[int, str, int], None] | None = None
-        self.cells = [c.label for c in plan.cells]
         self.started = 0  # trials this objective was called for
         self.trial_id: int | None = None  # the latest one's
         # The latest trial's exception that Optuna does not catch (an interrupt, StopStudy, a bug): when another run
@@ -530,14 +544,12 @@ class Objective:
         return results.selection_score(final)
 
     def _choose(self, trial: Trial) -> tuple[str, str, dict[str, Any], int, str, str]:
-        attrs = trial.user_attrs
-        if attrs.get(ROLE) == "baseline":  # an enqueued baseline (TPE studies)
-            cell = self.plan.cell(attrs[CELL])
-            return "baseline", cell.label, cell.overrides, int(attrs[SEED]), cell.match, cell.group
-        if self.plan.spec.sampler == "grid":
-            cell = self.plan.cell(trial.suggest_categorical("cell", self.cells))
-            seed = int(trial.suggest_categorical("seed", self.plan.budget.seeds))
-            return cell.role, cell.label, cell.overrides, seed, cell.match, cell.group
+        if trial.user_attrs.get(ROLE) == "baseline" or self.plan.spec.sampler == "grid":
+            # An enqueued baseline (TPE studies) or the grid point the sampler claimed, which it wrote to the
+            # storage after ``trial.user_attrs`` was read.
+            claim = trial.study._storage.get_trial_user_attrs(trial._trial_id)
+            cell = self.plan.cell(claim[CELL])
+            return cell.role, cell.label, cell.overrides, int(claim[SEED]), cell.match, cell.group
         return self._sample(trial)
 
     def _sample(self, trial: Trial) -> tuple[str, str, dict[str, Any], int, str, str]:
@@ -688,6 +700,12 @@ def open_study(plan: specs.Plan, storage: optuna.storages.BaseStorage, name: str
         for key, value in (("question", plan.spec.question), ("analysis", plan.spec.analysis)):
             if attrs.get(key) != value:
                 study.set_user_attr(key, value)
+        if attrs["fingerprint"] != fingerprint or attrs.get("seeds") != plan.budget.seeds:
+            # Seeds added (refuse_another_plan let nothing else through). Workers resuming the grown plan at once
+            # write the same values; the fingerprint goes first, so one that reads between the two writes finds
+            # the fingerprint its plan has, and a run stopped between them leaves the seeds to its rerun.
+            study.set_user_attr("fingerprint", fingerprint)
+            study.set_user_attr("seeds", plan.budget.seeds)
     else:
         meta = {
             "ffablate_spec": spec.name,
@@ -738,7 +756,7 @@ def refuse_another_plan(study: optuna.Study, plan: specs.Plan) -> None:
             f"{plan.spec.pruner}: its trials were pruned under the old rule; rerun with --study-name NEW (or restore "
             "the pruner)"
         )
-    if "fingerprint" in attrs and attrs["fingerprint"] != plan.fingerprint():
+    if "fingerprint" in attrs and attrs["fingerprint"] != plan.fingerprint() and not added_seeds(attrs, plan):
         raise FFablateError(
             f"study {study.study_name!r} in this storage was made from a different spec or budget"
             f"{_what_changed(attrs, plan)}; rerun with --study-name NEW to start a fresh one (or restore the spec "
@@ -746,13 +764,25 @@ def refuse_another_plan(study: optuna.Study, plan: specs.Plan) -> None:
         )
 
 
+def added_seeds(attrs: dict[str, Any], plan: specs.Plan) -> list[int]:
+    """The seeds ``plan`` adds to a stored study's (``attrs``), where that is all it changes: its seed list is the
+    stored one with seeds after it, and on the stored seeds it is the plan the study was made from. Empty otherwise.
+
+    Added seeds only add points: every stored trial keeps its meaning. They go after the stored ones because the
+    first seed is the one a search's FF trials run on, and seed-major order then runs the new seeds last."""
+    stored, now = attrs.get("seeds"), plan.budget.seeds
+    if not isinstance(stored, list) or len(now) <= len(stored) or now[: len(stored)] != stored:
+        return []
+    return now[len(stored) :] if attrs.get("fingerprint") == plan.fingerprint(stored) else []
+
+
 def _what_changed(attrs: dict[str, Any], plan: specs.Plan) -> str:
     """Which configurations came or went, when that is the change: a plugin installed or removed since the study
     was made changes what an axis of "*" expands to, with the spec file untouched."""
-    if isinstance(attrs.get("seeds"), list) and attrs["seeds"] != plan.budget.seeds:
-        # Not resumable: the trials' seed parameter is categorical over the stored seeds, and Optuna refuses a
-        # study whose choices change.
-        return f": its seeds were {attrs['seeds']} and the budget now runs {plan.budget.seeds}"
+    stored, now = attrs.get("seeds"), plan.budget.seeds
+    # Added seeds alone would have resumed; with another change, that change is the one to name.
+    if isinstance(stored, list) and now[: len(stored)] != stored:
+        return f": its seeds were {stored} and the budget now runs {now} (seeds can only be added, after those)"
     base = attrs.get("base")
     if isinstance(base, dict) and base != plan.base:  # [base] or the budget's settings, which every trial shares
         keys = sorted(set(base) | set(plan.base), key=str)
@@ -858,12 +888,16 @@ def run_study(
         existing = (
             optuna.load_study(study_name=name, storage=storage) if name in optuna.get_all_study_names(storage) else None
         )
+        stored = existing.user_attrs if existing is not None else {}
         if existing is not None:
             refuse_another_plan(existing, plan)
         if existing is None or remaining(existing, plan):
             preflight(plan, device, data)
         on_ready()
         study = open_study(plan, storage, name)
+        added = added_seeds(stored, plan)
+        if added:
+            log(f"seeds {added} added to the study's {stored['seeds']}: its finished trials are kept")
         stale = fail_dead_trials(study)
         if stale:
             log(

@@ -18,6 +18,7 @@ import optuna
 import pytest
 import torch
 import torch.nn.functional as F
+from optuna.distributions import CategoricalDistribution
 from optuna.trial import TrialState, create_trial
 
 from ffablate import hookimpl, results
@@ -335,12 +336,167 @@ def test_a_resumed_study_says_its_seeds_changed_and_takes_an_edited_question(tmp
     body = GRID.replace("Does the temperature", "Does a temperature")
     run = studies.run_study(specs.load(str(write_spec(tmp_path, body, seeds=1))).plan("smoke"), storage_url=url)
     assert run.ran == 0 and run.study.user_attrs["question"].startswith("Does a temperature")
-    with pytest.raises(FFablateError, match=r"its seeds were \[0\] and the budget now runs \[0, 1\]; rerun with"):
-        studies.run_study(specs.load(str(write_spec(tmp_path, body, seeds=2))).plan("smoke"), storage_url=url)
+    with pytest.raises(FFablateError, match=r"its seeds were \[0\] and the budget now runs \[1\] \(seeds can only"):
+        studies.run_study(specs.load(str(write_spec(tmp_path, body, seeds="[1]"))).plan("smoke"), storage_url=url)
     # A changed shared setting was refused as "a different spec or budget" and no more.
     lr = body.replace('dataset = "fashion-mnist"', 'dataset = "fashion-mnist"\nlr = 0.01')
     with pytest.raises(FFablateError, match=r"its shared settings changed \(lr \(unset\) -> 0.01\); rerun with"):
         studies.run_study(specs.load(str(write_spec(tmp_path, lr, seeds=1))).plan("smoke"), storage_url=url)
+
+
+def store_as_before_seeds_could_grow(url: str, source: str, name: str) -> None:
+    """Copy grid study ``source`` into ``name`` as ffablate stored grid studies until seeds could be added: each
+    trial's point also in Optuna params "cell" and "seed", categorical over the cells and seeds of the time, and
+    its claim's grid_id in that grid."""
+    made = optuna.load_study(study_name=source, storage=url)
+    cells, seeds = made.user_attrs["cells"], made.user_attrs["seeds"]
+    grid = studies.ResumableGridSampler(cells, seeds)
+    grid_ids = {grid._point(g): g for g in range(len(cells) * len(seeds))}
+    dists = {"cell": CategoricalDistribution(cells), "seed": CategoricalDistribution(seeds)}
+    old = optuna.create_study(study_name=name, storage=url, direction="maximize")
+    for key, value in made.user_attrs.items():
+        old.set_user_attr(key, value)
+    for t in made.trials:
+        cell, seed = studies.point_of(t)
+        frozen = create_trial(
+            state=t.state,
+            value=t.value,
+            params={"cell": cell, "seed": seed},
+            distributions=dists,
+            user_attrs=t.user_attrs,
+            system_attrs={"search_space": grid._search_space, "grid_id": grid_ids[cell, seed]},
+        )
+        old.add_trial(frozen)
+
+
+@pytest.fixture(scope="module")
+def stored_before(tmp_path_factory):
+    """A storage file holding study tiny-smoke of 2 seeds as stored before seeds could be added."""
+    tmp_path = tmp_path_factory.mktemp("stored-before")
+    url = storage_url(tmp_path)
+    plan = specs.load(str(write_spec(tmp_path, GRID, seeds=2))).plan("smoke")
+    assert studies.run_study(plan, storage_url=url, study_name="made").ran == 6
+    store_as_before_seeds_could_grow(url, "made", "tiny-smoke")
+    return tmp_path / "studies.db"
+
+
+@pytest.fixture(scope="module")
+def grown(stored_before, tmp_path_factory):
+    """The stored study resumed with a third seed: first one trial of it, then the rest. (its storage URL, the grown
+    plan, the trials before, the summary after the one trial, the log lines of the first resume)"""
+    tmp_path = tmp_path_factory.mktemp("grown")
+    (tmp_path / "studies.db").write_bytes(stored_before.read_bytes())
+    url = storage_url(tmp_path)
+    before = trials_of(url, "tiny-smoke")
+    plan = specs.load(str(write_spec(tmp_path, GRID, seeds=3))).plan("smoke")
+    lines: list[str] = []
+    assert studies.run_study(plan, storage_url=url, n_trials=1, log=lines.append).ran == 1
+    partial = results.summarize(optuna.load_study(study_name="tiny-smoke", storage=url))
+    assert studies.run_study(plan, storage_url=url).ran == 2
+    return url, plan, before, partial, lines
+
+
+def test_seeds_added_to_a_stored_study_run_only_the_new_points(grown):
+    url, plan, before, _, lines = grown
+    assert lines == ["seeds [2] added to the study's [0, 1]: its finished trials are kept"]
+    assert all(t.params.keys() == {"cell", "seed"} and t.state == TrialState.COMPLETE for t in before)
+    trials = trials_of(url, "tiny-smoke")
+    kept = [(t.number, t.params, t.value, t.state) for t in trials[: len(before)]]
+    assert kept == [(t.number, t.params, t.value, t.state) for t in before]
+    new = trials[len(before) :]
+    assert sorted(studies.point_of(t) for t in new) == [(c.label, 2) for c in plan.cells]
+    # The new trials' point is theirs as user attrs only: Optuna would refuse "seed" choices other than [0, 1].
+    assert all(t.state == TrialState.COMPLETE and t.params == {} for t in new)
+    study = optuna.load_study(study_name="tiny-smoke", storage=url)
+    assert study.user_attrs["seeds"] == [0, 1, 2] and study.user_attrs["fingerprint"] == plan.fingerprint()
+    assert studies.remaining(study, plan) == studies.points_left(study) == 0
+    rows = results.summarize(study).rows
+    assert [(r.n, r.planned, sorted(r.seeds)) for r in rows] == [(3, 3, [0, 1, 2])] * 3
+    assert studies.run_study(plan, storage_url=url).ran == 0  # the grown study is finished
+
+
+def test_rows_lack_the_added_seeds_until_they_run(grown):
+    partial = grown[3]
+    ran, waiting = [r for r in partial.rows if r.n == 3], [r for r in partial.rows if r.n == 2]
+    assert len(ran) == 1 and len(waiting) == 2 and ran[0].role == "baseline"  # seed-major: baselines first
+    assert all(not r.complete and r.planned == 3 and r.missing() == "1 not run yet" for r in waiting)
+    table = {row[0]: row for row in results.table_rows(partial)}
+    assert table[waiting[0].label][1] == "2 of 3"
+    assert "chosen among incomplete rows: n=2 of 3 (1 not run yet)" in results.answer(partial)
+
+
+def test_a_study_stored_before_seeds_could_grow_reports_after_growing(grown, tmp_path):
+    url = grown[0]
+    text = write_report(optuna.load_study(study_name="tiny-smoke", storage=url), tmp_path / "report").read_text()
+    assert "seeds [0, 1, 2]; 9 trials (complete 9)." in text
+    table = text.split("## Results", 1)[1]
+    for label in ("bp-deepsup", "temperature=constant", "temperature=cosine"):
+        assert re.search(rf"^\| {re.escape(label)} \| 3 \| ", table, flags=re.M), table
+    assert "(n=3 vs 3)" in table and "incomplete" not in table and "## Failed trials" not in text
+
+
+def test_seeds_can_only_be_added_after_the_stored_ones(grown, tmp_path):
+    url = grown[0]
+    study = optuna.load_study(study_name="tiny-smoke", storage=url)
+    attrs, trials = study.user_attrs, len(study.trials)
+    lr = GRID.replace('dataset = "fashion-mnist"', 'dataset = "fashion-mnist"\nlr = 0.01')
+    for body, seeds, message in (
+        (GRID, 2, r"its seeds were \[0, 1, 2\] and the budget now runs \[0, 1\] \(seeds can only be added, after th"),
+        (GRID, "[1, 0, 2, 3]", r"its seeds were \[0, 1, 2\] and the budget now runs \[1, 0, 2, 3\] \(seeds can"),
+        # Seeds added with another change: that change is the one named.
+        (lr, 4, r"its shared settings changed \(lr \(unset\) -> 0.01\); rerun with --study-name NEW"),
+    ):
+        plan = specs.load(str(write_spec(tmp_path, body, seeds=seeds))).plan("smoke")
+        with pytest.raises(FFablateError, match=message) as refused:
+            studies.run_study(plan, storage_url=url)
+        assert "\n" not in str(refused.value)
+    study = optuna.load_study(study_name="tiny-smoke", storage=url)
+    assert study.user_attrs == attrs and len(study.trials) == trials
+
+
+def test_two_runs_adding_the_same_seeds_at_once_run_each_new_point_once(stored_before, tmp_path):
+    (tmp_path / "studies.db").write_bytes(stored_before.read_bytes())
+    url = storage_url(tmp_path)
+    path = write_spec(tmp_path, GRID, seeds=4)
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    argv = [sys.executable, "-m", "ffablate.cli", "study", str(path), "--budget", "smoke", "--storage", url]
+    runs = [subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE) for _ in range(2)]
+    for run in runs:
+        _, err = run.communicate(timeout=300)
+        assert run.returncode == 0, err.decode()
+    study = optuna.load_study(study_name="tiny-smoke", storage=url)
+    plan = specs.load(str(path)).plan("smoke")
+    assert study.user_attrs["seeds"] == [0, 1, 2, 3] and study.user_attrs["fingerprint"] == plan.fingerprint()
+    kept = [studies.point_of(t) for t in study.trials if not t.user_attrs.get(results.SURPLUS)]
+    assert sorted(kept) == sorted((c.label, s) for c in plan.cells for s in range(4))
+    assert all(t.state == TrialState.COMPLETE for t in study.trials if not t.user_attrs.get(results.SURPLUS))
+
+
+def test_a_claim_made_before_the_seeds_grew_holds_its_own_point(tmp_path):
+    # A worker started before the seeds grew numbers its claim in the smaller grid, and records the point a moment
+    # later: read in the grown grid, its grid_id named another point, which a second worker could take beside it.
+    url, cells = storage_url(tmp_path), ["a", "b", "c"]
+    study = optuna.create_study(study_name="claims", storage=url)
+    before, after = studies.ResumableGridSampler(cells, [0, 1]), studies.ResumableGridSampler(cells, [0, 1, 2])
+    grid_id = next(g for g in range(6) if before._point(g) != after._point(g))
+    trial = study._storage.create_new_trial(study._study_id)
+    study._storage.set_trial_system_attr(trial, "search_space", before._search_space)
+    study._storage.set_trial_system_attr(trial, "grid_id", grid_id)
+    assert after._taken(study) == {before._point(grid_id)}
+
+
+def test_seeds_added_to_a_search_run_only_the_new_baselines(tmp_path):
+    path = write_tpe_spec(tmp_path, 'lr = { type = "float", low = 1e-3, high = 3e-2, log = true }')
+    url = storage_url(tmp_path)
+    study = studies.run_study(specs.load(str(path)).plan("smoke"), storage_url=url).study
+    assert len(study.trials) == 3  # the baseline and 2 FF trials
+    path.write_text(path.read_text().replace("seeds = 1\n", "seeds = 2\n", 1))
+    run = studies.run_study(specs.load(str(path)).plan("smoke"), storage_url=url)
+    assert run.study.user_attrs["seeds"] == [0, 1]
+    (new,) = run.study.trials[3:]
+    assert new.state == TrialState.COMPLETE and (new.user_attrs["role"], new.user_attrs["seed"]) == ("baseline", 1)
+    rows = results.summarize(run.study).rows
+    assert [(r.role, r.n, r.planned) for r in rows] == [("baseline", 2, 2), ("ff", 1, 1), ("ff", 1, 1)]
 
 
 def test_an_interrupt_before_training_stores_why_too(tmp_path, monkeypatch):
