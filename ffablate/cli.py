@@ -484,7 +484,15 @@ def cmd_study(args: argparse.Namespace) -> int:
         wide.print(results.table_cut(summary), markup=False, highlight=False)
     wide.print(results.answer(summary), markup=False, highlight=False)
     left = study.remaining(done.study, plan)
-    if left:
+    grown = results.planned_seeds(done.study.user_attrs)
+    if grown and grown != plan.budget.seeds:  # another run added seeds meanwhile: this command's budget is refused now
+        stdout.print(
+            f"another run added seeds to this study, which now runs seeds {grown}: give the budget seeds = {grown} "
+            "to resume it",
+            markup=False,
+            soft_wrap=True,  # one line, whatever the terminal's width
+        )
+    elif left:
         running = min(left, study.running_elsewhere(done.study))
         elsewhere = f" ({running} running in another worker)" if running else ""
         stdout.print(f"{left} trial(s) left{elsewhere}; rerun the same command to resume", markup=False)

@@ -52,7 +52,7 @@ def _markdown(summary: results.Summary, plots: list[tuple[str, str]], importance
     lines += [f"**Answer.** {results.answer(summary)}", ""]
     lines += [
         f"Spec `{meta.get('ffablate_spec', '?')}` at budget `{meta.get('budget', '?')}`, "
-        f"sampler {meta.get('sampler', '?')}, seeds {meta.get('seeds', '?')}; "
+        f"sampler {meta.get('sampler', '?')}, seeds {results.planned_seeds(meta) or '?'}; "
         f"{summary.n_trials} trials ({_states(summary)})."
     ]
     base = meta.get("base", {})

@@ -262,6 +262,35 @@ def _mean(values: list[float]) -> float:
     return sum(values) / len(values) if values else math.nan
 
 
+# A study's seed list is the one it was made with ("seeds"), then one user attr per list a run grew it to:
+# "seeds+[0, 1, 2]" -> the spec file that run read. A growth writes a key of its own and never overwrites one, so two
+# runs growing a study at once cannot shrink what the other wrote (Optuna's storage has no compare-and-swap).
+GROWN = "seeds+"
+
+
+def seed_lists(attrs: dict[str, Any]) -> list[list[int]]:
+    """A study's seed lists: the one it was made with, then each a run grew it to; shortest first."""
+    lists = [attrs["seeds"]] if isinstance(attrs.get("seeds"), list) else []
+    lists += [json.loads(key[len(GROWN) :]) for key in attrs if key.startswith(GROWN)]
+    return sorted(lists, key=len)
+
+
+def planned_seeds(attrs: dict[str, Any]) -> list[int]:
+    """The seeds a study runs now: its longest seed list, then the seeds of any list that is not a prefix of it
+    (two runs that added different seeds at once: ``forked_seeds``)."""
+    lists = seed_lists(attrs)
+    seeds = list(lists[-1]) if lists else []
+    for more in lists:
+        seeds += [s for s in more if s not in seeds]
+    return seeds
+
+
+def forked_seeds(attrs: dict[str, Any]) -> bool:
+    """Whether two runs grew the study to different seed lists at once, neither a prefix of the other."""
+    lists = seed_lists(attrs)
+    return any(lists[-1][: len(short)] != short for short in lists)
+
+
 def summarize(study: optuna.Study) -> Summary:
     """Group the study's trials by configuration; failed and pruned trials are counted, not averaged."""
     rows: dict[str, Row] = {}
@@ -308,7 +337,7 @@ def summarize(study: optuna.Study) -> Summary:
         ),
     )
     # Studies stored without their seed list (hand-made ones) plan the seeds their trials name.
-    seeds = study.user_attrs.get("seeds") or {t.user_attrs.get("seed") for t in trials if "cell" in t.user_attrs}
+    seeds = planned_seeds(study.user_attrs) or {t.user_attrs.get("seed") for t in trials if "cell" in t.user_attrs}
     tpe = study.user_attrs.get("sampler") == "tpe"
     for row in ordered:
         # A TPE trial is a configuration of its own, run on the budget's first seed only.

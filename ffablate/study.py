@@ -161,7 +161,7 @@ def points_left(study: optuna.Study) -> int:
     if attrs.get("sampler") != "grid":
         return 0
     done = {point_of(t) for t in study.get_trials(deepcopy=False) if is_done(t)}
-    return sum((cell, seed) not in done for cell in attrs.get("cells", []) for seed in attrs.get("seeds", []))
+    return sum((cell, seed) not in done for cell in attrs.get("cells", []) for seed in results.planned_seeds(attrs))
 
 
 def rerun_command(study: optuna.Study, storage_url: str | None) -> str:
@@ -169,7 +169,9 @@ def rerun_command(study: optuna.Study, storage_url: str | None) -> str:
     its name or recipe source where they are not the defaults, since any other name is another study."""
     attrs = study.user_attrs
     spec_name, budget = attrs.get("ffablate_spec", study.study_name), attrs.get("budget", "quick")
-    command = f"ffablate study {_spec_argument(spec_name, attrs.get('spec_path'))} --budget {budget}"
+    # A study whose seeds grew resumes from the spec that added its latest ones.
+    path = attrs.get(results.GROWN + json.dumps(results.planned_seeds(attrs)), attrs.get("spec_path"))
+    command = f"ffablate study {_spec_argument(spec_name, path)} --budget {budget}"
     # Studies made before the recipe's source was stored have it only in their default name.
     recipe = attrs["recipe_from"] if "recipe_from" in attrs else study.study_name.partition("@")[2] or None
     if recipe:
@@ -700,12 +702,8 @@ def open_study(plan: specs.Plan, storage: optuna.storages.BaseStorage, name: str
         for key, value in (("question", plan.spec.question), ("analysis", plan.spec.analysis)):
             if attrs.get(key) != value:
                 study.set_user_attr(key, value)
-        if attrs["fingerprint"] != fingerprint or attrs.get("seeds") != plan.budget.seeds:
-            # Seeds added (refuse_another_plan let nothing else through). Workers resuming the grown plan at once
-            # write the same values; the fingerprint goes first, so one that reads between the two writes finds
-            # the fingerprint its plan has, and a run stopped between them leaves the seeds to its rerun.
-            study.set_user_attr("fingerprint", fingerprint)
-            study.set_user_attr("seeds", plan.budget.seeds)
+        if added_seeds(attrs, plan):  # the only change refuse_another_plan lets through
+            study.set_user_attr(results.GROWN + json.dumps(plan.budget.seeds), str(spec.path))
     else:
         meta = {
             "ffablate_spec": spec.name,
@@ -756,52 +754,71 @@ def refuse_another_plan(study: optuna.Study, plan: specs.Plan) -> None:
             f"{plan.spec.pruner}: its trials were pruned under the old rule; rerun with --study-name NEW (or restore "
             "the pruner)"
         )
-    if "fingerprint" in attrs and attrs["fingerprint"] != plan.fingerprint() and not added_seeds(attrs, plan):
-        raise FFablateError(
-            f"study {study.study_name!r} in this storage was made from a different spec or budget"
-            f"{_what_changed(attrs, plan)}; rerun with --study-name NEW to start a fresh one (or restore the spec "
-            "it was made from)"
-        )
+    if "fingerprint" not in attrs:
+        return
+    made, planned, now = attrs.get("seeds"), results.planned_seeds(attrs), plan.budget.seeds
+    if not isinstance(made, list) and attrs["fingerprint"] == plan.fingerprint():  # a study stored without seeds
+        return
+    if isinstance(made, list) and attrs["fingerprint"] == plan.fingerprint(made):  # the same plan but its seeds
+        if results.forked_seeds(attrs):
+            lists = " and ".join(map(str, results.seed_lists(attrs)[1:]))
+            raise FFablateError(
+                f"runs added different seeds to study {study.study_name!r} at once ({lists}), so it mixes them; "
+                "rerun with --study-name NEW"
+            )
+        if now[: len(planned)] != planned:
+            grew = f" (grown from {made})" if planned != made else ""
+            raise FFablateError(
+                f"study {study.study_name!r} runs seeds {planned}{grew} and this budget runs {now}; a budget may only "
+                f"add seeds after those: give it seeds = {planned} (or more after them), or rerun with --study-name NEW"
+            )
+        return
+    what, remedy = _what_changed(attrs, plan)
+    raise FFablateError(
+        f"study {study.study_name!r} in this storage was made from a different spec or budget{what}; {remedy}"
+    )
 
 
 def added_seeds(attrs: dict[str, Any], plan: specs.Plan) -> list[int]:
     """The seeds ``plan`` adds to a stored study's (``attrs``), where that is all it changes: its seed list is the
-    stored one with seeds after it, and on the stored seeds it is the plan the study was made from. Empty otherwise.
+    study's with seeds after it, and on the seeds the study was made with it is the plan the study was made from.
+    Empty otherwise.
 
-    Added seeds only add points: every stored trial keeps its meaning. They go after the stored ones because the
-    first seed is the one a search's FF trials run on, and seed-major order then runs the new seeds last."""
-    stored, now = attrs.get("seeds"), plan.budget.seeds
-    if not isinstance(stored, list) or len(now) <= len(stored) or now[: len(stored)] != stored:
+    Added seeds only add points: every stored trial keeps its meaning. They go after the study's because the first
+    seed is the one a search's FF trials run on, and seed-major order then runs the new seeds last."""
+    made, planned, now = attrs.get("seeds"), results.planned_seeds(attrs), plan.budget.seeds
+    if not isinstance(made, list) or len(now) <= len(planned) or now[: len(planned)] != planned:
         return []
-    return now[len(stored) :] if attrs.get("fingerprint") == plan.fingerprint(stored) else []
+    return now[len(planned) :] if attrs.get("fingerprint") == plan.fingerprint(made) else []
 
 
-def _what_changed(attrs: dict[str, Any], plan: specs.Plan) -> str:
-    """Which configurations came or went, when that is the change: a plugin installed or removed since the study
-    was made changes what an axis of "*" expands to, with the spec file untouched."""
-    stored, now = attrs.get("seeds"), plan.budget.seeds
-    # Added seeds alone would have resumed; with another change, that change is the one to name.
-    if isinstance(stored, list) and now[: len(stored)] != stored:
-        return f": its seeds were {stored} and the budget now runs {now} (seeds can only be added, after those)"
+def _what_changed(attrs: dict[str, Any], plan: specs.Plan) -> tuple[str, str]:
+    """What changed besides the seeds, and what to do: which configurations came or went, when that is the change
+    (a plugin installed or removed since the study was made changes what an axis of "*" expands to, with the spec
+    file untouched), or the shared settings, which under --recipe-from include the source study's best recipe."""
+    remedy = "rerun with --study-name NEW to start a fresh one (or restore the spec it was made from)"
     base = attrs.get("base")
     if isinstance(base, dict) and base != plan.base:  # [base] or the budget's settings, which every trial shares
         keys = sorted(set(base) | set(plan.base), key=str)
-        moved = [
-            f"{k} {base.get(k, '(unset)')} -> {plan.base.get(k, '(unset)')}"
-            for k in keys
-            if base.get(k) != plan.base.get(k)
-        ]
-        return f": its shared settings changed ({', '.join(moved)})"
+        changed = [k for k in keys if base.get(k) != plan.base.get(k)]
+        moved = ", ".join(f"{k} {base.get(k, '(unset)')} -> {plan.base.get(k, '(unset)')}" for k in changed)
+        if plan.recipe_source and all(specs.is_recipe_key(k) for k in changed):
+            return (
+                f": the best configuration of study {plan.recipe_source!r} changed since it was made ({moved}), as "
+                "when that study ran more trials or seeds",
+                "rerun with --study-name NEW",
+            )
+        return f": its shared settings changed ({moved})", remedy
     before, now = attrs.get("cells"), [c.label for c in plan.cells]
     if not isinstance(before, list):
-        return ""
+        return "", remedy
     added, gone = [c for c in now if c not in before], [c for c in before if c not in now]
     parts = [f"{len(cells)} {word} (e.g. {cells[0]!r})" for cells, word in ((added, "new"), (gone, "gone")) if cells]
     if not parts:
         changes = "; ".join(f"{d}: {what}" for d, what in plan.data_changes().items())
-        return f" (or ffablate's loading of its data changed since: {changes})" if changes else ""
+        return (f" (or ffablate's loading of its data changed since: {changes})" if changes else ""), remedy
     why = 'as when the spec\'s axes or [baseline] changed, or an axis of "*" meets a plugin installed or removed since'
-    return f": its configurations changed, {' and '.join(parts)}, {why}"
+    return f": its configurations changed, {' and '.join(parts)}, {why}", remedy
 
 
 def enqueue_baselines(study: optuna.Study, plan: specs.Plan) -> int:
@@ -897,7 +914,7 @@ def run_study(
         study = open_study(plan, storage, name)
         added = added_seeds(stored, plan)
         if added:
-            log(f"seeds {added} added to the study's {stored['seeds']}: its finished trials are kept")
+            log(f"seeds {added} added to the study's {results.planned_seeds(stored)}: its finished trials are kept")
         stale = fail_dead_trials(study)
         if stale:
             log(

@@ -336,7 +336,7 @@ def test_a_resumed_study_says_its_seeds_changed_and_takes_an_edited_question(tmp
     body = GRID.replace("Does the temperature", "Does a temperature")
     run = studies.run_study(specs.load(str(write_spec(tmp_path, body, seeds=1))).plan("smoke"), storage_url=url)
     assert run.ran == 0 and run.study.user_attrs["question"].startswith("Does a temperature")
-    with pytest.raises(FFablateError, match=r"its seeds were \[0\] and the budget now runs \[1\] \(seeds can only"):
+    with pytest.raises(FFablateError, match=r"runs seeds \[0\] and this budget runs \[1\]; a budget may only add"):
         studies.run_study(specs.load(str(write_spec(tmp_path, body, seeds="[1]"))).plan("smoke"), storage_url=url)
     # A changed shared setting was refused as "a different spec or budget" and no more.
     lr = body.replace('dataset = "fashion-mnist"', 'dataset = "fashion-mnist"\nlr = 0.01')
@@ -408,7 +408,10 @@ def test_seeds_added_to_a_stored_study_run_only_the_new_points(grown):
     # The new trials' point is theirs as user attrs only: Optuna would refuse "seed" choices other than [0, 1].
     assert all(t.state == TrialState.COMPLETE and t.params == {} for t in new)
     study = optuna.load_study(study_name="tiny-smoke", storage=url)
-    assert study.user_attrs["seeds"] == [0, 1, 2] and study.user_attrs["fingerprint"] == plan.fingerprint()
+    # The study keeps the seeds and fingerprint it was made with; the growth is a key of its own, naming its spec.
+    assert study.user_attrs["seeds"] == [0, 1] and study.user_attrs["fingerprint"] == plan.fingerprint([0, 1])
+    assert study.user_attrs[results.GROWN + "[0, 1, 2]"] == str(plan.spec.path)
+    assert results.planned_seeds(study.user_attrs) == [0, 1, 2]
     assert studies.remaining(study, plan) == studies.points_left(study) == 0
     rows = results.summarize(study).rows
     assert [(r.n, r.planned, sorted(r.seeds)) for r in rows] == [(3, 3, [0, 1, 2])] * 3
@@ -441,8 +444,14 @@ def test_seeds_can_only_be_added_after_the_stored_ones(grown, tmp_path):
     attrs, trials = study.user_attrs, len(study.trials)
     lr = GRID.replace('dataset = "fashion-mnist"', 'dataset = "fashion-mnist"\nlr = 0.01')
     for body, seeds, message in (
-        (GRID, 2, r"its seeds were \[0, 1, 2\] and the budget now runs \[0, 1\] \(seeds can only be added, after th"),
-        (GRID, "[1, 0, 2, 3]", r"its seeds were \[0, 1, 2\] and the budget now runs \[1, 0, 2, 3\] \(seeds can"),
+        (
+            GRID,
+            2,
+            r"runs seeds \[0, 1, 2\] \(grown from \[0, 1\]\) and this budget runs \[0, 1\]; a budget may only "
+            r"add seeds after those: give it seeds = \[0, 1, 2\] \(or more after them\), or rerun with "
+            r"--study-name NEW$",
+        ),
+        (GRID, "[1, 0, 2, 3]", r"runs seeds \[0, 1, 2\] \(grown from \[0, 1\]\) and this budget runs \[1, 0, 2, 3\]"),
         # Seeds added with another change: that change is the one named.
         (lr, 4, r"its shared settings changed \(lr \(unset\) -> 0.01\); rerun with --study-name NEW"),
     ):
@@ -466,7 +475,7 @@ def test_two_runs_adding_the_same_seeds_at_once_run_each_new_point_once(stored_b
         assert run.returncode == 0, err.decode()
     study = optuna.load_study(study_name="tiny-smoke", storage=url)
     plan = specs.load(str(path)).plan("smoke")
-    assert study.user_attrs["seeds"] == [0, 1, 2, 3] and study.user_attrs["fingerprint"] == plan.fingerprint()
+    assert results.planned_seeds(study.user_attrs) == [0, 1, 2, 3]
     kept = [studies.point_of(t) for t in study.trials if not t.user_attrs.get(results.SURPLUS)]
     assert sorted(kept) == sorted((c.label, s) for c in plan.cells for s in range(4))
     assert all(t.state == TrialState.COMPLETE for t in study.trials if not t.user_attrs.get(results.SURPLUS))
@@ -492,7 +501,7 @@ def test_seeds_added_to_a_search_run_only_the_new_baselines(tmp_path):
     assert len(study.trials) == 3  # the baseline and 2 FF trials
     path.write_text(path.read_text().replace("seeds = 1\n", "seeds = 2\n", 1))
     run = studies.run_study(specs.load(str(path)).plan("smoke"), storage_url=url)
-    assert run.study.user_attrs["seeds"] == [0, 1]
+    assert results.planned_seeds(run.study.user_attrs) == [0, 1]
     (new,) = run.study.trials[3:]
     assert new.state == TrialState.COMPLETE and (new.user_attrs["role"], new.user_attrs["seed"]) == ("baseline", 1)
     rows = results.summarize(run.study).rows
@@ -1629,3 +1638,61 @@ def test_a_deadline_in_the_past_starts_no_trial_and_no_worker(tmp_path):
     started = []
     run = studies.run_study(plan, storage_url=storage_url(tmp_path), deadline=time.time() - 1, on_trials=started.append)
     assert run.ran == 0 and started == []
+
+
+def test_runs_growing_a_study_to_different_seeds_at_once_keep_the_longest(stored_before, tmp_path):
+    # Optuna's storage has no compare-and-swap, so a run that checked the study before another grew it writes after
+    # it: growing [0, 1] to [0, 1, 2, 3] and, a moment later, to [0, 1, 2] left the seeds [0, 1, 2], and the next
+    # resume planned without the seed 3 the other run had trained. Each growth now writes a key of its own.
+    (tmp_path / "studies.db").write_bytes(stored_before.read_bytes())
+    url = storage_url(tmp_path)
+    four, three = (specs.load(str(write_spec(tmp_path, GRID, seeds=n, name=f"s{n}"))).plan("smoke") for n in (4, 3))
+    studies.open_study(four, optuna.storages.RDBStorage(url), "tiny-smoke")
+    study = optuna.load_study(study_name="tiny-smoke", storage=url)
+    assert study.user_attrs[results.GROWN + "[0, 1, 2, 3]"] == str(four.spec.path)
+    study.set_user_attr(results.GROWN + "[0, 1, 2]", str(three.spec.path))  # the late write of a run that checked first
+    assert results.planned_seeds(study.user_attrs) == [0, 1, 2, 3] and studies.points_left(study) == 6
+    studies.refuse_another_plan(study, four)  # resumes
+    with pytest.raises(FFablateError, match=r"runs seeds \[0, 1, 2, 3\] \(grown from \[0, 1\]\) and this budget"):
+        studies.refuse_another_plan(study, three)
+    # Its rerun command names the spec that grew it to its latest seeds.
+    assert f"ffablate study {tmp_path / 's4.toml'} --budget smoke" in studies.rerun_command(study, None)
+    # Two runs adding different seeds at once (neither list a prefix of the other) leave a study of both.
+    study.set_user_attr(results.GROWN + "[0, 1, 7]", "elsewhere.toml")
+    assert results.forked_seeds(study.user_attrs) and results.planned_seeds(study.user_attrs) == [0, 1, 2, 3, 7]
+    with pytest.raises(FFablateError, match=r"runs added different seeds to study 'tiny-smoke' at once"):
+        studies.refuse_another_plan(study, four)
+
+
+def test_a_recipe_study_names_its_source_when_the_sources_winner_changed(finished, tmp_path):
+    # Once a source study can grow, its best configuration can change under a --recipe-from study, whose user
+    # edited nothing: "restore the spec it was made from" led nowhere.
+    (tmp_path / "studies.db").write_bytes(Path(finished[0], "studies.db").read_bytes())
+    url = storage_url(tmp_path)
+    gap = write_spec(tmp_path, GAP, seeds=1, name="gap-recipe")
+    assert main(["study", str(gap), "--budget", "smoke", "--storage", url, "--recipe-from", "tiny"]) == 0
+    study = optuna.load_study(study_name="gap-recipe-smoke@tiny-smoke", storage=url)
+    used = study.user_attrs["base"]["temperature"]
+    other = next(t for t in ("constant", "cosine") if t != used)
+    plan = specs.load(str(gap)).plan("smoke").with_recipe({"temperature": other}, "tiny-smoke")
+    with pytest.raises(FFablateError, match="best configuration of study 'tiny-smoke' changed since it was made") as e:
+        studies.refuse_another_plan(study, plan)
+    assert str(e.value).endswith("; rerun with --study-name NEW")
+
+
+def test_a_run_whose_study_grew_meanwhile_says_which_seeds_resume_it(finished, tmp_path, monkeypatch, capsys):
+    # It said "rerun the same command to resume", which the grown study now refuses.
+    (tmp_path / "studies.db").write_bytes(Path(finished[0], "studies.db").read_bytes())
+    url = storage_url(tmp_path)
+    run_study = studies.run_study
+
+    def run_then_grow(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        done = run_study(*args, **kwargs)
+        done.study.set_user_attr(results.GROWN + "[0, 1, 2]", "other.toml")  # another run added a seed meanwhile
+        return done
+
+    monkeypatch.setattr(studies, "run_study", run_then_grow)
+    assert main(["study", str(write_spec(tmp_path, GRID)), "--budget", "smoke", "--storage", url]) == 0
+    out = capsys.readouterr().out
+    assert "which now runs seeds [0, 1, 2]: give the budget seeds = [0, 1, 2] to resume it" in out
+    assert "rerun the same command" not in out
