@@ -45,7 +45,7 @@ class RunConfig:
     epochs: int = 16
     batch_size: int = 128
     lr: float = 3e-3
-    weight_decay: float = 0.0
+    weight_decay: float = 0.0  # AdamW decay of kernels and weight matrices only (not biases, gains, T, fusion scalars)
     seed: int = 0
     device: str = "cpu"
     augment: bool = True

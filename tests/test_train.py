@@ -118,7 +118,9 @@ def test_the_fused_adamw_makes_torchs_default_adamw_update():
     twins = [torch.nn.Parameter(p.detach().clone()) for p in params]
     start = [p.detach().clone() for p in params]
     fused = make_optimizer(params, config)
-    loop = torch.optim.AdamW(twins, lr=0.01, weight_decay=0.1, foreach=False)
+    # Decay on the kernel, none on the bias and the scalar (make_optimizer's groups).
+    groups = [{"params": twins[:1]}, {"params": twins[1:], "weight_decay": 0.0}]
+    loop = torch.optim.AdamW(groups, lr=0.01, weight_decay=0.1, foreach=False)
     assert fused.defaults["fused"]
     for _ in range(3):
         for p, twin in zip(params, twins, strict=True):
@@ -129,6 +131,28 @@ def test_the_fused_adamw_makes_torchs_default_adamw_update():
     for p, twin, p0 in zip(params, twins, start, strict=True):
         assert (p != p0).all()  # every element moved
         torch.testing.assert_close(p, twin, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("method, fusion", [("ff", "learned-weights"), ("ff", "readout"), ("bp-deepsup", "last")])
+def test_weight_decay_shrinks_kernels_and_leaves_biases_gains_and_a_learned_temperature(tiny_config, method, fusion):
+    """With no gradient, an AdamW step moves a parameter by its decay alone: every kernel shrinks, and no vector
+    or scalar moves (a decayed log T would pull a learned T toward floor + 1, a prior no one chose)."""
+    config = tiny_config.with_updates(
+        {"method": method, "weight_decay": 0.5, "temperature": "learned", "fusion": fusion}
+    )
+    trainer = build_trainer(config)
+    named = list(trainer.net.named_parameters())
+    before = {name: p.detach().clone() for name, p in named}
+    for _, p in named:
+        p.grad = torch.zeros_like(p)
+    trainer.optimizer.step()
+    if getattr(trainer, "fusion_optimizer", None):
+        trainer.fusion_optimizer.step()
+    moved = {name for name, p in named if not torch.equal(p, before[name])}
+    kernels = {name for name, p in named if p.dim() >= 2}
+    assert moved == kernels
+    if method == "ff":
+        assert any(name.endswith("log_t") for name, _ in named)
 
 
 HARDEST = {"goodness": "meansq", "negatives": "hardest-label", "loss": "softplus-threshold"}

@@ -139,8 +139,18 @@ def make_optimizer(params: Iterator[nn.Parameter] | list[nn.Parameter], config: 
     """The one optimizer for FF and BP alike: AdamW, in its fused implementation (one kernel per step for all the
     parameters, on the CPU and CUDA). torch's default (a loop over the parameters on the CPU, a dozen multi-tensor
     launches on CUDA) spends host time that a small, host-bound step feels: 0.2-0.6 ms of a 4-6 ms batch-2 CPU
-    step (docs/benchmarks.md, session 16)."""
-    return torch.optim.AdamW(list(params), lr=config.lr, weight_decay=config.weight_decay, fused=True)
+    step (docs/benchmarks.md, session 16).
+
+    Weight decay shrinks only weight matrices and conv kernels (two or more dims). Biases, norm gains, a learned
+    temperature's log T and the fusion's mixing scalars are left alone: decay would pull T toward floor + 1 and the
+    fusion toward equal weights, priors no one chose, and FF has such scalars where BP has none."""
+    params = list(params)
+    groups = [{"params": params}]
+    if config.weight_decay:  # two groups are two fused launches: only when decay is on
+        kept = [p for p in params if p.dim() < 2]
+        groups = [{"params": [p for p in params if p.dim() >= 2]}, {"params": kept, "weight_decay": 0.0}]
+        groups = [g for g in groups if g["params"]]  # torch refuses an empty group
+    return torch.optim.AdamW(groups, lr=config.lr, weight_decay=config.weight_decay, fused=True)
 
 
 def lr_factor(step: int, total: int) -> float:
