@@ -30,6 +30,9 @@ RECIPE_PLUGIN_KINDS = frozenset(PLUGIN_KINDS) - {"datasets"}
 # classes, labels, widths, epochs, ...) is matched between FF and its baseline, the norm modules included: they
 # are part of the backbone BP trains too, so each norm level gets a baseline with that norm.
 FF_ONLY = RECIPE_KEYS - {"norm"}
+# Settings a baseline may run at values of its own: how it is optimized. Every other setting it runs is part of the
+# backbone, data, augmentation or epochs, which FF and its baseline share in every comparison ffablate makes.
+BASELINE_OWN_KEYS = frozenset({"lr", "weight_decay", "batch_size", "micro_batch", "device"})
 # Changes to how a dataset is loaded or augmented that alter what a trial trains on while the spec stays the same: a
 # study stored before one must not resume after it (its trials would mix both), so they enter the fingerprint of
 # plans that use the dataset (and only those: other studies still resume).
@@ -345,6 +348,8 @@ def parse(raw: dict[str, Any], path: Path) -> Spec:
     untuned = v.get(baseline, "untuned", list, default=[], key="baseline")
     levels = v.get(baseline, "levels", dict, default={}, key="baseline")
     searched = [*space, *space_plugins]
+    if methods:
+        _check_shared_by_design(v, groups, match, space, space_plugins)
     for i, key in enumerate(untuned):
         if key not in searched:
             v.fail(f"baseline.untuned[{i}]", f"names {key!r}, which [space] does not search; list only searched keys")
@@ -624,6 +629,39 @@ def is_recipe_key(key: str) -> bool:
 
 def _is_ff_only(key: str) -> bool:
     return key in FF_ONLY or ("." in key and key.split(".", 1)[0] in FF_ONLY)
+
+
+def _shared_by_design(key: str) -> bool:
+    """Whether FF and its baseline must run ``key`` (a setting or a plugin's "kind.param") at the same value."""
+    return not _is_ff_only(key) and key.split(".", 1)[0] not in BASELINE_OWN_KEYS
+
+
+def _check_shared_by_design(
+    v: _Validator, groups: list[Group], match: list[str] | None, space: dict[str, Any], space_plugins: list[str]
+) -> None:
+    """Refuses a spec whose baseline would train another network than the FF configuration it is compared with.
+    A ``match`` that left out ``channels`` compared every FF width with one baseline at the default width, and a
+    searched width has no baseline of its own for each value TPE draws."""
+    shared = "part of the network FF and its baseline share (backbone, data, augmentation, epochs)"
+    if match is not None:
+        varied = {k for g in groups for k in [*g.set, *g.axes, *(k for s in g.budgets.values() for k in s)]}
+        for key in sorted(k for k in varied if _shared_by_design(k) and k not in match):
+            v.fail(
+                "baseline.match",
+                f'leaves out {key!r}, {shared}, which the FF configurations set; add "{key}" to it or leave match out',
+            )
+    for key in space:
+        if _shared_by_design(key):
+            v.fail(
+                f"space.{_toml_key(key)}",
+                f"is {shared}, and a search draws values no baseline ran at; sweep it as an [axes] key (each level "
+                "gets its baseline) or fix it in [base]",
+            )
+    for key in space_plugins:
+        if _shared_by_design(key):
+            v.fail(
+                "space.plugins", f"searches {key}, {shared}; sweep its parameters as [axes] keys or fix them in [base]"
+            )
 
 
 def at_base(key: str, base: dict[str, Any]) -> str:

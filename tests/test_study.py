@@ -664,6 +664,17 @@ def test_two_runs_failing_one_dead_trial_at_once_both_go_on(tmp_path, monkeypatc
         (GRID + '[baseline]\nmatch = ["clases"]\n', "baseline.match[0] is not a run setting"),
         (GRID + '[baseline]\nmatch = ["temperature"]\n', "baseline.match[0] names 'temperature', which only FF"),
         (GRID + "[baseline]\nmatch = [3]\n", "baseline.match[0] must be a run setting's name"),
+        # A match without the widths FF sweeps compared every width with one baseline at the default width.
+        (
+            GRID.replace("[axes]", '[axes]\nchannels = ["10,10", "20,20"]') + '[baseline]\nmatch = ["dataset"]\n',
+            "baseline.match leaves out 'channels', part of the network FF and its baseline share (backbone, data, "
+            'augmentation, epochs), which the FF configurations set; add "channels" to it or leave match out',
+        ),
+        (
+            GRID.replace("[axes]", '[[groups]]\nlabel = "long"\nset = { epochs = 3 }\n[groups.axes]')
+            + "[baseline]\nmatch = []\n",
+            "baseline.match leaves out 'epochs'",
+        ),
         # A list there was a TypeError traceback (unhashable type: 'list').
         (GRID + '[space]\nplugins = [["norm"]]\n', "space.plugins[0] must be a plugin kind"),
     ],
@@ -891,7 +902,7 @@ def write_tpe_spec(tmp_path: Path, space: str, base: str = "", untuned: list[str
             "configuration 'temperature=constant with lr=-1.0 from the search space': lr must be a positive",
         ),
         ('epochs = { type = "float", low = 1.0, high = 1.9 }', "", 'which takes an int: use type = "int"'),
-        ('epochs = { type = "int", low = 0, high = 2 }', "", "epochs must be at least 1, got 0"),
+        ('batch_size = { type = "int", low = 0, high = 2 }', "", "batch_size must be at least 1, got 0"),
         ('batch_size = { type = "int", low = 10, high = 50, step = 20 }', "", "space.batch_size.step is not a known"),
         ('channels = { type = "categorical", choices = [[8, 16]] }', "", "space.channels.choices[0] must be a string"),
         ('channels = { type = "int", low = 8, high = 16 }', "", 'use type = "categorical" with choices'),
@@ -1067,7 +1078,21 @@ def test_a_changed_pruner_is_refused_on_resume(tmp_path, capsys):
             "space.lr is a setting the BP baseline shares, so FF would be tuned on it and the baseline run at the base "
             'value; tune the baseline too with [baseline] levels = { lr = [...] }, or add untuned = ["lr"]',
         ),
-        ('plugins = ["norm"]', [], "space.plugins searches norm, which the BP baseline shares"),
+        (
+            'plugins = ["norm"]',
+            [],
+            "space.plugins searches norm, part of the network FF and its baseline share (backbone, data, "
+            "augmentation, epochs); sweep its parameters as [axes] keys or fix them in [base]",
+        ),
+        # Before: accepted with untuned = ["channels"], so the best FF width was compared with BP at the base width.
+        (
+            'channels = { type = "categorical", choices = ["10,10", "20,20"] }',
+            ["channels"],
+            "space.channels is part of the network FF and its baseline share (backbone, data, augmentation, epochs), "
+            "and a search draws values no baseline ran at; sweep it as an [axes] key",
+        ),
+        ('epochs = { type = "int", low = 1, high = 2 }', [], "space.epochs is part of the network"),
+        ('"norm.eps" = { type = "float", low = 1e-5, high = 1e-3 }', ["norm.eps"], 'space."norm.eps" is part of'),
         ('"temperature.start" = { type = "float", low = 1.0, high = 2.0 }', ["lr"], "baseline.untuned[0] names 'lr'"),
         (
             'lr = { type = "float", low = 1e-3, high = 3e-3 }\n[baseline.levels]\nepochs = [1]',
