@@ -42,6 +42,7 @@ NO_POINT, CLAIM_TRIES = -1, 50  # a grid trial's released claim; claims one tria
 OPEN_TRIES = 6  # openings of a new database other workers are creating too (3.1 s of waits between)
 # User attrs every trial carries; reports read only these (and the study's own user attrs).
 ROLE, CELL, SEED, FAIL_REASON, PERMANENT = "role", "cell", "seed", "fail_reason", "fail_permanent"
+PLUGINS = "plugins_used"  # a study's attr: what its plugins from outside ffablate were (plugins_used)
 
 
 @dataclass
@@ -697,6 +698,10 @@ def open_study(plan: specs.Plan, storage: optuna.storages.BaseStorage, name: str
     fingerprint = plan.fingerprint()
     refuse_a_foreign_study(study)
     refuse_another_plan(study, plan)
+    plugins = plugins_used(plan)
+    refuse_changed_plugins(study, plugins)
+    if attrs.get(PLUGINS) != plugins:  # also for studies made before it: resumes from now on are checked
+        study.set_user_attr(PLUGINS, plugins)
     if "fingerprint" in attrs:
         # How the results are read, not what they mean: a spec's edited question or analysis applies on resume.
         for key, value in (("question", plan.spec.question), ("analysis", plan.spec.analysis)):
@@ -777,6 +782,47 @@ def refuse_another_plan(study: optuna.Study, plan: specs.Plan) -> None:
     raise FFablateError(
         f"study {study.study_name!r} in this storage was made from a different spec or budget{what}; {remedy}"
     )
+
+
+def plugins_used(plan: specs.Plan) -> dict[str, dict[str, Any]]:
+    """``{"kind name": {"source", "defaults", "space"}}`` for each plugin from outside ffablate that ``plan``'s
+    configurations run: its package and version, its parameters' defaults and its declared search space, which
+    decide what a trial that names the plugin computes. ffablate's own plugins change only with ffablate, whose
+    version every trial records."""
+    from ffablate.config import PLUGIN_KINDS
+    from ffablate.plugins import plugin_sources, registry
+
+    reg, used = registry(), {}
+    for cell in plan.cells:
+        config = plan.config(cell.overrides, 0)
+        for kind, source in plugin_sources(config, reg, PLUGIN_KINDS).items():
+            plugin = reg.get(kind, config.plugin_of(kind))
+            # As the storage keeps them (JSON): a tuple default reads back as a list, and must compare equal.
+            identity = {"source": source, "defaults": plugin.params, "space": plugin.space}
+            used[f"{kind} {plugin.name}"] = json.loads(json.dumps(identity, default=str))
+    return used
+
+
+def refuse_changed_plugins(study: optuna.Study, now: dict[str, dict[str, Any]]) -> None:
+    """Refuses to resume a study whose plugins from outside ffablate changed since it ran: a new version, other
+    defaults or another declared space would be averaged with the old one's seeds into one row."""
+    for key, then in (study.user_attrs.get(PLUGINS) or {}).items():
+        if key not in now or now[key] == then:  # a plugin the plan no longer runs: the fingerprint says so
+            continue
+        kind, name = key.split(" ", 1)
+        if now[key]["source"] != then["source"]:
+            change = f"{kind} plugin {then['source']}, and {now[key]['source']} is installed now"
+        else:
+            what = next(w for w in ("defaults", "space") if now[key][w] != then[w])
+            change = f"{kind} plugin {name!r} with {what} {_shown(then[what])}, and {_shown(now[key][what])} now"
+        raise FFablateError(
+            f"study {study.study_name!r} ran {change}: new trials would be averaged with the old; rerun with "
+            "--study-name NEW (or restore the plugin it ran)"
+        )
+
+
+def _shown(value: Any) -> str:
+    return json.dumps(value, sort_keys=True)
 
 
 def added_seeds(attrs: dict[str, Any], plan: specs.Plan) -> list[int]:

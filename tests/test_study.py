@@ -1721,3 +1721,60 @@ def test_a_run_whose_study_grew_meanwhile_says_which_seeds_resume_it(finished, t
     out = capsys.readouterr().out
     assert "which now runs seeds [0, 1, 2]: give the budget seeds = [0, 1, 2] to resume it" in out
     assert "rerun the same command" not in out
+
+
+def _fixed_temperature(default: float):
+    """A temperature factory whose default T is ``default``: one version of a user's plugin."""
+
+    class Fixed(torch.nn.Module):
+        def __init__(self, t: float = default):
+            super().__init__()
+            self.t = t
+
+        def forward(self, progress: float, goodness: torch.Tensor) -> torch.Tensor:
+            return torch.tensor(self.t)
+
+    return Fixed
+
+
+class FixedTemperaturePlugin:
+    """A user's temperature plugin "fixed", as one installed version declares it."""
+
+    def __init__(self, default: float, space: dict):
+        self.default, self.space = default, space
+
+    @hookimpl
+    def ffablate_register_temperature(self, register):
+        register("fixed", _fixed_temperature(self.default), "T fixed (test plugin)", space=self.space)
+
+
+class RenamedPackagePlugin(FixedTemperaturePlugin):
+    """The same plugin from another source (a plugin moved to another package, or a new version of it)."""
+
+
+@pytest.mark.parametrize(
+    ("changed", "message"),
+    [
+        (FixedTemperaturePlugin(0.5, {}), 'plugin \'fixed\' with defaults {"t": 0.3}, and {"t": 0.5} now'),
+        (
+            FixedTemperaturePlugin(0.3, {"t": {"type": "float", "low": 0.1, "high": 1.0}}),
+            "plugin 'fixed' with space {}, and {\"t\": {",
+        ),
+        (RenamedPackagePlugin(0.3, {}), "RenamedPackagePlugin (no package version) is installed now"),
+    ],
+)
+def test_a_study_refuses_to_resume_with_a_changed_user_plugin(tmp_path, capsys, changed, message):
+    # Before: the resumed seeds ran the new defaults (or version, or search space) and were averaged with the old.
+    body = GRID.replace('temperature = ["constant", "cosine"]', 'temperature = ["fixed"]')
+    path = write_spec(tmp_path, body, seeds=2)
+    url = storage_url(tmp_path)
+    for plugin, code in ((FixedTemperaturePlugin(0.3, {}), 0), (changed, 2)):
+        add_plugin(plugin)
+        try:
+            assert main(["study", str(path), "--budget", "smoke", "--storage", url, "--n-trials", "1"]) == code
+        finally:
+            remove_plugin(plugin)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert "study 'tiny-smoke' ran temperature plugin" in err[-1] and message in err[-1], err[-1]
+    assert "rerun with --study-name NEW (or restore the plugin it ran)" in err[-1]
+    assert len(trials_of(url, "tiny-smoke")) == 1  # nothing ran under the changed plugin, nothing was lost
