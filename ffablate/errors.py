@@ -17,6 +17,12 @@ class ConfigError(FFablateError):
     pass
 
 
+class PluginContractError(ConfigError):
+    """A plugin returned what its contract refuses (a wrong shape, T = 0, a loss with no gradient): the plugin's
+    bug, as when it raises. A study stops on it instead of recording the point as failed for good, so that the
+    rerun after the fix runs the point."""
+
+
 class DataError(FFablateError):
     """The dataset's files (or the packages that read them) are missing or broken: every run on it fails alike
     until the user fixes them, so a study stops instead of recording its trials as failed for good."""

@@ -10,7 +10,7 @@ from torch import Tensor, nn
 
 from ffablate import ops
 from ffablate.config import RunConfig
-from ffablate.errors import ConfigError, described
+from ffablate.errors import ConfigError, PluginContractError, described
 from ffablate.paths import NormPaths
 from ffablate.plugins import Registry, registry
 
@@ -102,7 +102,7 @@ def checked_paths(paths: object, h: Tensor, width: int, label: str) -> NormPaths
         problem = "a goodness input with no gradient (detached from the block's activity)"
     else:
         return paths
-    raise ConfigError(f"{label} returned {problem} (see ffablate_register_norm in ffablate/hookspecs.py)")
+    raise PluginContractError(f"{label} returned {problem} (see ffablate_register_norm in ffablate/hookspecs.py)")
 
 
 def built_module(built: object, label: str) -> nn.Module:

@@ -34,7 +34,7 @@ from optuna.trial import FrozenTrial, Trial, TrialState
 from ffablate import results
 from ffablate import spec as specs
 from ffablate.config import RunConfig, did_you_mean
-from ffablate.errors import ConfigError, DataError, FFablateError
+from ffablate.errors import ConfigError, DataError, FFablateError, PluginContractError
 
 DEFAULT_STORAGE = "sqlite:///ffablate.db"
 HEARTBEAT_S, GRACE_S = 20, 120
@@ -509,9 +509,12 @@ class Objective:
             result = self._train(trial, config, role)
         except optuna.TrialPruned:
             raise
-        except DataError as exc:
-            # Missing or broken data files fail every trial alike: stop the study and leave this point to a rerun.
+        except (DataError, PluginContractError) as exc:
+            # Missing or broken data files fail every trial alike, and a plugin that broke its contract is a bug
+            # (as if it raised): stop the study and leave this point to the rerun after the fix.
             trial.set_user_attr(FAIL_REASON, f"{type(exc).__name__}: {exc}")
+            if isinstance(exc, PluginContractError):
+                exc = PluginContractError(f"{exc}; fix the plugin and rerun: the study goes on from this point")
             raise StopStudy(exc) from None
         except FFablateError as exc:
             # Divergence (NaN) and configuration clashes would happen again on a rerun: record and move on.

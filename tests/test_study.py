@@ -1778,3 +1778,42 @@ def test_a_study_refuses_to_resume_with_a_changed_user_plugin(tmp_path, capsys, 
     assert "study 'tiny-smoke' ran temperature plugin" in err[-1] and message in err[-1], err[-1]
     assert "rerun with --study-name NEW (or restore the plugin it ran)" in err[-1]
     assert len(trials_of(url, "tiny-smoke")) == 1  # nothing ran under the changed plugin, nothing was lost
+
+
+class LateTemperature(torch.nn.Module):
+    """T = 0.3, but 0 once training is past half way until ``fixed``: a mistake the preflight (at progress 0)
+    misses. ``fixed`` stands for an edit of the plugin's code that changes no version, default or space."""
+
+    fixed = False
+
+    def forward(self, progress: float, goodness: torch.Tensor) -> torch.Tensor:
+        return torch.tensor(0.0 if progress > 0.5 and not self.fixed else 0.3)
+
+
+class LatePlugin:
+    @hookimpl
+    def ffablate_register_temperature(self, register):
+        register("late", LateTemperature, "T = 0 late in training until fixed (test plugin)")
+
+
+def test_a_plugin_that_breaks_its_contract_mid_study_stops_it_and_its_point_runs_after_the_fix(
+    tmp_path, capsys, monkeypatch
+):
+    # Before: the point was failed for good, like a diverged run, and the rerun after the fix found nothing to run.
+    path = write_spec(tmp_path, GRID.replace('temperature = ["constant", "cosine"]', 'temperature = ["late"]'), seeds=1)
+    url, plugin = storage_url(tmp_path), LatePlugin()
+    add_plugin(plugin)
+    try:
+        assert main(["study", str(path), "--budget", "smoke", "--storage", url]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err[-1].startswith("ffablate: error: ") and "temperature plugin 'late'" in err[-1], err
+        assert "returned 0.0 at progress" in err[-1], err[-1]
+        assert err[-1].endswith("; fix the plugin and rerun: the study goes on from this point"), err[-1]
+        failed = [t for t in trials_of(url, "tiny-smoke") if t.state == TrialState.FAIL]
+        assert len(failed) == 1 and not failed[0].user_attrs.get(studies.PERMANENT)
+        monkeypatch.setattr(LateTemperature, "fixed", True)
+        assert main(["study", str(path), "--budget", "smoke", "--storage", url]) == 0
+    finally:
+        remove_plugin(plugin)
+    done = {t.user_attrs["cell"] for t in trials_of(url, "tiny-smoke") if t.state == TrialState.COMPLETE}
+    assert done == {"temperature=late", "bp-deepsup"}

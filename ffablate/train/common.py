@@ -20,7 +20,7 @@ from torch import nn
 from ffablate import __version__, ops
 from ffablate.config import RunConfig
 from ffablate.data import DeviceLoader, ImageDataset, dataset_stats, limit_split, load_dataset
-from ffablate.errors import ConfigError, FFablateError
+from ffablate.errors import ConfigError, FFablateError, PluginContractError
 from ffablate.revision import source_revision
 
 Progress = Callable[[int, int, dict[str, float]], None]
@@ -187,7 +187,7 @@ def checked_losses(
             raise TrainingDiverged(f"loss became {value} at {where}; lower lr{check}")
     for (who, _), t in zip(temperatures, values[len(losses) :], strict=True):
         if bad_temperature(t, tensor=True):
-            raise ConfigError(f"{who} returned T = {t}; a temperature must be positive and finite")
+            raise PluginContractError(f"{who} returned T = {t}; a temperature must be positive and finite")
     return values[: len(losses)]
 
 

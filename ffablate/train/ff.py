@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from ffablate.config import RunConfig
 from ffablate.data import DeviceLoader
-from ffablate.errors import ConfigError, described
+from ffablate.errors import ConfigError, PluginContractError, described
 from ffablate.model import build_backbone, built_module
 from ffablate.plugins import Plugin, Registry, registry
 from ffablate.train import common
@@ -80,12 +80,12 @@ class FFNet(nn.Module):
         goodness = self.goodness(paths, self.num_classes)
         self._check_goodness(goodness, x.shape[0])
         if goodness.device != x.device:
-            raise ConfigError(
+            raise PluginContractError(
                 f"{self.labels['goodness']} returned a tensor on {goodness.device} for activity on {x.device}; "
                 "compute the goodness from the paths it is given"
             )
         if torch.is_grad_enabled() and paths.goodness_input.requires_grad and not goodness.requires_grad:
-            raise ConfigError(
+            raise PluginContractError(
                 f"{self.labels['goodness']} returned a goodness with no gradient; compute it from the paths it is "
                 "given, not from detached values"
             )
@@ -99,7 +99,7 @@ class FFNet(nn.Module):
         if isinstance(goodness, Tensor) and goodness.is_floating_point() and goodness.shape == want:
             return
         what = f"per-class goodness (per_class=True) for {self.num_classes} classes" if per_class else "scalar goodness"
-        raise ConfigError(
+        raise PluginContractError(
             f"{self.labels['goodness']} returned {described(goodness)} for {batch} samples; a {what} must return a "
             f"floating tensor of shape {want} (see ffablate_register_goodness in ffablate/hookspecs.py)"
         )
@@ -110,7 +110,7 @@ class FFNet(nn.Module):
             self.loss_fn(g_pos, g_neg, labels, self.threshold, temperature), f"{self.labels['loss']} returned"
         )
         if g_pos.requires_grad and not loss.requires_grad:
-            raise ConfigError(
+            raise PluginContractError(
                 f"{self.labels['loss']} returned a loss with no gradient; compute it from the goodness it is given, "
                 "not from detached values or constants"
             )
@@ -129,14 +129,14 @@ class FFNet(nn.Module):
         if isinstance(t, (int, float)) and not isinstance(t, bool):
             self._check_positive(t, index, progress, tensor=False)
             return t
-        raise ConfigError(
+        raise PluginContractError(
             f"{self.labels['temperature']} returned {described(t)}; a temperature must be a number or a 0-dim "
             "floating tensor (one T per block, e.g. torch.tensor(0.5))"
         )
 
     def _check_positive(self, t: float, index: int, progress: float, tensor: bool) -> None:
         if common.bad_temperature(t, tensor):
-            raise ConfigError(
+            raise PluginContractError(
                 f"{self.labels['temperature']} returned {t} at progress {progress:.3f} for block {index}; a "
                 "temperature must be positive and finite"
             )
@@ -200,7 +200,7 @@ class FFNet(nn.Module):
         want = (x.shape[0], self.num_classes)
         # (N, 1) logits would score every image as class 0: a plausible-looking accuracy, not an error.
         if not (isinstance(logits, Tensor) and logits.is_floating_point() and logits.shape == want):
-            raise ConfigError(
+            raise PluginContractError(
                 f"{self.labels['fusion']} returned {described(logits)} for {want[0]} samples; a fusion must return "
                 f"floating logits of shape {want}"
             )
@@ -210,7 +210,9 @@ class FFNet(nn.Module):
         who = f"the loss(scores, features, labels) of {self.labels['fusion']}"
         loss = _checked_loss(self.fusion.loss(scores, features, labels), f"{who} returned")
         if not loss.requires_grad:
-            raise ConfigError(f"{who} has no gradient: compute it from the fusion's output, not from detached values")
+            raise PluginContractError(
+                f"{who} has no gradient: compute it from the fusion's output, not from detached values"
+            )
         return loss
 
 
@@ -219,7 +221,7 @@ def _checked_loss(loss: object, who: str) -> Tensor:
     sync). ``who`` begins the message: "<plugin> returned"."""
     if isinstance(loss, Tensor) and loss.dim() == 0 and loss.is_floating_point():
         return loss
-    raise ConfigError(f"{who} {described(loss)}; a loss must return a 0-dim floating tensor (its mean)")
+    raise PluginContractError(f"{who} {described(loss)}; a loss must return a 0-dim floating tensor (its mean)")
 
 
 def _embedded_shape(
@@ -374,21 +376,23 @@ class FFTrainer:
         wrong = net.negatives.wrong_labels(y, net.num_classes, scores)
         who = f"{net.labels['negatives']} wrong_labels returned"
         if not (isinstance(wrong, Tensor) and wrong.dtype == y.dtype and wrong.shape == y.shape):
-            raise ConfigError(
+            raise PluginContractError(
                 f"{who} {described(wrong)} for {y.numel()} labels; it must return a {y.dtype} tensor of shape "
                 f"{tuple(y.shape)} (see ffablate_register_negatives in hookspecs.py)"
             )
         if wrong.device != y.device:
-            raise ConfigError(f"{who} labels on {wrong.device} for labels on {y.device}; return them on the labels'")
+            raise PluginContractError(
+                f"{who} labels on {wrong.device} for labels on {y.device}; return them on the labels'"
+            )
         if not self._negatives_checked:
             # By value once, on the first batch: an out-of-range label failed deep in the embedding's scatter, and
             # the true label (a positive presented as a negative) trained silently to chance accuracy.
             k = net.num_classes
             outside, true = torch.stack([((wrong < 0) | (wrong >= k)).sum(), (wrong == y).sum()]).tolist()
             if outside:
-                raise ConfigError(f"{who} {outside} of {y.numel()} labels outside 0..{k - 1}")
+                raise PluginContractError(f"{who} {outside} of {y.numel()} labels outside 0..{k - 1}")
             if true:
-                raise ConfigError(
+                raise PluginContractError(
                     f"{who} the true label for {true} of {y.numel()} images; a negative's label must be a wrong one"
                 )
             self._negatives_checked = True
