@@ -127,10 +127,19 @@ def ffablate_register_fusion(register: Register) -> None:
 def ffablate_register_datasets(register: Register) -> None:
     """Register datasets.
 
-    Factory: ``factory(roots: list[Path], download: bool, **params) -> ImageDataset`` (see ``ffablate.data``):
-    full train and test splits as uint8 (N, C, H, W) tensors of one image shape, int64 labels in
-    0..num_classes-1, one class name per class, and whether horizontal flips preserve labels (checked when it
-    loads: a mistake is one line naming the plugin). Raises ``DataNotFound`` naming the ways to obtain the bytes.
-    An optional ``factory.locate(roots) -> (path or None, hint)`` tells `ffablate data list` and studies where the
-    data are without loading them.
+    Factory: ``factory(roots: list[Path], download: bool, **params) -> ImageDataset`` (``ffablate.data``), built
+    by keyword with these fields, all but ``name`` and the coarse ones checked when it loads (a mistake is one line
+    naming the plugin):
+
+    - ``name``: the dataset's name, for messages;
+    - ``train_x``, ``test_x``: the full splits as uint8 (N, C, H, W) tensors of one image shape, neither empty;
+    - ``train_y``, ``test_y``: int64 (N,) labels in 0..num_classes-1;
+    - ``num_classes``: an int, at least 2; ``class_names``: a list of one str per class;
+    - ``flips``: True if horizontal flips preserve labels; ``crops`` (default True): if small shifts do;
+    - ``source``: where the bytes came from, as text (a path, or e.g. "generated");
+    - optional ``coarse_train_y``, ``coarse_test_y``, ``coarse_names``: a label hierarchy for ``labels=coarse``.
+
+    ffablate sets the remaining fields (a validation split) itself. Raises ``DataNotFound`` naming the ways to
+    obtain the bytes. An optional ``factory.locate(roots) -> (path or None, hint)`` tells `ffablate data list` and
+    studies where the data are without loading them.
     """
