@@ -10,18 +10,21 @@ Each hook receives a ``register`` callback (simonw/llm style). A plugin module i
 
 ``register(name, factory, description, space=None)`` records one plugin of that hook's kind:
 
-- ``name``: what users type (``--set goodness=cubic``); unique within its kind across all installed plugins.
+- ``name``: what users type (``--set goodness=cubic``): non-empty text without spaces, ``=`` or ``,``; unique
+  within its kind across all installed plugins.
 - ``factory``: a callable. Its keyword arguments with defaults are the plugin's parameters, settable with
   ``--set goodness.p=3`` (a ``**kwargs`` factory has none); the trainer passes the context arguments listed per
-  kind below by keyword. A parameter takes its default's type (bool, int, float or str; ``p: float = 3`` is a
-  float), and ``--set goodness.clip=none`` gives None where the default is None.
+  kind below by keyword. A default must be a bool, int, float, str or None (another is refused at start-up, as
+  ``--set`` cannot give it); the parameter takes its default's type (``p: float = 3`` is a float). A None default
+  takes ``--set goodness.clip=none`` and the one type its annotation names beside None (``clip: float | None``),
+  or, unannotated, any number, true/false or text.
 - ``description``: one line for ``ffablate plugins`` (required).
 - ``space``: the plugin's own Optuna search space, ``{param: spec}`` where spec is one of
   ``{"type": "float", "low": a, "high": b, "log": bool}``, ``{"type": "int", "low": a, "high": b, "log": bool}``,
   ``{"type": "categorical", "choices": [...]}``. Studies may search it without the core knowing the knobs. It is
   checked at start-up: every ``param`` is a parameter of the factory, ``low < high`` (numbers; integers for
   ``int``; a single value is refused, as there is nothing to search), ``log`` needs ``low > 0``, ``choices`` is a
-  non-empty list, and no other keys.
+  non-empty list of values the parameter takes, and no other keys.
 
 Errors: for a mistake the user can fix (a bad parameter value, a dataset too small), raise
 ``ffablate.errors.ConfigError`` with a message that says what to do; ffablate prints it on one line and exits 2.
