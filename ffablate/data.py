@@ -497,28 +497,45 @@ def dataset_params(plugin: Plugin, params: Mapping[str, Any] | None, classes: in
 
 
 def checked_dataset(ds: object, label: str) -> ImageDataset:
-    """``ds`` if it is what training takes: uint8 (N, C, H, W) images of one shape in both splits, int64 labels in
-    0..num_classes-1, one per image, and a name per class. A plugin's mistake here would otherwise end in a
-    traceback far from it (float images in a histogram, a label -1 in the label embedding), or train silently on
-    test images of another size."""
+    """``ds`` if it is what training takes: at least 2 classes, non-empty train and test splits of uint8
+    (N, C, H, W) images of one shape, int64 labels in 0..num_classes-1, one per image, a name per class, flips and
+    crops as bools and the source as text. A plugin's mistake here would otherwise end in a traceback far from it
+    (float images in a histogram, a label -1 in the label embedding, an empty test split in the trainer), train
+    silently on test images of another size or on one class (accuracy 1.0), or flip images on a truthy "no"."""
 
     def refuse(what: str) -> ImageDataset:
         raise ConfigError(f"{label} returned {what}; fix the plugin (see ffablate_register_datasets in hookspecs.py)")
 
     if not isinstance(ds, ImageDataset):
         return refuse(f"{described(ds)}, not an ffablate.data.ImageDataset")
+    k = ds.num_classes
+    if not isinstance(k, int) or isinstance(k, bool) or k < 2:
+        return refuse(f"num_classes={k!r}: it must be an int, at least 2 (a classifier needs two classes)")
     for split in ("train", "test"):
         x, y = getattr(ds, f"{split}_x"), getattr(ds, f"{split}_y")
         if not isinstance(x, Tensor) or x.dtype != torch.uint8 or x.dim() != 4:
             return refuse(f"{split}_x as {described(x)}: images must be a uint8 tensor (N, C, H, W)")
+        if not len(x):
+            return refuse(f"no {split} images: both splits need at least one")
         if not isinstance(y, Tensor) or y.dtype != torch.int64 or y.shape != x.shape[:1]:
             return refuse(f"{split}_y as {described(y)} for {x.shape[0]} images: labels must be int64 (N,)")
-        if y.numel() and not 0 <= int(y.min()) <= int(y.max()) < ds.num_classes:
-            return refuse(f"{split} labels {int(y.min())}..{int(y.max())} for num_classes={ds.num_classes}")
+        if not 0 <= int(y.min()) <= int(y.max()) < k:
+            return refuse(f"{split} labels {int(y.min())}..{int(y.max())} for num_classes={k}")
     if ds.test_x.shape[1:] != ds.train_x.shape[1:]:
         return refuse(f"test images of shape {tuple(ds.test_x.shape[1:])}, training ones {tuple(ds.train_x.shape[1:])}")
-    if len(ds.class_names) != ds.num_classes:
-        return refuse(f"{len(ds.class_names)} class names for num_classes={ds.num_classes}")
+    names = ds.class_names
+    if not isinstance(names, (list, tuple)):
+        return refuse(f"class_names as {described(names)}: give a list of str, one per class")
+    odd = [n for n in names if not isinstance(n, str)]
+    if odd:
+        return refuse(f"the class name {odd[0]!r}, {described(odd[0])}: class names must be str")
+    if len(names) != k:
+        return refuse(f"{len(names)} class names for num_classes={k}")
+    for flag in ("flips", "crops"):
+        if not isinstance(getattr(ds, flag), bool):
+            return refuse(f"{flag}={getattr(ds, flag)!r}: it must be True or False")
+    if not isinstance(ds.source, str):
+        return refuse(f"source={ds.source!r}: give where the bytes came from as text (a path, or 'generated')")
     return ds
 
 

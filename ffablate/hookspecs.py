@@ -10,18 +10,21 @@ Each hook receives a ``register`` callback (simonw/llm style). A plugin module i
 
 ``register(name, factory, description, space=None)`` records one plugin of that hook's kind:
 
-- ``name``: what users type (``--set goodness=cubic``); unique within its kind across all installed plugins.
+- ``name``: what users type (``--set goodness=cubic``): non-empty text without spaces, ``=`` or ``,``; unique
+  within its kind across all installed plugins.
 - ``factory``: a callable. Its keyword arguments with defaults are the plugin's parameters, settable with
   ``--set goodness.p=3`` (a ``**kwargs`` factory has none); the trainer passes the context arguments listed per
-  kind below by keyword. A parameter takes its default's type (bool, int, float or str; ``p: float = 3`` is a
-  float), and ``--set goodness.clip=none`` gives None where the default is None.
+  kind below by keyword. A default must be a bool, int, float, str or None (another is refused at start-up, as
+  ``--set`` cannot give it); the parameter takes its default's type (``p: float = 3`` is a float). A None default
+  takes ``--set goodness.clip=none`` and the one type its annotation names beside None (``clip: float | None``),
+  or, unannotated, any number, true/false or text.
 - ``description``: one line for ``ffablate plugins`` (required).
 - ``space``: the plugin's own Optuna search space, ``{param: spec}`` where spec is one of
   ``{"type": "float", "low": a, "high": b, "log": bool}``, ``{"type": "int", "low": a, "high": b, "log": bool}``,
   ``{"type": "categorical", "choices": [...]}``. Studies may search it without the core knowing the knobs. It is
   checked at start-up: every ``param`` is a parameter of the factory, ``low < high`` (numbers; integers for
   ``int``; a single value is refused, as there is nothing to search), ``log`` needs ``low > 0``, ``choices`` is a
-  non-empty list, and no other keys.
+  non-empty list of values the parameter takes, and no other keys.
 
 Errors: for a mistake the user can fix (a bad parameter value, a dataset too small), raise
 ``ffablate.errors.ConfigError`` with a message that says what to do; ffablate prints it on one line and exits 2.
@@ -127,10 +130,19 @@ def ffablate_register_fusion(register: Register) -> None:
 def ffablate_register_datasets(register: Register) -> None:
     """Register datasets.
 
-    Factory: ``factory(roots: list[Path], download: bool, **params) -> ImageDataset`` (see ``ffablate.data``):
-    full train and test splits as uint8 (N, C, H, W) tensors of one image shape, int64 labels in
-    0..num_classes-1, one class name per class, and whether horizontal flips preserve labels (checked when it
-    loads: a mistake is one line naming the plugin). Raises ``DataNotFound`` naming the ways to obtain the bytes.
-    An optional ``factory.locate(roots) -> (path or None, hint)`` tells `ffablate data list` and studies where the
-    data are without loading them.
+    Factory: ``factory(roots: list[Path], download: bool, **params) -> ImageDataset`` (``ffablate.data``), built
+    by keyword with these fields, all but ``name`` and the coarse ones checked when it loads (a mistake is one line
+    naming the plugin):
+
+    - ``name``: the dataset's name, for messages;
+    - ``train_x``, ``test_x``: the full splits as uint8 (N, C, H, W) tensors of one image shape, neither empty;
+    - ``train_y``, ``test_y``: int64 (N,) labels in 0..num_classes-1;
+    - ``num_classes``: an int, at least 2; ``class_names``: a list of one str per class;
+    - ``flips``: True if horizontal flips preserve labels; ``crops`` (default True): if small shifts do;
+    - ``source``: where the bytes came from, as text (a path, or e.g. "generated");
+    - optional ``coarse_train_y``, ``coarse_test_y``, ``coarse_names``: a label hierarchy for ``labels=coarse``.
+
+    ffablate sets the remaining fields (a validation split) itself. Raises ``DataNotFound`` naming the ways to
+    obtain the bytes. An optional ``factory.locate(roots) -> (path or None, hint)`` tells `ffablate data list` and
+    studies where the data are without loading them.
     """

@@ -8,6 +8,7 @@ import inspect
 import math
 import os
 import types
+import typing
 import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -18,11 +19,23 @@ import pluggy
 
 from ffablate import hookspecs
 from ffablate.config import SPACE_KEYS, RunConfig, did_you_mean
-from ffablate.errors import ConfigError, DataError, FFablateError, FFablateWarning, UnknownPlugin, first_line
+from ffablate.errors import (
+    ConfigError,
+    DataError,
+    FFablateError,
+    FFablateWarning,
+    UnknownPlugin,
+    described,
+    first_line,
+)
 
 KINDS = ("goodness", "temperature", "norm", "loss", "negatives", "fusion", "datasets")
 BUILTIN_MODULES = [f"ffablate.builtin.{kind}" for kind in KINDS]
 HOOKS = [f"ffablate_register_{kind}" for kind in KINDS]
+# The types a parameter may take: what --set text and a spec's TOML give, and what JSON (a run's record) holds.
+SCALARS = (bool, int, float, str)
+# What a plugin's own code raises when it is wrong, whatever the files hold (NameError: UnboundLocalError too).
+CODE_ERRORS = (TypeError, AttributeError, NameError)
 
 
 @dataclass(frozen=True)
@@ -55,12 +68,14 @@ class Plugin:
             if self.source == "ffablate":
                 raise  # a built-in that fails on its own is ffablate's bug: its traceback is what a report needs
             if self.kind == "datasets":
-                # Most likely the files (unreadable, truncated, corrupt), and the same for every run on them: a
-                # DataError stops a study, which retries the trial once they are fixed, instead of failing each one.
-                raise DataError(
-                    f"{self.label} could not load its data: {first_line(exc)}; check the files under --data-root "
-                    "(or the plugin)"
-                ) from exc
+                # The same for every run on these files, whether they or the plugin's code are at fault: a DataError
+                # stops a study, which retries the trial once they are fixed, instead of failing each one.
+                fix = (
+                    "fix the plugin (an error in its code, not in the files)"
+                    if isinstance(exc, CODE_ERRORS)
+                    else "check the files under --data-root (or the plugin)"
+                )
+                raise DataError(f"{self.label} could not load its data: {first_line(exc)}; {fix}") from exc
             raise ConfigError(
                 f"{self.label} failed to build: {first_line(exc)}; fix the plugin or choose another {self.kind} plugin"
             ) from exc
@@ -79,36 +94,34 @@ class Plugin:
 
     def typed_params(self, params: dict[str, Any]) -> dict[str, Any]:
         """``params`` with each text value (from ``--set``) read as its parameter's type; others as they are."""
-        defaults = self.params
+        defaults, param_types = self.params, self.param_types
         return {
-            key: _read_text(value, defaults[key]) if isinstance(value, str) and key in defaults else value
+            key: _read_text(value, param_types[key], defaults[key] is None)
+            if isinstance(value, str) and key in defaults
+            else value
             for key, value in params.items()
         }
 
+    @property
+    def param_types(self) -> dict[str, type | None]:
+        """Each parameter's type (see ``_types_of``)."""
+        return _types_of(self.kind, self.factory)
+
     def _checked(self, key: str, value: Any) -> Any:
-        """``value`` if it has the type of the parameter's default (a str default takes any scalar as text, a float
-        one any finite number, as a float)."""
-        default = self.params[key]
-        if isinstance(default, bool):
-            ok, want = isinstance(value, bool), "true or false"
-        elif isinstance(default, int):
-            ok, want = isinstance(value, int) and not isinstance(value, bool), "an integer"
-        elif isinstance(default, float):
-            # inf or nan would train, into NaN losses whose message blames the learning rate (unless the
-            # plugin's own default is infinite, e.g. "no clip").
-            number = isinstance(value, (int, float)) and not isinstance(value, bool)
-            ok, want = number and (math.isinf(default) or _finite(value)), "a finite number"
-            value = float(value) if ok else value  # 2 from --set or TOML: a plugin may build a float tensor from it
-        elif isinstance(default, str) and isinstance(value, (int, float, bool)):
-            return str(value)
-        else:
-            return value
-        if not ok:
+        """``value`` if it has the parameter's type (a str parameter takes any scalar as text, a float one any
+        finite number, as a float)."""
+        default, type_ = self.params[key], self.param_types[key]
+        want = _refusal(value, type_, default)
+        if want is not None:
+            example = "none" if default is None else default
             raise ConfigError(
                 f"{self.kind} plugin {self.name!r}: parameter {key!r} takes {want}, got {value!r} "
-                f"(e.g. --set {self.kind}.{key}={default})"
+                f"(e.g. --set {self.kind}.{key}={example})"
             )
-        return value
+        if value is None:
+            return value
+        # 2 from --set or TOML: a plugin may build a float tensor from a float parameter.
+        return float(value) if type_ is float else str(value) if type_ is str else value
 
 
 def typed_plugin_params(config: RunConfig, plugins: Registry) -> RunConfig:
@@ -125,8 +138,7 @@ def typed_plugin_params(config: RunConfig, plugins: Registry) -> RunConfig:
 def used_params(config: RunConfig, plugins: Registry, kinds: tuple[str, ...]) -> dict[str, dict[str, Any]]:
     """Every parameter of the run's ``kinds`` plugins, the defaults included: what a rerun needs, since a plugin's
     default may change between versions while the run's config names only the values it set."""
-    used = {kind: {**plugins.get(kind, config.plugin_of(kind)).params, **config.params_of(kind)} for kind in kinds}
-    return {kind: {key: _storable(value) for key, value in params.items()} for kind, params in used.items()}
+    return {kind: {**plugins.get(kind, config.plugin_of(kind)).params, **config.params_of(kind)} for kind in kinds}
 
 
 def plugin_sources(config: RunConfig, plugins: Registry, kinds: tuple[str, ...]) -> dict[str, str]:
@@ -146,24 +158,44 @@ def plugin_sources(config: RunConfig, plugins: Registry, kinds: tuple[str, ...])
     return out
 
 
-def _storable(value: Any) -> Any:
-    """``value`` as JSON (and so an Optuna storage) can hold it: a default of another type (a dtype, a tuple) as
-    its text."""
-    return value if value is None or isinstance(value, (bool, int, float, str)) else str(value)
-
-
-def _read_text(text: str, default: Any) -> Any:
-    """``--set`` text for a parameter whose default is ``default``: a str default keeps it as given ("007", a
-    folder named "2024_01"); for any other, none/null is None; a bool one reads true/false, yes/no, 1/0 as the run
-    settings do; a float one a float; any other an int, then a float, then true/false. Text that reads as none of
-    them stays text, for ``_checked`` to refuse."""
-    if isinstance(default, str):
-        return text
-    if text.lower() in ("none", "null"):  # a default of None ("no clip") must be expressible, and 'none' no str
+def _refusal(value: Any, type_: type | None, default: Any) -> str | None:
+    """None if a parameter of ``type_`` (None: not known) whose default is ``default`` takes ``value``, else what it
+    does take, for the message. A None default makes None one of its values."""
+    if value is None and default is None:
         return None
-    if isinstance(default, bool):
+    if type_ is bool:
+        ok, want = isinstance(value, bool), "true or false"
+    elif type_ is int:
+        ok, want = isinstance(value, int) and not isinstance(value, bool), "an integer"
+    elif type_ is float:
+        # inf or nan would train, into NaN losses whose message blames the learning rate (unless the
+        # plugin's own default is infinite, e.g. "no clip").
+        number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        no_limit = isinstance(default, float) and math.isinf(default)
+        ok, want = number and (no_limit or _finite(value)), "a finite number"
+    else:
+        # A run's record and Optuna's storage are JSON: a value of another type (a list from a TOML spec) would
+        # reach the factory unchecked and then fail to store.
+        ok = type(value) in SCALARS
+        want = "text" if type_ is str else "a number, true/false or text"
+    if ok:
+        return None
+    return f"{want}, or none" if default is None else want
+
+
+def _read_text(text: str, type_: type | None, nullable: bool) -> Any:
+    """``--set`` text for a parameter of ``type_`` (None: unknown): a str one keeps it as given ("007", a folder
+    named "2024_01"); none/null is None, except for a str parameter whose default is not None; a bool one reads
+    true/false, yes/no, 1/0 as the run settings do; a float one a float; any other an int, then a float, then
+    true/false. Text that reads as none of them stays text, for ``_checked`` to refuse."""
+    # A default of None ("no clip") must be expressible, and 'none' is no str.
+    if text.lower() in ("none", "null") and (nullable or type_ is not str):
+        return None
+    if type_ is str:
+        return text
+    if type_ is bool:
         return {"true": True, "yes": True, "1": True, "false": False, "no": False, "0": False}.get(text.lower(), text)
-    for cast in (float,) if isinstance(default, float) else (int, float):
+    for cast in (float,) if type_ is float else (int, float):
         try:
             return cast(text)
         except ValueError:
@@ -219,7 +251,7 @@ class Registry:
                     "uninstall one or rename it"
                 )
             space = {} if space is None else space
-            _check_space(kind, name, _params_of(kind, factory), space, plugin)
+            _check_space(kind, name, factory, space, plugin)
             self._plugins[kind][name] = Plugin(kind, name, factory, description, source, dict(space))
 
         return register
@@ -290,16 +322,30 @@ def _required_args(kind: str, factory: Callable[..., Any]) -> list[str]:
     ]
 
 
-def _params_of(kind: str, factory: Callable[..., Any]) -> dict[str, Any]:
+def _parameters(kind: str, factory: Callable[..., Any]) -> list[inspect.Parameter]:
     """The factory's keyword parameters with defaults (``**kwargs`` names none: nothing says what it takes). An
     argument ffablate passes (``CONTEXT_ARGS``) is not one, default or not: listed, it was recorded at its default
     while the run passed another value, and setting it clashed with the passed one."""
-    return {
-        p.name: _as_annotated(p)
+    return [
+        p
         for p in inspect.signature(factory).parameters.values()
         if p.default is not inspect.Parameter.empty
         and p.kind is not p.VAR_KEYWORD
         and p.name not in CONTEXT_ARGS.get(kind, ())
+    ]
+
+
+def _params_of(kind: str, factory: Callable[..., Any]) -> dict[str, Any]:
+    """The factory's parameters and their defaults."""
+    return {p.name: _as_annotated(p) for p in _parameters(kind, factory)}
+
+
+def _types_of(kind: str, factory: Callable[..., Any]) -> dict[str, type | None]:
+    """Each parameter's type: its default's, or for a None default the one its annotation names beside None
+    (``clip: float | None = None``); None where nothing names one."""
+    return {
+        p.name: _annotated_scalar(p.annotation) if p.default is None else type(_as_annotated(p))
+        for p in _parameters(kind, factory)
     }
 
 
@@ -312,6 +358,22 @@ def _as_annotated(p: inspect.Parameter) -> Any:
     return p.default
 
 
+def _annotated_scalar(annotation: Any) -> type | None:
+    """The one scalar type an annotation names beside None: ``float | None`` or ``Optional[float]``, as objects
+    or as the text ``from __future__ import annotations`` leaves."""
+    if isinstance(annotation, str):
+        text = annotation.replace(" ", "").removeprefix("typing.")
+        if text.startswith("Optional[") and text.endswith("]"):
+            text = text[len("Optional[") : -1]
+        names = set(text.split("|")) - {"None"}
+    elif typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        names = {getattr(arg, "__name__", "") for arg in typing.get_args(annotation)} - {"NoneType"}
+    else:
+        names = {getattr(annotation, "__name__", "")}
+    by_name = {t.__name__: t for t in SCALARS}
+    return by_name.get(names.pop()) if len(names) == 1 else None
+
+
 def _registration_error(kind: str, name: str, plugin: object, problem: str) -> ConfigError:
     return ConfigError(f"{kind} plugin {name!r} registered by {_where(plugin)}: {problem}")
 
@@ -319,6 +381,16 @@ def _registration_error(kind: str, name: str, plugin: object, problem: str) -> C
 def _check_registration(
     kind: str, name: str, factory: Callable[..., Any], description: str | None, plugin: object
 ) -> None:
+    # Users type the name in --set kind=name and in a spec's comma-separated lists; an int one also broke sorting
+    # the registry, so every command failed.
+    if not isinstance(name, str) or not name or any(c.isspace() or c in "=," for c in name):
+        raise _registration_error(
+            kind,
+            name,
+            plugin,
+            f"its name must be non-empty text without spaces, '=' or ',', as users type it in --set {kind}=NAME: "
+            'e.g. register("my-name", factory, description)',
+        )
     if not callable(factory):
         raise _registration_error(
             kind,
@@ -349,21 +421,31 @@ def _check_registration(
             f"its factory's argument {required[0]!r} has no default: give it one (parameters are the keyword "
             f"arguments with defaults, set with --set {kind}.{required[0]}=...; ffablate passes {passed} itself)",
         )
+    for key, default in _params_of(kind, factory).items():
+        if default is not None and type(default) not in SCALARS:
+            raise _registration_error(
+                kind,
+                name,
+                plugin,
+                f"its parameter {key!r} defaults to {described(default)}, which --set cannot give: default it to a "
+                "bool, int, float or str (or None) and convert that in the factory",
+            )
 
 
-def _check_space(kind: str, name: str, params: dict[str, Any], space: object, plugin: object) -> None:
+def _check_space(kind: str, name: str, factory: Callable[..., Any], space: object, plugin: object) -> None:
     """Refuse at start-up a search space that a study would only trip over (or silently ignore) later."""
     if not isinstance(space, dict):
         raise _registration_error(
             kind, name, plugin, f"space must be a dict {{param: spec}}, got {type(space).__name__}"
         )
+    params, param_types = _params_of(kind, factory), _types_of(kind, factory)
     for param, spec in space.items():
-        problem = _space_problem(param, spec, params)
+        problem = _space_problem(param, spec, params, param_types)
         if problem is not None:
             raise _registration_error(kind, name, plugin, f"search space of {param!r} {problem}")
 
 
-def _space_problem(param: str, spec: object, params: dict[str, Any]) -> str | None:
+def _space_problem(param: str, spec: object, params: dict[str, Any], param_types: dict[str, type | None]) -> str | None:
     if param not in params:
         known = ", ".join(sorted(params)) or "none (**kwargs declares none)"
         return f"names no parameter of its factory; its parameters (keyword arguments with defaults): {known}"
@@ -373,15 +455,23 @@ def _space_problem(param: str, spec: object, params: dict[str, Any]) -> str | No
     unknown = sorted(map(str, set(spec) - allowed))
     if unknown:
         return f"has unknown key {unknown[0]!r}; a {spec['type']} space takes {', '.join(sorted(allowed))}"
+    # A value the parameter cannot take would only fail at a study's preflight, where it reads as the spec's fault.
+    default, type_ = params[param], param_types[param]
     if spec["type"] == "categorical":
         choices = spec.get("choices")
-        return None if isinstance(choices, (list, tuple)) and choices else "needs a non-empty list of choices"
-    # A range the parameter cannot take would only fail at a study's preflight, where it reads as the spec's fault.
-    default = params[param]
-    if isinstance(default, (bool, str)):
-        takes = "true or false" if isinstance(default, bool) else "text"
+        if not isinstance(choices, (list, tuple)) or not choices:
+            return "needs a non-empty list of choices"
+        for choice in choices:
+            # A text choice is read as --set text is, as the trial's value will be.
+            value = _read_text(choice, type_, default is None) if isinstance(choice, str) else choice
+            want = _refusal(value, type_, default)
+            if want is not None:
+                return f"has the choice {choice!r}, but the parameter takes {want} (default {default!r})"
+        return None
+    if type_ in (bool, str):
+        takes = "true or false" if type_ is bool else "text"
         return f'is a numeric range, but the parameter takes {takes} (default {default!r}): use type = "categorical"'
-    if spec["type"] == "float" and isinstance(default, int):
+    if spec["type"] == "float" and type_ is int:
         return f'is a float range, but the parameter takes an integer (default {default}): use type = "int"'
     return _range_problem(spec)
 

@@ -416,11 +416,12 @@ def _untuned_from_trials(trials: list[FrozenTrial], meta: dict[str, Any]) -> dic
 
 def _setting(param: str) -> str:
     """The setting a search's trial parameter samples: a plugin's is stored as "kind:plugin.param" (one
-    distribution per plugin) and sets "kind.param"; any other is the setting's own key."""
+    distribution per plugin) and sets "kind.param"; any other is the setting's own key. A plugin's name may hold a
+    dot, a parameter's (a Python identifier) cannot."""
     if ":" not in param:
         return param
     kind, rest = param.split(":", 1)
-    return f"{kind}.{rest.split('.', 1)[-1]}"
+    return f"{kind}.{rest.rsplit('.', 1)[-1]}"
 
 
 def _tuned_baseline(levels: list[Row]) -> Row | None:

@@ -810,6 +810,17 @@ class _BrokenDatasets:
                 ds.train_x = x.float()
             if mistake == "label":
                 ds.train_y = torch.tensor([0, 1, 0, -1])
+            one_class = {"num_classes": 1, "train_y": y * 0, "test_y": y[:2] * 0, "class_names": ["a"]}
+            fields = {
+                "flips": {"flips": "no"},
+                "source": {"source": None},
+                "float-classes": {"num_classes": 2.0},
+                "one-class": one_class,
+                "empty-test": {"test_x": x[:0], "test_y": y[:0]},
+                "class-names": {"class_names": ["a", 2]},
+            }
+            for field, value in fields.get(mistake, {}).items():
+                setattr(ds, field, value)
             return {"train_x": x} if mistake == "dict" else ds
 
         def locate(roots):
@@ -826,6 +837,14 @@ class _BrokenDatasets:
         ("label", "train labels -1..1 for num_classes=2"),
         ("test-shape", "test images of shape (1, 10, 10), training ones (1, 8, 8)"),
         ("dict", "a dict, not an ffablate.data.ImageDataset"),
+        # Before: flipped images on a truthy "no", stored no source, crashed in the trainer (a float num_classes, an
+        # empty test split), and trained one class to accuracy 1.0.
+        ("flips", "flips='no': it must be True or False"),
+        ("source", "source=None: give where the bytes came from as text"),
+        ("float-classes", "num_classes=2.0: it must be an int, at least 2"),
+        ("one-class", "num_classes=1: it must be an int, at least 2"),
+        ("empty-test", "no test images: both splits need at least one"),
+        ("class-names", "the class name 2, an int: class names must be str"),
     ],
 )
 def test_a_dataset_plugins_mistake_is_one_line_naming_it(tmp_path, mistake, message):

@@ -606,6 +606,16 @@ def _kwargs_factory(**kwargs):
         ({"on": {"type": "int", "low": 0, "high": 1}}, Tunable, "'on' is a numeric range.*takes true or false"),
         ({"tag": {"type": "float", "low": 0, "high": 1}}, Tunable, "'tag' is a numeric range.*takes text"),
         ({"p": {"type": "float", "low": 1, "high": 2}}, _kwargs_factory, r"'p' names no parameter.*\*\*kwargs"),
+        # Choices the parameter cannot take: caught at a study's preflight before, blaming the spec.
+        (
+            {"p": {"type": "categorical", "choices": [1, "big", None]}},
+            Tunable,
+            "'p' has the choice 'big', but the parameter takes a finite number \\(default 2.0\\)",
+        ),
+        ({"p": {"type": "categorical", "choices": [1.5, None]}}, Tunable, "'p' has the choice None, but .*finite"),
+        ({"n": {"type": "categorical", "choices": [1, 2.5]}}, Tunable, "'n' has the choice 2.5, but .*an integer"),
+        ({"on": {"type": "categorical", "choices": [True, 1]}}, Tunable, "'on' has the choice 1, but .*true or false"),
+        ({"tag": {"type": "categorical", "choices": ["a", [1]]}}, Tunable, "'tag' has the choice \\[1\\], but .*text"),
     ],
 )
 def test_a_bad_search_space_is_refused_at_registration(space, factory, message):
@@ -736,6 +746,19 @@ def test_a_dataset_that_cannot_load_its_files_is_a_data_error(error):
         reg.create("datasets", "probe")
 
 
+@pytest.mark.parametrize(
+    "error", [TypeError("unsupported operand"), AttributeError("no attribute 'shape'"), NameError("name 'x'")]
+)
+def test_a_dataset_whose_code_fails_is_told_to_fix_the_plugin_not_the_files(error):
+    def buggy(path: str = ""):
+        raise error
+
+    reg = _registry_with(OnePlugin("datasets", buggy))
+    # Before: "check the files under --data-root", for a bug no file could cause.
+    with pytest.raises(DataError, match=rf"could not load its data: {type(error).__name__}: .*; fix the plugin \(an"):
+        reg.create("datasets", "probe")
+
+
 def test_a_failing_builtin_keeps_its_traceback():
     def broken(num_features: int, eps: float = 1e-5):
         raise AttributeError("a bug inside ffablate")
@@ -762,12 +785,72 @@ class Misregistering:
         (("raise",), "fails in its hook ffablate_register_goodness: KeyError: 'boom in hook'"),
         (("x", 5, "not callable"), "goodness plugin 'x' registered by .*: its factory is 5, which is not callable"),
         (("x", Tunable), "goodness plugin 'x' registered by .*: give it a one-line description"),
+        # A name users cannot type in --set goodness=NAME or a spec's list; an int one crashed every command.
+        ((3, Tunable, "int name"), "goodness plugin 3 registered by .*: its name must be non-empty text without"),
+        (("", Tunable, "empty"), "goodness plugin '' registered by .*: its name must be non-empty text"),
+        (("my goodness=1", Tunable, "spaced"), "plugin 'my goodness=1' .*: its name must be non-empty text"),
+        (("a,b", Tunable, "listed"), "plugin 'a,b' .*: its name must be non-empty text without spaces, '=' or ','"),
     ],
 )
 def test_a_broken_registration_names_the_plugin_module_in_one_line(args, message):
     with pytest.raises(ConfigError, match=message) as info:
         _registry_with(Misregistering(*args))
     assert "Misregistering" in str(info.value) and "\n" not in str(info.value)
+
+
+def test_a_plugin_named_with_an_int_fails_every_command_in_one_line_not_a_traceback(capsys):
+    plugin = Misregistering(3, Tunable, "int name")
+    add_plugin(plugin)
+    try:
+        assert main(["plugins"]) == 2
+    finally:
+        remove_plugin(plugin)
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "goodness plugin 3 registered by" in err and "Traceback" not in err, err
+
+
+def weights_tuple(weights=(1.0, 1.0)):
+    return weights
+
+
+def dtyped(dtype=torch.float64):
+    return dtype
+
+
+@pytest.mark.parametrize(
+    ("factory", "message"),
+    [(weights_tuple, "'weights' defaults to a tuple"), (dtyped, "'dtype' defaults to a dtype")],
+)
+def test_a_parameter_default_that_set_cannot_give_is_refused_at_registration(factory, message):
+    # Before: --set goodness.weights=1,2,3 passed the text '1,2,3' to the factory, and dtype=float64 'float64'.
+    with pytest.raises(ConfigError, match=rf"goodness plugin 'probe' registered by .*: its parameter {message}, wh"):
+        _registry_with(OnePlugin("goodness", factory))
+
+
+# Annotations as objects and as the text `from __future__ import annotations` leaves.
+def optional_params(
+    clip: float | None = None,
+    n: "int | None" = None,
+    tag: "Optional[str]" = None,  # noqa: F821
+    free=None,
+):
+    return clip, n, tag, free
+
+
+def test_a_none_default_takes_none_or_the_type_its_annotation_names():
+    plugin = _registry_with(OnePlugin("goodness", optional_params)).get("goodness", "probe")
+    # "007" for an Optional[str] was read as the int 7 and passed on as it was.
+    assert plugin.create({"clip": "2", "n": "3", "tag": "007", "free": "x"}) == (2.0, 3, "007", "x")
+    assert plugin.create({"clip": "none", "n": "none", "tag": "none", "free": "none"}) == (None, None, None, None)
+    # Each of these reached the factory unchecked.
+    for key, value, want in [
+        ("clip", "abc", "a finite number, or none"),
+        ("n", "2.5", "an integer, or none"),
+        ("tag", [1], "text, or none"),
+        ("free", [1], "a number, true/false or text, or none"),
+    ]:
+        with pytest.raises(ConfigError, match=rf"parameter '{key}' takes {want}, got .*--set goodness.{key}=none"):
+            plugin.create({key: value})
 
 
 class NoLossFusion(torch.nn.Module):

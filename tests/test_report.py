@@ -358,6 +358,8 @@ def test_a_stored_search_counts_as_untuned_only_the_searched_settings_the_baseli
     # Before: "temperature:cosine.start" counted as a setting BP shares, and the answer said BP ran at it; so did
     # the sampled norm axis, each of whose levels has a baseline of its own.
     assert results._untuned_from_trials([trial], meta) == {"lr": "lr=0.003", "norm.eps": "norm.eps at its base value"}
+    # A plugin named with a dot: "norm:my.ln.eps" was read as the setting "norm.ln.eps".
+    assert results._setting("norm:my.ln.eps") == "norm.eps"
 
 
 def test_importance_reads_the_levels_the_rows_ran(tmp_path, url):
