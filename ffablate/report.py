@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import math
-from collections import defaultdict
-from collections.abc import Sequence
+from collections import Counter, defaultdict
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -19,8 +19,10 @@ from matplotlib.ticker import MaxNLocator  # noqa: E402
 from ffablate import results  # noqa: E402
 from ffablate.stats import Estimate, fmt  # noqa: E402
 
-# The legend and caption word for a point or bar drawn hollow: its gap or mean rests on one seed on a side.
-NO_CI = "hollow: n=1, no CI"
+# The legend and caption words for a point or bar drawn hollow: its gap or mean rests on one seed on a side, or
+# every seed gave the same value (an interval of width 0, which backs no direction either).
+NO_CI = "n=1, no CI"
+NO_SPREAD = "no spread across seeds"
 # Every plot a report can hold: a rerun into the same folder removes them first, so none is left from another study.
 PLOTS = ("heatmap.png", "k_sweep_gap.png", "coarse_vs_fine.png", "bp_gap.png", "learning_curves.png", "importance.png")
 
@@ -146,8 +148,8 @@ def _save(fig: Any, out: Path, name: str) -> str:
 
 
 def _heatmap(summary: results.Summary, out: Path) -> tuple[str, str] | None:
-    """Two-axis ablations: mean FF accuracy per cell, annotated with mean ± CI and the gap to the cell's own
-    matched BP baseline."""
+    """Two-axis ablations: mean FF accuracy per cell, annotated with mean ± CI, the gap to the cell's own
+    matched BP baseline and both sides' seed counts; a cell whose every trial failed shows its count alone."""
     # The levels the spec lists that rows ran: a group that fixes an axis key (goodness's class-wise group) would
     # add a row and a column with one cell each.
     listed = {a: {str(x) for x in v} for a, v in summary.meta.get("axes", {}).items()}
@@ -158,16 +160,23 @@ def _heatmap(summary: results.Summary, out: Path) -> tuple[str, str] | None:
     (ya, yv), (xa, xv) = axes
     grid = [[math.nan] * len(xv) for _ in yv]
     text = [[""] * len(xv) for _ in yv]
-    cells = [r for r in summary.ff if r.n and r.overrides.get(ya) in yv and r.overrides.get(xa) in xv]
-    if len({(r.overrides[ya], r.overrides[xa]) for r in cells}) < len(cells):
+    placed = [r for r in summary.ff if r.overrides.get(ya) in yv and r.overrides.get(xa) in xv]
+    if len({(r.overrides[ya], r.overrides[xa]) for r in placed}) < len(placed):
         return None  # groups (e.g. datasets) that share both axes: one grid would show one group's rows only
-    for r in cells:
+    cells = [r for r in placed if r.n]
+    for r in placed:
         i, j = yv.index(r.overrides[ya]), xv.index(r.overrides[xa])
+        # Each cell's own counts: a caption's list of the counts that occur cannot say which cell lost a seed.
+        count = f"n={r.n_of_planned}" + (f" vs {r.base.n_of_planned}" if r.base is not None else "")
+        if not r.n:
+            text[i][j] = f"no result\n{count}"
+            continue
         grid[i][j] = r.accuracy.mean * 100
         text[i][j] = fmt(r.accuracy).replace(" ± ", "\n±")
-        if r.base is not None:  # a gap with its interval, as everywhere else (the seed counts are in the caption)
+        if r.base is not None:  # a gap with its interval, as everywhere else
             text[i][j] += f"\nΔBP {fmt(r.gap, signed=True)}"
-    fig, ax = plt.subplots(figsize=(1.6 * len(xv) + 2, 1.0 * len(yv) + 1.8))
+        text[i][j] += f"\n{count}"
+    fig, ax = plt.subplots(figsize=(1.6 * len(xv) + 2, 1.2 * len(yv) + 1.8))
     image = ax.imshow(grid, cmap="viridis", aspect="auto")
     ax.set_xticks(range(len(xv)), [str(v) for v in xv], rotation=30, ha="right")
     ax.set_yticks(range(len(yv)), [str(v) for v in yv])
@@ -175,20 +184,46 @@ def _heatmap(summary: results.Summary, out: Path) -> tuple[str, str] | None:
     ax.set_ylabel(ya)
     for i in range(len(yv)):
         for j in range(len(xv)):
-            # Dark text on the bright end of viridis, white on the dark end.
-            bright = math.isfinite(grid[i][j]) and image.norm(grid[i][j]) > 0.6
+            # Dark text on the bright end of viridis and on a cell without results (left white), white on the dark end.
+            bright = not math.isfinite(grid[i][j]) or image.norm(grid[i][j]) > 0.6
             ax.text(j, i, text[i][j], ha="center", va="center", color="black" if bright else "white", fontsize=8)
     fig.colorbar(image, ax=ax, label="FF test accuracy %")
     ax.set_title(f"{summary.name}: FF accuracy{_heatmap_baselines(cells)}", fontsize=9)
-    caption = f"{ya} × {xa} heatmap of FF test accuracy ± 95% CI; ΔBP: gap to its matched baseline ± 95% Welch CI"
+    caption = (
+        f"{ya} × {xa} heatmap of FF test accuracy ± 95% CI; ΔBP: gap to its matched baseline ± 95% Welch CI; n: "
+        "seeds per cell, FF vs BP ('2 of 3': a planned seed missing)"
+    )
     one_seed = any(r.n == 1 or (r.base is not None and r.baseline_n == 1) for r in cells)
-    return _save(fig, out, "heatmap.png"), caption + _seed_counts(cells) + (" ('±–': n=1, no CI)" if one_seed else "")
+    return _save(fig, out, "heatmap.png"), caption + (" ('±–': n=1, no CI)" if one_seed else "")
 
 
-def _seed_counts(rows: Sequence[results.Row]) -> str:
-    """The seed counts behind the gaps a plot shows, FF vs BP: " (n=3 vs 3 seeds)", or each pair that occurs."""
-    seeds = sorted({(r.n, r.baseline_n) for r in rows if r.base is not None})
-    return f" ({', '.join(f'n={a} vs {b}' for a, b in seeds)} seeds)" if seeds else ""
+def _seed_counts(points: Sequence[tuple[str, results.Row]]) -> str:
+    """The seed counts behind the gaps a plot shows, FF vs BP: the commonest, then each point with other counts by
+    name, " (n=3 vs 3 seeds; n=2 of 3 vs 3 at mnist)", or every point by name where no two share one. A list of the
+    counts that occur would not say which point lost a seed."""
+    counts = {name: f"n={r.n_of_planned} vs {r.base.n_of_planned}" for name, r in points if r.base is not None}
+    if not counts:
+        return ""
+    common, times = Counter(counts.values()).most_common(1)[0]
+    if times == 1 and len(counts) > 1:
+        return f" (seeds: {', '.join(f'{count} at {name}' for name, count in counts.items())})"
+    others = ", ".join(f"{count} at {name}" for name, count in counts.items() if count != common)
+    return f" ({common} seeds" + (f"; {others})" if others else ")")
+
+
+def _hollow(estimates: Iterable[Estimate]) -> str:
+    """The words for the estimates drawn hollow, without an error bar ("" when none is): one without an interval
+    (n=1), and one whose interval has width 0, which the text words as no spread and reads no direction from; a
+    filled point or bar would pass for an exact value."""
+    estimates = list(estimates)
+    found = ((NO_CI, any(not e.has_ci for e in estimates)), (NO_SPREAD, any(e.no_spread for e in estimates)))
+    shown = [words for words, present in found if present]
+    return f"hollow: {', or '.join(shown)}" if shown else ""
+
+
+def _solid(e: Estimate) -> bool:
+    """Drawn filled, with its error bar: an interval exists and has width (``_hollow`` says why others are not)."""
+    return e.has_ci and not e.no_spread
 
 
 def _heatmap_baselines(cells: list[results.Row]) -> str:
@@ -210,7 +245,7 @@ def _k_sweep(summary: results.Summary, out: Path) -> tuple[str, str] | None:
     if summary.meta.get("analysis") != "k-sweep" or not series:
         return None
     fig, ax = plt.subplots(figsize=(6.5, 4))
-    hollow = False
+    drawn: list[Estimate] = []
     for group, points in series.items():
         pts = [(k, r.gap) for k, r in points if math.isfinite(r.gap.mean)]
         if not pts:
@@ -218,7 +253,8 @@ def _k_sweep(summary: results.Summary, out: Path) -> tuple[str, str] | None:
         solid = "synth" in group or "teacher" in group
         (line,) = ax.plot([k for k, _ in pts], [g.mean * 100 for _, g in pts], "-" if solid else "--", label=group)
         marker, colour = "o" if solid else "s", line.get_color()
-        with_ci = [(k, g) for k, g in pts if g.has_ci]
+        drawn += [g for _, g in pts]
+        with_ci = [(k, g) for k, g in pts if _solid(g)]
         if with_ci:
             ax.errorbar(
                 [k for k, _ in with_ci],
@@ -228,13 +264,12 @@ def _k_sweep(summary: results.Summary, out: Path) -> tuple[str, str] | None:
                 color=colour,
                 capsize=3,
             )
-        # A gap with a single seed on a side has no interval: a filled point with no bar would look exact.
-        bare = [(k, g) for k, g in pts if not g.has_ci]
+        bare = [(k, g) for k, g in pts if not _solid(g)]
         if bare:
-            hollow = True
             ax.plot([k for k, _ in bare], [g.mean * 100 for _, g in bare], marker, color=colour, mfc="none")
+    hollow = _hollow(drawn)
     if hollow:
-        ax.plot([], [], "o", color="grey", mfc="none", label=NO_CI)
+        ax.plot([], [], "o", color="grey", mfc="none", label=hollow)
     ax.axhline(0, color="grey", lw=0.8)
     ax.set_xscale("log")
     ks = sorted({k for points in series.values() for k, _ in points})
@@ -245,8 +280,8 @@ def _k_sweep(summary: results.Summary, out: Path) -> tuple[str, str] | None:
     ax.set_title("FF–BP gap against K: synthetic vs real")
     ax.legend(fontsize=8)
     caption = "FF−BP gap against K ± 95% Welch CI, synthetic and real data on one chart"
-    rows = [r for points in series.values() for _, r in points]
-    return _save(fig, out, "k_sweep_gap.png"), caption + _seed_counts(rows) + (f" ({NO_CI})" if hollow else "")
+    named = [(f"{group} K={k}", r) for group, points in series.items() for k, r in points]
+    return _save(fig, out, "k_sweep_gap.png"), caption + _seed_counts(named) + (f" ({hollow})" if hollow else "")
 
 
 def _hierarchy(summary: results.Summary, out: Path) -> tuple[str, str] | None:
@@ -265,12 +300,11 @@ def _hierarchy(summary: results.Summary, out: Path) -> tuple[str, str] | None:
     if not by_group:
         return None
     fig, axes = plt.subplots(1, len(by_group), figsize=(4.5 * len(by_group), 3.8), squeeze=False)
-    hollow = False
     for ax, (group, levels) in zip(axes[0], by_group.items(), strict=True):
         names = sorted(levels)
         for offset, role, colour in ((-0.2, "ff", "tab:blue"), (0.2, "baseline", "tab:orange")):
             rows = [levels[n].get(role) for n in names]
-            hollow |= _bars(
+            _bars(
                 ax,
                 [i + offset for i in range(len(names))],
                 [r.accuracy if r else None for r in rows],
@@ -282,10 +316,12 @@ def _hierarchy(summary: results.Summary, out: Path) -> tuple[str, str] | None:
         ax.set_ylabel("test accuracy % (95% CI)")
         ax.set_title(group)
         ax.legend(fontsize=8)
-    counts = sorted({r.n for levels in by_group.values() for roles in levels.values() for r in roles.values()})
+    bars = [r for levels in by_group.values() for roles in levels.values() for r in roles.values()]
+    counts = sorted({r.n for r in bars})
     caption = f"coarse vs fine labels: FF and {summary.baseline_method} accuracy ± 95% CI"
     caption += f" (n={', '.join(map(str, counts))} seeds a bar)"
-    return _save(fig, out, "coarse_vs_fine.png"), caption + (f" ({NO_CI})" if hollow else "")
+    hollow = _hollow(r.accuracy for r in bars)
+    return _save(fig, out, "coarse_vs_fine.png"), caption + (f" ({hollow})" if hollow else "")
 
 
 def _bp_gap_bars(summary: results.Summary, out: Path) -> tuple[str, str] | None:
@@ -295,31 +331,32 @@ def _bp_gap_bars(summary: results.Summary, out: Path) -> tuple[str, str] | None:
     if not rows:
         return None
     fig, ax = plt.subplots(figsize=(1.3 * len(rows) + 2, 3.6))
-    hollow = _bars(ax, list(range(len(rows))), [r.gap for r in rows], width=0.8, color="tab:blue", label="FF − BP")
+    _bars(ax, list(range(len(rows))), [r.gap for r in rows], width=0.8, color="tab:blue", label="FF − BP")
     ax.set_xticks(range(len(rows)), [summary.dataset_of(r) for r in rows], rotation=20)
     ax.axhline(0, color="grey", lw=0.8)
     ax.set_ylabel(f"FF − {summary.baseline_method} test accuracy (pp, 95% Welch CI)")
+    hollow = _hollow(r.gap for r in rows)
     if hollow:
         ax.legend(fontsize=8)
-    caption = "FF−BP test-accuracy gap per dataset ± 95% Welch CI" + _seed_counts(rows)
-    return _save(fig, out, "bp_gap.png"), caption + (f" ({NO_CI})" if hollow else "")
+    counts = _seed_counts([(summary.dataset_of(r), r) for r in rows])
+    caption = "FF−BP test-accuracy gap per dataset ± 95% Welch CI" + counts
+    return _save(fig, out, "bp_gap.png"), caption + (f" ({hollow})" if hollow else "")
 
 
 def _bars(
     ax: Any, xs: Sequence[float], estimates: Sequence[Estimate | None], width: float, color: str, label: str
-) -> bool:
-    """Bars of estimates in percent with their 95% CIs; one without a CI (a single seed) is drawn hollow and
-    without an error bar, since a filled bar with none would pass for an exact value. True when any is hollow."""
-    with_ci = [(x, e) for x, e in zip(xs, estimates, strict=True) if e is not None and e.has_ci]
-    bare = [(x, e) for x, e in zip(xs, estimates, strict=True) if e is not None and not e.has_ci]
+) -> None:
+    """Bars of estimates in percent with their 95% CIs; one without a CI (a single seed) or with a CI of width 0 is
+    drawn hollow and without an error bar (``_hollow``)."""
+    with_ci = [(x, e) for x, e in zip(xs, estimates, strict=True) if e is not None and _solid(e)]
+    bare = [(x, e) for x, e in zip(xs, estimates, strict=True) if e is not None and not _solid(e)]
     styles = [
         (with_ci, {"color": color, "yerr": [e.half_width * 100 for _, e in with_ci], "capsize": 3, "label": label}),
-        (bare, {"fill": False, "edgecolor": color, "label": f"{label} ({NO_CI})"}),
+        (bare, {"fill": False, "edgecolor": color, "label": f"{label} ({_hollow(e for _, e in bare)})"}),
     ]
     for points, style in styles:
         if points:
             ax.bar([x for x, _ in points], [e.mean * 100 for _, e in points], width=width, **style)
-    return bool(bare)
 
 
 def _learning_curves(summary: results.Summary, out: Path) -> tuple[str, str] | None:
@@ -427,7 +464,7 @@ def _importance(study: optuna.Study, summary: results.Summary, out: Path, plots:
 
 
 def _importance_vs_answer(summary: results.Summary, importances: dict[str, float]) -> str:
-    """A sentence where the answer's "axis that moves accuracy most" is not the most important parameter here:
+    """A sentence where the answer's axis with "the widest spread of level means" is not the most important one here:
     both read the same split, but they measure different things, and a silent disagreement reads as an error."""
     axis = results.most_influential_axis(summary)
     top = next(iter(importances))

@@ -20,7 +20,7 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from ffablate import jsontext
-from ffablate.stats import Estimate, contrast_ci, fmt, mean_ci, paired_ci, welch_ci
+from ffablate.stats import Estimate, contrast_ci, fmt, fmt_number, mean_ci, paired_ci, welch_ci
 
 
 @dataclass
@@ -69,9 +69,13 @@ class Row:
 
     @property
     def gap_decisive(self) -> bool:
-        """Whether the gap backs a direction word: its Welch interval does, and its paired one, where both sides ran
-        shared seeds, excludes zero on the same side (a negative correlation between the sides' seeds makes it the
-        wider; over a few shared seeds of many it can point the other way)."""
+        """Whether the gap backs a direction word: both sides completed every planned seed (a failed or pruned seed
+        is a result the gap leaves out, a diverged or weak run, so the survivors' gap leans toward the side that
+        lost it), its Welch interval does, and its paired one, where both sides ran shared seeds, excludes zero on
+        the same side (a negative correlation between the sides' seeds makes it the wider; over a few shared seeds
+        of many it can point the other way)."""
+        if not (self.complete and self.base is not None and self.base.complete):
+            return False
         return self.gap.decisive and (not self.gap_paired.has_ci or self.gap_paired.backs(self.gap))
 
     @property
@@ -83,6 +87,11 @@ class Row:
         """Every planned seed completed. Where one was pruned or failed, the survivors are a biased sample (the
         median pruner stops a configuration's weak seeds and keeps its strong ones), so the row's mean is too."""
         return self.n >= self.planned
+
+    @property
+    def n_of_planned(self) -> str:
+        """The completed seeds as the table prints them: "3", or "2 of 3" where a planned seed is missing."""
+        return str(self.n) if self.complete else f"{self.n} of {self.planned}"
 
     def missing(self) -> str:
         """Why the row has fewer seeds than planned: "2 pruned, 1 failed, 1 failed (a rerun retries it), 1 running"."""
@@ -598,7 +607,6 @@ def table_rows(summary: Summary, top: int | None = None) -> list[list[str]]:
             notes.append(f"untuned: {summary.untuned} (FF searched it)")
         if r.role == "baseline" and r.base_choice:
             notes.append(f"gaps are to this one: {r.base_choice}")
-        n = str(r.n) if r.complete else f"{r.n} of {r.planned}"
         if r.role != "ff":
             gap, paired = "(baseline)", "(baseline)"
         elif r.base is None:
@@ -609,7 +617,7 @@ def table_rows(summary: Summary, top: int | None = None) -> list[list[str]]:
                 paired += f" ({r.gap_paired.n} shared seeds)"
         val = fmt(r.val) if r.has_val else "-" if r.n else "–"
         seconds = f"{_mean(r.train_seconds):.1f}" if r.train_seconds else "–"
-        out.append([r.label, n, fmt(r.accuracy), gap, paired, val, seconds, "; ".join(notes)])
+        out.append([r.label, r.n_of_planned, fmt(r.accuracy), gap, paired, val, seconds, "; ".join(notes)])
     return out
 
 
@@ -638,9 +646,27 @@ def _seeds(n_a: int, n_b: int) -> str:
 def _pp(e: Estimate, n_a: int, n_b: int) -> str:
     """A difference in pp with its interval and both sides' seed counts, or the word that it has no interval."""
     if not e.has_ci:
-        mean = f"{e.mean * 100:+.1f}" if math.isfinite(e.mean) else "–"  # no baseline yet: no mean either
+        mean = fmt_number(e.mean, signed=True) if math.isfinite(e.mean) else "–"  # no baseline yet: no mean either
         return f"{mean} pp from {_seeds(n_a, n_b)}: no interval"
     return f"{fmt(e, signed=True, unit=' pp')}, {_seeds(n_a, n_b)}"
+
+
+def _unresolved(e: Estimate) -> str:
+    """The words for a difference picked as the largest (best − worst, an axis's levels) whose interval reaches zero."""
+    return ", not resolved from zero" if e.has_ci and not e.excludes_zero() else ""
+
+
+def _missing_seeds(row: Row) -> str:
+    """The planned seeds an FF row and its baseline lack, "FF n=2 of 3: 1 failed" ("" when neither lacks one): the
+    gap is over the survivors, so it backs no direction word (``Row.gap_decisive``) and the answer says why."""
+    sides = (("FF", row), ("BP", row.base))
+    return "; ".join(f"{side} n={r.n_of_planned}: {r.missing()}" for side, r in sides if r and not r.complete)
+
+
+def _gap(row: Row) -> str:
+    """An FF row's gap to its baseline as ``_pp`` words it, with the seeds either side lacks."""
+    missing = _missing_seeds(row)
+    return _pp(row.gap, row.n, row.baseline_n) + (f" ({missing})" if missing else "")
 
 
 def _paired(row: Row) -> str:
@@ -658,6 +684,9 @@ def _versus_baseline(row: Row) -> str:
     choice = f" ({row.baseline} is {row.base_choice})" if row.base_choice else ""
     if row.gap_decisive:
         return f"it is {'ahead of' if row.gap.mean > 0 else 'behind'} {row.baseline} ({gap}){choice}"
+    missing = _missing_seeds(row)
+    if missing:  # the survivors' interval may exclude zero, or reach it, but it is not the planned seeds'
+        return f"against {row.baseline}: {gap}, no direction claimed with seeds missing ({missing}){choice}"
     if row.gap.has_ci and not row.gap.no_spread:
         return f"it is not distinguishable from {row.baseline} ({gap}){choice}"
     return f"against {row.baseline}: {gap}, no direction claimed{choice}"
@@ -687,13 +716,14 @@ def answer(summary: Summary) -> str:
 def _answer_ablation(summary: Summary) -> str:
     ranked = summary.ranked()
     best = ranked[0]
-    # The worst of the rows the best was chosen among: complete rows are not compared with pruned survivors.
-    worst = [r for r in ranked if r.complete == best.complete][-1]
-    chosen = (
-        f"chosen on validation accuracy ({fmt(best.val, unit='%')})"
-        if summary.selected_on_validation
-        else "chosen on the test images themselves (not every configuration has a validation split, so optimistic)"
-    )
+    # The rows the best was chosen among: complete rows are not compared with pruned survivors.
+    pool = [r for r in ranked if r.complete == best.complete]
+    worst = pool[-1]
+    if summary.selected_on_validation:
+        chosen = f"chosen on validation accuracy ({fmt(best.val, unit='%')})"
+    else:
+        some = "not every" if any(r.has_val for r in ranked) else "no"
+        chosen = f"chosen on the test images themselves ({some} configuration has a validation split, so optimistic)"
     if not best.complete:
         chosen += f", chosen among incomplete rows: n={best.n} of {best.planned} ({best.missing()})"
     # Rows with the very same per-seed scores (e.g. sum-from-k with k=1 over two blocks is `last`): the order
@@ -705,17 +735,32 @@ def _answer_ablation(summary: Summary) -> str:
     text = (
         f"Best FF configuration is {best.label} at {fmt(best.accuracy, unit='%')} test accuracy (n={best.n}), {chosen}"
     )
+    # A configuration with trials but none completed (all failed, pruned or running) is in no ranking: say so, as a
+    # configuration that diverged on every seed is a result, not an absence.
+    empty = [r.label for r in summary.ff if not r.n]
+    if empty:
+        text += f"; no completed trial for {', '.join(empty)}"
     # Both differences are on the split that ranks the rows: "best − worst" on test after choosing on validation
     # can come out negative, and an axis ranked on test can contradict the importance, which is on validation.
     split = summary.ranking_split
     if worst is not best:
         gap = welch_ci(summary.ranking_values(best), summary.ranking_values(worst))
         text += f"; best − worst ({worst.label}) on {split} accuracy, which ranks them, {_pp(gap, best.n, worst.n)}"
+        text += _unresolved(gap)
     axis = most_influential_axis(summary)
     if axis:
         text += f"; {axis.describe(split)}"
+    elif uncompared := _axis_spans(summary)[1]:
+        text += f"; {', '.join(uncompared)} could not be compared (no combination completed all its levels)"
     if best.baseline:
         text += f"; {_versus_baseline(best)}"
+        if len(pool) > 1:
+            # Validation and test accuracy of one trained network move together across seeds, so the seeds that
+            # lifted the winner's validation score lift its test score and gap too, whichever split ranked it.
+            text += (
+                f", though it was picked as the best of {len(pool)} configurations on these seeds, so its gap is "
+                "optimistic: confirm it on fresh seeds"
+            )
         if summary.untuned:
             text += f"; the baseline ran at {summary.untuned}, which FF searched, so the comparison favours FF"
     return text + "."
@@ -737,14 +782,14 @@ class AxisSpan:
     def describe(self, split: str) -> str:
         d = self.difference
         if d.has_ci:
-            size = f"{fmt(d, signed=True, unit=' pp')}, n≥{d.n} seeds a cell"
+            size = f"{fmt(d, signed=True, unit=' pp')}, n≥{d.n} seeds a cell{_unresolved(d)}"
         else:
-            size = f"{d.mean * 100:+.1f} pp from one seed a cell: no interval"
+            size = f"{fmt_number(d.mean, signed=True)} pp from one seed a cell: no interval"
         where = f"{self.cells} combination{'s' if self.cells != 1 else ''} of the other axes"
         within = f" in group {self.group}" if self.group else ""
         text = (
-            f"the {self.axis} axis moves mean {split} accuracy most ({self.high} − {self.low}{within} {size}, over "
-            f"{where} that ran every {self.axis} level)"
+            f"the {self.axis} axis has the widest spread of level means on {split} accuracy ({self.high} − "
+            f"{self.low}{within} {size}, over {where} that ran every {self.axis} level)"
         )
         if self.uncompared:
             names = ", ".join(self.uncompared)
@@ -753,12 +798,24 @@ class AxisSpan:
 
 
 def most_influential_axis(summary: Summary) -> AxisSpan | None:
-    """The axis whose best and worst levels lie furthest apart on the ranking split, within a group of the spec
-    (groups may run an axis at other levels, or fix it). Each level is averaged over the same combinations of the
-    other axes: those that ran every level the group runs with complete rows (a pruned row's surviving seeds are a
-    biased sample, and a level averaged over other cells than its rivals' would mix in those cells' effects). An
-    axis of which some group has no such combination is not compared there; the span names it, since it may be the
-    one that moves accuracy most. The levels are picked after looking, so the interval is not a test of the axis."""
+    """The axis whose best and worst levels lie furthest apart on the ranking split (by point estimate: the span
+    says when its interval reaches zero), within a group of the spec (groups may run an axis at other levels, or
+    fix it); None when no axis's levels differ. The span names the axes that could not be compared, since one of
+    them may be the one that moves accuracy most. The levels are picked after looking, so the interval is not a
+    test of the axis."""
+    spans, uncompared = _axis_spans(summary)
+    if not spans:
+        return None
+    best = max(spans, key=lambda s: s.difference.mean)
+    return dataclasses.replace(best, uncompared=uncompared)
+
+
+def _axis_spans(summary: Summary) -> tuple[list[AxisSpan], tuple[str, ...]]:
+    """Each axis's span of level means per group where its levels differ, and the axes (by group) not compared.
+    Each level is averaged over the same combinations of the other axes: those that ran every level the group runs
+    with complete rows (a pruned row's surviving seeds are a biased sample, and a level averaged over other cells
+    than its rivals' would mix in those cells' effects). An axis of which some group has no such combination (a
+    level whose trials all failed leaves none) is not compared there."""
     spans, uncompared = [], []
     for axis in summary.axis_levels():
         in_group: dict[str, set[str]] = defaultdict(set)  # every level a group runs, its failed ones too
@@ -780,10 +837,7 @@ def most_influential_axis(summary: Summary) -> AxisSpan | None:
             span = _span(summary, axis, sorted(levels), balanced, group)
             if span is not None:
                 spans.append(span)
-    if not spans:
-        return None
-    best = max(spans, key=lambda s: s.difference.mean)
-    return dataclasses.replace(best, uncompared=tuple(dict.fromkeys(uncompared)))
+    return spans, tuple(dict.fromkeys(uncompared))
 
 
 def _span(summary: Summary, axis: str, levels: list[str], cells: list[dict[str, Row]], group: str) -> AxisSpan | None:
@@ -814,9 +868,9 @@ def _answer_k_sweep(summary: Summary) -> str:
         if not rows:
             continue
         (k0, r0, b0), (k1, r1, b1) = rows[0], rows[-1]
-        text = f"{group}: FF−BP gap {_pp(r0.gap, r0.n, r0.baseline_n)} at K={k0}"
+        text = f"{group}: FF−BP gap {_gap(r0)} at K={k0}"
         if r1 is not r0:
-            text += f" → {_pp(r1.gap, r1.n, r1.baseline_n)} at K={k1}"
+            text += f" → {_gap(r1)} at K={k1}"
         side = f"FF {'ahead' if r1.gap.mean > 0 else 'behind'}" if r1.gap_decisive else "no direction claimed"
         text += f" ({side} at K={k1}"
         if r1 is not r0:
@@ -836,10 +890,13 @@ def _trend(r0: Row, b0: Row, r1: Row, b1: Row) -> str:
     paired = _paired_change(r1, b1, r0, b0)
     seeds = min(r0.n, r1.n, b0.n, b1.n)
     if not change.has_ci:
-        return f"change with K {change.mean * 100:+.1f} pp with n={seeds} on a side: no interval, no trend claimed"
+        number = fmt_number(change.mean, signed=True)
+        return f"change with K {number} pp with n={seeds} on a side: no interval, no trend claimed"
     moved = f"change {fmt(change, signed=True, unit=' pp')}, n≥{seeds} per side"
     if paired.has_ci:
         moved += f"; paired over {paired.n} seeds {fmt(paired, signed=True, unit=' pp')}"
+    if not all(r.complete for r in (r0, b0, r1, b1)):  # the ends' gaps name what is missing
+        return f"no trend claimed with seeds missing: {moved}"
     if not change.decisive or (paired.has_ci and not paired.backs(change)):
         return f"no change with K resolved: {moved}"
     if r0.gap_decisive and r1.gap_decisive and (r0.gap.mean > 0) == (r1.gap.mean > 0):
@@ -882,7 +939,7 @@ def _coarse_minus_fine(coarse: Row, fine: Row) -> str:
         return "coarse − fine: no baseline yet"
     change = _paired_change(coarse, coarse.base, fine, fine.base)
     if not change.has_ci:
-        number = f" {change.mean * 100:+.1f} pp from" if math.isfinite(change.mean) else ":"
+        number = f" {fmt_number(change.mean, signed=True)} pp from" if math.isfinite(change.mean) else ":"
         seeds = f"{change.n} seed{'s' if change.n != 1 else ''}"
         return f"coarse − fine gap{number} {seeds} that all four runs share: no interval, no direction claimed"
     moved = f"coarse − fine gap {fmt(change, signed=True, unit=' pp')}, paired over {change.n} seeds"
@@ -895,12 +952,16 @@ def _answer_bp_gap(summary: Summary) -> str:
     rows = [r for r in summary.ff if r.n and math.isfinite(r.gap.mean)]
     if not rows:
         return "No dataset has both FF and BP results yet."
-    # Only a gap whose interval excludes zero counts; the rest are undecided, whatever their sign.
+    # Only a gap whose interval, over every planned seed, excludes zero counts; the rest are undecided, whatever sign.
     behind = sum(r.gap_decisive and r.gap.mean < 0 for r in rows)
     ahead = sum(r.gap_decisive and r.gap.mean > 0 for r in rows)
-    items = "; ".join(f"{summary.dataset_of(r)} {_pp(r.gap, r.n, r.baseline_n)}{_paired(r)}" for r in rows)
+    items = "; ".join(f"{summary.dataset_of(r)} {_gap(r)}{_paired(r)}" for r in rows)
     undecided = len(rows) - behind - ahead
-    why = " (no 95% interval, a Welch or paired one that spans zero, or no spread across seeds)" if undecided else ""
+    why = (
+        " (no 95% interval, a Welch or paired one that spans zero, no spread across seeds, or seeds missing on a side)"
+        if undecided
+        else ""
+    )
     return (
         f"FF trails {summary.baseline_method} on {behind} of {len(rows)} datasets and leads on {ahead}; "
         f"{undecided} undecided{why} (FF−BP: {items})."

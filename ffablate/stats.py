@@ -135,10 +135,16 @@ def fmt(estimate: Estimate, scale: float = 100.0, digits: int = 1, signed: bool 
     size, half = abs(estimate.mean) * scale, estimate.half_width * scale
     while estimate.decisive and digits < 15 and round(size, digits) <= round(half, digits):
         digits += 1
-    sign = "+" if signed else ""
-    # A mean that rounds to zero prints unsigned: "-0.0" (a difference of -1e-16) reads as a direction.
-    mean = f"{estimate.mean * scale:{sign}.{digits}f}" if round(size, digits) else f"{0:.{digits}f}"
+    mean = fmt_number(estimate.mean, scale, digits, signed)
     if not estimate.has_ci:
         return f"{mean} ± –{unit}"
     text = f"{mean} ± {estimate.half_width * scale:.{digits}f}{unit}"
     return text + " (no spread across seeds)" if estimate.no_spread else text
+
+
+def fmt_number(value: float, scale: float = 100.0, digits: int = 1, signed: bool = False) -> str:
+    """``value`` in percent (by default) without an interval, as ``fmt`` prints a mean: one that rounds to zero
+    prints unsigned, since "-0.0" (a difference of -1e-16, or -0.04 pp) reads as a direction."""
+    if not round(abs(value) * scale, digits):
+        return f"{0:.{digits}f}"
+    return f"{value * scale:{'+' if signed else ''}.{digits}f}"

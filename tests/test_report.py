@@ -136,7 +136,7 @@ def test_two_axis_ablation_report_holds_the_numbers(tmp_path, url):
     )
     assert "| temperature=cosine norm=none | 1 of 2 | 60.0 ± – | -31.0 ± – (n=1 vs 2) | – |" in text
     assert "incomplete: 1 failed; ranked after the complete rows; failed: TrainingDiverged" in text
-    assert "the norm axis moves mean test accuracy most" in text
+    assert "the norm axis has the widest spread of level means on test accuracy" in text
     for png in ("heatmap.png", "learning_curves.png", "importance.png"):
         assert (tmp_path / "out" / png).stat().st_size > 1000, png
     assert "Evaluator:" in text
@@ -488,9 +488,15 @@ def test_without_a_validation_split_the_answer_says_the_choice_is_optimistic(url
     )
     summary = results.summarize(study)
     assert not summary.selected_on_validation and summary.best().val_accuracies == []
-    assert "chosen on the test images themselves (not every configuration has a validation split" in results.answer(
-        summary
+    # None has one: it said "not every configuration has a validation split".
+    assert "chosen on the test images themselves (no configuration has a validation split, so optimistic)" in (
+        results.answer(summary)
     )
+    sum_ = {"role": "ff", "overrides": {"fusion": "sum"}, "cell": "fusion=sum", "seed": 0, "value": 0.6, "val": 0.6}
+    mixed = make_study(
+        url.replace("r.db", "m.db"), "fusion-quick", {"analysis": "ablation"}, [{**ff, "seed": 0, "value": 0.7}, sum_]
+    )
+    assert "(not every configuration has a validation split, so optimistic)" in results.answer(results.summarize(mixed))
     row = dict(zip(results.TABLE_COLUMNS, results.table_rows(summary)[0], strict=True))
     assert row["val acc % (95% CI)"] == "-"
 
@@ -729,7 +735,8 @@ def figures(monkeypatch):
 
     saved = {}
     monkeypatch.setattr(report, "_save", lambda fig, out, name: saved.setdefault(name, fig) and name)
-    return saved
+    yield saved
+    report.plt.close("all")  # kept open for inspection, so pyplot holds them until closed (it warns past 20)
 
 
 def test_bp_gap_counts_only_gaps_whose_interval_excludes_zero(tmp_path, url, figures):
@@ -741,7 +748,11 @@ def test_bp_gap_counts_only_gaps_whose_interval_excludes_zero(tmp_path, url, fig
     assert "digits +1.2 pp from one seed each: no interval" in answer
     text = write_report(study, tmp_path / "out").read_text()
     # The plot says which interval and how many seeds stand behind each gap, as the table does.
-    caption = "FF−BP test-accuracy gap per dataset ± 95% Welch CI (n=1 vs 1, n=2 vs 2, n=3 vs 3 seeds) (hollow: n=1"
+    # Each count by the dataset it belongs to: "(n=1 vs 1, n=2 vs 2, n=3 vs 3 seeds)" did not say which lost seeds.
+    caption = (
+        "FF−BP test-accuracy gap per dataset ± 95% Welch CI (seeds: n=1 of 3 vs 1 of 3 at digits, n=3 vs 3 at "
+        "fashion-mnist, n=2 of 3 vs 2 of 3 at mnist) (hollow: n=1"
+    )
     assert f"![{caption}, no CI)](bp_gap.png)" in text
     (ax,) = figures["bp_gap.png"].axes
     fills = [bar.get_fill() for bar in ax.patches]
@@ -855,8 +866,8 @@ def test_the_leading_axis_compares_its_levels_over_the_same_cells_with_an_interv
     expected = stats.ttest_ind(a, b, equal_var=False).confidence_interval()
     assert span.difference.mean == pytest.approx(0.20) and span.difference.low == pytest.approx(expected.low)
     assert (
-        "the norm axis moves mean test accuracy most (none − decoupled +20.0 ± 4.5 pp, n≥3 seeds a cell, over 1 "
-        "combination of the other axes that ran every norm level)" in results.answer(summary)
+        "the norm axis has the widest spread of level means on test accuracy (none − decoupled +20.0 ± 4.5 pp, n≥3 "
+        "seeds a cell, over 1 combination of the other axes that ran every norm level)" in results.answer(summary)
     )
 
 
@@ -945,19 +956,23 @@ def test_the_heatmap_shows_each_cells_gap_to_its_own_baseline_not_the_first_base
         ("cosine", "coupled-bn"): {"value": 0.357},
     }
     text = write_report(_temperature_by_norm(url, ff, {"none": 0.213, "coupled-bn": 0.320}), tmp_path / "out")
-    assert "(n=1 vs 1 seeds) ('±–': n=1, no CI)](heatmap.png)" in text.read_text()  # as the other plots say it
+    assert "(n=1 vs 1 seeds)" not in text.read_text()  # each cell says its own (test_the_heatmap_shows_each_cells_n)
+    assert "seeds per cell, FF vs BP ('2 of 3': a planned seed missing) ('±–': n=1, no CI)](heatmap.png)" in (
+        text.read_text()
+    )
     ax = figures["heatmap.png"].axes[0]
     title = ax.get_title()
     assert "2 BP baselines, 21.3–32.0%" in title and "its own" in title
     assert "BP bp-deepsup norm=none" not in title and "BP bp-deepsup:" not in title
     cells = {text.get_text() for text in ax.texts}
     # Each gap with its interval ("± –": one seed a side), as everywhere else; it was a bare "ΔBP -6.3".
-    assert {"15.0\n±–\nΔBP -6.3 ± –", "34.7\n±–\nΔBP +2.7 ± –", "35.7\n±–\nΔBP +3.7 ± –"} <= cells
+    gaps = {"15.0\n±–\nΔBP -6.3 ± –", "34.7\n±–\nΔBP +2.7 ± –", "35.7\n±–\nΔBP +3.7 ± –"}
+    assert {f"{gap}\nn=1 vs 1" for gap in gaps} <= cells
     # One baseline for every cell: the title names it, as before.
     figures.clear()
     write_report(_temperature_by_norm(url.replace("r.db", "one.db"), ff, {"": 0.213}), tmp_path / "one")
     ax = figures["heatmap.png"].axes[0]
-    assert "(BP bp-deepsup: 21.3 ± –%" in ax.get_title() and "35.7\n±–\nΔBP +14.4 ± –" in {
+    assert "(BP bp-deepsup: 21.3 ± –%" in ax.get_title() and "35.7\n±–\nΔBP +14.4 ± –\nn=1 vs 1" in {
         t.get_text() for t in ax.texts
     }
 
@@ -979,8 +994,8 @@ def test_best_minus_worst_and_the_leading_axis_are_measured_on_the_split_that_ra
         "+22.0 pp from one seed each: no interval" in answer
     )
     assert (
-        "the norm axis moves mean validation accuracy most (none − decoupled +20.0 pp from one seed a cell: no "
-        "interval, over 2 combinations of the other axes that ran every norm level)" in answer
+        "the norm axis has the widest spread of level means on validation accuracy (none − decoupled +20.0 pp from "
+        "one seed a cell: no interval, over 2 combinations of the other axes that ran every norm level)" in answer
     )
     assert "-15.0" not in answer and "temperature axis" not in answer
     # Where the evaluator ranks another parameter first, the importance section says why, not silently.
@@ -1113,3 +1128,138 @@ def test_a_tuned_baseline_at_the_end_of_its_levels_says_its_optimum_may_lie_beyo
     levels[0.01] = [(0.80, 0.80)] * 3  # bracketed: nothing to add
     (ff,) = results.summarize(_levels_study(f"sqlite:///{tmp_path / 'f.db'}", levels)).ff
     assert ff.baseline == "bp-deepsup lr=0.01" and ff.base_choice == "the best of 3 levels on validation"
+
+
+def test_the_best_rows_gap_is_called_optimistic_for_its_choice_on_these_seeds(url):
+    # Validation and test accuracy of one trained network move together across seeds, so the seeds that lifted the
+    # winner's validation score lift its test score and gap too; the answer called it "ahead" as if on fresh seeds.
+    ff = {
+        "last": [{"seed": s, "value": v, "val": v} for s, v in enumerate([0.90, 0.91, 0.92])],
+        "sum": [{"seed": s, "value": v, "val": v} for s, v in enumerate([0.80, 0.82, 0.81])],
+    }
+    bp = [0.84, 0.845, 0.85]
+    answer = results.answer(results.summarize(_ablation(url, ff, bp, [0, 1, 2])))
+    assert answer.endswith(
+        "; it is ahead of bp-deepsup (FF−BP +6.5 ± 2.1 pp, n=3 vs 3; paired over the 3 shared seeds +6.5 ± 1.2 pp), "
+        "though it was picked as the best of 2 configurations on these seeds, so its gap is optimistic: confirm it on "
+        "fresh seeds."
+    )
+    del ff["sum"]  # one configuration: no choice to be optimistic about
+    one = results.answer(results.summarize(_ablation(url.replace("r.db", "one.db"), ff, bp, [0, 1, 2])))
+    assert one.endswith("+6.5 ± 1.2 pp).") and "optimistic" not in one
+
+
+def test_a_gap_with_a_failed_seed_claims_no_direction_and_says_what_is_missing(tmp_path, url):
+    # FF's seed 2 diverged: a result, which the gap over the two survivors leaves out. The answers said "leads on 1"
+    # and "it is ahead of bp-deepsup".
+    ff, bp = [0.900, 0.902, None], [0.840, 0.845, 0.850]
+    trials = [
+        {"cell": f"{name} fashion-mnist", "role": role, "group": "fashion-mnist", "seed": s, "value": v}
+        | {"overrides": {"dataset": "fashion-mnist"}}
+        for name, role, values in (("ff", "ff", ff), ("bp-deepsup", "baseline", bp))
+        for s, v in enumerate(values)
+    ]
+    study = make_study(url, "bp-gap-full", {"analysis": "bp-gap", "seeds": [0, 1, 2]}, trials)
+    answer = results.answer(results.summarize(study))
+    assert answer.startswith("FF trails bp-deepsup on 0 of 1 datasets and leads on 0; 1 undecided (")
+    assert "or seeds missing on a side" in answer
+    assert "fashion-mnist +5.6 ± 1.1 pp, n=2 vs 3 (FF n=2 of 3: 1 failed), paired over 2 seeds +5.9 ± 1.9 pp" in answer
+    last = {"last": [{"seed": s, "value": v} for s, v in enumerate(ff)]}
+    ablation = results.answer(results.summarize(_ablation(url.replace("r.db", "a.db"), last, bp, [0, 1, 2])))
+    assert ablation.endswith(
+        "against bp-deepsup: FF−BP +5.6 ± 1.1 pp, n=2 vs 3; paired over the 2 shared seeds +5.9 ± 1.9 pp, no "
+        "direction claimed with seeds missing (FF n=2 of 3: 1 failed)."
+    )
+    # A k-sweep's largest K lost an FF seed: neither its side nor the trend is claimed.
+    trials = [
+        {"cell": f"{name}synthetic classes={k}", "role": role, "group": "synthetic", "seed": seed, "value": value}
+        | {"overrides": {"dataset": "teacher-student", "classes": k}}
+        for k, gap in ((2, 0.05), (5, 0.1), (10, 0.15))
+        for seed in (0, 1, 2)
+        for name, role, value in (
+            ("", "ff", None if (k, seed) == (10, 2) else 0.7 + 0.01 * seed + gap),
+            ("bp-deepsup ", "baseline", 0.7 + 0.01 * seed),
+        )
+    ]
+    meta = {"analysis": "k-sweep", "axes": {"classes": [2, 5, 10]}, "seeds": [0, 1, 2]}
+    study = make_study(url.replace("r.db", "k.db"), "k-sweep-quick", meta, trials)
+    answer = results.answer(results.summarize(study))
+    assert (
+        "→ +14.5 ± 2.5 pp, n=2 vs 3 (FF n=2 of 3: 1 failed) at K=10 (no direction claimed at K=10; no trend claimed "
+        "with seeds missing: change +9.5 ± 2.7 pp" in answer
+    )
+    # The plot's caption says which point lost the seed; it listed "n=2 vs 3, n=3 vs 3 seeds".
+    caption = "synthetic and real data on one chart (n=3 vs 3 seeds; n=2 of 3 vs 3 at synthetic K=10)](k_sweep_gap.png)"
+    assert caption in write_report(study, tmp_path / "out").read_text()
+
+
+def test_the_widest_spread_of_level_means_says_when_it_is_not_resolved_from_zero(url):
+    # goodness b − a is +1.0 pp with an interval across zero: it "moved mean test accuracy most", unqualified.
+    runs = {("a", "x"): [0.50, 0.60, 0.55], ("b", "x"): [0.51, 0.58, 0.59]}
+    answer = results.answer(results.summarize(_two_axis_study(url, "spread", runs)))
+    assert (
+        "best − worst (goodness=a loss=x) on test accuracy, which ranks them, +1.0 ± 10.7 pp, n=3 vs 3, not resolved "
+        "from zero; the goodness axis has the widest spread of level means on test accuracy (b − a +1.0 ± 10.7 pp, "
+        "n≥3 seeds a cell, not resolved from zero, over 1 combination" in answer
+    )
+    assert "moves" not in answer
+
+
+def test_the_ablation_answer_names_levels_whose_trials_all_failed(url):
+    # readout diverged on every seed: its axis could not be compared and the answer said nothing of either.
+    ff = {
+        "last": [{"seed": s, "value": v, "val": v} for s, v in enumerate([0.90, 0.91, 0.92])],
+        "sum": [{"seed": s, "value": v, "val": v} for s, v in enumerate([0.80, 0.82, 0.81])],
+        "readout": [{"seed": s, "value": None} for s in range(3)],
+    }
+    answer = results.answer(results.summarize(_ablation(url, ff, [0.84, 0.845, 0.85], [0, 1, 2])))
+    assert "chosen on validation accuracy (91.0 ± 2.5%); no completed trial for fusion=readout;" in answer
+    assert "; fusion could not be compared (no combination completed all its levels);" in answer
+    # goodness's levels have equal means (no span) and loss's y failed throughout: loss went unnamed.
+    runs = {("a", "x"): [0.5, 0.6, 0.7], ("b", "x"): [0.5, 0.6, 0.7], ("a", "y"): [None] * 3, ("b", "y"): [None] * 3}
+    summary = results.summarize(_two_axis_study(url, "flat-failed", runs))
+    assert results.most_influential_axis(summary) is None
+    answer = results.answer(summary)
+    assert "no completed trial for goodness=a loss=y, goodness=b loss=y;" in answer
+    assert answer.endswith("; loss could not be compared (no combination completed all its levels).")
+
+
+def test_the_heatmap_shows_each_cells_n(tmp_path, url, figures):
+    # The caption listed the counts that occur ("n=2, 3"); a cell that lost a seed looked like the others, and one
+    # whose trials all failed was blank.
+    runs = {("a", "x"): [0.50, 0.52, 0.54], ("a", "y"): [0.60, 0.62], ("b", "x"): [None] * 3, ("b", "y"): [0.7] * 3}
+    report = write_report(_two_axis_study(url, "cells", runs), tmp_path / "out").read_text()
+    assert "n: seeds per cell, FF vs BP ('2 of 3': a planned seed missing)](heatmap.png)" in report
+    texts = figures["heatmap.png"].axes[0].texts
+    assert {"52.0\n±5.0\nn=3", "61.0\n±12.7\nn=2 of 3", "no result\nn=0 of 3"} <= {t.get_text() for t in texts}
+    assert [t.get_color() for t in texts if t.get_text().startswith("no result")] == ["black"]  # not white on white
+
+
+def test_a_gap_without_spread_is_drawn_hollow_as_the_text_words_it(tmp_path, url, figures):
+    # mnist: FF at exactly chance on every seed, BP one class above: width 0, "no spread across seeds" in the text,
+    # but a solid bar, as if exact.
+    trials = [
+        {"cell": f"{name} {dataset}", "role": role, "group": dataset, "seed": s, "value": v}
+        | {"overrides": {"dataset": dataset}}
+        for dataset, ff, bp in (("mnist", [0.1] * 3, [0.2] * 3), ("fashion-mnist", [0.7, 0.72, 0.71], [0.8, 0.81, 0.8]))
+        for name, role, values in (("ff", "ff", ff), ("bp-deepsup", "baseline", bp))
+        for s, v in enumerate(values)
+    ]
+    study = make_study(url, "bp-gap-full", {"analysis": "bp-gap", "seeds": [0, 1, 2]}, trials)
+    text = write_report(study, tmp_path / "out").read_text()
+    assert "(n=3 vs 3 seeds) (hollow: no spread across seeds)](bp_gap.png)" in text
+    (ax,) = figures["bp_gap.png"].axes
+    assert [bar.get_fill() for bar in ax.patches] == [True, False]  # fashion-mnist, then mnist
+    (bars,) = [c for c in ax.containers if isinstance(c, ErrorbarContainer)]
+    assert len(bars.lines[2][0].get_segments()) == 1
+
+
+def test_a_gap_that_rounds_to_zero_prints_no_sign(url):
+    # FF 85.00% against BP 85.04%: "fashion-mnist -0.0 pp from one seed each" read as a direction.
+    trials = [
+        {"cell": f"{name} fashion-mnist", "role": role, "group": "fashion-mnist", "seed": 0, "value": v}
+        | {"overrides": {"dataset": "fashion-mnist"}}
+        for name, role, v in (("ff", "ff", 0.85), ("bp-deepsup", "baseline", 0.8504))
+    ]
+    answer = results.answer(results.summarize(make_study(url, "bp-gap-full", {"analysis": "bp-gap"}, trials)))
+    assert "fashion-mnist 0.0 pp from one seed each: no interval" in answer and "-0.0" not in answer
