@@ -171,7 +171,7 @@ class Plan:
             return list(self.cells)
         from ffablate.plugins import registry
 
-        probes = []
+        probes, spaceless = [], {kind: set() for kind in self.spec.space_plugins}
         for cell in self.cells:
             if cell.role != "ff":  # baselines are fixed trials: nothing is searched on them
                 continue
@@ -179,10 +179,18 @@ class Plan:
             for kind in self.spec.space_plugins:
                 plugin = registry().get(kind, self.plugin_name(cell.overrides, kind))
                 space.update({f"{kind}.{param}": dist for param, dist in plugin.space.items()})
+                if spaceless[kind] is not None:
+                    spaceless[kind] = None if plugin.space else spaceless[kind] | {plugin.name}
             for key, dist in space.items():
                 for value in _space_values(dist):
                     label = f"{cell.label} with {key}={value} from the search space"
                     probes.append(dataclasses.replace(cell, label=label, overrides={**cell.overrides, key: value}))
+        for kind, names in spaceless.items():
+            if names:  # the search would draw nothing for it, silently
+                raise SpecError(
+                    f"{self.spec.path}: space.plugins searches {kind}, but no {kind} plugin the study runs declares a "
+                    f"search space ({', '.join(sorted(names))}; `ffablate plugins --json` lists spaces): leave it out"
+                )
         return [*self.cells, *probes]
 
     def error(self, cell: Cell, exc: FFablateError) -> SpecError:

@@ -1817,3 +1817,15 @@ def test_a_plugin_that_breaks_its_contract_mid_study_stops_it_and_its_point_runs
         remove_plugin(plugin)
     done = {t.user_attrs["cell"] for t in trials_of(url, "tiny-smoke") if t.state == TrialState.COMPLETE}
     assert done == {"temperature=late", "bp-deepsup"}
+
+
+def test_a_search_over_a_plugin_kind_whose_plugins_declare_no_space_is_refused(tmp_path, capsys):
+    # Before: accepted, and the "search" drew nothing for the fusion without a word.
+    path = write_tpe_spec(tmp_path, 'plugins = ["fusion"]', untuned=[])
+    assert main(["study", str(path), "--budget", "smoke", "--storage", storage_url(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    assert (
+        f"{path}: space.plugins searches fusion, but no fusion plugin the study runs declares a search space (last;"
+        in err
+    )
