@@ -12,6 +12,7 @@ import os
 import socket
 import statistics
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -651,6 +652,14 @@ def _pp(e: Estimate, n_a: int, n_b: int) -> str:
     return f"{fmt(e, signed=True, unit=' pp')}, {_seeds(n_a, n_b)}"
 
 
+def _no_completed_trial(summary: Summary, name: Callable[[Row], str] = lambda r: r.label) -> str:
+    """The FF configurations with trials but none completed (all failed, pruned or running), each as ``name`` calls
+    it, as an answer's clause ("; no completed trial for X, Y"). Every answer names them: a configuration that
+    diverged on every seed is a result, not an absence."""
+    empty = [name(r) for r in summary.ff if not r.n]
+    return f"; no completed trial for {', '.join(empty)}" if empty else ""
+
+
 def _unresolved(e: Estimate) -> str:
     """The words for a difference picked as the largest (best − worst, an axis's levels) whose interval reaches zero."""
     return ", not resolved from zero" if e.has_ci and not e.excludes_zero() else ""
@@ -737,9 +746,7 @@ def _answer_ablation(summary: Summary) -> str:
     )
     # A configuration with trials but none completed (all failed, pruned or running) is in no ranking: say so, as a
     # configuration that diverged on every seed is a result, not an absence.
-    empty = [r.label for r in summary.ff if not r.n]
-    if empty:
-        text += f"; no completed trial for {', '.join(empty)}"
+    text += _no_completed_trial(summary)
     # Both differences are on the split that ranks the rows: "best − worst" on test after choosing on validation
     # can come out negative, and an axis ranked on test can contradict the importance, which is on validation.
     split = summary.ranking_split
@@ -877,8 +884,8 @@ def _answer_k_sweep(summary: Summary) -> str:
             text += f"; {_trend(r0, b0, r1, b1)}"
         parts.append(text + ")")
     if not parts:
-        return "No K has both FF and BP results yet."
-    return "; ".join(parts) + "."
+        return f"No K has both FF and BP results yet{_no_completed_trial(summary)}."
+    return "; ".join(parts) + _no_completed_trial(summary) + "."
 
 
 def _trend(r0: Row, b0: Row, r1: Row, b1: Row) -> str:
@@ -911,16 +918,13 @@ def _answer_hierarchy(summary: Summary) -> str:
         if r.n:
             by_group[r.group or str(r.overrides.get("dataset", ""))][str(r.overrides.get("labels", "fine"))] = r
     for group, rows in by_group.items():
-        items = [
-            f"{lab} labels {_pp(r.gap, r.n, r.baseline_n)} (FF {fmt(r.accuracy, unit='%')})"
-            for lab, r in sorted(rows.items())
-        ]
+        items = [f"{lab} labels {_gap(r)} (FF {fmt(r.accuracy, unit='%')})" for lab, r in sorted(rows.items())]
         text = f"{group}: FF−BP gap with " + ", with ".join(items)
         if "coarse" in rows and "fine" in rows:
             text += "; " + _coarse_minus_fine(rows["coarse"], rows["fine"])
         parts.append(text)
     notes = summary.meta.get("notes", [])
-    return "; ".join(parts) + (f" ({'; '.join(notes)})" if notes else "") + "."
+    return "; ".join(parts) + _no_completed_trial(summary) + (f" ({'; '.join(notes)})" if notes else "") + "."
 
 
 def _paired_change(ff1: Row, bp1: Row, ff0: Row, bp0: Row) -> Estimate:
@@ -945,13 +949,19 @@ def _coarse_minus_fine(coarse: Row, fine: Row) -> str:
     moved = f"coarse − fine gap {fmt(change, signed=True, unit=' pp')}, paired over {change.n} seeds"
     if not change.decisive:
         return f"{moved}: no difference resolved"
+    if not all(r.complete for r in (coarse, coarse.base, fine, fine.base)):  # the gaps above name what is missing
+        return f"{moved}: no direction claimed with seeds missing"
     return f"{moved}: coarse labels move the gap in {'FF' if change.mean > 0 else 'BP'}'s favour"
 
 
 def _answer_bp_gap(summary: Summary) -> str:
     rows = [r for r in summary.ff if r.n and math.isfinite(r.gap.mean)]
+    no_bp = [summary.dataset_of(r) for r in summary.ff if r.n and not math.isfinite(r.gap.mean)]
+    absent = _no_completed_trial(summary, summary.dataset_of)
+    if no_bp:
+        absent += f"; no BP result yet for {', '.join(no_bp)}"
     if not rows:
-        return "No dataset has both FF and BP results yet."
+        return f"No dataset has both FF and BP results yet{absent}."
     # Only a gap whose interval, over every planned seed, excludes zero counts; the rest are undecided, whatever sign.
     behind = sum(r.gap_decisive and r.gap.mean < 0 for r in rows)
     ahead = sum(r.gap_decisive and r.gap.mean > 0 for r in rows)
@@ -964,7 +974,7 @@ def _answer_bp_gap(summary: Summary) -> str:
     )
     return (
         f"FF trails {summary.baseline_method} on {behind} of {len(rows)} datasets and leads on {ahead}; "
-        f"{undecided} undecided{why} (FF−BP: {items})."
+        f"{undecided} undecided{why} (FF−BP: {items}){absent}."
     )
 
 

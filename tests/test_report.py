@@ -337,6 +337,41 @@ def test_label_hierarchy_answer_pairs_the_gap_change_by_seed(url):
     assert "coarse − fine gap +8.0 pp from 1 seed that all four runs share: no interval, no direction claimed" in answer
 
 
+def test_answers_name_what_has_no_result_and_claim_nothing_over_missing_seeds(url):
+    # The coarse FF run diverged on seed 3: the change over the three seeds all four ran excludes zero, but the
+    # survivors' gap leans toward FF. It said "coarse labels move the gap in FF's favour".
+    fine = {("fine", "ff"): [0.70] * 4, ("fine", "baseline"): [0.80, 0.82, 0.81, 0.80]}
+    coarse = {("coarse", "ff"): [0.90, 0.90, 0.905, None], ("coarse", "baseline"): [0.92] * 4}
+    answer = _hierarchy_answer(url, "h4-quick", {**fine, **coarse})
+    assert "coarse labels -" in answer and "(FF n=3 of 4: 1 failed)" in answer, answer
+    assert "paired over 3 seeds: no direction claimed with seeds missing" in answer, answer
+    # A dataset whose FF trials all failed, and one with no BP result: both were left out without a word.
+    trials = [
+        {"cell": f"{name} {d}", "role": role, "group": d, "seed": s, "value": v, "overrides": {"dataset": d}}
+        for d, ff, bp in (
+            ("fashion-mnist", [0.90, 0.91], [0.92, 0.93]),
+            ("mnist", [None, None], [0.98, 0.99]),
+            ("kmnist", [0.80, 0.81], [None, None]),
+        )
+        for name, role, values in (("ff", "ff", ff), ("bp-deepsup", "baseline", bp))
+        for s, v in enumerate(values)
+    ]
+    answer = results.answer(results.summarize(make_study(url, "gap-quick", {"analysis": "bp-gap"}, trials)))
+    assert answer.startswith("FF trails bp-deepsup on 0 of 1 datasets and leads on 0; 1 undecided"), answer
+    assert answer.endswith("; no completed trial for mnist; no BP result yet for kmnist."), answer
+    # A K whose FF trials all failed: the trend ran from the smallest to the largest K that has a result, silently.
+    trials = [
+        {"cell": f"{name}classes={k}", "role": role, "seed": s, "value": v, "overrides": {"classes": k}}
+        | {"group": "synthetic"}
+        for k in (2, 10)
+        for s in (0, 1)
+        for name, role, v in (("", "ff", None if k == 10 else 0.8 + s / 100), ("bp-deepsup ", "baseline", 0.7))
+    ]
+    meta = {"analysis": "k-sweep", "axes": {"classes": [2, 10]}}
+    answer = results.answer(results.summarize(make_study(url, "k-quick", meta, trials)))
+    assert answer.endswith("; no completed trial for classes=10."), answer
+
+
 def test_a_stored_search_counts_as_untuned_only_the_searched_settings_the_baseline_shares():
     # Searches stored before session 11 recorded nothing; a plugin's parameter is stored as "kind:plugin.param".
     params = {
