@@ -392,7 +392,12 @@ def _versions(trials: list[FrozenTrial]) -> list[dict[str, Any]]:
     for t in trials:
         if t.state == TrialState.COMPLETE and "versions" in t.user_attrs:
             device = t.user_attrs.get("config", {}).get("device")
-            key = json.dumps({"versions": t.user_attrs["versions"], "device": device}, sort_keys=True)
+            # Plugins from outside ffablate, by package and version: a study stored before resuming refused a
+            # changed one may mix two, which then are two entries.
+            plugins = sorted(set((t.user_attrs.get("plugin_sources") or {}).values()))
+            key = json.dumps(
+                {"versions": t.user_attrs["versions"], "device": device, "plugins": plugins}, sort_keys=True
+            )
             counts[key] = counts.get(key, 0) + 1
     return [{**json.loads(key), "trials": n} for key, n in counts.items()]
 
@@ -406,9 +411,10 @@ def versions_line(summary: Summary) -> str:
         commit = f" ({v['ffablate_commit']})" if v.get("ffablate_commit") else ""
         built = f" built for CUDA {v['cuda']}" if v.get("cuda") not in (None, "None") else " without CUDA"
         plural = "s" if entry["trials"] != 1 else ""
+        plugins = f", plugins {', '.join(entry['plugins'])}" if entry.get("plugins") else ""
         parts.append(
-            f"ffablate {v.get('ffablate')}{commit}, torch {v.get('torch')}{built}, Python {v.get('python')}, on "
-            f"{entry.get('device') or 'an unrecorded device'}: {entry['trials']} completed trial{plural}"
+            f"ffablate {v.get('ffablate')}{commit}, torch {v.get('torch')}{built}, Python {v.get('python')}{plugins}, "
+            f"on {entry.get('device') or 'an unrecorded device'}: {entry['trials']} completed trial{plural}"
         )
     return "; ".join(parts)
 
