@@ -1777,7 +1777,9 @@ def test_a_study_refuses_to_resume_with_a_changed_user_plugin(tmp_path, capsys, 
     err = capsys.readouterr().err.strip().splitlines()
     assert "study 'tiny-smoke' ran temperature plugin" in err[-1] and message in err[-1], err[-1]
     assert "rerun with --study-name NEW (or restore the plugin it ran)" in err[-1]
-    assert len(trials_of(url, "tiny-smoke")) == 2  # the baseline and one FF trial: nothing ran under the changed plugin, nothing was lost
+    assert (
+        len(trials_of(url, "tiny-smoke")) == 2
+    )  # the baseline and one FF trial: nothing ran under the changed plugin, nothing was lost
     # Reports name the plugins from outside ffablate that the trials ran, with their source.
     line = results.versions_line(results.summarize(optuna.load_study(study_name="tiny-smoke", storage=url)))
     assert ", plugins fixed from test_study.FixedTemperaturePlugin (no package version), on cpu: 1 completed" in line
