@@ -514,7 +514,7 @@ class Objective:
             # (as if it raised): stop the study and leave this point to the rerun after the fix.
             trial.set_user_attr(FAIL_REASON, f"{type(exc).__name__}: {exc}")
             if isinstance(exc, PluginContractError):
-                exc = PluginContractError(f"{exc}; fix the plugin and rerun: the study goes on from this point")
+                exc = PluginContractError(f"{exc}; fix the plugin and rerun: the study goes on where it stopped")
             raise StopStudy(exc) from None
         except FFablateError as exc:
             # Divergence (NaN) and configuration clashes would happen again on a rerun: record and move on.

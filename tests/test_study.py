@@ -1813,7 +1813,7 @@ def test_a_plugin_that_breaks_its_contract_mid_study_stops_it_and_its_point_runs
         err = capsys.readouterr().err.strip().splitlines()
         assert err[-1].startswith("ffablate: error: ") and "temperature plugin 'late'" in err[-1], err
         assert "returned 0.0 at progress" in err[-1], err[-1]
-        assert err[-1].endswith("; fix the plugin and rerun: the study goes on from this point"), err[-1]
+        assert err[-1].endswith("; fix the plugin and rerun: the study goes on where it stopped"), err[-1]
         failed = [t for t in trials_of(url, "tiny-smoke") if t.state == TrialState.FAIL]
         assert len(failed) == 1 and not failed[0].user_attrs.get(studies.PERMANENT)
         monkeypatch.setattr(LateTemperature, "fixed", True)

@@ -524,6 +524,20 @@ def test_temperatures_on_the_device_are_read_with_the_losses():
     with pytest.raises(TrainingDiverged, match="loss became nan at block 1"):
         common.checked_losses([losses[0], ("block 1", nan)], [("t", nan)])
     assert common.checked_losses(losses, [("t", nan)]) == [0.5, 0.25]
+    # A built-in schedule's T out of range is training diverging, which a study records and goes on from.
+    with pytest.raises(TrainingDiverged, match=r"^t \(block 0\) returned T = inf: the temperature diverged with"):
+        common.checked_losses(losses, [("t (block 0)", torch.tensor(float("inf")))], builtin_temperatures=True)
+
+
+def test_a_learned_temperature_that_overflows_is_a_diverged_run(tiny_config):
+    # A huge lr drove log T to inf: "returned inf ...; fix the plugin" stopped a study on every rerun (it is seeded),
+    # with no plugin of the user's to fix.
+    trainer = build_trainer(tiny_config.with_updates({"temperature": "learned"}))
+    with torch.no_grad():
+        trainer.net.temperatures[0].log_t.fill_(1000.0)
+    match = r"^temperature plugin 'learned' \(built-in\) returned inf at progress 0.000 for block 0: the temperature "
+    with pytest.raises(TrainingDiverged, match=match + "diverged with training; lower lr"):
+        trainer.train_step(*next(iter(trainer.data.train)), 0.0, range(trainer.net.depth), True)
 
 
 def _assert_refused_before_any_update(trainer, match: str) -> None:

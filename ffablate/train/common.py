@@ -169,11 +169,13 @@ def set_lr(optimizers: list[torch.optim.Optimizer], config: RunConfig, step: int
 
 
 def checked_losses(
-    losses: list[tuple[str, torch.Tensor]], temperatures: Sequence[tuple[str, torch.Tensor]] = ()
+    losses: list[tuple[str, torch.Tensor]],
+    temperatures: Sequence[tuple[str, torch.Tensor]] = (),
+    builtin_temperatures: bool = False,
 ) -> list[float]:
     """The values of ``(where, loss)`` pairs, read with one host sync; raises TrainingDiverged naming the first
-    that is NaN or infinite, then ConfigError naming the first of the ``(who, T)`` device tensors (temperatures,
-    read in the same sync) that ``bad_temperature`` refuses.
+    that is NaN or infinite, then ``temperature_error`` for the first of the ``(who, T)`` device tensors
+    (temperatures, read in the same sync) that ``bad_temperature`` refuses.
 
     One sync per step, not one per loss: on CUDA every sync drains the launch queue, and FF would pay it for
     each block. Trainers call this after the backward passes and before any optimizer step, so a diverged
@@ -187,8 +189,17 @@ def checked_losses(
             raise TrainingDiverged(f"loss became {value} at {where}; lower lr{check}")
     for (who, _), t in zip(temperatures, values[len(losses) :], strict=True):
         if bad_temperature(t, tensor=True):
-            raise PluginContractError(f"{who} returned T = {t}; a temperature must be positive and finite")
+            raise temperature_error(f"{who} returned T = {t}", builtin_temperatures)
     return values[: len(losses)]
+
+
+def temperature_error(what: str, builtin: bool) -> FFablateError:
+    """The error for a refused temperature, ``what`` saying whose and which. A built-in schedule's T leaves the
+    positive numbers only as training diverges (a learned log T overflowing to inf), which a rerun repeats: the
+    study records it and goes on. Another plugin's is that plugin's mistake, which a study stops on."""
+    if builtin:
+        return TrainingDiverged(f"{what}: the temperature diverged with training; lower lr")
+    return PluginContractError(f"{what}; a temperature must be positive and finite")
 
 
 def bad_temperature(t: float, tensor: bool) -> bool:

@@ -33,6 +33,7 @@ class FFNet(nn.Module):
         self.num_classes, self.threshold = num_classes, config.threshold
         chosen = {kind: reg.get(kind, getattr(config, kind)) for kind in FF_KINDS}
         self.labels = {kind: plugin.label for kind, plugin in chosen.items()}
+        self.builtin_temperature = chosen["temperature"].source == "ffablate"
 
         def make(kind: str, **context: Any) -> Any:
             return chosen[kind].create(config.params_of(kind), **context)
@@ -136,10 +137,8 @@ class FFNet(nn.Module):
 
     def _check_positive(self, t: float, index: int, progress: float, tensor: bool) -> None:
         if common.bad_temperature(t, tensor):
-            raise PluginContractError(
-                f"{self.labels['temperature']} returned {t} at progress {progress:.3f} for block {index}; a "
-                "temperature must be positive and finite"
-            )
+            what = f"{self.labels['temperature']} returned {t} at progress {progress:.3f} for block {index}"
+            raise common.temperature_error(what, self.builtin_temperature)
 
     def temperature_to_check(self, index: int, t: Tensor | float) -> list[tuple[str, Tensor]]:
         """``[(who, t)]`` for a temperature on the device, whose value the trainer reads with the step's losses."""
@@ -351,7 +350,7 @@ class FFTrainer:
             fusion = self._fusion_backward(x, y, _cat_chunks(scores), _cat_chunks(features))
         # One check before any step: a diverged block or fusion loss updates no parameter at all.
         fused = [(f"the fusion ({self.net.labels['fusion']})", fusion)] if fusion is not None else []
-        values = common.checked_losses(losses + fused, temperatures)
+        values = common.checked_losses(losses + fused, temperatures, self.net.builtin_temperature)
         self.optimizer.step()
         if fusion is not None:
             self.fusion_optimizer.step()
