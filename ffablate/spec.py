@@ -39,6 +39,8 @@ BASELINE_OWN_KEYS = frozenset({"lr", "weight_decay", "batch_size", "micro_batch"
 DATA_CHANGES = {"digits": "no crops since 2026-11-27"}
 # The same for a setting: plans whose runs take a subset of a dataset under coarse labels.
 COARSE_SUBSETS_CHANGE = "subsets drawn by the fine labels since 2026-11-27"
+# And for the optimizer: plans whose runs decay weights.
+WEIGHT_DECAY_CHANGE = "decays only kernels and weight matrices since 2026-11-28"
 SUBSET_KEYS = ("limit_train", "limit_test", "val_images")
 STUDY_KEYS = {"seeds", "n_trials", "axes"}  # budget keys that are not RunConfig keys
 MAX_SEEDS = 1000  # a seed count is a range to run: bounded so a typo is a message, not a MemoryError
@@ -197,14 +199,17 @@ class Plan:
         """``exc`` as a mistake of the spec, naming the configuration it showed in."""
         return SpecError(f"{self.spec.path}: budgets.{self.budget.name} configuration {cell.label!r}: {exc}")
 
-    def data_changes(self) -> dict[str, str]:
-        """The ``DATA_CHANGES`` of the datasets this plan trains on."""
+    def code_changes(self) -> dict[str, str]:
+        """The changes of ffablate's that alter what this plan's trials compute: the ``DATA_CHANGES`` of the
+        datasets it trains on, and those of the settings it uses."""
         used = {str(c.overrides.get("dataset", self.base.get("dataset", RunConfig.dataset))) for c in self.cells}
         changes = {d: DATA_CHANGES[d] for d in sorted(used) if d in DATA_CHANGES}
         for cell in self.cells:
             settings = {**self.base_for(cell.overrides), **cell.overrides}
             if settings.get("labels") == "coarse" and any(settings.get(k) for k in SUBSET_KEYS):
                 changes["labels=coarse"] = COARSE_SUBSETS_CHANGE
+            if settings.get("weight_decay"):
+                changes["weight_decay"] = WEIGHT_DECAY_CHANGE
         return changes
 
     def fingerprint(self, seeds: list[int] | None = None) -> str:
@@ -217,9 +222,9 @@ class Plan:
             "space": self.spec.space,
             "plugins": self.spec.space_plugins,
         }
-        changes = self.data_changes()
+        changes = self.code_changes()
         if changes:
-            payload["data_changes"] = changes
+            payload["data_changes"] = changes  # the key's name predates changes that are not the data's
         return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 

@@ -864,8 +864,8 @@ def _what_changed(attrs: dict[str, Any], plan: specs.Plan) -> tuple[str, str]:
     added, gone = [c for c in now if c not in before], [c for c in before if c not in now]
     parts = [f"{len(cells)} {word} (e.g. {cells[0]!r})" for cells, word in ((added, "new"), (gone, "gone")) if cells]
     if not parts:
-        changes = "; ".join(f"{d}: {what}" for d, what in plan.data_changes().items())
-        return (f" (or ffablate's loading of its data changed since: {changes})" if changes else ""), remedy
+        changes = "; ".join(f"{d}: {what}" for d, what in plan.code_changes().items())
+        return (f" (or ffablate changed what its trials compute since: {changes})" if changes else ""), remedy
     why = 'as when the spec\'s axes or [baseline] changed, or an axis of "*" meets a plugin installed or removed since'
     return f": its configurations changed, {' and '.join(parts)}, {why}", remedy
 

@@ -766,9 +766,22 @@ def test_a_coarse_label_subset_plan_does_not_resume_a_study_stored_before_its_im
     # holds other images for its coarse runs. Its full budget (no subset) and other studies keep their fingerprint.
     fine_only = lambda name: name != "cifar100"  # noqa: E731
     quick = specs.load("label-hierarchy").plan("quick", available=fine_only)
-    assert quick.data_changes() == {"labels=coarse": specs.COARSE_SUBSETS_CHANGE}
-    assert "labels=coarse" not in specs.load("label-hierarchy").plan("full", available=fine_only).data_changes()
-    assert specs.load("temperature-vs-norm").plan("quick").data_changes() == {}
+    assert quick.code_changes() == {"labels=coarse": specs.COARSE_SUBSETS_CHANGE}
+    assert "labels=coarse" not in specs.load("label-hierarchy").plan("full", available=fine_only).code_changes()
+    assert specs.load("temperature-vs-norm").plan("quick").code_changes() == {}
+
+
+def test_a_weight_decay_plan_does_not_resume_a_study_stored_before_decay_left_out_vectors(tmp_path, monkeypatch):
+    # Decay reaches only kernels and weight matrices since session 19: a study stored before decayed every
+    # parameter, and its resumed seeds would be averaged with the new ones. Plans without decay keep their
+    # fingerprint.
+    plain = specs.load(str(write_spec(tmp_path, GRID, name="plain"))).plan("smoke")
+    decayed = specs.load(str(write_spec(tmp_path, GRID.replace("[axes]", "weight_decay = 0.05\n[axes]")))).plan("smoke")
+    assert plain.code_changes() == {}
+    assert decayed.code_changes() == {"weight_decay": specs.WEIGHT_DECAY_CHANGE}
+    now = decayed.fingerprint()
+    monkeypatch.setattr(specs.Plan, "code_changes", lambda self: {})  # the fingerprint as ffablate made it before
+    assert decayed.fingerprint() != now
 
 
 # ----------------------------------------------------------------------------------------------------
