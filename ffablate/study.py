@@ -701,10 +701,6 @@ def open_study(plan: specs.Plan, storage: optuna.storages.BaseStorage, name: str
     fingerprint = plan.fingerprint()
     refuse_a_foreign_study(study)
     refuse_another_plan(study, plan)
-    plugins = plugins_used(plan)
-    refuse_changed_plugins(study, plugins)
-    if attrs.get(PLUGINS) != plugins:  # also for studies made before it: resumes from now on are checked
-        study.set_user_attr(PLUGINS, plugins)
     if "fingerprint" in attrs:
         # How the results are read, not what they mean: a spec's edited question or analysis applies on resume.
         for key, value in (("question", plan.spec.question), ("analysis", plan.spec.analysis)):
@@ -788,40 +784,64 @@ def refuse_another_plan(study: optuna.Study, plan: specs.Plan) -> None:
 
 
 def plugins_used(plan: specs.Plan) -> dict[str, dict[str, Any]]:
-    """``{"kind name": {"source", "defaults", "space"}}`` for each plugin from outside ffablate that ``plan``'s
-    configurations run: its package and version, its parameters' defaults and its declared search space, which
-    decide what a trial that names the plugin computes. ffablate's own plugins change only with ffablate, whose
-    version every trial records."""
+    """``{"kind name": {"source", "params"[, "space"]}}`` for each plugin from outside ffablate that ``plan``'s
+    configurations run: its package and version, the parameter values each configuration runs it with (its
+    defaults included, less those a search draws), and under TPE, where the search reads it, its declared space.
+    ffablate's own plugins change only with ffablate, whose version every trial records."""
     from ffablate.config import PLUGIN_KINDS
-    from ffablate.plugins import plugin_sources, registry
+    from ffablate.plugins import plugin_sources, registry, used_params
 
     reg, used = registry(), {}
+    searched = plan.spec.space_plugins if plan.spec.sampler == "tpe" else []
     for cell in plan.cells:
         config = plan.config(cell.overrides, 0)
         for kind, source in plugin_sources(config, reg, PLUGIN_KINDS).items():
             plugin = reg.get(kind, config.plugin_of(kind))
-            # As the storage keeps them (JSON): a tuple default reads back as a list, and must compare equal.
-            identity = {"source": source, "defaults": plugin.params, "space": plugin.space}
-            used[f"{kind} {plugin.name}"] = json.loads(json.dumps(identity, default=str))
-    return used
+            entry = used.setdefault(f"{kind} {plugin.name}", {"source": source, "params": []})
+            drawn = {key.split(".", 1)[1] for key in plan.spec.space if key.startswith(f"{kind}.")}
+            if kind in searched:
+                entry["space"] = plugin.space
+                drawn |= set(plugin.space)
+            params = {k: v for k, v in used_params(config, reg, (kind,))[kind].items() if k not in drawn}
+            if params not in entry["params"]:
+                entry["params"].append(params)
+    for entry in used.values():
+        entry["params"].sort(key=lambda params: json.dumps(params, sort_keys=True))
+    # As the storage keeps them (JSON): a tuple default reads back as a list, and must compare equal.
+    return json.loads(json.dumps(used))
 
 
 def refuse_changed_plugins(study: optuna.Study, now: dict[str, dict[str, Any]]) -> None:
     """Refuses to resume a study whose plugins from outside ffablate changed since it ran: a new version, other
-    defaults or another declared space would be averaged with the old one's seeds into one row."""
-    for key, then in (study.user_attrs.get(PLUGINS) or {}).items():
-        if key not in now or now[key] == then:  # a plugin the plan no longer runs: the fingerprint says so
+    parameter values or another searched space would be averaged with the old one's seeds into one row. A study
+    stored before it recorded them is checked against its trials' recorded sources."""
+    then_all = study.user_attrs.get(PLUGINS) or _sources_of_trials(study)
+    for key, then in then_all.items():
+        if key not in now:  # a plugin the plan no longer runs: the fingerprint says so
             continue
         kind, name = key.split(" ", 1)
-        if now[key]["source"] != then["source"]:
+        what = next((w for w in ("source", "params", "space") if w in then and now[key].get(w) != then[w]), None)
+        if what is None:
+            continue
+        if what == "source":
             change = f"{kind} plugin {then['source']}, and {now[key]['source']} is installed now"
         else:
-            what = next(w for w in ("defaults", "space") if now[key][w] != then[w])
-            change = f"{kind} plugin {name!r} with {what} {_shown(then[what])}, and {_shown(now[key][what])} now"
+            words = "parameters" if what == "params" else "searched space"
+            change = f"{kind} plugin {name!r} with {words} {_shown(then[what])}, and {_shown(now[key].get(what))} now"
         raise FFablateError(
             f"study {study.study_name!r} ran {change}: new trials would be averaged with the old; rerun with "
             "--study-name NEW (or restore the plugin it ran)"
         )
+
+
+def _sources_of_trials(study: optuna.Study) -> dict[str, dict[str, Any]]:
+    """The plugin sources a study's completed trials recorded (``plugin_sources``, since session 17), keyed as
+    ``plugins_used`` keys them."""
+    sources = {}
+    for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+        for kind, source in (t.user_attrs.get("plugin_sources") or {}).items():
+            sources[f"{kind} {source.split(' from ', 1)[0]}"] = {"source": source}
+    return sources
 
 
 def _shown(value: Any) -> str:
@@ -955,12 +975,18 @@ def run_study(
             optuna.load_study(study_name=name, storage=storage) if name in optuna.get_all_study_names(storage) else None
         )
         stored = existing.user_attrs if existing is not None else {}
+        plugins = plugins_used(plan)
+        runs = existing is None or remaining(existing, plan)
         if existing is not None:
             refuse_another_plan(existing, plan)
-        if existing is None or remaining(existing, plan):
+            if runs:  # a finished study averages nothing new: it shows its table whatever is installed now
+                refuse_changed_plugins(existing, plugins)
+        if runs:
             preflight(plan, device, data)
         on_ready()
         study = open_study(plan, storage, name)
+        if runs and study.user_attrs.get(PLUGINS) != plugins:  # also on a study made before: its next resume checks
+            study.set_user_attr(PLUGINS, plugins)
         added = added_seeds(stored, plan)
         if added:
             log(f"seeds {added} added to the study's {results.planned_seeds(stored)}: its finished trials are kept")

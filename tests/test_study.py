@@ -1765,37 +1765,73 @@ class RenamedPackagePlugin(FixedTemperaturePlugin):
     """The same plugin from another source (a plugin moved to another package, or a new version of it)."""
 
 
+SPACE = {"t": {"type": "float", "low": 0.1, "high": 1.0}}
+
+
 @pytest.mark.parametrize(
-    ("changed", "message"),
+    ("changed", "code", "message"),
     [
-        (FixedTemperaturePlugin(0.5, {}), 'plugin \'fixed\' with defaults {"t": 0.3}, and {"t": 0.5} now'),
-        (
-            FixedTemperaturePlugin(0.3, {"t": {"type": "float", "low": 0.1, "high": 1.0}}),
-            "plugin 'fixed' with space {}, and {\"t\": {",
-        ),
-        (RenamedPackagePlugin(0.3, {}), "RenamedPackagePlugin (no package version) is installed now"),
+        (FixedTemperaturePlugin(0.5, {}), 2, 'plugin \'fixed\' with parameters [{"t": 0.3}], and [{"t": 0.5}] now'),
+        (RenamedPackagePlugin(0.3, {}), 2, "RenamedPackagePlugin (no package version) is installed now"),
+        # A grid never reads a plugin's declared space: a changed one changes no trial.
+        (FixedTemperaturePlugin(0.3, SPACE), 0, ""),
     ],
 )
-def test_a_study_refuses_to_resume_with_a_changed_user_plugin(tmp_path, capsys, changed, message):
-    # Before: the resumed seeds ran the new defaults (or version, or search space) and were averaged with the old.
+def test_a_study_refuses_to_resume_with_a_changed_user_plugin(tmp_path, capsys, changed, code, message):
+    # Before: the resumed seeds ran the new defaults (or version) and were averaged with the old.
     body = GRID.replace('temperature = ["constant", "cosine"]', 'temperature = ["fixed"]')
     path = write_spec(tmp_path, body, seeds=2)
     url = storage_url(tmp_path)
-    for plugin, code in ((FixedTemperaturePlugin(0.3, {}), 0), (changed, 2)):
-        add_plugin(plugin)
-        try:
-            assert main(["study", str(path), "--budget", "smoke", "--storage", url, "--n-trials", "2"]) == code
-        finally:
-            remove_plugin(plugin)
+    _run_with(FixedTemperaturePlugin(0.3, {}), ["study", str(path), "--budget", "smoke", "--storage", url], 2, 0)
+    capsys.readouterr()
+    _run_with(changed, ["study", str(path), "--budget", "smoke", "--storage", url], 2, code)
     err = capsys.readouterr().err.strip().splitlines()
-    assert "study 'tiny-smoke' ran temperature plugin" in err[-1] and message in err[-1], err[-1]
-    assert "rerun with --study-name NEW (or restore the plugin it ran)" in err[-1]
-    assert (
-        len(trials_of(url, "tiny-smoke")) == 2
-    )  # the baseline and one FF trial: nothing ran under the changed plugin, nothing was lost
+    if code:
+        # One line, before the preflight and the banner.
+        assert len(err) == 1 and "study 'tiny-smoke' ran temperature plugin" in err[0] and message in err[0], err
+        assert "rerun with --study-name NEW (or restore the plugin it ran)" in err[0]
+        assert len(trials_of(url, "tiny-smoke")) == 2  # the baseline and one FF trial: nothing ran, nothing was lost
     # Reports name the plugins from outside ffablate that the trials ran, with their source.
     line = results.versions_line(results.summarize(optuna.load_study(study_name="tiny-smoke", storage=url)))
-    assert ", plugins fixed from test_study.FixedTemperaturePlugin (no package version), on cpu: 1 completed" in line
+    assert ", plugins fixed from test_study.FixedTemperaturePlugin (no package version), on cpu:" in line
+
+
+def _run_with(plugin: object, args: list[str], n_trials: int, code: int) -> None:
+    """``ffablate`` with ``args`` and ``--n-trials n_trials``, with ``plugin`` installed; asserts the exit code."""
+    add_plugin(plugin)
+    try:
+        assert main([*args, "--n-trials", str(n_trials)]) == code
+    finally:
+        remove_plugin(plugin)
+
+
+def test_a_search_refuses_to_resume_when_a_searched_plugins_space_changed(tmp_path, capsys):
+    path = write_tpe_spec(tmp_path, 'plugins = ["temperature"]', untuned=[])
+    path.write_text(path.read_text().replace('temperature = ["constant"]', 'temperature = ["fixed"]'))
+    args = ["study", str(path), "--budget", "smoke", "--storage", storage_url(tmp_path)]
+    _run_with(FixedTemperaturePlugin(0.3, SPACE), args, 2, 0)
+    wider = {"t": {**SPACE["t"], "high": 2.0}}
+    _run_with(FixedTemperaturePlugin(0.3, wider), args, 1, 2)
+    assert 'ran temperature plugin \'fixed\' with searched space {"t": {"high": 1.0,' in capsys.readouterr().err
+
+
+def test_a_study_stored_before_plugins_were_recorded_is_checked_by_its_trials_sources(tmp_path, capsys):
+    body = GRID.replace('temperature = ["constant", "cosine"]', 'temperature = ["fixed"]')
+    url = storage_url(tmp_path)
+    args = ["study", str(write_spec(tmp_path, body, seeds=2)), "--budget", "smoke", "--storage", url]
+    _run_with(FixedTemperaturePlugin(0.3, {}), args, 2, 0)
+    optuna.load_study(study_name="tiny-smoke", storage=url).set_user_attr(studies.PLUGINS, None)  # as stored before
+    _run_with(RenamedPackagePlugin(0.3, {}), args, 2, 2)
+    assert "RenamedPackagePlugin (no package version) is installed now" in capsys.readouterr().err
+
+
+def test_a_finished_study_shows_its_table_whatever_plugins_are_installed_now(tmp_path, capsys):
+    body = GRID.replace('temperature = ["constant", "cosine"]', 'temperature = ["fixed"]')
+    args = ["study", str(write_spec(tmp_path, body, seeds=1)), "--budget", "smoke", "--storage", storage_url(tmp_path)]
+    _run_with(FixedTemperaturePlugin(0.3, {}), args, 5, 0)
+    capsys.readouterr()
+    _run_with(FixedTemperaturePlugin(0.5, {}), args, 5, 0)  # nothing left to run: nothing would be averaged
+    assert "temperature=fixed" in capsys.readouterr().out
 
 
 class LateTemperature(torch.nn.Module):
