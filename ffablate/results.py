@@ -389,17 +389,15 @@ def summarize(study: optuna.Study) -> Summary:
 
 def _versions(trials: list[FrozenTrial]) -> list[dict[str, Any]]:
     counts: dict[str, int] = {}
+    plugins: dict[str, set[str]] = defaultdict(set)
     for t in trials:
         if t.state == TrialState.COMPLETE and "versions" in t.user_attrs:
             device = t.user_attrs.get("config", {}).get("device")
-            # Plugins from outside ffablate, by package and version: a study stored before resuming refused a
-            # changed one may mix two, which then are two entries.
-            plugins = sorted(set((t.user_attrs.get("plugin_sources") or {}).values()))
-            key = json.dumps(
-                {"versions": t.user_attrs["versions"], "device": device, "plugins": plugins}, sort_keys=True
-            )
+            key = json.dumps({"versions": t.user_attrs["versions"], "device": device}, sort_keys=True)
             counts[key] = counts.get(key, 0) + 1
-    return [{**json.loads(key), "trials": n} for key, n in counts.items()]
+            # Plugins from outside ffablate, by package and version: two versions of one plugin both show.
+            plugins[key] |= set((t.user_attrs.get("plugin_sources") or {}).values())
+    return [{**json.loads(key), "plugins": sorted(plugins[key]), "trials": n} for key, n in counts.items()]
 
 
 def versions_line(summary: Summary) -> str:
@@ -663,6 +661,8 @@ def _no_completed_trial(summary: Summary, name: Callable[[Row], str] = lambda r:
     it, as an answer's clause ("; no completed trial for X, Y"). Every answer names them: a configuration that
     diverged on every seed is a result, not an absence."""
     empty = [name(r) for r in summary.ff if not r.n]
+    if empty and summary.meta.get("sampler") == "tpe":  # a search's pruned draws are routine, and many: a count
+        return f"; {len(empty)} of {len(summary.ff)} searched configurations have no completed trial"
     return f"; no completed trial for {', '.join(empty)}" if empty else ""
 
 
@@ -710,7 +710,15 @@ def _versus_baseline(row: Row) -> str:
 def answer(summary: Summary) -> str:
     analysis = summary.meta.get("analysis", "ablation")
     if not any(r.n for r in summary.ff):
-        return "No FF configuration has a completed trial yet, so the question has no answer from this study."
+        # "yet" only where a trial may still complete: a configuration failed or pruned on every seed is done.
+        pending = summary.not_started or any(
+            r.running or r.retried or r.pruned + len(r.failed) < r.planned for r in summary.ff
+        )
+        yet = " yet" if pending or not summary.ff else ""
+        return (
+            f"No FF configuration has a completed trial{yet}, so the question has no answer from this study"
+            f"{_no_completed_trial(summary)}."
+        )
     try:
         text = {
             "k-sweep": _answer_k_sweep,

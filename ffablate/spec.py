@@ -155,11 +155,8 @@ class Plan:
 
     def untuned_baseline(self) -> dict[str, str]:
         """Each searched key the baseline runs at its base value (``[baseline] untuned``), with what it ran at, in
-        words: ``{"lr": "lr=0.003", "norm": "norm's base parameters"}``."""
-        return {
-            key: f"{key}'s base parameters" if key in self.spec.space_plugins else at_base(key, self.base)
-            for key in self.spec.baseline_untuned
-        }
+        words: ``{"lr": "lr=0.003"}``."""
+        return {key: at_base(key, self.base) for key in self.spec.baseline_untuned}
 
     def plugin_name(self, overrides: dict[str, Any], kind: str) -> str:
         """The ``kind`` plugin a trial with ``overrides`` runs."""
@@ -371,6 +368,8 @@ def parse(raw: dict[str, Any], path: Path) -> Spec:
     if levels and sampler != "tpe":
         v.fail("baseline.levels", 'needs sampler = "tpe": it tunes the baseline on keys that [space] searches')
     for key, given in (("levels", levels), ("untuned", untuned)):
+        if given and not methods:
+            v.fail(f"baseline.{key}", "says how a baseline runs, and baseline.methods runs none: leave it out")
         if given and analysis not in ("ablation", "search"):  # only their answers say how the baseline was run
             v.fail(f"baseline.{key}", f'is for analysis = "search" or "ablation", not {analysis!r}')
     for key, values in levels.items():
@@ -385,17 +384,14 @@ def parse(raw: dict[str, Any], path: Path) -> Spec:
             v.value(key, value, f"{at}[{i}]")
         if len(set(values)) < len(values):  # 1 == 1.0: the same run twice
             v.fail(at, "must list distinct values")
-    for key in searched:
+    for key in space if methods else ():  # what is left to share: optimizer settings (_check_shared_by_design)
         if not _is_ff_only(key) and key not in untuned and key not in levels:
-            if key in space_plugins:  # a plugin's declared space has no levels to name
-                what, tune = f"space.plugins searches {key}, which", ""
-            else:
-                what = f"space.{key} is a setting"
-                tune = f"tune the baseline too with [baseline] levels = {{ {_toml_key(key)} = [...] }}, or "
             v.fail(
                 "",
-                f"{what} the BP baseline shares, so FF would be tuned on it and the baseline run at the base value; "
-                f'{tune}add untuned = ["{key}"] to [baseline] to compare so on purpose (reports say so)',
+                f"space.{_toml_key(key)} is a setting the BP baseline shares, so FF would be tuned on it and the "
+                f"baseline run at the base value; tune the baseline too with [baseline] levels = "
+                f'{{ {_toml_key(key)} = [...] }}, or add untuned = ["{key}"] to [baseline] to compare so on purpose '
+                "(reports say so)",
             )
 
     pruner = v.get(raw, "pruner", dict, default={"type": "none"})

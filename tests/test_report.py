@@ -370,6 +370,26 @@ def test_answers_name_what_has_no_result_and_claim_nothing_over_missing_seeds(ur
     meta = {"analysis": "k-sweep", "axes": {"classes": [2, 10]}}
     answer = results.answer(results.summarize(make_study(url, "k-quick", meta, trials)))
     assert answer.endswith("; no completed trial for classes=10."), answer
+    # Every FF configuration diverged on every seed: done, so no "yet", and they are named.
+    trials = [
+        {"cell": cell, "role": role, "seed": s, "value": v, "overrides": {"temperature": cell.split("=")[-1]}}
+        for cell, role, v in (("temperature=a", "ff", None), ("temperature=b", "ff", None), ("bp", "baseline", 0.8))
+        for s in (0, 1)
+    ]
+    answer = results.answer(results.summarize(make_study(url, "all-failed-quick", {"seeds": [0, 1]}, trials)))
+    assert answer == (
+        "No FF configuration has a completed trial, so the question has no answer from this study; no completed "
+        "trial for temperature=a, temperature=b."
+    )
+    # A search's pruned draws are routine and many: counted, not listed.
+    trials = [
+        {"cell": f"#{i} lr=0.00{i}", "role": "ff", "seed": 0, "value": 0.8 + i / 100, "pruned": i < 3}
+        | {"overrides": {"lr": i / 1000}}
+        for i in range(1, 6)
+    ]
+    meta = {"sampler": "tpe", "analysis": "search", "seeds": [0]}
+    answer = results.answer(results.summarize(make_study(url, "search-quick", meta, trials)))
+    assert "; 2 of 5 searched configurations have no completed trial" in answer and "#1 lr" not in answer, answer
 
 
 def test_a_stored_search_counts_as_untuned_only_the_searched_settings_the_baseline_shares():

@@ -1883,3 +1883,13 @@ def test_a_search_over_a_plugin_kind_whose_plugins_declare_no_space_is_refused(t
         f"{path}: space.plugins searches fusion, but no fusion plugin the study runs declares a search space (last;"
         in err
     )
+
+
+def test_a_search_with_no_baseline_takes_no_baseline_settings(tmp_path, capsys):
+    # untuned with methods = [] was accepted, and the answer spoke of a baseline that never ran.
+    path = write_tpe_spec(tmp_path, 'lr = { type = "float", low = 1e-3, high = 3e-3 }', untuned=["lr"])
+    path.write_text(path.read_text().replace("[baseline]\n", "[baseline]\nmethods = []\n"))
+    assert main(["study", str(path), "--budget", "smoke", "--storage", storage_url(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    message = "baseline.untuned says how a baseline runs, and baseline.methods runs none: leave it out"
+    assert err.endswith(f"{path}: {message}")
