@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import io
 import logging
 import os
 import signal
 import sys
+import tempfile
 import threading
+import time
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -38,9 +41,46 @@ stdout = Console()
 stderr = _stderr_console()
 
 
-def wide_console() -> Console:
-    """stdout, or, when piped to a file or CI log, a console wide enough that tables do not wrap at 80 columns."""
-    return stdout if stdout.is_terminal else Console(width=160)
+def wide_console(width: int = 160) -> Console:
+    """stdout, or, when piped to a file or CI log, a console ``width`` columns wide, so that tables do not wrap at 80
+    columns (a table takes only the width it needs)."""
+    return stdout if stdout.is_terminal else Console(width=width)
+
+
+# Piped, `data list` is as wide as its longest path: a path cut with "…" or broken over lines cannot be copied.
+UNCUT = 100_000
+
+
+def silence_stdout() -> None:
+    """Python's "Note on SIGPIPE": whatever is still buffered would raise again at exit, so send it nowhere."""
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+
+
+def write_result(text: str, kept: Callable[[], str]) -> None:
+    """Write a finished command's output to stdout, where a full disk or a closed file (OSError) must not end in a
+    traceback after the work is done: one line says so, and ``kept()`` where the result is kept. A reader that went away
+    (BrokenPipeError) is left to main(), as any command's."""
+    try:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        raise
+    except OSError as exc:
+        silence_stdout()
+        raise FFablateError(f"cannot write the output to stdout ({os_reason(exc)}); {kept()}") from None
+
+
+def rendered(*items: Any) -> str:
+    """What ``wide_console().print`` prints for each item, as text: markup and highlighting off, and a line of text
+    never wrapped (a path broken over two lines cannot be copied). Rendered apart from stdout, whose failures
+    ``write_result`` catches: a capturing console still flushes stdout when it ends."""
+    out, text = wide_console(), io.StringIO()
+    # Its color system as stdout's (rich reads the name it reports).
+    system: Any = out.color_system
+    console = Console(file=text, width=out.width, color_system=system, force_terminal=out.is_terminal)
+    for item in items:
+        console.print(item, markup=False, highlight=False, soft_wrap=isinstance(item, str))
+    return text.getvalue()
 
 
 class VersionAction(argparse.Action):
@@ -224,13 +264,22 @@ def progress_bar(label: str, enabled: bool = True) -> Iterator[Callable[[int, in
         yield update
 
 
-def _warn_missing_data_root(data_root: str | None) -> None:
-    """A --data-root that does not exist is searched in vain and the offline packages serve the data: say so, or a
-    typo in the path goes unseen (a file is refused later, by the loader)."""
-    if data_root and not Path(data_root).expanduser().exists():
+def _warn_missing_data_root(data_root: str | None, download: bool = False) -> None:
+    """A data root that does not exist (--data-root, else $FFABLATE_DATA) is searched in vain and the data come from
+    elsewhere: say so, or a typo in the path goes unseen (a file is refused later, by the loader). A download makes
+    the folder. An empty --data-root would silently mean the default."""
+    from ffablate.data import DATA_ENV
+
+    if data_root == "":
+        raise FFablateError("--data-root is empty: give a folder, or leave the option out for the default")
+    if download:
+        return
+    folder = data_root or os.environ.get(DATA_ENV)
+    if folder and not Path(folder).expanduser().exists():
+        given = f"--data-root {folder}" if data_root else f"${DATA_ENV}={folder}"
         warnings.warn(
-            f"--data-root {data_root} does not exist; datasets come from the offline packages only (see "
-            "`ffablate data list`)",
+            f"{given} does not exist; only data found elsewhere is used (offline packages, an absolute "
+            "datasets.path, generated datasets): see `ffablate data list`",
             FFablateWarning,
             stacklevel=2,
         )
@@ -251,16 +300,18 @@ def cmd_train(args: argparse.Namespace) -> int:
     from ffablate.train import run
 
     config = run_config_from_args(args)
-    if not args.download:  # a download makes the folder
-        _warn_missing_data_root(args.data_root)
+    _warn_missing_data_root(args.data_root, args.download)
     _retain_cpu_memory(config.device)
     with progress_bar(f"{config.method} on {config.dataset}", enabled=stderr.is_terminal) as update:
         result = run(config, data_root=args.data_root, download=args.download, progress=update)
+    fields = result.to_dict()
+    if not fields["history"]:  # per-epoch scores are kept in studies (which prune on them), not here
+        del fields["history"]
+    text = jsontext.dumps(fields)
+    # The run is not stored anywhere else: a stdout that cannot take it must not cost it.
+    kept = _keep_aside(text)
     if args.json:
-        fields = result.to_dict()
-        if not fields["history"]:  # per-epoch scores are kept in studies (which prune on them), not here
-            del fields["history"]
-        print(jsontext.dumps(fields))
+        write_result(text + "\n", kept)
         return 0
     epochs = f"{config.epochs} epoch{'s' if config.epochs != 1 else ''}"
     table = Table(title=f"{config.method} on {config.dataset} (seed {config.seed}, {epochs})")
@@ -282,10 +333,24 @@ def cmd_train(args: argparse.Namespace) -> int:
     for column in columns:
         table.add_column(column)
     table.add_row(*cells)
-    stdout.print(table)
     # Which copy: --data-root is searched first, then the offline packages (docs/data.md).
-    stdout.print(f"data: {result.data_source}", markup=False, highlight=False)
+    write_result(rendered(table, f"data: {result.data_source}"), kept)
     return 0
+
+
+def _keep_aside(text: str) -> Callable[[], str]:
+    """How to say where a run's JSON went when stdout cannot take it: a file in the temp folder (stdout's disk may be
+    the full one), or, when that fails too, the JSON itself on the error's line."""
+
+    def keep() -> str:
+        path = Path(tempfile.gettempdir()) / f"ffablate-train-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.json"
+        try:
+            path.write_text(text + "\n")
+        except OSError:
+            return f"the result as JSON: {text}"
+        return f"the result is saved as JSON in {path}"
+
+    return keep
 
 
 def cmd_plugins(args: argparse.Namespace) -> int:
@@ -320,17 +385,19 @@ def cmd_plugins(args: argparse.Namespace) -> int:
 def cmd_data_list(args: argparse.Namespace) -> int:
     from ffablate.data import list_datasets
 
+    _warn_missing_data_root(args.data_root)
     rows = list_datasets(args.data_root)
     if args.json:
         print(jsontext.dumps(rows))
         return 0
-    table = Table(title="datasets")
-    for column in ("name", "available", "where"):
+    # Found is what it checks: the files are there; whether they read is checked when a run loads them.
+    table = Table(title="datasets (files found, not read: a run checks them)")
+    for column in ("name", "found", "where"):
         table.add_column(column)
     for row in rows:
-        available = {True: "yes", False: "no", None: "unknown"}[row["available"]]
-        table.add_row(row["name"], available, str(row["where"]))
-    stdout.print(table)
+        found = {True: "yes", False: "no", None: "unknown"}[row["available"]]
+        table.add_row(*map(Text, (row["name"], f"needs {row['needs']}" if row["needs"] else found, str(row["where"]))))
+    wide_console(UNCUT).print(table)
     return 0
 
 
@@ -470,34 +537,36 @@ def cmd_study(args: argparse.Namespace) -> int:
         stderr.print(f"ffablate: {line}", markup=False, highlight=False)
     summary = results.summarize(done.study)
     code = 1 if failures else 0
+
+    def kept() -> str:
+        return "the study's trials are stored: rerun the same command to print its results"
+
     if args.json:
-        print(results.to_json(summary))
+        write_result(results.to_json(summary) + "\n", kept)
         return code
     table = Table(title=f"{name}: {plan.spec.question}", title_justify="left")
     for column in results.TABLE_COLUMNS:
         table.add_column(column, overflow="fold")  # names must stay whole: "tempera…" hides which level
     for row in results.table_rows(summary, top=results.TABLE_TOP):
         table.add_row(*map(Text, row))  # plain text: a failure reason's "[batch, 3]" is no markup tag
-    wide = wide_console()
-    wide.print(table)
+    lines: list[Table | str] = [table]
     if results.table_cut(summary):
-        wide.print(results.table_cut(summary), markup=False, highlight=False)
-    wide.print(results.answer(summary), markup=False, highlight=False)
+        lines.append(results.table_cut(summary))
+    lines.append(results.answer(summary))
     left = study.remaining(done.study, plan)
     grown = results.planned_seeds(done.study.user_attrs)
     if grown and grown != plan.budget.seeds:  # another run added seeds meanwhile: this command's budget is refused now
-        stdout.print(
+        lines.append(
             f"another run added seeds to this study, which now runs seeds {grown}: give the budget seeds = {grown} "
-            "to resume it",
-            markup=False,
-            soft_wrap=True,  # one line, whatever the terminal's width
+            "to resume it"
         )
     elif left:
         running = min(left, study.running_elsewhere(done.study))
         elsewhere = f" ({running} running in another worker)" if running else ""
-        stdout.print(f"{left} trial(s) left{elsewhere}; rerun the same command to resume", markup=False)
+        lines.append(f"{left} trial(s) left{elsewhere}; rerun the same command to resume")
     elif not done.ran:  # a rerun of a finished study: the table is what was stored, nothing was trained now
-        stdout.print("nothing left to run here: the study is finished and the table is its stored one", markup=False)
+        lines.append("nothing left to run here: the study is finished and the table is its stored one")
+    write_result(rendered(*lines), kept)
     return code
 
 
@@ -617,8 +686,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 130
     except BrokenPipeError:
-        # Python's "Note on SIGPIPE": whatever is still buffered would raise again at exit, so send it nowhere.
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        silence_stdout()
         return 1
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import importlib.util
+import inspect
 import math
 import os
 import warnings
@@ -32,6 +33,7 @@ from ffablate.errors import (
     DataNotFound,
     FFablateError,
     FFablateWarning,
+    ParameterNeeded,
     described,
     first_line,
 )
@@ -540,24 +542,24 @@ def checked_dataset(ds: object, label: str) -> ImageDataset:
 
 
 def list_datasets(data_root: str | Path | None = None) -> list[dict[str, Any]]:
-    """Every registered dataset: name, available, where (its path, or how to get it), description, source.
+    """Every registered dataset: name, available, needs, where (its path, or how to get it), description, source.
 
-    ``available`` is None for a plugin that gives no ``factory.locate``: whether its data are here is unknown
-    until it loads, so a study tries it rather than skipping it.
+    ``available`` says whether its files were found, not whether they read: a truncated file is refused when a run
+    loads it (a full check would read every dataset here). It is None for a plugin that gives no ``factory.locate``:
+    whether its data are here is unknown until it loads, so a study tries it rather than skipping it. ``needs`` names
+    the parameter a dataset cannot be looked for without (imagefolder's ``datasets.path``), else None.
     """
     from ffablate.plugins import registry
 
     roots = [default_data_root(data_root)]
     rows = []
     for plugin in registry().all("datasets"):
-        if getattr(plugin.factory, "locate", None) is None:
-            where, available = "unknown (the plugin gives no locator)", None
-        else:
-            where, available = _located(plugin, roots)
+        where, available, needs = _located(plugin, roots, {})
         rows.append(
             {
                 "name": plugin.name,
                 "available": available,
+                "needs": needs,
                 "where": where,
                 "description": plugin.description,
                 "source": plugin.source,
@@ -566,22 +568,45 @@ def list_datasets(data_root: str | Path | None = None) -> list[dict[str, Any]]:
     return rows
 
 
-def _located(plugin: Any, roots: list[Path]) -> tuple[str, bool | None]:
-    """(where, available) from a dataset plugin's ``factory.locate(roots) -> (found path or None, hint)``. A locator
-    of another package that fails or answers something else makes the row unknown, with a warning: one broken
-    plugin must not stop `data list`, nor every study (which asks of every dataset)."""
+def dataset_found(name: str, data_root: str | Path | None, params: Mapping[str, Any]) -> bool | None:
+    """Whether ``name``'s files were found with a run's plugin ``params`` (e.g. ``{"path": "pets"}``), as
+    ``list_datasets``'s ``available``."""
+    plugin = _dataset_plugin(name)
+    return _located(plugin, [default_data_root(data_root)], plugin.typed_params(dict(params)))[1]
+
+
+def _located(plugin: Any, roots: list[Path], params: Mapping[str, Any]) -> tuple[str, bool | None, str | None]:
+    """(where, available, needs) from a dataset plugin's ``factory.locate(roots, **params) -> (found path or None,
+    hint)``; it gets only the parameters its signature names (most take none). A locator of another package that
+    fails or answers something else makes the row unknown, with a warning: one broken plugin must not stop
+    `data list`, nor every study (which asks of every dataset)."""
+    locate = getattr(plugin.factory, "locate", None)
+    if locate is None:
+        return "unknown (the plugin gives no locator)", None, None
     try:
-        answer = plugin.factory.locate(roots)
+        answer = locate(roots, **_named_params(locate, params))
         found, hint = answer
         if not (found is None or isinstance(found, (str, Path))) or not isinstance(hint, str):
             raise TypeError(f"it returned {answer!r}, not (path or None, hint)")
+    except ParameterNeeded as exc:
+        return str(exc), False, exc.param
     except Exception as exc:
         if isinstance(exc, FFablateError) and plugin.source == "ffablate":
             raise  # the user's to fix, and the built-in locators say how (a data root that is a file)
         reason = first_line(exc)
         warnings.warn(f"{plugin.label}: its locate() failed ({reason}); fix the plugin", FFablateWarning, stacklevel=3)
-        return f"unknown (its locator failed: {reason})", None
-    return (str(found), True) if found else (hint, False)
+        return f"unknown (its locator failed: {reason})", None, None
+    return (str(found), True, None) if found else (hint, False, None)
+
+
+def _named_params(locate: Callable[..., Any], params: Mapping[str, Any]) -> dict[str, Any]:
+    try:
+        named = inspect.signature(locate).parameters
+    except (TypeError, ValueError):  # a builtin or C callable: nothing to read, so pass nothing
+        return {}
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in named.values()):
+        return dict(params)
+    return {k: v for k, v in params.items() if k in named}
 
 
 def dataset_stats(ds: ImageDataset | Tensor) -> tuple[list[float], list[float]]:

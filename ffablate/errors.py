@@ -32,6 +32,15 @@ class DataNotFound(DataError):
     pass
 
 
+class ParameterNeeded(DataNotFound):
+    """A dataset cannot be looked for until a parameter is set (imagefolder's path): `data list` says which one, and
+    a study, which knows its configurations' values, asks again with them."""
+
+    def __init__(self, param: str, message: str):
+        super().__init__(message)
+        self.param = param
+
+
 class ChecksumMismatch(DataError):
     pass
 

@@ -19,6 +19,9 @@ from typing import Any
 from ffablate.config import FF_METHODS, MAX_SEED, PLUGIN_KINDS, SPACE_KEYS, RunConfig, did_you_mean
 from ffablate.errors import ConfigError, FFablateError
 
+# Whether a dataset is here, given the dataset plugin parameters a configuration passes (study.available_datasets).
+Available = Callable[[str, dict[str, Any]], bool]
+
 ANALYSES = ("ablation", "k-sweep", "label-hierarchy", "bp-gap", "search")
 SAMPLERS = ("grid", "tpe")
 PRUNERS = ("median", "none")
@@ -105,8 +108,8 @@ class Spec:
     # the best complete level on validation (on test where a level lacks it; results._tuned_baseline).
     baseline_levels: dict[str, list[Any]] = field(default_factory=dict)
 
-    def plan(self, budget: str, available: Callable[[str], bool] | None = None) -> Plan:
-        return _plan(self, budget, available or (lambda name: True))
+    def plan(self, budget: str, available: Available | None = None) -> Plan:
+        return _plan(self, budget, available or (lambda name, params: True))
 
 
 @dataclass
@@ -419,7 +422,7 @@ def parse(raw: dict[str, Any], path: Path) -> Spec:
         levels,
     )
     for b in BUDGETS:  # resolving every budget catches bad values in any of them now, not mid-study
-        _plan(spec, b, lambda name: True)
+        _plan(spec, b, lambda name, params: True)
     return spec
 
 
@@ -688,7 +691,12 @@ def _label(items: dict[str, Any]) -> str:
     return " ".join(f"{k}={v}" for k, v in items.items())
 
 
-def _plan(spec: Spec, budget_name: str, available: Callable[[str], bool]) -> Plan:
+def _dataset_params(settings: dict[str, Any]) -> dict[str, Any]:
+    """The dataset plugin parameters among a group's settings ("datasets.path" -> path)."""
+    return {k.split(".", 1)[1]: v for k, v in settings.items() if k.startswith("datasets.")}
+
+
+def _plan(spec: Spec, budget_name: str, available: Available) -> Plan:
     if budget_name not in spec.budgets:
         raise SpecError(f"{spec.path}: no budget {budget_name!r}; budgets: {', '.join(BUDGETS)}")
     budget = spec.budgets[budget_name]
@@ -699,7 +707,10 @@ def _plan(spec: Spec, budget_name: str, available: Callable[[str], bool]) -> Pla
     for g in spec.groups:
         group_set = {**g.set, **g.budgets.get(budget_name, {})}
         dataset = group_set.get("dataset", base.get("dataset", RunConfig.dataset))
-        if not available(dataset):
+        params = _dataset_params({**base, **group_set})
+        # A dataset parameter varied by an axis (datasets.path) is judged by each run's loader, not here.
+        judged = not any(k.startswith("datasets.") for k in g.axes)
+        if judged and not available(dataset, params):
             notes.append(
                 f"skipped {g.label or 'the study'}: dataset {dataset!r} is not available here "
                 f"(see `ffablate data list`)"
@@ -708,10 +719,10 @@ def _plan(spec: Spec, budget_name: str, available: Callable[[str], bool]) -> Pla
         # A budget's axes pick a subset of each group's levels (e.g. fewer K for smoke), never add new ones.
         axes = {k: [x for x in values if k not in budget.axes or x in budget.axes[k]] for k, values in g.axes.items()}
         if "dataset" in axes:  # an axis over datasets keeps those the user has, and says which it dropped
-            missing = [d for d in axes["dataset"] if not available(d)]
+            missing = [d for d in axes["dataset"] if judged and not available(d, params)]
             if missing:
                 notes.append(f"skipped dataset(s) {', '.join(missing)}: not available here (see `ffablate data list`)")
-            axes["dataset"] = [d for d in axes["dataset"] if available(d)]
+            axes["dataset"] = [d for d in axes["dataset"] if d not in missing]
         for combo in _product(axes):
             overrides = {**group_set, **combo}
             match_keys = spec.baseline_match

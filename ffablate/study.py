@@ -21,7 +21,7 @@ import socket
 import time
 import warnings
 from collections import Counter, OrderedDict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -545,6 +545,7 @@ class Objective:
         trial.set_user_attr("plugin_params", result.plugin_params)
         trial.set_user_attr("plugin_sources", result.plugin_sources)
         trial.set_user_attr("data_source", result.data_source)
+        trial.set_user_attr("images", result.images)  # what a limit or a held-out split left, counted
         # What Optuna maximizes, prunes on and ranks by: validation accuracy when the budget holds images out,
         # so no configuration is chosen on the test images it is then reported on.
         return results.selection_score(final)
@@ -649,12 +650,24 @@ def make_pruner(spec: specs.Spec) -> optuna.pruners.BasePruner:
 # Creating / resuming and running
 
 
-def available_datasets(data_root: str | None) -> Callable[[str], bool]:
-    from ffablate.data import list_datasets
+def available_datasets(data_root: str | None) -> Callable[[str, Mapping[str, Any]], bool]:
+    """Whether a configuration's dataset is here, judged with the dataset parameters it passes (imagefolder's files
+    are wherever its ``datasets.path`` says, not in the data root)."""
+    from ffablate.data import dataset_found
+    from ffablate.plugins import registry
 
-    # Only a dataset known to be missing is skipped; one whose plugin cannot tell (None) loads or says why.
-    rows = {r["name"]: r["available"] is not False for r in list_datasets(data_root)}
-    return lambda name: rows.get(name, False)
+    names = {p.name for p in registry().all("datasets")}
+    # Asked once per group and level: a plugin's failing locator warns once, not once per question.
+    answers: dict[tuple[str, str], bool] = {}
+
+    def available(name: str, params: Mapping[str, Any]) -> bool:
+        key = (name, json.dumps(params, sort_keys=True, default=str))
+        if key not in answers:
+            # Only a dataset known to be missing is skipped; one whose plugin cannot tell (None) loads or says why.
+            answers[key] = name in names and dataset_found(name, data_root, params) is not False
+        return answers[key]
+
+    return available
 
 
 class TrialSeededTPESampler(TPESampler):

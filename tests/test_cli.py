@@ -258,6 +258,105 @@ def test_data_list_reports_the_offline_datasets(capsys):
     assert not rows["cifar10"]["available"]  # $FFABLATE_DATA is an empty folder here (tests/conftest.py)
 
 
+def write_imagefolder(folder: Path, per_class: int = 6) -> None:
+    """A tiny ImageFolder stand-in: two classes of 8x8 images, each class its own colour."""
+    from PIL import Image
+
+    for split in ("train", "test"):
+        for c, cls in enumerate(("ant", "cat")):
+            (folder / split / cls).mkdir(parents=True)
+            for i in range(per_class):
+                Image.new("RGB", (8, 8), (200 * c, 10 * i, 7)).save(folder / split / cls / f"{i}.png")
+
+
+def test_data_list_says_imagefolder_needs_a_path_and_found_means_files_found(capsys):
+    # It said imagefolder was "no" (not available) whatever the user had, and "available: yes" for files it never read.
+    assert main(["data", "list", "--json"]) == 0
+    row = {r["name"]: r for r in json.loads(capsys.readouterr().out)}["imagefolder"]
+    assert row["needs"] == "datasets.path" and "--set datasets.path=DIR" in row["where"]
+    assert main(["data", "list"]) == 0
+    out = capsys.readouterr().out
+    assert "files found, not read" in out and re.search(r"imagefolder\s+│ needs datasets.path", out)
+
+
+def test_piped_output_keeps_long_paths_whole(tmp_path, monkeypatch, capsys):
+    # Piped, both were laid out for 80 columns: `data list` cut paths with "…" and train broke its data line.
+    root = tmp_path / ("a-long-folder-name-" * 8)
+    root.mkdir()
+    monkeypatch.setenv("FFABLATE_DATA", str(root))
+    assert main(["data", "list"]) == 0
+    out = capsys.readouterr().out
+    assert str(root / "cifar-10-batches-py") in out and "…" not in out
+    write_imagefolder(root / "pets")
+    sets = ["--set", "dataset=imagefolder", "--set", "datasets.path=pets", "--set", "batch_size=4"]
+    assert main(["train", "--epochs", "1", "--set", "channels=4,4", "--set", "strides=2,2", *sets]) == 0
+    assert f"data: {root / 'pets'}\n" in capsys.readouterr().out
+
+
+def test_a_study_finds_imagefolder_at_its_configurations_path(tmp_path, monkeypatch, capsys):
+    # "nothing to run at budget smoke: skipped pets: dataset 'imagefolder' is not available here": availability was
+    # judged without the datasets.path the configurations pass.
+    write_imagefolder(tmp_path / "pets")
+    monkeypatch.setenv("FFABLATE_DATA", str(tmp_path))
+    spec = tmp_path / "pets.toml"
+    spec.write_text(
+        'question = "Does FF learn two colours?"\n[base]\n[[groups]]\nlabel = "pets"\n'
+        'set = { dataset = "imagefolder", "datasets.path" = "pets" }\n'
+        '[budgets.smoke]\nepochs = 1\nbatch_size = 4\nchannels = "4,4"\nstrides = "2,2"\nseeds = 1\n'
+        "[budgets.quick]\nepochs = 1\n[budgets.full]\nepochs = 1\n"
+    )
+    url = f"sqlite:///{tmp_path / 'studies.db'}"
+    assert main(["study", str(spec), "--budget", "smoke", "--storage", url, "--json"]) == 0
+    trials = optuna.load_study(study_name="pets-smoke", storage=url).get_trials()
+    assert len(trials) == 2 and all(t.user_attrs["data_source"] == str(tmp_path / "pets") for t in trials)
+    assert trials[0].user_attrs["images"] == {"train": 12, "val": 0, "test": 12}
+
+
+def test_train_json_says_what_the_run_used(capsys):
+    # limit_train above the split's size, augment on for teacher-student: the JSON echoed the request, not the run.
+    sets = [
+        "dataset=teacher-student",
+        "datasets.n_train=40",
+        "datasets.n_test=20",
+        "datasets.size=8",
+        "batch_size=8",
+        "strides=2,2",
+        "channels=10,10",
+    ]
+    args = [x for kv in sets for x in ("--set", kv)]
+    assert main(["train", "--epochs", "1", "--limit-train", "1000", *args, "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["images"] == {"train": 40, "val": 0, "test": 20} and result["config"]["limit_train"] == 1000
+    assert result["num_classes"] == 10 and result["class_names"][0] == "class 0" and result["image_shape"] == [1, 8, 8]
+    assert result["config"]["augment"] and result["augmentation"] == []
+
+
+def test_a_result_stdout_cannot_take_is_saved_and_said_in_one_line(tmp_path):
+    # `--json > /dev/full` trained, then ended in an OSError traceback (exit 1) and the result was lost.
+    sets = [
+        "dataset=teacher-student",
+        "datasets.n_train=40",
+        "datasets.n_test=20",
+        "datasets.size=8",
+        "batch_size=8",
+        "strides=2,2",
+        "channels=10,10",
+    ]
+    argv = ["train", "--epochs", "1", *[x for kv in sets for x in ("--set", kv)], "--json"]
+    with open("/dev/full", "w") as full:
+        proc = subprocess.run(
+            [sys.executable, "-m", "ffablate.cli", *argv],
+            stdout=full,
+            stderr=subprocess.PIPE,
+            text=True,
+            env={**os.environ, "TMPDIR": str(tmp_path)},
+        )
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
+    assert "cannot write the output to stdout (No space left on device" in proc.stderr
+    (saved,) = tmp_path.glob("ffablate-train-*.json")
+    assert str(saved) in proc.stderr and "test_accuracy" in json.loads(saved.read_text())
+
+
 def test_the_installed_command_prints_no_traceback():
     proc = subprocess.run(
         [sys.executable, "-m", "ffablate.cli", "train", "--set", "norm=batchnorm"], capture_output=True, text=True
@@ -342,8 +441,18 @@ def test_a_bench_refuses_to_time_the_reference_as_the_fused_kernels(capsys, monk
 
 def test_a_data_root_that_does_not_exist_is_named_in_a_warning(tmp_path):
     # A typo in --data-root went unseen: the offline packages served the data and nothing said so.
-    with pytest.warns(FFablateWarning, match="--data-root .*typo does not exist; datasets come from the offline"):
+    with pytest.warns(FFablateWarning, match="--data-root .*typo does not exist; only data found elsewhere is used"):
         assert main(["train", *tiny_args("--data-root", str(tmp_path / "typo"))]) == 0
+
+
+def test_a_missing_data_env_folder_warns_and_an_empty_data_root_is_refused(tmp_path, monkeypatch, capsys):
+    # $FFABLATE_DATA with a typo gave no warning, and --data-root "" silently meant the default folder.
+    monkeypatch.setenv("FFABLATE_DATA", str(tmp_path / "typo"))
+    with pytest.warns(FFablateWarning, match=r"\$FFABLATE_DATA=.*typo does not exist"):
+        assert main(["data", "list", "--json"]) == 0
+    capsys.readouterr()
+    assert main(["data", "list", "--data-root", ""]) == 2
+    assert "--data-root is empty: give a folder" in one_line_error(capsys)
 
 
 def test_audit_output_says_what_made_it_and_what_its_memory_counts(capsys, tmp_path, monkeypatch):

@@ -792,7 +792,7 @@ def test_dataset_without_locator_is_unknown_not_missing(tmp_path):
         # A study must try it (its loader says what is missing) rather than skip it as unavailable.
         assert row["available"] is None and "no locator" in row["where"]
         available = available_datasets(str(tmp_path))
-        assert available("no-locator") and not available("cifar10")
+        assert available("no-locator", {}) and not available("cifar10", {})
     finally:
         remove_plugin(plugin)
 

@@ -756,7 +756,7 @@ def test_temperature_vs_norm_is_the_full_grid_with_a_baseline_per_norm():
 
 
 def test_missing_dataset_is_skipped_with_a_note():
-    plan = specs.load("label-hierarchy").plan("quick", available=lambda name: name != "cifar100")
+    plan = specs.load("label-hierarchy").plan("quick", available=lambda name, params: name != "cifar100")
     assert any("cifar100" in note for note in plan.notes)
     assert all(c.overrides.get("dataset") != "cifar100" for c in plan.cells)
 
@@ -764,7 +764,7 @@ def test_missing_dataset_is_skipped_with_a_note():
 def test_a_coarse_label_subset_plan_does_not_resume_a_study_stored_before_its_images_changed():
     # Coarse subsets are drawn by the fine labels since session 13: a limited label-hierarchy study stored before
     # holds other images for its coarse runs. Its full budget (no subset) and other studies keep their fingerprint.
-    fine_only = lambda name: name != "cifar100"  # noqa: E731
+    fine_only = lambda name, params: name != "cifar100"  # noqa: E731
     quick = specs.load("label-hierarchy").plan("quick", available=fine_only)
     assert quick.code_changes() == {"labels=coarse": specs.COARSE_SUBSETS_CHANGE}
     assert "labels=coarse" not in specs.load("label-hierarchy").plan("full", available=fine_only).code_changes()

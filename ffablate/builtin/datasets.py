@@ -37,9 +37,10 @@ from ffablate.data import (
     teacher_student,
     with_hierarchy,
 )
-from ffablate.errors import ConfigError, DataError, DataNotFound
+from ffablate.errors import ConfigError, DataError, DataNotFound, ParameterNeeded
 
-Locate = Callable[[list[Path]], tuple[str | None, str]]
+# Called as locate(roots, **params): a locator that names parameters (imagefolder's path) gets a run's values of them.
+Locate = Callable[..., tuple[str | None, str]]
 DIGIT_NAMES = [str(d) for d in range(10)]
 
 
@@ -60,9 +61,10 @@ def _with_locator(locate: Locate) -> Callable[[Callable[..., ImageDataset]], Cal
             _check_roots(roots)
             return factory(roots, download, **params)
 
-        def checked_locate(roots: list[Path]) -> tuple[str | None, str]:
+        @functools.wraps(locate)  # keeps the signature: list_datasets passes only the parameters it names
+        def checked_locate(roots: list[Path], **params: Any) -> tuple[str | None, str]:
             _check_roots(roots)
-            return locate(roots)
+            return locate(roots, **params)
 
         checked.locate = checked_locate  # type: ignore[attr-defined]
         return checked
@@ -528,23 +530,21 @@ def _imagefolder_dir(roots: list[Path], path: str) -> Path | None:
     return next((c for c in candidates if (c / "train").is_dir() and (c / "test").is_dir()), None)
 
 
-def _imagefolder_locator(path: str) -> Locate:
-    def locate(roots: list[Path]) -> tuple[str | None, str]:
-        if not path:
-            return (
-                None,
-                "set its path: --set datasets.path=DIR (DIR/train/<class>/*.png, DIR/test/<class>/*.png)",
-            )
-        found = _imagefolder_dir(roots, path)
-        how = missing_message(
-            "imagefolder",
-            f"train/<class>/*.png and test/<class>/*.png under {_imagefolder_candidates(roots, path)[0]}",
-            None,
-            download=False,
+def _locate_imagefolder(roots: list[Path], path: str = "") -> tuple[str | None, str]:
+    if not path:
+        raise ParameterNeeded(
+            "datasets.path",
+            "dataset 'imagefolder' needs its path: --set datasets.path=DIR (DIR/train/<class>/*.png, "
+            "DIR/test/<class>/*.png)",
         )
-        return (str(found) if found else None), how
-
-    return locate
+    found = _imagefolder_dir(roots, path)
+    how = missing_message(
+        "imagefolder",
+        f"train/<class>/*.png and test/<class>/*.png under {_imagefolder_candidates(roots, path)[0]}",
+        None,
+        download=False,
+    )
+    return (str(found) if found else None), how
 
 
 def _stl_names(names_file: Path) -> list[str]:
@@ -611,7 +611,7 @@ def _read_split(folder: Path, classes: list[str], mode: str, size: int) -> tuple
     return np.stack(images), np.asarray(labels)
 
 
-@_with_locator(_imagefolder_locator(""))
+@_with_locator(_locate_imagefolder)
 def load_imagefolder(
     roots: list[Path], download: bool, path: str = "", size: int = 0, channels: int = 3
 ) -> ImageDataset:
@@ -621,9 +621,9 @@ def load_imagefolder(
         raise ConfigError(f"imagefolder: channels={channels}; use 1 (grey) or 3 (RGB)")
     if size < 0:
         raise ConfigError(f"imagefolder: size={size}; give a positive image side in pixels (0 keeps their own size)")
-    found, how = _imagefolder_locator(path)(roots)
+    found, how = _locate_imagefolder(roots, path)
     if found is None:
-        raise DataNotFound(how if path else f"dataset 'imagefolder': {how}")
+        raise DataNotFound(how)
     folder = Path(found)
     classes = _class_folders(folder / "train")
     empty = [c for c in classes if not _images_in(folder / "train" / c)]

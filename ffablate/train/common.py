@@ -50,6 +50,13 @@ class RunResult:
     # Where each plugin from outside ffablate came from ({kind: "name from package 0.2.0"}): a plugin's code, like
     # its defaults, can change between versions while the run's config names it alike.
     plugin_sources: dict[str, str] = field(default_factory=dict)
+    # What the run trained and scored on, after every option: limit_train above the split's size keeps the split,
+    # and a dataset whose labels a shift or flip would change (digits, teacher-student) is never augmented.
+    images: dict[str, int] = field(default_factory=dict)  # {"train": N, "val": N, "test": N}
+    num_classes: int = 0
+    class_names: list[str] = field(default_factory=list)
+    image_shape: list[int] = field(default_factory=list)  # [C, H, W]
+    augmentation: list[str] = field(default_factory=list)  # "crops", "flips": what the training loader applied
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -352,4 +359,17 @@ def finish(
         data_source=data.dataset.source,
         versions=versions(),
         cpu_threads=torch.get_num_threads(),
+        images={"train": len(data.train.y), "val": len(data.val.y) if data.val else 0, "test": len(data.test.y)},
+        num_classes=data.dataset.num_classes,
+        class_names=list(data.dataset.class_names),
+        image_shape=list(data.dataset.image_shape),
+        augmentation=applied_augmentation(data.train),
     )
+
+
+def applied_augmentation(loader: DeviceLoader) -> list[str]:
+    """The augmentations ``loader`` applies: a crop where it pads (prepare_data sets pad 0 where shifts would change
+    labels), a flip where flips keep them."""
+    if not loader.augment:
+        return []
+    return [name for name, on in (("crops", loader.pad > 0), ("flips", loader.flips)) if on]
