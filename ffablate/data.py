@@ -46,6 +46,12 @@ class MalformedFile(DataError):
     """A data file exists but its bytes are not what its format promises."""
 
 
+def cannot_read(path: Path | str, exc: OSError) -> DataError:
+    """An OSError met reading a dataset file, on one line: the file is unreadable (permissions, a dead mount), not
+    damaged, so the message does not blame its bytes."""
+    return DataError(f"cannot read {path} ({exc.strerror or exc}); fix its permissions or fetch it again")
+
+
 # ----------------------------------------------------------------------------------------------------
 # The dataset container
 
@@ -216,7 +222,10 @@ _GZIP_MAGIC = b"\x1f\x8b"
 
 def read_maybe_gzip(path: Path) -> tuple[bytes, bytes]:
     """(bytes on disk, decompressed payload); gzip is recognised by its magic bytes, not the file name."""
-    raw = path.read_bytes()
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise cannot_read(path, exc) from None
     if not raw.startswith(_GZIP_MAGIC):
         return raw, raw
     try:
@@ -395,6 +404,10 @@ def stratified_indices(labels: Tensor, n: int, seed: int) -> Tensor:
     return torch.sort(chosen).values
 
 
+def _class_list(ds: ImageDataset, classes: list[int]) -> str:
+    return ", ".join(ds.class_names[c] if c < len(ds.class_names) else str(c) for c in classes)
+
+
 def limit_split(ds: ImageDataset, split: str, n: int, seed: int) -> ImageDataset:
     """A seeded, class-stratified subset of ``n`` images of ``split`` ("train" or "test"); 0 keeps them all."""
     if n < 0:
@@ -402,7 +415,17 @@ def limit_split(ds: ImageDataset, split: str, n: int, seed: int) -> ImageDataset
     labels = strata(ds, split)
     if n == 0 or n >= len(labels):
         return ds
-    return replace(ds, **_rows(ds, split, stratified_indices(labels, n, seed)))
+    chosen = stratified_indices(labels, n, seed)
+    # Fewer images than classes leaves a class trained on nothing, still tested: a lower accuracy, not an error.
+    emptied = sorted(set(ds.train_y.tolist()) - set(ds.train_y[chosen].tolist())) if split == "train" else []
+    if emptied:
+        names = _class_list(ds, emptied)
+        classes = len(set(ds.train_y.tolist()))
+        raise ConfigError(
+            f"limit_train={n} would keep no training image of class {names} ({ds.name} has {classes} classes); "
+            f"keep at least {classes}"
+        )
+    return replace(ds, **_rows(ds, split, chosen))
 
 
 def hold_out_validation(ds: ImageDataset, n: int) -> ImageDataset:
@@ -431,7 +454,7 @@ def hold_out_validation(ds: ImageDataset, n: int) -> ImageDataset:
     # A class with n / K images or fewer goes wholly to validation: trained on nothing, still tested.
     emptied = sorted(set(ds.train_y[held].tolist()) - set(ds.train_y[rest].tolist()))
     if emptied:
-        names = ", ".join(ds.class_names[c] if c < len(ds.class_names) else str(c) for c in emptied)
+        names = _class_list(ds, emptied)
         raise ConfigError(
             f"val_images={n} would hold out every training image of class {names} ({ds.name}); hold out fewer"
         )
@@ -593,6 +616,11 @@ def _located(plugin: Any, roots: list[Path], params: Mapping[str, Any]) -> tuple
     except Exception as exc:
         if isinstance(exc, FFablateError) and plugin.source == "ffablate":
             raise  # the user's to fix, and the built-in locators say how (a data root that is a file)
+        if isinstance(exc, OSError) and plugin.source == "ffablate":
+            # A folder of the data root it cannot look into: the user's permissions, not a plugin's bug.
+            reason = f"cannot read {exc.filename} ({exc.strerror or exc})"
+            warnings.warn(f"{plugin.label}: {reason}; fix its permissions", FFablateWarning, stacklevel=3)
+            return f"unknown ({reason})", None
         reason = first_line(exc)
         warnings.warn(f"{plugin.label}: its locate() failed ({reason}); fix the plugin", FFablateWarning, stacklevel=3)
         return f"unknown (its locator failed: {reason})", None, None

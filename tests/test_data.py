@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from ffablate import data, hookimpl
+from ffablate.builtin.datasets import _SUFFIX_LIST
 from ffablate.data import DeviceLoader, ImageDataset, MalformedFile, limit_split, load_dataset
 from ffablate.errors import ChecksumMismatch, ConfigError, DataError, DataNotFound, FFablateWarning
 from ffablate.plugins import add_plugin, remove_plugin
@@ -652,10 +653,21 @@ def test_stl10_label_byte_0_is_malformed(tmp_path):
     assert "label 0 is outside 1..10" in msg and str(folder / "train_y.bin") in msg
 
 
-def test_empty_stl10_split_is_malformed(tmp_path):
-    _stl10_tree(tmp_path, b"")
-    with pytest.raises(MalformedFile, match="train_X.bin holds 0 bytes, not 0 3x96x96 images"):
+def test_empty_stl10_split_is_malformed_naming_the_labels_file(tmp_path):
+    # An empty test_y.bin was blamed on test_X.bin.
+    folder = _stl10_tree(tmp_path)
+    (folder / "test_y.bin").write_bytes(b"")
+    with pytest.raises(MalformedFile) as exc:
         load_dataset("stl10", data_root=tmp_path)
+    assert one_line(exc) == f"{folder / 'test_y.bin'} holds no labels; delete it and fetch it again"
+
+
+def test_stl10_counts_that_disagree_name_both_files(tmp_path):
+    folder = _stl10_tree(tmp_path)
+    (folder / "test_y.bin").write_bytes(b"\x01\x02")
+    with pytest.raises(MalformedFile) as exc:
+        load_dataset("stl10", data_root=tmp_path)
+    assert f"{folder / 'test_X.bin'} holds 1 images but {folder / 'test_y.bin'} holds 2 labels" in one_line(exc)
 
 
 def test_stl10_class_names_are_one_per_line(tmp_path):
@@ -986,3 +998,225 @@ def test_resizing_in_chunks_gives_the_one_shot_bytes():
     x = torch.randint(0, 256, (23, 3, 20, 20), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     whole = torch.nn.functional.interpolate(x.float(), size=(9, 9), mode="bilinear", antialias=True)
     assert torch.equal(resize_uint8(x, 9, chunk=5), whole.round().clamp(0, 255).to(torch.uint8))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Loader defects: each of these gave a silent wrong dataset or a traceback
+
+
+def _pets(root: Path, side: int = 4, classes: tuple[str, ...] = ("ant", "cat"), splits=("train", "test")) -> Path:
+    """An ImageFolder stand-in at root/pets: one RGB image per class and split, pixel values set by the class."""
+    from PIL import Image
+
+    for split in splits:
+        for c, cls in enumerate(classes):
+            (root / "pets" / split / cls).mkdir(parents=True, exist_ok=True)
+            Image.new("RGB", (side, side), (c * 100, 0, 0)).save(root / "pets" / split / cls / "0.png")
+    return root / "pets"
+
+
+def _load_pets(root: Path, **params) -> ImageDataset:
+    return load_dataset("imagefolder", data_root=root, params={"path": "pets", **params})
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_a_16_bit_png_keeps_its_top_byte_not_a_constant_255(tmp_path, channels):
+    from PIL import Image
+
+    folder = _pets(tmp_path)
+    values = np.array([0, 255, 256, 4000, 32768, 40000, 65280, 65535] * 2, dtype=np.uint16).reshape(4, 4)
+    Image.fromarray(values).save(folder / "train" / "ant" / "0.png")  # Pillow reads it back as mode I;16
+    assert Image.open(folder / "train" / "ant" / "0.png").mode == "I;16"
+    ds = _load_pets(tmp_path, channels=channels)
+    want = torch.from_numpy((values >> 8).astype(np.uint8))
+    assert all(torch.equal(ds.train_x[0, c], want) for c in range(channels))
+
+
+@pytest.mark.parametrize("mode, dtype, words", [("I", np.int32, "32-bit integer"), ("F", np.float32, "floating-point")])
+def test_32_bit_and_float_images_are_refused_naming_the_file(tmp_path, mode, dtype, words):
+    from PIL import Image
+
+    folder = _pets(tmp_path)
+    Image.fromarray(np.full((4, 4), 70000, dtype)).save(folder / "train" / "cat" / "1.tif")
+    with pytest.raises(DataError) as exc:
+        _load_pets(tmp_path)
+    assert one_line(exc) == (
+        f"{folder / 'train' / 'cat' / '1.tif'}: {words} pixels (mode {mode}) have no one 8-bit scale; "
+        "convert it to 8-bit first"
+    )
+
+
+def test_an_unreadable_class_sub_folder_is_refused_not_skipped(tmp_path, monkeypatch):
+    # os.walk skipped a folder it could not list: the class lost those images silently. Tests run as root, where
+    # chmod 000 blocks nothing, so os.scandir is made to fail as it does for a folder without read permission.
+    folder = _pets(tmp_path)
+    blocked = folder / "train" / "cat" / "more"
+    blocked.mkdir()
+    scandir = os.scandir
+
+    def denying(path=".", *args):
+        if str(path) == str(blocked):
+            raise PermissionError(13, "Permission denied", str(path))
+        return scandir(path, *args)
+
+    monkeypatch.setattr(os, "scandir", denying)
+    with pytest.raises(DataError) as exc:
+        _load_pets(tmp_path)
+    assert one_line(exc) == f"cannot read folder {blocked} (Permission denied); fix its permissions"
+
+
+def test_a_link_back_up_a_class_folder_reads_its_images_once(tmp_path):
+    # `ln -s . loop` listed the class's images again at every level of loop/loop/..., 40 times over.
+    folder = _pets(tmp_path)
+    os.symlink(".", folder / "train" / "cat" / "loop")
+    (folder / "train" / "ant" / "sub").mkdir()
+    (folder / "train" / "ant" / "0.png").rename(folder / "train" / "ant" / "sub" / "0.png")
+    os.symlink("sub", folder / "train" / "ant" / "alias")  # a folder already read, by its sorted-first path
+    ds = _load_pets(tmp_path)
+    assert ds.train_y.tolist() == [0, 1]
+
+
+def test_test_images_that_are_training_images_are_refused(tmp_path):
+    # `ln -s train test` trained and tested on the same files, with a fine accuracy.
+    folder = _pets(tmp_path, splits=("train",))
+    os.symlink("train", folder / "test")
+    with pytest.raises(DataError) as exc:
+        _load_pets(tmp_path)
+    assert one_line(exc) == (
+        f"dataset 'imagefolder': test image {folder / 'test' / 'ant' / '0.png'} is the training image "
+        f"{folder / 'train' / 'ant' / '0.png'}; give test/ its own images"
+    )
+
+
+def test_limit_train_below_the_class_count_is_refused():
+    # 3 images of 5 classes left 2 classes without a training image, silently.
+    with pytest.raises(ConfigError) as exc:
+        load_dataset("teacher-student", limit_train=3, params={**SMALL_TS, "k": 5})
+    assert one_line(exc) == (
+        "limit_train=3 would keep no training image of class class 2, class 3 (teacher-student has 5 classes); "
+        "keep at least 5"
+    )
+    assert len(load_dataset("teacher-student", limit_train=5, params={**SMALL_TS, "k": 5}).train_y.unique()) == 5
+
+
+def _deny(monkeypatch, denied: Path) -> None:
+    """Every way the loaders read a file fails on ``denied`` as it does without read permission (tests run as
+    root, where chmod 000 blocks nothing)."""
+    import builtins
+
+    from ffablate.builtin import datasets
+
+    def check(path) -> None:
+        if Path(path) == denied:
+            raise PermissionError(13, "Permission denied", str(path))
+
+    read_bytes, fromfile = Path.read_bytes, np.fromfile
+    monkeypatch.setattr(Path, "read_bytes", lambda self: check(self) or read_bytes(self))
+    monkeypatch.setattr(np, "fromfile", lambda file, *a, **k: check(file) or fromfile(file, *a, **k))
+    opening = lambda file, *a: check(file) or builtins.open(file, *a)  # noqa: E731, SIM115 (the caller closes it)
+    monkeypatch.setattr(datasets, "open", opening, raising=False)
+
+
+@pytest.mark.parametrize(
+    "name, build, file",
+    [
+        ("cifar10", _cifar10_tree, "data_batch_3"),
+        ("cifar10", _cifar10_tree, "batches.meta"),
+        ("stl10", _stl10_tree, "test_X.bin"),
+        ("mnist", fake_mnist_tree, "train-images-idx3-ubyte.gz"),
+        ("imagefolder", _pets, "train/cat/0.png"),
+    ],
+)
+def test_an_unreadable_file_is_one_line_naming_it(tmp_path, monkeypatch, no_offline, name, build, file):
+    folder = build(tmp_path)
+    denied = folder / file
+    _deny(monkeypatch, denied)
+    with pytest.raises(DataError) as exc:
+        load_dataset(name, data_root=tmp_path, params={"path": "pets"} if name == "imagefolder" else None)
+    assert one_line(exc) == f"cannot read {denied} (Permission denied); fix its permissions or fetch it again"
+
+
+def test_data_list_words_a_folder_it_cannot_look_into_as_a_file_problem(tmp_path, monkeypatch):
+    blocked = tmp_path / "cifar-10-batches-py"
+    is_dir = Path.is_dir
+
+    def denying(self) -> bool:
+        if self == blocked:
+            raise PermissionError(13, "Permission denied", str(self))
+        return is_dir(self)
+
+    monkeypatch.setattr(Path, "is_dir", denying)
+    with pytest.warns(FFablateWarning) as caught:
+        row = next(r for r in data.list_datasets(tmp_path) if r["name"] == "cifar10")
+    assert row["available"] is None
+    assert [str(w.message) for w in caught] == [
+        f"datasets plugin 'cifar10' (built-in): cannot read {blocked} (Permission denied); fix its permissions"
+    ]
+
+
+@pytest.mark.parametrize(
+    "meta, key, names, expected",
+    [
+        ("batches.meta", "label_names", 12, 10),  # a 12-class model on 10-class data
+        ("batches.meta", "label_names", 5, 10),  # blamed data_batch_1 for its label 5
+        ("meta", "fine_label_names", 99, 100),
+        ("meta", "coarse_label_names", 21, 20),
+    ],
+)
+def test_a_cifar_meta_file_with_the_wrong_number_of_names_is_blamed(tmp_path, meta, key, names, expected):
+    folder = _cifar10_tree(tmp_path) if meta == "batches.meta" else _cifar100_tree(tmp_path)
+    old = pickle.loads((folder / meta).read_bytes())
+    _pickle(folder / meta, old | {key: [f"n{i}" for i in range(names)]})
+    with pytest.raises(MalformedFile) as exc:
+        load_dataset("cifar10" if meta == "batches.meta" else "cifar100", data_root=tmp_path)
+    assert one_line(exc) == f"{folder / meta}: {names} {key}, expected {expected}; delete it and fetch it again"
+
+
+def test_large_images_at_size_0_are_refused_with_the_fix(tmp_path):
+    # 1500x1500 photos at size=0 built a model for 6.75M inputs and died of MemoryError.
+    folder = _pets(tmp_path, side=257)
+    with pytest.raises(ConfigError) as exc:
+        _load_pets(tmp_path)
+    assert one_line(exc) == (
+        f"imagefolder: {folder / 'train' / 'ant' / '0.png'} is 257x257, over the 65,536 pixels an image may keep at "
+        "size=0; resize them with --set datasets.size=N (e.g. 64)"
+    )
+    assert _load_pets(tmp_path, size=8).train_x.shape == (2, 3, 8, 8)
+
+
+def test_an_image_over_pillows_bomb_limit_is_one_line_not_a_warning(tmp_path, monkeypatch):
+    from PIL import Image
+
+    folder = _pets(tmp_path, side=12)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # 144 pixels: over the limit, under twice it (a warning)
+    with pytest.raises(MalformedFile) as exc:
+        _load_pets(tmp_path, size=8)
+    assert one_line(exc).startswith(f"{folder / 'train' / 'ant' / '0.png'}: cannot read the image (Image size (144")
+
+
+@pytest.mark.parametrize("empty", [True, False])
+def test_a_trained_class_without_test_images_is_refused(tmp_path, empty):
+    folder = _pets(tmp_path, classes=("ant", "bee", "cat"))
+    for f in (folder / "test" / "bee").iterdir():
+        f.unlink()
+    if not empty:
+        (folder / "test" / "bee").rmdir()
+    with pytest.raises(DataError) as exc:
+        _load_pets(tmp_path)
+    assert one_line(exc) == (
+        f"dataset 'imagefolder': class 'bee' has no images in {folder / 'test' / 'bee'} ({_SUFFIX_LIST}); "
+        f"add its test images there or remove {folder / 'train' / 'bee'}"
+    )
+
+
+def test_training_images_of_mixed_sizes_name_one_odd_file(tmp_path):
+    from PIL import Image
+
+    folder = _pets(tmp_path)
+    Image.new("RGB", (5, 3)).save(folder / "train" / "cat" / "1.png")
+    with pytest.raises(ConfigError) as exc:
+        _load_pets(tmp_path)
+    assert one_line(exc) == (
+        f"imagefolder: {folder / 'train' / 'cat' / '1.png'} is 5x3, {folder / 'train' / 'ant' / '0.png'} 4x4; "
+        "resize them all with --set datasets.size=N"
+    )

@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import io
 import os
 import pickle
+import warnings
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import numpy as np
 import torch
@@ -29,6 +31,7 @@ from ffablate.data import (
     IDX_FILES,
     ImageDataset,
     MalformedFile,
+    cannot_read,
     idx_folder_complete,
     load_idx_split,
     missing_message,
@@ -264,8 +267,8 @@ def _unpickle(path: Path, keys: list[str]) -> dict[str, Any]:
     try:
         with open(path, "rb") as f:
             obj = pickle.load(f, encoding="latin1")
-    except OSError:
-        raise  # unreadable, not damaged: "fetch it again" would not help
+    except OSError as exc:
+        raise cannot_read(path, exc) from None
     except Exception as exc:  # a damaged pickle fails in many ways: unknown opcodes, modules, classes, sizes
         raise MalformedFile(
             f"{path}: not a CIFAR pickle ({type(exc).__name__}: {exc}); delete it and fetch it again"
@@ -308,6 +311,13 @@ def _cifar_batch(path: Path, label_keys: dict[str, int]) -> tuple[np.ndarray, di
         _check_labels(y, num_classes, path)
         labels[key] = y
     return data.reshape(-1, 3, 32, 32), labels
+
+
+def _check_name_count(meta: Path, key: str, names: list[Any], expected: int) -> None:
+    """The class count comes from the meta file: a wrong count would build a model of that many classes, or blame
+    a good batch for labels outside the range."""
+    if len(names) != expected:
+        raise MalformedFile(f"{meta}: {len(names)} {key}, expected {expected}; delete it and fetch it again")
 
 
 def _folder_locator(name: str, rel: str, files: list[str], what: str) -> Locate:
@@ -365,6 +375,7 @@ def load_cifar10(roots: list[Path], download: bool) -> ImageDataset:
     fetch = _tv_fetch("CIFAR10", train={"train": True}, test={"train": False})
     folder = _resolve_folder("cifar10", _locate_cifar10, roots, download, fetch)
     names = list(_unpickle(folder / "batches.meta", ["label_names"])["label_names"])
+    _check_name_count(folder / "batches.meta", "label_names", names, 10)
     classes = {"labels": len(names)}
     train = [_cifar_batch(folder / f"data_batch_{i}", classes) for i in range(1, 6)]
     test_x, test_y = _cifar_batch(folder / "test_batch", classes)
@@ -387,6 +398,8 @@ def load_cifar100(roots: list[Path], download: bool) -> ImageDataset:
     folder = _resolve_folder("cifar100", _locate_cifar100, roots, download, fetch)
     meta = _unpickle(folder / "meta", ["fine_label_names", "coarse_label_names"])
     fine_names, coarse_names = list(meta["fine_label_names"]), list(meta["coarse_label_names"])
+    _check_name_count(folder / "meta", "fine_label_names", fine_names, 100)
+    _check_name_count(folder / "meta", "coarse_label_names", coarse_names, 20)
     classes = {"fine_labels": len(fine_names), "coarse_labels": len(coarse_names)}
     (train_x, train_y), (test_x, test_y) = (_cifar_batch(folder / f, classes) for f in ("train", "test"))
     arrays = {"train_x": train_x, "train_y": train_y["fine_labels"], "test_x": test_x, "test_y": test_y["fine_labels"]}
@@ -425,6 +438,8 @@ def _read_svhn(path: Path) -> tuple[np.ndarray, np.ndarray]:
     try:
         mat = loadmat(str(path))
         x, y = np.asarray(mat["X"]), np.asarray(mat["y"]).reshape(-1)
+    except OSError as exc:  # from opening it: scipy reports damaged bytes with other exceptions
+        raise cannot_read(path, exc) from None
     except NotImplementedError:
         # scipy's own message points to h5py, but SVHN ships v5 files: this one is not the real download.
         raise MalformedFile(
@@ -470,11 +485,25 @@ _locate_stl10 = _folder_locator("stl10", "stl10_binary", _STL_FILES, ", ".join(_
 
 
 def _read_stl(folder: Path, split: str, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
-    x = np.fromfile(folder / f"{split}_X.bin", dtype=np.uint8)
-    y = np.fromfile(folder / f"{split}_y.bin", dtype=np.uint8).astype(np.int64) - 1  # labels are 1..10
-    if len(y) == 0 or x.size != len(y) * 3 * 96 * 96:
-        raise MalformedFile(f"{folder}/{split}_X.bin holds {x.size} bytes, not {len(y)} 3x96x96 images; fetch again")
-    _check_labels(y, num_classes, folder / f"{split}_y.bin", first=1)
+    x_file, y_file = folder / f"{split}_X.bin", folder / f"{split}_y.bin"
+    try:
+        x = np.fromfile(x_file, dtype=np.uint8)
+        y = np.fromfile(y_file, dtype=np.uint8).astype(np.int64) - 1  # labels are 1..10
+    except OSError as exc:
+        raise cannot_read(exc.filename or folder, exc) from None
+    image_bytes = 3 * 96 * 96
+    # Each message names the file at fault: the one that is empty or holds part of an image; both when they
+    # disagree, since either may be the short one.
+    if len(y) == 0:
+        raise MalformedFile(f"{y_file} holds no labels; delete it and fetch it again")
+    if x.size % image_bytes:
+        raise MalformedFile(f"{x_file} holds {x.size} bytes, not whole 3x96x96 images; delete it and fetch it again")
+    if x.size != len(y) * image_bytes:
+        raise MalformedFile(
+            f"{x_file} holds {x.size // image_bytes} images but {y_file} holds {len(y)} labels; "
+            "delete both and fetch them again"
+        )
+    _check_labels(y, num_classes, y_file, first=1)
     # Stored column-major per channel: transpose to (N, C, H, W) rows-first.
     return x.reshape(-1, 3, 96, 96).transpose(0, 1, 3, 2), y
 
@@ -554,7 +583,9 @@ def _stl_names(names_file: Path) -> list[str]:
         return _STL_CLASSES
     try:
         names = [n.strip() for n in names_file.read_text(encoding="utf-8").splitlines() if n.strip()]
-    except (OSError, UnicodeDecodeError) as exc:
+    except OSError as exc:
+        raise cannot_read(names_file, exc) from None
+    except UnicodeDecodeError as exc:
         raise MalformedFile(f"{names_file}: cannot read it ({exc}); delete it and fetch it again") from None
     if len(names) != len(_STL_CLASSES):
         raise MalformedFile(
@@ -563,52 +594,111 @@ def _stl_names(names_file: Path) -> list[str]:
     return names
 
 
+# At size=0 the images keep their own size, and the models' first layer grows with it: a folder of 1500x1500
+# photos asked for gigabytes of weights and activations and died of MemoryError. 256x256 is well above every
+# built-in dataset's images (STL-10's are 96x96).
+MAX_NATIVE_PIXELS = 256 * 256
+
+
+def _to_8bit(img: Any, file: Path) -> Any:
+    """``img`` in a mode that ``convert`` maps to 8 bits faithfully: Pillow clips 16-bit and 32-bit values to 255
+    there, so a 16-bit PNG became a constant white image."""
+    from PIL import Image
+
+    if img.mode.startswith("I;16"):
+        # The top byte: 0..65535 -> 0..255, as torchvision's uint16 -> uint8 conversion does.
+        return Image.fromarray((np.asarray(img).astype(np.uint16) >> 8).astype(np.uint8))
+    if img.mode in ("I", "F"):
+        # 32-bit integers and floats come in no one range (0..1, 0..65535, raw sensor counts): any scale is a guess.
+        kind = "32-bit integer" if img.mode == "I" else "floating-point"
+        raise DataError(f"{file}: {kind} pixels (mode {img.mode}) have no one 8-bit scale; convert it to 8-bit first")
+    return img
+
+
 def _read_image(file: Path, mode: str, size: int) -> np.ndarray:
     from PIL import Image
 
     try:
-        with Image.open(file) as img:
-            img = img.convert(mode)
-            if size:
-                img = img.resize((size, size), Image.Resampling.BILINEAR)
-            arr = np.asarray(img, dtype=np.uint8)
+        encoded = file.read_bytes()  # read here, so an unreadable file is not blamed on its bytes
+    except OSError as exc:
+        raise cannot_read(file, exc) from None
+    try:
+        with warnings.catch_warnings():
+            # Pillow only warns, on two lines, of a size between MAX_IMAGE_PIXELS and twice that: refused like larger.
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(encoded)) as img:
+                if not size and img.width * img.height > MAX_NATIVE_PIXELS:
+                    raise ConfigError(
+                        f"imagefolder: {file} is {img.width}x{img.height}, over the {MAX_NATIVE_PIXELS:,} pixels "
+                        "an image may keep at size=0; resize them with --set datasets.size=N (e.g. 64)"
+                    )
+                img = _to_8bit(img, file).convert(mode)
+                if size:
+                    img = img.resize((size, size), Image.Resampling.BILINEAR)
+                arr = np.asarray(img, dtype=np.uint8)
     # Not only OSError: a damaged header can claim billions of pixels (DecompressionBombError), or break the
     # format's own parser (ValueError, SyntaxError).
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise MalformedFile(f"{file}: cannot read the image ({exc}); remove or replace it") from None
     return arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
 
 
+def _unreadable_folder(exc: OSError) -> NoReturn:
+    """``os.walk``'s onerror: left to itself it skips a folder it cannot list, and a class loses its images."""
+    raise DataError(f"cannot read folder {exc.filename} ({exc.strerror or exc}); fix its permissions")
+
+
 def _class_folders(split: Path) -> list[str]:
     """The class sub-folders of a split, sorted; hidden ones (``.ipynb_checkpoints``, ``.git``) are no class."""
-    return sorted(d.name for d in split.iterdir() if d.is_dir() and not d.name.startswith("."))
+    try:
+        return sorted(d.name for d in split.iterdir() if d.is_dir() and not d.name.startswith("."))
+    except OSError as exc:
+        _unreadable_folder(exc)
 
 
 def _images_in(folder: Path) -> list[Path]:
     """The images of a class folder, in sub-folders too, in torchvision's order (folder by folder, as sorted
-    ``os.walk`` tuples, each folder's files sorted); hidden files and folders are left out."""
-    found = []
-    for root, _, files in sorted(os.walk(folder, followlinks=True)):
-        if any(part.startswith(".") for part in Path(root).relative_to(folder).parts):
+    ``os.walk`` tuples, each folder's files sorted); hidden files and folders are left out.
+
+    Each folder is read once, by its first path in a walk of sorted names: a link back up (``ln -s . loop``) read
+    its images again at every level, 40 times over, and a link to a folder already read read them twice."""
+    seen: set[tuple[int, int]] = set()
+    listed = []
+    for root, dirs, files in os.walk(folder, onerror=_unreadable_folder, followlinks=True):
+        stat = os.stat(root)
+        if (stat.st_dev, stat.st_ino) in seen:
+            dirs.clear()
             continue
-        found += [Path(root, f) for f in sorted(files) if Path(f).suffix.lower() in _IMAGE_SUFFIXES and f[0] != "."]
-    return found
+        seen.add((stat.st_dev, stat.st_ino))
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        listed.append((root, sorted(f for f in files if Path(f).suffix.lower() in _IMAGE_SUFFIXES and f[0] != ".")))
+    return [Path(root, f) for root, files in sorted(listed) for f in files]
 
 
-def _read_split(folder: Path, classes: list[str], mode: str, size: int) -> tuple[np.ndarray, np.ndarray]:
-    images, labels = [], []
-    for label, cls in enumerate(classes):
-        files = _images_in(folder / cls)
-        images += [_read_image(f, mode, size) for f in files]
-        labels += [label] * len(files)
-    if not images:
-        raise DataNotFound(f"dataset 'imagefolder': no images under {folder}/<class>/ ({_SUFFIX_LIST})")
-    shapes = {im.shape for im in images}
-    if len(shapes) > 1:
+def _read_split(files: dict[str, list[Path]], mode: str, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """The images of ``files`` (class -> its images, in label order) and their labels."""
+    paths = [f for class_files in files.values() for f in class_files]
+    images = [_read_image(f, mode, size) for f in paths]
+    labels = [label for label, class_files in enumerate(files.values()) for _ in class_files]
+    odd = next((i for i, im in enumerate(images) if im.shape != images[0].shape), None)
+    if odd is not None:
+        (h0, w0), (h, w) = images[0].shape[1:], images[odd].shape[1:]
         raise ConfigError(
-            f"imagefolder: images under {folder} differ in size {sorted(shapes)[:3]}; resize with --set datasets.size=N"
+            f"imagefolder: {paths[odd]} is {w}x{h}, {paths[0]} {w0}x{h0}; resize them all with --set datasets.size=N"
         )
     return np.stack(images), np.asarray(labels)
+
+
+def _check_no_shared_images(train: dict[str, list[Path]], test: dict[str, list[Path]]) -> None:
+    """A test image that is a training image (``ln -s train test``, or links to the same files) measures memory,
+    not generalisation, and looks like a fine result."""
+    trained = {os.path.realpath(f): f for files in train.values() for f in files}
+    for f in (f for files in test.values() for f in files):
+        same = trained.get(os.path.realpath(f))
+        if same is not None:
+            raise DataError(
+                f"dataset 'imagefolder': test image {f} is the training image {same}; give test/ its own images"
+            )
 
 
 @_with_locator(_locate_imagefolder)
@@ -626,7 +716,8 @@ def load_imagefolder(
         raise DataNotFound(how)
     folder = Path(found)
     classes = _class_folders(folder / "train")
-    empty = [c for c in classes if not _images_in(folder / "train" / c)]
+    train_files = {c: _images_in(folder / "train" / c) for c in classes}
+    empty = [c for c in classes if not train_files[c]]
     if empty:
         # torchvision's ImageFolder refuses these too: an empty class is a logit no image can train.
         raise DataError(
@@ -640,19 +731,29 @@ def load_imagefolder(
             "give it at least 2 (one sub-folder of images per class)"
         )
     # The classes come from train/: a test class without one would silently lose its test images.
-    untrained = [c for c in _class_folders(folder / "test") if c not in classes]
+    test_classes = _class_folders(folder / "test")
+    untrained = [c for c in test_classes if c not in classes]
     if untrained:
         raise DataError(
             f"dataset 'imagefolder': test class {untrained[0]!r} has no folder in {folder / 'train'}; "
             f"add its training images there or remove {folder / 'test' / untrained[0]}"
         )
+    # And a trained class without test images would leave the test accuracy over fewer classes than were trained.
+    test_files = {c: _images_in(folder / "test" / c) if c in test_classes else [] for c in classes}
+    untested = [c for c in classes if not test_files[c]]
+    if untested:
+        raise DataError(
+            f"dataset 'imagefolder': class {untested[0]!r} has no images in {folder / 'test' / untested[0]} "
+            f"({_SUFFIX_LIST}); add its test images there or remove {folder / 'train' / untested[0]}"
+        )
+    _check_no_shared_images(train_files, test_files)
     mode = "L" if channels == 1 else "RGB"
-    train_x, train_y = _read_split(folder / "train", classes, mode, size)
-    test_x, test_y = _read_split(folder / "test", classes, mode, size)
+    train_x, train_y = _read_split(train_files, mode, size)
+    test_x, test_y = _read_split(test_files, mode, size)
     if test_x.shape[1:] != train_x.shape[1:]:
         raise ConfigError(
-            f"imagefolder: test images are {test_x.shape[2]}x{test_x.shape[3]}, training ones "
-            f"{train_x.shape[2]}x{train_x.shape[3]}; resize both with --set datasets.size=N"
+            f"imagefolder: test images are {test_x.shape[3]}x{test_x.shape[2]}, training ones "
+            f"{train_x.shape[3]}x{train_x.shape[2]}; resize both with --set datasets.size=N"
         )
     arrays = {"train_x": train_x, "train_y": train_y, "test_x": test_x, "test_y": test_y}
     return _dataset("imagefolder", arrays, classes, True, str(folder))
