@@ -620,7 +620,7 @@ def _located(plugin: Any, roots: list[Path], params: Mapping[str, Any]) -> tuple
             # A folder of the data root it cannot look into: the user's permissions, not a plugin's bug.
             reason = f"cannot read {exc.filename} ({exc.strerror or exc})"
             warnings.warn(f"{plugin.label}: {reason}; fix its permissions", FFablateWarning, stacklevel=3)
-            return f"unknown ({reason})", None
+            return f"unknown ({reason})", None, None
         reason = first_line(exc)
         warnings.warn(f"{plugin.label}: its locate() failed ({reason}); fix the plugin", FFablateWarning, stacklevel=3)
         return f"unknown (its locator failed: {reason})", None, None
