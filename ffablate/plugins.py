@@ -144,18 +144,24 @@ def used_params(config: RunConfig, plugins: Registry, kinds: tuple[str, ...]) ->
 def plugin_sources(config: RunConfig, plugins: Registry, kinds: tuple[str, ...]) -> dict[str, str]:
     """``{kind: "name from package version"}`` for the run's ``kinds`` plugins that are not ffablate's own (whose
     version the run records already); a module named in FFABLATE_PLUGINS has no package version to give."""
-    from importlib.metadata import PackageNotFoundError, version
-
     out = {}
     for kind in kinds:
         plugin = plugins.get(kind, config.plugin_of(kind))
         if plugin.source == "ffablate":
             continue
-        try:
-            out[kind] = f"{plugin.name} from {plugin.source} {version(plugin.source)}"
-        except PackageNotFoundError:
-            out[kind] = f"{plugin.name} from {plugin.source} (no package version)"
+        out[kind] = f"{plugin.name} from {plugin.source} {package_version(plugin.source) or '(no package version)'}"
     return out
+
+
+def package_version(source: str) -> str | None:
+    """The installed version of a plugin's package ``source``; None where the source is a module, not a package
+    (one named in FFABLATE_PLUGINS, or an in-process plugin)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(source)
+    except PackageNotFoundError:
+        return None
 
 
 def _refusal(value: Any, type_: type | None, default: Any) -> str | None:

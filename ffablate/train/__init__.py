@@ -1,8 +1,11 @@
-"""Trainers: ``run(config)`` trains the method the config names and returns its metrics."""
+"""Trainers: ``run(config)`` trains the method the config names and returns its metrics (``trained_run`` also
+the trained network)."""
 
 from __future__ import annotations
 
 import dataclasses
+from dataclasses import dataclass
+from typing import Any
 
 from ffablate import ops
 from ffablate.config import FF_METHODS, RunConfig
@@ -12,7 +15,7 @@ from ffablate.plugins import Registry, plugin_sources, registry, typed_plugin_pa
 from ffablate.train import common
 from ffablate.train.common import RunResult, TrainingDiverged
 
-__all__ = ["RunResult", "TrainingDiverged", "build_trainer", "run"]
+__all__ = ["RunResult", "TrainedRun", "TrainingDiverged", "build_trainer", "run", "trained_run"]
 
 
 def build_trainer(
@@ -43,6 +46,16 @@ def build_trainer(
     return trainer_cls(config, data, device, plugins)
 
 
+@dataclass
+class TrainedRun:
+    """A finished run: its result, its trainer (the trained network in ``trainer.net``, the run's data in
+    ``trainer.data``) and the plugins it ran with, for what outlives the run (``ffablate train --save``)."""
+
+    result: RunResult
+    trainer: Any  # FFTrainer or BPTrainer
+    plugins: Registry
+
+
 def run(
     config: RunConfig,
     *,
@@ -53,6 +66,24 @@ def run(
     plugins: Registry | None = None,
     data: common.RunData | None = None,
 ) -> RunResult:
+    """Train ``config``'s network and return its result; the network goes with the trainer (``trained_run`` keeps
+    both)."""
+    return trained_run(
+        config, data_root=data_root, download=download, progress=progress, on_epoch=on_epoch, plugins=plugins, data=data
+    ).result
+
+
+def trained_run(
+    config: RunConfig,
+    *,
+    data_root: str | None = None,
+    download: bool = False,
+    progress: common.Progress | None = None,
+    on_epoch: common.EpochCallback | None = None,
+    plugins: Registry | None = None,
+    data: common.RunData | None = None,
+) -> TrainedRun:
+    """``run``, keeping the trainer with the trained network beside the result."""
     from ffablate.train.ff import FF_KINDS
 
     plugins = plugins or registry()
@@ -65,7 +96,7 @@ def run(
     kinds = ("datasets", "norm", *(FF_KINDS if config.method in FF_METHODS else ()))
     result.plugin_params = used_params(config, plugins, kinds)
     result.plugin_sources = plugin_sources(config, plugins, kinds)
-    return result
+    return TrainedRun(result, trainer, plugins)
 
 
 def check_downsampling(config: RunConfig, in_shape: tuple[int, int, int]) -> None:

@@ -62,6 +62,14 @@ class BPNet(nn.Module):
         used = features if self.deep_supervision else features[-1:]
         return [head(f.float()) for head, f in zip(self.heads, used, strict=True)]
 
+    @torch.no_grad()
+    def predict(self, x: Tensor) -> tuple[Tensor, list[Tensor]]:
+        """(the last head's logits, every head's logits) under the run's autocast: FFNet.predict's twin, what
+        evaluation scores."""
+        with common.autocast(x.device):
+            logits = self(x)
+        return logits[-1], logits
+
 
 @contextlib.contextmanager
 def _buffers_kept(modules: tuple[nn.Module, ...]) -> Iterator[None]:
@@ -107,22 +115,9 @@ class BPTrainer:
         """One step on ``x, y`` (FFTrainer.rehearse's twin); the trainer is spent."""
         self.train_step(x, y)
 
-    @torch.no_grad()
     def evaluate(self, loader: DeviceLoader) -> tuple[float, list[float]]:
-        """Fused and per-block accuracy on ``loader``'s images."""
-        self.net.eval()
-        correct, total = None, 0
-        try:
-            for x, y in loader:
-                with common.autocast(self.device):
-                    logits = self.net(x)
-                hits = [int((out.argmax(1) == y).sum()) for out in logits]
-                correct = hits if correct is None else [a + b for a, b in zip(correct, hits, strict=True)]
-                total += y.numel()
-        finally:
-            self.net.train()
-        per_layer = [c / total for c in correct]
-        return per_layer[-1], per_layer
+        """Fused (the last head's) and per-block accuracy on ``loader``'s images."""
+        return common.evaluate(self.net, loader)
 
     def fit(
         self, progress: common.Progress | None = None, on_epoch: common.EpochCallback | None = None

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from ffablate import __version__, ops
 from ffablate.config import RunConfig
@@ -83,14 +83,17 @@ class RunData:
     train: DeviceLoader
     test: DeviceLoader
     val: DeviceLoader | None = None  # the held-out training images (config.val_images > 0)
+    # The loaders' per-channel input normalization (``dataset_stats``; None: 0 and 1), kept for a checkpoint.
+    mean: list[float] | None = None
+    std: list[float] | None = None
 
     @property
     def in_shape(self) -> tuple[int, int, int]:
         return tuple(self.dataset.train_x.shape[1:])  # type: ignore[return-value]
 
 
-def prepare_data(config: RunConfig, device: torch.device, data_root: str | None, download: bool) -> RunData:
-    """Load the dataset once, move it to the device as uint8, and wrap train/test in device loaders."""
+def load_run_dataset(config: RunConfig, data_root: str | None, download: bool) -> ImageDataset:
+    """The run's images as it trains and is scored on them: its dataset, classes, labels and limits applied."""
     ds = load_dataset(
         config.dataset,
         data_root=data_root,
@@ -104,9 +107,26 @@ def prepare_data(config: RunConfig, device: torch.device, data_root: str | None,
     )
     # The test subset's seed is fixed, not the run's: every run of a study, whatever its seed, is scored on the
     # same images, so FF and BP accuracies stay comparable.
-    ds = limit_split(ds, "test", config.limit_test, seed=0)
+    return limit_split(ds, "test", config.limit_test, seed=0)
+
+
+EVAL_BATCH = 1000
+
+
+def eval_loader(
+    x: Tensor, y: Tensor, config: RunConfig, device: torch.device, mean: list[float] | None, std: list[float] | None
+) -> DeviceLoader:
+    """The loader a run scores ``x, y`` with (test or validation split): in order, unaugmented, EVAL_BATCH images a
+    batch. ``ffablate evaluate`` scores a checkpoint through it too, so its batches are the run's."""
+    return DeviceLoader(
+        x, y, batch_size=EVAL_BATCH, shuffle=False, seed=config.seed, augment=False, device=device, mean=mean, std=std
+    )
+
+
+def prepare_data(config: RunConfig, device: torch.device, data_root: str | None, download: bool) -> RunData:
+    """Load the dataset once, move it to the device as uint8, and wrap train/test in device loaders."""
+    ds = load_run_dataset(config, data_root, download)
     mean, std = dataset_stats(ds)
-    common = {"device": device, "mean": mean, "std": std, "flips": ds.flips}
     train = DeviceLoader(
         ds.train_x,
         ds.train_y,
@@ -116,22 +136,43 @@ def prepare_data(config: RunConfig, device: torch.device, data_root: str | None,
         augment=config.augment and (ds.crops or ds.flips),
         pad=None if ds.crops else 0,
         drop_last=True,
-        **common,
+        device=device,
+        mean=mean,
+        std=std,
+        flips=ds.flips,
     )
-    test = DeviceLoader(ds.test_x, ds.test_y, batch_size=1000, shuffle=False, seed=config.seed, augment=False, **common)
+    test = eval_loader(ds.test_x, ds.test_y, config, device, mean, std)
     val = None
     if ds.val_x is not None and ds.val_y is not None:
-        val = DeviceLoader(
-            ds.val_x, ds.val_y, batch_size=1000, shuffle=False, seed=config.seed, augment=False, **common
-        )
+        val = eval_loader(ds.val_x, ds.val_y, config, device, mean, std)
     if len(train) == 0:
         held = f" after holding out val_images={config.val_images}" if config.val_images else ""
         fix = "lower batch_size or hold out fewer (val_images)" if config.val_images else "lower batch_size"
         raise ConfigError(f"{len(ds.train_y)} training images{held} make no full batch of {config.batch_size}; {fix}")
-    return RunData(ds, train, test, val)
+    return RunData(ds, train, test, val, mean, std)
 
 
 Evaluate = Callable[[DeviceLoader], tuple[float, list[float]]]
+
+
+@torch.no_grad()
+def evaluate(net: nn.Module, loader: DeviceLoader) -> tuple[float, list[float]]:
+    """Accuracy of ``net.predict``'s logits and of each of its per-layer scores (FF: a block's class scores alone;
+    BP: each head) on ``loader``'s images, in eval mode (the net's mode is restored). Every trainer's evaluation, and
+    ``ffablate evaluate``'s of a checkpoint: one loop, so the two count alike."""
+    was_training = net.training
+    net.eval()
+    correct, layer_correct, total = 0, [], 0
+    try:
+        for x, y in loader:
+            logits, per_layer = net.predict(x)
+            correct += int((logits.argmax(1) == y).sum())
+            hits = [int((s.argmax(1) == y).sum()) for s in per_layer]
+            layer_correct = [a + b for a, b in zip(layer_correct, hits, strict=True)] if layer_correct else hits
+            total += y.numel()
+    finally:
+        net.train(was_training)
+    return correct / total, [c / total for c in layer_correct]
 
 
 def epoch_scores(evaluate: Evaluate, data: RunData) -> dict[str, float]:

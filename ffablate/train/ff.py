@@ -452,22 +452,10 @@ class FFTrainer:
         for active, fit_fusion in self.phases():
             self.train_step(x, y, 0.0, active, fit_fusion)
 
-    @torch.no_grad()
     def evaluate(self, loader: DeviceLoader) -> tuple[float, list[float]]:
         """Fused and per-block accuracy on ``loader``'s images. The blocks' passes run under the run's autocast
         (``scores_and_features``); the fusion, outside it, in fp32, as it is fit."""
-        self.net.eval()
-        correct, layer_correct, total = 0, [0] * self.net.depth, 0
-        try:
-            for x, y in loader:
-                logits, scores = self.net.predict(x)
-                correct += int((logits.argmax(1) == y).sum())
-                for i, s in enumerate(scores):
-                    layer_correct[i] += int((s.argmax(1) == y).sum())
-                total += y.numel()
-        finally:
-            self.net.train()
-        return correct / total, [c / total for c in layer_correct]
+        return common.evaluate(self.net, loader)
 
     def phases(self) -> list[tuple[range, bool]]:
         """(active blocks, fit fusion) per phase: one phase for simultaneous, one per block for greedy."""
