@@ -138,8 +138,18 @@ def build_parser() -> Parser:
         help="any config key (lr, channels, goodness, ...) or plugin parameter (temperature.t=0.5)",
     )
     train.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    train.add_argument(
+        "--save", metavar="PATH", help="write the trained model to PATH (for `ffablate evaluate` and ffablate.load_run)"
+    )
     add_data_args(train)
     train.set_defaults(func=cmd_train, on_interrupt="it saves no checkpoint: rerun it to train from the start")
+
+    evaluate = sub.add_parser("evaluate", help="score a model saved by `train --save` on its run's test split again")
+    evaluate.add_argument("path", metavar="PATH", help="the checkpoint `ffablate train --save PATH` wrote")
+    evaluate.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    evaluate.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    add_data_args(evaluate)
+    evaluate.set_defaults(func=cmd_evaluate)
 
     plugins = sub.add_parser("plugins", help="list the installed plugins")
     plugins.add_argument("kind", nargs="?", help="only this kind")
@@ -297,22 +307,33 @@ def _retain_cpu_memory(device: str) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from ffablate.train import run
+    from ffablate import checkpoint
+    from ffablate.train import trained_run
 
     config = run_config_from_args(args)
+    # Before training: a path that cannot be written must not cost a 16-epoch run at its end.
+    target = checkpoint.writable_target(args.save) if args.save is not None else None
     _warn_missing_data_root(args.data_root, args.download)
     _retain_cpu_memory(config.device)
     with progress_bar(f"{config.method} on {config.dataset}", enabled=stderr.is_terminal) as update:
-        result = run(config, data_root=args.data_root, download=args.download, progress=update)
+        trained = trained_run(config, data_root=args.data_root, download=args.download, progress=update)
+    result, unsaved = trained.result, None
+    if target:  # before the output: a stdout that fails must not cost the model either
+        try:
+            checkpoint.save(checkpoint.contents(trained), target)
+        except FFablateError as exc:
+            unsaved = exc  # the model is kept in the temp folder; said after the result
     fields = result.to_dict()
     if not fields["history"]:  # per-epoch scores are kept in studies (which prune on them), not here
         del fields["history"]
+    if target and not unsaved:
+        fields["checkpoint"] = str(target)
     text = jsontext.dumps(fields)
     # The run is not stored anywhere else: a stdout that cannot take it must not cost it.
     kept = _keep_aside(text)
     if args.json:
         write_result(text + "\n", kept)
-        return 0
+        return _saved(unsaved)
     epochs = f"{config.epochs} epoch{'s' if config.epochs != 1 else ''}"
     table = Table(title=f"{config.method} on {config.dataset} (seed {config.seed}, {epochs})")
     # Per-layer: each block's own class scores alone (FF; BP-DeepSup: each head). Peak on the CPU: the process's
@@ -334,7 +355,57 @@ def cmd_train(args: argparse.Namespace) -> int:
         table.add_column(column)
     table.add_row(*cells)
     # Which copy: --data-root is searched first, then the offline packages (docs/data.md).
-    write_result(rendered(table, f"data: {result.data_source}"), kept)
+    saved = [f"checkpoint: {target}"] if "checkpoint" in fields else []
+    write_result(rendered(table, f"data: {result.data_source}", *saved), kept)
+    return _saved(unsaved)
+
+
+def _saved(unsaved: FFablateError | None) -> int:
+    """0, or the error of a checkpoint that went to the temp folder instead of --save's path (after the result)."""
+    if unsaved:
+        raise unsaved
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from ffablate.saved import load_run
+
+    _warn_missing_data_root(args.data_root, args.download)
+    _retain_cpu_memory(args.device)
+    saved = load_run(args.path, device=args.device)
+    scored = saved.evaluate(args.data_root, args.download)
+    fields = {
+        "checkpoint": str(saved.path),
+        "test_accuracy": scored.test_accuracy,
+        "per_layer_accuracy": scored.per_layer_accuracy,
+        "recorded_test_accuracy": saved.result["test_accuracy"],
+        "recorded_per_layer_accuracy": saved.result["per_layer_accuracy"],
+        "images": scored.images,
+        "device": args.device,
+        "kernel_backend": scored.kernel_backend,
+        "data_source": scored.data_source,
+    }
+
+    def kept() -> str:
+        return f"nothing was changed: rerun `ffablate evaluate {saved.path}`"
+
+    if args.json:
+        write_result(jsontext.dumps(fields) + "\n", kept)
+        return 0
+    config = saved.config
+    table = Table(title=f"{config.method} on {config.dataset} (seed {config.seed}) from {saved.path}")
+    columns = ["test accuracy", "per-layer accuracy", "recorded test accuracy", "test images", "kernels"]
+    cells = [
+        f"{scored.test_accuracy:.4f}",
+        " ".join(f"{a:.3f}" for a in scored.per_layer_accuracy),
+        f"{saved.result['test_accuracy']:.4f}",
+        str(scored.images),
+        scored.kernel_backend,
+    ]
+    for column in columns:
+        table.add_column(column)
+    table.add_row(*map(Text, cells))
+    write_result(rendered(table, f"data: {scored.data_source}"), kept)
     return 0
 
 

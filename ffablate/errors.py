@@ -23,6 +23,11 @@ class PluginContractError(ConfigError):
     rerun after the fix runs the point."""
 
 
+class CheckpointError(FFablateError):
+    """A checkpoint that cannot be written or read back: not one of ffablate's, damaged, of a newer format, or needing
+    plugins that are not installed as they were at training."""
+
+
 class DataError(FFablateError):
     """The dataset's files (or the packages that read them) are missing or broken: every run on it fails alike
     until the user fixes them, so a study stops instead of recording its trials as failed for good."""

@@ -1,0 +1,241 @@
+"""The checkpoint file of ``ffablate train --save``: what rebuilds a trained network and feeds it data as its run did.
+
+It holds plain types and tensors only, so ``torch.load(path, weights_only=True)`` reads it and loading runs no code
+from the file. A checkpoint is a dict:
+
+- ``format``, ``format_version``: ``"ffablate-checkpoint"``, 1.
+- ``ffablate``: ``{"version", "commit"}`` of the code that trained it (the commit "" for an installed copy).
+- ``config``: the resolved run config as the run's JSON records it; ``plugin_params``: every parameter of every
+  plugin the run used, defaults included (the network is rebuilt from these, so a changed default cannot move it).
+- ``plugins``: ``{kind: {"name", "package", "version"}}`` for each plugin the run used ("ffablate" for built-ins).
+- ``data``: the dataset's name, ``num_classes``, ``class_names``, ``image_shape`` [C, H, W], the raw images' dtype
+  (uint8), the per-channel ``mean`` and ``std`` (in [0, 1] units) the loaders normalize with, and the test split's
+  size and SHA-256, to tell whether a re-evaluation scores the same images.
+- ``model``: ``{"state_dict"}``, the network's complete state on the CPU (FF: blocks, norms, per-block temperature
+  modules, fusion; BP: blocks, norms, heads; buffers such as batch-norm running statistics included).
+- ``result``: the run's result record (what ``ffablate train --json`` prints, per-epoch history included).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import os
+import pickle
+import secrets
+import tempfile
+import time
+from collections import OrderedDict
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from ffablate import __version__
+from ffablate.config import RunConfig
+from ffablate.errors import CheckpointError, first_line
+from ffablate.plugins import Registry, package_version
+from ffablate.revision import source_revision
+
+if TYPE_CHECKING:
+    from ffablate.train import TrainedRun
+
+FORMAT = "ffablate-checkpoint"
+FORMAT_VERSION = 1
+KEYS = ("format", "format_version", "ffablate", "config", "plugin_params", "plugins", "data", "model", "result")
+DATA_KEYS = ("dataset", "num_classes", "class_names", "image_shape", "mean", "std", "test_images", "test_sha256")
+ZIP_MAGIC = b"PK\x03\x04"  # torch.save writes a zip archive
+WRITTEN_BY = "a file written by `ffablate train --save`"
+
+
+def contents(trained: TrainedRun) -> dict[str, Any]:
+    """The checkpoint of a finished run."""
+    result, trainer = trained.result, trained.trainer
+    ds, data = trainer.data.dataset, trainer.data
+    record = plain(
+        {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "ffablate": {"version": __version__, "commit": source_revision()},
+            "config": dict(result.config),
+            "plugin_params": {kind: dict(params) for kind, params in result.plugin_params.items()},
+            "plugins": plugin_record(trainer.config, trained.plugins, tuple(result.plugin_params)),
+            "data": {
+                "dataset": trainer.config.dataset,
+                "num_classes": ds.num_classes,
+                "class_names": list(ds.class_names),
+                "image_shape": list(ds.image_shape),
+                "dtype": "uint8",
+                "mean": data.mean,
+                "std": data.std,
+                "test_images": len(ds.test_y),
+                "test_sha256": split_digest(ds.test_x, ds.test_y),
+            },
+            "result": result.to_dict(),
+        }
+    )
+    return {**record, "model": {"state_dict": cpu_state(trainer.net)}}
+
+
+def plain(value: Any) -> Any:
+    """``value`` in the plain types ``weights_only`` loads, which refuses subclasses: torch's version string as a str,
+    a NumPy scalar as a Python number, a tuple as a list, and anything else as its str() (as the run's JSON has it)."""
+    if isinstance(value, dict):
+        return {str(key): plain(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [plain(item) for item in value]
+    if isinstance(value, np.generic):
+        return value.item()
+    if value is None or type(value) in (bool, int, float, str):
+        return value
+    for base in (int, float, str):
+        if isinstance(value, base):
+            return base(value)
+    return str(value)
+
+
+def plugin_record(config: RunConfig, plugins: Registry, kinds: tuple[str, ...]) -> dict[str, dict[str, str | None]]:
+    """``{kind: {"name", "package", "version"}}`` of the run's plugins: built-ins as ffablate's, a plugin module
+    without a package with version None."""
+    record = {}
+    for kind in kinds:
+        plugin = plugins.get(kind, config.plugin_of(kind))
+        version = __version__ if plugin.source == "ffablate" else package_version(plugin.source)
+        record[kind] = {"name": plugin.name, "package": plugin.source, "version": version}
+    return record
+
+
+def split_digest(images: Tensor, labels: Tensor) -> str:
+    """SHA-256 of a split's uint8 images and int64 labels."""
+    digest = hashlib.sha256(images.cpu().contiguous().numpy().tobytes())
+    digest.update(labels.cpu().to(torch.int64).contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def cpu_state(net: nn.Module) -> OrderedDict[str, Tensor]:
+    """``net``'s state dict on the CPU, its per-module versions kept (``load_state_dict`` reads them)."""
+    state = net.state_dict()
+    cpu = OrderedDict((key, value.detach().cpu()) for key, value in state.items())
+    cpu._metadata = state._metadata  # type: ignore[attr-defined]
+    return cpu
+
+
+def writable_target(path: str) -> Path:
+    """``path`` as the file to write a checkpoint to, refused now, before training, where it could not be written: a
+    folder, a folder that does not exist, or one this process cannot create a file in. The folder is tried with a
+    file, not asked (``os.access``), since root is told yes about folders it cannot write (read-only mounts, /proc)."""
+    if not path:
+        raise CheckpointError("--save is empty: give a file, e.g. --save model.pt")
+    target = Path(path).expanduser()
+    if target.is_dir():
+        raise CheckpointError(f"--save {path} is a folder; give a file in it, e.g. --save {target / 'model.pt'}")
+    folder = target.parent
+    if not folder.is_dir():
+        raise CheckpointError(f"--save {path}: the folder {folder} does not exist; create it or give another path")
+    try:
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".ffablate-probe-"):
+            pass
+    except OSError as exc:
+        raise CheckpointError(
+            f"--save {path}: cannot write in {folder} ({exc.strerror or exc}); give a writable folder"
+        ) from None
+    return target
+
+
+def save(checkpoint: dict[str, Any], path: Path) -> None:
+    """Write ``checkpoint`` to ``path`` atomically (a reader never sees half a file; an old file at ``path`` stays
+    whole until the new one is). Where that fails after training (a full disk), it is kept in the temp folder and a
+    CheckpointError names the file: hours of training must not end with nothing."""
+    buffer = io.BytesIO()
+    torch.save(checkpoint, buffer)
+    payload = buffer.getvalue()
+    try:
+        _write_atomically(payload, path)
+    except OSError as exc:
+        aside = Path(tempfile.gettempdir()) / f"ffablate-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.pt"
+        failed = f"cannot write the checkpoint to {path} ({exc.strerror or exc})"
+        try:
+            _write_atomically(payload, aside)
+        except OSError as aside_exc:
+            raise CheckpointError(
+                f"{failed}, nor to {aside} ({aside_exc.strerror or aside_exc}): the trained model is lost; free some "
+                "space and train again"
+            ) from None
+        raise CheckpointError(f"{failed}; it is saved in {aside} instead: move it where you want it") from None
+
+
+def _write_atomically(payload: bytes, path: Path) -> None:
+    """``payload`` to a new file beside ``path`` (same folder, so the rename stays on one file system), synced, then
+    renamed onto ``path``. The new file gets the mode a plain write would (0666 less the umask)."""
+    partial = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    try:
+        fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        with os.fdopen(fd, "wb") as f:
+            f.write(payload)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(partial, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            partial.unlink(missing_ok=True)
+        raise
+
+
+def read(path: str | Path) -> dict[str, Any]:
+    """The checkpoint at ``path``, read with ``weights_only=True``; whatever keeps it from being one of this ffablate's
+    is a CheckpointError saying what to do."""
+    path = Path(path).expanduser()
+    try:
+        with open(path, "rb") as f:
+            magic = f.read(len(ZIP_MAGIC))
+    except FileNotFoundError:
+        raise CheckpointError(f"no checkpoint at {path}: give {WRITTEN_BY}") from None
+    except IsADirectoryError:
+        raise CheckpointError(f"{path} is a folder: give the checkpoint file in it") from None
+    except OSError as exc:
+        raise CheckpointError(f"cannot read {path} ({exc.strerror or exc}); fix its permissions") from None
+    if magic != ZIP_MAGIC:
+        raise CheckpointError(f"{path} is not an ffablate checkpoint (not a torch file): give {WRITTEN_BY}")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise CheckpointError(
+            f"{path} is not an ffablate checkpoint: it holds Python objects beyond plain data and tensors, which "
+            f"torch.load(weights_only=True) refuses to run; give {WRITTEN_BY}"
+        ) from None
+    except Exception as exc:  # torch's reader on a cut or overwritten archive: RuntimeError, EOFError, ...
+        raise CheckpointError(
+            f"{path} is damaged (torch cannot read it: {first_line(exc)}); copy it again if it was cut short, or "
+            "train again with --save"
+        ) from None
+    return checked(checkpoint, path)
+
+
+def checked(checkpoint: object, path: Path) -> dict[str, Any]:
+    """``checkpoint`` if it is an ffablate checkpoint of a format this ffablate reads."""
+    if not isinstance(checkpoint, dict) or checkpoint.get("format") != FORMAT:
+        raise CheckpointError(f"{path} is a torch file but not an ffablate checkpoint: give {WRITTEN_BY}")
+    version = checkpoint.get("format_version")
+    if not isinstance(version, int) or version < 1:
+        raise CheckpointError(
+            f"{path} has no valid format version ({version!r}): it is damaged; train again with --save"
+        )
+    if version > FORMAT_VERSION:
+        writer = checkpoint.get("ffablate")
+        by = f"ffablate {writer.get('version')}" if isinstance(writer, dict) else "a newer ffablate"
+        raise CheckpointError(
+            f"{path} has checkpoint format {version}, written by {by}; this ffablate {__version__} reads format "
+            f"{FORMAT_VERSION} and older: upgrade ffablate"
+        )
+    data, model = checkpoint.get("data"), checkpoint.get("model")
+    missing = [key for key in KEYS if key not in checkpoint]
+    missing += [f"data.{key}" for key in DATA_KEYS if not (isinstance(data, dict) and key in data)]
+    missing += [] if isinstance(model, dict) and "state_dict" in model else ["model.state_dict"]
+    if missing:
+        raise CheckpointError(
+            f"{path} is an incomplete ffablate checkpoint (no {missing[0]!r}); train again with --save"
+        )
+    return checkpoint

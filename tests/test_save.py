@@ -1,0 +1,283 @@
+"""`ffablate train --save`, `ffablate.load_run` and `ffablate evaluate`: a saved model scores as its run did."""
+
+import contextlib
+import errno
+import io
+import json
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+
+import ffablate
+from ffablate import checkpoint, hookimpl
+from ffablate.cli import main
+from ffablate.config import RunConfig
+from ffablate.errors import CheckpointError, ConfigError
+from ffablate.plugins import Registry, make_plugin_manager
+from tests.conftest import FFABLATE_ENV
+
+# scikit-learn's 8x8 digits: 400 training images, 200 test images, one epoch of a narrow CNN, in a second or two;
+# small, large steps, so that every recipe learns something in that epoch.
+DIGITS = [
+    *("--dataset", "digits", "--epochs", "1", "--set", "limit_train=400", "--set", "limit_test=200"),
+    *("--set", "batch_size=25", "--set", "lr=0.01", "--set", "channels=10,10", "--set", "strides=2,2"),
+]
+RECIPES = {
+    "ff": [],
+    # Label embedding (one pass per candidate label), with a learned per-block temperature and a fusion that has
+    # state of its own, so that every part of FFNet's state is saved.
+    "ff-label": [
+        *("--set", "goodness=sumsq", "--set", "negatives=random-label", "--set", "loss=softplus-threshold"),
+        *("--set", "temperature=learned", "--set", "fusion=learned-weights"),
+    ],
+    "bp-deepsup": ["--method", "bp-deepsup"],
+}
+
+
+def one_line_error(capsys) -> str:
+    err = capsys.readouterr().err.strip()
+    assert "Traceback" not in err
+    assert len(err.splitlines()) == 1, err
+    return err
+
+
+def json_of(argv: list[str]) -> dict:
+    """The JSON `ffablate ARGV` prints (exit 0)."""
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert main(argv) == 0
+    return json.loads(out.getvalue())
+
+
+@pytest.fixture(scope="module")
+def saved_runs(tmp_path_factory) -> dict[str, tuple[Path, dict]]:
+    """Each recipe trained once with --save: {recipe: (checkpoint, the run's JSON)}. Module-scoped, so the
+    environment is isolated here as conftest isolates each test's."""
+    folder = tmp_path_factory.mktemp("saved")
+    runs = {}
+    with pytest.MonkeyPatch.context() as env:
+        for name in FFABLATE_ENV:
+            env.delenv(name, raising=False)
+        env.setenv("FFABLATE_DATA", str(tmp_path_factory.mktemp("empty-data-root")))
+        for recipe, args in RECIPES.items():
+            path = folder / f"{recipe}.pt"
+            runs[recipe] = (path, json_of(["train", *DIGITS, *args, "--save", str(path), "--json"]))
+    return runs
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_evaluate_reproduces_the_recorded_accuracy(saved_runs, recipe):
+    path, run = saved_runs[recipe]
+    assert run["checkpoint"] == str(path)
+    scored = json_of(["evaluate", str(path), "--json"])
+    assert scored["test_accuracy"] == run["test_accuracy"] == scored["recorded_test_accuracy"]
+    assert scored["per_layer_accuracy"] == run["per_layer_accuracy"] == scored["recorded_per_layer_accuracy"]
+    assert scored["images"] == run["images"]["test"] == 200
+    assert scored["data_source"] == run["data_source"] and scored["kernel_backend"] == run["kernel_backend"]
+    # It learned something: a model that predicts one class (accuracy 0.1) would reproduce its accuracy trivially.
+    assert run["test_accuracy"] > 0.2
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_predict_on_raw_test_images_agrees_with_evaluate(saved_runs, recipe):
+    path, run = saved_runs[recipe]
+    rng = torch.get_rng_state()
+    saved = ffablate.load_run(path)
+    assert torch.equal(torch.get_rng_state(), rng)  # rebuilding drew initial weights from a stream of its own
+    assert not saved.model.training and saved.config == RunConfig().with_updates(run["config"])
+    assert (saved.dataset.num_classes, saved.dataset.image_shape) == (10, (1, 8, 8))
+    ds = saved.test_split()
+    assert ds.test_x.dtype == torch.uint8  # what predict takes: the dataset's raw pixels
+    predicted = saved.predict(ds.test_x)
+    assert predicted.logits.shape == (200, 10) and torch.equal(predicted.labels, predicted.logits.argmax(1))
+    assert int((predicted.labels == ds.test_y).sum()) / 200 == run["test_accuracy"]
+    per_layer = [int((s.argmax(1) == ds.test_y).sum()) / 200 for s in predicted.per_layer]
+    assert per_layer == run["per_layer_accuracy"]
+    assert torch.equal(saved.predict(ds.test_x.numpy()).logits, predicted.logits)
+    # One image alone is one batch of one: the same scores up to the rounding of another batch size.
+    one = saved.predict(ds.test_x[3])
+    assert one.logits.shape == (1, 10) and torch.allclose(one.logits[0], predicted.logits[3], rtol=1e-4, atol=1e-4)
+
+
+def test_predict_refuses_normalized_or_misshapen_images(saved_runs):
+    saved = ffablate.load_run(saved_runs["ff"][0])
+    with pytest.raises(ConfigError, match=r"raw uint8 images .* got torch.float32"):
+        saved.predict(torch.rand(2, 1, 8, 8))
+    with pytest.raises(ConfigError, match=r"shape \(N, 1, 8, 8\) .* got \(2, 1, 28, 28\)"):
+        saved.predict(torch.zeros(2, 1, 28, 28, dtype=torch.uint8))
+    with pytest.raises(ConfigError, match="got a list"):
+        saved.predict([[0]])
+
+
+def test_the_checkpoint_holds_plain_data_and_the_whole_model(saved_runs):
+    path, run = saved_runs["ff-label"]
+    saved = torch.load(path, weights_only=True)
+    assert (saved["format"], saved["format_version"]) == ("ffablate-checkpoint", 1)
+    assert saved["ffablate"] == {"version": ffablate.__version__, "commit": run["versions"]["ffablate_commit"]}
+    assert saved["config"] == run["config"] and saved["plugin_params"] == run["plugin_params"]
+    assert {k: v for k, v in saved["result"].items() if k != "history"} == {
+        k: v for k, v in run.items() if k != "checkpoint"
+    }
+    assert saved["plugins"]["goodness"] == {"name": "sumsq", "package": "ffablate", "version": ffablate.__version__}
+    data = saved["data"]
+    assert (data["num_classes"], data["image_shape"]) == (10, [1, 8, 8]) and data["class_names"][9] == "9"
+    assert data["dtype"] == "uint8" and len(data["mean"]) == len(data["std"]) == 1 and data["test_images"] == 200
+    state = saved["model"]["state_dict"]
+    for key in ("backbone.blocks.1.0.weight", "backbone.norms.1.bn2d.running_var", "temperatures.1.log_t"):
+        assert key in state
+    assert "fusion.logits" in state and "fusion.scale" in state
+    bp = torch.load(saved_runs["bp-deepsup"][0], weights_only=True)["model"]["state_dict"]
+    assert "heads.0.weight" in bp and "heads.1.bias" in bp and "backbone.norms.0.bn2d.running_mean" in bp
+
+
+class _Goodness:
+    @hookimpl
+    def ffablate_register_goodness(self, register):
+        register("outside", lambda: None, "a plugin from outside ffablate")
+
+
+def test_an_outside_plugin_is_recorded_with_its_package_and_version():
+    plugins = Registry(make_plugin_manager((_Goodness(),)))
+    config = RunConfig().with_updates({"goodness": "outside"})
+    record = checkpoint.plugin_record(config, plugins, ("goodness", "norm"))
+    assert record["goodness"] == {"name": "outside", "package": f"{__name__}._Goodness", "version": None}
+    assert record["norm"]["package"] == "ffablate"
+
+
+@pytest.mark.parametrize(
+    ("where", "expected"),
+    [
+        ("missing/model.pt", "the folder {tmp}/missing does not exist"),
+        (".", "is a folder; give a file in it"),
+        ("", "--save is empty"),
+    ],
+)
+def test_a_save_path_that_cannot_be_written_fails_before_training(capsys, monkeypatch, tmp_path, where, expected):
+    monkeypatch.setattr("ffablate.train.trained_run", lambda *a, **k: pytest.fail("training must not start"))
+    path = str(tmp_path / where) if where else ""
+    assert main(["train", *DIGITS, "--save", path]) == 2
+    assert expected.format(tmp=tmp_path) in one_line_error(capsys)
+
+
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux's /proc")
+def test_a_folder_no_one_can_write_fails_before_training(capsys, monkeypatch):
+    # /proc refuses new files even to root, whom os.access would tell yes.
+    monkeypatch.setattr("ffablate.train.trained_run", lambda *a, **k: pytest.fail("training must not start"))
+    assert main(["train", *DIGITS, "--save", "/proc/model.pt"]) == 2
+    assert "cannot write in /proc" in one_line_error(capsys)
+
+
+def test_a_checkpoint_that_cannot_be_written_is_kept_in_the_temp_folder(capsys, monkeypatch, tmp_path):
+    target, aside = tmp_path / "out" / "model.pt", tmp_path / "tmp"
+    target.parent.mkdir()
+    aside.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(aside))
+    write = checkpoint._write_atomically
+
+    def disk_full_at_target(payload: bytes, path: Path) -> None:
+        if path.parent == target.parent:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        write(payload, path)
+
+    monkeypatch.setattr(checkpoint, "_write_atomically", disk_full_at_target)
+    assert main(["train", *DIGITS, "--set", "limit_train=100", "--save", str(target), "--json"]) == 2
+    captured = capsys.readouterr()
+    run = json.loads(captured.out)  # the result is printed before the error
+    assert "checkpoint" not in run and not target.exists()
+    (kept,) = aside.glob("ffablate-*.pt")
+    err = captured.err.strip()
+    assert len(err.splitlines()) == 1 and "No space left on device" in err and f"saved in {kept} instead" in err
+    assert ffablate.load_run(kept).result["test_accuracy"] == run["test_accuracy"]
+
+
+def rewritten(source: Path, target: Path, change: Callable[[dict], None]) -> Path:
+    """A copy of the checkpoint ``source`` at ``target``, ``change``d."""
+    saved = torch.load(source, weights_only=True)
+    change(saved)
+    torch.save(saved, target)
+    return target
+
+
+def foreign_goodness(saved: dict) -> None:
+    saved["plugins"]["goodness"] = {"name": "power", "package": "ffablate-power", "version": "0.2.0"}
+
+
+def other_package(saved: dict) -> None:
+    saved["plugins"]["goodness"] = {"name": "classwise", "package": "ffablate-classwise", "version": "1.0"}
+
+
+def newer_format(saved: dict) -> None:
+    saved["format_version"] = 2
+
+
+def fewer_blocks(saved: dict) -> None:
+    del saved["model"]["state_dict"]["backbone.blocks.1.0.weight"]
+
+
+def test_bad_checkpoints_are_one_line_errors(capsys, saved_runs, tmp_path):
+    good = saved_runs["ff"][0]
+    cut = tmp_path / "cut.pt"
+    cut.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    text = tmp_path / "notes.pt"
+    text.write_text("not a model\n")
+    other = tmp_path / "weights.pt"
+    torch.save({"weights": torch.zeros(3)}, other)
+    code = tmp_path / "code.pt"
+    torch.save({"format": "ffablate-checkpoint", "object": Path("x")}, code)
+    cases = [
+        (tmp_path / "nothing.pt", "no checkpoint at"),
+        (tmp_path, "is a folder"),
+        (cut, "is damaged (torch cannot read it"),
+        (text, "is not an ffablate checkpoint (not a torch file)"),
+        (other, "is a torch file but not an ffablate checkpoint"),
+        (code, "holds Python objects beyond plain data and tensors"),
+        (
+            rewritten(good, tmp_path / "plugin.pt", foreign_goodness),
+            "trained with the goodness plugin 'power' from package ffablate-power 0.2.0, which is not installed here: "
+            "install it (`pip install ffablate-power==0.2.0`)",
+        ),
+        (
+            rewritten(good, tmp_path / "package.pt", other_package),
+            f"but the installed one is from ffablate {ffablate.__version__} (built-in): install it (`pip install "
+            "ffablate-classwise==1.0`)",
+        ),
+        (
+            rewritten(good, tmp_path / "newer.pt", newer_format),
+            f"has checkpoint format 2, written by ffablate {ffablate.__version__}; this ffablate",
+        ),
+        (rewritten(good, tmp_path / "blocks.pt", fewer_blocks), "no saved 'backbone.blocks.1.0.weight'"),
+    ]
+    for path, expected in cases:
+        assert main(["evaluate", str(path)]) == 2, path
+        assert expected in one_line_error(capsys), path
+    with pytest.raises(CheckpointError, match="upgrade ffablate"):
+        ffablate.load_run(tmp_path / "newer.pt")
+
+
+def test_a_plugin_of_another_version_is_refused(saved_runs, tmp_path, monkeypatch):
+    plugins = Registry(make_plugin_manager((_Goodness(),)))
+    source = f"{__name__}._Goodness"
+
+    def outside_goodness(saved: dict) -> None:
+        saved["config"]["goodness"] = "outside"
+        saved["plugins"]["goodness"] = {"name": "outside", "package": source, "version": "0.2.0"}
+
+    path = rewritten(saved_runs["ff"][0], tmp_path / "outside.pt", outside_goodness)
+    monkeypatch.setattr("ffablate.saved.package_version", lambda package: "0.3.0" if package == source else None)
+    with pytest.raises(CheckpointError) as refused:
+        ffablate.load_run(path, plugins=plugins)
+    assert str(refused.value) == (
+        f"{path} was trained with the goodness plugin 'outside' from package {source} 0.2.0, but the installed one is "
+        f"from package {source} 0.3.0: install it (`pip install {source}==0.2.0`) to use the model as it was trained"
+    )
+
+
+def test_evaluate_prints_a_table(capsys, saved_runs):
+    path, run = saved_runs["bp-deepsup"]
+    assert main(["evaluate", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "recorded test accuracy" in out and f"{run['test_accuracy']:.4f}" in out
+    assert f"data: {run['data_source']}" in out
