@@ -88,15 +88,17 @@ class SavedRun:
         ``images``: uint8 pixels as the dataset stores them (0..255, before any normalization), shaped (N, C, H, W)
         as ``dataset.image_shape``, or one (C, H, W) image; a tensor or a NumPy array. Floats are refused: 0..1,
         0..255 and normalized values look alike. The images go through the run's evaluation loader (its mean and
-        std, batches of 1,000 in order), so on the test split these are the very logits its accuracy counted."""
+        std, batches of 1,000 in order) and the model in eval mode (whatever mode it was left in, which is restored),
+        so on the test split these are the very logits its accuracy counted."""
         x = self._raw_images(images)
         unlabelled = torch.zeros(len(x), dtype=torch.int64)  # the loader batches labels too; nothing reads these
         loader = common.eval_loader(x, unlabelled, self._model_config, self.device, self.dataset.mean, self.dataset.std)
         logits, layers = [], []
-        for batch, _ in loader:
-            fused, per_layer = self.model.predict(batch)
-            logits.append(fused.float().cpu())
-            layers.append([scores.float().cpu() for scores in per_layer])
+        with common.eval_mode(self.model):  # a model put in training mode would score on its batches' statistics
+            for batch, _ in loader:
+                fused, per_layer = self.model.predict(batch)
+                logits.append(fused.float().cpu())
+                layers.append([scores.float().cpu() for scores in per_layer])
         fused = torch.cat(logits)
         return Prediction(fused, fused.argmax(1), [torch.cat(parts) for parts in zip(*layers, strict=True)])
 

@@ -281,3 +281,18 @@ def test_evaluate_prints_a_table(capsys, saved_runs):
     out = capsys.readouterr().out
     assert "recorded test accuracy" in out and f"{run['test_accuracy']:.4f}" in out
     assert f"data: {run['data_source']}" in out
+
+
+def test_predict_scores_in_eval_mode_whatever_mode_the_model_is_in(saved_runs):
+    # predict scored a model put in training mode (to fine-tune it, say) with the batch's own statistics, and moved
+    # its batch-norm running statistics: evaluate then no longer gave the recorded accuracy.
+    path, run = saved_runs["bp-deepsup"]
+    saved = ffablate.load_run(path)
+    images = saved.test_split().test_x
+    want = saved.predict(images).logits
+    state = {key: value.clone() for key, value in saved.model.state_dict().items()}
+    saved.model.train()
+    assert torch.equal(saved.predict(images).logits, want)
+    assert saved.model.training  # its mode is given back
+    assert all(torch.equal(value, state[key]) for key, value in saved.model.state_dict().items())
+    assert saved.evaluate().test_accuracy == run["test_accuracy"]

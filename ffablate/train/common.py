@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import platform
 import random
@@ -160,19 +161,27 @@ def evaluate(net: nn.Module, loader: DeviceLoader) -> tuple[float, list[float]]:
     """Accuracy of ``net.predict``'s logits and of each of its per-layer scores (FF: a block's class scores alone;
     BP: each head) on ``loader``'s images, in eval mode (the net's mode is restored). Every trainer's evaluation, and
     ``ffablate evaluate``'s of a checkpoint: one loop, so the two count alike."""
-    was_training = net.training
-    net.eval()
     correct, layer_correct, total = 0, [], 0
-    try:
+    with eval_mode(net):
         for x, y in loader:
             logits, per_layer = net.predict(x)
             correct += int((logits.argmax(1) == y).sum())
             hits = [int((s.argmax(1) == y).sum()) for s in per_layer]
             layer_correct = [a + b for a, b in zip(layer_correct, hits, strict=True)] if layer_correct else hits
             total += y.numel()
+    return correct / total, [c / total for c in layer_correct]
+
+
+@contextlib.contextmanager
+def eval_mode(net: nn.Module) -> Iterator[None]:
+    """``net`` in eval mode (batch-norm on its running statistics, which stay as they are), its mode restored after:
+    how evaluation, and ``SavedRun.predict``, score whatever mode the caller left the net in."""
+    was_training = net.training
+    net.eval()
+    try:
+        yield
     finally:
         net.train(was_training)
-    return correct / total, [c / total for c in layer_correct]
 
 
 def epoch_scores(evaluate: Evaluate, data: RunData) -> dict[str, float]:
