@@ -125,13 +125,22 @@ def cpu_state(net: nn.Module) -> OrderedDict[str, Tensor]:
 
 def writable_target(path: str) -> Path:
     """``path`` as the file to write a checkpoint to, refused now, before training, where it could not be written: a
-    folder, a folder that does not exist, or one this process cannot create a file in. The folder is tried with a
-    file, not asked (``os.access``), since root is told yes about folders it cannot write (read-only mounts, /proc)."""
+    folder, something other than a file (a pipe, a device), a folder that does not exist, or one this process cannot
+    create a file in. The folder is tried with a file, not asked (``os.access``), since root is told yes about folders
+    it cannot write (read-only mounts, /proc). A link is followed: the file is written where it points (the atomic
+    rename would replace the link itself and leave the file it names as it was)."""
     if not path:
         raise CheckpointError("--save is empty: give a file, e.g. --save model.pt")
     target = Path(path).expanduser()
+    if target.is_symlink():
+        target = target.resolve()
     if target.is_dir():
         raise CheckpointError(f"--save {path} is a folder; give a file in it, e.g. --save {target / 'model.pt'}")
+    if target.exists() and not target.is_file():
+        raise CheckpointError(
+            f"--save {path} is not a regular file (a pipe, device or socket), which the checkpoint would replace; "
+            "give a file, e.g. --save model.pt"
+        )
     folder = target.parent
     if not folder.is_dir():
         raise CheckpointError(f"--save {path}: the folder {folder} does not exist; create it or give another path")

@@ -4,6 +4,8 @@ import contextlib
 import errno
 import io
 import json
+import os
+import stat
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -296,3 +298,25 @@ def test_predict_scores_in_eval_mode_whatever_mode_the_model_is_in(saved_runs):
     assert saved.model.training  # its mode is given back
     assert all(torch.equal(value, state[key]) for key, value in saved.model.state_dict().items())
     assert saved.evaluate().test_accuracy == run["test_accuracy"]
+
+
+def test_save_through_a_link_writes_the_linked_file(tmp_path):
+    # The atomic rename replaced the link itself with a new file: the file it pointed to kept the old model.
+    (tmp_path / "models").mkdir()
+    linked = tmp_path / "models" / "latest.pt"
+    linked.write_bytes(b"an older model")
+    link = tmp_path / "model.pt"
+    link.symlink_to(linked)
+    run = json_of(["train", *DIGITS, "--set", "limit_train=100", "--save", str(link), "--json"])
+    assert link.is_symlink() and run["checkpoint"] == str(linked)
+    assert ffablate.load_run(link).result["test_accuracy"] == run["test_accuracy"]
+
+
+def test_save_onto_a_pipe_or_device_fails_before_training(capsys, monkeypatch, tmp_path):
+    # It was renamed over: a named pipe (or, for root, a device such as /dev/null) became a regular file.
+    monkeypatch.setattr("ffablate.train.trained_run", lambda *a, **k: pytest.fail("training must not start"))
+    pipe = tmp_path / "pipe"
+    os.mkfifo(pipe)
+    assert main(["train", *DIGITS, "--save", str(pipe)]) == 2
+    assert f"--save {pipe} is not a regular file" in one_line_error(capsys)
+    assert stat.S_ISFIFO(pipe.stat().st_mode)
