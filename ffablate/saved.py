@@ -211,8 +211,14 @@ def _rebuilt(saved: dict[str, Any], config: RunConfig, plugins: Registry, path: 
     info = dataset_info(saved["data"])
     net_class = FFNet if config.method in FF_METHODS else BPNet
     # Building draws initial weights, which the saved state replaces: the caller's random stream is left as it was.
-    with torch.random.fork_rng(devices=[]):
-        net = net_class(config, info.image_shape, info.num_classes, plugins)
+    try:
+        with torch.random.fork_rng(devices=[]):
+            net = net_class(config, info.image_shape, info.num_classes, plugins)
+    except ConfigError as exc:  # the recorded config and plugin parameters, refused here: not the caller's mistake
+        raise CheckpointError(
+            f"{path} does not build with this ffablate {__version__} and the plugins installed here ({exc}); load it "
+            f"with {_made_by(saved)}, which saved it, and the plugins it was trained with"
+        ) from None
     state, own = saved["model"]["state_dict"], net.state_dict()
     problems = (
         [f"no saved {key!r}" for key in own if key not in state]

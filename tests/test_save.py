@@ -320,3 +320,16 @@ def test_save_onto_a_pipe_or_device_fails_before_training(capsys, monkeypatch, t
     assert main(["train", *DIGITS, "--save", str(pipe)]) == 2
     assert f"--save {pipe} is not a regular file" in one_line_error(capsys)
     assert stat.S_ISFIFO(pipe.stat().st_mode)
+
+
+def test_a_recorded_plugin_parameter_the_plugin_no_longer_takes_names_the_checkpoint(capsys, saved_runs, tmp_path):
+    # A plugin whose parameter was renamed since (a built-in in a later ffablate, a module in FFABLATE_PLUGINS) said
+    # "temperature plugin 'constant' has no parameter 'start'", as if the user had --set it.
+    def renamed(saved: dict) -> None:
+        saved["plugin_params"]["temperature"] = {"start": 0.3}
+
+    path = rewritten(saved_runs["ff"][0], tmp_path / "renamed.pt", renamed)
+    assert main(["evaluate", str(path)]) == 2
+    err = one_line_error(capsys)
+    assert f"{path} does not build with this ffablate" in err and "has no parameter 'start'" in err
+    assert f"load it with ffablate {ffablate.__version__}" in err
