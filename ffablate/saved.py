@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from ffablate import __version__, checkpoint, ops
 from ffablate.config import FF_METHODS, RunConfig
 from ffablate.data import ImageDataset
-from ffablate.errors import CheckpointError, ConfigError, FFablateWarning, UnknownPlugin, described
+from ffablate.errors import CheckpointError, ConfigError, DataNotFound, FFablateWarning, UnknownPlugin, described
 from ffablate.plugins import Registry, package_version, registry
 from ffablate.train import common
 
@@ -127,7 +127,16 @@ class SavedRun:
         that no longer match the record (other classes or image shape) are a CheckpointError; other test images
         (another copy of the data) a warning: the accuracy on them is not comparable with the recorded one."""
         check_plugins(self.path, self.plugins, ("datasets",), self._registry)
-        ds = common.load_run_dataset(self._model_config, data_root, download)
+        try:
+            ds = common.load_run_dataset(self._model_config, data_root, download)
+        except DataNotFound as exc:
+            source = self.result.get("data_source")
+            if not source or type(exc) is not DataNotFound:
+                raise
+            # Where this ffablate looks by default is seldom where the run's data are: say where they were.
+            raise DataNotFound(
+                f"{exc}; the run read it from {source}: give --data-root (data_root) the folder that holds it"
+            ) from None
         info = self.dataset
         found = (ds.num_classes, list(ds.class_names), ds.image_shape)
         if found != (info.num_classes, info.class_names, info.image_shape):

@@ -333,3 +333,21 @@ def test_a_recorded_plugin_parameter_the_plugin_no_longer_takes_names_the_checkp
     err = one_line_error(capsys)
     assert f"{path} does not build with this ffablate" in err and "has no parameter 'start'" in err
     assert f"load it with ffablate {ffablate.__version__}" in err
+
+
+def test_evaluate_without_the_runs_data_root_says_where_the_run_read_its_data(capsys, tmp_path):
+    # It said only where this ffablate looks by default, and to --download: not that the run's data were elsewhere.
+    from tests.test_cli import write_imagefolder
+
+    write_imagefolder(tmp_path / "data" / "pets")
+    path = tmp_path / "pets.pt"
+    args = ["--dataset", "imagefolder", "--set", "datasets.path=pets", "--data-root", str(tmp_path / "data")]
+    train = ["train", *args, "--epochs", "1", "--set", "batch_size=4", "--set", "channels=4,4", "--set", "strides=2,2"]
+    run = json_of([*train, "--save", str(path), "--json"])
+    assert (
+        json_of(["evaluate", str(path), "--data-root", str(tmp_path / "data"), "--json"])["test_accuracy"]
+        == (run["test_accuracy"])
+    )
+    assert main(["evaluate", str(path)]) == 2
+    err = one_line_error(capsys)
+    assert "dataset 'imagefolder' not found" in err and f"the run read it from {tmp_path / 'data' / 'pets'}" in err
