@@ -7,7 +7,9 @@ from the file. A checkpoint is a dict:
 - ``ffablate``: ``{"version", "commit"}`` of the code that trained it (the commit "" for an installed copy).
 - ``config``: the resolved run config as the run's JSON records it; ``plugin_params``: every parameter of every
   plugin the run used, defaults included (the network is rebuilt from these, so a changed default cannot move it).
-- ``plugins``: ``{kind: {"name", "package", "version"}}`` for each plugin the run used ("ffablate" for built-ins).
+- ``plugins``: ``{kind: {"name", "package", "version"}}`` for each plugin the run used ("ffablate" for built-ins); a
+  plugin module without a package version (FFABLATE_PLUGINS) also has ``source_sha256``, its factory's source file's
+  SHA-256, which tells a module edited since.
 - ``data``: the dataset's name, ``num_classes``, ``class_names``, ``image_shape`` [C, H, W], the raw images' dtype
   (uint8), the per-channel ``mean`` and ``std`` (in [0, 1] units) the loaders normalize with, and the test split's
   size and SHA-256, to tell whether a re-evaluation scores the same images.
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import inspect
 import io
 import os
 import pickle
@@ -37,7 +40,7 @@ from torch import Tensor, nn
 from ffablate import __version__
 from ffablate.config import RunConfig
 from ffablate.errors import CheckpointError, first_line
-from ffablate.plugins import Registry, package_version
+from ffablate.plugins import Plugin, Registry, package_version
 from ffablate.revision import source_revision
 
 if TYPE_CHECKING:
@@ -99,13 +102,25 @@ def plain(value: Any) -> Any:
 
 def plugin_record(config: RunConfig, plugins: Registry, kinds: tuple[str, ...]) -> dict[str, dict[str, str | None]]:
     """``{kind: {"name", "package", "version"}}`` of the run's plugins: built-ins as ffablate's, a plugin module
-    without a package with version None."""
-    record = {}
+    without a package with version None and its ``source_sha256`` (``source_digest``) instead."""
+    record: dict[str, dict[str, str | None]] = {}
     for kind in kinds:
         plugin = plugins.get(kind, config.plugin_of(kind))
         version = __version__ if plugin.source == "ffablate" else package_version(plugin.source)
         record[kind] = {"name": plugin.name, "package": plugin.source, "version": version}
+        if version is None:
+            record[kind]["source_sha256"] = source_digest(plugin)
     return record
+
+
+def source_digest(plugin: Plugin) -> str | None:
+    """SHA-256 of the file that defines ``plugin``'s factory: a module's version, where it has no package's. None
+    where no file defines it (a factory made in a notebook)."""
+    try:
+        file = inspect.getsourcefile(plugin.factory)
+        return hashlib.sha256(Path(file).read_bytes()).hexdigest() if file else None
+    except (TypeError, OSError):
+        return None
 
 
 def split_digest(images: Tensor, labels: Tensor) -> str:

@@ -249,7 +249,8 @@ def _rebuilt(saved: dict[str, Any], config: RunConfig, plugins: Registry, path: 
 
 def check_plugins(path: Path, record: dict[str, dict[str, Any]], kinds: tuple[str, ...], plugins: Registry) -> None:
     """Each of the run's ``kinds`` plugins is installed here from the package, and at the version, the run used:
-    another version's code may compute something else from the same weights."""
+    another version's code may compute something else from the same weights. A module without a package version
+    whose source changed since is a warning (nothing else can say which code it was)."""
     for kind in kinds:
         name, package, version = record[kind]["name"], record[kind]["package"], record[kind]["version"]
         trained = f"{path} was trained with the {kind} plugin {name!r} from {_origin(package, version)}"
@@ -265,6 +266,16 @@ def check_plugins(path: Path, record: dict[str, dict[str, Any]], kinds: tuple[st
             raise CheckpointError(
                 f"{trained}, but the installed one is from {_origin(plugin.source, installed)}: "
                 f"{_install_hint(package, version)} to use the model as it was trained"
+            )
+        # A module has no version to compare: its source file tells whether it was edited since.
+        digest = record[kind].get("source_sha256")
+        if digest and checkpoint.source_digest(plugin) != digest:
+            warnings.warn(
+                f"{trained}, whose source has changed since: the model may compute something else with it, and its "
+                "accuracy differ from the recorded one; restore the module as it was to use the model as it was "
+                "trained",
+                FFablateWarning,
+                stacklevel=3,
             )
 
 

@@ -2,10 +2,12 @@
 
 import contextlib
 import errno
+import hashlib
 import io
 import json
 import os
 import stat
+import sys
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -17,7 +19,7 @@ import ffablate
 from ffablate import checkpoint, hookimpl
 from ffablate.cli import main
 from ffablate.config import RunConfig
-from ffablate.errors import CheckpointError, ConfigError
+from ffablate.errors import CheckpointError, ConfigError, FFablateWarning
 from ffablate.plugins import Registry, make_plugin_manager
 from tests.conftest import FFABLATE_ENV
 
@@ -145,7 +147,14 @@ def test_an_outside_plugin_is_recorded_with_its_package_and_version():
     plugins = Registry(make_plugin_manager((_Goodness(),)))
     config = RunConfig().with_updates({"goodness": "outside"})
     record = checkpoint.plugin_record(config, plugins, ("goodness", "norm"))
-    assert record["goodness"] == {"name": "outside", "package": f"{__name__}._Goodness", "version": None}
+    # No package version to tell a module edited since training: the digest of the file that defines the factory.
+    digest = hashlib.sha256(Path(__file__).read_bytes()).hexdigest()
+    assert record["goodness"] == {
+        "name": "outside",
+        "package": f"{__name__}._Goodness",
+        "version": None,
+        "source_sha256": digest,
+    }
     assert record["norm"]["package"] == "ffablate"
 
 
@@ -351,3 +360,57 @@ def test_evaluate_without_the_runs_data_root_says_where_the_run_read_its_data(ca
     assert main(["evaluate", str(path)]) == 2
     err = one_line_error(capsys)
     assert "dataset 'imagefolder' not found" in err and f"the run read it from {tmp_path / 'data' / 'pets'}" in err
+
+
+SCALED_SUM = """
+import torch
+from torch import nn
+from ffablate import hookimpl
+
+
+class ScaledSum(nn.Module):
+    def __init__(self, num_layers, num_classes, feature_dims):
+        super().__init__()
+        self.w = nn.Parameter(torch.ones(num_layers))
+
+    def forward(self, scores, features):
+        return sum(SIGN * w * s for w, s in zip(self.w, scores))
+
+    def loss(self, scores, features, labels):
+        return nn.functional.cross_entropy(self(scores, features), labels)
+
+
+@hookimpl
+def ffablate_register_fusion(register):
+    register("scaled-sum", ScaledSum, "a weighted sum of the blocks' scores")
+"""
+
+
+def test_a_plugin_module_edited_since_training_is_a_warning(monkeypatch, tmp_path, recwarn):
+    # A module named in FFABLATE_PLUGINS has no package version to compare: edited after training (here its
+    # fusion's sign flipped), evaluate scored the model with the new code and said nothing.
+    import importlib
+
+    from ffablate.plugins import add_plugin, remove_plugin
+
+    source = tmp_path / "save_test_fusion.py"
+    source.write_text(SCALED_SUM.replace("SIGN", "1"))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "save_test_fusion", raising=False)
+    module = importlib.import_module("save_test_fusion")
+    add_plugin(module)
+    try:
+        path = tmp_path / "model.pt"
+        run = json_of(["train", *DIGITS, "--set", "fusion=scaled-sum", "--save", str(path), "--json"])
+        assert json_of(["evaluate", str(path), "--json"])["test_accuracy"] == run["test_accuracy"]
+        assert not [w for w in recwarn if "changed since" in str(w.message)]
+        source.write_text(SCALED_SUM.replace("SIGN", "-1"))
+        importlib.reload(module)
+        remove_plugin(module)  # registered again: the registry holds the factories it found
+        add_plugin(module)
+        with pytest.warns(FFablateWarning, match=r"'scaled-sum' from module save_test_fusion .*changed since"):
+            scored = json_of(["evaluate", str(path), "--json"])
+        assert scored["test_accuracy"] != run["test_accuracy"]
+    finally:
+        remove_plugin(module)
+        sys.modules.pop("save_test_fusion", None)
