@@ -117,9 +117,19 @@ class SavedRun:
         if x.dim() != 4 or tuple(x.shape[1:]) != (c, h, w) or len(x) == 0:
             raise ConfigError(
                 f"predict takes images of shape (N, {c}, {h}, {w}) with N >= 1, or one ({c}, {h}, {w}), as the run's "
-                f"{self.dataset.name} images; got {tuple(x.shape)}"
+                f"{self.dataset.name} images; got {tuple(x.shape)}{self._resize_hint()}"
             )
         return x
+
+    def _resize_hint(self) -> str:
+        """How the run's images got their size, where a dataset parameter set it (stl10, imagefolder)."""
+        size = self.config.params_of("datasets").get("size")
+        if not size:
+            return ""
+        return (
+            f" (the run's images were {size}x{size}, datasets.size={size}: resize yours to that, e.g. with "
+            "ffablate.builtin.datasets.resize_uint8)"
+        )
 
     def test_split(self, data_root: str | None = None, download: bool = False) -> ImageDataset:
         """The run's dataset loaded again as the run loaded it (its classes, labels, limits, and the test subset's

@@ -290,8 +290,24 @@ def test_evaluate_prints_a_table(capsys, saved_runs):
     path, run = saved_runs["bp-deepsup"]
     assert main(["evaluate", str(path)]) == 0
     out = capsys.readouterr().out
-    assert "recorded test accuracy" in out and f"{run['test_accuracy']:.4f}" in out
+    recorded = next(line for line in out.splitlines() if "recorded at training" in line)
+    assert f"{run['test_accuracy']:.4f}" in recorded
+    assert " ".join(f"{a:.3f}" for a in run["per_layer_accuracy"]) in recorded
     assert f"data: {run['data_source']}" in out
+    assert "note:" not in out  # scored on the run's own device
+
+
+def test_evaluate_on_another_device_than_the_run_says_so(capsys, saved_runs):
+    path, _ = saved_runs["bp-deepsup"]
+    checkpoint = torch.load(path, weights_only=True)
+    checkpoint["config"]["device"] = "cuda"  # as a GPU run records it; the weights score the same on the CPU
+    moved = path.with_name("moved.pt")
+    torch.save(checkpoint, moved)
+    assert main(["evaluate", str(moved), "--json"]) == 0
+    fields = json.loads(capsys.readouterr().out)
+    assert (fields["device"], fields["recorded_device"]) == ("cpu", "cuda")
+    assert main(["evaluate", str(moved)]) == 0
+    assert "note: the run was scored on cuda; this is cpu" in capsys.readouterr().out
 
 
 def test_predict_scores_in_eval_mode_whatever_mode_the_model_is_in(saved_runs):
@@ -351,7 +367,20 @@ def test_evaluate_without_the_runs_data_root_says_where_the_run_read_its_data(ca
     write_imagefolder(tmp_path / "data" / "pets")
     path = tmp_path / "pets.pt"
     args = ["--dataset", "imagefolder", "--set", "datasets.path=pets", "--data-root", str(tmp_path / "data")]
-    train = ["train", *args, "--epochs", "1", "--set", "batch_size=4", "--set", "channels=4,4", "--set", "strides=2,2"]
+    train = [
+        "train",
+        *args,
+        "--set",
+        "datasets.size=8",
+        "--epochs",
+        "1",
+        "--set",
+        "batch_size=4",
+        "--set",
+        "channels=4,4",
+        "--set",
+        "strides=2,2",
+    ]
     run = json_of([*train, "--save", str(path), "--json"])
     assert (
         json_of(["evaluate", str(path), "--data-root", str(tmp_path / "data"), "--json"])["test_accuracy"]
@@ -360,6 +389,9 @@ def test_evaluate_without_the_runs_data_root_says_where_the_run_read_its_data(ca
     assert main(["evaluate", str(path)]) == 2
     err = one_line_error(capsys)
     assert "dataset 'imagefolder' not found" in err and f"the run read it from {tmp_path / 'data' / 'pets'}" in err
+    # predict takes images at the run's size, and says which size that was and where it came from.
+    with pytest.raises(ConfigError, match=r"got \(1, 3, 16, 16\) \(the run's images were 8x8, datasets.size=8"):
+        ffablate.load_run(path).predict(torch.zeros(1, 3, 16, 16, dtype=torch.uint8))
 
 
 SCALED_SUM = """
