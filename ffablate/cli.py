@@ -571,7 +571,7 @@ def cmd_study(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from ffablate.report import write_report
+    from ffablate.report import PLOTS, write_report
     from ffablate.study import load_study
 
     found = load_study(args.storage, args.name)
@@ -582,7 +582,9 @@ def cmd_report(args: argparse.Namespace) -> int:
         raise FFablateError(
             f"cannot write the report into {out}: {os_reason(exc)}; pass --out a writable folder"
         ) from None
-    stdout.print(f"wrote {path} and its plots", markup=False, highlight=False)
+    drawn = [name for name in PLOTS if (out / name).exists()]  # write_report removes an earlier report's first
+    plots = f"and {', '.join(drawn)}" if drawn else "(no plot applies to this study)"
+    stdout.print(f"wrote {path} {plots}", markup=False, highlight=False, soft_wrap=True)
     return 0
 
 
