@@ -573,6 +573,12 @@ class _Validator:
             self.fail(f"{key}.n_trials", "must be a non-negative int")
         if sampler == "tpe" and n_trials < 1:
             self.fail(f"{key}.n_trials", 'is required (≥ 1) for sampler = "tpe"')
+        if sampler == "grid" and "n_trials" in table:  # it was ignored: the grid ran every point anyway
+            self.fail(
+                f"{key}.n_trials",
+                'is for sampler = "tpe"; a grid runs every configuration x seed: remove it (`ffablate study '
+                "--n-trials N` runs at most N trials now, the rest on the next run)",
+            )
         axes = (
             self.axes(table.get("axes", {}), f"{key}.axes")
             if isinstance(table.get("axes", {}), dict)

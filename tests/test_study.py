@@ -696,10 +696,14 @@ def test_two_runs_failing_one_dead_trial_at_once_both_go_on(tmp_path, monkeypatc
             "not valid TOML: Cannot overwrite a value (at line 5, column 17); a plugin parameter's key must be "
             'quoted: "datasets.size" = ...',
         ),
+        # A grid ran every point whatever n_trials said.
+        (GRID, 'budgets.smoke.n_trials is for sampler = "tpe"; a grid runs every configuration x seed: remove it'),
     ],
 )
 def test_spec_errors_name_the_key_path(tmp_path, capsys, body, message):
     path = write_spec(tmp_path, body)
+    if "n_trials is for" in message:
+        path.write_text(path.read_text().replace("seeds = 2\n", "seeds = 2\nn_trials = 3\n", 1))
     assert main(["study", str(path), "--budget", "smoke", "--storage", storage_url(tmp_path)]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1, err
