@@ -157,14 +157,14 @@ def build_parser() -> Parser:
     plugins.set_defaults(func=cmd_plugins)
 
     data = sub.add_parser("data", help="datasets")
-    data_sub = data.add_subparsers(dest="data_command", required=True, parser_class=Parser)
+    data_sub = data.add_subparsers(dest="data_command", metavar="{list}", required=True, parser_class=Parser)
     data_list = data_sub.add_parser("list", help="which datasets are available and from where")
     data_list.add_argument("--data-root")
     data_list.add_argument("--json", action="store_true")
     data_list.set_defaults(func=cmd_data_list)
 
     bench = sub.add_parser("bench", help="benchmarks")
-    bench_sub = bench.add_subparsers(dest="bench_command", required=True, parser_class=Parser)
+    bench_sub = bench.add_subparsers(dest="bench_command", metavar="{kernels,pool}", required=True, parser_class=Parser)
     kernels = bench_sub.add_parser("kernels", help="fused kernels vs eager and torch.compile reference")
     kernels.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     kernels.add_argument("--quick", action="store_true", help="fewer repeats")
@@ -667,7 +667,7 @@ def cmd_study(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from ffablate.report import write_report
+    from ffablate.report import PLOTS, write_report
     from ffablate.study import load_study
 
     found = load_study(args.storage, args.name)
@@ -678,7 +678,9 @@ def cmd_report(args: argparse.Namespace) -> int:
         raise FFablateError(
             f"cannot write the report into {out}: {os_reason(exc)}; pass --out a writable folder"
         ) from None
-    stdout.print(f"wrote {path} and its plots", markup=False, highlight=False)
+    drawn = [name for name in PLOTS if (out / name).exists()]  # write_report removes an earlier report's first
+    plots = f"and {', '.join(drawn)}" if drawn else "(no plot applies to this study)"
+    stdout.print(f"wrote {path} {plots}", markup=False, highlight=False, soft_wrap=True)
     return 0
 
 

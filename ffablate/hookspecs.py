@@ -145,5 +145,6 @@ def ffablate_register_datasets(register: Register) -> None:
     ffablate sets the remaining fields (a validation split) itself. Raises ``DataNotFound`` naming the ways to
     obtain the bytes. An optional ``factory.locate(roots) -> (path or None, hint)`` tells `ffablate data list` and
     studies where the data are without loading them; the plugin parameters it names (``locate(roots, path="")``)
-    are passed a study's values, and ``ffablate.errors.ParameterNeeded`` says one it needs is unset.
+    are passed a study's values, and ``ffablate.errors.ParameterNeeded(setting, message)`` says one it needs is
+    unset (``ParameterNeeded("datasets.path", "dataset 'x' needs --set datasets.path=DIR")``).
     """

@@ -25,6 +25,7 @@ NO_CI = "n=1, no CI"
 NO_SPREAD = "no spread across seeds"
 # Every plot a report can hold: a rerun into the same folder removes them first, so none is left from another study.
 PLOTS = ("heatmap.png", "k_sweep_gap.png", "coarse_vs_fine.png", "bp_gap.png", "learning_curves.png", "importance.png")
+NO_PLOTS = 'No plot applies to this study (which study gets which plot: docs/studies.md, "Reports").'
 
 
 def write_report(study: optuna.Study, out: Path) -> Path:
@@ -86,6 +87,8 @@ def _markdown(summary: results.Summary, plots: list[tuple[str, str]], importance
     lines += ["", "## Plots", ""]
     for path, caption in plots:
         lines += [f"![{caption}]({path})" if path else caption, ""]
+    if not plots:  # an empty section read as plots gone missing
+        lines += [NO_PLOTS, ""]
     lines += ["## Parameter importance", "", importance_note, ""]
     return "\n".join(lines) + "\n"
 

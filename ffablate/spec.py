@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import re
 import tomllib
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -260,9 +261,10 @@ def available_names() -> list[str]:
 def load(name_or_path: str) -> Spec:
     path = resolve(name_or_path)
     try:
-        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+        text = path.read_text(encoding="utf-8")
+        raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
-        raise SpecError(f"{path}: not valid TOML: {exc}") from None
+        raise SpecError(f"{path}: not valid TOML: {exc}{_toml_hint(text, str(exc))}") from None
     except UnicodeDecodeError as exc:
         raise SpecError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start}); save the spec as UTF-8") from None
     except OSError as exc:
@@ -466,6 +468,15 @@ class _Validator:
             self.fail(_join(key, k), f"must be one of {', '.join(choices)}, not {value!r}")
         return value
 
+    def not_dotted(self, k: str, value: Any, path: str) -> None:
+        """An unquoted ``temperature.start = 2.0`` arrives as ``temperature = {start = 2.0}``: say to quote it,
+        not that temperature must be a string."""
+        if isinstance(value, dict) and value and k.rstrip("s") in {kind.rstrip("s") for kind in PLUGIN_KINDS}:
+            param = next(iter(value))
+            self.fail(
+                path, f"is a table, as TOML reads an unquoted {k}.{param} = ...: quote the key, {_quoted(k, param)}"
+            )
+
     def setting_key(self, k: str, path: str) -> None:
         fields = {f.name: f for f in dataclasses.fields(RunConfig) if f.name != "plugin_params"}
         if "." in k:
@@ -485,6 +496,7 @@ class _Validator:
             path = _join(key, k)
             if k in extra:
                 continue
+            self.not_dotted(k, value, path)
             self.setting_key(k, path)
             self.value(k, value, path)
             out[k] = value
@@ -517,6 +529,7 @@ class _Validator:
         out = {}
         for k, values in table.items():
             path = _join(key, k)
+            self.not_dotted(k, values, path)
             self.setting_key(k, path)
             if values == "*":
                 if k not in RECIPE_PLUGIN_KINDS:
@@ -560,6 +573,12 @@ class _Validator:
             self.fail(f"{key}.n_trials", "must be a non-negative int")
         if sampler == "tpe" and n_trials < 1:
             self.fail(f"{key}.n_trials", 'is required (≥ 1) for sampler = "tpe"')
+        if sampler == "grid" and "n_trials" in table:  # it was ignored: the grid ran every point anyway
+            self.fail(
+                f"{key}.n_trials",
+                'is for sampler = "tpe"; a grid runs every configuration x seed: remove it (`ffablate study '
+                "--n-trials N` runs at most N trials now, the rest on the next run)",
+            )
         axes = (
             self.axes(table.get("axes", {}), f"{key}.axes")
             if isinstance(table.get("axes", {}), dict)
@@ -571,6 +590,8 @@ class _Validator:
         """The search distribution of setting ``k``. Whatever it can draw must be a value ``k`` takes: a trial
         handed a string lr, or a float epochs (truncated), would fail for good or run something else. The
         range itself is checked per configuration at both ends (``Plan.configurations``)."""
+        if isinstance(d, dict) and "type" not in d:
+            self.not_dotted(k, d, key)
         self.setting_key(k, key)
         if not isinstance(d, dict):
             self.fail(key, 'must be a table like {type = "float", low = 1e-4, high = 1e-2, log = true}')
@@ -609,6 +630,28 @@ def _space_values(dist: dict[str, Any]) -> list[Any]:
 
 def _join(key: str, k: str) -> str:
     return f"{key}.{k}" if key else k
+
+
+# An unquoted dotted key at the start of a line: `temperature.start = 2.0`, which TOML reads as a table.
+_UNQUOTED_DOTTED = re.compile(r"^\s*([A-Za-z0-9_-]+)\.([A-Za-z0-9_-]+)\s*=")
+
+
+def _quoted(kind: str, param: str) -> str:
+    """The key to write instead of an unquoted ``kind.param`` (``dataset.size`` means the kind ``datasets``)."""
+    return f'"{"datasets" if kind == "dataset" else kind}.{param}" = ...'
+
+
+def _toml_hint(text: str, message: str) -> str:
+    """A hint for a TOML error on a line that holds an unquoted plugin-parameter key, e.g. `temperature.start = 2`
+    after `temperature = "cosine"` ("Cannot overwrite a value")."""
+    line = re.search(r"at line (\d+)", message)
+    lines = text.splitlines()
+    if not line or not 1 <= int(line.group(1)) <= len(lines):
+        return ""
+    dotted = _UNQUOTED_DOTTED.match(lines[int(line.group(1)) - 1])
+    if not dotted or dotted.group(1).rstrip("s") not in {k.rstrip("s") for k in PLUGIN_KINDS}:
+        return ""
+    return f"; a plugin parameter's key must be quoted: {_quoted(dotted.group(1), dotted.group(2))}"
 
 
 def _is(value: Any, kind: type) -> bool:

@@ -162,6 +162,9 @@ def test_informational_stderr_lines_do_not_wrap_when_piped():
         (["plugins", "goodnes"], "unknown plugin kind 'goodnes' (did you mean 'goodness'?)"),
         (["study", "temprature-vs-norm"], "unknown study 'temprature-vs-norm' (did you mean 'temperature-vs-norm'?)"),
         (["audit", "--methods", "ff,bpga"], "unknown method bpga (did you mean 'bp-ga'?)"),
+        # The missing subcommand was named by its internal dest: "required: data_command", "bench_command".
+        (["data"], "the following arguments are required: {list} (see `ffablate data --help`)"),
+        (["bench"], "the following arguments are required: {kernels,pool} (see `ffablate bench --help`)"),
         (
             ["train", *tiny_args("--method", "bp", "--set", "backbone=mlp", "--set", "batch_size=1")],
             "'coupled-bn' needs more than one value",

@@ -489,6 +489,28 @@ def test_report_cli_finds_the_study_and_fails_in_one_line_when_missing(tmp_path,
     assert len(err.splitlines()) == 1 and "fusion-quick" in err
 
 
+def test_a_report_without_plots_says_so_and_the_cli_names_the_plots_it_wrote(tmp_path, url, capsys):
+    # One axis and one epoch (a smoke budget): no heatmap, no learning curves, too few trials for importance. The
+    # CLI said "wrote ... and its plots" and the report's Plots section was empty.
+    one_epoch = [{"epoch": 0, "test_accuracy": 0.5}]
+    ff = {"role": "ff", "overrides": {"fusion": "last"}, "cell": "fusion=last", "history": one_epoch}
+    bp = {"role": "baseline", "overrides": {}, "cell": "bp-deepsup", "history": one_epoch}
+    meta = {"analysis": "ablation", "axes": {"fusion": ["last"]}}
+    make_study(url, "fusion-smoke", meta, [{**bp, "seed": 0, "value": 0.5}, {**ff, "seed": 0, "value": 0.6}])
+    assert main(["report", "fusion", "--storage", url, "--out", str(tmp_path / "o")]) == 0
+    assert capsys.readouterr().out.strip().endswith("report.md (no plot applies to this study)")
+    text = (tmp_path / "o" / "report.md").read_text()
+    assert "## Plots\n\nNo plot applies to this study" in text
+    assert not list((tmp_path / "o").glob("*.png"))
+    # With plots, the line names them.
+    two_epochs = [{"epoch": e, "test_accuracy": 0.5} for e in (0, 1)]
+    trials = [{**bp, "seed": 0, "value": 0.5, "history": two_epochs}, {**ff, "seed": 0, "value": 0.6}]
+    make_study(url, "fusion2-smoke", meta, [trials[0], {**trials[1], "history": two_epochs}])
+    assert main(["report", "fusion2", "--storage", url, "--out", str(tmp_path / "o2")]) == 0
+    assert capsys.readouterr().out.strip().endswith("report.md and learning_curves.png")
+    assert "No plot applies" not in (tmp_path / "o2" / "report.md").read_text()
+
+
 def test_a_seed_run_twice_is_counted_once(url):
     # Two hosts sharing one storage can both take the last free grid point.
     ff = {"role": "ff", "overrides": {"fusion": "last"}, "cell": "fusion=last"}

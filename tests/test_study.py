@@ -677,10 +677,33 @@ def test_two_runs_failing_one_dead_trial_at_once_both_go_on(tmp_path, monkeypatc
         ),
         # A list there was a TypeError traceback (unhashable type: 'list').
         (GRID + '[space]\nplugins = [["norm"]]\n', "space.plugins[0] must be a plugin kind"),
+        # An unquoted plugin parameter is a TOML table: "base.temperature must be a string" said nothing to do.
+        (
+            GRID.replace("[axes]", "temperature.t = 0.5\n[axes]"),
+            'base.temperature is a table, as TOML reads an unquoted temperature.t = ...: quote the key, "temperature.',
+        ),
+        (
+            GRID.replace('["constant", "cosine"]', '["constant"]\nnegatives.into = ["pixels", "channels"]'),
+            'axes.negatives is a table, as TOML reads an unquoted negatives.into = ...: quote the key, "negatives.',
+        ),
+        (
+            GRID + '[space]\ntemperature.start = { type = "float", low = 1.0, high = 2.0 }\n',
+            'space.temperature is a table, as TOML reads an unquoted temperature.start = ...: quote the key, "temp',
+        ),
+        # Next to its plugin's own key, TOML refuses the file ("Cannot overwrite a value"), on the unquoted line.
+        (
+            GRID.replace("[axes]", "dataset.size = 8\n[axes]"),
+            "not valid TOML: Cannot overwrite a value (at line 5, column 17); a plugin parameter's key must be "
+            'quoted: "datasets.size" = ...',
+        ),
+        # A grid ran every point whatever n_trials said.
+        (GRID, 'budgets.smoke.n_trials is for sampler = "tpe"; a grid runs every configuration x seed: remove it'),
     ],
 )
 def test_spec_errors_name_the_key_path(tmp_path, capsys, body, message):
     path = write_spec(tmp_path, body)
+    if "n_trials is for" in message:
+        path.write_text(path.read_text().replace("seeds = 2\n", "seeds = 2\nn_trials = 3\n", 1))
     assert main(["study", str(path), "--budget", "smoke", "--storage", storage_url(tmp_path)]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1, err
