@@ -93,12 +93,15 @@ def storage_for(url: str | None) -> optuna.storages.RDBStorage:
 def _created_meanwhile(exc: Exception, new: bool) -> bool:
     """Another worker opening the same new database is creating Optuna's tables while this one does: the tables
     it meets half-made, or (SQLite) its lock on a file that was new, are gone once it is done. A lock on a database
-    that existed before is somebody else's: no wait for it beyond SQLite's own."""
-    from sqlalchemy.exc import IntegrityError, OperationalError
+    that existed before is somebody else's: no wait for it beyond SQLite's own. A table made meanwhile is an
+    OperationalError on SQLite and a ProgrammingError (DuplicateTable) on PostgreSQL."""
+    from sqlalchemy.exc import IntegrityError, OperationalError, ProgrammingError
 
     text = str(exc)
-    return isinstance(exc, IntegrityError) or (
-        isinstance(exc, OperationalError) and ("already exists" in text or (new and "database is locked" in text))
+    return (
+        isinstance(exc, IntegrityError)
+        or (isinstance(exc, (OperationalError, ProgrammingError)) and "already exists" in text)
+        or (isinstance(exc, OperationalError) and new and "database is locked" in text)
     )
 
 

@@ -1,0 +1,75 @@
+"""Study storages on a database server (PostgreSQL): opening one, its user mistakes, losing it mid-study.
+
+Tests marked ``postgres`` need a server: set ``FFABLATE_TEST_POSTGRES`` to a URL of a database the user may create
+schemas in (e.g. ``postgresql://ff:pw@localhost/ffdb``), with a driver installed (``pip install 'psycopg[binary]'``).
+Each test works in a schema of its own, dropped after. Without the variable they are skipped.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+
+import pytest
+from sqlalchemy.exc import IntegrityError, OperationalError, ProgrammingError
+
+from ffablate import study as studies
+
+SERVER = os.environ.get("FFABLATE_TEST_POSTGRES")
+postgres = pytest.mark.skipif(not SERVER, reason="set FFABLATE_TEST_POSTGRES to a PostgreSQL URL to run")
+
+
+@pytest.fixture
+def pg_url() -> Iterator[str]:
+    """A URL of ``FFABLATE_TEST_POSTGRES`` whose tables go to a new, empty schema (a new database, as Optuna sees
+    it)."""
+    import sqlalchemy
+
+    schema = f"ffablate_test_{uuid.uuid4().hex[:12]}"
+    base = sqlalchemy.make_url(SERVER)
+    engine = sqlalchemy.create_engine(base)
+    with engine.begin() as connection:
+        connection.execute(sqlalchemy.text(f"CREATE SCHEMA {schema}"))
+    try:
+        yield base.update_query_dict({"options": f"-csearch_path={schema}"}).render_as_string(hide_password=False)
+    finally:
+        with engine.begin() as connection:
+            connection.execute(sqlalchemy.text(f"DROP SCHEMA {schema} CASCADE"))
+        engine.dispose()
+
+
+def test_a_table_another_worker_made_meanwhile_is_waited_for_on_a_server_too():
+    # Four workers opening a new PostgreSQL database together: one failed with "(psycopg.errors.DuplicateTable)
+    # relation "alembic_version" already exists; check the URL ...". PostgreSQL reports it as a ProgrammingError,
+    # SQLite as an OperationalError.
+    duplicate = ProgrammingError(
+        "CREATE TABLE alembic_version", {}, Exception('relation "alembic_version" already exists')
+    )
+    assert studies._created_meanwhile(duplicate, new=False)
+    unique = IntegrityError("INSERT", {}, Exception("duplicate key value violates unique constraint"))
+    assert studies._created_meanwhile(unique, new=False)
+    # Other refusals are the user's to fix, not a wait's.
+    denied = ProgrammingError("CREATE TABLE studies", {}, Exception("permission denied for schema public"))
+    assert not studies._created_meanwhile(denied, new=False)
+    refused = OperationalError("connect", {}, Exception("connection refused"))
+    assert not studies._created_meanwhile(refused, new=False)
+
+
+def _open_storage(url: str, start) -> None:
+    start.wait()
+    studies.storage_for(url)
+
+
+@postgres
+def test_workers_opening_a_new_postgres_database_together_all_open_it(pg_url):
+    import multiprocessing
+
+    context = multiprocessing.get_context("fork")
+    start = context.Barrier(4)
+    procs = [context.Process(target=_open_storage, args=(pg_url, start)) for _ in range(4)]
+    for proc in procs:
+        proc.start()
+    for proc in procs:
+        proc.join(60)
+    assert [proc.exitcode for proc in procs] == [0] * 4
