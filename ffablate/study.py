@@ -54,17 +54,26 @@ class StudyRun:
     skipped: int
 
 
+def shown_url(url: str) -> str:
+    """``url`` with its password (if any) as ``***``: banners, errors and rerun hints end up in terminals, CI logs
+    and issue reports."""
+    return _PASSWORD.sub(r"\1***@", url)
+
+
+_PASSWORD = re.compile(r"((?:^|://)[^:/@]*:)[^@/]*@")  # "user:PASSWORD@" at the start or after the scheme
+
+
 def storage_for(url: str | None) -> optuna.storages.RDBStorage:
     """An RDB storage with heartbeats, so a trial whose worker died is noticed by the next worker."""
     url = url or DEFAULT_STORAGE
     if "://" not in url:
         raise FFablateError(
-            f"--storage {url!r} is not a database URL; e.g. sqlite:///ffablate.db or postgresql://user@host/db"
+            f"--storage {shown_url(url)!r} is not a database URL; e.g. sqlite:///ffablate.db or postgresql://user@host/db"
         )
     if _in_memory(url):
         # Each opening gets a fresh empty database: a study would keep nothing, and Optuna's heartbeat thread,
         # on a connection of its own, finds no tables and fails with a traceback every beat.
-        raise FFablateError(f"--storage {url!r}: in-memory storage keeps nothing; use sqlite:///FILE.db")
+        raise FFablateError(f"--storage {shown_url(url)!r}: in-memory storage keeps nothing; use sqlite:///FILE.db")
     db = sqlite_file(url)
     new = db is not None and (not db.exists() or db.stat().st_size == 0)
     attempt = 0
@@ -81,12 +90,12 @@ def storage_for(url: str | None) -> optuna.storages.RDBStorage:
             cause = str(exc).splitlines()[0]
             if "database is locked" in cause:  # the URL is fine: another process holds the file
                 raise FFablateError(
-                    f"cannot open storage {url}: another process holds it locked; wait for it, or pass another "
-                    "--storage"
+                    f"cannot open storage {shown_url(url)}: another process holds it locked; wait for it, or pass "
+                    "another --storage"
                 ) from None
             raise FFablateError(
-                f"cannot open storage {url}: {cause}; check the URL (for sqlite, that its folder exists and is "
-                "writable; for a server, that it is up and its driver installed)"
+                f"cannot open storage {shown_url(url)}: {cause}; check the URL (for sqlite, that its folder exists "
+                "and is writable; for a server, that it is up and its driver installed)"
             ) from None
 
 
@@ -119,7 +128,7 @@ def _in_memory(url: str) -> bool:
 def describe_storage(url: str | None) -> str:
     url = url or DEFAULT_STORAGE
     db = sqlite_file(url)
-    return f"{url} ({db.resolve()})" if db is not None and not db.is_absolute() else url
+    return f"{url} ({db.resolve()})" if db is not None and not db.is_absolute() else shown_url(url)
 
 
 def sqlite_file(url: str) -> Path | None:
@@ -181,7 +190,7 @@ def rerun_command(study: optuna.Study, storage_url: str | None) -> str:
     if recipe:
         command += f" --recipe-from {recipe}"
     if storage_url:
-        command += f" --storage {storage_url}"
+        command += f" --storage {shown_url(storage_url)}"
     if study.study_name != f"{spec_name}-{budget}" + (f"@{recipe}" if recipe else ""):
         command += f" --study-name {study.study_name}"
     return command
@@ -1120,12 +1129,12 @@ def load_study(storage_url: str | None, name: str) -> optuna.Study:
         matches = [
             s.study_name for s in summaries if own.fullmatch(s.study_name) or s.user_attrs.get("ffablate_spec") == name
         ]
-        where = storage_url or DEFAULT_STORAGE
+        where = shown_url(storage_url or DEFAULT_STORAGE)
         if len(matches) > 1:  # a quick and a full run of one spec: reporting either silently would mislead
             raise FFablateError(f"{name!r} matches several studies in {where}: {', '.join(matches)}; name one of them")
         if not matches:
             # Only a spec's name makes a study by that name; "god-smoke" for "good-smoke" is a typo.
-            run = f"ffablate study {name}" + (f" --storage {storage_url}" if storage_url else "")
+            run = f"ffablate study {name}" + (f" --storage {shown_url(storage_url)}" if storage_url else "")
             hint = did_you_mean(name, names)
             make = f" (to make it: `{run}`)" if name in specs.available_names() else ""
             there = ", ".join(names) or "none"
@@ -1136,7 +1145,7 @@ def load_study(storage_url: str | None, name: str) -> optuna.Study:
     if not any(CELL in t.user_attrs for t in study.get_trials(deepcopy=False)):
         if "ffablate_spec" not in study.user_attrs:
             ours = [s.study_name for s in summaries if "ffablate_spec" in s.user_attrs]
-            where = f" --storage {storage_url}" if storage_url else ""
+            where = f" --storage {shown_url(storage_url)}" if storage_url else ""
             hint = f"ffablate studies there: {', '.join(ours)}" if ours else f"run `ffablate study NAME{where}`"
             raise FFablateError(f"study {name} has no ffablate trials (`ffablate study` did not make it); {hint}")
         raise FFablateError(f"study {name} has no ffablate trials; run `{rerun_command(study, storage_url)}`")

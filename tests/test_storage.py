@@ -8,6 +8,7 @@ Each test works in a schema of its own, dropped after. Without the variable they
 from __future__ import annotations
 
 import os
+import sys
 import uuid
 from collections.abc import Iterator
 
@@ -15,6 +16,8 @@ import pytest
 from sqlalchemy.exc import IntegrityError, OperationalError, ProgrammingError
 
 from ffablate import study as studies
+from ffablate.cli import main
+from ffablate.errors import FFablateError
 
 SERVER = os.environ.get("FFABLATE_TEST_POSTGRES")
 postgres = pytest.mark.skipif(not SERVER, reason="set FFABLATE_TEST_POSTGRES to a PostgreSQL URL to run")
@@ -73,3 +76,31 @@ def test_workers_opening_a_new_postgres_database_together_all_open_it(pg_url):
     for proc in procs:
         proc.join(60)
     assert [proc.exitcode for proc in procs] == [0] * 4
+
+
+def test_a_password_in_the_storage_url_is_never_printed(monkeypatch):
+    # The banner, "cannot open storage ..." and rerun hints printed postgresql://ff:PASSWORD@host/db as given.
+    assert studies.shown_url("postgresql://ff:s3cret@db:5432/ffablate?sslmode=require") == (
+        "postgresql://ff:***@db:5432/ffablate?sslmode=require"
+    )
+    assert studies.shown_url("ff:s3cret@db/ffablate") == "ff:***@db/ffablate"  # the scheme forgotten
+    for kept in ("postgresql://ff@db/ffablate", "sqlite:///ffablate.db", "sqlite:////tmp/a:b@c.db"):
+        assert studies.shown_url(kept) == kept
+    assert studies.describe_storage("postgresql://ff:s3cret@db/ffablate") == "postgresql://ff:***@db/ffablate"
+    monkeypatch.setitem(sys.modules, "psycopg", None)  # no driver: the error names the URL
+    monkeypatch.setitem(sys.modules, "psycopg2", None)
+    for url in ("postgresql://ff:s3cret@db/ffablate", "ff:s3cret@db/ffablate"):
+        with pytest.raises(FFablateError) as error:
+            studies.storage_for(url)
+        assert "s3cret" not in str(error.value) and "ff:***@db/ffablate" in str(error.value)
+
+
+@postgres
+def test_a_password_is_not_printed_by_report(pg_url, capsys):
+    from sqlalchemy import make_url
+
+    password = make_url(pg_url).password
+    assert main(["report", "no-such-study", "--storage", pg_url]) == 2
+    err = capsys.readouterr().err
+    assert "no study 'no-such-study' in postgresql" in err and len(err.strip().splitlines()) == 1
+    assert not password or password not in err
