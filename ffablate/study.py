@@ -87,16 +87,41 @@ def storage_for(url: str | None) -> optuna.storages.RDBStorage:
             if attempt < OPEN_TRIES and _created_meanwhile(exc, new):
                 time.sleep(0.1 * 2 ** (attempt - 1))
                 continue
-            cause = str(exc).splitlines()[0]
-            if "database is locked" in cause:  # the URL is fine: another process holds the file
-                raise FFablateError(
-                    f"cannot open storage {shown_url(url)}: another process holds it locked; wait for it, or pass "
-                    "another --storage"
-                ) from None
-            raise FFablateError(
-                f"cannot open storage {shown_url(url)}: {cause}; check the URL (for sqlite, that its folder exists "
-                "and is writable; for a server, that it is up and its driver installed)"
-            ) from None
+            raise FFablateError(f"cannot open storage {shown_url(url)}: {_why_not_opened(url, exc)}") from None
+
+
+# The pip package of a database driver module SQLAlchemy imports, where the two names differ.
+DRIVER_PACKAGES = {"psycopg": "psycopg[binary]", "psycopg2": "psycopg2-binary", "MySQLdb": "mysqlclient"}
+
+
+def _why_not_opened(url: str, exc: Exception) -> str:
+    """Why ``url`` did not open, and what to do next, for ``cannot open storage URL: ...``."""
+    from sqlalchemy.exc import NoSuchModuleError
+
+    backend = url.split("://", 1)[0].split("+", 1)[0]
+    missing = exc.__cause__
+    if isinstance(exc, ImportError) and isinstance(missing, ImportError) and missing.name:
+        # Optuna's "Failed to import DB access module ... Please install appropriate one." named no module. Which
+        # one a plain postgresql:// needs depends on SQLAlchemy's version (psycopg2 before 2.1, psycopg since).
+        package = DRIVER_PACKAGES.get(missing.name, missing.name)
+        instead = {"psycopg": "postgresql+psycopg2://", "psycopg2": "postgresql+psycopg://"}.get(missing.name)
+        other = f", or name an installed driver in the URL (e.g. {instead})" if instead else ""
+        return f"its driver, the Python module {missing.name}, is not installed; pip install '{package}'{other}"
+    if isinstance(exc, NoSuchModuleError):  # "Can't load plugin: sqlalchemy.dialects:postgres"
+        if backend == "postgres":  # as Heroku and others write it
+            return "SQLAlchemy calls PostgreSQL postgresql://, not postgres://; write the URL with postgresql://"
+        return f"SQLAlchemy knows no database {backend!r}; e.g. sqlite:///ffablate.db or postgresql://user@host/db"
+    cause = str(exc).splitlines()[0]
+    if "database is locked" in cause:  # the URL is fine: another process holds the file
+        return "another process holds it locked; wait for it, or pass another --storage"
+    if backend == "sqlite":
+        return f"{cause}; check that its folder exists and is writable"
+    if "permission denied" in cause:  # Optuna creates its tables on first use, and checks them on every opening
+        return (
+            f"{cause}; the database user needs the right to create tables there: grant it CREATE on the schema, or "
+            "use a database it owns"
+        )
+    return f"{cause}; check that the server is up and reachable, and the URL's host, port, user, password and database"
 
 
 def _created_meanwhile(exc: Exception, new: bool) -> bool:

@@ -8,6 +8,7 @@ Each test works in a schema of its own, dropped after. Without the variable they
 from __future__ import annotations
 
 import os
+import re
 import sys
 import uuid
 from collections.abc import Iterator
@@ -104,3 +105,69 @@ def test_a_password_is_not_printed_by_report(pg_url, capsys):
     err = capsys.readouterr().err
     assert "no study 'no-such-study' in postgresql" in err and len(err.strip().splitlines()) == 1
     assert not password or password not in err
+
+
+def test_a_missing_database_driver_is_named_with_its_package(monkeypatch):
+    # "Failed to import DB access module for the specified storage URL. Please install appropriate one.; check the
+    # URL ..." named no module: a plain postgresql:// needs psycopg under SQLAlchemy 2.1, psycopg2 before.
+    monkeypatch.setitem(sys.modules, "psycopg", None)
+    monkeypatch.setitem(sys.modules, "psycopg2", None)
+    with pytest.raises(FFablateError) as error:
+        studies.storage_for("postgresql://ff@localhost/ffablate")
+    assert re.search(
+        r"its driver, the Python module psycopg2?, is not installed; pip install 'psycopg", str(error.value)
+    )
+    with pytest.raises(FFablateError, match=r"module psycopg2, is not installed; pip install 'psycopg2-binary', or "):
+        studies.storage_for("postgresql+psycopg2://ff@localhost/ffablate")
+
+
+def test_a_postgres_scheme_is_told_to_say_postgresql():
+    # "Can't load plugin: sqlalchemy.dialects:postgres": the scheme Heroku and others write.
+    with pytest.raises(FFablateError, match="write the URL with postgresql://$"):
+        studies.storage_for("postgres://ff@localhost/ffablate")
+    with pytest.raises(FFablateError, match="SQLAlchemy knows no database 'postgersql'"):
+        studies.storage_for("postgersql://ff@localhost/ffablate")
+
+
+def test_a_server_that_refuses_says_what_to_check(capsys):
+    pytest.importorskip("psycopg" if sqlalchemy_version() >= (2, 1) else "psycopg2")
+    # Port 1 on this machine: nothing listens there, and no server is needed to test it.
+    assert main(["report", "x", "--storage", "postgresql://ff:s3cret@127.0.0.1:1/ffablate"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err and "s3cret" not in err
+    assert err.startswith("ffablate: error: cannot open storage postgresql://ff:***@127.0.0.1:1/ffablate: ")
+    assert err.endswith(
+        "; check that the server is up and reachable, and the URL's host, port, user, password and database"
+    )
+
+
+def sqlalchemy_version() -> tuple[int, int]:
+    import sqlalchemy
+
+    major, minor = sqlalchemy.__version__.split(".")[:2]
+    return int(major), int(minor)
+
+
+@postgres
+def test_a_user_who_may_not_create_tables_is_told_so(pg_url):
+    import sqlalchemy
+
+    role = f"ffablate_ro_{uuid.uuid4().hex[:8]}"
+    engine = sqlalchemy.create_engine(pg_url)
+    schema = sqlalchemy.make_url(pg_url).query["options"].split("=")[1]
+    try:
+        with engine.begin() as connection:
+            connection.execute(sqlalchemy.text(f"CREATE ROLE {role} LOGIN PASSWORD 'pw'"))
+            connection.execute(sqlalchemy.text(f"GRANT USAGE ON SCHEMA {schema} TO {role}"))
+    except ProgrammingError:
+        engine.dispose()
+        pytest.skip("the FFABLATE_TEST_POSTGRES user may not create roles (CREATEROLE)")
+    try:
+        url = sqlalchemy.make_url(pg_url).set(username=role, password="pw").render_as_string(hide_password=False)
+        with pytest.raises(FFablateError, match="permission denied .*grant it CREATE on the schema, or use a database"):
+            studies.storage_for(url)
+    finally:
+        with engine.begin() as connection:
+            connection.execute(sqlalchemy.text(f"REVOKE ALL ON SCHEMA {schema} FROM {role}"))
+            connection.execute(sqlalchemy.text(f"DROP ROLE {role}"))
+        engine.dispose()
