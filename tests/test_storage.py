@@ -13,6 +13,7 @@ import sys
 import uuid
 from collections.abc import Iterator
 
+import optuna
 import pytest
 from sqlalchemy.exc import IntegrityError, OperationalError, ProgrammingError
 
@@ -32,7 +33,7 @@ def pg_url() -> Iterator[str]:
 
     schema = f"ffablate_test_{uuid.uuid4().hex[:12]}"
     base = sqlalchemy.make_url(SERVER)
-    engine = sqlalchemy.create_engine(base)
+    engine = sqlalchemy.create_engine(base, poolclass=sqlalchemy.pool.NullPool)  # outlives pg_terminate_backend
     with engine.begin() as connection:
         connection.execute(sqlalchemy.text(f"CREATE SCHEMA {schema}"))
     try:
@@ -171,3 +172,48 @@ def test_a_user_who_may_not_create_tables_is_told_so(pg_url):
             connection.execute(sqlalchemy.text(f"REVOKE ALL ON SCHEMA {schema} FROM {role}"))
             connection.execute(sqlalchemy.text(f"DROP ROLE {role}"))
         engine.dispose()
+
+
+def test_a_server_storage_pings_its_pooled_connections(monkeypatch):
+    # A PostgreSQL restart while a trial trained: the trial's next write met a pooled connection the restart had
+    # closed ("terminating connection due to administrator command"), 6 s after the server was back, and the
+    # trial was lost with a traceback.
+    seen: list[dict] = []
+
+    def opened(self, url, engine_kwargs=None, **kwargs):
+        seen.append(dict(engine_kwargs or {}))
+
+    monkeypatch.setattr(optuna.storages.RDBStorage, "__init__", opened)
+    studies.storage_for("postgresql://ff@localhost/ffablate")
+    studies.storage_for("sqlite:///ffablate.db")
+    assert seen[0].get("pool_pre_ping") is True and "pool_pre_ping" not in seen[1]
+
+
+def test_a_missed_heartbeat_does_not_end_the_heartbeat(tmp_path, monkeypatch):
+    # Optuna's heartbeat thread died at the first beat the server missed ("Exception in thread ...
+    # (_record_heartbeat)", a traceback mid-study), and the trial, still training, was later failed as stale.
+    storage = studies.storage_for(f"sqlite:///{tmp_path / 'beats.db'}")
+
+    def down(self, trial_id):
+        raise optuna.exceptions.StorageInternalError("An exception is raised during the commit.")
+
+    monkeypatch.setattr(optuna.storages.RDBStorage, "record_heartbeat", down)
+    storage.record_heartbeat(0)
+
+
+@postgres
+def test_a_postgres_storage_outlives_its_connections(pg_url):
+    # As a server restart does: every connection of this user but the killer's own is closed.
+    import sqlalchemy
+
+    storage = studies.storage_for(pg_url)
+    study = optuna.create_study(storage=storage, study_name="s")
+    with sqlalchemy.create_engine(pg_url).connect() as connection:
+        connection.execute(
+            sqlalchemy.text(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                "WHERE usename = current_user AND pid <> pg_backend_pid()"
+            )
+        )
+    study.set_user_attr("after", True)  # on a new connection, not a dead pooled one
+    assert optuna.load_study(study_name="s", storage=storage).user_attrs == {"after": True}
