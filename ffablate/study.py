@@ -141,6 +141,24 @@ def _why_not_opened(url: str, exc: Exception) -> str:
     return f"{cause}; check that the server is up and reachable, and the URL's host, port, user, password and database"
 
 
+def storage_failure(exc: BaseException) -> str | None:
+    """The first line of the database error behind ``exc`` (its server went down, its connection was cut, a lock
+    outlasted SQLite's wait), or None when there is none. Optuna hides it: a trial whose result could not be stored
+    ends in Optuna's own UnboundLocalError ('updated_state'), raised over the StorageInternalError it caused."""
+    from sqlalchemy.exc import InterfaceError, OperationalError
+
+    seen: set[int] = set()
+    link: BaseException | None = exc
+    while link is not None and id(link) not in seen:
+        if isinstance(link, FFablateError):  # already one line that says what to do
+            return None
+        if isinstance(link, (OperationalError, InterfaceError)):
+            return str(link).splitlines()[0]
+        seen.add(id(link))
+        link = link.__cause__ or (None if link.__suppress_context__ else link.__context__)
+    return None
+
+
 def _created_meanwhile(exc: Exception, new: bool) -> bool:
     """Another worker opening the same new database is creating Optuna's tables while this one does: the tables
     it meets half-made, or (SQLite) its lock on a file that was new, are gone once it is done. A lock on a database

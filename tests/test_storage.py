@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import os
 import re
+import socket
+import subprocess
 import sys
+import threading
 import uuid
 from collections.abc import Iterator
 
@@ -217,3 +220,71 @@ def test_a_postgres_storage_outlives_its_connections(pg_url):
         )
     study.set_user_attr("after", True)  # on a new connection, not a dead pooled one
     assert optuna.load_study(study_name="s", storage=storage).user_attrs == {"after": True}
+
+
+SPEC = """
+question = "Does the temperature schedule matter on a tiny Fashion-MNIST subset?"
+[base]
+dataset = "fashion-mnist"
+[axes]
+temperature = ["constant", "cosine"]
+[budgets.smoke]
+limit_train = 300
+limit_test = 300
+val_images = 200
+epochs = 1
+batch_size = 50
+channels = "10,10"
+strides = "2,2"
+seeds = 1
+[budgets.quick]
+epochs = 1
+[budgets.full]
+epochs = 1
+"""
+
+
+def test_a_storage_lost_mid_study_is_one_line_and_keeps_the_finished_trials(tmp_path, monkeypatch, capsys):
+    # The PostgreSQL server stopped while a trial trained: 310 lines of tracebacks ending in Optuna's own
+    # "UnboundLocalError: cannot access local variable 'updated_state'", exit code 1.
+    import sqlalchemy
+
+    spec, url = tmp_path / "tiny.toml", f"sqlite:///{tmp_path / 'studies.db'}"
+    spec.write_text(SPEC)
+    down = threading.Event()
+    connect = sqlalchemy.pool.Pool.connect
+
+    def refused(self):
+        if down.is_set():
+            raise sqlalchemy.exc.OperationalError("connect", {}, Exception("connection refused"))
+        return connect(self)
+
+    train = studies.Objective._train
+
+    def first_then_down(self, trial, config, role):
+        result = train(self, trial, config, role)
+        if trial.number == 1:  # the second trial trained, then the server went away
+            down.set()
+        return result
+
+    monkeypatch.setattr(sqlalchemy.pool.Pool, "connect", refused)
+    monkeypatch.setattr(studies.Objective, "_train", first_then_down)
+    assert main(["study", str(spec), "--budget", "smoke", "--storage", url]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == (
+        f"ffablate: error: the storage {url} failed: (builtins.Exception) connection refused; finished trials are "
+        "stored: rerun the same command to resume the study once it answers again"
+    )
+    assert not any("Traceback" in line for line in err)
+    down.clear()
+    # As the CLI's process would have: gone, leaving the trial it could not store running.
+    gone = subprocess.Popen([sys.executable, "-c", ""])
+    gone.wait()
+    study = optuna.load_study(study_name="tiny-smoke", storage=url)
+    (stranded,) = study.get_trials(states=(optuna.trial.TrialState.RUNNING,))
+    study._storage.set_trial_user_attr(stranded._trial_id, "worker", {"host": socket.gethostname(), "pid": gone.pid})
+    assert main(["study", str(spec), "--budget", "smoke", "--storage", url]) == 0
+    trials = optuna.load_study(study_name="tiny-smoke", storage=url).get_trials()
+    states = [(t.number, t.state.name) for t in trials]
+    # The first trial is kept; the second, which trained but could not be stored, is failed as stale and rerun.
+    assert states == [(0, "COMPLETE"), (1, "FAIL"), (2, "COMPLETE"), (3, "COMPLETE")], states
