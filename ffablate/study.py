@@ -39,6 +39,7 @@ from ffablate.errors import ConfigError, DataError, FFablateError, PluginContrac
 DEFAULT_STORAGE = "sqlite:///ffablate.db"
 HEARTBEAT_S, GRACE_S = 20, 120
 NO_POINT, CLAIM_TRIES = -1, 50  # a grid trial's released claim; claims one trial tries
+CONNECT_TIMEOUT_S = 30  # a database server's time to answer a new connection, unless the URL sets connect_timeout
 OPEN_TRIES = 6  # openings of a new database other workers are creating too (3.1 s of waits between)
 # User attrs every trial carries; reports read only these (and the study's own user attrs).
 ROLE, CELL, SEED, FAIL_REASON, PERMANENT = "role", "cell", "seed", "fail_reason", "fail_permanent"
@@ -80,6 +81,10 @@ def storage_for(url: str | None) -> optuna.storages.RDBStorage:
     # trial's next write failed on one although the server was back, and the trial was lost. A ping on checkout
     # replaces them (Optuna does this itself for MySQL only).
     engine: dict[str, Any] = {} if url.startswith("sqlite") else {"pool_pre_ping": True}
+    if _libpq(url) and "connect_timeout" not in url:
+        # libpq waits for ever on a host that takes the connection and never answers (a wrong port behind a
+        # firewall or a proxy): the study printed nothing and never started.
+        engine["connect_args"] = {"connect_timeout": CONNECT_TIMEOUT_S}
     attempt = 0
     while True:
         try:
@@ -92,6 +97,12 @@ def storage_for(url: str | None) -> optuna.storages.RDBStorage:
                 time.sleep(0.1 * 2 ** (attempt - 1))
                 continue
             raise FFablateError(f"cannot open storage {shown_url(url)}: {_why_not_opened(url, exc)}") from None
+
+
+def _libpq(url: str) -> bool:
+    """Whether ``url`` opens through libpq (psycopg or psycopg2, one of them SQLAlchemy's default for PostgreSQL),
+    which takes ``connect_timeout``."""
+    return url.split("://", 1)[0] in ("postgresql", "postgresql+psycopg", "postgresql+psycopg2")
 
 
 class _Storage(optuna.storages.RDBStorage):
@@ -133,6 +144,14 @@ def _why_not_opened(url: str, exc: Exception) -> str:
         return "another process holds it locked; wait for it, or pass another --storage"
     if backend == "sqlite":
         return f"{cause}; check that its folder exists and is writable"
+    if "timeout expired" in cause:  # libpq's connect_timeout, ours or the URL's
+        from sqlalchemy.engine import make_url
+
+        seconds = make_url(url).query.get("connect_timeout", CONNECT_TIMEOUT_S)
+        return (
+            f"{cause}; no answer in {seconds} s: check the URL's host and port, or wait longer with "
+            "?connect_timeout=SECONDS in the URL"
+        )
     if "permission denied" in cause:  # Optuna creates its tables on first use, and checks them on every opening
         return (
             f"{cause}; the database user needs the right to create tables there: grant it CREATE on the schema, or "

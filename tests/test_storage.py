@@ -288,3 +288,26 @@ def test_a_storage_lost_mid_study_is_one_line_and_keeps_the_finished_trials(tmp_
     states = [(t.number, t.state.name) for t in trials]
     # The first trial is kept; the second, which trained but could not be stored, is failed as stale and rerun.
     assert states == [(0, "COMPLETE"), (1, "FAIL"), (2, "COMPLETE"), (3, "COMPLETE")], states
+
+
+def test_a_server_that_never_answers_is_given_up_on(monkeypatch):
+    # A port that takes the connection and says nothing (a proxy, a firewall, another service): the study printed
+    # nothing and waited for ever (60 s here before it was killed).
+    pytest.importorskip("psycopg" if sqlalchemy_version() >= (2, 1) else "psycopg2")
+    monkeypatch.setattr(studies, "CONNECT_TIMEOUT_S", 1, raising=False)
+    with socket.create_server(("127.0.0.1", 0)) as silent:
+        url = f"postgresql://ff@127.0.0.1:{silent.getsockname()[1]}/ffablate"
+        raised: list[BaseException] = []
+
+        def open_it() -> None:
+            try:
+                studies.storage_for(url)
+            except BaseException as exc:
+                raised.append(exc)
+
+        opener = threading.Thread(target=open_it, daemon=True)
+        opener.start()
+        opener.join(20)
+        assert not opener.is_alive(), "still waiting for the server"
+    assert isinstance(raised[0], FFablateError) and "no answer in 1 s" in str(raised[0])
+    assert "?connect_timeout=SECONDS" in str(raised[0])
