@@ -64,8 +64,9 @@ def shown_url(url: str) -> str:
 _PASSWORD = re.compile(r"((?:^|://)[^:/@]*:)[^@/]*@")  # "user:PASSWORD@" at the start or after the scheme
 
 
-def storage_for(url: str | None) -> optuna.storages.RDBStorage:
-    """An RDB storage with heartbeats, so a trial whose worker died is noticed by the next worker."""
+def storage_for(url: str | None, create: bool = True) -> optuna.storages.RDBStorage:
+    """An RDB storage with heartbeats, so a trial whose worker died is noticed by the next worker. With ``create``
+    False a database without Optuna's tables is refused instead of given them (commands that only read)."""
     url = url or DEFAULT_STORAGE
     if "://" not in url:
         raise FFablateError(
@@ -90,12 +91,23 @@ def storage_for(url: str | None) -> optuna.storages.RDBStorage:
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # heartbeats: "experimental"
-                return _Storage(url, engine_kwargs=engine, heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S)
+                return _Storage(
+                    url,
+                    engine_kwargs=engine,
+                    skip_table_creation=not create,
+                    heartbeat_interval=HEARTBEAT_S,
+                    grace_period=GRACE_S,
+                )
         except Exception as exc:  # SQLAlchemy raises many types for a bad URL or an unreachable server
             attempt += 1
             if attempt < OPEN_TRIES and _created_meanwhile(exc, new):
                 time.sleep(0.1 * 2 ** (attempt - 1))
                 continue
+            if not create and _no_tables(exc):
+                raise FFablateError(
+                    f"no study storage at {shown_url(url)}: the database holds no Optuna tables; pass the --storage "
+                    "your study ran with"
+                ) from None
             raise FFablateError(f"cannot open storage {shown_url(url)}: {_why_not_opened(url, exc)}") from None
 
 
@@ -176,6 +188,18 @@ def storage_failure(exc: BaseException) -> str | None:
         seen.add(id(link))
         link = link.__cause__ or (None if link.__suppress_context__ else link.__context__)
     return None
+
+
+def _no_tables(exc: Exception) -> bool:
+    """Optuna's first read of its tables found none (PostgreSQL's UndefinedTable, SQLite's "no such table")."""
+    from sqlalchemy.exc import OperationalError, ProgrammingError
+
+    if isinstance(exc, optuna.exceptions.StorageInternalError):  # Optuna's wrapping of the database's error
+        exc = exc.__cause__ or exc
+    text = str(exc)
+    return isinstance(exc, (OperationalError, ProgrammingError)) and (
+        "no such table" in text or ("relation" in text and "does not exist" in text)
+    )
 
 
 def _created_meanwhile(exc: Exception, new: bool) -> bool:
@@ -1198,7 +1222,9 @@ def load_study(storage_url: str | None, name: str) -> optuna.Study:
     db = sqlite_file(storage_url or DEFAULT_STORAGE)
     if db is not None and not db.exists():  # opening it would leave an empty database behind
         raise FFablateError(f"no study storage at {db.resolve()}; pass the --storage your study ran with")
-    storage = storage_for(storage_url)
+    # Nor may it give Optuna's tables to a database that has none: `report --storage postgresql://me@db/postgres`
+    # made 12 tables in the server's default database.
+    storage = storage_for(storage_url, create=False)
     summaries = optuna.get_all_study_summaries(storage, include_best_trial=False)
     names = [s.study_name for s in summaries]
     if name not in names:

@@ -105,6 +105,7 @@ def test_a_password_is_not_printed_by_report(pg_url, capsys):
     from sqlalchemy import make_url
 
     password = make_url(pg_url).password
+    studies.storage_for(pg_url)  # Optuna's tables, and no study
     assert main(["report", "no-such-study", "--storage", pg_url]) == 2
     err = capsys.readouterr().err
     assert "no study 'no-such-study' in postgresql" in err and len(err.strip().splitlines()) == 1
@@ -311,3 +312,29 @@ def test_a_server_that_never_answers_is_given_up_on(monkeypatch):
         assert not opener.is_alive(), "still waiting for the server"
     assert isinstance(raised[0], FFablateError) and "no answer in 1 s" in str(raised[0])
     assert "?connect_timeout=SECONDS" in str(raised[0])
+
+
+def test_report_gives_no_tables_to_a_database_without_them(tmp_path, capsys):
+    # `ffablate report x --storage postgresql://ff@localhost/empty` created Optuna's 12 tables in that database, then
+    # said "no study 'x'"; a SQLite file that exists but is empty got them too.
+    import sqlite3
+
+    db = tmp_path / "empty.db"
+    db.touch()
+    assert main(["report", "x", "--storage", f"sqlite:///{db}"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (
+        f"ffablate: error: no study storage at sqlite:///{db}: the database holds no Optuna tables; pass the "
+        "--storage your study ran with"
+    )
+    assert sqlite3.connect(db).execute("SELECT name FROM sqlite_master").fetchall() == []
+
+
+@postgres
+def test_report_gives_no_tables_to_a_postgres_database_without_them(pg_url, capsys):
+    import sqlalchemy
+
+    assert main(["report", "x", "--storage", pg_url]) == 2
+    assert "the database holds no Optuna tables" in capsys.readouterr().err
+    engine = sqlalchemy.create_engine(pg_url, poolclass=sqlalchemy.pool.NullPool)
+    assert sqlalchemy.inspect(engine).get_table_names() == []
