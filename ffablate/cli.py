@@ -786,6 +786,24 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:
         silence_stdout()
         return 1
+    except Exception as exc:
+        # A study's storage that fails mid-command (its server down or restarted for longer than a retry): one line,
+        # and the finished trials, each stored as it ended, stay where they are.
+        if not hasattr(args, "storage") or "sqlalchemy" not in sys.modules:
+            raise
+        from ffablate.study import DEFAULT_STORAGE, shown_url, storage_failure
+
+        cause = storage_failure(exc)
+        if cause is None:
+            raise
+        stderr.print(
+            f"ffablate: error: the storage {shown_url(args.storage or DEFAULT_STORAGE)} failed: {cause}; "
+            f"{args.on_interrupt} once it answers again",
+            markup=False,
+            highlight=False,
+            soft_wrap=True,
+        )
+        return 2
 
 
 if __name__ == "__main__":

@@ -39,6 +39,7 @@ from ffablate.errors import ConfigError, DataError, FFablateError, PluginContrac
 DEFAULT_STORAGE = "sqlite:///ffablate.db"
 HEARTBEAT_S, GRACE_S = 20, 120
 NO_POINT, CLAIM_TRIES = -1, 50  # a grid trial's released claim; claims one trial tries
+CONNECT_TIMEOUT_S = 30  # a database server's time to answer a new connection, unless the URL sets connect_timeout
 OPEN_TRIES = 6  # openings of a new database other workers are creating too (3.1 s of waits between)
 # User attrs every trial carries; reports read only these (and the study's own user attrs).
 ROLE, CELL, SEED, FAIL_REASON, PERMANENT = "role", "cell", "seed", "fail_reason", "fail_permanent"
@@ -54,51 +55,165 @@ class StudyRun:
     skipped: int
 
 
-def storage_for(url: str | None) -> optuna.storages.RDBStorage:
-    """An RDB storage with heartbeats, so a trial whose worker died is noticed by the next worker."""
+def shown_url(url: str) -> str:
+    """``url`` with its password (if any) as ``***``: banners, errors and rerun hints end up in terminals, CI logs
+    and issue reports."""
+    return _PASSWORD.sub(r"\1***@", url)
+
+
+_PASSWORD = re.compile(r"((?:^|://)[^:/@]*:)[^@/]*@")  # "user:PASSWORD@" at the start or after the scheme
+
+
+def storage_for(url: str | None, create: bool = True) -> optuna.storages.RDBStorage:
+    """An RDB storage with heartbeats, so a trial whose worker died is noticed by the next worker. With ``create``
+    False a database without Optuna's tables is refused instead of given them (commands that only read)."""
     url = url or DEFAULT_STORAGE
     if "://" not in url:
         raise FFablateError(
-            f"--storage {url!r} is not a database URL; e.g. sqlite:///ffablate.db or postgresql://user@host/db"
+            f"--storage {shown_url(url)!r} is not a database URL; e.g. sqlite:///ffablate.db or postgresql://user@host/db"
         )
     if _in_memory(url):
         # Each opening gets a fresh empty database: a study would keep nothing, and Optuna's heartbeat thread,
         # on a connection of its own, finds no tables and fails with a traceback every beat.
-        raise FFablateError(f"--storage {url!r}: in-memory storage keeps nothing; use sqlite:///FILE.db")
+        raise FFablateError(f"--storage {shown_url(url)!r}: in-memory storage keeps nothing; use sqlite:///FILE.db")
     db = sqlite_file(url)
     new = db is not None and (not db.exists() or db.stat().st_size == 0)
+    # A server restarted (or a connection dropped) while a trial trains leaves dead connections in the pool: the
+    # trial's next write failed on one although the server was back, and the trial was lost. A ping on checkout
+    # replaces them (Optuna does this itself for MySQL only).
+    engine: dict[str, Any] = {} if url.startswith("sqlite") else {"pool_pre_ping": True}
+    if _libpq(url) and "connect_timeout" not in url:
+        # libpq waits for ever on a host that takes the connection and never answers (a wrong port behind a
+        # firewall or a proxy): the study printed nothing and never started.
+        engine["connect_args"] = {"connect_timeout": CONNECT_TIMEOUT_S}
     attempt = 0
     while True:
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # heartbeats: "experimental"
-                return optuna.storages.RDBStorage(url, heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S)
+                return _Storage(
+                    url,
+                    engine_kwargs=engine,
+                    skip_table_creation=not create,
+                    heartbeat_interval=HEARTBEAT_S,
+                    grace_period=GRACE_S,
+                )
         except Exception as exc:  # SQLAlchemy raises many types for a bad URL or an unreachable server
             attempt += 1
             if attempt < OPEN_TRIES and _created_meanwhile(exc, new):
                 time.sleep(0.1 * 2 ** (attempt - 1))
                 continue
-            cause = str(exc).splitlines()[0]
-            if "database is locked" in cause:  # the URL is fine: another process holds the file
+            if not create and _no_tables(exc):
                 raise FFablateError(
-                    f"cannot open storage {url}: another process holds it locked; wait for it, or pass another "
-                    "--storage"
+                    f"no study storage at {shown_url(url)}: the database holds no Optuna tables; pass the --storage "
+                    "your study ran with"
                 ) from None
-            raise FFablateError(
-                f"cannot open storage {url}: {cause}; check the URL (for sqlite, that its folder exists and is "
-                "writable; for a server, that it is up and its driver installed)"
-            ) from None
+            raise FFablateError(f"cannot open storage {shown_url(url)}: {_why_not_opened(url, exc)}") from None
+
+
+def _libpq(url: str) -> bool:
+    """Whether ``url`` opens through libpq (psycopg or psycopg2, one of them SQLAlchemy's default for PostgreSQL),
+    which takes ``connect_timeout``."""
+    return url.split("://", 1)[0] in ("postgresql", "postgresql+psycopg", "postgresql+psycopg2")
+
+
+class _Storage(optuna.storages.RDBStorage):
+    """Optuna's RDB storage, whose heartbeat outlives a moment without its database."""
+
+    def record_heartbeat(self, trial_id: int) -> None:
+        # Optuna's heartbeat thread ends at its first failed beat, with a traceback, and the trial trains on without
+        # one: GRACE_S later another worker fails it as stale and runs its point again. A beat missed while the
+        # server restarts is made up by the next one.
+        from sqlalchemy.exc import SQLAlchemyError
+
+        with contextlib.suppress(optuna.exceptions.StorageInternalError, SQLAlchemyError):
+            super().record_heartbeat(trial_id)
+
+
+# The pip package of a database driver module SQLAlchemy imports, where the two names differ.
+DRIVER_PACKAGES = {"psycopg": "psycopg[binary]", "psycopg2": "psycopg2-binary", "MySQLdb": "mysqlclient"}
+
+
+def _why_not_opened(url: str, exc: Exception) -> str:
+    """Why ``url`` did not open, and what to do next, for ``cannot open storage URL: ...``."""
+    from sqlalchemy.exc import NoSuchModuleError
+
+    backend = url.split("://", 1)[0].split("+", 1)[0]
+    missing = exc.__cause__
+    if isinstance(exc, ImportError) and isinstance(missing, ImportError) and missing.name:
+        # Optuna's "Failed to import DB access module ... Please install appropriate one." named no module. Which
+        # one a plain postgresql:// needs depends on SQLAlchemy's version (psycopg2 before 2.1, psycopg since).
+        package = DRIVER_PACKAGES.get(missing.name, missing.name)
+        instead = {"psycopg": "postgresql+psycopg2://", "psycopg2": "postgresql+psycopg://"}.get(missing.name)
+        other = f", or name an installed driver in the URL (e.g. {instead})" if instead else ""
+        return f"its driver, the Python module {missing.name}, is not installed; pip install '{package}'{other}"
+    if isinstance(exc, NoSuchModuleError):  # "Can't load plugin: sqlalchemy.dialects:postgres"
+        if backend == "postgres":  # as Heroku and others write it
+            return "SQLAlchemy calls PostgreSQL postgresql://, not postgres://; write the URL with postgresql://"
+        return f"SQLAlchemy knows no database {backend!r}; e.g. sqlite:///ffablate.db or postgresql://user@host/db"
+    cause = str(exc).splitlines()[0]
+    if "database is locked" in cause:  # the URL is fine: another process holds the file
+        return "another process holds it locked; wait for it, or pass another --storage"
+    if backend == "sqlite":
+        return f"{cause}; check that its folder exists and is writable"
+    if "timeout expired" in cause:  # libpq's connect_timeout, ours or the URL's
+        from sqlalchemy.engine import make_url
+
+        seconds = make_url(url).query.get("connect_timeout", CONNECT_TIMEOUT_S)
+        return (
+            f"{cause}; no answer in {seconds} s: check the URL's host and port, or wait longer with "
+            "?connect_timeout=SECONDS in the URL"
+        )
+    if "permission denied" in cause:  # Optuna creates its tables on first use, and checks them on every opening
+        return (
+            f"{cause}; the database user needs the right to create tables there: grant it CREATE on the schema, or "
+            "use a database it owns"
+        )
+    return f"{cause}; check that the server is up and reachable, and the URL's host, port, user, password and database"
+
+
+def storage_failure(exc: BaseException) -> str | None:
+    """The first line of the database error behind ``exc`` (its server went down, its connection was cut, a lock
+    outlasted SQLite's wait), or None when there is none. Optuna hides it: a trial whose result could not be stored
+    ends in Optuna's own UnboundLocalError ('updated_state'), raised over the StorageInternalError it caused."""
+    from sqlalchemy.exc import InterfaceError, OperationalError
+
+    seen: set[int] = set()
+    link: BaseException | None = exc
+    while link is not None and id(link) not in seen:
+        if isinstance(link, FFablateError):  # already one line that says what to do
+            return None
+        if isinstance(link, (OperationalError, InterfaceError)):
+            return str(link).splitlines()[0]
+        seen.add(id(link))
+        link = link.__cause__ or (None if link.__suppress_context__ else link.__context__)
+    return None
+
+
+def _no_tables(exc: Exception) -> bool:
+    """Optuna's first read of its tables found none (PostgreSQL's UndefinedTable, SQLite's "no such table")."""
+    from sqlalchemy.exc import OperationalError, ProgrammingError
+
+    if isinstance(exc, optuna.exceptions.StorageInternalError):  # Optuna's wrapping of the database's error
+        exc = exc.__cause__ or exc
+    text = str(exc)
+    return isinstance(exc, (OperationalError, ProgrammingError)) and (
+        "no such table" in text or ("relation" in text and "does not exist" in text)
+    )
 
 
 def _created_meanwhile(exc: Exception, new: bool) -> bool:
     """Another worker opening the same new database is creating Optuna's tables while this one does: the tables
     it meets half-made, or (SQLite) its lock on a file that was new, are gone once it is done. A lock on a database
-    that existed before is somebody else's: no wait for it beyond SQLite's own."""
-    from sqlalchemy.exc import IntegrityError, OperationalError
+    that existed before is somebody else's: no wait for it beyond SQLite's own. A table made meanwhile is an
+    OperationalError on SQLite and a ProgrammingError (DuplicateTable) on PostgreSQL."""
+    from sqlalchemy.exc import IntegrityError, OperationalError, ProgrammingError
 
     text = str(exc)
-    return isinstance(exc, IntegrityError) or (
-        isinstance(exc, OperationalError) and ("already exists" in text or (new and "database is locked" in text))
+    return (
+        isinstance(exc, IntegrityError)
+        or (isinstance(exc, (OperationalError, ProgrammingError)) and "already exists" in text)
+        or (isinstance(exc, OperationalError) and new and "database is locked" in text)
     )
 
 
@@ -116,7 +231,7 @@ def _in_memory(url: str) -> bool:
 def describe_storage(url: str | None) -> str:
     url = url or DEFAULT_STORAGE
     db = sqlite_file(url)
-    return f"{url} ({db.resolve()})" if db is not None and not db.is_absolute() else url
+    return f"{url} ({db.resolve()})" if db is not None and not db.is_absolute() else shown_url(url)
 
 
 def sqlite_file(url: str) -> Path | None:
@@ -178,7 +293,7 @@ def rerun_command(study: optuna.Study, storage_url: str | None) -> str:
     if recipe:
         command += f" --recipe-from {recipe}"
     if storage_url:
-        command += f" --storage {storage_url}"
+        command += f" --storage {shown_url(storage_url)}"
     if study.study_name != f"{spec_name}-{budget}" + (f"@{recipe}" if recipe else ""):
         command += f" --study-name {study.study_name}"
     return command
@@ -1107,7 +1222,9 @@ def load_study(storage_url: str | None, name: str) -> optuna.Study:
     db = sqlite_file(storage_url or DEFAULT_STORAGE)
     if db is not None and not db.exists():  # opening it would leave an empty database behind
         raise FFablateError(f"no study storage at {db.resolve()}; pass the --storage your study ran with")
-    storage = storage_for(storage_url)
+    # Nor may it give Optuna's tables to a database that has none: `report --storage postgresql://me@db/postgres`
+    # made 12 tables in the server's default database.
+    storage = storage_for(storage_url, create=False)
     summaries = optuna.get_all_study_summaries(storage, include_best_trial=False)
     names = [s.study_name for s in summaries]
     if name not in names:
@@ -1117,12 +1234,12 @@ def load_study(storage_url: str | None, name: str) -> optuna.Study:
         matches = [
             s.study_name for s in summaries if own.fullmatch(s.study_name) or s.user_attrs.get("ffablate_spec") == name
         ]
-        where = storage_url or DEFAULT_STORAGE
+        where = shown_url(storage_url or DEFAULT_STORAGE)
         if len(matches) > 1:  # a quick and a full run of one spec: reporting either silently would mislead
             raise FFablateError(f"{name!r} matches several studies in {where}: {', '.join(matches)}; name one of them")
         if not matches:
             # Only a spec's name makes a study by that name; "god-smoke" for "good-smoke" is a typo.
-            run = f"ffablate study {name}" + (f" --storage {storage_url}" if storage_url else "")
+            run = f"ffablate study {name}" + (f" --storage {shown_url(storage_url)}" if storage_url else "")
             hint = did_you_mean(name, names)
             make = f" (to make it: `{run}`)" if name in specs.available_names() else ""
             there = ", ".join(names) or "none"
@@ -1133,7 +1250,7 @@ def load_study(storage_url: str | None, name: str) -> optuna.Study:
     if not any(CELL in t.user_attrs for t in study.get_trials(deepcopy=False)):
         if "ffablate_spec" not in study.user_attrs:
             ours = [s.study_name for s in summaries if "ffablate_spec" in s.user_attrs]
-            where = f" --storage {storage_url}" if storage_url else ""
+            where = f" --storage {shown_url(storage_url)}" if storage_url else ""
             hint = f"ffablate studies there: {', '.join(ours)}" if ours else f"run `ffablate study NAME{where}`"
             raise FFablateError(f"study {name} has no ffablate trials (`ffablate study` did not make it); {hint}")
         raise FFablateError(f"study {name} has no ffablate trials; run `{rerun_command(study, storage_url)}`")
