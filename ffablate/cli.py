@@ -116,6 +116,9 @@ def add_data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--download", action="store_true", help="download a dataset that is found nowhere else")
 
 
+STORAGE_HELP = "Optuna RDB URL (default: $FFABLATE_STORAGE, else sqlite:///ffablate.db in this directory)"
+
+
 def build_parser() -> Parser:
     parser = Parser(prog="ffablate", description="Ablate Forward-Forward against backpropagation.")
     parser.add_argument("--version", action=VersionAction)
@@ -179,7 +182,7 @@ def build_parser() -> Parser:
     study = sub.add_parser("study", help="run or resume an ablation study (Optuna trials + BP baselines)")
     study.add_argument("name", metavar="NAME|PATH", help="a study in studies/ or a .toml file")
     study.add_argument("--budget", choices=["smoke", "quick", "full"], default="quick")
-    study.add_argument("--storage", help="Optuna RDB URL (default: sqlite:///ffablate.db in this directory)")
+    study.add_argument("--storage", default=os.environ.get("FFABLATE_STORAGE") or None, help=STORAGE_HELP)
     study.add_argument("--study-name", help="Optuna study name (default: NAME-BUDGET)")
     study.add_argument("--n-trials", type=int, help="run at most N trials now (the rest on the next run)")
     study.add_argument("--timeout", type=float, metavar="SEC", help="start no new trial after SEC seconds")
@@ -208,7 +211,7 @@ def build_parser() -> Parser:
     report.add_argument(
         "name", metavar="NAME", help="study name, or its spec's name when the storage holds one study of that spec"
     )
-    report.add_argument("--storage", help="Optuna RDB URL (default: sqlite:///ffablate.db in this directory)")
+    report.add_argument("--storage", default=os.environ.get("FFABLATE_STORAGE") or None, help=STORAGE_HELP)
     report.add_argument("--out", help="output folder (default: reports/STUDY-NAME)")
     report.set_defaults(
         func=cmd_report, on_interrupt="the study's storage is untouched: rerun the command to write the report"
@@ -586,7 +589,7 @@ def cmd_study(args: argparse.Namespace) -> int:
     own_trials, argvs = workers.study_argvs(args, args.workers)
     threads_before = torch.get_num_threads()
     threads = max(1, threads_before // (len(argvs) + 1))
-    helpers = workers.Workers(argvs, threads)
+    helpers = workers.Workers(argvs, threads, args.storage)
 
     def banner() -> None:
         stderr.print(f"study {name} ({size}) in {where}", markup=False, highlight=False)

@@ -67,13 +67,16 @@ def _signals_deferred() -> Iterator[None]:
 class Workers:
     """Extra ``ffablate study`` processes, one per argument list in ``argvs``, with ``threads`` threads each."""
 
-    def __init__(self, argvs: list[list[str]], threads: int):
-        self.argvs, self.threads = argvs, threads
+    def __init__(self, argvs: list[list[str]], threads: int, storage: str | None = None):
+        self.argvs, self.threads, self.storage = argvs, threads, storage
         self.procs: list[tuple[subprocess.Popen, IO[bytes]]] = []
 
     def start(self, deadline: float | None = None) -> None:
         """Start them; none starts a trial after the ``time.time()`` ``deadline`` (this process's)."""
         env = dict(os.environ, OMP_NUM_THREADS=str(self.threads))
+        if self.storage is not None:
+            # Through the environment, not the command line, where `ps` would show a database password to anyone.
+            env["FFABLATE_STORAGE"] = self.storage
         root = Path(ffablate.__file__).resolve().parent.parent
         if root.name not in ("site-packages", "dist-packages"):  # a source tree: the workers import this very one
             env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(root), env.get("PYTHONPATH")]))
@@ -125,7 +128,8 @@ class Workers:
 
 def study_argvs(args: Any, workers: int) -> tuple[int | None, list[list[str]]]:
     """This process's trial share and the other workers' ``ffablate study`` arguments (those with no share left
-    out): the same spec, budget, storage, study name, device, data and recipe source. Their time limit is this
+    out): the same spec, budget, study name, device, data and recipe source (the storage goes to ``Workers``, which
+    hands it over in the environment). Their time limit is this
     process's deadline (``Workers.start``), not a ``--timeout`` of their own that would start after their startup."""
     own, *others = shares(args.n_trials, workers)
     argvs = []
@@ -134,7 +138,6 @@ def study_argvs(args: Any, workers: int) -> tuple[int | None, list[list[str]]]:
             continue
         argv = ["study", args.name, "--budget", args.budget, "--json"]
         options = {
-            "--storage": args.storage,
             "--study-name": args.study_name,
             "--n-trials": n_trials,
             "--device": args.device,

@@ -100,6 +100,24 @@ def test_a_password_in_the_storage_url_is_never_printed(monkeypatch):
         assert "s3cret" not in str(error.value) and "ff:***@db/ffablate" in str(error.value)
 
 
+def test_workers_are_given_the_storage_in_their_environment_not_on_the_command_line(monkeypatch, tmp_path, capsys):
+    # `--workers` put --storage postgresql://ff:PASSWORD@... on each worker's command line, which `ps` shows to anyone.
+    from argparse import Namespace
+
+    from ffablate import workers
+
+    url = "postgresql://ff:s3cret@db/ffablate"
+    args = Namespace(name="tiny", budget="smoke", storage=url, study_name=None, n_trials=None, device=None)
+    args.data_root = args.recipe_from = None
+    _, argvs = workers.study_argvs(args, 3)
+    assert len(argvs) == 2 and not any("s3cret" in " ".join(argv) for argv in argvs)
+    # ... and a worker (any ffablate study or report) takes FFABLATE_STORAGE when no --storage is given.
+    given = f"sqlite:///{tmp_path / 'empty.db'}"
+    monkeypatch.setenv("FFABLATE_STORAGE", given)
+    assert main(["report", "tiny"]) == 2
+    assert f"no study storage at {tmp_path / 'empty.db'}" in capsys.readouterr().err
+
+
 @postgres
 def test_a_password_is_not_printed_by_report(pg_url, capsys):
     from sqlalchemy import make_url
