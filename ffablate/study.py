@@ -134,10 +134,14 @@ class _Storage(optuna.storages.RDBStorage):
 DRIVER_PACKAGES = {"psycopg": "psycopg[binary]", "psycopg2": "psycopg2-binary", "MySQLdb": "mysqlclient"}
 
 
-def _why_not_opened(url: str, exc: Exception) -> str:
+def _why_not_opened(url: str, exc: BaseException) -> str:
     """Why ``url`` did not open, and what to do next, for ``cannot open storage URL: ...``."""
     from sqlalchemy.exc import NoSuchModuleError
 
+    if isinstance(exc, optuna.exceptions.StorageInternalError) and exc.__cause__ is not None:
+        # Optuna's "An exception is raised during the commit. This typically happens due to invalid data ..." over
+        # the driver's reason: opening without creating tables (report, --recipe-from) reads through it first.
+        exc = exc.__cause__
     backend = url.split("://", 1)[0].split("+", 1)[0]
     missing = exc.__cause__
     if isinstance(exc, ImportError) and isinstance(missing, ImportError) and missing.name:
