@@ -58,10 +58,15 @@ class StudyRun:
 def shown_url(url: str) -> str:
     """``url`` with its password (if any) as ``***``: banners, errors and rerun hints end up in terminals, CI logs
     and issue reports."""
-    return _PASSWORD.sub(r"\1***@", url)
+    url = (_PASSWORD if "://" in url else _SCHEMELESS_PASSWORD).sub(r"\1***@", url)
+    return _QUERY_PASSWORD.sub(r"\1***", url)
 
 
-_PASSWORD = re.compile(r"((?:^|://)[^:/@]*:)[^@/]*@")  # "user:PASSWORD@" at the start or after the scheme
+# "scheme://user:PASSWORD@" as SQLAlchemy reads it: the user ends at the first ":" or "/", the password at the "@"
+# ("/", "?" and "#" are part of it).
+_PASSWORD = re.compile(r"^([^:/]*://[^:/]*:)[^@]*@")
+_SCHEMELESS_PASSWORD = re.compile(r"^([^:/@]*:)[^@/]*@")  # "user:PASSWORD@host/db", the scheme forgotten
+_QUERY_PASSWORD = re.compile(r"([?&]password=)[^&]*")  # "?password=...", which SQLAlchemy hands to the driver
 
 
 def storage_for(url: str | None, create: bool = True) -> optuna.storages.RDBStorage:

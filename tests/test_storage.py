@@ -18,6 +18,7 @@ from collections.abc import Iterator
 
 import optuna
 import pytest
+from sqlalchemy import make_url
 from sqlalchemy.exc import IntegrityError, OperationalError, ProgrammingError
 
 from ffablate import study as studies
@@ -92,6 +93,19 @@ def test_a_password_in_the_storage_url_is_never_printed(monkeypatch):
     for kept in ("postgresql://ff@db/ffablate", "sqlite:///ffablate.db", "sqlite:////tmp/a:b@c.db"):
         assert studies.shown_url(kept) == kept
     assert studies.describe_storage("postgresql://ff:s3cret@db/ffablate") == "postgresql://ff:***@db/ffablate"
+    # SQLAlchemy takes a password up to the "@", "/" and "?" included, and one in the query (psycopg's `password`
+    # connection parameter): both were printed as given.
+    for url, shown in (
+        ("postgresql://ff:s3/cret@db/ffablate", "postgresql://ff:***@db/ffablate"),
+        ("postgresql://ff:s3c?ret@db:5432/ffablate", "postgresql://ff:***@db:5432/ffablate"),
+        ("postgresql://ff@db/ffablate?password=s3cret", "postgresql://ff@db/ffablate?password=***"),
+        (
+            "postgresql://ff@db/ffablate?sslmode=require&password=s3cret&x=1",
+            "postgresql://ff@db/ffablate?sslmode=require&password=***&x=1",
+        ),
+    ):
+        assert studies.shown_url(url) == shown
+    assert make_url("postgresql://ff:s3/cret@db/ffablate").password == "s3/cret"  # as SQLAlchemy reads the URL
     monkeypatch.setitem(sys.modules, "psycopg", None)  # no driver: the error names the URL
     monkeypatch.setitem(sys.modules, "psycopg2", None)
     for url in ("postgresql://ff:s3cret@db/ffablate", "ff:s3cret@db/ffablate"):
