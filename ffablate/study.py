@@ -161,6 +161,8 @@ def _why_not_opened(url: str, exc: BaseException) -> str:
             return "SQLAlchemy calls PostgreSQL postgresql://, not postgres://; write the URL with postgresql://"
         return f"SQLAlchemy knows no database {backend!r}; e.g. sqlite:///ffablate.db or postgresql://user@host/db"
     cause = str(exc).splitlines()[0]
+    if isinstance(exc, ValueError) and "invalid literal for int()" in cause:  # SQLAlchemy's parse of the port
+        return f"its port is not a number ({cause}); write the URL as {backend}://user:password@host:5432/database"
     if "database is locked" in cause:  # the URL is fine: another process holds the file
         return "another process holds it locked; wait for it, or pass another --storage"
     if backend == "sqlite":
@@ -232,7 +234,7 @@ def _in_memory(url: str) -> bool:
 
     try:
         parsed = make_url(url)
-    except ArgumentError:  # not a URL SQLAlchemy can parse: opening it says why
+    except (ArgumentError, ValueError):  # not a URL SQLAlchemy can parse (ValueError: its port): opening it says why
         return False
     return parsed.get_backend_name() == "sqlite" and parsed.database in (None, "", ":memory:")
 

@@ -182,6 +182,21 @@ def test_a_server_that_refuses_says_what_to_check(capsys):
     assert "port 1 failed" in err and "exceeding max length" not in err
 
 
+def test_a_port_that_is_not_a_number_is_one_line(capsys):
+    # SQLAlchemy's int() of the port was a ValueError traceback, in report and study alike.
+    url = "postgresql://ff:s3cret@db:54x2/ffablate"
+    assert main(["report", "x", "--storage", url]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err and "s3cret" not in err
+    assert err == (
+        "ffablate: error: cannot open storage postgresql://ff:***@db:54x2/ffablate: its port is not a number "
+        "(invalid literal for int() with base 10: '54x2'); write the URL as "
+        "postgresql://user:password@host:5432/database"
+    )
+    with pytest.raises(FFablateError, match="its port is not a number"):
+        studies.storage_for(url)
+
+
 def sqlalchemy_version() -> tuple[int, int]:
     import sqlalchemy
 
