@@ -32,7 +32,7 @@ postgres = pytest.mark.skipif(not SERVER, reason="set FFABLATE_TEST_POSTGRES to 
 @pytest.fixture
 def pg_url() -> Iterator[str]:
     """A URL of ``FFABLATE_TEST_POSTGRES`` whose tables go to a new, empty schema (a new database, as Optuna sees
-    it)."""
+    it); its connections carry the schema's name as their application_name, which tells them from others'."""
     import sqlalchemy
 
     schema = f"ffablate_test_{uuid.uuid4().hex[:12]}"
@@ -41,7 +41,8 @@ def pg_url() -> Iterator[str]:
     with engine.begin() as connection:
         connection.execute(sqlalchemy.text(f"CREATE SCHEMA {schema}"))
     try:
-        yield base.update_query_dict({"options": f"-csearch_path={schema}"}).render_as_string(hide_password=False)
+        query = {"options": f"-csearch_path={schema}", "application_name": schema}
+        yield base.update_query_dict(query).render_as_string(hide_password=False)
     finally:
         with engine.begin() as connection:
             connection.execute(sqlalchemy.text(f"DROP SCHEMA {schema} CASCADE"))
@@ -258,18 +259,24 @@ def test_a_missed_heartbeat_does_not_end_the_heartbeat(tmp_path, monkeypatch):
 
 @postgres
 def test_a_postgres_storage_outlives_its_connections(pg_url):
-    # As a server restart does: every connection of this user but the killer's own is closed.
+    # As a server restart does: every connection of this test but the killer's own is closed. Only this test's (its
+    # application_name): the server may be shared, and its user's other connections (another test run, a study)
+    # are not this test's to close.
     import sqlalchemy
 
     storage = studies.storage_for(pg_url)
     study = optuna.create_study(storage=storage, study_name="s")
-    with sqlalchemy.create_engine(pg_url).connect() as connection:
-        connection.execute(
+    engine = sqlalchemy.create_engine(pg_url, poolclass=sqlalchemy.pool.NullPool)
+    with engine.connect() as connection:
+        killed = connection.execute(
             sqlalchemy.text(
                 "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-                "WHERE usename = current_user AND pid <> pg_backend_pid()"
-            )
-        )
+                "WHERE application_name = :name AND pid <> pg_backend_pid()"
+            ),
+            {"name": sqlalchemy.make_url(pg_url).query["application_name"]},
+        ).all()
+    engine.dispose()
+    assert killed, "the storage's pooled connection was not found"
     study.set_user_attr("after", True)  # on a new connection, not a dead pooled one
     assert optuna.load_study(study_name="s", storage=storage).user_attrs == {"after": True}
 
