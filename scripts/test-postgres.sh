@@ -6,7 +6,7 @@
 set -euo pipefail
 port=${FFABLATE_PG_PORT:-5433}
 if ! command -v pg_createcluster >/dev/null; then
-	apt-get update -qq >&2 && apt-get install -y -qq postgresql >&2
+	apt-get update -qq >&2 && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >&2
 fi
 version=$(ls /usr/lib/postgresql | sort -V | tail -n 1)
 if ! pg_lsclusters -h | awk '{print $2}' | grep -qx ffablate; then

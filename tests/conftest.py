@@ -14,7 +14,8 @@ TINY = {
     "strides": "2,2",
 }
 
-# Variables that switch ffablate's data lookup or kernels: one set in the shell must not change what a test sees.
+# Variables that switch ffablate's data lookup, kernels or study storage: one set in the shell must not change what a
+# test sees.
 FFABLATE_ENV = (
     "FFABLATE_DATA",
     "FFABLATE_NO_OFFLINE",
@@ -25,6 +26,7 @@ FFABLATE_ENV = (
     "FFABLATE_CUDA_LAG",
     "FFABLATE_CUDA_CLUSTER_KB",
     "FFABLATE_PLUGINS",
+    "FFABLATE_STORAGE",
 )
 
 
