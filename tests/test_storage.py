@@ -24,6 +24,7 @@ from sqlalchemy.exc import IntegrityError, OperationalError, ProgrammingError
 from ffablate import study as studies
 from ffablate.cli import main
 from ffablate.errors import FFablateError
+from tests.test_study import TINY_BUDGET, open_together
 
 SERVER = os.environ.get("FFABLATE_TEST_POSTGRES")
 postgres = pytest.mark.skipif(not SERVER, reason="set FFABLATE_TEST_POSTGRES to a PostgreSQL URL to run")
@@ -66,23 +67,9 @@ def test_a_table_another_worker_made_meanwhile_is_waited_for_on_a_server_too():
     assert not studies._created_meanwhile(refused, new=False)
 
 
-def _open_storage(url: str, start) -> None:
-    start.wait()
-    studies.storage_for(url)
-
-
 @postgres
 def test_workers_opening_a_new_postgres_database_together_all_open_it(pg_url):
-    import multiprocessing
-
-    context = multiprocessing.get_context("fork")
-    start = context.Barrier(4)
-    procs = [context.Process(target=_open_storage, args=(pg_url, start)) for _ in range(4)]
-    for proc in procs:
-        proc.start()
-    for proc in procs:
-        proc.join(60)
-    assert [proc.exitcode for proc in procs] == [0] * 4
+    assert open_together(pg_url) == [0] * 4
 
 
 def test_a_password_in_the_storage_url_is_never_printed(monkeypatch):
@@ -287,20 +274,7 @@ question = "Does the temperature schedule matter on a tiny Fashion-MNIST subset?
 dataset = "fashion-mnist"
 [axes]
 temperature = ["constant", "cosine"]
-[budgets.smoke]
-limit_train = 300
-limit_test = 300
-val_images = 200
-epochs = 1
-batch_size = 50
-channels = "10,10"
-strides = "2,2"
-seeds = 1
-[budgets.quick]
-epochs = 1
-[budgets.full]
-epochs = 1
-"""
+""" + TINY_BUDGET.format(seeds=1)
 
 
 def test_a_storage_lost_mid_study_is_one_line_and_keeps_the_finished_trials(tmp_path, monkeypatch, capsys):

@@ -1428,19 +1428,24 @@ def _open_storage(url: str, start) -> None:
     studies.storage_for(url)
 
 
-def test_workers_opening_a_new_storage_together_all_open_it(tmp_path):
-    # Each worker creates Optuna's tables in a new SQLite file; the slower ones met the faster one's rows.
+def open_together(url: str, workers: int = 4) -> list[int | None]:
+    """The exit codes of ``workers`` processes that open the storage at ``url`` at the same moment."""
     import multiprocessing
 
     context = multiprocessing.get_context("fork")
+    start = context.Barrier(workers)
+    procs = [context.Process(target=_open_storage, args=(url, start)) for _ in range(workers)]
+    for proc in procs:
+        proc.start()
+    for proc in procs:
+        proc.join(60)
+    return [proc.exitcode for proc in procs]
+
+
+def test_workers_opening_a_new_storage_together_all_open_it(tmp_path):
+    # Each worker creates Optuna's tables in a new SQLite file; the slower ones met the faster one's rows.
     for round_ in range(3):
-        url, start = f"sqlite:///{tmp_path / f'new{round_}.db'}", context.Barrier(4)
-        procs = [context.Process(target=_open_storage, args=(url, start)) for _ in range(4)]
-        for proc in procs:
-            proc.start()
-        for proc in procs:
-            proc.join(60)
-        assert [proc.exitcode for proc in procs] == [0] * 4
+        assert open_together(f"sqlite:///{tmp_path / f'new{round_}.db'}") == [0] * 4
 
 
 def test_search_workers_started_together_run_its_n_trials_between_them(tmp_path):
