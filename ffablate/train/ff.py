@@ -160,13 +160,8 @@ class FFNet(nn.Module):
         these extra passes leave batch-norm running statistics alone. (A fusion on per-class goodness is fit on the
         training pass's own scores instead: ``FFTrainer._fusion_backward``.)
         """
-        was_training = self.training
-        self.eval()
-        try:
-            with common.autocast(x.device):
-                return self._scores_and_features(x, self.depth if upto is None else upto, features)
-        finally:
-            self.train(was_training)
+        with common.eval_mode(self), common.autocast(x.device):
+            return self._scores_and_features(x, self.depth if upto is None else upto, features)
 
     def _scores_and_features(self, x: Tensor, upto: int, features: bool) -> tuple[list[Tensor], list[Tensor]]:
         if self.goodness.per_class:
