@@ -154,8 +154,24 @@ def build_parser() -> Parser:
     add_data_args(evaluate)
     evaluate.set_defaults(func=cmd_evaluate)
 
-    plugins = sub.add_parser("plugins", help="list the installed plugins")
+    plugins = sub.add_parser(
+        "plugins",
+        help="list the installed plugins, or check one against the plugin contract",
+        epilog="`ffablate plugins KIND NAME --check` runs the conformance checks of ffablate/testing.py on one plugin "
+        "(exit 1 if one fails).",
+    )
     plugins.add_argument("kind", nargs="?", help="only this kind")
+    plugins.add_argument("name", nargs="?", help="only this plugin")
+    plugins.add_argument("--check", action="store_true", help="check the plugin against the plugin contract")
+    plugins.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KIND.PARAM=VALUE",
+        help="with --check: a parameter of the plugin to check it with",
+    )
+    plugins.add_argument("--no-train", action="store_true", help="with --check: leave out the training checks")
+    plugins.add_argument("--data-root", help="with --check of a dataset: where datasets live")
     plugins.add_argument("--json", action="store_true")
     plugins.set_defaults(func=cmd_plugins)
 
@@ -456,7 +472,12 @@ def cmd_plugins(args: argparse.Namespace) -> int:
     from ffablate.plugins import registry
 
     # Kinds are lower case; "Goodness" can only mean one of them.
-    plugins = registry().all(args.kind and args.kind.lower())
+    kind = args.kind and args.kind.lower()
+    if args.check:
+        return _check_plugin(args, kind)
+    if args.set or args.no_train:
+        raise ConfigError("--set and --no-train go with --check: ffablate plugins KIND NAME --check")
+    plugins = [registry().get(kind, args.name)] if args.name else registry().all(kind)
     rows = [
         {
             "kind": p.kind,
@@ -479,6 +500,35 @@ def cmd_plugins(args: argparse.Namespace) -> int:
         table.add_row(*map(Text, (row["kind"], row["name"], row["source"], params, row["description"])))
     wide_console().print(table)  # piped, 80 columns cut plugin names short
     return 0
+
+
+def _check_plugin(args: argparse.Namespace, kind: str | None) -> int:
+    from ffablate.plugins import registry
+    from ffablate.testing import FAIL, PASS, SKIP, check_plugin
+
+    if not args.name:
+        raise ConfigError("--check needs a plugin: ffablate plugins KIND NAME --check (e.g. goodness sumsq)")
+    params = {}
+    for key, value in parse_sets(args.set).items():
+        prefix, _, param = key.partition(".")
+        if prefix != kind or not param:
+            raise ConfigError(f"--set {key}: give a parameter of the plugin checked, as --set {kind}.PARAM=VALUE")
+        params[param] = value
+    _warn_missing_data_root(args.data_root)
+    plugin = registry().get(kind, args.name)
+    results = check_plugin(kind, args.name, params, data_root=args.data_root, train=not args.no_train)
+    failed = sum(r.outcome == FAIL for r in results)
+    if args.json:
+        print(jsontext.dumps({"plugin": plugin.label, "params": params, "checks": [vars(r) for r in results]}))
+        return 1 if failed else 0
+    passed, skipped = (sum(r.outcome == o for r in results) for o in (PASS, SKIP))
+    table = Table(title=f"{plugin.label}: {passed} passed, {failed} failed, {skipped} skipped")
+    for column in ("check", "outcome", "detail"):
+        table.add_column(column)
+    for r in results:
+        table.add_row(Text(r.check), Text(r.outcome, style="red" if r.outcome == FAIL else ""), Text(r.detail))
+    wide_console(UNCUT).print(table)
+    return 1 if failed else 0
 
 
 def cmd_data_list(args: argparse.Namespace) -> int:

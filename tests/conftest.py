@@ -1,6 +1,8 @@
 import pytest
 
+from ffablate import hookimpl
 from ffablate.config import RunConfig
+from ffablate.plugins import Registry, make_plugin_manager
 
 # Small but real: the first 1,000 Fashion-MNIST training images, two epochs, a narrow CNN, scored on a fixed
 # stratified 1,000 of the test images (all 10,000 cost ten passes each for a label-embedding goodness).
@@ -54,3 +56,31 @@ def tiny_args(*extra: str) -> list[str]:
     for key, value in TINY.items():
         args += ["--set", f"{key}={value}"]
     return [*args, *extra]
+
+
+def registry_with(*plugins: object) -> Registry:
+    return Registry(make_plugin_manager(plugins))
+
+
+def _registering(kind: str):  # noqa: ANN202
+    @hookimpl(specname=f"ffablate_register_{kind}")
+    def hook(self, register):  # noqa: ANN001, ANN202
+        if self.kind == kind:
+            register(self.name, self.factory, "test plugin", space=self.space)
+
+    return hook
+
+
+class OnePlugin:
+    """Registers ``factory`` as the ``kind`` plugin named ``name`` (default "probe")."""
+
+    def __init__(self, kind: str, factory, space=None, name: str = "probe"):
+        self.kind, self.factory, self.space, self.name = kind, factory, space, name
+
+    ffablate_register_goodness = _registering("goodness")
+    ffablate_register_loss = _registering("loss")
+    ffablate_register_fusion = _registering("fusion")
+    ffablate_register_datasets = _registering("datasets")
+    ffablate_register_temperature = _registering("temperature")
+    ffablate_register_norm = _registering("norm")
+    ffablate_register_negatives = _registering("negatives")

@@ -15,7 +15,7 @@ from ffablate.cli import main
 from ffablate.errors import ConfigError, DataError, FFablateWarning, UnknownPlugin
 from ffablate.paths import NormPaths
 from ffablate.plugins import HOOKS, KINDS, Plugin, Registry, add_plugin, make_plugin_manager, registry, remove_plugin
-from tests.conftest import tiny_args
+from tests.conftest import OnePlugin, registry_with, tiny_args
 
 EXPECTED_BUILTINS = {
     "goodness": {"sumsq", "meansq", "l1", "logsumexp", "classwise"},
@@ -205,10 +205,10 @@ def test_a_run_records_where_its_outside_plugins_came_from():
     from ffablate.config import RunConfig
     from ffablate.plugins import plugin_sources
 
-    reg = _registry_with(OnePlugin("goodness", Cube))
+    reg = registry_with(OnePlugin("goodness", Cube))
     config = RunConfig().with_updates({"goodness": "probe", "negatives": "random-label", "loss": "softplus-threshold"})
     sources = plugin_sources(config, reg, ("norm", "goodness", "temperature"))
-    assert sources == {"goodness": f"probe from {__name__}.OnePlugin (no package version)"}
+    assert sources == {"goodness": f"probe from {OnePlugin.__module__}.OnePlugin (no package version)"}
 
 
 def test_goodness_plugins_agree_with_their_definitions():
@@ -405,8 +405,8 @@ def test_label_channels_append_one_constant_plane_per_class():
 
 def test_the_first_block_takes_the_channels_a_label_embedding_adds():
     labelled = {"goodness": "meansq", "negatives": "random-label", "loss": "softplus-threshold"}
-    pixels = _ff_net(_registry_with(), **labelled)
-    channels = _ff_net(_registry_with(), **labelled, **{"negatives.into": "channels"})
+    pixels = _ff_net(registry_with(), **labelled)
+    channels = _ff_net(registry_with(), **labelled, **{"negatives.into": "channels"})
     assert pixels.backbone.blocks[0][0].in_channels == 1 and channels.backbone.blocks[0][0].in_channels == 11
     scores, _ = channels.scores_and_features(torch.randn(4, 1, 28, 28))
     assert [tuple(s.shape) for s in scores] == [(4, 10), (4, 10)]
@@ -425,7 +425,7 @@ class CroppingNegatives:
 
 
 def test_a_label_embedding_must_keep_one_shape_and_the_image_size():
-    reg = _registry_with(OnePlugin("negatives", CroppingNegatives))
+    reg = registry_with(OnePlugin("negatives", CroppingNegatives))
     with pytest.raises(ConfigError) as info:
         _ff_net(reg, goodness="meansq", negatives="probe", loss="softplus-threshold")
     assert re.fullmatch(
@@ -459,34 +459,6 @@ def test_readout_fusion_does_not_care_how_large_a_blocks_goodness_is():
     torch.testing.assert_close(fusion(scaled, features), fusion(scores, features), atol=1e-4, rtol=1e-4)
 
 
-def _registry_with(*plugins: object) -> Registry:
-    return Registry(make_plugin_manager(plugins))
-
-
-def _registering(kind: str):  # noqa: ANN202
-    @hookimpl(specname=f"ffablate_register_{kind}")
-    def hook(self, register):  # noqa: ANN001, ANN202
-        if self.kind == kind:
-            register(self.name, self.factory, "test plugin", space=self.space)
-
-    return hook
-
-
-class OnePlugin:
-    """Registers ``factory`` as the ``kind`` plugin named ``name`` (default "probe")."""
-
-    def __init__(self, kind: str, factory, space=None, name: str = "probe"):
-        self.kind, self.factory, self.space, self.name = kind, factory, space, name
-
-    ffablate_register_goodness = _registering("goodness")
-    ffablate_register_loss = _registering("loss")
-    ffablate_register_fusion = _registering("fusion")
-    ffablate_register_datasets = _registering("datasets")
-    ffablate_register_temperature = _registering("temperature")
-    ffablate_register_norm = _registering("norm")
-    ffablate_register_negatives = _registering("negatives")
-
-
 def _ff_net(reg: Registry, **updates):
     from ffablate.config import RunConfig
     from ffablate.train.ff import FFNet
@@ -518,7 +490,7 @@ def _returning(value_of, per_class: bool = False) -> type:
 )
 def test_a_goodness_of_the_wrong_shape_is_refused_naming_the_plugin(value_of, per_class, got, want):
     negatives = {"negatives": "none"} if per_class else {"negatives": "random-label", "loss": "softplus-threshold"}
-    net = _ff_net(_registry_with(OnePlugin("goodness", _returning(value_of, per_class))), goodness="probe", **negatives)
+    net = _ff_net(registry_with(OnePlugin("goodness", _returning(value_of, per_class))), goodness="probe", **negatives)
     with pytest.raises(
         ConfigError,
         match=rf"goodness plugin 'probe' \(package [\w.]*OnePlugin\) returned .*{got}.*shape {want}",
@@ -543,7 +515,7 @@ def test_negatives_of_the_wrong_kind_are_refused_naming_the_plugin(tiny_config, 
             return wrong_of(labels)
 
     config = tiny_config.with_updates({"goodness": "meansq", "negatives": "probe", "loss": "softplus-threshold"})
-    trainer = build_trainer(config, plugins=_registry_with(OnePlugin("negatives", Returning)))
+    trainer = build_trainer(config, plugins=registry_with(OnePlugin("negatives", Returning)))
     x, y = next(iter(trainer.data.train))
     with pytest.raises(ConfigError, match=rf"negatives plugin 'probe' .* wrong_labels returned {got} for 50 labels"):
         trainer.train_step(x, y, 0.0, range(trainer.net.depth), False)
@@ -569,7 +541,7 @@ def test_a_goodness_without_per_class_is_refused_when_built():
             return paths.sumsq()
 
     with pytest.raises(ConfigError, match="goodness plugin 'probe'.*set `per_class = True` or `per_class = False`"):
-        _ff_net(_registry_with(OnePlugin("goodness", NoFlag)), goodness="probe")
+        _ff_net(registry_with(OnePlugin("goodness", NoFlag)), goodness="probe")
 
 
 class Tunable:
@@ -622,7 +594,7 @@ def test_a_bad_search_space_is_refused_at_registration(space, factory, message):
     with pytest.raises(
         ConfigError, match=rf"goodness plugin 'probe' registered by the plugin [\w.]*OnePlugin: .*{message}"
     ):
-        _registry_with(OnePlugin("goodness", factory, space))
+        registry_with(OnePlugin("goodness", factory, space))
 
 
 def test_a_factory_argument_without_default_is_refused_at_registration():
@@ -635,22 +607,22 @@ def test_a_factory_argument_without_default_is_refused_at_registration():
     with pytest.raises(
         ConfigError, match=r"temperature plugin 'probe' .*: its factory's argument 'rate' has no default: give it one"
     ):
-        _registry_with(OnePlugin("temperature", NoDefault))
+        registry_with(OnePlugin("temperature", NoDefault))
 
     # The loss function itself, registered as its own factory: "give 'g_pos' a default" led nowhere.
     def hinge(g_pos, g_neg, labels, threshold, temperature):  # noqa: ANN001, ANN202
         return g_pos.mean()
 
     with pytest.raises(ConfigError, match=r"its factory takes 'g_pos', an argument of the loss call itself: regis"):
-        _registry_with(OnePlugin("loss", hinge))
+        registry_with(OnePlugin("loss", hinge))
     # What the trainer passes (a norm's num_features) needs none.
-    assert _registry_with(OnePlugin("norm", lambda num_features, eps=1e-5: None)).get("norm", "probe").params == {
+    assert registry_with(OnePlugin("norm", lambda num_features, eps=1e-5: None)).get("norm", "probe").params == {
         "eps": 1e-5
     }
     # Nor is it a parameter when it has one: a fusion's num_classes=10 was listed, recorded as 10 for a 3-class
     # run, and --set fusion.num_classes=5 clashed with the value passed ("got multiple values").
     fusion = lambda num_layers, feature_dims, num_classes=10, eps=0.1: None  # noqa: E731
-    assert _registry_with(OnePlugin("fusion", fusion)).get("fusion", "probe").params == {"eps": 0.1}
+    assert registry_with(OnePlugin("fusion", fusion)).get("fusion", "probe").params == {"eps": 0.1}
 
 
 class _PathsAs(torch.nn.Module):
@@ -700,7 +672,7 @@ def clipped_cube(p: float = 3, clip: float | None = None, scale: "float" = 2):  
 def test_a_float_annotation_and_a_none_default_are_read_as_their_authors_meant():
     # p: float = 3 was an integer parameter that refused 2.5 (and a float space, with the wrong advice), and
     # --set goodness.clip=none gave the factory the text 'none'.
-    plugin = _registry_with(OnePlugin("goodness", clipped_cube)).get("goodness", "probe")
+    plugin = registry_with(OnePlugin("goodness", clipped_cube)).get("goodness", "probe")
     assert plugin.params == {"p": 3.0, "clip": None, "scale": 2.0}
     assert plugin.checked_params({"p": "2.5", "clip": "none"}) == {"p": 2.5, "clip": None}
     assert plugin.checked_params({"clip": "0.5", "scale": "4"}) == {"clip": 0.5, "scale": 4.0}
@@ -713,7 +685,7 @@ def test_a_good_search_space_registers():
         "p": {"type": "float", "low": 0.5, "high": 4, "log": True},
         "n": {"type": "categorical", "choices": [1, 2]},
     }
-    assert _registry_with(OnePlugin("goodness", Tunable, space)).get("goodness", "probe").space == space
+    assert registry_with(OnePlugin("goodness", Tunable, space)).get("goodness", "probe").space == space
 
 
 def test_a_factory_that_raises_is_named_and_a_config_error_passes_unchanged():
@@ -722,7 +694,7 @@ def test_a_factory_that_raises_is_named_and_a_config_error_passes_unchanged():
             raise ConfigError("goodness.p must be >= 0")
         raise RuntimeError("factory exploded\nsecond line")
 
-    reg = _registry_with(OnePlugin("goodness", exploding))
+    reg = registry_with(OnePlugin("goodness", exploding))
     with pytest.raises(
         ConfigError,
         match=r"^goodness plugin 'probe' \(package [\w.]*OnePlugin\) failed to build: "
@@ -740,7 +712,7 @@ def test_a_dataset_that_cannot_load_its_files_is_a_data_error(error):
     def unreadable(path: str = ""):
         raise error
 
-    reg = _registry_with(OnePlugin("datasets", unreadable))
+    reg = registry_with(OnePlugin("datasets", unreadable))
     # A DataError stops a study (a rerun retries), where a ConfigError would fail every trial on the data for good.
     with pytest.raises(DataError, match=rf"could not load its data: {type(error).__name__}\b.*; check the files"):
         reg.create("datasets", "probe")
@@ -753,7 +725,7 @@ def test_a_dataset_whose_code_fails_is_told_to_fix_the_plugin_not_the_files(erro
     def buggy(path: str = ""):
         raise error
 
-    reg = _registry_with(OnePlugin("datasets", buggy))
+    reg = registry_with(OnePlugin("datasets", buggy))
     # Before: "check the files under --data-root", for a bug no file could cause.
     with pytest.raises(DataError, match=rf"could not load its data: {type(error).__name__}: .*; fix the plugin \(an"):
         reg.create("datasets", "probe")
@@ -794,7 +766,7 @@ class Misregistering:
 )
 def test_a_broken_registration_names_the_plugin_module_in_one_line(args, message):
     with pytest.raises(ConfigError, match=message) as info:
-        _registry_with(Misregistering(*args))
+        registry_with(Misregistering(*args))
     assert "Misregistering" in str(info.value) and "\n" not in str(info.value)
 
 
@@ -824,7 +796,7 @@ def dtyped(dtype=torch.float64):
 def test_a_parameter_default_that_set_cannot_give_is_refused_at_registration(factory, message):
     # Before: --set goodness.weights=1,2,3 passed the text '1,2,3' to the factory, and dtype=float64 'float64'.
     with pytest.raises(ConfigError, match=rf"goodness plugin 'probe' registered by .*: its parameter {message}, wh"):
-        _registry_with(OnePlugin("goodness", factory))
+        registry_with(OnePlugin("goodness", factory))
 
 
 # Annotations as objects and as the text `from __future__ import annotations` leaves.
@@ -838,7 +810,7 @@ def optional_params(
 
 
 def test_a_none_default_takes_none_or_the_type_its_annotation_names():
-    plugin = _registry_with(OnePlugin("goodness", optional_params)).get("goodness", "probe")
+    plugin = registry_with(OnePlugin("goodness", optional_params)).get("goodness", "probe")
     # "007" for an Optional[str] was read as the int 7 and passed on as it was.
     assert plugin.create({"clip": "2", "n": "3", "tag": "007", "free": "x"}) == (2.0, 3, "007", "x")
     assert plugin.create({"clip": "none", "n": "none", "tag": "none", "free": "none"}) == (None, None, None, None)
@@ -875,7 +847,7 @@ def no_norm(num_features: int):
 def test_a_factory_that_builds_no_module_is_refused_in_one_line(kind, factory, built):
     # A module per block is what puts a learned T (or a norm's state) in the block's optimizer and on its device.
     with pytest.raises(ConfigError) as info:
-        _ff_net(_registry_with(OnePlugin(kind, factory)), **{kind: "probe"})
+        _ff_net(registry_with(OnePlugin(kind, factory)), **{kind: "probe"})
     message = str(info.value)
     assert message.startswith(f"{kind} plugin 'probe' (package ") and "\n" not in message
     assert message.endswith(f"builds a {built}; a {kind} factory must return a torch.nn.Module")
@@ -883,7 +855,7 @@ def test_a_factory_that_builds_no_module_is_refused_in_one_line(kind, factory, b
 
 def test_a_fusion_with_parameters_but_no_loss_is_refused_when_built():
     with pytest.raises(ConfigError, match="fusion plugin 'probe'.*trainable parameters but no loss"):
-        _ff_net(_registry_with(OnePlugin("fusion", NoLossFusion)), fusion="probe")
+        _ff_net(registry_with(OnePlugin("fusion", NoLossFusion)), fusion="probe")
 
 
 class ScalarOnlyLoss:
@@ -899,7 +871,7 @@ class AnyGoodnessLoss:
 
 
 def test_a_loss_plugin_declares_which_goodness_it_fits():
-    reg = _registry_with(OnePlugin("loss", ScalarOnlyLoss))
+    reg = registry_with(OnePlugin("loss", ScalarOnlyLoss))
     with pytest.raises(
         ConfigError,
         match=r"^loss 'probe' \(package [\w.]*OnePlugin, declaring per_class=False\) does not fit "
@@ -908,7 +880,7 @@ def test_a_loss_plugin_declares_which_goodness_it_fits():
         _ff_net(reg, goodness="classwise", negatives="none", loss="probe")
     _ff_net(reg, goodness="meansq", negatives="random-label", loss="probe")
     # Without the attribute nothing is checked: such a loss takes whichever goodness it is given.
-    undeclared = _registry_with(OnePlugin("loss", AnyGoodnessLoss))
+    undeclared = registry_with(OnePlugin("loss", AnyGoodnessLoss))
     _ff_net(undeclared, goodness="classwise", negatives="none", loss="probe")
     _ff_net(undeclared, goodness="meansq", negatives="random-label", loss="probe")
 

@@ -38,11 +38,11 @@ class FFNet(nn.Module):
         def make(kind: str, **context: Any) -> Any:
             return chosen[kind].create(config.params_of(kind), **context)
 
-        self.goodness = _flagged(make("goodness"), "per_class", self.labels["goodness"])
-        self.negatives = _flagged(make("negatives"), "embeds_label", self.labels["negatives"])
+        self.goodness = flagged(make("goodness"), "per_class", self.labels["goodness"])
+        self.negatives = flagged(make("negatives"), "embeds_label", self.labels["negatives"])
         _check_compatible(config, self.goodness.per_class, self.negatives.embeds_label)
         if self.negatives.embeds_label:  # the first block takes the input as the embedding leaves it
-            in_shape = _embedded_shape(self.negatives, self.labels["negatives"], in_shape, num_classes)
+            in_shape = embedded_shape(self.negatives, self.labels["negatives"], in_shape, num_classes)
         self.backbone = build_backbone(config, in_shape, reg)
         depth = len(self.backbone.blocks)
         # One per block, as modules: a learned T is a parameter of its block, in the block's optimizer group.
@@ -51,7 +51,7 @@ class FFNet(nn.Module):
         )
         self.loss_fn = make("loss")
         fusion = make("fusion", num_layers=depth, num_classes=num_classes, feature_dims=self.backbone.feature_dims)
-        self.fusion = _checked_fusion(fusion, self.labels["fusion"])
+        self.fusion = checked_fusion(fusion, self.labels["fusion"])
         _check_loss_fits(config, chosen["loss"], self.loss_fn, self.goodness.per_class)
         _refuse_shared_parameters(
             {
@@ -79,7 +79,7 @@ class FFNet(nn.Module):
         """(goodness, forward output, readout) of block ``index`` on prepared input ``x``."""
         paths = self.backbone.block_paths(index, x)
         goodness = self.goodness(paths, self.num_classes)
-        self._check_goodness(goodness, x.shape[0])
+        check_goodness(goodness, self.goodness.per_class, x.shape[0], self.num_classes, self.labels["goodness"])
         if goodness.device != x.device:
             raise PluginContractError(
                 f"{self.labels['goodness']} returned a tensor on {goodness.device} for activity on {x.device}; "
@@ -92,22 +92,9 @@ class FFNet(nn.Module):
             )
         return goodness, paths.forward, paths.readout
 
-    def _check_goodness(self, goodness: object, batch: int) -> None:
-        """Refuse a goodness of the wrong shape: (N, 1) or (N, 3) would broadcast against the labels into a
-        plausible-looking accuracy. Metadata only, so no host sync in the step."""
-        per_class = self.goodness.per_class
-        want = (batch, self.num_classes) if per_class else (batch,)
-        if isinstance(goodness, Tensor) and goodness.is_floating_point() and goodness.shape == want:
-            return
-        what = f"per-class goodness (per_class=True) for {self.num_classes} classes" if per_class else "scalar goodness"
-        raise PluginContractError(
-            f"{self.labels['goodness']} returned {described(goodness)} for {batch} samples; a {what} must return a "
-            f"floating tensor of shape {want} (see ffablate_register_goodness in ffablate/hookspecs.py)"
-        )
-
     def block_loss(self, g_pos: Tensor, g_neg: Tensor | None, labels: Tensor, temperature: Tensor | float) -> Tensor:
         """The loss plugin's value: one number with a gradient (metadata checks only, so no host sync)."""
-        loss = _checked_loss(
+        loss = checked_loss(
             self.loss_fn(g_pos, g_neg, labels, self.threshold, temperature), f"{self.labels['loss']} returned"
         )
         if g_pos.requires_grad and not loss.requires_grad:
@@ -118,27 +105,9 @@ class FFNet(nn.Module):
         return loss
 
     def temperature(self, index: int, progress: float, goodness: Tensor) -> Tensor | float:
-        """Block ``index``'s temperature: a number or a 0-dim floating tensor. A vector would broadcast into the
-        goodness and silently divide each class (or sample) by its own T. A negative T trains each block toward the
-        wrong labels: a number or a CPU tensor is checked here, a device tensor by the trainer's one sync a step
-        (``temperature_to_check``). No host sync here."""
+        """Block ``index``'s temperature, checked (``checked_temperature``)."""
         t = self.temperatures[index](progress, goodness)
-        if isinstance(t, Tensor) and t.dim() == 0 and t.is_floating_point():
-            if t.device.type == "cpu":
-                self._check_positive(float(t.detach()), index, progress, tensor=True)
-            return t
-        if isinstance(t, (int, float)) and not isinstance(t, bool):
-            self._check_positive(t, index, progress, tensor=False)
-            return t
-        raise PluginContractError(
-            f"{self.labels['temperature']} returned {described(t)}; a temperature must be a number or a 0-dim "
-            "floating tensor (one T per block, e.g. torch.tensor(0.5))"
-        )
-
-    def _check_positive(self, t: float, index: int, progress: float, tensor: bool) -> None:
-        if common.bad_temperature(t, tensor):
-            what = f"{self.labels['temperature']} returned {t} at progress {progress:.3f} for block {index}"
-            raise common.temperature_error(what, self.builtin_temperature)
+        return checked_temperature(t, self.labels["temperature"], progress, index, self.builtin_temperature)
 
     def temperature_to_check(self, index: int, t: Tensor | float) -> list[tuple[str, Tensor]]:
         """``[(who, t)]`` for a temperature on the device, whose value the trainer reads with the step's losses."""
@@ -191,18 +160,12 @@ class FFNet(nn.Module):
     def predict(self, x: Tensor) -> tuple[Tensor, list[Tensor]]:
         scores, features = self.scores_and_features(x)
         logits = self.fusion(scores, features)
-        want = (x.shape[0], self.num_classes)
-        # (N, 1) logits would score every image as class 0: a plausible-looking accuracy, not an error.
-        if not (isinstance(logits, Tensor) and logits.is_floating_point() and logits.shape == want):
-            raise PluginContractError(
-                f"{self.labels['fusion']} returned {described(logits)} for {want[0]} samples; a fusion must return "
-                f"floating logits of shape {want}"
-            )
+        check_logits(logits, x.shape[0], self.num_classes, self.labels["fusion"])
         return logits, scores
 
     def fusion_loss(self, scores: list[Tensor], features: list[Tensor], labels: Tensor) -> Tensor:
         who = f"the loss(scores, features, labels) of {self.labels['fusion']}"
-        loss = _checked_loss(self.fusion.loss(scores, features, labels), f"{who} returned")
+        loss = checked_loss(self.fusion.loss(scores, features, labels), f"{who} returned")
         if not loss.requires_grad:
             raise PluginContractError(
                 f"{who} has no gradient: compute it from the fusion's output, not from detached values"
@@ -210,7 +173,54 @@ class FFNet(nn.Module):
         return loss
 
 
-def _checked_loss(loss: object, who: str) -> Tensor:
+def check_goodness(goodness: object, per_class: bool, batch: int, num_classes: int, label: str) -> None:
+    """Refuse a goodness of the wrong shape: (N, 1) or (N, 3) would broadcast against the labels into a
+    plausible-looking accuracy. Metadata only, so no host sync in the step."""
+    want = (batch, num_classes) if per_class else (batch,)
+    if isinstance(goodness, Tensor) and goodness.is_floating_point() and goodness.shape == want:
+        return
+    what = f"per-class goodness (per_class=True) for {num_classes} classes" if per_class else "scalar goodness"
+    raise PluginContractError(
+        f"{label} returned {described(goodness)} for {batch} samples; a {what} must return a "
+        f"floating tensor of shape {want} (see ffablate_register_goodness in ffablate/hookspecs.py)"
+    )
+
+
+def checked_temperature(t: object, label: str, progress: float, index: int, builtin: bool) -> Tensor | float:
+    """``t`` if it is one T: a number or a 0-dim floating tensor. A vector would broadcast into the goodness and
+    silently divide each class (or sample) by its own T. A negative T trains each block toward the wrong labels: a
+    number or a CPU tensor is checked here, a device tensor by the trainer's one sync a step
+    (``FFNet.temperature_to_check``). No host sync here."""
+    if isinstance(t, Tensor) and t.dim() == 0 and t.is_floating_point():
+        if t.device.type == "cpu":
+            _check_positive(float(t.detach()), True, label, progress, index, builtin)
+        return t
+    if isinstance(t, (int, float)) and not isinstance(t, bool):
+        _check_positive(t, False, label, progress, index, builtin)
+        return t
+    raise PluginContractError(
+        f"{label} returned {described(t)}; a temperature must be a number or a 0-dim floating tensor (one T per "
+        "block, e.g. torch.tensor(0.5))"
+    )
+
+
+def _check_positive(t: float, tensor: bool, label: str, progress: float, index: int, builtin: bool) -> None:
+    if common.bad_temperature(t, tensor):
+        what = f"{label} returned {t} at progress {progress:.3f} for block {index}"
+        raise common.temperature_error(what, builtin)
+
+
+def check_logits(logits: object, batch: int, num_classes: int, label: str) -> None:
+    """(N, 1) logits would score every image as class 0: a plausible-looking accuracy, not an error."""
+    want = (batch, num_classes)
+    if not (isinstance(logits, Tensor) and logits.is_floating_point() and logits.shape == want):
+        raise PluginContractError(
+            f"{label} returned {described(logits)} for {batch} samples; a fusion must return floating logits of "
+            f"shape {want}"
+        )
+
+
+def checked_loss(loss: object, who: str) -> Tensor:
     """A loss as the trainers need it: one number with its mean's gradient (metadata checks only, so no host
     sync). ``who`` begins the message: "<plugin> returned"."""
     if isinstance(loss, Tensor) and loss.dim() == 0 and loss.is_floating_point():
@@ -218,7 +228,7 @@ def _checked_loss(loss: object, who: str) -> Tensor:
     raise PluginContractError(f"{who} {described(loss)}; a loss must return a 0-dim floating tensor (its mean)")
 
 
-def _embedded_shape(
+def embedded_shape(
     negatives: Any, label: str, in_shape: tuple[int, int, int], num_classes: int
 ) -> tuple[int, int, int]:
     """The (C, H, W) of an image after ``negatives`` embeds a label in it. An embedding must give one shape
@@ -245,7 +255,7 @@ def _cat_chunks(chunks: list[list[Tensor]]) -> list[Tensor]:
 FF_KINDS = ("goodness", "temperature", "loss", "negatives", "fusion")
 
 
-def _flagged(plugin: Any, flag: str, label: str) -> Any:
+def flagged(plugin: Any, flag: str, label: str) -> Any:
     """``plugin`` if it declares ``flag`` as a bool: the trainer branches on it all through the run."""
     if not isinstance(getattr(plugin, flag, None), bool):
         raise ConfigError(
@@ -255,7 +265,7 @@ def _flagged(plugin: Any, flag: str, label: str) -> Any:
     return plugin
 
 
-def _checked_fusion(fusion: Any, label: str) -> nn.Module:
+def checked_fusion(fusion: Any, label: str) -> nn.Module:
     built_module(fusion, label)
     if any(True for _ in fusion.parameters()) and not callable(getattr(fusion, "loss", None)):
         raise ConfigError(
