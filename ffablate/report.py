@@ -319,11 +319,18 @@ def _hierarchy(summary: results.Summary, out: Path) -> tuple[str, str] | None:
         ax.set_ylabel("test accuracy % (95% CI)")
         ax.set_title(group)
         ax.legend(fontsize=8)
-    bars = [r for levels in by_group.values() for roles in levels.values() for r in roles.values()]
-    counts = sorted({r.n for r in bars})
+    # Each bar's own count: a list of the counts that occur cannot say which bar lost a seed.
+    counts = {
+        f"{'FF' if role == 'ff' else summary.baseline_method} {level}" + (f" ({group})" if len(by_group) > 1 else ""): r
+        for group, levels in by_group.items()
+        for level, roles in levels.items()
+        for role, r in roles.items()
+    }
+    common, _ = Counter(r.n_of_planned for r in counts.values()).most_common(1)[0]
+    others = ", ".join(f"n={r.n_of_planned} at {name}" for name, r in counts.items() if r.n_of_planned != common)
     caption = f"coarse vs fine labels: FF and {summary.baseline_method} accuracy ± 95% CI"
-    caption += f" (n={', '.join(map(str, counts))} seeds a bar)"
-    hollow = _hollow(r.accuracy for r in bars)
+    caption += f" (n={common} seeds a bar" + (f"; {others})" if others else ")")
+    hollow = _hollow(r.accuracy for r in counts.values())
     return _save(fig, out, "coarse_vs_fine.png"), caption + (f" ({hollow})" if hollow else "")
 
 

@@ -247,6 +247,22 @@ def test_label_hierarchy_report_has_coarse_vs_fine_bars_and_notes(tmp_path, url)
     assert (tmp_path / "out" / "coarse_vs_fine.png").stat().st_size > 1000
     assert "fine labels -10.0 ± 3.0 pp" in text and "coarse labels -2.0 ± 3.0 pp" in text
     assert note in text
+    assert "accuracy ± 95% CI (n=2 seeds a bar)" in text
+
+
+def test_the_coarse_vs_fine_caption_names_the_bar_that_lost_a_seed(tmp_path, url):
+    # The caption listed the counts that occur ("n=2, 3 seeds a bar"), which does not say which bar has which.
+    trials = [
+        {"cell": f"{name}labels={labels}", "role": role, "seed": seed, "value": value + seed / 100}
+        | {"group": "fashion-mnist", "overrides": {"dataset": "fashion-mnist", "labels": labels}}
+        for labels, ff, bp in (("fine", 0.70, 0.80), ("coarse", 0.90, 0.92))
+        for name, role, value in (("bp-deepsup ", "baseline", bp), ("", "ff", ff))
+        for seed in (0, 1, 2)
+        if (labels, role, seed) != ("coarse", "ff", 2)
+    ]
+    meta = {"analysis": "label-hierarchy", "axes": {"labels": ["fine", "coarse"]}, "seeds": [0, 1, 2]}
+    text = write_report(make_study(url, "label-hierarchy-quick", meta, trials), tmp_path / "out").read_text()
+    assert "accuracy ± 95% CI (n=3 seeds a bar; n=2 of 3 at FF coarse)" in text
 
 
 def test_the_coarse_vs_fine_bars_show_the_baseline_each_gap_is_taken_to(tmp_path, url, figures):
