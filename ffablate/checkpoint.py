@@ -25,8 +25,9 @@ from the file. A checkpoint is a dict:
   greedy FF run has epochs x blocks), ``optimizers`` (``{name: state_dict}``: FF's ``blocks`` and, with a fusion that
   has parameters, ``fusion``; BP's ``net``), ``rng`` (torch's CPU generator, the CUDA device's on CUDA, Python's and
   NumPy's, as ``train.common.random_state`` takes them), ``history`` (the per-epoch records so far),
-  ``train_seconds`` (summed over the sessions so far), ``images`` and ``peak_memory_bytes`` (the largest session's).
-  ``model`` then holds the network after the last finished epoch.
+  ``train_seconds`` (summed over the sessions so far), ``images``, ``peak_memory_bytes`` (the largest session's) and
+  ``data_source`` (where the run read its data, for a resume that cannot find them). ``model`` then holds the network
+  after the last finished epoch.
 """
 
 from __future__ import annotations
@@ -126,8 +127,8 @@ class EpochWriter:
     does not change (the config, plugin and data records, with the test split's digest) is made once; each write is
     then the network's and optimizers' tensors. The finished checkpoint (``contents``) is the caller's to write."""
 
-    def __init__(self, path: Path):
-        self.path = path
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
         self.written: tuple[int, int] | None = None  # (epochs_done, epochs_total) of the last write
         self._record: dict[str, Any] | None = None
 
@@ -268,11 +269,12 @@ def writable_target(path: str, option: str = "--save") -> Path:
     return target
 
 
-def save(checkpoint: dict[str, Any], path: Path) -> None:
+def save(checkpoint: dict[str, Any], path: str | Path) -> None:
     """Write ``checkpoint`` to ``path`` atomically (a reader never sees half a file; an old file at ``path`` stays
     whole until the new one is). Where that fails (a full disk), it is kept in the temp folder and a CheckpointError
     names the file: hours of training must not end with nothing. An unfinished run's write stops its training there:
     the error says to resume from the kept file."""
+    path = Path(path)
     buffer = io.BytesIO()
     torch.save(checkpoint, buffer)
     payload = buffer.getvalue()

@@ -29,7 +29,7 @@ from ffablate.errors import ConfigError, FFablateError, FFablateWarning
 
 # What an interrupted command leaves behind and how to go on; commands that keep something say so themselves.
 NOTHING_KEPT = "it keeps no state, so nothing was lost: rerun it to start again"
-NOT_SAVED = "it saves no checkpoint without --save: rerun it to train from the start"
+NOT_SAVED = "without --save it keeps no checkpoint: rerun it to train from the start (--save PATH makes it resumable)"
 # The options of `train` that set up a run: --resume takes them all from its checkpoint instead.
 RUN_OPTIONS = ("method", "dataset", "epochs", "seed", "device", "limit_train", "set", "save")
 

@@ -231,6 +231,9 @@ def resume_run(
     _check_same_code(saved, path)
     check_plugins(path, saved["plugins"], tuple(saved["plugins"]), plugins)
     config, _ = _configs(saved, path)
+    if config.device == "cuda" and not torch.cuda.is_available():
+        # --device is the run's own, not an option here: say where it can go on instead of "use --device cpu".
+        raise CheckpointError(f"{path} was training on CUDA, and no CUDA device is visible here: resume it on one")
     try:
         data = common.prepare_data(config, common.resolve_device(config.device), data_root, download)
     except DataNotFound as exc:

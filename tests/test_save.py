@@ -206,6 +206,9 @@ def test_a_checkpoint_that_cannot_be_written_is_kept_in_the_temp_folder(capsys, 
     err = captured.err.strip()
     assert len(err.splitlines()) == 1 and "No space left on device" in err and f"saved in {kept} instead" in err
     assert ffablate.load_run(kept).result["test_accuracy"] == run["test_accuracy"]
+    # Every epoch done: resuming it only scores the model, as the run did.
+    monkeypatch.setattr(checkpoint, "_write_atomically", write)
+    assert json_of(["train", "--resume", str(target), "--json"])["test_accuracy"] == run["test_accuracy"]
 
 
 def test_an_epoch_checkpoint_that_cannot_be_written_stops_the_run_resumably(capsys, monkeypatch, tmp_path):
@@ -564,6 +567,10 @@ def test_ctrl_c_keeps_the_finished_epochs_and_resume_finishes_the_run(capsys, mo
     args = [*DIGITS, "--epochs", "2"]
     whole, path = tmp_path / "whole.pt", tmp_path / "run.pt"
     want = json_of(["train", *args, "--save", str(whole), "--json"])
+    monkeypatch.setattr("ffablate.cli.progress_bar", lambda *a, **k: _interrupting_bar(3))
+    assert main(["train", *args, "--save", str(path)]) == 130
+    assert f"no epoch finished, so {path} was not written: rerun it" in one_line_error(capsys)
+    assert not path.exists()
     # 16 steps an epoch: stopped 3 steps into the second.
     monkeypatch.setattr("ffablate.cli.progress_bar", lambda *a, **k: _interrupting_bar(16 + 3))
     assert main(["train", *args, "--save", str(path)]) == 130
@@ -677,3 +684,14 @@ def test_resume_refuses_another_ffablate_or_other_data(capsys, monkeypatch, unfi
     assert main(["train", "--resume", str(path)]) == 2
     err = one_line_error(capsys)
     assert "are not the ones" in err and "(their test_sha256 differs): give --data-root the copy it trained on" in err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_resume_of_a_cuda_run_without_cuda_says_where_it_can_go_on(capsys, unfinished_run, tmp_path):
+    # Not "use --device cpu", which --resume refuses: the run goes on on the device it trained on.
+    def on_cuda(saved: dict) -> None:
+        saved["config"]["device"] = "cuda"
+
+    path = rewritten(unfinished_run, tmp_path / "cuda.pt", on_cuda)
+    assert main(["train", "--resume", str(path)]) == 2
+    assert "was training on CUDA, and no CUDA device is visible here: resume it on one" in one_line_error(capsys)
