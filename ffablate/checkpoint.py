@@ -1,9 +1,12 @@
-"""The checkpoint file of ``ffablate train --save``: what rebuilds a trained network and feeds it data as its run did.
+"""The checkpoint file of ``ffablate train --save``: what rebuilds a trained network and feeds it data as its run did,
+or, while the run is still training, what resumes it.
 
 It holds plain types and tensors only, so ``torch.load(path, weights_only=True)`` reads it and loading runs no code
 from the file. A checkpoint is a dict:
 
-- ``format``, ``format_version``: ``"ffablate-checkpoint"``, 1.
+- ``format``, ``format_version``: ``"ffablate-checkpoint"``, and 1 for a finished run (its format has not changed
+  since format 1, so an older ffablate reads it) or 2 for an unfinished one (``training`` below), which an older
+  ffablate refuses, saying to upgrade. This ffablate reads both.
 - ``ffablate``: ``{"version", "commit"}`` of the code that trained it (the commit "" for an installed copy).
 - ``config``: the resolved run config as the run's JSON records it; ``plugin_params``: every parameter of every
   plugin the run used, defaults included (the network is rebuilt from these, so a changed default cannot move it).
@@ -15,7 +18,16 @@ from the file. A checkpoint is a dict:
   size and SHA-256, to tell whether a re-evaluation scores the same images.
 - ``model``: ``{"state_dict"}``, the network's complete state on the CPU (FF: blocks, norms, per-block temperature
   modules, fusion; BP: blocks, norms, heads; buffers such as batch-norm running statistics included).
-- ``result``: the run's result record (what ``ffablate train --json`` prints, per-epoch history included).
+- ``result``: the run's result record (what ``ffablate train --json`` prints, per-epoch history included); None in an
+  unfinished checkpoint.
+- ``training``, in an unfinished checkpoint only (format 2), which ``--save`` writes after every finished epoch and
+  the finished checkpoint replaces at the end: ``epochs_done`` of ``epochs_total`` (every phase's epochs counted: a
+  greedy FF run has epochs x blocks), ``optimizers`` (``{name: state_dict}``: FF's ``blocks`` and, with a fusion that
+  has parameters, ``fusion``; BP's ``net``), ``rng`` (torch's CPU generator, the CUDA device's on CUDA, Python's and
+  NumPy's, as ``train.common.random_state`` takes them), ``history`` (the per-epoch records so far),
+  ``train_seconds`` (summed over the sessions so far), ``images``, ``peak_memory_bytes`` (the largest session's) and
+  ``data_source`` (where the run read its data, for a resume that cannot find them). ``model`` then holds the network
+  after the last finished epoch.
 """
 
 from __future__ import annotations
@@ -35,7 +47,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from ffablate import __version__
 from ffablate.config import RunConfig
@@ -44,12 +56,25 @@ from ffablate.plugins import Plugin, Registry, package_version
 from ffablate.revision import source_revision
 
 if TYPE_CHECKING:
-    from ffablate.train import TrainedRun
+    from ffablate.train import TrainedRun, TrainingState, Unfinished
+    from ffablate.train.common import RunData
 
 FORMAT = "ffablate-checkpoint"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # the newest this ffablate reads and writes
+FINISHED_VERSION = 1  # a finished run's checkpoint: unchanged since format 1
+UNFINISHED_VERSION = 2  # adds ``training``
 KEYS = ("format", "format_version", "ffablate", "config", "plugin_params", "plugins", "data", "model", "result")
 DATA_KEYS = ("dataset", "num_classes", "class_names", "image_shape", "mean", "std", "test_images", "test_sha256")
+TRAINING_KEYS = (
+    "epochs_done",
+    "epochs_total",
+    "optimizers",
+    "rng",
+    "history",
+    "train_seconds",
+    "images",
+    "peak_memory_bytes",
+)
 ZIP_MAGIC = b"PK\x03\x04"  # torch.save writes a zip archive
 WRITTEN_BY = "a file written by `ffablate train --save`"
 
@@ -57,30 +82,105 @@ WRITTEN_BY = "a file written by `ffablate train --save`"
 def contents(trained: TrainedRun) -> dict[str, Any]:
     """The checkpoint of a finished run."""
     result, trainer = trained.result, trained.trainer
-    ds, data = trainer.data.dataset, trainer.data
-    record = plain(
+    record = run_record(trainer, trained.plugins, result.config, result.plugin_params, FINISHED_VERSION)
+    return {**record, "result": plain(result.to_dict()), "model": {"state_dict": cpu_state(trainer.net.state_dict())}}
+
+
+def run_record(
+    trainer: Any, plugins: Registry, config: dict[str, Any], params: dict[str, dict[str, Any]], version: int
+) -> dict[str, Any]:
+    """Every part of a checkpoint that its run's training leaves as it is: the format, config, plugins and data."""
+    return plain(
         {
             "format": FORMAT,
-            "format_version": FORMAT_VERSION,
+            "format_version": version,
             "ffablate": {"version": __version__, "commit": source_revision()},
-            "config": dict(result.config),
-            "plugin_params": {kind: dict(params) for kind, params in result.plugin_params.items()},
-            "plugins": plugin_record(trainer.config, trained.plugins, tuple(result.plugin_params)),
-            "data": {
-                "dataset": trainer.config.dataset,
-                "num_classes": ds.num_classes,
-                "class_names": list(ds.class_names),
-                "image_shape": list(ds.image_shape),
-                "dtype": "uint8",
-                "mean": data.mean,
-                "std": data.std,
-                "test_images": len(ds.test_y),
-                "test_sha256": split_digest(ds.test_x, ds.test_y),
-            },
-            "result": result.to_dict(),
+            "config": dict(config),
+            "plugin_params": {kind: dict(values) for kind, values in params.items()},
+            "plugins": plugin_record(trainer.config, plugins, tuple(params)),
+            "data": data_record(trainer.config.dataset, trainer.data),
         }
     )
-    return {**record, "model": {"state_dict": cpu_state(trainer.net)}}
+
+
+def data_record(name: str, data: RunData) -> dict[str, Any]:
+    """The ``data`` of a checkpoint: the dataset ``name`` as the run loaded it into ``data``."""
+    ds = data.dataset
+    return plain(
+        {
+            "dataset": name,
+            "num_classes": ds.num_classes,
+            "class_names": list(ds.class_names),
+            "image_shape": list(ds.image_shape),
+            "dtype": "uint8",
+            "mean": data.mean,
+            "std": data.std,
+            "test_images": len(ds.test_y),
+            "test_sha256": split_digest(ds.test_x, ds.test_y),
+        }
+    )
+
+
+class EpochWriter:
+    """``trained_run``'s ``keep`` for ``--save PATH``: after every finished epoch, the run's unfinished checkpoint
+    replaces the file at ``path`` (``save``), from which ``ffablate train --resume PATH`` goes on. What the epoch
+    does not change (the config, plugin and data records, with the test split's digest) is made once; each write is
+    then the network's and optimizers' tensors. The finished checkpoint (``contents``) is the caller's to write."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.written: tuple[int, int] | None = None  # (epochs_done, epochs_total) of the last write
+        self._record: dict[str, Any] | None = None
+
+    def __call__(self, run: Unfinished) -> None:
+        if self._record is None:
+            self._record = run_record(run.trainer, run.plugins, run.config, run.plugin_params, UNFINISHED_VERSION)
+        state = run.state
+        training = {
+            "epochs_done": state.epochs_done,
+            "epochs_total": state.epochs_total,
+            "optimizers": {name: _cpu(optimizer) for name, optimizer in state.optimizers.items()},
+            "rng": state.rng,
+            "history": plain(state.history),
+            "train_seconds": state.train_seconds,
+            "images": state.images,
+            "peak_memory_bytes": state.peak_memory_bytes,
+            # Not resumed from, but told to a resume that cannot find the data: where the run read them.
+            "data_source": run.trainer.data.dataset.source,
+        }
+        model = {"state_dict": cpu_state(state.model)}
+        save({**self._record, "result": None, "model": model, "training": training}, self.path)
+        self.written = (state.epochs_done, state.epochs_total)
+
+
+def _cpu(value: Any) -> Any:
+    """An optimizer's state_dict with its tensors on the CPU (a CUDA run's moments), its containers as they are."""
+    if isinstance(value, Tensor):
+        return value.detach().cpu()
+    if isinstance(value, dict):
+        return {key: _cpu(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_cpu(item) for item in value]
+    return value
+
+
+def unfinished(saved: dict[str, Any]) -> bool:
+    """Whether ``saved`` (``read``'s) is the checkpoint of a run still training, which ``--resume`` goes on with."""
+    return saved.get("training") is not None
+
+
+def progress_of(saved: dict[str, Any]) -> str:
+    """ "epoch 3 of 8" for an unfinished checkpoint (every phase's epochs counted)."""
+    training = saved["training"]
+    return f"epoch {training['epochs_done']} of {training['epochs_total']}"
+
+
+def training_state(saved: dict[str, Any]) -> TrainingState:
+    """The ``TrainingState`` an unfinished checkpoint holds, for ``trained_run(resume=...)``."""
+    from ffablate.train import TrainingState
+
+    training = saved["training"]
+    return TrainingState(model=saved["model"]["state_dict"], **{key: training[key] for key in TRAINING_KEYS})
 
 
 def plain(value: Any) -> Any:
@@ -130,49 +230,51 @@ def split_digest(images: Tensor, labels: Tensor) -> str:
     return digest.hexdigest()
 
 
-def cpu_state(net: nn.Module) -> OrderedDict[str, Tensor]:
-    """``net``'s state dict on the CPU, its per-module versions kept (``load_state_dict`` reads them)."""
-    state = net.state_dict()
+def cpu_state(state: dict[str, Tensor]) -> OrderedDict[str, Tensor]:
+    """A network's state dict on the CPU, its per-module versions kept (``load_state_dict`` reads them)."""
     cpu = OrderedDict((key, value.detach().cpu()) for key, value in state.items())
-    cpu._metadata = state._metadata  # type: ignore[attr-defined]
+    cpu._metadata = getattr(state, "_metadata", {})  # type: ignore[attr-defined]
     return cpu
 
 
-def writable_target(path: str) -> Path:
+def writable_target(path: str, option: str = "--save") -> Path:
     """``path`` as the file to write a checkpoint to, refused now, before training, where it could not be written: a
     folder, something other than a file (a pipe, a device), a folder that does not exist, or one this process cannot
     create a file in. The folder is tried with a file, not asked (``os.access``), since root is told yes about folders
     it cannot write (read-only mounts, /proc). A link is followed: the file is written where it points (the atomic
-    rename would replace the link itself and leave the file it names as it was)."""
+    rename would replace the link itself and leave the file it names as it was). ``option`` says where the path was
+    given, for the messages."""
     if not path:
-        raise CheckpointError("--save is empty: give a file, e.g. --save model.pt")
+        raise CheckpointError(f"{option} is empty: give a file, e.g. {option} model.pt")
     target = Path(path).expanduser()
     if target.is_symlink():
         target = target.resolve()
     if target.is_dir():
-        raise CheckpointError(f"--save {path} is a folder; give a file in it, e.g. --save {target / 'model.pt'}")
+        raise CheckpointError(f"{option} {path} is a folder; give a file in it, e.g. {option} {target / 'model.pt'}")
     if target.exists() and not target.is_file():
         raise CheckpointError(
-            f"--save {path} is not a regular file (a pipe, device or socket), which the checkpoint would replace; "
-            "give a file, e.g. --save model.pt"
+            f"{option} {path} is not a regular file (a pipe, device or socket), which the checkpoint would replace; "
+            f"give a file, e.g. {option} model.pt"
         )
     folder = target.parent
     if not folder.is_dir():
-        raise CheckpointError(f"--save {path}: the folder {folder} does not exist; create it or give another path")
+        raise CheckpointError(f"{option} {path}: the folder {folder} does not exist; create it or give another path")
     try:
         with tempfile.NamedTemporaryFile(dir=folder, prefix=".ffablate-probe-"):
             pass
     except OSError as exc:
         raise CheckpointError(
-            f"--save {path}: cannot write in {folder} ({exc.strerror or exc}); give a writable folder"
+            f"{option} {path}: cannot write in {folder} ({exc.strerror or exc}); give a writable folder"
         ) from None
     return target
 
 
-def save(checkpoint: dict[str, Any], path: Path) -> None:
+def save(checkpoint: dict[str, Any], path: str | Path) -> None:
     """Write ``checkpoint`` to ``path`` atomically (a reader never sees half a file; an old file at ``path`` stays
-    whole until the new one is). Where that fails after training (a full disk), it is kept in the temp folder and a
-    CheckpointError names the file: hours of training must not end with nothing."""
+    whole until the new one is). Where that fails (a full disk), it is kept in the temp folder and a CheckpointError
+    names the file: hours of training must not end with nothing. An unfinished run's write stops its training there:
+    the error says to resume from the kept file."""
+    path = Path(path)
     buffer = io.BytesIO()
     torch.save(checkpoint, buffer)
     payload = buffer.getvalue()
@@ -184,11 +286,19 @@ def save(checkpoint: dict[str, Any], path: Path) -> None:
         try:
             _write_atomically(payload, aside)
         except OSError as aside_exc:
-            raise CheckpointError(
-                f"{failed}, nor to {aside} ({aside_exc.strerror or aside_exc}): the trained model is lost; free some "
-                "space and train again"
-            ) from None
-        raise CheckpointError(f"{failed}; it is saved in {aside} instead: move it where you want it") from None
+            lost = (
+                f"the epochs since the last checkpoint in {path}, if one was written, are lost; free some space and "
+                f"resume it (`ffablate train --resume {path}`) or train again"
+                if unfinished(checkpoint)
+                else "the trained model is lost; free some space and train again"
+            )
+            raise CheckpointError(f"{failed}, nor to {aside} ({aside_exc.strerror or aside_exc}): {lost}") from None
+        then = (
+            f"resume the run from it with `ffablate train --resume {aside}`"
+            if unfinished(checkpoint)
+            else "move it where you want it"
+        )
+        raise CheckpointError(f"{failed}; it is saved in {aside} instead: {then}") from None
 
 
 def _write_atomically(payload: bytes, path: Path) -> None:
@@ -258,6 +368,11 @@ def checked(checkpoint: object, path: Path) -> dict[str, Any]:
     missing = [key for key in KEYS if key not in checkpoint]
     missing += [f"data.{key}" for key in DATA_KEYS if not (isinstance(data, dict) and key in data)]
     missing += [] if isinstance(model, dict) and "state_dict" in model else ["model.state_dict"]
+    training = checkpoint.get("training")
+    if training is not None:
+        missing += [f"training.{key}" for key in TRAINING_KEYS if not (isinstance(training, dict) and key in training)]
+    elif checkpoint.get("result") is None:
+        missing.append("result")
     if missing:
         raise CheckpointError(
             f"{path} is an incomplete ffablate checkpoint (no {missing[0]!r}); train again with --save"

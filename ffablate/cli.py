@@ -29,6 +29,9 @@ from ffablate.errors import ConfigError, FFablateError, FFablateWarning
 
 # What an interrupted command leaves behind and how to go on; commands that keep something say so themselves.
 NOTHING_KEPT = "it keeps no state, so nothing was lost: rerun it to start again"
+NOT_SAVED = "without --save it keeps no checkpoint: rerun it to train from the start (--save PATH makes it resumable)"
+# The options of `train` that set up a run: --resume takes them all from its checkpoint instead.
+RUN_OPTIONS = ("method", "dataset", "epochs", "seed", "device", "limit_train", "set", "save")
 
 
 def _stderr_console() -> Console:
@@ -142,10 +145,19 @@ def build_parser() -> Parser:
     )
     train.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     train.add_argument(
-        "--save", metavar="PATH", help="write the trained model to PATH (for `ffablate evaluate` and ffablate.load_run)"
+        "--save",
+        metavar="PATH",
+        help="write the trained model to PATH (for `ffablate evaluate` and ffablate.load_run), and after every epoch "
+        "the run so far, which --resume PATH goes on with",
+    )
+    train.add_argument(
+        "--resume",
+        metavar="PATH",
+        help="go on with the interrupted run --save PATH was writing, with its own settings (so no other option but "
+        "--json, --data-root and --download), writing on to PATH",
     )
     add_data_args(train)
-    train.set_defaults(func=cmd_train, on_interrupt="it saves no checkpoint: rerun it to train from the start")
+    train.set_defaults(func=cmd_train, on_interrupt=NOT_SAVED)
 
     evaluate = sub.add_parser("evaluate", help="score a model saved by `train --save` on its run's test split again")
     evaluate.add_argument("path", metavar="PATH", help="the checkpoint `ffablate train --save PATH` wrote")
@@ -329,13 +341,32 @@ def cmd_train(args: argparse.Namespace) -> int:
     from ffablate import checkpoint
     from ffablate.train import trained_run
 
-    config = run_config_from_args(args)
-    # Before training: a path that cannot be written must not cost a 16-epoch run at its end.
-    target = checkpoint.writable_target(args.save) if args.save is not None else None
+    if args.resume is not None:
+        target = _resume_target(args)
+    else:
+        config = run_config_from_args(args)
+        # Before training: a path that cannot be written must not cost a 16-epoch run at its end.
+        target = checkpoint.writable_target(args.save) if args.save is not None else None
     _warn_missing_data_root(args.data_root, args.download)
-    _retain_cpu_memory(config.device)
-    with progress_bar(f"{config.method} on {config.dataset}", enabled=stderr.is_terminal) as update:
-        trained = trained_run(config, data_root=args.data_root, download=args.download, progress=update)
+    writer = checkpoint.EpochWriter(target) if target else None
+    try:
+        if args.resume is not None:
+            from ffablate.saved import resume_run
+
+            with progress_bar(f"resuming {target}", enabled=stderr.is_terminal) as update:
+                trained = resume_run(
+                    target, data_root=args.data_root, download=args.download, progress=update, keep=writer
+                )
+        else:
+            _retain_cpu_memory(config.device)
+            with progress_bar(f"{config.method} on {config.dataset}", enabled=stderr.is_terminal) as update:
+                trained = trained_run(
+                    config, data_root=args.data_root, download=args.download, progress=update, keep=writer
+                )
+    except KeyboardInterrupt:
+        args.on_interrupt = _what_is_kept(target, writer.written if writer else None, args.resume is not None)
+        raise
+    config = trained.trainer.config
     result, unsaved = trained.result, None
     if target:  # before the output: a stdout that fails must not cost the model either
         try:
@@ -377,6 +408,36 @@ def cmd_train(args: argparse.Namespace) -> int:
     saved = [f"checkpoint: {target}"] if "checkpoint" in fields else []
     write_result(rendered(table, f"data: {result.data_source}", *saved), kept)
     return _saved(unsaved)
+
+
+def _resume_target(args: argparse.Namespace) -> Path:
+    """--resume's checkpoint, where the run goes on writing; the run's own settings come from it, so an option that
+    would set one up is refused rather than silently dropped or mixed in."""
+    from ffablate import checkpoint
+
+    given = [name for name in RUN_OPTIONS if getattr(args, name) not in (None, [])]
+    if given:
+        flag = "--" + given[0].replace("_", "-")
+        raise ConfigError(
+            f"--resume goes on with the run's own settings, from its checkpoint: drop {flag} (it takes only --json, "
+            "--data-root and --download; to train otherwise, start a new run)"
+        )
+    return checkpoint.writable_target(args.resume, option="--resume")
+
+
+def _what_is_kept(target: Path | None, written: tuple[int, int] | None, resumed: bool) -> str:
+    """What an interrupted `train` leaves and how to go on: with --save (or --resume), the checkpoint of the last
+    finished epoch, if one was written (``written``: its epochs done and in all)."""
+    if target is None:
+        return NOT_SAVED
+    resume = f"resume it with `ffablate train --resume {target}`"
+    if written:
+        done, total = written
+        lost = "its final scoring was not" if done == total else f"the steps of epoch {done + 1} are lost"
+        return f"{target} holds the run after epoch {done} of {total} ({lost}): {resume}"
+    if resumed:
+        return f"{target} holds the run as it was before this session, whose steps are lost: {resume}"
+    return f"no epoch finished, so {target} was not written: rerun it to train from the start"
 
 
 def _saved(unsaved: FFablateError | None) -> int:

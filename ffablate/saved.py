@@ -1,11 +1,12 @@
 """A trained run read back from its checkpoint (``ffablate train --save``): ``load_run`` rebuilds the network in eval
 mode, ``SavedRun.predict`` scores raw images as the run's evaluation did, and ``SavedRun.evaluate`` repeats that
-evaluation on the run's own test split."""
+evaluation on the run's own test split. ``resume_run`` goes on with a run whose checkpoint is unfinished."""
 
 from __future__ import annotations
 
 import dataclasses
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,7 +20,8 @@ from ffablate.config import FF_METHODS, RunConfig
 from ffablate.data import ImageDataset
 from ffablate.errors import CheckpointError, ConfigError, DataNotFound, FFablateWarning, UnknownPlugin, described
 from ffablate.plugins import Registry, package_version, registry
-from ffablate.train import common
+from ffablate.revision import source_revision
+from ffablate.train import TrainedRun, Unfinished, common, trained_run
 
 
 @dataclass(frozen=True)
@@ -179,9 +181,16 @@ def load_run(path: str | Path, *, plugins: Registry | None = None, device: str =
     """Read the checkpoint at ``path`` (written by ``ffablate train --save``) and rebuild its network on ``device``
     ("cpu" or "cuda"), in eval mode. ``plugins``: where to find the run's plugins (default: the installed ones); each
     must be installed from the package and at the version the run used. Every problem (not a checkpoint, damaged,
-    a newer format, a plugin missing or of another version) is a CheckpointError that says what to do."""
+    a newer format, a plugin missing or of another version, a run still training) is a CheckpointError that says what
+    to do. An unfinished checkpoint (``--save`` writes one after every epoch) is refused rather than loaded as the
+    model of its last epoch: its result is not there yet, and a model scored as the run's must be the finished one."""
     saved = checkpoint.read(path)
     path = Path(path).expanduser()
+    if checkpoint.unfinished(saved):
+        raise CheckpointError(
+            f"{path} holds a run still training ({checkpoint.progress_of(saved)} done): resume it with `ffablate train "
+            f"--resume {path}`, then load or evaluate it"
+        )
     plugins = plugins or registry()
     torch_device = common.resolve_device(device)
     ops.backend(device)  # a kernel setting this device cannot serve fails now, not in the first prediction
@@ -190,6 +199,79 @@ def load_run(path: str | Path, *, plugins: Registry | None = None, device: str =
     check_plugins(path, saved["plugins"], tuple(k for k in saved["plugins"] if k != "datasets"), plugins)
     model = _rebuilt(saved, configs[1], plugins, path).to(torch_device).eval()
     return SavedRun(path, saved, model, configs, torch_device, plugins)
+
+
+def resume_run(
+    path: str | Path,
+    *,
+    data_root: str | None = None,
+    download: bool = False,
+    progress: common.Progress | None = None,
+    on_epoch: common.EpochCallback | None = None,
+    plugins: Registry | None = None,
+    keep: Callable[[Unfinished], None] | None = None,
+) -> TrainedRun:
+    """Go on with the run whose unfinished checkpoint is at ``path`` (``--save`` writes one after every epoch) and
+    return it finished, as ``train.trained_run`` would have without the stop: its config from the checkpoint, its
+    network, optimizers, random streams, history, train seconds and images counted so far restored. ``keep`` is given
+    the run after every epoch (``checkpoint.EpochWriter(path)`` goes on writing to the same file); the finished
+    checkpoint is the caller's to write (``checkpoint.save(checkpoint.contents(run), path)``).
+
+    Refused, each with a CheckpointError saying what to do: a finished checkpoint, another ffablate version, a plugin
+    missing or of another version (as ``load_run``), data that are not the run's. Another commit of the same version
+    is a warning: the rest of the run trains with other code."""
+    saved = checkpoint.read(path)
+    path = Path(path).expanduser()
+    if not checkpoint.unfinished(saved):
+        raise CheckpointError(
+            f"{path} holds a finished run: there is nothing to resume; score it with `ffablate evaluate {path}` (or "
+            "ffablate.load_run)"
+        )
+    plugins = plugins or registry()
+    _check_same_code(saved, path)
+    check_plugins(path, saved["plugins"], tuple(saved["plugins"]), plugins)
+    config, _ = _configs(saved, path)
+    if config.device == "cuda" and not torch.cuda.is_available():
+        # --device is the run's own, not an option here: say where it can go on instead of "use --device cpu".
+        raise CheckpointError(f"{path} was training on CUDA, and no CUDA device is visible here: resume it on one")
+    try:
+        data = common.prepare_data(config, common.resolve_device(config.device), data_root, download)
+    except DataNotFound as exc:
+        source = saved["training"].get("data_source")
+        if not source or type(exc) is not DataNotFound:
+            raise
+        raise DataNotFound(
+            f"{exc}; the run read it from {source}: give --data-root (data_root) the folder that holds it"
+        ) from None
+    found = checkpoint.data_record(config.dataset, data)
+    changed = [key for key, value in saved["data"].items() if found.get(key) != value]
+    if changed:
+        raise CheckpointError(
+            f"the {config.dataset} data found here ({data.dataset.source}) are not the ones {path} trained on (their "
+            f"{changed[0]} differs): give --data-root the copy it trained on"
+        )
+    state = checkpoint.training_state(saved)
+    return trained_run(
+        config, data=data, plugins=plugins, progress=progress, on_epoch=on_epoch, resume=state, keep=keep
+    )
+
+
+def _check_same_code(saved: dict[str, Any], path: Path) -> None:
+    """A run goes on with the ffablate version it began with: another one may train (and record) otherwise."""
+    began = saved["ffablate"]
+    if began.get("version") != __version__:
+        raise CheckpointError(
+            f"{path} was trained so far with ffablate {began.get('version')}, this is ffablate {__version__}: resume "
+            f"it with {_made_by(saved)}, or train again"
+        )
+    commit = source_revision()
+    if began.get("commit") and commit and began["commit"] != commit:
+        warnings.warn(
+            f"{path} was trained so far with ffablate at commit {began['commit']}, this is commit {commit}: the rest "
+            "of the run trains with this code, and its record names only this commit",
+            FFablateWarning,
+            stacklevel=3,
+        )
 
 
 def dataset_info(data: dict[str, Any]) -> DatasetInfo:

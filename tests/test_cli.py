@@ -47,6 +47,7 @@ def test_audit_refuses_fewer_than_two_classes(capsys, monkeypatch):
     [
         (["study", "goodness"], "ffablate.spec.load", "rerun the same command to resume"),
         (["data", "list"], "ffablate.data.list_datasets", "nothing was lost"),
+        (["train"], "ffablate.train.trained_run", "rerun it to train from the start (--save PATH makes it resumable)"),
     ],
 )
 def test_an_interrupt_says_what_was_kept_and_what_to_do(capsys, monkeypatch, command, patch, expected):

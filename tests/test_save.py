@@ -187,6 +187,37 @@ def test_a_checkpoint_that_cannot_be_written_is_kept_in_the_temp_folder(capsys, 
     aside.mkdir()
     monkeypatch.setattr(tempfile, "tempdir", str(aside))
     write = checkpoint._write_atomically
+    writes = []
+
+    def disk_full_after_the_epochs(payload: bytes, path: Path) -> None:
+        # The one epoch's resumable checkpoint is written; the disk is full when the finished one comes.
+        writes.append(path)
+        if path.parent == target.parent and len(writes) > 1:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        write(payload, path)
+
+    monkeypatch.setattr(checkpoint, "_write_atomically", disk_full_after_the_epochs)
+    assert main(["train", *DIGITS, "--set", "limit_train=100", "--save", str(target), "--json"]) == 2
+    captured = capsys.readouterr()
+    run = json.loads(captured.out)  # the result is printed before the error
+    assert "checkpoint" not in run
+    assert checkpoint.unfinished(checkpoint.read(target))  # what the epoch left: resumable, never a half file
+    (kept,) = aside.glob("ffablate-*.pt")
+    err = captured.err.strip()
+    assert len(err.splitlines()) == 1 and "No space left on device" in err and f"saved in {kept} instead" in err
+    assert ffablate.load_run(kept).result["test_accuracy"] == run["test_accuracy"]
+    # Every epoch done: resuming it only scores the model, as the run did.
+    monkeypatch.setattr(checkpoint, "_write_atomically", write)
+    assert json_of(["train", "--resume", str(target), "--json"])["test_accuracy"] == run["test_accuracy"]
+
+
+def test_an_epoch_checkpoint_that_cannot_be_written_stops_the_run_resumably(capsys, monkeypatch, tmp_path):
+    # Training on with no checkpoint would lose every epoch from there to an interruption without a word.
+    target, aside = tmp_path / "out" / "model.pt", tmp_path / "tmp"
+    target.parent.mkdir()
+    aside.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(aside))
+    write = checkpoint._write_atomically
 
     def disk_full_at_target(payload: bytes, path: Path) -> None:
         if path.parent == target.parent:
@@ -194,14 +225,14 @@ def test_a_checkpoint_that_cannot_be_written_is_kept_in_the_temp_folder(capsys, 
         write(payload, path)
 
     monkeypatch.setattr(checkpoint, "_write_atomically", disk_full_at_target)
-    assert main(["train", *DIGITS, "--set", "limit_train=100", "--save", str(target), "--json"]) == 2
-    captured = capsys.readouterr()
-    run = json.loads(captured.out)  # the result is printed before the error
-    assert "checkpoint" not in run and not target.exists()
+    assert main(["train", *DIGITS, "--epochs", "2", "--set", "limit_train=100", "--save", str(target)]) == 2
     (kept,) = aside.glob("ffablate-*.pt")
-    err = captured.err.strip()
-    assert len(err.splitlines()) == 1 and "No space left on device" in err and f"saved in {kept} instead" in err
-    assert ffablate.load_run(kept).result["test_accuracy"] == run["test_accuracy"]
+    err = one_line_error(capsys)
+    assert f"saved in {kept} instead: resume the run from it with `ffablate train --resume {kept}`" in err
+    assert not target.exists() and checkpoint.progress_of(checkpoint.read(kept)) == "epoch 1 of 2"
+    monkeypatch.setattr(checkpoint, "_write_atomically", write)
+    assert json_of(["train", "--resume", str(kept), "--json"])["checkpoint"] == str(kept)
+    assert not checkpoint.unfinished(checkpoint.read(kept))
 
 
 def rewritten(source: Path, target: Path, change: Callable[[dict], None]) -> Path:
@@ -221,7 +252,7 @@ def other_package(saved: dict) -> None:
 
 
 def newer_format(saved: dict) -> None:
-    saved["format_version"] = 2
+    saved["format_version"] = checkpoint.FORMAT_VERSION + 1
 
 
 def fewer_blocks(saved: dict) -> None:
@@ -257,7 +288,8 @@ def test_bad_checkpoints_are_one_line_errors(capsys, saved_runs, tmp_path):
         ),
         (
             rewritten(good, tmp_path / "newer.pt", newer_format),
-            f"has checkpoint format 2, written by ffablate {ffablate.__version__}; this ffablate",
+            f"has checkpoint format {checkpoint.FORMAT_VERSION + 1}, written by ffablate {ffablate.__version__}; this "
+            f"ffablate {ffablate.__version__} reads format {checkpoint.FORMAT_VERSION} and older",
         ),
         (rewritten(good, tmp_path / "blocks.pt", fewer_blocks), "no saved 'backbone.blocks.1.0.weight'"),
     ]
@@ -446,3 +478,220 @@ def test_a_plugin_module_edited_since_training_is_a_warning(monkeypatch, tmp_pat
     finally:
         remove_plugin(module)
         sys.modules.pop("save_test_fusion", None)
+
+
+# Resuming: a run stopped after an epoch and resumed is the run that never stopped, bit for bit on the CPU.
+RESUMED = {
+    "ff": [],
+    # One phase per block: the stops fall inside the first phase and on the boundary between the two.
+    "ff-greedy": ["--set", "schedule=greedy"],
+    # Random negatives (torch's global stream), a learned T and fusion weights with an optimizer of their own.
+    "ff-label": RECIPES["ff-label"],
+    "bp-deepsup": ["--method", "bp-deepsup"],
+}
+
+
+def _config(args: list[str]) -> RunConfig:
+    """The RunConfig `ffablate train ARGS` trains."""
+    from ffablate.cli import build_parser, run_config_from_args
+
+    return run_config_from_args(build_parser().parse_args(["train", *args]))
+
+
+class _Stop:
+    """An on_epoch that records each epoch and interrupts the run after the epochs in ``after`` (as Ctrl-C would)."""
+
+    def __init__(self, *after: int):
+        self.after, self.records = set(after), []
+
+    def __call__(self, epoch: int, record: dict) -> None:
+        self.records.append(record)
+        if epoch in self.after:
+            raise KeyboardInterrupt
+
+
+@pytest.mark.parametrize("recipe", RESUMED)
+def test_a_resumed_run_is_the_uninterrupted_run_bit_for_bit(recipe, tmp_path):
+    from ffablate.train import trained_run
+
+    config = _config([*DIGITS, "--epochs", "2", *RESUMED[recipe]])
+    whole = trained_run(config, on_epoch=_Stop())
+    path = tmp_path / "run.pt"
+    writer = checkpoint.EpochWriter(path)
+    # Greedy has 4 epochs in all (2 per block): stopped after the first, resumed, stopped again between the phases.
+    stops = (0, 1) if recipe == "ff-greedy" else (0,)
+    with pytest.raises(KeyboardInterrupt):
+        trained_run(config, on_epoch=_Stop(*stops), keep=writer)
+    for stop in stops[1:]:
+        with pytest.raises(KeyboardInterrupt):
+            ffablate.resume_run(path, on_epoch=_Stop(stop), keep=writer)
+        assert writer.written == (stop + 1, 4)
+    resumed = ffablate.resume_run(path, on_epoch=_Stop(), keep=writer)
+    a, b = whole.result, resumed.result
+    assert b.test_accuracy == a.test_accuracy and b.per_layer_accuracy == a.per_layer_accuracy
+    assert b.history == a.history and len(a.history) == writer.written[1]  # losses and accuracies of every epoch
+    state, want = resumed.trainer.net.state_dict(), whole.trainer.net.state_dict()
+    assert list(state) == list(want) and all(torch.equal(state[key], want[key]) for key in want)
+    assert (b.config, b.plugin_params, b.images) == (a.config, a.plugin_params, a.images)
+    assert a.test_accuracy > 0.2  # it learned: a constant prediction would reproduce trivially
+
+
+def test_a_resumed_runs_train_seconds_are_the_sum_over_its_sessions(monkeypatch, tmp_path):
+    from ffablate.train import common, trained_run
+
+    # A clock that moves one second a reading: each epoch's stretch of training takes exactly one second.
+    clock = iter(range(10**6))
+    monkeypatch.setattr(common.time, "perf_counter", lambda: float(next(clock)))
+    config = _config([*DIGITS, "--epochs", "3"])
+    path = tmp_path / "run.pt"
+    with pytest.raises(KeyboardInterrupt):
+        trained_run(config, on_epoch=_Stop(0), keep=checkpoint.EpochWriter(path))
+    assert checkpoint.read(path)["training"]["train_seconds"] == 1.0
+    result = ffablate.resume_run(path).result
+    assert result.train_seconds == 3.0  # 1 second before the stop, 2 after it
+    assert result.images_per_second == 3 * 400 / 3.0
+
+
+@contextlib.contextmanager
+def _interrupting_bar(at_step: int):
+    """`ffablate train`'s progress bar, pressing Ctrl-C at step ``at_step``."""
+
+    def update(done: int, total: int, info: dict) -> None:
+        if done == at_step:
+            raise KeyboardInterrupt
+
+    yield update
+
+
+def test_ctrl_c_keeps_the_finished_epochs_and_resume_finishes_the_run(capsys, monkeypatch, tmp_path):
+    args = [*DIGITS, "--epochs", "2"]
+    whole, path = tmp_path / "whole.pt", tmp_path / "run.pt"
+    want = json_of(["train", *args, "--save", str(whole), "--json"])
+    monkeypatch.setattr("ffablate.cli.progress_bar", lambda *a, **k: _interrupting_bar(3))
+    assert main(["train", *args, "--save", str(path)]) == 130
+    assert f"no epoch finished, so {path} was not written: rerun it" in one_line_error(capsys)
+    assert not path.exists()
+    # 16 steps an epoch: stopped 3 steps into the second.
+    monkeypatch.setattr("ffablate.cli.progress_bar", lambda *a, **k: _interrupting_bar(16 + 3))
+    assert main(["train", *args, "--save", str(path)]) == 130
+    err = one_line_error(capsys)
+    assert err == (
+        f"ffablate: interrupted; {path} holds the run after epoch 1 of 2 (the steps of epoch 2 are lost): resume it "
+        f"with `ffablate train --resume {path}`"
+    )
+    # Stopped again before the resumed session finished an epoch: the file is as it was.
+    monkeypatch.setattr("ffablate.cli.progress_bar", lambda *a, **k: _interrupting_bar(16 + 5))
+    assert main(["train", "--resume", str(path)]) == 130
+    assert f"{path} holds the run as it was before this session" in one_line_error(capsys)
+    monkeypatch.undo()
+    run = json_of(["train", "--resume", str(path), "--json"])
+    assert run["checkpoint"] == str(path)
+    timing = ("train_seconds", "images_per_second", "peak_memory_bytes", "checkpoint")
+    assert {k: v for k, v in run.items() if k not in timing} == {k: v for k, v in want.items() if k not in timing}
+    # The file is the finished checkpoint now, as --save writes it: the format older ffablates read, no training.
+    saved, reference = torch.load(path, weights_only=True), torch.load(whole, weights_only=True)
+    assert saved["format_version"] == 1 and "training" not in saved and set(saved) == set(reference)
+    state = saved["model"]["state_dict"]
+    assert all(torch.equal(state[key], value) for key, value in reference["model"]["state_dict"].items())
+    assert json_of(["evaluate", str(path), "--json"])["test_accuracy"] == want["test_accuracy"]
+
+
+@pytest.fixture(scope="module")
+def unfinished_run(tmp_path_factory) -> Path:
+    """A two-epoch FF run on digits stopped after its first epoch."""
+    from ffablate.train import trained_run
+
+    path = tmp_path_factory.mktemp("unfinished") / "run.pt"
+    with pytest.MonkeyPatch.context() as env:
+        for name in FFABLATE_ENV:
+            env.delenv(name, raising=False)
+        env.setenv("FFABLATE_DATA", str(tmp_path_factory.mktemp("empty-data-root")))
+        with contextlib.suppress(KeyboardInterrupt):
+            trained_run(_config([*DIGITS, "--epochs", "2"]), on_epoch=_Stop(0), keep=checkpoint.EpochWriter(path))
+    return path
+
+
+def test_an_unfinished_checkpoint_holds_what_resuming_needs(unfinished_run):
+    saved = torch.load(unfinished_run, weights_only=True)
+    assert saved["format_version"] == 2 and saved["result"] is None
+    training = saved["training"]
+    assert (training["epochs_done"], training["epochs_total"], training["images"]) == (1, 2, 400)
+    assert set(training["optimizers"]) == {"blocks"} and training["optimizers"]["blocks"]["state"]
+    assert set(training["rng"]) == {"torch", "cuda", "python", "numpy"}
+    assert [record["epoch"] for record in training["history"]] == [0]
+    assert "backbone.blocks.1.0.weight" in saved["model"]["state_dict"]
+
+
+def test_an_unfinished_checkpoint_is_not_evaluated_but_resumed(capsys, unfinished_run):
+    assert main(["evaluate", str(unfinished_run)]) == 2
+    assert one_line_error(capsys) == (
+        f"ffablate: error: {unfinished_run} holds a run still training (epoch 1 of 2 done): resume it with `ffablate "
+        f"train --resume {unfinished_run}`, then load or evaluate it"
+    )
+    with pytest.raises(CheckpointError, match="still training"):
+        ffablate.load_run(unfinished_run)
+
+
+@pytest.mark.parametrize(
+    ("extra", "expected"),
+    [
+        (["--set", "lr=0.1"], "drop --set"),
+        (["--epochs", "2"], "drop --epochs"),
+        (["--limit-train", "100"], "drop --limit-train"),
+        (["--save", "other.pt"], "drop --save"),
+    ],
+)
+def test_resume_refuses_options_that_set_up_a_run(capsys, monkeypatch, unfinished_run, extra, expected):
+    monkeypatch.setattr("ffablate.saved.trained_run", lambda *a, **k: pytest.fail("training must not start"))
+    assert main(["train", "--resume", str(unfinished_run), *extra]) == 2
+    err = one_line_error(capsys)
+    assert expected in err and "--resume goes on with the run's own settings" in err
+
+
+def test_resume_mistakes_are_one_line_errors(capsys, monkeypatch, saved_runs, tmp_path):
+    monkeypatch.setattr("ffablate.saved.trained_run", lambda *a, **k: pytest.fail("training must not start"))
+    notes = tmp_path / "notes.pt"
+    notes.write_text("not a model\n")
+    finished = saved_runs["ff"][0]
+    cases = [
+        (tmp_path / "nothing.pt", f"no checkpoint at {tmp_path / 'nothing.pt'}"),
+        (notes, "is not an ffablate checkpoint (not a torch file)"),
+        (tmp_path, "--resume {tmp} is a folder"),
+        (
+            finished,
+            f"{finished} holds a finished run: there is nothing to resume; score it with `ffablate evaluate "
+            f"{finished}`",
+        ),
+    ]
+    for path, expected in cases:
+        assert main(["train", "--resume", str(path)]) == 2, path
+        assert expected.format(tmp=tmp_path) in one_line_error(capsys), path
+
+
+def test_resume_refuses_another_ffablate_or_other_data(capsys, monkeypatch, unfinished_run, tmp_path):
+    monkeypatch.setattr("ffablate.saved.trained_run", lambda *a, **k: pytest.fail("training must not start"))
+
+    def older(saved: dict) -> None:
+        saved["ffablate"]["version"] = "0.0.1"
+
+    def other_test_split(saved: dict) -> None:
+        saved["data"]["test_sha256"] = "0" * 64
+
+    path = rewritten(unfinished_run, tmp_path / "older.pt", older)
+    assert main(["train", "--resume", str(path)]) == 2
+    assert "trained so far with ffablate 0.0.1, this is ffablate" in one_line_error(capsys)
+    path = rewritten(unfinished_run, tmp_path / "data.pt", other_test_split)
+    assert main(["train", "--resume", str(path)]) == 2
+    err = one_line_error(capsys)
+    assert "are not the ones" in err and "(their test_sha256 differs): give --data-root the copy it trained on" in err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_resume_of_a_cuda_run_without_cuda_says_where_it_can_go_on(capsys, unfinished_run, tmp_path):
+    # Not "use --device cpu", which --resume refuses: the run goes on on the device it trained on.
+    def on_cuda(saved: dict) -> None:
+        saved["config"]["device"] = "cuda"
+
+    path = rewritten(unfinished_run, tmp_path / "cuda.pt", on_cuda)
+    assert main(["train", "--resume", str(path)]) == 2
+    assert "was training on CUDA, and no CUDA device is visible here: resume it on one" in one_line_error(capsys)

@@ -4,6 +4,7 @@ the trained network)."""
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -13,9 +14,18 @@ from ffablate.data import dataset_params
 from ffablate.errors import ConfigError
 from ffablate.plugins import Registry, plugin_sources, registry, typed_plugin_params, used_params
 from ffablate.train import common
-from ffablate.train.common import RunResult, TrainingDiverged
+from ffablate.train.common import RunResult, TrainingDiverged, TrainingState
 
-__all__ = ["RunResult", "TrainedRun", "TrainingDiverged", "build_trainer", "run", "trained_run"]
+__all__ = [
+    "RunResult",
+    "TrainedRun",
+    "TrainingDiverged",
+    "TrainingState",
+    "Unfinished",
+    "build_trainer",
+    "run",
+    "trained_run",
+]
 
 
 def build_trainer(
@@ -56,6 +66,18 @@ class TrainedRun:
     plugins: Registry
 
 
+@dataclass
+class Unfinished:
+    """A run after one of its epochs, not yet done: what ``trained_run``'s ``keep`` is given to save it resumably
+    (``checkpoint.EpochWriter``). ``config`` and ``plugin_params`` are as the finished run's result will record them."""
+
+    trainer: Any  # FFTrainer or BPTrainer
+    plugins: Registry
+    config: dict[str, Any]
+    plugin_params: dict[str, dict[str, Any]]
+    state: TrainingState
+
+
 def run(
     config: RunConfig,
     *,
@@ -82,20 +104,31 @@ def trained_run(
     on_epoch: common.EpochCallback | None = None,
     plugins: Registry | None = None,
     data: common.RunData | None = None,
+    resume: TrainingState | None = None,
+    keep: Callable[[Unfinished], None] | None = None,
 ) -> TrainedRun:
-    """``run``, keeping the trainer with the trained network beside the result."""
+    """``run``, keeping the trainer with the trained network beside the result. ``keep`` is given the run after
+    every finished epoch; ``resume``, the state of one such run with this ``config``, trains only what it lacks."""
     from ffablate.train.ff import FF_KINDS
 
     plugins = plugins or registry()
     trainer = build_trainer(config, data_root=data_root, download=download, plugins=plugins, data=data)
-    result = trainer.fit(progress=progress, on_epoch=on_epoch)
     config = trainer.config
-    # The dataset's parameters as the load passed them (classes=K is teacher-student's k), then the one record.
+    # The dataset's parameters as the load passed them (classes=K is teacher-student's k), then the one record:
+    # before training, since a resumable checkpoint written after an epoch holds it too.
     given = dataset_params(plugins.get("datasets", config.dataset), config.params_of("datasets"), config.classes)
-    config = dataclasses.replace(config, plugin_params={**config.plugin_params, "datasets": given})
+    recorded = dataclasses.replace(config, plugin_params={**config.plugin_params, "datasets": given})
     kinds = ("datasets", "norm", *(FF_KINDS if config.method in FF_METHODS else ()))
-    result.plugin_params = used_params(config, plugins, kinds)
-    result.plugin_sources = plugin_sources(config, plugins, kinds)
+    params = used_params(recorded, plugins, kinds)
+
+    result = trainer.fit(
+        progress=progress,
+        on_epoch=on_epoch,
+        resume=resume,
+        keep=(lambda state: keep(Unfinished(trainer, plugins, config.to_dict(), params, state))) if keep else None,
+    )
+    result.plugin_params = params
+    result.plugin_sources = plugin_sources(recorded, plugins, kinds)
     return TrainedRun(result, trainer, plugins)
 
 

@@ -119,24 +119,33 @@ class BPTrainer:
         """Fused (the last head's) and per-block accuracy on ``loader``'s images."""
         return common.evaluate(self.net, loader)
 
+    def optimizers(self) -> dict[str, torch.optim.Optimizer]:
+        """The optimizer by name, as a resumable checkpoint keeps its state (FFTrainer.optimizers' twin)."""
+        return {"net": self.optimizer}
+
     def fit(
-        self, progress: common.Progress | None = None, on_epoch: common.EpochCallback | None = None
+        self,
+        progress: common.Progress | None = None,
+        on_epoch: common.EpochCallback | None = None,
+        *,
+        resume: common.TrainingState | None = None,
+        keep: common.EpochKeeper | None = None,
     ) -> common.RunResult:
+        """Train, then score the test split; ``keep`` and ``resume`` as FFTrainer.fit's."""
         cfg, loader = self.config, self.data.train
-        memory, watch = common.MemoryMeter(self.device), common.Stopwatch(self.device)
-        total_steps, images, history = cfg.epochs * len(loader), 0, []
+        session = common.Session(self.net, self.optimizers(), self.device, cfg.epochs, resume)
+        total_steps = cfg.epochs * len(loader)
         for epoch in range(cfg.epochs):
+            if not session.pending(epoch):
+                continue
             loader.set_epoch(epoch)
-            with watch, memory:
+            with session.watch, session.memory:
                 for step, (x, y) in enumerate(loader):
                     done = epoch * len(loader) + step
                     common.set_lr([self.optimizer], cfg, done, total_steps)
                     loss = self.train_step(x, y)
-                    images += y.numel()
+                    session.images += y.numel()
                     if progress:
                         progress(done + 1, total_steps, {"loss": loss})
-            if on_epoch:
-                record = {"epoch": epoch, "loss": loss, **common.epoch_scores(self.evaluate, self.data)}
-                history.append(record)
-                on_epoch(epoch, record)
-        return common.finish(cfg, self.evaluate, self.data, watch, images, memory, history)
+            session.end_epoch(loss, self.evaluate, self.data, on_epoch, keep)
+        return session.finish(cfg, self.evaluate, self.data)

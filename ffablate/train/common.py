@@ -306,6 +306,10 @@ class MemoryMeter:
         """The largest peak of the stretches measured so far."""
         return self._peak
 
+    def carry(self, peak: int) -> None:
+        """Count an earlier session's peak (a resumed run's) among this meter's."""
+        self._peak = max(self._peak, peak)
+
     def _current_peak(self) -> int:
         if self.device.type == "cuda":
             return int(torch.cuda.max_memory_allocated(self.device))
@@ -370,6 +374,143 @@ class Stopwatch:
     def _sync(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
+
+
+@dataclass
+class TrainingState:
+    """A run after a finished epoch: all that its continuation depends on, so that a run resumed from it (``ffablate
+    train --resume``) goes on as if it had never stopped, bit for bit on the CPU.
+
+    The tensors are the trainer's own (its parameters and optimizer moments, on the CPU not even copied): whoever
+    keeps a state must write or copy it before training goes on, which keeps a per-epoch checkpoint cheap."""
+
+    epochs_done: int  # finished epochs, every phase's counted: a greedy FF run has epochs x blocks in all
+    epochs_total: int
+    model: dict[str, Tensor]  # the network's state_dict
+    optimizers: dict[str, dict[str, Any]]  # each optimizer's state_dict, by the trainer's name for it
+    rng: dict[str, Any]  # ``random_state``: what negatives, augmentation-free plugins and the like draw from
+    history: list[dict[str, float]]  # the per-epoch records so far (those on_epoch was there for)
+    train_seconds: float  # summed over every session so far
+    images: int  # counted as RunResult.images_per_second counts them
+    peak_memory_bytes: int  # the largest of every session's
+
+
+EpochKeeper = Callable[[TrainingState], None]
+
+
+def random_state(device: torch.device) -> dict[str, Any]:
+    """The global random streams a run draws from (torch's CPU and, on CUDA, the device's generator: random-label
+    negatives, a plugin's dropout; Python's and NumPy's, which a plugin may use), in the plain types and tensors a
+    checkpoint holds. The data order is not among them: the loaders seed each epoch from (seed, epoch)."""
+    version, internal, gauss = random.getstate()
+    numpy = np.random.get_state(legacy=False)
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+        "python": {"version": version, "state": torch.tensor(internal, dtype=torch.int64), "gauss": gauss},
+        "numpy": {
+            "key": torch.from_numpy(numpy["state"]["key"].astype(np.int64)),
+            "pos": int(numpy["state"]["pos"]),
+            "has_gauss": int(numpy["has_gauss"]),
+            "gauss": float(numpy["gauss"]),
+        },
+    }
+
+
+def set_random_state(state: dict[str, Any], device: torch.device) -> None:
+    """Put back the streams ``random_state`` took."""
+    torch.set_rng_state(state["torch"])
+    if device.type == "cuda" and state["cuda"] is not None:
+        torch.cuda.set_rng_state(state["cuda"], device)
+    python = state["python"]
+    random.setstate((python["version"], tuple(python["state"].tolist()), python["gauss"]))
+    numpy = state["numpy"]
+    np.random.set_state(
+        {
+            "bit_generator": "MT19937",
+            "state": {"key": numpy["key"].numpy().astype(np.uint32), "pos": numpy["pos"]},
+            "has_gauss": numpy["has_gauss"],
+            "gauss": numpy["gauss"],
+        }
+    )
+
+
+class Session:
+    """The training loop's bookkeeping for one process's stretch of a run: the whole run, or its rest resumed from a
+    ``TrainingState``, whose clock, image count, memory peak and history it carries on. After each epoch
+    (``end_epoch``) it records the epoch for ``on_epoch`` and hands ``keep`` the state to resume from."""
+
+    def __init__(
+        self,
+        net: nn.Module,
+        optimizers: dict[str, torch.optim.Optimizer],
+        device: torch.device,
+        epochs_total: int,
+        resume: TrainingState | None = None,
+    ):
+        self.net, self.optimizers, self.device, self.epochs_total = net, optimizers, device, epochs_total
+        self.watch, self.memory = Stopwatch(device), MemoryMeter(device)
+        self.epochs_done, self.images, self.history = 0, 0, []
+        if resume is not None:
+            self._restore(resume)
+
+    def _restore(self, state: TrainingState) -> None:
+        if state.epochs_total != self.epochs_total or set(state.optimizers) != set(self.optimizers):
+            raise ConfigError(
+                f"the saved training state ({state.epochs_total} epochs, optimizers {sorted(state.optimizers)}) does "
+                f"not fit this run ({self.epochs_total} epochs, optimizers {sorted(self.optimizers)}): resume it with "
+                "the config it was saved with"
+            )
+        self.net.load_state_dict(state.model)
+        for name, optimizer in self.optimizers.items():
+            optimizer.load_state_dict(state.optimizers[name])
+        set_random_state(state.rng, self.device)
+        self.epochs_done, self.images, self.history = state.epochs_done, state.images, list(state.history)
+        self.watch.total = state.train_seconds
+        self.memory.carry(state.peak_memory_bytes)
+
+    def pending(self, epoch: int) -> bool:
+        """Whether the run's ``epoch``-th epoch (counted over every phase) is still to train: a resumed run skips
+        the ones it has."""
+        return epoch >= self.epochs_done
+
+    def end_epoch(
+        self,
+        loss: float,
+        evaluate: Evaluate,
+        data: RunData,
+        on_epoch: EpochCallback | None,
+        keep: EpochKeeper | None,
+    ) -> None:
+        """The epoch is done: score it for ``on_epoch``, then let ``keep`` save the state, then call ``on_epoch``
+        (a callback that stops the run, a pruned trial or a Ctrl-C, leaves this epoch kept)."""
+        self.epochs_done += 1
+        record = None
+        if on_epoch:
+            record = {"epoch": self.epochs_done - 1, "loss": loss, **epoch_scores(evaluate, data)}
+            self.history.append(record)
+        if keep:
+            keep(self.state())
+        if record is not None and on_epoch:
+            on_epoch(record["epoch"], record)
+
+    def state(self) -> TrainingState:
+        """The state to resume from, taken after the epoch's evaluation: an evaluation draws no random number, but
+        were one to, the resumed run would still draw what the uninterrupted run does next."""
+        return TrainingState(
+            epochs_done=self.epochs_done,
+            epochs_total=self.epochs_total,
+            model=self.net.state_dict(),
+            optimizers={name: optimizer.state_dict() for name, optimizer in self.optimizers.items()},
+            rng=random_state(self.device),
+            history=list(self.history),
+            train_seconds=self.watch.total,
+            images=self.images,
+            peak_memory_bytes=self.memory.peak_bytes(),
+        )
+
+    def finish(self, config: RunConfig, evaluate: Evaluate, data: RunData) -> RunResult:
+        return finish(config, evaluate, data, self.watch, self.images, self.memory, self.history)
 
 
 def versions() -> dict[str, str]:

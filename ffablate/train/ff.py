@@ -469,22 +469,36 @@ class FFTrainer:
             return [(range(depth), True)]
         return [(range(i, i + 1), i == depth - 1) for i in range(depth)]
 
+    def optimizers(self) -> dict[str, torch.optim.Optimizer]:
+        """The optimizers by name, as a resumable checkpoint keeps their state: the blocks', and the fusion's where
+        it has parameters."""
+        return {"blocks": self.optimizer, **({"fusion": self.fusion_optimizer} if self.fusion_optimizer else {})}
+
     def fit(
-        self, progress: common.Progress | None = None, on_epoch: common.EpochCallback | None = None
+        self,
+        progress: common.Progress | None = None,
+        on_epoch: common.EpochCallback | None = None,
+        *,
+        resume: common.TrainingState | None = None,
+        keep: common.EpochKeeper | None = None,
     ) -> common.RunResult:
+        """Train, then score the test split. ``keep`` is given the state after every epoch; ``resume`` (one such
+        state) goes on from there, skipping the epochs it has: the rest trains as it would have without the stop."""
         cfg, loader = self.config, self.data.train
         # The fusion's logits are first used by the evaluation after an epoch; a wrong shape found there threw the
         # epoch away. Two test images through predict meet it now (eval mode: no state changes, no random draws).
         self.net.predict(next(iter(self.data.test))[0][:2])
-        memory, watch = common.MemoryMeter(self.device), common.Stopwatch(self.device)
         phases = self.phases()
+        session = common.Session(self.net, self.optimizers(), self.device, len(phases) * cfg.epochs, resume)
         steps_per_phase = cfg.epochs * len(loader)
-        total_steps, done, images, history = steps_per_phase * len(phases), 0, 0, []
+        total_steps, done = steps_per_phase * len(phases), session.epochs_done * len(loader)
         for phase, (active, fit_fusion) in enumerate(phases):
             opts = [self.optimizer] + ([self.fusion_optimizer] if fit_fusion and self.fusion_optimizer else [])
             for epoch in range(cfg.epochs):
+                if not session.pending(phase * cfg.epochs + epoch):
+                    continue
                 loader.set_epoch(epoch)
-                with watch, memory:
+                with session.watch, session.memory:
                     for step, (x, y) in enumerate(loader):
                         phase_step = epoch * len(loader) + step
                         common.set_lr(opts, cfg, phase_step, steps_per_phase)
@@ -495,12 +509,9 @@ class FFTrainer:
                         # it: a greedy run's later phases pass the same images again, and counting them would
                         # show it faster per image than BP while it takes longer.
                         if phase == 0:
-                            images += y.numel()
+                            session.images += y.numel()
                         done += 1
                         if progress:
                             progress(done, total_steps, {"loss": loss})
-                if on_epoch:
-                    record = {"epoch": len(history), "loss": loss, **common.epoch_scores(self.evaluate, self.data)}
-                    history.append(record)
-                    on_epoch(record["epoch"], record)
-        return common.finish(cfg, self.evaluate, self.data, watch, images, memory, history)
+                session.end_epoch(loss, self.evaluate, self.data, on_epoch, keep)
+        return session.finish(cfg, self.evaluate, self.data)
