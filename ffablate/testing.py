@@ -378,17 +378,20 @@ def _loss_direction(s: _Subject) -> str:
             if per_class:
                 right = torch.nn.functional.one_hot(labels, NUM_CLASSES).bool()
                 up, down = grads[0][~right], grads[0][right]
-                what = "the true class's goodness", "another class's"
+                what = "the true class's goodness", "the other classes'"
             else:
                 up, down = grads[1], grads[0]
-                what = "a positive's goodness", "a negative's"
-            if (down > 1e-12).any() or (up < -1e-12).any():
-                raise _Failed(
-                    f"raising {what[0]} raises the loss, or raising {what[1]} lowers it (T={float(t):g}): the loss "
-                    "must fall as the right goodness rises"
-                )
-            if not (down < 0).any():
+                what = "the positives' goodness", "the negatives'"
+            if not (down != 0).any():
                 raise _Failed(f"{what[0]} has no gradient (T={float(t):g})")
+            # The slope when all of the batch's right (or wrong) goodness rises together, not each image's: label
+            # smoothing or a penalty on large goodness rightly turns a few images' gradients round where the right
+            # goodness already wins.
+            if not float(down.sum()) < 0 or float(up.sum()) < -1e-12:
+                raise _Failed(
+                    f"raising {what[0]} across the batch raises the loss, or raising {what[1]} lowers it "
+                    f"(T={float(t):g}): the loss must fall as the right goodness rises"
+                )
         seen.append("per-class" if per_class else "scalar")
     return f"falls as the right goodness rises and the wrong one falls ({', '.join(seen)} goodness, T 0.3 and 2)"
 

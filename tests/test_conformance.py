@@ -144,6 +144,34 @@ def test_a_loss_with_the_wrong_sign_fails_direction():
     assert "must fall as the right goodness rises" in failed["direction"]
 
 
+def test_label_smoothing_and_a_goodness_penalty_pass_direction():
+    # Each turns some images' gradients round where the right goodness already wins; the batch's still falls.
+    results = check_plugin("loss", "classwise-ce", {"label_smoothing": 0.2}, train=False)
+    assert {r.outcome for r in results} == {PASS}
+
+    def penalized():
+        def loss(g_pos, g_neg, labels, threshold, temperature):
+            fit = F.softplus((threshold - g_pos) / temperature) + F.softplus((g_neg - threshold) / temperature)
+            return fit.mean() + 0.05 * (g_pos.square().mean() + g_neg.square().mean())
+
+        loss.per_class = False
+        return loss
+
+    assert _failed("loss", penalized) == {}
+
+
+def test_a_loss_that_pushes_the_negatives_up_fails_direction():
+    def both_up():
+        def loss(g_pos, g_neg, labels, threshold, temperature):
+            up = F.softplus((threshold - g_pos) / temperature) + F.softplus((threshold - g_neg) / temperature)
+            return up.mean()
+
+        loss.per_class = False
+        return loss
+
+    assert list(_failed("loss", both_up)) == ["direction"]
+
+
 def test_a_loss_that_overflows_fails_extremes():
     failed = _failed("loss", _softplus_loss(naive=True))
     assert list(failed) == ["extremes"]
