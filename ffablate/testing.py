@@ -28,12 +28,14 @@ import hashlib
 import io
 import math
 import os
+import random
 import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -43,6 +45,7 @@ from ffablate.errors import ConfigError, DataNotFound, FFablateError, PluginCont
 from ffablate.model import built_module, checked_paths
 from ffablate.paths import NormPaths
 from ffablate.plugins import Plugin, Registry, registry
+from ffablate.train.common import seed_everything
 from ffablate.train.ff import (
     check_goodness,
     check_logits,
@@ -110,18 +113,22 @@ def check_plugin(
     plugins = plugins or registry()
     plugin = plugins.get(kind, name)
     subject = _Subject(plugin, plugin.checked_params(plugin.typed_params(dict(params or {}))), plugins, data_root)
-    _refuse_bad_values(subject)
     results: list[CheckResult] = []
-    for title, check in [*CHECKS[kind], *(TRAINING_CHECKS if train else ())]:
-        # The first check is the basic contract, which the others build on; training a plugin that failed a check
-        # would fail again, further from the cause.
-        blocked = results and (
-            results[0].outcome == FAIL or (check in TRAINING and FAIL in {r.outcome for r in results})
-        )
-        if blocked:
-            results.append(CheckResult(title, SKIP, "an earlier check failed"))
-        else:
-            results.append(_run(title, check, subject))
+    with _random_state_kept():
+        _refuse_bad_values(subject)
+        for title, check in [*CHECKS[kind], *(TRAINING_CHECKS if train else ())]:
+            # The first check is the basic contract, which the others build on; training a plugin that failed a
+            # check would fail again, further from the cause.
+            blocked = results and (
+                results[0].outcome == FAIL or (check in TRAINING and FAIL in {r.outcome for r in results})
+            )
+            if blocked:
+                results.append(CheckResult(title, SKIP, "an earlier check failed"))
+            else:
+                # From one seed: a plugin's own draws (its initial weights, its negatives) then give the same
+                # result whatever the caller drew before and whichever checks ran first.
+                seed_everything(0)
+                results.append(_run(title, check, subject))
     return results
 
 
@@ -132,6 +139,22 @@ def assert_conforms(kind: str, name: str, params: dict[str, Any] | None = None, 
     if failed:
         raise PluginCheckFailed("\n".join(f"{r.check}: {r.detail}" for r in failed))
     return results
+
+
+@contextlib.contextmanager
+def _random_state_kept() -> Iterator[None]:
+    """Leave Python's, NumPy's and torch's global generators as they were: the checks seed them, as a run does, and
+    a plugin author's own tests draw from them after ``assert_conforms``."""
+    python, numpy, cpu = random.getstate(), np.random.get_state(), torch.get_rng_state()
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
+    try:
+        yield
+    finally:
+        random.setstate(python)
+        np.random.set_state(numpy)
+        torch.set_rng_state(cpu)
+        if cuda is not None:
+            torch.cuda.set_rng_state_all(cuda)
 
 
 def _refuse_bad_values(s: _Subject) -> None:

@@ -4,9 +4,11 @@ was written for (and only its own check, where the others cannot see the fault).
 import importlib.util
 import json
 import os
+import random
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -449,6 +451,22 @@ def test_checks_leave_the_kernel_backend_as_it_was(monkeypatch):
     monkeypatch.setenv("FFABLATE_KERNELS", "reference")
     check_plugin("norm", "decoupled", train=False)
     assert os.environ["FFABLATE_KERNELS"] == "reference"
+
+
+def test_checks_leave_the_random_generators_as_they_were():
+    random.seed(1), np.random.seed(1), torch.manual_seed(1)
+    before = random.getstate(), np.random.get_state()[1].copy(), torch.get_rng_state()
+    check_plugin("negatives", "random-label")  # the training checks seed all three, as a run does
+    assert random.getstate() == before[0]
+    assert (np.random.get_state()[1] == before[1]).all() and torch.equal(torch.get_rng_state(), before[2])
+
+
+def test_results_do_not_depend_on_the_callers_random_state():
+    # The readout fusion's weights are drawn from torch's generator: its fit check's figures followed the caller's.
+    torch.manual_seed(1)
+    first = check_plugin("fusion", "readout", train=False)
+    torch.manual_seed(2)
+    assert check_plugin("fusion", "readout", train=False) == first
 
 
 def test_the_example_package_conforms():
