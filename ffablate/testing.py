@@ -289,7 +289,7 @@ STATE_ADVICE = "keep what changes in training in a parameter or a buffer (regist
 
 def _goodness_output(s: _Subject) -> str:
     goodness = flagged(s.build(), "per_class", s.label)
-    norms = _builtin_norms(s.plugins)
+    norms, moved = _builtin_norms(s.plugins), False
     for norm_plugin in norms:
         for shape in ACTIVITY.values():
             h = _activity(shape)
@@ -298,8 +298,17 @@ def _goodness_output(s: _Subject) -> str:
             where = f"under norm {norm_plugin.name!r} on {shape} activity"
             if not g.requires_grad:
                 raise _Failed(f"no gradient {where}: compute the goodness from the paths it is given")
-            if not _finite(g) or not _finite(_grad(g, [h])[0]):
+            grad = _grad(g, [h])[0]
+            if not _finite(g) or not _finite(grad):
                 raise _Failed(f"NaN or infinite goodness or gradient {where}")
+            moved = moved or bool(grad.abs().sum() > 0)
+    if not moved:
+        # A goodness of rounded or counted values has a graph but a zero gradient: the blocks never learn, and the
+        # tiny training run cannot tell that from a slow start.
+        raise _Failed(
+            "its gradient is zero for every activity tried: the blocks would never learn; compute it from the paths "
+            "with differentiable operations (not round, sign or comparisons)"
+        )
     want = f"(N, {NUM_CLASSES})" if goodness.per_class else "(N,)"
     return f"{want}, finite, with a gradient, under norms {', '.join(p.name for p in norms)} on conv and dense activity"
 

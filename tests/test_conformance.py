@@ -102,6 +102,17 @@ def test_a_goodness_with_nan_gradient_at_zero_fails_zero_activity():
     assert "all-zero activity" in failed["zero activity"]
 
 
+def test_a_goodness_with_a_zero_gradient_fails_output():
+    class Rounded:
+        per_class = False
+
+        def __call__(self, paths, num_classes):
+            return (paths.sumsq() / paths.numel_per_sample).round()  # a graph, but a zero gradient everywhere
+
+    failed = _failed("goodness", Rounded)
+    assert list(failed) == ["output"] and "gradient is zero" in failed["output"]
+
+
 def test_a_failed_first_check_skips_the_rest():
     class Wide:
         per_class = False
