@@ -831,8 +831,12 @@ def _training_config(s: _Subject, method: str = "ff") -> RunConfig:
     elif kind == "datasets":
         ds = _dataset(s)
         width = 2 * ds.num_classes  # classwise goodness: two channels per class
+        # Halve the images only as often as they allow (check_downsampling): a dataset of 2x2 images, or of
+        # features as 1x1 ones, is valid, and the strides are not the author's to --set here.
+        halvings = min(2, max(0, min(ds.image_shape[1:]).bit_length() - 1))
+        strides = ",".join(["2"] * halvings + ["1"] * (2 - halvings))
         updates = {k: v for k, v in updates.items() if not k.startswith("datasets.")}
-        updates |= {"limit_train": 256, "limit_test": 128, "channels": f"{width},{width}"}
+        updates |= {"limit_train": 256, "limit_test": 128, "channels": f"{width},{width}", "strides": strides}
     field = "dataset" if kind == "datasets" else kind
     updates |= {field: name, **{f"{kind}.{param}": value for param, value in s.params.items()}}
     return RunConfig().with_updates(updates)
