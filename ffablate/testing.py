@@ -159,13 +159,16 @@ def _random_state_kept() -> Iterator[None]:
 
 def _refuse_bad_values(s: _Subject) -> None:
     """Raise the ConfigError a factory raises for the parameter values given (``temperature.t=-1``): the user's
-    mistake, which a run reports the same way, not the plugin's. (A dataset is built by its first check: that loads
-    the data.)"""
-    if s.plugin.kind == "datasets":
+    mistake, which a run reports the same way, not the plugin's. (A dataset's factory loads the data: it is built
+    here only when values were given, and its missing files are left to its first check.)"""
+    from ffablate.data import default_data_root
+
+    if s.plugin.kind == "datasets" and not s.params:
         return
     context = {
         "norm": {"num_features": ACTIVITY["conv"][1]},
         "fusion": {"num_layers": len(FEATURE_DIMS), "num_classes": NUM_CLASSES, "feature_dims": list(FEATURE_DIMS)},
+        "datasets": {"roots": [default_data_root(s.data_root)], "download": False},
     }.get(s.plugin.kind, {})
     try:
         s.plugin.factory(**context, **s.params)

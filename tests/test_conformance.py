@@ -420,6 +420,8 @@ def _installed(plugin):
 
 def _images(roots, download, size: int = 2):
     """64 training and 32 test generated images of size x size pixels, two classes."""
+    if size < 1:
+        raise ConfigError(f"datasets.size must be at least 1, got {size}")
     x = torch.randint(0, 256, (96, 1, size, size), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
     y = torch.arange(96) % 2
     return ImageDataset("probe", x[:64], y[:64], x[64:], y[64:], 2, ["a", "b"], False, "generated")
@@ -430,6 +432,12 @@ def test_a_dataset_of_tiny_images_trains_with_strides_that_fit():
     with _installed(OnePlugin("datasets", _images)):
         results = check_plugin("datasets", "probe")
     assert {r.outcome for r in results if r.check != "located"} == {PASS}, results
+
+
+def test_a_bad_dataset_parameter_is_the_users_mistake(capsys):
+    with _installed(OnePlugin("datasets", _images)):
+        assert main(["plugins", "datasets", "probe", "--check", "--set", "datasets.size=0", "--no-train"]) == 2
+    assert "datasets.size must be at least 1" in capsys.readouterr().err
 
 
 # ---- API and command line
