@@ -41,7 +41,7 @@ from torch import Tensor, nn
 
 from ffablate import ops
 from ffablate.config import RunConfig
-from ffablate.errors import ConfigError, DataNotFound, FFablateError, PluginContractError, first_line
+from ffablate.errors import ConfigError, DataNotFound, FFablateError, PluginContractError, described, first_line
 from ffablate.model import built_module, checked_paths
 from ffablate.paths import NormPaths
 from ffablate.plugins import Plugin, Registry, registry
@@ -552,7 +552,8 @@ def _wrong_labels(s: _Subject) -> str:
             scores = torch.randn(64, k, generator=_generator(20 + draw))
             wrong = negatives.wrong_labels(labels, k, lambda scores=scores: scores)
             if not (isinstance(wrong, Tensor) and wrong.shape == labels.shape and wrong.dtype == labels.dtype):
-                raise _Failed(f"wrong_labels returned {wrong!r:.60} for 64 int64 labels; return an int64 (N,) tensor")
+                got = described(wrong)
+                raise _Failed(f"wrong_labels returned {got} for 64 int64 labels; return an int64 (N,) tensor")
             if bool(((wrong < 0) | (wrong >= k)).any()):
                 raise _Failed(f"wrong_labels returned a label outside 0..{k - 1}")
             if bool((wrong == labels).any()):

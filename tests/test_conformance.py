@@ -298,6 +298,15 @@ def test_negatives_that_return_the_true_label_fail_wrong_labels():
     assert "the true label for" in failed["wrong labels"]
 
 
+def test_wrong_labels_of_another_dtype_are_named_by_dtype_and_shape():
+    class Int32(_Pixels):
+        def wrong_labels(self, labels, num_classes, scores):
+            return super().wrong_labels(labels, num_classes, scores).int()
+
+    failed = _failed("negatives", Int32)
+    assert failed["wrong labels"].startswith("wrong_labels returned a torch.int32 tensor of shape (64,) for 64")
+
+
 def test_an_embedding_blind_to_the_label_fails_embedding():
     failed = _failed("negatives", LabelBlind)
     assert list(failed) == ["embedding"]
