@@ -28,21 +28,24 @@ import hashlib
 import io
 import math
 import os
+import random
 import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
 from ffablate import ops
 from ffablate.config import RunConfig
-from ffablate.errors import ConfigError, DataNotFound, FFablateError, PluginContractError, first_line
+from ffablate.errors import ConfigError, DataNotFound, FFablateError, PluginContractError, described, first_line
 from ffablate.model import built_module, checked_paths
 from ffablate.paths import NormPaths
 from ffablate.plugins import Plugin, Registry, registry
+from ffablate.train.common import seed_everything
 from ffablate.train.ff import (
     check_goodness,
     check_logits,
@@ -110,18 +113,22 @@ def check_plugin(
     plugins = plugins or registry()
     plugin = plugins.get(kind, name)
     subject = _Subject(plugin, plugin.checked_params(plugin.typed_params(dict(params or {}))), plugins, data_root)
-    _refuse_bad_values(subject)
     results: list[CheckResult] = []
-    for title, check in [*CHECKS[kind], *(TRAINING_CHECKS if train else ())]:
-        # The first check is the basic contract, which the others build on; training a plugin that failed a check
-        # would fail again, further from the cause.
-        blocked = results and (
-            results[0].outcome == FAIL or (check in TRAINING and FAIL in {r.outcome for r in results})
-        )
-        if blocked:
-            results.append(CheckResult(title, SKIP, "an earlier check failed"))
-        else:
-            results.append(_run(title, check, subject))
+    with _random_state_kept():
+        _refuse_bad_values(subject)
+        for title, check in [*CHECKS[kind], *(TRAINING_CHECKS if train else ())]:
+            # The first check is the basic contract, which the others build on; training a plugin that failed a
+            # check would fail again, further from the cause.
+            blocked = results and (
+                results[0].outcome == FAIL or (check in TRAINING and FAIL in {r.outcome for r in results})
+            )
+            if blocked:
+                results.append(CheckResult(title, SKIP, "an earlier check failed"))
+            else:
+                # From one seed: a plugin's own draws (its initial weights, its negatives) then give the same
+                # result whatever the caller drew before and whichever checks ran first.
+                seed_everything(0)
+                results.append(_run(title, check, subject))
     return results
 
 
@@ -134,15 +141,34 @@ def assert_conforms(kind: str, name: str, params: dict[str, Any] | None = None, 
     return results
 
 
+@contextlib.contextmanager
+def _random_state_kept() -> Iterator[None]:
+    """Leave Python's, NumPy's and torch's global generators as they were: the checks seed them, as a run does, and
+    a plugin author's own tests draw from them after ``assert_conforms``."""
+    python, numpy, cpu = random.getstate(), np.random.get_state(), torch.get_rng_state()
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
+    try:
+        yield
+    finally:
+        random.setstate(python)
+        np.random.set_state(numpy)
+        torch.set_rng_state(cpu)
+        if cuda is not None:
+            torch.cuda.set_rng_state_all(cuda)
+
+
 def _refuse_bad_values(s: _Subject) -> None:
     """Raise the ConfigError a factory raises for the parameter values given (``temperature.t=-1``): the user's
-    mistake, which a run reports the same way, not the plugin's. (A dataset is built by its first check: that loads
-    the data.)"""
-    if s.plugin.kind == "datasets":
+    mistake, which a run reports the same way, not the plugin's. (A dataset's factory loads the data: it is built
+    here only when values were given, and its missing files are left to its first check.)"""
+    from ffablate.data import default_data_root
+
+    if s.plugin.kind == "datasets" and not s.params:
         return
     context = {
         "norm": {"num_features": ACTIVITY["conv"][1]},
         "fusion": {"num_layers": len(FEATURE_DIMS), "num_classes": NUM_CLASSES, "feature_dims": list(FEATURE_DIMS)},
+        "datasets": {"roots": [default_data_root(s.data_root)], "download": False},
     }.get(s.plugin.kind, {})
     try:
         s.plugin.factory(**context, **s.params)
@@ -266,7 +292,7 @@ STATE_ADVICE = "keep what changes in training in a parameter or a buffer (regist
 
 def _goodness_output(s: _Subject) -> str:
     goodness = flagged(s.build(), "per_class", s.label)
-    norms = _builtin_norms(s.plugins)
+    norms, moved = _builtin_norms(s.plugins), False
     for norm_plugin in norms:
         for shape in ACTIVITY.values():
             h = _activity(shape)
@@ -275,8 +301,17 @@ def _goodness_output(s: _Subject) -> str:
             where = f"under norm {norm_plugin.name!r} on {shape} activity"
             if not g.requires_grad:
                 raise _Failed(f"no gradient {where}: compute the goodness from the paths it is given")
-            if not _finite(g) or not _finite(_grad(g, [h])[0]):
+            grad = _grad(g, [h])[0]
+            if not _finite(g) or not _finite(grad):
                 raise _Failed(f"NaN or infinite goodness or gradient {where}")
+            moved = moved or bool(grad.abs().sum() > 0)
+    if not moved:
+        # A goodness of rounded or counted values has a graph but a zero gradient: the blocks never learn, and the
+        # tiny training run cannot tell that from a slow start.
+        raise _Failed(
+            "its gradient is zero for every activity tried: the blocks would never learn; compute it from the paths "
+            "with differentiable operations (not round, sign or comparisons)"
+        )
     want = f"(N, {NUM_CLASSES})" if goodness.per_class else "(N,)"
     return f"{want}, finite, with a gradient, under norms {', '.join(p.name for p in norms)} on conv and dense activity"
 
@@ -378,17 +413,20 @@ def _loss_direction(s: _Subject) -> str:
             if per_class:
                 right = torch.nn.functional.one_hot(labels, NUM_CLASSES).bool()
                 up, down = grads[0][~right], grads[0][right]
-                what = "the true class's goodness", "another class's"
+                what = "the true class's goodness", "the other classes'"
             else:
                 up, down = grads[1], grads[0]
-                what = "a positive's goodness", "a negative's"
-            if (down > 1e-12).any() or (up < -1e-12).any():
-                raise _Failed(
-                    f"raising {what[0]} raises the loss, or raising {what[1]} lowers it (T={float(t):g}): the loss "
-                    "must fall as the right goodness rises"
-                )
-            if not (down < 0).any():
+                what = "the positives' goodness", "the negatives'"
+            if not (down != 0).any():
                 raise _Failed(f"{what[0]} has no gradient (T={float(t):g})")
+            # The slope when all of the batch's right (or wrong) goodness rises together, not each image's: label
+            # smoothing or a penalty on large goodness rightly turns a few images' gradients round where the right
+            # goodness already wins.
+            if not float(down.sum()) < 0 or float(up.sum()) < -1e-12:
+                raise _Failed(
+                    f"raising {what[0]} across the batch raises the loss, or raising {what[1]} lowers it "
+                    f"(T={float(t):g}): the loss must fall as the right goodness rises"
+                )
         seen.append("per-class" if per_class else "scalar")
     return f"falls as the right goodness rises and the wrong one falls ({', '.join(seen)} goodness, T 0.3 and 2)"
 
@@ -514,7 +552,8 @@ def _wrong_labels(s: _Subject) -> str:
             scores = torch.randn(64, k, generator=_generator(20 + draw))
             wrong = negatives.wrong_labels(labels, k, lambda scores=scores: scores)
             if not (isinstance(wrong, Tensor) and wrong.shape == labels.shape and wrong.dtype == labels.dtype):
-                raise _Failed(f"wrong_labels returned {wrong!r:.60} for 64 int64 labels; return an int64 (N,) tensor")
+                got = described(wrong)
+                raise _Failed(f"wrong_labels returned {got} for 64 int64 labels; return an int64 (N,) tensor")
             if bool(((wrong < 0) | (wrong >= k)).any()):
                 raise _Failed(f"wrong_labels returned a label outside 0..{k - 1}")
             if bool((wrong == labels).any()):
@@ -796,8 +835,12 @@ def _training_config(s: _Subject, method: str = "ff") -> RunConfig:
     elif kind == "datasets":
         ds = _dataset(s)
         width = 2 * ds.num_classes  # classwise goodness: two channels per class
+        # Halve the images only as often as they allow (check_downsampling): a dataset of 2x2 images, or of
+        # features as 1x1 ones, is valid, and the strides are not the author's to --set here.
+        halvings = min(2, max(0, min(ds.image_shape[1:]).bit_length() - 1))
+        strides = ",".join(["2"] * halvings + ["1"] * (2 - halvings))
         updates = {k: v for k, v in updates.items() if not k.startswith("datasets.")}
-        updates |= {"limit_train": 256, "limit_test": 128, "channels": f"{width},{width}"}
+        updates |= {"limit_train": 256, "limit_test": 128, "channels": f"{width},{width}", "strides": strides}
     field = "dataset" if kind == "datasets" else kind
     updates |= {field: name, **{f"{kind}.{param}": value for param, value in s.params.items()}}
     return RunConfig().with_updates(updates)

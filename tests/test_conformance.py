@@ -1,21 +1,25 @@
 """ffablate.testing: every built-in plugin passes its conformance checks, and each check fails the broken plugin it
 was written for (and only its own check, where the others cannot see the fault)."""
 
+import contextlib
 import importlib.util
 import json
 import os
+import random
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ffablate.cli import main
+from ffablate.data import ImageDataset
 from ffablate.errors import ConfigError
 from ffablate.paths import NormPaths
-from ffablate.plugins import registry
+from ffablate.plugins import add_plugin, registry, remove_plugin
 from ffablate.testing import CHECKS, FAIL, PASS, SKIP, TRAINING_CHECKS, PluginCheckFailed, assert_conforms, check_plugin
 from tests.conftest import OnePlugin, registry_with
 
@@ -100,6 +104,17 @@ def test_a_goodness_with_nan_gradient_at_zero_fails_zero_activity():
     assert "all-zero activity" in failed["zero activity"]
 
 
+def test_a_goodness_with_a_zero_gradient_fails_output():
+    class Rounded:
+        per_class = False
+
+        def __call__(self, paths, num_classes):
+            return (paths.sumsq() / paths.numel_per_sample).round()  # a graph, but a zero gradient everywhere
+
+    failed = _failed("goodness", Rounded)
+    assert list(failed) == ["output"] and "gradient is zero" in failed["output"]
+
+
 def test_a_failed_first_check_skips_the_rest():
     class Wide:
         per_class = False
@@ -142,6 +157,34 @@ def test_a_loss_with_the_wrong_sign_fails_direction():
     failed = _failed("loss", _softplus_loss(flip=True))
     assert list(failed) == ["direction"]
     assert "must fall as the right goodness rises" in failed["direction"]
+
+
+def test_label_smoothing_and_a_goodness_penalty_pass_direction():
+    # Each turns some images' gradients round where the right goodness already wins; the batch's still falls.
+    results = check_plugin("loss", "classwise-ce", {"label_smoothing": 0.2}, train=False)
+    assert {r.outcome for r in results} == {PASS}
+
+    def penalized():
+        def loss(g_pos, g_neg, labels, threshold, temperature):
+            fit = F.softplus((threshold - g_pos) / temperature) + F.softplus((g_neg - threshold) / temperature)
+            return fit.mean() + 0.05 * (g_pos.square().mean() + g_neg.square().mean())
+
+        loss.per_class = False
+        return loss
+
+    assert _failed("loss", penalized) == {}
+
+
+def test_a_loss_that_pushes_the_negatives_up_fails_direction():
+    def both_up():
+        def loss(g_pos, g_neg, labels, threshold, temperature):
+            up = F.softplus((threshold - g_pos) / temperature) + F.softplus((threshold - g_neg) / temperature)
+            return up.mean()
+
+        loss.per_class = False
+        return loss
+
+    assert list(_failed("loss", both_up)) == ["direction"]
 
 
 def test_a_loss_that_overflows_fails_extremes():
@@ -255,6 +298,15 @@ def test_negatives_that_return_the_true_label_fail_wrong_labels():
     assert "the true label for" in failed["wrong labels"]
 
 
+def test_wrong_labels_of_another_dtype_are_named_by_dtype_and_shape():
+    class Int32(_Pixels):
+        def wrong_labels(self, labels, num_classes, scores):
+            return super().wrong_labels(labels, num_classes, scores).int()
+
+    failed = _failed("negatives", Int32)
+    assert failed["wrong labels"].startswith("wrong_labels returned a torch.int32 tensor of shape (64,) for 64")
+
+
 def test_an_embedding_blind_to_the_label_fails_embedding():
     failed = _failed("negatives", LabelBlind)
     assert list(failed) == ["embedding"]
@@ -362,6 +414,41 @@ def test_a_fusion_whose_state_a_checkpoint_loses_fails_checkpoint():
     assert "saved and loaded back" in failed["checkpoint"]
 
 
+# ---- datasets
+
+
+@contextlib.contextmanager
+def _installed(plugin):
+    """``plugin`` in the process-wide registry: a dataset is loaded by name through it."""
+    add_plugin(plugin)
+    try:
+        yield
+    finally:
+        remove_plugin(plugin)
+
+
+def _images(roots, download, size: int = 2):
+    """64 training and 32 test generated images of size x size pixels, two classes."""
+    if size < 1:
+        raise ConfigError(f"datasets.size must be at least 1, got {size}")
+    x = torch.randint(0, 256, (96, 1, size, size), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+    y = torch.arange(96) % 2
+    return ImageDataset("probe", x[:64], y[:64], x[64:], y[64:], 2, ["a", "b"], False, "generated")
+
+
+def test_a_dataset_of_tiny_images_trains_with_strides_that_fit():
+    # 2x2 images can be halved once: the training checks' 2,2 strides were refused, with advice to --set strides.
+    with _installed(OnePlugin("datasets", _images)):
+        results = check_plugin("datasets", "probe")
+    assert {r.outcome for r in results if r.check != "located"} == {PASS}, results
+
+
+def test_a_bad_dataset_parameter_is_the_users_mistake(capsys):
+    with _installed(OnePlugin("datasets", _images)):
+        assert main(["plugins", "datasets", "probe", "--check", "--set", "datasets.size=0", "--no-train"]) == 2
+    assert "datasets.size must be at least 1" in capsys.readouterr().err
+
+
 # ---- API and command line
 
 
@@ -388,8 +475,6 @@ def test_the_command_checks_one_plugin(capsys):
 
 
 def test_the_command_exits_1_on_a_failed_check(capsys):
-    from ffablate.plugins import add_plugin, remove_plugin
-
     plugin = OnePlugin("goodness", RootOfSum)
     add_plugin(plugin)
     try:
@@ -421,6 +506,22 @@ def test_checks_leave_the_kernel_backend_as_it_was(monkeypatch):
     monkeypatch.setenv("FFABLATE_KERNELS", "reference")
     check_plugin("norm", "decoupled", train=False)
     assert os.environ["FFABLATE_KERNELS"] == "reference"
+
+
+def test_checks_leave_the_random_generators_as_they_were():
+    random.seed(1), np.random.seed(1), torch.manual_seed(1)
+    before = random.getstate(), np.random.get_state()[1].copy(), torch.get_rng_state()
+    check_plugin("negatives", "random-label")  # the training checks seed all three, as a run does
+    assert random.getstate() == before[0]
+    assert (np.random.get_state()[1] == before[1]).all() and torch.equal(torch.get_rng_state(), before[2])
+
+
+def test_results_do_not_depend_on_the_callers_random_state():
+    # The readout fusion's weights are drawn from torch's generator: its fit check's figures followed the caller's.
+    torch.manual_seed(1)
+    first = check_plugin("fusion", "readout", train=False)
+    torch.manual_seed(2)
+    assert check_plugin("fusion", "readout", train=False) == first
 
 
 def test_the_example_package_conforms():
