@@ -109,7 +109,9 @@ def check_plugin(
 ) -> list[CheckResult]:
     """Run every check of ``kind`` on the installed plugin ``name`` built with ``params`` (text values are read as
     the parameters' types, as ``--set`` gives them); ``train=False`` leaves the training checks out. An unknown
-    plugin or parameter raises the ConfigError a run would; a plugin's failure is a result, not an exception."""
+    plugin or parameter raises the ConfigError a run would; a plugin's failure is a result, not an exception.
+    ``plugins`` serves every kind but datasets, which the data loader looks up among the installed plugins
+    (``ffablate.plugins.add_plugin`` adds one in-process)."""
     plugins = plugins or registry()
     plugin = plugins.get(kind, name)
     subject = _Subject(plugin, plugin.checked_params(plugin.typed_params(dict(params or {}))), plugins, data_root)
