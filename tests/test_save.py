@@ -596,6 +596,20 @@ def test_ctrl_c_keeps_the_finished_epochs_and_resume_finishes_the_run(capsys, mo
     assert json_of(["evaluate", str(path), "--json"])["test_accuracy"] == want["test_accuracy"]
 
 
+def test_a_run_resumed_without_on_epoch_scores_its_validation_split_again(tmp_path):
+    from ffablate.train import trained_run
+
+    # The history it carries holds the first session's records only: the last of them scored an earlier model.
+    config = _config([*DIGITS, "--epochs", "2", "--set", "val_images=100"])
+    whole = trained_run(config, on_epoch=_Stop()).result
+    path = tmp_path / "run.pt"
+    with pytest.raises(KeyboardInterrupt):
+        trained_run(config, on_epoch=_Stop(0), keep=checkpoint.EpochWriter(path))
+    resumed = ffablate.resume_run(path).result
+    assert whole.history[0]["val_accuracy"] != whole.val_accuracy  # else the test could not tell
+    assert resumed.val_accuracy == whole.val_accuracy and resumed.test_accuracy == whole.test_accuracy
+
+
 @pytest.fixture(scope="module")
 def unfinished_run(tmp_path_factory) -> Path:
     """A two-epoch FF run on digits stopped after its first epoch."""

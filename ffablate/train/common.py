@@ -510,7 +510,7 @@ class Session:
         )
 
     def finish(self, config: RunConfig, evaluate: Evaluate, data: RunData) -> RunResult:
-        return finish(config, evaluate, data, self.watch, self.images, self.memory, self.history)
+        return finish(config, evaluate, data, self.watch, self.images, self.memory, self.history, self.epochs_done)
 
 
 def versions() -> dict[str, str]:
@@ -531,12 +531,16 @@ def finish(
     images: int,
     memory: MemoryMeter,
     history: list[dict[str, float]],
+    epochs_done: int,
 ) -> RunResult:
     """The run's result: the final evaluation on the test split (and the validation split), timing, memory."""
     accuracy, per_layer = evaluate(data.test)
     val = None
-    if data.val is not None:  # the last epoch's record scored this very model already
-        val = history[-1]["val_accuracy"] if history else evaluate(data.val)[0]
+    if data.val is not None:
+        # The last epoch's record scored this very model already, if there is one: a run resumed without on_epoch
+        # has only the records of the session before, of an earlier model.
+        scored = history and history[-1]["epoch"] == epochs_done - 1
+        val = history[-1]["val_accuracy"] if scored else evaluate(data.val)[0]
     return RunResult(
         test_accuracy=accuracy,
         val_accuracy=val,
