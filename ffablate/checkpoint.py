@@ -25,9 +25,10 @@ from the file. A checkpoint is a dict:
   greedy FF run has epochs x blocks), ``optimizers`` (``{name: state_dict}``: FF's ``blocks`` and, with a fusion that
   has parameters, ``fusion``; BP's ``net``), ``rng`` (torch's CPU generator, the CUDA device's on CUDA, Python's and
   NumPy's, as ``train.common.random_state`` takes them), ``history`` (the per-epoch records so far),
-  ``train_seconds`` (summed over the sessions so far), ``images``, ``peak_memory_bytes`` (the largest session's) and
-  ``data_source`` (where the run read its data, for a resume that cannot find them). ``model`` then holds the network
-  after the last finished epoch.
+  ``train_seconds`` (summed over the sessions so far), ``images``, ``peak_memory_bytes`` (the largest session's),
+  ``data_source`` (where the run read its data, for a resume that cannot find them) and ``train_sha256`` (of the
+  training and validation images and labels, which a resume must find as they were: ``data`` hashes only the test
+  split). ``model`` then holds the network after the last finished epoch.
 """
 
 from __future__ import annotations
@@ -56,6 +57,7 @@ from ffablate.plugins import Plugin, Registry, package_version
 from ffablate.revision import source_revision
 
 if TYPE_CHECKING:
+    from ffablate.data import ImageDataset
     from ffablate.train import TrainedRun, TrainingState, Unfinished
     from ffablate.train.common import RunData
 
@@ -131,10 +133,12 @@ class EpochWriter:
         self.path = Path(path)
         self.written: tuple[int, int] | None = None  # (epochs_done, epochs_total) of the last write
         self._record: dict[str, Any] | None = None
+        self._train_digest = ""
 
     def __call__(self, run: Unfinished) -> None:
         if self._record is None:
             self._record = run_record(run.trainer, run.plugins, run.config, run.plugin_params, UNFINISHED_VERSION)
+            self._train_digest = training_digest(run.trainer.data.dataset)
         state = run.state
         training = {
             "epochs_done": state.epochs_done,
@@ -147,6 +151,7 @@ class EpochWriter:
             "peak_memory_bytes": state.peak_memory_bytes,
             # Not resumed from, but told to a resume that cannot find the data: where the run read them.
             "data_source": run.trainer.data.dataset.source,
+            "train_sha256": self._train_digest,
         }
         model = {"state_dict": cpu_state(state.model)}
         save({**self._record, "result": None, "model": model, "training": training}, self.path)
@@ -225,9 +230,23 @@ def source_digest(plugin: Plugin) -> str | None:
 
 def split_digest(images: Tensor, labels: Tensor) -> str:
     """SHA-256 of a split's uint8 images and int64 labels."""
-    digest = hashlib.sha256(images.cpu().contiguous().numpy().tobytes())
-    digest.update(labels.cpu().to(torch.int64).contiguous().numpy().tobytes())
+    digest = hashlib.sha256()
+    _hash_split(digest, images, labels)
     return digest.hexdigest()
+
+
+def training_digest(ds: ImageDataset) -> str:
+    """SHA-256 of the images and labels a run trains on and holds out for validation (``ds`` as the run loaded it)."""
+    digest = hashlib.sha256()
+    _hash_split(digest, ds.train_x, ds.train_y)
+    if ds.val_x is not None and ds.val_y is not None:
+        _hash_split(digest, ds.val_x, ds.val_y)
+    return digest.hexdigest()
+
+
+def _hash_split(digest: Any, images: Tensor, labels: Tensor) -> None:
+    digest.update(images.cpu().contiguous().numpy().tobytes())
+    digest.update(labels.cpu().to(torch.int64).contiguous().numpy().tobytes())
 
 
 def cpu_state(state: dict[str, Tensor]) -> OrderedDict[str, Tensor]:

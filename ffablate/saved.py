@@ -245,6 +245,11 @@ def resume_run(
         ) from None
     found = checkpoint.data_record(config.dataset, data)
     changed = [key for key, value in saved["data"].items() if found.get(key) != value]
+    # The record hashes only the test split; a copy whose training images differ would train on silently. (A
+    # checkpoint written before ffablate recorded this digest has none to compare.)
+    digest = saved["training"].get("train_sha256")
+    if digest and checkpoint.training_digest(data.dataset) != digest:
+        changed.append("train_sha256")
     if changed:
         raise CheckpointError(
             f"the {config.dataset} data found here ({data.dataset.source}) are not the ones {path} trained on (their "

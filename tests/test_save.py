@@ -1,6 +1,7 @@
 """`ffablate train --save`, `ffablate.load_run` and `ffablate evaluate`: a saved model scores as its run did."""
 
 import contextlib
+import dataclasses
 import errno
 import hashlib
 import io
@@ -698,6 +699,22 @@ def test_resume_refuses_another_ffablate_or_other_data(capsys, monkeypatch, unfi
     assert main(["train", "--resume", str(path)]) == 2
     err = one_line_error(capsys)
     assert "are not the ones" in err and "(their test_sha256 differs): give --data-root the copy it trained on" in err
+
+
+def test_resume_refuses_training_images_that_are_not_the_runs(capsys, monkeypatch, unfinished_run):
+    from ffablate.train import common
+
+    # Another copy of the data whose test split is the run's: only its training images tell it apart.
+    load = common.load_run_dataset
+
+    def other_training_labels(*args, **kwargs):
+        ds = load(*args, **kwargs)
+        return dataclasses.replace(ds, train_y=(ds.train_y + 1) % ds.num_classes)
+
+    monkeypatch.setattr(common, "load_run_dataset", other_training_labels)
+    monkeypatch.setattr("ffablate.saved.trained_run", lambda *a, **k: pytest.fail("training must not start"))
+    assert main(["train", "--resume", str(unfinished_run)]) == 2
+    assert "(their train_sha256 differs): give --data-root the copy it trained on" in one_line_error(capsys)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
