@@ -363,16 +363,24 @@ def cmd_train(args: argparse.Namespace) -> int:
                 trained = trained_run(
                     config, data_root=args.data_root, download=args.download, progress=update, keep=writer
                 )
+        unsaved = None
+        if target:  # before the output: a stdout that fails must not cost the model either
+            try:
+                checkpoint.save(checkpoint.contents(trained), target)
+            except FFablateError as exc:
+                unsaved = exc  # the model is kept in the temp folder; said after the result
     except KeyboardInterrupt:
+        # Until the finished checkpoint replaces it, the file holds the last epoch's: a stop in that write loses
+        # only the final scoring, which a resume repeats.
         args.on_interrupt = _what_is_kept(target, writer.written if writer else None, args.resume is not None)
         raise
-    config = trained.trainer.config
-    result, unsaved = trained.result, None
-    if target:  # before the output: a stdout that fails must not cost the model either
-        try:
-            checkpoint.save(checkpoint.contents(trained), target)
-        except FFablateError as exc:
-            unsaved = exc  # the model is kept in the temp folder; said after the result
+    # Only the output is left to do, which a stop cuts short: the checkpoint is as written above.
+    args.on_interrupt = (
+        f"the finished run is saved in {target}: score it again with `ffablate evaluate {target}`"
+        if target and not unsaved
+        else _what_is_kept(target, writer.written if writer else None, args.resume is not None)
+    )
+    config, result = trained.trainer.config, trained.result
     fields = result.to_dict()
     if not fields["history"]:  # per-epoch scores are kept in studies (which prune on them), not here
         del fields["history"]

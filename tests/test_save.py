@@ -597,6 +597,25 @@ def test_ctrl_c_keeps_the_finished_epochs_and_resume_finishes_the_run(capsys, mo
     assert json_of(["evaluate", str(path), "--json"])["test_accuracy"] == want["test_accuracy"]
 
 
+def test_ctrl_c_while_the_finished_checkpoint_is_written_leaves_the_run_resumable(capsys, monkeypatch, tmp_path):
+    # The file still holds the last epoch's checkpoint: "rerun it to train from the start" would throw the run away.
+    path, save = tmp_path / "run.pt", checkpoint.save
+
+    def stopped_when_finished(saved: dict, target: Path) -> None:
+        if not checkpoint.unfinished(saved):
+            raise KeyboardInterrupt
+        save(saved, target)
+
+    monkeypatch.setattr(checkpoint, "save", stopped_when_finished)
+    assert main(["train", *DIGITS, "--save", str(path)]) == 130
+    assert one_line_error(capsys) == (
+        f"ffablate: interrupted; {path} holds the run after epoch 1 of 1 (its final scoring was not): resume it with "
+        f"`ffablate train --resume {path}`"
+    )
+    monkeypatch.setattr(checkpoint, "save", save)
+    assert json_of(["train", "--resume", str(path), "--json"])["checkpoint"] == str(path)
+
+
 def test_a_run_resumed_without_on_epoch_scores_its_validation_split_again(tmp_path):
     from ffablate.train import trained_run
 
