@@ -25,7 +25,7 @@ from rich.text import Text
 
 from ffablate import __version__, jsontext
 from ffablate.config import METHODS, RunConfig, parse_sets
-from ffablate.errors import ConfigError, FFablateError, FFablateWarning
+from ffablate.errors import CheckpointError, ConfigError, FFablateError, FFablateWarning
 
 # What an interrupted command leaves behind and how to go on; commands that keep something say so themselves.
 NOTHING_KEPT = "it keeps no state, so nothing was lost: rerun it to start again"
@@ -347,6 +347,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         config = run_config_from_args(args)
         # Before training: a path that cannot be written must not cost a 16-epoch run at its end.
         target = checkpoint.writable_target(args.save) if args.save is not None else None
+        if target is not None:
+            _refuse_unfinished(target)
     _warn_missing_data_root(args.data_root, args.download)
     writer = checkpoint.EpochWriter(target) if target else None
     try:
@@ -431,6 +433,24 @@ def _resume_target(args: argparse.Namespace) -> Path:
             "--data-root and --download; to train otherwise, start a new run)"
         )
     return checkpoint.writable_target(args.resume, option="--resume")
+
+
+def _refuse_unfinished(target: Path) -> None:
+    """--save onto the checkpoint of a run still training would replace it after one epoch: the command that started
+    the run, rerun where its resume was meant, would throw every epoch it had away."""
+    from ffablate import checkpoint
+
+    if not target.is_file():
+        return
+    try:
+        saved = checkpoint.read(target)
+    except CheckpointError:
+        return  # not an unfinished run's: replaced, as --save replaces any file
+    if checkpoint.unfinished(saved):
+        raise CheckpointError(
+            f"--save {target} holds a run still training ({checkpoint.progress_of(saved)} done): go on with it with "
+            f"`ffablate train --resume {target}`, or delete it (or give another path) to train from the start"
+        )
 
 
 def _what_is_kept(target: Path | None, written: tuple[int, int] | None, resumed: bool) -> str:

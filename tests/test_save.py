@@ -736,6 +736,18 @@ def test_resume_refuses_training_images_that_are_not_the_runs(capsys, monkeypatc
     assert "(their train_sha256 differs): give --data-root the copy it trained on" in one_line_error(capsys)
 
 
+def test_save_refuses_to_replace_a_run_still_training(capsys, monkeypatch, unfinished_run):
+    # The command that started the run, rerun where `--resume` was meant, would replace its checkpoint after one epoch.
+    monkeypatch.setattr("ffablate.train.trained_run", lambda *a, **k: pytest.fail("training must not start"))
+    before = unfinished_run.read_bytes()
+    assert main(["train", *DIGITS, "--epochs", "2", "--save", str(unfinished_run)]) == 2
+    assert one_line_error(capsys) == (
+        f"ffablate: error: --save {unfinished_run} holds a run still training (epoch 1 of 2 done): go on with it "
+        f"with `ffablate train --resume {unfinished_run}`, or delete it (or give another path) to train from the start"
+    )
+    assert unfinished_run.read_bytes() == before
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
 def test_resume_of_a_cuda_run_without_cuda_says_where_it_can_go_on(capsys, unfinished_run, tmp_path):
     # Not "use --device cpu", which --resume refuses: the run goes on on the device it trained on.
