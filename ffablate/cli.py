@@ -432,6 +432,9 @@ def _resume_target(args: argparse.Namespace) -> Path:
             f"--resume goes on with the run's own settings, from its checkpoint: drop {flag} (it takes only --json, "
             "--data-root and --download; to train otherwise, start a new run)"
         )
+    if args.resume and not Path(args.resume).expanduser().exists():
+        # Before writable_target, whose "create the folder" is no answer to a mistyped checkpoint's path.
+        raise CheckpointError(f"no checkpoint at {args.resume}: give {checkpoint.WRITTEN_BY}")
     return checkpoint.writable_target(args.resume, option="--resume")
 
 

@@ -689,6 +689,8 @@ def test_resume_mistakes_are_one_line_errors(capsys, monkeypatch, saved_runs, tm
     finished = saved_runs["ff"][0]
     cases = [
         (tmp_path / "nothing.pt", f"no checkpoint at {tmp_path / 'nothing.pt'}"),
+        # Not "the folder does not exist; create it": the checkpoint's path is mistyped.
+        (tmp_path / "nowhere" / "run.pt", f"no checkpoint at {tmp_path / 'nowhere' / 'run.pt'}: give a file written"),
         (notes, "is not an ffablate checkpoint (not a torch file)"),
         (tmp_path, "--resume {tmp} is a folder"),
         (
