@@ -268,6 +268,25 @@ def _perturbed(module: nn.Module) -> None:
             p.add_(0.1 * (index + 1))
 
 
+def _reloaded(trained: nn.Module, build: Callable[[], nn.Module]) -> nn.Module:
+    """A new instance loaded with ``trained``'s state_dict as a checkpoint stores it, both in eval mode. ``trained``
+    first had its parameters moved, so that a state_dict that left one out shows."""
+    _perturbed(trained)
+    loaded = build()
+    loaded.load_state_dict(_roundtrip(trained.state_dict()))
+    trained.eval(), loaded.eval()
+    return loaded
+
+
+def _agree(a: Tensor, b: Tensor, problem: str, advice: str = "") -> float:
+    """The largest difference between ``a`` and ``b``, failing with ``problem`` (then the difference, then
+    ``advice``) where they differ by more than float32 rounding."""
+    difference = _max_difference(a, b)
+    if not _close(a, b):
+        raise _Failed(f"{problem} (max difference {difference:.3g}){advice}")
+    return difference
+
+
 @contextlib.contextmanager
 def _kernels(backend: str) -> Iterator[None]:
     saved = os.environ.get("FFABLATE_KERNELS")
@@ -332,12 +351,9 @@ def _goodness_per_sample(s: _Subject) -> str:
             where = f"under norm {norm_plugin.name!r} (eval mode) on {tuple(shape)} activity"
             if not torch.equal(whole, again):
                 raise _Failed(f"two calls on the same activity differ {where}")
-            if not _close(whole, parts):
-                raise _Failed(
-                    f"an image's goodness changes with the other images in its batch {where} (max difference "
-                    f"{_max_difference(whole, parts):.3g}): compute it from each image's own activity"
-                )
-            worst = max(worst, _max_difference(whole, parts))
+            advice = ": compute it from each image's own activity"
+            problem = f"{where}, an image's goodness changes with the other images in its batch"
+            worst = max(worst, _agree(whole, parts, problem, advice))
     return f"the same per image in a batch of 6 and in batches of 2 (max difference {worst:.2g})"
 
 
@@ -367,13 +383,12 @@ def _goodness_kernels(s: _Subject) -> str:
                     h = _activity(shape)
                     g = goodness(_paths(copy.deepcopy(norm), h, norm_plugin.label), NUM_CLASSES)
                     values[backend] = (g.detach(), _grad(g, [h])[0])
+            problem = (
+                f"the fused kernels and the reference give different goodness or gradients under norm "
+                f"{norm_plugin.name!r}"
+            )
             for fused, reference in zip(values["fused"], values["reference"], strict=True):
-                if not _close(fused, reference):
-                    raise _Failed(
-                        f"the fused kernels and the reference give different goodness or gradients under norm "
-                        f"{norm_plugin.name!r} (max difference {_max_difference(fused, reference):.3g})"
-                    )
-                worst = max(worst, _max_difference(fused, reference))
+                worst = max(worst, _agree(fused, reference, problem))
     return f"the same goodness and gradients with the fused kernels and the reference (max difference {worst:.2g})"
 
 
@@ -517,10 +532,7 @@ def _temperature_state(s: _Subject) -> str:
     trained = built_module(s.build(), s.label)
     for progress, goodness in zip((0.0, 0.2, 0.4), _goodness_batches(), strict=False):
         trained(progress, goodness)
-    _perturbed(trained)
-    loaded = built_module(s.build(), s.label)
-    loaded.load_state_dict(_roundtrip(trained.state_dict()))
-    trained.eval(), loaded.eval()
+    loaded = _reloaded(trained, lambda: built_module(s.build(), s.label))
     goodness = torch.rand(16, generator=_generator(8)) * 2
     a, b = (float(torch.as_tensor(m(0.5, goodness)).detach()) for m in (trained, loaded))
     if a != b:
@@ -631,12 +643,8 @@ def _norm_per_sample(s: _Subject) -> str:
             whole, parts = _paths(norm, h, s.label), [_paths(norm, part, s.label) for part in h.split(2)]
         for field in ("goodness_input", "forward", "readout"):
             a, b = getattr(whole, field), torch.cat([getattr(p, field) for p in parts])
-            if not _close(a, b):
-                raise _Failed(
-                    f"in eval mode an image's {field} changes with the other images in its batch ({name} activity, "
-                    f"max difference {_max_difference(a, b):.3g}): use running statistics in eval mode"
-                )
-            worst = max(worst, _max_difference(a, b))
+            problem = f"on {name} activity in eval mode, an image's {field} changes with the other images in its batch"
+            worst = max(worst, _agree(a, b, problem, ": use running statistics in eval mode"))
     return f"in eval mode, the same paths per image in a batch of 6 and in batches of 2 (max difference {worst:.2g})"
 
 
@@ -654,12 +662,9 @@ def _norm_kernels(s: _Subject) -> str:
                 total = sum(_grad(o, [h], seed=i)[0] for i, o in enumerate(outputs))
                 runs[backend] = [o.detach() for o in outputs] + [total]
         for fused, reference in zip(runs["fused"], runs["reference"], strict=True):
-            if not _close(fused, reference):
-                raise _Failed(
-                    f"the fused kernels and the reference disagree on {name} activity (max difference "
-                    f"{_max_difference(fused, reference):.3g})"
-                )
-            worst = max(worst, _max_difference(fused, reference))
+            worst = max(
+                worst, _agree(fused, reference, f"the fused kernels and the reference disagree on {name} activity")
+            )
     return f"the same paths, sums and gradients with the fused kernels and the reference (max difference {worst:.2g})"
 
 
@@ -669,10 +674,7 @@ def _norm_state(s: _Subject) -> str:
         with torch.no_grad():
             for seed in range(3):
                 trained(_activity(shape, seed=40 + seed).detach())
-        _perturbed(trained)
-        loaded = _norm_module(s.plugin, shape[1], s.params)
-        loaded.load_state_dict(_roundtrip(trained.state_dict()))
-        trained.eval(), loaded.eval()
+        loaded = _reloaded(trained, lambda width=shape[1]: _norm_module(s.plugin, width, s.params))
         h = _activity(shape).detach()
         with torch.no_grad():
             a, b = _paths(trained, h, s.label), _paths(loaded, h, s.label)
@@ -747,12 +749,7 @@ def _fusion_per_sample(s: _Subject) -> str:
         parts = torch.cat(
             [fusion([x[i : i + 2] for x in scores], [x[i : i + 2] for x in features]) for i in range(0, 6, 2)]
         )
-    if not _close(whole, parts):
-        raise _Failed(
-            f"in eval mode an image's logits change with the other images in its batch (max difference "
-            f"{_max_difference(whole, parts):.3g})"
-        )
-    worst = _max_difference(whole, parts)
+    worst = _agree(whole, parts, "in eval mode an image's logits change with the other images in its batch")
     return f"in eval mode, the same logits per image in a batch of 6 and in batches of 2 (max difference {worst:.2g})"
 
 
@@ -761,10 +758,7 @@ def _fusion_state(s: _Subject) -> str:
     scores, features = _fusion_inputs(6, seed=54)
     with torch.no_grad():
         trained(scores, features)
-    _perturbed(trained)
-    loaded = _fusion_module(s)
-    loaded.load_state_dict(_roundtrip(trained.state_dict()))
-    trained.eval(), loaded.eval()
+    loaded = _reloaded(trained, lambda: _fusion_module(s))
     with torch.no_grad():
         if not torch.equal(trained(scores, features), loaded(scores, features)):
             raise _Failed(f"a new instance loaded with its state_dict gives other logits: {STATE_ADVICE}")
