@@ -351,31 +351,33 @@ def cmd_train(args: argparse.Namespace) -> int:
             _refuse_unfinished(target)
     _warn_missing_data_root(args.data_root, args.download)
     writer = checkpoint.EpochWriter(target) if target else None
-    try:
-        if args.resume is not None:
-            from ffablate.saved import resume_run
+    # A job runner's SIGTERM (a time limit) keeps what Ctrl-C keeps, and says so.
+    with terminated_as_interrupted():
+        try:
+            if args.resume is not None:
+                from ffablate.saved import resume_run
 
-            with progress_bar(f"resuming {target}", enabled=stderr.is_terminal) as update:
-                trained = resume_run(
-                    target, data_root=args.data_root, download=args.download, progress=update, keep=writer
-                )
-        else:
-            _retain_cpu_memory(config.device)
-            with progress_bar(f"{config.method} on {config.dataset}", enabled=stderr.is_terminal) as update:
-                trained = trained_run(
-                    config, data_root=args.data_root, download=args.download, progress=update, keep=writer
-                )
-        unsaved = None
-        if target:  # before the output: a stdout that fails must not cost the model either
-            try:
-                checkpoint.save(checkpoint.contents(trained), target)
-            except FFablateError as exc:
-                unsaved = exc  # the model is kept in the temp folder; said after the result
-    except KeyboardInterrupt:
-        # Until the finished checkpoint replaces it, the file holds the last epoch's: a stop in that write loses
-        # only the final scoring, which a resume repeats.
-        args.on_interrupt = _what_is_kept(target, writer.written if writer else None, args.resume is not None)
-        raise
+                with progress_bar(f"resuming {target}", enabled=stderr.is_terminal) as update:
+                    trained = resume_run(
+                        target, data_root=args.data_root, download=args.download, progress=update, keep=writer
+                    )
+            else:
+                _retain_cpu_memory(config.device)
+                with progress_bar(f"{config.method} on {config.dataset}", enabled=stderr.is_terminal) as update:
+                    trained = trained_run(
+                        config, data_root=args.data_root, download=args.download, progress=update, keep=writer
+                    )
+            unsaved = None
+            if target:  # before the output: a stdout that fails must not cost the model either
+                try:
+                    checkpoint.save(checkpoint.contents(trained), target)
+                except FFablateError as exc:
+                    unsaved = exc  # the model is kept in the temp folder; said after the result
+        except KeyboardInterrupt:
+            # Until the finished checkpoint replaces it, the file holds the last epoch's: a stop in that write loses
+            # only the final scoring, which a resume repeats.
+            args.on_interrupt = _what_is_kept(target, writer.written if writer else None, args.resume is not None)
+            raise
     # Only the output is left to do, which a stop cuts short: the checkpoint is as written above.
     args.on_interrupt = (
         f"the finished run is saved in {target}: score it again with `ffablate evaluate {target}`"
@@ -744,36 +746,30 @@ def cmd_study(args: argparse.Namespace) -> int:
             torch.set_num_threads(threads)
             helpers.start(deadline)
 
-    # A job runner's SIGTERM ends this process as Ctrl-C does: the running trial records why it stopped, and the
-    # finally below stops the workers too. Python lets only the main thread set a handler (a caller may run
-    # main() in another one). An ignored SIGINT (a background job's) stays ignored.
-    handled = [signal.SIGTERM] + ([signal.SIGINT] if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN else [])
-    in_main_thread = threading.current_thread() is threading.main_thread()
-    previous = {signum: signal.signal(signum, _interrupt) for signum in handled} if in_main_thread else {}
-    try:
-        with study.StudyProgress(new_progress(stderr.is_terminal)) as bars:
-            done = study.run_study(
-                plan,
-                storage_url=args.storage,
-                study_name=name,
-                n_trials=own_trials,
-                timeout=args.timeout,
-                device=args.device,
-                data_root=args.data_root,
-                progress=bars,
-                log=lambda m: stderr.print(m, markup=False, highlight=False),
-                on_ready=banner,
-                deadline=args.deadline,
-                on_trials=start_workers,
-            )
-        if helpers.running():
-            stderr.print(f"waiting for {helpers.running()} other worker(s)", markup=False, highlight=False)
-        failures = helpers.wait()
-    finally:
-        helpers.stop()  # only those still running: an error or an interrupt here
-        torch.set_num_threads(threads_before)
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
+    # The running trial records why a SIGTERM stopped it, and the finally below stops the workers too.
+    with terminated_as_interrupted():
+        try:
+            with study.StudyProgress(new_progress(stderr.is_terminal)) as bars:
+                done = study.run_study(
+                    plan,
+                    storage_url=args.storage,
+                    study_name=name,
+                    n_trials=own_trials,
+                    timeout=args.timeout,
+                    device=args.device,
+                    data_root=args.data_root,
+                    progress=bars,
+                    log=lambda m: stderr.print(m, markup=False, highlight=False),
+                    on_ready=banner,
+                    deadline=args.deadline,
+                    on_trials=start_workers,
+                )
+            if helpers.running():
+                stderr.print(f"waiting for {helpers.running()} other worker(s)", markup=False, highlight=False)
+            failures = helpers.wait()
+        finally:
+            helpers.stop()  # only those still running: an error or an interrupt here
+            torch.set_num_threads(threads_before)
     for line in failures:
         stderr.print(f"ffablate: {line}", markup=False, highlight=False)
     summary = results.summarize(done.study)
@@ -882,6 +878,21 @@ def cmd_audit(args: argparse.Namespace) -> int:
 def os_reason(exc: OSError) -> str:
     """``File exists: /tmp/x`` from an OSError, on one line."""
     return f"{exc.strerror or exc}: {exc.filename}" if exc.filename else str(exc.strerror or exc)
+
+
+@contextmanager
+def terminated_as_interrupted() -> Iterator[None]:
+    """Within: a job runner's SIGTERM (a scheduler's time limit, a preemption) ends the command as Ctrl-C does, with
+    its message of what was kept. Python lets only the main thread set a handler (a caller may run main() in another
+    one). An ignored SIGINT (a background job's) stays ignored."""
+    handled = [signal.SIGTERM] + ([signal.SIGINT] if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN else [])
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous = {signum: signal.signal(signum, _interrupt) for signum in handled} if in_main_thread else {}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 def _interrupt(signum: int, frame: object) -> None:

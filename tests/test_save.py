@@ -7,6 +7,7 @@ import hashlib
 import io
 import json
 import os
+import signal
 import stat
 import sys
 import tempfile
@@ -595,6 +596,40 @@ def test_ctrl_c_keeps_the_finished_epochs_and_resume_finishes_the_run(capsys, mo
     state = saved["model"]["state_dict"]
     assert all(torch.equal(state[key], value) for key, value in reference["model"]["state_dict"].items())
     assert json_of(["evaluate", str(path), "--json"])["test_accuracy"] == want["test_accuracy"]
+
+
+@contextlib.contextmanager
+def _terminating_bar(at_step: int):
+    """`ffablate train`'s progress bar, sending this process a SIGTERM (a job runner's time limit) at step
+    ``at_step``."""
+
+    def update(done: int, total: int, info: dict) -> None:
+        if done == at_step:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    yield update
+
+
+def test_a_sigterm_keeps_the_finished_epochs_as_ctrl_c_does(capsys, monkeypatch, tmp_path):
+    # A scheduler's SIGTERM ended the process outright: no word of the checkpoint a resume goes on from.
+    path = tmp_path / "run.pt"
+
+    def unhandled(signum: int, frame: object) -> None:  # in place of the default action, which would end pytest
+        raise AssertionError("ffablate train left SIGTERM to the handler it found")
+
+    monkeypatch.setattr("ffablate.cli.progress_bar", lambda *a, **k: _terminating_bar(16 + 3))
+    previous = signal.signal(signal.SIGTERM, unhandled)
+    try:
+        assert main(["train", *DIGITS, "--epochs", "2", "--save", str(path)]) == 130
+        assert signal.getsignal(signal.SIGTERM) is unhandled  # the command's handler is its own only
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert one_line_error(capsys) == (
+        f"ffablate: interrupted; {path} holds the run after epoch 1 of 2 (the steps of epoch 2 are lost): resume it "
+        f"with `ffablate train --resume {path}`"
+    )
+    monkeypatch.undo()
+    assert json_of(["train", "--resume", str(path), "--json"])["checkpoint"] == str(path)
 
 
 def test_ctrl_c_while_the_finished_checkpoint_is_written_leaves_the_run_resumable(capsys, monkeypatch, tmp_path):
