@@ -29,6 +29,9 @@ from the file. A checkpoint is a dict:
   ``data_source`` (where the run read its data, for a resume that cannot find them) and ``train_sha256`` (of the
   training and validation images and labels, which a resume must find as they were: ``data`` hashes only the test
   split). ``model`` then holds the network after the last finished epoch.
+- ``study``, in a study trial's unfinished checkpoint only (``ffablate study --checkpoints DIR``): ``{"study",
+  "config"}``, the study's name and the trial's config as the study resolved it (seed and overrides included),
+  which say whose point the file is: a rerun resumes from it only when both are its own.
 """
 
 from __future__ import annotations
@@ -127,17 +130,20 @@ class EpochWriter:
     """``trained_run``'s ``keep`` for ``--save PATH``: after every finished epoch, the run's unfinished checkpoint
     replaces the file at ``path`` (``save``), from which ``ffablate train --resume PATH`` goes on. What the epoch
     does not change (the config, plugin and data records, with the test split's digest) is made once; each write is
-    then the network's and optimizers' tensors. The finished checkpoint (``contents``) is the caller's to write."""
+    then the network's and optimizers' tensors. The finished checkpoint (``contents``) is the caller's to write.
+    ``extra`` is more keys every write holds (a study trial's ``study``, which names its point)."""
 
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, extra: dict[str, Any] | None = None):
         self.path = Path(path)
+        self.extra = plain(extra or {})
         self.written: tuple[int, int] | None = None  # (epochs_done, epochs_total) of the last write
         self._record: dict[str, Any] | None = None
         self._train_digest = ""
 
     def __call__(self, run: Unfinished) -> None:
         if self._record is None:
-            self._record = run_record(run.trainer, run.plugins, run.config, run.plugin_params, UNFINISHED_VERSION)
+            record = run_record(run.trainer, run.plugins, run.config, run.plugin_params, UNFINISHED_VERSION)
+            self._record = {**record, **self.extra}
             self._train_digest = training_digest(run.trainer.data.dataset)
         state = run.state
         training = {
@@ -286,6 +292,27 @@ def writable_target(path: str, option: str = "--save") -> Path:
             f"{option} {path}: cannot write in {folder} ({exc.strerror or exc}); give a writable folder"
         ) from None
     return target
+
+
+def writable_folder(path: str, option: str = "--checkpoints") -> Path:
+    """``path`` as the folder to keep checkpoints in, made here if only it is missing, refused now, before anything
+    trains, where it could not hold them: not a folder, its parent missing (a typo, not a folder to make a tree
+    for), or one this process cannot create a file in (tried with a file, as ``writable_target`` does)."""
+    if not path:
+        raise CheckpointError(f"{option} is empty: give a folder, e.g. {option} checkpoints")
+    folder = Path(path).expanduser()
+    if folder.exists() and not folder.is_dir():
+        raise CheckpointError(f"{option} {path} is not a folder; give a folder (it is made if its parent exists)")
+    if not folder.parent.is_dir():
+        raise CheckpointError(f"{option} {path}: the folder {folder.parent} does not exist; create it or give another")
+    try:
+        folder.mkdir(exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".ffablate-probe-"):
+            pass
+    except OSError as exc:
+        why = exc.strerror or exc
+        raise CheckpointError(f"{option} {path}: cannot write in it ({why}); give a writable folder") from None
+    return folder
 
 
 def save(checkpoint: dict[str, Any], path: str | Path) -> None:

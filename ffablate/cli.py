@@ -222,6 +222,12 @@ def build_parser() -> Parser:
         metavar="STUDY",
         help="run FF with the best configuration of a stored study (e.g. temperature-vs-norm)",
     )
+    study.add_argument(
+        "--checkpoints",
+        metavar="DIR",
+        help="keep each running trial's resumable checkpoint in DIR (made if its parent exists): a rerun with the same "
+        "DIR after an interrupt or a kill goes on from the trial's last finished epoch",
+    )
     # A worker's stop time, from the process that started it (ffablate.workers): not for users.
     study.add_argument("--deadline", type=float, help=argparse.SUPPRESS)
     study.add_argument(
@@ -702,7 +708,7 @@ def cmd_bench_pool(args: argparse.Namespace) -> int:
 def cmd_study(args: argparse.Namespace) -> int:
     import torch
 
-    from ffablate import ops, results, spec, study, workers
+    from ffablate import checkpoint, ops, results, spec, study, workers
     from ffablate.train.common import resolve_device
 
     if args.n_trials is not None and args.n_trials < 1:
@@ -716,6 +722,8 @@ def cmd_study(args: argparse.Namespace) -> int:
     ops.backend(args.device)
     _retain_cpu_memory(args.device)
     _warn_missing_data_root(args.data_root)
+    if args.checkpoints is not None:  # run_study checks it too, but after the storage is opened (and made)
+        checkpoint.writable_folder(args.checkpoints)
     plan = spec.load(args.name).plan(args.budget, study.available_datasets(args.data_root))
     source = None
     if args.recipe_from:
@@ -746,6 +754,11 @@ def cmd_study(args: argparse.Namespace) -> int:
             torch.set_num_threads(threads)
             helpers.start(deadline)
 
+    if args.checkpoints is not None:
+        args.on_interrupt = (
+            f"finished trials are stored, and the finished epochs of those running in {args.checkpoints}: rerun the "
+            "same command (with the same --checkpoints) to resume the study"
+        )
     # The running trial records why a SIGTERM stopped it, and the finally below stops the workers too.
     with terminated_as_interrupted():
         try:
@@ -763,6 +776,7 @@ def cmd_study(args: argparse.Namespace) -> int:
                     on_ready=banner,
                     deadline=args.deadline,
                     on_trials=start_workers,
+                    checkpoints=args.checkpoints,
                 )
             if helpers.running():
                 stderr.print(f"waiting for {helpers.running()} other worker(s)", markup=False, highlight=False)

@@ -228,7 +228,7 @@ def resume_run(
             "ffablate.load_run)"
         )
     plugins = plugins or registry()
-    _check_same_code(saved, path)
+    check_same_code(saved, path)
     check_plugins(path, saved["plugins"], tuple(saved["plugins"]), plugins)
     config, _ = _configs(saved, path)
     if config.device == "cuda" and not torch.cuda.is_available():
@@ -243,7 +243,17 @@ def resume_run(
         raise DataNotFound(
             f"{exc}; the run read it from {source}: give --data-root (data_root) the folder that holds it"
         ) from None
-    found = checkpoint.data_record(config.dataset, data)
+    check_same_data(saved, path, config.dataset, data)
+    state = checkpoint.training_state(saved)
+    return trained_run(
+        config, data=data, plugins=plugins, progress=progress, on_epoch=on_epoch, resume=state, keep=keep
+    )
+
+
+def check_same_data(saved: dict[str, Any], path: Path, dataset: str, data: common.RunData) -> None:
+    """The unfinished checkpoint ``saved`` trained on the ``dataset`` images loaded into ``data``: a resume on others
+    would go on with another run's data."""
+    found = checkpoint.data_record(dataset, data)
     changed = [key for key, value in saved["data"].items() if found.get(key) != value]
     # The record hashes only the test split; a copy whose training images differ would train on silently. (A
     # checkpoint written before ffablate recorded this digest has none to compare.)
@@ -252,16 +262,12 @@ def resume_run(
         changed.append("train_sha256")
     if changed:
         raise CheckpointError(
-            f"the {config.dataset} data found here ({data.dataset.source}) are not the ones {path} trained on (their "
+            f"the {dataset} data found here ({data.dataset.source}) are not the ones {path} trained on (their "
             f"{changed[0]} differs): give --data-root the copy it trained on"
         )
-    state = checkpoint.training_state(saved)
-    return trained_run(
-        config, data=data, plugins=plugins, progress=progress, on_epoch=on_epoch, resume=state, keep=keep
-    )
 
 
-def _check_same_code(saved: dict[str, Any], path: Path) -> None:
+def check_same_code(saved: dict[str, Any], path: Path) -> None:
     """A run goes on with the ffablate version it began with: another one may train (and record) otherwise."""
     began = saved["ffablate"]
     if began.get("version") != __version__:

@@ -12,6 +12,7 @@ Resumption rules (the reason this module exists instead of a bare ``study.optimi
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import math
 import os
@@ -25,7 +26,7 @@ from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import optuna
 from optuna.samplers import GridSampler, TPESampler
@@ -34,7 +35,11 @@ from optuna.trial import FrozenTrial, Trial, TrialState
 from ffablate import results
 from ffablate import spec as specs
 from ffablate.config import RunConfig, did_you_mean
-from ffablate.errors import ConfigError, DataError, FFablateError, PluginContractError
+from ffablate.errors import CheckpointError, ConfigError, DataError, FFablateError, PluginContractError
+
+if TYPE_CHECKING:  # torch's modules: a report, which trains nothing, does not import them
+    from ffablate.checkpoint import EpochWriter
+    from ffablate.train.common import RunData, TrainingState
 
 DEFAULT_STORAGE = "sqlite:///ffablate.db"
 HEARTBEAT_S, GRACE_S = 20, 120
@@ -574,19 +579,29 @@ class StopStudy(Exception):
 
 
 class Objective:
-    def __init__(self, plan: specs.Plan, device: str, data: DataCache, on_epoch_progress: Callable | None = None):
+    def __init__(
+        self,
+        plan: specs.Plan,
+        device: str,
+        data: DataCache,
+        on_epoch_progress: Callable | None = None,
+        checkpoints: Path | None = None,
+        log: Callable[[str], None] = lambda message: None,
+    ):
         self.plan, self.device, self.data = plan, device, data
         self.progress = on_epoch_progress
+        self.checkpoints, self.log = checkpoints, log  # run_study's ``checkpoints`` folder, checked writable
         self.announce: Callable[[int, str, int], None] | None = None
         self.started = 0  # trials this objective was called for
         self.trial_id: int | None = None  # the latest one's
         # The latest trial's exception that Optuna does not catch (an interrupt, StopStudy, a bug): when another run
         # has failed that trial meanwhile, Optuna raises "Cannot tell a FAIL trial" in its place.
         self.escaping: BaseException | None = None
+        self.kept: Path | None = None  # the latest trial's checkpoint file in ``checkpoints``, once it has one
 
     def __call__(self, trial: Trial) -> float:
         self.started += 1
-        self.trial_id, self.escaping = trial._trial_id, None
+        self.trial_id, self.escaping, self.kept = trial._trial_id, None, None
         try:
             return self._run(trial)
         except (optuna.TrialPruned, FFablateError):  # Optuna's to store (``catch``)
@@ -606,6 +621,11 @@ class Objective:
         except BaseException as exc:
             self.escaping = exc
             raise
+        finally:
+            # The folder holds interrupted points only. Any other end leaves nothing a rerun should go on from: a
+            # result, a pruning, a failure that would repeat, or a bug or broken data whose fix changes what trains.
+            if self.kept is not None and not isinstance(self.escaping, KeyboardInterrupt):
+                self.kept.unlink(missing_ok=True)
 
     def _run(self, trial: Trial) -> float:
         mark_worker(trial.study._storage, trial._trial_id)
@@ -714,7 +734,7 @@ class Objective:
         return "ff", label, overrides, plan.budget.seeds[0], cell.match, cell.group
 
     def _train(self, trial: Trial, config: RunConfig, role: str) -> Any:
-        from ffablate.train import run
+        from ffablate.train import trained_run
 
         def on_epoch(epoch: int, record: dict[str, float]) -> None:
             # Baselines report nothing: their accuracy must not move the median FF trials are pruned against. Nor
@@ -731,7 +751,78 @@ class Objective:
         data = self.data.get(config)
         # One epoch has no curve to prune on: skipping the per-epoch evaluation saves a test pass per trial.
         epoch_hook = on_epoch if config.epochs > 1 else None
-        return run(config, data=data, progress=self.progress, on_epoch=epoch_hook)
+        resume, keep = None, None
+        # Only a point a rerun runs again is worth keeping: a grid point or a baseline. A search's sampled trial is
+        # replaced by a newly sampled one, whose config (and file) differs.
+        if self.checkpoints is not None and (role == "baseline" or self.plan.spec.sampler == "grid"):
+            named = f"trial {trial.number} ({trial.user_attrs[CELL]}, seed {trial.user_attrs[SEED]})"
+            resume, keep = self._checkpoint(self.checkpoints, trial.study.study_name, config, data, named)
+        if resume is not None and epoch_hook is not None:
+            # The epochs the interrupted trial trained, reported again in order: the pruner sees (and may prune on)
+            # the curve an uninterrupted trial shows.
+            for record in resume.history:
+                epoch_hook(record["epoch"], record)
+        return trained_run(
+            config, data=data, progress=self.progress, on_epoch=epoch_hook, resume=resume, keep=keep
+        ).result
+
+    def _checkpoint(
+        self, folder: Path, study_name: str, config: RunConfig, data: RunData, named: str
+    ) -> tuple[TrainingState | None, EpochWriter]:
+        """The trial's state to go on from, where an interrupted trial of this very point left one in ``folder``
+        that resumes here (else None, with a line saying why when there was a file), and the writer that keeps its
+        file after every epoch."""
+        from ffablate import checkpoint
+
+        point = {"study": study_name, "config": config.to_dict()}
+        path = folder / checkpoint_file(study_name, point)
+        self.kept = path
+        writer = checkpoint.EpochWriter(path, extra={STUDY_POINT: point})
+        if not path.exists():
+            return None, writer
+        try:
+            state = resumable(path, point, data)
+        except CheckpointError as exc:  # not fatal: the point trains as if the file were not there, and replaces it
+            self.log(f"{named}: not resumed, training it from the start: {exc}")
+            return None, writer
+        self.log(f"{named} resumes from {path} after epoch {state.epochs_done} of {state.epochs_total}")
+        return state, writer
+
+
+STUDY_POINT = "study"  # the key of a study trial's checkpoint that names its point (``checkpoint``'s docstring)
+
+
+def checkpoint_file(study_name: str, point: dict[str, Any]) -> str:
+    """The file name of ``point``'s checkpoint (``{"study", "config"}``): the study's name as far as it is safe in a
+    file name, for people, and a digest of the study's name and the trial's whole resolved config (seed and
+    overrides included), so that only a rerun of the same point finds it."""
+    digest = hashlib.sha256(json.dumps(point, sort_keys=True, default=str).encode()).hexdigest()[:24]
+    return f"{re.sub(r'[^A-Za-z0-9._-]+', '_', study_name)[:80]}-{digest}.pt"
+
+
+def resumable(path: Path, point: dict[str, Any], data: RunData) -> TrainingState:
+    """The ``TrainingState`` of the study checkpoint at ``path`` for ``point``, with the run's ``data`` loaded; a
+    CheckpointError says why it cannot go on here (damaged, not ffablate's, finished, another point's, another
+    ffablate or plugin version, other data), as ``ffablate train --resume`` refuses it. Unlike ``--resume``, it
+    refuses another commit of the same version too: the network or optimizers it restores might no longer fit that
+    code, which would fail the trial (for good, as a ConfigError) instead of training its point again, and a
+    trial's record names one commit."""
+    from ffablate import checkpoint, saved
+    from ffablate.plugins import registry
+    from ffablate.revision import source_revision
+
+    found = checkpoint.read(path)
+    if not checkpoint.unfinished(found):
+        raise CheckpointError(f"{path} holds a finished run, not an interrupted trial's")
+    if found.get(STUDY_POINT) != checkpoint.plain(point):  # a digest's collision, or a file copied under this name
+        raise CheckpointError(f"{path} holds another study's or another configuration's run")
+    began, now = found["ffablate"].get("commit"), source_revision()
+    if began and now and began != now:
+        raise CheckpointError(f"{path} was trained so far by ffablate at commit {began}, this is commit {now}")
+    saved.check_same_code(found, path)
+    saved.check_plugins(path, found["plugins"], tuple(found["plugins"]), registry())
+    saved.check_same_data(found, path, point["config"]["dataset"], data)
+    return checkpoint.training_state(found)
 
 
 def _short(value: Any) -> str:
@@ -1090,6 +1181,7 @@ def run_study(
     on_ready: Callable[[], None] = lambda: None,
     deadline: float | None = None,
     on_trials: Callable[[float | None], None] = lambda deadline: None,
+    checkpoints: str | None = None,
 ) -> StudyRun:
     """Create or resume the study and run what is left (at most ``n_trials`` trials, none started after
     ``timeout`` seconds or after the ``time.time()`` ``deadline``).
@@ -1099,10 +1191,16 @@ def run_study(
     its preflight, before any trial (the CLI's banner: a spec that fails leaves one error line, not a banner too).
     ``on_trials(deadline)`` runs just before the first trial, only when there is one to run (the CLI starts its
     other workers there, with this run's deadline).
+
+    ``checkpoints``, a folder, keeps each running grid point's (or baseline's) resumable checkpoint there after
+    every epoch; a rerun after an interrupt or a kill goes on from its last epoch, and any other end of the trial
+    deletes its file.
     """
+    from ffablate.checkpoint import writable_folder
     from ffablate.train.common import resolve_device
 
     resolve_device(device)
+    folder = writable_folder(checkpoints) if checkpoints is not None else None
     storage = storage_for(storage_url)
     name = study_name or default_study_name(plan.spec, plan.budget.name)
     data = DataCache(data_root)
@@ -1150,7 +1248,8 @@ def run_study(
             timeout = min(timeout or math.inf, deadline - time.time())
         if limit > 0 and (timeout is None or timeout > 0):
             on_trials(None if timeout is None else time.time() + timeout)
-            objective = Objective(plan, device, data, progress.steps if progress is not None else None)
+            steps = progress.steps if progress is not None else None
+            objective = Objective(plan, device, data, steps, checkpoints=folder, log=log)
             callbacks = [lambda s, t: _log_failure(t, log)]
             if progress is not None:
                 progress.start(limit)

@@ -128,9 +128,9 @@ class Workers:
 
 def study_argvs(args: Any, workers: int) -> tuple[int | None, list[list[str]]]:
     """This process's trial share and the other workers' ``ffablate study`` arguments (those with no share left
-    out): the same spec, budget, study name, device, data and recipe source (the storage goes to ``Workers``, which
-    hands it over in the environment). Their time limit is this
-    process's deadline (``Workers.start``), not a ``--timeout`` of their own that would start after their startup."""
+    out): the same spec, budget, study name, device, data, recipe source and checkpoint folder (the storage goes to
+    ``Workers``, which hands it over in the environment). Their time limit is this process's deadline
+    (``Workers.start``), not a ``--timeout`` of their own that would start after their startup."""
     own, *others = shares(args.n_trials, workers)
     argvs = []
     for n_trials in others:
@@ -143,6 +143,7 @@ def study_argvs(args: Any, workers: int) -> tuple[int | None, list[list[str]]]:
             "--device": args.device,
             "--data-root": args.data_root,
             "--recipe-from": args.recipe_from,
+            "--checkpoints": args.checkpoints,  # each worker keeps its trials' epochs where a rerun looks for them
         }
         for flag, value in options.items():
             if value is not None:

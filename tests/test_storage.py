@@ -110,7 +110,7 @@ def test_workers_are_given_the_storage_in_their_environment_not_on_the_command_l
 
     url = "postgresql://ff:s3cret@db/ffablate"
     args = Namespace(name="tiny", budget="smoke", storage=url, study_name=None, n_trials=None, device=None)
-    args.data_root = args.recipe_from = None
+    args.data_root = args.recipe_from = args.checkpoints = None
     _, argvs = workers.study_argvs(args, 3)
     assert len(argvs) == 2 and not any("s3cret" in " ".join(argv) for argv in argvs)
     # ... and a worker (any ffablate study or report) takes FFABLATE_STORAGE when no --storage is given.

@@ -1921,3 +1921,135 @@ def test_a_search_with_no_baseline_takes_no_baseline_settings(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     message = "baseline.untuned says how a baseline runs, and baseline.methods runs none: leave it out"
     assert err.endswith(f"{path}: {message}")
+
+
+ONE_POINT = """
+question = "Does a trial resumed from its checkpoint end as an uninterrupted one?"
+[base]
+dataset = "fashion-mnist"
+[axes]
+temperature = ["constant"]
+"""
+
+
+class _Steps:
+    """A study's ``progress``: counts the training steps of its trials, and interrupts the first trial (as Ctrl-C
+    would) at the first step after its ``after``-th epoch when ``after`` is given."""
+
+    def __init__(self, after: int | None = None):
+        self.after, self.calls = after, 0
+
+    def start(self, total: int) -> None:
+        pass
+
+    def trial_started(self, number: int, label: str, seed: int) -> None:
+        pass
+
+    def steps(self, done: int, total: int, info: dict[str, float]) -> None:
+        self.calls += 1
+        if self.after is not None and done == self.after * total // 3 + 1:  # a 3-epoch trial, its checkpoint written
+            raise KeyboardInterrupt
+
+    def trial_finished(self, trial: optuna.trial.FrozenTrial) -> None:
+        pass
+
+
+def _three_epochs(tmp_path: Path) -> specs.Plan:
+    path = write_spec(tmp_path, ONE_POINT, seeds=1)
+    path.write_text(path.read_text().replace("epochs = 1\nbatch_size = 50", "epochs = 3\nbatch_size = 50", 1))
+    return specs.load(str(path)).plan("smoke")
+
+
+def _outcomes(url: str) -> dict[tuple[str, int], tuple]:
+    """Each completed point's stored result, timings aside."""
+    return {
+        studies.point_of(t): (
+            t.value,
+            t.intermediate_values,
+            t.user_attrs["history"],
+            {k: t.user_attrs["metrics"][k] for k in ("test_accuracy", "val_accuracy", "per_layer_accuracy")},
+        )
+        for t in trials_of(url, "tiny-smoke")
+        if t.state == TrialState.COMPLETE
+    }
+
+
+def test_a_trial_interrupted_mid_training_resumes_from_its_checkpoint_as_if_never_stopped(tmp_path, monkeypatch):
+    plan = _three_epochs(tmp_path)
+    monkeypatch.setattr(studies, "preflight", lambda *a: None)  # 3 s a run, and the spec is known to be fine
+    whole, steps = storage_url(tmp_path / "whole"), _Steps()
+    (tmp_path / "whole").mkdir()
+    with monkeypatch.context() as patched:  # without a checkpoint folder, nothing is written
+        patched.setattr("ffablate.checkpoint.save", lambda *a: pytest.fail("no checkpoint without --checkpoints"))
+        studies.run_study(plan, storage_url=whole, progress=steps)
+
+    folder, url, lines = tmp_path / "checkpoints", storage_url(tmp_path), []
+    first = _Steps(after=1)
+    with pytest.raises(KeyboardInterrupt):
+        studies.run_study(plan, storage_url=url, progress=first, checkpoints=str(folder), log=lines.append)
+    (kept,) = folder.iterdir()  # the interrupted point's, and nothing else (no partial write)
+    assert kept.name.startswith("tiny-smoke-") and kept.suffix == ".pt"
+    rest = _Steps()
+    studies.run_study(plan, storage_url=url, progress=rest, checkpoints=str(folder), log=lines.append)
+    (stopped,) = [t for t in trials_of(url, "tiny-smoke") if t.state != TrialState.COMPLETE]
+    assert results.fail_reason(stopped) == "interrupted"
+    label, seed = studies.point_of(stopped)
+    assert any(f"({label}, seed {seed}) resumes from {kept} after epoch 1 of 3" in line for line in lines), lines
+    assert _outcomes(url) == _outcomes(whole) and len(_outcomes(url)) == 2  # an FF point and its baseline
+    # Only the lost steps trained again: the epoch kept was not, and the one step cut short was.
+    assert first.calls + rest.calls == steps.calls + 1
+    assert list(folder.iterdir()) == []  # a finished trial's file is gone
+
+
+def test_a_checkpoint_that_cannot_be_resumed_is_said_and_its_point_trains_from_the_start(tmp_path, monkeypatch):
+    plan = _three_epochs(tmp_path)
+    monkeypatch.setattr(studies, "preflight", lambda *a: None)
+    monkeypatch.setattr(studies.Objective, "_choose", _first_cell)
+    cell = plan.cells[0]
+    point = {"study": "tiny-smoke", "config": plan.config(cell.overrides, plan.budget.seeds[0], "cpu").to_dict()}
+    folder = tmp_path / "checkpoints"
+    folder.mkdir()
+    damaged = folder / studies.checkpoint_file("tiny-smoke", point)
+    damaged.write_bytes(b"PK\x03\x04 cut short")
+    lines: list[str] = []
+    url = storage_url(tmp_path)
+    studies.run_study(plan, storage_url=url, n_trials=1, checkpoints=str(folder), log=lines.append)
+    assert any("not resumed, training it from the start" in line and "is damaged" in line for line in lines), lines
+    (trial,) = trials_of(url, "tiny-smoke")
+    assert trial.state == TrialState.COMPLETE and len(trial.user_attrs["history"]) == 3
+    assert list(folder.iterdir()) == []
+
+
+def _first_cell(self, trial):  # noqa: ANN001, ANN202
+    cell = self.plan.cells[0]
+    return cell.role, cell.label, cell.overrides, self.plan.budget.seeds[0], cell.match, cell.group
+
+
+@pytest.mark.parametrize(
+    ("where", "expected"),
+    [
+        ("file", "--checkpoints {tmp}/file is not a folder"),
+        ("missing/checkpoints", "the folder {tmp}/missing does not exist"),
+        ("/proc/ffablate-checkpoints", "cannot write in it"),
+    ],
+)
+def test_a_checkpoint_folder_that_cannot_hold_checkpoints_fails_before_any_trial(tmp_path, capsys, where, expected):
+    (tmp_path / "file").write_text("")
+    path = write_spec(tmp_path, ONE_POINT, seeds=1)
+    url = storage_url(tmp_path)
+    folder = where if where.startswith("/") else str(tmp_path / where)
+    assert main(["study", str(path), "--budget", "smoke", "--storage", url, "--checkpoints", folder]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and expected.format(tmp=tmp_path) in err, err
+    assert not (tmp_path / "studies.db").exists()  # not even the storage was opened
+
+
+def test_workers_keep_their_checkpoints_in_the_same_folder():
+    from argparse import Namespace
+
+    from ffablate import workers
+
+    args = Namespace(name="tiny", budget="smoke", study_name=None, n_trials=None, device="cpu", checkpoints="ck")
+    args.data_root = args.recipe_from = None
+    _, argvs = workers.study_argvs(args, 2)
+    assert argvs[0][argvs[0].index("--checkpoints") + 1] == "ck"
