@@ -25,7 +25,7 @@ from ffablate import hookimpl, results
 from ffablate import spec as specs
 from ffablate import study as studies
 from ffablate.cli import main
-from ffablate.errors import ConfigError, FFablateError
+from ffablate.errors import CheckpointError, ConfigError, FFablateError
 from ffablate.plugins import add_plugin, registry, remove_plugin
 from ffablate.report import write_report
 from ffablate.stats import Estimate, contrast_ci, fmt, mean_ci, paired_ci, t_quantile, welch_ci
@@ -1989,6 +1989,15 @@ def test_a_trial_interrupted_mid_training_resumes_from_its_checkpoint_as_if_neve
         studies.run_study(plan, storage_url=url, progress=first, checkpoints=str(folder), log=lines.append)
     (kept,) = folder.iterdir()  # the interrupted point's, and nothing else (no partial write)
     assert kept.name.startswith("tiny-smoke-") and kept.suffix == ".pt"
+    # Refused before its data are looked at: another point's file under this name, or one of another commit.
+    with pytest.raises(CheckpointError, match="holds another study's or another configuration's run"):
+        studies.resumable(kept, {"study": "tiny-smoke", "config": {}}, None)
+    stored = torch.load(kept, weights_only=True)
+    with monkeypatch.context() as patched:
+        patched.setattr("ffablate.revision.source_revision", lambda: "another")
+        if stored["ffablate"]["commit"]:  # a copy outside git records none, and any commit resumes it
+            with pytest.raises(CheckpointError, match=r"at commit \S+, this is commit another"):
+                studies.resumable(kept, stored["study"], None)
     rest = _Steps()
     studies.run_study(plan, storage_url=url, progress=rest, checkpoints=str(folder), log=lines.append)
     (stopped,) = [t for t in trials_of(url, "tiny-smoke") if t.state != TrialState.COMPLETE]
