@@ -13,17 +13,20 @@ test, where a wrong plugin still trains to a plausible accuracy:
 - a temperature that is not positive and finite over the whole run;
 - state that a checkpoint does not keep (a plain attribute, not a parameter or buffer): a saved model then scores
   differently from the run that trained it;
-- a run that is not reproducible from its seed.
+- a run that is not reproducible from its seed, or that a resume (``train --resume``) does not continue as it
+  would have gone on (random draws from a generator of the plugin's own, which a checkpoint does not restore).
 
 Every check but the last group runs the plugin on small generated tensors on the CPU, in a second or so. The
-training checks train a tiny network for one epoch on generated data (teacher-student; a dataset plugin's own
-data for a dataset), twice, then save it, load it back and score it again.
+training checks train a tiny network on generated data (teacher-student; a dataset plugin's own data for a
+dataset) for one epoch, twice, then save it, load it back and score it again; then for two epochs, uninterrupted
+and stopped after the first and resumed.
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import hashlib
 import io
 import math
@@ -899,6 +902,44 @@ def _checkpoint(s: _Subject) -> str:
     return f"saved with `train --save` and loaded back, it scores the run's {recorded:.4f}"
 
 
+class _Stopped(Exception):
+    """The resume check's stop after a run's first epoch."""
+
+
+def _stop_after_first_epoch(epoch: int, record: dict[str, float]) -> None:
+    raise _Stopped
+
+
+def _resumes(s: _Subject) -> str:
+    from ffablate import checkpoint
+    from ffablate.saved import resume_run
+    from ffablate.train import trained_run
+
+    config = dataclasses.replace(_training_config(s), epochs=2)
+    whole = trained_run(config, plugins=s.plugins, data_root=s.data_root)
+    with tempfile.TemporaryDirectory(prefix="ffablate-check-") as folder:
+        path = Path(folder) / "run.pt"
+        with contextlib.suppress(_Stopped):  # the epoch's checkpoint is written before on_epoch is called
+            trained_run(
+                config,
+                plugins=s.plugins,
+                data_root=s.data_root,
+                on_epoch=_stop_after_first_epoch,
+                keep=checkpoint.EpochWriter(path),
+            )
+        resumed = resume_run(path, plugins=s.plugins, data_root=s.data_root)
+    a, b = whole.trainer.net.state_dict(), resumed.trainer.net.state_dict()
+    same_weights = a.keys() == b.keys() and all(torch.equal(a[key], b[key]) for key in a)
+    if not same_weights or whole.result.test_accuracy != resumed.result.test_accuracy:
+        raise _Failed(
+            f"stopped after epoch 1 of 2 and resumed (`train --resume`), the run ends with other weights (test "
+            f"accuracy {resumed.result.test_accuracy} against {whole.result.test_accuracy}): keep state in "
+            "parameters or buffers, and draw random numbers from torch's global generator (a checkpoint restores "
+            "it), not from a generator of the plugin's own"
+        )
+    return "stopped after epoch 1 of 2 and resumed, it ends with the uninterrupted run's weights"
+
+
 CHECKS: dict[str, list[tuple[str, Callable[[_Subject], str]]]] = {
     "goodness": [
         ("output", _goodness_output),
@@ -924,5 +965,10 @@ CHECKS: dict[str, list[tuple[str, Callable[[_Subject], str]]]] = {
     ],
     "datasets": [("loads", _dataset_loads), ("same bytes", _dataset_repeats), ("located", _dataset_located)],
 }
-TRAINING_CHECKS = [("trains", _trains), ("reproducible", _reproducible), ("checkpoint", _checkpoint)]
+TRAINING_CHECKS = [
+    ("trains", _trains),
+    ("reproducible", _reproducible),
+    ("checkpoint", _checkpoint),
+    ("resumes", _resumes),
+]
 TRAINING = {check for _, check in TRAINING_CHECKS}

@@ -288,6 +288,17 @@ class Unseeded(_Pixels):
         return (labels + torch.randint(1, num_classes, labels.shape, generator=gen)) % num_classes
 
 
+class OwnGenerator(_Pixels):
+    """Draws from a generator of its own, seeded once: reproducible from the seed, but a resumed run starts it over."""
+
+    def __init__(self):
+        self.generator = torch.Generator().manual_seed(0)
+
+    def wrong_labels(self, labels, num_classes, scores):
+        offset = torch.randint(1, num_classes, labels.shape, generator=self.generator)
+        return (labels + offset) % num_classes
+
+
 def test_pixel_negatives_pass():
     assert _failed("negatives", _Pixels) == {}
 
@@ -317,6 +328,12 @@ def test_negatives_drawn_outside_the_seed_fail_reproducible():
     failed = _failed("negatives", Unseeded, train=True)
     assert list(failed) == ["reproducible"]
     assert "two runs with seed 0" in failed["reproducible"]
+
+
+def test_negatives_with_a_generator_of_their_own_fail_resumes():
+    failed = _failed("negatives", OwnGenerator, train=True)
+    assert list(failed) == ["resumes"]
+    assert "a generator of the plugin's own" in failed["resumes"]
 
 
 # ---- norm
