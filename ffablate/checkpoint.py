@@ -303,6 +303,8 @@ def writable_folder(path: str, option: str = "--checkpoints") -> Path:
     folder = Path(path).expanduser()
     if folder.exists() and not folder.is_dir():
         raise CheckpointError(f"{option} {path} is not a folder; give a folder (it is made if its parent exists)")
+    if folder.parent.exists() and not folder.parent.is_dir():  # a file's name mistaken for a folder's
+        raise CheckpointError(f"{option} {path}: {folder.parent} is not a folder; give a folder in a folder")
     if not folder.parent.is_dir():
         raise CheckpointError(f"{option} {path}: the folder {folder.parent} does not exist; create it or give another")
     try:

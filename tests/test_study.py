@@ -2039,6 +2039,7 @@ def _first_cell(self, trial):  # noqa: ANN001, ANN202
     [
         ("file", "--checkpoints {tmp}/file is not a folder"),
         ("missing/checkpoints", "the folder {tmp}/missing does not exist"),
+        ("file/checkpoints", "--checkpoints {tmp}/file/checkpoints: {tmp}/file is not a folder"),
         ("/proc/ffablate-checkpoints", "cannot write in it"),
     ],
 )
