@@ -28,7 +28,8 @@ from the file. A checkpoint is a dict:
   ``train_seconds`` (summed over the sessions so far), ``images``, ``peak_memory_bytes`` (the largest session's),
   ``data_source`` (where the run read its data, for a resume that cannot find them) and ``train_sha256`` (of the
   training and validation images and labels, which a resume must find as they were: ``data`` hashes only the test
-  split). ``model`` then holds the network after the last finished epoch.
+  split), and ``threads``, torch's CPU thread count while it trained (``thread_change``). ``model`` then holds the
+  network after the last finished epoch.
 - ``study``, in a study trial's unfinished checkpoint only (``ffablate study --checkpoints DIR``): ``{"study",
   "config"}``, the study's name and the trial's config as the study resolved it (seed and overrides included),
   which say whose point the file is: a rerun resumes from it only when both are its own.
@@ -158,6 +159,7 @@ class EpochWriter:
             # Not resumed from, but told to a resume that cannot find the data: where the run read them.
             "data_source": run.trainer.data.dataset.source,
             "train_sha256": self._train_digest,
+            "threads": torch.get_num_threads(),
         }
         model = {"state_dict": cpu_state(state.model)}
         save({**self._record, "result": None, "model": model, "training": training}, self.path)
@@ -184,6 +186,17 @@ def progress_of(saved: dict[str, Any]) -> str:
     """ "epoch 3 of 8" for an unfinished checkpoint (every phase's epochs counted)."""
     training = saved["training"]
     return f"epoch {training['epochs_done']} of {training['epochs_total']}"
+
+
+def thread_change(saved: dict[str, Any]) -> tuple[int, int] | None:
+    """(the CPU threads it trained at, this process's) where an unfinished CPU run's count differs here, else None.
+    Another count splits the convolutions' sums otherwise, so a run resumed at it rounds differently from then on:
+    its accuracy is the uninterrupted run's, within noise, but not its bits. None for a CUDA run, and for a
+    checkpoint written before ffablate recorded the count."""
+    began, now = saved["training"].get("threads"), torch.get_num_threads()
+    if saved["config"].get("device") != "cpu" or not isinstance(began, int) or began == now:
+        return None
+    return began, now
 
 
 def training_state(saved: dict[str, Any]) -> TrainingState:

@@ -244,6 +244,15 @@ def resume_run(
             f"{exc}; the run read it from {source}: give --data-root (data_root) the folder that holds it"
         ) from None
     check_same_data(saved, path, config.dataset, data)
+    threads = checkpoint.thread_change(saved)
+    if threads:
+        warnings.warn(
+            f"{path} trained at {threads[0]} CPU threads so far and this process has {threads[1]}: the rest of the run "
+            "rounds otherwise, so it ends as the uninterrupted run would within noise, not bit for bit; resume it "
+            f"with OMP_NUM_THREADS={threads[0]} for that",
+            FFablateWarning,
+            stacklevel=2,
+        )
     state = checkpoint.training_state(saved)
     return trained_run(
         config, data=data, plugins=plugins, progress=progress, on_epoch=on_epoch, resume=state, keep=keep

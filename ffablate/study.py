@@ -781,11 +781,18 @@ class Objective:
         if not path.exists():
             return None, writer
         try:
-            state = resumable(path, point, data)
+            found = resumable(path, point, data)
         except CheckpointError as exc:  # not fatal: the point trains as if the file were not there, and replaces it
             self.log(f"{named}: not resumed, training it from the start: {exc}")
             return None, writer
-        self.log(f"{named} resumes from {path} after epoch {state.epochs_done} of {state.epochs_total}")
+        state, threads = checkpoint.training_state(found), checkpoint.thread_change(found)
+        rounding = (
+            f" (at {threads[1]} CPU threads where it trained at {threads[0]}: within noise of an uninterrupted "
+            "trial, not bit for bit)"
+            if threads
+            else ""
+        )
+        self.log(f"{named} resumes from {path} after epoch {state.epochs_done} of {state.epochs_total}{rounding}")
         return state, writer
 
 
@@ -800,8 +807,8 @@ def checkpoint_file(study_name: str, point: dict[str, Any]) -> str:
     return f"{re.sub(r'[^A-Za-z0-9._-]+', '_', study_name)[:80]}-{digest}.pt"
 
 
-def resumable(path: Path, point: dict[str, Any], data: RunData) -> TrainingState:
-    """The ``TrainingState`` of the study checkpoint at ``path`` for ``point``, with the run's ``data`` loaded; a
+def resumable(path: Path, point: dict[str, Any], data: RunData) -> dict[str, Any]:
+    """The study checkpoint at ``path`` (``checkpoint.read``'s) where ``point`` resumes from it with ``data``; a
     CheckpointError says why it cannot go on here (damaged, not ffablate's, finished, another point's, another
     ffablate or plugin version, other data), as ``ffablate train --resume`` refuses it. Unlike ``--resume``, it
     refuses another commit of the same version too: the network or optimizers it restores might no longer fit that
@@ -822,7 +829,7 @@ def resumable(path: Path, point: dict[str, Any], data: RunData) -> TrainingState
     saved.check_same_code(found, path)
     saved.check_plugins(path, found["plugins"], tuple(found["plugins"]), registry())
     saved.check_same_data(found, path, point["config"]["dataset"], data)
-    return checkpoint.training_state(found)
+    return found
 
 
 def _short(value: Any) -> str:

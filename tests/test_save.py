@@ -11,6 +11,7 @@ import signal
 import stat
 import sys
 import tempfile
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -771,6 +772,29 @@ def test_resume_refuses_training_images_that_are_not_the_runs(capsys, monkeypatc
     monkeypatch.setattr("ffablate.saved.trained_run", lambda *a, **k: pytest.fail("training must not start"))
     assert main(["train", "--resume", str(unfinished_run)]) == 2
     assert "(their train_sha256 differs): give --data-root the copy it trained on" in one_line_error(capsys)
+
+
+def test_a_resume_at_another_thread_count_says_it_is_not_bit_for_bit(monkeypatch, unfinished_run, tmp_path):
+    # Another count splits the convolutions' sums otherwise: the run would end near, not at, the uninterrupted one.
+    monkeypatch.setattr("ffablate.saved.trained_run", lambda *a, **k: "resumed")
+    began = torch.load(unfinished_run, weights_only=True)["training"]["threads"]
+    assert began == torch.get_num_threads()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FFablateWarning)  # at its own count, and where a file has no count: silent
+        assert ffablate.resume_run(unfinished_run) == "resumed"
+        untold = rewritten(unfinished_run, tmp_path / "untold.pt", lambda saved: saved["training"].pop("threads"))
+        torch.set_num_threads(began + 1)
+        try:
+            assert ffablate.resume_run(untold) == "resumed"
+            with pytest.warns(FFablateWarning) as told:
+                ffablate.resume_run(unfinished_run)
+        finally:
+            torch.set_num_threads(began)
+    assert str(told[0].message) == (
+        f"{unfinished_run} trained at {began} CPU threads so far and this process has {began + 1}: the rest of the "
+        f"run rounds otherwise, so it ends as the uninterrupted run would within noise, not bit for bit; resume it "
+        f"with OMP_NUM_THREADS={began} for that"
+    )
 
 
 def test_save_refuses_to_replace_a_run_still_training(capsys, monkeypatch, unfinished_run):
