@@ -38,12 +38,14 @@ from the file. A checkpoint is a dict:
 from __future__ import annotations
 
 import contextlib
+import glob
 import hashlib
 import inspect
 import io
 import os
 import pickle
 import secrets
+import socket
 import tempfile
 import time
 from collections import OrderedDict
@@ -364,8 +366,9 @@ def save(checkpoint: dict[str, Any], path: str | Path) -> None:
 
 def _write_atomically(payload: bytes, path: Path) -> None:
     """``payload`` to a new file beside ``path`` (same folder, so the rename stays on one file system), synced, then
-    renamed onto ``path``. The new file gets the mode a plain write would (0666 less the umask)."""
-    partial = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    renamed onto ``path``. The new file gets the mode a plain write would (0666 less the umask). Its name says which
+    process on which host wrote it, so that a later write can remove it if that process died mid-write."""
+    partial = path.with_name(f".{path.name}.{os.getpid()}@{socket.gethostname()}.{secrets.token_hex(4)}.tmp")
     try:
         fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
         with os.fdopen(fd, "wb") as f:
@@ -377,6 +380,30 @@ def _write_atomically(payload: bytes, path: Path) -> None:
         with contextlib.suppress(OSError):
             partial.unlink(missing_ok=True)
         raise
+    _remove_orphans(path)
+
+
+def _remove_orphans(path: Path) -> None:
+    """Delete the partial files that writes to ``path`` left when their process was killed mid-write (kill -9, the
+    machine's memory killer): each is as large as the checkpoint, and hidden. Only this host's, of processes that
+    are gone: another host's process (a shared folder) may still be writing its own."""
+    host = socket.gethostname()
+    for partial in path.parent.glob(f".{glob.escape(path.name)}.*@*.tmp"):
+        writer = partial.name[len(path.name) + 2 : -len(".tmp")].rsplit(".", 1)[0]
+        pid, _, on = writer.partition("@")
+        if on == host and pid.isdigit() and not _alive(int(pid)):
+            with contextlib.suppress(OSError):
+                partial.unlink()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # another user's process
+        return True
+    return True
 
 
 def read(path: str | Path) -> dict[str, Any]:

@@ -8,7 +8,9 @@ import io
 import json
 import os
 import signal
+import socket
 import stat
+import subprocess
 import sys
 import tempfile
 import warnings
@@ -370,6 +372,28 @@ def test_save_through_a_link_writes_the_linked_file(tmp_path):
     run = json_of(["train", *DIGITS, "--set", "limit_train=100", "--save", str(link), "--json"])
     assert link.is_symlink() and run["checkpoint"] == str(linked)
     assert ffablate.load_run(link).result["test_accuracy"] == run["test_accuracy"]
+
+
+def test_a_write_removes_what_a_write_killed_mid_way_left(tmp_path):
+    # A kill -9 between the partial file's creation and its rename left a hidden copy of the checkpoint for good.
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    host = socket.gethostname()
+    path = tmp_path / "run.pt"
+    left = {
+        "killed": tmp_path / f".run.pt.{dead.pid}@{host}.0badf00d.tmp",
+        "alive": tmp_path / f".run.pt.{os.getpid()}@{host}.0badf00d.tmp",  # a write under way
+        "elsewhere": tmp_path / f".run.pt.{dead.pid}@another-host.0badf00d.tmp",  # a shared folder: not ours to judge
+        "other file": tmp_path / f".other.pt.{dead.pid}@{host}.0badf00d.tmp",
+    }
+    for partial in left.values():
+        partial.write_bytes(b"half a checkpoint")
+    checkpoint.save({"a": torch.ones(2)}, path)
+    assert {name for name, partial in left.items() if partial.exists()} == {"alive", "elsewhere", "other file"}
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".run.pt")) == sorted(
+        left[name].name for name in ("alive", "elsewhere")
+    )  # and none of its own
+    assert torch.equal(torch.load(path, weights_only=True)["a"], torch.ones(2))
 
 
 def test_save_onto_a_pipe_or_device_fails_before_training(capsys, monkeypatch, tmp_path):
