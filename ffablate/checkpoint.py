@@ -38,6 +38,7 @@ from the file. A checkpoint is a dict:
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import glob
 import hashlib
 import inspect
@@ -49,6 +50,7 @@ import socket
 import tempfile
 import time
 from collections import OrderedDict
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -330,6 +332,53 @@ def writable_folder(path: str, option: str = "--checkpoints") -> Path:
         why = exc.strerror or exc
         raise CheckpointError(f"{option} {path}: cannot write in it ({why}); give a writable folder") from None
     return folder
+
+
+@contextlib.contextmanager
+def claimed(path: Path) -> Iterator[None]:
+    """Hold ``path`` for this run while it trains into it, through a lock on a hidden ``.NAME.lock`` beside it
+    (``flock``, released by the system even on a kill -9): a second run told to write the same file (a job array's
+    shared ``--save``, a resume started twice) is refused at once instead of replacing the first's checkpoint epoch
+    by epoch. A file system without locks is written to unguarded, as before."""
+    lock_path = path.with_name(f".{path.name}.lock")
+    while True:
+        try:
+            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o666)
+        except OSError:
+            yield
+            return
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 200).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise CheckpointError(
+                f"{path} is being trained into by another ffablate run (process {holder}): wait for it to end, or "
+                "give this run another path"
+            ) from None
+        except OSError:  # no locks here (some network and FUSE file systems)
+            os.close(fd)
+            yield
+            return
+        # The holder before us removes the file on release: a lock on the name's old file guards nothing.
+        if _same_file(fd, lock_path):
+            break
+        os.close(fd)
+    try:
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}@{socket.gethostname()}".encode())
+        yield
+    finally:
+        with contextlib.suppress(OSError):
+            lock_path.unlink()
+        os.close(fd)
+
+
+def _same_file(fd: int, path: Path) -> bool:
+    try:
+        return os.path.samestat(os.fstat(fd), os.stat(path))
+    except OSError:
+        return False
 
 
 def save(checkpoint: dict[str, Any], path: str | Path) -> None:

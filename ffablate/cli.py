@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import io
 import logging
@@ -353,12 +354,12 @@ def cmd_train(args: argparse.Namespace) -> int:
         config = run_config_from_args(args)
         # Before training: a path that cannot be written must not cost a 16-epoch run at its end.
         target = checkpoint.writable_target(args.save) if args.save is not None else None
-        if target is not None:
-            _refuse_unfinished(target)
     _warn_missing_data_root(args.data_root, args.download)
     writer = checkpoint.EpochWriter(target) if target else None
     # A job runner's SIGTERM (a time limit) keeps what Ctrl-C keeps, and says so.
-    with terminated_as_interrupted():
+    with terminated_as_interrupted(), checkpoint.claimed(target) if target else contextlib.nullcontext():
+        if target is not None and args.resume is None:
+            _refuse_unfinished(target)  # claimed first: a run still writing it is not one to resume
         try:
             if args.resume is not None:
                 from ffablate.saved import resume_run

@@ -798,6 +798,38 @@ def test_resume_refuses_training_images_that_are_not_the_runs(capsys, monkeypatc
     assert "(their train_sha256 differs): give --data-root the copy it trained on" in one_line_error(capsys)
 
 
+def test_a_second_run_into_the_same_checkpoint_is_refused_while_the_first_trains(capsys, monkeypatch, unfinished_run):
+    # A job array's shared --save, or a resume started twice: each would replace the other's file epoch by epoch.
+    monkeypatch.setattr("ffablate.train.trained_run", lambda *a, **k: pytest.fail("training must not start"))
+    monkeypatch.setattr("ffablate.saved.trained_run", lambda *a, **k: pytest.fail("training must not start"))
+    path = unfinished_run.with_name("claimed.pt")
+    path.write_bytes(unfinished_run.read_bytes())
+    hold = "import sys; from pathlib import Path; from ffablate import checkpoint\n"
+    hold += "with checkpoint.claimed(Path(sys.argv[1])):\n    print('held', flush=True); sys.stdin.read()"
+    first = subprocess.Popen(
+        [sys.executable, "-c", hold, str(path)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert first.stdout.readline() == "held\n"
+        before = path.read_bytes()
+        holder = f"process {first.pid}@{socket.gethostname()}"
+        for argv in (["--resume", str(path)], [*DIGITS, "--save", str(path)]):
+            assert main(["train", *argv]) == 2
+            assert one_line_error(capsys) == (
+                f"ffablate: error: {path} is being trained into by another ffablate run ({holder}): wait for it to "
+                "end, or give this run another path"
+            )
+        assert path.read_bytes() == before
+    finally:
+        first.kill()  # as a kill -9 would: the system releases the lock, though its file stays
+        first.wait()
+    lock = path.with_name(".claimed.pt.lock")
+    assert lock.exists()
+    with checkpoint.claimed(path):
+        assert lock.read_text() == f"{os.getpid()}@{socket.gethostname()}"
+    assert not lock.exists()
+
+
 def test_a_resume_at_another_thread_count_says_it_is_not_bit_for_bit(monkeypatch, unfinished_run, tmp_path):
     # Another count splits the convolutions' sums otherwise: the run would end near, not at, the uninterrupted one.
     monkeypatch.setattr("ffablate.saved.trained_run", lambda *a, **k: "resumed")
