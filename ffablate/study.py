@@ -48,6 +48,7 @@ CONNECT_TIMEOUT_S = 30  # a database server's time to answer a new connection, u
 OPEN_TRIES = 6  # openings of a new database other workers are creating too (3.1 s of waits between)
 # User attrs every trial carries; reports read only these (and the study's own user attrs).
 ROLE, CELL, SEED, FAIL_REASON, PERMANENT = "role", "cell", "seed", "fail_reason", "fail_permanent"
+CHECKPOINT = "checkpoint"  # the file in --checkpoints DIR a trial kept its epochs in
 PLUGINS = "plugins_used"  # a study's attr: what its plugins from outside ffablate were (plugins_used)
 
 
@@ -757,6 +758,7 @@ class Objective:
         if self.checkpoints is not None and (role == "baseline" or self.plan.spec.sampler == "grid"):
             named = f"trial {trial.number} ({trial.user_attrs[CELL]}, seed {trial.user_attrs[SEED]})"
             resume, keep = self._checkpoint(self.checkpoints, trial.study.study_name, config, data, named)
+            trial.set_user_attr(CHECKPOINT, str(keep.path.resolve()))  # a rerun without this folder says so
         if resume is not None and epoch_hook is not None:
             # The epochs the interrupted trial trained, reported again in order: the pruner sees (and may prune on)
             # the curve an uninterrupted trial shows.
@@ -1245,6 +1247,7 @@ def run_study(
         todo = remaining(study, plan)
         if todo:
             _note_other_devices(study, device, log)
+            _note_kept_epochs(study, folder, log)
         limit = todo if n_trials is None else min(n_trials, todo)
         if isinstance(study.sampler, ResumableGridSampler):
             # Points another live worker is running are its to finish: with none free, the sampler could only
@@ -1320,6 +1323,29 @@ def _note_other_devices(study: optuna.Study, device: str, log: Callable[[str], N
         log(
             f"note: finished trials of this study ran on another device ({ran}) than this run ({device}); CUDA "
             "trains under bf16 autocast, so the devices' numbers differ"
+        )
+
+
+def _note_kept_epochs(study: optuna.Study, folder: Path | None, log: Callable[[str], None]) -> None:
+    """Say so, before anything trains, when interrupted trials of points still to run kept their epochs in a
+    checkpoint folder this run does not use (no ``--checkpoints``, or another): this run trains those points from
+    the start, where a rerun with that folder would go on from their last epoch."""
+    trials = study.get_trials(deepcopy=False)
+    done = {point_of(t) for t in trials if is_done(t)}
+    here = folder.resolve() if folder is not None else None
+    elsewhere: dict[Path, set[tuple[str, int] | None]] = {}
+    for t in trials:
+        kept = t.user_attrs.get(CHECKPOINT)
+        if t.state != TrialState.FAIL or not kept or point_of(t) in done:
+            continue
+        kept = Path(kept)
+        if kept.parent != here and kept.is_file():
+            elsewhere.setdefault(kept.parent, set()).add(point_of(t))
+    for where, points in sorted(elsewhere.items()):
+        log(
+            f"note: {len(points)} interrupted trial(s) kept their epochs in {where}, which this run does not use: it "
+            f"trains their points from the start; to go on from those epochs, stop it and rerun with --checkpoints "
+            f"{where}"
         )
 
 

@@ -2003,6 +2003,13 @@ def test_a_trial_interrupted_mid_training_resumes_from_its_checkpoint_as_if_neve
     threads = torch.get_num_threads()
     stored["training"]["threads"] = threads + 1
     torch.save(stored, kept)
+    # A rerun without the folder (here one that trains nothing) says, before it trains, where the epochs are.
+    studies.run_study(plan, storage_url=url, n_trials=0, log=lines.append)
+    assert lines[-1] == (
+        f"note: 1 interrupted trial(s) kept their epochs in {folder.resolve()}, which this run does not use: it trains "
+        f"their points from the start; to go on from those epochs, stop it and rerun with --checkpoints "
+        f"{folder.resolve()}"
+    )
     rest = _Steps()
     studies.run_study(plan, storage_url=url, progress=rest, checkpoints=str(folder), log=lines.append)
     (stopped,) = [t for t in trials_of(url, "tiny-smoke") if t.state != TrialState.COMPLETE]
@@ -2015,6 +2022,7 @@ def test_a_trial_interrupted_mid_training_resumes_from_its_checkpoint_as_if_neve
     # Only the lost steps trained again: the epoch kept was not, and the one step cut short was.
     assert first.calls + rest.calls == steps.calls + 1
     assert list(folder.iterdir()) == []  # a finished trial's file is gone
+    assert sum("kept their epochs" in line for line in lines) == 1  # not said by the run that used the folder
 
 
 def test_a_checkpoint_that_cannot_be_resumed_is_said_and_its_point_trains_from_the_start(tmp_path, monkeypatch):
