@@ -756,8 +756,10 @@ def cmd_study(args: argparse.Namespace) -> int:
             helpers.start(deadline)
 
     if args.checkpoints is not None:
+        # A search's sampled trials keep no epochs: a rerun samples new ones in their place.
+        running = "running baselines" if plan.spec.sampler == "tpe" else "those running"
         args.on_interrupt = (
-            f"finished trials are stored, and the finished epochs of those running in {args.checkpoints}: rerun the "
+            f"finished trials are stored, and the finished epochs of {running} in {args.checkpoints}: rerun the "
             "same command (with the same --checkpoints) to resume the study"
         )
     # The running trial records why a SIGTERM stopped it, and the finally below stops the workers too.

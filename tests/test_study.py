@@ -2069,6 +2069,24 @@ def test_a_checkpoint_folder_that_cannot_hold_checkpoints_fails_before_any_trial
     assert not (tmp_path / "studies.db").exists()  # not even the storage was opened
 
 
+@pytest.mark.parametrize(("search", "kept"), [(False, "those running"), (True, "running baselines")])
+def test_an_interrupted_study_says_what_its_checkpoint_folder_holds(tmp_path, capsys, monkeypatch, search, kept):
+    # A search's sampled trials keep no epochs (a rerun samples new ones): only its baselines' are in the folder.
+    path = write_tpe_spec(tmp_path, 'lr = {type = "float", low = 0.001, high = 0.01}') if search else None
+    path = path or write_spec(tmp_path, ONE_POINT, seeds=1)
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(studies, "run_study", interrupted)
+    argv = ["study", str(path), "--budget", "smoke", "--storage", storage_url(tmp_path)]
+    assert main([*argv, "--checkpoints", str(tmp_path / "ck")]) == 130
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"ffablate: interrupted; finished trials are stored, and the finished epochs of {kept} in {tmp_path / 'ck'}: "
+        "rerun the same command (with the same --checkpoints) to resume the study"
+    )
+
+
 def test_workers_keep_their_checkpoints_in_the_same_folder():
     from argparse import Namespace
 
