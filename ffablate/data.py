@@ -39,7 +39,7 @@ from ffablate.errors import (
 )
 
 if TYPE_CHECKING:  # the registry imports the built-in plugins, which import this module
-    from ffablate.plugins import Plugin
+    from ffablate.plugins import Plugin, Registry
 
 
 class MalformedFile(DataError):
@@ -465,10 +465,10 @@ def hold_out_validation(ds: ImageDataset, n: int) -> ImageDataset:
 # Resolution through the registry
 
 
-def _dataset_plugin(name: str) -> Any:
+def _dataset_plugin(name: str, plugins: Registry | None) -> Any:
     from ffablate.plugins import registry  # late: the registry imports the built-in plugins, which import us
 
-    return registry().get("datasets", name)
+    return (plugins or registry()).get("datasets", name)
 
 
 def load_dataset(
@@ -482,8 +482,10 @@ def load_dataset(
     val_images: int = 0,
     seed: int = 0,
     params: Mapping[str, Any] | None = None,
+    plugins: Registry | None = None,
 ) -> ImageDataset:
-    """Resolve ``name`` through the dataset plugins, then apply the options every dataset has.
+    """Resolve ``name`` through the dataset plugins (``plugins``', else the installed ones), then apply the options
+    every dataset has.
 
     ``classes=K`` keeps the first K classes (their labels are already 0..K-1); for a dataset that makes its own classes
     (a factory with a ``k`` parameter, e.g. teacher-student) it is passed as ``k`` instead (a different ``k``
@@ -497,7 +499,7 @@ def load_dataset(
         raise ConfigError(f"labels={labels!r}: use 'fine' or 'coarse'")
     if classes < 0:
         raise ConfigError(f"classes={classes}: give a positive number of classes (0 keeps them all)")
-    plugin = _dataset_plugin(name)
+    plugin = _dataset_plugin(name, plugins)
     params = dataset_params(plugin, params, classes)
     makes_own_classes = "k" in plugin.params
     roots = [default_data_root(data_root)]
@@ -591,10 +593,12 @@ def list_datasets(data_root: str | Path | None = None) -> list[dict[str, Any]]:
     return rows
 
 
-def dataset_found(name: str, data_root: str | Path | None, params: Mapping[str, Any]) -> bool | None:
+def dataset_found(
+    name: str, data_root: str | Path | None, params: Mapping[str, Any], plugins: Registry | None = None
+) -> bool | None:
     """Whether ``name``'s files were found with a run's plugin ``params`` (e.g. ``{"path": "pets"}``), as
     ``list_datasets``'s ``available``."""
-    plugin = _dataset_plugin(name)
+    plugin = _dataset_plugin(name, plugins)
     return _located(plugin, [default_data_root(data_root)], plugin.typed_params(dict(params)))[1]
 
 

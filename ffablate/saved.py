@@ -140,7 +140,7 @@ class SavedRun:
         (another copy of the data) a warning: the accuracy on them is not comparable with the recorded one."""
         check_plugins(self.path, self.plugins, ("datasets",), self._registry)
         try:
-            ds = common.load_run_dataset(self._model_config, data_root, download)
+            ds = common.load_run_dataset(self._model_config, data_root, download, self._registry)
         except DataNotFound as exc:
             source = self.result.get("data_source")
             if not source or type(exc) is not DataNotFound:
@@ -235,7 +235,7 @@ def resume_run(
         # --device is the run's own, not an option here: say where it can go on instead of "use --device cpu".
         raise CheckpointError(f"{path} was training on CUDA, and no CUDA device is visible here: resume it on one")
     try:
-        data = common.prepare_data(config, common.resolve_device(config.device), data_root, download)
+        data = common.prepare_data(config, common.resolve_device(config.device), data_root, download, plugins)
     except DataNotFound as exc:
         source = saved["training"].get("data_source")
         if not source or type(exc) is not DataNotFound:

@@ -115,8 +115,8 @@ def check_plugin(
     """Run every check of ``kind`` on the installed plugin ``name`` built with ``params`` (text values are read as
     the parameters' types, as ``--set`` gives them); ``train=False`` leaves the training checks out. An unknown
     plugin or parameter raises the ConfigError a run would; a plugin's failure is a result, not an exception.
-    ``plugins`` serves every kind but datasets, which the data loader looks up among the installed plugins
-    (``ffablate.plugins.add_plugin`` adds one in-process)."""
+    ``plugins`` (default: the installed ones) serves the plugin under test, the plugins it is checked beside and the
+    training checks' dataset."""
     plugins = plugins or registry()
     plugin = plugins.get(kind, name)
     subject = _Subject(plugin, plugin.checked_params(plugin.typed_params(dict(params or {}))), plugins, data_root)
@@ -776,7 +776,7 @@ def _fusion_state(s: _Subject) -> str:
 def _dataset(s: _Subject) -> Any:
     from ffablate.data import load_dataset
 
-    return load_dataset(s.plugin.name, data_root=s.data_root, params=s.params)
+    return load_dataset(s.plugin.name, data_root=s.data_root, params=s.params, plugins=s.plugins)
 
 
 def _digest(ds: Any) -> str:
@@ -804,7 +804,7 @@ def _dataset_located(s: _Subject) -> str:
 
     if not callable(getattr(s.plugin.factory, "locate", None)):
         raise _Skipped("the factory has no locate(roots): `ffablate data list` cannot say where its data are")
-    found = dataset_found(s.plugin.name, s.data_root, s.params)
+    found = dataset_found(s.plugin.name, s.data_root, s.params, s.plugins)
     if found is False:
         raise _Failed("locate(roots) says the data are missing, but they loaded")
     return "locate(roots) finds the data it loads"

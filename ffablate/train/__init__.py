@@ -43,14 +43,14 @@ def build_trainer(
     config.validate()
     plugins = plugins or registry()
     # A misspelt plugin is named before the data load, whose own complaints (too few images for a batch) would
-    # hide it; a BP run uses only the norm plugin (and the dataset's, which the load looks up).
+    # hide it; a BP run uses only the norm plugin (and the dataset's, which the load looks up in ``plugins`` too).
     for kind in ("norm", *(FF_KINDS if config.method in FF_METHODS else ())):
         plugins.get(kind, config.plugin_of(kind))
     config = typed_plugin_params(config, plugins)
     device = common.resolve_device(config.device)
     ops.backend(config.device)  # FFABLATE_KERNELS=fused with a build that cannot serve this device fails now
     common.seed_everything(config.seed)
-    data = data or common.prepare_data(config, device, data_root, download)
+    data = data or common.prepare_data(config, device, data_root, download, plugins)
     check_downsampling(config, data.in_shape)
     trainer_cls = FFTrainer if config.method in FF_METHODS else BPTrainer
     return trainer_cls(config, data, device, plugins)

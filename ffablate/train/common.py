@@ -12,7 +12,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from functools import cache
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -23,6 +23,9 @@ from ffablate.config import RunConfig
 from ffablate.data import DeviceLoader, ImageDataset, dataset_stats, limit_split, load_dataset
 from ffablate.errors import ConfigError, FFablateError, PluginContractError
 from ffablate.revision import source_revision
+
+if TYPE_CHECKING:
+    from ffablate.plugins import Registry
 
 Progress = Callable[[int, int, dict[str, float]], None]
 EpochCallback = Callable[[int, dict[str, float]], None]
@@ -93,8 +96,11 @@ class RunData:
         return tuple(self.dataset.train_x.shape[1:])  # type: ignore[return-value]
 
 
-def load_run_dataset(config: RunConfig, data_root: str | None, download: bool) -> ImageDataset:
-    """The run's images as it trains and is scored on them: its dataset, classes, labels and limits applied."""
+def load_run_dataset(
+    config: RunConfig, data_root: str | None, download: bool, plugins: Registry | None = None
+) -> ImageDataset:
+    """The run's images as it trains and is scored on them: its dataset (from ``plugins``, else the installed
+    plugins), classes, labels and limits applied."""
     ds = load_dataset(
         config.dataset,
         data_root=data_root,
@@ -105,6 +111,7 @@ def load_run_dataset(config: RunConfig, data_root: str | None, download: bool) -
         val_images=config.val_images,
         seed=config.seed,
         params=config.params_of("datasets"),
+        plugins=plugins,
     )
     # The test subset's seed is fixed, not the run's: every run of a study, whatever its seed, is scored on the
     # same images, so FF and BP accuracies stay comparable.
@@ -124,9 +131,11 @@ def eval_loader(
     )
 
 
-def prepare_data(config: RunConfig, device: torch.device, data_root: str | None, download: bool) -> RunData:
+def prepare_data(
+    config: RunConfig, device: torch.device, data_root: str | None, download: bool, plugins: Registry | None = None
+) -> RunData:
     """Load the dataset once, move it to the device as uint8, and wrap train/test in device loaders."""
-    ds = load_run_dataset(config, data_root, download)
+    ds = load_run_dataset(config, data_root, download, plugins)
     mean, std = dataset_stats(ds)
     train = DeviceLoader(
         ds.train_x,
