@@ -78,11 +78,12 @@ run_section build 150 env FFABLATE_BUILD=cuda TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_
     "$PY" setup.py build_ext --inplace
 
 # The CUDA-marked tests (every schedule, and since session 7 two tiny fused-vs-reference training runs), then the
+# resume of a CUDA run (session 22, never yet run on a GPU), then the
 # static machine-code checks on the kernels just built for this GPU and how the build linked libstdc++ (session 14:
 # this image's g++ copied it into _C, and every error message that formats a number crashed).
 # The cluster schedule (session 18, never yet run on a GPU) is tested apart, in its own section below: a fault or a
 # hang there cannot take the other tests down with it.
-run_section tests 150 bash -c "'$PY' -m pytest tests/test_ops.py tests/test_pool.py tests/test_data.py -m cuda -k 'not cluster' -q -rs -p no:cacheprovider;
+run_section tests 150 bash -c "'$PY' -m pytest tests/test_ops.py tests/test_pool.py tests/test_data.py tests/test_save.py -m cuda -k 'not cluster' -q -rs -p no:cacheprovider;
     rc=\$?; '$PY' -m pytest tests/test_cuda_machine_code.py tests/test_extension_link.py -q -rs -p no:cacheprovider || rc=1; exit \$rc"
 
 
