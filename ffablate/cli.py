@@ -229,6 +229,12 @@ def build_parser() -> Parser:
         help="keep each running trial's resumable checkpoint in DIR (made if its parent exists): a rerun with the same "
         "DIR after an interrupt or a kill goes on from the trial's last finished epoch",
     )
+    study.add_argument(
+        "--plan",
+        action="store_true",
+        help="print what the study would run (its configurations, and the trials stored and left) and exit: "
+        "trains nothing, loads no data, makes no storage",
+    )
     # A worker's stop time, from the process that started it (ffablate.workers): not for users.
     study.add_argument("--deadline", type=float, help=argparse.SUPPRESS)
     study.add_argument(
@@ -706,6 +712,34 @@ def cmd_bench_pool(args: argparse.Namespace) -> int:
     return 0
 
 
+def _print_plan(plan: dict[str, Any], as_json: bool) -> int:
+    """``ffablate study --plan``: ``study.planned``'s answer as a table (or JSON)."""
+    if as_json:
+        print(jsontext.dumps(plan))
+        return 0
+    table = Table(title=f"study {plan['study']} ({plan['sampler']}, seeds {plan['seeds']}) in {plan['storage']}")
+    for column in ("configuration", "method", "planned", "done", "running"):
+        table.add_column(column)
+    for row in plan["configurations"]:
+        planned = "TPE" if row["planned"] is None else str(row["planned"])
+        table.add_row(row["configuration"], row["method"], planned, str(row["done"]), str(row["running"]))
+    lines = []
+    if plan["base"]:
+        lines.append("shared settings: " + ", ".join(f"{key}={value}" for key, value in plan["base"].items()))
+    if plan["space"]:
+        lines.append("searched: " + ", ".join(plan["space"]))
+    lines += [f"note: {note}" for note in plan["notes"]]
+    trials = f"{plan['trials']} trial{'s' * (plan['trials'] != 1)}"
+    if plan["refused"]:
+        lines.append(f"a run would refuse the stored study: {plan['refused']}")
+    elif plan["stored"]:
+        lines.append(f"{plan['left']} of {trials} left to run (rerun without --plan to run them)")
+    else:
+        lines.append(f"nothing stored yet: all {trials} to run")
+    print(rendered(table, *lines), end="")
+    return 0
+
+
 def cmd_study(args: argparse.Namespace) -> int:
     import torch
 
@@ -718,6 +752,14 @@ def cmd_study(args: argparse.Namespace) -> int:
         raise FFablateError(f"--timeout must be a positive number of seconds, got {args.timeout}")
     if args.workers < 1:
         raise FFablateError(f"--workers must be at least 1, got {args.workers}")
+    plan = spec.load(args.name).plan(args.budget, study.available_datasets(args.data_root))
+    source = None
+    if args.recipe_from:
+        recipe, source = study.winning_recipe(args.storage, args.recipe_from)
+        plan = plan.with_recipe(recipe, source)
+    name = args.study_name or study.default_study_name(plan.spec, args.budget, source)
+    if args.plan:
+        return _print_plan(study.planned(plan, args.storage, name), args.json)
     # Mistakes of the machine, not of one configuration, fail here: inside a trial they would fail it for good.
     resolve_device(args.device)
     ops.backend(args.device)
@@ -725,12 +767,6 @@ def cmd_study(args: argparse.Namespace) -> int:
     _warn_missing_data_root(args.data_root)
     if args.checkpoints is not None:  # run_study checks it too, but after the storage is opened (and made)
         checkpoint.writable_folder(args.checkpoints)
-    plan = spec.load(args.name).plan(args.budget, study.available_datasets(args.data_root))
-    source = None
-    if args.recipe_from:
-        recipe, source = study.winning_recipe(args.storage, args.recipe_from)
-        plan = plan.with_recipe(recipe, source)
-    name = args.study_name or study.default_study_name(plan.spec, args.budget, source)
     study.storage_for(args.storage)  # a bad --storage is one line, not a banner and then the error
     size = (
         f"TPE, {plan.budget.n_trials} FF trials + {plan.baseline_trials} baseline" + "s" * (plan.baseline_trials != 1)

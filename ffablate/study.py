@@ -115,11 +115,15 @@ def storage_for(url: str | None, create: bool = True) -> optuna.storages.RDBStor
                 time.sleep(0.1 * 2 ** (attempt - 1))
                 continue
             if not create and _no_tables(exc):
-                raise FFablateError(
+                raise NoStudyStorage(
                     f"no study storage at {shown_url(url)}: the database holds no Optuna tables; pass the --storage "
                     "your study ran with"
                 ) from None
             raise FFablateError(f"cannot open storage {shown_url(url)}: {_why_not_opened(url, exc)}") from None
+
+
+class NoStudyStorage(FFablateError):
+    """A database with no Optuna tables, opened by a command that only reads."""
 
 
 def _libpq(url: str) -> bool:
@@ -1154,6 +1158,70 @@ def remaining(study: optuna.Study, plan: specs.Plan) -> int:
     waiting = sum(t.state == TrialState.WAITING for t in trials)
     ff_done = sum(is_done(t) and t.user_attrs.get(ROLE) == "ff" for t in trials)
     return waiting + max(0, plan.budget.n_trials - ff_done)
+
+
+def planned(plan: specs.Plan, storage_url: str | None, name: str) -> dict[str, Any]:
+    """What ``run_study`` would run for ``plan`` as study ``name``, found without training, loading data or making
+    a storage: every configuration with its trials planned (None where TPE decides: a search's FF trials share
+    ``n_trials``), done (completed, pruned, or failed for good) and running, the trials left, and the error a run
+    would refuse the stored study with (another plan), if it would."""
+    url = storage_url or DEFAULT_STORAGE
+    study = _stored_study(url, name)
+    trials = study.get_trials(deepcopy=False) if study is not None else []
+    done = Counter(point_of(t)[0] for t in trials if is_done(t) and point_of(t))
+    running = Counter(point_of(t)[0] for t in trials if t.state == TrialState.RUNNING and not results.died(t))
+    refused = None
+    if study is not None:
+        try:
+            refuse_another_plan(study, plan)
+        except FFablateError as exc:
+            refused = str(exc)
+    grid, seeds = plan.spec.sampler == "grid", plan.budget.seeds
+    total = len(plan.cells) * len(seeds) if grid else plan.budget.n_trials + plan.baseline_trials
+    rows = [
+        {
+            "configuration": cell.label,
+            "method": cell.method,
+            "role": cell.role,
+            "settings": cell.overrides,
+            "planned": len(seeds) if grid or cell.role == "baseline" else None,
+            "done": done[cell.label],
+            "running": running[cell.label],
+        }
+        for cell in plan.cells
+    ]
+    return {
+        "study": name,
+        "storage": shown_url(url),
+        "spec": plan.spec.name,
+        "budget": plan.budget.name,
+        "sampler": plan.spec.sampler,
+        "seeds": seeds,
+        "base": plan.base,
+        "space": plan.spec.space if not grid else {},
+        "notes": plan.notes,
+        "configurations": rows,
+        "trials": total,
+        "stored": study is not None,
+        "left": remaining(study, plan) if study is not None else total,
+        "refused": refused,
+    }
+
+
+def _stored_study(url: str, name: str) -> optuna.Study | None:
+    """Study ``name`` in the storage at ``url``, or None where there is none; a storage that does not exist is not
+    made (a SQLite file), nor given Optuna's tables."""
+    db = sqlite_file(url)
+    if db is not None and (not db.exists() or db.stat().st_size == 0):
+        return None
+    try:
+        storage = storage_for(url, create=False)
+    except NoStudyStorage:
+        return None
+    with _quiet_optuna():
+        if name not in optuna.get_all_study_names(storage):
+            return None
+        return optuna.load_study(study_name=name, storage=storage)
 
 
 def running_elsewhere(study: optuna.Study) -> int:

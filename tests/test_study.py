@@ -136,6 +136,48 @@ def test_resuming_a_finished_study_checks_and_loads_nothing(finished, monkeypatc
     assert main(["study", str(tmp_path / "tiny.toml"), "--budget", "smoke", "--storage", url]) == 0
 
 
+def _plan_of(capsys, *argv: str) -> dict:
+    assert main(["study", *argv, "--plan", "--json"]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def test_plan_says_what_a_study_would_run_and_trains_loads_and_makes_nothing(finished, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr("ffablate.train.trained_run", lambda *a, **k: pytest.fail("--plan must not train"))
+    monkeypatch.setattr(studies, "preflight", lambda *a: pytest.fail("--plan must not check runs"))
+    monkeypatch.setattr(studies.DataCache, "get", lambda *a: pytest.fail("--plan must not load data"))
+    stored, url, name = finished
+    spec = str(stored / "tiny.toml")
+    plan = _plan_of(capsys, spec, "--budget", "smoke", "--storage", url)
+    assert (plan["study"], plan["stored"], plan["trials"], plan["left"], plan["refused"]) == (name, True, 6, 0, None)
+    rows = {
+        row["configuration"]: (row["method"], row["planned"], row["done"], row["running"])
+        for row in plan["configurations"]
+    }
+    assert rows == {
+        "bp-deepsup": ("bp-deepsup", 2, 2, 0),
+        "temperature=constant": ("ff", 2, 2, 0),
+        "temperature=cosine": ("ff", 2, 2, 0),
+    }
+    # A budget that adds a seed: one trial left per configuration, which a run would go on with.
+    grown = write_spec(tmp_path, GRID, seeds=3)
+    plan = _plan_of(capsys, str(grown), "--budget", "smoke", "--storage", url)
+    assert (plan["trials"], plan["left"], plan["refused"], plan["seeds"]) == (9, 3, None, [0, 1, 2])
+    # Another plan under the same name: the error a run would stop with, instead of the count.
+    other = write_spec(tmp_path, GRID.replace('"cosine"', '"linear"'), name="other")
+    assert main(["study", str(other), "--budget", "smoke", "--storage", url, "--study-name", name, "--plan"]) == 0
+    text = capsys.readouterr().out
+    assert f"a run would refuse the stored study: study {name!r} in this storage was made from a different" in text
+    # No storage yet: every trial is to run, and the file is not made (nor the checkpoint folder).
+    fresh = tmp_path / "fresh.db"
+    plan = _plan_of(
+        capsys, spec, "--budget", "smoke", "--storage", f"sqlite:///{fresh}", "--checkpoints", str(tmp_path / "ck")
+    )
+    assert (plan["stored"], plan["left"]) == (False, 6) and {row["done"] for row in plan["configurations"]} == {0}
+    assert not fresh.exists() and not (tmp_path / "ck").exists()
+    assert main(["study", spec, "--budget", "smoke", "--storage", f"sqlite:///{fresh}", "--plan"]) == 0
+    assert capsys.readouterr().out.rstrip().endswith("nothing stored yet: all 6 trials to run")
+
+
 PRUNED = """
 question = "Is a median pruner fair to the greedy schedule?"
 [base]
