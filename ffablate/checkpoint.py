@@ -341,12 +341,27 @@ def claimed(path: Path) -> Iterator[None]:
     shared ``--save``, a resume started twice) is refused at once instead of replacing the first's checkpoint epoch
     by epoch. A file system without locks is written to unguarded, as before."""
     lock_path = path.with_name(f".{path.name}.lock")
+    fd = _lock(lock_path, path)
+    if fd is None:
+        yield
+        return
+    try:
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}@{socket.gethostname()}".encode())
+        yield
+    finally:
+        with contextlib.suppress(OSError):
+            lock_path.unlink()
+        os.close(fd)
+
+
+def _lock(lock_path: Path, path: Path) -> int | None:
+    """An open descriptor of ``lock_path`` holding its exclusive lock; None where the file system has no locks."""
     while True:
         try:
             fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o666)
         except OSError:
-            yield
-            return
+            return None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -358,19 +373,10 @@ def claimed(path: Path) -> Iterator[None]:
             ) from None
         except OSError:  # no locks here (some network and FUSE file systems)
             os.close(fd)
-            yield
-            return
+            return None
         # The holder before us removes the file on release: a lock on the name's old file guards nothing.
         if _same_file(fd, lock_path):
-            break
-        os.close(fd)
-    try:
-        os.ftruncate(fd, 0)
-        os.write(fd, f"{os.getpid()}@{socket.gethostname()}".encode())
-        yield
-    finally:
-        with contextlib.suppress(OSError):
-            lock_path.unlink()
+            return fd
         os.close(fd)
 
 
