@@ -38,7 +38,9 @@ from the file. A checkpoint is a dict:
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
+import functools
 import glob
 import hashlib
 import inspect
@@ -301,10 +303,16 @@ def writable_target(path: str, option: str = "--save") -> Path:
     folder = target.parent
     if not folder.is_dir():
         raise CheckpointError(f"{option} {path}: the folder {folder} does not exist; create it or give another path")
+    probe = _partial_path(target)  # the very name every write goes through: one too long for the folder fails here
     try:
-        with tempfile.NamedTemporaryFile(dir=folder, prefix=".ffablate-probe-"):
-            pass
+        os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+        probe.unlink()
     except OSError as exc:
+        if exc.errno == errno.ENAMETOOLONG:
+            raise CheckpointError(
+                f"{option} {path}: the name is too long for this file system once a write's hidden partial file is "
+                f"named from it ({len(probe.name)} characters); give a shorter name"
+            ) from None
         raise CheckpointError(
             f"{option} {path}: cannot write in {folder} ({exc.strerror or exc}); give a writable folder"
         ) from None
@@ -346,8 +354,9 @@ def claimed(path: Path) -> Iterator[None]:
         yield
         return
     try:
-        os.ftruncate(fd, 0)
-        os.write(fd, f"{os.getpid()}@{socket.gethostname()}".encode())
+        with contextlib.suppress(OSError):  # a read-only descriptor: the holder it names is a stale one
+            os.ftruncate(fd, 0)
+            os.write(fd, f"{os.getpid()}@{socket.gethostname()}".encode())
         yield
     finally:
         with contextlib.suppress(OSError):
@@ -357,9 +366,14 @@ def claimed(path: Path) -> Iterator[None]:
 
 def _lock(lock_path: Path, path: Path) -> int | None:
     """An open descriptor of ``lock_path`` holding its exclusive lock; None where the file system has no locks."""
-    while True:
+    for _ in range(100):  # a file system whose stat and fstat never agree gets no lock, not a hang
         try:
             fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o666)
+        except PermissionError:  # another user's lock file: flock takes a read-only descriptor too
+            try:
+                fd = os.open(lock_path, os.O_RDONLY)
+            except OSError:
+                return None
         except OSError:
             return None
         try:
@@ -376,8 +390,11 @@ def _lock(lock_path: Path, path: Path) -> int | None:
             return None
         # The holder before us removes the file on release: a lock on the name's old file guards nothing.
         if _same_file(fd, lock_path):
+            with contextlib.suppress(OSError):  # the umask's 0644 would leave the next user of a shared folder out
+                os.fchmod(fd, 0o666)
             return fd
         os.close(fd)
+    return None
 
 
 def _same_file(fd: int, path: Path) -> bool:
@@ -421,9 +438,8 @@ def save(checkpoint: dict[str, Any], path: str | Path) -> None:
 
 def _write_atomically(payload: bytes, path: Path) -> None:
     """``payload`` to a new file beside ``path`` (same folder, so the rename stays on one file system), synced, then
-    renamed onto ``path``. The new file gets the mode a plain write would (0666 less the umask). Its name says which
-    process on which host wrote it, so that a later write can remove it if that process died mid-write."""
-    partial = path.with_name(f".{path.name}.{os.getpid()}@{socket.gethostname()}.{secrets.token_hex(4)}.tmp")
+    renamed onto ``path``. The new file gets the mode a plain write would (0666 less the umask)."""
+    partial = _partial_path(path)
     try:
         fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
         with os.fdopen(fd, "wb") as f:
@@ -438,15 +454,26 @@ def _write_atomically(payload: bytes, path: Path) -> None:
     _remove_orphans(path)
 
 
+def _partial_path(path: Path) -> Path:
+    """The hidden file a write to ``path`` goes through. Its name says which process on which host wrote it (the
+    host by a digest of its name, which may be long), so that a later write can remove it if that process died
+    mid-write."""
+    return path.with_name(f".{path.name}.{os.getpid()}@{_host_tag()}.{secrets.token_hex(4)}.tmp")
+
+
+@functools.cache
+def _host_tag() -> str:
+    return hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
+
+
 def _remove_orphans(path: Path) -> None:
     """Delete the partial files that writes to ``path`` left when their process was killed mid-write (kill -9, the
     machine's memory killer): each is as large as the checkpoint, and hidden. Only this host's, of processes that
     are gone: another host's process (a shared folder) may still be writing its own."""
-    host = socket.gethostname()
     for partial in path.parent.glob(f".{glob.escape(path.name)}.*@*.tmp"):
         writer = partial.name[len(path.name) + 2 : -len(".tmp")].rsplit(".", 1)[0]
         pid, _, on = writer.partition("@")
-        if on == host and pid.isdigit() and not _alive(int(pid)):
+        if on == _host_tag() and pid.isdigit() and not _alive(int(pid)):
             with contextlib.suppress(OSError):
                 partial.unlink()
 

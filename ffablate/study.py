@@ -793,8 +793,8 @@ class Objective:
             return None, writer
         state, threads = checkpoint.training_state(found), checkpoint.thread_change(found)
         rounding = (
-            f" (at {threads[1]} CPU threads where it trained at {threads[0]}: within noise of an uninterrupted "
-            "trial, not bit for bit)"
+            f" (at {threads[1]} CPU thread{'s' * (threads[1] != 1)} where it trained at {threads[0]}: within noise of "
+            "an uninterrupted trial, not bit for bit)"
             if threads
             else ""
         )

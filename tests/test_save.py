@@ -378,7 +378,7 @@ def test_a_write_removes_what_a_write_killed_mid_way_left(tmp_path):
     # A kill -9 between the partial file's creation and its rename left a hidden copy of the checkpoint for good.
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
-    host = socket.gethostname()
+    host = checkpoint._host_tag()
     path = tmp_path / "run.pt"
     left = {
         "killed": tmp_path / f".run.pt.{dead.pid}@{host}.0badf00d.tmp",
@@ -394,6 +394,16 @@ def test_a_write_removes_what_a_write_killed_mid_way_left(tmp_path):
         left[name].name for name in ("alive", "elsewhere")
     )  # and none of its own
     assert torch.equal(torch.load(path, weights_only=True)["a"], torch.ones(2))
+
+
+def test_a_save_name_too_long_for_the_writes_partial_file_fails_before_training(capsys, monkeypatch, tmp_path):
+    # The name fits, but the hidden partial file every write goes through is longer: the first epoch's write failed.
+    monkeypatch.setattr("ffablate.train.trained_run", lambda *a, **k: pytest.fail("training must not start"))
+    path = tmp_path / ("m" * 240 + ".pt")
+    assert main(["train", *DIGITS, "--save", str(path)]) == 2
+    err = one_line_error(capsys)
+    assert "the name is too long for this file system once a write's hidden partial file is named" in err
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_save_onto_a_pipe_or_device_fails_before_training(capsys, monkeypatch, tmp_path):
@@ -825,8 +835,9 @@ def test_resume_refuses_training_images_that_are_not_the_runs(capsys, monkeypatc
 
 def test_a_second_run_into_the_same_checkpoint_is_refused_while_the_first_trains(capsys, monkeypatch, unfinished_run):
     # A job array's shared --save, or a resume started twice: each would replace the other's file epoch by epoch.
-    monkeypatch.setattr("ffablate.train.trained_run", lambda *a, **k: pytest.fail("training must not start"))
+    # ffablate.saved first: importing it binds ffablate.train's trained_run, which must still be the real one then.
     monkeypatch.setattr("ffablate.saved.trained_run", lambda *a, **k: pytest.fail("training must not start"))
+    monkeypatch.setattr("ffablate.train.trained_run", lambda *a, **k: pytest.fail("training must not start"))
     path = unfinished_run.with_name("claimed.pt")
     path.write_bytes(unfinished_run.read_bytes())
     hold = "import sys; from pathlib import Path; from ffablate import checkpoint\n"
@@ -852,6 +863,7 @@ def test_a_second_run_into_the_same_checkpoint_is_refused_while_the_first_trains
     assert lock.exists()
     with checkpoint.claimed(path):
         assert lock.read_text() == f"{os.getpid()}@{socket.gethostname()}"
+        assert stat.S_IMODE(lock.stat().st_mode) == 0o666  # another user of a shared folder can take it in turn
     assert not lock.exists()
 
 
@@ -871,8 +883,9 @@ def test_a_resume_at_another_thread_count_says_it_is_not_bit_for_bit(monkeypatch
                 ffablate.resume_run(unfinished_run)
         finally:
             torch.set_num_threads(began)
+    at = f"{began} CPU thread{'s' * (began != 1)}"
     assert str(told[0].message) == (
-        f"{unfinished_run} trained at {began} CPU threads so far and this process has {began + 1}: the rest of the "
+        f"{unfinished_run} trained at {at} so far and this process has {began + 1}: the rest of the "
         f"run rounds otherwise, so it ends as the uninterrupted run would within noise, not bit for bit; resume it "
         f"with OMP_NUM_THREADS={began} for that"
     )

@@ -2058,7 +2058,8 @@ def test_a_trial_interrupted_mid_training_resumes_from_its_checkpoint_as_if_neve
     assert results.fail_reason(stopped) == "interrupted"
     label, seed = studies.point_of(stopped)
     resumed = f"({label}, seed {seed}) resumes from {kept} after epoch 1 of 3"
-    rounding = f"(at {threads} CPU threads where it trained at {threads + 1}: within noise of an uninterrupted trial"
+    at = f"{threads} CPU thread{'s' * (threads != 1)}"
+    rounding = f"(at {at} where it trained at {threads + 1}: within noise of an uninterrupted trial"
     assert any(f"{resumed} {rounding}" in line for line in lines), lines
     assert _outcomes(url) == _outcomes(whole) and len(_outcomes(url)) == 2  # an FF point and its baseline
     # Only the lost steps trained again: the epoch kept was not, and the one step cut short was.
