@@ -718,11 +718,12 @@ def _print_plan(plan: dict[str, Any], as_json: bool) -> int:
         print(jsontext.dumps(plan))
         return 0
     table = Table(title=f"study {plan['study']} ({plan['sampler']}, seeds {plan['seeds']}) in {plan['storage']}")
-    for column in ("configuration", "method", "planned", "done", "running"):
+    for column in ("configuration", "method", "planned", "done", "running", "mean s a trial"):
         table.add_column(column)
     for row in plan["configurations"]:
         planned = "TPE" if row["planned"] is None else str(row["planned"])
-        table.add_row(row["configuration"], row["method"], planned, str(row["done"]), str(row["running"]))
+        mean = "-" if row["mean_seconds"] is None else f"{row['mean_seconds']:.0f}"
+        table.add_row(row["configuration"], row["method"], planned, str(row["done"]), str(row["running"]), mean)
     lines = []
     if plan["base"]:
         lines.append("shared settings: " + ", ".join(f"{key}={value}" for key, value in plan["base"].items()))
@@ -733,7 +734,12 @@ def _print_plan(plan: dict[str, Any], as_json: bool) -> int:
     if plan["refused"]:
         lines.append(f"a run would refuse the stored study: {plan['refused']}")
     elif plan["stored"]:
-        lines.append(f"{plan['left']} of {trials} left to run (rerun without --plan to run them)")
+        pace = (
+            f", about {plan['left_seconds'] / 60:.0f} min of one worker's time at the completed trials' pace"
+            if plan["left_seconds"] is not None and plan["left"]
+            else ""
+        )
+        lines.append(f"{plan['left']} of {trials} left to run{pace} (rerun without --plan to run them)")
     else:
         lines.append(f"nothing stored yet: all {trials} to run")
     print(rendered(table, *lines), end="")

@@ -1163,8 +1163,10 @@ def remaining(study: optuna.Study, plan: specs.Plan) -> int:
 def planned(plan: specs.Plan, storage_url: str | None, name: str) -> dict[str, Any]:
     """What ``run_study`` would run for ``plan`` as study ``name``, found without training, loading data or making
     a storage: every configuration with its trials planned (None where TPE decides: a search's FF trials share
-    ``n_trials``), done (completed, pruned, or failed for good) and running, the trials left, and the error a run
-    would refuse the stored study with (another plan), if it would."""
+    ``n_trials``), done (completed, pruned, or failed for good) and running and its completed trials' mean wall
+    seconds; the trials left, the seconds of one worker's time they would take at the pace of the completed trials
+    (each configuration's own, else all of them; None before any completed), and the error a run would refuse the
+    stored study with (another plan), if it would."""
     url = storage_url or DEFAULT_STORAGE
     study = _stored_study(url, name)
     trials = study.get_trials(deepcopy=False) if study is not None else []
@@ -1178,6 +1180,11 @@ def planned(plan: specs.Plan, storage_url: str | None, name: str) -> dict[str, A
             refused = str(exc)
     grid, seeds = plan.spec.sampler == "grid", plan.budget.seeds
     total = len(plan.cells) * len(seeds) if grid else plan.budget.n_trials + plan.baseline_trials
+    seconds: dict[str, list[float]] = {}
+    for t in trials:
+        if t.state == TrialState.COMPLETE and t.duration is not None and point_of(t):
+            seconds.setdefault(point_of(t)[0], []).append(t.duration.total_seconds())
+    every = [s for durations in seconds.values() for s in durations]
     rows = [
         {
             "configuration": cell.label,
@@ -1187,9 +1194,20 @@ def planned(plan: specs.Plan, storage_url: str | None, name: str) -> dict[str, A
             "planned": len(seeds) if grid or cell.role == "baseline" else None,
             "done": done[cell.label],
             "running": running[cell.label],
+            "mean_seconds": sum(seconds[cell.label]) / len(seconds[cell.label]) if cell.label in seconds else None,
         }
         for cell in plan.cells
     ]
+    left = remaining(study, plan) if study is not None else total
+    left_seconds = None
+    if every:
+        pace = sum(every) / len(every)
+        if grid:  # each configuration's own pace: a BP baseline's trial may take twice an FF one's
+            left_seconds = sum(
+                max(0, row["planned"] - row["done"] - row["running"]) * (row["mean_seconds"] or pace) for row in rows
+            )
+        else:
+            left_seconds = left * pace
     return {
         "study": name,
         "storage": shown_url(url),
@@ -1203,7 +1221,8 @@ def planned(plan: specs.Plan, storage_url: str | None, name: str) -> dict[str, A
         "configurations": rows,
         "trials": total,
         "stored": study is not None,
-        "left": remaining(study, plan) if study is not None else total,
+        "left": left,
+        "left_seconds": left_seconds,
         "refused": refused,
     }
 

@@ -162,6 +162,9 @@ def test_plan_says_what_a_study_would_run_and_trains_loads_and_makes_nothing(fin
     grown = write_spec(tmp_path, GRID, seeds=3)
     plan = _plan_of(capsys, str(grown), "--budget", "smoke", "--storage", url)
     assert (plan["trials"], plan["left"], plan["refused"], plan["seeds"]) == (9, 3, None, [0, 1, 2])
+    # One trial of each configuration left, each at the mean wall time of its configuration's two stored ones.
+    means = [row["mean_seconds"] for row in plan["configurations"]]
+    assert all(mean > 0 for mean in means) and plan["left_seconds"] == pytest.approx(sum(means))
     # Another plan under the same name: the error a run would stop with, instead of the count.
     other = write_spec(tmp_path, GRID.replace('"cosine"', '"linear"'), name="other")
     assert main(["study", str(other), "--budget", "smoke", "--storage", url, "--study-name", name, "--plan"]) == 0
@@ -172,7 +175,8 @@ def test_plan_says_what_a_study_would_run_and_trains_loads_and_makes_nothing(fin
     plan = _plan_of(
         capsys, spec, "--budget", "smoke", "--storage", f"sqlite:///{fresh}", "--checkpoints", str(tmp_path / "ck")
     )
-    assert (plan["stored"], plan["left"]) == (False, 6) and {row["done"] for row in plan["configurations"]} == {0}
+    assert (plan["stored"], plan["left"], plan["left_seconds"]) == (False, 6, None)
+    assert {row["done"] for row in plan["configurations"]} == {0}
     assert not fresh.exists() and not (tmp_path / "ck").exists()
     assert main(["study", spec, "--budget", "smoke", "--storage", f"sqlite:///{fresh}", "--plan"]) == 0
     assert capsys.readouterr().out.rstrip().endswith("nothing stored yet: all 6 trials to run")
