@@ -250,7 +250,7 @@ def test_real_mnist(tmp_path):
 
 
 def test_fashion_coarse_labels_and_subsets(fashion, monkeypatch):
-    monkeypatch.setattr(data, "_dataset_plugin", lambda name: _FixedPlugin(fashion))
+    monkeypatch.setattr(data, "_dataset_plugin", lambda name, plugins: _FixedPlugin(fashion))
     coarse = load_dataset("fashion-mnist", labels="coarse")
     assert coarse.num_classes == 3 and coarse.class_names == ["tops", "footwear", "other"]
     assert torch.bincount(coarse.train_y).tolist() == [24000, 18000, 18000]
@@ -272,7 +272,7 @@ def test_fashion_coarse_labels_and_subsets(fashion, monkeypatch):
 def test_coarse_and_fine_runs_of_one_seed_use_the_same_images(fashion, monkeypatch):
     # The label-hierarchy study pairs coarse and fine runs by seed; limited coarse runs were drawn by the coarse
     # labels and shared only 1,400 of 1,500 training and 933 of 1,000 test images with the fine ones.
-    monkeypatch.setattr(data, "_dataset_plugin", lambda name: _FixedPlugin(fashion))
+    monkeypatch.setattr(data, "_dataset_plugin", lambda name, plugins: _FixedPlugin(fashion))
     runs = {}
     for labels in ("fine", "coarse"):
         ds = load_dataset("fashion-mnist", labels=labels, limit_train=1500, val_images=500, seed=2)
