@@ -391,12 +391,13 @@ def cmd_train(args: argparse.Namespace) -> int:
             # only the final scoring, which a resume repeats.
             args.on_interrupt = _what_is_kept(target, writer.written if writer else None, args.resume is not None)
             raise
-    # Only the output is left to do, which a stop cuts short: the checkpoint is as written above.
-    args.on_interrupt = (
-        f"the finished run is saved in {target}: score it again with `ffablate evaluate {target}`"
-        if target and not unsaved
-        else _what_is_kept(target, writer.written if writer else None, args.resume is not None)
-    )
+        # Only the output (and the lock's release) is left to do, which a stop cuts short: the checkpoint is as
+        # written above.
+        args.on_interrupt = (
+            f"the finished run is saved in {target}: score it again with `ffablate evaluate {target}`"
+            if target and not unsaved
+            else _what_is_kept(target, writer.written if writer else None, args.resume is not None)
+        )
     config, result = trained.trainer.config, trained.result
     fields = result.to_dict()
     if not fields["history"]:  # per-epoch scores are kept in studies (which prune on them), not here
