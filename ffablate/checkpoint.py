@@ -319,10 +319,11 @@ def writable_target(path: str, option: str = "--save") -> Path:
     return target
 
 
-def writable_folder(path: str, option: str = "--checkpoints") -> Path:
+def writable_folder(path: str, option: str = "--checkpoints", create: bool = True) -> Path:
     """``path`` as the folder to keep checkpoints in, made here if only it is missing, refused now, before anything
     trains, where it could not hold them: not a folder, its parent missing (a typo, not a folder to make a tree
-    for), or one this process cannot create a file in (tried with a file, as ``writable_target`` does)."""
+    for), or one this process cannot create a file in (tried with a file, as ``writable_target`` does). With
+    ``create`` False a missing folder is not made: its parent is tried instead, and nothing is left behind."""
     if not path:
         raise CheckpointError(f"{option} is empty: give a folder, e.g. {option} checkpoints")
     folder = Path(path).expanduser()
@@ -333,8 +334,9 @@ def writable_folder(path: str, option: str = "--checkpoints") -> Path:
     if not folder.parent.is_dir():
         raise CheckpointError(f"{option} {path}: the folder {folder.parent} does not exist; create it or give another")
     try:
-        folder.mkdir(exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=folder, prefix=".ffablate-probe-"):
+        if create:
+            folder.mkdir(exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder if folder.is_dir() else folder.parent, prefix=".ffablate-probe-"):
             pass
     except OSError as exc:
         why = exc.strerror or exc

@@ -714,37 +714,51 @@ def cmd_bench_pool(args: argparse.Namespace) -> int:
 
 
 def _print_plan(plan: dict[str, Any], as_json: bool) -> int:
-    """``ffablate study --plan``: ``study.planned``'s answer as a table (or JSON)."""
+    """``ffablate study --plan``: ``study.planned``'s answer as a table (or JSON); a study a run would refuse is then
+    the run's error (exit 2)."""
     if as_json:
         print(jsontext.dumps(plan))
-        return 0
-    table = Table(title=f"study {plan['study']} ({plan['sampler']}, seeds {plan['seeds']}) in {plan['storage']}")
-    for column in ("configuration", "method", "planned", "done", "running", "mean s a trial"):
-        table.add_column(column)
-    for row in plan["configurations"]:
-        planned = "TPE" if row["planned"] is None else str(row["planned"])
-        mean = "-" if row["mean_seconds"] is None else f"{row['mean_seconds']:.0f}"
-        table.add_row(row["configuration"], row["method"], planned, str(row["done"]), str(row["running"]), mean)
-    lines = []
-    if plan["base"]:
-        lines.append("shared settings: " + ", ".join(f"{key}={value}" for key, value in plan["base"].items()))
-    if plan["space"]:
-        lines.append("searched: " + ", ".join(plan["space"]))
-    lines += [f"note: {note}" for note in plan["notes"]]
-    trials = f"{plan['trials']} trial{'s' * (plan['trials'] != 1)}"
-    if plan["refused"]:
-        lines.append(f"a run would refuse the stored study: {plan['refused']}")
-    elif plan["stored"]:
-        pace = (
-            f", about {plan['left_seconds'] / 60:.0f} min of one worker's time at the completed trials' pace"
-            if plan["left_seconds"] is not None and plan["left"]
-            else ""
-        )
-        lines.append(f"{plan['left']} of {trials} left to run{pace} (rerun without --plan to run them)")
     else:
-        lines.append(f"nothing stored yet: all {trials} to run")
-    print(rendered(table, *lines), end="")
+        title = f"study {plan['study']} ({plan['sampler']}, seeds {plan['seeds']}) in {plan['storage']}"
+        table = Table(title=Text(title))
+        for column in ("configuration", "method", "planned", "done", "running", "mean s a trial"):
+            table.add_column(column)
+        for row in plan["configurations"]:
+            planned = "TPE" if row["planned"] is None else str(row["planned"])
+            mean = "-" if row["mean_seconds"] is None else f"{row['mean_seconds']:.0f}"
+            cells = (row["configuration"], row["method"], planned, str(row["done"]), str(row["running"]), mean)
+            table.add_row(*(Text(cell) for cell in cells))
+        lines = []
+        if plan["base"]:
+            lines.append("shared settings: " + ", ".join(f"{key}={value}" for key, value in plan["base"].items()))
+        searched = [*plan["space"], *(f"the {kind} plugins' own spaces" for kind in plan["space_plugins"])]
+        if searched:
+            lines.append("searched: " + ", ".join(searched))
+        lines += [f"note: {note}" for note in plan["notes"]]
+        trials = f"{plan['trials']} trial{'s' * (plan['trials'] != 1)}"
+        if plan["refused"]:
+            pass  # the error below says it
+        elif plan["stored"]:
+            running = f" ({plan['running']} running now)" if plan["running"] else ""
+            pace = ""
+            if plan["left_seconds"] is not None and plan["left"] > plan["running"]:
+                took = _duration(plan["left_seconds"])
+                pace = f"; those not started would take one worker about {took} at the completed trials' pace"
+            lines.append(f"{plan['left']} of {trials} left to run{running}{pace}")
+        else:
+            lines.append(f"nothing stored yet: all {trials} to run")
+        print(rendered(table, *lines), end="")
+    if plan["refused"]:
+        raise FFablateError(f"a run would stop here: {plan['refused']}")
     return 0
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 90 * 60:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
 
 
 def cmd_study(args: argparse.Namespace) -> int:
@@ -765,11 +779,13 @@ def cmd_study(args: argparse.Namespace) -> int:
         recipe, source = study.winning_recipe(args.storage, args.recipe_from)
         plan = plan.with_recipe(recipe, source)
     name = args.study_name or study.default_study_name(plan.spec, args.budget, source)
-    if args.plan:
-        return _print_plan(study.planned(plan, args.storage, name), args.json)
     # Mistakes of the machine, not of one configuration, fail here: inside a trial they would fail it for good.
     resolve_device(args.device)
     ops.backend(args.device)
+    if args.plan:  # the errors a run would stop with, but nothing made: not the storage, nor the folder
+        if args.checkpoints is not None:
+            checkpoint.writable_folder(args.checkpoints, create=False)
+        return _print_plan(study.planned(plan, args.storage, name), args.json)
     _retain_cpu_memory(args.device)
     _warn_missing_data_root(args.data_root)
     if args.checkpoints is not None:  # run_study checks it too, but after the storage is opened (and made)

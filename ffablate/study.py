@@ -1135,79 +1135,93 @@ def _what_changed(attrs: dict[str, Any], plan: specs.Plan) -> tuple[str, str]:
 
 def enqueue_baselines(study: optuna.Study, plan: specs.Plan) -> int:
     """Under TPE, baselines are enqueued fixed trials; enqueue those not done, running or already waiting."""
-    have = {
-        point_of(t)
-        for t in study.get_trials(deepcopy=False)
-        if is_done(t) or t.state in (TrialState.RUNNING, TrialState.WAITING)
-    }
-    added = 0
-    for seed in plan.budget.seeds:
-        for cell in plan.cells:
-            if cell.role == "baseline" and (cell.label, seed) not in have:
-                study.enqueue_trial({}, user_attrs={ROLE: "baseline", CELL: cell.label, SEED: seed})
-                added += 1
-    return added
+    missing = _baselines_to_enqueue(study.get_trials(deepcopy=False), plan)
+    for label, seed in missing:
+        study.enqueue_trial({}, user_attrs={ROLE: "baseline", CELL: label, SEED: seed})
+    return len(missing)
+
+
+def _baselines_to_enqueue(trials: list[FrozenTrial], plan: specs.Plan) -> list[tuple[str, int]]:
+    have = {point_of(t) for t in trials if is_done(t) or t.state in (TrialState.RUNNING, TrialState.WAITING)}
+    return [
+        (cell.label, seed)
+        for seed in plan.budget.seeds
+        for cell in plan.cells
+        if cell.role == "baseline" and (cell.label, seed) not in have
+    ]
 
 
 def remaining(study: optuna.Study, plan: specs.Plan) -> int:
-    """How many trials this study still needs to finish its grid (or its TPE budget)."""
-    trials = study.get_trials(deepcopy=False)
-    if plan.spec.sampler == "grid":
-        done = {point_of(t) for t in trials if is_done(t)}
-        return sum((c.label, s) not in done for c in plan.cells for s in plan.budget.seeds)
-    waiting = sum(t.state == TrialState.WAITING for t in trials)
-    ff_done = sum(is_done(t) and t.user_attrs.get(ROLE) == "ff" for t in trials)
-    return waiting + max(0, plan.budget.n_trials - ff_done)
+    """How many trials this study still needs to finish its grid (or its TPE budget, with the baselines a run
+    enqueues)."""
+    return _left(study.get_trials(deepcopy=False), plan)
 
 
 def planned(plan: specs.Plan, storage_url: str | None, name: str) -> dict[str, Any]:
     """What ``run_study`` would run for ``plan`` as study ``name``, found without training, loading data or making
     a storage: every configuration with its trials planned (None where TPE decides: a search's FF trials share
-    ``n_trials``), done (completed, pruned, or failed for good) and running and its completed trials' mean wall
-    seconds; the trials left, the seconds of one worker's time they would take at the pace of the completed trials
-    (each configuration's own, else all of them; None before any completed), and the error a run would refuse the
-    stored study with (another plan), if it would."""
+    ``n_trials``), done (completed, pruned, or failed for good), running, and its completed trials' mean wall
+    seconds; the trials left (as a run counts them, a search's baselines to enqueue included), the seconds of one
+    worker's time those not running would take at the completed trials' pace (each configuration's own, else all
+    of theirs; None before any completed), and ``refused``, the error a run would stop with at the stored study
+    (another plan, changed plugins, a study not ffablate's), with no count left then."""
     url = storage_url or DEFAULT_STORAGE
     study = _stored_study(url, name)
     trials = study.get_trials(deepcopy=False) if study is not None else []
-    done = Counter(point_of(t)[0] for t in trials if is_done(t) and point_of(t))
-    running = Counter(point_of(t)[0] for t in trials if t.state == TrialState.RUNNING and not results.died(t))
     refused = None
     if study is not None:
         try:
+            refuse_a_foreign_study(study)
             refuse_another_plan(study, plan)
+            if remaining(study, plan):  # as run_study: a finished study averages nothing new
+                refuse_changed_plugins(study, plugins_used(plan))
         except FFablateError as exc:
             refused = str(exc)
     grid, seeds = plan.spec.sampler == "grid", plan.budget.seeds
     total = len(plan.cells) * len(seeds) if grid else plan.budget.n_trials + plan.baseline_trials
+    done = [t for t in trials if is_done(t)]
+    running = [t for t in trials if t.state == TrialState.RUNNING and not results.died(t)]
     seconds: dict[str, list[float]] = {}
     for t in trials:
         if t.state == TrialState.COMPLETE and t.duration is not None and point_of(t):
             seconds.setdefault(point_of(t)[0], []).append(t.duration.total_seconds())
     every = [s for durations in seconds.values() for s in durations]
-    rows = [
-        {
-            "configuration": cell.label,
-            "method": cell.method,
-            "role": cell.role,
-            "settings": cell.overrides,
-            "planned": len(seeds) if grid or cell.role == "baseline" else None,
-            "done": done[cell.label],
-            "running": running[cell.label],
-            "mean_seconds": sum(seconds[cell.label]) / len(seconds[cell.label]) if cell.label in seconds else None,
-        }
-        for cell in plan.cells
-    ]
-    left = remaining(study, plan) if study is not None else total
-    left_seconds = None
-    if every:
-        pace = sum(every) / len(every)
-        if grid:  # each configuration's own pace: a BP baseline's trial may take twice an FF one's
-            left_seconds = sum(
-                max(0, row["planned"] - row["done"] - row["running"]) * (row["mean_seconds"] or pace) for row in rows
+    pace = sum(every) / len(every) if every else None
+    rows = []
+    for cell in plan.cells:
+        if grid or cell.role == "baseline":  # its (configuration, seed) points, each counted once
+            points = {(cell.label, seed) for seed in seeds}
+            n_done = len(points & {point_of(t) for t in done})
+            n_running = len(points & {point_of(t) for t in running} - {point_of(t) for t in done})
+        else:  # a search's sampled trials: many per point
+            n_done = sum(point_of(t) is not None and point_of(t)[0] == cell.label for t in done)
+            n_running = sum(point_of(t) is not None and point_of(t)[0] == cell.label for t in running)
+        mean = sum(seconds[cell.label]) / len(seconds[cell.label]) if cell.label in seconds else None
+        rows.append(
+            {
+                "configuration": cell.label,
+                "method": cell.method,
+                "role": cell.role,
+                "settings": cell.overrides,
+                "planned": len(seeds) if grid or cell.role == "baseline" else None,
+                "done": n_done,
+                "running": n_running,
+                "mean_seconds": mean,
+            }
+        )
+    left = left_seconds = None
+    if not refused:
+        left = total if study is None else remaining(study, plan)
+        if pace is not None:
+            rows_left = sum(
+                (row["planned"] - row["done"] - row["running"]) * (row["mean_seconds"] or pace)
+                for row in rows
+                if row["planned"] is not None
             )
-        else:
-            left_seconds = left * pace
+            # A search's FF trials left, at the pace of its completed trials.
+            sampled = left - sum(row["planned"] - row["done"] for row in rows if row["planned"] is not None)
+            running_sampled = sum(row["running"] for row in rows if row["planned"] is None)
+            left_seconds = rows_left + max(0, sampled - running_sampled) * pace
     return {
         "study": name,
         "storage": shown_url(url),
@@ -1217,21 +1231,38 @@ def planned(plan: specs.Plan, storage_url: str | None, name: str) -> dict[str, A
         "seeds": seeds,
         "base": plan.base,
         "space": plan.spec.space if not grid else {},
+        "space_plugins": plan.spec.space_plugins if not grid else [],
         "notes": plan.notes,
         "configurations": rows,
         "trials": total,
         "stored": study is not None,
         "left": left,
+        "running": sum(row["running"] for row in rows),
         "left_seconds": left_seconds,
         "refused": refused,
     }
 
 
+def _left(trials: list[FrozenTrial], plan: specs.Plan) -> int:
+    """``remaining`` of a study with ``trials``: a search's baselines not yet enqueued count as a run enqueues them."""
+    if plan.spec.sampler == "grid":
+        done = {point_of(t) for t in trials if is_done(t)}
+        return sum((c.label, s) not in done for c in plan.cells for s in plan.budget.seeds)
+    waiting = sum(t.state == TrialState.WAITING for t in trials)
+    ff_done = sum(is_done(t) and t.user_attrs.get(ROLE) == "ff" for t in trials)
+    return waiting + len(_baselines_to_enqueue(trials, plan)) + max(0, plan.budget.n_trials - ff_done)
+
+
 def _stored_study(url: str, name: str) -> optuna.Study | None:
     """Study ``name`` in the storage at ``url``, or None where there is none; a storage that does not exist is not
-    made (a SQLite file), nor given Optuna's tables."""
+    made (a SQLite file), nor given Optuna's tables. A SQLite file a run could not make is an error now."""
     db = sqlite_file(url)
     if db is not None and (not db.exists() or db.stat().st_size == 0):
+        if not db.resolve().parent.is_dir():
+            raise FFablateError(
+                f"cannot open storage {shown_url(url)}: the folder {db.resolve().parent} does not exist; create it or "
+                "give another --storage"
+            )
         return None
     try:
         storage = storage_for(url, create=False)

@@ -167,9 +167,11 @@ def test_plan_says_what_a_study_would_run_and_trains_loads_and_makes_nothing(fin
     assert all(mean > 0 for mean in means) and plan["left_seconds"] == pytest.approx(sum(means))
     # Another plan under the same name: the error a run would stop with, instead of the count.
     other = write_spec(tmp_path, GRID.replace('"cosine"', '"linear"'), name="other")
-    assert main(["study", str(other), "--budget", "smoke", "--storage", url, "--study-name", name, "--plan"]) == 0
-    text = capsys.readouterr().out
-    assert f"a run would refuse the stored study: study {name!r} in this storage was made from a different" in text
+    argv = ["study", str(other), "--budget", "smoke", "--storage", url, "--study-name", name, "--plan", "--json"]
+    assert main(argv) == 2
+    out, err = capsys.readouterr()
+    assert (json.loads(out)["left"], json.loads(out)["left_seconds"]) == (None, None)
+    assert err.startswith(f"ffablate: error: a run would stop here: study {name!r} in this storage was made from a")
     # No storage yet: every trial is to run, and the file is not made (nor the checkpoint folder).
     fresh = tmp_path / "fresh.db"
     plan = _plan_of(
@@ -180,6 +182,30 @@ def test_plan_says_what_a_study_would_run_and_trains_loads_and_makes_nothing(fin
     assert not fresh.exists() and not (tmp_path / "ck").exists()
     assert main(["study", spec, "--budget", "smoke", "--storage", f"sqlite:///{fresh}", "--plan"]) == 0
     assert capsys.readouterr().out.rstrip().endswith("nothing stored yet: all 6 trials to run")
+    # What a run would stop at before training is said, but nothing made: a storage folder that is not there.
+    assert main(["study", spec, "--budget", "smoke", "--storage", f"sqlite:///{tmp_path}/nowhere/s.db", "--plan"]) == 2
+    assert f"the folder {tmp_path}/nowhere does not exist" in capsys.readouterr().err
+    assert not (tmp_path / "nowhere").exists()
+
+
+def test_a_search_counts_the_baselines_a_run_would_enqueue_as_left(tmp_path):
+    # Its FF budget spent and a baseline failed for a reason a rerun may not repeat: the study counted as finished,
+    # and a rerun never ran that baseline again.
+    from optuna.distributions import FloatDistribution
+
+    plan = specs.load(str(write_tpe_spec(tmp_path, 'lr = {type = "float", low = 0.001, high = 0.01}'))).plan("smoke")
+    (ff,) = [c for c in plan.cells if c.role == "ff"]
+    (bp,) = [c for c in plan.cells if c.role == "baseline"]
+    study = optuna.create_study(direction="maximize")
+    for _ in range(plan.budget.n_trials):
+        attrs = {"role": "ff", "cell": ff.label, "seed": 0}
+        dist = {"lr": FloatDistribution(0.001, 0.01)}
+        study.add_trial(create_trial(value=0.5, params={"lr": 0.005}, distributions=dist, user_attrs=attrs))
+    attrs = {"role": "baseline", "cell": bp.label, "seed": 0, "fail_reason": "the data server was down"}
+    study.add_trial(create_trial(state=TrialState.FAIL, user_attrs=attrs))
+    assert studies.remaining(study, plan) == 1
+    studies.enqueue_baselines(study, plan)
+    assert studies.remaining(study, plan) == 1  # the same trial, now waiting
 
 
 PRUNED = """
