@@ -807,8 +807,12 @@ def test_changed_spec_refuses_to_mix_into_an_old_study(finished, capsys):
     assert "its configurations changed, 1 new (e.g. 'temperature=linear') and 1 gone (e.g. 'temperature=cosine')" in err
 
 
-@pytest.mark.parametrize("name", specs.available_names())
+DOC_SPECS = sorted((Path(__file__).resolve().parent.parent / "docs" / "specs").glob("*.toml"))
+
+
+@pytest.mark.parametrize("name", [*specs.available_names(), *map(str, DOC_SPECS)])
 def test_every_shipped_spec_resolves_at_every_budget(name):
+    # The specs in docs/specs too: docs/benchmarks.md gives commands that run them.
     spec = specs.load(name)
     for budget in specs.BUDGETS:
         plan = spec.plan(budget)
