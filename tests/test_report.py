@@ -180,6 +180,7 @@ def test_k_sweep_report_draws_both_gap_curves_and_states_the_trend(tmp_path, url
     )
     text = write_report(study, tmp_path / "out").read_text()
     assert (tmp_path / "out" / "k_sweep_gap.png").stat().st_size > 1000
+    assert "Welch CI, synthetic and real data on one chart" in text
     answer = results.answer(results.summarize(study))
     # Both ends' intervals exclude zero on the same side, and so does the interval of the change: it widens.
     assert "synthetic: FF−BP gap +5.0 ± 3.0 pp, n=2 vs 2 at K=2 → +15.0 ± 3.0 pp, n=2 vs 2 at K=100" in answer
@@ -903,6 +904,7 @@ def test_k_sweep_from_one_seed_claims_no_direction_and_draws_hollow_points(tmp_p
     )
     assert "(hollow: n=1, no CI)" in write_report(study, tmp_path / "out").read_text()
     (ax,) = figures["k_sweep_gap.png"].axes
+    assert ax.get_title() == "FF–BP gap against K"  # one kind of data: no "synthetic vs real"
     hollow = [line for line in ax.lines if line.get_markerfacecolor() == "none" and len(line.get_xdata())]
     assert [list(line.get_xdata()) for line in hollow] == [[2, 10]] and not ax.containers  # no error bars
 
@@ -1282,7 +1284,8 @@ def test_a_gap_with_a_failed_seed_claims_no_direction_and_says_what_is_missing(t
         "with seeds missing: change +9.5 ± 2.7 pp" in answer
     )
     # The plot's caption says which point lost the seed; it listed "n=2 vs 3, n=3 vs 3 seeds".
-    caption = "synthetic and real data on one chart (n=3 vs 3 seeds; n=2 of 3 vs 3 at synthetic K=10)](k_sweep_gap.png)"
+    # Synthetic data alone: no "synthetic and real data on one chart".
+    caption = "Welch CI (n=3 vs 3 seeds; n=2 of 3 vs 3 at synthetic K=10)](k_sweep_gap.png)"
     assert caption in write_report(study, tmp_path / "out").read_text()
 
 
