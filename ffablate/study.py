@@ -1218,10 +1218,10 @@ def planned(plan: specs.Plan, storage_url: str | None, name: str) -> dict[str, A
                 for row in rows
                 if row["planned"] is not None
             )
-            # A search's FF trials left, at the pace of its completed trials.
-            sampled = left - sum(row["planned"] - row["done"] for row in rows if row["planned"] is not None)
-            running_sampled = sum(row["running"] for row in rows if row["planned"] is None)
-            left_seconds = rows_left + max(0, sampled - running_sampled) * pace
+            # A search's FF trials not yet started, at the pace of all its completed trials.
+            sampled = [row for row in rows if row["planned"] is None]
+            started = sum(row["done"] + row["running"] for row in sampled)
+            left_seconds = rows_left + (max(0, plan.budget.n_trials - started) * pace if sampled else 0)
     return {
         "study": name,
         "storage": shown_url(url),

@@ -208,6 +208,37 @@ def test_a_search_counts_the_baselines_a_run_would_enqueue_as_left(tmp_path):
     assert studies.remaining(study, plan) == 1  # the same trial, now waiting
 
 
+def test_plan_of_a_search_times_its_trials_not_started(tmp_path, monkeypatch):
+    import datetime
+
+    from optuna.distributions import FloatDistribution
+
+    plan = specs.load(str(write_tpe_spec(tmp_path, 'lr = {type = "float", low = 0.001, high = 0.01}'))).plan("smoke")
+    (ff,) = [c for c in plan.cells if c.role == "ff"]
+    (bp,) = [c for c in plan.cells if c.role == "baseline"]
+    study = optuna.create_study(direction="maximize")
+    study.set_user_attr("ffablate_spec", "tiny")
+    start = datetime.datetime(2026, 11, 28, 12, 0, 0)
+
+    def add(role: str, cell: str, seconds: int) -> None:
+        trial = create_trial(
+            value=0.5,
+            params={"lr": 0.005} if role == "ff" else {},
+            distributions={"lr": FloatDistribution(0.001, 0.01)} if role == "ff" else {},
+            user_attrs={"role": role, "cell": cell, "seed": 0},
+        )
+        trial.datetime_start, trial.datetime_complete = start, start + datetime.timedelta(seconds=seconds)
+        study.add_trial(trial)
+
+    add("ff", ff.label, 10)  # one of the budget's 2 FF trials done; the baseline not yet run
+    monkeypatch.setattr(studies, "_stored_study", lambda url, name: study)
+    got = studies.planned(plan, None, "tiny-smoke")
+    rows = {row["configuration"]: (row["planned"], row["done"], row["mean_seconds"]) for row in got["configurations"]}
+    assert rows == {ff.label: (None, 1, 10.0), bp.label: (1, 0, None)}
+    # One FF trial and the baseline to enqueue left, each at the one completed trial's pace.
+    assert (got["left"], got["left_seconds"]) == (2, 20.0)
+
+
 PRUNED = """
 question = "Is a median pruner fair to the greedy schedule?"
 [base]
