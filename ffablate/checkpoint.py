@@ -205,6 +205,11 @@ def thread_change(saved: dict[str, Any]) -> tuple[int, int] | None:
     return began, now
 
 
+def cpu_threads(n: int) -> str:
+    """ "1 CPU thread", "2 CPU threads": ``thread_change``'s counts in a message."""
+    return f"{n} CPU thread{'s' * (n != 1)}"
+
+
 def training_state(saved: dict[str, Any]) -> TrainingState:
     """The ``TrainingState`` an unfinished checkpoint holds, for ``trained_run(resume=...)``."""
     from ffablate.train import TrainingState

@@ -247,9 +247,9 @@ def resume_run(
     threads = checkpoint.thread_change(saved)
     if threads:
         warnings.warn(
-            f"{path} trained at {_threads(threads[0])} so far and this process has {threads[1]}: the rest of the run "
-            "rounds otherwise, so it ends as the uninterrupted run would within noise, not bit for bit; resume it "
-            f"with OMP_NUM_THREADS={threads[0]} for that",
+            f"{path} trained at {checkpoint.cpu_threads(threads[0])} so far and this process has {threads[1]}: the "
+            "rest of the run rounds otherwise, so it ends as the uninterrupted run would within noise, not bit for "
+            f"bit; resume it with OMP_NUM_THREADS={threads[0]} for that",
             FFablateWarning,
             stacklevel=2,
         )
@@ -257,10 +257,6 @@ def resume_run(
     return trained_run(
         config, data=data, plugins=plugins, progress=progress, on_epoch=on_epoch, resume=state, keep=keep
     )
-
-
-def _threads(n: int) -> str:
-    return f"{n} CPU thread{'s' * (n != 1)}"
 
 
 def check_same_data(saved: dict[str, Any], path: Path, dataset: str, data: common.RunData) -> None:

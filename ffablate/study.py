@@ -793,7 +793,7 @@ class Objective:
             return None, writer
         state, threads = checkpoint.training_state(found), checkpoint.thread_change(found)
         rounding = (
-            f" (at {threads[1]} CPU thread{'s' * (threads[1] != 1)} where it trained at {threads[0]}: within noise of "
+            f" (at {checkpoint.cpu_threads(threads[1])} where it trained at {threads[0]}: within noise of "
             "an uninterrupted trial, not bit for bit)"
             if threads
             else ""
@@ -1173,7 +1173,7 @@ def planned(plan: specs.Plan, storage_url: str | None, name: str) -> dict[str, A
         try:
             refuse_a_foreign_study(study)
             refuse_another_plan(study, plan)
-            if remaining(study, plan):  # as run_study: a finished study averages nothing new
+            if _left(trials, plan):  # as run_study: a finished study averages nothing new
                 refuse_changed_plugins(study, plugins_used(plan))
         except FFablateError as exc:
             refused = str(exc)
@@ -1181,6 +1181,8 @@ def planned(plan: specs.Plan, storage_url: str | None, name: str) -> dict[str, A
     total = len(plan.cells) * len(seeds) if grid else plan.budget.n_trials + plan.baseline_trials
     done = [t for t in trials if is_done(t)]
     running = [t for t in trials if t.state == TrialState.RUNNING and not results.died(t)]
+    done_points = {point_of(t) for t in done}
+    running_points = {point_of(t) for t in running} - done_points
     seconds: dict[str, list[float]] = {}
     for t in trials:
         if t.state == TrialState.COMPLETE and t.duration is not None and point_of(t):
@@ -1191,8 +1193,7 @@ def planned(plan: specs.Plan, storage_url: str | None, name: str) -> dict[str, A
     for cell in plan.cells:
         if grid or cell.role == "baseline":  # its (configuration, seed) points, each counted once
             points = {(cell.label, seed) for seed in seeds}
-            n_done = len(points & {point_of(t) for t in done})
-            n_running = len(points & {point_of(t) for t in running} - {point_of(t) for t in done})
+            n_done, n_running = len(points & done_points), len(points & running_points)
         else:  # a search's sampled trials: many per point
             n_done = sum(point_of(t) is not None and point_of(t)[0] == cell.label for t in done)
             n_running = sum(point_of(t) is not None and point_of(t)[0] == cell.label for t in running)
@@ -1211,7 +1212,7 @@ def planned(plan: specs.Plan, storage_url: str | None, name: str) -> dict[str, A
         )
     left = left_seconds = None
     if not refused:
-        left = total if study is None else remaining(study, plan)
+        left = total if study is None else _left(trials, plan)
         if pace is not None:
             rows_left = sum(
                 (row["planned"] - row["done"] - row["running"]) * (row["mean_seconds"] or pace)
